@@ -1,0 +1,44 @@
+// Kernel features lazycr depends on, probed once per process (CRIU's kerndat). `lazycr check`
+// and the code paths read the same answers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace lazycr {
+
+struct KernelFeatures {
+  std::string release;               // uname -r
+  bool userfaultfd_syscall = false;  // userfaultfd(2) works for us
+  bool dev_userfaultfd = false;      // /dev/userfaultfd + USERFAULTFD_IOC_NEW works
+  uint64_t uffd_features = 0;        // UFFDIO_API features offered (0 if no uffd at all)
+  uint64_t uffd_ioctls = 0;          // UFFDIO_API ioctls mask
+  int unprivileged_userfaultfd = -1;  // vm.unprivileged_userfaultfd, -1 if unreadable
+  bool ptrace_seize = false;
+  bool ptrace_get_rseq = false;      // PTRACE_GET_RSEQ_CONFIGURATION
+  bool pidfd_open = false;
+  bool pidfd_getfd = false;
+  bool clone3_set_tid = false;
+  bool pr_set_mm_map = false;        // prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) answers
+  bool arch_map_vdso = false;        // arch_prctl(ARCH_MAP_VDSO_64) is known to the kernel
+  bool pagemap_scan = false;         // PAGEMAP_SCAN ioctl on /proc/self/pagemap
+  bool soft_dirty = false;           // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
+  uint32_t xsave_size = 0;           // NT_X86_XSTATE size (from CPUID leaf 0xD)
+  uint64_t xsave_features = 0;       // XCR0
+};
+
+// Probed on first call; cheap afterwards.
+const KernelFeatures& kernel_features();
+
+// One line of `lazycr check`.
+struct FeatureReport {
+  std::string name;     // stable key, e.g. "uffd.event_fork"
+  bool ok = false;
+  bool required = false;  // the lazy restore path cannot work without it
+  std::string detail;     // what was found (e.g. "features 0x1ffff")
+  std::string why;        // why lazycr needs it
+};
+std::vector<FeatureReport> describe_features(const KernelFeatures& features);
+
+}  // namespace lazycr

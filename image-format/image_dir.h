@@ -1,0 +1,92 @@
+// The image directory: inventory.pb, process-<pid>.pb, pages-<pid>.lzp. Every metadata
+// file is a 24-byte header (magic, version, payload size) and a checksummed zstd frame
+// holding one protobuf message (FORMAT.md). Readers validate everything before use.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "image-format/inventory.pb.h"
+#include "image-format/page_store.h"
+#include "image-format/process.pb.h"
+
+namespace lazycr::image {
+
+inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint64_t kMaxMetadataBytes = 256ull << 20;  // decoded protobuf size bound
+inline constexpr uint64_t kUserSpaceEnd = 0x0000800000000000ull;  // x86_64, 4-level paging
+inline constexpr int kMaxProcesses = 32768;
+inline constexpr int kMaxThreads = 32768;
+inline constexpr int kMaxAreas = 1 << 20;
+inline constexpr int kMaxFds = 1 << 20;
+inline constexpr uint32_t kMaxXsaveSize = 64 * 1024;
+
+std::string inventory_path(const std::string& dir);
+std::string process_path(const std::string& dir, int pid);
+std::string pages_path(const std::string& dir, int pid);
+
+// Writes into "<dir>.tmp-<pid>" and renames to dir in commit(); an image is never seen
+// half written. Without commit() the temporary directory is removed.
+class ImageWriter {
+ public:
+  // Refuses an existing, non-empty dir unless `replace` is set.
+  ImageWriter(const std::string& dir, bool replace);
+  ~ImageWriter();
+  ImageWriter(const ImageWriter&) = delete;
+  ImageWriter& operator=(const ImageWriter&) = delete;
+
+  const std::string& staging_dir() const { return staging_; }
+  void write_process(const Process& process);
+  // Path where the page store of `pid` must be written before commit().
+  std::string pages_path(int pid) const;
+  void write_inventory(const Inventory& inventory);
+  void commit();
+
+ private:
+  std::string dir_;
+  std::string staging_;
+  bool replace_;
+  bool committed_ = false;
+};
+
+// Reads and validates a whole image directory.
+class ImageReader {
+ public:
+  // Throws Error naming the file and what is wrong. Validates the inventory, every process
+  // file (threads, areas sorted, in user space, not overlapping, sizes bounded) and opens
+  // every page store (header, index, footer; frames are checked when read).
+  explicit ImageReader(const std::string& dir);
+  ~ImageReader();
+
+  const std::string& dir() const { return dir_; }
+  const Inventory& inventory() const { return inventory_; }
+  const std::vector<Process>& processes() const { return processes_; }
+  const Process& process(int pid) const;
+  const PageStoreReader& pages(int pid) const;
+
+ private:
+  std::string dir_;
+  Inventory inventory_;
+  std::vector<Process> processes_;
+  std::map<int, std::unique_ptr<PageStoreReader>> pages_;
+};
+
+// Low-level: one metadata file. Used by the reader and writer and by the fuzz target.
+void write_message_file(const std::string& path, const char magic[8],
+                        const google::protobuf::MessageLite& msg);
+void read_message_file(const std::string& path, const char magic[8],
+                       google::protobuf::MessageLite* msg);
+void parse_message_bytes(const std::string& what, const std::string& bytes, const char magic[8],
+                         google::protobuf::MessageLite* msg);
+
+// Semantic checks, also used by the fuzz target.
+void validate_inventory(const Inventory& inv);
+void validate_process(const Process& proc, const Inventory& inv);
+
+inline constexpr char kInventoryMagic[8] = {'L', 'Z', 'C', 'R', 'I', 'N', 'V', '\0'};
+inline constexpr char kProcessMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'R', 'O', 'C'};
+
+}  // namespace lazycr::image

@@ -1,0 +1,95 @@
+// The page store: a seekable file of zstd-compressed page frames plus an index of runs.
+// Layout and bounds: FORMAT.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "image-format/pagestore.pb.h"
+
+namespace lazycr::image {
+
+inline constexpr uint32_t kPageSize = 4096;
+inline constexpr uint32_t kPageStoreVersion = 1;
+inline constexpr uint32_t kMinFrameSize = 16 * 1024;
+inline constexpr uint32_t kMaxFrameSize = 4 * 1024 * 1024;
+inline constexpr uint32_t kDefaultFrameSize = 128 * 1024;
+
+struct PageStoreOptions {
+  uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096
+  int level = 1;                            // zstd level
+  unsigned threads = 0;                     // compression threads; 0 = number of CPUs
+};
+
+struct PageStoreStats {
+  uint64_t data_pages = 0;
+  uint64_t zero_pages = 0;
+  uint64_t frames = 0;
+  uint64_t file_bytes = 0;  // whole file, header to footer
+};
+
+// Takes pages in strictly increasing address order; all-zero pages become ZERO runs.
+// Compression runs on a thread pool; memory use is bounded (a few frames per thread).
+class PageStoreWriter {
+ public:
+  PageStoreWriter(const std::string& path, const PageStoreOptions& options);
+  ~PageStoreWriter();  // without finish(): stops the pool and removes the file
+  PageStoreWriter(const PageStoreWriter&) = delete;
+  PageStoreWriter& operator=(const PageStoreWriter&) = delete;
+
+  // `data` holds npages * kPageSize bytes for the pages starting at `addr` (page aligned,
+  // above every page added before). The data is copied before this returns.
+  void add_pages(uint64_t addr, const void* data, size_t npages);
+  // Writes the index and footer, fsyncs, and returns the totals. Throws on any I/O error.
+  PageStoreStats finish();
+
+  // Pages added so far / compressed bytes written so far (for progress lines).
+  uint64_t pages_added() const;
+  uint64_t bytes_written() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+struct PageLocation {
+  PageRun::Kind kind;
+  uint64_t stream_page;  // DATA only
+};
+
+// Opens and validates a store; every value from the file is bounds-checked before use.
+// read() is safe to call from several threads at once.
+class PageStoreReader {
+ public:
+  // Throws Error naming the file and what is wrong.
+  static std::unique_ptr<PageStoreReader> open(const std::string& path, size_t cache_frames = 16);
+  ~PageStoreReader();
+
+  const PageIndex& index() const;
+  const std::string& path() const;
+  uint64_t file_size() const;
+
+  // One binary search over the runs; nullopt if the page is not in the store.
+  std::optional<PageLocation> find(uint64_t addr) const;
+  // Copies pages [addr, addr + npages * 4096) into out. Every page must be in the store
+  // (DATA or ZERO); throws Error otherwise or on a corrupt frame. At most one decompression
+  // per frame touched (frames come from an LRU cache).
+  void read(uint64_t addr, size_t npages, void* out) const;
+  // Decompresses every frame and checks its checksum; throws on the first bad one.
+  void verify_all() const;
+
+  // Counters for stats.
+  uint64_t frames_decompressed() const;
+  uint64_t bytes_decompressed() const;
+
+ private:
+  PageStoreReader();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lazycr::image

@@ -1,0 +1,22 @@
+// One function per lazycr command; lazycr.cc only parses options and calls these.
+#pragma once
+
+#include <string>
+
+namespace lazycr::cli {
+
+struct CheckOptions {
+  bool json = false;
+};
+// Returns the process exit code: 0 if the lazy restore path has everything, else 3.
+int run_check(const CheckOptions& opts);
+
+struct ShowOptions {
+  std::string dir;
+  bool json = false;
+  bool pages = false;   // list every page run
+  bool verify = false;  // decompress and check every frame
+};
+int run_show(const ShowOptions& opts);
+
+}  // namespace lazycr::cli

@@ -1,0 +1,64 @@
+// lazycr: command-line entry point. Parses options, calls one function per command, and
+// turns any error into one line on stderr and a non-zero exit code (README: exit codes).
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <string>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "tools/commands.h"
+
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace lazycr;
+  CLI::App app{"lazycr: checkpoint and (lazily) restore Linux process trees"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "lazycr " LAZYCR_VERSION);
+  int verbose = 0;
+  std::string log_file;
+  app.add_flag("-v,--verbose", verbose, "More diagnostics on stderr (repeat for debug)");
+  app.add_option("--log-file", log_file, "Write diagnostics to this file instead of stderr");
+
+  cli::CheckOptions check;
+  auto* check_cmd = app.add_subcommand("check", "Tell what this kernel supports for lazycr");
+  check_cmd->add_flag("--json", check.json, "Machine-readable output");
+
+  cli::ShowOptions show;
+  auto* show_cmd = app.add_subcommand("show", "Decode an image directory");
+  show_cmd->add_option("DIR", show.dir, "Image directory")->required();
+  show_cmd->add_flag("--json", show.json, "Machine-readable output (stable keys)");
+  show_cmd->add_flag("--pages", show.pages, "List every page run of every page store");
+  show_cmd->add_flag("--verify", show.verify, "Decompress every frame and check its checksum");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "lazycr: %s (see --help)\n", e.what());
+    return kExitUsage;
+  }
+
+  try {
+    log::set_level(verbose >= 2 ? log::Level::kDebug
+                   : verbose == 1 ? log::Level::kInfo
+                                  : log::Level::kWarn);
+    if (!log_file.empty()) log::set_file(log_file);
+    if (*check_cmd) return cli::run_check(check);
+    if (*show_cmd) return cli::run_show(show);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "lazycr: %s\n", e.what());
+    return kExitFailure;
+  }
+  return kExitUsage;
+}
