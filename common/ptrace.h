@@ -99,3 +99,9 @@ void remote_poke(pid_t pid, uint64_t addr, const void* buf, size_t len);
 bool fixup_interrupted_syscall(Regs& regs);
 
 }  // namespace lazycr
+
+namespace lazycr {
+// Address of a `syscall` instruction (0f 05) inside the [vdso] of `pid`, for InjectMode::kSingleStep.
+// Throws if the process has no vdso or none is found.
+uint64_t find_vdso_syscall_insn(pid_t pid);
+}  // namespace lazycr

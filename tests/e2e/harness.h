@@ -1,0 +1,63 @@
+// Helpers for end-to-end tests: run lazycr and target programs, capture their output.
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+namespace lazycr::test {
+
+struct RunResult {
+  int exit_code = -1;  // 128 + signal if killed by a signal
+  std::string out;
+  std::string err;
+};
+
+// Path of the lazycr binary under test / of a target program built in tests/targets.
+std::string lazycr_bin();
+std::string target_bin(const std::string& name);
+
+// Runs argv to completion (stdin /dev/null), capturing stdout and stderr. Kills it after
+// timeout_s seconds and fails the test.
+RunResult run(const std::vector<std::string>& argv, int timeout_s = 120);
+// Runs `lazycr args...`.
+RunResult lazycr(const std::vector<std::string>& args, int timeout_s = 120);
+
+// A process started in the background whose stdout is a pipe we can read line by line.
+class Child {
+ public:
+  explicit Child(const std::vector<std::string>& argv);
+  ~Child();  // kills (SIGKILL) and reaps if still running
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+
+  pid_t pid() const { return pid_; }
+  // Reads the next line of stdout (without '\n'); fails the test after timeout_s.
+  std::string read_line(int timeout_s = 60);
+  // Reads lines until one starts with prefix; returns it.
+  std::string wait_for(const std::string& prefix, int timeout_s = 60);
+  // Waits for exit; returns the exit code (128 + signal if killed).
+  int wait(int timeout_s = 60);
+  bool running();
+
+ private:
+  pid_t pid_ = -1;
+  int out_fd_ = -1;
+  std::string buf_;
+  bool reaped_ = false;
+};
+
+// A fresh empty temporary directory, removed with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace lazycr::test
