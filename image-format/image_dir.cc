@@ -1,1 +1,331 @@
-// placeholder
+#include "image-format/image_dir.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <boost/filesystem.hpp>
+#include <cstring>
+#include <set>
+
+#include "common/error.h"
+#include "common/fd.h"
+
+namespace fs = boost::filesystem;
+
+namespace lazycr::image {
+namespace {
+
+constexpr size_t kHeaderSize = 24;
+// A compressed metadata file larger than this is refused before it is read.
+constexpr uint64_t kMaxMetadataFileBytes = 256ull << 20;
+constexpr uint64_t kVsyscallStart = 0xffffffffff600000ull;
+constexpr uint64_t kVsyscallEnd = 0xffffffffff601000ull;
+
+void put_u32(unsigned char* p, uint32_t v) { std::memcpy(p, &v, 4); }
+void put_u64(unsigned char* p, uint64_t v) { std::memcpy(p, &v, 8); }
+uint32_t get_u32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+uint64_t get_u64(const unsigned char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+void write_all(int fd, const void* data, size_t len, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (len > 0) {
+    ssize_t n = ::write(fd, p, len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail_errno(path, ": write failed");
+    }
+    p += n;
+    len -= static_cast<size_t>(n);
+  }
+}
+
+bool page_aligned(uint64_t v) { return (v & (kPageSize - 1)) == 0; }
+
+}  // namespace
+
+std::string inventory_path(const std::string& dir) { return dir + "/inventory.pb"; }
+std::string process_path(const std::string& dir, int pid) {
+  return cat(dir, "/process-", pid, ".pb");
+}
+std::string pages_path(const std::string& dir, int pid) { return cat(dir, "/pages-", pid, ".lzp"); }
+
+void write_message_file(const std::string& path, const char magic[8],
+                        const google::protobuf::MessageLite& msg) {
+  std::string raw;
+  if (!msg.SerializeToString(&raw)) fail(path, ": cannot serialize ", msg.GetTypeName());
+  if (raw.size() > kMaxMetadataBytes) fail(path, ": metadata too large (", raw.size(), " bytes)");
+
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  if (cctx == nullptr) fail(path, ": out of memory for zstd");
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, 3);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_checksumFlag, 1);
+  ZSTD_CCtx_setParameter(cctx, ZSTD_c_contentSizeFlag, 1);
+  std::string out(kHeaderSize + ZSTD_compressBound(raw.size()), '\0');
+  size_t n = ZSTD_compress2(cctx, out.data() + kHeaderSize, out.size() - kHeaderSize, raw.data(),
+                            raw.size());
+  ZSTD_freeCCtx(cctx);
+  if (ZSTD_isError(n)) fail(path, ": zstd: ", ZSTD_getErrorName(n));
+  out.resize(kHeaderSize + n);
+  auto* h = reinterpret_cast<unsigned char*>(out.data());
+  std::memcpy(h, magic, 8);
+  put_u32(h + 8, kFormatVersion);
+  put_u32(h + 12, 0);
+  put_u64(h + 16, n);
+
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) fail_errno(path, ": cannot create");
+  write_all(fd.get(), out.data(), out.size(), path);
+  if (::fsync(fd.get()) != 0) fail_errno(path, ": fsync failed");
+}
+
+void parse_message_bytes(const std::string& what, const std::string& bytes, const char magic[8],
+                         google::protobuf::MessageLite* msg) {
+  if (bytes.size() < kHeaderSize) fail(what, ": truncated (", bytes.size(), " bytes, header is 24)");
+  auto* h = reinterpret_cast<const unsigned char*>(bytes.data());
+  if (std::memcmp(h, magic, 8) != 0) fail(what, ": bad magic (not a ", std::string(magic, 7), " file)");
+  uint32_t version = get_u32(h + 8);
+  if (version != kFormatVersion)
+    fail(what, ": format version ", version, ", this lazycr reads version ", kFormatVersion);
+  if (get_u32(h + 12) != 0) fail(what, ": unknown header flags ", get_u32(h + 12));
+  uint64_t payload = get_u64(h + 16);
+  if (payload != bytes.size() - kHeaderSize)
+    fail(what, ": header says ", payload, " payload bytes, file has ", bytes.size() - kHeaderSize);
+  const char* src = bytes.data() + kHeaderSize;
+  size_t frame = ZSTD_findFrameCompressedSize(src, payload);
+  if (ZSTD_isError(frame) || frame != payload) fail(what, ": payload is not one complete zstd frame");
+  unsigned long long content = ZSTD_getFrameContentSize(src, payload);
+  if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN)
+    fail(what, ": zstd frame has no valid content size");
+  if (content > kMaxMetadataBytes) fail(what, ": metadata of ", content, " bytes exceeds the bound");
+  std::string raw(content, '\0');
+  size_t n = ZSTD_decompress(raw.data(), raw.size(), src, payload);
+  if (ZSTD_isError(n)) fail(what, ": ", ZSTD_getErrorName(n));
+  if (n != content) fail(what, ": decompressed ", n, " bytes, frame header says ", content);
+  if (!msg->ParseFromString(raw)) fail(what, ": not a valid ", msg->GetTypeName(), " message");
+}
+
+void read_message_file(const std::string& path, const char magic[8],
+                       google::protobuf::MessageLite* msg) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) fail_errno(path, ": cannot open");
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) fail_errno(path, ": fstat failed");
+  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+  if (static_cast<uint64_t>(st.st_size) > kMaxMetadataFileBytes)
+    fail(path, ": ", st.st_size, " bytes is larger than any metadata file lazycr writes");
+  std::string bytes(static_cast<size_t>(st.st_size), '\0');
+  size_t got = 0;
+  while (got < bytes.size()) {
+    ssize_t n = ::read(fd.get(), bytes.data() + got, bytes.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail_errno(path, ": read failed");
+    if (n == 0) break;
+    got += static_cast<size_t>(n);
+  }
+  bytes.resize(got);
+  parse_message_bytes(path, bytes, magic, msg);
+}
+
+void validate_inventory(const Inventory& inv) {
+  if (inv.format_version() != kFormatVersion)
+    fail("image format version ", inv.format_version(), ", this lazycr reads version ",
+         kFormatVersion);
+  if (inv.page_size() != kPageSize) fail("page size ", inv.page_size(), " (only 4096 is supported)");
+  if (inv.pids_size() == 0) fail("no processes");
+  if (inv.pids_size() > kMaxProcesses) fail(inv.pids_size(), " processes exceeds the bound");
+  std::set<int> seen;
+  for (int pid : inv.pids()) {
+    if (pid <= 0) fail("invalid pid ", pid);
+    if (!seen.insert(pid).second) fail("pid ", pid, " listed twice");
+  }
+  if (inv.pids(0) != inv.root_pid()) fail("root pid ", inv.root_pid(), " is not listed first");
+  if (inv.cpu().xsave_size() > kMaxXsaveSize) fail("xsave size ", inv.cpu().xsave_size(), " too large");
+}
+
+void validate_process(const Process& p, const Inventory& inv) {
+  std::string who = cat("process ", p.pid());
+  if (p.pid() <= 0) fail("invalid pid ", p.pid());
+  if (p.ppid() < 0 || p.pgid() < 0 || p.sid() < 0) fail(who, ": negative ppid/pgid/sid");
+  if (!p.zombie() && p.threads_size() == 0) fail(who, ": no threads");
+  if (p.threads_size() > kMaxThreads) fail(who, ": ", p.threads_size(), " threads exceeds the bound");
+  std::set<int> tids;
+  for (int i = 0; i < p.threads_size(); i++) {
+    const Thread& t = p.threads(i);
+    if (t.tid() <= 0) fail(who, ": invalid tid ", t.tid());
+    if (!tids.insert(t.tid()).second) fail(who, ": tid ", t.tid(), " listed twice");
+    if (i == 0 && t.tid() != p.pid()) fail(who, ": first thread is ", t.tid(), ", not the leader");
+    if (!t.xsave().empty() && t.xsave().size() != inv.cpu().xsave_size())
+      fail(who, " thread ", t.tid(), ": xsave blob of ", t.xsave().size(), " bytes, inventory says ",
+           inv.cpu().xsave_size());
+    for (const auto& s : t.pending())
+      if (s.signo() < 1 || s.signo() > 64 || s.siginfo().size() != 128)
+        fail(who, " thread ", t.tid(), ": malformed pending signal");
+    if (t.comm().size() > 64) fail(who, " thread ", t.tid(), ": comm too long");
+  }
+  for (const auto& s : p.shared_pending())
+    if (s.signo() < 1 || s.signo() > 64 || s.siginfo().size() != 128)
+      fail(who, ": malformed pending signal");
+  for (const auto& a : p.sigactions())
+    if (a.signo() < 1 || a.signo() > 64 || a.signo() == SIGKILL || a.signo() == SIGSTOP)
+      fail(who, ": signal handler for invalid signal ", a.signo());
+  for (const auto& r : p.rlimits())
+    if (r.resource() < 0 || r.resource() >= RLIMIT_NLIMITS)
+      fail(who, ": unknown rlimit resource ", r.resource());
+  if (p.auxv().size() % 16 != 0 || p.auxv().size() > 8192)
+    fail(who, ": auxv of ", p.auxv().size(), " bytes is malformed");
+
+  if (p.areas_size() > kMaxAreas) fail(who, ": ", p.areas_size(), " memory areas exceeds the bound");
+  uint64_t prev_end = 0;
+  for (const auto& a : p.areas()) {
+    std::string area = cat(who, ": area ", std::hex, a.start(), "-", a.end(), std::dec);
+    if (!MemoryArea::Kind_IsValid(a.kind())) fail(area, ": unknown kind ", a.kind());
+    if (a.start() >= a.end()) fail(area, ": empty or inverted");
+    if (!page_aligned(a.start()) || !page_aligned(a.end()) || !page_aligned(a.pgoff()))
+      fail(area, ": not page aligned");
+    bool vsyscall = a.kind() == MemoryArea::VSYSCALL;
+    if (vsyscall ? (a.start() != kVsyscallStart || a.end() != kVsyscallEnd)
+                 : a.end() > kUserSpaceEnd)
+      fail(area, ": outside user space");
+    if (a.start() < prev_end) fail(area, ": overlaps or is out of order");
+    prev_end = a.end();
+    if (a.prot() & ~7u) fail(area, ": unknown protection bits ", a.prot());
+    if (a.stored_pages() > (a.end() - a.start()) / kPageSize) fail(area, ": more stored pages than fit");
+  }
+  if (p.fds_size() > kMaxFds) fail(who, ": ", p.fds_size(), " descriptors exceeds the bound");
+  int prev_fd = -1;
+  for (const auto& f : p.fds()) {
+    if (f.fd() <= prev_fd) fail(who, ": descriptor ", f.fd(), " out of order or duplicated");
+    prev_fd = f.fd();
+    if (!FileDescriptor::Kind_IsValid(f.kind())) fail(who, ": fd ", f.fd(), ": unknown kind");
+  }
+}
+
+namespace {
+
+// Every stored page must lie inside a memory area, and each area's stored_pages must match.
+void check_store_against_areas(const Process& p, const PageStoreReader& store) {
+  std::vector<uint64_t> counted(p.areas_size(), 0);
+  int ai = 0;
+  for (const auto& run : store.index().runs()) {
+    uint64_t addr = run.start();
+    uint64_t end = run.start() + run.pages() * kPageSize;
+    while (addr < end) {
+      while (ai < p.areas_size() && p.areas(ai).end() <= addr) ai++;
+      if (ai == p.areas_size() || p.areas(ai).start() > addr)
+        fail(store.path(), ": page ", std::hex, addr, std::dec, " lies outside every memory area");
+      uint64_t upto = std::min(end, p.areas(ai).end());
+      counted[ai] += (upto - addr) / kPageSize;
+      addr = upto;
+    }
+  }
+  for (int i = 0; i < p.areas_size(); i++)
+    if (counted[i] != p.areas(i).stored_pages())
+      fail(store.path(), ": area ", std::hex, p.areas(i).start(), std::dec, " has ", counted[i],
+           " stored pages, process file says ", p.areas(i).stored_pages());
+}
+
+}  // namespace
+
+ImageWriter::ImageWriter(const std::string& dir, bool replace) : dir_(dir), replace_(replace) {
+  boost::system::error_code ec;
+  if (fs::exists(dir_, ec)) {
+    if (!fs::is_directory(dir_, ec)) fail(dir_, ": exists and is not a directory");
+    if (!replace_ && !fs::is_empty(dir_, ec)) fail(dir_, ": exists and is not empty");
+  }
+  staging_ = cat(dir_, ".tmp-", ::getpid());
+  fs::remove_all(staging_, ec);
+  if (!fs::create_directories(staging_, ec) || ec)
+    fail(staging_, ": cannot create directory: ", ec.message());
+}
+
+ImageWriter::~ImageWriter() {
+  if (!committed_) {
+    boost::system::error_code ec;
+    fs::remove_all(staging_, ec);
+  }
+}
+
+void ImageWriter::write_process(const Process& process) {
+  write_message_file(process_path(staging_, process.pid()), kProcessMagic, process);
+}
+
+std::string ImageWriter::pages_path(int pid) const { return image::pages_path(staging_, pid); }
+
+void ImageWriter::write_inventory(const Inventory& inventory) {
+  write_message_file(inventory_path(staging_), kInventoryMagic, inventory);
+}
+
+void ImageWriter::commit() {
+  boost::system::error_code ec;
+  if (!fs::exists(inventory_path(staging_), ec)) fail(staging_, ": no inventory written");
+  if (fs::exists(dir_, ec)) {
+    // An empty directory (or one the caller asked to replace) gives way to the new image.
+    fs::remove_all(dir_, ec);
+    if (ec) fail(dir_, ": cannot replace: ", ec.message());
+  }
+  if (::rename(staging_.c_str(), dir_.c_str()) != 0) fail_errno("cannot rename ", staging_, " to ", dir_);
+  UniqueFd parent(::open(fs::path(dir_).parent_path().empty()
+                             ? "."
+                             : fs::path(dir_).parent_path().c_str(),
+                         O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (parent) ::fsync(parent.get());
+  committed_ = true;
+}
+
+ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
+  boost::system::error_code ec;
+  if (!fs::is_directory(dir_, ec)) fail(dir_, ": not an image directory (", ec ? ec.message() : "not a directory", ")");
+  std::string inv_path = inventory_path(dir_);
+  read_message_file(inv_path, kInventoryMagic, &inventory_);
+  try {
+    validate_inventory(inventory_);
+  } catch (const Error& e) {
+    fail(inv_path, ": ", e.what());
+  }
+  for (int pid : inventory_.pids()) {
+    std::string path = process_path(dir_, pid);
+    Process p;
+    read_message_file(path, kProcessMagic, &p);
+    try {
+      validate_process(p, inventory_);
+    } catch (const Error& e) {
+      fail(path, ": ", e.what());
+    }
+    if (p.pid() != pid) fail(path, ": holds process ", p.pid(), ", inventory says ", pid);
+    if (!p.zombie()) {
+      auto store = PageStoreReader::open(image::pages_path(dir_, pid));
+      check_store_against_areas(p, *store);
+      pages_[pid] = std::move(store);
+    }
+    processes_.push_back(std::move(p));
+  }
+}
+
+ImageReader::~ImageReader() = default;
+
+const Process& ImageReader::process(int pid) const {
+  for (const auto& p : processes_)
+    if (p.pid() == pid) return p;
+  fail(dir_, ": no process ", pid, " in the image");
+}
+
+const PageStoreReader& ImageReader::pages(int pid) const {
+  auto it = pages_.find(pid);
+  if (it == pages_.end()) fail(dir_, ": no page store for process ", pid);
+  return *it->second;
+}
+
+}  // namespace lazycr::image

@@ -1,4 +1,363 @@
+// `lazycr show`: an image directory decoded for people (aligned text) and scripts (JSON).
+#include <signal.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <sstream>
+#include <string>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "image-format/image_dir.h"
 #include "tools/commands.h"
+
 namespace lazycr::cli {
-int run_show(const ShowOptions&) { return 0; }
+namespace {
+
+using image::ImageReader;
+using image::kPageSize;
+
+std::string prot_string(uint32_t prot, bool shared) {
+  std::string s = "---p";
+  if (prot & PROT_READ) s[0] = 'r';
+  if (prot & PROT_WRITE) s[1] = 'w';
+  if (prot & PROT_EXEC) s[2] = 'x';
+  if (shared) s[3] = 's';
+  return s;
+}
+
+std::string area_kind(image::MemoryArea::Kind k) {
+  std::string name = image::MemoryArea::Kind_Name(k);
+  for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
+std::string fd_kind(image::FileDescriptor::Kind k) {
+  std::string name = image::FileDescriptor::Kind_Name(k);
+  for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
+
+std::string human_bytes(uint64_t bytes) {
+  char buf[32];
+  if (bytes >= (1ull << 30))
+    std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / double(1ull << 30));
+  else if (bytes >= (1ull << 20))
+    std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / double(1ull << 20));
+  else if (bytes >= 1024)
+    std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024.0);
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(bytes));
+  return buf;
+}
+
+std::string utc_time(uint64_t unix_ns) {
+  time_t t = static_cast<time_t>(unix_ns / 1000000000ull);
+  struct tm tm;
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string hex_bytes(const std::string& b) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : b) {
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  return out;
+}
+
+const char* signal_name(int signo) {
+  const char* abbrev = sigabbrev_np(signo);
+  return abbrev != nullptr ? abbrev : "RT";
+}
+
+struct StoreSummary {
+  uint64_t data_pages, zero_pages, frames, file_bytes;
+  double ratio;  // uncompressed data / file bytes
+};
+
+StoreSummary summarize(const image::PageStoreReader& store) {
+  const auto& idx = store.index();
+  StoreSummary s{idx.data_pages(), idx.zero_pages(), static_cast<uint64_t>(idx.frames_size()),
+                 store.file_size(), 0};
+  s.ratio = s.file_bytes > 0 ? double(s.data_pages * kPageSize) / double(s.file_bytes) : 0;
+  return s;
+}
+
+void print_text(const ImageReader& img, const ShowOptions& opts) {
+  const auto& inv = img.inventory();
+  std::ostream& o = std::cout;
+  char line[512];
+  o << "Image " << img.dir() << "  (format " << inv.format_version() << ", lazycr "
+    << inv.tool_version() << ", created " << utc_time(inv.created_unix_ns()) << ")\n";
+  o << "Kernel " << inv.kernel().release() << "  vdso "
+    << (inv.kernel().vdso_build_id().empty() ? hex(inv.kernel().vdso_hash())
+                                             : "build-id " + hex_bytes(inv.kernel().vdso_build_id()))
+    << "  xsave " << inv.cpu().xsave_size() << " bytes (features " << hex(inv.cpu().xsave_features())
+    << ")\n";
+  std::snprintf(line, sizeof line,
+                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s\n",
+                inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, inv.options().compression_level(),
+                human_bytes(inv.options().frame_size()).c_str(),
+                inv.options().leave_running() ? "left running" : "killed after dump");
+  o << line;
+  o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
+
+  for (const auto& p : img.processes()) {
+    o << "\nProcess " << p.pid() << "  comm \"" << p.comm() << "\"  ppid " << p.ppid() << "  pgid "
+      << p.pgid() << "  sid " << p.sid() << (p.zombie() ? "  (zombie)" : "") << "\n";
+    std::snprintf(line, sizeof line, "  exe %s  cwd %s  root %s  umask %03o\n",
+                  p.exe().path().c_str(), p.cwd().c_str(), p.root().c_str(), p.umask());
+    o << line;
+    if (p.creds().uids_size() == 4 && p.creds().gids_size() == 4)
+      o << "  uid " << p.creds().uids(0) << "/" << p.creds().uids(1) << "/" << p.creds().uids(2)
+        << "/" << p.creds().uids(3) << "  gid " << p.creds().gids(0) << "/" << p.creds().gids(1)
+        << "/" << p.creds().gids(2) << "/" << p.creds().gids(3) << "  cap_eff "
+        << hex(p.creds().cap_effective()) << "\n";
+    o << "  brk " << hex(p.mm().start_brk()) << "-" << hex(p.mm().brk()) << "  stack "
+      << hex(p.mm().start_stack()) << "  personality " << hex(p.personality()) << "\n";
+
+    o << "  Threads (" << p.threads_size() << "):\n";
+    std::snprintf(line, sizeof line, "    %-8s %-16s %-18s %-18s %-18s %s\n", "TID", "COMM", "RIP",
+                  "RSP", "SIGMASK", "RSEQ");
+    o << line;
+    for (const auto& t : p.threads()) {
+      std::snprintf(line, sizeof line, "    %-8d %-16s %-18s %-18s %-18s %s%s\n", t.tid(),
+                    t.comm().c_str(), hex(t.regs().rip()).c_str(), hex(t.regs().rsp()).c_str(),
+                    hex(t.blocked()).c_str(),
+                    t.rseq().rseq_abi_pointer() ? hex(t.rseq().rseq_abi_pointer()).c_str() : "-",
+                    t.interrupted_syscall() ? "  (in syscall, restarts)" : "");
+      o << line;
+    }
+
+    int handlers = 0;
+    for (const auto& a : p.sigactions())
+      if (a.handler() != 0) handlers++;
+    o << "  Signal handlers (" << handlers << " not default):\n";
+    for (const auto& a : p.sigactions()) {
+      if (a.handler() == 0) continue;
+      std::string h = a.handler() == 1 ? "SIG_IGN" : hex(a.handler());
+      std::snprintf(line, sizeof line, "    %-3d SIG%-8s %-18s flags %-12s mask %s\n", a.signo(),
+                    signal_name(a.signo()), h.c_str(), hex(a.flags()).c_str(),
+                    hex(a.mask()).c_str());
+      o << line;
+    }
+    for (const auto& s : p.shared_pending())
+      o << "  Pending (process): " << s.signo() << " SIG" << signal_name(s.signo()) << "\n";
+    for (const auto& t : p.threads())
+      for (const auto& s : t.pending())
+        o << "  Pending (thread " << t.tid() << "): " << s.signo() << " SIG"
+          << signal_name(s.signo()) << "\n";
+
+    uint64_t total = 0, stored = 0;
+    for (const auto& a : p.areas()) {
+      total += a.end() - a.start();
+      stored += a.stored_pages();
+    }
+    o << "  Memory areas (" << p.areas_size() << ", " << human_bytes(total) << ", " << stored
+      << " pages stored):\n";
+    std::snprintf(line, sizeof line, "    %-33s %10s %-4s %-12s %8s %s\n", "RANGE", "SIZE", "PROT",
+                  "KIND", "STORED", "NAME");
+    o << line;
+    for (const auto& a : p.areas()) {
+      std::string range = hex(a.start()) + "-" + hex(a.end());
+      std::snprintf(line, sizeof line, "    %-33s %10s %-4s %-12s %8llu %s\n", range.c_str(),
+                    human_bytes(a.end() - a.start()).c_str(),
+                    prot_string(a.prot(), a.shared()).c_str(), area_kind(a.kind()).c_str(),
+                    static_cast<unsigned long long>(a.stored_pages()), a.name().c_str());
+      o << line;
+    }
+
+    o << "  File descriptors (" << p.fds_size() << "):\n";
+    for (const auto& f : p.fds()) {
+      std::snprintf(line, sizeof line, "    %-4d %-10s flags 0%-8o pos %-10llu %s%s\n", f.fd(),
+                    fd_kind(f.kind()).c_str(), f.flags(), static_cast<unsigned long long>(f.pos()),
+                    f.target().c_str(), f.restorable() ? "" : "  (not restorable)");
+      o << line;
+    }
+
+    if (p.zombie()) continue;
+    const auto& store = img.pages(p.pid());
+    auto s = summarize(store);
+    std::snprintf(line, sizeof line,
+                  "  Page store: %llu data pages (%s), %llu zero pages, %llu frames, "
+                  "file %s, ratio %.2f\n",
+                  static_cast<unsigned long long>(s.data_pages),
+                  human_bytes(s.data_pages * kPageSize).c_str(),
+                  static_cast<unsigned long long>(s.zero_pages),
+                  static_cast<unsigned long long>(s.frames), human_bytes(s.file_bytes).c_str(),
+                  s.ratio);
+    o << line;
+    if (opts.pages) {
+      for (const auto& r : store.index().runs()) {
+        std::snprintf(line, sizeof line, "    %s-%s %8llu pages %s",
+                      hex(r.start()).c_str(), hex(r.start() + r.pages() * kPageSize).c_str(),
+                      static_cast<unsigned long long>(r.pages()),
+                      r.kind() == image::PageRun::ZERO ? "zero" : "data");
+        o << line;
+        if (r.kind() == image::PageRun::DATA) o << " from stream page " << r.first_page();
+        o << "\n";
+      }
+    }
+  }
+}
+
+void print_json(const ImageReader& img, const ShowOptions& opts) {
+  const auto& inv = img.inventory();
+  JsonWriter j(std::cout);
+  j.begin_object();
+  j.field("dir", img.dir());
+  j.field("format_version", inv.format_version());
+  j.field("tool_version", inv.tool_version());
+  j.field("created_unix_ns", inv.created_unix_ns());
+  j.field("frozen_ns", inv.frozen_ns());
+  j.field("dump_ns", inv.dump_ns());
+  j.key("kernel");
+  j.begin_object();
+  j.field("release", inv.kernel().release());
+  j.field("vdso_build_id", hex_bytes(inv.kernel().vdso_build_id()));
+  j.hex_field("vdso_hash", inv.kernel().vdso_hash());
+  j.end_object();
+  j.key("cpu");
+  j.begin_object();
+  j.field("xsave_size", inv.cpu().xsave_size());
+  j.hex_field("xsave_features", inv.cpu().xsave_features());
+  j.end_object();
+  j.key("options");
+  j.begin_object();
+  j.field("leave_running", inv.options().leave_running());
+  j.field("compression_level", inv.options().compression_level());
+  j.field("frame_size", inv.options().frame_size());
+  j.end_object();
+  j.field("root_pid", inv.root_pid());
+  j.key("processes");
+  j.begin_array();
+  for (const auto& p : img.processes()) {
+    j.begin_object();
+    j.field("pid", p.pid());
+    j.field("ppid", p.ppid());
+    j.field("pgid", p.pgid());
+    j.field("sid", p.sid());
+    j.field("comm", p.comm());
+    j.field("zombie", p.zombie());
+    j.field("exe", p.exe().path());
+    j.field("cwd", p.cwd());
+    j.field("umask", p.umask());
+    j.hex_field("brk", p.mm().brk());
+    j.hex_field("start_brk", p.mm().start_brk());
+    j.key("threads");
+    j.begin_array();
+    for (const auto& t : p.threads()) {
+      j.begin_object();
+      j.field("tid", t.tid());
+      j.field("comm", t.comm());
+      j.hex_field("rip", t.regs().rip());
+      j.hex_field("rsp", t.regs().rsp());
+      j.hex_field("sigmask", t.blocked());
+      j.hex_field("rseq", t.rseq().rseq_abi_pointer());
+      j.hex_field("clear_child_tid", t.clear_child_tid());
+      j.hex_field("robust_list", t.robust_list());
+      j.field("xsave_bytes", static_cast<uint64_t>(t.xsave().size()));
+      j.field("interrupted_syscall", t.interrupted_syscall());
+      j.key("pending");
+      j.begin_array();
+      for (const auto& s : t.pending()) j.value(s.signo());
+      j.end_array();
+      j.end_object();
+    }
+    j.end_array();
+    j.key("sigactions");
+    j.begin_array();
+    for (const auto& a : p.sigactions()) {
+      if (a.handler() == 0) continue;
+      j.begin_object();
+      j.field("signo", a.signo());
+      j.hex_field("handler", a.handler());
+      j.hex_field("flags", a.flags());
+      j.hex_field("mask", a.mask());
+      j.end_object();
+    }
+    j.end_array();
+    j.key("pending");
+    j.begin_array();
+    for (const auto& s : p.shared_pending()) j.value(s.signo());
+    j.end_array();
+    j.key("areas");
+    j.begin_array();
+    for (const auto& a : p.areas()) {
+      j.begin_object();
+      j.hex_field("start", a.start());
+      j.hex_field("end", a.end());
+      j.field("size", a.end() - a.start());
+      j.field("prot", prot_string(a.prot(), a.shared()));
+      j.field("kind", area_kind(a.kind()));
+      j.field("name", a.name());
+      j.field("stored_pages", a.stored_pages());
+      j.end_object();
+    }
+    j.end_array();
+    j.key("fds");
+    j.begin_array();
+    for (const auto& f : p.fds()) {
+      j.begin_object();
+      j.field("fd", f.fd());
+      j.field("kind", fd_kind(f.kind()));
+      j.field("target", f.target());
+      j.field("flags", f.flags());
+      j.field("pos", f.pos());
+      j.field("restorable", f.restorable());
+      j.end_object();
+    }
+    j.end_array();
+    if (!p.zombie()) {
+      const auto& store = img.pages(p.pid());
+      auto s = summarize(store);
+      j.key("pages");
+      j.begin_object();
+      j.field("data_pages", s.data_pages);
+      j.field("zero_pages", s.zero_pages);
+      j.field("frames", s.frames);
+      j.field("file_bytes", s.file_bytes);
+      j.field("ratio", s.ratio);
+      if (opts.pages) {
+        j.key("runs");
+        j.begin_array();
+        for (const auto& r : store.index().runs()) {
+          j.begin_object();
+          j.hex_field("start", r.start());
+          j.field("pages", r.pages());
+          j.field("kind", r.kind() == image::PageRun::ZERO ? "zero" : "data");
+          j.field("first_page", r.first_page());
+          j.end_object();
+        }
+        j.end_array();
+      }
+      j.end_object();
+    }
+    j.end_object();
+  }
+  j.end_array();
+  j.end_object();
+}
+
+}  // namespace
+
+int run_show(const ShowOptions& opts) {
+  ImageReader img(opts.dir);
+  if (opts.verify)
+    for (const auto& p : img.processes())
+      if (!p.zombie()) img.pages(p.pid()).verify_all();
+  if (opts.json)
+    print_json(img, opts);
+  else
+    print_text(img, opts);
+  return 0;
+}
+
 }  // namespace lazycr::cli
