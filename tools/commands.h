@@ -20,3 +20,11 @@ struct ShowOptions {
 int run_show(const ShowOptions& opts);
 
 }  // namespace lazycr::cli
+
+#include "checkpoint/dump.h"
+
+namespace lazycr::cli {
+// Prints the one-line summary; returns 0.
+int run_dump(const checkpoint::DumpOptions& opts);
+
+}  // namespace lazycr::cli

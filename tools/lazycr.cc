@@ -36,6 +36,27 @@ int main(int argc, char** argv) {
   show_cmd->add_flag("--pages", show.pages, "List every page run of every page store");
   show_cmd->add_flag("--verify", show.verify, "Decompress every frame and check its checksum");
 
+  checkpoint::DumpOptions dump;
+  auto* dump_cmd = app.add_subcommand("dump", "Checkpoint a running process into an image directory");
+  dump_cmd->add_option("-t,--tree", dump.pid, "PID of the process to dump")->required();
+  dump_cmd->add_option("-D,--images-dir", dump.dir, "Image directory to create")->required();
+  dump_cmd->add_flag("--leave-running", dump.leave_running,
+                     "Let the process continue after the dump (default: kill it)");
+  dump_cmd->add_flag("-f,--force", dump.replace, "Replace an existing image directory");
+  dump_cmd->add_option("--level", dump.level, "zstd compression level")
+      ->default_val(1)
+      ->check(CLI::Range(-7, 19));
+  dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
+      ->default_val(0)
+      ->check(CLI::Range(0, 256));
+  dump_cmd
+      ->add_option("--frame-size", dump.frame_size,
+                   "Uncompressed bytes per page-store frame (16K..4M, multiple of 4K)")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("128K");
+  dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
+                     "Record descriptors lazycr cannot restore instead of refusing to dump");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -56,6 +77,7 @@ int main(int argc, char** argv) {
     if (!log_file.empty()) log::set_file(log_file);
     if (*check_cmd) return cli::run_check(check);
     if (*show_cmd) return cli::run_show(show);
+    if (*dump_cmd) return cli::run_dump(dump);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "lazycr: %s\n", e.what());
     return kExitFailure;

@@ -1,0 +1,287 @@
+// `lazycr dump` against real running processes: the image must describe what the target
+// reported about itself; failures must leave the target running as it was.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/filesystem.hpp>
+#include <fstream>
+
+#include "image-format/image_dir.h"
+#include "tests/e2e/harness.h"
+#include "tests/e2e/target_info.h"
+
+namespace lazycr::test {
+namespace {
+
+using image::FileDescriptor;
+using image::MemoryArea;
+
+struct StateTarget {
+  TempDir work;
+  std::string verify_file = work / "verify";
+  Child child;
+  TargetInfo info;
+
+  explicit StateTarget(std::vector<std::string> extra = {})
+      : child([&] {
+          std::vector<std::string> argv{target_bin("state_target"), "--verify-file",
+                                        work / "verify", "--workdir", work.path()};
+          argv.insert(argv.end(), extra.begin(), extra.end());
+          return argv;
+        }()) {
+    info = TargetInfo::parse(child.wait_for("ready"));
+  }
+
+  // Asks the target to verify itself; returns its verdict line and exit code.
+  std::pair<std::string, int> verify() {
+    std::ofstream(verify_file) << "go";
+    std::string line = child.read_line(120);
+    return {line, child.wait(120)};
+  }
+};
+
+void expect_unharmed(StateTarget& t) {
+  auto [line, code] = t.verify();
+  EXPECT_EQ(line, "verified ok");
+  EXPECT_EQ(code, 0);
+}
+
+const MemoryArea* area_at(const image::Process& p, uint64_t addr) {
+  for (const auto& a : p.areas())
+    if (a.start() <= addr && addr < a.end()) return &a;
+  return nullptr;
+}
+
+TEST(Dump, ImageDescribesTheTargetAndTheTargetIsKilled) {
+  StateTarget t({"--mib", "16"});
+  TempDir images;
+  std::string dir = images / "img";
+  auto r = lazycr({"dump", "-t", std::to_string(t.child.pid()), "-D", dir});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("dumped pid"), std::string::npos) << r.err;
+  EXPECT_EQ(t.child.wait(30), 128 + SIGKILL);
+
+  image::ImageReader img(dir);
+  const auto& p = img.process(t.child.pid());
+  EXPECT_EQ(img.inventory().root_pid(), t.child.pid());
+  EXPECT_FALSE(img.inventory().kernel().release().empty());
+  EXPECT_GT(img.inventory().cpu().xsave_size(), 512u);
+
+  // Threads: the three the target reported, the leader first, one inside nanosleep.
+  auto tids = t.info.list("tids");
+  ASSERT_EQ(p.threads_size(), 3);
+  EXPECT_EQ(p.threads(0).tid(), tids[0]);
+  std::set<int> got;
+  for (const auto& th : p.threads()) got.insert(th.tid());
+  EXPECT_EQ(got, std::set<int>(tids.begin(), tids.end()));
+  for (const auto& th : p.threads()) {
+    EXPECT_EQ(th.xsave().size(), img.inventory().cpu().xsave_size());
+    EXPECT_NE(th.rseq().rseq_abi_pointer(), 0u) << "glibc registers rseq for every thread";
+    EXPECT_NE(th.clear_child_tid(), 0u);
+    EXPECT_NE(th.robust_list(), 0u);
+    EXPECT_TRUE(th.blocked() & (1ull << (SIGUSR2 - 1)));
+    if (th.tid() == tids[1]) EXPECT_TRUE(th.interrupted_syscall()) << "sleeper is in nanosleep";
+  }
+
+  // Memory: the patterned buffer is stored whole; the touched-zero area stores no data.
+  uint64_t buf = t.info.first("buf"), buf_bytes = t.info.second("buf");
+  const MemoryArea* a = area_at(p, buf);
+  ASSERT_NE(a, nullptr);
+  EXPECT_EQ(a->kind(), MemoryArea::ANON);
+  EXPECT_GE(a->stored_pages(), buf_bytes / 4096);
+  const auto& store = img.pages(p.pid());
+  std::vector<char> page(4096);
+  store.read(buf, 1, page.data());
+  uint64_t zero = t.info.first("zero");
+  auto loc = store.find(zero);
+  ASSERT_TRUE(loc.has_value()) << "written zero pages are recorded";
+  EXPECT_EQ(loc->kind, image::PageRun::ZERO);
+  EXPECT_FALSE(store.find(zero + 4096).has_value()) << "pages only read map the zero page";
+  bool heap = false, stack = false, vdso = false;
+  for (const auto& ar : p.areas()) {
+    heap |= ar.kind() == MemoryArea::HEAP;
+    stack |= ar.kind() == MemoryArea::STACK;
+    vdso |= ar.kind() == MemoryArea::VDSO;
+    if (ar.kind() == MemoryArea::PRIVATE_FILE) EXPECT_FALSE(ar.file().path().empty());
+  }
+  EXPECT_TRUE(heap && stack && vdso);
+
+  // Files at their positions and flags.
+  std::map<int, const FileDescriptor*> fds;
+  for (const auto& f : p.fds()) fds[f.fd()] = &f;
+  int file = static_cast<int>(t.info.first("file"));
+  ASSERT_TRUE(fds.count(file));
+  EXPECT_EQ(fds[file]->kind(), FileDescriptor::REGULAR);
+  EXPECT_EQ(fds[file]->pos(), 123u);
+  EXPECT_TRUE(fds[file]->cloexec());
+  EXPECT_EQ(fds[file]->file().size(), 1000u);
+  int append = static_cast<int>(t.info.first("append"));
+  ASSERT_TRUE(fds.count(append));
+  EXPECT_TRUE(fds[append]->flags() & O_APPEND);
+  int null = static_cast<int>(t.info.first("null"));
+  ASSERT_TRUE(fds.count(null));
+  EXPECT_EQ(fds[null]->kind(), FileDescriptor::CHARDEV);
+  EXPECT_EQ(fds[null]->target(), "/dev/null");
+
+  // Signal handlers and pending signals.
+  std::map<int, const image::SigAction*> acts;
+  for (const auto& s : p.sigactions()) acts[s.signo()] = &s;
+  EXPECT_EQ(acts[SIGUSR1]->handler(), t.info.first("usr1"));
+  EXPECT_TRUE(acts[SIGUSR1]->mask() & (1ull << (SIGHUP - 1)));
+  EXPECT_EQ(acts[SIGTERM]->handler(), 1u);  // SIG_IGN
+  int rt = static_cast<int>(t.info.first("rt"));
+  EXPECT_NE(acts[rt]->handler(), 0u);
+  bool shared_usr2 = false;
+  for (const auto& s : p.shared_pending()) shared_usr2 |= s.signo() == SIGUSR2;
+  EXPECT_TRUE(shared_usr2);
+  bool thread_rt = false;
+  for (const auto& s : p.threads(0).pending()) thread_rt |= s.signo() == rt;
+  EXPECT_TRUE(thread_rt);
+
+  // `show` lists the same facts for people and scripts.
+  auto text = lazycr({"show", dir});
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_NE(text.out.find("Process " + std::to_string(p.pid())), std::string::npos);
+  EXPECT_NE(text.out.find("/dev/null"), std::string::npos);
+  auto json = lazycr({"show", "--json", "--verify", dir});
+  ASSERT_EQ(json.exit_code, 0) << json.err;
+  for (int tid : tids)
+    EXPECT_NE(json.out.find("\"tid\": " + std::to_string(tid)), std::string::npos);
+  EXPECT_NE(json.out.find("\"pos\": 123"), std::string::npos);
+}
+
+TEST(Dump, LeaveRunningKeepsTheTargetIntact) {
+  StateTarget t({"--mib", "8", "--pattern", "random"});
+  TempDir images;
+  auto r = lazycr({"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D",
+                   images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("frozen"), std::string::npos);
+  image::ImageReader img(images / "img");
+  EXPECT_TRUE(img.inventory().options().leave_running());
+  EXPECT_GT(img.inventory().frozen_ns(), 0u);
+  // No scratch page or other trace left in the target: its own checks all pass.
+  expect_unharmed(t);
+}
+
+TEST(Dump, TwiceInARowWithLeaveRunningGivesTheSameMemory) {
+  StateTarget t({"--mib", "4"});
+  TempDir images;
+  std::string pid = std::to_string(t.child.pid());
+  ASSERT_EQ(lazycr({"dump", "--leave-running", "-t", pid, "-D", images / "a"}).exit_code, 0);
+  ASSERT_EQ(lazycr({"dump", "--leave-running", "-t", pid, "-D", images / "b"}).exit_code, 0);
+  image::ImageReader a(images / "a"), b(images / "b");
+  uint64_t buf = t.info.first("buf"), pages = t.info.second("buf") / 4096;
+  std::vector<char> pa(pages * 4096), pb(pages * 4096);
+  a.pages(t.child.pid()).read(buf, pages, pa.data());
+  b.pages(t.child.pid()).read(buf, pages, pb.data());
+  EXPECT_EQ(pa, pb);
+  expect_unharmed(t);
+}
+
+TEST(Dump, UnsupportedDescriptorIsNamedAndTargetUnharmed) {
+  StateTarget t({"--pipe"});
+  TempDir images;
+  auto r = lazycr({"dump", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("PIPE"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("--skip-unsupported-fds"), std::string::npos) << r.err;
+  EXPECT_FALSE(boost::filesystem::exists(images / "img"));
+  // No staging directory left either.
+  EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
+  expect_unharmed(t);
+}
+
+TEST(Dump, SkipUnsupportedDescriptorsRecordsThem) {
+  StateTarget t({"--pipe"});
+  TempDir images;
+  auto r = lazycr({"dump", "--leave-running", "--skip-unsupported-fds", "-t",
+                   std::to_string(t.child.pid()), "-D", images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  image::ImageReader img(images / "img");
+  int pipes = 0;
+  for (const auto& f : img.process(t.child.pid()).fds())
+    if (f.kind() == FileDescriptor::PIPE) {
+      pipes++;
+      EXPECT_FALSE(f.restorable());
+    }
+  EXPECT_EQ(pipes, 2);
+  expect_unharmed(t);
+}
+
+TEST(Dump, RefusesMissingPidKernelThreadAndItself) {
+  TempDir images;
+  auto r = lazycr({"dump", "-t", "999999999", "-D", images / "x"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("no such process"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+
+  r = lazycr({"dump", "-t", "2", "-D", images / "x"});  // kthreadd
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("kernel thread"), std::string::npos) << r.err;
+
+  r = run({"/bin/sh", "-c", "exec \"$0\" dump -t $$ -D \"$1\"", lazycr_bin(), images / "x"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("lazycr itself"), std::string::npos) << r.err;
+  EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
+}
+
+TEST(Dump, RefusesAnAlreadyTracedTargetAndLeavesItAlone) {
+  StateTarget t;
+  ASSERT_EQ(ptrace(PTRACE_SEIZE, t.child.pid(), nullptr, nullptr), 0);
+  TempDir images;
+  auto r = lazycr({"dump", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("already traced by pid " + std::to_string(getpid())), std::string::npos)
+      << r.err;
+  ASSERT_EQ(ptrace(PTRACE_DETACH, t.child.pid(), nullptr, nullptr), 0);
+  expect_unharmed(t);
+}
+
+TEST(Dump, RefusesAnExistingImageAndLeavesTheTargetAlone) {
+  StateTarget t;
+  TempDir images;
+  boost::filesystem::create_directories(images / "img");
+  std::ofstream(images / "img" + "/keep") << "x";
+  auto r = lazycr({"dump", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("not empty"), std::string::npos) << r.err;
+  EXPECT_TRUE(boost::filesystem::exists(images / "img" + "/keep"));
+  expect_unharmed(t);
+}
+
+TEST(Dump, BadOptionsAreUsageErrors) {
+  EXPECT_EQ(lazycr({"dump"}).exit_code, 2);
+  EXPECT_EQ(lazycr({"dump", "-t", "1", "-D", "/tmp/x", "--frame-size", "5000"}).exit_code, 1);
+  EXPECT_EQ(lazycr({"dump", "--help"}).exit_code, 0);
+}
+
+TEST(Dump, Python3HoldingALargeList) {
+  Child py({"/usr/bin/python3", "-c",
+            "import sys, time\n"
+            "data = [i * 7 for i in range(3_000_000)]\n"
+            "print('ready', len(data), flush=True)\n"
+            "time.sleep(100000)\n"});
+  std::string ready = py.wait_for("ready");
+  ASSERT_EQ(ready, "ready 3000000");
+  TempDir images;
+  auto r = lazycr({"dump", "-t", std::to_string(py.pid()), "-D", images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(py.wait(30), 128 + SIGKILL);
+  image::ImageReader img(images / "img");
+  const auto& p = img.process(py.pid());
+  EXPECT_EQ(p.comm(), "python3");
+  // 3 M ints (28-32 bytes each) plus the list's 24 MB of pointers: well over 100 MB.
+  EXPECT_GT(img.pages(py.pid()).index().data_pages() * 4096, 100ull << 20);
+  auto show = lazycr({"show", images / "img"});
+  EXPECT_EQ(show.exit_code, 0) << show.err;
+  EXPECT_NE(show.out.find("python3"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lazycr::test
