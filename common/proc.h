@@ -24,20 +24,23 @@ struct MapsEntry {
   uint64_t rss_kb = 0, swap_kb = 0, anonymous_kb = 0;  // smaps only
 };
 
-std::vector<MapsEntry> parse_maps(const std::string& text);   // maps or smaps format
+// Maps or smaps text. Paths are kept verbatim (spaces, " (deleted)"; the kernel writes a '\n'
+// in a name as "\012"). In smaps, the "Key: value" lines after a mapping line fill Rss, Swap,
+// Anonymous and VmFlags of that mapping; other keys are skipped. Throws on a malformed line.
+std::vector<MapsEntry> parse_maps(const std::string& text);
 std::vector<MapsEntry> read_smaps(pid_t pid);
 
 // /proc/PID/stat, the fields lazycr needs (man 5 proc numbering in comments).
 struct Stat {
   pid_t pid = 0;
-  std::string comm;  // (2), may contain spaces and parentheses
-  char state = '?';  // (3)
+  std::string comm;                       // (2), may contain spaces and parentheses
+  char state = '?';                       // (3)
   pid_t ppid = 0, pgrp = 0, session = 0;  // (4) (5) (6)
   uint64_t flags = 0;                     // (9) PF_* ; PF_KTHREAD = 0x00200000
   uint64_t num_threads = 0;               // (20)
-  uint64_t start_code = 0, end_code = 0, start_stack = 0;  // (26) (27) (28)
-  int exit_signal = 0;                                     // (38)
-  uint64_t start_data = 0, end_data = 0, start_brk = 0;    // (45) (46) (47)
+  uint64_t start_code = 0, end_code = 0, start_stack = 0;           // (26) (27) (28)
+  int exit_signal = 0;                                              // (38)
+  uint64_t start_data = 0, end_data = 0, start_brk = 0;             // (45) (46) (47)
   uint64_t arg_start = 0, arg_end = 0, env_start = 0, env_end = 0;  // (48)-(51)
   int exit_code = 0;                                                // (52)
 };
@@ -69,13 +72,14 @@ struct FdInfo {
 FdInfo parse_fdinfo(const std::string& text);
 
 // Small helpers over a live process.
-std::string read_file(const std::string& path);            // whole file; throws with the path
+std::string read_file(const std::string& path);  // whole file; throws with the path
 std::optional<std::string> try_read_file(const std::string& path);  // nullopt if it cannot be read
-std::string read_link(const std::string& path);            // readlink; throws with the path
-std::vector<pid_t> list_tasks(pid_t pid);                   // /proc/PID/task, sorted
-std::vector<int> list_fds(pid_t pid);                       // /proc/PID/fd, sorted
-std::vector<pid_t> list_children(pid_t pid);                // union of task/*/children
+std::string read_link(const std::string& path);  // readlink; throws with the path
+std::vector<pid_t> list_tasks(pid_t pid);        // /proc/PID/task, sorted
+// /proc/PID/fd, sorted; for our own pid without the fd used for the listing.
+std::vector<int> list_fds(pid_t pid);
+std::vector<pid_t> list_children(pid_t pid);  // union of task/*/children
 std::vector<uint8_t> read_auxv(pid_t pid);
-bool exists(pid_t pid);
+bool exists(pid_t pid);  // /proc/PID exists (zombies and thread ids count); false for pid <= 0
 
 }  // namespace lazycr::proc

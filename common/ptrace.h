@@ -3,6 +3,7 @@
 #pragma once
 
 #include <signal.h>
+#include <sys/ptrace.h>  // before linux_abi.h: glibc declares PTRACE_* as enumerators
 #include <sys/types.h>
 #include <sys/user.h>
 
@@ -23,13 +24,22 @@ enum class InjectMode {
 };
 
 // What kind of stop a thread is in after wait_stop().
-enum class StopKind { kEventStop, kSignalStop, kSyscallTrap, kCloneEvent, kExited };
+enum class StopKind {
+  kEventStop,    // PTRACE_EVENT_STOP: after PTRACE_INTERRUPT (signo SIGTRAP) or a group-stop
+                 // (signo SIGSTOP/SIGTSTP/SIGTTIN/SIGTTOU)
+  kSignalStop,   // signal-delivery-stop: signo is about to be delivered unless suppressed
+  kSyscallTrap,  // syscall-enter/exit-stop (PTRACE_O_TRACESYSGOOD: WSTOPSIG == SIGTRAP|0x80)
+  kCloneEvent,   // PTRACE_EVENT_CLONE/FORK/VFORK: event_msg is the new task's tid
+  kOtherEvent,   // any other PTRACE_EVENT_* (EXEC, EXIT, VFORK_DONE, SECCOMP): see `event`
+  kExited,       // the thread is gone (WIFEXITED / WIFSIGNALED); no longer attached
+};
 
 struct StopInfo {
-  StopKind kind;
-  int signo = 0;        // signal for kSignalStop
-  int exit_status = 0;  // wait status for kExited
-  unsigned long event_msg = 0;  // for kCloneEvent: the new thread's tid
+  StopKind kind = StopKind::kExited;
+  int signo = 0;                // kSignalStop: the signal; kEventStop: WSTOPSIG
+  int exit_status = 0;          // wait status for kExited
+  int event = 0;                // PTRACE_EVENT_* for kCloneEvent/kOtherEvent/kEventStop
+  unsigned long event_msg = 0;  // kCloneEvent: the new task's tid; kOtherEvent: PTRACE_GETEVENTMSG
 };
 
 // One ptrace-attached thread. Moves only; the destructor detaches if still attached
@@ -49,17 +59,31 @@ class TracedThread {
   ~TracedThread();
 
   pid_t tid() const { return tid_; }
-  bool attached() const { return tid_ > 0; }
+  bool attached() const { return attached_; }
 
   // PTRACE_INTERRUPT then waits until the thread is in a ptrace stop where its registers can
-  // be read and changed. A signal-delivery stop met on the way is given back (resumed with
-  // that signal, then interrupted again) so that no signal is lost or swallowed. Throws if the
-  // thread exits meanwhile.
+  // be read and changed (PTRACE_EVENT_STOP, which includes a group-stop). The thread must be
+  // running (not in a stop already reported by wait_stop()). A signal-delivery stop met on the
+  // way is given back (resumed with that signal, then interrupted again) so that no signal is
+  // lost or swallowed; clone/fork/other event stops and syscall traps met on the way are
+  // resumed too (clone children are kept for take_new_tasks()). Throws if the thread exits
+  // meanwhile or does not settle within 64 rounds.
+  // Kernel rule: an INTERRUPT that lands while the thread is already trapped is kept for the
+  // next resume, so one extra kEventStop (signo SIGTRAP) may follow a later cont(); syscall()
+  // and detach() absorb it, wait_stop() users should treat a kEventStop as spurious.
   void interrupt_and_wait();
-  // Waits for the next stop of this thread (__WALL).
+  // Waits for the next stop of this thread (__WALL), retrying on EINTR.
   StopInfo wait_stop();
+  // PTRACE_CONT, delivering `sig` (0: none, or suppress the signal of a signal-delivery-stop).
   void cont(int sig = 0);
+  // PTRACE_DETACH. A thread that is running is interrupted first (the kernel refuses to detach
+  // a running tracee); a signal met in a signal-delivery-stop on the way is passed on. A gone
+  // thread counts as detached.
   void detach();
+  // Tids announced by clone/fork/vfork event stops that interrupt_and_wait() or syscall()
+  // consumed (e.g. an injected clone under PTRACE_O_TRACECLONE); they are auto-attached and
+  // the caller adopt()s them. Clears the list.
+  std::vector<pid_t> take_new_tasks();
 
   Regs get_regs() const;
   void set_regs(const Regs& regs);
@@ -77,15 +101,32 @@ class TracedThread {
   // signal, sets rax = nr, args, rip = insn, orig_rax = -1, resumes per `mode`, waits for the
   // trap, reads rax, restores registers and sigmask. Returns the raw return value
   // (-errno on failure). Throws only if the thread cannot be driven (gone, unexpected stop).
+  // Details (see ptrace.cc): "every signal" leaves SIGTRAP, SIGSEGV, SIGBUS, SIGILL, SIGFPE and
+  // SIGSYS unblocked, because the kernel resets the handler of a blocked signal it forces (the
+  // single-step/int3 trap, a fault, a seccomp SIGSYS). An asynchronous signal dequeued during
+  // the call (SIGSTOP, or one of those six sent by kill) is suppressed and re-sent with
+  // tgkill/kill after registers are restored, so it stays pending. A fault or SIGSYS caused by
+  // the injected call itself throws (targets with seccomp filters: seize with
+  // PTRACE_O_SUSPEND_SECCOMP). Call it from an event stop (interrupt_and_wait()) or a previous
+  // syscall(), not from a signal-delivery-stop: resuming with signal 0 would drop that signal.
+  // The clone event of an injected clone/fork is kept for take_new_tasks(). In kTrapAfter mode
+  // a call must not unmap or change its own trampoline (the int3 must still be there when it
+  // returns); munmap the trampoline with kSingleStep on its `syscall` instead, which traps at
+  // the syscall exit before anything else is fetched.
   long syscall(uint64_t insn, InjectMode mode, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
                uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
   // Number of syscalls injected through this object (for stats).
   uint64_t injected_syscalls() const { return injected_; }
 
  private:
-  explicit TracedThread(pid_t tid) : tid_(tid) {}
+  explicit TracedThread(pid_t tid) : tid_(tid), attached_(tid > 0) {}
+  void resume(int request, int sig, const char* why);
+  void note_new_task(const StopInfo& s);
+
   pid_t tid_ = -1;
+  bool attached_ = false;
   uint64_t injected_ = 0;
+  std::vector<pid_t> new_tasks_;
 };
 
 // Reads/writes another process's memory. read/write use process_vm_readv/writev (they honour
@@ -94,14 +135,19 @@ void remote_read(pid_t pid, uint64_t addr, void* buf, size_t len);
 void remote_write(pid_t pid, uint64_t addr, const void* buf, size_t len);
 void remote_poke(pid_t pid, uint64_t addr, const void* buf, size_t len);
 
-// Syscall restart fix-up for a thread interrupted in a syscall (DESIGN.md section 4).
-// Returns true if it changed regs.
+// Syscall restart fix-up for a thread interrupted in a syscall (DESIGN.md section 4), for
+// registers that will be set on a restored thread: -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND
+// rewind to the syscall instruction (rip -= 2, rax = orig_rax); -ERESTART_RESTARTBLOCK becomes
+// -EINTR (the kernel's restart_block does not survive a restore). Either way orig_rax becomes
+// -1, so the kernel applies no restart logic of its own on top. Returns true if it changed regs.
+// Not for live injection: syscall() restores the original registers and the kernel restarts
+// the interrupted call itself.
 bool fixup_interrupted_syscall(Regs& regs);
 
 }  // namespace lazycr
 
 namespace lazycr {
-// Address of a `syscall` instruction (0f 05) inside the [vdso] of `pid`, for InjectMode::kSingleStep.
-// Throws if the process has no vdso or none is found.
+// Address of a `syscall` instruction (0f 05) inside the [vdso] of `pid`, for
+// InjectMode::kSingleStep. Throws if the process has no vdso or none is found.
 uint64_t find_vdso_syscall_insn(pid_t pid);
 }  // namespace lazycr
