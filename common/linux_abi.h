@@ -4,6 +4,7 @@
 
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
+#include <sys/ptrace.h>  // before our guards: glibc declares some PTRACE_* as enum values
 #include <sys/types.h>
 
 #include <cstdint>
@@ -35,7 +36,7 @@
 #endif
 
 // --- ptrace ---
-#ifndef PTRACE_GET_RSEQ_CONFIGURATION
+#ifndef PT_GET_RSEQ_CONFIGURATION  // glibc's enum comes with this macro
 #define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
 #endif
 namespace lazycr::abi {
@@ -126,5 +127,6 @@ inline constexpr uint64_t kPmPresent = 1ull << 63;
 inline constexpr uint64_t kPmSwapped = 1ull << 62;
 inline constexpr uint64_t kPmFile = 1ull << 61;
 inline constexpr uint64_t kPmExclusive = 1ull << 56;
+inline constexpr uint64_t kPmSoftDirty = 1ull << 55;  // only with CONFIG_MEM_SOFT_DIRTY
 inline constexpr uint64_t kPmPfnMask = (1ull << 55) - 1;
 }  // namespace lazycr::abi

@@ -85,7 +85,9 @@ TEST(Dump, ImageDescribesTheTargetAndTheTargetIsKilled) {
     EXPECT_NE(th.clear_child_tid(), 0u);
     EXPECT_NE(th.robust_list(), 0u);
     EXPECT_TRUE(th.blocked() & (1ull << (SIGUSR2 - 1)));
-    if (th.tid() == tids[1]) EXPECT_TRUE(th.interrupted_syscall()) << "sleeper is in nanosleep";
+    if (th.tid() == tids[1]) {
+      EXPECT_TRUE(th.interrupted_syscall()) << "sleeper is in nanosleep";
+    }
   }
 
   // Memory: the patterned buffer is stored whole; the touched-zero area stores no data.
