@@ -36,7 +36,7 @@
 #endif
 
 // --- ptrace ---
-#ifndef PT_GET_RSEQ_CONFIGURATION  // glibc's enum comes with this macro
+#ifndef PTRACE_GET_RSEQ_CONFIGURATION  // glibc (included above) also defines it as a macro
 #define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
 #endif
 namespace lazycr::abi {
