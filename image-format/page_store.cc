@@ -1,1 +1,843 @@
-// placeholder
+// The page store; the layout and every bound the reader enforces are in FORMAT.md.
+#define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader
+#include "image-format/page_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <list>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "common/error.h"
+#include "common/fd.h"
+
+namespace lazycr::image {
+namespace {
+
+constexpr size_t kHeaderSize = 64;
+constexpr size_t kFooterSize = 32;
+constexpr char kHeaderMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'A', 'G', 'E'};
+constexpr char kFooterMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'E', 'N', 'D'};
+// The decompressed index is refused above this size, before anything is allocated for it.
+constexpr uint64_t kMaxIndexBytes = 256ull << 20;
+// Pages live below the end of x86_64 user space (4-level paging).
+constexpr uint64_t kAddrEnd = 0x0000800000000000ull;
+constexpr uint64_t kMaxPages = kAddrEnd / kPageSize;
+constexpr uint32_t kMinFramePages = kMinFrameSize / kPageSize;
+constexpr uint32_t kMaxFramePages = kMaxFrameSize / kPageSize;
+constexpr unsigned kMaxThreads = 1024;
+// Frames in flight per compression thread (queued, compressing or waiting to be written).
+constexpr size_t kFramesPerThread = 2;
+
+void put_u32(unsigned char* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+void put_u64(unsigned char* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+uint32_t get_u32(const unsigned char* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+uint64_t get_u64(const unsigned char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+std::string hex(uint64_t v) {
+  std::ostringstream out;
+  out << "0x" << std::hex << v;
+  return out.str();
+}
+
+// Fast check: the first word is zero and every byte equals the one 8 bytes before it.
+bool is_zero_page(const unsigned char* p) {
+  uint64_t first;
+  std::memcpy(&first, p, sizeof first);
+  return first == 0 && std::memcmp(p, p + 8, kPageSize - 8) == 0;
+}
+
+void pwrite_all(int fd, const void* data, size_t len, uint64_t offset, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (len > 0) {
+    ssize_t n = ::pwrite(fd, p, len, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail_errno(path, ": write of ", len, " bytes at offset ", offset, " failed");
+    }
+    if (n == 0) fail(path, ": write at offset ", offset, " wrote nothing");
+    p += n;
+    len -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+// Reads exactly len bytes; a short read means the file shrank under us.
+void pread_all(int fd, void* data, size_t len, uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(data);
+  while (len > 0) {
+    ssize_t n = ::pread(fd, p, len, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      fail_errno(path, ": read of ", len, " bytes at offset ", offset, " failed");
+    }
+    if (n == 0) fail(path, ": file ends at offset ", offset, " (truncated while open?)");
+    p += n;
+    len -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+// Checks a zstd frame in [data, data + size) before it is decompressed: one real frame that
+// fills the whole range, with a content checksum, no dictionary and a known content size.
+// Returns the content size.
+uint64_t check_zstd_frame(const unsigned char* data, size_t size, const std::string& what) {
+  ZSTD_frameHeader zfh;
+  size_t r = ZSTD_getFrameHeader(&zfh, data, size);
+  if (ZSTD_isError(r)) fail(what, ": bad zstd frame header: ", ZSTD_getErrorName(r));
+  if (r != 0) fail(what, ": zstd frame header is truncated");
+  if (zfh.frameType != ZSTD_frame) fail(what, ": is a skippable zstd frame");
+  // Bit 4 of the frame header descriptor is "unused" in the zstd format (decoders ignore it);
+  // this format requires it to be zero so that no bit of a frame header goes unchecked.
+  if (data[4] & 0x10) fail(what, ": unused bit of the zstd frame header is set");
+  if (!zfh.checksumFlag) fail(what, ": zstd frame has no content checksum");
+  if (zfh.dictID != 0) fail(what, ": zstd frame needs dictionary ", zfh.dictID);
+  if (zfh.frameContentSize == ZSTD_CONTENTSIZE_UNKNOWN)
+    fail(what, ": zstd frame does not record its content size");
+  size_t csize = ZSTD_findFrameCompressedSize(data, size);
+  if (ZSTD_isError(csize)) fail(what, ": corrupt zstd frame: ", ZSTD_getErrorName(csize));
+  if (csize != size) fail(what, ": zstd frame is ", csize, " bytes but ", size, " are recorded");
+  return zfh.frameContentSize;
+}
+
+struct ZstdCCtxDeleter {
+  void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
+};
+using CCtxPtr = std::unique_ptr<ZSTD_CCtx, ZstdCCtxDeleter>;
+
+CCtxPtr make_cctx(int level, const std::string& path) {
+  CCtxPtr cctx(ZSTD_createCCtx());
+  if (!cctx) fail(path, ": cannot create a zstd compression context");
+  for (auto [param, value] :
+       {std::pair{ZSTD_c_compressionLevel, level}, std::pair{ZSTD_c_checksumFlag, 1},
+        std::pair{ZSTD_c_contentSizeFlag, 1}}) {
+    size_t r = ZSTD_CCtx_setParameter(cctx.get(), param, value);
+    if (ZSTD_isError(r)) fail(path, ": zstd: ", ZSTD_getErrorName(r));
+  }
+  return cctx;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Writer
+
+struct PageStoreWriter::Impl {
+  struct Job {
+    uint64_t seq = 0;
+    std::unique_ptr<unsigned char[]> in;
+    size_t in_size = 0;
+    std::unique_ptr<unsigned char[]> out;
+    size_t out_size = 0;
+  };
+
+  std::string path;
+  PageStoreOptions options;
+  uint32_t frame_pages = 0;
+  size_t frame_bytes = 0;
+  size_t out_capacity = 0;
+  UniqueFd fd;
+  dev_t dev = 0;
+  ino_t ino = 0;
+  bool finished = false;
+  bool closed = false;  // finish() was called (successfully or not)
+
+  // Producer state (the thread calling add_pages/finish).
+  std::vector<PageRun> runs;
+  uint64_t next_addr = 0;  // lowest address the next page may have
+  uint64_t data_pages = 0;
+  uint64_t zero_pages = 0;
+  std::unique_ptr<Job> current;  // the frame being filled
+  uint64_t next_seq = 0;
+
+  // Pool state, under mu.
+  std::mutex mu;
+  std::condition_variable work_cv;      // workers: a job is queued or stop is set
+  std::condition_variable producer_cv;  // producer: a frame was written
+  std::deque<std::unique_ptr<Job>> queue;
+  std::map<uint64_t, std::unique_ptr<Job>> done;  // compressed, waiting for their turn
+  std::vector<std::unique_ptr<Job>> free_jobs;
+  size_t in_flight = 0;
+  size_t max_in_flight = 0;
+  bool stop = false;
+  bool writing = false;  // one worker writes finished frames, in sequence order
+  uint64_t next_write = 0;
+  uint64_t write_offset = kHeaderSize;
+  std::vector<Frame> frames;
+  std::exception_ptr error;
+  std::vector<std::thread> workers;
+
+  std::atomic<uint64_t> pages_added{0};
+  std::atomic<uint64_t> bytes_written{0};
+
+  ~Impl() {
+    stop_pool();
+    if (!finished && fd.valid()) {
+      fd.reset();
+      // Remove the file only if the path still names the file we created.
+      struct stat st;
+      if (::lstat(path.c_str(), &st) == 0 && st.st_dev == dev && st.st_ino == ino)
+        ::unlink(path.c_str());
+    }
+  }
+
+  void init() {
+    if (options.frame_size % kPageSize != 0)
+      fail(path, ": frame size ", options.frame_size, " is not a multiple of ", kPageSize);
+    if (options.frame_size < kMinFrameSize || options.frame_size > kMaxFrameSize)
+      fail(path, ": frame size ", options.frame_size, " is outside [", kMinFrameSize, ", ",
+           kMaxFrameSize, "]");
+    if (options.level < ZSTD_minCLevel() || options.level > ZSTD_maxCLevel())
+      fail(path, ": zstd level ", options.level, " is outside [", ZSTD_minCLevel(), ", ",
+           ZSTD_maxCLevel(), "]");
+    if (options.threads > kMaxThreads)
+      fail(path, ": ", options.threads, " compression threads is more than ", kMaxThreads);
+    frame_pages = options.frame_size / kPageSize;
+    frame_bytes = options.frame_size;
+    out_capacity = ZSTD_compressBound(frame_bytes);
+    unsigned threads = options.threads;
+    if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+    max_in_flight = kFramesPerThread * threads;
+
+    int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (raw < 0) fail_errno(path, ": cannot create page store");
+    UniqueFd f(raw);
+    struct stat st;
+    if (::fstat(f.get(), &st) != 0) fail_errno(path, ": fstat failed");
+    if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
+    dev = st.st_dev;
+    ino = st.st_ino;
+    fd = std::move(f);
+
+    // Check the parameters once here so workers cannot fail on them.
+    make_cctx(options.level, path);
+    current = new_job();
+    for (unsigned i = 0; i < threads; ++i) workers.emplace_back([this] { worker(); });
+  }
+
+  std::unique_ptr<Job> new_job() {
+    auto job = std::make_unique<Job>();
+    job->in.reset(new unsigned char[frame_bytes]);
+    job->out.reset(new unsigned char[out_capacity]);
+    return job;
+  }
+
+  void stop_pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+    }
+    work_cv.notify_all();
+    for (auto& t : workers) t.join();
+    workers.clear();
+  }
+
+  void rethrow_if_failed() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (error) std::rethrow_exception(error);
+  }
+
+  void worker() {
+    CCtxPtr cctx;
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      work_cv.wait(lock, [this] { return stop || !queue.empty(); });
+      if (queue.empty()) return;  // stop and nothing left
+      std::unique_ptr<Job> job = std::move(queue.front());
+      queue.pop_front();
+      bool skip = error != nullptr || stop;
+      lock.unlock();
+      if (!skip) {
+        try {
+          if (!cctx) cctx = make_cctx(options.level, path);
+          size_t r =
+              ZSTD_compress2(cctx.get(), job->out.get(), out_capacity, job->in.get(), job->in_size);
+          if (ZSTD_isError(r))
+            fail(path, ": zstd compression of frame ", job->seq, " failed: ", ZSTD_getErrorName(r));
+          job->out_size = r;
+        } catch (...) {
+          lock.lock();
+          if (!error) error = std::current_exception();
+          lock.unlock();
+        }
+      }
+      lock.lock();
+      done.emplace(job->seq, std::move(job));
+      if (writing) continue;
+      // Write every finished frame whose turn has come, in order, without holding the lock.
+      writing = true;
+      for (auto it = done.find(next_write); it != done.end(); it = done.find(next_write)) {
+        std::unique_ptr<Job> j = std::move(it->second);
+        done.erase(it);
+        bool write = error == nullptr && !stop;
+        uint64_t offset = write_offset;
+        lock.unlock();
+        if (write) {
+          try {
+            pwrite_all(fd.get(), j->out.get(), j->out_size, offset, path);
+            bytes_written.fetch_add(j->out_size, std::memory_order_relaxed);
+          } catch (...) {
+            lock.lock();
+            if (!error) error = std::current_exception();
+            lock.unlock();
+            write = false;
+          }
+        }
+        lock.lock();
+        if (write) {
+          Frame frame;
+          frame.set_offset(offset);
+          frame.set_size(j->out_size);
+          frames.push_back(frame);
+          write_offset += j->out_size;
+        }
+        ++next_write;
+        --in_flight;
+        free_jobs.push_back(std::move(j));
+        producer_cv.notify_all();
+      }
+      writing = false;
+    }
+  }
+
+  // Hands the current frame to the pool; blocks while too many frames are in flight.
+  void submit() {
+    current->seq = next_seq++;
+    std::unique_lock<std::mutex> lock(mu);
+    producer_cv.wait(lock, [this] { return in_flight < max_in_flight || error; });
+    if (error) std::rethrow_exception(error);
+    ++in_flight;
+    queue.push_back(std::move(current));
+    if (!free_jobs.empty()) {
+      current = std::move(free_jobs.back());
+      free_jobs.pop_back();
+    }
+    lock.unlock();
+    work_cv.notify_one();
+    if (!current) current = new_job();
+    current->in_size = 0;
+  }
+
+  void add_run(uint64_t addr, PageRun::Kind kind) {
+    if (!runs.empty()) {
+      PageRun& last = runs.back();
+      if (last.kind() == kind && last.start() + last.pages() * kPageSize == addr) {
+        last.set_pages(last.pages() + 1);
+        return;
+      }
+    }
+    PageRun& run = runs.emplace_back();
+    run.set_start(addr);
+    run.set_pages(1);
+    run.set_kind(kind);
+    if (kind == PageRun::DATA) run.set_first_page(data_pages);
+  }
+
+  void add_pages(uint64_t addr, const void* data, size_t npages) {
+    if (closed) fail(path, ": add_pages after finish()");
+    if (addr % kPageSize != 0) fail(path, ": address ", hex(addr), " is not page aligned");
+    if (addr < next_addr)
+      fail(path, ": address ", hex(addr), " is below the end of the pages already added (",
+           hex(next_addr), ")");
+    if (addr >= kAddrEnd || npages > (kAddrEnd - addr) / kPageSize)
+      fail(path, ": pages at ", hex(addr), " + ", npages, " pages end beyond user space (",
+           hex(kAddrEnd), ")");
+    if (npages == 0) return;
+    if (data == nullptr) fail(path, ": add_pages with no data");
+    rethrow_if_failed();
+    const unsigned char* p = static_cast<const unsigned char*>(data);
+    for (size_t i = 0; i < npages; ++i, p += kPageSize, addr += kPageSize) {
+      if (is_zero_page(p)) {
+        add_run(addr, PageRun::ZERO);
+        ++zero_pages;
+      } else {
+        add_run(addr, PageRun::DATA);
+        ++data_pages;
+        std::memcpy(current->in.get() + current->in_size, p, kPageSize);
+        current->in_size += kPageSize;
+        if (current->in_size == frame_bytes) submit();
+      }
+      pages_added.fetch_add(1, std::memory_order_relaxed);
+    }
+    next_addr = addr;
+  }
+
+  PageStoreStats finish() {
+    if (closed) fail(path, ": finish() called twice");
+    closed = true;
+    if (current->in_size > 0) submit();
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      producer_cv.wait(lock, [this] { return in_flight == 0; });
+    }
+    stop_pool();
+    if (error) std::rethrow_exception(error);
+
+    uint64_t nframes = (data_pages + frame_pages - 1) / frame_pages;
+    if (frames.size() != nframes)
+      fail(path, ": internal error: ", frames.size(), " frames written, ", nframes, " expected");
+    PageIndex index;
+    index.set_page_size(kPageSize);
+    index.set_frame_pages(frame_pages);
+    index.set_level(options.level);
+    index.set_data_pages(data_pages);
+    index.set_zero_pages(zero_pages);
+    index.mutable_runs()->Reserve(static_cast<int>(runs.size()));
+    for (auto& r : runs) *index.add_runs() = std::move(r);
+    runs.clear();
+    index.mutable_frames()->Reserve(static_cast<int>(frames.size()));
+    for (auto& f : frames) *index.add_frames() = f;
+    size_t raw_size = index.ByteSizeLong();
+    if (raw_size > kMaxIndexBytes)
+      fail(path, ": index is ", raw_size, " bytes, more than the limit of ", kMaxIndexBytes);
+    std::string raw;
+    if (!index.SerializeToString(&raw)) fail(path, ": cannot serialize the page index");
+    CCtxPtr cctx = make_cctx(options.level, path);
+    std::string packed(ZSTD_compressBound(raw.size()), '\0');
+    size_t psize = ZSTD_compress2(cctx.get(), packed.data(), packed.size(), raw.data(), raw.size());
+    if (ZSTD_isError(psize))
+      fail(path, ": zstd compression of the index failed: ", ZSTD_getErrorName(psize));
+    uint64_t index_offset = write_offset;
+    pwrite_all(fd.get(), packed.data(), psize, index_offset, path);
+
+    unsigned char footer[kFooterSize] = {};
+    put_u64(footer, index_offset);
+    put_u64(footer + 8, psize);
+    put_u32(footer + 16, kPageStoreVersion);
+    put_u32(footer + 20, 0);
+    std::memcpy(footer + 24, kFooterMagic, 8);
+    pwrite_all(fd.get(), footer, kFooterSize, index_offset + psize, path);
+
+    // The header goes last: a store that was not finished never has a valid header.
+    unsigned char header[kHeaderSize] = {};
+    std::memcpy(header, kHeaderMagic, 8);
+    put_u32(header + 8, kPageStoreVersion);
+    put_u32(header + 12, kHeaderSize);
+    put_u32(header + 16, kPageSize);
+    put_u32(header + 20, frame_pages);
+    put_u32(header + 24, static_cast<uint32_t>(options.level));
+    pwrite_all(fd.get(), header, kHeaderSize, 0, path);
+    bytes_written.fetch_add(psize + kFooterSize + kHeaderSize, std::memory_order_relaxed);
+
+    if (::fsync(fd.get()) != 0) fail_errno(path, ": fsync failed");
+    if (::close(fd.release()) != 0) fail_errno(path, ": close failed");
+    finished = true;
+
+    PageStoreStats stats;
+    stats.data_pages = data_pages;
+    stats.zero_pages = zero_pages;
+    stats.frames = nframes;
+    stats.file_bytes = index_offset + psize + kFooterSize;
+    return stats;
+  }
+};
+
+PageStoreWriter::PageStoreWriter(const std::string& path, const PageStoreOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->path = path;
+  impl_->options = options;
+  impl_->init();  // on failure impl_ is destroyed, which stops the pool and removes the file
+}
+
+PageStoreWriter::~PageStoreWriter() = default;
+
+void PageStoreWriter::add_pages(uint64_t addr, const void* data, size_t npages) {
+  impl_->add_pages(addr, data, npages);
+}
+
+PageStoreStats PageStoreWriter::finish() {
+  return impl_->finish();
+}
+
+uint64_t PageStoreWriter::pages_added() const {
+  return impl_->pages_added.load(std::memory_order_relaxed);
+}
+
+uint64_t PageStoreWriter::bytes_written() const {
+  return impl_->bytes_written.load(std::memory_order_relaxed);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reader
+
+struct PageStoreReader::Impl {
+  struct Run {
+    uint64_t start;
+    uint64_t pages;
+    PageRun::Kind kind;
+    uint64_t first_page;
+  };
+  struct FrameRef {
+    uint64_t offset;
+    uint64_t size;
+  };
+  struct FrameData {
+    std::unique_ptr<unsigned char[]> bytes;
+    size_t size = 0;
+  };
+  using FramePtr = std::shared_ptr<const FrameData>;
+
+  std::string path;
+  UniqueFd fd;
+  uint64_t file_size = 0;
+  PageIndex index;
+  std::vector<Run> runs;
+  std::vector<FrameRef> frames;
+  uint64_t frame_pages = 0;
+  uint64_t data_pages = 0;
+  size_t cache_frames = 1;
+
+  // LRU cache of decompressed frames, most recent first, and spare decompression contexts.
+  mutable std::mutex mu;
+  mutable std::list<std::pair<uint64_t, FramePtr>> lru;
+  mutable std::unordered_map<uint64_t, std::list<std::pair<uint64_t, FramePtr>>::iterator> cached;
+  mutable std::vector<ZSTD_DCtx*> dctxs;
+
+  mutable std::atomic<uint64_t> frames_decompressed{0};
+  mutable std::atomic<uint64_t> bytes_decompressed{0};
+
+  ~Impl() {
+    for (ZSTD_DCtx* d : dctxs) ZSTD_freeDCtx(d);
+  }
+
+  template <typename... Args>
+  [[noreturn]] void bad(const Args&... args) const {
+    fail(path, ": ", args...);
+  }
+
+  void open() {
+    int ofd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (ofd < 0) fail_errno(path, ": cannot open page store");
+    fd.reset(ofd);
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) fail_errno(path, ": fstat failed");
+    if (!S_ISREG(st.st_mode)) bad("not a regular file");
+    file_size = static_cast<uint64_t>(st.st_size);
+    if (file_size < kHeaderSize + kFooterSize)
+      bad("file is ", file_size, " bytes, smaller than a header and a footer (",
+          kHeaderSize + kFooterSize, ")");
+
+    unsigned char header[kHeaderSize];
+    pread_all(fd.get(), header, kHeaderSize, 0, path);
+    if (std::memcmp(header, kHeaderMagic, 8) != 0) bad("bad header magic (not a page store)");
+    uint32_t version = get_u32(header + 8);
+    if (version != kPageStoreVersion)
+      bad("header has version ", version, ", this build reads version ", kPageStoreVersion);
+    uint32_t header_size = get_u32(header + 12);
+    if (header_size != kHeaderSize) bad("header size is ", header_size, ", expected ", kHeaderSize);
+    uint32_t page_size = get_u32(header + 16);
+    if (page_size != kPageSize) bad("page size is ", page_size, ", expected ", kPageSize);
+    uint32_t fp = get_u32(header + 20);
+    if (fp < kMinFramePages || fp > kMaxFramePages)
+      bad("header frame_pages is ", fp, ", outside [", kMinFramePages, ", ", kMaxFramePages, "]");
+    frame_pages = fp;
+    int32_t level = static_cast<int32_t>(get_u32(header + 24));
+    if (level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+      bad("header zstd level ", level, " is outside [", ZSTD_minCLevel(), ", ", ZSTD_maxCLevel(),
+          "]");
+    for (size_t i = 28; i < kHeaderSize; ++i)
+      if (header[i] != 0) bad("reserved header byte ", i, " is not zero");
+
+    unsigned char footer[kFooterSize];
+    uint64_t footer_offset = file_size - kFooterSize;
+    pread_all(fd.get(), footer, kFooterSize, footer_offset, path);
+    if (std::memcmp(footer + 24, kFooterMagic, 8) != 0)
+      bad("bad footer magic (truncated or not a page store)");
+    uint32_t fversion = get_u32(footer + 16);
+    if (fversion != kPageStoreVersion)
+      bad("footer has version ", fversion, ", expected ", kPageStoreVersion);
+    if (get_u32(footer + 20) != 0) bad("reserved footer field is not zero");
+    uint64_t index_offset = get_u64(footer);
+    uint64_t index_size = get_u64(footer + 8);
+    if (index_offset < kHeaderSize || index_offset > footer_offset)
+      bad("index offset ", index_offset, " is outside [", kHeaderSize, ", ", footer_offset, "]");
+    if (index_size == 0 || index_size != footer_offset - index_offset)
+      bad("index size ", index_size, " does not fill the ", footer_offset - index_offset,
+          " bytes between index offset ", index_offset, " and the footer");
+
+    // index_size <= file size, so this allocation is bounded by what is on disk.
+    std::vector<unsigned char> packed(index_size);
+    pread_all(fd.get(), packed.data(), packed.size(), index_offset, path);
+    std::string what = cat(path, ": index");
+    uint64_t raw_size = check_zstd_frame(packed.data(), packed.size(), what);
+    if (raw_size > kMaxIndexBytes)
+      bad("index claims ", raw_size, " bytes decompressed, more than the limit of ",
+          kMaxIndexBytes);
+    std::vector<unsigned char> raw(raw_size);
+    {
+      ZSTD_DCtx* dctx = ZSTD_createDCtx();
+      if (dctx == nullptr) bad("cannot create a zstd decompression context");
+      size_t r = ZSTD_decompressDCtx(dctx, raw.data(), raw.size(), packed.data(), packed.size());
+      dctxs.push_back(dctx);
+      if (ZSTD_isError(r)) bad("index: zstd: ", ZSTD_getErrorName(r));
+      if (r != raw_size) bad("index decompressed to ", r, " bytes, expected ", raw_size);
+    }
+    packed = {};
+    if (!index.ParseFromArray(raw.data(), static_cast<int>(raw.size())))
+      bad("index is not a valid PageIndex message");
+    raw = {};
+    validate_index(index_offset, level);
+  }
+
+  void validate_index(uint64_t index_offset, int32_t level) {
+    if (index.page_size() != kPageSize)
+      bad("index page_size is ", index.page_size(), ", expected ", kPageSize);
+    if (index.frame_pages() != frame_pages)
+      bad("index frame_pages ", index.frame_pages(), " differs from the header's ", frame_pages);
+    if (index.level() != level)
+      bad("index zstd level ", index.level(), " differs from the header's ", level);
+    data_pages = index.data_pages();
+    if (data_pages > kMaxPages) bad("index data_pages ", data_pages, " is more than ", kMaxPages);
+    if (index.zero_pages() > kMaxPages)
+      bad("index zero_pages ", index.zero_pages(), " is more than ", kMaxPages);
+
+    runs.reserve(static_cast<size_t>(index.runs_size()));
+    uint64_t end = 0;  // end of the previous run
+    uint64_t data_seen = 0, zero_seen = 0;
+    for (int i = 0; i < index.runs_size(); ++i) {
+      const PageRun& r = index.runs(i);
+      if (r.start() % kPageSize != 0) bad("run ", i, " start ", hex(r.start()), " is not aligned");
+      if (r.start() >= kAddrEnd) bad("run ", i, " start ", hex(r.start()), " is not user space");
+      if (r.pages() == 0) bad("run ", i, " has no pages");
+      if (r.pages() > (kAddrEnd - r.start()) / kPageSize)
+        bad("run ", i, " at ", hex(r.start()), " with ", r.pages(), " pages ends beyond ",
+            hex(kAddrEnd));
+      if (r.start() < end)
+        bad("run ", i, " at ", hex(r.start()), " overlaps or precedes the previous run (ends at ",
+            hex(end), ")");
+      end = r.start() + r.pages() * kPageSize;
+      // Runs do not overlap and lie below kAddrEnd, so these sums cannot overflow.
+      if (r.kind() == PageRun::DATA) {
+        if (r.first_page() != data_seen)
+          bad("DATA run ", i, " has first_page ", r.first_page(), ", expected ", data_seen);
+        data_seen += r.pages();
+      } else if (r.kind() == PageRun::ZERO) {
+        if (r.first_page() != 0) bad("ZERO run ", i, " has first_page ", r.first_page());
+        zero_seen += r.pages();
+      } else {
+        bad("run ", i, " has unknown kind ", static_cast<int>(r.kind()));
+      }
+      runs.push_back(Run{r.start(), r.pages(), r.kind(), r.first_page()});
+    }
+    if (data_seen != data_pages)
+      bad("DATA runs hold ", data_seen, " pages, index data_pages says ", data_pages);
+    if (zero_seen != index.zero_pages())
+      bad("ZERO runs hold ", zero_seen, " pages, index zero_pages says ", index.zero_pages());
+
+    uint64_t nframes = (data_pages + frame_pages - 1) / frame_pages;
+    if (static_cast<uint64_t>(index.frames_size()) != nframes)
+      bad("index has ", index.frames_size(), " frames, ", data_pages, " data pages need ", nframes);
+    frames.reserve(nframes);
+    uint64_t offset = kHeaderSize;
+    for (uint64_t i = 0; i < nframes; ++i) {
+      const Frame& f = index.frames(static_cast<int>(i));
+      if (f.offset() != offset)
+        bad("frame ", i, " is at offset ", f.offset(), ", expected ", offset,
+            " (frames are contiguous)");
+      uint64_t bound = ZSTD_compressBound(frame_size(i));
+      if (f.size() == 0 || f.size() > bound)
+        bad("frame ", i, " size ", f.size(), " is outside [1, ", bound, "]");
+      if (f.size() > index_offset - offset)
+        bad("frame ", i, " at ", offset, " with ", f.size(), " bytes runs into the index at ",
+            index_offset);
+      frames.push_back(FrameRef{offset, f.size()});
+      offset += f.size();
+    }
+    if (offset != index_offset)
+      bad("frames end at ", offset, " but the index starts at ", index_offset);
+  }
+
+  // Uncompressed bytes of frame i; the last one may be short.
+  size_t frame_size(uint64_t i) const {
+    uint64_t pages = std::min<uint64_t>(frame_pages, data_pages - i * frame_pages);
+    return static_cast<size_t>(pages * kPageSize);
+  }
+
+  ZSTD_DCtx* take_dctx() const {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!dctxs.empty()) {
+        ZSTD_DCtx* d = dctxs.back();
+        dctxs.pop_back();
+        return d;
+      }
+    }
+    ZSTD_DCtx* d = ZSTD_createDCtx();
+    if (d == nullptr) bad("cannot create a zstd decompression context");
+    return d;
+  }
+  void give_dctx(ZSTD_DCtx* d) const {
+    std::lock_guard<std::mutex> lock(mu);
+    dctxs.push_back(d);
+  }
+
+  FramePtr decompress(uint64_t i) const {
+    const FrameRef& f = frames[i];
+    size_t expected = frame_size(i);
+    // f.size <= ZSTD_compressBound(frame size) and lies inside the file (checked at open).
+    std::unique_ptr<unsigned char[]> src(new unsigned char[f.size]);
+    pread_all(fd.get(), src.get(), f.size, f.offset, path);
+    std::string what = cat(path, ": frame ", i);
+    uint64_t content = check_zstd_frame(src.get(), f.size, what);
+    if (content != expected)
+      fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
+    auto out = std::make_shared<FrameData>();
+    out->bytes.reset(new unsigned char[expected]);
+    out->size = expected;
+    ZSTD_DCtx* dctx = take_dctx();
+    size_t r = ZSTD_decompressDCtx(dctx, out->bytes.get(), expected, src.get(), f.size);
+    give_dctx(dctx);
+    if (ZSTD_isError(r)) fail(what, ": zstd: ", ZSTD_getErrorName(r));
+    if (r != expected) fail(what, ": decompressed to ", r, " bytes, expected ", expected);
+    frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+    bytes_decompressed.fetch_add(r, std::memory_order_relaxed);
+    return out;
+  }
+
+  FramePtr get_frame(uint64_t i) const {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = cached.find(i);
+      if (it != cached.end()) {
+        lru.splice(lru.begin(), lru, it->second);
+        return it->second->second;
+      }
+    }
+    FramePtr frame = decompress(i);
+    std::lock_guard<std::mutex> lock(mu);
+    if (cached.count(i) == 0) {  // another thread may have loaded it meanwhile
+      lru.emplace_front(i, frame);
+      cached[i] = lru.begin();
+      while (lru.size() > cache_frames) {
+        cached.erase(lru.back().first);
+        lru.pop_back();
+      }
+    }
+    return frame;
+  }
+
+  // Index of the run holding addr, or runs.size().
+  size_t locate(uint64_t addr) const {
+    auto it = std::upper_bound(runs.begin(), runs.end(), addr,
+                               [](uint64_t a, const Run& r) { return a < r.start; });
+    if (it == runs.begin()) return runs.size();
+    --it;
+    if (addr - it->start >= it->pages * kPageSize) return runs.size();
+    return static_cast<size_t>(it - runs.begin());
+  }
+
+  void read(uint64_t addr, size_t npages, void* out) const {
+    if (addr % kPageSize != 0) bad("read at ", hex(addr), ": address is not page aligned");
+    if (npages == 0) return;
+    if (out == nullptr) bad("read at ", hex(addr), ": no output buffer");
+    if (addr >= kAddrEnd || npages > (kAddrEnd - addr) / kPageSize)
+      bad("read of ", npages, " pages at ", hex(addr), ": pages are not in the store");
+    unsigned char* dst = static_cast<unsigned char*>(out);
+    size_t ri = locate(addr);
+    uint64_t left = npages;
+    while (left > 0) {
+      if (ri >= runs.size() || addr < runs[ri].start ||
+          addr - runs[ri].start >= runs[ri].pages * kPageSize)
+        bad("page ", hex(addr), " is not in the store");
+      const Run& run = runs[ri];
+      uint64_t offset_pages = (addr - run.start) / kPageSize;
+      uint64_t n = std::min<uint64_t>(left, run.pages - offset_pages);
+      if (run.kind == PageRun::ZERO) {
+        std::memset(dst, 0, n * kPageSize);
+      } else {
+        uint64_t sp = run.first_page + offset_pages;
+        uint64_t todo = n;
+        unsigned char* d = dst;
+        while (todo > 0) {
+          uint64_t fi = sp / frame_pages;
+          uint64_t in_frame = sp % frame_pages;
+          uint64_t m = std::min<uint64_t>(todo, frame_pages - in_frame);
+          FramePtr frame = get_frame(fi);
+          // frame->size is exactly frame_size(fi), which covers stream pages up to sp + m.
+          std::memcpy(d, frame->bytes.get() + in_frame * kPageSize, m * kPageSize);
+          d += m * kPageSize;
+          sp += m;
+          todo -= m;
+        }
+      }
+      dst += n * kPageSize;
+      addr += n * kPageSize;
+      left -= n;
+      ++ri;
+    }
+  }
+};
+
+PageStoreReader::PageStoreReader() : impl_(std::make_unique<Impl>()) {}
+PageStoreReader::~PageStoreReader() = default;
+
+std::unique_ptr<PageStoreReader> PageStoreReader::open(const std::string& path,
+                                                       size_t cache_frames) {
+  std::unique_ptr<PageStoreReader> reader(new PageStoreReader());
+  reader->impl_->path = path;
+  reader->impl_->cache_frames = std::max<size_t>(1, cache_frames);
+  reader->impl_->open();
+  return reader;
+}
+
+const PageIndex& PageStoreReader::index() const {
+  return impl_->index;
+}
+const std::string& PageStoreReader::path() const {
+  return impl_->path;
+}
+uint64_t PageStoreReader::file_size() const {
+  return impl_->file_size;
+}
+
+std::optional<PageLocation> PageStoreReader::find(uint64_t addr) const {
+  uint64_t page = addr & ~static_cast<uint64_t>(kPageSize - 1);
+  size_t i = impl_->locate(page);
+  if (i >= impl_->runs.size()) return std::nullopt;
+  const Impl::Run& run = impl_->runs[i];
+  PageLocation loc;
+  loc.kind = run.kind;
+  loc.stream_page = run.kind == PageRun::DATA ? run.first_page + (page - run.start) / kPageSize : 0;
+  return loc;
+}
+
+void PageStoreReader::read(uint64_t addr, size_t npages, void* out) const {
+  impl_->read(addr, npages, out);
+}
+
+void PageStoreReader::verify_all() const {
+  for (uint64_t i = 0; i < impl_->frames.size(); ++i) impl_->decompress(i);
+}
+
+uint64_t PageStoreReader::frames_decompressed() const {
+  return impl_->frames_decompressed.load(std::memory_order_relaxed);
+}
+
+uint64_t PageStoreReader::bytes_decompressed() const {
+  return impl_->bytes_decompressed.load(std::memory_order_relaxed);
+}
+
+}  // namespace lazycr::image

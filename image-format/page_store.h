@@ -17,7 +17,7 @@ inline constexpr uint32_t kPageSize = 4096;
 inline constexpr uint32_t kPageStoreVersion = 1;
 inline constexpr uint32_t kMinFrameSize = 16 * 1024;
 inline constexpr uint32_t kMaxFrameSize = 4 * 1024 * 1024;
-inline constexpr uint32_t kDefaultFrameSize = 128 * 1024;
+inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 
 struct PageStoreOptions {
   uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096

@@ -1,0 +1,159 @@
+// make_seed_corpus OUTDIR FUZZER...: writes valid inputs for each named fuzzer into
+// OUTDIR/FUZZER/ (created if missing). A fuzzer without a seed writer here gets an empty
+// directory, and libFuzzer starts from nothing.
+//
+// Hook for other fuzzers: write a `void NAME_seeds(const std::string& dir)` below and add it
+// to kSeedWriters under the fuzzer's name (e.g. "image_dir_fuzz").
+#include <sys/stat.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "image-format/page_store.h"
+
+namespace {
+
+using namespace lazycr::image;
+
+void make_dir(const std::string& dir) {
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
+    lazycr::fail_errno("make_seed_corpus: cannot create ", dir);
+}
+
+// Deterministic pages: kind 0 random, 1 compressible (256 random bytes then zeros), 2 text,
+// 3 zero.
+std::vector<unsigned char> pages(const std::vector<int>& kinds, uint64_t seed) {
+  std::vector<unsigned char> out(kinds.size() * kPageSize, 0);
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  auto next = [&s] {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    return s * 0x2545F4914F6CDD1Dull;
+  };
+  static const char* const kWords[] = {"page ", "frame ", "zstd ", "index ", "run ", "lazy "};
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    unsigned char* p = out.data() + i * kPageSize;
+    switch (kinds[i]) {
+      case 0:
+        for (size_t j = 0; j < kPageSize; ++j) p[j] = static_cast<unsigned char>(next());
+        break;
+      case 1:
+        for (size_t j = 0; j < 256; ++j) p[j] = static_cast<unsigned char>(next());
+        break;
+      case 2:
+        for (size_t j = 0; j < kPageSize;) {
+          const char* w = kWords[next() % 6];
+          for (; *w && j < kPageSize; ++w) p[j++] = static_cast<unsigned char>(*w);
+        }
+        break;
+      default:
+        break;
+    }
+  }
+  return out;
+}
+
+struct Part {
+  uint64_t addr;
+  std::vector<int> kinds;
+};
+
+void write_store(const std::string& path, const std::vector<Part>& parts, uint32_t frame_size,
+                 int level, uint64_t seed) {
+  PageStoreOptions options;
+  options.frame_size = frame_size;
+  options.level = level;
+  options.threads = 1;
+  PageStoreWriter writer(path, options);
+  for (const Part& part : parts) {
+    std::vector<unsigned char> data = pages(part.kinds, seed++);
+    writer.add_pages(part.addr, data.data(), part.kinds.size());
+  }
+  writer.finish();
+}
+
+// The "IDX" form of a store that page_store_fuzz.cc describes: "IDX", u32 LE length of the
+// header and frames, header and frames, the raw (decompressed) PageIndex.
+void write_index_form(const std::string& store, const std::string& out) {
+  std::ifstream in(store, std::ios::binary);
+  std::string file((std::istreambuf_iterator<char>(in)), {});
+  if (file.size() < 96) lazycr::fail(store, ": too small");
+  uint64_t index_offset = 0, index_size = 0;
+  for (int i = 7; i >= 0; --i) {
+    index_offset = index_offset << 8 | static_cast<unsigned char>(file[file.size() - 32 + i]);
+    index_size = index_size << 8 | static_cast<unsigned char>(file[file.size() - 24 + i]);
+  }
+  const char* packed = file.data() + index_offset;
+  unsigned long long raw_size = ZSTD_getFrameContentSize(packed, index_size);
+  if (raw_size > (1u << 20)) lazycr::fail(store, ": bad index frame");
+  std::string raw(raw_size, '\0');
+  size_t n = ZSTD_decompress(raw.data(), raw.size(), packed, index_size);
+  if (ZSTD_isError(n) || n != raw_size) lazycr::fail(store, ": cannot decompress the index");
+  std::string seed = "IDX";
+  for (int i = 0; i < 4; ++i) seed += static_cast<char>(index_offset >> (8 * i));
+  seed.append(file, 0, index_offset);
+  seed += raw;
+  std::ofstream o(out, std::ios::binary | std::ios::trunc);
+  o.write(seed.data(), static_cast<std::streamsize>(seed.size()));
+  if (!o.flush()) lazycr::fail(out, ": write failed");
+}
+
+void page_store_seeds(const std::string& dir) {
+  // Small stores (a few KiB each): libFuzzer's default max_len follows the largest seed.
+  write_store(dir + "/empty.lzp", {}, kMinFrameSize, 1, 1);
+  write_store(dir + "/one-page.lzp", {{0x1000, {1}}}, kMinFrameSize, 1, 2);
+  write_store(dir + "/zeros.lzp", {{0x7f0000000000, {3, 3, 3}}}, kMinFrameSize, 1, 3);
+  write_store(dir + "/mixed.lzp",
+              {{0x10000, {1, 1, 3, 3, 1, 2, 1}}, {0x200000, {3, 1, 1, 2, 1}}, {0x7ffffff000, {1}}},
+              kMinFrameSize, 1, 4);
+  write_store(dir + "/text-level3.lzp", {{0x400000, {2, 2, 2, 2, 2, 3, 2, 2, 2}}}, kMinFrameSize, 3,
+              5);
+  write_store(dir + "/frame32k.lzp", {{0x555555554000, {1, 2, 1, 3, 1, 2, 1, 1, 1, 2}}}, 32 * 1024,
+              -1, 6);
+  write_store(dir + "/random.lzp", {{0x1000, {0}}, {0x3000, {3, 1}}}, kMinFrameSize, 1, 7);
+  for (const char* name : {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k"})
+    write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
+}
+
+const std::map<std::string, std::function<void(const std::string&)>> kSeedWriters = {
+    {"page_store_fuzz", page_store_seeds},
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s OUTDIR FUZZER...\n", argv[0]);
+    return 2;
+  }
+  try {
+    std::string out = argv[1];
+    make_dir(out);
+    for (int i = 2; i < argc; ++i) {
+      std::string dir = out + "/" + argv[i];
+      make_dir(dir);
+      auto it = kSeedWriters.find(argv[i]);
+      if (it == kSeedWriters.end()) {
+        std::printf("%s: no seed writer, empty corpus\n", argv[i]);
+        continue;
+      }
+      it->second(dir);
+      std::printf("%s: seeds in %s\n", argv[i], dir.c_str());
+    }
+  } catch (const lazycr::Error& e) {
+    std::fprintf(stderr, "make_seed_corpus: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
