@@ -3,29 +3,38 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
 namespace lazycr {
 
 struct KernelFeatures {
-  std::string release;               // uname -r
-  bool userfaultfd_syscall = false;  // userfaultfd(2) works for us
-  bool dev_userfaultfd = false;      // /dev/userfaultfd + USERFAULTFD_IOC_NEW works
-  uint64_t uffd_features = 0;        // UFFDIO_API features offered (0 if no uffd at all)
-  uint64_t uffd_ioctls = 0;          // UFFDIO_API ioctls mask
+  std::string release;                // uname -r
+  bool userfaultfd_syscall = false;   // userfaultfd(2) works for us
+  bool dev_userfaultfd = false;       // /dev/userfaultfd + USERFAULTFD_IOC_NEW works
+  uint64_t uffd_features = 0;         // UFFDIO_API features offered (0 if no uffd at all)
+  uint64_t uffd_ioctls = 0;           // UFFDIO_API ioctls mask
   int unprivileged_userfaultfd = -1;  // vm.unprivileged_userfaultfd, -1 if unreadable
   bool ptrace_seize = false;
-  bool ptrace_get_rseq = false;      // PTRACE_GET_RSEQ_CONFIGURATION
+  bool ptrace_get_rseq = false;  // PTRACE_GET_RSEQ_CONFIGURATION
   bool pidfd_open = false;
   bool pidfd_getfd = false;
   bool clone3_set_tid = false;
-  bool pr_set_mm_map = false;        // prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) answers
-  bool arch_map_vdso = false;        // arch_prctl(ARCH_MAP_VDSO_64) is known to the kernel
-  bool pagemap_scan = false;         // PAGEMAP_SCAN ioctl on /proc/self/pagemap
-  bool soft_dirty = false;           // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
-  uint32_t xsave_size = 0;           // NT_X86_XSTATE size (from CPUID leaf 0xD)
-  uint64_t xsave_features = 0;       // XCR0
+  bool pr_set_mm_map = false;   // prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) answers
+  bool arch_map_vdso = false;   // ARCH_MAP_VDSO_64 known, and maps a vdso once the old is gone
+  bool pagemap_scan = false;    // PAGEMAP_SCAN ioctl on /proc/self/pagemap
+  bool soft_dirty = false;      // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
+  uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
+  uint64_t xsave_features = 0;  // XCR0
+  // Added by the probes (0/false when a probe could not run):
+  bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
+  uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it
+  uint32_t xstate_regset_size = 0;  // NT_X86_XSTATE size, by PTRACE_GETREGSET on a child: the
+                                    // size dump reads (need not equal xsave_size)
+  // What each probe saw, keyed by the FeatureReport name (errno names, values); used as the
+  // `detail` of that line. Probes that found nothing worth saying leave no entry.
+  std::map<std::string, std::string> notes;
 };
 
 // Probed on first call; cheap afterwards.
@@ -33,7 +42,7 @@ const KernelFeatures& kernel_features();
 
 // One line of `lazycr check`.
 struct FeatureReport {
-  std::string name;     // stable key, e.g. "uffd.event_fork"
+  std::string name;  // stable key, e.g. "uffd.feature.event_fork"
   bool ok = false;
   bool required = false;  // the lazy restore path cannot work without it
   std::string detail;     // what was found (e.g. "features 0x1ffff")

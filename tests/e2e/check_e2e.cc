@@ -1,0 +1,116 @@
+// `lazycr check` as users run it: the real binary, text and JSON, on this machine (where every
+// required feature is present, DESIGN.md section 7).
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+
+#include "tests/e2e/harness.h"
+
+namespace lazycr::test {
+namespace {
+
+// The line of the text report for `name`: "<status>  <name>  <detail>  <why>".
+std::string line_for(const std::string& out, const std::string& name) {
+  size_t pos = 0;
+  while (pos < out.size()) {
+    size_t end = out.find('\n', pos);
+    if (end == std::string::npos) end = out.size();
+    std::string line = out.substr(pos, end - pos);
+    pos = end + 1;
+    size_t first_space = line.find(' ');
+    if (first_space == std::string::npos) continue;
+    size_t name_start = line.find_first_not_of(' ', first_space);
+    if (name_start != std::string::npos && line.compare(name_start, name.size(), name) == 0 &&
+        (line.size() == name_start + name.size() || line[name_start + name.size()] == ' ')) {
+      return line;
+    }
+  }
+  return "";
+}
+
+std::string last_line(const std::string& out) {
+  std::string s = out;
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  size_t nl = s.rfind('\n');
+  return nl == std::string::npos ? s : s.substr(nl + 1);
+}
+
+TEST(Check, TextReportsEveryRequiredFeatureOk) {
+  RunResult r = lazycr({"check"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  for (const char* name :
+       {"userfaultfd.syscall", "ptrace.seize", "uffd.feature.event_fork",
+        "uffd.feature.event_remap", "uffd.feature.event_remove", "uffd.feature.event_unmap",
+        "pidfd.getfd", "clone3.set_tid", "arch_prctl.map_vdso"}) {
+    std::string line = line_for(r.out, name);
+    ASSERT_FALSE(line.empty()) << "no line for " << name << " in:\n" << r.out;
+    EXPECT_EQ(line.rfind("ok ", 0), 0u) << line;
+  }
+  // Nothing required is missing; the verdict is the last line.
+  EXPECT_EQ(r.out.find("\nmissing "), std::string::npos) << r.out;
+  EXPECT_EQ(last_line(r.out).rfind("verdict: ready", 0), 0u) << r.out;
+  EXPECT_EQ(r.err, "");
+}
+
+TEST(Check, JsonReportsEveryRequiredFeatureOk) {
+  RunResult r = lazycr({"check", "--json"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  const std::string& j = r.out;
+  ASSERT_FALSE(j.empty());
+  EXPECT_EQ(j.front(), '{');
+  EXPECT_NE(j.find("\"kernel\": \""), std::string::npos) << j;
+  EXPECT_NE(j.find("\"lazy_restore_ready\": true"), std::string::npos) << j;
+  EXPECT_NE(j.find("\"uffd_features\": \"0x"), std::string::npos) << j;
+  EXPECT_NE(j.find("\"xsave_size\": "), std::string::npos) << j;
+  for (const char* name : {"userfaultfd.syscall", "ptrace.seize"}) {
+    std::string item = std::string("{\"name\": \"") + name + "\", \"ok\": true, \"required\": true";
+    EXPECT_NE(j.find(item), std::string::npos) << "no " << item << " in:\n" << j;
+  }
+  EXPECT_EQ(j.find("\"ok\": false, \"required\": true"), std::string::npos) << j;
+}
+
+// The JSON must parse as JSON; python3 is on Debian machines, so use it when present.
+TEST(Check, JsonIsValid) {
+  if (::access("/usr/bin/python3", X_OK) != 0) GTEST_SKIP() << "no python3 to parse JSON";
+  RunResult r = lazycr({"check", "--json"});
+  ASSERT_EQ(r.exit_code, 0);
+  TempDir dir;
+  {
+    std::ofstream out(dir / "check.json");
+    out << r.out;
+  }
+  RunResult parsed = run({"/usr/bin/python3", "-c",
+                          "import json,sys\n"
+                          "d = json.load(open(sys.argv[1]))\n"
+                          "names = [f['name'] for f in d['features']]\n"
+                          "assert len(names) == len(set(names)), names\n"
+                          "assert all(set(f) == {'name','ok','required','detail','why'} "
+                          "for f in d['features'])\n"
+                          "assert d['lazy_restore_ready'] is True\n"
+                          "assert int(d['uffd_features'], 16) & 0x4e == 0x4e\n"
+                          "assert d['xsave_size'] > 0\n"
+                          "print('valid')\n",
+                          dir / "check.json"});
+  EXPECT_EQ(parsed.exit_code, 0) << parsed.err;
+  EXPECT_EQ(parsed.out, "valid\n");
+}
+
+TEST(Check, HelpExitsZero) {
+  RunResult r = lazycr({"check", "--help"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("--json"), std::string::npos) << r.out;
+}
+
+TEST(Check, UnknownOptionIsAUsageError) {
+  RunResult r = lazycr({"check", "--bogus"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_EQ(r.out, "");
+  ASSERT_FALSE(r.err.empty());
+  EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "not one line: " << r.err;
+  EXPECT_NE(r.err.find("--bogus"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace lazycr::test
