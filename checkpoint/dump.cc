@@ -25,10 +25,12 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
+#include "common/kernel_features.h"
 #include "common/log.h"
 #include "common/proc.h"
 #include "common/ptrace.h"
 #include "common/signals.h"
+#include "common/vdso.h"
 #include "image-format/image_dir.h"
 
 namespace lazycr::checkpoint {
@@ -37,7 +39,6 @@ namespace {
 using image::kPageSize;
 
 constexpr uint64_t kPfKthread = 0x00200000;
-constexpr size_t kXsaveXfeaturesOffset = 472;  // fpx_sw_bytes.xfeatures inside the legacy area
 constexpr size_t kKernelSigactionSize = 32;    // handler, flags, restorer, mask
 constexpr size_t kStackTSize = 24;             // ss_sp, ss_flags (+pad), ss_size
 
@@ -84,52 +85,15 @@ void check_target(pid_t pid) {
          "); process trees are not supported yet");
 }
 
-struct VdsoFingerprint {
-  std::string build_id;
-  uint64_t hash = 0;
-  uint64_t size = 0;
-};
-
+// The vdso's identity, with the same fingerprint a restore computes of its own (common/vdso.h).
 VdsoFingerprint fingerprint_vdso(pid_t pid, const std::vector<image::MemoryArea>& areas) {
-  VdsoFingerprint fp;
   for (const auto& a : areas) {
     if (a.kind() != image::MemoryArea::VDSO) continue;
     std::string bytes(a.end() - a.start(), '\0');
     remote_read(pid, a.start(), bytes.data(), bytes.size());
-    fp.size = bytes.size();
-    uint64_t h = 1469598103934665603ull;
-    for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
-    fp.hash = h;
-    // GNU build-id note through the program headers, every offset bounds-checked.
-    if (bytes.size() < sizeof(Elf64_Ehdr)) return fp;
-    Elf64_Ehdr eh;
-    std::memcpy(&eh, bytes.data(), sizeof eh);
-    if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) return fp;
-    for (unsigned i = 0; i < eh.e_phnum; i++) {
-      uint64_t off = eh.e_phoff + uint64_t{i} * sizeof(Elf64_Phdr);
-      if (off + sizeof(Elf64_Phdr) > bytes.size()) break;
-      Elf64_Phdr ph;
-      std::memcpy(&ph, bytes.data() + off, sizeof ph);
-      if (ph.p_type != PT_NOTE || ph.p_offset + ph.p_filesz > bytes.size()) continue;
-      uint64_t p = ph.p_offset, end = ph.p_offset + ph.p_filesz;
-      while (p + sizeof(Elf64_Nhdr) <= end) {
-        Elf64_Nhdr nh;
-        std::memcpy(&nh, bytes.data() + p, sizeof nh);
-        uint64_t name = p + sizeof nh;
-        uint64_t desc = name + ((nh.n_namesz + 3) & ~3u);
-        uint64_t next = desc + ((nh.n_descsz + 3) & ~3u);
-        if (next > end) break;
-        if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 &&
-            std::memcmp(bytes.data() + name, "GNU", 4) == 0) {
-          fp.build_id.assign(bytes.data() + desc, nh.n_descsz);
-          return fp;
-        }
-        p = next;
-      }
-    }
-    return fp;
+    return lazycr::fingerprint_vdso(bytes);
   }
-  return fp;
+  return {};
 }
 
 // The frozen process: every thread seized and stopped. The destructor undoes everything
@@ -226,6 +190,10 @@ class FrozenProcess {
   // Kills the process (after a complete image) and waits until it is gone.
   void kill_and_wait() {
     if (!send_signal_pidfd(pidfd_.get(), SIGKILL)) fail_errno("cannot kill pid ", pid_);
+    // Collect each traced thread's exit; the leader reports last, after all the others.
+    for (auto it = threads_.rbegin(); it != threads_.rend(); ++it)
+      while (it->attached() && it->wait_stop().kind != StopKind::kExited) {
+      }
     threads_.clear();
     pollfd p{pidfd_.get(), POLLIN, 0};
     if (::poll(&p, 1, 10000) <= 0) log::warn("pid ", pid_, " did not exit within 10 s of SIGKILL");
@@ -300,9 +268,9 @@ void collect_threads(FrozenProcess& fp, image::Process& proc, uint32_t& xsave_si
     th->set_interrupted_syscall(fixup_interrupted_syscall(regs));
     *th->mutable_regs() = to_proto(regs);
     auto xs = t.get_xstate();
-    if (xsave_size == 0 && xs.size() >= kXsaveXfeaturesOffset + 8) {
+    if (xsave_size == 0) {
       xsave_size = static_cast<uint32_t>(xs.size());
-      std::memcpy(&xsave_features, xs.data() + kXsaveXfeaturesOffset, 8);
+      xsave_features = kernel_features().xsave_features;  // XCR0: what any blob may hold
     }
     th->set_xsave(std::string(xs.begin(), xs.end()));
     th->set_blocked(t.get_sigmask());
@@ -465,7 +433,9 @@ DumpResult dump(const DumpOptions& opts) {
 
   auto fds = collect_fds(opts.pid);
   for (const auto& f : fds) {
-    if (f.restorable() || opts.skip_unsupported_fds) continue;
+    // Standard descriptors usually lead outside the process (a terminal, the caller's pipe):
+    // they are recorded, and the restore connects them to its own (--shell-job).
+    if (f.restorable() || opts.skip_unsupported_fds || f.fd() <= 2) continue;
     fail(describe_pid(opts.pid), ": fd ", f.fd(), " is a ",
          image::FileDescriptor::Kind_Name(f.kind()), " (", f.target(),
          ") that lazycr cannot restore yet; --skip-unsupported-fds records it anyway");

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "image-format/page_store.h"
+
 namespace lazycr::checkpoint {
 
 struct DumpOptions {
@@ -16,7 +18,7 @@ struct DumpOptions {
   bool replace = false;               // overwrite an existing image directory
   int level = 1;                      // zstd level
   unsigned threads = 0;               // compression threads, 0 = CPUs
-  uint32_t frame_size = 128 * 1024;   // page-store frame size
+  uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
 };
 

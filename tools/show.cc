@@ -132,7 +132,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                     t.comm().c_str(), hex(t.regs().rip()).c_str(), hex(t.regs().rsp()).c_str(),
                     hex(t.blocked()).c_str(),
                     t.rseq().rseq_abi_pointer() ? hex(t.rseq().rseq_abi_pointer()).c_str() : "-",
-                    t.interrupted_syscall() ? "  (in syscall, restarts)" : "");
+                    t.interrupted_syscall() ? "  (was in a syscall)" : "");
       o << line;
     }
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "image-format/image_dir.h"
 #include "image-format/page_store.h"
 
 namespace {
@@ -126,8 +127,66 @@ void page_store_seeds(const std::string& dir) {
     write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
 }
 
+// image_dir_fuzz: a mode byte (0 inventory file, 1 process file, 2 raw Inventory, 3 raw
+// Process; see image_dir_fuzz.cc) and then the bytes.
+void image_dir_seeds(const std::string& dir) {
+  Inventory inv;
+  inv.set_format_version(kFormatVersion);
+  inv.set_tool_version("seed");
+  inv.set_page_size(kPageSize);
+  inv.set_root_pid(1);
+  inv.add_pids(1);
+  inv.mutable_cpu()->set_xsave_size(832);
+  Process proc;
+  proc.set_pid(1);
+  proc.set_comm("seed");
+  for (int tid : {1, 2}) {
+    auto* t = proc.add_threads();
+    t->set_tid(tid);
+    t->set_xsave(std::string(832, '\x01'));
+    t->mutable_regs()->set_rip(0x401000);
+    auto* s = t->add_pending();
+    s->set_signo(10);
+    s->set_siginfo(std::string(128, '\0'));
+  }
+  for (uint64_t i = 0; i < 3; i++) {
+    auto* a = proc.add_areas();
+    a->set_start(0x400000 + i * 0x10000);
+    a->set_end(0x400000 + i * 0x10000 + 0x4000);
+    a->set_prot(static_cast<uint32_t>(i + 1));
+    a->set_kind(static_cast<MemoryArea::Kind>(i));
+    a->set_stored_pages(i);
+    a->mutable_file()->set_path("/bin/true");
+  }
+  auto* sa = proc.add_sigactions();
+  sa->set_signo(10);
+  sa->set_handler(0x401234);
+  auto* f = proc.add_fds();
+  f->set_fd(1);
+  f->set_kind(FileDescriptor::REGULAR);
+  proc.add_rlimits()->set_resource(7);
+  proc.set_auxv(std::string(32, '\0'));
+
+  auto file_bytes = [&](const char magic[8], const google::protobuf::MessageLite& m) {
+    std::string tmp = dir + "/.tmp";
+    write_message_file(tmp, magic, m);
+    std::ifstream in(tmp, std::ios::binary);
+    std::string bytes{std::istreambuf_iterator<char>(in), {}};
+    std::remove(tmp.c_str());
+    return bytes;
+  };
+  auto put = [&](const std::string& name, char mode, const std::string& body) {
+    std::ofstream(dir + "/" + name, std::ios::binary) << mode << body;
+  };
+  put("inventory_file", 0, file_bytes(kInventoryMagic, inv));
+  put("process_file", 1, file_bytes(kProcessMagic, proc));
+  put("inventory_raw", 2, inv.SerializeAsString());
+  put("process_raw", 3, proc.SerializeAsString());
+}
+
 const std::map<std::string, std::function<void(const std::string&)>> kSeedWriters = {
     {"page_store_fuzz", page_store_seeds},
+    {"image_dir_fuzz", image_dir_seeds},
 };
 
 }  // namespace

@@ -1,0 +1,269 @@
+// Image directory: round trip, and refusal of every kind of damage with a clear error.
+#include "image-format/image_dir.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <boost/filesystem.hpp>
+#include <fstream>
+#include <iterator>
+
+#include "common/error.h"
+
+namespace lazycr::image {
+namespace {
+
+namespace fs = boost::filesystem;
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/lazycr-unit-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    boost::system::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+void spit(const std::string& path, const std::string& data) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << data;
+}
+
+constexpr uint64_t kArea = 0x7f0000000000;
+
+Inventory sample_inventory(int pid) {
+  Inventory inv;
+  inv.set_format_version(kFormatVersion);
+  inv.set_tool_version("test");
+  inv.set_page_size(kPageSize);
+  inv.set_root_pid(pid);
+  inv.add_pids(pid);
+  inv.mutable_cpu()->set_xsave_size(832);
+  return inv;
+}
+
+Process sample_process(int pid) {
+  Process p;
+  p.set_pid(pid);
+  p.set_ppid(1);
+  p.set_comm("sample");
+  auto* t = p.add_threads();
+  t->set_tid(pid);
+  t->set_xsave(std::string(832, '\x11'));
+  t->mutable_regs()->set_rip(0x401000);
+  auto* a = p.add_areas();
+  a->set_start(kArea);
+  a->set_end(kArea + 16 * kPageSize);
+  a->set_prot(3);
+  a->set_kind(MemoryArea::ANON);
+  a->set_stored_pages(8);
+  auto* s = p.add_sigactions();
+  s->set_signo(SIGUSR1);
+  s->set_handler(0x401234);
+  auto* f = p.add_fds();
+  f->set_fd(0);
+  f->set_kind(FileDescriptor::CHARDEV);
+  f->set_target("/dev/null");
+  return p;
+}
+
+// Writes a complete small image: 4 data pages then 4 zero pages at kArea.
+std::string write_sample(const std::string& root, int pid = 4242) {
+  std::string dir = root + "/img";
+  ImageWriter w(dir, false);
+  {
+    PageStoreWriter pages(w.pages_path(pid), PageStoreOptions{});
+    std::vector<unsigned char> data(8 * kPageSize, 0);
+    for (int i = 0; i < 4 * 4096; i++) data[i] = static_cast<unsigned char>(i * 7 + 1);
+    pages.add_pages(kArea, data.data(), 8);
+    pages.finish();
+  }
+  w.write_process(sample_process(pid));
+  w.write_inventory(sample_inventory(pid));
+  w.commit();
+  return dir;
+}
+
+std::string error_of(const std::string& dir) {
+  try {
+    ImageReader r(dir);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(ImageDir, RoundTrip) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  EXPECT_FALSE(fs::exists(dir + ".tmp-" + std::to_string(getpid())));
+  ImageReader r(dir);
+  ASSERT_EQ(r.processes().size(), 1u);
+  const auto& p = r.process(4242);
+  EXPECT_EQ(p.comm(), "sample");
+  EXPECT_EQ(p.threads(0).xsave().size(), 832u);
+  EXPECT_EQ(p.sigactions(0).handler(), 0x401234u);
+  std::vector<unsigned char> page(kPageSize);
+  r.pages(4242).read(kArea + kPageSize, 1, page.data());
+  EXPECT_EQ(page[0], static_cast<unsigned char>(4096 * 7 + 1));
+  EXPECT_THROW(r.process(1), Error);
+}
+
+TEST(ImageDir, WriterWithoutCommitLeavesNothing) {
+  TempDir tmp;
+  {
+    ImageWriter w(tmp.path + "/img", false);
+    w.write_process(sample_process(7));
+  }
+  EXPECT_TRUE(fs::is_empty(tmp.path));
+}
+
+TEST(ImageDir, WriterRefusesANonEmptyDirectory) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  EXPECT_THROW(ImageWriter(dir, false), Error);
+  EXPECT_NO_THROW(ImageWriter(dir, true));
+}
+
+TEST(ImageDir, TruncationAtEveryByteIsRefused) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  for (const char* name : {"/inventory.pb", "/process-4242.pb"}) {
+    std::string path = dir + name;
+    std::string good = slurp(path);
+    for (size_t len = 0; len < good.size(); len++) {
+      spit(path, good.substr(0, len));
+      std::string err = error_of(dir);
+      EXPECT_NE(err, "") << name << " truncated to " << len;
+      EXPECT_NE(err.find(path), std::string::npos) << err;
+    }
+    spit(path, good);
+  }
+  EXPECT_EQ(error_of(dir), "");
+}
+
+TEST(ImageDir, BitFlipsAreRefused) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  int undetected = 0, total = 0;
+  for (const char* name : {"/inventory.pb", "/process-4242.pb"}) {
+    std::string path = dir + name;
+    std::string good = slurp(path);
+    total += static_cast<int>(good.size()) * 2;
+    for (size_t i = 0; i < good.size(); i++) {
+      for (int bit : {0, 5}) {
+        std::string bad = good;
+        bad[i] = static_cast<char>(bad[i] ^ (1 << bit));
+        spit(path, bad);
+        if (error_of(dir) != "") continue;
+        // A flip inside compressed data can decode to the very same bytes (the checksum is
+        // over the content, which is then right): allowed only if nothing changed.
+        ImageReader r(dir);
+        EXPECT_EQ(r.process(4242).SerializeAsString(), sample_process(4242).SerializeAsString())
+            << name << " byte " << i << " bit " << bit;
+        EXPECT_EQ(r.inventory().SerializeAsString(), sample_inventory(4242).SerializeAsString());
+        undetected++;
+      }
+    }
+    spit(path, good);
+  }
+  EXPECT_LT(undetected * 100, total) << undetected << " of " << total << " flips went unnoticed";
+}
+
+TEST(ImageDir, MissingFilesAreNamed) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  fs::remove(dir + "/pages-4242.lzp");
+  EXPECT_NE(error_of(dir).find("pages-4242.lzp"), std::string::npos);
+  fs::remove(dir + "/process-4242.pb");
+  EXPECT_NE(error_of(dir).find("process-4242.pb"), std::string::npos);
+  fs::remove(dir + "/inventory.pb");
+  EXPECT_NE(error_of(dir).find("inventory.pb"), std::string::npos);
+  EXPECT_NE(error_of(tmp.path + "/nothing-here").find("not an image directory"), std::string::npos);
+}
+
+// Well-formed files with hostile contents: each is refused with a reason.
+struct Hostile {
+  const char* what;
+  const char* expect;
+  void (*mutate)(Inventory&, Process&);
+};
+
+const Hostile kHostile[] = {
+    {"future version", "format version", [](Inventory& i, Process&) { i.set_format_version(99); }},
+    {"page size", "page size", [](Inventory& i, Process&) { i.set_page_size(65536); }},
+    {"no pids", "no processes", [](Inventory& i, Process&) { i.clear_pids(); }},
+    {"negative pid", "invalid pid", [](Inventory& i, Process&) { i.add_pids(-1); }},
+    {"duplicate pid", "twice", [](Inventory& i, Process&) { i.add_pids(4242); }},
+    {"huge xsave", "xsave", [](Inventory& i, Process&) { i.mutable_cpu()->set_xsave_size(1u << 30); }},
+    {"wrong pid in file", "holds process", [](Inventory&, Process& p) {
+       p.set_pid(4243);
+       p.mutable_threads(0)->set_tid(4243);
+     }},
+    {"no threads", "no threads", [](Inventory&, Process& p) { p.clear_threads(); }},
+    {"leader not first", "not the leader", [](Inventory&, Process& p) { p.mutable_threads(0)->set_tid(9); }},
+    {"duplicate tid", "twice", [](Inventory&, Process& p) { *p.add_threads() = p.threads(0); }},
+    {"xsave size mismatch", "xsave", [](Inventory&, Process& p) { p.mutable_threads(0)->set_xsave("x"); }},
+    {"inverted area", "inverted", [](Inventory&, Process& p) { p.mutable_areas(0)->set_end(kArea); }},
+    {"unaligned area", "aligned", [](Inventory&, Process& p) { p.mutable_areas(0)->set_start(kArea + 1); }},
+    {"kernel address", "user space", [](Inventory&, Process& p) {
+       p.mutable_areas(0)->set_start(0xffff800000000000ull);
+       p.mutable_areas(0)->set_end(0xffff800000010000ull);
+     }},
+    {"unknown area kind", "unknown kind", [](Inventory&, Process& p) {
+       p.mutable_areas(0)->set_kind(static_cast<MemoryArea::Kind>(77));
+     }},
+    {"overlap", "overlaps", [](Inventory&, Process& p) {
+       auto* b = p.add_areas();
+       *b = p.areas(0);
+       b->set_stored_pages(0);
+     }},
+    {"stored pages miscount", "stored pages", [](Inventory&, Process& p) {
+       p.mutable_areas(0)->set_stored_pages(7);
+     }},
+    {"more stored than fit", "more stored", [](Inventory&, Process& p) {
+       p.mutable_areas(0)->set_stored_pages(1000);
+     }},
+    {"pages outside areas", "outside every memory area", [](Inventory&, Process& p) {
+       p.mutable_areas(0)->set_start(kArea + 4 * kPageSize);
+       p.mutable_areas(0)->set_stored_pages(4);
+     }},
+    {"bad signal", "invalid signal", [](Inventory&, Process& p) { p.mutable_sigactions(0)->set_signo(SIGKILL); }},
+    {"bad rlimit", "rlimit", [](Inventory&, Process& p) { p.add_rlimits()->set_resource(1000); }},
+    {"odd auxv", "auxv", [](Inventory&, Process& p) { p.set_auxv("12345"); }},
+    {"fd order", "out of order", [](Inventory&, Process& p) { p.add_fds()->set_fd(0); }},
+    {"bad pending", "pending", [](Inventory&, Process& p) { p.add_shared_pending()->set_signo(10); }},
+};
+
+TEST(ImageDir, HostileContentsAreRefused) {
+  for (const auto& h : kHostile) {
+    TempDir tmp;
+    std::string dir = write_sample(tmp.path);
+    Inventory inv = sample_inventory(4242);
+    Process proc = sample_process(4242);
+    h.mutate(inv, proc);
+    write_message_file(inventory_path(dir), kInventoryMagic, inv);
+    write_message_file(process_path(dir, 4242), kProcessMagic, proc);
+    std::string err = error_of(dir);
+    EXPECT_NE(err.find(h.expect), std::string::npos) << h.what << ": got '" << err << "'";
+  }
+}
+
+TEST(ImageDir, WrongMagicIsNamed) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  // A process file where the inventory should be.
+  fs::copy_file(process_path(dir, 4242), inventory_path(dir), fs::copy_options::overwrite_existing);
+  EXPECT_NE(error_of(dir).find("bad magic"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace lazycr::image
