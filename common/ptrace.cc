@@ -10,7 +10,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
 #include <iomanip>
+#include <optional>
 #include <utility>
 
 #include "common/error.h"
@@ -81,6 +83,16 @@ long xptrace(int request, pid_t tid, uint64_t addr, void* data) {
     throw Error(cat(what, " tid ", tid, ": no such process (gone, or not in a ptrace-stop)"), err);
   }
   fail_errno_value(err, cat(what, " tid ", tid));
+}
+
+// True if the thread has exited (zombie, or gone): it will never stop again.
+bool thread_dead(pid_t tid) {
+  auto text = proc::try_read_file(cat("/proc/", tid, "/stat"));
+  if (!text) return true;
+  auto close = text->rfind(')');
+  if (close == std::string::npos || close + 2 >= text->size()) return false;
+  char state = (*text)[close + 2];
+  return state == 'Z' || state == 'X' || state == 'x';
 }
 
 siginfo_t get_siginfo(pid_t tid) {
@@ -171,10 +183,15 @@ std::vector<pid_t> TracedThread::take_new_tasks() {
 
 StopInfo TracedThread::wait_stop() {
   if (!attached_) fail("wait for tid ", tid_, ": not attached");
+  return *poll_stop(true);
+}
+
+std::optional<StopInfo> TracedThread::poll_stop(bool block) {
   int status = 0;
   for (;;) {
-    pid_t r = ::waitpid(tid_, &status, __WALL);
+    pid_t r = ::waitpid(tid_, &status, __WALL | (block ? 0 : WNOHANG));
     if (r == tid_) break;
+    if (r == 0 && !block) return std::nullopt;
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) fail_errno("waitpid tid ", tid_);
     fail("waitpid tid ", tid_, ": returned ", r);
@@ -208,6 +225,17 @@ StopInfo TracedThread::wait_stop() {
       break;
   }
   return s;
+}
+
+bool TracedThread::release_if_dead() {
+  if (!thread_dead(tid_)) return false;
+  // A traced zombie is ours until we wait for it; collect it if it can be collected now (this
+  // hands it to its real parent). A leader cannot be collected before its other threads are:
+  // its link then ends when they are, or when we exit.
+  int status;
+  ::waitpid(tid_, &status, __WALL | WNOHANG);
+  attached_ = false;
+  return true;
 }
 
 void TracedThread::interrupt_and_wait() {
@@ -253,8 +281,11 @@ void TracedThread::detach() {
     return;
   }
   if (errno != ESRCH) fail_errno("PTRACE_DETACH tid ", tid_);
-  // ESRCH: the thread is running (the kernel detaches only a stopped tracee) or it is gone.
+  // ESRCH: the thread is running (the kernel detaches only a stopped tracee), or it is dead.
   for (int round = 0; round < kMaxRounds; ++round) {
+    // A dead thread never stops again; waiting for it could block for good (a killed leader
+    // is reported only after its other threads are reaped).
+    if (release_if_dead()) return;
     if (xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) != 0) {
       if (errno == ESRCH || errno == EIO) {  // gone (and reaped, or being released)
         attached_ = false;
@@ -262,7 +293,12 @@ void TracedThread::detach() {
       }
       fail_errno("PTRACE_INTERRUPT tid ", tid_, " (to detach)");
     }
-    StopInfo s = wait_stop();
+    std::optional<StopInfo> got;
+    for (useconds_t pause = 20; !(got = poll_stop(false)); pause = std::min(pause * 2, 10000u)) {
+      if (release_if_dead()) return;
+      ::usleep(pause);
+    }
+    const StopInfo& s = *got;
     if (s.kind == StopKind::kExited) return;
     if (s.kind == StopKind::kCloneEvent) note_new_task(s);
     int sig = s.kind == StopKind::kSignalStop ? s.signo : 0;  // pass a met signal on

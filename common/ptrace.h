@@ -8,6 +8,7 @@
 #include <sys/user.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -78,7 +79,9 @@ class TracedThread {
   void cont(int sig = 0);
   // PTRACE_DETACH. A thread that is running is interrupted first (the kernel refuses to detach
   // a running tracee); a signal met in a signal-delivery-stop on the way is passed on. A gone
-  // thread counts as detached.
+  // or dead (zombie) thread counts as detached and is never waited for blockingly: a traced
+  // zombie is collected if it can be at once (which hands it to its parent); a killed leader
+  // whose other threads are not reaped yet stays linked until they are or until we exit.
   void detach();
   // Tids announced by clone/fork/vfork event stops that interrupt_and_wait() or syscall()
   // consumed (e.g. an injected clone under PTRACE_O_TRACECLONE); they are auto-attached and
@@ -121,6 +124,10 @@ class TracedThread {
  private:
   explicit TracedThread(pid_t tid) : tid_(tid), attached_(tid > 0) {}
   void resume(int request, int sig, const char* why);
+  // waitpid(__WALL) for this thread; without `block`, nullopt when it has nothing to report.
+  std::optional<StopInfo> poll_stop(bool block);
+  // If the thread is dead: collects it when possible, marks it detached, returns true.
+  bool release_if_dead();
   void note_new_task(const StopInfo& s);
 
   pid_t tid_ = -1;
