@@ -28,3 +28,16 @@ namespace lazycr::cli {
 int run_dump(const checkpoint::DumpOptions& opts);
 
 }  // namespace lazycr::cli
+
+#include "restore/restore.h"
+
+namespace lazycr::cli {
+struct RestoreCliOptions {
+  restore::RestoreOptions restore;
+  bool detach = false;
+  std::string pidfile;
+};
+// Foreground: the restored process's exit status (128+N for signal N); --detach: 0.
+int run_restore(const RestoreCliOptions& opts);
+
+}  // namespace lazycr::cli

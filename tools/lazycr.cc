@@ -57,6 +57,22 @@ int main(int argc, char** argv) {
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump");
 
+  cli::RestoreCliOptions restore;
+  auto* restore_cmd = app.add_subcommand("restore", "Restore a process from an image directory");
+  restore_cmd->add_option("-D,--images-dir", restore.restore.dir, "Image directory")->required();
+  restore_cmd->add_flag("-d,--detach", restore.detach,
+                        "Return once the process runs and print its pid (default: wait for it "
+                        "and exit with its status)");
+  restore_cmd->add_option("--pidfile", restore.pidfile, "Write the restored process's pid here");
+  restore_cmd->add_flag("--shell-job", restore.restore.shell_job,
+                        "Give the process lazycr's fds 0-2 where it had a terminal or something "
+                        "lazycr cannot restore, and keep it in lazycr's session");
+  restore_cmd->add_flag("--pidns", restore.restore.pidns,
+                        "Restore into a new PID namespace (its PIDs are free there); a minimal "
+                        "reaper is its PID 1");
+  // Internal, for tests: fail at the named step.
+  restore_cmd->add_option("--fault-inject", restore.restore.fault_inject)->group("");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -78,6 +94,7 @@ int main(int argc, char** argv) {
     if (*check_cmd) return cli::run_check(check);
     if (*show_cmd) return cli::run_show(show);
     if (*dump_cmd) return cli::run_dump(dump);
+    if (*restore_cmd) return cli::run_restore(restore);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "lazycr: %s\n", e.what());
     return kExitFailure;

@@ -1,0 +1,64 @@
+// `lazycr restore`: bring a dumped process back from its image directory, with its own PID and
+// thread IDs, its exact address space and its recorded state (DESIGN.md section 5).
+//
+// The memory of the restored process is written by a pluggable strategy (restore/memory.h):
+// today every stored page is written before the process resumes (eager).
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/fd.h"
+
+namespace lazycr::restore {
+
+struct RestoreOptions {
+  std::string dir;         // image directory
+  bool shell_job = false;  // fds 0-2 pointing to a tty or to anything lazycr cannot restore
+                           // become lazycr's own fds 0-2; the process stays in lazycr's
+                           // process group and session
+  bool pidns = false;      // restore into a fresh PID namespace whose PID 1 is a minimal
+                           // reaper (the restored process is its child and sees ppid 1)
+  // Internal, for tests: make the named step fail as if a system call had failed there
+  // (see kSteps in restore.cc); everything created so far must be killed and reaped.
+  std::string fault_inject;
+};
+
+struct RestoreStats {
+  uint64_t total_ns = 0;          // restore() from start to every thread running
+  uint64_t validate_ns = 0;       // reading + validating the image
+  uint64_t memory_ns = 0;         // mapping areas and writing pages
+  uint64_t injected_syscalls = 0; // system calls run inside the restored process
+  uint64_t inject_ns = 0;         // wall time spent in those calls
+  uint64_t threads = 0;
+  uint64_t areas = 0;
+  uint64_t pages_written = 0;  // pages written into the process (eager strategy)
+  uint64_t bytes_written = 0;
+};
+
+// What the caller needs once the process runs. Moves only.
+struct Restored {
+  pid_t pid = 0;        // the restored process as seen from lazycr's PID namespace
+  pid_t image_pid = 0;  // its pid inside its own namespace (== pid without --pidns)
+  pid_t reaper = 0;     // --pidns: the namespace's PID 1 (our child); else 0
+  // Our child to wait for: the restored process itself, or the reaper with --pidns (which
+  // exits with the restored process's status, 128+N for a signal).
+  pid_t child = 0;
+  UniqueFd pidfd;       // pidfd of the restored process (signals are sent through it)
+  RestoreStats stats;
+};
+
+// Validates the whole image, then builds the process and lets it run. Throws Error with one
+// line "restore: <step> for pid|tid N: <why>"; on failure everything created so far has been
+// killed and reaped.
+Restored restore(const RestoreOptions& opts);
+
+// Foreground mode: waits until the restored process exits and returns its exit status
+// (0-255, or 128+N when killed by signal N). SIGTERM, SIGHUP, and SIGINT/SIGQUIT sent to
+// lazycr by kill(2) (not by the terminal, which already signals the whole process group) are
+// passed on to the restored process.
+int wait_for_exit(Restored& restored);
+
+}  // namespace lazycr::restore

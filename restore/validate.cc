@@ -1,0 +1,215 @@
+// Everything a restore checks before it creates anything.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/kernel_features.h"
+#include "common/proc.h"
+#include "common/vdso.h"
+#include "restore/internal.h"
+
+namespace lazycr::restore {
+namespace {
+
+using image::FileDescriptor;
+using image::MemoryArea;
+
+bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+
+std::string hexs(const std::string& bytes) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  return out.empty() ? "none" : out;
+}
+
+int64_t mtime_ns(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000ll + st.st_mtim.tv_nsec;
+}
+
+// The file at identity.path() must be the very file the dump saw.
+void check_file(const image::FileIdentity& id, const std::string& what, bool strict) {
+  if (id.deleted())
+    fail(what, " ", id.path(), " had been deleted at dump time; lazycr cannot restore it");
+  struct stat st;
+  if (::stat(id.path().c_str(), &st) != 0) fail_errno(what, " ", id.path(), ": cannot stat");
+  auto changed = [&](const char* field, auto before, auto now) {
+    fail(what, " ", id.path(), " changed since the dump (", field, " ", before, " -> ", now, ")");
+  };
+  if (st.st_dev != id.dev()) changed("device", id.dev(), st.st_dev);
+  if (st.st_ino != id.inode()) changed("inode", id.inode(), st.st_ino);
+  if ((st.st_mode & S_IFMT) != (id.mode() & S_IFMT)) changed("type", id.mode(), st.st_mode);
+  if (!strict) return;
+  if (static_cast<uint64_t>(st.st_size) != id.size()) changed("size", id.size(), st.st_size);
+  if (mtime_ns(st) != id.mtime_ns()) changed("mtime ns", id.mtime_ns(), mtime_ns(st));
+}
+
+std::string describe_taken(pid_t id) {
+  auto comm = proc::try_read_file(cat("/proc/", id, "/comm"));
+  if (comm && !comm->empty() && comm->back() == '\n') comm->pop_back();
+  return comm ? cat(id, " (", *comm, ")") : cat(id);
+}
+
+// Our own [vvar], [vvar_vclock], [vdso]: the image's must have the same sizes and layout.
+void check_vdso_layout(const image::Process& p) {
+  std::vector<std::pair<std::string, std::pair<uint64_t, uint64_t>>> mine, theirs;
+  for (const auto& m : proc::parse_maps(proc::read_file("/proc/self/maps")))
+    if (m.path == "[vdso]" || m.path == "[vvar]" || m.path == "[vvar_vclock]")
+      mine.push_back({m.path, {m.start, m.end}});
+  for (const auto& a : p.areas())
+    if (a.kind() == MemoryArea::VDSO || a.kind() == MemoryArea::VVAR ||
+        a.kind() == MemoryArea::VVAR_VCLOCK)
+      theirs.push_back({a.name(), {a.start(), a.end()}});
+  if (theirs.empty()) return;
+  auto layout = [](const auto& v) {
+    std::string s;
+    if (v.empty()) return std::string("none");
+    uint64_t base = v.front().second.first;
+    for (const auto& [name, r] : v) s += cat(name, "@+", hex(r.first - base), ":", hex(r.second - r.first), " ");
+    return s;
+  };
+  if (layout(mine) != layout(theirs))
+    fail("the image's vdso block (", layout(theirs), ") is laid out unlike this kernel's (",
+         layout(mine), ")");
+}
+
+constexpr uint64_t sigbit(int sig) { return 1ull << (sig - 1); }
+
+}  // namespace
+
+void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
+  const auto& inv = img.inventory();
+  if (inv.pids_size() != 1)
+    fail("the image holds ", inv.pids_size(), " processes; restoring process trees is not supported yet");
+  const image::Process& p = img.processes().front();
+  if (p.zombie()) fail("it was a zombie at dump time; there is nothing to run");
+
+  // Same kernel, same vdso: the process keeps calling into its vdso text.
+  struct utsname uts;
+  ::uname(&uts);
+  if (inv.kernel().release() != uts.release)
+    fail("the image is from kernel ", inv.kernel().release(), ", this is ", uts.release);
+  VdsoFingerprint own = fingerprint_vdso_of(0);
+  const auto& k = inv.kernel();
+  bool same = own.size == k.vdso_size() &&
+              (!own.build_id.empty() && !k.vdso_build_id().empty() ? own.build_id == k.vdso_build_id()
+                                                                   : own.hash == k.vdso_hash());
+  if (!same)
+    fail("the image's vdso (build-id ", hexs(k.vdso_build_id()), ", ", k.vdso_size(),
+         " bytes, hash ", hex(k.vdso_hash()), ") is not this kernel's (build-id ", hexs(own.build_id),
+         ", ", own.size, " bytes, hash ", hex(own.hash), ")");
+  check_vdso_layout(p);
+
+  // xsave: the kernel takes exactly its own size, and only features this CPU has.
+  const KernelFeatures& kf = kernel_features();
+  bool any_xsave = false;
+  for (const auto& t : p.threads()) any_xsave |= !t.xsave().empty();
+  if (any_xsave) {
+    if (inv.cpu().xsave_size() != kf.xsave_size)
+      fail("the image's xsave areas are ", inv.cpu().xsave_size(), " bytes, this CPU's are ",
+           kf.xsave_size, " bytes");
+    uint64_t missing = inv.cpu().xsave_features() & ~kf.xsave_features;
+    if (missing != 0)
+      fail("the image uses xsave features ", hex(missing), " this CPU lacks (XCR0 ",
+           hex(kf.xsave_features), ")");
+  }
+  if (!kf.clone3_set_tid) fail("this kernel lacks clone3 with set_tid");
+
+  // PIDs and TIDs.
+  if (opts.pidns) {
+    for (const auto& t : p.threads())
+      if (t.tid() == 1)
+        fail("tid 1 belongs to the reaper in a new PID namespace; --pidns cannot restore it");
+  } else {
+    std::string taken;
+    for (const auto& t : p.threads())
+      if (proc::exists(t.tid())) taken += cat(taken.empty() ? "" : ", ", describe_taken(t.tid()));
+    if (!taken.empty())
+      fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
+  }
+
+  // Credentials: restoring others than ours is not implemented; refuse rather than run the
+  // process with the wrong ones.
+  proc::Status me = proc::read_status(::getpid());
+  const auto& c = p.creds();
+  auto same_ids = [](const auto& a, const auto& b) {
+    return std::equal(a.begin(), a.end(), b.begin(), b.end());
+  };
+  if (!same_ids(c.uids(), me.uids) || !same_ids(c.gids(), me.gids))
+    fail("its uids/gids differ from lazycr's; restoring other credentials is not supported yet");
+  if (c.cap_effective() != me.cap_eff || c.cap_permitted() != me.cap_prm ||
+      c.cap_bounding() != me.cap_bnd)
+    fail("its capabilities differ from lazycr's; restoring other credentials is not supported yet");
+
+  std::string root = proc::read_link("/proc/self/root");
+  if (p.root() != root) fail("its root directory was ", p.root(), ", lazycr's is ", root);
+  struct stat st;
+  if (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    fail("its working directory ", p.cwd(), " is not a directory any more");
+  check_file(p.exe(), "executable", true);
+
+  for (const auto& a : p.areas()) {
+    std::string what = cat("area ", hex(a.start()), "-", hex(a.end()), " maps");
+    switch (a.kind()) {
+      case MemoryArea::PRIVATE_FILE:
+      case MemoryArea::SHARED_FILE:
+        check_file(a.file(), what, true);
+        break;
+      case MemoryArea::SHARED_ANON:
+        if (!(a.name().empty() || a.name() == "/dev/zero (deleted)" ||
+              starts_with(a.name(), "/memfd:") || starts_with(a.name(), "[anon_shmem:")))
+          fail(what, " ", a.name(), " (shared); lazycr restores shared anonymous memory and "
+               "memfds, not SysV segments or deleted files");
+        break;
+      default:
+        break;
+    }
+  }
+
+  for (const auto& f : p.fds()) {
+    std::string kind = FileDescriptor::Kind_Name(f.kind());
+    bool tty = f.kind() == FileDescriptor::CHARDEV &&
+               (starts_with(f.target(), "/dev/pts/") || starts_with(f.target(), "/dev/tty"));
+    if (opts.shell_job && f.fd() <= 2 && (tty || !f.restorable())) continue;  // lazycr's own
+    if (!f.restorable())
+      fail("fd ", f.fd(), " is a ", kind, " (", f.target(), ") that lazycr cannot restore",
+           f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
+    if (f.kind() == FileDescriptor::CHARDEV) {
+      struct stat cs;
+      if (::stat(f.target().c_str(), &cs) != 0) fail_errno("fd ", f.fd(), ": ", f.target());
+      if (!S_ISCHR(cs.st_mode) || cs.st_rdev != f.rdev())
+        fail("fd ", f.fd(), ": ", f.target(), " is not the device it was (", major(f.rdev()), ":",
+             minor(f.rdev()), ")");
+    } else {
+      // The same file; its contents may have moved on (a log), unlike a mapped file's.
+      check_file(f.file(), cat("fd ", f.fd()), false);
+    }
+  }
+
+  // Pending signals the injection itself keeps unblocked cannot wait for the end.
+  constexpr uint64_t kForced = sigbit(SIGTRAP) | sigbit(SIGSEGV) | sigbit(SIGBUS) |
+                               sigbit(SIGILL) | sigbit(SIGFPE) | sigbit(SIGSYS);
+  auto check_pending = [&](const image::PendingSignal& s, const std::string& where) {
+    if (!(kForced & sigbit(s.signo()))) return;
+    siginfo_t si;
+    std::memcpy(&si, s.siginfo().data(), sizeof si);
+    if (si.si_code > 0)
+      fail(where, " has a pending kernel-generated signal ", s.signo(), " (si_code ", si.si_code,
+           ") that lazycr cannot queue again");
+  };
+  for (const auto& t : p.threads())
+    for (const auto& s : t.pending()) check_pending(s, cat("thread ", t.tid()));
+  for (const auto& s : p.shared_pending()) check_pending(s, "the process");
+}
+
+}  // namespace lazycr::restore

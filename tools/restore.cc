@@ -1,0 +1,48 @@
+// `lazycr restore`: runs the restore, then waits for the process (foreground) or leaves it
+// running (--detach).
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "common/error.h"
+#include "common/fd.h"
+#include "common/log.h"
+#include "tools/commands.h"
+
+namespace lazycr::cli {
+namespace {
+
+void write_pidfile(const std::string& path, pid_t pid) {
+  std::string text = cat(pid, "\n");
+  std::string tmp = cat(path, ".tmp-", ::getpid());
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) fail_errno("cannot create pidfile ", tmp);
+  if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))
+    fail_errno("cannot write pidfile ", tmp);
+  fd.reset();
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("cannot rename ", tmp, " to ", path);
+}
+
+}  // namespace
+
+int run_restore(const RestoreCliOptions& opts) {
+  auto r = restore::restore(opts.restore);
+  const auto& s = r.stats;
+  log::info("restored pid ", r.pid,
+            r.reaper ? cat(" (pid ", r.image_pid, " in a new PID namespace, reaper ", r.reaper, ")")
+                     : std::string(),
+            ": ", s.threads, " thread(s), ", s.areas, " areas, ", s.pages_written, " pages written",
+            " in ", s.total_ns / 1000, " us (validate ", s.validate_ns / 1000, " us, memory ",
+            s.memory_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
+            s.inject_ns / 1000, " us");
+  if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
+  if (opts.detach) {
+    std::printf("%d\n", r.pid);
+    std::fflush(stdout);
+    return 0;
+  }
+  return restore::wait_for_exit(r);
+}
+
+}  // namespace lazycr::cli
