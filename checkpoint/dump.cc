@@ -42,6 +42,11 @@ constexpr uint64_t kPfKthread = 0x00200000;
 constexpr size_t kKernelSigactionSize = 32;    // handler, flags, restorer, mask
 constexpr size_t kStackTSize = 24;             // ss_sp, ss_flags (+pad), ss_size
 
+// Test hook (--fault-inject): fails the dump at a named step.
+void fault_point(const DumpOptions& opts, const char* step) {
+  if (opts.fault_inject == step) throw Error(cat("injected fault at step ", step), EIO);
+}
+
 uint64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -112,7 +117,8 @@ class FrozenProcess {
       log::warn("pid ", pid_, ": could not unmap the scratch page at ", hex(scratch_), ": ",
                 e.what());
     }
-    threads_.clear();  // detaches each
+    // Detach the leader last: once killed, it reports only after every other thread has.
+    while (!threads_.empty()) threads_.pop_back();
   }
 
   // Seizes and stops every thread; re-lists until no new thread shows up.
@@ -199,7 +205,9 @@ class FrozenProcess {
     if (::poll(&p, 1, 10000) <= 0) log::warn("pid ", pid_, " did not exit within 10 s of SIGKILL");
   }
 
-  void detach_all() { threads_.clear(); }
+  void detach_all() {
+    while (!threads_.empty()) threads_.pop_back();
+  }
 
  private:
   pid_t pid_;
@@ -396,11 +404,36 @@ uint64_t dir_bytes(const std::string& dir) {
   return total;
 }
 
+bool alive(pid_t pid) {
+  auto stat = proc::try_read_file(cat("/proc/", pid, "/stat"));
+  if (!stat) return false;
+  try {
+    char state = proc::parse_stat(*stat).state;
+    return state != 'Z' && state != 'X';
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0);
+
 }  // namespace
 
 DumpResult dump(const DumpOptions& opts) {
   uint64_t t0 = now_ns();
   check_target(opts.pid);
+  try {
+    return dump_frozen(opts, t0);
+  } catch (const Error& e) {
+    if (!alive(opts.pid))
+      fail("pid ", opts.pid, " exited or was killed during the dump (", e.what(), ")");
+    throw;
+  }
+}
+
+namespace {
+
+DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
   image::ImageWriter writer(opts.dir, opts.replace);
   image::PageStoreOptions store_opts;
   store_opts.frame_size = opts.frame_size;
@@ -411,13 +444,9 @@ DumpResult dump(const DumpOptions& opts) {
   image::Process proc;
   image::Inventory inv;
   FrozenProcess fp(opts.pid);
-  try {
-    fp.freeze();
-  } catch (const Error& e) {
-    if (!proc::exists(opts.pid)) fail("pid ", opts.pid, " exited during the dump");
-    throw;
-  }
+  fp.freeze();
   log::info("froze ", describe_pid(opts.pid), " with ", fp.threads().size(), " thread(s)");
+  fault_point(opts, "freeze");
 
   // The address space is read before the scratch page exists, so the image never holds it.
   auto maps = proc::read_smaps(opts.pid);
@@ -427,6 +456,7 @@ DumpResult dump(const DumpOptions& opts) {
   uint32_t xsave_size = 0;
   uint64_t xsave_features = 0;
   collect_threads(fp, proc, xsave_size, xsave_features);
+  fault_point(opts, "threads");  // with the scratch page mapped
   collect_sigactions(fp, proc);
   collect_process_state(fp, proc);
   fp.release_scratch();
@@ -444,7 +474,13 @@ DumpResult dump(const DumpOptions& opts) {
   log::Progress progress;
   {
     image::PageStoreWriter pages(writer.pages_path(opts.pid), store_opts);
+    bool first_batch = true;
     auto report = [&](uint64_t pages_read) {
+      if (first_batch) {
+        first_batch = false;
+        fault_point(opts, "memory");
+        if (opts.fault_inject == "kill-target") send_signal_pidfd(fp.pidfd(), SIGKILL);
+      }
       if (!progress.enabled()) return;
       uint64_t written = pages.bytes_written();
       char line[160];
@@ -495,6 +531,7 @@ DumpResult dump(const DumpOptions& opts) {
   inv.set_dump_ns(frozen_end - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
+  fault_point(opts, "commit");
   writer.commit();
 
   if (opts.leave_running)
@@ -506,5 +543,7 @@ DumpResult dump(const DumpOptions& opts) {
   result.image_bytes = dir_bytes(opts.dir);
   return result;
 }
+
+}  // namespace
 
 }  // namespace lazycr::checkpoint

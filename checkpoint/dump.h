@@ -20,6 +20,9 @@ struct DumpOptions {
   unsigned threads = 0;               // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
+  // Tests only: fail at this step ("freeze", "threads", "memory", "commit"), or
+  // "kill-target" to SIGKILL the target while its memory is being read.
+  std::string fault_inject;
 };
 
 struct DumpResult {

@@ -53,9 +53,10 @@ int main(int argc, char** argv) {
       ->add_option("--frame-size", dump.frame_size,
                    "Uncompressed bytes per page-store frame (16K..4M, multiple of 4K)")
       ->transform(CLI::AsSizeValue(false))
-      ->default_str("128K");
+      ->default_str("64K");
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump");
+  dump_cmd->add_option("--fault-inject", dump.fault_inject)->group("");  // tests only
 
   cli::RestoreCliOptions restore;
   auto* restore_cmd = app.add_subcommand("restore", "Restore a process from an image directory");

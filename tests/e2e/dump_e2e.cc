@@ -10,6 +10,8 @@
 
 #include <boost/filesystem.hpp>
 #include <fstream>
+#include <iterator>
+#include <sstream>
 
 #include "image-format/image_dir.h"
 #include "tests/e2e/harness.h"
@@ -49,6 +51,18 @@ void expect_unharmed(StateTarget& t) {
   auto [line, code] = t.verify();
   EXPECT_EQ(line, "verified ok");
   EXPECT_EQ(code, 0);
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+template <typename... Args>
+std::string cat_path(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  return out.str();
 }
 
 const MemoryArea* area_at(const image::Process& p, uint64_t addr) {
@@ -261,6 +275,39 @@ TEST(Dump, RefusesAnExistingImageAndLeavesTheTargetAlone) {
   EXPECT_NE(r.err.find("not empty"), std::string::npos) << r.err;
   EXPECT_TRUE(boost::filesystem::exists(images / "img" + "/keep"));
   expect_unharmed(t);
+}
+
+// A failure at any step leaves the target running exactly as it was, and no image behind.
+TEST(Dump, FailureAtEachStepLeavesTheTargetIntact) {
+  for (const char* step : {"freeze", "threads", "memory", "commit"}) {
+    SCOPED_TRACE(step);
+    StateTarget t({"--mib", "16"});
+    TempDir images;
+    std::string maps_before = slurp(cat_path("/proc/", t.child.pid(), "/maps"));
+    auto r = lazycr({"dump", "--fault-inject", step, "-t", std::to_string(t.child.pid()), "-D",
+                     images / "img"});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find(std::string("injected fault at step ") + step), std::string::npos) << r.err;
+    EXPECT_TRUE(boost::filesystem::is_empty(images.path())) << "no image, no staging directory";
+    // No scratch page left, not traced any more, and its own checks all pass.
+    EXPECT_EQ(slurp(cat_path("/proc/", t.child.pid(), "/maps")), maps_before);
+    EXPECT_EQ(slurp(cat_path("/proc/", t.child.pid(), "/status")).find("TracerPid:\t0"),
+              slurp(cat_path("/proc/", t.child.pid(), "/status")).find("TracerPid:"));
+    expect_unharmed(t);
+  }
+}
+
+TEST(Dump, TargetKilledDuringTheDumpIsACleanError) {
+  StateTarget t({"--mib", "64"});
+  TempDir images;
+  auto r = lazycr({"dump", "--fault-inject", "kill-target", "-t", std::to_string(t.child.pid()),
+                   "-D", images / "img"},
+                  60);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("exited or was killed during the dump"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
+  EXPECT_EQ(t.child.wait(30), 128 + SIGKILL);
 }
 
 TEST(Dump, BadOptionsAreUsageErrors) {
