@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/json.h"
 #include "common/kernel_features.h"
 #include "tools/commands.h"
 
@@ -16,47 +17,6 @@ namespace lazycr::cli {
 namespace {
 
 constexpr int kExitNotReady = 3;
-
-// A JSON string literal: quotes, backslash and every control character escaped; other bytes
-// (UTF-8 included) pass through.
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      case '\b':
-        out += "\\b";
-        break;
-      case '\f':
-        out += "\\f";
-        break;
-      default:
-        if (c < 0x20 || c == 0x7f) {
-          char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-          out += buf;
-        } else {
-          out += static_cast<char>(c);
-        }
-    }
-  }
-  out += '"';
-  return out;
-}
 
 const char* status_of(const FeatureReport& r) {
   return r.ok ? "ok" : r.required ? "missing" : "optional-missing";
@@ -103,24 +63,28 @@ std::string text_report(const KernelFeatures& f, const std::vector<FeatureReport
 std::string json_report(const KernelFeatures& f, const std::vector<FeatureReport>& reports,
                         bool ready) {
   std::ostringstream out;
-  out << "{\n";
-  out << "  \"kernel\": " << json_string(f.release) << ",\n";
-  out << "  \"lazy_restore_ready\": " << (ready ? "true" : "false") << ",\n";
-  out << "  \"features\": [\n";
-  for (size_t i = 0; i < reports.size(); ++i) {
-    const auto& r = reports[i];
-    out << "    {\"name\": " << json_string(r.name) << ", \"ok\": " << (r.ok ? "true" : "false")
-        << ", \"required\": " << (r.required ? "true" : "false")
-        << ", \"detail\": " << json_string(r.detail) << ", \"why\": " << json_string(r.why) << "}"
-        << (i + 1 < reports.size() ? "," : "") << "\n";
+  JsonWriter j(out);
+  j.begin_object();
+  j.field("kernel", f.release);
+  j.field("lazy_restore_ready", ready);
+  j.key("features");
+  j.begin_array();
+  for (const auto& r : reports) {
+    j.begin_object();
+    j.field("name", r.name);
+    j.field("ok", r.ok);
+    j.field("required", r.required);
+    j.field("detail", r.detail);
+    j.field("why", r.why);
+    j.end_object();
   }
-  out << "  ],\n";
-  out << "  \"uffd_features\": \"0x" << std::hex << f.uffd_features << "\",\n";
-  out << "  \"uffd_ioctls\": \"0x" << f.uffd_ioctls << "\",\n";
-  out << "  \"xcr0\": \"0x" << f.xsave_features << std::dec << "\",\n";
-  out << "  \"xsave_size\": " << f.xsave_size << ",\n";
-  out << "  \"xstate_regset_size\": " << f.xstate_regset_size << "\n";
-  out << "}\n";
+  j.end_array();
+  j.hex_field("uffd_features", f.uffd_features);
+  j.hex_field("uffd_ioctls", f.uffd_ioctls);
+  j.hex_field("xcr0", f.xsave_features);
+  j.field("xsave_size", f.xsave_size);
+  j.field("xstate_regset_size", f.xstate_regset_size);
+  j.end_object();
   return out.str();
 }
 
