@@ -70,6 +70,9 @@ long raw_clone3(abi::clone_args& args) {
   long r = raw_clone3(args);
   if (r == 0) child_main(go_rd, go_wr, 1);
   int32_t msg[2] = {r < 0 ? -errno : static_cast<int32_t>(r), pidfd};
+  // The new process has its copy of our fds 0-2 (lazycr's, for --shell-job); the reaper must
+  // not keep lazycr's stdio open (a detached restore would hold its caller's pipes).
+  for (int fd = 0; fd <= 2; fd++) ::syscall(SYS_close, fd);
   ::syscall(SYS_close, go_rd);
   ::syscall(SYS_close, go_wr);
   ::syscall(SYS_write, report, msg, sizeof msg);
@@ -82,8 +85,7 @@ long raw_clone3(abi::clone_args& args) {
   } while (n < 0 && errno == EINTR);
   if (n != 1 || c != 'D') ::syscall(SYS_exit_group, 1);
   ::syscall(SYS_prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0);
-  ::syscall(SYS_close, ctl);
-  ::syscall(SYS_close, pidfd);
+  ::syscall(SYS_close_range, 0, ~0u, 0);  // ctl, pidfd, and whatever lazycr had open
   for (;;) {
     int status = 0;
     long w = ::syscall(SYS_wait4, -1, &status, 0, nullptr);
