@@ -1,0 +1,403 @@
+// `lazycr restore` (eager) against real processes: the restored process verifies itself (its
+// verdict comes through lazycr's own stdout, given to it with --shell-job), its maps and TIDs
+// are the original's, refusals name what is wrong, and a failure at any step leaves nothing
+// behind.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/filesystem.hpp>
+#include <chrono>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common/proc.h"
+#include "common/signals.h"
+#include "tests/e2e/harness.h"
+#include "tests/e2e/target_info.h"
+
+namespace lazycr::test {
+namespace {
+
+namespace fs = boost::filesystem;
+
+std::string maps_of(pid_t pid) {
+  return proc::read_file("/proc/" + std::to_string(pid) + "/maps");
+}
+
+std::set<int> tids_of(pid_t pid) {
+  auto t = proc::list_tasks(pid);
+  return std::set<int>(t.begin(), t.end());
+}
+
+std::string status_field(pid_t pid, const std::string& key) {
+  std::istringstream in(proc::read_file("/proc/" + std::to_string(pid) + "/status"));
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) return line.substr(key.size() + 1);
+  return "";
+}
+
+// Waits for a process that is our child (directly, or re-parented to us: the harness is a
+// child subreaper) and returns its exit code (128 + signal if killed).
+int reap(pid_t pid, int timeout_s = 60) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    int status = 0;
+    pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid) return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (r < 0) {
+      ADD_FAILURE() << "pid " << pid << " is not our child: " << std::strerror(errno);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ADD_FAILURE() << "pid " << pid << " did not exit within " << timeout_s << " s";
+  return -1;
+}
+
+// Kills and reaps a restored process that a failing test left running.
+struct Restored {
+  pid_t pid = 0;
+  bool reaped = false;
+  ~Restored() {
+    if (pid > 0 && !reaped && proc::exists(pid)) {
+      send_signal(pid, SIGKILL);
+      int status;
+      waitpid(pid, &status, 0);
+    }
+  }
+  int wait() {
+    reaped = true;
+    return reap(pid);
+  }
+};
+
+// After a refused or failed restore: no process with the image's pid, and no child of ours
+// other than `keep` (no stopped, zombie, or half-built process).
+void expect_nothing_left(pid_t pid, std::set<pid_t> keep = {}) {
+  EXPECT_FALSE(proc::exists(pid)) << "pid " << pid << " exists after a failed restore";
+  for (pid_t c : proc::list_children(getpid()))
+    EXPECT_TRUE(keep.count(c)) << "child " << c << " ("
+                               << proc::try_read_file("/proc/" + std::to_string(c) + "/stat")
+                                      .value_or("gone")
+                               << ") left behind";
+}
+
+// A state_target in its own work directory; its maps are captured right before a dump.
+struct StateTarget {
+  TempDir work;
+  std::string verify_file = work / "verify";
+  std::unique_ptr<Child> child;
+  TargetInfo info;
+  std::string maps;
+
+  explicit StateTarget(std::vector<std::string> extra = {}, std::string bin = "") {
+    std::vector<std::string> argv{bin.empty() ? target_bin("state_target") : bin,
+                                  "--verify-file", verify_file, "--workdir", work.path()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    child = std::make_unique<Child>(argv);
+    info = TargetInfo::parse(child->wait_for("ready"));
+  }
+  pid_t pid() const { return child->pid(); }
+
+  // Dumps (killing the target unless leave_running) into dir.
+  void dump(const std::string& dir, bool leave_running = false) {
+    maps = maps_of(pid());
+    std::vector<std::string> args{"dump", "-t", std::to_string(pid()), "-D", dir};
+    if (leave_running) args.push_back("--leave-running");
+    auto r = lazycr(args);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    if (!leave_running) {
+      EXPECT_EQ(child->wait(30), 128 + SIGKILL);
+    }
+  }
+  void go() { std::ofstream(verify_file) << "go"; }
+};
+
+// The restored threads are the original's. The sleeper may already be gone: it was in a
+// relative nanosleep, which returns EINTR after a restore (the kernel's restart block does not
+// survive; see fixup_interrupted_syscall), and then it ends.
+void expect_tids(const std::set<int>& now, const std::vector<int>& before) {
+  ASSERT_EQ(before.size(), 3u);
+  std::set<int> all(before.begin(), before.end());
+  for (int tid : now) EXPECT_TRUE(all.count(tid)) << "tid " << tid << " is not the original's";
+  EXPECT_TRUE(now.count(before[0])) << "leader";
+  EXPECT_TRUE(now.count(before[2])) << "ticker";
+}
+
+TEST(Restore, StateTargetComesBackWithItsMapsTidsAndState) {
+  StateTarget t({"--mib", "16"});
+  TempDir images;
+  std::string dir = images / "img";
+  t.dump(dir);
+
+  Child lz({lazycr_bin(), "restore", "-D", dir, "--shell-job", "--detach"});
+  Restored rp;
+  rp.pid = std::atoi(lz.read_line().c_str());
+  EXPECT_EQ(lz.wait(), 0);
+  ASSERT_EQ(rp.pid, t.pid());
+  // The restored process cannot tell: same maps (vdso and vvar included), same TIDs.
+  EXPECT_EQ(maps_of(rp.pid), t.maps);
+  expect_tids(tids_of(rp.pid), t.info.list("tids"));
+  EXPECT_EQ(proc::read_file("/proc/" + std::to_string(rp.pid) + "/comm"), "state_target\n");
+  // Its own verdict on memory, files, signals and threads, through lazycr's stdout.
+  t.go();
+  EXPECT_EQ(lz.read_line(), "verified ok");
+  EXPECT_EQ(rp.wait(), 0);
+}
+
+TEST(Restore, ForegroundExitsWithTheProcessStatus) {
+  TempDir images;
+  {
+    StateTarget t;
+    t.dump(images / "a");
+    t.go();  // it verifies as soon as it runs again
+    auto r = lazycr({"restore", "-D", images / "a", "--shell-job"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, "verified ok\n");
+    expect_nothing_left(t.pid());
+  }
+  {
+    StateTarget t;
+    t.dump(images / "b");
+    std::string pidfile = images / "pid";
+    Child lz({lazycr_bin(), "restore", "-D", images / "b", "--shell-job", "--pidfile", pidfile});
+    for (int i = 0; i < 5000 && !fs::exists(pidfile); i++)
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    ASSERT_TRUE(fs::exists(pidfile));
+    EXPECT_EQ(std::atoi(proc::read_file(pidfile).c_str()), t.pid());
+    ASSERT_TRUE(send_signal(t.pid(), SIGKILL));
+    EXPECT_EQ(lz.wait(), 128 + SIGKILL);
+    expect_nothing_left(t.pid());
+  }
+}
+
+TEST(Restore, SameImageTwentyTimesInARow) {
+  StateTarget t({"--mib", "4", "--pattern", "random"});
+  TempDir images;
+  t.dump(images / "img");
+  t.go();
+  for (int i = 0; i < 20; i++) {
+    auto r = lazycr({"restore", "-D", images / "img", "--shell-job"});
+    ASSERT_EQ(r.exit_code, 0) << "round " << i << ": " << r.err;
+    ASSERT_EQ(r.out, "verified ok\n") << "round " << i;
+  }
+  expect_nothing_left(t.pid());
+}
+
+TEST(Restore, WhileTheOriginalRunsInANewPidNamespace) {
+  StateTarget t({"--mib", "8"});
+  TempDir images;
+  t.dump(images / "img", /*leave_running=*/true);
+
+  Child lz({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--detach"});
+  Restored rp;
+  rp.pid = std::atoi(lz.read_line().c_str());
+  EXPECT_EQ(lz.wait(), 0);
+  ASSERT_GT(rp.pid, 0);
+  ASSERT_NE(rp.pid, t.pid());
+  // Inside its namespace it has the original's pid and tids; its parent is the reaper, PID 1.
+  std::istringstream nspid(status_field(rp.pid, "NSpid"));
+  pid_t outer = 0, inner = 0;
+  nspid >> outer >> inner;
+  EXPECT_EQ(outer, rp.pid);
+  EXPECT_EQ(inner, t.pid());
+  pid_t reaper = std::atoi(status_field(rp.pid, "PPid").c_str());
+  std::istringstream reaper_ns(status_field(reaper, "NSpid"));
+  pid_t r_outer = 0, r_inner = 0;
+  reaper_ns >> r_outer >> r_inner;
+  EXPECT_EQ(r_inner, 1) << "the restored process's parent is PID 1 of its namespace";
+  EXPECT_EQ(maps_of(rp.pid), t.maps);
+  std::set<int> inner_tids;
+  for (int tid : tids_of(rp.pid)) {
+    std::istringstream ns(proc::read_file("/proc/" + std::to_string(rp.pid) + "/task/" +
+                                          std::to_string(tid) + "/status")
+                              .substr(0));
+    std::string line;
+    while (std::getline(ns, line))
+      if (line.rfind("NSpid:", 0) == 0) {
+        std::istringstream v(line.substr(6));
+        int o, i;
+        v >> o >> i;
+        inner_tids.insert(i);
+      }
+  }
+  expect_tids(inner_tids, t.info.list("tids"));
+
+  // Two independent processes, both correct.
+  t.go();
+  EXPECT_EQ(t.child->read_line(), "verified ok");
+  EXPECT_EQ(t.child->wait(), 0);
+  EXPECT_EQ(lz.read_line(), "verified ok");
+  // The reaper (re-parented to us) leaves with the restored process's status.
+  EXPECT_EQ(reap(reaper), 0);
+  rp.reaped = true;
+}
+
+TEST(Restore, RefusesAPidInUseAndNamesIt) {
+  StateTarget t;
+  TempDir images;
+  t.dump(images / "img", /*leave_running=*/true);
+  auto r = lazycr({"restore", "-D", images / "img", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: validate for pid " + std::to_string(t.pid())), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("in use: " + std::to_string(t.pid()) + " (state_target)"),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("--pidns"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
+  expect_nothing_left(-1, {t.pid()});
+  t.go();
+  EXPECT_EQ(t.child->read_line(), "verified ok");
+  EXPECT_EQ(t.child->wait(), 0);
+}
+
+TEST(Restore, RefusesAChangedMappedFile) {
+  TempDir bin;
+  std::string copy = bin / "state_target";
+  fs::copy_file(target_bin("state_target"), copy);
+  fs::permissions(copy, fs::perms(0755));
+  StateTarget t({}, copy);
+  TempDir images;
+  t.dump(images / "img");
+  std::ofstream(copy, std::ios::app) << "changed";
+  auto r = lazycr({"restore", "-D", images / "img", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: validate for pid " + std::to_string(t.pid())), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find(copy + " changed since the dump (size"), std::string::npos) << r.err;
+  expect_nothing_left(t.pid());
+}
+
+TEST(Restore, RefusesADamagedImage) {
+  StateTarget t({"--mib", "4", "--pattern", "random"});
+  TempDir images;
+  std::string dir = images / "img";
+  t.dump(dir);
+  auto flip = [](const std::string& path, off_t off) {
+    int fd = open(path.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0) << path;
+    unsigned char b = 0;
+    ASSERT_EQ(pread(fd, &b, 1, off), 1);
+    b ^= 0x40;
+    ASSERT_EQ(pwrite(fd, &b, 1, off), 1);
+    close(fd);
+  };
+  // Metadata: refused before anything exists.
+  fs::copy(dir, images / "meta");
+  std::string proc_file = images / "meta" + "/process-" + std::to_string(t.pid()) + ".pb";
+  flip(proc_file, static_cast<off_t>(fs::file_size(proc_file) / 2));
+  auto r = lazycr({"restore", "-D", images / "meta", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: validate for image"), std::string::npos) << r.err;
+  expect_nothing_left(t.pid());
+  // Page data: frames are checked as they are read, in the middle of the restore; the
+  // half-built process is killed and reaped.
+  fs::copy(dir, images / "pages");
+  flip(images / "pages" + "/pages-" + std::to_string(t.pid()) + ".lzp", 64 + 200);
+  r = lazycr({"restore", "-D", images / "pages", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: fill for pid " + std::to_string(t.pid())), std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find("frame 0"), std::string::npos) << r.err;
+  expect_nothing_left(t.pid());
+  // The undamaged image still restores.
+  t.go();
+  r = lazycr({"restore", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n");
+}
+
+TEST(Restore, FaultAtEachStepLeavesNothingBehind) {
+  StateTarget t({"--mib", "2"});
+  TempDir images;
+  std::string dir = images / "img";
+  t.dump(dir);
+  const std::vector<std::string> steps = {
+      "create",  "seize",          "pin",     "trampoline",    "rseq",
+      "close-fds", "unmap",        "vdso",    "map-areas",     "fill",
+      "protect", "mm",             "after-shaping", "process-state", "sigactions",
+      "fds",     "session",        "thread-state",  "threads",  "thread-created",
+      "signals", "rlimits",        "unmap-trampoline", "registers", "detach"};
+  for (const auto& step : steps) {
+    for (bool pidns : {false, true}) {
+      if (pidns && step != "create" && step != "seize" && step != "fill" && step != "threads" &&
+          step != "detach")
+        continue;
+      std::vector<std::string> args{"restore", "-D", dir, "--shell-job", "--fault-inject", step};
+      if (pidns) args.push_back("--pidns");
+      auto r = lazycr(args);
+      EXPECT_EQ(r.exit_code, 1) << step << ": " << r.err;
+      // A fault after the first extra thread exists is reported by the "threads" step.
+      std::string reported = step == "thread-created" ? "threads" : step;
+      EXPECT_NE(r.err.find("restore: " + reported + " for "), std::string::npos) << r.err;
+      EXPECT_NE(r.err.find("injected fault"), std::string::npos) << r.err;
+      expect_nothing_left(t.pid());
+    }
+  }
+  t.go();
+  auto r = lazycr({"restore", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n");
+}
+
+TEST(Restore, TidsAndVectorRegistersFromInside) {
+  TempDir work;
+  std::string verify = work / "verify";
+  Child target({target_bin("tid_avx_target"), "--verify-file", verify});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  ASSERT_EQ(info.list("tids").size(), 4u);
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  std::ofstream(verify) << "go";
+  auto r = lazycr({"restore", "-D", images / "img", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n") << "avx=" << info.str("avx") << " avx512=" << info.str("avx512");
+}
+
+TEST(Restore, Python3ComputationGivesTheUninterruptedResult) {
+  const std::string prog =
+      "import hashlib, sys\n"
+      "data = list(range(1_000_000))\n"
+      "print('ready', flush=True)\n"
+      "h = hashlib.sha256(); x = 0\n"
+      "for i in range(20_000_000):\n"
+      "    h.update(i.to_bytes(8, 'little')); x = (x * 31 + data[i % len(data)]) % 1000000007\n"
+      "print(h.hexdigest(), x, sum(data), flush=True)\n";
+  auto whole = run({"/usr/bin/python3", "-c", prog}, 300);
+  ASSERT_EQ(whole.exit_code, 0) << whole.err;
+  ASSERT_EQ(whole.out.rfind("ready\n", 0), 0u);
+  std::string expected = whole.out.substr(6);
+
+  Child py({"/usr/bin/python3", "-c", prog});
+  ASSERT_EQ(py.read_line(), "ready");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(py.pid()), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(py.wait(30), 128 + SIGKILL);
+  auto r = lazycr({"restore", "-D", images / "img", "--shell-job"}, 300);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, expected);
+}
+
+TEST(Restore, BadOptionsAndMissingImage) {
+  EXPECT_EQ(lazycr({"restore"}).exit_code, 2);
+  EXPECT_EQ(lazycr({"restore", "--help"}).exit_code, 0);
+  TempDir images;
+  auto r = lazycr({"restore", "-D", images / "nope"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: validate for image"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}
+
+}  // namespace
+}  // namespace lazycr::test
