@@ -15,6 +15,7 @@
 // server in on_running().
 #pragma once
 
+#include <sched.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -46,7 +47,9 @@ struct MemoryStats {
   uint64_t pages_written = 0;
   uint64_t bytes_written = 0;
   uint64_t write_calls = 0;  // process_vm_writev calls
-  uint64_t fill_ns = 0;
+  uint64_t fill_ns = 0;      // whole fill
+  uint64_t read_ns = 0;      // of which reading (decompressing) pages from the store
+  uint64_t write_ns = 0;     // of which writing them into the process
 };
 
 class MemoryStrategy {
@@ -67,10 +70,12 @@ class MemoryStrategy {
   virtual MemoryStats stats() const = 0;
 };
 
-// Writes every stored page with process_vm_writev before the process resumes: pages are read
-// from the page store into one reused buffer and written in batches of up to 8 MiB / 1024
-// ranges. Pages the store records as ZERO are written only where the fresh mapping is not
-// already zero (private file mappings).
-std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store);
+// Writes every stored page with process_vm_writev before the process resumes: a helper thread
+// reads (decompresses) pages from the page store into one of two reused 8 MiB buffers while
+// the other is written in one call (up to 1024 ranges). Pages the store records as ZERO are
+// written only where the fresh mapping is not already zero (private file mappings). The
+// helper thread runs on `helper_cpus` when given (the restorer itself is pinned to one CPU).
+std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
+                                                  const cpu_set_t* helper_cpus = nullptr);
 
 }  // namespace lazycr::restore

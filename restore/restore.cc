@@ -787,7 +787,7 @@ Restored restore(const RestoreOptions& opts) {
     }
   });
 
-  auto strategy = make_eager_filler(store);
+  auto strategy = make_eager_filler(store, &pin->saved());
   AddressSpace space(r, p, *strategy, first_free_fd);
   const uint64_t t_mem = now_ns();
   steps.run("map-areas", who, [&] { space.map_areas(); });
@@ -873,6 +873,8 @@ Restored restore(const RestoreOptions& opts) {
   out.pidfd = std::move(s.pidfd);
   out.stats.pages_written = ms.pages_written;
   out.stats.bytes_written = ms.bytes_written;
+  out.stats.fill_read_ns = ms.read_ns;
+  out.stats.fill_write_ns = ms.write_ns;
   out.stats.validate_ns = t_valid - t0;
   out.stats.memory_ns = memory_ns;
   out.stats.total_ns = now_ns() - t0;

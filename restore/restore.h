@@ -36,6 +36,8 @@ struct RestoreStats {
   uint64_t areas = 0;
   uint64_t pages_written = 0;  // pages written into the process (eager strategy)
   uint64_t bytes_written = 0;
+  uint64_t fill_read_ns = 0;   // of memory_ns: reading (decompressing) pages from the store
+  uint64_t fill_write_ns = 0;  // of memory_ns: process_vm_writev into the process
 };
 
 // What the caller needs once the process runs. Moves only.

@@ -34,7 +34,8 @@ int run_restore(const RestoreCliOptions& opts) {
                      : std::string(),
             ": ", s.threads, " thread(s), ", s.areas, " areas, ", s.pages_written, " pages written",
             " in ", s.total_ns / 1000, " us (validate ", s.validate_ns / 1000, " us, memory ",
-            s.memory_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
+            s.memory_ns / 1000, " us: store reads ", s.fill_read_ns / 1000, " us, writes ",
+            s.fill_write_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
             s.inject_ns / 1000, " us");
   if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
   if (opts.detach) {
