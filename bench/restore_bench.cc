@@ -5,7 +5,8 @@
 // - time to verified: command start until the restored target printed "verified ok" (the
 //   verify file exists before the restore, so it checks every byte as soon as it runs),
 // - lazycr's own breakdown (validate, memory = map + fill + protect), pages written and the
-//   fill rate, and the number of injected system calls with their total and mean time.
+//   fill rate, the system calls run inside the process, and the ptrace round trips that ran
+//   them (single calls, or batches of calls) with their total and mean time.
 // Each row is the median of --runs runs (default 3). Usage:
 //   restore_bench [--runs N] [--sizes 64,512,2048] [--areas 5000]
 #include <fcntl.h>
@@ -112,7 +113,7 @@ double number_before(const std::string& text, const std::string& key) {
 
 struct Sample {
   double restore_ms = 0, verified_ms = 0, total_ms = 0, validate_ms = 0, memory_ms = 0;
-  double pages = 0, injected = 0, inject_ms = 0;
+  double pages = 0, injected = 0, round_trips = 0, inject_ms = 0;
 };
 
 struct Row {
@@ -183,7 +184,8 @@ Row measure(const std::string& name, const std::vector<std::string>& target_args
     s.memory_ms = number_after(log, "memory ") / 1000;
     s.pages = number_before(log, "pages written");
     s.injected = number_before(log, "injected syscalls");
-    s.inject_ms = number_after(log, "injected syscalls in ") / 1000;
+    s.round_trips = number_after(log, "injected syscalls in ");
+    s.inject_ms = number_after(log, "ptrace round trips, ") / 1000;
     row.areas = static_cast<uint64_t>(number_before(log, "areas,"));
     row.samples.push_back(s);
   }
@@ -233,8 +235,9 @@ int main(int argc, char** argv) {
   std::printf("restore_bench: median of %d runs; restore = command start to process running "
               "(--detach returns), verified = to the target's \"verified ok\"\n\n", runs);
   std::printf("| target | areas | image MiB | restore ms | verified ms | validate ms | memory ms | "
-              "pages written | fill MiB/s | injected syscalls | in syscalls ms | us/syscall |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+              "pages written | fill MiB/s | injected syscalls | ptrace round trips | "
+              "round trips ms | us/round trip |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : rows) {
     auto col = [&](double Sample::*m) {
       std::vector<double> v;
@@ -242,12 +245,14 @@ int main(int argc, char** argv) {
       return median(v);
     };
     double pages = col(&Sample::pages), mem = col(&Sample::memory_ms);
-    double inj = col(&Sample::injected), inj_ms = col(&Sample::inject_ms);
-    std::printf("| %s | %llu | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.0f | %.1f | %.1f |\n",
+    double inj = col(&Sample::injected), trips = col(&Sample::round_trips);
+    double inj_ms = col(&Sample::inject_ms);
+    std::printf("| %s | %llu | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.0f | %.0f | "
+                "%.1f | %.1f |\n",
                 r.name.c_str(), static_cast<unsigned long long>(r.areas), r.image_mib,
                 col(&Sample::restore_ms), col(&Sample::verified_ms), col(&Sample::validate_ms), mem,
-                pages, mem > 0 ? pages * 4096 / 1048576.0 / (mem / 1000) : 0, inj, inj_ms,
-                inj > 0 ? inj_ms * 1000 / inj : 0);
+                pages, mem > 0 ? pages * 4096 / 1048576.0 / (mem / 1000) : 0, inj, trips, inj_ms,
+                trips > 0 ? inj_ms * 1000 / trips : 0);
   }
   return 0;
 }

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -71,8 +72,26 @@ using image::MemoryArea;
     "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
-constexpr uint64_t kTrampolineSize = 8 * kPageSize;  // code, then argument data
+// The trampoline mapping: code in its first page, then an arena for syscall arguments and
+// batch tables.
+constexpr uint64_t kTrampolineSize = 1ull << 20;
 constexpr uint64_t kDataOffset = kPageSize;
+constexpr uint64_t kBatchOffset = 16;  // the batch loop, after `syscall; int3`
+constexpr size_t kBatchEntry = 64;     // nr, six arguments, result
+
+// The batch loop (x86-64), entered like an injected `syscall; int3` whose int3 is at +2:
+//   jmp start; int3;
+//   start: rbx = rdi (table), r12 = rsi (count), r13 = 0
+//   loop:  while r13 < r12: load rax, rdi, rsi, rdx, r10, r8, r9 from [rbx]; syscall;
+//          [rbx+56] = rax; stop if rax >= -4095; rbx += 64; r13++
+//   rax = r13 (entries done); jmp to the int3
+// One ptrace round trip runs any number of calls; a failed call stops the batch.
+constexpr unsigned char kBatchCode[] = {
+    0xeb, 0x01, 0xcc, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4, 0x4d, 0x31, 0xed, 0x4d, 0x39, 0xe5,
+    0x73, 0x32, 0x48, 0x8b, 0x03, 0x48, 0x8b, 0x7b, 0x08, 0x48, 0x8b, 0x73, 0x10, 0x48, 0x8b,
+    0x53, 0x18, 0x4c, 0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f,
+    0x05, 0x48, 0x89, 0x43, 0x38, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x09, 0x48, 0x83,
+    0xc3, 0x40, 0x49, 0xff, 0xc5, 0xeb, 0xc9, 0x4c, 0x89, 0xe8, 0xeb, 0xba};
 constexpr uint64_t kTrampolineMargin = 1ull << 20;   // kept free on both sides
 constexpr uint64_t kSearchFrom = 1ull << 30;
 constexpr size_t kKernelSigactionSize = 32;
@@ -150,6 +169,18 @@ Regs to_regs(const image::X86Regs& p) {
   return r;
 }
 
+// One system call for Restoree::batch().
+struct Call {
+  long nr;
+  std::array<uint64_t, 6> a;
+  std::string what;  // for the error message
+};
+
+Call make_call(std::string what, long nr, uint64_t a1 = 0, uint64_t a2 = 0, uint64_t a3 = 0,
+               uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) {
+  return Call{nr, {a1, a2, a3, a4, a5, a6}, std::move(what)};
+}
+
 // One thread of the process being built.
 struct ThreadCtl {
   TracedThread t;
@@ -209,7 +240,8 @@ class Restoree final : public RemoteProcess {
       fail_errno_value(static_cast<int>(-r), cat("mmap of the trampoline at ", hex(addr)));
     if (static_cast<uint64_t>(r) != addr)
       fail("mmap of the trampoline at ", hex(addr), " returned ", hex(static_cast<uint64_t>(r)));
-    static const unsigned char code[] = {0x0f, 0x05, 0xcc};  // syscall; int3
+    unsigned char code[kBatchOffset + sizeof kBatchCode] = {0x0f, 0x05, 0xcc};  // syscall; int3
+    std::memcpy(code + kBatchOffset, kBatchCode, sizeof kBatchCode);
     remote_write(pid(), addr, code, sizeof code);
     tramp_ = addr;
   }
@@ -233,14 +265,66 @@ class Restoree final : public RemoteProcess {
     return call(leader(), what, nr, a1, a2, a3, a4, a5, a6);
   }
 
+  // The argument arena: put_data() starts it over (arguments of one call); push() appends
+  // (arguments of the calls of one batch).
   uint64_t put_data(const void* data, size_t len) override {
-    if (tramp_ == 0) fail("no trampoline for syscall arguments");
-    if (len > kTrampolineSize - kDataOffset)
-      fail(len, " bytes of syscall arguments do not fit the trampoline");
-    remote_write(pid(), tramp_ + kDataOffset, data, len);
-    return tramp_ + kDataOffset;
+    arena_ = 0;
+    return push(data, len);
   }
   uint64_t put_string(const std::string& s) { return put_data(s.c_str(), s.size() + 1); }
+  void reset_arena() { arena_ = 0; }
+  uint64_t push(const void* data, size_t len) {
+    if (tramp_ == 0) fail("no trampoline for syscall arguments");
+    uint64_t off = (arena_ + 7) & ~uint64_t{7};
+    if (len > kTrampolineSize - kDataOffset - off)
+      fail(len, " bytes of syscall arguments do not fit the trampoline");
+    remote_write(pid(), tramp_ + kDataOffset + off, data, len);
+    arena_ = off + len;
+    return tramp_ + kDataOffset + off;
+  }
+  uint64_t push_string(const std::string& s) { return push(s.c_str(), s.size() + 1); }
+
+  // Runs `calls` in order in thread `c` with the batch loop, as many per ptrace round trip as
+  // the arena (after what push() put there) holds. Stops at the first failing call and throws
+  // "<its what>: <errno>". Returns every result.
+  std::vector<long> batch(ThreadCtl& c, const std::vector<Call>& calls) {
+    std::vector<long> results;
+    results.reserve(calls.size());
+    const uint64_t table_off = (arena_ + 63) & ~uint64_t{63};
+    if (table_off + kBatchEntry > kTrampolineSize - kDataOffset)
+      fail("no room left in the trampoline for a batch of system calls");
+    const size_t per_round = (kTrampolineSize - kDataOffset - table_off) / kBatchEntry;
+    const uint64_t table = tramp_ + kDataOffset + table_off;
+    std::vector<uint64_t> words;
+    for (size_t i = 0; i < calls.size();) {
+      size_t n = std::min(per_round, calls.size() - i);
+      words.assign(n * 8, 0);
+      for (size_t k = 0; k < n; k++) {
+        const Call& call = calls[i + k];
+        words[k * 8] = static_cast<uint64_t>(call.nr);
+        for (int j = 0; j < 6; j++) words[k * 8 + 1 + j] = call.a[j];
+      }
+      remote_write(pid(), table, words.data(), words.size() * 8);
+      long done = timed(c, [&] {
+        return c.t.syscall(tramp_ + kBatchOffset, InjectMode::kTrapAfter, 0, table, n);
+      });
+      batches_++;
+      batched_ += static_cast<uint64_t>(std::min<long>(done + 1, static_cast<long>(n)));
+      if (done < 0 || static_cast<size_t>(done) > n)
+        fail("the batch of system calls returned ", done, " for ", n, " calls");
+      remote_read(pid(), table, words.data(), words.size() * 8);
+      for (size_t k = 0; k < static_cast<size_t>(done); k++)
+        results.push_back(static_cast<long>(words[k * 8 + 7]));
+      if (static_cast<size_t>(done) < n) {
+        long err = static_cast<long>(words[done * 8 + 7]);
+        std::string where = &c == &threads_.front() ? std::string() : cat(" in thread ", c.vtid);
+        fail_errno_value(static_cast<int>(-err), cat(calls[i + done].what, where));
+      }
+      i += n;
+    }
+    return results;
+  }
+  std::vector<long> batch(const std::vector<Call>& calls) { return batch(leader(), calls); }
 
   // The last injected call: munmap of the trampoline, single-stepped (its int3 is gone when
   // the call returns).
@@ -274,7 +358,10 @@ class Restoree final : public RemoteProcess {
     return n;
   }
 
+  // ptrace round trips (single calls and batches)
   uint64_t injected() const { return injected_; }
+  // system calls that ran inside the process
+  uint64_t target_calls() const { return injected_ - batches_ + batched_; }
   uint64_t inject_ns() const { return inject_ns_; }
 
   // Everything runs: nothing to kill any more.
@@ -339,7 +426,10 @@ class Restoree final : public RemoteProcess {
   SpawnState sp_;
   std::vector<ThreadCtl> threads_;
   uint64_t tramp_ = 0;
+  uint64_t arena_ = 0;
   uint64_t injected_ = 0;
+  uint64_t batches_ = 0;
+  uint64_t batched_ = 0;
   uint64_t inject_ns_ = 0;
   bool committed_ = false;
 };
@@ -395,29 +485,50 @@ std::string area_name(const MemoryArea& a) {
   return cat(hex(a.start()), "-", hex(a.end()), a.name().empty() ? "" : " ", a.name());
 }
 
-// The memory step: map every area, let the strategy fill them, set final protections.
+// The memory step: map every area, let the strategy fill them, set final protections. Every
+// step runs as a few batches (one ptrace round trip per batch, not per call).
 class AddressSpace {
  public:
   AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy, int first_free_fd)
-      : r_(r), p_(p), strategy_(strategy), first_free_fd_(first_free_fd) {}
+      : r_(r), p_(p), strategy_(strategy), first_free_fd_(first_free_fd) {
+    for (const auto& a : p_.areas())
+      if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) areas_.push_back(&a);
+  }
 
   void map_areas() {
-    for (const auto& a : p_.areas()) {
-      if (is_vdso_block(a) || a.kind() == MemoryArea::VSYSCALL) continue;
-      map_one(a);
-      strategy_.prepare_area(r_, a);
+    open_files();
+    // Memfds get their size, every area its mapping and, if it had one, its name.
+    r_.reset_arena();
+    std::vector<Call> calls;
+    for (const auto& [key, size] : memfd_sizes_)
+      calls.push_back(make_call(cat("ftruncate of ", key), SYS_ftruncate, files_.at(key), size));
+    std::vector<size_t> mmap_index;  // calls[] index of each area's mmap
+    for (const MemoryArea* a : areas_) {
+      mmap_index.push_back(calls.size());
+      calls.push_back(mmap_call(*a));
+      if (starts_with(a->name(), "[anon:") && ends_with(a->name(), "]")) {
+        uint64_t name = r_.push_string(a->name().substr(6, a->name().size() - 7));
+        calls.push_back(make_call(cat("naming area ", area_name(*a)), SYS_prctl, PR_SET_VMA,
+                                  PR_SET_VMA_ANON_NAME, a->start(), a->end() - a->start(), name));
+      }
     }
+    std::vector<long> res = r_.batch(calls);
+    for (size_t i = 0; i < areas_.size(); i++)
+      if (static_cast<uint64_t>(res[mmap_index[i]]) != areas_[i]->start())
+        fail("mmap of area ", area_name(*areas_[i]), " landed at ",
+             hex(static_cast<uint64_t>(res[mmap_index[i]])));
     // The descriptors opened for mapping are no longer needed.
     if (!files_.empty())
       r_.inject(cat("close_range(", first_free_fd_, ", ~0) of the mapping descriptors"),
                 SYS_close_range, static_cast<uint64_t>(first_free_fd_), ~0u, 0);
     files_.clear();
+    for (const MemoryArea* a : areas_) strategy_.prepare_area(r_, *a);
   }
 
-  // VMA flags that plain mmap does not give, from the image's VmFlags: they change behaviour
-  // (fork, core dumps, THP, locking) and keep the kernel from merging areas the original kept
-  // apart. Runs after protect(): mlock then faults in pages that are final.
-  void apply_vmflags() {
+  // Final protections, and the VMA flags that plain mmap does not give, from the image's
+  // VmFlags: they change behaviour (fork, core dumps, THP, locking) and keep the kernel from
+  // merging areas the original kept apart. mlock comes last, over final pages.
+  void protect() {
     struct Advice {
       const char* flag;
       int advice;
@@ -426,20 +537,27 @@ class AddressSpace {
         {"hg", MADV_HUGEPAGE}, {"nh", MADV_NOHUGEPAGE},   {"dd", MADV_DONTDUMP},
         {"dc", MADV_DONTFORK}, {"wf", MADV_WIPEONFORK},   {"sr", MADV_SEQUENTIAL},
         {"rr", MADV_RANDOM},   {"mg", MADV_MERGEABLE}};
-    for (const auto& a : p_.areas()) {
-      if (is_vdso_block(a) || a.kind() == MemoryArea::VSYSCALL) continue;
-      std::set<std::string> flags = vmflag_set(a);
-      uint64_t len = a.end() - a.start();
+    std::vector<Call> calls;
+    for (const MemoryArea* a : areas_) {
+      uint64_t len = a->end() - a->start();
+      if (strategy_.shaping_prot(*a) != a->prot())
+        calls.push_back(make_call(cat("mprotect of area ", area_name(*a), " to ", a->prot()),
+                                  SYS_mprotect, a->start(), len, a->prot()));
+      std::set<std::string> flags = vmflag_set(*a);
       for (const auto& adv : kAdvice)
         if (flags.count(adv.flag))
-          r_.inject(cat("madvise(", adv.flag, ") of area ", area_name(a)), SYS_madvise, a.start(),
-                    len, static_cast<uint64_t>(adv.advice));
+          calls.push_back(make_call(cat("madvise(", adv.flag, ") of area ", area_name(*a)),
+                                    SYS_madvise, a->start(), len,
+                                    static_cast<uint64_t>(adv.advice)));
       if (flags.count("lo") || flags.count("lf"))
-        r_.inject(cat("mlock2 of area ", area_name(a)), SYS_mlock2, a.start(), len,
-                  flags.count("lf") ? MLOCK_ONFAULT : 0);
+        calls.push_back(make_call(cat("mlock2 of area ", area_name(*a)), SYS_mlock2, a->start(),
+                                  len, flags.count("lf") ? MLOCK_ONFAULT : 0));
     }
+    r_.reset_arena();
+    r_.batch(calls);
   }
 
+ private:
   static std::set<std::string> vmflag_set(const MemoryArea& a) {
     std::set<std::string> out;
     std::istringstream in(a.vmflags());
@@ -448,18 +566,50 @@ class AddressSpace {
     return out;
   }
 
-  void protect() {
-    for (const auto& a : p_.areas()) {
-      if (is_vdso_block(a) || a.kind() == MemoryArea::VSYSCALL) continue;
-      uint32_t shaping = strategy_.shaping_prot(a);
-      if (shaping == a.prot()) continue;
-      r_.inject(cat("mprotect of area ", area_name(a), " to ", a.prot()), SYS_mprotect, a.start(),
-                a.end() - a.start(), a.prot());
+  // One open per distinct file (and access mode) and one memfd per shared object.
+  void open_files() {
+    r_.reset_arena();
+    std::vector<Call> calls;
+    std::vector<std::string> keys;
+    for (const MemoryArea* a : areas_) {
+      std::string key;
+      uint64_t path_addr = 0;
+      switch (a->kind()) {
+        case MemoryArea::PRIVATE_FILE:
+        case MemoryArea::SHARED_FILE: {
+          int mode = file_mode(*a);
+          key = file_key(a->file().path(), mode);
+          if (files_.count(key)) continue;
+          path_addr = r_.push_string(a->file().path());
+          calls.push_back(make_call(cat("open ", a->file().path()), SYS_openat,
+                                    static_cast<uint64_t>(AT_FDCWD), path_addr,
+                                    static_cast<uint64_t>(mode | O_CLOEXEC), 0));
+          break;
+        }
+        case MemoryArea::SHARED_ANON: {
+          if (!starts_with(a->name(), "/memfd:")) continue;
+          key = memfd_key(*a);
+          if (files_.count(key)) continue;
+          std::string name = a->name().substr(7);
+          if (ends_with(name, " (deleted)")) name.resize(name.size() - 10);
+          path_addr = r_.push_string(name);
+          calls.push_back(make_call(cat("memfd_create(", name, ")"), SYS_memfd_create, path_addr,
+                                    MFD_CLOEXEC));
+          memfd_sizes_[key] = a->file().size();
+          break;
+        }
+        default:
+          continue;
+      }
+      files_[key] = 0;
+      keys.push_back(key);
     }
+    if (calls.empty()) return;
+    std::vector<long> fds = r_.batch(calls);
+    for (size_t i = 0; i < keys.size(); i++) files_[keys[i]] = static_cast<uint64_t>(fds[i]);
   }
 
- private:
-  void map_one(const MemoryArea& a) {
+  Call mmap_call(const MemoryArea& a) {
     uint64_t len = a.end() - a.start();
     uint64_t flags = MAP_FIXED_NOREPLACE | (a.shared() ? MAP_SHARED : MAP_PRIVATE);
     if (a.growsdown()) flags |= MAP_GROWSDOWN;
@@ -474,85 +624,63 @@ class AddressSpace {
         break;
       case MemoryArea::SHARED_ANON:
         if (starts_with(a.name(), "/memfd:")) {
-          fd = memfd(a);
+          fd = files_.at(memfd_key(a));
           off = a.pgoff();
         } else {
           flags |= MAP_ANONYMOUS;
         }
         break;
       case MemoryArea::PRIVATE_FILE:
-        fd = open_file(a.file().path(), O_RDONLY);
+      case MemoryArea::SHARED_FILE:
+        fd = files_.at(file_key(a.file().path(), file_mode(a)));
         off = a.pgoff();
         break;
-      case MemoryArea::SHARED_FILE: {
-        // VM_MAYWRITE ("mw") comes from a descriptor open for writing.
-        bool may_write = a.vmflags().find("mw") != std::string::npos || (a.prot() & PROT_WRITE);
-        fd = open_file(a.file().path(), may_write ? O_RDWR : O_RDONLY);
-        off = a.pgoff();
-        break;
-      }
       default:
         fail("area ", area_name(a), ": cannot map kind ", MemoryArea::Kind_Name(a.kind()));
     }
-    long r = r_.inject(cat("mmap of area ", area_name(a)), SYS_mmap, a.start(), len,
-                       strategy_.shaping_prot(a), flags, fd, off);
-    if (static_cast<uint64_t>(r) != a.start())
-      fail("mmap of area ", area_name(a), " landed at ", hex(static_cast<uint64_t>(r)));
-    if (starts_with(a.name(), "[anon:") && ends_with(a.name(), "]")) {
-      std::string name = a.name().substr(6, a.name().size() - 7);
-      uint64_t addr = r_.put_string(name);
-      r_.inject(cat("naming area ", area_name(a)), SYS_prctl, PR_SET_VMA, PR_SET_VMA_ANON_NAME,
-                a.start(), len, addr);
-    }
+    return make_call(cat("mmap of area ", area_name(a)), SYS_mmap, a.start(), len,
+                     strategy_.shaping_prot(a), flags, fd, off);
   }
 
-  uint64_t open_file(const std::string& path, int mode) {
-    auto key = std::make_pair(path, mode);
-    auto it = files_.find(key);
-    if (it != files_.end()) return it->second;
-    uint64_t addr = r_.put_string(path);
-    long fd = r_.inject(cat("open ", path), SYS_openat, static_cast<uint64_t>(AT_FDCWD), addr,
-                        static_cast<uint64_t>(mode | O_CLOEXEC), 0);
-    files_[key] = static_cast<uint64_t>(fd);
-    return static_cast<uint64_t>(fd);
+  // A private mapping needs read access only; a shared one the access it may use: VM_MAYWRITE
+  // ("mw") comes from a descriptor open for writing.
+  static int file_mode(const MemoryArea& a) {
+    if (a.kind() != MemoryArea::SHARED_FILE) return O_RDONLY;
+    bool may_write = a.vmflags().find("mw") != std::string::npos || (a.prot() & PROT_WRITE);
+    return may_write ? O_RDWR : O_RDONLY;
   }
-
-  // A memfd named as in the image ("/memfd:NAME (deleted)"), sized like the original object;
-  // areas of the same object share it.
-  uint64_t memfd(const MemoryArea& a) {
-    std::string key = cat("memfd:", a.file().dev(), ":", a.file().inode());
-    auto it = files_.find({key, 0});
-    if (it != files_.end()) return it->second;
-    std::string name = a.name().substr(7);
-    if (ends_with(name, " (deleted)")) name.resize(name.size() - 10);
-    uint64_t addr = r_.put_string(name);
-    long fd = r_.inject(cat("memfd_create(", name, ")"), SYS_memfd_create, addr, MFD_CLOEXEC);
-    r_.inject(cat("ftruncate of memfd ", name), SYS_ftruncate, static_cast<uint64_t>(fd),
-              a.file().size());
-    files_[{key, 0}] = static_cast<uint64_t>(fd);
-    return static_cast<uint64_t>(fd);
+  static std::string file_key(const std::string& path, int mode) {
+    return cat(mode == O_RDWR ? "rw:" : "ro:", path);
+  }
+  // Areas of the same memfd share one (the same object mapped twice stays one object).
+  static std::string memfd_key(const MemoryArea& a) {
+    return cat("memfd:", a.file().dev(), ":", a.file().inode());
   }
 
   Restoree& r_;
   const image::Process& p_;
   MemoryStrategy& strategy_;
   int first_free_fd_;
-  std::map<std::pair<std::string, int>, uint64_t> files_;
+  std::vector<const MemoryArea*> areas_;
+  std::map<std::string, uint64_t> files_;        // key -> fd in the process
+  std::map<std::string, uint64_t> memfd_sizes_;  // memfd key -> size
 };
 
-// Per-thread state each thread sets for itself (injected in that thread).
+// Per-thread state each thread sets for itself: one batch run in that thread.
 void restore_thread_state(Restoree& r, ThreadCtl& c) {
   const image::Thread& th = *c.img;
-  std::string comm = th.comm().substr(0, 15);
-  r.call(c, "prctl(PR_SET_NAME)", SYS_prctl, PR_SET_NAME, r.put_string(comm));
-  r.call(c, "set_tid_address", SYS_set_tid_address, th.clear_child_tid());
+  r.reset_arena();
+  std::vector<Call> calls;
+  calls.push_back(make_call("prctl(PR_SET_NAME)", SYS_prctl, PR_SET_NAME,
+                            r.push_string(th.comm().substr(0, 15))));
+  calls.push_back(make_call("set_tid_address", SYS_set_tid_address, th.clear_child_tid()));
   if (th.robust_list() != 0)
-    r.call(c, cat("set_robust_list(", hex(th.robust_list()), ")"), SYS_set_robust_list,
-           th.robust_list(), th.robust_list_len());
+    calls.push_back(make_call(cat("set_robust_list(", hex(th.robust_list()), ")"),
+                              SYS_set_robust_list, th.robust_list(), th.robust_list_len()));
   const auto& rs = th.rseq();
   if (rs.rseq_abi_pointer() != 0)
-    r.call(c, cat("rseq registration at ", hex(rs.rseq_abi_pointer())), SYS_rseq,
-           rs.rseq_abi_pointer(), rs.rseq_abi_size(), 0, rs.signature());
+    calls.push_back(make_call(cat("rseq registration at ", hex(rs.rseq_abi_pointer())), SYS_rseq,
+                              rs.rseq_abi_pointer(), rs.rseq_abi_size(), 0, rs.signature()));
   const auto& ss = th.sigaltstack();
   if (!(ss.flags() & SS_DISABLE) && ss.sp() != 0) {
     stack_t st;
@@ -560,18 +688,23 @@ void restore_thread_state(Restoree& r, ThreadCtl& c) {
     st.ss_sp = reinterpret_cast<void*>(ss.sp());
     st.ss_size = ss.size();
     st.ss_flags = ss.flags() & kSsAutoDisarm;  // SS_ONSTACK is a state, not a setting
-    r.call(c, cat("sigaltstack(", hex(ss.sp()), ", ", ss.size(), ")"), SYS_sigaltstack,
-           r.put_data(&st, sizeof st), 0);
+    calls.push_back(make_call(cat("sigaltstack(", hex(ss.sp()), ", ", ss.size(), ")"),
+                              SYS_sigaltstack, r.push(&st, sizeof st), 0));
   }
+  r.batch(c, calls);
 }
 
-// Process-wide settings: personality, umask, cwd.
+// Process-wide settings: personality, umask, cwd, signal handlers.
 void restore_process_state(Restoree& r, const image::Process& p) {
+  r.reset_arena();
+  std::vector<Call> calls;
   unsigned long ours = static_cast<unsigned long>(::personality(0xffffffff));
   if (p.personality() != ours)
-    r.inject(cat("personality(", hex(p.personality()), ")"), SYS_personality, p.personality());
-  r.inject(cat("umask(0", std::oct, p.umask(), ")"), SYS_umask, p.umask());
-  r.inject(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.put_string(p.cwd()));
+    calls.push_back(make_call(cat("personality(", hex(p.personality()), ")"), SYS_personality,
+                              p.personality()));
+  calls.push_back(make_call(cat("umask(0", std::oct, p.umask(), ")"), SYS_umask, p.umask()));
+  calls.push_back(make_call(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.push_string(p.cwd())));
+  r.batch(calls);
 }
 
 void restore_sigactions(Restoree& r, const image::Process& p) {
@@ -590,10 +723,14 @@ void restore_sigactions(Restoree& r, const image::Process& p) {
       to_set.push_back(a.signo());
   }
   if (to_set.empty()) return;
-  uint64_t base = r.put_data(table.data(), table.size() * 8);
+  r.reset_arena();
+  uint64_t base = r.push(table.data(), table.size() * 8);
+  std::vector<Call> calls;
   for (int sig : to_set)
-    r.inject(cat("rt_sigaction(", sig, ")"), SYS_rt_sigaction, static_cast<uint64_t>(sig),
-             base + (sig - 1) * kKernelSigactionSize, 0, 8);
+    calls.push_back(make_call(cat("rt_sigaction(", sig, ")"), SYS_rt_sigaction,
+                              static_cast<uint64_t>(sig), base + (sig - 1) * kKernelSigactionSize,
+                              0, 8));
+  r.batch(calls);
 }
 
 bool is_tty_target(const image::FileDescriptor& f) {
@@ -602,43 +739,67 @@ bool is_tty_target(const image::FileDescriptor& f) {
           f.target() == "/dev/console");
 }
 
-// File descriptors at their numbers with flags and positions. With --shell-job, fds 0-2 that
-// pointed to a terminal or to something lazycr cannot restore keep lazycr's own (inherited).
+// File descriptors at their numbers with flags and positions, in one batch. With --shell-job,
+// fds 0-2 that pointed to a terminal or to something lazycr cannot restore keep lazycr's own
+// (inherited). An open takes the lowest free number, which is known here (the process's fd
+// table is read first), so each open is followed in the same batch by the dup3 + close that
+// moves it where it belongs; the numbers the opens got are checked afterwards.
 void restore_fds(Restoree& r, const image::Process& p, bool shell_job) {
   std::map<int, const image::FileDescriptor*> by_fd;
   for (const auto& f : p.fds()) by_fd[f.fd()] = &f;
+  std::vector<int> listed = proc::list_fds(r.pid());
+  std::set<int> open(listed.begin(), listed.end());
+  std::vector<Call> calls;
   if (shell_job) {
     for (int fd = 0; fd <= 2; fd++) {
       auto it = by_fd.find(fd);
       if (it == by_fd.end()) {
-        r.inject(cat("close(", fd, ")"), SYS_close, static_cast<uint64_t>(fd));
+        if (open.erase(fd))
+          calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, static_cast<uint64_t>(fd)));
         continue;
       }
       const auto& f = *it->second;
       if (f.restorable() && !is_tty_target(f)) continue;  // restored below, over ours
+      if (!open.count(fd)) fail("fd ", fd, ": lazycr has no fd ", fd, " to give (--shell-job)");
       // Ours stays; only the close-on-exec flag is the image's.
-      r.inject(cat("fcntl(", fd, ", F_SETFD)"), SYS_fcntl, static_cast<uint64_t>(fd), F_SETFD,
-               f.cloexec() ? FD_CLOEXEC : 0);
+      calls.push_back(make_call(cat("fcntl(", fd, ", F_SETFD)"), SYS_fcntl,
+                                static_cast<uint64_t>(fd), F_SETFD, f.cloexec() ? FD_CLOEXEC : 0));
       by_fd.erase(it);
     }
   }
+  r.reset_arena();
+  std::vector<std::pair<size_t, int>> opens;  // calls[] index, expected result
   for (const auto& [num, fp] : by_fd) {
     const auto& f = *fp;
     if (!f.restorable()) fail("fd ", num, " (", f.target(), ") cannot be restored");
     std::string path = f.file().path().empty() ? f.target() : f.file().path();
     uint64_t flags = (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) |
                      O_NOCTTY | (f.cloexec() ? O_CLOEXEC : 0);
-    long got = r.inject(cat("open ", path, " for fd ", num), SYS_openat,
-                        static_cast<uint64_t>(AT_FDCWD), r.put_string(path), flags, 0);
-    if (got != num) {
-      r.inject(cat("dup3(", got, ", ", num, ")"), SYS_dup3, static_cast<uint64_t>(got),
-               static_cast<uint64_t>(num), f.cloexec() ? O_CLOEXEC : 0);
-      r.inject(cat("close(", got, ")"), SYS_close, static_cast<uint64_t>(got));
+    int lowest = 0;
+    while (open.count(lowest)) lowest++;
+    opens.push_back({calls.size(), lowest});
+    calls.push_back(make_call(cat("open ", path, " for fd ", num), SYS_openat,
+                              static_cast<uint64_t>(AT_FDCWD), r.push_string(path), flags, 0));
+    open.insert(lowest);
+    if (lowest != num) {
+      calls.push_back(make_call(cat("dup3(", lowest, ", ", num, ")"), SYS_dup3,
+                                static_cast<uint64_t>(lowest), static_cast<uint64_t>(num),
+                                f.cloexec() ? O_CLOEXEC : 0));
+      calls.push_back(make_call(cat("close(", lowest, ")"), SYS_close,
+                                static_cast<uint64_t>(lowest)));
+      open.erase(lowest);
+      open.insert(num);
     }
     if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
-      r.inject(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, static_cast<uint64_t>(num),
-               f.pos(), SEEK_SET);
+      calls.push_back(make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek,
+                                static_cast<uint64_t>(num), f.pos(), SEEK_SET));
   }
+  if (calls.empty()) return;
+  std::vector<long> got = r.batch(calls);
+  for (const auto& [index, expected] : opens)
+    if (got[index] != expected)
+      fail(calls[index].what, " got fd ", got[index], ", expected ", expected,
+           " (the process has descriptors lazycr did not expect)");
 }
 
 // Session and process group: a session or group leader becomes one again; otherwise (and with
@@ -654,17 +815,25 @@ void restore_session(Restoree& r, const image::Process& p, bool shell_job) {
               " are not restored; it joins lazycr's");
 }
 
-// Queues the recorded pending signals from inside the process (see the top of this file).
+// Queues the recorded pending signals from inside the process (see the top of this file): a
+// thread's own in that thread, the process's in the leader, each queue in its order.
 void restore_pending(Restoree& r, const image::Process& p) {
-  for (auto& c : r.threads())
+  for (auto& c : r.threads()) {
+    r.reset_arena();
+    std::vector<Call> calls;
     for (const auto& s : c.img->pending())
-      r.call(c, cat("rt_tgsigqueueinfo(", s.signo(), ")"), SYS_rt_tgsigqueueinfo,
-             static_cast<uint64_t>(r.vpid()), static_cast<uint64_t>(c.vtid),
-             static_cast<uint64_t>(s.signo()), r.put_data(s.siginfo().data(), s.siginfo().size()));
-  for (const auto& s : p.shared_pending())
-    r.inject(cat("rt_sigqueueinfo(", s.signo(), ")"), SYS_rt_sigqueueinfo,
-             static_cast<uint64_t>(r.vpid()), static_cast<uint64_t>(s.signo()),
-             r.put_data(s.siginfo().data(), s.siginfo().size()));
+      calls.push_back(make_call(cat("rt_tgsigqueueinfo(", s.signo(), ")"), SYS_rt_tgsigqueueinfo,
+                                static_cast<uint64_t>(r.vpid()), static_cast<uint64_t>(c.vtid),
+                                static_cast<uint64_t>(s.signo()),
+                                r.push(s.siginfo().data(), s.siginfo().size())));
+    if (&c == &r.leader())
+      for (const auto& s : p.shared_pending())
+        calls.push_back(make_call(cat("rt_sigqueueinfo(", s.signo(), ")"), SYS_rt_sigqueueinfo,
+                                  static_cast<uint64_t>(r.vpid()),
+                                  static_cast<uint64_t>(s.signo()),
+                                  r.push(s.siginfo().data(), s.siginfo().size())));
+    if (!calls.empty()) r.batch(c, calls);
+  }
 }
 
 void restore_rlimits(Restoree& r, const image::Process& p) {
@@ -792,10 +961,7 @@ Restored restore(const RestoreOptions& opts) {
   const uint64_t t_mem = now_ns();
   steps.run("map-areas", who, [&] { space.map_areas(); });
   steps.run("fill", who, [&] { strategy->fill_mapped(r); });
-  steps.run("protect", who, [&] {
-    space.protect();
-    space.apply_vmflags();
-  });
+  steps.run("protect", who, [&] { space.protect(); });
   const uint64_t memory_ns = now_ns() - t_mem;
   steps.run("mm", who, [&] { set_mm(r, p); });
   steps.run("after-shaping", who, [&] { strategy->after_shaping(r); });
@@ -858,7 +1024,8 @@ Restored restore(const RestoreOptions& opts) {
   });
 
   Restored out;
-  out.stats.injected_syscalls = r.injected();
+  out.stats.injected_syscalls = r.target_calls();
+  out.stats.round_trips = r.injected();
   out.stats.inject_ns = r.inject_ns();
   out.stats.threads = static_cast<uint64_t>(p.threads_size());
   out.stats.areas = static_cast<uint64_t>(p.areas_size());

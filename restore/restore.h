@@ -31,7 +31,8 @@ struct RestoreStats {
   uint64_t validate_ns = 0;       // reading + validating the image
   uint64_t memory_ns = 0;         // mapping areas and writing pages
   uint64_t injected_syscalls = 0; // system calls run inside the restored process
-  uint64_t inject_ns = 0;         // wall time spent in those calls
+  uint64_t round_trips = 0;       // ptrace round trips that ran them (one per call or batch)
+  uint64_t inject_ns = 0;         // wall time spent in those round trips
   uint64_t threads = 0;
   uint64_t areas = 0;
   uint64_t pages_written = 0;  // pages written into the process (eager strategy)

@@ -36,7 +36,7 @@ int run_restore(const RestoreCliOptions& opts) {
             " in ", s.total_ns / 1000, " us (validate ", s.validate_ns / 1000, " us, memory ",
             s.memory_ns / 1000, " us: store reads ", s.fill_read_ns / 1000, " us, writes ",
             s.fill_write_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
-            s.inject_ns / 1000, " us");
+            s.round_trips, " ptrace round trips, ", s.inject_ns / 1000, " us");
   if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
   if (opts.detach) {
     std::printf("%d\n", r.pid);
