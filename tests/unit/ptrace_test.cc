@@ -14,12 +14,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "common/error.h"
 #include "common/fd.h"
@@ -738,6 +740,48 @@ TEST(Ptrace, DetachRunningThread) {
   kid.send('c');
   ASSERT_TRUE(kid.recv(c));
   EXPECT_EQ(c, 'd');
+}
+
+// Three threads that report their tids, then wait for the parent.
+void threads_body(int cmd, int rep) {
+  static std::atomic<pid_t> extra[2];
+  std::thread a([] {
+    extra[0] = static_cast<pid_t>(::syscall(SYS_gettid));
+    for (;;) ::pause();
+  });
+  std::thread b([] {
+    extra[1] = static_cast<pid_t>(::syscall(SYS_gettid));
+    for (;;) ::pause();
+  });
+  while (extra[0] == 0 || extra[1] == 0) ::usleep(1000);
+  pid_t tids[3] = {static_cast<pid_t>(::syscall(SYS_gettid)), extra[0], extra[1]};
+  write_all(rep, tids, sizeof tids);
+  char c;
+  while (::read(cmd, &c, 1) != 0) {
+  }
+  ::_exit(0);
+}
+
+// A killed leader is reported only after its other (traced, zombie) threads are reaped by
+// their tracer: detaching the leader first must not wait for it.
+TEST(Ptrace, DetachOfAKilledThreadedProcessDoesNotBlock) {
+  Kid kid;
+  ASSERT_NO_FATAL_FAILURE(kid.start(threads_body));
+  pid_t tids[3];
+  ASSERT_TRUE(kid.recv(tids));
+  std::vector<TracedThread> ts;
+  for (pid_t tid : tids) {
+    ts.push_back(TracedThread::seize(tid));
+    ts.back().interrupt_and_wait();
+  }
+  ASSERT_TRUE(send_signal_pidfd(kid.pidfd.get(), SIGKILL));
+  for (auto& t : ts) {
+    t.detach();  // leader first
+    EXPECT_FALSE(t.attached());
+  }
+  ts.clear();
+  kid.kill_and_reap();  // the whole process is gone and reaped
+  EXPECT_FALSE(proc::exists(tids[0]));
 }
 
 TEST(Ptrace, SeizeNonexistentPid) {
