@@ -5,12 +5,17 @@
 // - vector registers: one thread loads ymm0-ymm15 and another (with AVX-512) zmm16-zmm31 and
 //   k1-k7 with known values, and each spins in a pure asm loop that touches no vector register
 //   until the main thread sets a flag, then stores them; main compares.
+// - per-thread state: each thread has its own name, sigaltstack, blocked signals, robust list
+//   and rseq registration (the kernel must still update the thread's rseq area after a
+//   restore).
 // It prints
 //   ready pid=P tids=A,B,C avx=1 avx512=1 tidoff=OFFSET
 // waits for --verify-file to appear, then prints "verified ok" or "verify FAILED: why" and
 // exits 0 or 1.
 #include <pthread.h>
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/rseq.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -45,6 +50,63 @@ std::vector<size_t> tid_offsets() {
 thread_local pid_t t_handler_tid = 0;
 void on_usr1(int) { t_handler_tid = gettid_raw(); }
 
+// Per-thread kernel state recorded before the dump and compared after.
+struct ThreadState {
+  char name[16] = {};
+  stack_t ss = {};
+  void* robust_head = nullptr;
+  size_t robust_len = 0;
+  sigset_t mask;
+};
+
+void record_state(int i, ThreadState& st) {
+  char name[16];
+  std::snprintf(name, sizeof name, "tidavx-%d", i);
+  prctl(PR_SET_NAME, name);
+  prctl(PR_GET_NAME, st.name);
+  stack_t ss = {};
+  ss.ss_size = 64 * 1024;
+  ss.ss_sp = std::malloc(ss.ss_size);
+  sigaltstack(&ss, nullptr);
+  sigaltstack(nullptr, &st.ss);
+  syscall(SYS_get_robust_list, 0, &st.robust_head, &st.robust_len);
+  sigset_t block;
+  sigemptyset(&block);
+  sigaddset(&block, SIGRTMIN + 2 + i);
+  pthread_sigmask(SIG_BLOCK, &block, nullptr);
+  pthread_sigmask(SIG_BLOCK, nullptr, &st.mask);
+}
+
+std::string check_state(const ThreadState& st) {
+  char name[16] = {};
+  prctl(PR_GET_NAME, name);
+  if (std::strcmp(name, st.name) != 0) return std::string("name ") + name + " != " + st.name;
+  stack_t ss;
+  sigaltstack(nullptr, &ss);
+  if (ss.ss_sp != st.ss.ss_sp || ss.ss_size != st.ss.ss_size || ss.ss_flags != st.ss.ss_flags)
+    return "sigaltstack differs";
+  void* head = nullptr;
+  size_t len = 0;
+  syscall(SYS_get_robust_list, 0, &head, &len);
+  if (head != st.robust_head || len != st.robust_len) return "robust list differs";
+  sigset_t mask;
+  pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+  for (int sig = 1; sig < NSIG; sig++)
+    if (sigismember(&mask, sig) != sigismember(&st.mask, sig))
+      return "blocked signal " + std::to_string(sig) + " differs";
+  // rseq: the kernel writes the current cpu into the registered area when the thread comes
+  // back to user space after a sleep.
+  if (__rseq_size > 0) {
+    auto* rs = reinterpret_cast<volatile struct rseq*>(
+        static_cast<char*>(__builtin_thread_pointer()) + __rseq_offset);
+    rs->cpu_id = RSEQ_CPU_ID_UNINITIALIZED;
+    struct timespec ts = {0, 1000000};
+    nanosleep(&ts, nullptr);
+    if (static_cast<int32_t>(rs->cpu_id) < 0) return "rseq area not registered any more";
+  }
+  return "";
+}
+
 // Checks one thread's identity after the restore.
 std::string check_identity(size_t tidoff, pid_t tid_before) {
   pid_t tid = gettid_raw();
@@ -65,6 +127,7 @@ std::string check_identity(size_t tidoff, pid_t tid_before) {
 std::atomic<int> g_go{0};     // set by main after the verify file appears
 std::atomic<int> g_ready{0};  // workers that reached their wait
 std::vector<size_t> g_offsets[kWorkers + 1];
+ThreadState g_state[kWorkers + 1];
 pid_t g_tids[kWorkers + 1];
 std::string g_result[kWorkers + 1];
 size_t g_tidoff = 0;
@@ -207,11 +270,13 @@ void* worker(void* arg) {
   int i = static_cast<int>(reinterpret_cast<intptr_t>(arg));
   g_tids[i] = gettid_raw();
   g_offsets[i] = tid_offsets();
+  record_state(i, g_state[i]);
   g_ready++;
   if (i == 1 && g_avx) spin_avx();
   if (i == 2 && g_avx512) spin_avx512();
   wait_go();
   g_result[i] = check_identity(g_tidoff, g_tids[i]);
+  if (g_result[i].empty()) g_result[i] = check_state(g_state[i]);
   return nullptr;
 }
 
@@ -242,6 +307,7 @@ int main(int argc, char** argv) {
 
   g_tids[0] = gettid_raw();
   g_offsets[0] = tid_offsets();
+  record_state(0, g_state[0]);
   pthread_t threads[kWorkers];
   for (int i = 1; i <= kWorkers; i++)
     pthread_create(&threads[i - 1], nullptr, worker,
@@ -285,6 +351,7 @@ int main(int argc, char** argv) {
   if (why.empty() && g_avx512 && std::memcmp(g_k_in, g_k_out, sizeof g_k_in) != 0)
     why = "k1-k7 changed";
   if (why.empty()) why = check_identity(g_tidoff, g_tids[0]);
+  if (why.empty()) why = check_state(g_state[0]);
   for (int i = 1; i <= kWorkers && why.empty(); i++)
     if (!g_result[i].empty()) why = "thread " + std::to_string(g_tids[i]) + ": " + g_result[i];
   if (why.empty()) {
