@@ -30,6 +30,7 @@ pid_t spawn(const std::vector<std::string>& args, int out_fd) {
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   if (out_fd >= 0) posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+  posix_spawn_file_actions_addclosefrom_np(&fa, 3);  // the target must hold no stray fds
   pid_t pid = -1;
   if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) {
     std::perror("posix_spawn");
@@ -60,7 +61,9 @@ int main(int argc, char** argv) {
     sizes.clear();
     for (int i = 1; i < argc; i++) sizes.push_back(std::atoi(argv[i]));
   }
-  std::string work = "/tmp/lazycr-dump-bench";
+  // LAZYCR_BENCH_DIR picks where images go (default /tmp: a disk here; /dev/shm: memory).
+  const char* base = std::getenv("LAZYCR_BENCH_DIR");
+  std::string work = std::string(base ? base : "/tmp") + "/lazycr-dump-bench";
   boost::filesystem::remove_all(work);
   boost::filesystem::create_directories(work);
   std::printf("%-8s %-7s %9s %10s %10s %9s %8s %12s\n", "pattern", "MiB", "wall ms", "frozen ms",
@@ -68,7 +71,7 @@ int main(int argc, char** argv) {
   for (const char* pattern : {"semi", "random"}) {
     for (int mib : sizes) {
       int pipefd[2];
-      if (pipe(pipefd) != 0) return 1;
+      if (pipe2(pipefd, O_CLOEXEC) != 0) return 1;
       pid_t target = spawn({LAZYCR_TARGETS_DIR "/state_target", "--mib", std::to_string(mib),
                             "--pattern", pattern, "--workdir", work},
                            pipefd[1]);
@@ -87,13 +90,15 @@ int main(int argc, char** argv) {
       wait4(dumper, &status, 0, &ru);
       double wall_ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        std::fprintf(stderr, "dump failed\n");
+        kill(target, SIGKILL);
+        waitpid(target, nullptr, 0);
+        return 1;
+      }
       int tstatus;
       waitpid(target, &tstatus, 0);
       close(pipefd[0]);
-      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        std::fprintf(stderr, "dump failed\n");
-        return 1;
-      }
       lazycr::image::ImageReader img(dir);
       const auto& idx = img.pages(target).index();
       double resident = double(idx.data_pages() + idx.zero_pages()) * 4096;

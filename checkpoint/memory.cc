@@ -22,7 +22,7 @@ namespace {
 using image::kPageSize;
 using image::MemoryArea;
 
-constexpr size_t kReadBufferBytes = 8u << 20;  // one batch of process_vm_readv
+constexpr size_t kReadBufferBytes = 1u << 20;  // one batch: small enough to stay in cache
 constexpr size_t kMaxIov = 1024;               // IOV_MAX
 
 bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
