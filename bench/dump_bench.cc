@@ -49,7 +49,8 @@ std::string read_line(int fd) {
 
 uint64_t dir_bytes(const std::string& dir) {
   uint64_t total = 0;
-  for (auto& e : boost::filesystem::directory_iterator(dir)) total += boost::filesystem::file_size(e.path());
+  for (auto& e : boost::filesystem::directory_iterator(dir))
+    total += boost::filesystem::file_size(e.path());
   return total;
 }
 

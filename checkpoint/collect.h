@@ -34,6 +34,7 @@ MemoryStats dump_memory(pid_t pid, std::vector<image::MemoryArea>& areas,
 std::vector<image::FileDescriptor> collect_fds(pid_t pid);
 
 // Identity (dev, inode, size, mtime, mode) of a path; `deleted` from a " (deleted)" suffix.
-image::FileIdentity file_identity(const std::string& path_as_reported, const std::string& stat_path);
+image::FileIdentity file_identity(const std::string& path_as_reported,
+                                  const std::string& stat_path);
 
 }  // namespace lazycr::checkpoint

@@ -39,8 +39,8 @@ namespace {
 using image::kPageSize;
 
 constexpr uint64_t kPfKthread = 0x00200000;
-constexpr size_t kKernelSigactionSize = 32;    // handler, flags, restorer, mask
-constexpr size_t kStackTSize = 24;             // ss_sp, ss_flags (+pad), ss_size
+constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
+constexpr size_t kStackTSize = 24;           // ss_sp, ss_flags (+pad), ss_size
 
 // Test hook (--fault-inject): fails the dump at a named step.
 void fault_point(const DumpOptions& opts, const char* step) {
@@ -81,7 +81,8 @@ void check_target(pid_t pid) {
   }
   if (st.flags & kPfKthread) fail(describe_pid(pid), " is a kernel thread");
   if (st.state == 'Z' || st.state == 'X') fail(describe_pid(pid), " is a zombie");
-  if (status.tgid != pid) fail("pid ", pid, " is a thread of process ", status.tgid, "; dump the process");
+  if (status.tgid != pid)
+    fail("pid ", pid, " is a thread of process ", status.tgid, "; dump the process");
   if (status.tracer_pid != 0)
     fail(describe_pid(pid), " is already traced by pid ", status.tracer_pid);
   auto children = proc::list_children(pid);
@@ -166,7 +167,8 @@ class FrozenProcess {
   long call(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
             uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) {
     long r = t.syscall(insn_, InjectMode::kSingleStep, nr, a1, a2, a3, a4, a5, a6);
-    if (r < 0 && r > -4096) fail_errno_value(static_cast<int>(-r), cat(what, " in thread ", t.tid()));
+    if (r < 0 && r > -4096)
+      fail_errno_value(static_cast<int>(-r), cat(what, " in thread ", t.tid()));
     return r;
   }
 
@@ -174,9 +176,9 @@ class FrozenProcess {
   // merge with a neighbouring private area.
   uint64_t scratch() {
     if (scratch_ == 0)
-      scratch_ = static_cast<uint64_t>(call(leader(), "mmap of a scratch page", SYS_mmap, 0,
-                                            kPageSize, PROT_READ | PROT_WRITE,
-                                            MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0));
+      scratch_ = static_cast<uint64_t>(
+          call(leader(), "mmap of a scratch page", SYS_mmap, 0, kPageSize, PROT_READ | PROT_WRITE,
+               MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0));
     return scratch_;
   }
 
@@ -389,10 +391,10 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
   mm->set_brk(static_cast<uint64_t>(fp.call(fp.leader(), "brk(0)", SYS_brk, 0)));
   auto auxv = proc::read_auxv(pid);
   proc.set_auxv(std::string(auxv.begin(), auxv.end()));
-  proc.set_dumpable(fp.call(fp.leader(), "prctl(PR_GET_DUMPABLE)", SYS_prctl, PR_GET_DUMPABLE) != 0);
-  proc.set_thp_disable(
-      static_cast<int32_t>(fp.call(fp.leader(), "prctl(PR_GET_THP_DISABLE)", SYS_prctl,
-                                   PR_GET_THP_DISABLE)));
+  proc.set_dumpable(fp.call(fp.leader(), "prctl(PR_GET_DUMPABLE)", SYS_prctl, PR_GET_DUMPABLE) !=
+                    0);
+  proc.set_thp_disable(static_cast<int32_t>(
+      fp.call(fp.leader(), "prctl(PR_GET_THP_DISABLE)", SYS_prctl, PR_GET_THP_DISABLE)));
 }
 
 uint64_t dir_bytes(const std::string& dir) {

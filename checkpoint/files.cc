@@ -15,10 +15,13 @@ using image::FileDescriptor;
 constexpr const char kDeletedSuffix[] = " (deleted)";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.rfind(prefix, 0) == 0;
+}
 
 FileDescriptor::Kind classify(const std::string& target, const struct stat* st) {
   if (starts_with(target, "pipe:")) return FileDescriptor::PIPE;
@@ -56,7 +59,8 @@ image::FileIdentity file_identity(const std::string& reported, const std::string
   }
   id.set_path(path);
   struct stat st;
-  if (::stat(stat_path.c_str(), &st) != 0) fail_errno("cannot stat ", stat_path, " (", reported, ")");
+  if (::stat(stat_path.c_str(), &st) != 0)
+    fail_errno("cannot stat ", stat_path, " (", reported, ")");
   id.set_dev(st.st_dev);
   id.set_inode(st.st_ino);
   id.set_size(static_cast<uint64_t>(st.st_size));

@@ -25,9 +25,12 @@ using image::MemoryArea;
 constexpr size_t kReadBufferBytes = 1u << 20;  // one batch: small enough to stay in cache
 constexpr size_t kMaxIov = 1024;               // IOV_MAX
 
-bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+bool starts_with(const std::string& s, const std::string& p) {
+  return s.rfind(p, 0) == 0;
+}
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string map_files_path(pid_t pid, uint64_t start, uint64_t end) {
@@ -96,7 +99,8 @@ void scan_pagemap_file(int pagemap_fd, uint64_t start, uint64_t end, bool exclud
   uint64_t zpfn = zero_pfn();
   for (uint64_t pos = start; pos < end;) {
     size_t n = std::min<uint64_t>(entries.size(), (end - pos) / kPageSize);
-    ssize_t got = ::pread(pagemap_fd, entries.data(), n * 8, static_cast<off_t>(pos / kPageSize * 8));
+    ssize_t got =
+        ::pread(pagemap_fd, entries.data(), n * 8, static_cast<off_t>(pos / kPageSize * 8));
     if (got != static_cast<ssize_t>(n * 8)) fail_errno("reading pagemap at ", std::hex, pos);
     for (size_t i = 0; i < n; i++) {
       uint64_t e = entries[i];
@@ -119,8 +123,8 @@ class PageReader {
   PageReader(pid_t pid, image::PageStoreWriter& writer,
              const std::function<void(uint64_t)>& progress)
       : pid_(pid), writer_(writer), progress_(progress) {
-    void* p = ::mmap(nullptr, kReadBufferBytes, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p = ::mmap(nullptr, kReadBufferBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
     if (p == MAP_FAILED) fail_errno("cannot allocate the page read buffer");
     buf_ = static_cast<char*>(p);
   }
@@ -178,9 +182,9 @@ class PageReader {
     if (!fd) fail_errno("cannot open ", path, " (", a.name(), ")");
     struct stat st;
     if (::fstat(fd.get(), &st) != 0) fail_errno("fstat ", path);
-    uint64_t obj_end = std::min<uint64_t>(a.pgoff() + (a.end() - a.start()),
-                                          (static_cast<uint64_t>(st.st_size) + kPageSize - 1) /
-                                              kPageSize * kPageSize);
+    uint64_t obj_end = std::min<uint64_t>(
+        a.pgoff() + (a.end() - a.start()),
+        (static_cast<uint64_t>(st.st_size) + kPageSize - 1) / kPageSize * kPageSize);
     uint64_t off = a.pgoff();
     while (off < obj_end) {
       off_t data = ::lseek(fd.get(), static_cast<off_t>(off), SEEK_DATA);
@@ -232,11 +236,10 @@ class PageReader {
       size_t len = r.pages * kPageSize;
       size_t got = 0;
       while (got < len) {
-        ssize_t n = ::pread(mem_.get(), buf_ + off + got, len - got,
-                            static_cast<off_t>(r.start + got));
+        ssize_t n =
+            ::pread(mem_.get(), buf_ + off + got, len - got, static_cast<off_t>(r.start + got));
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0)
-          fail_errno("cannot read memory of pid ", pid_, " at ", std::hex, r.start + got);
+        if (n <= 0) fail_errno("cannot read memory of pid ", pid_, " at ", std::hex, r.start + got);
         got += static_cast<size_t>(n);
       }
       off += len;

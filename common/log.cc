@@ -21,18 +21,26 @@ long long now_ns() {
 
 const char* prefix(Level level) {
   switch (level) {
-    case Level::kError: return "error: ";
-    case Level::kWarn: return "warning: ";
-    case Level::kInfo: return "";
-    case Level::kDebug: return "debug: ";
+    case Level::kError:
+      return "error: ";
+    case Level::kWarn:
+      return "warning: ";
+    case Level::kInfo:
+      return "";
+    case Level::kDebug:
+      return "debug: ";
   }
   return "";
 }
 
 }  // namespace
 
-void set_level(Level level) { g_level = level; }
-Level level() { return g_level; }
+void set_level(Level level) {
+  g_level = level;
+}
+Level level() {
+  return g_level;
+}
 
 void set_file(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "ae");
@@ -50,7 +58,9 @@ void write(Level level, const std::string& line) {
 }
 
 Progress::Progress() : enabled_(isatty(STDERR_FILENO) == 1) {}
-Progress::~Progress() { finish(); }
+Progress::~Progress() {
+  finish();
+}
 
 void Progress::update(const std::string& line) {
   if (!enabled_) return;

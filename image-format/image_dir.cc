@@ -26,8 +26,12 @@ constexpr uint64_t kMaxMetadataFileBytes = 256ull << 20;
 constexpr uint64_t kVsyscallStart = 0xffffffffff600000ull;
 constexpr uint64_t kVsyscallEnd = 0xffffffffff601000ull;
 
-void put_u32(unsigned char* p, uint32_t v) { std::memcpy(p, &v, 4); }
-void put_u64(unsigned char* p, uint64_t v) { std::memcpy(p, &v, 8); }
+void put_u32(unsigned char* p, uint32_t v) {
+  std::memcpy(p, &v, 4);
+}
+void put_u64(unsigned char* p, uint64_t v) {
+  std::memcpy(p, &v, 8);
+}
 uint32_t get_u32(const unsigned char* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
@@ -52,15 +56,21 @@ void write_all(int fd, const void* data, size_t len, const std::string& path) {
   }
 }
 
-bool page_aligned(uint64_t v) { return (v & (kPageSize - 1)) == 0; }
+bool page_aligned(uint64_t v) {
+  return (v & (kPageSize - 1)) == 0;
+}
 
 }  // namespace
 
-std::string inventory_path(const std::string& dir) { return dir + "/inventory.pb"; }
+std::string inventory_path(const std::string& dir) {
+  return dir + "/inventory.pb";
+}
 std::string process_path(const std::string& dir, int pid) {
   return cat(dir, "/process-", pid, ".pb");
 }
-std::string pages_path(const std::string& dir, int pid) { return cat(dir, "/pages-", pid, ".lzp"); }
+std::string pages_path(const std::string& dir, int pid) {
+  return cat(dir, "/pages-", pid, ".lzp");
+}
 
 void write_message_file(const std::string& path, const char magic[8],
                         const google::protobuf::MessageLite& msg) {
@@ -93,9 +103,11 @@ void write_message_file(const std::string& path, const char magic[8],
 
 void parse_message_bytes(const std::string& what, const std::string& bytes, const char magic[8],
                          google::protobuf::MessageLite* msg) {
-  if (bytes.size() < kHeaderSize) fail(what, ": truncated (", bytes.size(), " bytes, header is 24)");
+  if (bytes.size() < kHeaderSize)
+    fail(what, ": truncated (", bytes.size(), " bytes, header is 24)");
   auto* h = reinterpret_cast<const unsigned char*>(bytes.data());
-  if (std::memcmp(h, magic, 8) != 0) fail(what, ": bad magic (not a ", std::string(magic, 7), " file)");
+  if (std::memcmp(h, magic, 8) != 0)
+    fail(what, ": bad magic (not a ", std::string(magic, 7), " file)");
   uint32_t version = get_u32(h + 8);
   if (version != kFormatVersion)
     fail(what, ": format version ", version, ", this lazycr reads version ", kFormatVersion);
@@ -105,11 +117,13 @@ void parse_message_bytes(const std::string& what, const std::string& bytes, cons
     fail(what, ": header says ", payload, " payload bytes, file has ", bytes.size() - kHeaderSize);
   const char* src = bytes.data() + kHeaderSize;
   size_t frame = ZSTD_findFrameCompressedSize(src, payload);
-  if (ZSTD_isError(frame) || frame != payload) fail(what, ": payload is not one complete zstd frame");
+  if (ZSTD_isError(frame) || frame != payload)
+    fail(what, ": payload is not one complete zstd frame");
   unsigned long long content = ZSTD_getFrameContentSize(src, payload);
   if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN)
     fail(what, ": zstd frame has no valid content size");
-  if (content > kMaxMetadataBytes) fail(what, ": metadata of ", content, " bytes exceeds the bound");
+  if (content > kMaxMetadataBytes)
+    fail(what, ": metadata of ", content, " bytes exceeds the bound");
   std::string raw(content, '\0');
   size_t n = ZSTD_decompress(raw.data(), raw.size(), src, payload);
   if (ZSTD_isError(n)) fail(what, ": ", ZSTD_getErrorName(n));
@@ -143,7 +157,8 @@ void validate_inventory(const Inventory& inv) {
   if (inv.format_version() != kFormatVersion)
     fail("image format version ", inv.format_version(), ", this lazycr reads version ",
          kFormatVersion);
-  if (inv.page_size() != kPageSize) fail("page size ", inv.page_size(), " (only 4096 is supported)");
+  if (inv.page_size() != kPageSize)
+    fail("page size ", inv.page_size(), " (only 4096 is supported)");
   if (inv.pids_size() == 0) fail("no processes");
   if (inv.pids_size() > kMaxProcesses) fail(inv.pids_size(), " processes exceeds the bound");
   std::set<int> seen;
@@ -152,7 +167,8 @@ void validate_inventory(const Inventory& inv) {
     if (!seen.insert(pid).second) fail("pid ", pid, " listed twice");
   }
   if (inv.pids(0) != inv.root_pid()) fail("root pid ", inv.root_pid(), " is not listed first");
-  if (inv.cpu().xsave_size() > kMaxXsaveSize) fail("xsave size ", inv.cpu().xsave_size(), " too large");
+  if (inv.cpu().xsave_size() > kMaxXsaveSize)
+    fail("xsave size ", inv.cpu().xsave_size(), " too large");
 }
 
 void validate_process(const Process& p, const Inventory& inv) {
@@ -160,7 +176,8 @@ void validate_process(const Process& p, const Inventory& inv) {
   if (p.pid() <= 0) fail("invalid pid ", p.pid());
   if (p.ppid() < 0 || p.pgid() < 0 || p.sid() < 0) fail(who, ": negative ppid/pgid/sid");
   if (!p.zombie() && p.threads_size() == 0) fail(who, ": no threads");
-  if (p.threads_size() > kMaxThreads) fail(who, ": ", p.threads_size(), " threads exceeds the bound");
+  if (p.threads_size() > kMaxThreads)
+    fail(who, ": ", p.threads_size(), " threads exceeds the bound");
   std::set<int> tids;
   for (int i = 0; i < p.threads_size(); i++) {
     const Thread& t = p.threads(i);
@@ -168,8 +185,8 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (!tids.insert(t.tid()).second) fail(who, ": tid ", t.tid(), " listed twice");
     if (i == 0 && t.tid() != p.pid()) fail(who, ": first thread is ", t.tid(), ", not the leader");
     if (!t.xsave().empty() && t.xsave().size() != inv.cpu().xsave_size())
-      fail(who, " thread ", t.tid(), ": xsave blob of ", t.xsave().size(), " bytes, inventory says ",
-           inv.cpu().xsave_size());
+      fail(who, " thread ", t.tid(), ": xsave blob of ", t.xsave().size(),
+           " bytes, inventory says ", inv.cpu().xsave_size());
     for (const auto& s : t.pending())
       if (s.signo() < 1 || s.signo() > 64 || s.siginfo().size() != 128)
         fail(who, " thread ", t.tid(), ": malformed pending signal");
@@ -187,7 +204,8 @@ void validate_process(const Process& p, const Inventory& inv) {
   if (p.auxv().size() % 16 != 0 || p.auxv().size() > 8192)
     fail(who, ": auxv of ", p.auxv().size(), " bytes is malformed");
 
-  if (p.areas_size() > kMaxAreas) fail(who, ": ", p.areas_size(), " memory areas exceeds the bound");
+  if (p.areas_size() > kMaxAreas)
+    fail(who, ": ", p.areas_size(), " memory areas exceeds the bound");
   uint64_t prev_end = 0;
   for (const auto& a : p.areas()) {
     std::string area = cat(who, ": area ", std::hex, a.start(), "-", a.end(), std::dec);
@@ -202,7 +220,8 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (a.start() < prev_end) fail(area, ": overlaps or is out of order");
     prev_end = a.end();
     if (a.prot() & ~7u) fail(area, ": unknown protection bits ", a.prot());
-    if (a.stored_pages() > (a.end() - a.start()) / kPageSize) fail(area, ": more stored pages than fit");
+    if (a.stored_pages() > (a.end() - a.start()) / kPageSize)
+      fail(area, ": more stored pages than fit");
   }
   if (p.fds_size() > kMaxFds) fail(who, ": ", p.fds_size(), " descriptors exceeds the bound");
   int prev_fd = -1;
@@ -262,7 +281,9 @@ void ImageWriter::write_process(const Process& process) {
   write_message_file(process_path(staging_, process.pid()), kProcessMagic, process);
 }
 
-std::string ImageWriter::pages_path(int pid) const { return image::pages_path(staging_, pid); }
+std::string ImageWriter::pages_path(int pid) const {
+  return image::pages_path(staging_, pid);
+}
 
 void ImageWriter::write_inventory(const Inventory& inventory) {
   write_message_file(inventory_path(staging_), kInventoryMagic, inventory);
@@ -276,18 +297,19 @@ void ImageWriter::commit() {
     fs::remove_all(dir_, ec);
     if (ec) fail(dir_, ": cannot replace: ", ec.message());
   }
-  if (::rename(staging_.c_str(), dir_.c_str()) != 0) fail_errno("cannot rename ", staging_, " to ", dir_);
-  UniqueFd parent(::open(fs::path(dir_).parent_path().empty()
-                             ? "."
-                             : fs::path(dir_).parent_path().c_str(),
-                         O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (::rename(staging_.c_str(), dir_.c_str()) != 0)
+    fail_errno("cannot rename ", staging_, " to ", dir_);
+  UniqueFd parent(
+      ::open(fs::path(dir_).parent_path().empty() ? "." : fs::path(dir_).parent_path().c_str(),
+             O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (parent) ::fsync(parent.get());
   committed_ = true;
 }
 
 ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
   boost::system::error_code ec;
-  if (!fs::is_directory(dir_, ec)) fail(dir_, ": not an image directory (", ec ? ec.message() : "not a directory", ")");
+  if (!fs::is_directory(dir_, ec))
+    fail(dir_, ": not an image directory (", ec ? ec.message() : "not a directory", ")");
   std::string inv_path = inventory_path(dir_);
   read_message_file(inv_path, kInventoryMagic, &inventory_);
   try {

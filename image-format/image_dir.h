@@ -16,7 +16,7 @@
 namespace lazycr::image {
 
 inline constexpr uint32_t kFormatVersion = 1;
-inline constexpr uint64_t kMaxMetadataBytes = 256ull << 20;  // decoded protobuf size bound
+inline constexpr uint64_t kMaxMetadataBytes = 256ull << 20;       // decoded protobuf size bound
 inline constexpr uint64_t kUserSpaceEnd = 0x0000800000000000ull;  // x86_64, 4-level paging
 inline constexpr int kMaxProcesses = 32768;
 inline constexpr int kMaxThreads = 32768;

@@ -37,7 +37,8 @@ int main(int argc, char** argv) {
   show_cmd->add_flag("--verify", show.verify, "Decompress every frame and check its checksum");
 
   checkpoint::DumpOptions dump;
-  auto* dump_cmd = app.add_subcommand("dump", "Checkpoint a running process into an image directory");
+  auto* dump_cmd =
+      app.add_subcommand("dump", "Checkpoint a running process into an image directory");
   dump_cmd->add_option("-t,--tree", dump.pid, "PID of the process to dump")->required();
   dump_cmd->add_option("-D,--images-dir", dump.dir, "Image directory to create")->required();
   dump_cmd->add_flag("--leave-running", dump.leave_running,
@@ -88,7 +89,7 @@ int main(int argc, char** argv) {
   }
 
   try {
-    log::set_level(verbose >= 2 ? log::Level::kDebug
+    log::set_level(verbose >= 2   ? log::Level::kDebug
                    : verbose == 1 ? log::Level::kInfo
                                   : log::Level::kWarn);
     if (!log_file.empty()) log::set_file(log_file);

@@ -97,10 +97,11 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
   o << "Image " << img.dir() << "  (format " << inv.format_version() << ", lazycr "
     << inv.tool_version() << ", created " << utc_time(inv.created_unix_ns()) << ")\n";
   o << "Kernel " << inv.kernel().release() << "  vdso "
-    << (inv.kernel().vdso_build_id().empty() ? hex(inv.kernel().vdso_hash())
-                                             : "build-id " + hex_bytes(inv.kernel().vdso_build_id()))
-    << "  xsave " << inv.cpu().xsave_size() << " bytes (features " << hex(inv.cpu().xsave_features())
-    << ")\n";
+    << (inv.kernel().vdso_build_id().empty()
+            ? hex(inv.kernel().vdso_hash())
+            : "build-id " + hex_bytes(inv.kernel().vdso_build_id()))
+    << "  xsave " << inv.cpu().xsave_size() << " bytes (features "
+    << hex(inv.cpu().xsave_features()) << ")\n";
   std::snprintf(line, sizeof line,
                 "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s\n",
                 inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, inv.options().compression_level(),
@@ -196,8 +197,8 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     o << line;
     if (opts.pages) {
       for (const auto& r : store.index().runs()) {
-        std::snprintf(line, sizeof line, "    %s-%s %8llu pages %s",
-                      hex(r.start()).c_str(), hex(r.start() + r.pages() * kPageSize).c_str(),
+        std::snprintf(line, sizeof line, "    %s-%s %8llu pages %s", hex(r.start()).c_str(),
+                      hex(r.start() + r.pages() * kPageSize).c_str(),
                       static_cast<unsigned long long>(r.pages()),
                       r.kind() == image::PageRun::ZERO ? "zero" : "data");
         o << line;

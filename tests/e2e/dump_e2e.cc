@@ -176,8 +176,8 @@ TEST(Dump, ImageDescribesTheTargetAndTheTargetIsKilled) {
 TEST(Dump, LeaveRunningKeepsTheTargetIntact) {
   StateTarget t({"--mib", "8", "--pattern", "random"});
   TempDir images;
-  auto r = lazycr({"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D",
-                   images / "img"});
+  auto r = lazycr(
+      {"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_NE(r.err.find("frozen"), std::string::npos);
   image::ImageReader img(images / "img");
@@ -287,7 +287,8 @@ TEST(Dump, FailureAtEachStepLeavesTheTargetIntact) {
     auto r = lazycr({"dump", "--fault-inject", step, "-t", std::to_string(t.child.pid()), "-D",
                      images / "img"});
     EXPECT_EQ(r.exit_code, 1);
-    EXPECT_NE(r.err.find(std::string("injected fault at step ") + step), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(std::string("injected fault at step ") + step), std::string::npos)
+        << r.err;
     EXPECT_TRUE(boost::filesystem::is_empty(images.path())) << "no image, no staging directory";
     // No scratch page left, not traced any more, and its own checks all pass.
     EXPECT_EQ(slurp(cat_path("/proc/", t.child.pid(), "/maps")), maps_before);

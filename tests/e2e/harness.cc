@@ -65,14 +65,17 @@ int decode_status(int status) {
 }
 
 double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
 
-std::string lazycr_bin() { return LAZYCR_BIN; }
-std::string target_bin(const std::string& name) { return std::string(LAZYCR_TARGETS_DIR) + "/" + name; }
+std::string lazycr_bin() {
+  return LAZYCR_BIN;
+}
+std::string target_bin(const std::string& name) {
+  return std::string(LAZYCR_TARGETS_DIR) + "/" + name;
+}
 
 RunResult run(const std::vector<std::string>& argv, int timeout_s) {
   RunResult result;

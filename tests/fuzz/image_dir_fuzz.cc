@@ -60,8 +60,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       validate_inventory(inv);
     } else {
       Process proc;
-      parse_message_bytes("process.pb", mode == 1 ? body : wrap(kProcessMagic, body),
-                          kProcessMagic, &proc);
+      parse_message_bytes("process.pb", mode == 1 ? body : wrap(kProcessMagic, body), kProcessMagic,
+                          &proc);
       validate_process(proc, default_inventory());
     }
   } catch (const lazycr::Error&) {

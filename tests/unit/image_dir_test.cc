@@ -203,44 +203,54 @@ const Hostile kHostile[] = {
     {"no pids", "no processes", [](Inventory& i, Process&) { i.clear_pids(); }},
     {"negative pid", "invalid pid", [](Inventory& i, Process&) { i.add_pids(-1); }},
     {"duplicate pid", "twice", [](Inventory& i, Process&) { i.add_pids(4242); }},
-    {"huge xsave", "xsave", [](Inventory& i, Process&) { i.mutable_cpu()->set_xsave_size(1u << 30); }},
-    {"wrong pid in file", "holds process", [](Inventory&, Process& p) {
+    {"huge xsave", "xsave",
+     [](Inventory& i, Process&) { i.mutable_cpu()->set_xsave_size(1u << 30); }},
+    {"wrong pid in file", "holds process",
+     [](Inventory&, Process& p) {
        p.set_pid(4243);
        p.mutable_threads(0)->set_tid(4243);
      }},
     {"no threads", "no threads", [](Inventory&, Process& p) { p.clear_threads(); }},
-    {"leader not first", "not the leader", [](Inventory&, Process& p) { p.mutable_threads(0)->set_tid(9); }},
+    {"leader not first", "not the leader",
+     [](Inventory&, Process& p) { p.mutable_threads(0)->set_tid(9); }},
     {"duplicate tid", "twice", [](Inventory&, Process& p) { *p.add_threads() = p.threads(0); }},
-    {"xsave size mismatch", "xsave", [](Inventory&, Process& p) { p.mutable_threads(0)->set_xsave("x"); }},
-    {"inverted area", "inverted", [](Inventory&, Process& p) { p.mutable_areas(0)->set_end(kArea); }},
-    {"unaligned area", "aligned", [](Inventory&, Process& p) { p.mutable_areas(0)->set_start(kArea + 1); }},
-    {"kernel address", "user space", [](Inventory&, Process& p) {
+    {"xsave size mismatch", "xsave",
+     [](Inventory&, Process& p) { p.mutable_threads(0)->set_xsave("x"); }},
+    {"inverted area", "inverted",
+     [](Inventory&, Process& p) { p.mutable_areas(0)->set_end(kArea); }},
+    {"unaligned area", "aligned",
+     [](Inventory&, Process& p) { p.mutable_areas(0)->set_start(kArea + 1); }},
+    {"kernel address", "user space",
+     [](Inventory&, Process& p) {
        p.mutable_areas(0)->set_start(0xffff800000000000ull);
        p.mutable_areas(0)->set_end(0xffff800000010000ull);
      }},
-    {"unknown area kind", "unknown kind", [](Inventory&, Process& p) {
+    {"unknown area kind", "unknown kind",
+     [](Inventory&, Process& p) {
        p.mutable_areas(0)->set_kind(static_cast<MemoryArea::Kind>(77));
      }},
-    {"overlap", "overlaps", [](Inventory&, Process& p) {
+    {"overlap", "overlaps",
+     [](Inventory&, Process& p) {
        auto* b = p.add_areas();
        *b = p.areas(0);
        b->set_stored_pages(0);
      }},
-    {"stored pages miscount", "stored pages", [](Inventory&, Process& p) {
-       p.mutable_areas(0)->set_stored_pages(7);
-     }},
-    {"more stored than fit", "more stored", [](Inventory&, Process& p) {
-       p.mutable_areas(0)->set_stored_pages(1000);
-     }},
-    {"pages outside areas", "outside every memory area", [](Inventory&, Process& p) {
+    {"stored pages miscount", "stored pages",
+     [](Inventory&, Process& p) { p.mutable_areas(0)->set_stored_pages(7); }},
+    {"more stored than fit", "more stored",
+     [](Inventory&, Process& p) { p.mutable_areas(0)->set_stored_pages(1000); }},
+    {"pages outside areas", "outside every memory area",
+     [](Inventory&, Process& p) {
        p.mutable_areas(0)->set_start(kArea + 4 * kPageSize);
        p.mutable_areas(0)->set_stored_pages(4);
      }},
-    {"bad signal", "invalid signal", [](Inventory&, Process& p) { p.mutable_sigactions(0)->set_signo(SIGKILL); }},
+    {"bad signal", "invalid signal",
+     [](Inventory&, Process& p) { p.mutable_sigactions(0)->set_signo(SIGKILL); }},
     {"bad rlimit", "rlimit", [](Inventory&, Process& p) { p.add_rlimits()->set_resource(1000); }},
     {"odd auxv", "auxv", [](Inventory&, Process& p) { p.set_auxv("12345"); }},
     {"fd order", "out of order", [](Inventory&, Process& p) { p.add_fds()->set_fd(0); }},
-    {"bad pending", "pending", [](Inventory&, Process& p) { p.add_shared_pending()->set_signo(10); }},
+    {"bad pending", "pending",
+     [](Inventory&, Process& p) { p.add_shared_pending()->set_signo(10); }},
 };
 
 TEST(ImageDir, HostileContentsAreRefused) {
