@@ -311,6 +311,42 @@ TEST(Dump, TargetKilledDuringTheDumpIsACleanError) {
   EXPECT_EQ(t.child.wait(30), 128 + SIGKILL);
 }
 
+// `show` on a damaged image names the damaged file and exits non-zero with one line.
+TEST(Show, NamesTheDamagedFile) {
+  StateTarget t({"--mib", "4", "--pattern", "random"});
+  TempDir images;
+  std::string dir = images / "img";
+  ASSERT_EQ(lazycr({"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", dir})
+                .exit_code,
+            0);
+  expect_unharmed(t);
+  std::string pid = std::to_string(t.child.pid());
+  std::string pages = dir + "/pages-" + pid + ".lzp";
+  std::string proc = dir + "/process-" + pid + ".pb";
+  auto one_line_naming = [&](const std::vector<std::string>& args, const std::string& file) {
+    auto r = lazycr(args);
+    EXPECT_EQ(r.exit_code, 1) << r.out;
+    EXPECT_NE(r.err.find(file), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  };
+  // A flipped byte in the middle of the first data frame: found when frames are checked.
+  std::string good = slurp(pages);
+  std::string bad = good;
+  bad[64 + 1000] = static_cast<char>(bad[64 + 1000] ^ 0x55);
+  std::ofstream(pages, std::ios::binary | std::ios::trunc) << bad;
+  EXPECT_EQ(lazycr({"show", dir}).exit_code, 0) << "frames are not read without --verify";
+  one_line_naming({"show", "--verify", dir}, pages);
+  // Truncated page store, truncated process file, missing inventory.
+  std::ofstream(pages, std::ios::binary | std::ios::trunc) << good.substr(0, good.size() / 2);
+  one_line_naming({"show", dir}, pages);
+  std::ofstream(pages, std::ios::binary | std::ios::trunc) << good;
+  std::string p = slurp(proc);
+  std::ofstream(proc, std::ios::binary | std::ios::trunc) << p.substr(0, p.size() - 3);
+  one_line_naming({"show", "--json", dir}, proc);
+  boost::filesystem::remove(dir + "/inventory.pb");
+  one_line_naming({"show", dir}, dir + "/inventory.pb");
+}
+
 TEST(Dump, BadOptionsAreUsageErrors) {
   EXPECT_EQ(lazycr({"dump"}).exit_code, 2);
   EXPECT_EQ(lazycr({"dump", "-t", "1", "-D", "/tmp/x", "--frame-size", "5000"}).exit_code, 1);
