@@ -12,6 +12,7 @@
 #include <boost/filesystem.hpp>
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -41,6 +42,58 @@ std::string status_field(pid_t pid, const std::string& key) {
   while (std::getline(in, line))
     if (line.rfind(key + ":", 0) == 0) return line.substr(key.size() + 1);
   return "";
+}
+
+// What a process can learn about itself from /proc beyond its maps: command line, exe, cwd,
+// auxv, mm bounds, umask, signal dispositions, descriptors >= 3 (0-2 are lazycr's with
+// --shell-job) with positions and flags, and each thread's name and blocked signals.
+std::map<std::string, std::string> snapshot(pid_t pid, const std::vector<int>& tids) {
+  std::string dir = "/proc/" + std::to_string(pid);
+  std::map<std::string, std::string> s;
+  s["cmdline"] = proc::read_file(dir + "/cmdline");
+  s["exe"] = proc::read_link(dir + "/exe");
+  s["cwd"] = proc::read_link(dir + "/cwd");
+  s["auxv"] = proc::read_file(dir + "/auxv");
+  s["personality"] = proc::read_file(dir + "/personality");
+  auto st = proc::read_stat(pid);
+  std::ostringstream mm;
+  mm << std::hex << st.start_code << " " << st.end_code << " " << st.start_stack << " "
+     << st.start_data << " " << st.end_data << " " << st.start_brk << " " << st.arg_start << " "
+     << st.arg_end << " " << st.env_start << " " << st.env_end;
+  s["mm"] = mm.str();
+  for (const char* key : {"Umask", "SigIgn", "SigCgt", "CapEff", "NoNewPrivs", "Seccomp"})
+    s[key] = status_field(pid, key);
+  for (int fd : proc::list_fds(pid)) {
+    if (fd < 3) continue;
+    std::string f = std::to_string(fd);
+    s["fd " + f] = proc::read_link(dir + "/fd/" + f);
+    auto info = proc::parse_fdinfo(proc::read_file(dir + "/fdinfo/" + f));
+    s["fdinfo " + f] = std::to_string(info.pos) + " " + std::to_string(info.flags) + " " +
+                       std::to_string(info.mnt_id) + " " + std::to_string(info.ino);
+  }
+  for (int tid : tids) {
+    std::string t = dir + "/task/" + std::to_string(tid);
+    s["comm " + std::to_string(tid)] = proc::read_file(t + "/comm");
+    std::istringstream in(proc::read_file(t + "/status"));
+    std::string line;
+    while (std::getline(in, line))
+      if (line.rfind("SigBlk:", 0) == 0) s["SigBlk " + std::to_string(tid)] = line;
+  }
+  return s;
+}
+
+void expect_same(const std::map<std::string, std::string>& before,
+                 const std::map<std::string, std::string>& after) {
+  for (const auto& [key, value] : before) {
+    auto it = after.find(key);
+    if (it == after.end()) {
+      ADD_FAILURE() << key << " missing after the restore";
+      continue;
+    }
+    EXPECT_EQ(it->second, value) << key;
+  }
+  for (const auto& [key, value] : after)
+    EXPECT_TRUE(before.count(key)) << key << " = " << value << " appeared after the restore";
 }
 
 // Waits for a process that is our child (directly, or re-parented to us: the harness is a
@@ -96,6 +149,7 @@ struct StateTarget {
   std::unique_ptr<Child> child;
   TargetInfo info;
   std::string maps;
+  std::map<std::string, std::string> state;  // snapshot() of the leader and ticker
 
   explicit StateTarget(std::vector<std::string> extra = {}, std::string bin = "") {
     std::vector<std::string> argv{bin.empty() ? target_bin("state_target") : bin,
@@ -105,10 +159,16 @@ struct StateTarget {
     info = TargetInfo::parse(child->wait_for("ready"));
   }
   pid_t pid() const { return child->pid(); }
+  // The leader and the ticker (the sleeper ends soon after a restore, see expect_tids()).
+  std::vector<int> stable_tids() const {
+    auto t = info.list("tids");
+    return {t[0], t[2]};
+  }
 
   // Dumps (killing the target unless leave_running) into dir.
   void dump(const std::string& dir, bool leave_running = false) {
     maps = maps_of(pid());
+    state = snapshot(pid(), stable_tids());
     std::vector<std::string> args{"dump", "-t", std::to_string(pid()), "-D", dir};
     if (leave_running) args.push_back("--leave-running");
     auto r = lazycr(args);
@@ -145,7 +205,7 @@ TEST(Restore, StateTargetComesBackWithItsMapsTidsAndState) {
   // The restored process cannot tell: same maps (vdso and vvar included), same TIDs.
   EXPECT_EQ(maps_of(rp.pid), t.maps);
   expect_tids(tids_of(rp.pid), t.info.list("tids"));
-  EXPECT_EQ(proc::read_file("/proc/" + std::to_string(rp.pid) + "/comm"), "state_target\n");
+  expect_same(t.state, snapshot(rp.pid, t.stable_tids()));
   // Its own verdict on memory, files, signals and threads, through lazycr's stdout.
   t.go();
   EXPECT_EQ(lz.read_line(), "verified ok");
@@ -214,6 +274,8 @@ TEST(Restore, WhileTheOriginalRunsInANewPidNamespace) {
   reaper_ns >> r_outer >> r_inner;
   EXPECT_EQ(r_inner, 1) << "the restored process's parent is PID 1 of its namespace";
   EXPECT_EQ(maps_of(rp.pid), t.maps);
+  // The same process state (threads are compared by their ids inside, below).
+  expect_same(snapshot(t.pid(), {}), snapshot(rp.pid, {}));
   std::set<int> inner_tids;
   for (int tid : tids_of(rp.pid)) {
     std::istringstream ns(proc::read_file("/proc/" + std::to_string(rp.pid) + "/task/" +
@@ -346,6 +408,49 @@ TEST(Restore, FaultAtEachStepLeavesNothingBehind) {
   auto r = lazycr({"restore", "-D", dir, "--shell-job"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "verified ok\n");
+}
+
+// Maps text with the inode of shared memory objects (shmem, memfd) blanked: a restore
+// creates new objects, so only their numbers differ.
+std::string maps_without_shmem_inodes(const std::string& maps) {
+  std::istringstream in(maps);
+  std::string line, out;
+  while (std::getline(in, line)) {
+    if (line.find("/dev/zero (deleted)") != std::string::npos ||
+        line.find("/memfd:") != std::string::npos) {
+      std::istringstream f(line);
+      std::string range, perms, off, dev, inode;
+      f >> range >> perms >> off >> dev >> inode;
+      std::string rest;
+      std::getline(f, rest);  // the path, after padding that depends on the inode's width
+      rest.erase(0, rest.find_first_not_of(' '));
+      line = range + " " + perms + " " + off + " " + dev + " <shmem> " + rest;
+    }
+    out += line + "\n";
+  }
+  return out;
+}
+
+TEST(Restore, ManyAreasOfEveryKind) {
+  TempDir work;
+  std::string verify = work / "verify";
+  Child target({target_bin("areas_target"), "--areas", "300", "--verify-file", verify,
+                "--workdir", work.path()});
+  ASSERT_EQ(target.wait_for("ready").rfind("ready pid=", 0), 0u);
+  std::string maps = maps_of(target.pid());
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  Child lz({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--detach"});
+  Restored rp;
+  rp.pid = std::atoi(lz.read_line().c_str());
+  EXPECT_EQ(lz.wait(), 0);
+  ASSERT_EQ(rp.pid, target.pid());
+  EXPECT_EQ(maps_without_shmem_inodes(maps_of(rp.pid)), maps_without_shmem_inodes(maps));
+  std::ofstream(verify) << "go";
+  EXPECT_EQ(lz.read_line(), "verified ok");
+  EXPECT_EQ(rp.wait(), 0);
 }
 
 TEST(Restore, TidsAndVectorRegistersFromInside) {
