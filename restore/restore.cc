@@ -694,10 +694,17 @@ void restore_thread_state(Restoree& r, ThreadCtl& c) {
   r.batch(c, calls);
 }
 
-// Process-wide settings: personality, umask, cwd, signal handlers.
+// Process-wide settings: personality, umask, cwd, dumpable, THP and no_new_privs (the last
+// is per thread but inherited: set before any other thread exists).
 void restore_process_state(Restoree& r, const image::Process& p) {
   r.reset_arena();
   std::vector<Call> calls;
+  calls.push_back(make_call(cat("prctl(PR_SET_DUMPABLE, ", p.dumpable() ? 1 : 0, ")"), SYS_prctl,
+                            PR_SET_DUMPABLE, p.dumpable() ? 1 : 0));
+  if (p.thp_disable() != 0)
+    calls.push_back(make_call("prctl(PR_SET_THP_DISABLE, 1)", SYS_prctl, PR_SET_THP_DISABLE, 1));
+  if (p.creds().no_new_privs())
+    calls.push_back(make_call("prctl(PR_SET_NO_NEW_PRIVS, 1)", SYS_prctl, PR_SET_NO_NEW_PRIVS, 1));
   unsigned long ours = static_cast<unsigned long>(::personality(0xffffffff));
   if (p.personality() != ours)
     calls.push_back(make_call(cat("personality(", hex(p.personality()), ")"), SYS_personality,
