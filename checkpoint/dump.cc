@@ -486,9 +486,12 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
       if (!progress.enabled()) return;
       uint64_t written = pages.bytes_written();
       char line[160];
-      std::snprintf(line, sizeof line, "dump: %llu pages read (%.1f MiB), %.1f MiB written%s",
-                    static_cast<unsigned long long>(pages_read), pages_read * 4096.0 / (1 << 20),
-                    written / double(1 << 20), "");
+      double read_mib = pages_read * 4096.0 / (1 << 20);
+      double written_mib = written / double(1 << 20);
+      std::snprintf(line, sizeof line,
+                    "dump: %llu pages read (%.1f MiB), %.1f MiB written, ratio %.2f",
+                    static_cast<unsigned long long>(pages_read), read_mib, written_mib,
+                    read_mib > 0 ? written_mib / read_mib : 0.0);
       progress.update(line);
     };
     auto mem = dump_memory(opts.pid, areas, pages, report);
