@@ -7,12 +7,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstring>
-#include <deque>
 #include <exception>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -87,11 +85,14 @@ class EagerFiller final : public MemoryStrategy {
     }
   }
 
-  // Two buffers in a pipeline: a helper thread reads (decompresses) the next batch from the
-  // store while this thread writes the previous one into the process.
+  // Batches (one buffer of up to 8 MiB and 1024 ranges each) are independent: two workers,
+  // this thread and a helper, each take the next batch, read (decompress) it from the store
+  // into their own buffer and write it into the process, so that both CPUs work on reads and
+  // writes alike.
   void fill_mapped(RemoteProcess& target) override {
     uint64_t t0 = now_ns();
     if (segments_.empty()) return;
+    std::vector<Plan> plans = plan_batches();
     for (auto& b : bufs_) {
       if (b != nullptr) continue;
       void* p = ::mmap(nullptr, kBufferBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -99,52 +100,37 @@ class EagerFiller final : public MemoryStrategy {
       if (p == MAP_FAILED) fail_errno("cannot allocate a page write buffer");
       b = static_cast<char*>(p);
     }
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<Batch> ready;
-    std::vector<char*> free_bufs(bufs_.begin(), bufs_.end());
-    bool produced_all = false, stop = false;
-    std::exception_ptr producer_error;
-
-    std::thread producer([&] {
+    std::atomic<size_t> next{0};
+    std::atomic<bool> stop{false};
+    WorkerStats helper_stats;
+    std::exception_ptr helper_error;
+    const pid_t pid = target.pid();
+    std::thread helper([&] {
       if (has_helper_cpus_) ::sched_setaffinity(0, sizeof helper_cpus_, &helper_cpus_);
       try {
-        produce(mu, cv, ready, free_bufs, stop);
+        work(pid, plans, bufs_[1], next, stop, helper_stats);
       } catch (...) {
-        producer_error = std::current_exception();
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      produced_all = true;
-      cv.notify_all();
-    });
-    try {
-      for (;;) {
-        Batch b;
-        {
-          std::unique_lock<std::mutex> lock(mu);
-          cv.wait(lock, [&] { return !ready.empty() || produced_all; });
-          if (ready.empty()) break;
-          b = std::move(ready.front());
-          ready.pop_front();
-        }
-        uint64_t w0 = now_ns();
-        write_batch(target.pid(), b.buf, b.used, b.remote);
-        stats_.write_ns += now_ns() - w0;
-        std::lock_guard<std::mutex> lock(mu);
-        free_bufs.push_back(b.buf);
-        cv.notify_all();
-      }
-    } catch (...) {
-      {
-        std::lock_guard<std::mutex> lock(mu);
+        helper_error = std::current_exception();
         stop = true;
-        cv.notify_all();
       }
-      producer.join();
+    });
+    WorkerStats mine;
+    try {
+      work(pid, plans, bufs_[0], next, stop, mine);
+    } catch (...) {
+      stop = true;
+      helper.join();
       throw;
     }
-    producer.join();
-    if (producer_error) std::rethrow_exception(producer_error);
+    helper.join();
+    if (helper_error) std::rethrow_exception(helper_error);
+    for (const WorkerStats* w : {&mine, &helper_stats}) {
+      stats_.read_ns += w->read_ns;
+      stats_.write_ns += w->write_ns;
+      stats_.write_calls += w->write_calls;
+      stats_.bytes_written += w->bytes;
+      stats_.pages_written += w->bytes / kPageSize;
+    }
     segments_.clear();
     segments_.shrink_to_fit();
     stats_.fill_ns += now_ns() - t0;
@@ -169,64 +155,66 @@ class EagerFiller final : public MemoryStrategy {
     }
   }
 
-  struct Batch {
-    char* buf = nullptr;
-    size_t used = 0;
-    std::vector<iovec> remote;
+  // One batch: pieces of segments that fill one buffer.
+  struct Plan {
+    std::vector<Segment> pieces;
+  };
+  struct WorkerStats {
+    uint64_t read_ns = 0, write_ns = 0, write_calls = 0, bytes = 0;
   };
 
-  // Helper thread: cuts the segments into batches (one buffer, at most kMaxIov ranges each)
-  // and fills them from the store, in address order.
-  void produce(std::mutex& mu, std::condition_variable& cv, std::deque<Batch>& ready,
-               std::vector<char*>& free_bufs, const bool& stop) {
-    Batch b;
-    auto next_buffer = [&]() -> bool {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return !free_bufs.empty() || stop; });
-      if (stop) return false;
-      b.buf = free_bufs.back();
-      free_bufs.pop_back();
-      b.used = 0;
-      b.remote.clear();
-      return true;
-    };
-    auto hand_over = [&] {
-      std::lock_guard<std::mutex> lock(mu);
-      ready.push_back(std::move(b));
-      cv.notify_all();
-      b = Batch();
-    };
-    if (!next_buffer()) return;
+  std::vector<Plan> plan_batches() const {
+    std::vector<Plan> plans(1);
+    size_t used = 0;
     for (const auto& seg : segments_) {
       uint64_t done = 0;
       while (done < seg.pages) {
-        if (b.used == kBufferBytes || b.remote.size() == kMaxIov) {
-          hand_over();
-          if (!next_buffer()) return;
+        if (used == kBufferBytes || plans.back().pieces.size() == kMaxIov) {
+          plans.emplace_back();
+          used = 0;
         }
-        uint64_t n = std::min<uint64_t>(seg.pages - done, (kBufferBytes - b.used) / kPageSize);
-        uint64_t addr = seg.addr + done * kPageSize;
-        uint64_t r0 = now_ns();
-        if (seg.zero)
-          std::memset(b.buf + b.used, 0, n * kPageSize);
-        else
-          store_.read(addr, n, b.buf + b.used);
-        stats_.read_ns += now_ns() - r0;
-        if (!b.remote.empty() && reinterpret_cast<uint64_t>(b.remote.back().iov_base) +
-                                         b.remote.back().iov_len == addr)
-          b.remote.back().iov_len += n * kPageSize;
-        else
-          b.remote.push_back({reinterpret_cast<void*>(addr), n * kPageSize});
-        b.used += n * kPageSize;
+        uint64_t n = std::min<uint64_t>(seg.pages - done, (kBufferBytes - used) / kPageSize);
+        plans.back().pieces.push_back({seg.addr + done * kPageSize, n, seg.zero});
+        used += n * kPageSize;
         done += n;
-        stats_.pages_written += n;
       }
     }
-    if (b.used > 0) hand_over();
+    return plans;
   }
 
-  // Writes buf[0, used) to the remote ranges, resuming after short writes.
-  void write_batch(pid_t pid, char* buf, size_t used, const std::vector<iovec>& remote) {
+  void work(pid_t pid, const std::vector<Plan>& plans, char* buf, std::atomic<size_t>& next,
+            const std::atomic<bool>& stop, WorkerStats& ws) {
+    std::vector<iovec> remote;
+    remote.reserve(kMaxIov);
+    for (size_t i = next++; i < plans.size() && !stop; i = next++) {
+      uint64_t r0 = now_ns();
+      size_t used = 0;
+      remote.clear();
+      for (const auto& piece : plans[i].pieces) {
+        size_t bytes = piece.pages * kPageSize;
+        if (piece.zero)
+          std::memset(buf + used, 0, bytes);
+        else
+          store_.read(piece.addr, piece.pages, buf + used);
+        if (!remote.empty() && reinterpret_cast<uint64_t>(remote.back().iov_base) +
+                                       remote.back().iov_len == piece.addr)
+          remote.back().iov_len += bytes;
+        else
+          remote.push_back({reinterpret_cast<void*>(piece.addr), bytes});
+        used += bytes;
+      }
+      uint64_t w0 = now_ns();
+      ws.read_ns += w0 - r0;
+      ws.write_calls += write_batch(pid, buf, used, remote);
+      ws.write_ns += now_ns() - w0;
+      ws.bytes += used;
+    }
+  }
+
+  // Writes buf[0, used) to the remote ranges, resuming after short writes. Returns the number
+  // of process_vm_writev calls.
+  static uint64_t write_batch(pid_t pid, char* buf, size_t used, const std::vector<iovec>& remote) {
+    uint64_t calls = 0;
     size_t done = 0;  // bytes written so far
     size_t ri = 0;    // first remote iovec not completely written
     size_t rskip = 0; // bytes of remote[ri] already written
@@ -236,13 +224,12 @@ class EagerFiller final : public MemoryStrategy {
       rest[0].iov_len -= rskip;
       iovec local{buf + done, used - done};
       ssize_t n = ::process_vm_writev(pid, &local, 1, rest.data(), rest.size(), 0);
-      stats_.write_calls++;
+      calls++;
       if (n < 0 && errno == EINTR) continue;
       uint64_t at = reinterpret_cast<uint64_t>(rest[0].iov_base);
       if (n < 0) fail_errno("process_vm_writev into pid ", pid, " at ", hex(at));
       if (n == 0) fail("process_vm_writev into pid ", pid, " at ", hex(at), ": no progress");
       done += static_cast<size_t>(n);
-      stats_.bytes_written += static_cast<size_t>(n);
       size_t left = static_cast<size_t>(n);
       while (left > 0 && ri < remote.size()) {
         size_t avail = remote[ri].iov_len - rskip;
@@ -256,6 +243,7 @@ class EagerFiller final : public MemoryStrategy {
         }
       }
     }
+    return calls;
   }
 
   const image::PageStoreReader& store_;

@@ -70,11 +70,12 @@ class MemoryStrategy {
   virtual MemoryStats stats() const = 0;
 };
 
-// Writes every stored page with process_vm_writev before the process resumes: a helper thread
-// reads (decompresses) pages from the page store into one of two reused 8 MiB buffers while
-// the other is written in one call (up to 1024 ranges). Pages the store records as ZERO are
-// written only where the fresh mapping is not already zero (private file mappings). The
-// helper thread runs on `helper_cpus` when given (the restorer itself is pinned to one CPU).
+// Writes every stored page with process_vm_writev before the process resumes. The pages are
+// cut into batches of up to 8 MiB and 1024 ranges; two workers (the calling thread and a
+// helper thread) each take the next batch, read (decompress) it from the page store into their
+// own reused buffer and write it with one call. Pages the store records as ZERO are written
+// only where the fresh mapping is not already zero (private file mappings). The helper thread
+// runs on `helper_cpus` when given (the restorer itself is pinned to one CPU while it shapes).
 std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
                                                   const cpu_set_t* helper_cpus = nullptr);
 
