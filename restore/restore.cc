@@ -94,9 +94,9 @@ constexpr unsigned char kBatchCode[] = {
     0xc3, 0x40, 0x49, 0xff, 0xc5, 0xeb, 0xc9, 0x4c, 0x89, 0xe8, 0xeb, 0xba};
 constexpr uint64_t kTrampolineMargin = 1ull << 20;   // kept free on both sides
 constexpr uint64_t kSearchFrom = 1ull << 30;
-constexpr size_t kKernelSigactionSize = 32;
-constexpr uint64_t kRseqFlagUnregister = 1;     // RSEQ_FLAG_UNREGISTER
-constexpr int kSsAutoDisarm = 1 << 31;          // SS_AUTODISARM (Linux 4.7)  // handler, flags, restorer, mask
+constexpr size_t kKernelSigactionSize = 32;      // handler, flags, restorer, mask
+constexpr uint64_t kRseqFlagUnregister = 1;      // RSEQ_FLAG_UNREGISTER
+constexpr int kSsAutoDisarm = static_cast<int>(1u << 31);  // SS_AUTODISARM (Linux 4.7)
 constexpr unsigned long kThreadFlags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND |
                                        CLONE_THREAD | CLONE_SYSVSEM;
 
@@ -872,13 +872,9 @@ void set_mm(Restoree& r, const image::Process& p) {
   m.env_end = mm.env_end();
   m.auxv_size = static_cast<uint32_t>(p.auxv().size());
   m.exe_fd = static_cast<uint32_t>(exe);
-  std::string buf(sizeof m + p.auxv().size(), '\0');
-  std::memcpy(buf.data() + sizeof m, p.auxv().data(), p.auxv().size());
-  // auxv lives right after the struct in the data area.
-  uint64_t base = r.put_data(buf.data(), buf.size());
-  m.auxv = reinterpret_cast<__u64*>(base + sizeof m);
-  std::memcpy(buf.data(), &m, sizeof m);
-  base = r.put_data(buf.data(), buf.size());
+  r.reset_arena();
+  m.auxv = reinterpret_cast<__u64*>(r.push(p.auxv().data(), p.auxv().size()));
+  uint64_t base = r.push(&m, sizeof m);
   r.inject(cat("prctl(PR_SET_MM, PR_SET_MM_MAP) with brk ", hex(mm.brk()), ", exe ", p.exe().path()),
            SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, base, sizeof m, 0);
   r.inject("close of the exe descriptor", SYS_close, static_cast<uint64_t>(exe));
@@ -984,14 +980,10 @@ Restored restore(const RestoreOptions& opts) {
       std::memset(&args, 0, sizeof args);
       args.flags = kThreadFlags;
       args.set_tid_size = 1;
-      std::string buf(sizeof args + sizeof(pid_t), '\0');
       pid_t tid = th.tid();
-      std::memcpy(buf.data() + sizeof args, &tid, sizeof tid);
-      // set_tid points right after the arguments in the data area.
-      uint64_t base = r.put_data(buf.data(), buf.size());
-      args.set_tid = base + sizeof args;
-      std::memcpy(buf.data(), &args, sizeof args);
-      base = r.put_data(buf.data(), buf.size());
+      r.reset_arena();
+      args.set_tid = r.push(&tid, sizeof tid);
+      uint64_t base = r.push(&args, sizeof args);
       long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
       ThreadCtl& c = r.adopt_new_thread(tid, &th);
       if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
