@@ -173,6 +173,33 @@ TEST(Dump, ImageDescribesTheTargetAndTheTargetIsKilled) {
   EXPECT_NE(json.out.find("\"pos\": 123"), std::string::npos);
 }
 
+// Shared memory has no file to come back from: its contents are in the image, holes not.
+TEST(Dump, SharedAnonymousAndMemfdContentsAreStored) {
+  StateTarget t({"--mib", "1", "--shared"});
+  TempDir images;
+  auto r = lazycr(
+      {"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  image::ImageReader img(images / "img");
+  const auto& p = img.process(t.child.pid());
+  const MemoryArea* shared = area_at(p, t.info.first("shared"));
+  const MemoryArea* memfd = area_at(p, t.info.first("memfd"));
+  ASSERT_TRUE(shared && memfd);
+  EXPECT_EQ(shared->kind(), MemoryArea::SHARED_ANON);
+  EXPECT_TRUE(shared->shared());
+  EXPECT_EQ(shared->stored_pages(), 64u);
+  EXPECT_EQ(memfd->kind(), MemoryArea::SHARED_ANON);
+  EXPECT_NE(memfd->name().find("memfd:lazycr-target"), std::string::npos) << memfd->name();
+  EXPECT_EQ(memfd->stored_pages(), 32u) << "only the written half; holes are not stored";
+  const auto& store = img.pages(p.pid());
+  EXPECT_TRUE(store.find(memfd->start()).has_value());
+  EXPECT_FALSE(store.find(memfd->start() + 4096).has_value());
+  std::vector<unsigned char> a(4096), b(4096);
+  store.read(shared->start(), 1, a.data());
+  EXPECT_NE(a, std::vector<unsigned char>(4096, 0));
+  expect_unharmed(t);
+}
+
 TEST(Dump, LeaveRunningKeepsTheTargetIntact) {
   StateTarget t({"--mib", "8", "--pattern", "random"});
   TempDir images;
@@ -316,9 +343,9 @@ TEST(Show, NamesTheDamagedFile) {
   StateTarget t({"--mib", "4", "--pattern", "random"});
   TempDir images;
   std::string dir = images / "img";
-  ASSERT_EQ(lazycr({"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", dir})
-                .exit_code,
-            0);
+  ASSERT_EQ(
+      lazycr({"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", dir}).exit_code,
+      0);
   expect_unharmed(t);
   std::string pid = std::to_string(t.child.pid());
   std::string pages = dir + "/pages-" + pid + ".lzp";

@@ -30,9 +30,15 @@ std::atomic<int> g_usr2_count{0};
 std::atomic<bool> g_sleeper_woken{false};
 std::atomic<int> g_ticks{0};
 
-void on_usr1(int) { g_usr1_count++; }
-void on_usr2(int) { g_usr2_count++; }
-void on_rt(int, siginfo_t*, void*) { g_rt_count++; }
+void on_usr1(int) {
+  g_usr1_count++;
+}
+void on_usr2(int) {
+  g_usr2_count++;
+}
+void on_rt(int, siginfo_t*, void*) {
+  g_rt_count++;
+}
 
 uint64_t splitmix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
@@ -56,14 +62,15 @@ void fill_page(unsigned char* page, uint64_t n, Pattern pattern) {
       w[511] = n;  // no two pages alike, so nothing dedups by accident
       break;
     case Pattern::kText: {
-      static const char* words[] = {"lazy ", "restore ", "page ", "fault ", "kernel ",
-                                    "frame ", "zstd ", "ptrace "};
+      static const char* words[] = {"lazy ",   "restore ", "page ", "fault ",
+                                    "kernel ", "frame ",   "zstd ", "ptrace "};
       int pos = 0;
       uint64_t s = n;
       while (pos < 4096) {
         s = splitmix(s);
         const char* word = words[s % 8];
-        for (const char* c = word; *c && pos < 4096; c++) page[pos++] = static_cast<unsigned char>(*c);
+        for (const char* c = word; *c && pos < 4096; c++)
+          page[pos++] = static_cast<unsigned char>(*c);
       }
       w[0] = n;
       break;
@@ -88,7 +95,9 @@ void* ticker(void*) {
   return nullptr;
 }
 
-pid_t gettid_raw() { return static_cast<pid_t>(syscall(SYS_gettid)); }
+pid_t gettid_raw() {
+  return static_cast<pid_t>(syscall(SYS_gettid));
+}
 
 std::atomic<pid_t> g_sleeper_tid{0}, g_ticker_tid{0};
 
@@ -108,6 +117,7 @@ int main(int argc, char** argv) {
   Pattern pattern = Pattern::kSemi;
   std::string verify_file, workdir = "/tmp";
   bool with_pipe = false;
+  bool with_shared = false;
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -117,13 +127,19 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--mib") mib = std::strtoull(next().c_str(), nullptr, 10);
+    if (a == "--mib")
+      mib = std::strtoull(next().c_str(), nullptr, 10);
     else if (a == "--pattern") {
       std::string p = next();
       pattern = p == "random" ? Pattern::kRandom : p == "text" ? Pattern::kText : Pattern::kSemi;
-    } else if (a == "--verify-file") verify_file = next();
-    else if (a == "--workdir") workdir = next();
-    else if (a == "--pipe") with_pipe = true;
+    } else if (a == "--verify-file")
+      verify_file = next();
+    else if (a == "--workdir")
+      workdir = next();
+    else if (a == "--pipe")
+      with_pipe = true;
+    else if (a == "--shared")
+      with_shared = true;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -184,6 +200,25 @@ int main(int argc, char** argv) {
   int pipefd[2] = {-1, -1};
   if (with_pipe && pipe(pipefd) != 0) return 3;
 
+  // --shared: a shared anonymous area (every page written) and a memfd mapping with only
+  // its even pages written (the odd ones are holes the dump must not store).
+  constexpr size_t kSharedPages = 64, kMemfdPages = 64;
+  unsigned char* shared = nullptr;
+  unsigned char* memfd_map = nullptr;
+  if (with_shared) {
+    shared = static_cast<unsigned char*>(mmap(nullptr, kSharedPages * 4096, PROT_READ | PROT_WRITE,
+                                              MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+    int mfd = memfd_create("lazycr-target", MFD_CLOEXEC);
+    if (shared == MAP_FAILED || mfd < 0 || ftruncate(mfd, kMemfdPages * 4096) != 0) return 3;
+    memfd_map = static_cast<unsigned char*>(
+        mmap(nullptr, kMemfdPages * 4096, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0));
+    if (memfd_map == MAP_FAILED) return 3;
+    close(mfd);  // the mapping keeps the object alive; no descriptor to restore
+    for (size_t p = 0; p < kSharedPages; p++) fill_page(shared + p * 4096, p + 1000000, pattern);
+    for (size_t p = 0; p < kMemfdPages; p += 2)
+      fill_page(memfd_map + p * 4096, p + 2000000, pattern);
+  }
+
   pthread_t t1, t2;
   pthread_create(&t1, nullptr, sleeper_entry, nullptr);
   pthread_create(&t2, nullptr, ticker_entry, nullptr);
@@ -191,14 +226,16 @@ int main(int argc, char** argv) {
     struct timespec ts = {0, 1000000};
     nanosleep(&ts, nullptr);
   }
-  kill(getpid(), SIGUSR2);                           // process-wide, stays pending
+  kill(getpid(), SIGUSR2);                                    // process-wide, stays pending
   syscall(SYS_tgkill, getpid(), gettid_raw(), SIGRTMIN + 1);  // main thread only, pending
 
-  std::printf("ready pid=%d tids=%d,%d,%d buf=%p:%zu zero=%p:%zu file=%d:123 append=%d null=%d "
-              "usr1=%p rt=%d\n",
-              getpid(), getpid(), g_sleeper_tid.load(), g_ticker_tid.load(),
-              static_cast<void*>(buf), bytes, static_cast<void*>(zero), zbytes, file, append, null,
-              reinterpret_cast<void*>(&on_usr1), SIGRTMIN + 1);
+  std::printf(
+      "ready pid=%d tids=%d,%d,%d buf=%p:%zu zero=%p:%zu file=%d:123 append=%d null=%d "
+      "usr1=%p rt=%d shared=%p:%zu memfd=%p:%zu\n",
+      getpid(), getpid(), g_sleeper_tid.load(), g_ticker_tid.load(), static_cast<void*>(buf), bytes,
+      static_cast<void*>(zero), zbytes, file, append, null, reinterpret_cast<void*>(&on_usr1),
+      SIGRTMIN + 1, static_cast<void*>(shared), with_shared ? kSharedPages * 4096 : 0,
+      static_cast<void*>(memfd_map), with_shared ? kMemfdPages * 4096 : 0);
   std::fflush(stdout);
 
   if (verify_file.empty()) {
@@ -214,10 +251,25 @@ int main(int argc, char** argv) {
   std::vector<unsigned char> expect(4096);
   for (size_t p = 0; p < bytes / 4096 && why.empty(); p++) {
     fill_page(expect.data(), p, pattern);
-    if (std::memcmp(expect.data(), buf + p * 4096, 4096) != 0) why = "buffer page " + std::to_string(p);
+    if (std::memcmp(expect.data(), buf + p * 4096, 4096) != 0)
+      why = "buffer page " + std::to_string(p);
   }
   for (size_t i = 0; i < zbytes && why.empty(); i++)
     if (zero[i] != 0) why = "zero area byte " + std::to_string(i);
+  for (size_t p = 0; with_shared && p < kSharedPages && why.empty(); p++) {
+    fill_page(expect.data(), p + 1000000, pattern);
+    if (std::memcmp(expect.data(), shared + p * 4096, 4096) != 0)
+      why = "shared page " + std::to_string(p);
+  }
+  for (size_t p = 0; with_shared && p < kMemfdPages && why.empty(); p++) {
+    if (p % 2 == 0) {
+      fill_page(expect.data(), p + 2000000, pattern);
+    } else {
+      std::memset(expect.data(), 0, 4096);
+    }
+    if (std::memcmp(expect.data(), memfd_map + p * 4096, 4096) != 0)
+      why = "memfd page " + std::to_string(p);
+  }
   for (size_t i = 0; i < heap.size() && why.empty(); i++)
     if (heap[i] != splitmix(i ^ 0xabcdef)) why = "heap word " + std::to_string(i);
   // Files: the position is where it was; the next read continues there.
@@ -227,8 +279,10 @@ int main(int argc, char** argv) {
   if (why.empty() && write(null, "z", 1) != 1) why = "/dev/null fd";
   // Signals: the pending ones arrive when unblocked, the handler still counts.
   pthread_sigmask(SIG_UNBLOCK, &block, nullptr);
-  if (why.empty() && g_usr2_count != 1) why = "pending SIGUSR2 count " + std::to_string(g_usr2_count);
-  if (why.empty() && g_rt_count != 1) why = "pending SIGRTMIN+1 count " + std::to_string(g_rt_count);
+  if (why.empty() && g_usr2_count != 1)
+    why = "pending SIGUSR2 count " + std::to_string(g_usr2_count);
+  if (why.empty() && g_rt_count != 1)
+    why = "pending SIGRTMIN+1 count " + std::to_string(g_rt_count);
   raise(SIGUSR1);
   if (why.empty() && g_usr1_count != 1) why = "SIGUSR1 handler";
   // Threads: the ticker still ticks, the sleeper wakes on a signal.
