@@ -259,6 +259,10 @@ void check_store_against_areas(const Process& p, const PageStoreReader& store) {
 }  // namespace
 
 ImageWriter::ImageWriter(const std::string& dir, bool replace) : dir_(dir), replace_(replace) {
+  // "img/" and "img" are the same image; the staging directory must be a sibling, not a child.
+  while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
+  if (dir_.empty() || dir_ == "/" || dir_ == "." || dir_ == "..")
+    fail("'", dir, "' cannot be an image directory");
   boost::system::error_code ec;
   if (fs::exists(dir_, ec)) {
     if (!fs::is_directory(dir_, ec)) fail(dir_, ": exists and is not a directory");

@@ -126,6 +126,18 @@ TEST(ImageDir, WriterWithoutCommitLeavesNothing) {
   EXPECT_TRUE(fs::is_empty(tmp.path));
 }
 
+TEST(ImageDir, TrailingSlashIsTheSameDirectory) {
+  TempDir tmp;
+  {
+    ImageWriter w(tmp.path + "/img//", false);
+    w.write_process(sample_process(7));
+    w.write_inventory(sample_inventory(7));
+    w.commit();
+  }
+  EXPECT_TRUE(fs::exists(tmp.path + "/img/inventory.pb"));
+  EXPECT_THROW(ImageWriter("/", true), Error);
+}
+
 TEST(ImageDir, WriterRefusesANonEmptyDirectory) {
   TempDir tmp;
   std::string dir = write_sample(tmp.path);
