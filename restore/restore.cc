@@ -493,6 +493,14 @@ class AddressSpace {
       : r_(r), p_(p), strategy_(strategy), first_free_fd_(first_free_fd) {
     for (const auto& a : p_.areas())
       if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) areas_.push_back(&a);
+    find_split_runs();
+  }
+
+  // Protection while shaping: the strategy's, plus read/write for areas that must be touched
+  // to stay apart from a neighbour (see find_split_runs()).
+  uint32_t shaping_prot(size_t i) const {
+    uint32_t prot = strategy_.shaping_prot(*areas_[i]);
+    return in_run_[i] ? prot | PROT_READ | PROT_WRITE : prot;
   }
 
   void map_areas() {
@@ -503,20 +511,26 @@ class AddressSpace {
     for (const auto& [key, size] : memfd_sizes_)
       calls.push_back(make_call(cat("ftruncate of ", key), SYS_ftruncate, files_.at(key), size));
     std::vector<size_t> mmap_index;  // calls[] index of each area's mmap
-    for (const MemoryArea* a : areas_) {
+    for (size_t i = 0; i < areas_.size(); i++) {
+      const MemoryArea* a = areas_[i];
       mmap_index.push_back(calls.size());
-      calls.push_back(mmap_call(*a));
+      calls.push_back(mmap_call(*a, shaping_prot(i)));
       if (starts_with(a->name(), "[anon:") && ends_with(a->name(), "]")) {
         uint64_t name = r_.push_string(a->name().substr(6, a->name().size() - 7));
         calls.push_back(make_call(cat("naming area ", area_name(*a)), SYS_prctl, PR_SET_VMA,
                                   PR_SET_VMA_ANON_NAME, a->start(), a->end() - a->start(), name));
       }
+      if (marker_[i].set >= 0)
+        calls.push_back(make_call(cat("madvise marking area ", area_name(*a)), SYS_madvise,
+                                  a->start(), a->end() - a->start(),
+                                  static_cast<uint64_t>(marker_[i].set)));
     }
     std::vector<long> res = r_.batch(calls);
     for (size_t i = 0; i < areas_.size(); i++)
       if (static_cast<uint64_t>(res[mmap_index[i]]) != areas_[i]->start())
         fail("mmap of area ", area_name(*areas_[i]), " landed at ",
              hex(static_cast<uint64_t>(res[mmap_index[i]])));
+    touch_runs();
     // The descriptors opened for mapping are no longer needed.
     if (!files_.empty())
       r_.inject(cat("close_range(", first_free_fd_, ", ~0) of the mapping descriptors"),
@@ -538,11 +552,15 @@ class AddressSpace {
         {"dc", MADV_DONTFORK}, {"wf", MADV_WIPEONFORK},   {"sr", MADV_SEQUENTIAL},
         {"rr", MADV_RANDOM},   {"mg", MADV_MERGEABLE}};
     std::vector<Call> calls;
-    for (const MemoryArea* a : areas_) {
+    for (size_t i = 0; i < areas_.size(); i++) {
+      const MemoryArea* a = areas_[i];
       uint64_t len = a->end() - a->start();
-      if (strategy_.shaping_prot(*a) != a->prot())
+      if (shaping_prot(i) != a->prot())
         calls.push_back(make_call(cat("mprotect of area ", area_name(*a), " to ", a->prot()),
                                   SYS_mprotect, a->start(), len, a->prot()));
+      if (marker_[i].clear >= 0)
+        calls.push_back(make_call(cat("madvise unmarking area ", area_name(*a)), SYS_madvise,
+                                  a->start(), len, static_cast<uint64_t>(marker_[i].clear)));
       std::set<std::string> flags = vmflag_set(*a);
       for (const auto& adv : kAdvice)
         if (flags.count(adv.flag))
@@ -609,7 +627,73 @@ class AddressSpace {
     for (size_t i = 0; i < keys.size(); i++) files_[keys[i]] = static_cast<uint64_t>(fds[i]);
   }
 
-  Call mmap_call(const MemoryArea& a) {
+  // Adjacent private areas that the image lists apart although their attributes would let the
+  // kernel merge them: the original's kernel kept them apart because each had its own
+  // anon_vma (their pages came to be while they were not neighbours). Mapped as they are,
+  // the restore would get one merged area. So every other area of such a run is marked with
+  // a VMA flag it does not have (MADV_DONTFORK or MADV_DONTDUMP) while pages are faulted in:
+  // the kernel then gives each area its own anon_vma (it shares one only between compatible
+  // neighbours), and once the marks are cleared, areas with different anon_vmas stay apart.
+  // Every area of a run gets a page faulted in (touch_runs()) so that it has an anon_vma.
+  void find_split_runs() {
+    in_run_.assign(areas_.size(), false);
+    marker_.assign(areas_.size(), Marker{});
+    bool mark = false;
+    for (size_t i = 1; i < areas_.size(); i++) {
+      if (!mergeable(*areas_[i - 1], *areas_[i])) {
+        mark = false;
+        continue;
+      }
+      in_run_[i - 1] = in_run_[i] = true;
+      mark = !mark;
+      if (!mark) continue;
+      std::set<std::string> flags = vmflag_set(*areas_[i]);
+      if (!flags.count("dc"))
+        marker_[i] = {MADV_DONTFORK, MADV_DOFORK};
+      else if (!flags.count("dd"))
+        marker_[i] = {MADV_DONTDUMP, MADV_DODUMP};
+      else
+        log::info("area ", area_name(*areas_[i]), " may merge with the area before it");
+    }
+  }
+
+  static bool mergeable(const MemoryArea& a, const MemoryArea& b) {
+    if (a.end() != b.start() || a.shared() || b.shared() || a.prot() != b.prot() ||
+        a.vmflags() != b.vmflags() || a.growsdown() || b.growsdown() || a.name() != b.name())
+      return false;
+    auto anon = [](const MemoryArea& m) {
+      return m.kind() == MemoryArea::ANON || m.kind() == MemoryArea::HEAP;
+    };
+    if (anon(a) && anon(b)) return true;
+    return a.kind() == MemoryArea::PRIVATE_FILE && b.kind() == MemoryArea::PRIVATE_FILE &&
+           a.file().dev() == b.file().dev() && a.file().inode() == b.file().inode() &&
+           b.pgoff() == a.pgoff() + (a.end() - a.start());
+  }
+
+  // Faults one page into every area of a run (writing what a fresh area reads there: zeros for
+  // anonymous memory, the file's bytes for a file) and drops it again with MADV_DONTNEED,
+  // which leaves the area's anon_vma in place. The fill comes after.
+  void touch_runs() {
+    std::vector<Call> calls;
+    std::vector<char> page(kPageSize, 0);
+    for (size_t i = 0; i < areas_.size(); i++) {
+      if (!in_run_[i]) continue;
+      const MemoryArea& a = *areas_[i];
+      if (a.kind() == MemoryArea::PRIVATE_FILE) {
+        remote_read(r_.pid(), a.start(), page.data(), kPageSize);
+      } else {
+        std::fill(page.begin(), page.end(), 0);
+      }
+      remote_write(r_.pid(), a.start(), page.data(), kPageSize);
+      calls.push_back(make_call(cat("madvise(MADV_DONTNEED) of a page of area ", area_name(a)),
+                                SYS_madvise, a.start(), kPageSize, MADV_DONTNEED));
+    }
+    if (calls.empty()) return;
+    r_.reset_arena();
+    r_.batch(calls);
+  }
+
+  Call mmap_call(const MemoryArea& a, uint32_t prot) {
     uint64_t len = a.end() - a.start();
     uint64_t flags = MAP_FIXED_NOREPLACE | (a.shared() ? MAP_SHARED : MAP_PRIVATE);
     if (a.growsdown()) flags |= MAP_GROWSDOWN;
@@ -638,8 +722,8 @@ class AddressSpace {
       default:
         fail("area ", area_name(a), ": cannot map kind ", MemoryArea::Kind_Name(a.kind()));
     }
-    return make_call(cat("mmap of area ", area_name(a)), SYS_mmap, a.start(), len,
-                     strategy_.shaping_prot(a), flags, fd, off);
+    return make_call(cat("mmap of area ", area_name(a)), SYS_mmap, a.start(), len, prot, flags, fd,
+                     off);
   }
 
   // A private mapping needs read access only; a shared one the access it may use: VM_MAYWRITE
@@ -661,7 +745,12 @@ class AddressSpace {
   const image::Process& p_;
   MemoryStrategy& strategy_;
   int first_free_fd_;
+  struct Marker {
+    int set = -1, clear = -1;  // madvise advice, -1: none
+  };
   std::vector<const MemoryArea*> areas_;
+  std::vector<bool> in_run_;      // part of a run of areas that must stay apart
+  std::vector<Marker> marker_;    // the temporary mark of every other area of a run
   std::map<std::string, uint64_t> files_;        // key -> fd in the process
   std::map<std::string, uint64_t> memfd_sizes_;  // memfd key -> size
 };

@@ -1,4 +1,5 @@
-// A target with many memory areas of every kind a restore maps differently:
+// A target with many memory areas of every kind a restore maps differently (and two
+// neighbouring private areas the kernel keeps apart, which a restore must not merge):
 // --areas N private anonymous areas (alternating protections so the kernel keeps them apart,
 // a few written pages each), a shared anonymous area, a memfd area mapped twice (the two
 // mappings must stay one object), a written private mapping of a file (copy-on-write pages
@@ -84,6 +85,21 @@ int main(int argc, char** argv) {
     if (i % 2) mprotect(small[i], 3 * kPage, PROT_READ);
   }
 
+  // Two neighbouring areas the kernel keeps apart although they look alike: each got its
+  // pages (and its anon_vma) before B was moved next to A. A third one, never touched, follows.
+  auto* pair = static_cast<unsigned char*>(
+      map(8 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
+  auto* b = static_cast<unsigned char*>(
+      map(4 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
+  fill(pair, 4 * kPage, 11);
+  fill(b, 4 * kPage, 12);
+  munmap(pair + 4 * kPage, 4 * kPage);  // A = pair[0..4 pages), a hole after it
+  if (mremap(b, 4 * kPage, 4 * kPage, MREMAP_MAYMOVE | MREMAP_FIXED, pair + 4 * kPage) ==
+      MAP_FAILED) {
+    std::perror("mremap");
+    return 3;
+  }
+
   // Shared anonymous memory.
   size_t shared_len = 64 * kPage;
   auto* shared = static_cast<unsigned char*>(
@@ -133,6 +149,8 @@ int main(int argc, char** argv) {
     for (size_t b = 2 * kPage; b < 3 * kPage && why.empty(); b++)
       if (small[i][b] != 0) why = "untouched page of small area " + std::to_string(i);
   }
+  if (why.empty() && (!check(pair, 4 * kPage, 11) || !check(pair + 4 * kPage, 4 * kPage, 12)))
+    why = "the pair of neighbouring areas";
   if (why.empty() && !check(shared, shared_len, 7)) why = "shared anonymous area";
   if (why.empty() && !check(m2, 16 * kPage, 8)) why = "second memfd mapping";
   if (why.empty()) {
