@@ -1,0 +1,999 @@
+#include "uffd/page_server.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <condition_variable>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/log.h"
+#include "common/signals.h"
+#include "uffd/guardian.h"
+#include "uffd/owed_set.h"
+#include "uffd/uffd.h"
+
+namespace lazycr::uffd {
+namespace {
+
+constexpr uint64_t kPage = 4096;
+constexpr uint32_t kTagData = 0;
+constexpr uint32_t kTagZero = 1;
+constexpr int64_t kProbeIntervalNs = 1'000'000'000;  // mm probe of idle processes
+constexpr int64_t kMaxResolveBackoffNs = 64'000'000;
+constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
+constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the server's own
+constexpr uint64_t kWorkerKey = 3;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// The parent pid of `pid` from /proc/PID/stat, or -1.
+pid_t parent_of(pid_t pid) {
+  std::ifstream in(cat("/proc/", pid, "/stat"));
+  std::string line;
+  if (!std::getline(in, line)) return -1;
+  size_t close = line.rfind(')');  // comm may hold spaces and parentheses
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(line.substr(close + 1));
+  std::string state;
+  long ppid = -1;
+  rest >> state >> ppid;
+  return rest ? static_cast<pid_t>(ppid) : -1;
+}
+
+// Every process whose parent is `parent` (a scan of /proc: no CONFIG_PROC_CHILDREN here).
+std::vector<pid_t> children_of(pid_t parent) {
+  std::vector<pid_t> out;
+  if (parent <= 0) return out;
+  DIR* dir = ::opendir("/proc");
+  if (dir == nullptr) return out;
+  while (dirent* d = ::readdir(dir)) {
+    char* end = nullptr;
+    long pid = std::strtol(d->d_name, &end, 10);
+    if (pid <= 0 || end == d->d_name || *end != 0) continue;
+    if (parent_of(static_cast<pid_t>(pid)) == parent) out.push_back(static_cast<pid_t>(pid));
+  }
+  ::closedir(dir);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Is the mm behind `fd` still there? A UFFDIO_COPY whose source is unreadable (address 0)
+// fills nothing whatever the destination: it answers ESRCH when the mm is gone, and EFAULT,
+// ENOENT, EEXIST or EAGAIN otherwise.
+bool mm_alive(int fd, uint64_t dst) {
+  uffdio_copy c{};
+  c.dst = dst;
+  c.src = 0;
+  c.len = kPage;
+  if (::ioctl(fd, UFFDIO_COPY, &c) == 0) return true;
+  const int err = c.copy < 0 ? static_cast<int>(-c.copy) : errno;
+  return err != ESRCH && err != ENOSPC;
+}
+
+std::string hexs(uint64_t v) {
+  return hex(v);
+}
+
+}  // namespace
+
+uint64_t PageServerStats::latency_ns(double q) const {
+  if (fault_latency_ns.empty()) return 0;
+  std::vector<uint32_t> v = fault_latency_ns;
+  q = std::clamp(q, 0.0, 1.0);
+  size_t k = static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5);
+  std::nth_element(v.begin(), v.begin() + static_cast<long>(k), v.end());
+  return v[k];
+}
+
+struct PageServer::Impl {
+  struct Proc {
+    uint64_t id = 0;
+    pid_t pid = 0;             // 0: a forked child whose pid is not found yet
+    uint64_t parent_id = 0;    // forked children: the process they forked from
+    pid_t parent_pid = 0;      // its pid when known
+    bool have_siblings = false;
+    std::vector<pid_t> siblings;  // the parent's children when the FORK event was applied
+    Userfaultfd uffd;
+    UniqueFd pidfd;
+    std::shared_ptr<const image::PageStoreReader> store;
+    OwedSet owed;
+    uint64_t cursor = 0;  // prefetch continues upward from here
+    bool killed = false;  // killed rather than served wrong memory: faults stay unanswered
+    bool gone = false;    // exited (or its mm is gone): to be freed
+    std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
+
+    std::string name() const {
+      if (pid > 0) return cat("pid ", pid);
+      return cat("forked child of ", parent_pid > 0 ? cat("pid ", parent_pid) : "a forked child");
+    }
+  };
+
+  // A prefetch chunk decompressed ahead by the worker thread.
+  struct Job {
+    uint64_t proc_id = 0;
+    std::shared_ptr<const image::PageStoreReader> store;
+    uint64_t dst = 0, src = 0, len = 0;
+    std::unique_ptr<char[]> buf;
+    std::string error;
+    enum State { kFree, kQueued, kDone };
+    std::atomic<int> state{kFree};  // kQueued -> kDone is the worker's; the rest the loop's
+  };
+  struct Chunk {
+    Proc* proc;
+    uint64_t dst, src, len;
+    bool zero;
+  };
+
+  PageServerOptions opt;
+  PageServerStats stats;
+  std::map<uint64_t, std::unique_ptr<Proc>> procs;
+  uint64_t next_id = 1;
+  UniqueFd epoll;
+  UniqueFd stop_fd;
+  GuardianClient guardian;
+  std::unique_ptr<char[]> window_buf;
+  std::vector<uffd_msg> msgs;
+  bool running = false;
+  int64_t t0 = 0;
+  int64_t next_resolve = 0, resolve_backoff = 1'000'000, next_probe = 0;
+  uint64_t rr_last = 0;  // round robin of prefetch: the last process served
+  std::map<const image::PageStoreReader*,
+           std::pair<std::shared_ptr<const image::PageStoreReader>, uint64_t>>
+      stores;  // bytes decompressed at the start of run()
+
+  // Prefetch worker.
+  std::array<Job, 2> jobs;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Job*> todo;
+  bool quit = false;
+  UniqueFd worker_fd;
+  std::thread worker;
+
+  explicit Impl(PageServerOptions o) : opt(o) {
+    if (opt.window < kPage || opt.window % kPage) fail("page server: window ", opt.window,
+                                                       " is not a multiple of ", kPage);
+    if (opt.prefetch_chunk < kPage || opt.prefetch_chunk % kPage)
+      fail("page server: prefetch chunk ", opt.prefetch_chunk, " is not a multiple of ", kPage);
+    epoll.reset(::epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll) fail_errno("page server: epoll_create1");
+    stop_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!stop_fd) fail_errno("page server: eventfd");
+    watch(stop_fd.get(), kStopKey);
+    window_buf.reset(new char[opt.window]);
+    msgs.reserve(256);
+  }
+
+  ~Impl() { stop_worker(); }
+
+  void watch(int fd, uint64_t key) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = key;
+    if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
+      fail_errno("page server: epoll_ctl ADD fd ", fd);
+  }
+  void unwatch(int fd) {
+    if (fd >= 0) ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+  }
+
+  int64_t since_start() const { return now_ns() - t0; }
+
+  // ---- processes ---------------------------------------------------------------------------
+
+  Proc& add(std::unique_ptr<Proc> p) {
+    p->id = next_id++;
+    Proc& ref = *p;
+    const int fl = ::fcntl(ref.uffd.fd(), F_GETFL);
+    if (fl < 0 || ::fcntl(ref.uffd.fd(), F_SETFL, fl | O_NONBLOCK) != 0)
+      fail_errno("page server: cannot make uffd ", ref.uffd.fd(), " of ", ref.name(),
+                 " non-blocking");
+    watch(ref.uffd.fd(), ref.id << 2);
+    if (ref.pidfd) watch(ref.pidfd.get(), ref.id << 2 | 1);
+    auto& slot = stores[ref.store.get()];
+    if (!slot.first) slot = {ref.store, ref.store->bytes_decompressed()};
+    procs.emplace(ref.id, std::move(p));
+    ++stats.processes;
+    guardian.add(ref.id, ref.pid, ref.parent_pid, ref.uffd.fd(), ref.pidfd.get());
+    return ref;
+  }
+
+  // Frees a process's state: its uffd is closed (after the guardian was told).
+  void free_proc(Proc& p) {
+    unwatch(p.uffd.fd());
+    unwatch(p.pidfd.get());
+    guardian.release(p.id);
+    stats.dropped_pages += p.owed.pages();
+    p.owed.clear();
+    p.uffd.reset();
+    p.pidfd.reset();
+  }
+
+  void gone(Proc& p) {
+    if (p.gone) return;
+    p.gone = true;
+    ++stats.exits;
+    unwatch(p.uffd.fd());  // freed by reap(); no more wake-ups meanwhile
+    unwatch(p.pidfd.get());
+  }
+
+  // Removes processes that are gone, and those that owe nothing any more (their uffds are
+  // closed: their areas become plain memory).
+  void reap() {
+    for (auto it = procs.begin(); it != procs.end();) {
+      Proc& p = *it->second;
+      const bool done = p.gone || (!p.killed && p.owed.empty() && p.faults.empty());
+      if (!done) {  // (prefetch jobs for it find it gone and are dropped)
+        ++it;
+        continue;
+      }
+      free_proc(p);
+      it = procs.erase(it);
+    }
+  }
+
+  // "Nothing owed" is noted when fills or the program's own drops empty the last owed set,
+  // not when processes exit or are killed owing pages.
+  void note_if_all_served() {
+    if (stats.all_served_ns >= 0 || !running) return;
+    for (const auto& [id, p] : procs)
+      if (!p->gone && (p->killed || !p->owed.empty())) return;
+    stats.all_served_ns = since_start();
+  }
+
+  uint64_t owed_total() const {
+    uint64_t n = 0;
+    for (const auto& [id, p] : procs)
+      if (!p->killed) n += p->owed.pages();
+    return n;
+  }
+
+  void kill(Proc& p, const std::string& what) {
+    if (p.killed) return;
+    std::string msg = cat("page server: ", p.name(), ": ", what);
+    bool sent = false;
+    if (p.pidfd) {
+      sent = send_signal_pidfd(p.pidfd.get(), SIGKILL);
+    } else if (p.pid > 0) {
+      sent = send_signal(p.pid, SIGKILL);
+    }
+    if (sent) {
+      msg += "; killed the process rather than serve wrong memory";
+    } else if (p.pid > 0) {
+      msg += cat("; could not kill it (", std::strerror(errno),
+                 "): its faults stay unanswered rather than serve wrong memory");
+    } else {
+      msg += "; its pid is unknown, it cannot be killed: its faults stay unanswered rather "
+             "than serve wrong memory";
+    }
+    p.killed = true;
+    p.faults.clear();
+    ++stats.killed;
+    stats.errors.push_back(msg);
+    log::write(log::Level::kError, msg);
+  }
+
+  // ---- pids of forked children ---------------------------------------------------------------
+
+  bool pid_known(pid_t pid) const {
+    for (const auto& [id, p] : procs)
+      if (p->pid == pid) return true;
+    return false;
+  }
+
+  bool unresolved() const {
+    for (const auto& [id, p] : procs)
+      if (p->pid == 0 && !p->gone) return true;
+    return false;
+  }
+
+  void resolve_children() {
+    bool left = false;
+    for (auto& [id, pp] : procs) {
+      Proc& p = *pp;
+      if (p.pid != 0 || p.gone) continue;
+      if (p.parent_pid == 0) {
+        auto parent = procs.find(p.parent_id);
+        if (parent != procs.end()) p.parent_pid = parent->second->pid;
+      }
+      if (p.parent_pid <= 0) {
+        left = true;
+        continue;
+      }
+      int same_parent = 0;
+      for (const auto& [oid, o] : procs)
+        if (o->pid == 0 && !o->gone && o->parent_pid == p.parent_pid) ++same_parent;
+      std::vector<pid_t> candidates;
+      for (pid_t c : children_of(p.parent_pid)) {
+        if (pid_known(c)) continue;
+        if (p.have_siblings && std::binary_search(p.siblings.begin(), p.siblings.end(), c))
+          continue;
+        candidates.push_back(c);
+      }
+      if (candidates.size() != 1 || same_parent != 1) {
+        left = true;
+        continue;
+      }
+      const pid_t c = candidates[0];
+      UniqueFd fd(static_cast<int>(::syscall(SYS_pidfd_open, c, 0)));
+      if (!fd || parent_of(c) != p.parent_pid) {  // gone, or the pid was reused meanwhile
+        left = true;
+        continue;
+      }
+      p.pid = c;
+      p.pidfd = std::move(fd);
+      watch(p.pidfd.get(), p.id << 2 | 1);
+      guardian.set_pid(p.id, p.pid, p.pidfd.get());
+      ++stats.children_found;
+      if (p.killed) {  // killed before its pid was known: kill it now
+        send_signal_pidfd(p.pidfd.get(), SIGKILL);
+      }
+    }
+    if (left) {
+      next_resolve = now_ns() + resolve_backoff;
+      resolve_backoff = std::min(resolve_backoff * 2, kMaxResolveBackoffNs);
+    }
+  }
+
+  // Processes that could have lost their mm without the server hearing of it (exec, or a
+  // forked child not found) are probed once a second when prefetch does not find them.
+  void probe_mms() {
+    for (auto& [id, p] : procs) {
+      if (p->gone) continue;
+      if (opt.prefetch && p->pidfd && !p->killed) continue;
+      auto first = p->owed.first();
+      const uint64_t dst = first ? first->start : 0x10000;
+      if (!mm_alive(p->uffd.fd(), dst)) gone(*p);
+    }
+    next_probe = now_ns() + kProbeIntervalNs;
+  }
+
+  // ---- events -------------------------------------------------------------------------------
+
+  void apply_event(Proc& p, const uffd_msg& m) {
+    switch (m.event) {
+      case UFFD_EVENT_FORK: {
+        ++stats.events_fork;
+        auto child = std::make_unique<Proc>();
+        child->uffd = Userfaultfd::adopt(static_cast<int>(m.arg.fork.ufd));
+        child->parent_id = p.id;
+        child->parent_pid = p.pid;
+        child->store = p.store;
+        child->owed = p.owed;  // what the parent owed at this moment
+        child->cursor = p.cursor;
+        child->killed = p.killed;  // a killed parent's fork is cancelled by the kill
+        if (p.pid > 0) {
+          child->siblings = children_of(p.pid);
+          child->have_siblings = true;
+        }
+        add(std::move(child));
+        next_resolve = now_ns() + 1'000'000;
+        resolve_backoff = 1'000'000;
+        break;
+      }
+      case UFFD_EVENT_REMAP:
+        ++stats.events_remap;
+        p.owed.move(m.arg.remap.from, m.arg.remap.to, m.arg.remap.len);
+        break;
+      case UFFD_EVENT_REMOVE:
+        ++stats.events_remove;
+        stats.dropped_pages += p.owed.erase(m.arg.remove.start, m.arg.remove.end);
+        note_if_all_served();
+        break;
+      case UFFD_EVENT_UNMAP:
+        ++stats.events_unmap;
+        stats.dropped_pages += p.owed.erase(m.arg.remove.start, m.arg.remove.end);
+        note_if_all_served();
+        break;
+      default:
+        log::warn("page server: ", p.name(), ": unexpected uffd event ", int(m.event));
+    }
+  }
+
+  // Reads what is pending on p's uffd: layout events are applied at once, faults queued.
+  // Returns the number of messages read.
+  size_t pull(Proc& p) {
+    msgs.clear();
+    p.uffd.read_events(msgs);
+    const int64_t t = now_ns();
+    for (const uffd_msg& m : msgs) {
+      if (m.event == UFFD_EVENT_PAGEFAULT) {
+        if (stats.first_fault_ns < 0) stats.first_fault_ns = t - t0;
+        if (!p.killed) p.faults.emplace_back(m, t);
+      } else {
+        apply_event(p, m);
+      }
+    }
+    return msgs.size();
+  }
+
+  void service(Proc& p) {
+    try {
+      if (pull(p) > 0 && p.pid == 0) resolve_children();
+      while (!p.faults.empty() && !p.killed && !p.gone) {
+        auto [m, t] = p.faults.front();
+        p.faults.pop_front();
+        serve_fault(p, m);
+        ++stats.faults;
+        const int64_t lat = now_ns() - t;
+        stats.fault_latency_ns.push_back(
+            static_cast<uint32_t>(std::min<int64_t>(lat, UINT32_MAX)));
+      }
+    } catch (const std::exception& e) {
+      kill(p, e.what());
+    }
+  }
+
+  // ---- serving ------------------------------------------------------------------------------
+
+  void serve_fault(Proc& p, const uffd_msg& m) {
+    const uint64_t addr = m.arg.pagefault.address & ~(kPage - 1);
+    p.cursor = addr;
+    bool single = false;
+    const int64_t start = now_ns();
+    for (;;) {
+      if (p.killed || p.gone) return;
+      const auto r = p.owed.find(addr);
+      uint64_t ws = addr, len = kPage;
+      bool zero = true;
+      if (r) {
+        const uint64_t block = single ? kPage : opt.window;
+        const uint64_t bs = addr - addr % block;
+        ws = std::max(r->start, bs);
+        len = std::min(r->end, bs + block) - ws;
+        zero = r->tag == kTagZero;
+        if (!zero) p.store->read(r->src_of(ws), len / kPage, window_buf.get());
+      }
+      const long res = zero ? p.uffd.zeropage(ws, len) : p.uffd.copy(ws, window_buf.get(), len);
+      if (res > 0) {
+        const uint64_t done = static_cast<uint64_t>(res);
+        ++stats.copy_ioctls;
+        if (zero) {
+          stats.zero_pages += done / kPage;
+        } else {
+          stats.fault_pages += done / kPage;
+        }
+        if (r) {
+          p.owed.erase(ws, ws + done);
+          note_if_all_served();
+        } else {
+          ++stats.not_owed_faults;
+        }
+        if (addr < ws + done) return;  // woken by the fill
+        continue;                      // stopped at a present page before addr
+      }
+      if (res == -EEXIST) {
+        ++stats.eexist;
+        if (r) p.owed.erase(ws, ws + kPage);  // present already: nothing to serve there
+        if (!r || ws == addr) {
+          p.uffd.wake(addr, kPage);
+          return;
+        }
+        continue;
+      }
+      if (res == -EAGAIN) {
+        ++stats.eagain;
+        if (pull(p) == 0) ::sched_yield();  // the event's writer has not resumed yet
+        if (now_ns() - start > kEagainGiveUpNs)
+          fail("fills at ", hexs(addr), " keep answering EAGAIN");
+        continue;
+      }
+      if (res == -ESRCH || res == -ENOSPC) {
+        gone(p);
+        return;
+      }
+      if (res == -ENOENT) {
+        ++stats.enoent;
+        if (r && len > kPage && !single) {  // the window crosses a VMA edge: A's page alone
+          single = true;
+          continue;
+        }
+        if (r) stats.dropped_pages += p.owed.erase(addr, addr + kPage);
+        p.uffd.wake(addr, kPage);
+        return;
+      }
+      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(ws), " answered ", res);
+    }
+  }
+
+  // ---- prefetch -----------------------------------------------------------------------------
+
+  bool job_in_flight(uint64_t proc_id) const {
+    for (const Job& j : jobs)
+      if (j.state != Job::kFree && j.proc_id == proc_id) return true;
+    return false;
+  }
+
+  bool overlaps_job(const Proc& p, uint64_t dst, uint64_t len) const {
+    for (const Job& j : jobs)
+      if (j.state != Job::kFree && j.proc_id == p.id && dst < j.dst + j.len && j.dst < dst + len)
+        return true;
+    return false;
+  }
+
+  // The next chunk to prefetch, processes in turn, without taking it.
+  std::optional<Chunk> peek_chunk() {
+    if (procs.empty()) return std::nullopt;
+    auto it = procs.upper_bound(rr_last);
+    for (size_t n = 0; n < procs.size(); ++n, ++it) {
+      if (it == procs.end()) it = procs.begin();
+      Proc& p = *it->second;
+      if (p.killed || p.gone || p.owed.empty()) continue;
+      auto r = p.owed.next(p.cursor);
+      if (!r) r = p.owed.first();
+      const uint64_t s = std::max(r->start, p.cursor >= r->end ? r->start : p.cursor);
+      const uint64_t len = std::min(r->end - s, opt.prefetch_chunk);
+      if (overlaps_job(p, s, len)) continue;
+      return Chunk{&p, s, r->src_of(s), len, r->tag == kTagZero};
+    }
+    return std::nullopt;
+  }
+  void take_chunk(const Chunk& c) {
+    c.proc->cursor = c.dst + c.len;
+    rr_last = c.proc->id;
+  }
+
+  // Fills [dst, dst + len) of p from buf (or zero) as prefetch; the chunk must still be owed
+  // with source src. Shrinks on ENOENT (an area split by mprotect).
+  void prefetch_fill(Proc& p, uint64_t dst, uint64_t src, uint64_t len, bool zero,
+                     const char* buf) {
+    const auto r = p.owed.find(dst);
+    if (!r || r->src_of(dst) != src || (r->tag == kTagZero) != zero) return;  // stale
+    len = std::min(len, r->end - dst);
+    for (;;) {
+      const long res = zero ? p.uffd.zeropage(dst, len) : p.uffd.copy(dst, buf, len);
+      if (res > 0) {
+        const uint64_t done = static_cast<uint64_t>(res);
+        ++stats.copy_ioctls;
+        (zero ? stats.zero_pages : stats.prefetch_pages) += done / kPage;
+        p.owed.erase(dst, dst + done);
+        note_if_all_served();
+        return;
+      }
+      if (res == -EEXIST) {
+        ++stats.eexist;
+        p.owed.erase(dst, dst + kPage);
+        return;
+      }
+      if (res == -EAGAIN) {  // events pending: the loop reads them first
+        ++stats.eagain;
+        return;
+      }
+      if (res == -ESRCH || res == -ENOSPC) {
+        gone(p);
+        return;
+      }
+      if (res == -ENOENT) {
+        ++stats.enoent;
+        if (len > kPage) {
+          len = (len / 2 + kPage - 1) / kPage * kPage;
+          continue;
+        }
+        stats.dropped_pages += p.owed.erase(dst, dst + kPage);
+        return;
+      }
+      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(dst), " answered ", res);
+    }
+  }
+
+  bool use_worker() const { return opt.prefetch && opt.prefetch_thread; }
+
+  void start_worker() {
+    if (!use_worker() || worker.joinable()) return;
+    worker_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!worker_fd) fail_errno("page server: eventfd");
+    watch(worker_fd.get(), kWorkerKey);
+    for (Job& j : jobs) j.buf.reset(new char[opt.prefetch_chunk]);
+    quit = false;
+    worker = std::thread([this] { worker_main(); });
+  }
+
+  void stop_worker() {
+    if (!worker.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      quit = true;
+    }
+    cv.notify_all();
+    worker.join();
+    for (Job& j : jobs) j.state = Job::kFree;
+    todo.clear();
+  }
+
+  void worker_main() {
+    for (;;) {
+      Job* j;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return quit || !todo.empty(); });
+        if (quit) return;
+        j = todo.front();
+        todo.pop_front();
+      }
+      try {
+        j->store->read(j->src, j->len / kPage, j->buf.get());
+      } catch (const std::exception& e) {
+        j->error = e.what();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        j->state = Job::kDone;
+      }
+      uint64_t one = 1;
+      (void)!::write(worker_fd.get(), &one, sizeof(one));
+    }
+  }
+
+  Job* done_job() {
+    std::lock_guard<std::mutex> lock(mu);
+    for (Job& j : jobs)
+      if (j.state == Job::kDone) return &j;
+    return nullptr;
+  }
+
+  bool free_job_slot() {
+    for (Job& j : jobs)
+      if (j.state == Job::kFree) return true;
+    return false;
+  }
+
+  // Hands DATA chunks to the worker while it has free buffers; a ZERO chunk met on the way
+  // is filled here (once per call). Returns whether it did a fill.
+  bool feed_worker() {
+    for (;;) {
+      if (!free_job_slot()) return false;
+      auto c = peek_chunk();
+      if (!c) return false;
+      take_chunk(*c);
+      if (c->zero) {
+        prefetch_fill(*c->proc, c->dst, c->src, c->len, true, nullptr);
+        return true;
+      }
+      Job* j = nullptr;
+      for (Job& s : jobs)
+        if (s.state == Job::kFree) j = &s;
+      j->proc_id = c->proc->id;
+      j->store = c->proc->store;
+      j->dst = c->dst;
+      j->src = c->src;
+      j->len = c->len;
+      j->error.clear();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        j->state = Job::kQueued;
+        todo.push_back(j);
+      }
+      cv.notify_one();
+    }
+  }
+
+  // Whether prefetch has something to do right now without waiting for the worker.
+  bool prefetch_ready() {
+    if (!opt.prefetch) return false;
+    if (use_worker()) return done_job() != nullptr || (free_job_slot() && peek_chunk());
+    return peek_chunk().has_value();
+  }
+
+  // One prefetch fill (about prefetch_chunk bytes), then back to the loop.
+  void prefetch_step() {
+    if (use_worker()) {
+      Job* j = done_job();
+      if (j == nullptr) {
+        feed_worker();
+        return;
+      }
+      auto it = procs.find(j->proc_id);
+      Proc* p = it == procs.end() ? nullptr : it->second.get();
+      // Decompress the next chunk while this one is copied.
+      j->state = Job::kQueued;  // not free yet: its buffer is in use
+      feed_worker();
+      if (p != nullptr && !p->killed && !p->gone) {
+        try {
+          const auto r = p->owed.find(j->dst);
+          const bool current = r && r->src_of(j->dst) == j->src && r->tag == kTagData;
+          if (current && !j->error.empty()) fail(j->error);
+          if (current) prefetch_fill(*p, j->dst, j->src, j->len, false, j->buf.get());
+        } catch (const std::exception& e) {
+          kill(*p, e.what());
+        }
+      }
+      j->state = Job::kFree;
+      j->store.reset();
+      return;
+    }
+    auto c = peek_chunk();
+    if (!c) return;
+    take_chunk(*c);
+    Proc& p = *c->proc;
+    try {
+      if (!c->zero) {
+        if (!prefetch_buf) prefetch_buf.reset(new char[opt.prefetch_chunk]);
+        p.store->read(c->src, c->len / kPage, prefetch_buf.get());
+      }
+      prefetch_fill(p, c->dst, c->src, c->len, c->zero, prefetch_buf.get());
+    } catch (const std::exception& e) {
+      kill(p, e.what());
+    }
+  }
+  std::unique_ptr<char[]> prefetch_buf;  // prefetch without the worker
+
+  // ---- the loop -----------------------------------------------------------------------------
+
+  void kill_owing(const std::string& why) {
+    for (auto& [id, p] : procs) {
+      if (p->gone || p->killed || p->owed.empty()) continue;
+      kill(*p, cat(why, " with ", p->owed.pages(), " pages still owed"));
+    }
+  }
+
+  // Waits (up to `ms`) for killed processes to exit, so that their uffds outlive them.
+  void wait_killed(int ms) {
+    const int64_t until = now_ns() + int64_t{ms} * 1'000'000;
+    for (auto& [id, p] : procs) {
+      if (!p->killed || !p->pidfd) continue;
+      for (;;) {
+        const int64_t left = (until - now_ns()) / 1'000'000;
+        if (left <= 0) break;
+        pollfd pfd{p->pidfd.get(), POLLIN, 0};
+        int r = ::poll(&pfd, 1, static_cast<int>(left));
+        if (r < 0 && errno == EINTR) continue;
+        break;
+      }
+    }
+  }
+
+  void release_all() {
+    stop_worker();
+    for (auto& [id, p] : procs) free_proc(*p);
+    procs.clear();
+  }
+
+  const PageServerStats& run() {
+    t0 = now_ns();
+    running = true;
+    for (auto& [ptr, slot] : stores) slot.second = ptr->bytes_decompressed();
+    start_worker();
+    next_probe = now_ns() + kProbeIntervalNs;
+    note_if_all_served();
+    bool stopped = false;
+    epoll_event evs[64];
+    for (;;) {
+      reap();
+      if (procs.empty()) break;
+      int64_t timeout = -1;  // ms
+      const bool pf = prefetch_ready();
+      if (pf) timeout = 0;
+      const int64_t now = now_ns();
+      if (unresolved()) {
+        if (now >= next_resolve) resolve_children();
+        timeout = timeout < 0 ? std::max<int64_t>(1, (next_resolve - now) / 1'000'000)
+                              : std::min<int64_t>(timeout, (next_resolve - now) / 1'000'000);
+      }
+      if (now >= next_probe) probe_mms();
+      const int64_t probe_ms = std::max<int64_t>(1, (next_probe - now) / 1'000'000);
+      timeout = timeout < 0 ? probe_ms : std::min(timeout, probe_ms);
+      int n = ::epoll_wait(epoll.get(), evs, 64, static_cast<int>(std::max<int64_t>(0, timeout)));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        fail_errno("page server: epoll_wait");
+      }
+      bool busy = false;  // a message or an exit was handled: poll again before prefetching
+      for (int i = 0; i < n; ++i) {
+        const uint64_t key = evs[i].data.u64;
+        if (key == kStopKey) {
+          stopped = true;
+          continue;
+        }
+        if (key == kWorkerKey) {
+          uint64_t v;
+          (void)!::read(worker_fd.get(), &v, sizeof(v));
+          continue;
+        }
+        auto it = procs.find(key >> 2);
+        if (it == procs.end()) continue;
+        Proc& p = *it->second;
+        busy = true;
+        if (key & 1) {
+          if (!p.gone) service(p);  // take what it left (a FORK event, say) first
+          gone(p);                  // exited: its mm is gone
+        } else if (!p.gone) {
+          service(p);
+        }
+      }
+      if (stopped) break;
+      if (!busy && pf) prefetch_step();
+    }
+    if (stopped) {
+      kill_owing("page server stopped");
+      wait_killed(5000);
+    }
+    release_all();
+    guardian.finish();
+    for (auto& [ptr, slot] : stores) stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
+    stores.clear();
+    stats.run_ns = since_start();
+    running = false;
+    return stats;
+  }
+};
+
+PageServer::PageServer(PageServerOptions options)
+    : impl_(std::make_unique<Impl>(options)) {}
+
+PageServer::~PageServer() {
+  try {
+    impl_->kill_owing("page server closed");
+    impl_->wait_killed(5000);
+    impl_->release_all();
+    impl_->guardian.finish();
+  } catch (const std::exception& e) {
+    log::write(log::Level::kError, cat("page server: ", e.what()));
+  }
+}
+
+void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
+                             std::shared_ptr<const image::PageStoreReader> store,
+                             const std::vector<LazyArea>& areas) {
+  if (pid <= 0) fail("page server: refusing pid ", pid);
+  if (!uffd) fail("page server: pid ", pid, ": no uffd");
+  if (!store) fail("page server: pid ", pid, ": no page store");
+  std::vector<LazyArea> sorted = areas;
+  std::sort(sorted.begin(), sorted.end(),
+            [](const LazyArea& a, const LazyArea& b) { return a.start < b.start; });
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const LazyArea& a = sorted[i];
+    if ((a.start | a.end) % kPage || a.end <= a.start)
+      fail("page server: pid ", pid, ": lazy area ", hexs(a.start), "-", hexs(a.end),
+           " is empty or not page aligned");
+    if (i > 0 && a.start < sorted[i - 1].end)
+      fail("page server: pid ", pid, ": lazy areas ", hexs(sorted[i - 1].start), "-",
+           hexs(sorted[i - 1].end), " and ", hexs(a.start), "-", hexs(a.end), " overlap");
+  }
+  auto p = std::make_unique<Impl::Proc>();
+  p->pid = pid;
+  p->uffd = Userfaultfd::adopt(uffd.release());
+  p->pidfd = std::move(pidfd);
+  // Owed: every stored page inside the areas, one range per (run, area) piece.
+  const auto& runs = store->index().runs();
+  size_t ai = 0;
+  for (const image::PageRun& run : runs) {
+    const uint64_t rs = run.start(), re = run.start() + run.pages() * kPage;
+    while (ai < sorted.size() && sorted[ai].end <= rs) ++ai;
+    for (size_t k = ai; k < sorted.size() && sorted[k].start < re; ++k) {
+      const uint64_t s = std::max(rs, sorted[k].start), e = std::min(re, sorted[k].end);
+      if (s < e) p->owed.insert(s, e, s, run.kind() == image::PageRun::ZERO ? kTagZero : kTagData);
+    }
+  }
+  p->cursor = p->owed.first() ? p->owed.first()->start : 0;
+  p->store = std::move(store);
+  impl_->add(std::move(p));
+}
+
+void PageServer::start_guardian() {
+  if (impl_->guardian.running()) return;
+  impl_->guardian.start(impl_->opt.guardian_log_fd);
+  for (auto& [id, p] : impl_->procs)
+    impl_->guardian.add(p->id, p->pid, p->parent_pid, p->uffd.fd(), p->pidfd.get());
+}
+
+pid_t PageServer::guardian_pid() const {
+  return impl_->guardian.pid();
+}
+
+const PageServerStats& PageServer::run() {
+  return impl_->run();
+}
+
+void PageServer::stop() {
+  uint64_t one = 1;
+  (void)!::write(impl_->stop_fd.get(), &one, sizeof(one));
+}
+
+uint64_t PageServer::owed_pages() const {
+  return impl_->owed_total();
+}
+
+const PageServerStats& PageServer::stats() const {
+  return impl_->stats;
+}
+
+std::string PageServer::summary() const {
+  const PageServerStats& s = impl_->stats;
+  auto ms = [](int64_t ns) { return ns < 0 ? std::string("never") : cat(ns / 1'000'000.0, " ms"); };
+  std::ostringstream out;
+  out.precision(3);
+  out << "page server: " << s.processes << " process" << (s.processes == 1 ? "" : "es") << ", "
+      << s.faults << " faults (service p50 " << s.latency_ns(0.5) / 1000.0 << " us, p99 "
+      << s.latency_ns(0.99) / 1000.0 << " us, max " << s.latency_ns(1.0) / 1000.0 << " us); "
+      << s.fault_pages << " pages copied on faults, " << s.prefetch_pages << " by prefetch, "
+      << s.zero_pages << " zero-filled (" << s.not_owed_faults << " faults on pages not owed); "
+      << "first fault after " << ms(s.first_fault_ns) << ", nothing owed after "
+      << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
+      << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
+      << ", remove " << s.events_remove << ", unmap " << s.events_unmap << ", exits " << s.exits;
+  if (s.killed > 0) out << "; KILLED " << s.killed << ": " << s.errors.front();
+  out << ".";
+  return out.str();
+}
+
+void PageServer::write_stats_json(const std::string& path) const {
+  const PageServerStats& s = impl_->stats;
+  std::ofstream f(path, std::ios::trunc);
+  if (!f) fail_errno("page server: cannot write stats to ", path);
+  JsonWriter w(f);
+  w.begin_object();
+  w.field("time_to_first_fault_ns", s.first_fault_ns);
+  w.field("time_until_nothing_owed_ns", s.all_served_ns);
+  w.field("run_ns", s.run_ns);
+  w.field("processes", s.processes);
+  w.field("faults", s.faults);
+  w.key("pages");
+  w.begin_object();
+  w.field("by_fault", s.fault_pages);
+  w.field("by_prefetch", s.prefetch_pages);
+  w.field("zero", s.zero_pages);
+  w.field("dropped", s.dropped_pages);
+  w.end_object();
+  w.field("faults_not_owed", s.not_owed_faults);
+  w.key("fault_latency_ns");
+  w.begin_object();
+  w.field("p50", s.latency_ns(0.5));
+  w.field("p90", s.latency_ns(0.9));
+  w.field("p99", s.latency_ns(0.99));
+  w.field("max", s.latency_ns(1.0));
+  w.end_object();
+  w.field("bytes_decompressed", s.bytes_decompressed);
+  w.field("fill_ioctls", s.copy_ioctls);
+  w.key("fill_answers");
+  w.begin_object();
+  w.field("eexist", s.eexist);
+  w.field("eagain", s.eagain);
+  w.field("enoent", s.enoent);
+  w.end_object();
+  w.key("events");
+  w.begin_object();
+  w.field("fork", s.events_fork);
+  w.field("remap", s.events_remap);
+  w.field("remove", s.events_remove);
+  w.field("unmap", s.events_unmap);
+  w.field("exit", s.exits);
+  w.end_object();
+  w.field("children_found", s.children_found);
+  w.field("killed", s.killed);
+  w.key("errors");
+  w.begin_array();
+  for (const std::string& e : s.errors) w.value(e);
+  w.end_array();
+  w.end_object();
+  f << "\n";
+  f.flush();
+  if (!f) fail_errno("page server: cannot write stats to ", path);
+}
+
+}  // namespace lazycr::uffd

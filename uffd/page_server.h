@@ -1,0 +1,183 @@
+// The lazy page server (DESIGN.md section 6): serves the memory of restored processes through
+// their userfaultfds from their page stores, following their layout changes, and prefetches
+// what is left, until nothing is owed. It knows nothing of how the processes were created.
+//
+// Use (restore/ does this):
+//   PageServer server(options);
+//   server.add_process(pid, std::move(uffd), std::move(pidfd), store, lazy_areas);  // each
+//   server.start_guardian();   // optional, recommended: see "Guardian" below
+//   ... let the processes run ...
+//   const PageServerStats& stats = server.run();  // returns once nothing is owed anywhere
+//   server.write_stats_json(path); std::cerr << server.summary();
+//
+// The uffd given to add_process must have had UFFDIO_API with UFFD_FEATURE_EVENT_FORK,
+// EVENT_REMAP, EVENT_REMOVE and EVENT_UNMAP (THREAD_ID optional), and the lazy areas must be
+// registered UFFDIO_REGISTER_MODE_MISSING. Without those events the server cannot follow fork,
+// mremap, madvise(MADV_DONTNEED) and munmap, and would serve stale image content.
+//
+// What it does, per process (an "owed set", uffd/owed_set.h: page ranges still owed, each
+// with its source address in the store; it starts as every stored page, DATA or ZERO, inside
+// the lazy areas):
+// - PAGEFAULT at A: if A is owed, one UFFDIO_COPY of the window-sized aligned block holding A
+//   (options.window), clipped to A's owed range (one store run, one kind), read through the
+//   store's frame cache; ZERO-run pages with UFFDIO_ZEROPAGE. A not owed: UFFDIO_ZEROPAGE of
+//   that page (never-touched memory, or memory the program dropped). EEXIST: the page is
+//   there already: UFFDIO_WAKE (a failed fill wakes nobody). EAGAIN: layout events are
+//   pending: read and apply them, then retry. ESRCH: the mm is gone: the process is dropped.
+//   ENOENT for a window (an mprotect split the area): retried for A's page alone.
+// - Every batch read from a uffd has its layout events applied before its faults are served:
+//   the kernel returns pending faults before pending events, and a fault raised in a range
+//   that was just moved must be looked up in the new layout.
+// - FORK: the child's uffd arrives in the message (installed in this process by the read);
+//   the child owes a copy of what the parent owed then. Its pid is not known yet: the kernel
+//   holds the forking thread inside copy_process() until the event is read, before the child
+//   has a pid. (/proc/PID/task/TID/children does not exist on our kernel: no
+//   CONFIG_PROC_CHILDREN.) So the server notes the parent's children at the event and, once
+//   the fork has returned, looks for a process whose parent is that process and that is not
+//   among them nor known to the server (a scan of /proc/*/stat, off the fault path, retried
+//   with a backoff of 1 ms .. 64 ms and on each message from the child's uffd). Two forks of
+//   one process in flight at once are told apart only if one of them is found first. Found:
+//   pidfd_open, exit seen as for any process. Not found: the child is still served, and
+//   dropped when a fill answers ESRCH.
+// - REMAP (mremap): owed ranges in [from, from+len) move to [to, to+len) keeping their
+//   sources. The UNMAP of the old range that follows no longer covers them.
+// - REMOVE (MADV_DONTNEED, MADV_REMOVE, ...) and UNMAP: the range is no longer owed; later
+//   faults there get zero pages, never the image's old content.
+// - Exit: the pidfd becomes readable (there is no EXIT uffd event on this kernel): state freed.
+//   A process that execs keeps its pid but drops its mm: a fill answers ESRCH (prefetch finds
+//   it; with prefetch off the server probes each idle process's mm once a second with a
+//   copy that cannot succeed: src points nowhere).
+// - Prefetch (options.prefetch): whenever no message is waiting, owed pages are pushed in
+//   copies of options.prefetch_chunk bytes (one owed range at a time), continuing upward
+//   from each process's last fault and wrapping, processes in turn. With
+//   options.prefetch_thread a second thread decompresses the next chunks ahead (two buffers);
+//   the loop never waits for it: it polls the uffds between copies and a fault always goes
+//   first.
+// - A process whose owed set becomes empty has its uffd closed at once (the kernel then
+//   treats its areas as plain memory: no fault can need the server any more); run() returns
+//   when no process is left.
+//
+// Safety:
+// - A page the server cannot serve correctly (the store throws: a corrupt frame, a read
+//   error; or a fill fails with an unexpected errno) is never replaced by a zero page: the
+//   process is killed with SIGKILL through its pidfd and the message
+//   "page server: pid N: <what failed>; killed the process rather than serve wrong memory"
+//   is logged (log::write, error level) and kept in stats().errors. Its uffd stays open, its
+//   faults unanswered, until its pidfd reports the exit, so that nothing (not even a system
+//   call copying from a lazy buffer while the kill is delivered) reads a zero page there.
+//   A forked child whose pid was never found cannot be killed: its faults stay unanswered.
+// - stop(), or a PageServer destroyed while pages are still owed, kills the processes that
+//   still owe pages, with a message, for the same reason.
+// - Guardian (start_guardian()): if the server itself dies (crash, SIGKILL, OOM) while it
+//   holds the only reference to a uffd, the kernel unregisters the areas and the processes
+//   read zero pages in place of their data. The guardian is a small process forked from the
+//   server process (raw system calls only: the server may have threads) that receives over a
+//   unix socket (SCM_RIGHTS) a duplicate of every uffd and pidfd the server holds, including
+//   forked children's, and a "released" note when the server closes one. It watches the
+//   server through a pidfd and the socket. If the server dies before it said it finished,
+//   the guardian SIGKILLs every process whose uffd it still holds (and, when some forked
+//   child's pid was never found, every descendant of that child's parent), writes
+//   "lazycr guardian: the page server (pid N) died before it finished; killed pid A, B rather
+//   than let them read zero pages in place of their memory" to its log fd (stderr by
+//   default), waits for them to exit, and only then closes the uffds. When run() ends
+//   normally the server tells the guardian, which exits; the server reaps it.
+//   The guardian's copies also keep a released process's areas registered until the
+//   guardian has closed its copy: faults in that moment wait, they never read zeros.
+//
+// Threads: run() serves on the calling thread (plus the prefetch thread it owns); stop() may
+// be called from any thread or a signal handler; everything else before run() or after it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+#include "image-format/page_store.h"
+
+namespace lazycr::uffd {
+
+struct LazyArea {
+  uint64_t start = 0;  // page aligned
+  uint64_t end = 0;    // page aligned, > start
+};
+
+struct PageServerOptions {
+  uint64_t window = 64 * 1024;             // bytes copied per fault (page multiple, >= 4096)
+  bool prefetch = true;                    // push owed pages while no fault is waiting
+  uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch copy (page multiple)
+  bool prefetch_thread = true;             // decompress ahead on a second thread
+  int guardian_log_fd = 2;                 // where the guardian writes its message
+};
+
+// Every time is in nanoseconds from the start of run(); -1 when it did not happen.
+struct PageServerStats {
+  int64_t first_fault_ns = -1;     // the first fault message read
+  int64_t all_served_ns = -1;      // nothing owed any more, anywhere
+  int64_t run_ns = 0;              // run() from start to return
+  uint64_t processes = 0;          // added + forked children
+  uint64_t faults = 0;             // PAGEFAULT messages
+  uint64_t fault_pages = 0;        // pages copied to answer faults (whole windows)
+  uint64_t prefetch_pages = 0;     // pages copied by prefetch
+  uint64_t zero_pages = 0;         // pages filled by UFFDIO_ZEROPAGE (ZERO runs, and pages not owed)
+  uint64_t not_owed_faults = 0;    // faults on pages not owed (answered with a zero page)
+  uint64_t dropped_pages = 0;      // owed pages dropped by REMOVE / UNMAP / exit / kill / ESRCH
+  uint64_t copy_ioctls = 0;        // UFFDIO_COPY + UFFDIO_ZEROPAGE calls that filled something
+  uint64_t eexist = 0, eagain = 0, enoent = 0;  // fill answers
+  uint64_t bytes_decompressed = 0;  // by the stores during run()
+  uint64_t events_fork = 0, events_remap = 0, events_remove = 0, events_unmap = 0;
+  uint64_t exits = 0;               // processes seen exiting (pidfd) or gone (ESRCH)
+  uint64_t children_found = 0;      // forked children whose pid was found
+  uint64_t killed = 0;              // processes killed rather than served wrong memory
+  std::vector<uint32_t> fault_latency_ns;  // per fault: message read -> fill returned
+  std::vector<std::string> errors;         // one line per killed process
+
+  // The q-quantile (0..1) of fault_latency_ns, 0 when there was no fault.
+  uint64_t latency_ns(double q) const;
+};
+
+class PageServer {
+ public:
+  explicit PageServer(PageServerOptions options = {});
+  // Kills the processes that still owe pages (see Safety), tells the guardian, closes all.
+  ~PageServer();
+  PageServer(const PageServer&) = delete;
+  PageServer& operator=(const PageServer&) = delete;
+
+  // Serves process `pid` (> 0) through `uffd` (its file status is made O_NONBLOCK), watching
+  // `pidfd` for its exit. It owes every page of `store` (DATA or ZERO runs) inside `areas`;
+  // pages of the areas not in the store are zero-filled on fault. Throws Error on a bad
+  // argument (areas unaligned or overlapping) before taking anything.
+  void add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
+                   std::shared_ptr<const image::PageStoreReader> store,
+                   const std::vector<LazyArea>& areas);
+
+  // Forks the guardian (see Safety) and hands it the processes added so far; later ones are
+  // handed over as they come. Call before run().
+  void start_guardian();
+  pid_t guardian_pid() const;
+
+  // Serves until nothing is owed anywhere and no process needs the server (each uffd is
+  // closed as its process stops owing), or until stop(). Throws Error only for failures of
+  // the server itself (epoll, eventfd); a process the server cannot serve is killed and
+  // reported in stats().errors instead.
+  const PageServerStats& run();
+  // Makes run() return soon; the processes still owed pages are killed. Async-signal-safe.
+  void stop();
+
+  uint64_t owed_pages() const;  // over all processes (not while run() is running)
+  const PageServerStats& stats() const;
+  // One paragraph for people: what was served, how fast, what went wrong.
+  std::string summary() const;
+  // The stats as JSON (common/json.h); throws Error naming the path on failure.
+  void write_stats_json(const std::string& path) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lazycr::uffd
