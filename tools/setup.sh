@@ -31,11 +31,13 @@ install_missing() {
   fi
 }
 
-build() { # build DIR [cmake args...]
-  local dir=$1
+build() { # build DIR [cmake args...] [-- targets...]
+  local dir=$1 args=() targets=()
   shift
-  cmake -S "$here" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
-  cmake --build "$dir" -j "$jobs"
+  while (($#)) && [ "$1" != "--" ]; do args+=("$1"); shift; done
+  if (($#)); then shift; targets=(--target "$@"); fi
+  cmake -S "$here" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "${args[@]}" >/dev/null
+  cmake --build "$dir" -j "$jobs" "${targets[@]}"
 }
 
 install_missing
@@ -57,7 +59,8 @@ case "$mode" in
     (cd "$here/build-asan" && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
       ctest --output-on-failure -j "$jobs" -L unit)
     # libFuzzer targets (clang), a short run each from a seed corpus the tests generate.
-    CC=clang CXX=clang++ build "$here/build-fuzz" -DLAZYCR_FUZZ=ON -DLAZYCR_BENCH=OFF
+    CC=clang CXX=clang++ build "$here/build-fuzz" -DLAZYCR_FUZZ=ON -DLAZYCR_BENCH=OFF \
+      -- page_store_fuzz image_dir_fuzz make_seed_corpus
     (cd "$here/build-fuzz" && ctest --output-on-failure -L fuzz)
     echo "setup: all tests passed"
     ;;
