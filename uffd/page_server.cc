@@ -52,23 +52,48 @@ int64_t now_ns() {
       .count();
 }
 
-// The parent pid of `pid` from /proc/PID/stat, or -1.
-pid_t parent_of(pid_t pid) {
+struct ProcStat {
+  pid_t ppid = -1;
+  uint64_t start_ticks = 0;  // since boot, in clock ticks
+};
+
+// Fields of /proc/PID/stat, or nullopt when the process is gone.
+std::optional<ProcStat> read_stat(pid_t pid) {
   std::ifstream in(cat("/proc/", pid, "/stat"));
   std::string line;
-  if (!std::getline(in, line)) return -1;
+  if (!std::getline(in, line)) return std::nullopt;
   size_t close = line.rfind(')');  // comm may hold spaces and parentheses
-  if (close == std::string::npos) return -1;
+  if (close == std::string::npos) return std::nullopt;
   std::istringstream rest(line.substr(close + 1));
-  std::string state;
-  long ppid = -1;
-  rest >> state >> ppid;
-  return rest ? static_cast<pid_t>(ppid) : -1;
+  std::string field;
+  ProcStat st;
+  // Fields 3 (state) .. 22 (starttime).
+  for (int f = 3; f <= 22 && rest >> field; ++f) {
+    if (f == 4) st.ppid = static_cast<pid_t>(std::strtol(field.c_str(), nullptr, 10));
+    if (f == 22) st.start_ticks = std::strtoull(field.c_str(), nullptr, 10);
+  }
+  if (!rest) return std::nullopt;
+  return st;
 }
 
-// Every process whose parent is `parent` (a scan of /proc: no CONFIG_PROC_CHILDREN here).
-std::vector<pid_t> children_of(pid_t parent) {
-  std::vector<pid_t> out;
+pid_t parent_of(pid_t pid) {
+  auto st = read_stat(pid);
+  return st ? st->ppid : -1;
+}
+
+// The boot-time clock in the ticks of /proc/PID/stat's starttime.
+uint64_t boot_ticks() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_BOOTTIME, &ts);
+  const long hz = ::sysconf(_SC_CLK_TCK);
+  return static_cast<uint64_t>(ts.tv_sec) * static_cast<uint64_t>(hz) +
+         static_cast<uint64_t>(ts.tv_nsec) / (1'000'000'000ull / static_cast<uint64_t>(hz));
+}
+
+// Every process whose parent is `parent`, with its start time (a scan of /proc: there is no
+// CONFIG_PROC_CHILDREN on our kernel, so no /proc/PID/task/TID/children).
+std::vector<std::pair<pid_t, uint64_t>> children_of(pid_t parent) {
+  std::vector<std::pair<pid_t, uint64_t>> out;
   if (parent <= 0) return out;
   DIR* dir = ::opendir("/proc");
   if (dir == nullptr) return out;
@@ -76,10 +101,17 @@ std::vector<pid_t> children_of(pid_t parent) {
     char* end = nullptr;
     long pid = std::strtol(d->d_name, &end, 10);
     if (pid <= 0 || end == d->d_name || *end != 0) continue;
-    if (parent_of(static_cast<pid_t>(pid)) == parent) out.push_back(static_cast<pid_t>(pid));
+    auto st = read_stat(static_cast<pid_t>(pid));
+    if (st && st->ppid == parent) out.emplace_back(static_cast<pid_t>(pid), st->start_ticks);
   }
   ::closedir(dir);
   std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<pid_t> pids_of(const std::vector<std::pair<pid_t, uint64_t>>& v) {
+  std::vector<pid_t> out;
+  for (const auto& [pid, start] : v) out.push_back(pid);
   return out;
 }
 
@@ -117,8 +149,10 @@ struct PageServer::Impl {
     pid_t pid = 0;             // 0: a forked child whose pid is not found yet
     uint64_t parent_id = 0;    // forked children: the process they forked from
     pid_t parent_pid = 0;      // its pid when known
-    bool have_siblings = false;
-    std::vector<pid_t> siblings;  // the parent's children when the FORK event was applied
+    // Children of this process that are not its forks seen through the uffd: those it had
+    // when handed to the server (sorted). A forked child inherits its parent's list.
+    std::vector<pid_t> preexisting;
+    uint64_t fork_ticks = 0;  // forked children: boot clock (ticks) when the event was read
     Userfaultfd uffd;
     UniqueFd pidfd;
     std::shared_ptr<const image::PageStoreReader> store;
@@ -163,6 +197,7 @@ struct PageServer::Impl {
   int64_t t0 = 0;
   int64_t next_resolve = 0, resolve_backoff = 1'000'000, next_probe = 0;
   uint64_t rr_last = 0;  // round robin of prefetch: the last process served
+  std::set<pid_t> seen_pids;  // every pid the server ever served (found children too)
   std::map<const image::PageStoreReader*,
            std::pair<std::shared_ptr<const image::PageStoreReader>, uint64_t>>
       stores;  // bytes decompressed at the start of run()
@@ -301,12 +336,6 @@ struct PageServer::Impl {
 
   // ---- pids of forked children ---------------------------------------------------------------
 
-  bool pid_known(pid_t pid) const {
-    for (const auto& [id, p] : procs)
-      if (p->pid == pid) return true;
-    return false;
-  }
-
   bool unresolved() const {
     for (const auto& [id, p] : procs)
       if (p->pid == 0 && !p->gone) return true;
@@ -329,11 +358,14 @@ struct PageServer::Impl {
       int same_parent = 0;
       for (const auto& [oid, o] : procs)
         if (o->pid == 0 && !o->gone && o->parent_pid == p.parent_pid) ++same_parent;
+      // The child: a child of the parent that the server never knew, that the parent did
+      // not have before the server, started no earlier than the event (ticks are coarse:
+      // 10 ms; this also skips vfork/posix_spawn children, which share the mm and make no
+      // FORK event).
       std::vector<pid_t> candidates;
-      for (pid_t c : children_of(p.parent_pid)) {
-        if (pid_known(c)) continue;
-        if (p.have_siblings && std::binary_search(p.siblings.begin(), p.siblings.end(), c))
-          continue;
+      for (const auto& [c, start] : children_of(p.parent_pid)) {
+        if (seen_pids.count(c) || start + 1 < p.fork_ticks) continue;
+        if (std::binary_search(p.preexisting.begin(), p.preexisting.end(), c)) continue;
         candidates.push_back(c);
       }
       if (candidates.size() != 1 || same_parent != 1) {
@@ -347,6 +379,7 @@ struct PageServer::Impl {
         continue;
       }
       p.pid = c;
+      seen_pids.insert(c);
       p.pidfd = std::move(fd);
       watch(p.pidfd.get(), p.id << 2 | 1);
       guardian.set_pid(p.id, p.pid, p.pidfd.get());
@@ -388,10 +421,8 @@ struct PageServer::Impl {
         child->owed = p.owed;  // what the parent owed at this moment
         child->cursor = p.cursor;
         child->killed = p.killed;  // a killed parent's fork is cancelled by the kill
-        if (p.pid > 0) {
-          child->siblings = children_of(p.pid);
-          child->have_siblings = true;
-        }
+        child->preexisting = p.preexisting;
+        child->fork_ticks = boot_ticks();
         add(std::move(child));
         next_resolve = now_ns() + 1'000'000;
         resolve_backoff = 1'000'000;
@@ -891,6 +922,8 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
     }
   }
   p->cursor = p->owed.first() ? p->owed.first()->start : 0;
+  p->preexisting = pids_of(children_of(pid));
+  impl_->seen_pids.insert(pid);
   p->store = std::move(store);
   impl_->add(std::move(p));
 }

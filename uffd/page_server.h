@@ -31,14 +31,17 @@
 // - FORK: the child's uffd arrives in the message (installed in this process by the read);
 //   the child owes a copy of what the parent owed then. Its pid is not known yet: the kernel
 //   holds the forking thread inside copy_process() until the event is read, before the child
-//   has a pid. (/proc/PID/task/TID/children does not exist on our kernel: no
-//   CONFIG_PROC_CHILDREN.) So the server notes the parent's children at the event and, once
-//   the fork has returned, looks for a process whose parent is that process and that is not
-//   among them nor known to the server (a scan of /proc/*/stat, off the fault path, retried
-//   with a backoff of 1 ms .. 64 ms and on each message from the child's uffd). Two forks of
-//   one process in flight at once are told apart only if one of them is found first. Found:
-//   pidfd_open, exit seen as for any process. Not found: the child is still served, and
-//   dropped when a fill answers ESRCH.
+//   has a pid, and lets it go on as soon as the event is read. (/proc/PID/task/TID/children
+//   does not exist on our kernel: no CONFIG_PROC_CHILDREN.) So once the fork has returned
+//   (on each message from the child's uffd, and on a 1 ms .. 64 ms backoff), the server scans
+//   /proc/*/stat for a child of that parent that the server never served, that the parent
+//   did not already have when it was handed to the server, and that started no earlier than
+//   the event (start times are in 10 ms ticks; this also rules out vfork/posix_spawn
+//   children, which share the mm and make no FORK event). Exactly one such candidate, and
+//   one unresolved fork of that parent: pidfd_open, checked to still be that parent's child.
+//   Two forks of one process in flight at once are told apart only once one is found.
+//   Not found: the child is still served, and dropped when a fill or the idle mm probe
+//   answers ESRCH.
 // - REMAP (mremap): owed ranges in [from, from+len) move to [to, to+len) keeping their
 //   sources. The UNMAP of the old range that follows no longer covers them.
 // - REMOVE (MADV_DONTNEED, MADV_REMOVE, ...) and UNMAP: the range is no longer owed; later
