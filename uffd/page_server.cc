@@ -470,9 +470,9 @@ struct PageServer::Impl {
       while (!p.faults.empty() && !p.killed && !p.gone) {
         auto [m, t] = p.faults.front();
         p.faults.pop_front();
-        serve_fault(p, m);
+        const int64_t woken = serve_fault(p, m);
         ++stats.faults;
-        const int64_t lat = now_ns() - t;
+        const int64_t lat = woken - t;
         stats.fault_latency_ns.push_back(
             static_cast<uint32_t>(std::min<int64_t>(lat, UINT32_MAX)));
       }
@@ -483,50 +483,47 @@ struct PageServer::Impl {
 
   // ---- serving ------------------------------------------------------------------------------
 
-  void serve_fault(Proc& p, const uffd_msg& m) {
+  // Serves one fault; returns when the faulting thread was woken (or, if it was not, now).
+  // An owed page's window is read from the store at once, but the faulting page is filled
+  // first, alone: UFFDIO_COPY wakes the thread only when the whole ioctl is done, so a
+  // 64 KiB copy would make it wait for 16 page allocations. The rest of the window follows
+  // (upward first), while the thread already runs.
+  int64_t serve_fault(Proc& p, const uffd_msg& m) {
     const uint64_t addr = m.arg.pagefault.address & ~(kPage - 1);
     p.cursor = addr;
-    bool single = false;
     const int64_t start = now_ns();
     for (;;) {
-      if (p.killed || p.gone) return;
+      if (p.killed || p.gone) return now_ns();
       const auto r = p.owed.find(addr);
-      uint64_t ws = addr, len = kPage;
-      bool zero = true;
+      uint64_t ws = addr, we = addr + kPage;
+      const bool zero = !r || r->tag == kTagZero;
       if (r) {
-        const uint64_t block = single ? kPage : opt.window;
-        const uint64_t bs = addr - addr % block;
+        const uint64_t bs = addr - addr % opt.window;
         ws = std::max(r->start, bs);
-        len = std::min(r->end, bs + block) - ws;
-        zero = r->tag == kTagZero;
-        if (!zero) p.store->read(r->src_of(ws), len / kPage, window_buf.get());
+        we = std::min(r->end, bs + opt.window);
+        if (!zero) p.store->read(r->src_of(ws), (we - ws) / kPage, window_buf.get());
       }
-      const long res = zero ? p.uffd.zeropage(ws, len) : p.uffd.copy(ws, window_buf.get(), len);
+      const char* page = window_buf.get() + (addr - ws);
+      const long res = zero ? p.uffd.zeropage(addr, kPage) : p.uffd.copy(addr, page, kPage);
       if (res > 0) {
-        const uint64_t done = static_cast<uint64_t>(res);
+        const int64_t woken = now_ns();
         ++stats.copy_ioctls;
-        if (zero) {
-          stats.zero_pages += done / kPage;
-        } else {
-          stats.fault_pages += done / kPage;
-        }
+        (zero ? stats.zero_pages : stats.fault_pages) += 1;
         if (r) {
-          p.owed.erase(ws, ws + done);
+          p.owed.erase(addr, addr + kPage);
+          fill_window_rest(p, addr + kPage, we, ws, zero);
+          fill_window_rest(p, ws, addr, ws, zero);
           note_if_all_served();
         } else {
           ++stats.not_owed_faults;
         }
-        if (addr < ws + done) return;  // woken by the fill
-        continue;                      // stopped at a present page before addr
+        return woken;
       }
-      if (res == -EEXIST) {
+      if (res == -EEXIST) {  // someone filled it: a failed fill wakes nobody
         ++stats.eexist;
-        if (r) p.owed.erase(ws, ws + kPage);  // present already: nothing to serve there
-        if (!r || ws == addr) {
-          p.uffd.wake(addr, kPage);
-          return;
-        }
-        continue;
+        if (r) p.owed.erase(addr, addr + kPage);
+        p.uffd.wake(addr, kPage);
+        return now_ns();
       }
       if (res == -EAGAIN) {
         ++stats.eagain;
@@ -537,19 +534,39 @@ struct PageServer::Impl {
       }
       if (res == -ESRCH || res == -ENOSPC) {
         gone(p);
-        return;
+        return now_ns();
       }
-      if (res == -ENOENT) {
+      if (res == -ENOENT) {  // no registered area there any more
         ++stats.enoent;
-        if (r && len > kPage && !single) {  // the window crosses a VMA edge: A's page alone
-          single = true;
-          continue;
-        }
         if (r) stats.dropped_pages += p.owed.erase(addr, addr + kPage);
         p.uffd.wake(addr, kPage);
-        return;
+        return now_ns();
       }
-      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(ws), " answered ", res);
+      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(addr), " answered ", res);
+    }
+  }
+
+  // Fills [from, to) of a fault's window (window_buf holds the window from `ws`). Anything
+  // unusual just stops it: what is left stays owed for a later fault or prefetch.
+  void fill_window_rest(Proc& p, uint64_t from, uint64_t to, uint64_t ws, bool zero) {
+    if (from >= to || p.gone) return;
+    const long res = zero ? p.uffd.zeropage(from, to - from)
+                          : p.uffd.copy(from, window_buf.get() + (from - ws), to - from);
+    if (res > 0) {
+      ++stats.copy_ioctls;
+      (zero ? stats.zero_pages : stats.fault_pages) += static_cast<uint64_t>(res) / kPage;
+      p.owed.erase(from, from + static_cast<uint64_t>(res));
+    } else if (res == -EEXIST) {
+      ++stats.eexist;
+      p.owed.erase(from, from + kPage);
+    } else if (res == -ESRCH || res == -ENOSPC) {
+      gone(p);
+    } else if (res == -EAGAIN) {
+      ++stats.eagain;
+    } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
+      ++stats.enoent;
+    } else {
+      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(from), " answered ", res);
     }
   }
 
