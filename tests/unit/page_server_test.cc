@@ -584,6 +584,56 @@ TEST_F(PageServerTest, PrefetchAndFaultsTogether) {
   }
 }
 
+// An mprotect splits the area into VMAs inside one owed range: windows and prefetch chunks
+// that cross the edge answer ENOENT and are cut, nothing is lost. And a system call reading a
+// lazy page (kernel-mode access) faults it in like the program would.
+void split_and_syscall(const ChildIo& io) {
+  if (::mprotect(at(10), 2 * P, PROT_READ) != 0 || ::mprotect(at(301), P, PROT_READ) != 0)
+    return say(io.report, "FAIL mprotect\n");
+  int fds[2];
+  if (::pipe(fds) != 0) return say(io.report, "FAIL pipe\n");
+  char buf[P];
+  if (::write(fds[1], at(400), P) != static_cast<ssize_t>(P) ||
+      ::read(fds[0], buf, P) != static_cast<ssize_t>(P))
+    return say(io.report, "FAIL write(2) from a lazy page\n");
+  if (!holds(buf, 400)) return say(io.report, "FAIL write(2) copied wrong content\n");
+  touch_all(io);
+}
+
+TEST_F(PageServerTest, AreaSplitByMprotectAndKernelAccess) {
+  for (bool prefetch : {false, true}) {
+    PageServerOptions opt = no_prefetch();
+    opt.prefetch = prefetch;
+    opt.prefetch_thread = false;
+    Outcome o = serve(split_and_syscall, opt);
+    EXPECT_EQ(o.report, "ok\n") << "prefetch " << prefetch;
+    EXPECT_TRUE(exited_ok(o.status));
+    EXPECT_TRUE(o.stats.errors.empty());
+    EXPECT_GT(o.stats.enoent, 0u) << "no fill crossed a VMA edge: the test lost its point";
+  }
+}
+
+// stop() while pages are owed: the process is killed (never left to read zero pages).
+TEST_F(PageServerTest, StopKillsProcessesStillOwedPages) {
+  Child ch = spawn([](const ChildIo& io) {
+    wait_cmd(io.cmd);
+    check_range(io.report, 0, kPages, "after stop");
+  });
+  PageServer server(no_prefetch());
+  server.add_process(ch.pid, pull_uffd(ch), dup_fd(ch.pidfd.get()), open_store(g_store_path),
+                     {{kBase, kBase + kLen}});
+  ch.send('g');
+  server.stop();
+  server.run();
+  ch.send('c');
+  EXPECT_EQ(ch.read_report(), "");
+  const int status = ch.wait();
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << status;
+  ASSERT_EQ(server.stats().errors.size(), 1u);
+  EXPECT_NE(server.stats().errors[0].find("page server stopped with"), std::string::npos)
+      << server.stats().errors[0];
+}
+
 // A process that exits while pages are owed: its state is freed and run() returns.
 TEST_F(PageServerTest, ExitWhileOwedEndsTheRun) {
   Outcome o = serve([](const ChildIo& io) { check_range(io.report, 0, 4, "few"); }, no_prefetch());
