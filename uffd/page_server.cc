@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/kcmp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -123,9 +124,26 @@ bool mm_alive(int fd, uint64_t dst) {
   c.dst = dst;
   c.src = 0;
   c.len = kPage;
-  if (::ioctl(fd, UFFDIO_COPY, &c) == 0) return true;
-  const int err = c.copy < 0 ? static_cast<int>(-c.copy) : errno;
-  return err != ESRCH && err != ENOSPC;
+  for (int tries = 0;; ++tries) {
+    c.copy = 0;
+    if (::ioctl(fd, UFFDIO_COPY, &c) == 0) return true;
+    const int err = c.copy < 0 ? static_cast<int>(-c.copy) : errno;
+    if (err == EAGAIN && tries < 100) {  // checked before the mm: ask again
+      ::sched_yield();
+      continue;
+    }
+    return err != ESRCH && err != ENOSPC;
+  }
+}
+
+// Do two processes share one mm (CLONE_VM: vfork, posix_spawn)? False when unknown.
+bool same_mm(pid_t a, pid_t b) {
+  return ::syscall(SYS_kcmp, a, b, KCMP_VM, 0, 0) == 0;
+}
+
+uint64_t probe_address(const OwedSet& owed) {
+  auto first = owed.first();
+  return first ? first->start : 0x10000;
 }
 
 std::string hexs(uint64_t v) {
@@ -366,6 +384,7 @@ struct PageServer::Impl {
       for (const auto& [c, start] : children_of(p.parent_pid)) {
         if (seen_pids.count(c) || start + 1 < p.fork_ticks) continue;
         if (std::binary_search(p.preexisting.begin(), p.preexisting.end(), c)) continue;
+        if (same_mm(c, p.parent_pid)) continue;  // vfork/posix_spawn: no FORK event
         candidates.push_back(c);
       }
       if (candidates.size() != 1 || same_parent != 1) {
@@ -400,11 +419,26 @@ struct PageServer::Impl {
     for (auto& [id, p] : procs) {
       if (p->gone) continue;
       if (opt.prefetch && p->pidfd && !p->killed) continue;
-      auto first = p->owed.first();
-      const uint64_t dst = first ? first->start : 0x10000;
-      if (!mm_alive(p->uffd.fd(), dst)) gone(*p);
+      if (!mm_alive(p->uffd.fd(), probe_address(p->owed))) gone(*p);
     }
     next_probe = now_ns() + kProbeIntervalNs;
+  }
+
+  // The pidfd says the process exited. Its mm is gone then (exit_mm comes before the
+  // notification), unless the pid was not this uffd's process after all (a forked child
+  // matched to the wrong pid): then its uffd must not be closed under the real one.
+  void exited(Proc& p) {
+    if (p.killed || !mm_alive(p.uffd.fd(), probe_address(p.owed))) return gone(p);
+    unwatch(p.pidfd.get());
+    p.pidfd.reset();
+    log::warn("page server: ", p.name(), " exited but its mm lives on: ",
+              p.parent_id ? "it was not the forked child; looking again"
+                          : "serving it until its mm is gone");
+    if (p.parent_id != 0) {
+      p.pid = 0;
+      next_resolve = now_ns();
+      resolve_backoff = 1'000'000;
+    }
   }
 
   // ---- events -------------------------------------------------------------------------------
@@ -424,7 +458,7 @@ struct PageServer::Impl {
         child->preexisting = p.preexisting;
         child->fork_ticks = boot_ticks();
         add(std::move(child));
-        next_resolve = now_ns() + 1'000'000;
+        next_resolve = now_ns();  // first try at once (after this batch), then back off
         resolve_backoff = 1'000'000;
         break;
       }
@@ -466,7 +500,9 @@ struct PageServer::Impl {
 
   void service(Proc& p) {
     try {
-      if (pull(p) > 0 && p.pid == 0) resolve_children();
+      // A message from a forked child: its fork has returned, so its pid can be found now
+      // (scans of /proc are rate-limited by the backoff).
+      if (pull(p) > 0 && p.pid == 0 && now_ns() >= next_resolve) resolve_children();
       while (!p.faults.empty() && !p.killed && !p.gone) {
         auto [m, t] = p.faults.front();
         p.faults.pop_front();
@@ -869,7 +905,7 @@ struct PageServer::Impl {
         busy = true;
         if (key & 1) {
           if (!p.gone) service(p);  // take what it left (a FORK event, say) first
-          gone(p);                  // exited: its mm is gone
+          if (!p.gone) exited(p);
         } else if (!p.gone) {
           service(p);
         }

@@ -42,9 +42,11 @@
 //   (on each message from the child's uffd, and on a 1 ms .. 64 ms backoff), the server scans
 //   /proc/*/stat for a child of that parent that the server never served, that the parent
 //   did not already have when it was handed to the server, and that started no earlier than
-//   the event (start times are in 10 ms ticks; this also rules out vfork/posix_spawn
-//   children, which share the mm and make no FORK event). Exactly one such candidate, and
-//   one unresolved fork of that parent: pidfd_open, checked to still be that parent's child.
+//   the event (start times are in 10 ms ticks), and that does not share the parent's mm
+//   (kcmp KCMP_VM: vfork/posix_spawn children make no FORK event). Exactly one such
+//   candidate, and one unresolved fork of that parent: pidfd_open, checked to still be that
+//   parent's child. Should the pid still be the wrong one, no harm follows: when a pidfd
+//   reports an exit, the uffd's mm is probed first, and a live mm is not let go.
 //   Two forks of one process in flight at once are told apart only once one is found.
 //   Not found: the child is still served, and dropped when a fill or the idle mm probe
 //   answers ESRCH.
@@ -52,7 +54,8 @@
 //   sources. The UNMAP of the old range that follows no longer covers them.
 // - REMOVE (MADV_DONTNEED, MADV_REMOVE, ...) and UNMAP: the range is no longer owed; later
 //   faults there get zero pages, never the image's old content.
-// - Exit: the pidfd becomes readable (there is no EXIT uffd event on this kernel): state freed.
+// - Exit: the pidfd becomes readable (there is no EXIT uffd event on this kernel): once a
+//   probe confirms the mm is gone, the state is freed.
 //   A process that execs keeps its pid but drops its mm: a fill answers ESRCH (prefetch finds
 //   it; with prefetch off the server probes each idle process's mm once a second with a
 //   copy that cannot succeed: src points nowhere).
@@ -92,6 +95,9 @@
 //   normally the server tells the guardian, which exits; the server reaps it.
 //   The guardian's copies also keep a released process's areas registered until the
 //   guardian has closed its copy: faults in that moment wait, they never read zeros.
+//   It holds at most 4096 processes at once (a static table: it may not allocate); beyond
+//   that a process is served without its safety net. If the guardian dies, the server goes
+//   on without it (one warning).
 //
 // Threads: run() serves on the calling thread (plus the prefetch thread it owns); stop() may
 // be called from any thread or a signal handler; everything else before run() or after it.
