@@ -45,8 +45,9 @@
 //   the event (start times are in 10 ms ticks), and that does not share the parent's mm
 //   (kcmp KCMP_VM: vfork/posix_spawn children make no FORK event). Exactly one such
 //   candidate, and one unresolved fork of that parent: pidfd_open, checked to still be that
-//   parent's child. Should the pid still be the wrong one, no harm follows: when a pidfd
-//   reports an exit, the uffd's mm is probed first, and a live mm is not let go.
+//   parent's child. Should the pid still be the wrong one, the uffd is not closed under the
+//   real child: when a pidfd reports an exit, the uffd's mm is probed first, and a live mm is
+//   not let go. (A kill for a corrupt frame would reach the wrong pid, though.)
 //   Two forks of one process in flight at once are told apart only once one is found.
 //   Not found: the child is still served, and dropped when a fill or the idle mm probe
 //   answers ESRCH.
