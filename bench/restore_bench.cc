@@ -159,7 +159,8 @@ Row measure(const std::string& name, const std::vector<std::string>& target_args
     int o[2], e[2];
     if (pipe2(o, O_CLOEXEC) != 0 || pipe2(e, O_CLOEXEC) != 0) die("pipe");
     double t0 = now_ms();
-    pid_t lz = spawn({LAZYCR_BIN, "-v", "restore", "-D", dir, "--shell-job", "--detach"}, o[1], e[1]);
+    pid_t lz =
+        spawn({LAZYCR_BIN, "-v", "restore", "-D", dir, "--shell-job", "--detach"}, o[1], e[1]);
     close(o[1]);
     close(e[1]);
     std::string pid_line = read_line(o[0]);
@@ -219,24 +220,28 @@ int main(int argc, char** argv) {
 
   std::vector<Row> rows;
   for (int mib : sizes) {
-    Row r = measure(std::to_string(mib) + " MiB state_target",
-                    {std::string(LAZYCR_TARGETS_DIR) + "/state_target", "--mib", std::to_string(mib)},
-                    runs);
+    Row r = measure(
+        std::to_string(mib) + " MiB state_target",
+        {std::string(LAZYCR_TARGETS_DIR) + "/state_target", "--mib", std::to_string(mib)}, runs);
     r.resident_mib = mib;
     rows.push_back(r);
   }
   if (areas > 0) {
-    Row r = measure(std::to_string(areas) + "-area areas_target",
-                    {std::string(LAZYCR_TARGETS_DIR) + "/areas_target", "--areas", std::to_string(areas)},
-                    runs);
+    Row r = measure(
+        std::to_string(areas) + "-area areas_target",
+        {std::string(LAZYCR_TARGETS_DIR) + "/areas_target", "--areas", std::to_string(areas)},
+        runs);
     rows.push_back(r);
   }
 
-  std::printf("restore_bench: median of %d runs; restore = command start to process running "
-              "(--detach returns), verified = to the target's \"verified ok\"\n\n", runs);
-  std::printf("| target | areas | image MiB | restore ms | verified ms | validate ms | memory ms | "
-              "pages written | fill MiB/s | injected syscalls | ptrace round trips | "
-              "round trips ms | us/round trip |\n");
+  std::printf(
+      "restore_bench: median of %d runs; restore = command start to process running "
+      "(--detach returns), verified = to the target's \"verified ok\"\n\n",
+      runs);
+  std::printf(
+      "| target | areas | image MiB | restore ms | verified ms | validate ms | memory ms | "
+      "pages written | fill MiB/s | injected syscalls | ptrace round trips | "
+      "round trips ms | us/round trip |\n");
   std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : rows) {
     auto col = [&](double Sample::*m) {
@@ -247,12 +252,13 @@ int main(int argc, char** argv) {
     double pages = col(&Sample::pages), mem = col(&Sample::memory_ms);
     double inj = col(&Sample::injected), trips = col(&Sample::round_trips);
     double inj_ms = col(&Sample::inject_ms);
-    std::printf("| %s | %llu | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.0f | %.0f | "
-                "%.1f | %.1f |\n",
-                r.name.c_str(), static_cast<unsigned long long>(r.areas), r.image_mib,
-                col(&Sample::restore_ms), col(&Sample::verified_ms), col(&Sample::validate_ms), mem,
-                pages, mem > 0 ? pages * 4096 / 1048576.0 / (mem / 1000) : 0, inj, trips, inj_ms,
-                trips > 0 ? inj_ms * 1000 / trips : 0);
+    std::printf(
+        "| %s | %llu | %.1f | %.1f | %.1f | %.1f | %.1f | %.0f | %.0f | %.0f | %.0f | "
+        "%.1f | %.1f |\n",
+        r.name.c_str(), static_cast<unsigned long long>(r.areas), r.image_mib,
+        col(&Sample::restore_ms), col(&Sample::verified_ms), col(&Sample::validate_ms), mem, pages,
+        mem > 0 ? pages * 4096 / 1048576.0 / (mem / 1000) : 0, inj, trips, inj_ms,
+        trips > 0 ? inj_ms * 1000 / trips : 0);
   }
   return 0;
 }

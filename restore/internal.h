@@ -22,10 +22,10 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts);
 // The new process, stopped by its own SIGSTOP and seized by us (PTRACE_O_TRACECLONE |
 // PTRACE_O_EXITKILL) but not yet waited for.
 struct Spawned {
-  pid_t pid = 0;        // as seen by us
-  pid_t vpid = 0;       // in its own PID namespace (the image's pid)
-  pid_t reaper = 0;     // --pidns: our child, PID 1 of the new namespace
-  UniqueFd pidfd;       // the new process
+  pid_t pid = 0;     // as seen by us
+  pid_t vpid = 0;    // in its own PID namespace (the image's pid)
+  pid_t reaper = 0;  // --pidns: our child, PID 1 of the new namespace
+  UniqueFd pidfd;    // the new process
   UniqueFd reaper_pidfd;
   UniqueFd reaper_ctl;  // --pidns: write end the reaper waits on ('D' = restored, detach)
 };

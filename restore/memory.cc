@@ -42,8 +42,7 @@ struct Segment {
 
 class EagerFiller final : public MemoryStrategy {
  public:
-  EagerFiller(const image::PageStoreReader& store, const cpu_set_t* helper_cpus)
-      : store_(store) {
+  EagerFiller(const image::PageStoreReader& store, const cpu_set_t* helper_cpus) : store_(store) {
     if (helper_cpus != nullptr) {
       helper_cpus_ = *helper_cpus;
       has_helper_cpus_ = true;
@@ -95,8 +94,8 @@ class EagerFiller final : public MemoryStrategy {
     std::vector<Plan> plans = plan_batches();
     for (auto& b : bufs_) {
       if (b != nullptr) continue;
-      void* p = ::mmap(nullptr, kBufferBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0);
+      void* p =
+          ::mmap(nullptr, kBufferBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (p == MAP_FAILED) fail_errno("cannot allocate a page write buffer");
       b = static_cast<char*>(p);
     }
@@ -196,8 +195,9 @@ class EagerFiller final : public MemoryStrategy {
           std::memset(buf + used, 0, bytes);
         else
           store_.read(piece.addr, piece.pages, buf + used);
-        if (!remote.empty() && reinterpret_cast<uint64_t>(remote.back().iov_base) +
-                                       remote.back().iov_len == piece.addr)
+        if (!remote.empty() &&
+            reinterpret_cast<uint64_t>(remote.back().iov_base) + remote.back().iov_len ==
+                piece.addr)
           remote.back().iov_len += bytes;
         else
           remote.push_back({reinterpret_cast<void*>(piece.addr), bytes});
@@ -215,9 +215,9 @@ class EagerFiller final : public MemoryStrategy {
   // of process_vm_writev calls.
   static uint64_t write_batch(pid_t pid, char* buf, size_t used, const std::vector<iovec>& remote) {
     uint64_t calls = 0;
-    size_t done = 0;  // bytes written so far
-    size_t ri = 0;    // first remote iovec not completely written
-    size_t rskip = 0; // bytes of remote[ri] already written
+    size_t done = 0;   // bytes written so far
+    size_t ri = 0;     // first remote iovec not completely written
+    size_t rskip = 0;  // bytes of remote[ri] already written
     while (done < used) {
       std::vector<iovec> rest(remote.begin() + static_cast<long>(ri), remote.end());
       rest[0].iov_base = static_cast<char*>(rest[0].iov_base) + rskip;

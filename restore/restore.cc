@@ -64,12 +64,15 @@ using image::MemoryArea;
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
 [[maybe_unused]] constexpr const char* kSteps[] = {
-    "validate",   "create",         "seize",         "pin",         "trampoline",
-    "rseq",       "close-fds",      "unmap",         "vdso",        "map-areas",
-    "fill",       "protect",        "mm",            "after-shaping", "process-state",
-    "sigactions", "fds",            "session",       "thread-state", "threads",
-    "thread-created", "signals",    "rlimits",       "unmap-trampoline", "registers",
-    "detach"};
+    "validate",     "create",        "seize",
+    "pin",          "trampoline",    "rseq",
+    "close-fds",    "unmap",         "vdso",
+    "map-areas",    "fill",          "protect",
+    "mm",           "after-shaping", "process-state",
+    "sigactions",   "fds",           "session",
+    "thread-state", "threads",       "thread-created",
+    "signals",      "rlimits",       "unmap-trampoline",
+    "registers",    "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
 // The trampoline mapping: code in its first page, then an arena for syscall arguments and
@@ -92,13 +95,13 @@ constexpr unsigned char kBatchCode[] = {
     0x53, 0x18, 0x4c, 0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f,
     0x05, 0x48, 0x89, 0x43, 0x38, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x09, 0x48, 0x83,
     0xc3, 0x40, 0x49, 0xff, 0xc5, 0xeb, 0xc9, 0x4c, 0x89, 0xe8, 0xeb, 0xba};
-constexpr uint64_t kTrampolineMargin = 1ull << 20;   // kept free on both sides
+constexpr uint64_t kTrampolineMargin = 1ull << 20;  // kept free on both sides
 constexpr uint64_t kSearchFrom = 1ull << 30;
-constexpr size_t kKernelSigactionSize = 32;      // handler, flags, restorer, mask
-constexpr uint64_t kRseqFlagUnregister = 1;      // RSEQ_FLAG_UNREGISTER
+constexpr size_t kKernelSigactionSize = 32;                // handler, flags, restorer, mask
+constexpr uint64_t kRseqFlagUnregister = 1;                // RSEQ_FLAG_UNREGISTER
 constexpr int kSsAutoDisarm = static_cast<int>(1u << 31);  // SS_AUTODISARM (Linux 4.7)
-constexpr unsigned long kThreadFlags = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND |
-                                       CLONE_THREAD | CLONE_SYSVSEM;
+constexpr unsigned long kThreadFlags =
+    CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
 
 uint64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -106,7 +109,9 @@ uint64_t now_ns() {
       .count();
 }
 
-bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+bool starts_with(const std::string& s, const std::string& p) {
+  return s.rfind(p, 0) == 0;
+}
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() &&
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -250,9 +255,8 @@ class Restoree final : public RemoteProcess {
   long call(ThreadCtl& c, const std::string& what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
             uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) {
     if (tramp_ == 0) fail(what, ": no trampoline");
-    long r = timed(c, [&] {
-      return c.t.syscall(tramp_, InjectMode::kTrapAfter, nr, a1, a2, a3, a4, a5, a6);
-    });
+    long r = timed(
+        c, [&] { return c.t.syscall(tramp_, InjectMode::kTrapAfter, nr, a1, a2, a3, a4, a5, a6); });
     if (r < 0 && r > -4096) {
       std::string where = &c == &threads_.front() ? std::string() : cat(" in thread ", c.vtid);
       fail_errno_value(static_cast<int>(-r), cat(what, where));
@@ -260,8 +264,8 @@ class Restoree final : public RemoteProcess {
     return r;
   }
 
-  long inject(const std::string& what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
-              uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) override {
+  long inject(const std::string& what, long nr, uint64_t a1 = 0, uint64_t a2 = 0, uint64_t a3 = 0,
+              uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) override {
     return call(leader(), what, nr, a1, a2, a3, a4, a5, a6);
   }
 
@@ -547,10 +551,10 @@ class AddressSpace {
       const char* flag;
       int advice;
     };
-    static const Advice kAdvice[] = {
-        {"hg", MADV_HUGEPAGE}, {"nh", MADV_NOHUGEPAGE},   {"dd", MADV_DONTDUMP},
-        {"dc", MADV_DONTFORK}, {"wf", MADV_WIPEONFORK},   {"sr", MADV_SEQUENTIAL},
-        {"rr", MADV_RANDOM},   {"mg", MADV_MERGEABLE}};
+    static const Advice kAdvice[] = {{"hg", MADV_HUGEPAGE},   {"nh", MADV_NOHUGEPAGE},
+                                     {"dd", MADV_DONTDUMP},   {"dc", MADV_DONTFORK},
+                                     {"wf", MADV_WIPEONFORK}, {"sr", MADV_SEQUENTIAL},
+                                     {"rr", MADV_RANDOM},     {"mg", MADV_MERGEABLE}};
     std::vector<Call> calls;
     for (size_t i = 0; i < areas_.size(); i++) {
       const MemoryArea* a = areas_[i];
@@ -611,8 +615,8 @@ class AddressSpace {
           std::string name = a->name().substr(7);
           if (ends_with(name, " (deleted)")) name.resize(name.size() - 10);
           path_addr = r_.push_string(name);
-          calls.push_back(make_call(cat("memfd_create(", name, ")"), SYS_memfd_create, path_addr,
-                                    MFD_CLOEXEC));
+          calls.push_back(
+              make_call(cat("memfd_create(", name, ")"), SYS_memfd_create, path_addr, MFD_CLOEXEC));
           memfd_sizes_[key] = a->file().size();
           break;
         }
@@ -749,8 +753,8 @@ class AddressSpace {
     int set = -1, clear = -1;  // madvise advice, -1: none
   };
   std::vector<const MemoryArea*> areas_;
-  std::vector<bool> in_run_;      // part of a run of areas that must stay apart
-  std::vector<Marker> marker_;    // the temporary mark of every other area of a run
+  std::vector<bool> in_run_;                     // part of a run of areas that must stay apart
+  std::vector<Marker> marker_;                   // the temporary mark of every other area of a run
   std::map<std::string, uint64_t> files_;        // key -> fd in the process
   std::map<std::string, uint64_t> memfd_sizes_;  // memfd key -> size
 };
@@ -869,8 +873,8 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job) {
     const auto& f = *fp;
     if (!f.restorable()) fail("fd ", num, " (", f.target(), ") cannot be restored");
     std::string path = f.file().path().empty() ? f.target() : f.file().path();
-    uint64_t flags = (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) |
-                     O_NOCTTY | (f.cloexec() ? O_CLOEXEC : 0);
+    uint64_t flags = (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY |
+                     (f.cloexec() ? O_CLOEXEC : 0);
     int lowest = 0;
     while (open.count(lowest)) lowest++;
     opens.push_back({calls.size(), lowest});
@@ -881,8 +885,8 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job) {
       calls.push_back(make_call(cat("dup3(", lowest, ", ", num, ")"), SYS_dup3,
                                 static_cast<uint64_t>(lowest), static_cast<uint64_t>(num),
                                 f.cloexec() ? O_CLOEXEC : 0));
-      calls.push_back(make_call(cat("close(", lowest, ")"), SYS_close,
-                                static_cast<uint64_t>(lowest)));
+      calls.push_back(
+          make_call(cat("close(", lowest, ")"), SYS_close, static_cast<uint64_t>(lowest)));
       open.erase(lowest);
       open.insert(num);
     }
@@ -925,8 +929,7 @@ void restore_pending(Restoree& r, const image::Process& p) {
     if (&c == &r.leader())
       for (const auto& s : p.shared_pending())
         calls.push_back(make_call(cat("rt_sigqueueinfo(", s.signo(), ")"), SYS_rt_sigqueueinfo,
-                                  static_cast<uint64_t>(r.vpid()),
-                                  static_cast<uint64_t>(s.signo()),
+                                  static_cast<uint64_t>(r.vpid()), static_cast<uint64_t>(s.signo()),
                                   r.push(s.siginfo().data(), s.siginfo().size())));
     if (!calls.empty()) r.batch(c, calls);
   }
@@ -964,8 +967,9 @@ void set_mm(Restoree& r, const image::Process& p) {
   r.reset_arena();
   m.auxv = reinterpret_cast<__u64*>(r.push(p.auxv().data(), p.auxv().size()));
   uint64_t base = r.push(&m, sizeof m);
-  r.inject(cat("prctl(PR_SET_MM, PR_SET_MM_MAP) with brk ", hex(mm.brk()), ", exe ", p.exe().path()),
-           SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, base, sizeof m, 0);
+  r.inject(
+      cat("prctl(PR_SET_MM, PR_SET_MM_MAP) with brk ", hex(mm.brk()), ", exe ", p.exe().path()),
+      SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, base, sizeof m, 0);
   r.inject("close of the exe descriptor", SYS_close, static_cast<uint64_t>(exe));
 }
 
@@ -988,9 +992,8 @@ Restored restore(const RestoreOptions& opts) {
   const uint64_t t0 = now_ns();
   Steps steps(opts.fault_inject);
   std::unique_ptr<image::ImageReader> img;
-  steps.run("validate", cat("image ", opts.dir), [&] {
-    img = std::make_unique<image::ImageReader>(opts.dir);
-  });
+  steps.run("validate", cat("image ", opts.dir),
+            [&] { img = std::make_unique<image::ImageReader>(opts.dir); });
   const image::Process& p = img->processes().front();
   const std::string who = cat("pid ", p.pid());
   steps.run("validate", who, [&] { validate_image(*img, opts); });
@@ -1036,15 +1039,16 @@ Restored restore(const RestoreOptions& opts) {
     for (const auto& a : p.areas())
       if (is_vdso_block(a) && (base == 0 || a.start() < base)) base = a.start();
     if (base == 0) return;  // the image has no vdso: neither will the process
-    r.inject(cat("arch_prctl(ARCH_MAP_VDSO_64, ", hex(base), ")"), SYS_arch_prctl,
-             ARCH_MAP_VDSO_64, base);
+    r.inject(cat("arch_prctl(ARCH_MAP_VDSO_64, ", hex(base), ")"), SYS_arch_prctl, ARCH_MAP_VDSO_64,
+             base);
     auto now = proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps")));
     for (const auto& a : p.areas()) {
       if (!is_vdso_block(a)) continue;
       bool found = false;
       for (const auto& m : now)
         found |= m.start == a.start() && m.end == a.end() && m.path == a.name();
-      if (!found) fail("the kernel's ", a.name(), " did not land at ", hex(a.start()), "-", hex(a.end()));
+      if (!found)
+        fail("the kernel's ", a.name(), " did not land at ", hex(a.start()), "-", hex(a.end()));
     }
   });
 

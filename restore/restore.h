@@ -27,12 +27,12 @@ struct RestoreOptions {
 };
 
 struct RestoreStats {
-  uint64_t total_ns = 0;          // restore() from start to every thread running
-  uint64_t validate_ns = 0;       // reading + validating the image
-  uint64_t memory_ns = 0;         // mapping areas and writing pages
-  uint64_t injected_syscalls = 0; // system calls run inside the restored process
-  uint64_t round_trips = 0;       // ptrace round trips that ran them (one per call or batch)
-  uint64_t inject_ns = 0;         // wall time spent in those round trips
+  uint64_t total_ns = 0;           // restore() from start to every thread running
+  uint64_t validate_ns = 0;        // reading + validating the image
+  uint64_t memory_ns = 0;          // mapping areas and writing pages
+  uint64_t injected_syscalls = 0;  // system calls run inside the restored process
+  uint64_t round_trips = 0;        // ptrace round trips that ran them (one per call or batch)
+  uint64_t inject_ns = 0;          // wall time spent in those round trips
   uint64_t threads = 0;
   uint64_t areas = 0;
   uint64_t pages_written = 0;  // pages written into the process (eager strategy)
@@ -49,7 +49,7 @@ struct Restored {
   // Our child to wait for: the restored process itself, or the reaper with --pidns (which
   // exits with the restored process's status, 128+N for a signal).
   pid_t child = 0;
-  UniqueFd pidfd;       // pidfd of the restored process (signals are sent through it)
+  UniqueFd pidfd;  // pidfd of the restored process (signals are sent through it)
   RestoreStats stats;
 };
 

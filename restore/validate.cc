@@ -21,7 +21,9 @@ namespace {
 using image::FileDescriptor;
 using image::MemoryArea;
 
-bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+bool starts_with(const std::string& s, const std::string& p) {
+  return s.rfind(p, 0) == 0;
+}
 
 std::string hexs(const std::string& bytes) {
   static const char* digits = "0123456789abcdef";
@@ -75,7 +77,8 @@ void check_vdso_layout(const image::Process& p) {
     std::string s;
     if (v.empty()) return std::string("none");
     uint64_t base = v.front().second.first;
-    for (const auto& [name, r] : v) s += cat(name, "@+", hex(r.first - base), ":", hex(r.second - r.first), " ");
+    for (const auto& [name, r] : v)
+      s += cat(name, "@+", hex(r.first - base), ":", hex(r.second - r.first), " ");
     return s;
   };
   if (layout(mine) != layout(theirs))
@@ -83,14 +86,17 @@ void check_vdso_layout(const image::Process& p) {
          layout(mine), ")");
 }
 
-constexpr uint64_t sigbit(int sig) { return 1ull << (sig - 1); }
+constexpr uint64_t sigbit(int sig) {
+  return 1ull << (sig - 1);
+}
 
 }  // namespace
 
 void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   const auto& inv = img.inventory();
   if (inv.pids_size() != 1)
-    fail("the image holds ", inv.pids_size(), " processes; restoring process trees is not supported yet");
+    fail("the image holds ", inv.pids_size(),
+         " processes; restoring process trees is not supported yet");
   const image::Process& p = img.processes().front();
   if (p.zombie()) fail("it was a zombie at dump time; there is nothing to run");
 
@@ -101,13 +107,13 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     fail("the image is from kernel ", inv.kernel().release(), ", this is ", uts.release);
   VdsoFingerprint own = fingerprint_vdso_of(0);
   const auto& k = inv.kernel();
-  bool same = own.size == k.vdso_size() &&
-              (!own.build_id.empty() && !k.vdso_build_id().empty() ? own.build_id == k.vdso_build_id()
-                                                                   : own.hash == k.vdso_hash());
+  bool same = own.size == k.vdso_size() && (!own.build_id.empty() && !k.vdso_build_id().empty()
+                                                ? own.build_id == k.vdso_build_id()
+                                                : own.hash == k.vdso_hash());
   if (!same)
     fail("the image's vdso (build-id ", hexs(k.vdso_build_id()), ", ", k.vdso_size(),
-         " bytes, hash ", hex(k.vdso_hash()), ") is not this kernel's (build-id ", hexs(own.build_id),
-         ", ", own.size, " bytes, hash ", hex(own.hash), ")");
+         " bytes, hash ", hex(k.vdso_hash()), ") is not this kernel's (build-id ",
+         hexs(own.build_id), ", ", own.size, " bytes, hash ", hex(own.hash), ")");
   check_vdso_layout(p);
 
   // xsave: the kernel takes exactly its own size, and only features this CPU has.
@@ -168,7 +174,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       case MemoryArea::SHARED_ANON:
         if (!(a.name().empty() || a.name() == "/dev/zero (deleted)" ||
               starts_with(a.name(), "/memfd:") || starts_with(a.name(), "[anon_shmem:")))
-          fail(what, " ", a.name(), " (shared); lazycr restores shared anonymous memory and "
+          fail(what, " ", a.name(),
+               " (shared); lazycr restores shared anonymous memory and "
                "memfds, not SysV segments or deleted files");
         break;
       default:
@@ -197,8 +204,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   }
 
   // Pending signals the injection itself keeps unblocked cannot wait for the end.
-  constexpr uint64_t kForced = sigbit(SIGTRAP) | sigbit(SIGSEGV) | sigbit(SIGBUS) |
-                               sigbit(SIGILL) | sigbit(SIGFPE) | sigbit(SIGSYS);
+  constexpr uint64_t kForced = sigbit(SIGTRAP) | sigbit(SIGSEGV) | sigbit(SIGBUS) | sigbit(SIGILL) |
+                               sigbit(SIGFPE) | sigbit(SIGSYS);
   auto check_pending = [&](const image::PendingSignal& s, const std::string& where) {
     if (!(kForced & sigbit(s.signo()))) return;
     siginfo_t si;

@@ -136,10 +136,10 @@ struct Restored {
 void expect_nothing_left(pid_t pid, std::set<pid_t> keep = {}) {
   EXPECT_FALSE(proc::exists(pid)) << "pid " << pid << " exists after a failed restore";
   for (pid_t c : proc::list_children(getpid()))
-    EXPECT_TRUE(keep.count(c)) << "child " << c << " ("
-                               << proc::try_read_file("/proc/" + std::to_string(c) + "/stat")
-                                      .value_or("gone")
-                               << ") left behind";
+    EXPECT_TRUE(keep.count(c))
+        << "child " << c << " ("
+        << proc::try_read_file("/proc/" + std::to_string(c) + "/stat").value_or("gone")
+        << ") left behind";
 }
 
 // A state_target in its own work directory; its maps are captured right before a dump.
@@ -152,8 +152,8 @@ struct StateTarget {
   std::map<std::string, std::string> state;  // snapshot() of the leader and ticker
 
   explicit StateTarget(std::vector<std::string> extra = {}, std::string bin = "") {
-    std::vector<std::string> argv{bin.empty() ? target_bin("state_target") : bin,
-                                  "--verify-file", verify_file, "--workdir", work.path()};
+    std::vector<std::string> argv{bin.empty() ? target_bin("state_target") : bin, "--verify-file",
+                                  verify_file, "--workdir", work.path()};
     argv.insert(argv.end(), extra.begin(), extra.end());
     child = std::make_unique<Child>(argv);
     info = TargetInfo::parse(child->wait_for("ready"));
@@ -311,8 +311,7 @@ TEST(Restore, RefusesAPidInUseAndNamesIt) {
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("restore: validate for pid " + std::to_string(t.pid())), std::string::npos)
       << r.err;
-  EXPECT_NE(r.err.find("in use: " + std::to_string(t.pid()) + " (state_target)"),
-            std::string::npos)
+  EXPECT_NE(r.err.find("in use: " + std::to_string(t.pid()) + " (state_target)"), std::string::npos)
       << r.err;
   EXPECT_NE(r.err.find("--pidns"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line: " << r.err;
@@ -325,8 +324,8 @@ TEST(Restore, RefusesAPidInUseAndNamesIt) {
 TEST(Restore, RefusesDescriptorsItCannotRecreate) {
   StateTarget t({"--pipe"});
   TempDir images;
-  auto d = lazycr({"dump", "--skip-unsupported-fds", "-t", std::to_string(t.pid()), "-D",
-                   images / "img"});
+  auto d = lazycr(
+      {"dump", "--skip-unsupported-fds", "-t", std::to_string(t.pid()), "-D", images / "img"});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(t.child->wait(30), 128 + SIGKILL);
   // Without --shell-job, fd 1 (our pipe) is named first, with the way out.
@@ -404,12 +403,31 @@ TEST(Restore, FaultAtEachStepLeavesNothingBehind) {
   TempDir images;
   std::string dir = images / "img";
   t.dump(dir);
-  const std::vector<std::string> steps = {
-      "create",  "seize",          "pin",     "trampoline",    "rseq",
-      "close-fds", "unmap",        "vdso",    "map-areas",     "fill",
-      "protect", "mm",             "after-shaping", "process-state", "sigactions",
-      "fds",     "session",        "thread-state",  "threads",  "thread-created",
-      "signals", "rlimits",        "unmap-trampoline", "registers", "detach"};
+  const std::vector<std::string> steps = {"create",
+                                          "seize",
+                                          "pin",
+                                          "trampoline",
+                                          "rseq",
+                                          "close-fds",
+                                          "unmap",
+                                          "vdso",
+                                          "map-areas",
+                                          "fill",
+                                          "protect",
+                                          "mm",
+                                          "after-shaping",
+                                          "process-state",
+                                          "sigactions",
+                                          "fds",
+                                          "session",
+                                          "thread-state",
+                                          "threads",
+                                          "thread-created",
+                                          "signals",
+                                          "rlimits",
+                                          "unmap-trampoline",
+                                          "registers",
+                                          "detach"};
   for (const auto& step : steps) {
     for (bool pidns : {false, true}) {
       if (pidns && step != "create" && step != "seize" && step != "fill" && step != "threads" &&
@@ -456,8 +474,8 @@ std::string maps_without_shmem_inodes(const std::string& maps) {
 TEST(Restore, ManyAreasOfEveryKind) {
   TempDir work;
   std::string verify = work / "verify";
-  Child target({target_bin("areas_target"), "--areas", "300", "--verify-file", verify,
-                "--workdir", work.path()});
+  Child target({target_bin("areas_target"), "--areas", "300", "--verify-file", verify, "--workdir",
+                work.path()});
   ASSERT_EQ(target.wait_for("ready").rfind("ready pid=", 0), 0u);
   std::string maps = maps_of(target.pid());
   TempDir images;
@@ -488,7 +506,8 @@ TEST(Restore, TidsAndVectorRegistersFromInside) {
   std::ofstream(verify) << "go";
   auto r = lazycr({"restore", "-D", images / "img", "--shell-job"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.out, "verified ok\n") << "avx=" << info.str("avx") << " avx512=" << info.str("avx512");
+  EXPECT_EQ(r.out, "verified ok\n")
+      << "avx=" << info.str("avx") << " avx512=" << info.str("avx512");
 }
 
 TEST(Restore, Python3ComputationGivesTheUninterruptedResult) {

@@ -65,10 +65,14 @@ int main(int argc, char** argv) {
       if (i + 1 >= argc) std::exit(2);
       return argv[++i];
     };
-    if (a == "--areas") areas = std::strtoull(next().c_str(), nullptr, 10);
-    else if (a == "--mib") mib = std::strtoull(next().c_str(), nullptr, 10);
-    else if (a == "--verify-file") verify_file = next();
-    else if (a == "--workdir") workdir = next();
+    if (a == "--areas")
+      areas = std::strtoull(next().c_str(), nullptr, 10);
+    else if (a == "--mib")
+      mib = std::strtoull(next().c_str(), nullptr, 10);
+    else if (a == "--verify-file")
+      verify_file = next();
+    else if (a == "--workdir")
+      workdir = next();
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -79,8 +83,8 @@ int main(int argc, char** argv) {
   // (rw-, r--) so that neighbours never merge into one area.
   std::vector<unsigned char*> small(areas);
   for (size_t i = 0; i < areas; i++) {
-    small[i] = static_cast<unsigned char*>(map(3 * kPage, PROT_READ | PROT_WRITE,
-                                               MAP_PRIVATE | MAP_ANONYMOUS));
+    small[i] = static_cast<unsigned char*>(
+        map(3 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
     fill(small[i], 2 * kPage, 100 + i);
     if (i % 2) mprotect(small[i], 3 * kPage, PROT_READ);
   }
@@ -121,7 +125,8 @@ int main(int argc, char** argv) {
   fill(content.data(), content.size(), 9);
   if (fd < 0 || write(fd, content.data(), content.size()) != static_cast<ssize_t>(content.size()))
     return 3;
-  auto* priv = static_cast<unsigned char*>(map(32 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd));
+  auto* priv =
+      static_cast<unsigned char*>(map(32 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd));
   fill(priv + 4 * kPage, 4 * kPage, 10);  // pages 4-7 now differ from the file
   auto* shf = static_cast<unsigned char*>(map(32 * kPage, PROT_READ, MAP_SHARED, fd));
   close(fd);
@@ -130,9 +135,10 @@ int main(int argc, char** argv) {
   size_t bulk_len = mib << 20;
   unsigned char* bulk = nullptr;
   if (bulk_len) {
-    bulk = static_cast<unsigned char*>(map(bulk_len, PROT_READ | PROT_WRITE,
-                                           MAP_PRIVATE | MAP_ANONYMOUS));
-    for (size_t off = 0; off < bulk_len; off += kPage) fill(bulk + off, 1024, 1000000 + off / kPage);
+    bulk = static_cast<unsigned char*>(
+        map(bulk_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS));
+    for (size_t off = 0; off < bulk_len; off += kPage)
+      fill(bulk + off, 1024, 1000000 + off / kPage);
   }
 
   std::printf("ready pid=%d areas=%zu\n", getpid(), areas);
@@ -165,7 +171,8 @@ int main(int argc, char** argv) {
   if (why.empty() && std::memcmp(shf, content.data(), content.size()) != 0)
     why = "shared file mapping";
   for (size_t off = 0; off < bulk_len && why.empty(); off += kPage)
-    if (!check(bulk + off, 1024, 1000000 + off / kPage)) why = "bulk page " + std::to_string(off / kPage);
+    if (!check(bulk + off, 1024, 1000000 + off / kPage))
+      why = "bulk page " + std::to_string(off / kPage);
 
   if (why.empty()) {
     std::printf("verified ok\n");

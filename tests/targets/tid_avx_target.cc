@@ -32,7 +32,9 @@ namespace {
 constexpr int kWorkers = 3;
 constexpr size_t kScanBytes = 1024;  // of struct pthread (about 2.3 KiB) searched for the tid
 
-pid_t gettid_raw() { return static_cast<pid_t>(syscall(SYS_gettid)); }
+pid_t gettid_raw() {
+  return static_cast<pid_t>(syscall(SYS_gettid));
+}
 
 // Offsets into pthread_self() that hold the thread's tid; intersected over every thread.
 std::vector<size_t> tid_offsets() {
@@ -48,7 +50,9 @@ std::vector<size_t> tid_offsets() {
 }
 
 thread_local pid_t t_handler_tid = 0;
-void on_usr1(int) { t_handler_tid = gettid_raw(); }
+void on_usr1(int) {
+  t_handler_tid = gettid_raw();
+}
 
 // Per-thread kernel state recorded before the dump and compared after.
 struct ThreadState {
@@ -144,7 +148,7 @@ alignas(64) uint8_t g_ymm_in[16 * 32], g_ymm_out[16 * 32];
 alignas(64) uint8_t g_zmm_in[16 * 64], g_zmm_out[16 * 64];
 alignas(8) uint64_t g_k_in[7], g_k_out[7];
 std::atomic<int> g_spinning{0};
-volatile int g_release_avx = 0;     // read by the asm loops
+volatile int g_release_avx = 0;  // read by the asm loops
 volatile int g_release_avx512 = 0;
 
 void fill_pattern(uint8_t* p, size_t n, uint8_t seed) {
