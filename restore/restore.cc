@@ -16,6 +16,12 @@
 //   back to user space (the trampoline is in no critical section). The image's value is
 //   written back before the final registers, so a thread dumped inside a critical section
 //   is still aborted to its handler as it would have been.
+// - Calls are batched: a loop in the trampoline runs a table of system calls and traps once
+//   (one ptrace round trip per step instead of one per call; 5,000 areas: 7,582 -> 19).
+// - Identical maps need more than mmap at the right place: VMA flags mmap does not set (e.g.
+//   VM_NOHUGEPAGE of MAP_STACK thread stacks) are re-applied from the image's VmFlags, and
+//   neighbouring areas the original's kernel kept apart (separate anon_vmas) are kept apart
+//   (AddressSpace::find_split_runs()).
 //
 // Steps (names for --fault-inject): see kSteps.
 #include "restore/restore.h"
