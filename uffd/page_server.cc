@@ -171,6 +171,7 @@ struct PageServer::Impl {
     // when handed to the server (sorted). A forked child inherits its parent's list.
     std::vector<pid_t> preexisting;
     uint64_t fork_ticks = 0;  // forked children: boot clock (ticks) when the event was read
+    bool looked_on_message = false;  // looked for its pid on a message from its uffd
     Userfaultfd uffd;
     UniqueFd pidfd;
     std::shared_ptr<const image::PageStoreReader> store;
@@ -502,7 +503,12 @@ struct PageServer::Impl {
     try {
       // A message from a forked child: its fork has returned, so its pid can be found now
       // (scans of /proc are rate-limited by the backoff).
-      if (pull(p) > 0 && p.pid == 0 && now_ns() >= next_resolve) resolve_children();
+      // The first message is always a reason to look (the child is blocked in a fault then,
+      // so it is visible); later ones are rate-limited by the backoff.
+      if (pull(p) > 0 && p.pid == 0 && (!p.looked_on_message || now_ns() >= next_resolve)) {
+        p.looked_on_message = true;
+        resolve_children();
+      }
       while (!p.faults.empty() && !p.killed && !p.gone) {
         auto [m, t] = p.faults.front();
         p.faults.pop_front();

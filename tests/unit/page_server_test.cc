@@ -609,7 +609,11 @@ TEST_F(PageServerTest, AreaSplitByMprotectAndKernelAccess) {
     EXPECT_EQ(o.report, "ok\n") << "prefetch " << prefetch;
     EXPECT_TRUE(exited_ok(o.status));
     EXPECT_TRUE(o.stats.errors.empty());
-    EXPECT_GT(o.stats.enoent, 0u) << "no fill crossed a VMA edge: the test lost its point";
+    // Without prefetch the child's faults decide every fill: the window of page 11 (owed
+    // range 11..16) crosses the edge at page 12. With prefetch, who crosses it is timing.
+    if (!prefetch) {
+      EXPECT_GT(o.stats.enoent, 0u) << "no fill crossed a VMA edge: the test lost its point";
+    }
   }
 }
 
