@@ -57,6 +57,11 @@ void write(Level level, const std::string& line) {
   std::fflush(out);
 }
 
+int output_fd() {
+  std::lock_guard lock(g_mutex);
+  return g_file != nullptr ? ::fileno(g_file) : STDERR_FILENO;
+}
+
 Progress::Progress() : enabled_(isatty(STDERR_FILENO) == 1) {}
 Progress::~Progress() {
   finish();

@@ -15,6 +15,9 @@ Level level();
 // Sends log lines to this file instead of stderr (progress lines still go to the terminal).
 void set_file(const std::string& path);
 void write(Level level, const std::string& line);
+// The descriptor log lines go to (the --log-file's, or 2), for a forked helper process that
+// closes every other descriptor it inherited.
+int output_fd();
 
 template <typename... Args>
 void warn(const Args&... args) {
