@@ -1,18 +1,20 @@
 // Internal to restore/: how the contents of the restored address space get there.
 //
 // The restore maps every area itself (restore.cc); a MemoryStrategy decides what goes into the
-// areas and when. The sequence, for one process:
-//   1. for each area: mmap it with shaping_prot(area), then prepare_area(area);
-//   2. fill_mapped(): every area is mapped, none has its final protection yet;
-//   3. every area gets its final protection (mprotect where shaping_prot differed);
-//   4. after_shaping(): the address space is final, mm fields set, only the leader thread
-//      exists and it still sits in the trampoline (injection works);
-//   5. on_running(): every thread has been detached and runs.
-// EagerFiller writes every stored page in step 2. A lazy strategy (DESIGN.md step 8) would
-// record owed anonymous ranges in prepare_area() (filling the others eagerly), create a
-// userfaultfd inside the target and register those ranges in after_shaping() (inject
-// userfaultfd(), pidfd_getfd, UFFDIO_API/REGISTER from here), and hand the uffd to the page
-// server in on_running().
+// areas and when. The sequence, for one process (step names of restore.cc in brackets):
+//   1. [map-areas] for each area: mmap it with shaping_prot(area), then prepare_area(area);
+//   2. [fill] fill_mapped(): every area is mapped, none has its final protection yet;
+//   3. [uffd] register_lazy(): still before final protections (a lazy strategy creates its
+//      userfaultfd here and fills eagerly whatever userfaultfd refuses);
+//   4. [server] start_server(): the page server is started (lazy);
+//   5. [protect] every area gets its final protection (mprotect where shaping_prot differed);
+//   6. [after-shaping] after_shaping(): the address space is final, mm fields set, only the
+//      leader thread exists and it still sits in the trampoline (injection works);
+//   7. [server-ready] before_release(): every thread exists with its state; registers are
+//      set and the threads detached right after (lazy: waits until the server serves);
+//   8. on_running(): every thread has been detached and runs.
+// EagerFiller writes every stored page in step 2 and has nothing to do in the others. The
+// lazy strategy (restore/lazy.cc) is described there.
 #pragma once
 
 #include <sched.h>
@@ -22,8 +24,10 @@
 #include <memory>
 #include <string>
 
+#include "common/fd.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
+#include "restore/restore.h"
 
 namespace lazycr::restore {
 
@@ -50,6 +54,15 @@ struct MemoryStats {
   uint64_t fill_ns = 0;      // whole fill
   uint64_t read_ns = 0;      // of which reading (decompressing) pages from the store
   uint64_t write_ns = 0;     // of which writing them into the process
+  uint64_t lazy_areas = 0;   // lazy: areas registered with userfaultfd
+  uint64_t lazy_pages = 0;   // lazy: stored pages (DATA and ZERO) left to the page server
+  uint64_t hot_pages = 0;    // lazy: pages of lazy areas written before the process runs
+};
+
+// The page server process of a lazy restore, handed to the caller once the process runs.
+struct ServerHandle {
+  pid_t pid = 0;
+  UniqueFd pidfd;
 };
 
 class MemoryStrategy {
@@ -65,9 +78,16 @@ class MemoryStrategy {
   virtual void fill_mapped(RemoteProcess& target) = 0;
   // The address space is final; the leader can still run injected calls; no other thread yet.
   virtual void after_shaping(RemoteProcess& target) = 0;
-  // Every thread runs.
+  // Every thread runs. Must not throw: the process cannot be taken back any more.
   virtual void on_running(RemoteProcess& target) = 0;
   virtual MemoryStats stats() const = 0;
+
+  // Lazy strategies (see the sequence above); no-ops for the eager filler.
+  virtual void register_lazy(RemoteProcess&) {}
+  virtual void start_server(RemoteProcess&) {}
+  virtual void before_release(RemoteProcess&) {}
+  // After on_running(): the server process, if one was started (the caller waits for it).
+  virtual ServerHandle take_server() { return {}; }
 };
 
 // Writes every stored page with process_vm_writev before the process resumes. The pages are
@@ -78,5 +98,18 @@ class MemoryStrategy {
 // runs on `helper_cpus` when given (the restorer itself is pinned to one CPU while it shapes).
 std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
                                                   const cpu_set_t* helper_cpus = nullptr);
+
+// The lazy strategy (--lazy, restore/lazy.cc): private anonymous areas with stored pages are
+// registered with a userfaultfd and served by a page server process; everything else is
+// filled by an eager filler. `cpus` is the CPU mask the server and the process run on
+// (lazycr's own before it pinned itself); the eager helper thread runs there too.
+std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
+                                                   const image::PageStoreReader& store,
+                                                   const RestoreOptions& opts,
+                                                   const cpu_set_t& cpus);
+
+// Throws Error saying what is missing when this kernel or lazycr's privileges cannot do a lazy
+// restore (userfaultfd and its fork/remap/remove/unmap events, pidfd_getfd, CAP_SYS_PTRACE).
+void check_lazy_support();
 
 }  // namespace lazycr::restore

@@ -69,16 +69,35 @@ using image::MemoryArea;
 
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
-[[maybe_unused]] constexpr const char* kSteps[] = {
-    "validate",     "create",        "seize",
-    "pin",          "trampoline",    "rseq",
-    "close-fds",    "unmap",         "vdso",
-    "map-areas",    "fill",          "protect",
-    "mm",           "after-shaping", "process-state",
-    "sigactions",   "fds",           "session",
-    "thread-state", "threads",       "thread-created",
-    "signals",      "rlimits",       "unmap-trampoline",
-    "registers",    "detach"};
+[[maybe_unused]] constexpr const char* kSteps[] = {"validate",
+                                                   "create",
+                                                   "seize",
+                                                   "pin",
+                                                   "trampoline",
+                                                   "rseq",
+                                                   "close-fds",
+                                                   "unmap",
+                                                   "vdso",
+                                                   "map-areas",
+                                                   "fill",
+                                                   "uffd",
+                                                   "server",
+                                                   "protect",
+                                                   "mm",
+                                                   "after-shaping",
+                                                   "process-state",
+                                                   "sigactions",
+                                                   "fds",
+                                                   "session",
+                                                   "thread-state",
+                                                   "threads",
+                                                   "thread-created",
+                                                   "signals",
+                                                   "rlimits",
+                                                   "unmap-trampoline",
+                                                   "server-ready",
+                                                   "registers",
+                                                   "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
 // The trampoline mapping: code in its first page, then an arena for syscall arguments and
@@ -203,7 +222,7 @@ struct ThreadCtl {
 // reaper) and reaps everything, so that a failed restore leaves nothing behind.
 class Restoree final : public RemoteProcess {
  public:
-  Restoree(const RestoreOptions& opts, const image::Process& proc) : opts_(opts), proc_(proc) {}
+  Restoree(const RestoreOptions&, const image::Process& proc) : proc_(proc) {}
   ~Restoree() override {
     if (!committed_) destroy();
   }
@@ -431,7 +450,6 @@ class Restoree final : public RemoteProcess {
     }
   }
 
-  const RestoreOptions& opts_;
   const image::Process& proc_;
   SpawnState sp_;
   std::vector<ThreadCtl> threads_;
@@ -994,18 +1012,26 @@ std::optional<uint64_t> image_rseq_cs(const image::PageStoreReader& store, uint6
 
 }  // namespace
 
-Restored restore(const RestoreOptions& opts) {
+Restored restore(const RestoreOptions& opts_in) {
   const uint64_t t0 = now_ns();
+  RestoreOptions opts = opts_in;
+  if (opts.start_ns == 0) opts.start_ns = t0;
   Steps steps(opts.fault_inject);
   std::unique_ptr<image::ImageReader> img;
   steps.run("validate", cat("image ", opts.dir),
             [&] { img = std::make_unique<image::ImageReader>(opts.dir); });
   const image::Process& p = img->processes().front();
   const std::string who = cat("pid ", p.pid());
-  steps.run("validate", who, [&] { validate_image(*img, opts); });
+  steps.run("validate", who, [&] {
+    if (opts.lazy.enabled) check_lazy_support();
+    validate_image(*img, opts);
+  });
   const image::PageStoreReader& store = img->pages(p.pid());
   const uint64_t t_valid = now_ns();
 
+  // Declared before the process: on failure the process is killed (and reaped) first, then
+  // the strategy lets go of its page server, which ends once the process is gone.
+  std::unique_ptr<MemoryStrategy> strategy;
   Restoree r(opts, p);
   std::unique_ptr<PinSelf> pin;
   steps.run("create", who, [&] { spawn_process(p.pid(), opts.pidns, r.spawn()); });
@@ -1058,11 +1084,14 @@ Restored restore(const RestoreOptions& opts) {
     }
   });
 
-  auto strategy = make_eager_filler(store, &pin->saved());
+  strategy = opts.lazy.enabled ? make_lazy_strategy(p, store, opts, pin->saved())
+                               : make_eager_filler(store, &pin->saved());
   AddressSpace space(r, p, *strategy, first_free_fd);
   const uint64_t t_mem = now_ns();
   steps.run("map-areas", who, [&] { space.map_areas(); });
   steps.run("fill", who, [&] { strategy->fill_mapped(r); });
+  steps.run("uffd", who, [&] { strategy->register_lazy(r); });
+  steps.run("server", who, [&] { strategy->start_server(r); });
   steps.run("protect", who, [&] { space.protect(); });
   const uint64_t memory_ns = now_ns() - t_mem;
   steps.run("mm", who, [&] { set_mm(r, p); });
@@ -1096,6 +1125,7 @@ Restored restore(const RestoreOptions& opts) {
     r.inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
     r.unmap_trampoline();
   });
+  steps.run("server-ready", who, [&] { strategy->before_release(r); });
   for (auto& c : r.threads()) {
     steps.run("registers", cat("tid ", c.vtid), [&] {
       const image::Thread& th = *c.img;
@@ -1128,9 +1158,17 @@ Restored restore(const RestoreOptions& opts) {
   out.stats.threads = static_cast<uint64_t>(p.threads_size());
   out.stats.areas = static_cast<uint64_t>(p.areas_size());
   Spawned s = r.commit();
+  const uint64_t t_running = now_ns();
   pin.reset();
   strategy->on_running(r);
+  ServerHandle server = strategy->take_server();
   auto ms = strategy->stats();
+  out.server = server.pid;
+  out.server_pidfd = std::move(server.pidfd);
+  out.stats.lazy_areas = ms.lazy_areas;
+  out.stats.lazy_pages = ms.lazy_pages;
+  out.stats.hot_pages = ms.hot_pages;
+  out.stats.first_instruction_ns = t_running - opts.start_ns;
   out.pid = s.pid;
   out.image_pid = s.vpid;
   out.reaper = s.reaper;
@@ -1142,8 +1180,20 @@ Restored restore(const RestoreOptions& opts) {
   out.stats.fill_write_ns = ms.write_ns;
   out.stats.validate_ns = t_valid - t0;
   out.stats.memory_ns = memory_ns;
-  out.stats.total_ns = now_ns() - t0;
+  out.stats.total_ns = t_running - t0;
   return out;
+}
+
+int wait_for_server(Restored& restored) {
+  if (restored.server <= 0) return 0;
+  int status = 0;
+  while (::waitpid(restored.server, &status, 0) < 0) {
+    if (errno != EINTR) fail_errno("waitpid for the page server (pid ", restored.server, ")");
+  }
+  restored.server = 0;
+  restored.server_pidfd.reset();
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 1;
 }
 
 int wait_for_exit(Restored& restored) {

@@ -2,7 +2,9 @@
 // thread IDs, its exact address space and its recorded state (DESIGN.md section 5).
 //
 // The memory of the restored process is written by a pluggable strategy (restore/memory.h):
-// today every stored page is written before the process resumes (eager).
+// eager (every stored page is written before the process resumes) or lazy (private anonymous
+// memory is served on first touch by a page server process through userfaultfd, DESIGN.md
+// sections 5 and 6; see restore/lazy.cc).
 #pragma once
 
 #include <sys/types.h>
@@ -14,6 +16,20 @@
 
 namespace lazycr::restore {
 
+// Lazy restore (--lazy). The page server runs in its own process ("lazycr-server", forked by
+// lazycr once the userfaultfd is registered, in its own session so that terminal signals do
+// not reach it) with its guardian; it exits when nothing is owed any more (or no process is
+// left to serve), writing the stats.
+struct LazyOptions {
+  bool enabled = false;
+  bool prefetch = true;         // push owed pages in the background
+  uint64_t window = 64 * 1024;  // bytes filled per fault
+  std::string stats_file;       // JSON written by the server when it finishes ("" = none)
+  std::string server_pidfile;   // the server process's pid, written once it is started
+  int server_cpu = -1;          // pin the server (and its prefetch thread) to this CPU
+                                // (benchmarks); -1: lazycr's own CPU mask
+};
+
 struct RestoreOptions {
   std::string dir;         // image directory
   bool shell_job = false;  // fds 0-2 pointing to a tty or to anything lazycr cannot restore
@@ -21,6 +37,10 @@ struct RestoreOptions {
                            // process group and session
   bool pidns = false;      // restore into a fresh PID namespace whose PID 1 is a minimal
                            // reaper (the restored process is its child and sees ppid 1)
+  LazyOptions lazy;
+  // When the command started (steady clock, ns; 0 = when restore() starts): the origin of
+  // "time to first instruction" and of the lazy stats' times.
+  uint64_t start_ns = 0;
   // Internal, for tests: make the named step fail as if a system call had failed there
   // (see kSteps in restore.cc); everything created so far must be killed and reaped.
   std::string fault_inject;
@@ -35,10 +55,14 @@ struct RestoreStats {
   uint64_t inject_ns = 0;          // wall time spent in those round trips
   uint64_t threads = 0;
   uint64_t areas = 0;
-  uint64_t pages_written = 0;  // pages written into the process (eager strategy)
+  uint64_t pages_written = 0;  // pages written into the process before it runs
   uint64_t bytes_written = 0;
-  uint64_t fill_read_ns = 0;   // of memory_ns: reading (decompressing) pages from the store
-  uint64_t fill_write_ns = 0;  // of memory_ns: process_vm_writev into the process
+  uint64_t lazy_areas = 0;            // --lazy: areas registered with userfaultfd
+  uint64_t lazy_pages = 0;            // --lazy: stored pages left to the page server
+  uint64_t hot_pages = 0;             // --lazy: pages of lazy areas written eagerly (see lazy.cc)
+  uint64_t first_instruction_ns = 0;  // command start (RestoreOptions::start_ns) to running
+  uint64_t fill_read_ns = 0;          // of memory_ns: reading (decompressing) pages from the store
+  uint64_t fill_write_ns = 0;         // of memory_ns: process_vm_writev into the process
 };
 
 // What the caller needs once the process runs. Moves only.
@@ -50,6 +74,9 @@ struct Restored {
   // exits with the restored process's status, 128+N for a signal).
   pid_t child = 0;
   UniqueFd pidfd;  // pidfd of the restored process (signals are sent through it)
+  // --lazy: the page server process (our child; 0 when nothing was left lazy).
+  pid_t server = 0;
+  UniqueFd server_pidfd;
   RestoreStats stats;
 };
 
@@ -63,5 +90,11 @@ Restored restore(const RestoreOptions& opts);
 // lazycr by kill(2) (not by the terminal, which already signals the whole process group) are
 // passed on to the restored process.
 int wait_for_exit(Restored& restored);
+
+// --lazy, foreground: once the restored process has exited, waits for the page server, which
+// finishes when nothing is owed or no process is left to serve (a child the restored process
+// forked may still owe pages). Returns its exit status (0: every page served or dropped by
+// the program; 1: it killed a process rather than serve wrong memory, or failed).
+int wait_for_server(Restored& restored);
 
 }  // namespace lazycr::restore

@@ -1,6 +1,9 @@
 // lazycr: command-line entry point. Parses options, calls one function per command, and
 // turns any error into one line on stderr and a non-zero exit code (README: exit codes).
+#include <sched.h>
+
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <string>
 
@@ -17,6 +20,10 @@ constexpr int kExitUsage = 2;
 
 int main(int argc, char** argv) {
   using namespace lazycr;
+  const uint64_t start_ns =
+      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::steady_clock::now().time_since_epoch())
+                                .count());
   CLI::App app{"lazycr: checkpoint and (lazily) restore Linux process trees"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "lazycr " LAZYCR_VERSION);
@@ -60,6 +67,7 @@ int main(int argc, char** argv) {
   dump_cmd->add_option("--fault-inject", dump.fault_inject)->group("");  // tests only
 
   cli::RestoreCliOptions restore;
+  restore.restore.start_ns = start_ns;
   auto* restore_cmd = app.add_subcommand("restore", "Restore a process from an image directory");
   restore_cmd->add_option("-D,--images-dir", restore.restore.dir, "Image directory")->required();
   restore_cmd->add_flag("-d,--detach", restore.detach,
@@ -72,6 +80,36 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
+  auto* lazy_flag = restore_cmd->add_flag(
+      "--lazy", restore.restore.lazy.enabled,
+      "Let the process run at once: its private anonymous memory is served on first touch by a "
+      "page server (userfaultfd) that prefetches the rest and exits when nothing is owed");
+  restore_cmd
+      ->add_option("--stats", restore.restore.lazy.stats_file,
+                   "--lazy: write the page server's stats here (JSON) when it finishes")
+      ->needs(lazy_flag);
+  std::string prefetch = "on";
+  restore_cmd
+      ->add_option("--prefetch", prefetch,
+                   "--lazy: push owed pages in the background (on) or only on faults (off)")
+      ->check(CLI::IsMember({"on", "off"}))
+      ->default_str("on")
+      ->needs(lazy_flag);
+  restore_cmd
+      ->add_option("--window", restore.restore.lazy.window,
+                   "--lazy: bytes filled per fault (4K..1M, multiple of 4K)")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("64K")
+      ->needs(lazy_flag);
+  restore_cmd
+      ->add_option("--server-pidfile", restore.restore.lazy.server_pidfile,
+                   "--lazy: write the page server's pid here")
+      ->needs(lazy_flag);
+  // Benchmarks: the page server's CPU.
+  restore_cmd->add_option("--server-cpu", restore.restore.lazy.server_cpu)
+      ->group("")
+      ->check(CLI::Range(0, CPU_SETSIZE - 1))
+      ->needs(lazy_flag);
   // Internal, for tests: fail at the named step.
   restore_cmd->add_option("--fault-inject", restore.restore.fault_inject)->group("");
 
@@ -96,7 +134,16 @@ int main(int argc, char** argv) {
     if (*check_cmd) return cli::run_check(check);
     if (*show_cmd) return cli::run_show(show);
     if (*dump_cmd) return cli::run_dump(dump);
-    if (*restore_cmd) return cli::run_restore(restore);
+    if (*restore_cmd) {
+      restore.restore.lazy.prefetch = prefetch == "on";
+      const uint64_t w = restore.restore.lazy.window;
+      if (w < 4096 || w > (1u << 20) || w % 4096 != 0) {
+        std::fprintf(stderr, "lazycr: --window %llu: must be 4K..1M and a multiple of 4K\n",
+                     static_cast<unsigned long long>(w));
+        return kExitUsage;
+      }
+      return cli::run_restore(restore);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "lazycr: %s\n", e.what());
     return kExitFailure;

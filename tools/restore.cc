@@ -37,13 +37,23 @@ int run_restore(const RestoreCliOptions& opts) {
             s.memory_ns / 1000, " us: store reads ", s.fill_read_ns / 1000, " us, writes ",
             s.fill_write_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
             s.round_trips, " ptrace round trips, ", s.inject_ns / 1000, " us");
+  if (opts.restore.lazy.enabled)
+    log::info("restored pid ", r.pid, " lazily: first instruction after ",
+              s.first_instruction_ns / 1000, " us; ", s.lazy_pages, " pages of ", s.lazy_areas,
+              " areas left to the page server",
+              r.server > 0 ? cat(" (pid ", r.server, ")") : std::string(), ", ", s.hot_pages,
+              " hot pages written");
   if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
   if (opts.detach) {
     std::printf("%d\n", r.pid);
     std::fflush(stdout);
     return 0;
   }
-  return restore::wait_for_exit(r);
+  int code = restore::wait_for_exit(r);
+  // --lazy: the page server ends once nothing is owed or nobody is left to serve; its stats
+  // are complete when we return.
+  restore::wait_for_server(r);
+  return code;
 }
 
 }  // namespace lazycr::cli

@@ -1,0 +1,849 @@
+// The lazy memory strategy (`lazycr restore --lazy`): DESIGN.md section 5 step 8 and
+// section 6. The process runs before its private anonymous memory is back; a page server
+// process feeds each page on first touch through a userfaultfd and prefetches the rest.
+//
+// What is lazy: private anonymous areas (ANON, HEAP, STACK) with stored pages, except
+// - locked areas (mlock at the protect step faults every page in, and a present page never
+//   reaches the server: the process would keep zeros), and
+// - wipe-on-fork areas (a child forked later must find zeros there, but the server would
+//   serve it the parent's owed pages),
+// - and any area userfaultfd refuses to register (filled eagerly on the spot: every lazy
+//   candidate is mapped writable until the protect step for that reason).
+// Everything else with stored pages (private file areas, shared memory) is written by the
+// eager filler as in an eager restore.
+//
+// What gets filled before the process runs, and why: the restorer and the kernel must never
+// touch a lazy page while nobody can serve it (the access would wait forever, and a tracee
+// blocked in a fault stops the restore). Kernel-mode accesses to lazy pages fault into the
+// uffd like user ones (we never use UFFD_USER_MODE_ONLY, which would turn them into EFAULT).
+// Two measures, both taken:
+// - The server starts right after registration ([server], before the final protections,
+//   mm, process state, descriptors and threads), so any later touch is served, not fatal.
+//   Only page copies from the restorer itself happen between registration and that fork.
+// - "Hot" pages are filled at registration with UFFDIO_COPY from the restorer (never with
+//   writes into the process, which before registration could populate a whole transparent
+//   huge page of zeros, and after it would wait for a server): per thread, the pages holding
+//   its rseq area (the kernel writes cpu_id there on every return to user space once the
+//   thread-state step registers it, and the registers step writes rseq_cs back), the page
+//   at rip, the pages around rsp (one below for the red zone and signal frames, one above)
+//   and the page at fs_base (the TCB: stack protector, errno, TLS pointers). They are not
+//   handed to the server: none of its faults is needed for the first instructions.
+// Before registering, lazy areas are checked with PAGEMAP_SCAN for pages already present (a
+// page the restore touched to keep areas apart, a THP populated by it): present pages would
+// never fault, so they are dropped (MADV_DONTNEED) first; normally none is found.
+//
+// The userfaultfd is created inside the process (injected userfaultfd(O_CLOEXEC|O_NONBLOCK),
+// or /dev/userfaultfd + USERFAULTFD_IOC_NEW when the system call is refused), pulled out with
+// pidfd_getfd and closed inside at once, so the restored process has exactly the descriptors
+// of its image. UFFDIO_API (EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, THREAD_ID)
+// and UFFDIO_REGISTER (MISSING; neighbouring lazy areas in one call) are done from here.
+// Nothing needs to stay parked in the process: the page server's guardian holds a second
+// reference to every uffd, so a dead server means a killed process, never zero pages.
+//
+// The page server process ("lazycr-server"): forked by lazycr at [server] with the uffd and
+// a pidfd of the process; it reopens the page store, starts its guardian, takes the process
+// and says "ready" on a pipe, then serves until nothing is owed or no process is left. lazycr
+// waits for "ready" at [server-ready], sets registers and detaches; then it writes the time
+// to first instruction on a second pipe (the server needs it only for the stats it writes at
+// the end; end of file without it means the restore failed, and the server leaves quietly).
+// The server calls setsid(): terminal signals do not reach it and it outlives lazycr with
+// --detach. SIGTERM makes it stop serving (the processes still owed pages are killed, with a
+// message). It is lazycr's child: foreground lazycr waits for it after the restored process
+// exited (so --stats is complete when lazycr returns); with --detach lazycr returns at once
+// and the server is re-parented like the restored process (to the nearest child subreaper,
+// else PID 1). The restored process's parent is lazycr, exactly as in an eager restore: with
+// --detach it is re-parented the same way when lazycr exits (with --pidns, its parent is the
+// namespace's reaper, and the reaper's parent is lazycr).
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <vector>
+
+#include "common/error.h"
+#include "common/json.h"
+#include "common/kernel_features.h"
+#include "common/linux_abi.h"
+#include "common/log.h"
+#include "common/signals.h"
+#include "restore/memory.h"
+#include "uffd/page_server.h"
+#include "uffd/uffd.h"
+
+namespace lazycr::restore {
+namespace {
+
+using image::kPageSize;
+using image::MemoryArea;
+using image::PageRun;
+
+constexpr uint64_t kRequiredFeatures = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP |
+                                       UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+constexpr int kAbortWaitMs = 10'000;  // a failed restore waits this long for the server
+constexpr uint64_t kPage = kPageSize;
+
+uint64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string area_name(const MemoryArea& a) {
+  return cat(hex(a.start()), "-", hex(a.end()), a.name().empty() ? "" : " ", a.name());
+}
+
+bool has_vmflag(const MemoryArea& a, const std::string& flag) {
+  std::istringstream in(a.vmflags());
+  std::string f;
+  while (in >> f)
+    if (f == flag) return true;
+  return false;
+}
+
+bool lazy_candidate(const MemoryArea& a) {
+  switch (a.kind()) {
+    case MemoryArea::ANON:
+    case MemoryArea::HEAP:
+    case MemoryArea::STACK:
+      break;
+    default:
+      return false;
+  }
+  return !a.shared() && a.stored_pages() > 0 && !has_vmflag(a, "lo") && !has_vmflag(a, "lf") &&
+         !has_vmflag(a, "wf");
+}
+
+struct Range {
+  uint64_t start, end;
+};
+
+// Stored pages (DATA or ZERO runs) inside [start, end).
+uint64_t stored_in(const image::PageStoreReader& store, uint64_t start, uint64_t end) {
+  const auto& runs = store.index().runs();
+  auto it = std::upper_bound(runs.begin(), runs.end(), start,
+                             [](uint64_t a, const PageRun& r) { return a < r.start(); });
+  if (it != runs.begin()) --it;
+  uint64_t n = 0;
+  for (; it != runs.end() && it->start() < end; ++it) {
+    uint64_t s = std::max(it->start(), start);
+    uint64_t e = std::min(it->start() + it->pages() * kPage, end);
+    if (s < e) n += (e - s) / kPage;
+  }
+  return n;
+}
+
+void close_fd_in(RemoteProcess& t, long fd, const char* what) noexcept {
+  try {
+    t.inject(cat("close(", fd, ") of ", what), SYS_close, static_cast<uint64_t>(fd));
+  } catch (const Error& e) {
+    log::warn(e.what());
+  }
+}
+
+// ---- the server process ----------------------------------------------------------------------
+
+// What lazycr tells the server once the process runs.
+struct GoMessage {
+  int64_t first_instruction_ns;  // from the command's start
+  uint64_t restore_ns;           // restore() until running
+  uint64_t eager_pages;          // pages written before the process ran
+  uint64_t hot_pages;
+  uint64_t lazy_pages;  // stored pages left to the server
+  uint64_t lazy_areas;
+};
+
+struct ServerLaunch {
+  pid_t pid = 0;   // the restored process, in our namespace
+  int uffd = -1;   // ours (the server inherits it)
+  int pidfd = -1;  // the process's (inherited)
+  std::string store_path;
+  std::vector<uffd::LazyArea> areas;
+  LazyOptions opts;
+  cpu_set_t cpus;
+  uint64_t start_ns = 0;
+};
+
+uffd::PageServer* g_server = nullptr;
+
+void on_sigterm(int) {
+  if (g_server != nullptr) g_server->stop();
+}
+
+// Closes every descriptor but `keep` (and 0-2).
+void close_all_but(std::vector<int> keep) {
+  keep.push_back(0);
+  keep.push_back(1);
+  keep.push_back(2);
+  std::sort(keep.begin(), keep.end());
+  unsigned lo = 0;
+  for (int k : keep) {
+    if (k < 0) continue;
+    const unsigned u = static_cast<unsigned>(k);
+    if (u > lo) ::syscall(SYS_close_range, lo, u - 1, 0);
+    lo = std::max(lo, u + 1);
+  }
+  ::syscall(SYS_close_range, lo, ~0u, 0);
+}
+
+bool read_full(int fd, void* buf, size_t len) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = ::read(fd, static_cast<char*>(buf) + got, len - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    got += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// The stats file and the -v summary (server side; also the parent's when nothing was lazy).
+void write_stats(const std::string& path, pid_t pid, const GoMessage& go,
+                 const uffd::PageServerStats& s, int64_t run_from_start_ns) {
+  auto from_start = [&](int64_t t) { return t < 0 ? int64_t{-1} : run_from_start_ns + t; };
+  std::ofstream f(path, std::ios::trunc);
+  if (!f) fail_errno("cannot write lazy restore stats to ", path);
+  JsonWriter w(f);
+  w.begin_object();
+  w.field("pid", static_cast<int64_t>(pid));
+  w.field("time_to_first_instruction_ns", go.first_instruction_ns);
+  // Nothing owed before the server ran at all: every lazy page was dropped, or none existed.
+  w.field("time_until_nothing_owed_ns",
+          go.lazy_pages == 0 ? go.first_instruction_ns : from_start(s.all_served_ns));
+  w.field("time_to_first_fault_ns", from_start(s.first_fault_ns));
+  w.field("server_run_ns", s.run_ns);
+  w.key("restore");
+  w.begin_object();
+  w.field("restore_ns", go.restore_ns);
+  w.field("eager_pages", go.eager_pages);
+  w.field("hot_pages", go.hot_pages);
+  w.field("lazy_areas", go.lazy_areas);
+  w.field("lazy_pages", go.lazy_pages);
+  w.end_object();
+  w.field("processes", s.processes);
+  w.field("faults", s.faults);
+  w.field("faults_not_owed", s.not_owed_faults);
+  w.key("pages");
+  w.begin_object();
+  w.field("by_fault", s.fault_pages);
+  w.field("by_prefetch", s.prefetch_pages);
+  w.field("zero", s.zero_pages);
+  w.field("dropped", s.dropped_pages);
+  w.end_object();
+  w.key("fault_latency_ns");
+  w.begin_object();
+  w.field("p50", s.latency_ns(0.5));
+  w.field("p90", s.latency_ns(0.9));
+  w.field("p99", s.latency_ns(0.99));
+  w.field("max", s.latency_ns(1.0));
+  w.end_object();
+  w.field("bytes_decompressed", s.bytes_decompressed);
+  w.field("fill_ioctls", s.copy_ioctls);
+  w.key("fill_answers");
+  w.begin_object();
+  w.field("eexist", s.eexist);
+  w.field("eagain", s.eagain);
+  w.field("enoent", s.enoent);
+  w.end_object();
+  w.key("events");
+  w.begin_object();
+  w.field("fork", s.events_fork);
+  w.field("remap", s.events_remap);
+  w.field("remove", s.events_remove);
+  w.field("unmap", s.events_unmap);
+  w.field("exit", s.exits);
+  w.end_object();
+  w.field("children_found", s.children_found);
+  w.field("killed", s.killed);
+  w.key("errors");
+  w.begin_array();
+  for (const std::string& e : s.errors) w.value(e);
+  w.end_array();
+  w.end_object();
+  f << "\n";
+  f.flush();
+  if (!f) fail_errno("cannot write lazy restore stats to ", path);
+}
+
+std::string ms_text(int64_t ns) {
+  if (ns < 0) return "never";
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  o << ns / 1e6 << " ms";
+  return o.str();
+}
+
+void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
+                 int64_t nothing_owed_ns) {
+  log::info("lazy restore of pid ", pid, ": first instruction after ",
+            ms_text(go.first_instruction_ns), ", nothing owed after ", ms_text(nothing_owed_ns),
+            " (", go.eager_pages, " pages written before it ran, ", go.hot_pages, " of them hot; ",
+            go.lazy_pages, " pages in ", go.lazy_areas, " lazy areas)");
+  if (server != nullptr) log::info(server->summary());
+}
+
+// The server process's body (see the top of this file). Never returns.
+[[noreturn]] void server_main(const ServerLaunch& l, int ready_wr, int ctl_rd) {
+  int code = 1;
+  bool ready = false;
+  try {
+    ::setsid();
+    ::prctl(PR_SET_NAME, "lazycr-server", 0, 0, 0);
+    struct sigaction ign {};
+    ign.sa_handler = SIG_IGN;
+    for (int sig : {SIGPIPE, SIGINT, SIGQUIT, SIGHUP, SIGTSTP, SIGTTIN, SIGTTOU})
+      ::sigaction(sig, &ign, nullptr);
+    // Default for the rest: lazycr's foreground wait blocked some signals.
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    // stdin and stdout lead to lazycr's caller: not ours to keep open (a `$(lazycr restore
+    // --lazy -d ...)` would wait for the server).
+    const int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null >= 0) {
+      ::dup2(null, 0);
+      ::dup2(null, 1);
+      ::close(null);
+    }
+    // Nothing else of lazycr's: in particular not the --pidns reaper's control pipe.
+    const int log_fd = log::output_fd();
+    close_all_but({log_fd, l.uffd, l.pidfd, ready_wr, ctl_rd});
+    cpu_set_t cpus = l.cpus;
+    if (l.opts.server_cpu >= 0) {
+      CPU_ZERO(&cpus);
+      CPU_SET(l.opts.server_cpu, &cpus);
+    }
+    if (::sched_setaffinity(0, sizeof cpus, &cpus) != 0)
+      fail_errno("sched_setaffinity of the page server");
+
+    std::shared_ptr<const image::PageStoreReader> store(image::PageStoreReader::open(l.store_path));
+    uffd::PageServerOptions o;
+    o.window = l.opts.window;
+    o.prefetch = l.opts.prefetch;
+    o.guardian_log_fd = log_fd;
+    GoMessage go{};
+    uffd::PageServerStats stats;
+    int64_t run_from_start = 0;
+    bool have_go = false;
+    {
+      uffd::PageServer server(o);
+      g_server = &server;
+      struct sigaction term {};
+      term.sa_handler = on_sigterm;
+      ::sigaction(SIGTERM, &term, nullptr);
+      server.start_guardian();
+      server.add_process(l.pid, UniqueFd(l.uffd), UniqueFd(l.pidfd), store, l.areas);
+      const char r = 'R';
+      if (::write(ready_wr, &r, 1) != 1) fail_errno("page server: telling lazycr it is ready");
+      ::close(ready_wr);
+      ready = true;
+      run_from_start = static_cast<int64_t>(now_ns() - l.start_ns);
+      stats = server.run();
+      g_server = nullptr;
+      have_go = read_full(ctl_rd, &go, sizeof go);
+      if (have_go) {
+        const int64_t owed = go.lazy_pages == 0        ? go.first_instruction_ns
+                             : stats.all_served_ns < 0 ? -1
+                                                       : run_from_start + stats.all_served_ns;
+        log_summary(l.pid, go, &server, owed);
+      }
+    }
+    if (have_go) {
+      if (!l.opts.stats_file.empty())
+        write_stats(l.opts.stats_file, l.pid, go, stats, run_from_start);
+      code = stats.killed > 0 ? 1 : 0;
+    }
+    // Without the message the restore failed: lazycr reports that; nothing to add.
+  } catch (const std::exception& e) {
+    g_server = nullptr;
+    if (!ready) {
+      std::string msg = e.what();
+      (void)!::write(ready_wr, msg.data(), msg.size());
+    } else {
+      log::write(log::Level::kError, cat("page server: ", e.what()));
+    }
+    code = 1;
+  }
+  ::_exit(code);
+}
+
+// lazycr's handle on the server process.
+class ServerProcess {
+ public:
+  ServerProcess() = default;
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+  ~ServerProcess() { abort(); }
+
+  bool started() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+
+  // Forks the server. The caller is single-threaded here (the eager filler's helper thread
+  // has been joined): the child may allocate.
+  void start(const ServerLaunch& l) {
+    int ready[2], ctl[2];
+    if (::pipe2(ready, O_CLOEXEC) != 0) fail_errno("pipe2");
+    UniqueFd ready_rd(ready[0]), ready_wr(ready[1]);
+    if (::pipe2(ctl, O_CLOEXEC) != 0) fail_errno("pipe2");
+    UniqueFd ctl_rd(ctl[0]), ctl_wr(ctl[1]);
+    std::fflush(nullptr);
+    pid_t pid = ::fork();
+    if (pid < 0) fail_errno("fork of the page server");
+    if (pid == 0) server_main(l, ready_wr.get(), ctl_rd.get());
+    pid_ = pid;
+    pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+    if (!pidfd_) {
+      const int err = errno;
+      abort();
+      fail_errno_value(err, cat("pidfd_open of the page server (pid ", pid, ")"));
+    }
+    ready_rd_ = std::move(ready_rd);
+    ctl_wr_ = std::move(ctl_wr);
+  }
+
+  // Waits until the server holds the process (its guardian too); throws with the server's
+  // own error otherwise.
+  void wait_ready() {
+    std::string msg;
+    char buf[512];
+    for (;;) {
+      ssize_t n = ::read(ready_rd_.get(), buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) fail_errno("reading the page server's answer");
+      if (n == 0) break;
+      msg.append(buf, static_cast<size_t>(n));
+      if (msg == "R") break;
+    }
+    ready_rd_.reset();
+    if (msg == "R") return;
+    if (!msg.empty()) fail("page server (pid ", pid_, "): ", msg);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_t was = pid_;
+    pid_ = 0;
+    pidfd_.reset();
+    fail("the page server (pid ", was, ") exited before it was ready (",
+         WIFSIGNALED(status) ? cat("signal ", WTERMSIG(status))
+                             : cat("status ", WEXITSTATUS(status)),
+         ")");
+  }
+
+  // The process runs: tells the server (for its stats), then hands it over to the caller.
+  ServerHandle go(const GoMessage& m) noexcept {
+    if (::write(ctl_wr_.get(), &m, sizeof m) != static_cast<ssize_t>(sizeof m))
+      log::warn("cannot tell the page server (pid ", pid_,
+                ") that the process runs: ", std::strerror(errno),
+                " (it serves on, without stats)");
+    ctl_wr_.reset();
+    ServerHandle h;
+    h.pid = pid_;
+    h.pidfd = std::move(pidfd_);
+    pid_ = 0;
+    return h;
+  }
+
+  // The restore failed (the process has been killed by now): the server sees the process
+  // gone and ends; it says nothing, finding no "go" message. Reaped here.
+  void abort() noexcept {
+    if (pid_ <= 0) return;
+    ready_rd_.reset();
+    ctl_wr_.reset();
+    if (pidfd_) {
+      pollfd p{pidfd_.get(), POLLIN, 0};
+      int r;
+      do {
+        r = ::poll(&p, 1, kAbortWaitMs);
+      } while (r < 0 && errno == EINTR);
+      if (r == 0) {
+        log::warn("the page server (pid ", pid_, ") did not end after the failed restore: killed");
+        send_signal_pidfd(pidfd_.get(), SIGKILL);
+      }
+    }
+    int status;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+    pid_ = 0;
+    pidfd_.reset();
+  }
+
+ private:
+  pid_t pid_ = 0;
+  UniqueFd pidfd_;
+  UniqueFd ready_rd_;
+  UniqueFd ctl_wr_;
+};
+
+// ---- the strategy -------------------------------------------------------------------------
+
+class LazyStrategy final : public MemoryStrategy {
+ public:
+  LazyStrategy(const image::Process& proc, const image::PageStoreReader& store,
+               const RestoreOptions& opts, const cpu_set_t& cpus)
+      : proc_(proc), store_(store), opts_(opts), cpus_(cpus) {
+    eager_ = make_eager_filler(store, &cpus_);
+  }
+
+  const char* name() const override { return "lazy"; }
+
+  uint32_t shaping_prot(const MemoryArea& area) const override {
+    // Writable until the protect step: an area userfaultfd refuses is filled eagerly.
+    if (lazy_candidate(area)) return area.prot() | PROT_READ | PROT_WRITE;
+    return eager_->shaping_prot(area);
+  }
+
+  void prepare_area(RemoteProcess& target, const MemoryArea& area) override {
+    if (lazy_candidate(area))
+      candidates_.push_back(&area);
+    else
+      eager_->prepare_area(target, area);
+  }
+
+  void fill_mapped(RemoteProcess& target) override { eager_->fill_mapped(target); }
+
+  void register_lazy(RemoteProcess& target) override {
+    if (candidates_.empty()) return;
+    drop_present_pages(target);
+    make_uffd(target);
+    register_areas(target);
+    fill_hot_pages();
+    // Areas userfaultfd refused: eagerly, while they are still writable.
+    if (!refused_.empty()) {
+      for (const MemoryArea* a : refused_) eager_->prepare_area(target, *a);
+      eager_->fill_mapped(target);
+    }
+    compute_server_areas();
+  }
+
+  void start_server(RemoteProcess& target) override {
+    if (!uffd_.valid()) return;
+    ServerLaunch l;
+    l.pid = target.pid();
+    l.uffd = uffd_.fd();
+    l.pidfd = target.pidfd();
+    l.store_path = store_.path();
+    l.areas = server_areas_;
+    l.opts = opts_.lazy;
+    l.cpus = cpus_;
+    l.start_ns = opts_.start_ns;
+    server_.start(l);
+    if (!opts_.lazy.server_pidfile.empty()) write_pidfile(opts_.lazy.server_pidfile, server_.pid());
+  }
+
+  void after_shaping(RemoteProcess& target) override { eager_->after_shaping(target); }
+
+  void before_release(RemoteProcess&) override {
+    if (!server_.started()) return;
+    server_.wait_ready();
+    uffd_.reset();  // the server and its guardian hold it now
+  }
+
+  void on_running(RemoteProcess& target) override {
+    eager_->on_running(target);
+    GoMessage m{};
+    const uint64_t now = now_ns();
+    m.first_instruction_ns = static_cast<int64_t>(now - opts_.start_ns);
+    m.restore_ns = now - opts_.start_ns;
+    m.eager_pages = eager_->stats().pages_written + hot_pages_;
+    m.hot_pages = hot_pages_;
+    m.lazy_pages = lazy_pages_;
+    m.lazy_areas = lazy_areas_;
+    if (server_.started()) {
+      handle_ = server_.go(m);
+      return;
+    }
+    // Nothing lazy: no server; the stats say so.
+    log_summary(target.pid(), m, nullptr, m.first_instruction_ns);
+    if (!opts_.lazy.stats_file.empty()) {
+      try {
+        write_stats(opts_.lazy.stats_file, target.pid(), m, uffd::PageServerStats{}, 0);
+      } catch (const Error& e) {
+        log::warn(e.what());
+      }
+    }
+  }
+
+  MemoryStats stats() const override {
+    MemoryStats s = eager_->stats();
+    s.pages_written += hot_pages_;
+    s.bytes_written += hot_pages_ * kPage;
+    s.lazy_areas = lazy_areas_;
+    s.lazy_pages = lazy_pages_;
+    s.hot_pages = hot_pages_;
+    return s;
+  }
+
+  ServerHandle take_server() override { return std::move(handle_); }
+
+ private:
+  static void write_pidfile(const std::string& path, pid_t pid) {
+    std::string tmp = cat(path, ".tmp-", ::getpid());
+    {
+      std::ofstream f(tmp, std::ios::trunc);
+      f << pid << "\n";
+      if (!f.flush()) fail_errno("cannot write the server pidfile ", tmp);
+    }
+    if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("cannot rename ", tmp, " to ", path);
+  }
+
+  // Pages of lazy areas that are present already would never fault (a page the restore
+  // faulted in to keep neighbours apart, or a transparent huge page it populated): dropped.
+  void drop_present_pages(RemoteProcess& target) {
+    const auto& k = kernel_features();
+    std::vector<Range> present;
+    if (k.pagemap_scan) {
+      UniqueFd pm(::open(cat("/proc/", target.pid(), "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
+      if (!pm) fail_errno("open /proc/", target.pid(), "/pagemap");
+      std::vector<abi::page_region> regions(256);
+      for (const MemoryArea* a : candidates_) {
+        uint64_t pos = a->start();
+        while (pos < a->end()) {
+          abi::pm_scan_arg arg{};
+          arg.size = sizeof arg;
+          arg.start = pos;
+          arg.end = a->end();
+          arg.vec = reinterpret_cast<uint64_t>(regions.data());
+          arg.vec_len = regions.size();
+          arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+          arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+          long n = ::ioctl(pm.get(), PAGEMAP_SCAN, &arg);
+          if (n < 0) fail_errno("PAGEMAP_SCAN of area ", area_name(*a));
+          for (long i = 0; i < n; i++) present.push_back({regions[i].start, regions[i].end});
+          if (arg.walk_end <= pos) break;
+          pos = arg.walk_end;
+        }
+      }
+    } else {
+      for (const MemoryArea* a : candidates_) present.push_back({a->start(), a->end()});
+    }
+    for (const Range& r : present)
+      target.inject(cat("madvise(MADV_DONTNEED) of ", hex(r.start), "-", hex(r.end),
+                        " before registering it with userfaultfd"),
+                    SYS_madvise, r.start, r.end - r.start, MADV_DONTNEED);
+    dropped_present_ = present.size();
+  }
+
+  // userfaultfd() inside the process, pulled out, closed inside, UFFDIO_API.
+  void make_uffd(RemoteProcess& target) {
+    long fd = -1;
+    try {
+      fd = target.inject("userfaultfd(O_CLOEXEC | O_NONBLOCK) in the process", SYS_userfaultfd,
+                         O_CLOEXEC | O_NONBLOCK);
+    } catch (const Error& e) {
+      if (!kernel_features().dev_userfaultfd) throw;
+      const uint64_t path = target.put_data("/dev/userfaultfd", sizeof "/dev/userfaultfd");
+      long dev = target.inject(cat("open /dev/userfaultfd (", e.what(), ")"), SYS_openat,
+                               static_cast<uint64_t>(AT_FDCWD), path, O_RDWR | O_CLOEXEC);
+      try {
+        fd = target.inject("ioctl(USERFAULTFD_IOC_NEW)", SYS_ioctl, static_cast<uint64_t>(dev),
+                           USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+      } catch (...) {
+        close_fd_in(target, dev, "/dev/userfaultfd");
+        throw;
+      }
+      close_fd_in(target, dev, "/dev/userfaultfd");
+    }
+    long ours = ::syscall(SYS_pidfd_getfd, target.pidfd(), fd, 0);
+    const int err = errno;
+    // The process keeps none: its descriptors are exactly its image's.
+    target.inject(cat("close(", fd, ") of the userfaultfd in the process"), SYS_close,
+                  static_cast<uint64_t>(fd));
+    if (ours < 0)
+      fail_errno_value(
+          err, cat("pidfd_getfd of the userfaultfd (fd ", fd, " of pid ", target.pid(), ")"));
+    uffd_ = uffd::Userfaultfd::adopt(static_cast<int>(ours));
+    uint64_t want = kRequiredFeatures;
+    if (kernel_features().uffd_features & UFFD_FEATURE_THREAD_ID) want |= UFFD_FEATURE_THREAD_ID;
+    uffd_.api(want);
+  }
+
+  static bool can_serve(uint64_t ioctls) {
+    const uint64_t need = (uint64_t{1} << _UFFDIO_COPY) | (uint64_t{1} << _UFFDIO_ZEROPAGE) |
+                          (uint64_t{1} << _UFFDIO_WAKE);
+    return (ioctls & need) == need;
+  }
+
+  // Registers one area; false (and the area is unregistered) if userfaultfd refuses it.
+  bool register_one(const MemoryArea& a) {
+    try {
+      uint64_t ioctls = uffd_.register_range(a.start(), a.end() - a.start());
+      if (can_serve(ioctls)) return true;
+      uffd_.unregister(a.start(), a.end() - a.start());
+      log::info("area ", area_name(a), ": userfaultfd cannot fill it (ioctls ", hex(ioctls),
+                "): restored eagerly");
+    } catch (const Error& e) {
+      log::info("area ", area_name(a), ": ", e.what(), ": restored eagerly");
+    }
+    return false;
+  }
+
+  // Neighbouring candidates are registered with one call; if that is refused, one by one.
+  void register_areas(RemoteProcess&) {
+    size_t i = 0;
+    while (i < candidates_.size()) {
+      size_t j = i + 1;
+      while (j < candidates_.size() && candidates_[j]->start() == candidates_[j - 1]->end()) j++;
+      bool whole = false;
+      if (j - i > 1) {
+        const uint64_t s = candidates_[i]->start(), e = candidates_[j - 1]->end();
+        try {
+          whole = can_serve(uffd_.register_range(s, e - s));
+          if (!whole) uffd_.unregister(s, e - s);
+        } catch (const Error&) {
+          whole = false;
+        }
+      }
+      for (size_t k = i; k < j; k++) {
+        if (whole || register_one(*candidates_[k]))
+          lazy_.push_back(candidates_[k]);
+        else
+          refused_.push_back(candidates_[k]);
+      }
+      i = j;
+    }
+    lazy_areas_ = lazy_.size();
+  }
+
+  // The lazy area holding page `addr`, or nullptr.
+  const MemoryArea* lazy_area_of(uint64_t addr) const {
+    auto it = std::upper_bound(lazy_.begin(), lazy_.end(), addr,
+                               [](uint64_t a, const MemoryArea* m) { return a < m->start(); });
+    if (it == lazy_.begin()) return nullptr;
+    --it;
+    return addr < (*it)->end() ? *it : nullptr;
+  }
+
+  // See the top of this file: rseq areas, rip, rsp +- a page, fs_base, per thread.
+  void fill_hot_pages() {
+    std::set<uint64_t> pages;
+    auto add = [&](uint64_t from, uint64_t to) {  // bytes [from, to)
+      if (to <= from) return;
+      for (uint64_t pg = from & ~(kPage - 1); pg < to; pg += kPage)
+        if (lazy_area_of(pg) != nullptr) pages.insert(pg);
+    };
+    for (const auto& th : proc_.threads()) {
+      const auto& r = th.regs();
+      if (th.rseq().rseq_abi_pointer() != 0)
+        add(th.rseq().rseq_abi_pointer(),
+            th.rseq().rseq_abi_pointer() + std::max<uint32_t>(th.rseq().rseq_abi_size(), 32));
+      add(r.rip(), r.rip() + 16);
+      if (r.rsp() >= kPage) add(r.rsp() - kPage, r.rsp() + kPage);
+      if (r.fs_base() != 0) add(r.fs_base(), r.fs_base() + 64);
+    }
+    std::vector<char> buf;
+    for (auto it = pages.begin(); it != pages.end();) {
+      // A run of contiguous hot pages inside one area and one store run kind.
+      const uint64_t start = *it;
+      const MemoryArea* area = lazy_area_of(start);
+      auto loc = store_.find(start);
+      const bool data = loc && loc->kind == PageRun::DATA;
+      uint64_t end = start + kPage;
+      ++it;
+      while (it != pages.end() && *it == end && lazy_area_of(end) == area) {
+        auto l2 = store_.find(end);
+        if ((l2 && l2->kind == PageRun::DATA) != data) break;
+        end += kPage;
+        ++it;
+      }
+      const uint64_t len = end - start;
+      long res;
+      if (data) {
+        buf.resize(len);
+        store_.read(start, len / kPage, buf.data());
+        res = uffd_.copy(start, buf.data(), len);
+      } else {
+        res = uffd_.zeropage(start, len);
+      }
+      if (res < 0 && res != -EEXIST)
+        fail_errno_value(static_cast<int>(-res),
+                         cat("filling the hot pages ", hex(start), "-", hex(end)));
+      if (res != static_cast<long>(len) && res != -EEXIST)
+        fail("filling the hot pages ", hex(start), "-", hex(end), ": only ", res, " bytes");
+      hot_.push_back({start, end});
+      hot_pages_ += len / kPage;
+    }
+  }
+
+  // The lazy areas minus the hot pages: what the server owes.
+  void compute_server_areas() {
+    size_t h = 0;
+    for (const MemoryArea* a : lazy_) {
+      uint64_t pos = a->start();
+      while (h < hot_.size() && hot_[h].end <= pos) h++;
+      for (size_t k = h; k < hot_.size() && hot_[k].start < a->end(); k++) {
+        if (hot_[k].start > pos) server_areas_.push_back({pos, hot_[k].start});
+        pos = std::max(pos, hot_[k].end);
+      }
+      if (pos < a->end()) server_areas_.push_back({pos, a->end()});
+    }
+    for (const auto& s : server_areas_) lazy_pages_ += stored_in(store_, s.start, s.end);
+  }
+
+  const image::Process& proc_;
+  const image::PageStoreReader& store_;
+  const RestoreOptions& opts_;
+  cpu_set_t cpus_;
+  std::unique_ptr<MemoryStrategy> eager_;
+  std::vector<const MemoryArea*> candidates_;  // in address order
+  std::vector<const MemoryArea*> lazy_;        // registered
+  std::vector<const MemoryArea*> refused_;     // filled eagerly instead
+  std::vector<Range> hot_;
+  std::vector<uffd::LazyArea> server_areas_;
+  uffd::Userfaultfd uffd_;
+  ServerProcess server_;
+  ServerHandle handle_;
+  uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
+  size_t dropped_present_ = 0;
+};
+
+}  // namespace
+
+void check_lazy_support() {
+  const KernelFeatures& k = kernel_features();
+  if (!k.userfaultfd_syscall && !k.dev_userfaultfd)
+    fail("--lazy: this kernel gives lazycr no userfaultfd (",
+         k.notes.count("userfaultfd.syscall") ? k.notes.at("userfaultfd.syscall") : "not available",
+         "); restore without --lazy");
+  if ((k.uffd_features & kRequiredFeatures) != kRequiredFeatures) {
+    std::string missing;
+    for (auto [bit, name] : {std::pair{UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"},
+                             {UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"},
+                             {UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"},
+                             {UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"}})
+      if (!(k.uffd_features & bit)) missing += cat(missing.empty() ? "" : ", ", name);
+    fail("--lazy: this kernel's userfaultfd lacks UFFD_FEATURE_", missing, " (features ",
+         hex(k.uffd_features),
+         "): the page server could not follow fork, mremap, madvise and munmap; restore "
+         "without --lazy");
+  }
+  if (!k.cap_sys_ptrace)
+    fail(
+        "--lazy: lazycr needs CAP_SYS_PTRACE (userfaultfd fork events, and userfaultfd(2) "
+        "with vm.unprivileged_userfaultfd = ",
+        k.unprivileged_userfaultfd, ")");
+  if (!k.pidfd_getfd)
+    fail("--lazy: pidfd_getfd does not work here (",
+         k.notes.count("pidfd.getfd") ? k.notes.at("pidfd.getfd") : "probe failed",
+         "): the userfaultfd cannot be taken out of the process");
+}
+
+std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
+                                                   const image::PageStoreReader& store,
+                                                   const RestoreOptions& opts,
+                                                   const cpu_set_t& cpus) {
+  return std::make_unique<LazyStrategy>(proc, store, opts, cpus);
+}
+
+}  // namespace lazycr::restore
