@@ -368,13 +368,20 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
   c->set_cap_ambient(status.cap_amb);
   c->set_no_new_privs(status.no_new_privs);
 
+  // Read from inside: prlimit on another process needs CAP_SYS_RESOURCE or the same
+  // credentials, and a process of another user is common.
+  uint64_t scratch = fp.scratch();
+  static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
+  for (int r = 0; r < RLIMIT_NLIMITS; r++)
+    fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
+            scratch + r * sizeof(struct rlimit64));
+  std::vector<struct rlimit64> lims(RLIMIT_NLIMITS);
+  remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
   for (int r = 0; r < RLIMIT_NLIMITS; r++) {
-    struct rlimit64 lim;
-    if (::syscall(SYS_prlimit64, pid, r, nullptr, &lim) != 0) fail_errno("prlimit of pid ", pid);
     auto* l = proc.add_rlimits();
     l->set_resource(r);
-    l->set_cur(lim.rlim_cur);
-    l->set_max(lim.rlim_max);
+    l->set_cur(lims[r].rlim_cur);
+    l->set_max(lims[r].rlim_max);
   }
 
   auto* mm = proc.mutable_mm();

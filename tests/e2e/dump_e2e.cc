@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/ptrace.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include <iterator>
 #include <sstream>
 
+#include "common/signals.h"
 #include "image-format/image_dir.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/target_info.h"
@@ -198,6 +200,32 @@ TEST(Dump, SharedAnonymousAndMemfdContentsAreStored) {
   store.read(shared->start(), 1, a.data());
   EXPECT_NE(a, std::vector<unsigned char>(4096, 0));
   expect_unharmed(t);
+}
+
+// A process of another user, with capabilities of its own: everything read from inside.
+TEST(Dump, ProcessOfAnotherUserWithItsCredentials) {
+  Child c({target_bin("creds_target")});
+  TargetInfo info = TargetInfo::parse(c.wait_for("ready"));
+  TempDir images;
+  auto r = lazycr({"dump", "--leave-running", "-t", std::to_string(c.pid()), "-D", images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  image::ImageReader img(images / "img");
+  const auto& cr = img.process(c.pid()).creds();
+  EXPECT_EQ(std::vector<uint32_t>(cr.uids().begin(), cr.uids().end()),
+            (std::vector<uint32_t>{1000, 1001, 1002, 1001}));
+  EXPECT_EQ(std::vector<uint32_t>(cr.gids().begin(), cr.gids().end()),
+            (std::vector<uint32_t>{1001, 1002, 1003, 1002}));
+  EXPECT_EQ(std::vector<uint32_t>(cr.groups().begin(), cr.groups().end()),
+            (std::vector<uint32_t>{1001, 1002}));
+  EXPECT_EQ(cr.cap_effective(), 1u << 10);
+  EXPECT_EQ(cr.cap_permitted(), (1u << 10) | 1u);
+  EXPECT_EQ(cr.cap_inheritable(), 1u);
+  EXPECT_EQ(cr.cap_ambient(), 1u);
+  EXPECT_EQ(cr.cap_bounding() & (1ull << 21), 0u) << "CAP_SYS_ADMIN was dropped";
+  EXPECT_EQ(img.process(c.pid()).rlimits_size(), RLIMIT_NLIMITS);
+  send_signal(c.pid(), SIGUSR1);
+  EXPECT_EQ(c.read_line(), "verified ok");
+  EXPECT_EQ(c.wait(), 0);
 }
 
 TEST(Dump, LeaveRunningKeepsTheTargetIntact) {
