@@ -26,8 +26,14 @@
 //   its rseq area (the kernel writes cpu_id there on every return to user space once the
 //   thread-state step registers it, and the registers step writes rseq_cs back), the page
 //   at rip, the pages around rsp (one below for the red zone and signal frames, one above)
-//   and the page at fs_base (the TCB: stack protector, errno, TLS pointers). They are not
-//   handed to the server: none of its faults is needed for the first instructions.
+//   and the page at fs_base (the TCB: stack protector, errno, TLS pointers); and the pages
+//   of the command line and environment (arg_start..arg_end, env_start..env_end): the
+//   kernel reads /proc/PID/cmdline and environ with a remote access that cannot wait for a
+//   userfaultfd (no FAULT_FLAG_ALLOW_RETRY), so while they are owed, ps would see an empty
+//   command line. They are not handed to the server.
+// Other remote reads of owed pages by that same path (/proc/PID/mem, ptrace PEEKDATA, a
+// debugger attaching) fail with EIO/EFAULT until the page is served; process_vm_readv waits
+// for it. That is a limit of userfaultfd, not of lazycr.
 // Before registering, lazy areas are checked with PAGEMAP_SCAN for pages already present (a
 // page the restore touched to keep areas apart, a THP populated by it): present pages would
 // never fault, so they are dropped (MADV_DONTNEED) first; normally none is found.
@@ -346,8 +352,10 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       ::sigaction(SIGTERM, &term, nullptr);
       server.start_guardian();
       server.add_process(l.pid, UniqueFd(l.uffd), UniqueFd(l.pidfd), store, l.areas);
+      // EPIPE: lazycr gave up (the restore failed): the process is being killed, and run()
+      // ends as soon as it is gone.
       const char r = 'R';
-      if (::write(ready_wr, &r, 1) != 1) fail_errno("page server: telling lazycr it is ready");
+      (void)!::write(ready_wr, &r, 1);
       ::close(ready_wr);
       ready = true;
       run_from_start = static_cast<int64_t>(now_ns() - l.start_ns);
@@ -742,6 +750,12 @@ class LazyStrategy final : public MemoryStrategy {
       if (r.rsp() >= kPage) add(r.rsp() - kPage, r.rsp() + kPage);
       if (r.fs_base() != 0) add(r.fs_base(), r.fs_base() + 64);
     }
+    // /proc/PID/cmdline and environ are read by the kernel with a remote access that cannot
+    // wait for a userfaultfd (no FAULT_FLAG_ALLOW_RETRY): owed, they would read empty (ps).
+    const auto& mm = proc_.mm();
+    constexpr uint64_t kMaxArgBytes = 256 * kPage;
+    add(mm.arg_start(), std::min(mm.arg_end(), mm.arg_start() + kMaxArgBytes));
+    add(mm.env_start(), std::min(mm.env_end(), mm.env_start() + kMaxArgBytes));
     std::vector<char> buf;
     for (auto it = pages.begin(); it != pages.end();) {
       // A run of contiguous hot pages inside one area and one store run kind.
