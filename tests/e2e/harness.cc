@@ -176,6 +176,26 @@ std::string Child::read_line(int timeout_s) {
   }
 }
 
+std::string Child::read_rest(int timeout_s) {
+  double deadline = now_s() + timeout_s;
+  std::string out = std::move(buf_);
+  buf_.clear();
+  for (;;) {
+    int left_ms = static_cast<int>((deadline - now_s()) * 1000);
+    if (left_ms <= 0) {
+      ADD_FAILURE() << "output of pid " << pid_ << " still open after " << timeout_s << " s";
+      return out;
+    }
+    pollfd p{out_fd_, POLLIN, 0};
+    if (poll(&p, 1, left_ms) <= 0) continue;
+    char buf[4096];
+    ssize_t n = read(out_fd_, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return out;
+    out.append(buf, n);
+  }
+}
+
 std::string Child::wait_for(const std::string& prefix, int timeout_s) {
   double deadline = now_s() + timeout_s;
   while (now_s() < deadline) {

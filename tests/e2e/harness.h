@@ -35,6 +35,9 @@ class Child {
   pid_t pid() const { return pid_; }
   // Reads the next line of stdout (without '\n'); fails the test after timeout_s.
   std::string read_line(int timeout_s = 60);
+  // Reads everything left on stdout until every writer closed it (lines not read yet
+  // included); fails the test after timeout_s.
+  std::string read_rest(int timeout_s = 60);
   // Reads lines until one starts with prefix; returns it.
   std::string wait_for(const std::string& prefix, int timeout_s = 60);
   // Waits for exit; returns the exit code (128 + signal if killed).
