@@ -27,6 +27,7 @@
 #include "restore/restore.h"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/prctl.h>
 #include <linux/sched.h>
 #include <poll.h>
@@ -69,35 +70,17 @@ using image::MemoryArea;
 
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
-[[maybe_unused]] constexpr const char* kSteps[] = {"validate",
-                                                   "create",
-                                                   "seize",
-                                                   "pin",
-                                                   "trampoline",
-                                                   "rseq",
-                                                   "close-fds",
-                                                   "unmap",
-                                                   "vdso",
-                                                   "map-areas",
-                                                   "fill",
-                                                   "uffd",
-                                                   "server",
-                                                   "protect",
-                                                   "mm",
-                                                   "after-shaping",
-                                                   "process-state",
-                                                   "sigactions",
-                                                   "fds",
-                                                   "session",
-                                                   "thread-state",
-                                                   "threads",
-                                                   "thread-created",
-                                                   "signals",
-                                                   "rlimits",
-                                                   "unmap-trampoline",
-                                                   "server-ready",
-                                                   "registers",
-                                                   "detach"};
+[[maybe_unused]] constexpr const char* kSteps[] = {
+    "validate",      "create",         "seize",
+    "pin",           "trampoline",     "rseq",
+    "close-fds",     "unmap",          "vdso",
+    "map-areas",     "fill",           "uffd",
+    "server",        "protect",        "mm",
+    "after-shaping", "process-state",  "sigactions",
+    "fds",           "session",        "thread-state",
+    "threads",       "thread-created", "signals",
+    "rlimits",       "credentials",    "unmap-trampoline",
+    "server-ready",  "registers",      "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
 // The trampoline mapping: code in its first page, then an arena for syscall arguments and
@@ -969,6 +952,64 @@ void restore_rlimits(Restoree& r, const image::Process& p) {
   }
 }
 
+// The image's credentials, last: once a thread is another user it can no longer do what the
+// restore needs (clone3 with set_tid, raising rlimits). Raw syscalls change only the calling
+// thread, so each thread does it for itself; threads of one process share the same ones.
+void restore_credentials(Restoree& r, const image::Process& p) {
+  const auto& c = p.creds();
+  if (c.uids_size() != 4 || c.gids_size() != 4) fail("the image's uids/gids are incomplete");
+  proc::Status me = proc::read_status(::getpid());
+  bool same =
+      std::equal(c.uids().begin(), c.uids().end(), me.uids.begin(), me.uids.end()) &&
+      std::equal(c.gids().begin(), c.gids().end(), me.gids.begin(), me.gids.end()) &&
+      std::equal(c.groups().begin(), c.groups().end(), me.groups.begin(), me.groups.end()) &&
+      c.cap_effective() == me.cap_eff && c.cap_permitted() == me.cap_prm &&
+      c.cap_inheritable() == me.cap_inh && c.cap_bounding() == me.cap_bnd &&
+      c.cap_ambient() == me.cap_amb;
+  if (same) return;  // the new process has lazycr's, which are the image's
+  int last_cap = std::stoi(proc::read_file("/proc/sys/kernel/cap_last_cap"));
+  std::vector<uint32_t> groups(c.groups().begin(), c.groups().end());
+  struct {
+    uint32_t version = _LINUX_CAPABILITY_VERSION_3;
+    int32_t pid = 0;
+  } header;
+  uint32_t data[6] = {static_cast<uint32_t>(c.cap_effective()),
+                      static_cast<uint32_t>(c.cap_permitted()),
+                      static_cast<uint32_t>(c.cap_inheritable()),
+                      static_cast<uint32_t>(c.cap_effective() >> 32),
+                      static_cast<uint32_t>(c.cap_permitted() >> 32),
+                      static_cast<uint32_t>(c.cap_inheritable() >> 32)};
+  for (auto& t : r.threads()) {
+    r.reset_arena();
+    uint64_t groups_at = groups.empty() ? 0 : r.push(groups.data(), groups.size() * 4);
+    uint64_t header_at = r.push(&header, sizeof header);
+    uint64_t data_at = r.push(data, sizeof data);
+    // Keep the permitted set across the change of uid; capset then trims it to the image's.
+    r.call(t, "prctl(PR_SET_KEEPCAPS, 1)", SYS_prctl, PR_SET_KEEPCAPS, 1);
+    for (int cap = 0; cap <= last_cap && cap < 64; cap++)
+      if (!(c.cap_bounding() & (uint64_t{1} << cap)))
+        r.call(t, cat("prctl(PR_CAPBSET_DROP, ", cap, ")"), SYS_prctl, PR_CAPBSET_DROP,
+               static_cast<uint64_t>(cap));
+    r.call(t, cat("setgroups(", groups.size(), " groups)"), SYS_setgroups, groups.size(),
+           groups_at);
+    r.call(t, cat("setresgid(", c.gids(0), ", ", c.gids(1), ", ", c.gids(2), ")"), SYS_setresgid,
+           c.gids(0), c.gids(1), c.gids(2));
+    r.call(t, cat("setfsgid(", c.gids(3), ")"), SYS_setfsgid, c.gids(3));
+    r.call(t, cat("setresuid(", c.uids(0), ", ", c.uids(1), ", ", c.uids(2), ")"), SYS_setresuid,
+           c.uids(0), c.uids(1), c.uids(2));
+    r.call(t, cat("setfsuid(", c.uids(3), ")"), SYS_setfsuid, c.uids(3));
+    r.call(t, "capset", SYS_capset, header_at, data_at);
+    for (int cap = 0; cap <= last_cap && cap < 64; cap++)
+      if (c.cap_ambient() & (uint64_t{1} << cap))
+        r.call(t, cat("prctl(PR_CAP_AMBIENT_RAISE, ", cap, ")"), SYS_prctl, PR_CAP_AMBIENT,
+               PR_CAP_AMBIENT_RAISE, static_cast<uint64_t>(cap), 0, 0);
+    r.call(t, "prctl(PR_SET_KEEPCAPS, 0)", SYS_prctl, PR_SET_KEEPCAPS, 0);
+  }
+  // A change of effective ids resets the dumpable flag.
+  r.inject(cat("prctl(PR_SET_DUMPABLE, ", p.dumpable() ? 1 : 0, ")"), SYS_prctl, PR_SET_DUMPABLE,
+           p.dumpable() ? 1 : 0);
+}
+
 void set_mm(Restoree& r, const image::Process& p) {
   const auto& mm = p.mm();
   long exe = r.inject(cat("open ", p.exe().path()), SYS_openat, static_cast<uint64_t>(AT_FDCWD),
@@ -1121,6 +1162,7 @@ Restored restore(const RestoreOptions& opts_in) {
   }
   steps.run("signals", who, [&] { restore_pending(r, p); });
   steps.run("rlimits", who, [&] { restore_rlimits(r, p); });
+  steps.run("credentials", who, [&] { restore_credentials(r, p); });
   steps.run("unmap-trampoline", who, [&] {
     r.inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
     r.unmap_trampoline();

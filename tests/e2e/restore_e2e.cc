@@ -240,31 +240,13 @@ TEST(Restore, FaultAtEachStepLeavesNothingBehind) {
   TempDir images;
   std::string dir = images / "img";
   t.dump(dir);
-  const std::vector<std::string> steps = {"create",
-                                          "seize",
-                                          "pin",
-                                          "trampoline",
-                                          "rseq",
-                                          "close-fds",
-                                          "unmap",
-                                          "vdso",
-                                          "map-areas",
-                                          "fill",
-                                          "protect",
-                                          "mm",
-                                          "after-shaping",
-                                          "process-state",
-                                          "sigactions",
-                                          "fds",
-                                          "session",
-                                          "thread-state",
-                                          "threads",
-                                          "thread-created",
-                                          "signals",
-                                          "rlimits",
-                                          "unmap-trampoline",
-                                          "registers",
-                                          "detach"};
+  const std::vector<std::string> steps = {
+      "create",    "seize",   "pin",           "trampoline",       "rseq",
+      "close-fds", "unmap",   "vdso",          "map-areas",        "fill",
+      "protect",   "mm",      "after-shaping", "process-state",    "sigactions",
+      "fds",       "session", "thread-state",  "threads",          "thread-created",
+      "signals",   "rlimits", "credentials",   "unmap-trampoline", "registers",
+      "detach"};
   for (const auto& step : steps) {
     for (bool pidns : {false, true}) {
       if (pidns && step != "create" && step != "seize" && step != "fill" && step != "threads" &&
@@ -324,6 +306,41 @@ TEST(Restore, TidsAndVectorRegistersFromInside) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "verified ok\n")
       << "avx=" << info.str("avx") << " avx512=" << info.str("avx512");
+}
+
+// A process of another user with capabilities of its own: restored by root, it has exactly
+// its credentials again, in every thread (checked from inside and through /proc).
+TEST(Restore, AnotherUsersProcessGetsItsCredentialsBack) {
+  Child target({target_bin("creds_target")});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  pid_t pid = target.pid();
+  std::map<std::string, std::string> before;
+  for (const char* key :
+       {"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"})
+    before[key] = status_field(pid, key);
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+
+  Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job"});
+  // Running (no longer traced by lazycr) means restored: compare, then ask it to verify.
+  for (int i = 0; i < 5000; i++) {
+    if (proc::exists(pid) && status_field(pid, "TracerPid") == "\t0" &&
+        status_field(pid, "Uid") == before["Uid"])
+      break;
+    usleep(2000);
+  }
+  for (const auto& [key, value] : before) EXPECT_EQ(status_field(pid, key), value) << key;
+  for (int tid : info.list("tids"))
+    EXPECT_EQ(
+        proc::read_file("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/status")
+                .find("Uid:" + before["Uid"]) != std::string::npos,
+        true)
+        << "thread " << tid;
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
 }
 
 TEST(Restore, Python3ComputationGivesTheUninterruptedResult) {
