@@ -470,6 +470,8 @@ TEST(Lazy, ServerKilledInForegroundGivesTheKilledStatus) {
   std::string spid = logs / "server.pid";
   Child lz({lazycr_bin(), "--log-file", logs / "log", "restore", "--lazy", "--prefetch", "off",
             "-D", t.dir, "--shell-job", "--server-pidfile", spid});
+  Restored rp;  // killed if the test fails (it would run on otherwise)
+  rp.pid = t.pid();
   pid_t server = read_pidfile(spid);
   ASSERT_GT(server, 0);
   t.send("remap");  // the process runs, owing pages
@@ -477,6 +479,7 @@ TEST(Lazy, ServerKilledInForegroundGivesTheKilledStatus) {
   ASSERT_TRUE(send_signal(server, SIGKILL));
   t.send("all");
   EXPECT_EQ(lz.wait(), 128 + SIGKILL);  // lazycr exits with the killed process's status
+  rp.reaped = !proc::exists(rp.pid);    // by lazycr
   EXPECT_EQ(lz.read_rest(), "");
   for (pid_t g : children_named("lazycr-guardian")) reap(g);
   EXPECT_NE(read_text(logs / "log").find("lazycr guardian: the page server"), std::string::npos);
