@@ -60,6 +60,7 @@
 // else PID 1). The restored process's parent is lazycr, exactly as in an eager restore: with
 // --detach it is re-parented the same way when lazycr exits (with --pidns, its parent is the
 // namespace's reaper, and the reaper's parent is lazycr).
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
@@ -172,10 +173,10 @@ struct GoMessage {
 };
 
 struct ServerLaunch {
-  pid_t pid = 0;   // the restored process, in our namespace
-  int uffd = -1;   // ours (the server inherits it)
-  int pidfd = -1;  // the process's (inherited)
-  std::string store_path;
+  pid_t pid = 0;                                  // the restored process, in our namespace
+  int uffd = -1;                                  // ours (the server inherits it)
+  int pidfd = -1;                                 // the process's (inherited)
+  const image::PageStoreReader* store = nullptr;  // lazycr's, parsed already (a copy after fork)
   std::vector<uffd::LazyArea> areas;
   LazyOptions opts;
   cpu_set_t cpus;
@@ -186,6 +187,29 @@ uffd::PageServer* g_server = nullptr;
 
 void on_sigterm(int) {
   if (g_server != nullptr) g_server->stop();
+}
+
+// The descriptors open on `path` (the page store's, inherited from lazycr).
+std::vector<int> fds_on(const std::string& path) {
+  std::vector<int> out;
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (real == nullptr) return out;
+  const std::string want = real;
+  std::free(real);
+  DIR* d = ::opendir("/proc/self/fd");
+  if (d == nullptr) return out;
+  const int dir_fd = ::dirfd(d);
+  while (dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != 0 || fd == dir_fd) continue;
+    char link[4096];
+    ssize_t n = ::readlink(cat("/proc/self/fd/", fd).c_str(), link, sizeof link);
+    if (n > 0 && std::string(link, static_cast<size_t>(n)) == want)
+      out.push_back(static_cast<int>(fd));
+  }
+  ::closedir(d);
+  return out;
 }
 
 // Closes every descriptor but `keep` (and 0-2).
@@ -324,9 +348,14 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       ::dup2(null, 1);
       ::close(null);
     }
-    // Nothing else of lazycr's: in particular not the --pidns reaper's control pipe.
+    // Nothing else of lazycr's (in particular not the --pidns reaper's control pipe), except
+    // the page store: its reader is lazycr's, index parsed already (this process is a copy of
+    // lazycr, single-threaded at the fork); only its descriptor must stay open.
     const int log_fd = log::output_fd();
-    close_all_but({log_fd, l.uffd, l.pidfd, ready_wr, ctl_rd});
+    std::vector<int> keep = fds_on(l.store->path());
+    const bool store_kept = !keep.empty();
+    for (int fd : {log_fd, l.uffd, l.pidfd, ready_wr, ctl_rd}) keep.push_back(fd);
+    close_all_but(keep);
     cpu_set_t cpus = l.cpus;
     if (l.opts.server_cpu >= 0) {
       CPU_ZERO(&cpus);
@@ -335,7 +364,13 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     if (::sched_setaffinity(0, sizeof cpus, &cpus) != 0)
       fail_errno("sched_setaffinity of the page server");
 
-    std::shared_ptr<const image::PageStoreReader> store(image::PageStoreReader::open(l.store_path));
+    const uint64_t t_fork = now_ns();
+    std::shared_ptr<const image::PageStoreReader> store;
+    if (store_kept)  // never freed: this process ends with _exit
+      store.reset(l.store, [](const image::PageStoreReader*) {});
+    else  // its file was renamed meanwhile: opened (and validated) again
+      store.reset(image::PageStoreReader::open(l.store->path()).release());
+    const uint64_t t_store = now_ns();
     uffd::PageServerOptions o;
     o.window = l.opts.window;
     o.prefetch = l.opts.prefetch;
@@ -351,7 +386,11 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       term.sa_handler = on_sigterm;
       ::sigaction(SIGTERM, &term, nullptr);
       server.start_guardian();
+      const uint64_t t_guardian = now_ns();
       server.add_process(l.pid, UniqueFd(l.uffd), UniqueFd(l.pidfd), store, l.areas);
+      log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
+                 (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
+                 " us");
       // EPIPE: lazycr gave up (the restore failed): the process is being killed, and run()
       // ends as soon as it is gone.
       const char r = 'R';
@@ -541,7 +580,7 @@ class LazyStrategy final : public MemoryStrategy {
     l.pid = target.pid();
     l.uffd = uffd_.fd();
     l.pidfd = target.pidfd();
-    l.store_path = store_.path();
+    l.store = &store_;
     l.areas = server_areas_;
     l.opts = opts_.lazy;
     l.cpus = cpus_;

@@ -133,12 +133,14 @@ class Steps {
 
   template <typename F>
   void run(const char* step, const std::string& who, F&& f) {
+    const uint64_t t0 = now_ns();
     try {
       check(step);
       f();
     } catch (const Error& e) {
       throw Error(cat("restore: ", step, " for ", who, ": ", e.what()), e.sys_errno());
     }
+    log::debug("restore: ", step, " for ", who, ": ", (now_ns() - t0) / 1000, " us");
   }
   // Fails if `name` is the injected fault (for faults in the middle of a step).
   void check(const char* name) const {
