@@ -253,6 +253,7 @@ void write_stats(const std::string& path, pid_t pid, const GoMessage& go,
   w.field("time_until_nothing_owed_ns",
           go.lazy_pages == 0 ? go.first_instruction_ns : from_start(s.all_served_ns));
   w.field("time_to_first_fault_ns", from_start(s.first_fault_ns));
+  w.field("server_start_ns", run_from_start_ns);  // the server's loop began (prefetch too)
   w.field("server_run_ns", s.run_ns);
   w.key("restore");
   w.begin_object();

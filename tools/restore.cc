@@ -36,10 +36,11 @@ int run_restore(const RestoreCliOptions& opts) {
             " in ", s.total_ns / 1000, " us (validate ", s.validate_ns / 1000, " us, memory ",
             s.memory_ns / 1000, " us: store reads ", s.fill_read_ns / 1000, " us, writes ",
             s.fill_write_ns / 1000, " us); ", s.injected_syscalls, " injected syscalls in ",
-            s.round_trips, " ptrace round trips, ", s.inject_ns / 1000, " us");
+            s.round_trips, " ptrace round trips, ", s.inject_ns / 1000,
+            " us; first instruction after ", s.first_instruction_ns / 1000,
+            " us from the command's start");
   if (opts.restore.lazy.enabled)
-    log::info("restored pid ", r.pid, " lazily: first instruction after ",
-              s.first_instruction_ns / 1000, " us; ", s.lazy_pages, " pages of ", s.lazy_areas,
+    log::info("restored pid ", r.pid, " lazily: ", s.lazy_pages, " pages of ", s.lazy_areas,
               " areas left to the page server",
               r.server > 0 ? cat(" (pid ", r.server, ")") : std::string(), ", ", s.hot_pages,
               " hot pages written");
