@@ -1,0 +1,357 @@
+// Lazy restore figures (issue 5: `lazycr restore --lazy`), against the eager restore, for
+// state_target holding 64 MiB, 512 MiB and 2 GiB (semi-compressible pattern). For each size
+// the target is dumped (killed) once, then restored --runs times each way:
+// - first instruction: command start until `lazycr restore --detach` returns (every thread
+//   runs), as seen by this program ("wall": includes starting lazycr), and lazycr's own
+//   measure from its main() ("lazycr");
+// - verified: command start until the restored target printed "verified ok" (the verify file
+//   exists before the restore, so it checks every byte as soon as it runs): eager, lazy with
+//   prefetch, lazy without prefetch (every page by a fault);
+// - the lazy run's page server stats (--stats): faults, fault service latency p50/p99 (the
+//   server's measure: fault message read -> the fill that woke the thread), pages by fault
+//   and by prefetch, time until nothing was owed;
+// - drain: a lazy restore whose target stays idle (no verify file yet): owed bytes divided by
+//   the time from the server's start to nothing owed; then the target verifies.
+// Then, for one size (--pin-size, default 512), the same lazy runs with lazycr, the restored
+// process and the page server pinned: server and process on the same CPU (0), on different
+// CPUs (process 0, server 1), and unpinned.
+// Each figure is the median of --runs runs (default 3). Usage:
+//   lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0]
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/filesystem.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = boost::filesystem;
+
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+[[noreturn]] void die(const std::string& why) {
+  std::fprintf(stderr, "lazy_restore_bench: %s\n", why.c_str());
+  std::exit(1);
+}
+
+pid_t spawn(const std::vector<std::string>& args, int out_fd, int err_fd) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (out_fd >= 0) posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+  if (err_fd >= 0) posix_spawn_file_actions_adddup2(&fa, err_fd, 2);
+  posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) die("cannot start " + args[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+std::string read_line(int fd) {
+  std::string line;
+  char c;
+  while (read(fd, &c, 1) == 1 && c != '\n') line += c;
+  return line;
+}
+
+std::string read_all(int fd) {
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
+  return out;
+}
+
+int wait_exit(pid_t pid) {
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The number after "key": in JSON text (first occurrence), 0 if absent.
+double json_number(const std::string& text, const std::string& key) {
+  auto pos = text.find("\"" + key + "\":");
+  if (pos == std::string::npos) return 0;
+  return std::strtod(text.c_str() + pos + key.size() + 3, nullptr);
+}
+double number_after(const std::string& text, const std::string& key) {
+  auto pos = text.find(key);
+  if (pos == std::string::npos) return 0;
+  return std::strtod(text.c_str() + pos + key.size(), nullptr);
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// CPU placement of lazycr (and so of the restored process, which gets lazycr's CPU mask) and
+// of the page server.
+struct Placement {
+  std::string name;
+  int process_cpu = -1;  // -1: unpinned
+  int server_cpu = -1;
+};
+
+// One restore: figures of interest (ms, us, counts).
+using Sample = std::map<std::string, double>;
+
+class Bench {
+ public:
+  Bench(int mib, int runs) : mib_(mib), runs_(runs) {
+    work_ = (fs::temp_directory_path() / fs::unique_path("lazycr-lbench-%%%%%%")).string();
+    fs::create_directories(work_);
+    verify_ = work_ + "/verify";
+    dir_ = work_ + "/img";
+    int out[2];
+    if (pipe2(out, O_CLOEXEC) != 0) die("pipe");
+    int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    pid_t target = spawn({std::string(LAZYCR_TARGETS_DIR) + "/state_target", "--mib",
+                          std::to_string(mib), "--verify-file", verify_, "--workdir", work_},
+                         out[1], null);
+    close(null);
+    close(out[1]);
+    std::string ready = read_line(out[0]);
+    close(out[0]);
+    if (ready.rfind("ready", 0) != 0) die("target did not start: " + ready);
+    int e[2];
+    if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
+    pid_t d = spawn({LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir_}, -1, e[1]);
+    close(e[1]);
+    std::string err = read_all(e[0]);
+    close(e[0]);
+    if (wait_exit(d) != 0) die("dump failed: " + err);
+    wait_exit(target);
+    for (auto& f : fs::directory_iterator(dir_)) image_mib_ += fs::file_size(f.path()) / 1048576.0;
+  }
+  ~Bench() { fs::remove_all(work_); }
+
+  double image_mib() const { return image_mib_; }
+
+  // One restore; `lazy_args` empty: eager. `verify_first`: the target checks itself at once;
+  // otherwise it idles until the page server has finished, then checks itself.
+  Sample restore(bool lazy, std::vector<std::string> lazy_args, bool verify_first,
+                 const Placement& where) {
+    if (verify_first) {
+      std::ofstream(verify_) << "go";
+    } else {
+      fs::remove(verify_);
+    }
+    std::string stats = work_ + "/stats.json", spid = work_ + "/server.pid";
+    fs::remove(stats);
+    fs::remove(spid);
+    std::vector<std::string> args{LAZYCR_BIN, "-v",          "restore", "-D",
+                                  dir_,       "--shell-job", "--detach"};
+    if (lazy) {
+      for (const std::string& a : {std::string("--lazy"), std::string("--stats"), stats,
+                                   std::string("--server-pidfile"), spid})
+        args.push_back(a);
+      if (where.server_cpu >= 0) {
+        args.push_back("--server-cpu");
+        args.push_back(std::to_string(where.server_cpu));
+      }
+      args.insert(args.end(), lazy_args.begin(), lazy_args.end());
+    }
+    cpu_set_t saved;
+    sched_getaffinity(0, sizeof saved, &saved);
+    if (where.process_cpu >= 0) {
+      cpu_set_t one;
+      CPU_ZERO(&one);
+      CPU_SET(where.process_cpu, &one);
+      sched_setaffinity(0, sizeof one, &one);  // lazycr (and the process) inherit it
+    }
+    int o[2], e[2];
+    if (pipe2(o, O_CLOEXEC) != 0 || pipe2(e, O_CLOEXEC) != 0) die("pipe");
+    const double t0 = now_ms();
+    pid_t lz = spawn(args, o[1], e[1]);
+    sched_setaffinity(0, sizeof saved, &saved);
+    close(o[1]);
+    close(e[1]);
+    std::string pid_line = read_line(o[0]);
+    int rc = wait_exit(lz);
+    const double t_running = now_ms();
+    // lazycr's stderr: the page server (-v) keeps it open until it finishes.
+    std::string log;
+    std::thread log_reader([&] { log = read_all(e[0]); });
+    if (rc != 0) {
+      log_reader.join();
+      die("restore failed: " + log);
+    }
+    pid_t restored = std::atoi(pid_line.c_str());
+    pid_t server = 0;
+    if (lazy) {
+      for (int i = 0; i < 5000 && !fs::exists(spid); i++)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      server = std::atoi(read_file(spid).c_str());
+    }
+    Sample s;
+    if (!verify_first && server > 0) {
+      if (wait_exit(server) != 0) die("page server failed");
+      server = 0;
+      std::ofstream(verify_) << "go";
+    }
+    std::string verdict = read_line(o[0]);
+    const double t_verified = now_ms();
+    close(o[0]);
+    int code = wait_exit(restored);  // re-parented to us
+    if (verdict != "verified ok" || code != 0)
+      die("restored target said '" + verdict + "', exit " + std::to_string(code));
+    if (server > 0 && wait_exit(server) != 0) die("page server failed");
+    log_reader.join();
+    close(e[0]);
+    s["running_ms"] = t_running - t0;
+    s["verified_ms"] = t_verified - t0;
+    s["lazycr_first_ms"] = number_after(log, "first instruction after ") / 1000;
+    if (lazy) {
+      std::string j = read_file(stats);
+      s["faults"] = json_number(j, "faults");
+      s["p50_us"] = json_number(j, "p50") / 1000;
+      s["p99_us"] = json_number(j, "p99") / 1000;
+      s["by_fault"] = json_number(j, "by_fault");
+      s["by_prefetch"] = json_number(j, "by_prefetch");
+      s["lazy_pages"] = json_number(j, "lazy_pages");
+      s["decompressed_mib"] = json_number(j, "bytes_decompressed") / 1048576;
+      const double owed_ns = json_number(j, "time_until_nothing_owed_ns");
+      const double start_ns = json_number(j, "server_start_ns");
+      s["nothing_owed_ms"] = owed_ns / 1e6;
+      if (owed_ns > start_ns)
+        s["drain_gbps"] = s["lazy_pages"] * 4096 / ((owed_ns - start_ns) / 1e9) / 1e9;
+    }
+    return s;
+  }
+
+  // Median of `runs_` restores.
+  Sample median_of(const std::function<Sample()>& one) {
+    std::vector<Sample> all;
+    for (int i = 0; i < runs_; i++) all.push_back(one());
+    Sample out;
+    for (const auto& [k, v] : all.front()) {
+      std::vector<double> col;
+      for (const auto& s : all) col.push_back(s.count(k) ? s.at(k) : 0);
+      out[k] = median(col);
+    }
+    return out;
+  }
+
+ private:
+  int mib_;
+  int runs_;
+  std::string work_, verify_, dir_;
+  double image_mib_ = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int runs = 3;
+  std::vector<int> sizes = {64, 512, 2048};
+  int pin_size = 512;
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    if (a == "--runs" && i + 1 < argc) {
+      runs = std::atoi(argv[++i]);
+    } else if (a == "--sizes" && i + 1 < argc) {
+      sizes.clear();
+      std::istringstream in(argv[++i]);
+      std::string item;
+      while (std::getline(in, item, ',')) sizes.push_back(std::atoi(item.c_str()));
+    } else if (a == "--pin-size" && i + 1 < argc) {
+      pin_size = std::atoi(argv[++i]);
+    } else {
+      die("usage: lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0]");
+    }
+  }
+  prctl(PR_SET_CHILD_SUBREAPER, 1);  // restored processes and servers come back to us
+  signal(SIGPIPE, SIG_IGN);
+  const Placement unpinned{"unpinned", -1, -1};
+
+  std::printf(
+      "lazy_restore_bench: median of %d runs; state_target (semi pattern), images in %s\n\n", runs,
+      fs::temp_directory_path().string().c_str());
+  std::printf(
+      "| MiB | image MiB | first instr. eager ms (wall / lazycr) | first instr. lazy ms (wall / "
+      "lazycr) | verified eager ms | verified lazy ms | lazy / eager | lazy faults | fault p50 "
+      "/ p99 us | pages by fault / prefetch | nothing owed ms | MiB decompressed | verified "
+      "lazy, prefetch off ms | p50 / p99 us, prefetch off | drain GB/s |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::fflush(stdout);
+  std::map<int, Sample> pin_base;
+  for (int mib : sizes) {
+    Bench b(mib, runs);
+    Sample eager = b.median_of([&] { return b.restore(false, {}, true, unpinned); });
+    Sample lazy = b.median_of([&] { return b.restore(true, {}, true, unpinned); });
+    Sample off = b.median_of([&] {
+      return b.restore(true, {"--prefetch", "off"}, true, unpinned);
+    });
+    Sample drain = b.median_of([&] { return b.restore(true, {}, false, unpinned); });
+    std::printf(
+        "| %d | %.1f | %.1f / %.1f | %.1f / %.1f | %.1f | %.1f | %.2f | %.0f | %.1f / %.1f | "
+        "%.0f / %.0f | %.1f | %.0f | %.1f | %.1f / %.1f | %.2f |\n",
+        mib, b.image_mib(), eager["running_ms"], eager["lazycr_first_ms"], lazy["running_ms"],
+        lazy["lazycr_first_ms"], eager["verified_ms"], lazy["verified_ms"],
+        lazy["verified_ms"] / eager["verified_ms"], lazy["faults"], lazy["p50_us"], lazy["p99_us"],
+        lazy["by_fault"], lazy["by_prefetch"], lazy["nothing_owed_ms"], lazy["decompressed_mib"],
+        off["verified_ms"], off["p50_us"], off["p99_us"], drain["drain_gbps"]);
+    std::fflush(stdout);
+  }
+
+  if (pin_size > 0) {
+    std::printf(
+        "\nCPU placement, %d MiB: lazycr and the restored process on CPU 0 (or unpinned), the "
+        "page server (and its prefetch thread) where named\n\n",
+        pin_size);
+    std::printf(
+        "| placement | verified ms (prefetch on) | fault p50 / p99 us (on) | pages by fault / "
+        "prefetch (on) | verified ms (prefetch off) | fault p50 / p99 us (off) | drain GB/s |\n");
+    std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
+    Bench b(pin_size, runs);
+    for (const Placement& where :
+         {Placement{"server and process on one CPU", 0, 0},
+          Placement{"server on CPU 1, process on CPU 0", 0, 1}, unpinned}) {
+      Sample on = b.median_of([&] { return b.restore(true, {}, true, where); });
+      Sample off = b.median_of([&] { return b.restore(true, {"--prefetch", "off"}, true, where); });
+      Sample drain = b.median_of([&] { return b.restore(true, {}, false, where); });
+      std::printf("| %s | %.1f | %.1f / %.1f | %.0f / %.0f | %.1f | %.1f / %.1f | %.2f |\n",
+                  where.name.c_str(), on["verified_ms"], on["p50_us"], on["p99_us"], on["by_fault"],
+                  on["by_prefetch"], off["verified_ms"], off["p50_us"], off["p99_us"],
+                  drain["drain_gbps"]);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
