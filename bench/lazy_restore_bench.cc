@@ -16,7 +16,8 @@
 // process and the page server pinned: server and process on the same CPU (0), on different
 // CPUs (process 0, server 1), and unpinned.
 // Each figure is the median of --runs runs (default 3). Usage:
-//   lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0]
+//   lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0] [--frame-size S]
+// (--frame-size: the dump's page-store frame size; fault latency is mostly decompressing one.)
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -133,7 +134,7 @@ using Sample = std::map<std::string, double>;
 
 class Bench {
  public:
-  Bench(int mib, int runs) : mib_(mib), runs_(runs) {
+  Bench(int mib, int runs, const std::string& frame_size) : mib_(mib), runs_(runs) {
     work_ = (fs::temp_directory_path() / fs::unique_path("lazycr-lbench-%%%%%%")).string();
     fs::create_directories(work_);
     verify_ = work_ + "/verify";
@@ -151,7 +152,12 @@ class Bench {
     if (ready.rfind("ready", 0) != 0) die("target did not start: " + ready);
     int e[2];
     if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
-    pid_t d = spawn({LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir_}, -1, e[1]);
+    std::vector<std::string> dump{LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir_};
+    if (!frame_size.empty()) {
+      dump.push_back("--frame-size");
+      dump.push_back(frame_size);
+    }
+    pid_t d = spawn(dump, -1, e[1]);
     close(e[1]);
     std::string err = read_all(e[0]);
     close(e[0]);
@@ -281,6 +287,7 @@ int main(int argc, char** argv) {
   int runs = 3;
   std::vector<int> sizes = {64, 512, 2048};
   int pin_size = 512;
+  std::string frame_size;  // dump's default
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     if (a == "--runs" && i + 1 < argc) {
@@ -292,8 +299,11 @@ int main(int argc, char** argv) {
       while (std::getline(in, item, ',')) sizes.push_back(std::atoi(item.c_str()));
     } else if (a == "--pin-size" && i + 1 < argc) {
       pin_size = std::atoi(argv[++i]);
+    } else if (a == "--frame-size" && i + 1 < argc) {
+      frame_size = argv[++i];
     } else {
-      die("usage: lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0]");
+      die("usage: lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0] "
+          "[--frame-size S]");
     }
   }
   prctl(PR_SET_CHILD_SUBREAPER, 1);  // restored processes and servers come back to us
@@ -301,45 +311,52 @@ int main(int argc, char** argv) {
   const Placement unpinned{"unpinned", -1, -1};
 
   std::printf(
-      "lazy_restore_bench: median of %d runs; state_target (semi pattern), images in %s\n\n", runs,
-      fs::temp_directory_path().string().c_str());
+      "lazy_restore_bench: median of %d runs; state_target (semi pattern), images in %s, "
+      "frames of %s\n\n",
+      runs, fs::temp_directory_path().string().c_str(),
+      frame_size.empty() ? "the dump's default size" : frame_size.c_str());
   std::printf(
       "| MiB | image MiB | first instr. eager ms (wall / lazycr) | first instr. lazy ms (wall / "
       "lazycr) | verified eager ms | verified lazy ms | lazy / eager | lazy faults | fault p50 "
       "/ p99 us | pages by fault / prefetch | nothing owed ms | MiB decompressed | verified "
-      "lazy, prefetch off ms | p50 / p99 us, prefetch off | drain GB/s |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      "lazy, prefetch off ms | p50 / p99 us, prefetch off | verified, prefetch off, window 16K "
+      "ms | p50 / p99 us, window 16K | drain GB/s |\n");
+  std::printf(
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   std::fflush(stdout);
-  std::map<int, Sample> pin_base;
   for (int mib : sizes) {
-    Bench b(mib, runs);
+    Bench b(mib, runs, frame_size);
     Sample eager = b.median_of([&] { return b.restore(false, {}, true, unpinned); });
     Sample lazy = b.median_of([&] { return b.restore(true, {}, true, unpinned); });
     Sample off = b.median_of([&] {
       return b.restore(true, {"--prefetch", "off"}, true, unpinned);
     });
+    Sample off16 = b.median_of([&] {
+      return b.restore(true, {"--prefetch", "off", "--window", "16K"}, true, unpinned);
+    });
     Sample drain = b.median_of([&] { return b.restore(true, {}, false, unpinned); });
     std::printf(
         "| %d | %.1f | %.1f / %.1f | %.1f / %.1f | %.1f | %.1f | %.2f | %.0f | %.1f / %.1f | "
-        "%.0f / %.0f | %.1f | %.0f | %.1f | %.1f / %.1f | %.2f |\n",
+        "%.0f / %.0f | %.1f | %.0f | %.1f | %.1f / %.1f | %.1f | %.1f / %.1f | %.2f |\n",
         mib, b.image_mib(), eager["running_ms"], eager["lazycr_first_ms"], lazy["running_ms"],
         lazy["lazycr_first_ms"], eager["verified_ms"], lazy["verified_ms"],
         lazy["verified_ms"] / eager["verified_ms"], lazy["faults"], lazy["p50_us"], lazy["p99_us"],
         lazy["by_fault"], lazy["by_prefetch"], lazy["nothing_owed_ms"], lazy["decompressed_mib"],
-        off["verified_ms"], off["p50_us"], off["p99_us"], drain["drain_gbps"]);
+        off["verified_ms"], off["p50_us"], off["p99_us"], off16["verified_ms"], off16["p50_us"],
+        off16["p99_us"], drain["drain_gbps"]);
     std::fflush(stdout);
   }
 
   if (pin_size > 0) {
     std::printf(
         "\nCPU placement, %d MiB: lazycr and the restored process on CPU 0 (or unpinned), the "
-        "page server (and its prefetch thread) where named\n\n",
+        "page server where named\n\n",
         pin_size);
     std::printf(
         "| placement | verified ms (prefetch on) | fault p50 / p99 us (on) | pages by fault / "
         "prefetch (on) | verified ms (prefetch off) | fault p50 / p99 us (off) | drain GB/s |\n");
     std::printf("|---|---:|---:|---:|---:|---:|---:|\n");
-    Bench b(pin_size, runs);
+    Bench b(pin_size, runs, frame_size);
     for (const Placement& where :
          {Placement{"server and process on one CPU", 0, 0},
           Placement{"server on CPU 1, process on CPU 0", 0, 1}, unpinned}) {
