@@ -3,10 +3,11 @@
 // The restore maps every area itself (restore.cc); a MemoryStrategy decides what goes into the
 // areas and when. The sequence, for one process (step names of restore.cc in brackets):
 //   1. [map-areas] for each area: mmap it with shaping_prot(area), then prepare_area(area);
-//   2. [fill] fill_mapped(): every area is mapped, none has its final protection yet;
-//   3. [uffd] register_lazy(): still before final protections (a lazy strategy creates its
-//      userfaultfd here and fills eagerly whatever userfaultfd refuses);
-//   4. [server] start_server(): the page server is started (lazy);
+//   2. [uffd] register_lazy(): every area is mapped, none has its final protection yet (a
+//      lazy strategy creates its userfaultfd here and fills eagerly whatever it refuses);
+//   3. [server] start_server(): the page server is started (lazy; lazycr is single-threaded
+//      here, the server is a fork);
+//   4. [fill] fill_mapped(): still before final protections;
 //   5. [protect] every area gets its final protection (mprotect where shaping_prot differed);
 //   6. [after-shaping] after_shaping(): the address space is final, mm fields set, only the
 //      leader thread exists and it still sits in the trampoline (injection works);

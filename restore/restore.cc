@@ -71,16 +71,12 @@ using image::MemoryArea;
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
 [[maybe_unused]] constexpr const char* kSteps[] = {
-    "validate",      "create",         "seize",
-    "pin",           "trampoline",     "rseq",
-    "close-fds",     "unmap",          "vdso",
-    "map-areas",     "fill",           "uffd",
-    "server",        "protect",        "mm",
-    "after-shaping", "process-state",  "sigactions",
-    "fds",           "session",        "thread-state",
-    "threads",       "thread-created", "signals",
-    "rlimits",       "credentials",    "unmap-trampoline",
-    "server-ready",  "registers",      "detach"};
+    "validate",      "create",           "seize",          "pin",       "trampoline",
+    "rseq",          "close-fds",        "unmap",          "vdso",      "map-areas",
+    "uffd",          "server",           "fill",           "protect",   "mm",
+    "after-shaping", "process-state",    "sigactions",     "fds",       "session",
+    "thread-state",  "threads",          "thread-created", "signals",   "rlimits",
+    "credentials",   "unmap-trampoline", "server-ready",   "registers", "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
 // The trampoline mapping: code in its first page, then an arena for syscall arguments and
@@ -1132,9 +1128,11 @@ Restored restore(const RestoreOptions& opts_in) {
   AddressSpace space(r, p, *strategy, first_free_fd);
   const uint64_t t_mem = now_ns();
   steps.run("map-areas", who, [&] { space.map_areas(); });
-  steps.run("fill", who, [&] { strategy->fill_mapped(r); });
+  // Lazy: the userfaultfd and the page server come first, so that the server starts up while
+  // the rest is filled and shaped.
   steps.run("uffd", who, [&] { strategy->register_lazy(r); });
   steps.run("server", who, [&] { strategy->start_server(r); });
+  steps.run("fill", who, [&] { strategy->fill_mapped(r); });
   steps.run("protect", who, [&] { space.protect(); });
   const uint64_t memory_ns = now_ns() - t_mem;
   steps.run("mm", who, [&] { set_mm(r, p); });
