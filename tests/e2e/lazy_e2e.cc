@@ -239,12 +239,12 @@ TEST(Lazy, FaultAtEachStepLeavesNothingBehind) {
   std::string dir = images / "img";
   t.dump(dir);
   const std::vector<std::string> steps = {
-      "create",        "seize",          "pin",     "trampoline", "rseq",
-      "close-fds",     "unmap",          "vdso",    "map-areas",  "fill",
-      "uffd",          "server",         "protect", "mm",         "after-shaping",
-      "process-state", "sigactions",     "fds",     "session",    "thread-state",
-      "threads",       "thread-created", "signals", "rlimits",    "unmap-trampoline",
-      "server-ready",  "registers",      "detach"};
+      "create",           "seize",          "pin",       "trampoline", "rseq",
+      "close-fds",        "unmap",          "vdso",      "map-areas",  "uffd",
+      "server",           "fill",           "protect",   "mm",         "after-shaping",
+      "process-state",    "sigactions",     "fds",       "session",    "thread-state",
+      "threads",          "thread-created", "signals",   "rlimits",    "credentials",
+      "unmap-trampoline", "server-ready",   "registers", "detach"};
   for (const auto& step : steps) {
     for (bool pidns : {false, true}) {
       if (pidns && step != "uffd" && step != "server-ready" && step != "detach") continue;
