@@ -165,7 +165,6 @@ void close_fd_in(RemoteProcess& t, long fd, const char* what) noexcept {
 // What lazycr tells the server once the process runs.
 struct GoMessage {
   int64_t first_instruction_ns;  // from the command's start
-  uint64_t restore_ns;           // restore() until running
   uint64_t eager_pages;          // pages written before the process ran
   uint64_t hot_pages;
   uint64_t lazy_pages;  // stored pages left to the server
@@ -257,7 +256,6 @@ void write_stats(const std::string& path, pid_t pid, const GoMessage& go,
   w.field("server_run_ns", s.run_ns);
   w.key("restore");
   w.begin_object();
-  w.field("restore_ns", go.restore_ns);
   w.field("eager_pages", go.eager_pages);
   w.field("hot_pages", go.hot_pages);
   w.field("lazy_areas", go.lazy_areas);
@@ -617,7 +615,6 @@ class LazyStrategy final : public MemoryStrategy {
     GoMessage m{};
     const uint64_t now = now_ns();
     m.first_instruction_ns = static_cast<int64_t>(now - opts_.start_ns);
-    m.restore_ns = now - opts_.start_ns;
     m.eager_pages = eager_->stats().pages_written + hot_pages_;
     m.hot_pages = hot_pages_;
     m.lazy_pages = lazy_pages_;
