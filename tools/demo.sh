@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The demo: what this kernel offers lazycr, then a checkpoint of a running sample process
-# (dump with --leave-running, `show` of the image, and the process going on unharmed).
-# Grows into "dump, lazy restore, stats" as those land.
+# The demo: what this kernel offers lazycr, then a checkpoint of a running sample process and
+# its lazy restore: the process runs again at once while the page server feeds its memory;
+# it checks every byte of it, and the page server's stats are shown.
 set -euo pipefail
 build=${1:-$(cd "$(dirname "$0")/.." && pwd)/build}
 lazycr="$build/tools/lazycr"
@@ -34,16 +34,19 @@ echo "$ready"
 target_pid=$(sed -n 's/^ready pid=\([0-9]*\).*/\1/p' <<<"$ready")
 
 echo
-echo "== lazycr dump --leave-running -t $target_pid -D $work/image"
-"$lazycr" dump --leave-running -t "$target_pid" -D "$work/image"
+echo "== lazycr dump -t $target_pid -D $work/image (the process is killed)"
+"$lazycr" dump -t "$target_pid" -D "$work/image"
+exec 3<&-
 
 echo
-echo "== lazycr show $work/image (first lines)"
-"$lazycr" show "$work/image" | head -n 25
-
-echo
-echo "== the process goes on: it checks its own memory, threads, files and signals"
+echo "== lazycr -v restore --lazy -D $work/image --shell-job --stats $work/stats.json"
+# The sample checks all its memory, threads, files and signals as soon as it runs again (its
+# verify file exists): every page it reads is served on first touch or was prefetched.
 touch "$work/verify"
-read -r verdict <&3
-echo "$verdict"
+verdict=$("$lazycr" -v restore --lazy -D "$work/image" --shell-job --stats "$work/stats.json")
+echo "the restored sample says: $verdict"
 [ "$verdict" = "verified ok" ]
+
+echo
+echo "== the page server's stats ($work/stats.json)"
+cat "$work/stats.json"
