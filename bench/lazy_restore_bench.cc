@@ -134,7 +134,7 @@ using Sample = std::map<std::string, double>;
 
 class Bench {
  public:
-  Bench(int mib, int runs, const std::string& frame_size) : mib_(mib), runs_(runs) {
+  Bench(int mib, int runs, const std::string& frame_size) : runs_(runs) {
     work_ = (fs::temp_directory_path() / fs::unique_path("lazycr-lbench-%%%%%%")).string();
     fs::create_directories(work_);
     verify_ = work_ + "/verify";
@@ -275,7 +275,6 @@ class Bench {
   }
 
  private:
-  int mib_;
   int runs_;
   std::string work_, verify_, dir_;
   double image_mib_ = 0;
