@@ -314,6 +314,44 @@ TEST(Lazy, TidsAndVectorRegistersFromInside) {
   }
 }
 
+TEST(Lazy, AnotherUsersProcessGetsItsCredentialsBack) {
+  // Its pages are still owed (prefetch off) while it runs as another user: the userfaultfd
+  // was made while it was still root, and is served by lazycr's root page server.
+  Child target({target_bin("creds_target")});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  pid_t pid = target.pid();
+  std::map<std::string, std::string> before;
+  for (const char* key :
+       {"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"})
+    before[key] = status_field(pid, key);
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+
+  Child restore({lazycr_bin(), "restore", "--lazy", "--prefetch", "off", "-D", images / "img",
+                 "--shell-job"});
+  Restored rp;  // killed if the test fails
+  rp.pid = pid;
+  for (int i = 0; i < 5000; i++) {
+    if (proc::exists(pid) && status_field(pid, "TracerPid") == "\t0" &&
+        status_field(pid, "Uid") == before["Uid"])
+      break;
+    usleep(2000);
+  }
+  for (const auto& [key, value] : before) EXPECT_EQ(status_field(pid, key), value) << key;
+  for (int tid : info.list("tids"))
+    EXPECT_NE(
+        proc::read_file("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) + "/status")
+            .find("Uid:" + before["Uid"]),
+        std::string::npos)
+        << "thread " << tid;
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+  rp.reaped = true;
+}
+
 TEST(Lazy, Python3ComputationGivesTheUninterruptedResult) {
   const std::string prog =
       "import hashlib, sys\n"
