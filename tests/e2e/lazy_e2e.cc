@@ -524,6 +524,25 @@ TEST(Lazy, ServerKilledInForegroundGivesTheKilledStatus) {
   expect_nothing_left(t.pid());
 }
 
+TEST(Lazy, ServerStoppedWithSigtermKillsTheOwingProcessWithAMessage) {
+  EventsTarget t;
+  TempDir logs;
+  std::string log = logs / "lazycr.log";
+  LazyDetached l;
+  l.start(t.dir, t.work, {"--prefetch", "off"}, {"--log-file", log});
+  ASSERT_TRUE(send_signal(l.server, SIGTERM));
+  EXPECT_EQ(l.rp.wait(), 128 + SIGKILL);
+  EXPECT_EQ(l.wait_server(), 1);
+  EXPECT_EQ(l.lz->read_rest(), "");
+  std::string s = read_text(l.stats);
+  EXPECT_EQ(json_number(s, "killed"), 1) << s;
+  std::string text = read_text(log);
+  EXPECT_NE(text.find("page server stopped with"), std::string::npos) << text;
+  EXPECT_NE(text.find("killed the process rather than serve wrong memory"), std::string::npos)
+      << text;
+  expect_nothing_left(t.pid());
+}
+
 TEST(Lazy, CorruptFrameWhileServingKillsTheProcessWithAMessage) {
   EventsTarget t;
   // Damage the frame holding the target's "plain" area (lazy: never read before it runs).
