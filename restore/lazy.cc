@@ -401,8 +401,9 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       (void)!::write(ready_wr, &r, 1);
       ::close(ready_wr);
       ready = true;
-      if (::sched_setaffinity(0, sizeof cpus, &cpus) != 0)
-        fail_errno("sched_setaffinity of the page server");
+      if (::sched_setaffinity(0, sizeof cpus, &cpus) != 0)  // serving goes on regardless
+        log::warn("page server: cannot run on the CPUs asked for (sched_setaffinity: ",
+                  std::strerror(errno), ")");
       run_from_start = static_cast<int64_t>(now_ns() - l.start_ns);
       stats = server.run();
       g_server = nullptr;
@@ -444,8 +445,8 @@ class ServerProcess {
   bool started() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
 
-  // Forks the server. The caller is single-threaded here (the eager filler's helper thread
-  // has been joined): the child may allocate.
+  // Forks the server. The caller is single-threaded here (the eager filler has not started
+  // its helper thread yet): the child may allocate.
   void start(const ServerLaunch& l, const cpu_set_t* setup_cpus) {
     int ready[2], ctl[2];
     if (::pipe2(ready, O_CLOEXEC) != 0) fail_errno("pipe2");
@@ -459,9 +460,13 @@ class ServerProcess {
     pid_ = pid;
     if (setup_cpus != nullptr) ::sched_setaffinity(pid, sizeof *setup_cpus, setup_cpus);
     pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-    if (!pidfd_) {
+    if (!pidfd_) {  // it cannot be watched: it goes (the process is not running yet)
       const int err = errno;
-      abort();
+      send_signal(pid, SIGKILL);
+      int status;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      pid_ = 0;
       fail_errno_value(err, cat("pidfd_open of the page server (pid ", pid, ")"));
     }
     ready_rd_ = std::move(ready_rd);
@@ -874,6 +879,24 @@ class LazyStrategy final : public MemoryStrategy {
 };
 
 }  // namespace
+
+void check_lazy_options(const LazyOptions& opts) {
+  check_lazy_support();
+  // The stats are written at the end, by the page server: a path that cannot be written is
+  // refused now, before anything exists.
+  if (!opts.stats_file.empty()) {
+    std::string dir = opts.stats_file;
+    auto slash = dir.rfind('/');
+    dir = slash == std::string::npos ? "." : slash == 0 ? "/" : dir.substr(0, slash);
+    if (::access(dir.c_str(), W_OK | X_OK) != 0)
+      fail_errno("--stats ", opts.stats_file, ": cannot write in ", dir);
+  }
+  if (opts.server_cpu >= 0) {
+    cpu_set_t mine;
+    if (::sched_getaffinity(0, sizeof mine, &mine) == 0 && !CPU_ISSET(opts.server_cpu, &mine))
+      fail("--server-cpu ", opts.server_cpu, ": lazycr may not run there");
+  }
+}
 
 void check_lazy_support() {
   const KernelFeatures& k = kernel_features();

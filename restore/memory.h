@@ -112,5 +112,7 @@ std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
 // Throws Error saying what is missing when this kernel or lazycr's privileges cannot do a lazy
 // restore (userfaultfd and its fork/remap/remove/unmap events, pidfd_getfd, CAP_SYS_PTRACE).
 void check_lazy_support();
+// check_lazy_support(), and the options: --stats writable, --server-cpu allowed.
+void check_lazy_options(const LazyOptions& opts);
 
 }  // namespace lazycr::restore

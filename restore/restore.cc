@@ -1062,7 +1062,7 @@ Restored restore(const RestoreOptions& opts_in) {
   const image::Process& p = img->processes().front();
   const std::string who = cat("pid ", p.pid());
   steps.run("validate", who, [&] {
-    if (opts.lazy.enabled) check_lazy_support();
+    if (opts.lazy.enabled) check_lazy_options(opts.lazy);
     validate_image(*img, opts);
   });
   const image::PageStoreReader& store = img->pages(p.pid());
