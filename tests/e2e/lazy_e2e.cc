@@ -388,6 +388,16 @@ TEST(Lazy, BadOptions) {
   auto r = lazycr({"restore", "--lazy", "-D", images / "nope"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("restore: validate for image"), std::string::npos) << r.err;
+  // Refused before anything is created: a stats file that could not be written at the end.
+  StateTarget t;
+  t.dump(images / "img");
+  r = lazycr({"restore", "--lazy", "-D", images / "img", "--shell-job", "--stats",
+              images / "no/such/dir/stats.json"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--stats " + images / "no/such/dir/stats.json" + ": cannot write in"),
+            std::string::npos)
+      << r.err;
+  expect_nothing_left(t.pid());
 }
 
 // ---- layout changes while pages are owed -----------------------------------------------------
