@@ -670,7 +670,7 @@ TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
     f.write(junk, sizeof(junk));
   }
   Outcome o = serve(
-      [page](const ChildIo& io) {
+      [&](const ChildIo& io) {
         say(io.report, "touching\n");
         if (is_zero(at(page))) return say(io.report, "saw zeros\n");
         say(io.report, holds(at(page), page) ? "saw content\n" : "saw garbage\n");
