@@ -1190,6 +1190,15 @@ Restored restore(const RestoreOptions& opts_in) {
       char d = 'D';
       if (::write(r.spawn().s.reaper_ctl.get(), &d, 1) != 1)
         fail_errno("telling the reaper the restore is done");
+      // Until the reaper has cleared its PR_SET_PDEATHSIG, our exit (--detach) would kill it
+      // and the whole namespace with it. It closes its end of the pipe right after: wait for
+      // that (POLLERR on the write end).
+      pollfd pf{r.spawn().s.reaper_ctl.get(), 0, 0};
+      int n;
+      do {
+        n = ::poll(&pf, 1, 10000);
+      } while (n < 0 && errno == EINTR);
+      if (n <= 0) fail("the namespace's reaper did not take over within 10 s");
     }
   });
 
