@@ -16,8 +16,8 @@
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <cstring>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <fstream>
 #include <map>
@@ -164,13 +164,13 @@ uint64_t PageServerStats::latency_ns(double q) const {
 struct PageServer::Impl {
   struct Proc {
     uint64_t id = 0;
-    pid_t pid = 0;             // 0: a forked child whose pid is not found yet
-    uint64_t parent_id = 0;    // forked children: the process they forked from
-    pid_t parent_pid = 0;      // its pid when known
+    pid_t pid = 0;           // 0: a forked child whose pid is not found yet
+    uint64_t parent_id = 0;  // forked children: the process they forked from
+    pid_t parent_pid = 0;    // its pid when known
     // Children of this process that are not its forks seen through the uffd: those it had
     // when handed to the server (sorted). A forked child inherits its parent's list.
     std::vector<pid_t> preexisting;
-    uint64_t fork_ticks = 0;  // forked children: boot clock (ticks) when the event was read
+    uint64_t fork_ticks = 0;         // forked children: boot clock (ticks) when the event was read
     bool looked_on_message = false;  // looked for its pid on a message from its uffd
     Userfaultfd uffd;
     UniqueFd pidfd;
@@ -215,7 +215,7 @@ struct PageServer::Impl {
   bool running = false;
   int64_t t0 = 0;
   int64_t next_resolve = 0, resolve_backoff = 1'000'000, next_probe = 0;
-  uint64_t rr_last = 0;  // round robin of prefetch: the last process served
+  uint64_t rr_last = 0;       // round robin of prefetch: the last process served
   std::set<pid_t> seen_pids;  // every pid the server ever served (found children too)
   std::map<const image::PageStoreReader*,
            std::pair<std::shared_ptr<const image::PageStoreReader>, uint64_t>>
@@ -231,8 +231,8 @@ struct PageServer::Impl {
   std::thread worker;
 
   explicit Impl(PageServerOptions o) : opt(o) {
-    if (opt.window < kPage || opt.window % kPage) fail("page server: window ", opt.window,
-                                                       " is not a multiple of ", kPage);
+    if (opt.window < kPage || opt.window % kPage)
+      fail("page server: window ", opt.window, " is not a multiple of ", kPage);
     if (opt.prefetch_chunk < kPage || opt.prefetch_chunk % kPage)
       fail("page server: prefetch chunk ", opt.prefetch_chunk, " is not a multiple of ", kPage);
     epoll.reset(::epoll_create1(EPOLL_CLOEXEC));
@@ -343,8 +343,9 @@ struct PageServer::Impl {
       msg += cat("; could not kill it (", std::strerror(errno),
                  "): its faults stay unanswered rather than serve wrong memory");
     } else {
-      msg += "; its pid is unknown, it cannot be killed: its faults stay unanswered rather "
-             "than serve wrong memory";
+      msg +=
+          "; its pid is unknown, it cannot be killed: its faults stay unanswered rather "
+          "than serve wrong memory";
     }
     p.killed = true;
     p.faults.clear();
@@ -515,8 +516,7 @@ struct PageServer::Impl {
         const int64_t woken = serve_fault(p, m);
         ++stats.faults;
         const int64_t lat = woken - t;
-        stats.fault_latency_ns.push_back(
-            static_cast<uint32_t>(std::min<int64_t>(lat, UINT32_MAX)));
+        stats.fault_latency_ns.push_back(static_cast<uint32_t>(std::min<int64_t>(lat, UINT32_MAX)));
       }
     } catch (const std::exception& e) {
       kill(p, e.what());
@@ -925,7 +925,8 @@ struct PageServer::Impl {
     }
     release_all();
     guardian.finish();
-    for (auto& [ptr, slot] : stores) stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
+    for (auto& [ptr, slot] : stores)
+      stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
     stores.clear();
     stats.run_ns = since_start();
     running = false;
@@ -933,8 +934,7 @@ struct PageServer::Impl {
   }
 };
 
-PageServer::PageServer(PageServerOptions options)
-    : impl_(std::make_unique<Impl>(options)) {}
+PageServer::PageServer(PageServerOptions options) : impl_(std::make_unique<Impl>(options)) {}
 
 PageServer::~PageServer() {
   try {
@@ -1034,15 +1034,7 @@ std::string PageServer::summary() const {
   return out.str();
 }
 
-void PageServer::write_stats_json(const std::string& path) const {
-  const PageServerStats& s = impl_->stats;
-  std::ofstream f(path, std::ios::trunc);
-  if (!f) fail_errno("page server: cannot write stats to ", path);
-  JsonWriter w(f);
-  w.begin_object();
-  w.field("time_to_first_fault_ns", s.first_fault_ns);
-  w.field("time_until_nothing_owed_ns", s.all_served_ns);
-  w.field("run_ns", s.run_ns);
+void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.field("processes", s.processes);
   w.field("faults", s.faults);
   w.key("pages");
@@ -1082,6 +1074,18 @@ void PageServer::write_stats_json(const std::string& path) const {
   w.begin_array();
   for (const std::string& e : s.errors) w.value(e);
   w.end_array();
+}
+
+void PageServer::write_stats_json(const std::string& path) const {
+  const PageServerStats& s = impl_->stats;
+  std::ofstream f(path, std::ios::trunc);
+  if (!f) fail_errno("page server: cannot write stats to ", path);
+  JsonWriter w(f);
+  w.begin_object();
+  w.field("time_to_first_fault_ns", s.first_fault_ns);
+  w.field("time_until_nothing_owed_ns", s.all_served_ns);
+  w.field("run_ns", s.run_ns);
+  write_stats_fields(w, s);
   w.end_object();
   f << "\n";
   f.flush();

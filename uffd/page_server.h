@@ -112,6 +112,7 @@
 #include <vector>
 
 #include "common/fd.h"
+#include "common/json.h"
 #include "image-format/page_store.h"
 
 namespace lazycr::uffd {
@@ -122,38 +123,42 @@ struct LazyArea {
 };
 
 struct PageServerOptions {
-  uint64_t window = 64 * 1024;             // bytes copied per fault (page multiple, >= 4096)
-  bool prefetch = true;                    // push owed pages while no fault is waiting
+  uint64_t window = 64 * 1024;                // bytes copied per fault (page multiple, >= 4096)
+  bool prefetch = true;                       // push owed pages while no fault is waiting
   uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch copy (page multiple)
-  bool prefetch_thread = true;             // decompress ahead on a second thread
-  int guardian_log_fd = 2;                 // where the guardian writes its message
+  bool prefetch_thread = true;                // decompress ahead on a second thread
+  int guardian_log_fd = 2;                    // where the guardian writes its message
 };
 
 // Every time is in nanoseconds from the start of run(); -1 when it did not happen.
 struct PageServerStats {
-  int64_t first_fault_ns = -1;     // the first fault message read
-  int64_t all_served_ns = -1;      // nothing owed any more, anywhere
-  int64_t run_ns = 0;              // run() from start to return
-  uint64_t processes = 0;          // added + forked children
-  uint64_t faults = 0;             // PAGEFAULT messages
-  uint64_t fault_pages = 0;        // pages copied to answer faults (whole windows)
-  uint64_t prefetch_pages = 0;     // pages copied by prefetch
-  uint64_t zero_pages = 0;         // pages filled by UFFDIO_ZEROPAGE (ZERO runs, and pages not owed)
-  uint64_t not_owed_faults = 0;    // faults on pages not owed (answered with a zero page)
-  uint64_t dropped_pages = 0;      // owed pages dropped by REMOVE / UNMAP / exit / kill / ESRCH
-  uint64_t copy_ioctls = 0;        // UFFDIO_COPY + UFFDIO_ZEROPAGE calls that filled something
+  int64_t first_fault_ns = -1;   // the first fault message read
+  int64_t all_served_ns = -1;    // nothing owed any more, anywhere
+  int64_t run_ns = 0;            // run() from start to return
+  uint64_t processes = 0;        // added + forked children
+  uint64_t faults = 0;           // PAGEFAULT messages
+  uint64_t fault_pages = 0;      // pages copied to answer faults (whole windows)
+  uint64_t prefetch_pages = 0;   // pages copied by prefetch
+  uint64_t zero_pages = 0;       // pages filled by UFFDIO_ZEROPAGE (ZERO runs, and pages not owed)
+  uint64_t not_owed_faults = 0;  // faults on pages not owed (answered with a zero page)
+  uint64_t dropped_pages = 0;    // owed pages dropped by REMOVE / UNMAP / exit / kill / ESRCH
+  uint64_t copy_ioctls = 0;      // UFFDIO_COPY + UFFDIO_ZEROPAGE calls that filled something
   uint64_t eexist = 0, eagain = 0, enoent = 0;  // fill answers
-  uint64_t bytes_decompressed = 0;  // by the stores during run()
+  uint64_t bytes_decompressed = 0;              // by the stores during run()
   uint64_t events_fork = 0, events_remap = 0, events_remove = 0, events_unmap = 0;
-  uint64_t exits = 0;               // processes seen exiting (pidfd) or gone (ESRCH)
-  uint64_t children_found = 0;      // forked children whose pid was found
-  uint64_t killed = 0;              // processes killed rather than served wrong memory
+  uint64_t exits = 0;                      // processes seen exiting (pidfd) or gone (ESRCH)
+  uint64_t children_found = 0;             // forked children whose pid was found
+  uint64_t killed = 0;                     // processes killed rather than served wrong memory
   std::vector<uint32_t> fault_latency_ns;  // per fault: message read -> fill returned
   std::vector<std::string> errors;         // one line per killed process
 
   // The q-quantile (0..1) of fault_latency_ns, 0 when there was no fault.
   uint64_t latency_ns(double q) const;
 };
+
+// The counters of a stats file (processes ... errors) as fields of the object `w` is in; the
+// server's own file and the lazy restore's both use it.
+void write_stats_fields(JsonWriter& w, const PageServerStats& s);
 
 class PageServer {
  public:
