@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-extern char** environ;
+#include "bench/process_util.h"
 
 namespace {
 
@@ -40,50 +40,11 @@ double now_ms() {
       .count();
 }
 
-[[noreturn]] void die(const std::string& why) {
-  std::fprintf(stderr, "restore_bench: %s\n", why.c_str());
-  std::exit(1);
-}
-
-pid_t spawn(const std::vector<std::string>& args, int out_fd, int err_fd) {
-  std::vector<char*> argv;
-  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  if (out_fd >= 0) posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
-  if (err_fd >= 0) posix_spawn_file_actions_adddup2(&fa, err_fd, 2);
-  posix_spawn_file_actions_addclosefrom_np(&fa, 3);  // nothing else of ours in the targets
-  pid_t pid = -1;
-  int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) die("cannot start " + args[0] + ": " + std::strerror(rc));
-  return pid;
-}
-
-// One line from fd (blocking), without '\n'; "" at EOF.
-std::string read_line(int fd) {
-  std::string line;
-  char c;
-  while (read(fd, &c, 1) == 1 && c != '\n') line += c;
-  return line;
-}
-
-std::string read_all(int fd) {
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, n);
-  return out;
-}
-
-int wait_exit(pid_t pid) {
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
+using lazycr::bench::die;
+using lazycr::bench::read_all;
+using lazycr::bench::read_line;
+using lazycr::bench::spawn;
+using lazycr::bench::wait_exit;
 
 int run(const std::vector<std::string>& args, std::string* err = nullptr) {
   int e[2];
