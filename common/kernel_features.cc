@@ -534,13 +534,9 @@ void probe_soft_dirty(KernelFeatures& f) {
 // --- CPU -------------------------------------------------------------------------------------
 
 void probe_xsave(KernelFeatures& f) {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return;
-  unsigned lo = 0, hi = 0;
-  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-  f.xsave_features = (static_cast<uint64_t>(hi) << 32) | lo;
-  // Leaf 0xD sub-leaf 0: EBX is the XSAVE area size for the features enabled in XCR0.
-  if (__get_cpuid_count(0xD, 0, &eax, &ebx, &ecx, &edx)) f.xsave_size = ebx;
+  CpuXsave x = cpu_xsave();
+  f.xsave_size = x.size;
+  f.xsave_features = x.features;
 }
 
 KernelFeatures probe_all() {
@@ -564,6 +560,39 @@ KernelFeatures probe_all() {
 const KernelFeatures& kernel_features() {
   static const KernelFeatures features = probe_all();
   return features;
+}
+
+CpuXsave cpu_xsave() {
+  CpuXsave x;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return x;
+  unsigned lo = 0, hi = 0;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  x.features = (static_cast<uint64_t>(hi) << 32) | lo;
+  // Leaf 0xD sub-leaf 0: EBX is the XSAVE area size for the features enabled in XCR0.
+  if (__get_cpuid_count(0xD, 0, &eax, &ebx, &ecx, &edx)) x.size = ebx;
+  return x;
+}
+
+bool clone3_knows_set_tid() {
+  static const bool knows = [] {
+    pid_t want = ::getpid();
+    abi::clone_args args{};
+    args.exit_signal = SIGCHLD;
+    args.set_tid = reinterpret_cast<uint64_t>(&want);
+    args.set_tid_size = 0;
+    // A kernel with set_tid refuses a set_tid array of size 0 while it copies the arguments,
+    // before any task is created (EINVAL); one with clone3 but no set_tid refuses the
+    // non-zero bytes past its clone_args (E2BIG); one without clone3 says ENOSYS.
+    long r = ::syscall(SYS_clone3, &args, abi::kCloneArgsSizeVer2);
+    if (r == 0) child_exit(0);
+    if (r > 0) {
+      reap(static_cast<pid_t>(r));
+      return false;
+    }
+    return errno == EINVAL;
+  }();
+  return knows;
 }
 
 std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
