@@ -1,9 +1,12 @@
 // Page store benchmarks (RESULTS.md): write and random-read throughput and compression ratio
 // for 256 MiB of random, semi-compressible and text-like pages at frame sizes
 // 16/64/128/256 KiB and zstd levels 1/3, sequential-read throughput, and the latency of one
-// random 4 KiB read with a cold and a warm frame cache (level 1).
+// random 4 KiB read with a cold and a warm frame cache (level 1), and the time
+// PageStoreReader::open() takes on 64 MiB..2 GiB stores, dense (one DATA run) or sparse
+// (DATA and ZERO runs of 1..15 pages alternating), in a fresh process and repeated.
 //
 // Stores are written to $LAZYCR_BENCH_DIR (default /dev/shm, tmpfs), one at a time.
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -233,7 +236,111 @@ void BM_Latency(benchmark::State& state, Config c, bool warm) {
   state.counters["p99_us"] = us[us.size() * 99 / 100];
 }
 
+// open() on a store of `mib` MiB of pages: the lazy restore opens every store before the
+// first instruction, so this must stay flat in the store's size. Content does not matter to
+// open() (it reads no data frame): each data page holds its page number and zeros.
+void write_open_store(const std::string& path, uint64_t mib, bool sparse) {
+  PageStoreOptions o;  // default 64 KiB frames, level 1
+  PageStoreWriter w(path, o);
+  const uint64_t pages = mib << 20 >> 12;
+  std::vector<unsigned char> chunk(256 * kPageSize);
+  Rng rng(5);
+  bool data = true;
+  uint64_t left_in_run = 0;
+  for (uint64_t p = 0; p < pages; p += 256) {
+    std::memset(chunk.data(), 0, chunk.size());
+    for (uint64_t i = 0; i < 256; ++i) {
+      if (!sparse) {
+        data = true;
+      } else if (left_in_run == 0) {
+        data = !data;
+        left_in_run = 1 + rng.next() % 15;
+      }
+      if (sparse) --left_in_run;
+      if (data) {
+        uint64_t n = p + i + 1;
+        std::memcpy(chunk.data() + i * kPageSize, &n, sizeof n);
+      }
+    }
+    w.add_pages(kBaseAddr + p * kPageSize, chunk.data(), 256);
+  }
+  w.finish();
+}
+
+// One open() in this fresh process, printed as "<us> <minor faults>": what a restore pays.
+int open_once(const char* path) {
+  rusage u0, u1;
+  ::getrusage(RUSAGE_SELF, &u0);
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = PageStoreReader::open(path);
+  auto t1 = std::chrono::steady_clock::now();
+  ::getrusage(RUSAGE_SELF, &u1);
+  std::printf("%.1f %ld\n", std::chrono::duration<double, std::micro>(t1 - t0).count(),
+              u1.ru_minflt - u0.ru_minflt);
+  return 0;
+}
+
+// Cold: open() in a new process each time (posix_spawn of this binary with --open-once), so
+// every page the reader touches is a first touch, as in a restore. Warm: open() repeated in
+// this process, whose allocator hands back memory touched by the previous open().
+void BM_Open(benchmark::State& state, uint64_t mib, bool sparse) {
+  const std::string path = store_path() + ".open";
+  write_open_store(path, mib, sparse);
+  char exe[4096];
+  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n <= 0) {
+    state.SkipWithError("readlink /proc/self/exe failed");
+    return;
+  }
+  exe[n] = '\0';
+  std::vector<double> cold, warm;
+  double faults = 0;
+  for (auto _ : state) {
+    std::string cmd = std::string(exe) + " --open-once " + path;
+    FILE* f = ::popen(cmd.c_str(), "r");
+    double us = 0;
+    long flt = 0;
+    if (f == nullptr || std::fscanf(f, "%lf %ld", &us, &flt) != 2) {
+      if (f != nullptr) ::pclose(f);
+      state.SkipWithError("the --open-once child failed");
+      return;
+    }
+    ::pclose(f);
+    cold.push_back(us);
+    faults = static_cast<double>(flt);
+    state.SetIterationTime(us / 1e6);
+  }
+  size_t runs = 0, frames = 0;
+  for (int i = 0; i < 20; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto r = PageStoreReader::open(path);
+    auto t1 = std::chrono::steady_clock::now();
+    warm.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    runs = static_cast<size_t>(r->index().runs_size());
+    frames = static_cast<size_t>(r->frame_count());
+  }
+  ::unlink(path.c_str());
+  std::sort(cold.begin(), cold.end());
+  std::sort(warm.begin(), warm.end());
+  state.counters["cold_min_us"] = cold.front();
+  state.counters["cold_p50_us"] = cold[cold.size() / 2];
+  state.counters["warm_p50_us"] = warm[warm.size() / 2];
+  state.counters["faults"] = faults;
+  state.counters["runs"] = static_cast<double>(runs);
+  state.counters["frames"] = static_cast<double>(frames);
+}
+
 void register_all() {
+  for (uint64_t mib : {64u, 512u, 2048u})
+    for (bool sparse : {false, true})
+      benchmark::RegisterBenchmark(
+          (std::string("Open/") + (sparse ? "sparse" : "dense") + "/" + std::to_string(mib) + "MiB")
+              .c_str(),
+          BM_Open, mib, sparse)
+          ->Iterations(15)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+
   for (Data d : {Data::kRandom, Data::kSemi, Data::kText}) {
     for (uint32_t kib : {16u, 64u, 128u, 256u}) {
       for (int level : {1, 3}) {
@@ -268,6 +375,8 @@ void register_all() {
 }  // namespace lazycr::image
 
 int main(int argc, char** argv) {
+  if (argc == 3 && std::strcmp(argv[1], "--open-once") == 0)
+    return lazycr::image::open_once(argv[2]);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   lazycr::image::register_all();

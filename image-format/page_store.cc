@@ -19,6 +19,8 @@
 #include <thread>
 #include <unordered_map>
 
+#include <google/protobuf/arena.h>
+
 #include "common/error.h"
 #include "common/fd.h"
 
@@ -186,7 +188,7 @@ struct PageStoreWriter::Impl {
   bool writing = false;  // one worker writes finished frames, in sequence order
   uint64_t next_write = 0;
   uint64_t write_offset = kHeaderSize;
-  std::vector<Frame> frames;
+  std::vector<uint32_t> frame_sizes;  // compressed bytes of each frame written, in order
   std::exception_ptr error;
   std::vector<std::thread> workers;
 
@@ -308,10 +310,8 @@ struct PageStoreWriter::Impl {
         }
         lock.lock();
         if (write) {
-          Frame frame;
-          frame.set_offset(offset);
-          frame.set_size(j->out_size);
-          frames.push_back(frame);
+          // out_size <= ZSTD_compressBound(kMaxFrameSize), far below 2^32.
+          frame_sizes.push_back(static_cast<uint32_t>(j->out_size));
           write_offset += j->out_size;
         }
         ++next_write;
@@ -397,8 +397,9 @@ struct PageStoreWriter::Impl {
     if (error) std::rethrow_exception(error);
 
     uint64_t nframes = (data_pages + frame_pages - 1) / frame_pages;
-    if (frames.size() != nframes)
-      fail(path, ": internal error: ", frames.size(), " frames written, ", nframes, " expected");
+    if (frame_sizes.size() != nframes)
+      fail(path, ": internal error: ", frame_sizes.size(), " frames written, ", nframes,
+           " expected");
     PageIndex index;
     index.set_page_size(kPageSize);
     index.set_frame_pages(frame_pages);
@@ -408,8 +409,7 @@ struct PageStoreWriter::Impl {
     index.mutable_runs()->Reserve(static_cast<int>(runs.size()));
     for (auto& r : runs) *index.add_runs() = std::move(r);
     runs.clear();
-    index.mutable_frames()->Reserve(static_cast<int>(frames.size()));
-    for (auto& f : frames) *index.add_frames() = f;
+    index.mutable_frame_sizes()->Add(frame_sizes.begin(), frame_sizes.end());
     size_t raw_size = index.ByteSizeLong();
     if (raw_size > kMaxIndexBytes)
       fail(path, ": index is ", raw_size, " bytes, more than the limit of ", kMaxIndexBytes);
@@ -484,16 +484,6 @@ uint64_t PageStoreWriter::bytes_written() const {
 // Reader
 
 struct PageStoreReader::Impl {
-  struct Run {
-    uint64_t start;
-    uint64_t pages;
-    PageRun::Kind kind;
-    uint64_t first_page;
-  };
-  struct FrameRef {
-    uint64_t offset;
-    uint64_t size;
-  };
   struct FrameData {
     std::unique_ptr<unsigned char[]> bytes;
     size_t size = 0;
@@ -503,9 +493,17 @@ struct PageStoreReader::Impl {
   std::string path;
   UniqueFd fd;
   uint64_t file_size = 0;
-  PageIndex index;
-  std::vector<Run> runs;
-  std::vector<FrameRef> frames;
+  // What open() costs grows with the memory it touches for the first time (4-10 us a page in
+  // our VMs), so the index is kept once, on an arena (one PageRun per run in a few large
+  // blocks instead of a heap allocation each), with two small lookup tables beside it.
+  google::protobuf::Arena arena{arena_options()};
+  PageIndex* index = google::protobuf::Arena::CreateMessage<PageIndex>(&arena);
+  std::vector<uint64_t> run_starts;  // runs(i).start(): the binary search touches only these
+  // File offset of frames 0, kFrameStride, 2 * kFrameStride, ...; the others are found by
+  // adding at most kFrameStride - 1 sizes from index->frame_sizes().
+  static constexpr uint64_t kFrameStride = 16;
+  std::vector<uint64_t> frame_strides;
+  uint64_t nframes = 0;
   uint64_t frame_pages = 0;
   uint64_t data_pages = 0;
   size_t cache_frames = 1;
@@ -521,6 +519,13 @@ struct PageStoreReader::Impl {
 
   ~Impl() {
     for (ZSTD_DCtx* d : dctxs) ZSTD_freeDCtx(d);
+  }
+
+  static google::protobuf::ArenaOptions arena_options() {
+    google::protobuf::ArenaOptions o;
+    o.start_block_size = 4096;
+    o.max_block_size = 1 << 20;  // a 64 KiB-run index takes a few big blocks, not thousands
+    return o;
   }
 
   template <typename... Args>
@@ -596,29 +601,29 @@ struct PageStoreReader::Impl {
       if (r != raw_size) bad("index decompressed to ", r, " bytes, expected ", raw_size);
     }
     packed = {};
-    if (!index.ParseFromArray(raw.data(), static_cast<int>(raw.size())))
+    if (!index->ParseFromArray(raw.data(), static_cast<int>(raw.size())))
       bad("index is not a valid PageIndex message");
     raw = {};
     validate_index(index_offset, level);
   }
 
   void validate_index(uint64_t index_offset, int32_t level) {
-    if (index.page_size() != kPageSize)
-      bad("index page_size is ", index.page_size(), ", expected ", kPageSize);
-    if (index.frame_pages() != frame_pages)
-      bad("index frame_pages ", index.frame_pages(), " differs from the header's ", frame_pages);
-    if (index.level() != level)
-      bad("index zstd level ", index.level(), " differs from the header's ", level);
-    data_pages = index.data_pages();
+    if (index->page_size() != kPageSize)
+      bad("index page_size is ", index->page_size(), ", expected ", kPageSize);
+    if (index->frame_pages() != frame_pages)
+      bad("index frame_pages ", index->frame_pages(), " differs from the header's ", frame_pages);
+    if (index->level() != level)
+      bad("index zstd level ", index->level(), " differs from the header's ", level);
+    data_pages = index->data_pages();
     if (data_pages > kMaxPages) bad("index data_pages ", data_pages, " is more than ", kMaxPages);
-    if (index.zero_pages() > kMaxPages)
-      bad("index zero_pages ", index.zero_pages(), " is more than ", kMaxPages);
+    if (index->zero_pages() > kMaxPages)
+      bad("index zero_pages ", index->zero_pages(), " is more than ", kMaxPages);
 
-    runs.reserve(static_cast<size_t>(index.runs_size()));
+    run_starts.reserve(static_cast<size_t>(index->runs_size()));
     uint64_t end = 0;  // end of the previous run
     uint64_t data_seen = 0, zero_seen = 0;
-    for (int i = 0; i < index.runs_size(); ++i) {
-      const PageRun& r = index.runs(i);
+    for (int i = 0; i < index->runs_size(); ++i) {
+      const PageRun& r = index->runs(i);
       if (r.start() % kPageSize != 0) bad("run ", i, " start ", hex(r.start()), " is not aligned");
       if (r.start() >= kAddrEnd) bad("run ", i, " start ", hex(r.start()), " is not user space");
       if (r.pages() == 0) bad("run ", i, " has no pages");
@@ -640,31 +645,31 @@ struct PageStoreReader::Impl {
       } else {
         bad("run ", i, " has unknown kind ", static_cast<int>(r.kind()));
       }
-      runs.push_back(Run{r.start(), r.pages(), r.kind(), r.first_page()});
+      run_starts.push_back(r.start());
     }
     if (data_seen != data_pages)
       bad("DATA runs hold ", data_seen, " pages, index data_pages says ", data_pages);
-    if (zero_seen != index.zero_pages())
-      bad("ZERO runs hold ", zero_seen, " pages, index zero_pages says ", index.zero_pages());
+    if (zero_seen != index->zero_pages())
+      bad("ZERO runs hold ", zero_seen, " pages, index zero_pages says ", index->zero_pages());
 
-    uint64_t nframes = (data_pages + frame_pages - 1) / frame_pages;
-    if (static_cast<uint64_t>(index.frames_size()) != nframes)
-      bad("index has ", index.frames_size(), " frames, ", data_pages, " data pages need ", nframes);
-    frames.reserve(nframes);
+    nframes = (data_pages + frame_pages - 1) / frame_pages;
+    if (static_cast<uint64_t>(index->frame_sizes_size()) != nframes)
+      bad("index has ", index->frame_sizes_size(), " frame sizes, ", data_pages,
+          " data pages need ", nframes, " frames");
+    frame_strides.reserve((nframes + kFrameStride - 1) / kFrameStride);
+    const uint32_t* sizes = index->frame_sizes().data();
     uint64_t offset = kHeaderSize;
     for (uint64_t i = 0; i < nframes; ++i) {
-      const Frame& f = index.frames(static_cast<int>(i));
-      if (f.offset() != offset)
-        bad("frame ", i, " is at offset ", f.offset(), ", expected ", offset,
-            " (frames are contiguous)");
+      if (i % kFrameStride == 0) frame_strides.push_back(offset);
+      uint64_t size = sizes[i];
       uint64_t bound = ZSTD_compressBound(frame_size(i));
-      if (f.size() == 0 || f.size() > bound)
-        bad("frame ", i, " size ", f.size(), " is outside [1, ", bound, "]");
-      if (f.size() > index_offset - offset)
-        bad("frame ", i, " at ", offset, " with ", f.size(), " bytes runs into the index at ",
+      if (size == 0 || size > bound)
+        bad("frame ", i, " size ", size, " is outside [1, ", bound, "]");
+      // offset <= index_offset here, so neither side can overflow.
+      if (size > index_offset - offset)
+        bad("frame ", i, " at ", offset, " with ", size, " bytes runs into the index at ",
             index_offset);
-      frames.push_back(FrameRef{offset, f.size()});
-      offset += f.size();
+      offset += size;
     }
     if (offset != index_offset)
       bad("frames end at ", offset, " but the index starts at ", index_offset);
@@ -694,21 +699,29 @@ struct PageStoreReader::Impl {
     dctxs.push_back(d);
   }
 
+  // File offset and compressed size of frame i < nframes.
+  PageStoreReader::FrameInfo frame_info(uint64_t i) const {
+    const uint32_t* sizes = index->frame_sizes().data();
+    uint64_t offset = frame_strides[i / kFrameStride];
+    for (uint64_t k = i - i % kFrameStride; k < i; ++k) offset += sizes[k];
+    return {offset, sizes[i]};
+  }
+
   FramePtr decompress(uint64_t i) const {
-    const FrameRef& f = frames[i];
+    const auto [offset, csize] = frame_info(i);
     size_t expected = frame_size(i);
-    // f.size <= ZSTD_compressBound(frame size) and lies inside the file (checked at open).
-    std::unique_ptr<unsigned char[]> src(new unsigned char[f.size]);
-    pread_all(fd.get(), src.get(), f.size, f.offset, path);
+    // csize <= ZSTD_compressBound(frame size) and lies inside the file (checked at open).
+    std::unique_ptr<unsigned char[]> src(new unsigned char[csize]);
+    pread_all(fd.get(), src.get(), csize, offset, path);
     std::string what = cat(path, ": frame ", i);
-    uint64_t content = check_zstd_frame(src.get(), f.size, what);
+    uint64_t content = check_zstd_frame(src.get(), csize, what);
     if (content != expected)
       fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
     auto out = std::make_shared<FrameData>();
     out->bytes.reset(new unsigned char[expected]);
     out->size = expected;
     ZSTD_DCtx* dctx = take_dctx();
-    size_t r = ZSTD_decompressDCtx(dctx, out->bytes.get(), expected, src.get(), f.size);
+    size_t r = ZSTD_decompressDCtx(dctx, out->bytes.get(), expected, src.get(), csize);
     give_dctx(dctx);
     if (ZSTD_isError(r)) fail(what, ": zstd: ", ZSTD_getErrorName(r));
     if (r != expected) fail(what, ": decompressed to ", r, " bytes, expected ", expected);
@@ -739,14 +752,16 @@ struct PageStoreReader::Impl {
     return frame;
   }
 
-  // Index of the run holding addr, or runs.size().
+  size_t nruns() const { return run_starts.size(); }
+  const PageRun& run(size_t i) const { return index->runs(static_cast<int>(i)); }
+
+  // Index of the run holding addr, or nruns().
   size_t locate(uint64_t addr) const {
-    auto it = std::upper_bound(runs.begin(), runs.end(), addr,
-                               [](uint64_t a, const Run& r) { return a < r.start; });
-    if (it == runs.begin()) return runs.size();
-    --it;
-    if (addr - it->start >= it->pages * kPageSize) return runs.size();
-    return static_cast<size_t>(it - runs.begin());
+    auto it = std::upper_bound(run_starts.begin(), run_starts.end(), addr);
+    if (it == run_starts.begin()) return nruns();
+    size_t i = static_cast<size_t>(it - run_starts.begin()) - 1;
+    if (addr - run_starts[i] >= run(i).pages() * kPageSize) return nruns();
+    return i;
   }
 
   void read(uint64_t addr, size_t npages, void* out) const {
@@ -759,16 +774,16 @@ struct PageStoreReader::Impl {
     size_t ri = locate(addr);
     uint64_t left = npages;
     while (left > 0) {
-      if (ri >= runs.size() || addr < runs[ri].start ||
-          addr - runs[ri].start >= runs[ri].pages * kPageSize)
+      if (ri >= nruns() || addr < run_starts[ri] ||
+          addr - run_starts[ri] >= run(ri).pages() * kPageSize)
         bad("page ", hex(addr), " is not in the store");
-      const Run& run = runs[ri];
-      uint64_t offset_pages = (addr - run.start) / kPageSize;
-      uint64_t n = std::min<uint64_t>(left, run.pages - offset_pages);
-      if (run.kind == PageRun::ZERO) {
+      const PageRun& r = run(ri);
+      uint64_t offset_pages = (addr - r.start()) / kPageSize;
+      uint64_t n = std::min<uint64_t>(left, r.pages() - offset_pages);
+      if (r.kind() == PageRun::ZERO) {
         std::memset(dst, 0, n * kPageSize);
       } else {
-        uint64_t sp = run.first_page + offset_pages;
+        uint64_t sp = r.first_page() + offset_pages;
         uint64_t todo = n;
         unsigned char* d = dst;
         while (todo > 0) {
@@ -804,7 +819,16 @@ std::unique_ptr<PageStoreReader> PageStoreReader::open(const std::string& path,
 }
 
 const PageIndex& PageStoreReader::index() const {
-  return impl_->index;
+  return *impl_->index;
+}
+
+uint64_t PageStoreReader::frame_count() const {
+  return impl_->nframes;
+}
+
+PageStoreReader::FrameInfo PageStoreReader::frame(uint64_t i) const {
+  if (i >= impl_->nframes) impl_->bad("frame ", i, " does not exist (", impl_->nframes, " frames)");
+  return impl_->frame_info(i);
 }
 const std::string& PageStoreReader::path() const {
   return impl_->path;
@@ -816,11 +840,12 @@ uint64_t PageStoreReader::file_size() const {
 std::optional<PageLocation> PageStoreReader::find(uint64_t addr) const {
   uint64_t page = addr & ~static_cast<uint64_t>(kPageSize - 1);
   size_t i = impl_->locate(page);
-  if (i >= impl_->runs.size()) return std::nullopt;
-  const Impl::Run& run = impl_->runs[i];
+  if (i >= impl_->nruns()) return std::nullopt;
+  const PageRun& run = impl_->run(i);
   PageLocation loc;
-  loc.kind = run.kind;
-  loc.stream_page = run.kind == PageRun::DATA ? run.first_page + (page - run.start) / kPageSize : 0;
+  loc.kind = run.kind();
+  loc.stream_page =
+      run.kind() == PageRun::DATA ? run.first_page() + (page - run.start()) / kPageSize : 0;
   return loc;
 }
 
@@ -829,7 +854,7 @@ void PageStoreReader::read(uint64_t addr, size_t npages, void* out) const {
 }
 
 void PageStoreReader::verify_all() const {
-  for (uint64_t i = 0; i < impl_->frames.size(); ++i) impl_->decompress(i);
+  for (uint64_t i = 0; i < frame_count(); ++i) impl_->decompress(i);
 }
 
 uint64_t PageStoreReader::frames_decompressed() const {

@@ -14,7 +14,7 @@
 namespace lazycr::image {
 
 inline constexpr uint32_t kPageSize = 4096;
-inline constexpr uint32_t kPageStoreVersion = 1;
+inline constexpr uint32_t kPageStoreVersion = 2;
 inline constexpr uint32_t kMinFrameSize = 16 * 1024;
 inline constexpr uint32_t kMaxFrameSize = 4 * 1024 * 1024;
 inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
@@ -72,6 +72,14 @@ class PageStoreReader {
   const PageIndex& index() const;
   const std::string& path() const;
   uint64_t file_size() const;
+
+  // The data frames (ceil(data_pages / frame_pages) of them), where they lie in the file.
+  struct FrameInfo {
+    uint64_t offset;  // file offset of the zstd frame
+    uint64_t size;    // compressed bytes
+  };
+  uint64_t frame_count() const;
+  FrameInfo frame(uint64_t i) const;  // throws Error if i >= frame_count()
 
   // One binary search over the runs; nullopt if the page is not in the store.
   std::optional<PageLocation> find(uint64_t addr) const;

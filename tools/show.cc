@@ -84,8 +84,7 @@ struct StoreSummary {
 
 StoreSummary summarize(const image::PageStoreReader& store) {
   const auto& idx = store.index();
-  StoreSummary s{idx.data_pages(), idx.zero_pages(), static_cast<uint64_t>(idx.frames_size()),
-                 store.file_size(), 0};
+  StoreSummary s{idx.data_pages(), idx.zero_pages(), store.frame_count(), store.file_size(), 0};
   s.ratio = s.file_bytes > 0 ? double(s.data_pages * kPageSize) / double(s.file_bytes) : 0;
   return s;
 }

@@ -568,9 +568,8 @@ TEST(Lazy, CorruptFrameWhileServingKillsTheProcessWithAMessage) {
           plain >= run.start() + run.pages() * 4096)
         continue;
       const uint64_t frame = (run.first_page() + (plain - run.start()) / 4096) / idx.frame_pages();
-      ASSERT_LT(frame, static_cast<uint64_t>(idx.frames_size()));
-      offset = idx.frames(static_cast<int>(frame)).offset() +
-               idx.frames(static_cast<int>(frame)).size() / 2;
+      ASSERT_LT(frame, store->frame_count());
+      offset = store->frame(frame).offset + store->frame(frame).size / 2;
     }
   }
   ASSERT_GT(offset, 0u);

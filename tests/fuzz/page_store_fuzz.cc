@@ -65,7 +65,7 @@ std::string build_from_index(const uint8_t* data, size_t size) {
     footer[i] = static_cast<unsigned char>(index_offset >> (8 * i));
     footer[8 + i] = static_cast<unsigned char>(static_cast<uint64_t>(n) >> (8 * i));
   }
-  footer[16] = 1;  // version
+  footer[16] = lazycr::image::kPageStoreVersion;
   std::memcpy(footer + 24, "LZCRPEND", 8);
   file.append(reinterpret_cast<const char*>(footer), 32);
   return file;

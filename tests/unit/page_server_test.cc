@@ -660,8 +660,8 @@ TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
     auto loc = r->find(kBase + page * P);
     ASSERT_TRUE(loc && loc->kind == image::PageRun::DATA);
     frame = loc->stream_page / r->index().frame_pages();
-    offset = r->index().frames(static_cast<int>(frame)).offset();
-    size = r->index().frames(static_cast<int>(frame)).size();
+    offset = r->frame(frame).offset;
+    size = r->frame(frame).size;
   }
   {
     std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);

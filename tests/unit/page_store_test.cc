@@ -197,7 +197,8 @@ void round_trip(const std::vector<Segment>& segs, const PageStoreOptions& o) {
   EXPECT_EQ(path, r->path());
   EXPECT_EQ(stats.data_pages, r->index().data_pages());
   EXPECT_EQ(stats.zero_pages, r->index().zero_pages());
-  EXPECT_EQ(static_cast<int>(stats.frames), r->index().frames_size());
+  EXPECT_EQ(stats.frames, r->frame_count());
+  EXPECT_EQ(static_cast<int>(stats.frames), r->index().frame_sizes_size());
   r->verify_all();
   EXPECT_EQ(stats.frames, r->frames_decompressed());
   check_all(*r, segs);
@@ -627,7 +628,7 @@ class PageStoreCorruption : public ::testing::Test {
     std::string raw(ZSTD_getFrameContentSize(packed.data(), packed.size()), '\0');
     ASSERT_EQ(raw.size(), ZSTD_decompress(raw.data(), raw.size(), packed.data(), packed.size()));
     ASSERT_TRUE(index_.ParseFromString(raw));
-    ASSERT_EQ(3, index_.frames_size());
+    ASSERT_EQ(3, index_.frame_sizes_size());
   }
 
   void TearDown() override {
@@ -657,7 +658,7 @@ class PageStoreCorruption : public ::testing::Test {
     return out;
   }
 
-  static std::string footer(uint64_t offset, uint64_t size, uint32_t version = 1,
+  static std::string footer(uint64_t offset, uint64_t size, uint32_t version = 2,
                             uint32_t reserved = 0) {
     std::string f(32, '\0');
     std::memcpy(f.data(), &offset, 8);
@@ -713,7 +714,11 @@ TEST_F(PageStoreCorruption, TruncatedAtEveryLength) {
 
 TEST_F(PageStoreCorruption, FlippedBitsEverywhere) {
   std::vector<std::pair<uint64_t, uint64_t>> headers;  // [begin, end) of each zstd header
-  for (const Frame& f : index_.frames()) headers.emplace_back(f.offset(), f.size());
+  uint64_t offset = 64;
+  for (uint32_t size : index_.frame_sizes()) {
+    headers.emplace_back(offset, size);
+    offset += size;
+  }
   headers.emplace_back(index_offset_, index_size_);
   for (auto& [begin, size] : headers) {
     size_t n = ZSTD_frameHeaderSize(good_.data() + begin, size);
@@ -757,7 +762,8 @@ TEST_F(PageStoreCorruption, AbsurdHeaderAndFooter) {
     return b;
   };
   expect_open_fails(set32(8, 0), "version 0");
-  expect_open_fails(set32(8, 2), "version 2");
+  expect_open_fails(set32(8, 1), "version 1");
+  expect_open_fails(set32(8, 3), "version 3");
   expect_open_fails(set32(12, 128), "header_size 128");
   expect_open_fails(set32(12, UINT32_MAX), "header_size max");
   expect_open_fails(set32(16, 8192), "page_size 8192");
@@ -776,8 +782,9 @@ TEST_F(PageStoreCorruption, AbsurdHeaderAndFooter) {
   for (uint64_t size : {uint64_t{0}, index_size_ - 1, index_size_ + 1, uint64_t{1} << 40,
                         UINT64_MAX, UINT64_MAX - index_offset_ + 1})
     expect_open_fails(body + footer(index_offset_, size), cat("index size ", size));
-  expect_open_fails(body + footer(index_offset_, index_size_, 2), "footer version");
-  expect_open_fails(body + footer(index_offset_, index_size_, 1, 1), "footer reserved");
+  expect_open_fails(body + footer(index_offset_, index_size_, 1), "footer version 1");
+  expect_open_fails(body + footer(index_offset_, index_size_, 3), "footer version 3");
+  expect_open_fails(body + footer(index_offset_, index_size_, 2, 1), "footer reserved");
   // The good footer is accepted (the helper is right).
   put(body + footer(index_offset_, index_size_));
   EXPECT_NO_THROW(PageStoreReader::open(path_));
@@ -827,10 +834,11 @@ TEST_F(PageStoreCorruption, AbsurdIndexValues) {
   expect_index_fails([](PageIndex& i) { i.set_zero_pages(UINT64_MAX); }, "zero_pages");
   expect_index_fails([](PageIndex& i) { i.set_zero_pages(i.zero_pages() - 1); }, "zero-1");
   expect_index_fails([](PageIndex& i) { i.clear_runs(); }, "no runs");
-  expect_index_fails([](PageIndex& i) { i.clear_frames(); }, "no frames");
+  expect_index_fails([](PageIndex& i) { i.clear_frame_sizes(); }, "no frames");
   expect_index_fails([](PageIndex& i) { i.Clear(); }, "empty index");
-  expect_index_fails([](PageIndex& i) { i.mutable_frames()->RemoveLast(); }, "frame missing");
-  expect_index_fails([](PageIndex& i) { *i.add_frames() = i.frames(0); }, "extra frame");
+  expect_index_fails([](PageIndex& i) { i.mutable_frame_sizes()->RemoveLast(); }, "frame missing");
+  expect_index_fails([](PageIndex& i) { i.add_frame_sizes(i.frame_sizes(0)); }, "extra frame");
+  expect_index_fails([](PageIndex& i) { i.add_frame_sizes(1); }, "extra 1-byte frame");
   expect_index_fails([](PageIndex& i) { *i.add_runs() = i.runs(0); }, "repeated run");
   for (int r = 0; r < index_.runs_size(); ++r) {
     auto run = [r](PageIndex& i) { return i.mutable_runs(r); };
@@ -861,25 +869,70 @@ TEST_F(PageStoreCorruption, AbsurdIndexValues) {
       expect_index_fails([&](PageIndex& i) { i.mutable_runs()->SwapElements(r, r - 1); },
                          "unsorted");
   }
-  for (int f = 0; f < index_.frames_size(); ++f) {
-    auto frame = [f](PageIndex& i) { return i.mutable_frames(f); };
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_size(0); }, "size 0");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_size(kBig); }, "size 2^63");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_size(UINT64_MAX); }, "size max");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_size(frame(i)->size() + 1); }, "+1");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_offset(kBig); }, "offset");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_offset(UINT64_MAX); }, "offset max");
-    expect_index_fails([&](PageIndex& i) { frame(i)->set_offset(frame(i)->offset() + 1); },
-                       "offset+1");
+  for (int f = 0; f < index_.frame_sizes_size(); ++f) {
+    auto set = [&](uint32_t v) { return [f, v](PageIndex& i) { i.set_frame_sizes(f, v); }; };
+    const uint32_t size = index_.frame_sizes(f);
+    expect_index_fails(set(0), "size 0");
+    expect_index_fails(set(UINT32_MAX), "size max");
+    expect_index_fails(set(static_cast<uint32_t>(ZSTD_compressBound(kMinFrameSize)) + 1),
+                       "size over the bound");
+    expect_index_fails(set(size + 1), "+1");
+    expect_index_fails(set(size - 1), "-1");
+  }
+  // A frame running into the index is refused.
+  {
+    PageIndex idx = index_;
+    idx.set_frame_sizes(0, idx.frame_sizes(0) + idx.frame_sizes(1) + idx.frame_sizes(2));
+    expect_open_fails(with_index(idx), "frame 0 covers every frame");
+  }
+  // An unpacked frame_sizes (proto3 parsers accept both encodings) is the same index.
+  {
+    PageIndex without = index_;
+    without.clear_frame_sizes();
+    std::string unpacked = without.SerializeAsString();
+    for (uint32_t size : index_.frame_sizes()) {
+      unpacked += static_cast<char>(8 << 3);  // field 8, varint
+      for (uint32_t v = size;; v >>= 7) {
+        unpacked += static_cast<char>((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+        if (v < 0x80) break;
+      }
+    }
+    put(with_packed_index(good_.substr(0, index_offset_), compress(unpacked)));
+    EXPECT_TRUE(open_and_read_all(path_, segs_));
+  }
+  // A version-1 index (frames as messages, field 7) has no frame_sizes: refused.
+  {
+    PageIndex without = index_;
+    without.clear_frame_sizes();
+    std::string v1 = without.SerializeAsString();
+    uint64_t offset = 64;
+    for (uint32_t size : index_.frame_sizes()) {
+      std::string frame;
+      frame += static_cast<char>(1 << 3);  // Frame.offset
+      for (uint64_t v = offset;; v >>= 7) {
+        frame += static_cast<char>((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+        if (v < 0x80) break;
+      }
+      frame += static_cast<char>(2 << 3);  // Frame.size
+      for (uint64_t v = size;; v >>= 7) {
+        frame += static_cast<char>((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+        if (v < 0x80) break;
+      }
+      v1 += static_cast<char>((7 << 3) | 2);
+      v1 += static_cast<char>(frame.size());
+      v1 += frame;
+      offset += size;
+    }
+    expect_open_fails(with_packed_index(good_.substr(0, index_offset_), compress(v1)),
+                      "version-1 frames");
   }
   // Two frames that swap sizes still tile the file but no longer match the zstd frames:
   // open() accepts them (the index is consistent); reading must fail cleanly.
   PageIndex idx = index_;
-  uint64_t s0 = idx.frames(0).size(), s1 = idx.frames(1).size();
+  uint32_t s0 = idx.frame_sizes(0), s1 = idx.frame_sizes(1);
   if (s0 != s1) {
-    idx.mutable_frames(0)->set_size(s1);
-    idx.mutable_frames(1)->set_offset(64 + s1);
-    idx.mutable_frames(1)->set_size(s0);
+    idx.set_frame_sizes(0, s1);
+    idx.set_frame_sizes(1, s0);
     put(with_index(idx));
     EXPECT_FALSE(open_and_read_all(path_, segs_));
   }
@@ -890,12 +943,8 @@ TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
   auto with_frame0 = [&](const std::string& frame0) {
     PageIndex idx = index_;
     std::string rest =
-        good_.substr(64 + idx.frames(0).size(), index_offset_ - 64 - idx.frames(0).size());
-    int64_t delta =
-        static_cast<int64_t>(frame0.size()) - static_cast<int64_t>(idx.frames(0).size());
-    idx.mutable_frames(0)->set_size(frame0.size());
-    for (int f = 1; f < idx.frames_size(); ++f)
-      idx.mutable_frames(f)->set_offset(idx.frames(f).offset() + delta);
+        good_.substr(64 + idx.frame_sizes(0), index_offset_ - 64 - idx.frame_sizes(0));
+    idx.set_frame_sizes(0, static_cast<uint32_t>(frame0.size()));
     std::string frames = good_.substr(0, 64) + frame0 + rest;
     return with_packed_index(frames, compress(idx.SerializeAsString()));
   };
