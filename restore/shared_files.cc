@@ -1,0 +1,621 @@
+// Creating shared open file descriptions, pipes, FIFOs and UNIX socket pairs in lazycr.
+#include "restore/shared_files.h"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <set>
+#include <string>
+
+#include "common/error.h"
+#include "common/proc.h"
+
+namespace lazycr::restore {
+namespace {
+
+using image::FileDescriptor;
+using image::Pipe;
+using image::SharedObjects;
+using image::UnixSocket;
+
+// What F_SETFL changes; O_ASYNC is left out: it needs an owner (F_SETOWN) the image lacks.
+constexpr uint32_t kStatusFlags = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME;
+// A socket's buffers are not grown past this to make its queued data fit.
+constexpr int kMaxSocketBuf = 1 << 30;
+
+struct User {
+  int pid;
+  const FileDescriptor* f;
+};
+
+std::string where(const User& u) {
+  return cat("pid ", u.pid, " fd ", u.f->fd());
+}
+
+// One open file description of the image and the descriptors that hold it.
+struct Description {
+  uint64_t id = 0;  // file_id; 0 only for a descriptor of an image without ids (never shared)
+  std::vector<User> users;
+  const FileDescriptor& f() const { return *users.front().f; }
+  std::string who() const {
+    std::string s = where(users.front());
+    if (users.size() > 1) s += cat(" and ", users.size() - 1, " more");
+    return s;
+  }
+};
+
+bool starts_with(const std::string& s, const std::string& p) {
+  return s.rfind(p, 0) == 0;
+}
+
+bool is_tty(const FileDescriptor& f) {
+  return f.kind() == FileDescriptor::CHARDEV &&
+         (starts_with(f.target(), "/dev/pts/") || starts_with(f.target(), "/dev/tty") ||
+          f.target() == "/dev/console");
+}
+
+bool reads(const FileDescriptor& f) {
+  int acc = static_cast<int>(f.flags()) & O_ACCMODE;
+  return acc == O_RDONLY || acc == O_RDWR;
+}
+
+bool writes(const FileDescriptor& f) {
+  int acc = static_cast<int>(f.flags()) & O_ACCMODE;
+  return acc == O_WRONLY || acc == O_RDWR;
+}
+
+std::string socket_type(int type) {
+  switch (type) {
+    case SOCK_STREAM:
+      return "SOCK_STREAM";
+    case SOCK_DGRAM:
+      return "SOCK_DGRAM";
+    case SOCK_SEQPACKET:
+      return "SOCK_SEQPACKET";
+    default:
+      return cat("type ", type);
+  }
+}
+
+std::string file_type(mode_t mode) {
+  switch (mode & S_IFMT) {
+    case S_IFREG:
+      return "a regular file";
+    case S_IFDIR:
+      return "a directory";
+    case S_IFCHR:
+      return "a character device";
+    case S_IFBLK:
+      return "a block device";
+    case S_IFIFO:
+      return "a FIFO";
+    case S_IFSOCK:
+      return "a socket";
+    case S_IFLNK:
+      return "a symbolic link";
+    default:
+      return cat("mode ", mode & S_IFMT);
+  }
+}
+
+// The description's status flags become the image's (flags as recorded in fdinfo).
+void set_status_flags(int fd, uint32_t flags, const std::string& what) {
+  int cur = ::fcntl(fd, F_GETFL);
+  if (cur < 0) fail_errno(what, ": fcntl(F_GETFL)");
+  int want =
+      static_cast<int>((static_cast<uint32_t>(cur) & ~kStatusFlags) | (flags & kStatusFlags));
+  if (want != cur && ::fcntl(fd, F_SETFL, want) != 0)
+    fail_errno(what, ": fcntl(F_SETFL, ", want, ")");
+}
+
+UniqueFd reopen(int fd, uint32_t flags, const std::string& what) {
+  // Non-blocking: a FIFO opened for writing alone would otherwise wait for a reader.
+  int got = ::open(cat("/proc/self/fd/", fd).c_str(),
+                   static_cast<int>(flags & O_ACCMODE) | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (got < 0) fail_errno(what, ": opening another description of it through /proc/self/fd");
+  return UniqueFd(got);
+}
+
+int get_sockopt(int fd, int opt, const std::string& what) {
+  int v = 0;
+  socklen_t len = sizeof v;
+  if (::getsockopt(fd, SOL_SOCKET, opt, &v, &len) != 0)
+    fail_errno(what, ": getsockopt(", opt == SO_SNDBUF ? "SO_SNDBUF" : "SO_RCVBUF", ")");
+  return v;
+}
+
+// Sets SO_SNDBUF or SO_RCVBUF so that getsockopt reads `bytes` (the kernel doubles what it is
+// given); beyond net.core.[wr]mem_max only with CAP_NET_ADMIN (the FORCE variants).
+void set_sockbuf(int fd, int opt, int bytes, const std::string& what) {
+  int half = std::max(bytes / 2, 1);
+  int force = opt == SO_SNDBUF ? SO_SNDBUFFORCE : SO_RCVBUFFORCE;
+  if (::setsockopt(fd, SOL_SOCKET, force, &half, sizeof half) == 0) return;
+  if (errno != EPERM)
+    fail_errno(what, ": setsockopt(", opt == SO_SNDBUF ? "SO_SNDBUFFORCE" : "SO_RCVBUFFORCE", ", ",
+               half, ")");
+  if (::setsockopt(fd, SOL_SOCKET, opt, &half, sizeof half) != 0)
+    fail_errno(what, ": setsockopt(", opt == SO_SNDBUF ? "SO_SNDBUF" : "SO_RCVBUF", ", ", half,
+               ")");
+}
+
+// One end of a socket being made, with the buffer sizes it was born with (restored after the
+// queued data is in, unless the image has its own).
+struct SocketEnd {
+  UniqueFd fd;
+  int sndbuf0 = 0;
+  int rcvbuf0 = 0;
+};
+
+SocketEnd make_end(int fd, const std::string& what) {
+  SocketEnd e;
+  e.fd = UniqueFd(fd);
+  e.sndbuf0 = get_sockopt(fd, SO_SNDBUF, what);
+  e.rcvbuf0 = get_sockopt(fd, SO_RCVBUF, what);
+  return e;
+}
+
+std::pair<SocketEnd, SocketEnd> make_pair_of(const UnixSocket& s) {
+  std::string what = cat("socket inode ", s.inode());
+  int sv[2];
+  if (::socketpair(AF_UNIX, s.type() | SOCK_CLOEXEC, 0, sv) != 0)
+    fail_errno(what, ": socketpair(AF_UNIX, ", socket_type(s.type()), ")");
+  UniqueFd a(sv[0]), b(sv[1]);
+  SocketEnd ea = make_end(a.release(), what);
+  SocketEnd eb = make_end(b.release(), what);
+  return {std::move(ea), std::move(eb)};
+}
+
+// The data queued for reading at `to` (socket `s`) is sent through its peer `from`, in order,
+// one send per datagram or record; the sender's buffer (which the queued data is charged to)
+// and the receiver's grow until it fits.
+void queue_data(const SocketEnd& from, const SocketEnd& to, const UnixSocket& s) {
+  std::string what = cat("socket inode ", s.inode(), " (", socket_type(s.type()), ")");
+  uint64_t total = 0;
+  for (const auto& e : s.queued()) total += e.size();
+  for (const auto& e : s.queued()) {
+    if (s.type() == SOCK_STREAM && e.empty()) continue;
+    size_t off = 0;
+    while (true) {
+      ssize_t n =
+          ::send(from.fd.get(), e.data() + off, e.size() - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n >= 0) {
+        off += static_cast<size_t>(n);
+        if (s.type() != SOCK_STREAM || off == e.size()) break;
+        continue;
+      }
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EMSGSIZE)
+        fail_errno(what, ": sending its ", total, " queued bytes through its peer");
+      int snd = get_sockopt(from.fd.get(), SO_SNDBUF, what);
+      int64_t want =
+          std::max<int64_t>(int64_t{snd} * 2, static_cast<int64_t>(e.size()) * 2 + 65536);
+      if (want > kMaxSocketBuf || snd >= kMaxSocketBuf)
+        fail(what, ": its ", s.queued_size(), " queued messages (", total,
+             " bytes) do not fit in a socket buffer of ", snd, " bytes");
+      set_sockbuf(from.fd.get(), SO_SNDBUF, static_cast<int>(want), what);
+      int rcv = get_sockopt(to.fd.get(), SO_RCVBUF, what);
+      if (rcv < want) set_sockbuf(to.fd.get(), SO_RCVBUF, static_cast<int>(want), what);
+      int now = get_sockopt(from.fd.get(), SO_SNDBUF, what);
+      if (now <= snd)
+        fail(what, ": its ", s.queued_size(), " queued messages (", total,
+             " bytes) do not fit: the sending end's SO_SNDBUF stays at ", snd,
+             " bytes (net.core.wmem_max without CAP_NET_ADMIN)");
+    }
+  }
+}
+
+// The image's buffer sizes (or the ones the socket was born with), then its shutdown state.
+void finish_end(const SocketEnd& e, const UnixSocket& s) {
+  std::string what = cat("socket inode ", s.inode());
+  int snd = s.sndbuf() != 0 ? static_cast<int>(s.sndbuf()) : e.sndbuf0;
+  int rcv = s.rcvbuf() != 0 ? static_cast<int>(s.rcvbuf()) : e.rcvbuf0;
+  if (get_sockopt(e.fd.get(), SO_SNDBUF, what) != snd)
+    set_sockbuf(e.fd.get(), SO_SNDBUF, snd, what);
+  if (get_sockopt(e.fd.get(), SO_RCVBUF, what) != rcv)
+    set_sockbuf(e.fd.get(), SO_RCVBUF, rcv, what);
+}
+
+void shut(const SocketEnd& e, const UnixSocket& s) {
+  std::string what = cat("socket inode ", s.inode());
+  if (s.shutdown_read() && ::shutdown(e.fd.get(), SHUT_RD) != 0)
+    fail_errno(what, ": shutdown(SHUT_RD)");
+  if (s.shutdown_write() && ::shutdown(e.fd.get(), SHUT_WR) != 0)
+    fail_errno(what, ": shutdown(SHUT_WR)");
+}
+
+void set_capacity(int fd, const Pipe& p, const std::string& what) {
+  int cur = ::fcntl(fd, F_GETPIPE_SZ);
+  if (cur < 0) fail_errno(what, ": fcntl(F_GETPIPE_SZ)");
+  if (p.capacity() == 0 || static_cast<uint32_t>(cur) == p.capacity()) return;
+  if (::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(p.capacity())) < 0) {
+    int err = errno;
+    auto max = proc::try_read_file("/proc/sys/fs/pipe-max-size");
+    std::string limit = max ? cat(" (fs.pipe-max-size ", max->substr(0, max->find('\n')), ")") : "";
+    fail_errno_value(err, cat(what, ": fcntl(F_SETPIPE_SZ, ", p.capacity(), ")", limit));
+  }
+}
+
+// Writes the pipe's buffered data through fd (non-blocking: it must all fit now).
+void write_data(int fd, const Pipe& p, const std::string& what) {
+  const std::string& d = p.data();
+  if (p.capacity() != 0 && d.size() > p.capacity())
+    fail(what, ": its ", d.size(), " bytes of data exceed its capacity of ", p.capacity(),
+         " bytes");
+  if (d.empty()) return;
+  int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) != 0) fail_errno(what, ": fcntl(O_NONBLOCK)");
+  size_t off = 0;
+  while (off < d.size()) {
+    ssize_t n = ::write(fd, d.data() + off, d.size() - off);
+    if (n > 0) {
+      off += static_cast<size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else if (n < 0 && errno == EAGAIN) {
+      fail(what, ": only ", off, " of its ", d.size(), " bytes of data fit (pipe size ",
+           ::fcntl(fd, F_GETPIPE_SZ), " bytes)");
+    } else {
+      fail_errno(what, ": writing its ", d.size(), " bytes of data");
+    }
+  }
+}
+
+class Builder {
+ public:
+  Builder(const std::vector<image::Process>& processes, const SharedObjects& shared, bool shell_job,
+          std::map<std::pair<int, int>, FdPlan>& plans, std::map<uint64_t, UniqueFd>& out)
+      : shared_(shared), shell_job_(shell_job), plans_(plans), out_(out) {
+    index(processes);
+  }
+
+  void build() {
+    std::map<uint64_t, std::vector<const Description*>> pipes, sockets;  // object inode
+    std::vector<const Description*> files;
+    for (const auto& d : descs_) {
+      if (shell_job_ && leads_outside(d)) {
+        give_std(d);
+        continue;
+      }
+      const FileDescriptor& f = d.f();
+      if (!f.restorable())
+        fail(where(d.users.front()), " (", f.target(), ") is a ",
+             FileDescriptor::Kind_Name(f.kind()), " that lazycr cannot restore",
+             !shell_job_ && f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead"
+                                        : "");
+      switch (f.kind()) {
+        case FileDescriptor::PIPE:
+        case FileDescriptor::FIFO:
+          pipes[f.object_inode()].push_back(&d);
+          break;
+        case FileDescriptor::SOCKET:
+          sockets[f.object_inode()].push_back(&d);
+          break;
+        default:
+          if (d.users.size() > 1)
+            files.push_back(&d);
+          else
+            plans_[{d.users.front().pid, f.fd()}] = FdPlan{FdPlan::kOpenInside, -1};
+      }
+    }
+    for (const auto& [inode, ds] : pipes) make_pipe(inode, ds);
+    make_sockets(sockets);
+    for (const Description* d : files) open_file(*d);
+    temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
+  }
+
+ private:
+  void index(const std::vector<image::Process>& processes) {
+    std::map<uint64_t, size_t> by_id;
+    for (const auto& p : processes) {
+      for (const auto& f : p.fds()) {
+        User u{p.pid(), &f};
+        if (!plans_.emplace(std::make_pair(p.pid(), f.fd()), FdPlan{}).second)
+          fail(where(u), " appears twice in the image");
+        bool object = f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::FIFO ||
+                      f.kind() == FileDescriptor::SOCKET;
+        if (object && f.restorable() && f.object_inode() == 0)
+          fail(where(u), " (", f.target(), ") has no object inode (an image older than format 2)");
+        if (f.file_id() == 0) {
+          if (object && f.restorable())
+            fail(where(u), " (", f.target(), ") has no file id (an image older than format 2)");
+          descs_.push_back(Description{0, {u}});
+          continue;
+        }
+        auto [it, fresh] = by_id.emplace(f.file_id(), descs_.size());
+        if (fresh) {
+          descs_.push_back(Description{f.file_id(), {u}});
+          continue;
+        }
+        Description& d = descs_[it->second];
+        const FileDescriptor& g = d.f();
+        if (g.kind() != f.kind() || g.object_inode() != f.object_inode() ||
+            g.restorable() != f.restorable())
+          fail("file id ", f.file_id(), " is a ", FileDescriptor::Kind_Name(g.kind()), " (",
+               g.target(), ") at ", where(d.users.front()), " but a ",
+               FileDescriptor::Kind_Name(f.kind()), " (", f.target(), ") at ", where(u));
+        d.users.push_back(u);
+      }
+    }
+    for (const auto& d : descs_) {
+      const FileDescriptor& f = d.f();
+      if (!f.restorable()) continue;
+      if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::FIFO) {
+        auto& ends = pipe_ends_[f.object_inode()];
+        ends.first |= reads(f);
+        ends.second |= writes(f);
+      } else if (f.kind() == FileDescriptor::SOCKET) {
+        held_sockets_.insert(f.object_inode());
+      }
+    }
+    for (const auto& p : shared_.pipes()) pipes_[p.inode()] = &p;
+    for (const auto& s : shared_.sockets()) sockets_[s.inode()] = &s;
+  }
+
+  // Held at 0-2 somewhere and leading outside the tree (only asked with --shell-job).
+  bool leads_outside(const Description& d) const {
+    bool std_fd =
+        std::any_of(d.users.begin(), d.users.end(), [](const User& u) { return u.f->fd() <= 2; });
+    if (!std_fd) return false;
+    const FileDescriptor& f = d.f();
+    if (!f.restorable() || is_tty(f)) return true;
+    if (f.kind() == FileDescriptor::PIPE) {
+      auto it = pipe_ends_.find(f.object_inode());
+      return !(it->second.first && it->second.second);
+    }
+    if (f.kind() == FileDescriptor::SOCKET) {
+      auto it = sockets_.find(f.object_inode());
+      if (it == sockets_.end()) return false;  // refused, with the reason, when it is made
+      const UnixSocket& s = *it->second;
+      if (s.peer_inode() != 0) return !held_sockets_.count(s.peer_inode());
+      return !peerless_ok(s);
+    }
+    return false;
+  }
+
+  // Each descriptor gets lazycr's standard descriptor of the same number; a dup of it at
+  // another number the one its process holds it at (or, failing that, any process).
+  void give_std(const Description& d) {
+    for (const User& u : d.users) {
+      int own = -1, any = -1;
+      for (const User& v : d.users) {
+        if (v.f->fd() > 2) continue;
+        if (v.pid == u.pid && (own < 0 || v.f->fd() < own)) own = v.f->fd();
+        if (any < 0 || v.f->fd() < any) any = v.f->fd();
+      }
+      int num = u.f->fd() <= 2 ? u.f->fd() : own >= 0 ? own : any;
+      plans_[{u.pid, u.f->fd()}] = FdPlan{FdPlan::kLazycrStd, num};
+    }
+  }
+
+  void hand_out(const Description& d, UniqueFd fd) {
+    for (const User& u : d.users) plans_[{u.pid, u.f->fd()}] = FdPlan{FdPlan::kShared, fd.get()};
+    out_[d.id] = std::move(fd);
+  }
+
+  // A socket without a peer that can be recreated: an unconnected datagram socket, or one whose
+  // peer is gone (shut down both ways, which is what the peer's close leaves on a stream or
+  // seqpacket socket; a datagram socket with data still queued).
+  static bool peerless_ok(const UnixSocket& s) {
+    return s.type() == SOCK_DGRAM || (s.shutdown_read() && s.shutdown_write());
+  }
+
+  void make_pipe(uint64_t inode, const std::vector<const Description*>& ds) {
+    const Description& first = *ds.front();
+    bool fifo = first.f().kind() == FileDescriptor::FIFO;
+    std::string what = cat(fifo ? "FIFO" : "pipe", " inode ", inode);
+    auto it = pipes_.find(inode);
+    if (it == pipes_.end()) fail(what, " (", first.who(), "): not in the image's shared objects");
+    const Pipe& p = *it->second;
+    for (const Description* d : ds)
+      if ((d->f().kind() == FileDescriptor::FIFO) != p.fifo())
+        fail(what, ": ", where(d->users.front()), " is a ",
+             FileDescriptor::Kind_Name(d->f().kind()), " but the image's shared objects say ",
+             p.fifo() ? "a FIFO" : "an anonymous pipe");
+    if (fifo) {
+      make_fifo(p, ds);
+      return;
+    }
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) fail_errno(what, ": pipe2");
+    UniqueFd r(fds[0]), w(fds[1]);
+    set_capacity(w.get(), p, what);
+    write_data(w.get(), p, what);
+    // The first reading and the first writing description are pipe2's ends; any other
+    // (reopened through /proc/PID/fd at dump time) is opened again the same way.
+    const Description* takes_r = nullptr;
+    const Description* takes_w = nullptr;
+    for (const Description* d : ds) {
+      int acc = static_cast<int>(d->f().flags()) & O_ACCMODE;
+      if (acc == O_RDONLY && !takes_r)
+        takes_r = d;
+      else if (acc == O_WRONLY && !takes_w)
+        takes_w = d;
+    }
+    std::vector<std::pair<const Description*, UniqueFd>> made;
+    for (const Description* d : ds)
+      if (d != takes_r && d != takes_w)
+        made.emplace_back(d, reopen(r.get(), d->f().flags(), cat(what, " (", d->who(), ")")));
+    if (takes_r) made.emplace_back(takes_r, std::move(r));
+    if (takes_w) made.emplace_back(takes_w, std::move(w));
+    for (auto& [d, fd] : made) set_status_flags(fd.get(), d->f().flags(), what);
+    for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
+    if (r) temporaries_.push_back(std::move(r));
+    if (w) temporaries_.push_back(std::move(w));
+  }
+
+  void make_fifo(const Pipe& p, const std::vector<const Description*>& ds) {
+    const FileDescriptor& f = ds.front()->f();
+    std::string path = f.file().path().empty() ? f.target() : f.file().path();
+    std::string what = cat("FIFO ", path, " (pipe inode ", p.inode(), ")");
+    for (const Description* d : ds)
+      if (d->f().file().deleted()) fail(what, ": it had been deleted at dump time");
+    // The path must still be the FIFO the image's descriptors had open.
+    auto check = [&](const struct stat& st) {
+      if (!S_ISFIFO(st.st_mode))
+        fail(what, " is not a FIFO any more (now ", file_type(st.st_mode), ")");
+      for (const Description* d : ds) {
+        const auto& id = d->f().file();
+        if (id.inode() == 0) continue;
+        if (st.st_dev != id.dev() || st.st_ino != id.inode())
+          fail(what, " changed since the dump (device:inode ", id.dev(), ":", id.inode(), " -> ",
+               st.st_dev, ":", st.st_ino, ")");
+      }
+    };
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0) fail_errno(what, ": cannot stat");
+    check(st);
+    // Read and write: it never blocks, and it keeps the FIFO's pipe alive (holding both ends)
+    // while the data goes in and each description is opened.
+    UniqueFd hold(::open(path.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
+    if (!hold) fail_errno(what, ": open");
+    if (::fstat(hold.get(), &st) != 0) fail_errno(what, ": fstat");
+    check(st);
+    if (!p.data().empty()) {
+      int queued = 0;
+      if (::ioctl(hold.get(), FIONREAD, &queued) != 0) fail_errno(what, ": ioctl(FIONREAD)");
+      if (queued > 0)
+        fail(what, " already holds ", queued,
+             " unread bytes: a process outside the image has it open, and lazycr will not write "
+             "its ",
+             p.data().size(), " bytes a second time");
+    }
+    set_capacity(hold.get(), p, what);
+    write_data(hold.get(), p, what);
+    std::vector<std::pair<const Description*, UniqueFd>> made;
+    for (const Description* d : ds) {
+      UniqueFd fd = reopen(hold.get(), d->f().flags(), cat(what, " (", d->who(), ")"));
+      set_status_flags(fd.get(), d->f().flags(), what);
+      made.emplace_back(d, std::move(fd));
+    }
+    for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
+    temporaries_.push_back(std::move(hold));
+  }
+
+  const UnixSocket& socket_of(uint64_t inode, const std::vector<const Description*>& ds) {
+    auto it = sockets_.find(inode);
+    if (it == sockets_.end())
+      fail("socket inode ", inode, " (", ds.front()->who(), "): not in the image's shared objects");
+    const UnixSocket& s = *it->second;
+    if (s.type() != SOCK_STREAM && s.type() != SOCK_DGRAM && s.type() != SOCK_SEQPACKET)
+      fail("socket inode ", inode, " (", ds.front()->who(), "): ", socket_type(s.type()),
+           " is not a type lazycr restores");
+    if (ds.size() > 1)
+      fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
+           " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
+           "), which a socket cannot have");
+    return s;
+  }
+
+  void make_sockets(const std::map<uint64_t, std::vector<const Description*>>& held) {
+    std::map<uint64_t, SocketEnd> ends;
+    for (const auto& [inode, ds] : held) {
+      if (ends.count(inode)) continue;  // made with its peer
+      const UnixSocket& s = socket_of(inode, ds);
+      std::string what =
+          cat("socket inode ", inode, " (", socket_type(s.type()), ", ", ds.front()->who(), ")");
+      uint64_t peer = s.peer_inode();
+      auto peer_held = held.find(peer);
+      if (peer != 0 && peer_held != held.end()) {
+        const UnixSocket& ps = socket_of(peer, peer_held->second);
+        if (ps.peer_inode() != inode)
+          fail(what, ": its peer, socket inode ", peer, ", is connected to socket inode ",
+               ps.peer_inode());
+        if (ps.type() != s.type())
+          fail(what, ": its peer, socket inode ", peer, ", is a ", socket_type(ps.type()));
+        auto [a, b] = make_pair_of(s);
+        queue_data(b, a, s);
+        queue_data(a, b, ps);
+        finish_end(a, s);
+        finish_end(b, ps);
+        shut(a, s);
+        shut(b, ps);
+        ends[inode] = std::move(a);
+        ends[peer] = std::move(b);
+      } else if (peer != 0 || (peerless_ok(s) && (s.type() != SOCK_DGRAM || s.queued_size() > 0))) {
+        // Its peer is held by no descriptor of the image (or is gone): the pair is made so that
+        // the data can be queued, then the peer's end is closed, as in the original.
+        auto [a, b] = make_pair_of(s);
+        queue_data(b, a, s);
+        finish_end(a, s);
+        shut(a, s);
+        ends[inode] = std::move(a);
+        temporaries_.push_back(std::move(b.fd));
+      } else if (s.type() == SOCK_DGRAM) {
+        int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) fail_errno(what, ": socket(AF_UNIX, SOCK_DGRAM)");
+        SocketEnd a = make_end(fd, what);
+        finish_end(a, s);
+        shut(a, s);
+        ends[inode] = std::move(a);
+      } else {
+        fail(what,
+             ": connected to no peer (unconnected, listening, or its peer is outside the "
+             "tree); lazycr restores socket pairs and unconnected datagram sockets");
+      }
+    }
+    for (const auto& [inode, ds] : held) {
+      const Description& d = *ds.front();
+      SocketEnd& e = ends.at(inode);
+      set_status_flags(e.fd.get(), d.f().flags(), cat("socket inode ", inode));
+      hand_out(d, std::move(e.fd));
+    }
+  }
+
+  // A description several descriptors share, opened here once by path, at its position.
+  void open_file(const Description& d) {
+    const FileDescriptor& f = d.f();
+    std::string path = f.file().path().empty() ? f.target() : f.file().path();
+    std::string what = cat("file id ", d.id, " (", path, ", ", d.who(), ")");
+    if (f.file().deleted()) fail(what, ": the file had been deleted at dump time");
+    uint32_t flags =
+        (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY | O_CLOEXEC;
+    UniqueFd fd(::open(path.c_str(), static_cast<int>(flags)));
+    if (!fd) fail_errno(what, ": open");
+    struct stat st;
+    if (::fstat(fd.get(), &st) != 0) fail_errno(what, ": fstat");
+    if (f.kind() == FileDescriptor::CHARDEV) {
+      if (!S_ISCHR(st.st_mode) || st.st_rdev != f.rdev())
+        fail(what, " is not the device it was (", file_type(st.st_mode), ", rdev ", st.st_rdev,
+             ", was ", f.rdev(), ")");
+    } else if (f.file().inode() != 0 &&
+               (st.st_dev != f.file().dev() || st.st_ino != f.file().inode())) {
+      fail(what, " changed since the dump (device:inode ", f.file().dev(), ":", f.file().inode(),
+           " -> ", st.st_dev, ":", st.st_ino, ")");
+    }
+    if ((f.kind() == FileDescriptor::REGULAR || f.kind() == FileDescriptor::BLOCKDEV) &&
+        f.pos() != 0 && ::lseek(fd.get(), static_cast<off_t>(f.pos()), SEEK_SET) < 0)
+      fail_errno(what, ": lseek to ", f.pos());
+    hand_out(d, std::move(fd));
+  }
+
+  const SharedObjects& shared_;
+  bool shell_job_;
+  std::map<std::pair<int, int>, FdPlan>& plans_;
+  std::map<uint64_t, UniqueFd>& out_;
+  std::vector<Description> descs_;
+  std::map<uint64_t, std::pair<bool, bool>> pipe_ends_;  // inode -> (read end held, write end)
+  std::set<uint64_t> held_sockets_;
+  std::map<uint64_t, const Pipe*> pipes_;
+  std::map<uint64_t, const UnixSocket*> sockets_;
+  std::vector<UniqueFd> temporaries_;
+};
+
+}  // namespace
+
+SharedFiles::SharedFiles(const std::vector<image::Process>& processes,
+                         const image::SharedObjects& shared, bool shell_job) {
+  Builder(processes, shared, shell_job, plans_, descriptions_).build();
+}
+
+FdPlan SharedFiles::plan(int pid, const image::FileDescriptor& f) const {
+  auto it = plans_.find({pid, f.fd()});
+  if (it == plans_.end())
+    fail("pid ", pid, " fd ", f.fd(), " is not in the image SharedFiles was made from");
+  return it->second;
+}
+
+}  // namespace lazycr::restore
