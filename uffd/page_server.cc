@@ -46,6 +46,7 @@ constexpr int64_t kMaxResolveBackoffNs = 64'000'000;
 constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
 constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the server's own
 constexpr uint64_t kWorkerKey = 3;
+constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -212,6 +213,11 @@ struct PageServer::Impl {
   GuardianClient guardian;
   std::unique_ptr<char[]> window_buf;
   std::vector<uffd_msg> msgs;
+  // The rest of the windows of the faults being served: [start, end) but the faulting page.
+  struct WindowRest {
+    uint64_t start, page, end;
+  };
+  std::vector<WindowRest> rests;
   bool running = false;
   int64_t t0 = 0;
   int64_t next_resolve = 0, resolve_backoff = 1'000'000, next_probe = 0;
@@ -241,7 +247,8 @@ struct PageServer::Impl {
     if (!stop_fd) fail_errno("page server: eventfd");
     watch(stop_fd.get(), kStopKey);
     window_buf.reset(new char[opt.window]);
-    msgs.reserve(256);
+    msgs.reserve(4 * kMsgBatch);
+    rests.reserve(4 * kMsgBatch);
   }
 
   ~Impl() { stop_worker(); }
@@ -483,11 +490,33 @@ struct PageServer::Impl {
     }
   }
 
+  // Reads every message pending on p's uffd into msgs. add() made the uffd O_NONBLOCK, so
+  // this is one read(2) per kMsgBatch messages (Userfaultfd::read_events() asks fcntl first
+  // each time: a system call per fault). msgs has capacity reserved: no allocation here
+  // while a process may be forking (see Userfaultfd::read_events()).
+  void read_msgs(Proc& p) {
+    msgs.clear();
+    for (;;) {
+      const size_t old = msgs.size();
+      msgs.resize(old + kMsgBatch);
+      const ssize_t n = ::read(p.uffd.fd(), msgs.data() + old, kMsgBatch * sizeof(uffd_msg));
+      if (n < 0) {
+        const int err = errno;
+        msgs.resize(old);
+        if (err == EINTR) continue;
+        if (err == EAGAIN) return;
+        fail_errno_value(err, cat("read uffd ", p.uffd.fd()));
+      }
+      const size_t got = static_cast<size_t>(n) / sizeof(uffd_msg);
+      msgs.resize(old + got);
+      if (got < kMsgBatch) return;
+    }
+  }
+
   // Reads what is pending on p's uffd: layout events are applied at once, faults queued.
   // Returns the number of messages read.
   size_t pull(Proc& p) {
-    msgs.clear();
-    p.uffd.read_events(msgs);
+    read_msgs(p);
     const int64_t t = now_ns();
     for (const uffd_msg& m : msgs) {
       if (m.event == UFFD_EVENT_PAGEFAULT) {
@@ -510,6 +539,9 @@ struct PageServer::Impl {
         p.looked_on_message = true;
         resolve_children();
       }
+      // Every queued fault's page first, then the rest of their windows: a thread waits for
+      // the pages of the faults read before its own, not for their windows.
+      rests.clear();
       while (!p.faults.empty() && !p.killed && !p.gone) {
         auto [m, t] = p.faults.front();
         p.faults.pop_front();
@@ -518,6 +550,11 @@ struct PageServer::Impl {
         const int64_t lat = woken - t;
         stats.fault_latency_ns.push_back(static_cast<uint32_t>(std::min<int64_t>(lat, UINT32_MAX)));
       }
+      for (const WindowRest& w : rests) {
+        fill_owed(p, w.page + kPage, w.end);
+        fill_owed(p, w.start, w.page);
+      }
+      if (!rests.empty()) note_if_all_served();
     } catch (const std::exception& e) {
       kill(p, e.what());
     }
@@ -525,11 +562,12 @@ struct PageServer::Impl {
 
   // ---- serving ------------------------------------------------------------------------------
 
-  // Serves one fault; returns when the faulting thread was woken (or, if it was not, now).
-  // An owed page's window is read from the store at once, but the faulting page is filled
-  // first, alone: UFFDIO_COPY wakes the thread only when the whole ioctl is done, so a
-  // 64 KiB copy would make it wait for 16 page allocations. The rest of the window follows
-  // (upward first), while the thread already runs.
+  // Serves one fault's page; returns when the faulting thread was woken (or, if it was not,
+  // now). Only that page is read from the store before it is filled, alone: its frame is the
+  // only one decompressed (a window straddling two frames made the thread wait for both),
+  // and UFFDIO_COPY wakes the thread only when the whole ioctl is done (a 64 KiB copy would
+  // make it wait for 16 page allocations). The rest of its window (the window-sized aligned
+  // block holding it, clipped to its owed range) is noted in `rests` for service().
   int64_t serve_fault(Proc& p, const uffd_msg& m) {
     const uint64_t addr = m.arg.pagefault.address & ~(kPage - 1);
     p.cursor = addr;
@@ -537,25 +575,19 @@ struct PageServer::Impl {
     for (;;) {
       if (p.killed || p.gone) return now_ns();
       const auto r = p.owed.find(addr);
-      uint64_t ws = addr, we = addr + kPage;
       const bool zero = !r || r->tag == kTagZero;
-      if (r) {
-        const uint64_t bs = addr - addr % opt.window;
-        ws = std::max(r->start, bs);
-        we = std::min(r->end, bs + opt.window);
-        if (!zero) p.store->read(r->src_of(ws), (we - ws) / kPage, window_buf.get());
-      }
-      const char* page = window_buf.get() + (addr - ws);
-      const long res = zero ? p.uffd.zeropage(addr, kPage) : p.uffd.copy(addr, page, kPage);
+      if (!zero) p.store->read(r->src_of(addr), 1, window_buf.get());
+      const long res =
+          zero ? p.uffd.zeropage(addr, kPage) : p.uffd.copy(addr, window_buf.get(), kPage);
       if (res > 0) {
         const int64_t woken = now_ns();
         ++stats.copy_ioctls;
         (zero ? stats.zero_pages : stats.fault_pages) += 1;
         if (r) {
           p.owed.erase(addr, addr + kPage);
-          fill_window_rest(p, addr + kPage, we, ws, zero);
-          fill_window_rest(p, ws, addr, ws, zero);
-          note_if_all_served();
+          const uint64_t bs = addr - addr % opt.window;
+          const WindowRest w{std::max(r->start, bs), addr, std::min(r->end, bs + opt.window)};
+          if (w.start < w.page || w.page + kPage < w.end) rests.push_back(w);
         } else {
           ++stats.not_owed_faults;
         }
@@ -588,27 +620,39 @@ struct PageServer::Impl {
     }
   }
 
-  // Fills [from, to) of a fault's window (window_buf holds the window from `ws`). Anything
-  // unusual just stops it: what is left stays owed for a later fault or prefetch.
-  void fill_window_rest(Proc& p, uint64_t from, uint64_t to, uint64_t ws, bool zero) {
-    if (from >= to || p.gone) return;
-    const long res = zero ? p.uffd.zeropage(from, to - from)
-                          : p.uffd.copy(from, window_buf.get() + (from - ws), to - from);
-    if (res > 0) {
-      ++stats.copy_ioctls;
-      (zero ? stats.zero_pages : stats.fault_pages) += static_cast<uint64_t>(res) / kPage;
-      p.owed.erase(from, from + static_cast<uint64_t>(res));
-    } else if (res == -EEXIST) {
-      ++stats.eexist;
-      p.owed.erase(from, from + kPage);
-    } else if (res == -ESRCH || res == -ENOSPC) {
-      gone(p);
-    } else if (res == -EAGAIN) {
-      ++stats.eagain;
-    } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
-      ++stats.enoent;
-    } else {
-      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(from), " answered ", res);
+  // Fills what is still owed in [from, to) (part of a fault's window: at most opt.window
+  // bytes), range by range, looked up afresh: the faults served since, or events read
+  // meanwhile (EAGAIN), may have changed it. Anything unusual just stops it: what is left
+  // stays owed for a later fault or prefetch.
+  void fill_owed(Proc& p, uint64_t from, uint64_t to) {
+    while (from < to && !p.gone && !p.killed) {
+      const auto r = p.owed.next(from);
+      if (!r || r->start >= to) return;
+      const uint64_t s = std::max(from, r->start), e = std::min(to, r->end);
+      const bool zero = r->tag == kTagZero;
+      if (!zero) p.store->read(r->src_of(s), (e - s) / kPage, window_buf.get());
+      const long res = zero ? p.uffd.zeropage(s, e - s) : p.uffd.copy(s, window_buf.get(), e - s);
+      if (res > 0) {
+        ++stats.copy_ioctls;
+        (zero ? stats.zero_pages : stats.fault_pages) += static_cast<uint64_t>(res) / kPage;
+        p.owed.erase(s, s + static_cast<uint64_t>(res));
+        if (static_cast<uint64_t>(res) < e - s) return;
+        from = e;
+      } else if (res == -EEXIST) {
+        ++stats.eexist;
+        p.owed.erase(s, s + kPage);
+        return;
+      } else if (res == -ESRCH || res == -ENOSPC) {
+        gone(p);
+      } else if (res == -EAGAIN) {
+        ++stats.eagain;
+        return;
+      } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
+        ++stats.enoent;
+        return;
+      } else {
+        fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(s), " answered ", res);
+      }
     }
   }
 
@@ -969,15 +1013,29 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   p->pid = pid;
   p->uffd = Userfaultfd::adopt(uffd.release());
   p->pidfd = std::move(pidfd);
-  // Owed: every stored page inside the areas, one range per (run, area) piece.
+  // Owed: every stored page inside the areas, one range per (run, area) piece. REF pages
+  // (content in another process's store) are served like DATA: the store's read() resolves
+  // them.
   const auto& runs = store->index().runs();
   size_t ai = 0;
   for (const image::PageRun& run : runs) {
+    uint32_t tag = kTagData;
+    switch (run.kind()) {
+      case image::PageRun::DATA:
+      case image::PageRun::REF:
+        break;
+      case image::PageRun::ZERO:
+        tag = kTagZero;
+        break;
+      default:
+        fail("page server: pid ", pid, ": page store ", store->path(), " has a run of kind ",
+             static_cast<int>(run.kind()), " at ", hexs(run.start()), " that it cannot serve");
+    }
     const uint64_t rs = run.start(), re = run.start() + run.pages() * kPage;
     while (ai < sorted.size() && sorted[ai].end <= rs) ++ai;
     for (size_t k = ai; k < sorted.size() && sorted[k].start < re; ++k) {
       const uint64_t s = std::max(rs, sorted[k].start), e = std::min(re, sorted[k].end);
-      if (s < e) p->owed.insert(s, e, s, run.kind() == image::PageRun::ZERO ? kTagZero : kTagData);
+      if (s < e) p->owed.insert(s, e, s, tag);
     }
   }
   p->cursor = p->owed.first() ? p->owed.first()->start : 0;

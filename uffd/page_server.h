@@ -16,13 +16,16 @@
 // mremap, madvise(MADV_DONTNEED) and munmap, and would serve stale image content.
 //
 // What it does, per process (an "owed set", uffd/owed_set.h: page ranges still owed, each
-// with its source address in the store; it starts as every stored page, DATA or ZERO, inside
-// the lazy areas):
-// - PAGEFAULT at A: if A is owed, the window-sized aligned block holding A (options.window),
-//   clipped to A's owed range (one store run, one kind), is read through the store's frame
-//   cache; A's page is filled first, alone (UFFDIO_COPY wakes the faulting thread only when
-//   the whole ioctl is done: a 64 KiB copy made it wait for 16 page allocations), then the
-//   rest of the window (above A, then below). ZERO-run pages: UFFDIO_ZEROPAGE. A not owed:
+// with its source address in the store; it starts as every stored page, DATA, REF or ZERO,
+// inside the lazy areas; REF pages, whose content lives in another process's store, are
+// served like DATA: the store's read() resolves them):
+// - PAGEFAULT at A: if A is owed, A's page alone is read from the store (only its frame is
+//   decompressed) and filled (UFFDIO_COPY wakes the faulting thread only when the whole
+//   ioctl is done: a 64 KiB copy made it wait for 16 page allocations). Then the rest of
+//   the window-sized aligned block holding A (options.window), clipped to A's owed range
+//   (one store run, one kind), is read through the store's frame cache and filled, above A
+//   first, then below. When one read of the uffd brings several faults, every fault's page
+//   is filled before any window's rest. ZERO-run pages: UFFDIO_ZEROPAGE. A not owed:
 //   UFFDIO_ZEROPAGE of that page (never-touched memory, or memory the program dropped).
 //   EEXIST: the page is there already: UFFDIO_WAKE (a failed fill wakes nobody). EAGAIN:
 //   layout events are pending: read and apply them, then retry. ESRCH: the mm is gone: the
@@ -169,9 +172,9 @@ class PageServer {
   PageServer& operator=(const PageServer&) = delete;
 
   // Serves process `pid` (> 0) through `uffd` (its file status is made O_NONBLOCK), watching
-  // `pidfd` for its exit. It owes every page of `store` (DATA or ZERO runs) inside `areas`;
+  // `pidfd` for its exit. It owes every page of `store` (DATA, REF or ZERO runs) inside `areas`;
   // pages of the areas not in the store are zero-filled on fault. Throws Error on a bad
-  // argument (areas unaligned or overlapping) before taking anything.
+  // argument (areas unaligned or overlapping, a run kind it cannot serve).
   void add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
                    std::shared_ptr<const image::PageStoreReader> store,
                    const std::vector<LazyArea>& areas);

@@ -53,10 +53,10 @@ namespace lazycr::uffd {
 namespace {
 
 constexpr uint64_t P = 4096;
-constexpr uint64_t kBase = 0x5a5a00000000ull;   // the store's (and the child's area) address
-constexpr uint64_t kPages = 512;                // area pages (2 MiB)
+constexpr uint64_t kBase = 0x5a5a00000000ull;  // the store's (and the child's area) address
+constexpr uint64_t kPages = 512;               // area pages (2 MiB)
 constexpr uint64_t kLen = kPages * P;
-constexpr uint64_t kMoved = kBase + (1ull << 30);  // mremap destination in scenario (b)
+constexpr uint64_t kMoved = kBase + (1ull << 30);   // mremap destination in scenario (b)
 constexpr uint64_t kGapFirst = 200, kGapEnd = 208;  // pages the store does not hold
 constexpr int kGuardSeconds = 60;                   // failure guard only
 
@@ -412,8 +412,7 @@ void remap(const ChildIo& io) {
   for (uint64_t i = 0; i < 10; ++i)
     if (!holds(reinterpret_cast<char*>(kMoved + (32 + i) * P), 80 + i))
       return say_fail(io.report, "moved touched", 80 + i);
-  if (!check_range(io.report, 40, 50, "left") || !check_range(io.report, 70, 80, "left"))
-    return;
+  if (!check_range(io.report, 40, 50, "left") || !check_range(io.report, 70, 80, "left")) return;
   say(io.report, "ok\n");
 }
 
@@ -430,8 +429,7 @@ void dontneed(const ChildIo& io) {
   if (::madvise(at(100), 20 * P, MADV_DONTNEED) != 0) return say(io.report, "FAIL madvise\n");
   for (uint64_t i = 100; i < 120; ++i)
     if (!is_zero(at(i))) return say_fail(io.report, "dropped page not zero", i);
-  if (!check_range(io.report, 90, 100, "kept") || !check_range(io.report, 120, 130, "kept"))
-    return;
+  if (!check_range(io.report, 90, 100, "kept") || !check_range(io.report, 120, 130, "kept")) return;
   // Dropping served pages gives zero too, and the neighbours stay.
   if (::madvise(at(92), 2 * P, MADV_DONTNEED) != 0) return say(io.report, "FAIL madvise 2\n");
   if (!is_zero(at(92)) || !is_zero(at(93))) return say(io.report, "FAIL served page kept\n");
@@ -451,8 +449,8 @@ TEST_F(PageServerTest, DontneedOfOwedPagesReadsZero) {
 // uffd, so a server that kept the unmapped pages owed would fill them with old content).
 void unmap_and_map(const ChildIo& io) {
   if (::munmap(at(150), 10 * P) != 0) return say(io.report, "FAIL munmap\n");
-  void* p = ::mmap(at(150), 10 * P, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+  void* p = ::mmap(at(150), 10 * P, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                   -1, 0);
   if (p != at(150)) return say(io.report, "FAIL mmap\n");
   for (uint64_t i = 150; i < 160; ++i)
     if (!is_zero(at(i))) return say_fail(io.report, "new mapping not zero", i);
@@ -648,27 +646,31 @@ TEST_F(PageServerTest, ExitWhileOwedEndsTheRun) {
   EXPECT_LT(o.stats.all_served_ns, 0);  // never all served
 }
 
-// (h) A corrupt frame: the process is killed, never given zeros; the message says why.
-TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
+// A copy of the store with the frame holding `page` damaged; returns its path and that
+// frame's number.
+std::pair<std::string, uint64_t> corrupt_store(uint64_t page) {
   const std::string bad = g_store_dir + "/pages-corrupt.lzp";
-  std::filesystem::copy_file(g_store_path, bad,
-                             std::filesystem::copy_options::overwrite_existing);
-  const uint64_t page = 41;  // a DATA page
+  std::filesystem::copy_file(g_store_path, bad, std::filesystem::copy_options::overwrite_existing);
   uint64_t frame = 0, offset = 0, size = 0;
   {
     auto r = image::PageStoreReader::open(bad);
     auto loc = r->find(kBase + page * P);
-    ASSERT_TRUE(loc && loc->kind == image::PageRun::DATA);
+    if (!loc || loc->kind != image::PageRun::DATA) throw Error("not a DATA page");
     frame = loc->stream_page / r->index().frame_pages();
     offset = r->frame(frame).offset;
     size = r->frame(frame).size;
   }
-  {
-    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
-    f.seekp(static_cast<std::streamoff>(offset + size / 2));
-    const char junk[8] = {'\x5a', '\x17', '\x00', '\x7f', '\x13', '\x66', '\x01', '\x42'};
-    f.write(junk, sizeof(junk));
-  }
+  std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(offset + size / 2));
+  const char junk[8] = {'\x5a', '\x17', '\x00', '\x7f', '\x13', '\x66', '\x01', '\x42'};
+  f.write(junk, sizeof(junk));
+  return {bad, frame};
+}
+
+// (h) A corrupt frame: the process is killed, never given zeros; the message says why.
+TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
+  const uint64_t page = 41;  // a DATA page
+  const auto [bad, frame] = corrupt_store(page);
   Outcome o = serve(
       [&](const ChildIo& io) {
         say(io.report, "touching\n");
@@ -685,6 +687,40 @@ TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
   EXPECT_NE(e.find("killed the process rather than serve wrong memory"), std::string::npos) << e;
   EXPECT_EQ(o.stats.killed, 1u);
   EXPECT_NE(o.summary.find("KILLED"), std::string::npos) << o.summary;
+}
+
+// The faulting page is read and filled before the rest of its window: a corrupt frame in
+// the rest does not keep the faulting thread from its (sound) page, and the process is
+// killed before it can read the pages of the corrupt frame.
+TEST_F(PageServerTest, CorruptFrameInTheRestOfAWindow) {
+  const uint64_t bad_page = 41;  // DATA run 39..44 (38 and 45 are ZERO), window 32..47
+  const auto [bad, frame] = corrupt_store(bad_page);
+  uint64_t good = 0;  // a page of that run and window in another frame
+  {
+    auto r = image::PageStoreReader::open(bad);
+    for (uint64_t c : {39, 40, 42, 43, 44}) {
+      auto loc = r->find(kBase + c * P);
+      ASSERT_TRUE(loc && loc->kind == image::PageRun::DATA) << c;
+      if (loc->stream_page / r->index().frame_pages() != frame) good = c;
+    }
+  }
+  ASSERT_NE(good, 0u);
+  Outcome o = serve(
+      [&](const ChildIo& io) {
+        say(io.report, "touching\n");
+        say(io.report, holds(at(good), good) ? "good page ok\n" : "good page wrong\n");
+        if (is_zero(at(bad_page))) return say(io.report, "saw zeros\n");
+        say(io.report, "went on\n");
+      },
+      no_prefetch(), nullptr, nullptr, bad);
+  // Whether the child reports its good page before the kill reaches it is timing.
+  EXPECT_TRUE(o.report == "touching\n" || o.report == "touching\ngood page ok\n") << o.report;
+  EXPECT_TRUE(WIFSIGNALED(o.status) && WTERMSIG(o.status) == SIGKILL) << o.status;
+  EXPECT_EQ(o.stats.faults, 1u);
+  EXPECT_EQ(o.stats.fault_pages, 1u) << "the faulting page was not filled before the window";
+  ASSERT_EQ(o.stats.errors.size(), 1u);
+  EXPECT_NE(o.stats.errors[0].find(bad + ": frame " + std::to_string(frame)), std::string::npos)
+      << o.stats.errors[0];
 }
 
 // (i) The page server process is killed mid-way. With the guardian, the restored process is
@@ -801,10 +837,10 @@ TEST_F(PageServerTest, GuardianLeavesQuietlyAndStatsJson) {
   std::ifstream in(path);
   std::stringstream text;
   text << in.rdbuf();
-  for (const char* key : {"\"time_to_first_fault_ns\"", "\"time_until_nothing_owed_ns\"",
-                          "\"by_fault\"", "\"by_prefetch\"", "\"zero\"", "\"p50\"", "\"p90\"",
-                          "\"p99\"", "\"max\"", "\"bytes_decompressed\"", "\"fork\"",
-                          "\"remap\"", "\"remove\"", "\"unmap\""})
+  for (const char* key :
+       {"\"time_to_first_fault_ns\"", "\"time_until_nothing_owed_ns\"", "\"by_fault\"",
+        "\"by_prefetch\"", "\"zero\"", "\"p50\"", "\"p90\"", "\"p99\"", "\"max\"",
+        "\"bytes_decompressed\"", "\"fork\"", "\"remap\"", "\"remove\"", "\"unmap\""})
     EXPECT_NE(text.str().find(key), std::string::npos) << key << " in " << text.str();
   EXPECT_NE(server.summary().find("faults"), std::string::npos);
 }
@@ -813,8 +849,9 @@ TEST_F(PageServerTest, AddProcessRefusesBadAreas) {
   PageServer server(no_prefetch());
   auto store = open_store(g_store_path);
   EXPECT_THROW(server.add_process(0, UniqueFd(::dup(0)), UniqueFd(), store, {}), Error);
-  EXPECT_THROW(server.add_process(1, UniqueFd(::dup(0)), UniqueFd(), store, {{kBase + 1, kBase + P}}),
-               Error);
+  EXPECT_THROW(
+      server.add_process(1, UniqueFd(::dup(0)), UniqueFd(), store, {{kBase + 1, kBase + P}}),
+      Error);
   EXPECT_THROW(server.add_process(1, UniqueFd(::dup(0)), UniqueFd(), store,
                                   {{kBase, kBase + 4 * P}, {kBase + 2 * P, kBase + 8 * P}}),
                Error);
