@@ -332,11 +332,38 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
     }
     if (p.pid() != pid) fail(path, ": holds process ", p.pid(), ", inventory says ", pid);
     if (!p.zombie()) {
-      auto store = PageStoreReader::open(image::pages_path(dir_, pid));
+      std::shared_ptr<PageStoreReader> store = PageStoreReader::open(image::pages_path(dir_, pid));
       check_store_against_areas(p, *store);
       pages_[pid] = std::move(store);
     }
     processes_.push_back(std::move(p));
+  }
+  link_page_stores();
+}
+
+// REF runs point only to processes listed earlier, so linking in inventory order never needs
+// a store that is not linked yet, and the links cannot form a cycle.
+void ImageReader::link_page_stores() {
+  std::map<int, int> position;
+  for (int i = 0; i < inventory_.pids_size(); ++i) position[inventory_.pids(i)] = i;
+  for (int i = 0; i < inventory_.pids_size(); ++i) {
+    auto it = pages_.find(inventory_.pids(i));
+    if (it == pages_.end()) continue;
+    PageStoreReader& store = *it->second;
+    for (int32_t ref : store.ref_pids()) {
+      auto pos = position.find(ref);
+      if (pos == position.end())
+        fail(store.path(), ": REF runs refer to pid ", ref, ", which is not in the image");
+      if (pos->second >= i)
+        fail(store.path(), ": REF runs refer to pid ", ref,
+             ", which is not listed before this process in the inventory");
+      if (pages_.count(ref) == 0)
+        fail(store.path(), ": REF runs refer to pid ", ref, ", a zombie without pages");
+    }
+    store.link_refs([this](int32_t pid) -> std::shared_ptr<const PageStoreReader> {
+      auto p = pages_.find(pid);
+      return p == pages_.end() ? nullptr : p->second;
+    });
   }
 }
 
@@ -349,9 +376,13 @@ const Process& ImageReader::process(int pid) const {
 }
 
 const PageStoreReader& ImageReader::pages(int pid) const {
+  return *shared_pages(pid);
+}
+
+std::shared_ptr<const PageStoreReader> ImageReader::shared_pages(int pid) const {
   auto it = pages_.find(pid);
   if (it == pages_.end()) fail(dir_, ": no page store for process ", pid);
-  return *it->second;
+  return it->second;
 }
 
 }  // namespace lazycr::image

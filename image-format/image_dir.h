@@ -57,7 +57,9 @@ class ImageReader {
  public:
   // Throws Error naming the file and what is wrong. Validates the inventory, every process
   // file (threads, areas sorted, in user space, not overlapping, sizes bounded) and opens
-  // every page store (header, index, footer; frames are checked when read).
+  // every page store (header, index, footer; frames are checked when read), then links the
+  // stores' REF runs (each to a process listed before its own, covered by DATA/ZERO runs
+  // there), so that pages(pid).read() serves every stored page.
   explicit ImageReader(const std::string& dir);
   ~ImageReader();
 
@@ -66,12 +68,16 @@ class ImageReader {
   const std::vector<Process>& processes() const { return processes_; }
   const Process& process(int pid) const;
   const PageStoreReader& pages(int pid) const;
+  // The same store, for holders that may outlive this reader (it keeps its linked stores).
+  std::shared_ptr<const PageStoreReader> shared_pages(int pid) const;
 
  private:
+  void link_page_stores();
+
   std::string dir_;
   Inventory inventory_;
   std::vector<Process> processes_;
-  std::map<int, std::unique_ptr<PageStoreReader>> pages_;
+  std::map<int, std::shared_ptr<PageStoreReader>> pages_;
 };
 
 // Low-level: one metadata file. Used by the reader and writer and by the fuzz target.

@@ -172,6 +172,7 @@ struct PageStoreWriter::Impl {
   uint64_t next_addr = 0;  // lowest address the next page may have
   uint64_t data_pages = 0;
   uint64_t zero_pages = 0;
+  uint64_t ref_pages = 0;
   std::unique_ptr<Job> current;  // the frame being filled
   uint64_t next_seq = 0;
 
@@ -356,8 +357,8 @@ struct PageStoreWriter::Impl {
     if (kind == PageRun::DATA) run.set_first_page(data_pages);
   }
 
-  void add_pages(uint64_t addr, const void* data, size_t npages) {
-    if (closed) fail(path, ": add_pages after finish()");
+  void check_range(const char* what, uint64_t addr, size_t npages) const {
+    if (closed) fail(path, ": ", what, " after finish()");
     if (addr % kPageSize != 0) fail(path, ": address ", hex(addr), " is not page aligned");
     if (addr < next_addr)
       fail(path, ": address ", hex(addr), " is below the end of the pages already added (",
@@ -365,6 +366,45 @@ struct PageStoreWriter::Impl {
     if (addr >= kAddrEnd || npages > (kAddrEnd - addr) / kPageSize)
       fail(path, ": pages at ", hex(addr), " + ", npages, " pages end beyond user space (",
            hex(kAddrEnd), ")");
+  }
+
+  void add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pid, uint64_t ref_addr) {
+    check_range("add_ref_pages", addr, npages);
+    if (ref_pid <= 0) fail(path, ": REF pages at ", hex(addr), " name pid ", ref_pid);
+    if (ref_addr % kPageSize != 0)
+      fail(path, ": REF pages at ", hex(addr), ": referenced address ", hex(ref_addr),
+           " is not page aligned");
+    if (ref_addr >= kAddrEnd || npages > (kAddrEnd - ref_addr) / kPageSize)
+      fail(path, ": REF pages at ", hex(addr), ": ", npages, " pages at ", hex(ref_addr),
+           " of pid ", ref_pid, " end beyond user space");
+    if (npages == 0) return;
+    rethrow_if_failed();
+    const uint64_t bytes = npages * kPageSize;
+    if (!runs.empty()) {
+      PageRun& last = runs.back();
+      const uint64_t last_bytes = last.pages() * kPageSize;
+      if (last.kind() == PageRun::REF && last.ref_pid() == ref_pid &&
+          last.start() + last_bytes == addr && last.ref_addr() + last_bytes == ref_addr) {
+        last.set_pages(last.pages() + npages);
+        ref_pages += npages;
+        next_addr = addr + bytes;
+        pages_added.fetch_add(npages, std::memory_order_relaxed);
+        return;
+      }
+    }
+    PageRun& run = runs.emplace_back();
+    run.set_start(addr);
+    run.set_pages(npages);
+    run.set_kind(PageRun::REF);
+    run.set_ref_pid(ref_pid);
+    run.set_ref_addr(ref_addr);
+    ref_pages += npages;
+    next_addr = addr + bytes;
+    pages_added.fetch_add(npages, std::memory_order_relaxed);
+  }
+
+  void add_pages(uint64_t addr, const void* data, size_t npages) {
+    check_range("add_pages", addr, npages);
     if (npages == 0) return;
     if (data == nullptr) fail(path, ": add_pages with no data");
     rethrow_if_failed();
@@ -449,6 +489,7 @@ struct PageStoreWriter::Impl {
     PageStoreStats stats;
     stats.data_pages = data_pages;
     stats.zero_pages = zero_pages;
+    stats.ref_pages = ref_pages;
     stats.frames = nframes;
     stats.file_bytes = index_offset + psize + kFooterSize;
     return stats;
@@ -466,6 +507,11 @@ PageStoreWriter::~PageStoreWriter() = default;
 
 void PageStoreWriter::add_pages(uint64_t addr, const void* data, size_t npages) {
   impl_->add_pages(addr, data, npages);
+}
+
+void PageStoreWriter::add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pid,
+                                    uint64_t ref_addr) {
+  impl_->add_ref_pages(addr, npages, ref_pid, ref_addr);
 }
 
 PageStoreStats PageStoreWriter::finish() {
@@ -506,7 +552,12 @@ struct PageStoreReader::Impl {
   uint64_t nframes = 0;
   uint64_t frame_pages = 0;
   uint64_t data_pages = 0;
+  uint64_t ref_pages = 0;
+  std::vector<int32_t> ref_pids;  // distinct, sorted
   size_t cache_frames = 1;
+  // Set by link_refs() before any read(), constant afterwards.
+  std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
+  bool refs_linked = false;
 
   // LRU cache of decompressed frames, most recent first, and spare decompression contexts.
   mutable std::mutex mu;
@@ -642,15 +693,33 @@ struct PageStoreReader::Impl {
       } else if (r.kind() == PageRun::ZERO) {
         if (r.first_page() != 0) bad("ZERO run ", i, " has first_page ", r.first_page());
         zero_seen += r.pages();
+      } else if (r.kind() == PageRun::REF) {
+        if (r.first_page() != 0) bad("REF run ", i, " has first_page ", r.first_page());
+        if (r.ref_pid() <= 0)
+          bad("REF run ", i, " at ", hex(r.start()), " names pid ", r.ref_pid());
+        if (r.ref_addr() % kPageSize != 0)
+          bad("REF run ", i, " at ", hex(r.start()), ": referenced address ", hex(r.ref_addr()),
+              " is not aligned");
+        if (r.ref_addr() >= kAddrEnd || r.pages() > (kAddrEnd - r.ref_addr()) / kPageSize)
+          bad("REF run ", i, " at ", hex(r.start()), ": ", r.pages(), " pages at ",
+              hex(r.ref_addr()), " of pid ", r.ref_pid(), " end beyond user space");
+        ref_pages += r.pages();
+        ref_pids.push_back(r.ref_pid());
       } else {
         bad("run ", i, " has unknown kind ", static_cast<int>(r.kind()));
       }
+      if (r.kind() != PageRun::REF && (r.ref_pid() != 0 || r.ref_addr() != 0))
+        bad("run ", i, " at ", hex(r.start()), " is not REF but names pid ", r.ref_pid(),
+            " address ", hex(r.ref_addr()));
       run_starts.push_back(r.start());
     }
     if (data_seen != data_pages)
       bad("DATA runs hold ", data_seen, " pages, index data_pages says ", data_pages);
     if (zero_seen != index->zero_pages())
       bad("ZERO runs hold ", zero_seen, " pages, index zero_pages says ", index->zero_pages());
+    std::sort(ref_pids.begin(), ref_pids.end());
+    ref_pids.erase(std::unique(ref_pids.begin(), ref_pids.end()), ref_pids.end());
+    refs_linked = ref_pids.empty();
 
     nframes = (data_pages + frame_pages - 1) / frame_pages;
     if (static_cast<uint64_t>(index->frame_sizes_size()) != nframes)
@@ -764,7 +833,8 @@ struct PageStoreReader::Impl {
     return i;
   }
 
-  void read(uint64_t addr, size_t npages, void* out) const {
+  // `from` is the store whose REF run led here (refs never chain), or nullptr.
+  void read(uint64_t addr, size_t npages, void* out, const Impl* from = nullptr) const {
     if (addr % kPageSize != 0) bad("read at ", hex(addr), ": address is not page aligned");
     if (npages == 0) return;
     if (out == nullptr) bad("read at ", hex(addr), ": no output buffer");
@@ -780,7 +850,17 @@ struct PageStoreReader::Impl {
       const PageRun& r = run(ri);
       uint64_t offset_pages = (addr - r.start()) / kPageSize;
       uint64_t n = std::min<uint64_t>(left, r.pages() - offset_pages);
-      if (r.kind() == PageRun::ZERO) {
+      if (r.kind() == PageRun::REF) {
+        const uint64_t ref = r.ref_addr() + offset_pages * kPageSize;
+        if (from != nullptr)
+          bad("page ", hex(addr), " is a REF page (to pid ", r.ref_pid(), "), referenced by ",
+              from->path, ": refs never chain");
+        auto it = linked.find(r.ref_pid());
+        if (it == linked.end())
+          bad("page ", hex(addr), " is a REF page to pid ", r.ref_pid(), " at ", hex(ref),
+              ", and no store is linked for pid ", r.ref_pid());
+        it->second->impl_->read(ref, n, dst, this);
+      } else if (r.kind() == PageRun::ZERO) {
         std::memset(dst, 0, n * kPageSize);
       } else {
         uint64_t sp = r.first_page() + offset_pages;
@@ -844,13 +924,67 @@ std::optional<PageLocation> PageStoreReader::find(uint64_t addr) const {
   const PageRun& run = impl_->run(i);
   PageLocation loc;
   loc.kind = run.kind();
-  loc.stream_page =
-      run.kind() == PageRun::DATA ? run.first_page() + (page - run.start()) / kPageSize : 0;
+  if (run.kind() == PageRun::DATA)
+    loc.stream_page = run.first_page() + (page - run.start()) / kPageSize;
+  if (run.kind() == PageRun::REF) {
+    loc.ref_pid = run.ref_pid();
+    loc.ref_addr = run.ref_addr() + (page - run.start());
+  }
   return loc;
 }
 
 void PageStoreReader::read(uint64_t addr, size_t npages, void* out) const {
   impl_->read(addr, npages, out);
+}
+
+void PageStoreReader::link_refs(const StoreOf& store_of) {
+  Impl& im = *impl_;
+  if (im.ref_pids.empty()) return;
+  if (im.refs_linked) im.bad("link_refs() called twice");
+  std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
+  for (int32_t pid : im.ref_pids) {
+    std::shared_ptr<const PageStoreReader> store = store_of(pid);
+    if (!store) im.bad("REF runs refer to pid ", pid, ", which has no page store");
+    if (store.get() == this) im.bad("REF runs refer to pid ", pid, ", the store itself");
+    if (!store->refs_linked())
+      im.bad("REF runs refer to pid ", pid, " (", store->path(),
+             "), whose own REF runs are not linked yet (link in inventory order)");
+    linked.emplace(pid, std::move(store));
+  }
+  // Every referenced range is DATA or ZERO there, so read() never meets a chain.
+  for (size_t i = 0; i < im.nruns(); ++i) {
+    const PageRun& r = im.run(i);
+    if (r.kind() != PageRun::REF) continue;
+    const Impl& target = *linked.at(r.ref_pid())->impl_;
+    uint64_t addr = r.ref_addr();
+    const uint64_t end = r.ref_addr() + r.pages() * kPageSize;  // checked at open()
+    size_t ti = target.locate(addr);
+    while (addr < end) {
+      if (ti >= target.nruns() || target.run_starts[ti] > addr)
+        im.bad("REF run at ", hex(r.start()), " refers to page ", hex(addr), " of pid ",
+               r.ref_pid(), ", which ", target.path, " does not hold");
+      const PageRun& t = target.run(ti);
+      if (t.kind() == PageRun::REF)
+        im.bad("REF run at ", hex(r.start()), " refers to page ", hex(addr), " of pid ",
+               r.ref_pid(), ", a REF page in ", target.path, " (refs never chain)");
+      addr = std::min(end, t.start() + t.pages() * kPageSize);
+      ++ti;
+    }
+  }
+  im.linked = std::move(linked);
+  im.refs_linked = true;
+}
+
+bool PageStoreReader::refs_linked() const {
+  return impl_->refs_linked;
+}
+
+uint64_t PageStoreReader::ref_pages() const {
+  return impl_->ref_pages;
+}
+
+std::vector<int32_t> PageStoreReader::ref_pids() const {
+  return impl_->ref_pids;
 }
 
 void PageStoreReader::verify_all() const {

@@ -4,6 +4,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -28,11 +30,13 @@ struct PageStoreOptions {
 struct PageStoreStats {
   uint64_t data_pages = 0;
   uint64_t zero_pages = 0;
+  uint64_t ref_pages = 0;  // pages in REF runs (stored in another process's store)
   uint64_t frames = 0;
   uint64_t file_bytes = 0;  // whole file, header to footer
 };
 
-// Takes pages in strictly increasing address order; all-zero pages become ZERO runs.
+// Takes pages in strictly increasing address order; all-zero pages become ZERO runs, pages
+// stored by another process of the image become REF runs.
 // Compression runs on a thread pool; memory use is bounded (a few frames per thread).
 class PageStoreWriter {
  public:
@@ -44,10 +48,16 @@ class PageStoreWriter {
   // `data` holds npages * kPageSize bytes for the pages starting at `addr` (page aligned,
   // above every page added before). The data is copied before this returns.
   void add_pages(uint64_t addr, const void* data, size_t npages);
+  // The npages pages at `addr` have the content of process `ref_pid`'s pages at `ref_addr`
+  // (fork-shared pages, stored once by the process that comes first in the inventory); they
+  // must be DATA or ZERO there. Interleaves with add_pages in the same increasing address
+  // order; contiguous refs to the same pid and contiguous ref_addr merge into one run.
+  void add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pid, uint64_t ref_addr);
   // Writes the index and footer, fsyncs, and returns the totals. Throws on any I/O error.
   PageStoreStats finish();
 
-  // Pages added so far / compressed bytes written so far (for progress lines).
+  // Pages added so far (REF pages included) / compressed bytes written so far (for progress
+  // lines).
   uint64_t pages_added() const;
   uint64_t bytes_written() const;
 
@@ -58,11 +68,13 @@ class PageStoreWriter {
 
 struct PageLocation {
   PageRun::Kind kind;
-  uint64_t stream_page;  // DATA only
+  uint64_t stream_page = 0;  // DATA only
+  int32_t ref_pid = 0;       // REF only: the process whose store holds the page
+  uint64_t ref_addr = 0;     // REF only: the page's address in that process
 };
 
 // Opens and validates a store; every value from the file is bounds-checked before use.
-// read() is safe to call from several threads at once.
+// read() is safe to call from several threads at once (link_refs() is not: call it first).
 class PageStoreReader {
  public:
   // Throws Error naming the file and what is wrong.
@@ -81,12 +93,29 @@ class PageStoreReader {
   uint64_t frame_count() const;
   FrameInfo frame(uint64_t i) const;  // throws Error if i >= frame_count()
 
-  // One binary search over the runs; nullopt if the page is not in the store.
+  // One binary search over the runs; nullopt if the page is not in the store. A REF page
+  // reports where it lives (ref_pid, ref_addr), not what is there.
   std::optional<PageLocation> find(uint64_t addr) const;
   // Copies pages [addr, addr + npages * 4096) into out. Every page must be in the store
-  // (DATA or ZERO); throws Error otherwise or on a corrupt frame. At most one decompression
-  // per frame touched (frames come from an LRU cache).
+  // (DATA, ZERO, or REF once linked); throws Error otherwise or on a corrupt frame. At most
+  // one decompression per frame touched (frames come from an LRU cache; REF pages from the
+  // referenced store's cache, so pages shared by a parent and its children are decompressed
+  // once).
   void read(uint64_t addr, size_t npages, void* out) const;
+
+  // Makes read() follow REF runs: `store_of(pid)` returns the store of process pid (nullptr
+  // if there is none). Each referenced range must be DATA or ZERO in that store (refs never
+  // chain), and a referenced store that has REF runs itself must be linked already, so links
+  // never form a cycle: link in inventory order. The linked stores are kept alive by this
+  // one. Throws Error naming the run and the pid; a store without REF runs needs no link (a
+  // no-op). Call once, before any read().
+  using StoreOf = std::function<std::shared_ptr<const PageStoreReader>(int32_t pid)>;
+  void link_refs(const StoreOf& store_of);
+  // True when read() can serve every page: no REF runs, or link_refs() succeeded.
+  bool refs_linked() const;
+  // Pages in REF runs, and the distinct pids they refer to (sorted).
+  uint64_t ref_pages() const;
+  std::vector<int32_t> ref_pids() const;
   // Decompresses every frame and checks its checksum; throws on the first bad one.
   void verify_all() const;
 

@@ -123,7 +123,22 @@ void page_store_seeds(const std::string& dir) {
   write_store(dir + "/frame32k.lzp", {{0x555555554000, {1, 2, 1, 3, 1, 2, 1, 1, 1, 2}}}, 32 * 1024,
               -1, 6);
   write_store(dir + "/random.lzp", {{0x1000, {0}}, {0x3000, {3, 1}}}, kMinFrameSize, 1, 7);
-  for (const char* name : {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k"})
+  {
+    // REF runs (format 2): two that merge, one to another pid, between DATA and ZERO pages.
+    PageStoreOptions options;
+    options.frame_size = kMinFrameSize;
+    options.threads = 1;
+    PageStoreWriter writer(dir + "/refs.lzp", options);
+    std::vector<unsigned char> data = pages({1, 2, 3, 1}, 8);
+    writer.add_pages(0x400000, data.data(), 2);
+    writer.add_ref_pages(0x402000, 2, 10, 0x600000);
+    writer.add_ref_pages(0x404000, 1, 10, 0x602000);
+    writer.add_ref_pages(0x405000, 3, 11, 0x1000);
+    writer.add_pages(0x408000, data.data() + 2 * kPageSize, 2);
+    writer.finish();
+  }
+  for (const char* name :
+       {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs"})
     write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
 }
 

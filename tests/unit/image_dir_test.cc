@@ -6,8 +6,11 @@
 #include <unistd.h>
 
 #include <boost/filesystem.hpp>
+#include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
+#include <map>
 
 #include "common/error.h"
 
@@ -285,6 +288,125 @@ TEST(ImageDir, WrongMagicIsNamed) {
   // A process file where the inventory should be.
   fs::copy_file(process_path(dir, 4242), inventory_path(dir), fs::copy_options::overwrite_existing);
   EXPECT_NE(error_of(dir).find("bad magic"), std::string::npos);
+}
+
+// --- process trees ----------------------------------------------------------------------
+
+// A tree image: root 100 (4 data pages then 4 zero pages at kArea, as write_sample) and its
+// child 101, whose area holds 2 pages of its own and 6 REF pages to 100's pages 2..7.
+struct Tree {
+  Inventory inv;
+  std::map<int, Process> procs;
+  // Per pid: fills the page store (zombies get none).
+  std::map<int, std::function<void(PageStoreWriter&)>> pages;
+
+  Tree() {
+    inv = sample_inventory(100);
+    inv.add_pids(101);
+    procs[100] = sample_process(100);
+    procs[101] = sample_process(101);
+    procs[101].set_ppid(100);
+    pages[100] = [](PageStoreWriter& w) {
+      std::vector<unsigned char> data(8 * kPageSize, 0);
+      for (int i = 0; i < 4 * 4096; i++) data[i] = static_cast<unsigned char>(i * 7 + 1);
+      w.add_pages(kArea, data.data(), 8);
+    };
+    pages[101] = [](PageStoreWriter& w) {
+      std::vector<unsigned char> own(2 * kPageSize, 0x55);
+      w.add_pages(kArea, own.data(), 2);
+      w.add_ref_pages(kArea + 2 * kPageSize, 6, 100, kArea + 2 * kPageSize);
+    };
+  }
+
+  std::string write(const std::string& root) const {
+    std::string dir = root + "/tree";
+    ImageWriter w(dir, true);
+    for (const auto& [pid, fill] : pages) {
+      PageStoreWriter store(w.pages_path(pid), PageStoreOptions{});
+      fill(store);
+      store.finish();
+    }
+    for (const auto& [pid, p] : procs) w.write_process(p);
+    w.write_inventory(inv);
+    w.commit();
+    return dir;
+  }
+};
+
+TEST(ImageDirTree, RefPagesReadThroughTheParent) {
+  TempDir tmp;
+  ImageReader r(Tree().write(tmp.path));
+  const PageStoreReader& child = r.pages(101);
+  EXPECT_TRUE(child.refs_linked());
+  EXPECT_EQ(6u, child.ref_pages());
+  std::vector<unsigned char> got(8 * kPageSize), want(8 * kPageSize);
+  child.read(kArea, 8, got.data());
+  r.pages(100).read(kArea, 8, want.data());
+  std::memset(want.data(), 0x55, 2 * kPageSize);
+  EXPECT_TRUE(got == want);
+  // The shared store outlives the reader.
+  std::shared_ptr<const PageStoreReader> kept = r.shared_pages(101);
+  EXPECT_EQ(&child, kept.get());
+}
+
+TEST(ImageDirTree, BadRefsAreRefused) {
+  struct Case {
+    const char* what;
+    const char* expect;
+    std::function<void(Tree&)> mutate;
+  };
+  const Case cases[] = {
+      {"ref to a pid outside the image", "not in the image",
+       [](Tree& t) {
+         t.pages[101] = [](PageStoreWriter& w) {
+           std::vector<unsigned char> own(2 * kPageSize, 0x55);
+           w.add_pages(kArea, own.data(), 2);
+           w.add_ref_pages(kArea + 2 * kPageSize, 6, 77, kArea + 2 * kPageSize);
+         };
+       }},
+      {"ref to a later process", "not listed before",
+       [](Tree& t) {
+         t.pages[100] = [](PageStoreWriter& w) {
+           w.add_ref_pages(kArea, 8, 101, kArea);  // the parent refers to its child
+         };
+         t.pages[101] = [](PageStoreWriter& w) {
+           std::vector<unsigned char> data(8 * kPageSize, 3);
+           w.add_pages(kArea, data.data(), 8);
+         };
+       }},
+      {"ref to itself", "not listed before",
+       [](Tree& t) {
+         t.pages[101] = [](PageStoreWriter& w) {
+           std::vector<unsigned char> own(2 * kPageSize, 0x55);
+           w.add_pages(kArea, own.data(), 2);
+           w.add_ref_pages(kArea + 2 * kPageSize, 6, 101, kArea);
+         };
+       }},
+      {"ref beyond the parent's pages", "does not hold",
+       [](Tree& t) {
+         t.pages[101] = [](PageStoreWriter& w) {
+           std::vector<unsigned char> own(2 * kPageSize, 0x55);
+           w.add_pages(kArea, own.data(), 2);
+           w.add_ref_pages(kArea + 2 * kPageSize, 6, 100, kArea + 3 * kPageSize);
+         };
+       }},
+      {"ref to a zombie", "zombie",
+       [](Tree& t) {
+         Process& z = t.procs[100];
+         z.set_zombie(true);
+         z.clear_threads();
+         z.clear_areas();
+         z.clear_fds();
+         t.pages.erase(100);
+       }},
+  };
+  for (const auto& c : cases) {
+    TempDir tmp;
+    Tree t;
+    c.mutate(t);
+    std::string err = error_of(t.write(tmp.path));
+    EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
+  }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
@@ -938,6 +939,50 @@ TEST_F(PageStoreCorruption, AbsurdIndexValues) {
   }
 }
 
+TEST_F(PageStoreCorruption, AbsurdRefRuns) {
+  // Run 3 (3 ZERO pages at 0x100000) turned into a REF run.
+  ASSERT_EQ(PageRun::ZERO, index_.runs(3).kind());
+  auto as_ref = [this](int32_t pid, uint64_t addr) {
+    PageIndex i = index_;
+    i.set_zero_pages(i.zero_pages() - i.runs(3).pages());
+    i.mutable_runs(3)->set_kind(PageRun::REF);
+    i.mutable_runs(3)->set_ref_pid(pid);
+    i.mutable_runs(3)->set_ref_addr(addr);
+    return i;
+  };
+  put(with_index(as_ref(7, 0x200000)));
+  {
+    auto r = PageStoreReader::open(path_);  // the helper is right
+    EXPECT_EQ(3u, r->ref_pages());
+    EXPECT_EQ(std::vector<int32_t>{7}, r->ref_pids());
+  }
+  constexpr uint64_t kBig = uint64_t{1} << 63;
+  expect_open_fails(with_index(as_ref(0, 0x200000)), "pid 0");
+  expect_open_fails(with_index(as_ref(-1, 0x200000)), "pid -1");
+  expect_open_fails(with_index(as_ref(INT32_MIN, 0x200000)), "pid min");
+  expect_open_fails(with_index(as_ref(7, 0x200008)), "unaligned ref_addr");
+  expect_open_fails(with_index(as_ref(7, kUserEnd)), "ref_addr at the end of user space");
+  expect_open_fails(with_index(as_ref(7, kUserEnd - kPageSize)), "ref range ends beyond");
+  expect_open_fails(with_index(as_ref(7, kBig)), "ref_addr 2^63");
+  expect_open_fails(with_index(as_ref(7, UINT64_MAX & ~4095ull)), "ref_addr wraps");
+  {
+    PageIndex i = as_ref(7, 0x200000);
+    i.mutable_runs(3)->set_first_page(1);
+    expect_open_fails(with_index(i), "REF with first_page");
+  }
+  {
+    PageIndex i = as_ref(7, 0x200000);
+    i.set_zero_pages(index_.zero_pages());
+    expect_open_fails(with_index(i), "REF pages counted as ZERO");
+  }
+  // DATA and ZERO runs name no pid or address.
+  for (int r : {0, 1}) {
+    expect_index_fails([r](PageIndex& i) { i.mutable_runs(r)->set_ref_pid(7); }, "pid on DATA");
+    expect_index_fails([r](PageIndex& i) { i.mutable_runs(r)->set_ref_addr(0x1000); },
+                       "addr on ZERO");
+  }
+}
+
 TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
   // Rebuilds the store with frame 0 replaced by `frame0`.
   auto with_frame0 = [&](const std::string& frame0) {
@@ -992,6 +1037,247 @@ TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
   }
   std::string garbage(600, 'x');
   expect_read_fails(with_frame0(garbage), "garbage");
+}
+
+// --- REF runs (fork-shared pages stored once) ----------------------------------------------
+
+// A parent store (pid 100) with DATA and ZERO pages, and a child store whose pages are partly
+// its own and partly REF runs to the parent.
+class PageStoreRefs : public ::testing::Test {
+ protected:
+  static constexpr uint64_t kParentAddr = 0x500000;
+  static constexpr uint64_t kChildAddr = 0x7f0000000000;
+
+  void SetUp() override {
+    parent_seg_ = make_segment(kParentAddr, 40, Fill::kMixed, 11);
+    write_store(dir_.file("parent.lzp"), {parent_seg_}, opts(kMinFrameSize));
+    parent_ = PageStoreReader::open(dir_.file("parent.lzp"));
+  }
+
+  // Child layout: 3 own pages, 10 REF pages = parent pages 5..14 (added in two calls that
+  // merge), 2 own pages, 4 REF pages = parent pages 30..33, 2 REF pages = parent pages 0..1
+  // (not contiguous with the previous ref: a new run).
+  PageStoreStats write_child(const std::string& path) {
+    own_ = make_segment(kChildAddr, 5, Fill::kRandom, 12);
+    PageStoreWriter w(path, opts(kMinFrameSize));
+    w.add_pages(kChildAddr, own_.bytes.data(), 3);
+    w.add_ref_pages(kChildAddr + 3 * kPageSize, 4, 100, kParentAddr + 5 * kPageSize);
+    w.add_ref_pages(kChildAddr + 7 * kPageSize, 6, 100, kParentAddr + 9 * kPageSize);
+    w.add_pages(kChildAddr + 13 * kPageSize, own_.bytes.data() + 3 * kPageSize, 2);
+    w.add_ref_pages(kChildAddr + 15 * kPageSize, 4, 100, kParentAddr + 30 * kPageSize);
+    w.add_ref_pages(kChildAddr + 19 * kPageSize, 2, 100, kParentAddr);
+    return w.finish();
+  }
+
+  // The child's 21 pages as they must read.
+  std::vector<unsigned char> expected_child() const {
+    std::vector<unsigned char> out;
+    auto own = [&](size_t from, size_t n) {
+      out.insert(out.end(), own_.bytes.begin() + from * kPageSize,
+                 own_.bytes.begin() + (from + n) * kPageSize);
+    };
+    auto parent = [&](size_t from, size_t n) {
+      out.insert(out.end(), parent_seg_.bytes.begin() + from * kPageSize,
+                 parent_seg_.bytes.begin() + (from + n) * kPageSize);
+    };
+    own(0, 3);
+    parent(5, 10);
+    own(3, 2);
+    parent(30, 4);
+    parent(0, 2);
+    return out;
+  }
+
+  PageStoreReader::StoreOf parent_only() const {
+    std::shared_ptr<const PageStoreReader> p = parent_;
+    return [p](int32_t pid) { return pid == 100 ? p : nullptr; };
+  }
+
+  TempDir dir_;
+  Segment parent_seg_, own_;
+  std::shared_ptr<PageStoreReader> parent_;
+};
+
+TEST_F(PageStoreRefs, RoundTripAndLink) {
+  const std::string path = dir_.file("child.lzp");
+  PageStoreStats stats = write_child(path);
+  EXPECT_EQ(16u, stats.ref_pages);
+  EXPECT_EQ(5u, stats.data_pages);
+  auto child = PageStoreReader::open(path);
+  EXPECT_EQ(16u, child->ref_pages());
+  EXPECT_EQ(std::vector<int32_t>{100}, child->ref_pids());
+  EXPECT_FALSE(child->refs_linked());
+  // Runs: DATA 3, REF 10 (merged), DATA 2, REF 4, REF 2.
+  const auto& runs = child->index().runs();
+  ASSERT_EQ(5, runs.size());
+  EXPECT_EQ(PageRun::REF, runs[1].kind());
+  EXPECT_EQ(10u, runs[1].pages());
+  EXPECT_EQ(kParentAddr + 5 * kPageSize, runs[1].ref_addr());
+  EXPECT_EQ(4u, runs[3].pages());
+  EXPECT_EQ(2u, runs[4].pages());
+  EXPECT_EQ(kParentAddr, runs[4].ref_addr());
+
+  // find(): where each REF page lives, page by page.
+  auto loc = child->find(kChildAddr + 8 * kPageSize + 17);
+  ASSERT_TRUE(loc);
+  EXPECT_EQ(PageRun::REF, loc->kind);
+  EXPECT_EQ(100, loc->ref_pid);
+  EXPECT_EQ(kParentAddr + 10 * kPageSize, loc->ref_addr);
+  EXPECT_EQ(PageRun::DATA, child->find(kChildAddr + 13 * kPageSize)->kind);
+
+  // Unlinked: own pages read, REF pages are a clear error.
+  std::vector<unsigned char> buf(21 * kPageSize);
+  child->read(kChildAddr, 3, buf.data());
+  try {
+    child->read(kChildAddr + 2 * kPageSize, 2, buf.data());
+    FAIL() << "REF page read without a link";
+  } catch (const Error& e) {
+    std::string msg = e.what();
+    EXPECT_EQ(0u, msg.find(path + ": ")) << msg;
+    EXPECT_NE(std::string::npos, msg.find("no store is linked for pid 100")) << msg;
+  }
+  child->verify_all();  // only its own frames
+
+  child->link_refs(parent_only());
+  EXPECT_TRUE(child->refs_linked());
+  const std::vector<unsigned char> want = expected_child();
+  std::fill(buf.begin(), buf.end(), 0xAA);
+  child->read(kChildAddr, 21, buf.data());
+  EXPECT_TRUE(buf == want);
+  for (size_t i = 0; i < 21; ++i) {
+    child->read(kChildAddr + i * kPageSize, 1, buf.data());
+    ASSERT_EQ(0, std::memcmp(buf.data(), want.data() + i * kPageSize, kPageSize)) << "page " << i;
+  }
+  // Shared pages come through the parent's cache: reading them again in the child or the
+  // parent decompresses nothing more.
+  const uint64_t before = parent_->frames_decompressed();
+  std::vector<unsigned char> again(10 * kPageSize);
+  child->read(kChildAddr + 3 * kPageSize, 10, again.data());
+  parent_->read(kParentAddr + 5 * kPageSize, 10, again.data());
+  EXPECT_EQ(before, parent_->frames_decompressed());
+  EXPECT_THROW(child->link_refs(parent_only()), Error);  // once
+}
+
+TEST_F(PageStoreRefs, ThreadsReadSharedPages) {
+  write_child(dir_.file("child.lzp"));
+  auto child = PageStoreReader::open(dir_.file("child.lzp"), 1);
+  child->link_refs(parent_only());
+  const std::vector<unsigned char> want = expected_child();
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::vector<unsigned char> b(kPageSize);
+      for (int k = 0; k < 500; ++k) {
+        size_t i = static_cast<size_t>(k * 7 + t) % 21;
+        const PageStoreReader& r = *child;
+        r.read(kChildAddr + i * kPageSize, 1, b.data());
+        if (std::memcmp(b.data(), want.data() + i * kPageSize, kPageSize) != 0) ++bad;
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(0, bad.load());
+}
+
+TEST_F(PageStoreRefs, LinkRefusals) {
+  const std::string path = dir_.file("child.lzp");
+  write_child(path);
+  auto expect_link_fails = [&](const PageStoreReader::StoreOf& store_of, const std::string& why) {
+    auto child = PageStoreReader::open(path);
+    try {
+      child->link_refs(store_of);
+      ADD_FAILURE() << "linked: " << why;
+    } catch (const Error& e) {
+      std::string msg = e.what();
+      EXPECT_EQ(0u, msg.find(path + ": ")) << msg;
+      EXPECT_NE(std::string::npos, msg.find(why)) << msg;
+    }
+    EXPECT_FALSE(child->refs_linked());
+  };
+  expect_link_fails([](int32_t) { return nullptr; }, "pid 100, which has no page store");
+  // A parent that does not hold the referenced pages (one page short of parent page 33).
+  {
+    Segment shorter = parent_seg_;
+    shorter.bytes.resize(33 * kPageSize);
+    write_store(dir_.file("short.lzp"), {shorter}, opts(kMinFrameSize));
+    std::shared_ptr<const PageStoreReader> s = PageStoreReader::open(dir_.file("short.lzp"));
+    expect_link_fails([s](int32_t) { return s; }, "does not hold");
+  }
+  // A parent with a hole in the referenced range.
+  {
+    PageStoreWriter w(dir_.file("hole.lzp"), opts(kMinFrameSize));
+    w.add_pages(kParentAddr, parent_seg_.bytes.data(), 7);
+    w.add_pages(kParentAddr + 8 * kPageSize, parent_seg_.bytes.data() + 8 * kPageSize, 32);
+    w.finish();
+    std::shared_ptr<const PageStoreReader> s = PageStoreReader::open(dir_.file("hole.lzp"));
+    expect_link_fails([s](int32_t) { return s; }, "does not hold");
+  }
+  // The referenced pages are REF pages themselves (refs never chain); and that store is not
+  // linked yet.
+  {
+    PageStoreWriter w(dir_.file("refs.lzp"), opts(kMinFrameSize));
+    w.add_pages(kParentAddr, parent_seg_.bytes.data(), 20);
+    w.add_ref_pages(kParentAddr + 20 * kPageSize, 20, 7, 0x1000);
+    w.finish();
+    std::shared_ptr<PageStoreReader> s = PageStoreReader::open(dir_.file("refs.lzp"));
+    expect_link_fails([s](int32_t) { return s; }, "not linked yet");
+    std::vector<unsigned char> grand(20 * kPageSize, 1);
+    PageStoreWriter g(dir_.file("grand.lzp"), opts(kMinFrameSize));
+    g.add_pages(0x1000, grand.data(), 20);
+    g.finish();
+    std::shared_ptr<const PageStoreReader> gs = PageStoreReader::open(dir_.file("grand.lzp"));
+    s->link_refs([gs](int32_t pid) { return pid == 7 ? gs : nullptr; });
+    expect_link_fails([s](int32_t) { return s; }, "refs never chain");
+  }
+  // Itself.
+  {
+    auto child = PageStoreReader::open(path);
+    PageStoreReader* raw = child.get();
+    std::shared_ptr<const PageStoreReader> self(raw, [](const PageStoreReader*) {});
+    EXPECT_THROW(child->link_refs([self](int32_t) { return self; }), Error);
+  }
+}
+
+TEST_F(PageStoreRefs, RefToZeroPagesReadsZeros) {
+  std::vector<unsigned char> zeros(8 * kPageSize, 0);
+  {
+    PageStoreWriter w(dir_.file("z.lzp"), opts(kMinFrameSize));
+    w.add_pages(0x10000, zeros.data(), 8);
+    w.finish();
+  }
+  {
+    PageStoreWriter w(dir_.file("c.lzp"), opts(kMinFrameSize));
+    w.add_ref_pages(0x20000, 8, 3, 0x10000);
+    PageStoreStats st = w.finish();
+    EXPECT_EQ(8u, st.ref_pages);
+    EXPECT_EQ(0u, st.frames);
+  }
+  std::shared_ptr<const PageStoreReader> z = PageStoreReader::open(dir_.file("z.lzp"));
+  auto c = PageStoreReader::open(dir_.file("c.lzp"));
+  c->link_refs([z](int32_t) { return z; });
+  std::vector<unsigned char> buf(8 * kPageSize, 0xAA);
+  c->read(0x20000, 8, buf.data());
+  EXPECT_TRUE(buf == zeros);
+}
+
+TEST(PageStoreWriter, RefMisuse) {
+  TempDir dir;
+  PageStoreWriter w(dir.file("p"), opts(kMinFrameSize));
+  std::vector<unsigned char> page(kPageSize, 1);
+  EXPECT_THROW(w.add_ref_pages(0x1000, 1, 0, 0x1000), Error);
+  EXPECT_THROW(w.add_ref_pages(0x1000, 1, -5, 0x1000), Error);
+  EXPECT_THROW(w.add_ref_pages(0x1001, 1, 1, 0x1000), Error);
+  EXPECT_THROW(w.add_ref_pages(0x1000, 1, 1, 0x1008), Error);
+  EXPECT_THROW(w.add_ref_pages(0x1000, 2, 1, kUserEnd - kPageSize), Error);
+  EXPECT_THROW(w.add_ref_pages(0x1000, 1, 1, UINT64_MAX & ~4095ull), Error);
+  EXPECT_THROW(w.add_ref_pages(kUserEnd - kPageSize, 2, 1, 0x1000), Error);
+  w.add_ref_pages(0x2000, 2, 1, 0x1000);
+  EXPECT_THROW(w.add_ref_pages(0x3000, 1, 1, 0x9000), Error);  // below the last page added
+  EXPECT_THROW(w.add_pages(0x3000, page.data(), 1), Error);
+  w.add_pages(0x4000, page.data(), 1);
+  PageStoreStats st = w.finish();
+  EXPECT_EQ(2u, st.ref_pages);
+  EXPECT_THROW(w.add_ref_pages(0x10000, 1, 1, 0x1000), Error);  // after finish
 }
 
 TEST(PageStoreReader, OpenErrorsNameThePath) {
