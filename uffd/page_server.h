@@ -65,10 +65,12 @@
 //   copy that cannot succeed: src points nowhere).
 // - Prefetch (options.prefetch): whenever no message is waiting, owed pages are pushed in
 //   copies of options.prefetch_chunk bytes (one owed range at a time), continuing upward
-//   from each process's last fault and wrapping, processes in turn. With
-//   options.prefetch_thread a second thread decompresses the next chunks ahead (two buffers);
-//   the loop never waits for it: it polls the uffds between copies and a fault always goes
-//   first.
+//   from each process's last fault and wrapping, processes in turn. A fault that comes
+//   meanwhile waits for the chunk in progress (read and copy): 128 KiB by default, about
+//   60 us, where 2 MiB made faulting touches wait ~1 ms; the drain costs the same CPU time
+//   (bench/RESULTS.md, "Lazy page server"). With options.prefetch_thread a second thread
+//   decompresses the next chunks ahead (two buffers); the loop never waits for it: it polls
+//   the uffds between copies and a fault always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
 //   treats its areas as plain memory: no fault can need the server any more); run() returns
 //   when no process is left.
@@ -126,11 +128,11 @@ struct LazyArea {
 };
 
 struct PageServerOptions {
-  uint64_t window = 64 * 1024;                // bytes copied per fault (page multiple, >= 4096)
-  bool prefetch = true;                       // push owed pages while no fault is waiting
-  uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch copy (page multiple)
-  bool prefetch_thread = true;                // decompress ahead on a second thread
-  int guardian_log_fd = 2;                    // where the guardian writes its message
+  uint64_t window = 64 * 1024;           // bytes copied per fault (page multiple, >= 4096)
+  bool prefetch = true;                  // push owed pages while no fault is waiting
+  uint64_t prefetch_chunk = 128 * 1024;  // bytes per prefetch copy (page multiple)
+  bool prefetch_thread = true;           // decompress ahead on a second thread
+  int guardian_log_fd = 2;               // where the guardian writes its message
 };
 
 // Every time is in nanoseconds from the start of run(); -1 when it did not happen.
