@@ -1,18 +1,25 @@
 // Lazy page server figures (bench/RESULTS.md, "Lazy page server"): fault service latency for
-// single faults (window 4 KiB vs 64 KiB, random and sequential touches) and the background
-// drain rate with prefetch on, with the server and the faulting process on the same CPU, on
-// different CPUs, or unpinned.
+// single faults (window 4 KiB vs 64 KiB, random and sequential touches, 64 KiB windows on one
+// frame or straddling two), the background drain rate with prefetch on, and faults served
+// while prefetch runs, with the server and the faulting process on the same CPU, on different
+// CPUs, or unpinned.
 //
 // The "restored process" is a forked child that maps the store's area, creates a userfaultfd
 // and hands it over exactly as tests/unit/page_server_test.cc does. The store: 512 MiB of
 // semi-compressible pages (1 KiB pseudo-random then 3 KiB of zeros, about 4:1 with zstd -1),
 // default 64 KiB frames, on LAZYCR_BENCH_DIR (default /dev/shm, so no disk I/O is measured).
+// A second store holds the same area behind 8 pages stored at a lower address (not part of
+// the area): its frames start half-way into each 64 KiB window, as in a real image, where the
+// stream of stored pages runs through all areas and never lines up with windows.
 //
-// Usage: page_server_bench [MiB]   (default 512)
+// Usage: page_server_bench [MiB] [--part latency,drain,prefetch] [--chunk BYTES] [--runs N]
+//   MiB: the area (default 512); --part: the sections to run (default all); --chunk: the
+//   server's prefetch_chunk (default: the server's default); --runs: repeat each row N times.
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -44,6 +51,10 @@ using lazycr::uffd::PageServerStats;
 constexpr uint64_t P = 4096;
 constexpr uint64_t kBase = 0x5a5a00000000ull;
 constexpr int kLatencyTouches = 4000;
+// The straddling store: this many pages stored below the area shift its frames by half a
+// 64 KiB window.
+constexpr uint64_t kShiftPages = 8;
+constexpr uint64_t kShiftBase = kBase - (1ull << 30);
 
 uint64_t g_pages = 0;  // pages in the store / the child's area
 
@@ -60,11 +71,15 @@ int64_t now_ns() {
       .count();
 }
 
-void write_store(const std::string& path) {
+void write_store(const std::string& path, bool shifted) {
   image::PageStoreOptions o;
   image::PageStoreWriter w(path, o);
   constexpr uint64_t kBatch = 256;  // 1 MiB per add_pages
   std::vector<uint64_t> buf(kBatch * P / 8, 0);
+  if (shifted) {
+    for (uint64_t i = 0; i < kShiftPages * P / 8; ++i) buf[i] = mix(i) | 1;
+    w.add_pages(kShiftBase, buf.data(), kShiftPages);
+  }
   for (uint64_t first = 0; first < g_pages; first += kBatch) {
     const uint64_t n = std::min(kBatch, g_pages - first);
     for (uint64_t i = 0; i < n; ++i) {
@@ -85,7 +100,11 @@ void pin(int cpu) {
   sched_setaffinity(0, sizeof(set), &set);
 }
 
-enum class Pattern { kRandom, kSequential, kIdle };
+// kSparse: random touches with a 50 µs sleep between them (it leaves the CPU to the server,
+// as a process waiting for I/O would), then, once the server is done, every page checked:
+// faults arrive while prefetch is busy.
+enum class Pattern { kRandom, kSequential, kIdle, kSparse };
+constexpr int64_t kSparseGapNs = 50'000;
 
 struct Config {
   const char* name;
@@ -95,14 +114,25 @@ struct Config {
   bool prefetch_thread;
   int server_cpu;  // -1: not pinned
   int child_cpu;
+  bool straddle = false;  // the store whose frames straddle 64 KiB windows
 };
+
+uint64_t g_chunk = 0;  // prefetch_chunk; 0: the server's default
 
 struct Result {
   PageServerStats stats;
   std::vector<uint32_t> touch_ns;  // child-observed, per touch
   bool verified = false;
   int64_t child_total_ns = 0;
+  double server_cpu_ms = 0;  // CPU time (user + system) of the server's threads during run()
 };
+
+double cpu_ms() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e3 +
+         (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e3;
+}
 
 uint64_t pct(std::vector<uint32_t> v, double q) {
   if (v.empty()) return 0;
@@ -128,23 +158,30 @@ uint64_t pct(std::vector<uint32_t> v, double q) {
   static uint32_t times[kLatencyTouches];
   int64_t total = 0;
   int ok = 1;
-  if (c.pattern == Pattern::kIdle) {
+  auto check_all = [&] {
     if (::read(cmd, &go, 1) != 1 || go != 'v') ::_exit(4);
-    const int64_t t = now_ns();
     for (uint64_t i = 0; i < g_pages; ++i) {
       const uint64_t a = kBase + i * P;
       if (*reinterpret_cast<volatile uint64_t*>(a) != mix(a)) ok = 0;
     }
+  };
+  if (c.pattern == Pattern::kIdle) {
+    const int64_t t = now_ns();
+    check_all();
     total = now_ns() - t;
   } else {
     const uint64_t blocks = g_pages / 16;
     const int64_t t0 = now_ns();
     for (int i = 0; i < kLatencyTouches; ++i) {
       // Random: a different 64 KiB block each time (7919 is prime, blocks a power of two).
-      const uint64_t page = c.pattern == Pattern::kRandom
-                                ? (static_cast<uint64_t>(i) * 7919 % blocks) * 16 + i % 16
-                                : static_cast<uint64_t>(i);
+      const uint64_t page = c.pattern == Pattern::kSequential
+                                ? static_cast<uint64_t>(i)
+                                : (static_cast<uint64_t>(i) * 7919 % blocks) * 16 + i % 16;
       const uint64_t a = kBase + page * P;
+      if (c.pattern == Pattern::kSparse) {
+        const timespec gap{0, kSparseGapNs};
+        ::nanosleep(&gap, nullptr);
+      }
       const int64_t t = now_ns();
       const uint64_t v = *reinterpret_cast<volatile uint64_t*>(a);
       times[i] = static_cast<uint32_t>(now_ns() - t);
@@ -152,6 +189,7 @@ uint64_t pct(std::vector<uint32_t> v, double q) {
     }
     total = now_ns() - t0;
     (void)!::write(report, times, sizeof(times));
+    if (c.pattern == Pattern::kSparse) check_all();
   }
   (void)!::write(report, &total, sizeof(total));
   (void)!::write(report, &ok, sizeof(ok));
@@ -203,6 +241,7 @@ Result run_one(const Config& c, const std::string& store_path) {
   opt.window = c.window;
   opt.prefetch = c.prefetch;
   opt.prefetch_thread = c.prefetch_thread;
+  if (g_chunk != 0) opt.prefetch_chunk = g_chunk;
   Result r;
   {
     PageServer server(opt);
@@ -211,13 +250,16 @@ Result run_one(const Config& c, const std::string& store_path) {
                        store, {{kBase, kBase + g_pages * P}});
     char g = 'g';
     (void)!::write(cmd_w.get(), &g, 1);
+    const double cpu0 = cpu_ms();
     r.stats = server.run();
+    r.server_cpu_ms = cpu_ms() - cpu0;
   }
   sched_setaffinity(0, sizeof(old), &old);
-  if (c.pattern == Pattern::kIdle) {
+  if (c.pattern == Pattern::kIdle || c.pattern == Pattern::kSparse) {
     char v = 'v';
     (void)!::write(cmd_w.get(), &v, 1);
-  } else {
+  }
+  if (c.pattern != Pattern::kIdle) {
     r.touch_ns.resize(kLatencyTouches);
     read_all(rep_r.get(), r.touch_ns.data(), r.touch_ns.size() * sizeof(uint32_t));
   }
@@ -231,92 +273,174 @@ Result run_one(const Config& c, const std::string& store_path) {
   return r;
 }
 
+void print_latency_row(const Config& c, const Result& r, const std::string& cpus) {
+  const auto& s = r.stats;
+  // Touches that faulted are the slow ones: the top `faults` of the distribution.
+  std::vector<uint32_t> t = r.touch_ns;
+  std::sort(t.begin(), t.end());
+  std::vector<uint32_t> faulting(
+      t.end() - static_cast<long>(std::min<uint64_t>(s.faults, t.size())), t.end());
+  std::printf("| %s | %llu KiB | %s | %s | %llu | %.1f / %.1f / %.1f | %.1f / %.1f | %.0f | %s |\n",
+              c.name, static_cast<unsigned long long>(c.window / 1024),
+              c.window < 65536 ? "-" : (c.straddle ? "two" : "one"), cpus.c_str(),
+              static_cast<unsigned long long>(s.faults), s.latency_ns(0.5) / 1e3,
+              s.latency_ns(0.9) / 1e3, s.latency_ns(0.99) / 1e3, pct(faulting, 0.5) / 1e3,
+              pct(faulting, 0.99) / 1e3, static_cast<double>(r.child_total_ns) / kLatencyTouches,
+              r.verified ? "yes" : "NO");
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    const uint64_t mib = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 512;
+    uint64_t mib = 512;
+    std::string parts = "latency,drain,prefetch";
+    int runs = 1;
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--part" && i + 1 < argc) {
+        parts = argv[++i];
+      } else if (a == "--chunk" && i + 1 < argc) {
+        g_chunk = std::strtoull(argv[++i], nullptr, 0);
+      } else if (a == "--runs" && i + 1 < argc) {
+        runs = std::max(1, std::atoi(argv[++i]));
+      } else if (!a.empty() && a[0] != '-') {
+        mib = std::strtoull(a.c_str(), nullptr, 10);
+      } else {
+        fail(
+            "usage: page_server_bench [MiB] [--part latency,drain,prefetch] [--chunk BYTES] "
+            "[--runs N]");
+      }
+    }
+    auto part = [&](const char* name) { return parts.find(name) != std::string::npos; };
     g_pages = mib * 256;
     const char* env = std::getenv("LAZYCR_BENCH_DIR");
     const std::string dir = env ? env : "/dev/shm";
     const std::string store = dir + "/page_server_bench.lzp";
+    const std::string shifted = dir + "/page_server_bench_shifted.lzp";
     const int64_t t = now_ns();
-    write_store(store);
+    write_store(store, false);
+    write_store(shifted, true);
     auto reader = image::PageStoreReader::open(store);
-    std::printf("store: %llu MiB semi-compressible, %llu frames of 64 KiB, file %.1f MiB (%.2fx), "
-                "written in %.2f s\n\n",
-                static_cast<unsigned long long>(mib),
-                static_cast<unsigned long long>(reader->index().frames_size()),
-                static_cast<double>(reader->file_size()) / (1 << 20),
-                static_cast<double>(mib << 20) / static_cast<double>(reader->file_size()),
-                static_cast<double>(now_ns() - t) / 1e9);
+    std::printf(
+        "store: %llu MiB semi-compressible, %llu frames of 64 KiB, file %.1f MiB (%.2fx), "
+        "written in %.2f s (with the shifted store); prefetch chunk %llu KiB\n\n",
+        static_cast<unsigned long long>(mib),
+        static_cast<unsigned long long>(g_pages * P / image::kDefaultFrameSize),
+        static_cast<double>(reader->file_size()) / (1 << 20),
+        static_cast<double>(mib << 20) / static_cast<double>(reader->file_size()),
+        static_cast<double>(now_ns() - t) / 1e9,
+        static_cast<unsigned long long>((g_chunk ? g_chunk : PageServerOptions{}.prefetch_chunk) /
+                                        1024));
     reader.reset();
-
-    const Config latency[] = {
-        {"random", Pattern::kRandom, 4096, false, false, 0, 0},
-        {"random", Pattern::kRandom, 65536, false, false, 0, 0},
-        {"random", Pattern::kRandom, 4096, false, false, 0, 1},
-        {"random", Pattern::kRandom, 65536, false, false, 0, 1},
-        {"random", Pattern::kRandom, 65536, false, false, -1, -1},
-        {"sequential", Pattern::kSequential, 4096, false, false, 0, 0},
-        {"sequential", Pattern::kSequential, 65536, false, false, 0, 0},
-        {"sequential", Pattern::kSequential, 4096, false, false, 0, 1},
-        {"sequential", Pattern::kSequential, 65536, false, false, 0, 1},
-    };
+    auto path_of = [&](const Config& c) { return c.straddle ? shifted : store; };
     auto cpus = [](const Config& c) {
-      return c.server_cpu < 0 ? std::string("unpinned")
+      return c.server_cpu < 0              ? std::string("unpinned")
              : c.server_cpu == c.child_cpu ? std::string("same CPU")
                                            : std::string("different CPUs");
     };
-    std::printf("Fault latency, prefetch off, %d touches of the first word of a page:\n",
-                kLatencyTouches);
-    std::printf("| touches | window | server / process | faults | service p50 / p90 / p99 µs "
-                "| touch p50 / p99 µs (faulting touches) | ns per touch | verified |\n");
-    std::printf("|---|---:|---|---:|---:|---:|---:|---|\n");
-    for (const Config& c : latency) {
-      Result r = run_one(c, store);
-      const auto& s = r.stats;
-      // Touches that faulted are the slow ones: the top `faults` of the distribution.
-      std::vector<uint32_t> t = r.touch_ns;
-      std::sort(t.begin(), t.end());
-      std::vector<uint32_t> faulting(
-          t.end() - static_cast<long>(std::min<uint64_t>(s.faults, t.size())), t.end());
-      std::printf("| %s | %llu KiB | %s | %llu | %.1f / %.1f / %.1f | %.1f / %.1f | %.0f | %s |\n",
-                  c.name, static_cast<unsigned long long>(c.window / 1024), cpus(c).c_str(),
-                  static_cast<unsigned long long>(s.faults), s.latency_ns(0.5) / 1e3,
-                  s.latency_ns(0.9) / 1e3, s.latency_ns(0.99) / 1e3, pct(faulting, 0.5) / 1e3,
-                  pct(faulting, 0.99) / 1e3,
-                  static_cast<double>(r.child_total_ns) / kLatencyTouches,
-                  r.verified ? "yes" : "NO");
-      std::fflush(stdout);
+
+    if (part("latency")) {
+      const Config latency[] = {
+          {"random", Pattern::kRandom, 4096, false, false, 0, 0},
+          {"random", Pattern::kRandom, 65536, false, false, 0, 0},
+          {"random", Pattern::kRandom, 65536, false, false, 0, 0, true},
+          {"random", Pattern::kRandom, 4096, false, false, 0, 1},
+          {"random", Pattern::kRandom, 65536, false, false, 0, 1},
+          {"random", Pattern::kRandom, 65536, false, false, 0, 1, true},
+          {"random", Pattern::kRandom, 65536, false, false, -1, -1},
+          {"random", Pattern::kRandom, 65536, false, false, -1, -1, true},
+          {"sequential", Pattern::kSequential, 4096, false, false, 0, 0},
+          {"sequential", Pattern::kSequential, 65536, false, false, 0, 0},
+          {"sequential", Pattern::kSequential, 65536, false, false, 0, 0, true},
+          {"sequential", Pattern::kSequential, 4096, false, false, 0, 1},
+          {"sequential", Pattern::kSequential, 65536, false, false, 0, 1},
+      };
+      std::printf("Fault latency, prefetch off, %d touches of the first word of a page:\n",
+                  kLatencyTouches);
+      std::printf(
+          "| touches | window | frames per window | server / process | faults | service "
+          "p50 / p90 / p99 µs | touch p50 / p99 µs (faulting touches) | ns per touch | "
+          "verified |\n");
+      std::printf("|---|---:|---|---|---:|---:|---:|---:|---|\n");
+      for (const Config& c : latency)
+        for (int i = 0; i < runs; ++i) print_latency_row(c, run_one(c, path_of(c)), cpus(c));
     }
 
-    const Config drain[] = {
-        {"idle", Pattern::kIdle, 65536, true, true, -1, -1},
-        {"idle", Pattern::kIdle, 65536, true, false, -1, -1},
-        {"idle", Pattern::kIdle, 65536, true, true, 0, 0},
-        {"idle", Pattern::kIdle, 65536, true, false, 0, 0},
-        {"idle", Pattern::kIdle, 65536, true, true, 0, 1},
-        {"idle", Pattern::kIdle, 65536, true, false, 0, 1},
-    };
-    std::printf("\nBackground drain, prefetch on (2 MiB copies), the process idle until nothing "
-                "is owed, then it checks every page:\n");
-    std::printf("| decompress thread | server / process | time to nothing owed ms | GB/s | "
-                "pages prefetched | MiB decompressed | verified |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---|\n");
-    for (const Config& c : drain) {
-      Result r = run_one(c, store);
-      const auto& s = r.stats;
-      const double secs = static_cast<double>(s.all_served_ns) / 1e9;
-      std::printf("| %s | %s | %.1f | %.2f | %llu | %.0f | %s |\n",
-                  c.prefetch_thread ? "on" : "off", cpus(c).c_str(), secs * 1e3,
-                  static_cast<double>(g_pages * P) / secs / 1e9,
-                  static_cast<unsigned long long>(s.prefetch_pages),
-                  static_cast<double>(s.bytes_decompressed) / (1 << 20),
-                  r.verified ? "yes" : "NO");
-      std::fflush(stdout);
+    if (part("drain")) {
+      const Config drain[] = {
+          {"idle", Pattern::kIdle, 65536, true, true, -1, -1},
+          {"idle", Pattern::kIdle, 65536, true, false, -1, -1},
+          {"idle", Pattern::kIdle, 65536, true, true, 0, 0},
+          {"idle", Pattern::kIdle, 65536, true, false, 0, 0},
+          {"idle", Pattern::kIdle, 65536, true, true, 0, 1},
+          {"idle", Pattern::kIdle, 65536, true, false, 0, 1},
+      };
+      std::printf(
+          "\nBackground drain, prefetch on, the process idle until nothing is owed, then "
+          "it checks every page:\n");
+      std::printf(
+          "| decompress thread | server / process | time to nothing owed ms | GB/s | server CPU "
+          "ms | GB per server CPU s | pages prefetched | MiB decompressed | verified |\n");
+      std::printf("|---|---|---:|---:|---:|---:|---:|---:|---|\n");
+      for (const Config& c : drain) {
+        for (int i = 0; i < runs; ++i) {
+          Result r = run_one(c, path_of(c));
+          const auto& s = r.stats;
+          const double secs = static_cast<double>(s.all_served_ns) / 1e9;
+          const double bytes = static_cast<double>(g_pages * P);
+          std::printf("| %s | %s | %.1f | %.2f | %.1f | %.2f | %llu | %.0f | %s |\n",
+                      c.prefetch_thread ? "on" : "off", cpus(c).c_str(), secs * 1e3,
+                      bytes / secs / 1e9, r.server_cpu_ms, bytes / (r.server_cpu_ms / 1e3) / 1e9,
+                      static_cast<unsigned long long>(s.prefetch_pages),
+                      static_cast<double>(s.bytes_decompressed) / (1 << 20),
+                      r.verified ? "yes" : "NO");
+          std::fflush(stdout);
+        }
+      }
+    }
+
+    if (part("prefetch")) {
+      // Faults while prefetch runs: each one may wait for the prefetch copy in progress.
+      const Config mixed[] = {
+          {"sparse", Pattern::kSparse, 65536, true, false, -1, -1, true},
+          {"sparse", Pattern::kSparse, 65536, true, true, -1, -1, true},
+          {"sparse", Pattern::kSparse, 65536, true, false, 0, 1, true},
+      };
+      std::printf(
+          "\nFaults during prefetch: %d random touches, %lld µs of sleep between them (64 KiB "
+          "window, straddling frames), while prefetch drains the rest:\n",
+          kLatencyTouches, static_cast<long long>(kSparseGapNs / 1000));
+      std::printf(
+          "| decompress thread | server / process | faults | service p50 / p90 / p99 µs "
+          "| touch p50 / p90 / p99 µs (faulting touches) | pages by fault / prefetch | time to "
+          "nothing owed ms | verified |\n");
+      std::printf("|---|---|---:|---:|---:|---:|---:|---|\n");
+      for (const Config& c : mixed) {
+        for (int i = 0; i < runs; ++i) {
+          Result r = run_one(c, path_of(c));
+          const auto& s = r.stats;
+          std::vector<uint32_t> t = r.touch_ns;
+          std::sort(t.begin(), t.end());
+          std::vector<uint32_t> faulting(
+              t.end() - static_cast<long>(std::min<uint64_t>(s.faults, t.size())), t.end());
+          std::printf(
+              "| %s | %s | %llu | %.1f / %.1f / %.1f | %.1f / %.1f / %.1f | %llu / %llu | %.1f "
+              "| %s |\n",
+              c.prefetch_thread ? "on" : "off", cpus(c).c_str(),
+              static_cast<unsigned long long>(s.faults), s.latency_ns(0.5) / 1e3,
+              s.latency_ns(0.9) / 1e3, s.latency_ns(0.99) / 1e3, pct(faulting, 0.5) / 1e3,
+              pct(faulting, 0.9) / 1e3, pct(faulting, 0.99) / 1e3,
+              static_cast<unsigned long long>(s.fault_pages),
+              static_cast<unsigned long long>(s.prefetch_pages),
+              static_cast<double>(s.all_served_ns) / 1e6, r.verified ? "yes" : "NO");
+          std::fflush(stdout);
+        }
+      }
     }
     std::filesystem::remove(store);
+    std::filesystem::remove(shifted);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "page_server_bench: %s\n", e.what());
     return 1;
