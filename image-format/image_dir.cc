@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zstd.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <boost/filesystem.hpp>
 #include <cstring>
+#include <map>
 #include <set>
 
 #include "common/error.h"
@@ -71,6 +73,20 @@ std::string process_path(const std::string& dir, int pid) {
 std::string pages_path(const std::string& dir, int pid) {
   return cat(dir, "/pages-", pid, ".lzp");
 }
+std::string shared_path(const std::string& dir) {
+  return dir + "/shared.pb";
+}
+
+namespace {
+
+// "format 1, this lazycr reads 2", with a hint at which side is older.
+std::string version_mismatch(uint32_t version) {
+  return cat("format ", version, ", this lazycr reads ", kFormatVersion,
+             version < kFormatVersion ? " (the image is from an older lazycr)"
+                                      : " (the image is from a newer lazycr, or damaged)");
+}
+
+}  // namespace
 
 void write_message_file(const std::string& path, const char magic[8],
                         const google::protobuf::MessageLite& msg) {
@@ -109,8 +125,7 @@ void parse_message_bytes(const std::string& what, const std::string& bytes, cons
   if (std::memcmp(h, magic, 8) != 0)
     fail(what, ": bad magic (not a ", std::string(magic, 7), " file)");
   uint32_t version = get_u32(h + 8);
-  if (version != kFormatVersion)
-    fail(what, ": format version ", version, ", this lazycr reads version ", kFormatVersion);
+  if (version != kFormatVersion) fail(what, ": ", version_mismatch(version));
   if (get_u32(h + 12) != 0) fail(what, ": unknown header flags ", get_u32(h + 12));
   uint64_t payload = get_u64(h + 16);
   if (payload != bytes.size() - kHeaderSize)
@@ -154,9 +169,7 @@ void read_message_file(const std::string& path, const char magic[8],
 }
 
 void validate_inventory(const Inventory& inv) {
-  if (inv.format_version() != kFormatVersion)
-    fail("image format version ", inv.format_version(), ", this lazycr reads version ",
-         kFormatVersion);
+  if (inv.format_version() != kFormatVersion) fail(version_mismatch(inv.format_version()));
   if (inv.page_size() != kPageSize)
     fail("page size ", inv.page_size(), " (only 4096 is supported)");
   if (inv.pids_size() == 0) fail("no processes");
@@ -176,6 +189,12 @@ void validate_process(const Process& p, const Inventory& inv) {
   if (p.pid() <= 0) fail("invalid pid ", p.pid());
   if (p.ppid() < 0 || p.pgid() < 0 || p.sid() < 0) fail(who, ": negative ppid/pgid/sid");
   if (!p.zombie() && p.threads_size() == 0) fail(who, ": no threads");
+  // A zombie is only its exit status now: nothing of it runs, maps or holds files.
+  if (p.zombie() && (p.threads_size() > 0 || p.areas_size() > 0 || p.fds_size() > 0))
+    fail(who, ": a zombie with ", p.threads_size(), " threads, ", p.areas_size(), " areas and ",
+         p.fds_size(), " descriptors (must have none)");
+  if (p.children_size() > kMaxProcesses)
+    fail(who, ": ", p.children_size(), " children exceeds the bound");
   if (p.threads_size() > kMaxThreads)
     fail(who, ": ", p.threads_size(), " threads exceeds the bound");
   std::set<int> tids;
@@ -229,6 +248,67 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (f.fd() <= prev_fd) fail(who, ": descriptor ", f.fd(), " out of order or duplicated");
     prev_fd = f.fd();
     if (!FileDescriptor::Kind_IsValid(f.kind())) fail(who, ": fd ", f.fd(), ": unknown kind");
+    if (f.file_id() == 0) fail(who, ": fd ", f.fd(), " has no file_id (format 2 requires one)");
+    bool object = f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::FIFO ||
+                  f.kind() == FileDescriptor::SOCKET;
+    if (!object && f.object_inode() != 0)
+      fail(who, ": fd ", f.fd(), " is a ", FileDescriptor::Kind_Name(f.kind()),
+           " with an object inode (only pipes, FIFOs and sockets have one)");
+    if (object && f.restorable() && f.object_inode() == 0)
+      fail(who, ": fd ", f.fd(), " is a restorable ", FileDescriptor::Kind_Name(f.kind()),
+           " without an object inode");
+  }
+}
+
+void validate_shared(const SharedObjects& s) {
+  if (s.pipes_size() > kMaxSharedObjects) fail(s.pipes_size(), " pipes exceeds the bound");
+  if (s.sockets_size() > kMaxSharedObjects) fail(s.sockets_size(), " sockets exceeds the bound");
+  uint64_t prev = 0;
+  for (const Pipe& p : s.pipes()) {
+    std::string what = cat(p.fifo() ? "FIFO inode " : "pipe:[", p.inode(), p.fifo() ? "" : "]");
+    if (p.inode() == 0) fail("a pipe has inode 0");
+    if (p.inode() <= prev) fail(what, ": pipes are not sorted by inode, or listed twice");
+    prev = p.inode();
+    uint32_t cap = p.capacity();
+    if (cap < kMinPipeCapacity || cap > kMaxPipeCapacity || (cap & (cap - 1)) != 0)
+      fail(what, ": capacity ", cap, " is not a power of two in [", kMinPipeCapacity, ", ",
+           kMaxPipeCapacity, "]");
+    if (p.data().size() > cap)
+      fail(what, ": ", p.data().size(), " bytes buffered, more than its capacity ", cap);
+  }
+  prev = 0;
+  std::map<uint64_t, const UnixSocket*> by_inode;
+  for (const UnixSocket& u : s.sockets()) {
+    std::string what = cat("socket:[", u.inode(), "]");
+    if (u.inode() == 0) fail("a socket has inode 0");
+    if (u.inode() <= prev) fail(what, ": sockets are not sorted by inode, or listed twice");
+    prev = u.inode();
+    by_inode[u.inode()] = &u;
+    if (u.type() != SOCK_STREAM && u.type() != SOCK_DGRAM && u.type() != SOCK_SEQPACKET)
+      fail(what, ": type ", u.type(), " is not SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET");
+    if (u.type() == SOCK_STREAM && u.queued_size() > 1)
+      fail(what, ": a stream socket with ", u.queued_size(), " queued elements (at most 1)");
+    if (u.queued_size() > kMaxSocketQueued)
+      fail(what, ": ", u.queued_size(), " queued messages exceeds the bound ", kMaxSocketQueued);
+    uint64_t bytes = 0;
+    for (const std::string& q : u.queued()) bytes += q.size();  // <= 256 MiB: a parsed message
+    if (bytes > kMaxSocketQueuedBytes)
+      fail(what, ": ", bytes, " bytes queued exceeds the bound ", kMaxSocketQueuedBytes);
+    if (u.sndbuf() > INT32_MAX || u.rcvbuf() > INT32_MAX)
+      fail(what, ": buffer sizes ", u.sndbuf(), "/", u.rcvbuf(), " exceed INT_MAX");
+  }
+  for (const UnixSocket& u : s.sockets()) {
+    if (u.peer_inode() == 0) continue;
+    std::string what = cat("socket:[", u.inode(), "]");
+    if (u.peer_inode() == u.inode()) fail(what, ": is its own peer");
+    auto it = by_inode.find(u.peer_inode());
+    if (it == by_inode.end())
+      fail(what, ": peer socket:[", u.peer_inode(), "] is not in shared.pb");
+    if (it->second->peer_inode() != u.inode())
+      fail(what, ": peer socket:[", u.peer_inode(), "] has peer socket:[", it->second->peer_inode(),
+           "], not this one");
+    if (it->second->type() != u.type())
+      fail(what, ": type ", u.type(), ", its peer's is ", it->second->type());
   }
 }
 
@@ -293,6 +373,17 @@ void ImageWriter::write_inventory(const Inventory& inventory) {
   write_message_file(inventory_path(staging_), kInventoryMagic, inventory);
 }
 
+void ImageWriter::write_shared(const SharedObjects& shared) {
+  const std::string path = shared_path(staging_);
+  // The reader would refuse it: say so now, while the dump can still report why.
+  try {
+    validate_shared(shared);
+  } catch (const Error& e) {
+    fail(path, ": ", e.what());
+  }
+  write_message_file(path, kSharedMagic, shared);
+}
+
 void ImageWriter::commit() {
   boost::system::error_code ec;
   if (!fs::exists(inventory_path(staging_), ec)) fail(staging_, ": no inventory written");
@@ -338,7 +429,80 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
     }
     processes_.push_back(std::move(p));
   }
+  std::string sh = shared_path(dir_);
+  if (fs::exists(fs::symlink_status(sh, ec))) {
+    read_message_file(sh, kSharedMagic, &shared_);
+    try {
+      validate_shared(shared_);
+    } catch (const Error& e) {
+      fail(sh, ": ", e.what());
+    }
+  }
+  check_tree();
+  check_descriptors();
   link_page_stores();
+}
+
+// Process.children against ppid: the image is one tree, parents listed before children.
+void ImageReader::check_tree() const {
+  std::map<int, int> position;
+  for (int i = 0; i < inventory_.pids_size(); ++i) position[inventory_.pids(i)] = i;
+  std::set<int> listed;
+  for (const Process& p : processes_) {
+    std::string path = process_path(dir_, p.pid());
+    for (int child : p.children()) {
+      auto pos = position.find(child);
+      if (pos == position.end()) fail(path, ": child ", child, " is not a process of the image");
+      const Process& c = processes_[static_cast<size_t>(pos->second)];
+      if (c.ppid() != p.pid())
+        fail(path, ": child ", child, " has ppid ", c.ppid(), ", not ", p.pid());
+      if (pos->second <= position.at(p.pid()))
+        fail(path, ": child ", child, " is listed before its parent in the inventory");
+      if (!listed.insert(child).second) fail(path, ": child ", child, " is listed twice");
+    }
+  }
+  for (const Process& p : processes_)
+    if (p.pid() != inventory_.root_pid() && listed.count(p.pid()) == 0)
+      fail(process_path(dir_, p.pid()), ": process ", p.pid(), " (ppid ", p.ppid(),
+           ") is not the root and no process lists it as a child");
+}
+
+// Descriptors against shared.pb, and open file descriptions (file_id) across the image.
+void ImageReader::check_descriptors() const {
+  std::map<uint64_t, const Pipe*> pipes;
+  for (const Pipe& p : shared_.pipes()) pipes[p.inode()] = &p;
+  std::set<uint64_t> sockets;
+  for (const UnixSocket& u : shared_.sockets()) sockets.insert(u.inode());
+  struct Seen {
+    int pid;
+    const FileDescriptor* fd;
+  };
+  std::map<uint64_t, Seen> descriptions;
+  for (const Process& p : processes_) {
+    std::string path = process_path(dir_, p.pid());
+    for (const FileDescriptor& f : p.fds()) {
+      std::string what = cat(path, ": fd ", f.fd(), " (", f.target(), ")");
+      if (f.restorable() && f.object_inode() != 0) {
+        if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::FIFO) {
+          auto it = pipes.find(f.object_inode());
+          if (it == pipes.end())
+            fail(what, ": pipe inode ", f.object_inode(), " is not in shared.pb");
+          bool fifo = f.kind() == FileDescriptor::FIFO;
+          if (it->second->fifo() != fifo)
+            fail(what, ": a ", fifo ? "FIFO" : "pipe", " descriptor, shared.pb has a ",
+                 it->second->fifo() ? "FIFO" : "pipe", " with inode ", f.object_inode());
+        } else if (f.kind() == FileDescriptor::SOCKET && sockets.count(f.object_inode()) == 0) {
+          fail(what, ": socket inode ", f.object_inode(), " is not in shared.pb");
+        }
+      }
+      auto [it, fresh] = descriptions.emplace(f.file_id(), Seen{p.pid(), &f});
+      if (fresh) continue;
+      const FileDescriptor& o = *it->second.fd;
+      if (o.kind() != f.kind() || o.object_inode() != f.object_inode() || o.target() != f.target())
+        fail(what, ": shares file_id ", f.file_id(), " with fd ", o.fd(), " of process ",
+             it->second.pid, " (", o.target(), "), which is a different file");
+    }
+  }
 }
 
 // REF runs point only to processes listed earlier, so linking in inventory order never needs

@@ -1,6 +1,6 @@
-// The image directory: inventory.pb, process-<pid>.pb, pages-<pid>.lzp. Every metadata
-// file is a 24-byte header (magic, version, payload size) and a checksummed zstd frame
-// holding one protobuf message (FORMAT.md). Readers validate everything before use.
+// The image directory: inventory.pb, process-<pid>.pb, pages-<pid>.lzp, shared.pb. Every
+// metadata file is a 24-byte header (magic, version, payload size) and a checksummed zstd
+// frame holding one protobuf message (FORMAT.md). Readers validate everything before use.
 #pragma once
 
 #include <cstdint>
@@ -12,10 +12,11 @@
 #include "image-format/inventory.pb.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
+#include "image-format/shared.pb.h"
 
 namespace lazycr::image {
 
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 2;
 inline constexpr uint64_t kMaxMetadataBytes = 256ull << 20;       // decoded protobuf size bound
 inline constexpr uint64_t kUserSpaceEnd = 0x0000800000000000ull;  // x86_64, 4-level paging
 inline constexpr int kMaxProcesses = 32768;
@@ -23,10 +24,18 @@ inline constexpr int kMaxThreads = 32768;
 inline constexpr int kMaxAreas = 1 << 20;
 inline constexpr int kMaxFds = 1 << 20;
 inline constexpr uint32_t kMaxXsaveSize = 64 * 1024;
+// shared.pb (FORMAT.md): pipe capacity (F_GETPIPE_SZ: a power of two, at least a page) and
+// data, queued socket data, counts.
+inline constexpr uint32_t kMinPipeCapacity = 4096;
+inline constexpr uint32_t kMaxPipeCapacity = 64u << 20;
+inline constexpr uint64_t kMaxSocketQueuedBytes = 64u << 20;  // per socket
+inline constexpr int kMaxSocketQueued = 1 << 16;              // elements per socket
+inline constexpr int kMaxSharedObjects = 1 << 20;             // pipes, and sockets
 
 std::string inventory_path(const std::string& dir);
 std::string process_path(const std::string& dir, int pid);
 std::string pages_path(const std::string& dir, int pid);
+std::string shared_path(const std::string& dir);
 
 // Writes into "<dir>.tmp-<pid>" and renames to dir in commit(); an image is never seen
 // half written. Without commit() the temporary directory is removed.
@@ -43,6 +52,8 @@ class ImageWriter {
   // Path where the page store of `pid` must be written before commit().
   std::string pages_path(int pid) const;
   void write_inventory(const Inventory& inventory);
+  // shared.pb: pipes and sockets with their buffered data (validated before writing).
+  void write_shared(const SharedObjects& shared);
   void commit();
 
  private:
@@ -67,16 +78,21 @@ class ImageReader {
   const Inventory& inventory() const { return inventory_; }
   const std::vector<Process>& processes() const { return processes_; }
   const Process& process(int pid) const;
+  // The pipes and sockets of shared.pb; an empty message when the image has no shared.pb.
+  const SharedObjects& shared() const { return shared_; }
   const PageStoreReader& pages(int pid) const;
   // The same store, for holders that may outlive this reader (it keeps its linked stores).
   std::shared_ptr<const PageStoreReader> shared_pages(int pid) const;
 
  private:
+  void check_tree() const;
+  void check_descriptors() const;
   void link_page_stores();
 
   std::string dir_;
   Inventory inventory_;
   std::vector<Process> processes_;
+  SharedObjects shared_;
   std::map<int, std::shared_ptr<PageStoreReader>> pages_;
 };
 
@@ -91,8 +107,10 @@ void parse_message_bytes(const std::string& what, const std::string& bytes, cons
 // Semantic checks, also used by the fuzz target.
 void validate_inventory(const Inventory& inv);
 void validate_process(const Process& proc, const Inventory& inv);
+void validate_shared(const SharedObjects& shared);
 
 inline constexpr char kInventoryMagic[8] = {'L', 'Z', 'C', 'R', 'I', 'N', 'V', '\0'};
 inline constexpr char kProcessMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'R', 'O', 'C'};
+inline constexpr char kSharedMagic[8] = {'L', 'Z', 'C', 'R', 'S', 'H', 'R', 'D'};
 
 }  // namespace lazycr::image

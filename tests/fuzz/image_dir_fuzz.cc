@@ -4,7 +4,8 @@
 // The first byte picks what the rest is:
 //   0: an inventory.pb file        1: a process-<pid>.pb file
 //   2: a raw Inventory protobuf    3: a raw Process protobuf
-// Modes 2 and 3 wrap the bytes in a valid header and checksummed zstd frame, so mutations
+//   4: a shared.pb file            5: a raw SharedObjects protobuf
+// Modes 2, 3 and 5 wrap the bytes in a valid header and checksummed zstd frame, so mutations
 // reach the protobuf parser and the semantic checks instead of stopping at the checksum.
 #include <zstd.h>
 
@@ -50,7 +51,7 @@ Inventory default_inventory() {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  int mode = data[0] % 4;
+  int mode = data[0] % 6;
   std::string body(reinterpret_cast<const char*>(data + 1), size - 1);
   try {
     if (mode == 0 || mode == 2) {
@@ -58,6 +59,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       parse_message_bytes("inventory.pb", mode == 0 ? body : wrap(kInventoryMagic, body),
                           kInventoryMagic, &inv);
       validate_inventory(inv);
+    } else if (mode == 4 || mode == 5) {
+      SharedObjects shared;
+      parse_message_bytes("shared.pb", mode == 4 ? body : wrap(kSharedMagic, body), kSharedMagic,
+                          &shared);
+      validate_shared(shared);
     } else {
       Process proc;
       parse_message_bytes("process.pb", mode == 1 ? body : wrap(kProcessMagic, body), kProcessMagic,

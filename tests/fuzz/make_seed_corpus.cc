@@ -143,7 +143,7 @@ void page_store_seeds(const std::string& dir) {
 }
 
 // image_dir_fuzz: a mode byte (0 inventory file, 1 process file, 2 raw Inventory, 3 raw
-// Process; see image_dir_fuzz.cc) and then the bytes.
+// Process, 4 shared file, 5 raw SharedObjects; see image_dir_fuzz.cc) and then the bytes.
 void image_dir_seeds(const std::string& dir) {
   Inventory inv;
   inv.set_format_version(kFormatVersion);
@@ -179,6 +179,14 @@ void image_dir_seeds(const std::string& dir) {
   auto* f = proc.add_fds();
   f->set_fd(1);
   f->set_kind(FileDescriptor::REGULAR);
+  f->set_file_id(1);
+  auto* pf = proc.add_fds();
+  pf->set_fd(3);
+  pf->set_kind(FileDescriptor::PIPE);
+  pf->set_file_id(2);
+  pf->set_object_inode(100);
+  pf->set_restorable(true);
+  proc.add_children(2);
   proc.add_rlimits()->set_resource(7);
   proc.set_auxv(std::string(32, '\0'));
 
@@ -197,6 +205,27 @@ void image_dir_seeds(const std::string& dir) {
   put("process_file", 1, file_bytes(kProcessMagic, proc));
   put("inventory_raw", 2, inv.SerializeAsString());
   put("process_raw", 3, proc.SerializeAsString());
+
+  SharedObjects shared;
+  auto* pipe = shared.add_pipes();
+  pipe->set_inode(100);
+  pipe->set_capacity(65536);
+  pipe->set_data("buffered");
+  auto* fifo = shared.add_pipes();
+  fifo->set_inode(101);
+  fifo->set_fifo(true);
+  fifo->set_capacity(4096);
+  for (uint64_t inode : {200, 201}) {
+    auto* u = shared.add_sockets();
+    u->set_inode(inode);
+    u->set_peer_inode(inode ^ 1);
+    u->set_type(5);  // SOCK_SEQPACKET
+    u->set_rcvbuf(212992);
+  }
+  shared.mutable_sockets(0)->add_queued("one");
+  shared.mutable_sockets(0)->add_queued("");
+  put("shared_file", 4, file_bytes(kSharedMagic, shared));
+  put("shared_raw", 5, shared.SerializeAsString());
 }
 
 const std::map<std::string, std::function<void(const std::string&)>> kSeedWriters = {

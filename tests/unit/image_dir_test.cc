@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <boost/filesystem.hpp>
@@ -75,7 +76,25 @@ Process sample_process(int pid) {
   f->set_fd(0);
   f->set_kind(FileDescriptor::CHARDEV);
   f->set_target("/dev/null");
+  f->set_file_id(1);
   return p;
+}
+
+// A pipe with 5 bytes in it and a connected pair of stream sockets, one with queued bytes.
+SharedObjects sample_shared() {
+  SharedObjects s;
+  auto* pipe = s.add_pipes();
+  pipe->set_inode(1000);
+  pipe->set_capacity(65536);
+  pipe->set_data("hello");
+  for (uint64_t inode : {2000, 2001}) {
+    auto* u = s.add_sockets();
+    u->set_inode(inode);
+    u->set_peer_inode(inode == 2000 ? 2001 : 2000);
+    u->set_type(SOCK_STREAM);
+  }
+  s.mutable_sockets(1)->add_queued("queued bytes");
+  return s;
 }
 
 // Writes a complete small image: 4 data pages then 4 zero pages at kArea.
@@ -91,6 +110,7 @@ std::string write_sample(const std::string& root, int pid = 4242) {
   }
   w.write_process(sample_process(pid));
   w.write_inventory(sample_inventory(pid));
+  w.write_shared(sample_shared());
   w.commit();
   return dir;
 }
@@ -151,7 +171,7 @@ TEST(ImageDir, WriterRefusesANonEmptyDirectory) {
 TEST(ImageDir, TruncationAtEveryByteIsRefused) {
   TempDir tmp;
   std::string dir = write_sample(tmp.path);
-  for (const char* name : {"/inventory.pb", "/process-4242.pb"}) {
+  for (const char* name : {"/inventory.pb", "/process-4242.pb", "/shared.pb"}) {
     std::string path = dir + name;
     std::string good = slurp(path);
     for (size_t len = 0; len < good.size(); len++) {
@@ -169,7 +189,7 @@ TEST(ImageDir, BitFlipsAreRefused) {
   TempDir tmp;
   std::string dir = write_sample(tmp.path);
   int undetected = 0, total = 0;
-  for (const char* name : {"/inventory.pb", "/process-4242.pb"}) {
+  for (const char* name : {"/inventory.pb", "/process-4242.pb", "/shared.pb"}) {
     std::string path = dir + name;
     std::string good = slurp(path);
     total += static_cast<int>(good.size()) * 2;
@@ -185,6 +205,7 @@ TEST(ImageDir, BitFlipsAreRefused) {
         EXPECT_EQ(r.process(4242).SerializeAsString(), sample_process(4242).SerializeAsString())
             << name << " byte " << i << " bit " << bit;
         EXPECT_EQ(r.inventory().SerializeAsString(), sample_inventory(4242).SerializeAsString());
+        EXPECT_EQ(r.shared().SerializeAsString(), sample_shared().SerializeAsString());
         undetected++;
       }
     }
@@ -213,7 +234,66 @@ struct Hostile {
 };
 
 const Hostile kHostile[] = {
-    {"future version", "format version", [](Inventory& i, Process&) { i.set_format_version(99); }},
+    {"future version", "format 99, this lazycr reads 2",
+     [](Inventory& i, Process&) { i.set_format_version(99); }},
+    {"format 1 inventory", "format 1, this lazycr reads 2",
+     [](Inventory& i, Process&) { i.set_format_version(1); }},
+    {"no file_id", "no file_id", [](Inventory&, Process& p) { p.mutable_fds(0)->set_file_id(0); }},
+    {"object inode on a device", "object inode",
+     [](Inventory&, Process& p) { p.mutable_fds(0)->set_object_inode(5); }},
+    {"restorable pipe without object", "without an object inode",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::PIPE);
+       f->set_file_id(2);
+       f->set_restorable(true);
+     }},
+    {"pipe not in shared.pb", "not in shared.pb",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::PIPE);
+       f->set_file_id(2);
+       f->set_object_inode(1001);
+       f->set_restorable(true);
+     }},
+    {"FIFO fd on a pipe", "shared.pb has a pipe",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::FIFO);
+       f->set_file_id(2);
+       f->set_object_inode(1000);
+       f->set_restorable(true);
+     }},
+    {"socket fd on a pipe inode", "not in shared.pb",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::SOCKET);
+       f->set_file_id(2);
+       f->set_object_inode(1000);
+       f->set_restorable(true);
+     }},
+    {"one file_id, two files", "different file",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::CHARDEV);
+       f->set_target("/dev/zero");
+       f->set_file_id(1);
+     }},
+    {"one file_id, two kinds", "different file",
+     [](Inventory&, Process& p) {
+       auto* f = p.add_fds();
+       *f = p.fds(0);
+       f->set_fd(3);
+       f->set_kind(FileDescriptor::REGULAR);
+     }},
+    {"zombie with threads", "a zombie with", [](Inventory&, Process& p) { p.set_zombie(true); }},
+    {"child outside the image", "not a process of the image",
+     [](Inventory&, Process& p) { p.add_children(5); }},
     {"page size", "page size", [](Inventory& i, Process&) { i.set_page_size(65536); }},
     {"no pids", "no processes", [](Inventory& i, Process&) { i.clear_pids(); }},
     {"negative pid", "invalid pid", [](Inventory& i, Process&) { i.add_pids(-1); }},
@@ -282,6 +362,117 @@ TEST(ImageDir, HostileContentsAreRefused) {
   }
 }
 
+TEST(ImageDir, SharedRoundTripAndAbsence) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  {
+    ImageReader r(dir);
+    EXPECT_EQ(r.shared().SerializeAsString(), sample_shared().SerializeAsString());
+  }
+  fs::remove(shared_path(dir));
+  ImageReader r(dir);
+  EXPECT_EQ(0, r.shared().pipes_size());
+  EXPECT_EQ(0, r.shared().sockets_size());
+}
+
+TEST(ImageDir, FormatOneHeaderIsRefusedByName) {
+  TempDir tmp;
+  std::string dir = write_sample(tmp.path);
+  for (const char* name : {"/inventory.pb", "/process-4242.pb", "/shared.pb"}) {
+    std::string path = dir + name;
+    std::string good = slurp(path);
+    std::string old = good;
+    old[8] = 1;
+    spit(path, old);
+    std::string err = error_of(dir);
+    EXPECT_NE(err.find(path + ": format 1, this lazycr reads 2"), std::string::npos) << err;
+    spit(path, good);
+  }
+  EXPECT_EQ(error_of(dir), "");
+}
+
+// shared.pb contents the reader refuses; write_shared refuses them too.
+TEST(ImageDir, HostileSharedObjectsAreRefused) {
+  struct Case {
+    const char* what;
+    const char* expect;
+    std::function<void(SharedObjects&)> mutate;
+  };
+  const Case cases[] = {
+      {"pipe inode 0", "inode 0", [](SharedObjects& s) { s.mutable_pipes(0)->set_inode(0); }},
+      {"pipes twice", "sorted", [](SharedObjects& s) { *s.add_pipes() = s.pipes(0); }},
+      {"pipes unsorted", "sorted",
+       [](SharedObjects& s) {
+         *s.add_pipes() = s.pipes(0);
+         s.mutable_pipes(1)->set_inode(999);
+       }},
+      {"capacity 0", "capacity", [](SharedObjects& s) { s.mutable_pipes(0)->set_capacity(0); }},
+      {"capacity not a power of two", "capacity",
+       [](SharedObjects& s) { s.mutable_pipes(0)->set_capacity(65536 + 4096); }},
+      {"capacity 128 MiB", "capacity",
+       [](SharedObjects& s) { s.mutable_pipes(0)->set_capacity(128u << 20); }},
+      {"capacity max", "capacity",
+       [](SharedObjects& s) { s.mutable_pipes(0)->set_capacity(UINT32_MAX); }},
+      {"data over capacity", "more than its capacity",
+       [](SharedObjects& s) {
+         s.mutable_pipes(0)->set_capacity(4096);
+         s.mutable_pipes(0)->set_data(std::string(4097, 'x'));
+       }},
+      {"socket inode 0", "inode 0",
+       [](SharedObjects& s) {
+         s.mutable_sockets(0)->set_inode(0);
+         s.mutable_sockets(1)->set_peer_inode(0);
+       }},
+      {"sockets twice", "sorted", [](SharedObjects& s) { *s.add_sockets() = s.sockets(1); }},
+      {"socket type", "SOCK_STREAM",
+       [](SharedObjects& s) {
+         s.mutable_sockets(0)->set_type(3);  // SOCK_RAW
+         s.mutable_sockets(1)->set_type(3);
+       }},
+      {"stream with two elements", "at most 1",
+       [](SharedObjects& s) { s.mutable_sockets(1)->add_queued("more"); }},
+      {"too many datagrams", "exceeds the bound",
+       [](SharedObjects& s) {
+         for (auto* u : {s.mutable_sockets(0), s.mutable_sockets(1)}) {
+           u->set_type(SOCK_DGRAM);
+           u->clear_queued();
+         }
+         for (int i = 0; i <= kMaxSocketQueued; ++i) s.mutable_sockets(0)->add_queued("");
+       }},
+      {"too many bytes", "exceeds the bound",
+       [](SharedObjects& s) {
+         for (auto* u : {s.mutable_sockets(0), s.mutable_sockets(1)}) u->set_type(SOCK_SEQPACKET);
+         for (int i = 0; i < 2; ++i)
+           s.mutable_sockets(0)->add_queued(std::string(kMaxSocketQueuedBytes / 2 + 1, 'q'));
+       }},
+      {"buffer size", "INT_MAX",
+       [](SharedObjects& s) { s.mutable_sockets(0)->set_sndbuf(1u << 31); }},
+      {"own peer", "its own peer",
+       [](SharedObjects& s) { s.mutable_sockets(0)->set_peer_inode(2000); }},
+      {"peer missing", "not in shared.pb",
+       [](SharedObjects& s) { s.mutable_sockets(0)->set_peer_inode(3000); }},
+      {"one-way peer", "not this one",
+       [](SharedObjects& s) { s.mutable_sockets(1)->set_peer_inode(0); }},
+      {"peer of another type", "its peer's",
+       [](SharedObjects& s) {
+         s.mutable_sockets(0)->set_type(SOCK_DGRAM);
+         s.mutable_sockets(0)->clear_queued();
+       }},
+  };
+  for (const auto& c : cases) {
+    TempDir tmp;
+    std::string dir = write_sample(tmp.path);
+    SharedObjects s = sample_shared();
+    c.mutate(s);
+    write_message_file(shared_path(dir), kSharedMagic, s);
+    std::string err = error_of(dir);
+    EXPECT_NE(err.find(shared_path(dir) + ": "), std::string::npos) << c.what << ": " << err;
+    EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
+    ImageWriter w(tmp.path + "/other", false);
+    EXPECT_THROW(w.write_shared(s), Error) << c.what;
+  }
+}
+
 TEST(ImageDir, WrongMagicIsNamed) {
   TempDir tmp;
   std::string dir = write_sample(tmp.path);
@@ -299,6 +490,9 @@ struct Tree {
   std::map<int, Process> procs;
   // Per pid: fills the page store (zombies get none).
   std::map<int, std::function<void(PageStoreWriter&)>> pages;
+  // Written as is (not through write_shared, which would refuse hostile contents).
+  SharedObjects shared;
+  bool write_shared = false;
 
   Tree() {
     inv = sample_inventory(100);
@@ -306,6 +500,7 @@ struct Tree {
     procs[100] = sample_process(100);
     procs[101] = sample_process(101);
     procs[101].set_ppid(100);
+    procs[100].add_children(101);
     pages[100] = [](PageStoreWriter& w) {
       std::vector<unsigned char> data(8 * kPageSize, 0);
       for (int i = 0; i < 4 * 4096; i++) data[i] = static_cast<unsigned char>(i * 7 + 1);
@@ -328,6 +523,7 @@ struct Tree {
     }
     for (const auto& [pid, p] : procs) w.write_process(p);
     w.write_inventory(inv);
+    if (write_shared) write_message_file(shared_path(w.staging_dir()), kSharedMagic, shared);
     w.commit();
     return dir;
   }
@@ -407,6 +603,103 @@ TEST(ImageDirTree, BadRefsAreRefused) {
     std::string err = error_of(t.write(tmp.path));
     EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
   }
+}
+
+TEST(ImageDirTree, TreeLinksAreChecked) {
+  struct Case {
+    const char* what;
+    const char* expect;
+    std::function<void(Tree&)> mutate;
+  };
+  auto zombie = [](Process& p) {
+    p.set_zombie(true);
+    p.set_exit_status(3 << 8);
+    p.clear_threads();
+    p.clear_areas();
+    p.clear_fds();
+  };
+  const Case cases[] = {
+      {"orphan", "no process lists it as a child", [](Tree& t) { t.procs[100].clear_children(); }},
+      {"child listed twice", "listed twice", [](Tree& t) { t.procs[100].add_children(101); }},
+      {"child with another ppid", "has ppid", [](Tree& t) { t.procs[101].set_ppid(55); }},
+      {"child of itself", "has ppid", [](Tree& t) { t.procs[101].add_children(101); }},
+      {"child before its parent", "before its parent",
+       [](Tree& t) {
+         // 100 <- 101 <- 102, with 102 listed between them.
+         t.inv.clear_pids();
+         for (int pid : {100, 102, 101}) t.inv.add_pids(pid);
+         t.procs[102] = sample_process(102);
+         t.procs[102].set_ppid(101);
+         t.procs[101].add_children(102);
+         t.pages[102] = t.pages[100];
+       }},
+      {"child not in the image", "not a process of the image",
+       [](Tree& t) { t.procs[101].add_children(777); }},
+      {"zombie with areas", "a zombie with",
+       [&](Tree& t) {
+         zombie(t.procs[101]);
+         t.procs[101].add_areas()->set_end(4096);
+         t.pages.erase(101);
+       }},
+      {"fd of a child names a missing socket", "not in shared.pb",
+       [](Tree& t) {
+         auto* f = t.procs[101].add_fds();
+         f->set_fd(5);
+         f->set_kind(FileDescriptor::SOCKET);
+         f->set_file_id(9);
+         f->set_object_inode(2002);
+         f->set_restorable(true);
+         t.shared = sample_shared();
+         t.write_shared = true;
+       }},
+      {"file_id shared across processes by different files", "different file",
+       [](Tree& t) { t.procs[101].mutable_fds(0)->set_target("/dev/zero"); }},
+  };
+  for (const auto& c : cases) {
+    TempDir tmp;
+    Tree t;
+    c.mutate(t);
+    std::string err = error_of(t.write(tmp.path));
+    EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
+  }
+  // The accepted shapes: a zombie child, a grandchild, fds sharing descriptions across
+  // processes, and a socket pair split between parent and child.
+  TempDir tmp;
+  Tree t;
+  t.inv.add_pids(102);
+  t.inv.add_pids(103);
+  t.procs[102] = sample_process(102);
+  t.procs[102].set_ppid(101);
+  t.procs[101].add_children(102);
+  t.pages[102] = t.pages[100];
+  t.procs[103] = sample_process(103);
+  zombie(t.procs[103]);
+  t.procs[103].set_ppid(100);
+  t.procs[100].add_children(103);
+  t.shared = sample_shared();
+  t.write_shared = true;
+  for (int pid : {100, 101}) {
+    auto* f = t.procs[pid].add_fds();
+    f->set_fd(7);
+    f->set_kind(FileDescriptor::SOCKET);
+    f->set_target(pid == 100 ? "socket:[2000]" : "socket:[2001]");
+    f->set_file_id(pid == 100 ? 20 : 21);
+    f->set_object_inode(pid == 100 ? 2000 : 2001);
+    f->set_restorable(true);
+  }
+  // An unrestorable socket (connected outside the tree) is recorded without its object.
+  auto* outside = t.procs[102].add_fds();
+  outside->set_fd(9);
+  outside->set_kind(FileDescriptor::SOCKET);
+  outside->set_target("socket:[4444]");
+  outside->set_file_id(44);
+  outside->set_object_inode(4444);
+  std::string dir = t.write(tmp.path);
+  EXPECT_EQ("", error_of(dir));
+  ImageReader r(dir);
+  EXPECT_EQ(4u, r.processes().size());
+  EXPECT_TRUE(r.process(103).zombie());
+  EXPECT_THROW(r.pages(103), Error);
 }
 
 }  // namespace
