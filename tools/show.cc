@@ -1,12 +1,17 @@
 // `lazycr show`: an image directory decoded for people (aligned text) and scripts (JSON).
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 
 #include <cstdio>
 #include <ctime>
+#include <functional>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "common/error.h"
 #include "common/json.h"
@@ -78,15 +83,93 @@ const char* signal_name(int signo) {
 }
 
 struct StoreSummary {
-  uint64_t data_pages, zero_pages, frames, file_bytes;
+  uint64_t data_pages, zero_pages, ref_pages, frames, file_bytes;
   double ratio;  // uncompressed data / file bytes
+  std::vector<int32_t> ref_pids;
 };
 
 StoreSummary summarize(const image::PageStoreReader& store) {
   const auto& idx = store.index();
-  StoreSummary s{idx.data_pages(), idx.zero_pages(), store.frame_count(), store.file_size(), 0};
+  StoreSummary s{idx.data_pages(),    idx.zero_pages(),  store.ref_pages(),
+                 store.frame_count(), store.file_size(), 0,
+                 store.ref_pids()};
   s.ratio = s.file_bytes > 0 ? double(s.data_pages * kPageSize) / double(s.file_bytes) : 0;
   return s;
+}
+
+const char* run_kind(image::PageRun::Kind k) {
+  switch (k) {
+    case image::PageRun::DATA:
+      return "data";
+    case image::PageRun::ZERO:
+      return "zero";
+    default:
+      return "ref";
+  }
+}
+
+// A wait status as people read it: "exited 3", "killed by SIGKILL (core dumped)".
+std::string wait_status(int status) {
+  if (WIFEXITED(status)) return cat("exited ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status))
+    return cat("killed by SIG", signal_name(WTERMSIG(status)),
+               WCOREDUMP(status) ? " (core dumped)" : "");
+  return cat("wait status ", hex(static_cast<uint32_t>(status)));
+}
+
+const char* socket_type(int type) {
+  switch (type) {
+    case SOCK_STREAM:
+      return "stream";
+    case SOCK_DGRAM:
+      return "dgram";
+    case SOCK_SEQPACKET:
+      return "seqpacket";
+    default:
+      return "?";
+  }
+}
+
+uint64_t queued_bytes(const image::UnixSocket& u) {
+  uint64_t n = 0;
+  for (const auto& q : u.queued()) n += q.size();
+  return n;
+}
+
+// Who holds each pipe and socket: "pid/fd" of every descriptor naming it.
+struct Holders {
+  std::map<uint64_t, std::vector<std::string>> pipes, sockets;
+  explicit Holders(const ImageReader& img) {
+    for (const auto& p : img.processes())
+      for (const auto& f : p.fds()) {
+        if (f.object_inode() == 0) continue;
+        std::string who = cat(p.pid(), "/", f.fd());
+        if (f.kind() == image::FileDescriptor::SOCKET)
+          sockets[f.object_inode()].push_back(who);
+        else if (f.kind() == image::FileDescriptor::PIPE || f.kind() == image::FileDescriptor::FIFO)
+          pipes[f.object_inode()].push_back(who);
+      }
+  }
+  static std::string list(const std::map<uint64_t, std::vector<std::string>>& m, uint64_t inode) {
+    auto it = m.find(inode);
+    if (it == m.end()) return "-";
+    std::string out;
+    for (const auto& w : it->second) out += (out.empty() ? "" : " ") + w;
+    return out;
+  }
+};
+
+// The processes in tree order (root first, each parent before its children) with their depth.
+// The reader checked that children form one tree rooted at the inventory's root.
+std::vector<std::pair<const image::Process*, int>> tree_order(const ImageReader& img) {
+  std::vector<std::pair<const image::Process*, int>> out;
+  std::function<void(int, int)> walk = [&](int pid, int depth) {
+    const image::Process& p = img.process(pid);
+    out.emplace_back(&p, depth);
+    for (int c : p.children()) walk(c, depth + 1);
+  };
+  walk(img.inventory().root_pid(), 0);
+  return out;
 }
 
 void print_text(const ImageReader& img, const ShowOptions& opts) {
@@ -108,10 +191,25 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                 inv.options().leave_running() ? "left running" : "killed after dump");
   o << line;
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
+  for (const auto& [p, depth] : tree_order(img)) {
+    uint64_t refs = p->zombie() ? 0 : img.pages(p->pid()).ref_pages();
+    std::string indent(2 + 2 * static_cast<size_t>(depth), ' ');
+    o << indent << p->pid() << " \"" << p->comm() << "\"  ppid " << p->ppid() << "  pgid "
+      << p->pgid() << "  sid " << p->sid();
+    if (p->zombie()) o << "  zombie, " << wait_status(p->exit_status());
+    if (refs > 0) o << "  " << refs << " pages shared with earlier processes (REF)";
+    o << "\n";
+  }
 
   for (const auto& p : img.processes()) {
     o << "\nProcess " << p.pid() << "  comm \"" << p.comm() << "\"  ppid " << p.ppid() << "  pgid "
-      << p.pgid() << "  sid " << p.sid() << (p.zombie() ? "  (zombie)" : "") << "\n";
+      << p.pgid() << "  sid " << p.sid()
+      << (p.zombie() ? "  (zombie, " + wait_status(p.exit_status()) + ")" : "") << "\n";
+    if (p.children_size() > 0) {
+      o << "  children";
+      for (int c : p.children()) o << " " << c;
+      o << "\n";
+    }
     std::snprintf(line, sizeof line, "  exe %s  cwd %s  root %s  umask %03o\n",
                   p.exe().path().c_str(), p.cwd().c_str(), p.root().c_str(), p.umask());
     o << line;
@@ -176,35 +274,77 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
 
     o << "  File descriptors (" << p.fds_size() << "):\n";
     for (const auto& f : p.fds()) {
-      std::snprintf(line, sizeof line, "    %-4d %-10s flags 0%-8o pos %-10llu %s%s\n", f.fd(),
-                    fd_kind(f.kind()).c_str(), f.flags(), static_cast<unsigned long long>(f.pos()),
-                    f.target().c_str(), f.restorable() ? "" : "  (not restorable)");
+      std::string object = f.object_inode() != 0 ? cat("  inode ", f.object_inode()) : "";
+      std::snprintf(line, sizeof line, "    %-4d %-10s flags 0%-8o pos %-10llu id %-5llu %s%s%s\n",
+                    f.fd(), fd_kind(f.kind()).c_str(), f.flags(),
+                    static_cast<unsigned long long>(f.pos()),
+                    static_cast<unsigned long long>(f.file_id()), f.target().c_str(),
+                    object.c_str(), f.restorable() ? "" : "  (not restorable)");
       o << line;
     }
 
     if (p.zombie()) continue;
     const auto& store = img.pages(p.pid());
     auto s = summarize(store);
-    std::snprintf(line, sizeof line,
-                  "  Page store: %llu data pages (%s), %llu zero pages, %llu frames, "
-                  "file %s, ratio %.2f\n",
-                  static_cast<unsigned long long>(s.data_pages),
-                  human_bytes(s.data_pages * kPageSize).c_str(),
-                  static_cast<unsigned long long>(s.zero_pages),
-                  static_cast<unsigned long long>(s.frames), human_bytes(s.file_bytes).c_str(),
-                  s.ratio);
+    std::snprintf(
+        line, sizeof line,
+        "  Page store: %llu data pages (%s), %llu zero pages, %llu ref pages, %llu "
+        "frames, file %s, ratio %.2f\n",
+        static_cast<unsigned long long>(s.data_pages),
+        human_bytes(s.data_pages * kPageSize).c_str(),
+        static_cast<unsigned long long>(s.zero_pages), static_cast<unsigned long long>(s.ref_pages),
+        static_cast<unsigned long long>(s.frames), human_bytes(s.file_bytes).c_str(), s.ratio);
     o << line;
+    if (!s.ref_pids.empty()) {
+      o << "    ref pages are stored by pid";
+      for (int32_t pid : s.ref_pids) o << " " << pid;
+      o << "\n";
+    }
     if (opts.pages) {
       for (const auto& r : store.index().runs()) {
         std::snprintf(line, sizeof line, "    %s-%s %8llu pages %s", hex(r.start()).c_str(),
                       hex(r.start() + r.pages() * kPageSize).c_str(),
-                      static_cast<unsigned long long>(r.pages()),
-                      r.kind() == image::PageRun::ZERO ? "zero" : "data");
+                      static_cast<unsigned long long>(r.pages()), run_kind(r.kind()));
         o << line;
         if (r.kind() == image::PageRun::DATA) o << " from stream page " << r.first_page();
+        if (r.kind() == image::PageRun::REF)
+          o << " to pid " << r.ref_pid() << " at " << hex(r.ref_addr());
         o << "\n";
       }
     }
+  }
+
+  const auto& sh = img.shared();
+  if (sh.pipes_size() == 0 && sh.sockets_size() == 0) return;
+  Holders holders(img);
+  o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size()
+    << " sockets (holders as pid/fd)\n";
+  for (const auto& pipe : sh.pipes()) {
+    std::string name =
+        pipe.fifo() ? cat("FIFO inode ", pipe.inode()) : cat("pipe:[", pipe.inode(), "]");
+    std::snprintf(line, sizeof line, "  %-24s %8zu bytes buffered of %-9s  %s\n", name.c_str(),
+                  pipe.data().size(), human_bytes(pipe.capacity()).c_str(),
+                  Holders::list(holders.pipes, pipe.inode()).c_str());
+    o << line;
+  }
+  for (const auto& u : sh.sockets()) {
+    // A pair is shown once, from its lower inode.
+    if (u.peer_inode() != 0 && u.peer_inode() < u.inode()) continue;
+    const image::UnixSocket* peer = nullptr;
+    for (const auto& v : sh.sockets())
+      if (u.peer_inode() != 0 && v.inode() == u.peer_inode()) peer = &v;
+    auto end = [&](const image::UnixSocket& e) {
+      std::string shut = e.shutdown_read() && e.shutdown_write() ? ", shut down"
+                         : e.shutdown_read()                     ? ", shut for reading"
+                         : e.shutdown_write()                    ? ", shut for writing"
+                                                                 : "";
+      return cat("socket:[", e.inode(), "] ", e.queued_size(), " queued (",
+                 human_bytes(queued_bytes(e)), shut, ") held by ",
+                 Holders::list(holders.sockets, e.inode()));
+    };
+    o << "  unix " << socket_type(u.type()) << "  " << end(u);
+    if (peer != nullptr) o << "\n    <-> " << end(*peer);
+    o << "\n";
   }
 }
 
@@ -246,6 +386,14 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("sid", p.sid());
     j.field("comm", p.comm());
     j.field("zombie", p.zombie());
+    if (p.zombie()) {
+      j.field("exit_status", p.exit_status());
+      j.field("exit", wait_status(p.exit_status()));
+    }
+    j.key("children");
+    j.begin_array();
+    for (int c : p.children()) j.value(c);
+    j.end_array();
     j.field("exe", p.exe().path());
     j.field("cwd", p.cwd());
     j.field("umask", p.umask());
@@ -311,6 +459,8 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("target", f.target());
       j.field("flags", f.flags());
       j.field("pos", f.pos());
+      j.field("file_id", f.file_id());
+      j.field("object_inode", f.object_inode());
       j.field("restorable", f.restorable());
       j.end_object();
     }
@@ -322,6 +472,11 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.begin_object();
       j.field("data_pages", s.data_pages);
       j.field("zero_pages", s.zero_pages);
+      j.field("ref_pages", s.ref_pages);
+      j.key("ref_pids");
+      j.begin_array();
+      for (int32_t pid : s.ref_pids) j.value(pid);
+      j.end_array();
       j.field("frames", s.frames);
       j.field("file_bytes", s.file_bytes);
       j.field("ratio", s.ratio);
@@ -332,8 +487,12 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
           j.begin_object();
           j.hex_field("start", r.start());
           j.field("pages", r.pages());
-          j.field("kind", r.kind() == image::PageRun::ZERO ? "zero" : "data");
-          j.field("first_page", r.first_page());
+          j.field("kind", run_kind(r.kind()));
+          if (r.kind() == image::PageRun::DATA) j.field("first_page", r.first_page());
+          if (r.kind() == image::PageRun::REF) {
+            j.field("ref_pid", r.ref_pid());
+            j.hex_field("ref_addr", r.ref_addr());
+          }
           j.end_object();
         }
         j.end_array();
@@ -343,6 +502,46 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.end_object();
   }
   j.end_array();
+
+  Holders holders(img);
+  auto holder_array = [&](const std::map<uint64_t, std::vector<std::string>>& m, uint64_t inode) {
+    j.key("holders");
+    j.begin_array();
+    auto it = m.find(inode);
+    if (it != m.end())
+      for (const auto& w : it->second) j.value(w);
+    j.end_array();
+  };
+  j.key("shared");
+  j.begin_object();
+  j.key("pipes");
+  j.begin_array();
+  for (const auto& pipe : img.shared().pipes()) {
+    j.begin_object();
+    j.field("inode", pipe.inode());
+    j.field("fifo", pipe.fifo());
+    j.field("capacity", pipe.capacity());
+    j.field("bytes", static_cast<uint64_t>(pipe.data().size()));
+    holder_array(holders.pipes, pipe.inode());
+    j.end_object();
+  }
+  j.end_array();
+  j.key("sockets");
+  j.begin_array();
+  for (const auto& u : img.shared().sockets()) {
+    j.begin_object();
+    j.field("inode", u.inode());
+    j.field("peer_inode", u.peer_inode());
+    j.field("type", socket_type(u.type()));
+    j.field("queued_messages", u.queued_size());
+    j.field("queued_bytes", queued_bytes(u));
+    j.field("shutdown_read", u.shutdown_read());
+    j.field("shutdown_write", u.shutdown_write());
+    holder_array(holders.sockets, u.inode());
+    j.end_object();
+  }
+  j.end_array();
+  j.end_object();
   j.end_object();
 }
 
