@@ -172,11 +172,8 @@ struct GoMessage {
 };
 
 struct ServerLaunch {
-  pid_t pid = 0;                                  // the restored process, in our namespace
-  int uffd = -1;                                  // ours (the server inherits it)
-  int pidfd = -1;                                 // the process's (inherited)
-  const image::PageStoreReader* store = nullptr;  // lazycr's, parsed already (a copy after fork)
-  std::vector<uffd::LazyArea> areas;
+  std::vector<ServedProcess> processes;  // the root first
+  pid_t root = 0;                        // for the stats and messages
   LazyOptions opts;
   cpu_set_t cpus;
   uint64_t start_ns = 0;
@@ -313,9 +310,16 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     // the page store: its reader is lazycr's, index parsed already (this process is a copy of
     // lazycr, single-threaded at the fork); only its descriptor must stay open.
     const int log_fd = log::output_fd();
-    std::vector<int> keep = fds_on(l.store->path());
-    const bool store_kept = !keep.empty();
-    for (int fd : {log_fd, l.uffd, l.pidfd, ready_wr, ctl_rd}) keep.push_back(fd);
+    std::vector<int> keep;
+    std::vector<bool> store_kept;
+    for (const auto& sp : l.processes) {
+      std::vector<int> on = fds_on(sp.store->path());
+      store_kept.push_back(!on.empty());
+      keep.insert(keep.end(), on.begin(), on.end());
+      keep.push_back(sp.uffd);
+      keep.push_back(sp.pidfd);
+    }
+    for (int fd : {log_fd, ready_wr, ctl_rd}) keep.push_back(fd);
     close_all_but(keep);
     // Until it is ready, off the CPU lazycr is pinned to (lazycr set that already, right
     // after the fork: the rest of the restore runs there meanwhile); then its own CPUs.
@@ -326,11 +330,14 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     }
 
     const uint64_t t_fork = now_ns();
-    std::shared_ptr<const image::PageStoreReader> store;
-    if (store_kept)  // never freed: this process ends with _exit
-      store.reset(l.store, [](const image::PageStoreReader*) {});
-    else  // its file was renamed meanwhile: opened (and validated) again
-      store.reset(image::PageStoreReader::open(l.store->path()).release());
+    std::vector<std::shared_ptr<const image::PageStoreReader>> stores;
+    for (size_t i = 0; i < l.processes.size(); i++) {
+      const image::PageStoreReader* st = l.processes[i].store;
+      if (store_kept[i])  // never freed: this process ends with _exit
+        stores.emplace_back(st, [](const image::PageStoreReader*) {});
+      else  // its file was renamed meanwhile: opened (and validated) again
+        stores.emplace_back(image::PageStoreReader::open(st->path()).release());
+    }
     const uint64_t t_store = now_ns();
     uffd::PageServerOptions o;
     o.window = l.opts.window;
@@ -353,7 +360,10 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       ::sigaction(SIGTERM, &term, nullptr);
       server.start_guardian();
       const uint64_t t_guardian = now_ns();
-      server.add_process(l.pid, UniqueFd(l.uffd), UniqueFd(l.pidfd), store, l.areas);
+      for (size_t i = 0; i < l.processes.size(); i++) {
+        const ServedProcess& sp = l.processes[i];
+        server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas);
+      }
       log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
                  (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
                  " us");
@@ -374,12 +384,12 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
         const int64_t owed = go.lazy_pages == 0        ? go.first_instruction_ns
                              : stats.all_served_ns < 0 ? -1
                                                        : run_from_start + stats.all_served_ns;
-        log_summary(l.pid, go, &server, owed);
+        log_summary(l.root, go, &server, owed);
       }
     }
     if (have_go) {
       if (!l.opts.stats_file.empty())
-        write_stats(l.opts.stats_file, l.pid, go, stats, run_from_start);
+        write_stats(l.opts.stats_file, l.root, go, stats, run_from_start);
       code = stats.killed > 0 ? 1 : 0;
     }
     // Without the message the restore failed: lazycr reports that; nothing to add.
@@ -507,13 +517,23 @@ class ServerProcess {
   UniqueFd ctl_wr_;
 };
 
+void write_pidfile(const std::string& path, pid_t pid) {
+  std::string tmp = cat(path, ".tmp-", ::getpid());
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << pid << "\n";
+    if (!f.flush()) fail_errno("cannot write the server pidfile ", tmp);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("cannot rename ", tmp, " to ", path);
+}
+
 // ---- the strategy -------------------------------------------------------------------------
 
 class LazyStrategy final : public MemoryStrategy {
  public:
   LazyStrategy(const image::Process& proc, const image::PageStoreReader& store,
-               const RestoreOptions& opts, const cpu_set_t& cpus)
-      : proc_(proc), store_(store), opts_(opts), cpus_(cpus) {
+               const RestoreOptions& opts, const cpu_set_t& cpus, LazyServerGroup& group)
+      : proc_(proc), store_(store), opts_(opts), cpus_(cpus), group_(group) {
     eager_ = make_eager_filler(store, &cpus_);
   }
 
@@ -550,56 +570,24 @@ class LazyStrategy final : public MemoryStrategy {
 
   void start_server(RemoteProcess& target) override {
     if (!uffd_.valid()) return;
-    ServerLaunch l;
-    l.pid = target.pid();
-    l.uffd = uffd_.fd();
-    l.pidfd = target.pidfd();
-    l.store = &store_;
-    l.areas = server_areas_;
-    l.opts = opts_.lazy;
-    l.cpus = cpus_;
-    l.start_ns = opts_.start_ns;
-    // The server starts up on the other CPUs, not on the one this thread is pinned to (the
-    // restore goes on there): measured, that step otherwise took 0.7-1.6 ms instead of 0.15.
-    cpu_set_t pinned, setup;
-    CPU_ZERO(&setup);
-    if (::sched_getaffinity(0, sizeof pinned, &pinned) == 0) CPU_XOR(&setup, &cpus_, &pinned);
-    CPU_AND(&setup, &setup, &cpus_);
-    server_.start(l, CPU_COUNT(&setup) > 0 ? &setup : nullptr);
-    if (!opts_.lazy.server_pidfile.empty()) write_pidfile(opts_.lazy.server_pidfile, server_.pid());
+    ServedProcess sp;
+    sp.pid = target.pid();
+    sp.uffd = uffd_.fd();
+    sp.pidfd = target.pidfd();
+    sp.store = &store_;
+    sp.areas = server_areas_;
+    group_.add(std::move(sp));
   }
 
   void after_shaping(RemoteProcess& target) override { eager_->after_shaping(target); }
 
   void before_release(RemoteProcess&) override {
-    if (!server_.started()) return;
-    server_.wait_ready();
+    if (!uffd_.valid()) return;
+    group_.wait_ready();
     uffd_.reset();  // the server and its guardian hold it now
   }
 
-  void on_running(RemoteProcess& target) override {
-    eager_->on_running(target);
-    GoMessage m{};
-    const uint64_t now = now_ns();
-    m.first_instruction_ns = static_cast<int64_t>(now - opts_.start_ns);
-    m.eager_pages = eager_->stats().pages_written + hot_pages_;
-    m.hot_pages = hot_pages_;
-    m.lazy_pages = lazy_pages_;
-    m.lazy_areas = lazy_areas_;
-    if (server_.started()) {
-      handle_ = server_.go(m);
-      return;
-    }
-    // Nothing lazy: no server; the stats say so.
-    log_summary(target.pid(), m, nullptr, m.first_instruction_ns);
-    if (!opts_.lazy.stats_file.empty()) {
-      try {
-        write_stats(opts_.lazy.stats_file, target.pid(), m, uffd::PageServerStats{}, 0);
-      } catch (const Error& e) {
-        log::warn(e.what());
-      }
-    }
-  }
+  void on_running(RemoteProcess& target) override { eager_->on_running(target); }
 
   MemoryStats stats() const override {
     MemoryStats s = eager_->stats();
@@ -611,19 +599,7 @@ class LazyStrategy final : public MemoryStrategy {
     return s;
   }
 
-  ServerHandle take_server() override { return std::move(handle_); }
-
  private:
-  static void write_pidfile(const std::string& path, pid_t pid) {
-    std::string tmp = cat(path, ".tmp-", ::getpid());
-    {
-      std::ofstream f(tmp, std::ios::trunc);
-      f << pid << "\n";
-      if (!f.flush()) fail_errno("cannot write the server pidfile ", tmp);
-    }
-    if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("cannot rename ", tmp, " to ", path);
-  }
-
   // Pages of lazy areas that are present already would never fault (a page the restore
   // faulted in to keep neighbours apart, or a transparent huge page it populated): dropped.
   void drop_present_pages(RemoteProcess& target) {
@@ -780,12 +756,12 @@ class LazyStrategy final : public MemoryStrategy {
       const uint64_t start = *it;
       const MemoryArea* area = lazy_area_of(start);
       auto loc = store_.find(start);
-      const bool data = loc && loc->kind == PageRun::DATA;
+      const bool data = loc && loc->kind != PageRun::ZERO;  // DATA, or REF (read() follows it)
       uint64_t end = start + kPage;
       ++it;
       while (it != pages.end() && *it == end && lazy_area_of(end) == area) {
         auto l2 = store_.find(end);
-        if ((l2 && l2->kind == PageRun::DATA) != data) break;
+        if ((l2 && l2->kind != PageRun::ZERO) != data) break;
         end += kPage;
         ++it;
       }
@@ -834,8 +810,7 @@ class LazyStrategy final : public MemoryStrategy {
   std::vector<Range> hot_;
   std::vector<uffd::LazyArea> server_areas_;
   uffd::Userfaultfd uffd_;
-  ServerProcess server_;
-  ServerHandle handle_;
+  LazyServerGroup& group_;
   uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
   size_t dropped_present_ = 0;
 };
@@ -892,8 +867,73 @@ void check_lazy_support() {
 std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
                                                    const image::PageStoreReader& store,
                                                    const RestoreOptions& opts,
-                                                   const cpu_set_t& cpus) {
-  return std::make_unique<LazyStrategy>(proc, store, opts, cpus);
+                                                   const cpu_set_t& cpus, LazyServerGroup& group) {
+  return std::make_unique<LazyStrategy>(proc, store, opts, cpus, group);
+}
+
+struct LazyServerGroup::Impl {
+  RestoreOptions opts;
+  cpu_set_t cpus;
+  std::vector<ServedProcess> processes;
+  ServerProcess server;
+  bool ready = false;
+};
+
+LazyServerGroup::LazyServerGroup(const RestoreOptions& opts, const cpu_set_t& cpus)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->opts = opts;
+  impl_->cpus = cpus;
+}
+
+LazyServerGroup::~LazyServerGroup() = default;
+
+void LazyServerGroup::add(ServedProcess p) {
+  impl_->processes.push_back(std::move(p));
+}
+
+void LazyServerGroup::start(pid_t root) {
+  if (impl_->processes.empty()) return;
+  ServerLaunch l;
+  l.processes = impl_->processes;
+  l.root = root;
+  l.opts = impl_->opts.lazy;
+  l.cpus = impl_->cpus;
+  l.start_ns = impl_->opts.start_ns;
+  // The server starts up on the other CPUs, not on the one this thread is pinned to (the
+  // restore goes on there): measured, that step otherwise took 0.7-1.6 ms instead of 0.15.
+  cpu_set_t pinned, setup;
+  CPU_ZERO(&setup);
+  if (::sched_getaffinity(0, sizeof pinned, &pinned) == 0) CPU_XOR(&setup, &impl_->cpus, &pinned);
+  CPU_AND(&setup, &setup, &impl_->cpus);
+  impl_->server.start(l, CPU_COUNT(&setup) > 0 ? &setup : nullptr);
+  if (!impl_->opts.lazy.server_pidfile.empty())
+    write_pidfile(impl_->opts.lazy.server_pidfile, impl_->server.pid());
+}
+
+void LazyServerGroup::wait_ready() {
+  if (impl_->ready || !impl_->server.started()) return;
+  impl_->server.wait_ready();
+  impl_->ready = true;
+}
+
+ServerHandle LazyServerGroup::go(pid_t root, const MemoryStats& total) noexcept {
+  GoMessage m{};
+  m.first_instruction_ns = static_cast<int64_t>(now_ns() - impl_->opts.start_ns);
+  m.eager_pages = total.pages_written;
+  m.hot_pages = total.hot_pages;
+  m.lazy_pages = total.lazy_pages;
+  m.lazy_areas = total.lazy_areas;
+  if (impl_->server.started()) return impl_->server.go(m);
+  // Nothing lazy: no server; the stats say so.
+  log_summary(root, m, nullptr, m.first_instruction_ns);
+  if (!impl_->opts.lazy.stats_file.empty()) {
+    try {
+      write_stats(impl_->opts.lazy.stats_file, root, m, uffd::PageServerStats{}, 0);
+    } catch (const Error& e) {
+      log::warn(e.what());
+    }
+  }
+  return {};
 }
 
 }  // namespace lazycr::restore

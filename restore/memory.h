@@ -24,11 +24,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/fd.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
 #include "restore/restore.h"
+#include "uffd/page_server.h"
 
 namespace lazycr::restore {
 
@@ -87,8 +89,6 @@ class MemoryStrategy {
   virtual void register_lazy(RemoteProcess&) {}
   virtual void start_server(RemoteProcess&) {}
   virtual void before_release(RemoteProcess&) {}
-  // After on_running(): the server process, if one was started (the caller waits for it).
-  virtual ServerHandle take_server() { return {}; }
 };
 
 // Writes every stored page with process_vm_writev before the process resumes. The pages are
@@ -100,6 +100,38 @@ class MemoryStrategy {
 std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
                                                   const cpu_set_t* helper_cpus = nullptr);
 
+// One restored process for the lazy page server.
+struct ServedProcess {
+  pid_t pid = 0;                                  // the restored process, in our namespace
+  int uffd = -1;                                  // lazycr's (the server inherits it)
+  int pidfd = -1;                                 // the process's (inherited)
+  const image::PageStoreReader* store = nullptr;  // lazycr's, parsed already (a copy after fork)
+  std::vector<uffd::LazyArea> areas;
+};
+
+// The page server of a lazy restore, one for every process of the tree (restore/lazy.cc): each
+// process's lazy strategy hands it its userfaultfd at [server] (add()), then start() forks the
+// server for all of them; wait_ready() at [server-ready]; go() once every process runs.
+class LazyServerGroup {
+ public:
+  LazyServerGroup(const RestoreOptions& opts, const cpu_set_t& cpus);
+  // Without go(): the restore failed; the server (which finds its processes killed) is reaped.
+  ~LazyServerGroup();
+  LazyServerGroup(const LazyServerGroup&) = delete;
+  LazyServerGroup& operator=(const LazyServerGroup&) = delete;
+
+  void add(ServedProcess p);
+  void start(pid_t root);  // no server when nothing was added
+  void wait_ready();
+  // Tells the server the processes run (and the totals, for its stats) and hands it over.
+  // Without a server, writes the stats itself. Never throws.
+  ServerHandle go(pid_t root, const MemoryStats& total) noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 // The lazy strategy (--lazy, restore/lazy.cc): private anonymous areas with stored pages are
 // registered with a userfaultfd and served by a page server process; everything else is
 // filled by an eager filler. `cpus` is the CPU mask the server and the process run on
@@ -107,7 +139,7 @@ std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& 
 std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
                                                    const image::PageStoreReader& store,
                                                    const RestoreOptions& opts,
-                                                   const cpu_set_t& cpus);
+                                                   const cpu_set_t& cpus, LazyServerGroup& group);
 
 // Throws Error saying what is missing when this kernel or lazycr's privileges cannot do a lazy
 // restore (userfaultfd and its fork/remap/remove/unmap events, pidfd_getfd, CAP_SYS_PTRACE).

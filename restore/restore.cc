@@ -37,6 +37,7 @@
 #include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -61,6 +62,7 @@
 #include "image-format/image_dir.h"
 #include "restore/internal.h"
 #include "restore/memory.h"
+#include "restore/shared_files.h"
 
 namespace lazycr::restore {
 namespace {
@@ -70,13 +72,40 @@ using image::MemoryArea;
 
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
-[[maybe_unused]] constexpr const char* kSteps[] = {
-    "validate",      "create",           "seize",          "pin",       "trampoline",
-    "rseq",          "close-fds",        "unmap",          "vdso",      "map-areas",
-    "uffd",          "server",           "fill",           "protect",   "mm",
-    "after-shaping", "process-state",    "sigactions",     "fds",       "session",
-    "thread-state",  "threads",          "thread-created", "signals",   "rlimits",
-    "credentials",   "unmap-trampoline", "server-ready",   "registers", "detach"};
+[[maybe_unused]] constexpr const char* kSteps[] = {"validate",
+                                                   "files",
+                                                   "create",
+                                                   "seize",
+                                                   "pin",
+                                                   "trampoline",
+                                                   "rseq",
+                                                   "close-fds",
+                                                   "session",
+                                                   "fork",
+                                                   "groups",
+                                                   "zombie",
+                                                   "unmap",
+                                                   "vdso",
+                                                   "map-areas",
+                                                   "uffd",
+                                                   "server",
+                                                   "fill",
+                                                   "protect",
+                                                   "mm",
+                                                   "after-shaping",
+                                                   "process-state",
+                                                   "sigactions",
+                                                   "fds",
+                                                   "thread-state",
+                                                   "threads",
+                                                   "thread-created",
+                                                   "signals",
+                                                   "rlimits",
+                                                   "credentials",
+                                                   "unmap-trampoline",
+                                                   "server-ready",
+                                                   "registers",
+                                                   "detach"};
 
 constexpr uint64_t kTaskSize = image::kUserSpaceEnd - kPageSize;  // TASK_SIZE on x86_64
 // The trampoline mapping: code in its first page, then an arena for syscall arguments and
@@ -203,7 +232,7 @@ struct ThreadCtl {
 // reaper) and reaps everything, so that a failed restore leaves nothing behind.
 class Restoree final : public RemoteProcess {
  public:
-  Restoree(const RestoreOptions&, const image::Process& proc) : proc_(proc) {}
+  explicit Restoree(const image::Process& proc) : proc_(proc) {}
   ~Restoree() override {
     if (!committed_) destroy();
   }
@@ -218,10 +247,12 @@ class Restoree final : public RemoteProcess {
   std::vector<ThreadCtl>& threads() { return threads_; }
   uint64_t trampoline() const { return tramp_; }
 
-  // Seizes the new process, lets it stop itself and waits for that stop.
+  // Seizes the new process, lets it stop itself and waits for that stop. Forks it is made to
+  // do (children of a tree) are auto-attached with the same options.
   void seize() {
     ThreadCtl c;
-    c.t = TracedThread::seize(sp_.s.pid, PTRACE_O_TRACECLONE | PTRACE_O_EXITKILL);
+    c.t = TracedThread::seize(sp_.s.pid,
+                              PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK | PTRACE_O_EXITKILL);
     c.vtid = sp_.s.vpid;
     c.img = &proc_.threads(0);
     threads_.push_back(std::move(c));
@@ -236,6 +267,89 @@ class Restoree final : public RemoteProcess {
     }
     // The first injected call resumes from this signal-delivery-stop with signal 0: the
     // SIGSTOP is suppressed and the process never enters a group-stop.
+  }
+
+  // Makes this process fork the child `child` (its image pid `vpid`) with clone3(set_tid):
+  // the child is auto-attached (PTRACE_O_TRACEFORK), starts as a copy of this process with
+  // the trampoline at the same place, and is driven from its first stop.
+  void fork_child(pid_t vpid, Restoree& child) {
+    abi::clone_args args;
+    std::memset(&args, 0, sizeof args);
+    args.exit_signal = SIGCHLD;
+    args.set_tid_size = 1;
+    reset_arena();
+    args.set_tid = push(&vpid, sizeof vpid);
+    uint64_t base = push(&args, sizeof args);
+    long got = inject(cat("clone3 of child pid ", vpid), SYS_clone3, base, sizeof args);
+    auto tids = leader().t.take_new_tasks();
+    if (tids.size() != 1) fail("clone3 reported ", tids.size(), " new tasks, expected 1");
+    child.adopt_forked(tids[0], vpid, tramp_);
+    if (got != vpid) fail("clone3 created child ", got, ", not ", vpid);
+  }
+
+  // The other side of fork_child(): takes the auto-attached child and waits for its first stop.
+  void adopt_forked(pid_t real_pid, pid_t vpid, uint64_t tramp) {
+    sp_.s.pid = real_pid;
+    sp_.s.vpid = vpid;
+    ThreadCtl c;
+    c.t = TracedThread::adopt(real_pid);
+    c.vtid = vpid;
+    c.img = proc_.threads_size() > 0 ? &proc_.threads(0) : nullptr;
+    threads_.push_back(std::move(c));
+    tramp_ = tramp;
+    sp_.s.pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, real_pid, 0)));
+    if (!sp_.s.pidfd) fail_errno("pidfd_open of the new child ", real_pid);
+    for (int round = 0;; round++) {
+      StopInfo s = leader().t.wait_stop();
+      if (s.kind == StopKind::kEventStop) break;
+      if (s.kind == StopKind::kExited) fail("new child ", real_pid, " exited at once");
+      if (round > 16) fail("new child ", real_pid, " did not reach its first stop");
+      leader().t.cont(s.kind == StopKind::kSignalStop ? s.signo : 0);
+    }
+  }
+
+  // A zombie of the image: the process ends now the way the original had ended (exit code or
+  // signal), untraced, so that its parent finds it as a zombie with that wait status. The exit
+  // runs from the trampoline's `syscall` once detached; waits until it is gone.
+  void exit_as_zombie(int wait_status) {
+    ThreadCtl& c = leader();
+    reset_arena();
+    inject("prctl(PR_SET_NAME)", SYS_prctl, PR_SET_NAME, push_string(proc_.comm().substr(0, 15)));
+    Regs regs = c.t.get_regs();
+    regs.orig_rax = ~0ull;
+    regs.rip = tramp_;
+    if (WIFSIGNALED(wait_status)) {
+      const int sig = WTERMSIG(wait_status);
+      if (sig == SIGKILL || sig == SIGSTOP)
+        ;  // their action cannot be changed (nor blocked)
+      else {
+        uint64_t act[4] = {0, 0, 0, 0};  // SIG_DFL
+        inject(cat("rt_sigaction(", sig, ", SIG_DFL)"), SYS_rt_sigaction,
+               static_cast<uint64_t>(sig), put_data(act, sizeof act), 0, 8);
+      }
+      // No core file: the image's status says whether one was dumped, not where.
+      struct rlimit64 none {
+        0, 0
+      };
+      ::syscall(SYS_prlimit64, pid(), RLIMIT_CORE, &none, nullptr);
+      regs.rax = SYS_kill;
+      regs.rdi = static_cast<uint64_t>(vpid());
+      regs.rsi = static_cast<uint64_t>(sig);
+      c.t.set_sigmask(0);
+    } else {
+      regs.rax = SYS_exit_group;
+      regs.rdi = static_cast<uint64_t>(WEXITSTATUS(wait_status));
+    }
+    c.t.set_regs(regs);
+    c.t.detach();
+    threads_.clear();
+    pollfd pf{sp_.s.pidfd.get(), POLLIN, 0};
+    int n;
+    do {
+      n = ::poll(&pf, 1, 10000);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0) fail("did not exit as the zombie it was within 10 s");
+    committed_ = true;
   }
 
   // First system call, before the trampoline exists: single-step a `syscall` of the vdso.
@@ -391,21 +505,57 @@ class Restoree final : public RemoteProcess {
     return r;
   }
 
-  // Kills the process (and its namespace) and reaps every task we created or trace. Tasks we
-  // trace stay zombies until we wait for them, so each one is waited for.
-  void destroy() noexcept {
+ public:
+  // Kills the process (and its namespace); destroy() reaps it. A tree kills every process
+  // before it reaps any (see Tree).
+  void kill() noexcept {
+    if (committed_) return;
     try {
       if (sp_.s.pidfd) send_signal_pidfd(sp_.s.pidfd.get(), SIGKILL);
       if (sp_.s.reaper_pidfd) send_signal_pidfd(sp_.s.reaper_pidfd.get(), SIGKILL);
     } catch (const Error& e) {
       log::warn("restore cleanup: ", e.what());
     }
+  }
+
+  // Runs a system call in the leader and returns its raw result (-errno on failure).
+  long inject_raw(long nr, uint64_t a1 = 0, uint64_t a2 = 0, uint64_t a3 = 0, uint64_t a4 = 0) {
+    if (tramp_ == 0) fail("no trampoline");
+    return timed(leader(), [&] {
+      return leader().t.syscall(tramp_, InjectMode::kTrapAfter, nr, a1, a2, a3, a4);
+    });
+  }
+
+ private:
+  // Kills the process (and its namespace) and reaps every task we created or trace. Tasks we
+  // trace stay zombies until we wait for them, so each one is waited for.
+  void destroy() noexcept {
+    kill();
+    reap_traced();
+    // Our child: the process itself, or the reaper. (A child of the tree whose parent is
+    // alive is not ours: ECHILD.)
+    pid_t child = sp_.s.reaper > 0 ? sp_.s.reaper : sp_.s.pid;
+    if (child > 0) {
+      int status;
+      while (::waitpid(child, &status, __WALL) < 0 && errno == EINTR) {
+      }
+    }
+  }
+
+ public:
+  // Waits for every traced thread of the killed process to exit (tasks we trace stay until we
+  // wait for them). Before any wait for the namespace's reaper: it cannot finish while a
+  // process of its namespace waits for its tracer.
+  void reap_traced() noexcept {
     sp_.go.reset();
     sp_.s.reaper_ctl.reset();
-    // Auto-attached threads not adopted yet (a failure right after an injected clone3).
+    // Auto-attached tasks not adopted yet (a failure right after an injected clone3): a
+    // thread dies with the process, a forked child must be killed (it is stopped and traced
+    // by us: its pid cannot be reused meanwhile).
     std::vector<pid_t> unadopted;
     if (!threads_.empty()) unadopted = threads_.front().t.take_new_tasks();
     for (pid_t tid : unadopted) {
+      if (!committed_) ::syscall(SYS_tgkill, tid, tid, SIGKILL);
       ThreadCtl c;
       c.t = TracedThread::adopt(tid);
       threads_.push_back(std::move(c));
@@ -422,15 +572,9 @@ class Restoree final : public RemoteProcess {
       }
     }
     threads_.clear();
-    // Our child: the process itself, or the reaper.
-    pid_t child = sp_.s.reaper > 0 ? sp_.s.reaper : sp_.s.pid;
-    if (child > 0) {
-      int status;
-      while (::waitpid(child, &status, __WALL) < 0 && errno == EINTR) {
-      }
-    }
   }
 
+ private:
   const image::Process& proc_;
   SpawnState sp_;
   std::vector<ThreadCtl> threads_;
@@ -466,13 +610,17 @@ class PinSelf {
   bool active_ = false;
 };
 
-// A free address for the trampoline: outside every area of both layouts, with a margin.
-uint64_t choose_trampoline(const std::vector<proc::MapsEntry>& now, const image::Process& p) {
+// A free address for the trampoline: outside every area of lazycr's layout (the new root is a
+// copy of it) and of every process of the image (children inherit the trampoline), with a
+// margin.
+uint64_t choose_trampoline(const std::vector<proc::MapsEntry>& now,
+                           const std::vector<image::Process>& procs) {
   std::vector<std::pair<uint64_t, uint64_t>> used;
   for (const auto& m : now)
     if (m.end <= kTaskSize) used.push_back({m.start, m.end});
-  for (const auto& a : p.areas())
-    if (a.kind() != MemoryArea::VSYSCALL) used.push_back({a.start(), a.end()});
+  for (const auto& p : procs)
+    for (const auto& a : p.areas())
+      if (a.kind() != MemoryArea::VSYSCALL) used.push_back({a.start(), a.end()});
   std::sort(used.begin(), used.end());
   uint64_t candidate = kSearchFrom;
   for (const auto& [s, e] : used) {
@@ -481,7 +629,7 @@ uint64_t choose_trampoline(const std::vector<proc::MapsEntry>& now, const image:
     candidate = std::max(candidate, e + kTrampolineMargin);
   }
   if (candidate + kTrampolineSize + kTrampolineMargin <= kTaskSize) return candidate;
-  fail("no free address for the trampoline in either address space");
+  fail("no free address for the trampoline in the address spaces of the tree");
 }
 
 // The areas the kernel provides ([vvar], [vvar_vclock], [vdso]); moved as one block.
@@ -498,8 +646,8 @@ std::string area_name(const MemoryArea& a) {
 // step runs as a few batches (one ptrace round trip per batch, not per call).
 class AddressSpace {
  public:
-  AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy, int first_free_fd)
-      : r_(r), p_(p), strategy_(strategy), first_free_fd_(first_free_fd) {
+  AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy)
+      : r_(r), p_(p), strategy_(strategy) {
     for (const auto& a : p_.areas())
       if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) areas_.push_back(&a);
     find_split_runs();
@@ -540,10 +688,15 @@ class AddressSpace {
         fail("mmap of area ", area_name(*areas_[i]), " landed at ",
              hex(static_cast<uint64_t>(res[mmap_index[i]])));
     touch_runs();
-    // The descriptors opened for mapping are no longer needed.
-    if (!files_.empty())
-      r_.inject(cat("close_range(", first_free_fd_, ", ~0) of the mapping descriptors"),
-                SYS_close_range, static_cast<uint64_t>(first_free_fd_), ~0u, 0);
+    // The descriptors opened for mapping are no longer needed (each closed by its number: the
+    // descriptor transport of a tree stays).
+    std::vector<Call> closes;
+    for (const auto& [key, fd] : files_)
+      closes.push_back(make_call(cat("close of the mapping descriptor of ", key), SYS_close, fd));
+    if (!closes.empty()) {
+      r_.reset_arena();
+      r_.batch(closes);
+    }
     files_.clear();
     for (const MemoryArea* a : areas_) strategy_.prepare_area(r_, *a);
   }
@@ -753,7 +906,6 @@ class AddressSpace {
   Restoree& r_;
   const image::Process& p_;
   MemoryStrategy& strategy_;
-  int first_free_fd_;
   struct Marker {
     int set = -1, clear = -1;  // madvise advice, -1: none
   };
@@ -838,40 +990,165 @@ void restore_sigactions(Restoree& r, const image::Process& p) {
   r.batch(calls);
 }
 
-bool is_tty_target(const image::FileDescriptor& f) {
-  return f.kind() == image::FileDescriptor::CHARDEV &&
-         (starts_with(f.target(), "/dev/pts/") || starts_with(f.target(), "/dev/tty") ||
-          f.target() == "/dev/console");
+// The channel descriptions made by lazycr (shared_files.h) reach the processes through: a
+// socket pair whose one end every process of the tree inherits (the root from lazycr at
+// creation, the others from their parent at fork), at `fd_in_tree`, a number above every
+// descriptor of the image. Each process closes it once its descriptors are in place.
+struct FdTransport {
+  UniqueFd ours;
+  UniqueFd theirs;      // lazycr's copy of the end the tree inherits (closed once inherited)
+  int fd_in_tree = -1;  // its number in the processes
+  int high = 0;         // numbers from here up are free in every process while fds are placed
+};
+
+constexpr size_t kFdsPerMessage = 200;  // below SCM_MAX_FD (253)
+
+void send_fds(int sock, const std::vector<int>& fds) {
+  char byte = 'F';
+  iovec iov{&byte, 1};
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()), 0);
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  ssize_t n;
+  do {
+    n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+  } while (n < 0 && errno == EINTR);
+  if (n != 1) fail_errno("sending ", fds.size(), " descriptors to the restored process");
 }
 
-// File descriptors at their numbers with flags and positions, in one batch. With --shell-job,
-// fds 0-2 that pointed to a terminal or to something lazycr cannot restore keep lazycr's own
-// (inherited). An open takes the lowest free number, which is known here (the process's fd
-// table is read first), so each open is followed in the same batch by the dup3 + close that
-// moves it where it belongs; the numbers the opens got are checked afterwards.
-void restore_fds(Restoree& r, const image::Process& p, bool shell_job) {
+// Receives one message of `count` descriptors inside the process; returns their numbers there
+// (close-on-exec, lowest free numbers).
+std::vector<int> receive_fds(Restoree& r, int sock, size_t count) {
+  r.reset_arena();
+  char byte = 0;
+  uint64_t buf = r.push(&byte, 1);
+  iovec iov{reinterpret_cast<void*>(buf), 1};
+  uint64_t iov_at = r.push(&iov, sizeof iov);
+  const size_t control_len = CMSG_SPACE(sizeof(int) * count);
+  std::vector<char> control(control_len, 0);
+  uint64_t control_at = r.push(control.data(), control.size());
+  msghdr msg{};
+  msg.msg_iov = reinterpret_cast<iovec*>(iov_at);
+  msg.msg_iovlen = 1;
+  msg.msg_control = reinterpret_cast<void*>(control_at);
+  msg.msg_controllen = control_len;
+  uint64_t msg_at = r.push(&msg, sizeof msg);
+  r.inject(cat("recvmsg of ", count, " descriptors"), SYS_recvmsg, static_cast<uint64_t>(sock),
+           msg_at, MSG_CMSG_CLOEXEC);
+  msghdr got{};
+  remote_read(r.pid(), msg_at, &got, sizeof got);
+  remote_read(r.pid(), control_at, control.data(), control.size());
+  if (got.msg_flags & MSG_CTRUNC)
+    fail("recvmsg of ", count, " descriptors: control data truncated");
+  msghdr local{};
+  local.msg_control = control.data();
+  local.msg_controllen = got.msg_controllen;
+  cmsghdr* c = CMSG_FIRSTHDR(&local);
+  if (c == nullptr || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+      c->cmsg_len != CMSG_LEN(sizeof(int) * count))
+    fail("recvmsg of ", count, " descriptors: no SCM_RIGHTS message of that size arrived");
+  std::vector<int> fds(count);
+  std::memcpy(fds.data(), CMSG_DATA(c), sizeof(int) * count);
+  return fds;
+}
+
+// File descriptors at their numbers with flags and positions. Three kinds (shared_files.h):
+// lazycr's own fds 0-2 kept (--shell-job), descriptions made by lazycr and passed over the
+// transport, and files opened inside the process by path. Passed descriptors are first moved
+// above every number the image uses, so that placing one never closes another not yet placed.
+// An open takes the lowest free number, which is known here (the process's fd table is read
+// first), so each open is followed in the same batch by the dup3 + close that moves it where
+// it belongs; the numbers the opens got are checked afterwards.
+void restore_fds(Restoree& r, const image::Process& p, bool shell_job, const SharedFiles& shared,
+                 const FdTransport& transport) {
   std::map<int, const image::FileDescriptor*> by_fd;
-  for (const auto& f : p.fds()) by_fd[f.fd()] = &f;
+  std::map<int, FdPlan> plans;
+  for (const auto& f : p.fds()) {
+    by_fd[f.fd()] = &f;
+    plans[f.fd()] = shared.plan(p.pid(), f);
+  }
+  std::vector<Call> calls;
+  // lazycr's standard descriptors: kept where they are, copied where the image has a dup.
+  for (auto it = by_fd.begin(); it != by_fd.end();) {
+    const FdPlan& plan = plans.at(it->first);
+    if (plan.source != FdPlan::kLazycrStd) {
+      ++it;
+      continue;
+    }
+    const auto& f = *it->second;
+    if (!shell_job || plan.fd < 0 || plan.fd > 2)
+      fail("fd ", f.fd(), ": no descriptor of lazycr's to give (--shell-job)");
+    if (f.fd() == plan.fd)
+      calls.push_back(make_call(cat("fcntl(", f.fd(), ", F_SETFD)"), SYS_fcntl,
+                                static_cast<uint64_t>(f.fd()), F_SETFD,
+                                f.cloexec() ? FD_CLOEXEC : 0));
+    else
+      calls.push_back(make_call(cat("dup3(", plan.fd, ", ", f.fd(), ")"), SYS_dup3,
+                                static_cast<uint64_t>(plan.fd), static_cast<uint64_t>(f.fd()),
+                                f.cloexec() ? O_CLOEXEC : 0));
+    it = by_fd.erase(it);
+  }
+  if (shell_job)
+    for (int fd = 0; fd <= 2; fd++)
+      if (!by_fd.count(fd) && !plans.count(fd))
+        calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, static_cast<uint64_t>(fd)));
+  if (!calls.empty()) {
+    r.reset_arena();
+    r.batch(calls);
+    calls.clear();
+  }
+
+  // Descriptions made by lazycr: received, moved up, then placed.
+  std::vector<const image::FileDescriptor*> passed;
+  for (const auto& [num, fp] : by_fd)
+    if (plans.at(num).source == FdPlan::kShared) passed.push_back(fp);
+  std::vector<long> high;  // where each passed descriptor waits
+  for (size_t i = 0; i < passed.size(); i += kFdsPerMessage) {
+    std::vector<int> mine;
+    for (size_t k = i; k < std::min(passed.size(), i + kFdsPerMessage); k++)
+      mine.push_back(plans.at(passed[k]->fd()).fd);
+    send_fds(transport.ours.get(), mine);
+    std::vector<int> got = receive_fds(r, transport.fd_in_tree, mine.size());
+    r.reset_arena();
+    for (int fd : got) {
+      calls.push_back(make_call(cat("fcntl(", fd, ", F_DUPFD_CLOEXEC)"), SYS_fcntl,
+                                static_cast<uint64_t>(fd), F_DUPFD_CLOEXEC,
+                                static_cast<uint64_t>(transport.high)));
+      calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, static_cast<uint64_t>(fd)));
+    }
+    std::vector<long> res = r.batch(calls);
+    for (size_t k = 0; k < got.size(); k++) high.push_back(res[k * 2]);
+    calls.clear();
+  }
+  for (size_t k = 0; k < passed.size(); k++) {
+    const auto& f = *passed[k];
+    calls.push_back(make_call(cat("dup3 of the passed description to fd ", f.fd()), SYS_dup3,
+                              static_cast<uint64_t>(high[k]), static_cast<uint64_t>(f.fd()),
+                              f.cloexec() ? O_CLOEXEC : 0));
+    calls.push_back(
+        make_call(cat("close(", high[k], ")"), SYS_close, static_cast<uint64_t>(high[k])));
+    by_fd.erase(f.fd());
+  }
+  if (transport.fd_in_tree >= 0)
+    calls.push_back(make_call("close of the descriptor transport", SYS_close,
+                              static_cast<uint64_t>(transport.fd_in_tree)));
+  if (!calls.empty()) {
+    r.reset_arena();
+    r.batch(calls);
+    calls.clear();
+  }
+
+  // Opened inside by path.
   std::vector<int> listed = proc::list_fds(r.pid());
   std::set<int> open(listed.begin(), listed.end());
-  std::vector<Call> calls;
-  if (shell_job) {
-    for (int fd = 0; fd <= 2; fd++) {
-      auto it = by_fd.find(fd);
-      if (it == by_fd.end()) {
-        if (open.erase(fd))
-          calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, static_cast<uint64_t>(fd)));
-        continue;
-      }
-      const auto& f = *it->second;
-      if (f.restorable() && !is_tty_target(f)) continue;  // restored below, over ours
-      if (!open.count(fd)) fail("fd ", fd, ": lazycr has no fd ", fd, " to give (--shell-job)");
-      // Ours stays; only the close-on-exec flag is the image's.
-      calls.push_back(make_call(cat("fcntl(", fd, ", F_SETFD)"), SYS_fcntl,
-                                static_cast<uint64_t>(fd), F_SETFD, f.cloexec() ? FD_CLOEXEC : 0));
-      by_fd.erase(it);
-    }
-  }
   r.reset_arena();
   std::vector<std::pair<size_t, int>> opens;  // calls[] index, expected result
   for (const auto& [num, fp] : by_fd) {
@@ -907,17 +1184,37 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job) {
            " (the process has descriptors lazycr did not expect)");
 }
 
-// Session and process group: a session or group leader becomes one again; otherwise (and with
-// --shell-job) the process stays in ours.
-void restore_session(Restoree& r, const image::Process& p, bool shell_job) {
-  if (shell_job) return;
-  if (p.sid() == p.pid())
-    r.inject("setsid", SYS_setsid);
-  else if (p.pgid() == p.pid())
+// Sessions and process groups, in an order that makes them possible (validate_tree() refused
+// the shapes it cannot make): a process that led its session calls setsid() as soon as it
+// exists, before it forks its children, which inherit the session; once every process exists,
+// group leaders make their groups, then the members join them. A group whose leader is not in
+// the image is the root's: every process created in it stays there. With --shell-job the root
+// stays in lazycr's session and group (and so do the members of the root's group).
+void start_session(Restoree& r, const image::Process& p, bool is_root, bool shell_job) {
+  if (p.sid() != p.pid()) {
+    if (is_root && !shell_job)
+      log::info("pid ", p.pid(), ": session ", p.sid(), " is not in the image; it joins lazycr's");
+    return;
+  }
+  if (is_root && shell_job) return;
+  r.inject("setsid", SYS_setsid);
+}
+
+// The groups led by processes of the image that get their group back.
+std::set<int> restored_group_leaders(const std::vector<image::Process>& procs, bool shell_job) {
+  std::set<int> out;
+  for (size_t i = 0; i < procs.size(); i++)
+    if (procs[i].pgid() == procs[i].pid() && !(i == 0 && shell_job)) out.insert(procs[i].pid());
+  return out;
+}
+
+// pass 0: leaders make their group; pass 1: members join theirs.
+void join_group(Restoree& r, const image::Process& p, const std::set<int>& leaders, int pass) {
+  const bool leader = leaders.count(p.pid()) > 0;
+  if (pass == 0 && leader && p.sid() != p.pid())  // setsid() made session leaders group leaders
     r.inject("setpgid(0, 0)", SYS_setpgid, 0, 0);
-  else
-    log::info("pid ", p.pid(), ": process group ", p.pgid(), " and session ", p.sid(),
-              " are not restored; it joins lazycr's");
+  if (pass == 1 && !leader && leaders.count(p.pgid()))
+    r.inject(cat("setpgid(0, ", p.pgid(), ")"), SYS_setpgid, 0, static_cast<uint64_t>(p.pgid()));
 }
 
 // Queues the recorded pending signals from inside the process (see the top of this file): a
@@ -1049,6 +1346,74 @@ std::optional<uint64_t> image_rseq_cs(const image::PageStoreReader& store, uint6
   return v;
 }
 
+// One process of the tree under construction. Members are destroyed in reverse order: the
+// address space (it refers to the process), the process (killed and reaped unless committed),
+// then its memory strategy (a lazy one lets go of its page server once the process is gone).
+struct Task {
+  const image::Process* p = nullptr;
+  size_t parent = 0;  // index in Tree::tasks (the root's is its own, 0)
+  std::string who;
+  std::unique_ptr<MemoryStrategy> strategy;
+  std::unique_ptr<Restoree> r;
+  std::unique_ptr<AddressSpace> space;
+  bool live() const { return !p->zombie(); }
+};
+
+// lazycr is the child subreaper while it builds a tree: should the restore fail, a process
+// whose parent is killed becomes lazycr's child and is reaped here, not left to a PID 1 that
+// may never reap it.
+class SubreaperWhileBuilding {
+ public:
+  explicit SubreaperWhileBuilding(bool tree) {
+    if (!tree) return;
+    int prev = 0;
+    if (::prctl(PR_GET_CHILD_SUBREAPER, &prev, 0, 0, 0) != 0) fail_errno("PR_GET_CHILD_SUBREAPER");
+    if (prev) return;
+    if (::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0) fail_errno("PR_SET_CHILD_SUBREAPER");
+    set_ = true;
+  }
+  ~SubreaperWhileBuilding() {
+    if (set_) ::prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
+  }
+
+ private:
+  bool set_ = false;
+};
+
+// The processes of the image, parents before children (the inventory's order). A failure
+// kills every process first, then reaps parents before children: a child whose parent was
+// reaped is lazycr's (see SubreaperWhileBuilding), so the tracer's wait reaps it for good.
+class Tree {
+ public:
+  Tree() = default;
+  Tree(const Tree&) = delete;
+  Tree& operator=(const Tree&) = delete;
+  ~Tree() {
+    for (auto& t : tasks) t->r->kill();
+    for (auto& t : tasks) t->r->reap_traced();
+    for (auto& t : tasks) {
+      t->space.reset();
+      t->r.reset();
+      t->strategy.reset();
+    }
+  }
+  std::vector<std::unique_ptr<Task>> tasks;
+};
+
+void consume_sigchld(Restoree& r) {
+  uint64_t set = uint64_t{1} << (SIGCHLD - 1);
+  struct timespec none {
+    0, 0
+  };
+  r.reset_arena();
+  uint64_t set_at = r.push(&set, sizeof set);
+  uint64_t ts_at = r.push(&none, sizeof none);
+  long got = r.inject_raw(SYS_rt_sigtimedwait, set_at, 0, ts_at, sizeof set);
+  if (got != SIGCHLD && got != -EAGAIN)
+    fail_errno_value(got < 0 ? static_cast<int>(-got) : EIO,
+                     "rt_sigtimedwait for the SIGCHLD of the zombie children");
+}
+
 }  // namespace
 
 Restored restore(const RestoreOptions& opts_in) {
@@ -1059,53 +1424,137 @@ Restored restore(const RestoreOptions& opts_in) {
   std::unique_ptr<image::ImageReader> img;
   steps.run("validate", cat("image ", opts.dir),
             [&] { img = std::make_unique<image::ImageReader>(opts.dir); });
-  const image::Process& p = img->processes().front();
-  const std::string who = cat("pid ", p.pid());
-  steps.run("validate", who, [&] {
+  const std::vector<image::Process>& procs = img->processes();
+  const image::Process& root = procs.front();
+  steps.run("validate", cat("pid ", root.pid()), [&] {
     if (opts.lazy.enabled) check_lazy_options(opts.lazy);
     validate_image(*img, opts);
   });
-  const image::PageStoreReader& store = img->pages(p.pid());
   const uint64_t t_valid = now_ns();
 
-  // Declared before the process: on failure the process is killed (and reaped) first, then
-  // the strategy lets go of its page server, which ends once the process is gone.
-  std::unique_ptr<MemoryStrategy> strategy;
-  Restoree r(opts, p);
+  // Pipes, sockets and shared descriptions, made by lazycr before any process exists.
+  std::unique_ptr<SharedFiles> shared;
+  FdTransport transport;
+  steps.run("files", cat("image ", opts.dir), [&] {
+    shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job);
+    if (shared->size() == 0) return;
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
+      fail_errno("socketpair for passing descriptors");
+    transport.ours.reset(sv[0]);
+    transport.theirs.reset(sv[1]);
+    int max_fd = 2;
+    for (const auto& q : procs)
+      for (const auto& f : q.fds()) max_fd = std::max(max_fd, f.fd());
+    transport.fd_in_tree = max_fd + 1;
+    transport.high = max_fd + 2;
+  });
+
+  SubreaperWhileBuilding subreaper(procs.size() > 1);
+  // Declared before the processes: on failure they are killed (and reaped) first, then the
+  // page server, finding them gone, ends.
+  std::unique_ptr<LazyServerGroup> lazy_group;
+  Tree tree;
+  std::map<int, size_t> index_of;
+  for (size_t i = 0; i < procs.size(); i++) {
+    auto t = std::make_unique<Task>();
+    t->p = &procs[i];
+    t->who = cat("pid ", procs[i].pid());
+    t->r = std::make_unique<Restoree>(procs[i]);
+    if (i > 0) t->parent = index_of.at(procs[i].ppid());  // validated: parents come first
+    index_of[procs[i].pid()] = i;
+    tree.tasks.push_back(std::move(t));
+  }
+  Task& rt = *tree.tasks.front();
+  Restoree& r0 = *rt.r;
+
   std::unique_ptr<PinSelf> pin;
-  steps.run("create", who, [&] { spawn_process(p.pid(), opts.pidns, r.spawn()); });
-  steps.run("seize", who, [&] { r.seize(); });
-  steps.run("pin", who, [&] {
+  steps.run("create", rt.who, [&] { spawn_process(root.pid(), opts.pidns, r0.spawn()); });
+  steps.run("seize", rt.who, [&] { r0.seize(); });
+  steps.run("pin", rt.who, [&] {
     pin = std::make_unique<PinSelf>();
-    if (::sched_setaffinity(r.pid(), sizeof(cpu_set_t), &pin->pinned()) != 0)
-      fail_errno("sched_setaffinity of pid ", r.pid());
+    if (::sched_setaffinity(r0.pid(), sizeof(cpu_set_t), &pin->pinned()) != 0)
+      fail_errno("sched_setaffinity of pid ", r0.pid());
   });
-  steps.run("trampoline", who, [&] {
-    auto now = proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps")));
-    r.map_trampoline(choose_trampoline(now, p));
+  steps.run("trampoline", rt.who, [&] {
+    auto now = proc::parse_maps(proc::read_file(cat("/proc/", r0.pid(), "/maps")));
+    r0.map_trampoline(choose_trampoline(now, procs));
   });
-  steps.run("rseq", who, [&] {
-    auto conf = r.leader().t.get_rseq();
+  steps.run("rseq", rt.who, [&] {
+    auto conf = r0.leader().t.get_rseq();
     if (conf.rseq_abi_pointer != 0)
-      r.inject(cat("rseq unregistration of the inherited area at ", hex(conf.rseq_abi_pointer)),
-               SYS_rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, kRseqFlagUnregister,
-               conf.signature);
+      r0.inject(cat("rseq unregistration of the inherited area at ", hex(conf.rseq_abi_pointer)),
+                SYS_rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, kRseqFlagUnregister,
+                conf.signature);
   });
   const int first_free_fd = opts.shell_job ? 3 : 0;
-  steps.run("close-fds", who, [&] {
-    r.inject(cat("close_range(", first_free_fd, ", ~0)"), SYS_close_range,
-             static_cast<uint64_t>(first_free_fd), ~0u, 0);
+  steps.run("close-fds", rt.who, [&] {
+    const int keep = transport.theirs.get();  // -1 without a transport
+    if (keep < first_free_fd) {
+      r0.inject(cat("close_range(", first_free_fd, ", ~0)"), SYS_close_range,
+                static_cast<uint64_t>(first_free_fd), ~0u, 0);
+      return;
+    }
+    if (keep > first_free_fd)
+      r0.inject(cat("close_range(", first_free_fd, ", ", keep - 1, ")"), SYS_close_range,
+                static_cast<uint64_t>(first_free_fd), static_cast<uint64_t>(keep - 1), 0);
+    r0.inject(cat("close_range(", keep + 1, ", ~0)"), SYS_close_range,
+              static_cast<uint64_t>(keep + 1), ~0u, 0);
+    if (keep != transport.fd_in_tree) {
+      long got = r0.inject("fcntl(F_DUPFD_CLOEXEC) of the descriptor transport", SYS_fcntl,
+                           static_cast<uint64_t>(keep), F_DUPFD_CLOEXEC,
+                           static_cast<uint64_t>(transport.fd_in_tree));
+      if (got != transport.fd_in_tree)
+        fail("the descriptor transport landed at fd ", got, ", not ", transport.fd_in_tree);
+      r0.inject("close of the inherited transport", SYS_close, static_cast<uint64_t>(keep));
+    }
+    transport.theirs.reset();
   });
-  steps.run("unmap", who, [&] {
-    uint64_t t = r.trampoline();
-    r.inject("munmap below the trampoline", SYS_munmap, 0, t);
-    r.inject("munmap above the trampoline", SYS_munmap, t + kTrampolineSize,
-             kTaskSize - (t + kTrampolineSize));
+  steps.run("session", rt.who, [&] { start_session(r0, root, true, opts.shell_job); });
+  // The rest of the tree, each process forked by its parent (which is still a bare copy of
+  // lazycr with the trampoline: the child starts from there too).
+  for (size_t i = 1; i < tree.tasks.size(); i++) {
+    Task& t = *tree.tasks[i];
+    steps.run("fork", t.who, [&] {
+      tree.tasks[t.parent]->r->fork_child(t.p->pid(), *t.r);
+      start_session(*t.r, *t.p, false, opts.shell_job);
+    });
+  }
+  const std::set<int> leaders = restored_group_leaders(procs, opts.shell_job);
+  for (int pass = 0; pass < 2; pass++)
+    for (size_t i = 0; i < tree.tasks.size(); i++) {
+      if (i == 0 && opts.shell_job) continue;
+      Task& t = *tree.tasks[i];
+      steps.run("groups", t.who, [&] { join_group(*t.r, *t.p, leaders, pass); });
+    }
+  std::set<size_t> zombie_parents;
+  for (auto& t : tree.tasks) {
+    if (t->live()) continue;
+    steps.run("zombie", t->who, [&] { t->r->exit_as_zombie(t->p->exit_status()); });
+    zombie_parents.insert(t->parent);
+  }
+  for (size_t i : zombie_parents) {
+    Task& t = *tree.tasks[i];
+    steps.run("zombie", t.who, [&] { consume_sigchld(*t.r); });
+  }
+
+  auto each_live = [&](const char* step, auto&& f) {
+    for (auto& t : tree.tasks)
+      if (t->live()) steps.run(step, t->who, [&] { f(*t); });
+  };
+  each_live("unmap", [&](Task& t) {
+    Restoree& r = *t.r;
+    uint64_t tr = r.trampoline();
+    r.inject("munmap below the trampoline", SYS_munmap, 0, tr);
+    r.inject("munmap above the trampoline", SYS_munmap, tr + kTrampolineSize,
+             kTaskSize - (tr + kTrampolineSize));
     for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
-      if (m.start != t && m.path != "[vsyscall]")
+      if (m.start != tr && m.path != "[vsyscall]")
         fail("area ", hex(m.start), "-", hex(m.end), " ", m.path, " is still mapped");
   });
-  steps.run("vdso", who, [&] {
+  each_live("vdso", [&](Task& t) {
+    Restoree& r = *t.r;
+    const image::Process& p = *t.p;
     uint64_t base = 0;
     for (const auto& a : p.areas())
       if (is_vdso_block(a) && (base == 0 || a.start() < base)) base = a.start();
@@ -1123,77 +1572,102 @@ Restored restore(const RestoreOptions& opts_in) {
     }
   });
 
-  strategy = opts.lazy.enabled ? make_lazy_strategy(p, store, opts, pin->saved())
-                               : make_eager_filler(store, &pin->saved());
-  AddressSpace space(r, p, *strategy, first_free_fd);
+  for (auto& t : tree.tasks) {
+    if (!t->live()) continue;
+    const image::PageStoreReader& store = img->pages(t->p->pid());
+    if (opts.lazy.enabled && !lazy_group)
+      lazy_group = std::make_unique<LazyServerGroup>(opts, pin->saved());
+    t->strategy = opts.lazy.enabled
+                      ? make_lazy_strategy(*t->p, store, opts, pin->saved(), *lazy_group)
+                      : make_eager_filler(store, &pin->saved());
+    t->space = std::make_unique<AddressSpace>(*t->r, *t->p, *t->strategy);
+  }
   const uint64_t t_mem = now_ns();
-  steps.run("map-areas", who, [&] { space.map_areas(); });
+  each_live("map-areas", [&](Task& t) { t.space->map_areas(); });
   // Lazy: the userfaultfd and the page server come first, so that the server starts up while
   // the rest is filled and shaped.
-  steps.run("uffd", who, [&] { strategy->register_lazy(r); });
-  steps.run("server", who, [&] { strategy->start_server(r); });
-  steps.run("fill", who, [&] { strategy->fill_mapped(r); });
-  steps.run("protect", who, [&] { space.protect(); });
-  const uint64_t memory_ns = now_ns() - t_mem;
-  steps.run("mm", who, [&] { set_mm(r, p); });
-  steps.run("after-shaping", who, [&] { strategy->after_shaping(r); });
-  steps.run("process-state", who, [&] { restore_process_state(r, p); });
-  steps.run("sigactions", who, [&] { restore_sigactions(r, p); });
-  steps.run("fds", who, [&] { restore_fds(r, p, opts.shell_job); });
-  steps.run("session", who, [&] { restore_session(r, p, opts.shell_job); });
-  steps.run("thread-state", cat("tid ", p.pid()), [&] { restore_thread_state(r, r.leader()); });
-  for (int i = 1; i < p.threads_size(); i++) {
-    const image::Thread& th = p.threads(i);
-    steps.run("threads", cat("tid ", th.tid()), [&] {
-      abi::clone_args args;
-      std::memset(&args, 0, sizeof args);
-      args.flags = kThreadFlags;
-      args.set_tid_size = 1;
-      pid_t tid = th.tid();
-      r.reset_arena();
-      args.set_tid = r.push(&tid, sizeof tid);
-      uint64_t base = r.push(&args, sizeof args);
-      long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
-      ThreadCtl& c = r.adopt_new_thread(tid, &th);
-      if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
-      steps.check("thread-created");
-      restore_thread_state(r, c);
-    });
-  }
-  steps.run("signals", who, [&] { restore_pending(r, p); });
-  steps.run("rlimits", who, [&] { restore_rlimits(r, p); });
-  steps.run("credentials", who, [&] { restore_credentials(r, p); });
-  steps.run("unmap-trampoline", who, [&] {
-    r.inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
-    r.unmap_trampoline();
+  each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
+  steps.run("server", rt.who, [&] {
+    for (auto& t : tree.tasks)
+      if (t->live()) t->strategy->start_server(*t->r);
+    if (lazy_group) lazy_group->start(r0.pid());
   });
-  steps.run("server-ready", who, [&] { strategy->before_release(r); });
-  for (auto& c : r.threads()) {
-    steps.run("registers", cat("tid ", c.vtid), [&] {
-      const image::Thread& th = *c.img;
-      if (th.rseq().rseq_abi_pointer() != 0) {
-        if (auto cs = image_rseq_cs(store, th.rseq().rseq_abi_pointer()))
-          remote_write(r.pid(), th.rseq().rseq_abi_pointer() + 8, &*cs, sizeof *cs);
-      }
-      if (!th.xsave().empty())
-        c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
-      c.t.set_regs(to_regs(th.regs()));
-      c.t.set_sigmask(th.blocked());
-      if (::sched_setaffinity(c.t.tid(), sizeof(cpu_set_t), &pin->saved()) != 0)
-        fail_errno("sched_setaffinity of tid ", c.t.tid());
-    });
+  each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
+  each_live("protect", [&](Task& t) { t.space->protect(); });
+  const uint64_t memory_ns = now_ns() - t_mem;
+  each_live("mm", [&](Task& t) { set_mm(*t.r, *t.p); });
+  each_live("after-shaping", [&](Task& t) { t.strategy->after_shaping(*t.r); });
+  each_live("process-state", [&](Task& t) { restore_process_state(*t.r, *t.p); });
+  each_live("sigactions", [&](Task& t) { restore_sigactions(*t.r, *t.p); });
+  each_live("fds", [&](Task& t) { restore_fds(*t.r, *t.p, opts.shell_job, *shared, transport); });
+  each_live("thread-state", [&](Task& t) { restore_thread_state(*t.r, t.r->leader()); });
+  for (auto& tp : tree.tasks) {
+    if (!tp->live()) continue;
+    Restoree& r = *tp->r;
+    const image::Process& p = *tp->p;
+    for (int i = 1; i < p.threads_size(); i++) {
+      const image::Thread& th = p.threads(i);
+      steps.run("threads", cat("tid ", th.tid()), [&] {
+        abi::clone_args args;
+        std::memset(&args, 0, sizeof args);
+        args.flags = kThreadFlags;
+        args.set_tid_size = 1;
+        pid_t tid = th.tid();
+        r.reset_arena();
+        args.set_tid = r.push(&tid, sizeof tid);
+        uint64_t base = r.push(&args, sizeof args);
+        long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
+        ThreadCtl& c = r.adopt_new_thread(tid, &th);
+        if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
+        steps.check("thread-created");
+        restore_thread_state(r, c);
+      });
+    }
   }
-  steps.run("detach", who, [&] {
-    // Other threads first, the leader last: the process starts as a whole as far as it can.
-    for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
-    if (r.spawn().s.reaper_ctl) {
+  each_live("signals", [&](Task& t) { restore_pending(*t.r, *t.p); });
+  each_live("rlimits", [&](Task& t) { restore_rlimits(*t.r, *t.p); });
+  each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
+  each_live("unmap-trampoline", [&](Task& t) {
+    t.r->inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
+    t.r->unmap_trampoline();
+  });
+  each_live("server-ready", [&](Task& t) { t.strategy->before_release(*t.r); });
+  for (auto& tp : tree.tasks) {
+    if (!tp->live()) continue;
+    Restoree& r = *tp->r;
+    const image::PageStoreReader& store = img->pages(tp->p->pid());
+    for (auto& c : r.threads()) {
+      steps.run("registers", cat("tid ", c.vtid), [&] {
+        const image::Thread& th = *c.img;
+        if (th.rseq().rseq_abi_pointer() != 0) {
+          if (auto cs = image_rseq_cs(store, th.rseq().rseq_abi_pointer()))
+            remote_write(r.pid(), th.rseq().rseq_abi_pointer() + 8, &*cs, sizeof *cs);
+        }
+        if (!th.xsave().empty())
+          c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
+        c.t.set_regs(to_regs(th.regs()));
+        c.t.set_sigmask(th.blocked());
+        if (::sched_setaffinity(c.t.tid(), sizeof(cpu_set_t), &pin->saved()) != 0)
+          fail_errno("sched_setaffinity of tid ", c.t.tid());
+      });
+    }
+  }
+  steps.run("detach", rt.who, [&] {
+    // Children before parents, other threads before their leader: each process starts as a
+    // whole as far as it can, and a parent finds its children there.
+    for (size_t k = tree.tasks.size(); k-- > 0;) {
+      Task& t = *tree.tasks[k];
+      if (!t.live()) continue;
+      for (size_t i = t.r->threads().size(); i-- > 0;) t.r->threads()[i].t.detach();
+    }
+    if (r0.spawn().s.reaper_ctl) {
       char d = 'D';
-      if (::write(r.spawn().s.reaper_ctl.get(), &d, 1) != 1)
+      if (::write(r0.spawn().s.reaper_ctl.get(), &d, 1) != 1)
         fail_errno("telling the reaper the restore is done");
       // Until the reaper has cleared its PR_SET_PDEATHSIG, our exit (--detach) would kill it
       // and the whole namespace with it. It closes its end of the pipe right after: wait for
       // that (POLLERR on the write end).
-      pollfd pf{r.spawn().s.reaper_ctl.get(), 0, 0};
+      pollfd pf{r0.spawn().s.reaper_ctl.get(), 0, 0};
       int n;
       do {
         n = ::poll(&pf, 1, 10000);
@@ -1203,32 +1677,48 @@ Restored restore(const RestoreOptions& opts_in) {
   });
 
   Restored out;
-  out.stats.injected_syscalls = r.target_calls();
-  out.stats.round_trips = r.injected();
-  out.stats.inject_ns = r.inject_ns();
-  out.stats.threads = static_cast<uint64_t>(p.threads_size());
-  out.stats.areas = static_cast<uint64_t>(p.areas_size());
-  Spawned s = r.commit();
+  for (auto& tp : tree.tasks) {
+    if (!tp->live()) continue;
+    out.stats.injected_syscalls += tp->r->target_calls();
+    out.stats.round_trips += tp->r->injected();
+    out.stats.inject_ns += tp->r->inject_ns();
+    out.stats.threads += static_cast<uint64_t>(tp->p->threads_size());
+    out.stats.areas += static_cast<uint64_t>(tp->p->areas_size());
+  }
+  std::vector<Spawned> spawned;
+  for (auto& tp : tree.tasks)
+    if (tp->live()) spawned.push_back(tp->r->commit());
   const uint64_t t_running = now_ns();
   pin.reset();
-  strategy->on_running(r);
-  ServerHandle server = strategy->take_server();
-  auto ms = strategy->stats();
-  out.server = server.pid;
-  out.server_pidfd = std::move(server.pidfd);
-  out.stats.lazy_areas = ms.lazy_areas;
-  out.stats.lazy_pages = ms.lazy_pages;
-  out.stats.hot_pages = ms.hot_pages;
+  MemoryStats total;
+  for (auto& tp : tree.tasks) {
+    if (!tp->live()) continue;
+    tp->strategy->on_running(*tp->r);
+    auto ms = tp->strategy->stats();
+    total.pages_written += ms.pages_written;
+    total.hot_pages += ms.hot_pages;
+    total.lazy_pages += ms.lazy_pages;
+    total.lazy_areas += ms.lazy_areas;
+    out.stats.lazy_areas += ms.lazy_areas;
+    out.stats.lazy_pages += ms.lazy_pages;
+    out.stats.hot_pages += ms.hot_pages;
+    out.stats.pages_written += ms.pages_written;
+    out.stats.bytes_written += ms.bytes_written;
+    out.stats.fill_read_ns += ms.read_ns;
+    out.stats.fill_write_ns += ms.write_ns;
+  }
+  if (lazy_group) {
+    ServerHandle server = lazy_group->go(spawned.front().pid, total);
+    out.server = server.pid;
+    out.server_pidfd = std::move(server.pidfd);
+  }
+  Spawned& s = spawned.front();
   out.stats.first_instruction_ns = t_running - opts.start_ns;
   out.pid = s.pid;
   out.image_pid = s.vpid;
   out.reaper = s.reaper;
   out.child = s.reaper > 0 ? s.reaper : s.pid;
   out.pidfd = std::move(s.pidfd);
-  out.stats.pages_written = ms.pages_written;
-  out.stats.bytes_written = ms.bytes_written;
-  out.stats.fill_read_ns = ms.read_ns;
-  out.stats.fill_write_ns = ms.write_ns;
   out.stats.validate_ns = t_valid - t0;
   out.stats.memory_ns = memory_ns;
   out.stats.total_ns = t_running - t0;

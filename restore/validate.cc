@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "common/error.h"
 #include "common/json.h"
@@ -92,12 +93,47 @@ constexpr uint64_t sigbit(int sig) {
 
 }  // namespace
 
+namespace {
+
+// Sessions and process groups the restore can make (restore.cc, start_session/join_group):
+// a process is the leader of its session, or in its parent's; a process group is led by a
+// process of the image, or is the root's group.
+void validate_tree(const std::vector<image::Process>& procs, bool shell_job) {
+  std::map<int, const image::Process*> by_pid;
+  for (const auto& p : procs) by_pid[p.pid()] = &p;
+  const image::Process& root = procs.front();
+  for (size_t i = 1; i < procs.size(); i++) {
+    const image::Process& p = procs[i];
+    auto parent = by_pid.find(p.ppid());
+    if (parent == by_pid.end())
+      fail("pid ", p.pid(), ": its parent ", p.ppid(), " is not in the image");
+    if (p.sid() != p.pid() && p.sid() != parent->second->sid())
+      fail("pid ", p.pid(), ": session ", p.sid(), " is neither its own nor its parent's (",
+           parent->second->sid(), "); lazycr cannot recreate that session");
+    if (p.pgid() == p.pid()) continue;
+    auto leader = by_pid.find(p.pgid());
+    bool led_here = leader != by_pid.end() && leader->second->pgid() == p.pgid() &&
+                    !(leader->second == &root && shell_job);
+    if (led_here) {
+      if (leader->second->sid() != p.sid())
+        fail("pid ", p.pid(), ": process group ", p.pgid(), " is in another session");
+      continue;
+    }
+    if (p.pgid() != root.pgid() || p.sid() != root.sid())
+      fail("pid ", p.pid(), ": process group ", p.pgid(),
+           " has its leader outside the image and is not the root's; lazycr cannot recreate it");
+  }
+}
+
+// What every live process of the image needs.
+void validate_process(const image::Process& p, const RestoreOptions& opts);
+
+}  // namespace
+
 void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   const auto& inv = img.inventory();
-  if (inv.pids_size() != 1)
-    fail("the image holds ", inv.pids_size(),
-         " processes; restoring process trees is not supported yet");
-  const image::Process& p = img.processes().front();
+  const auto& procs = img.processes();
+  const image::Process& p = procs.front();
   if (p.zombie()) fail("it was a zombie at dump time; there is nothing to run");
 
   // Same kernel, same vdso: the process keeps calling into its vdso text.
@@ -114,13 +150,15 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     fail("the image's vdso (build-id ", hexs(k.vdso_build_id()), ", ", k.vdso_size(),
          " bytes, hash ", hex(k.vdso_hash()), ") is not this kernel's (build-id ",
          hexs(own.build_id), ", ", own.size, " bytes, hash ", hex(own.hash), ")");
-  check_vdso_layout(p);
+  for (const auto& q : procs)
+    if (!q.zombie()) check_vdso_layout(q);
 
   // xsave: the kernel takes exactly its own size, and only features this CPU has.
   // CPUID/XGETBV only: the full kernel_features() probe costs ~1.4 ms of every restore.
   const CpuXsave cpu = cpu_xsave();
   bool any_xsave = false;
-  for (const auto& t : p.threads()) any_xsave |= !t.xsave().empty();
+  for (const auto& q : procs)
+    for (const auto& t : q.threads()) any_xsave |= !t.xsave().empty();
   if (any_xsave) {
     if (inv.cpu().xsave_size() != cpu.size)
       fail("the image's xsave areas are ", inv.cpu().xsave_size(), " bytes, this CPU's are ",
@@ -132,19 +170,41 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   }
   if (!clone3_knows_set_tid()) fail("this kernel lacks clone3 with set_tid");
 
-  // PIDs and TIDs.
+  // PIDs and TIDs (a zombie has its pid only).
+  std::vector<int> ids;
+  for (const auto& q : procs) {
+    if (q.threads_size() == 0) ids.push_back(q.pid());
+    for (const auto& t : q.threads()) ids.push_back(t.tid());
+  }
   if (opts.pidns) {
-    for (const auto& t : p.threads())
-      if (t.tid() == 1)
-        fail("tid 1 belongs to the reaper in a new PID namespace; --pidns cannot restore it");
+    for (int id : ids)
+      if (id == 1)
+        fail("pid/tid 1 belongs to the reaper in a new PID namespace; --pidns cannot restore it");
   } else {
     std::string taken;
-    for (const auto& t : p.threads())
-      if (proc::exists(t.tid())) taken += cat(taken.empty() ? "" : ", ", describe_taken(t.tid()));
+    int count = 0;
+    for (int id : ids)
+      if (proc::exists(id) && count++ < 16)
+        taken += cat(taken.empty() ? "" : ", ", describe_taken(id));
+    if (count > 16) taken += cat(" and ", count - 16, " more");
     if (!taken.empty())
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
+  validate_tree(procs, opts.shell_job);
+  for (const auto& q : procs) {
+    if (q.zombie()) continue;
+    try {
+      validate_process(q, opts);
+    } catch (const Error& e) {
+      if (procs.size() == 1) throw;
+      throw Error(cat("pid ", q.pid(), ": ", e.what()), e.sys_errno());
+    }
+  }
+}
 
+namespace {
+
+void validate_process(const image::Process& p, const RestoreOptions& opts) {
   // Credentials are restored as the last step, which needs lazycr to be allowed to set them.
   const auto& c = p.creds();
   if (c.uids_size() != 4 || c.gids_size() != 4) fail("its uids/gids are incomplete in the image");
@@ -189,6 +249,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     if (!f.restorable())
       fail("fd ", f.fd(), " is a ", kind, " (", f.target(), ") that lazycr cannot restore",
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
+    // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
+    if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
     if (f.kind() == FileDescriptor::CHARDEV) {
       struct stat cs;
       if (::stat(f.target().c_str(), &cs) != 0) fail_errno("fd ", f.fd(), ": ", f.target());
@@ -216,5 +278,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     for (const auto& s : t.pending()) check_pending(s, cat("thread ", t.tid()));
   for (const auto& s : p.shared_pending()) check_pending(s, "the process");
 }
+
+}  // namespace
 
 }  // namespace lazycr::restore
