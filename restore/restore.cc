@@ -642,12 +642,23 @@ std::string area_name(const MemoryArea& a) {
   return cat(hex(a.start()), "-", hex(a.end()), a.name().empty() ? "" : " ", a.name());
 }
 
+// Shared memory objects (shared anonymous memory, memfds) of the tree, by identity (the
+// object's dev and inode in the image): the first process that maps one creates it; the others
+// open it through /proc/<that process>/map_files and map the same object.
+struct SharedObjectOrigin {
+  pid_t pid = 0;                // the process that created it, as lazycr sees it
+  uint64_t start = 0, end = 0;  // its mapping there
+  uint64_t offset_base = 0;     // object offset = image pgoff - offset_base
+};
+using SharedObjectMap = std::map<std::pair<uint64_t, uint64_t>, SharedObjectOrigin>;
+
 // The memory step: map every area, let the strategy fill them, set final protections. Every
 // step runs as a few batches (one ptrace round trip per batch, not per call).
 class AddressSpace {
  public:
-  AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy)
-      : r_(r), p_(p), strategy_(strategy) {
+  AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy,
+               SharedObjectMap& objects)
+      : r_(r), p_(p), strategy_(strategy), objects_(objects) {
     for (const auto& a : p_.areas())
       if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) areas_.push_back(&a);
     find_split_runs();
@@ -688,6 +699,7 @@ class AddressSpace {
         fail("mmap of area ", area_name(*areas_[i]), " landed at ",
              hex(static_cast<uint64_t>(res[mmap_index[i]])));
     touch_runs();
+    register_objects();
     // The descriptors opened for mapping are no longer needed (each closed by its number: the
     // descriptor transport of a tree stays).
     std::vector<Call> closes;
@@ -767,6 +779,18 @@ class AddressSpace {
           break;
         }
         case MemoryArea::SHARED_ANON: {
+          auto origin = objects_.find(object_id(*a));
+          if (origin != objects_.end() && origin->second.pid != r_.pid()) {
+            key = object_key(*a);
+            if (files_.count(key)) continue;
+            const SharedObjectOrigin& o = origin->second;
+            std::string path = cat("/proc/", o.pid, "/map_files/", std::hex, o.start, "-", o.end);
+            path_addr = r_.push_string(path);
+            calls.push_back(make_call(
+                cat("open ", path, " (the object of area ", area_name(*a), ")"), SYS_openat,
+                static_cast<uint64_t>(AT_FDCWD), path_addr, O_RDWR | O_CLOEXEC, 0));
+            break;
+          }
           if (!starts_with(a->name(), "/memfd:")) continue;
           key = memfd_key(*a);
           if (files_.count(key)) continue;
@@ -869,7 +893,10 @@ class AddressSpace {
         flags |= MAP_ANONYMOUS;
         break;
       case MemoryArea::SHARED_ANON:
-        if (starts_with(a.name(), "/memfd:")) {
+        if (files_.count(object_key(a))) {
+          fd = files_.at(object_key(a));
+          off = a.pgoff() - objects_.at(object_id(a)).offset_base;
+        } else if (starts_with(a.name(), "/memfd:")) {
           fd = files_.at(memfd_key(a));
           off = a.pgoff();
         } else {
@@ -899,6 +926,26 @@ class AddressSpace {
     return cat(mode == O_RDWR ? "rw:" : "ro:", path);
   }
   // Areas of the same memfd share one (the same object mapped twice stays one object).
+  static std::pair<uint64_t, uint64_t> object_id(const MemoryArea& a) {
+    return {a.file().dev(), a.file().inode()};
+  }
+  static std::string object_key(const MemoryArea& a) {
+    return cat("object:", a.file().dev(), ":", a.file().inode());
+  }
+  // Shared objects this process created: the next processes of the tree open them.
+  void register_objects() {
+    for (const MemoryArea* a : areas_) {
+      if (a->kind() != MemoryArea::SHARED_ANON || a->file().inode() == 0) continue;
+      if (objects_.count(object_id(*a))) continue;
+      SharedObjectOrigin o;
+      o.pid = r_.pid();
+      o.start = a->start();
+      o.end = a->end();
+      // A fresh shared anonymous mapping is its object from offset 0; a memfd keeps offsets.
+      o.offset_base = starts_with(a->name(), "/memfd:") ? 0 : a->pgoff();
+      objects_[object_id(*a)] = o;
+    }
+  }
   static std::string memfd_key(const MemoryArea& a) {
     return cat("memfd:", a.file().dev(), ":", a.file().inode());
   }
@@ -906,6 +953,7 @@ class AddressSpace {
   Restoree& r_;
   const image::Process& p_;
   MemoryStrategy& strategy_;
+  SharedObjectMap& objects_;
   struct Marker {
     int set = -1, clear = -1;  // madvise advice, -1: none
   };
@@ -1188,23 +1236,22 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job, const Sha
 // the shapes it cannot make): a process that led its session calls setsid() as soon as it
 // exists, before it forks its children, which inherit the session; once every process exists,
 // group leaders make their groups, then the members join them. A group whose leader is not in
-// the image is the root's: every process created in it stays there. With --shell-job the root
-// stays in lazycr's session and group (and so do the members of the root's group).
-void start_session(Restoree& r, const image::Process& p, bool is_root, bool shell_job) {
+// the image is the root's: every process created in it stays there. A root that led neither
+// its session nor its group stays in lazycr's (--shell-job: a job started from a shell).
+void start_session(Restoree& r, const image::Process& p, bool is_root) {
   if (p.sid() != p.pid()) {
-    if (is_root && !shell_job)
+    if (is_root)
       log::info("pid ", p.pid(), ": session ", p.sid(), " is not in the image; it joins lazycr's");
     return;
   }
-  if (is_root && shell_job) return;
   r.inject("setsid", SYS_setsid);
 }
 
-// The groups led by processes of the image that get their group back.
-std::set<int> restored_group_leaders(const std::vector<image::Process>& procs, bool shell_job) {
+// The groups led by processes of the image (they get their group back).
+std::set<int> restored_group_leaders(const std::vector<image::Process>& procs) {
   std::set<int> out;
-  for (size_t i = 0; i < procs.size(); i++)
-    if (procs[i].pgid() == procs[i].pid() && !(i == 0 && shell_job)) out.insert(procs[i].pid());
+  for (const auto& p : procs)
+    if (p.pgid() == p.pid()) out.insert(p.pid());
   return out;
 }
 
@@ -1454,6 +1501,7 @@ Restored restore(const RestoreOptions& opts_in) {
   // Declared before the processes: on failure they are killed (and reaped) first, then the
   // page server, finding them gone, ends.
   std::unique_ptr<LazyServerGroup> lazy_group;
+  SharedObjectMap shared_objects;  // shared memory objects of the tree, as they are created
   Tree tree;
   std::map<int, size_t> index_of;
   for (size_t i = 0; i < procs.size(); i++) {
@@ -1510,20 +1558,19 @@ Restored restore(const RestoreOptions& opts_in) {
     }
     transport.theirs.reset();
   });
-  steps.run("session", rt.who, [&] { start_session(r0, root, true, opts.shell_job); });
+  steps.run("session", rt.who, [&] { start_session(r0, root, true); });
   // The rest of the tree, each process forked by its parent (which is still a bare copy of
   // lazycr with the trampoline: the child starts from there too).
   for (size_t i = 1; i < tree.tasks.size(); i++) {
     Task& t = *tree.tasks[i];
     steps.run("fork", t.who, [&] {
       tree.tasks[t.parent]->r->fork_child(t.p->pid(), *t.r);
-      start_session(*t.r, *t.p, false, opts.shell_job);
+      start_session(*t.r, *t.p, false);
     });
   }
-  const std::set<int> leaders = restored_group_leaders(procs, opts.shell_job);
+  const std::set<int> leaders = restored_group_leaders(procs);
   for (int pass = 0; pass < 2; pass++)
     for (size_t i = 0; i < tree.tasks.size(); i++) {
-      if (i == 0 && opts.shell_job) continue;
       Task& t = *tree.tasks[i];
       steps.run("groups", t.who, [&] { join_group(*t.r, *t.p, leaders, pass); });
     }
@@ -1580,7 +1627,7 @@ Restored restore(const RestoreOptions& opts_in) {
     t->strategy = opts.lazy.enabled
                       ? make_lazy_strategy(*t->p, store, opts, pin->saved(), *lazy_group)
                       : make_eager_filler(store, &pin->saved());
-    t->space = std::make_unique<AddressSpace>(*t->r, *t->p, *t->strategy);
+    t->space = std::make_unique<AddressSpace>(*t->r, *t->p, *t->strategy, shared_objects);
   }
   const uint64_t t_mem = now_ns();
   each_live("map-areas", [&](Task& t) { t.space->map_areas(); });

@@ -33,8 +33,8 @@ struct LazyOptions {
 struct RestoreOptions {
   std::string dir;         // image directory
   bool shell_job = false;  // fds 0-2 pointing to a tty or to anything lazycr cannot restore
-                           // become lazycr's own fds 0-2; the process stays in lazycr's
-                           // process group and session
+                           // become lazycr's own fds 0-2 (a root that led no session stays
+                           // in lazycr's session, with or without this)
   bool pidns = false;      // restore into a fresh PID namespace whose PID 1 is a minimal
                            // reaper (the restored process is its child and sees ppid 1)
   LazyOptions lazy;

@@ -98,7 +98,7 @@ namespace {
 // Sessions and process groups the restore can make (restore.cc, start_session/join_group):
 // a process is the leader of its session, or in its parent's; a process group is led by a
 // process of the image, or is the root's group.
-void validate_tree(const std::vector<image::Process>& procs, bool shell_job) {
+void validate_tree(const std::vector<image::Process>& procs) {
   std::map<int, const image::Process*> by_pid;
   for (const auto& p : procs) by_pid[p.pid()] = &p;
   const image::Process& root = procs.front();
@@ -112,8 +112,7 @@ void validate_tree(const std::vector<image::Process>& procs, bool shell_job) {
            parent->second->sid(), "); lazycr cannot recreate that session");
     if (p.pgid() == p.pid()) continue;
     auto leader = by_pid.find(p.pgid());
-    bool led_here = leader != by_pid.end() && leader->second->pgid() == p.pgid() &&
-                    !(leader->second == &root && shell_job);
+    bool led_here = leader != by_pid.end() && leader->second->pgid() == p.pgid();
     if (led_here) {
       if (leader->second->sid() != p.sid())
         fail("pid ", p.pid(), ": process group ", p.pgid(), " is in another session");
@@ -190,7 +189,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     if (!taken.empty())
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
-  validate_tree(procs, opts.shell_job);
+  validate_tree(procs);
   for (const auto& q : procs) {
     if (q.zombie()) continue;
     try {
