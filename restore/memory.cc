@@ -3,6 +3,7 @@
 
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 
 #include <algorithm>
@@ -84,11 +85,45 @@ class EagerFiller final : public MemoryStrategy {
     }
   }
 
+  // An area this process inherited from its parent at fork, holding the parent's restored
+  // pages (copy-on-write, one physical page for both): only the pages that differ are written.
+  // Pages the image stores as the parent's own (REF to the parent at the same address) stay
+  // shared; pages the process did not have are dropped (an anonymous area reads zeros there).
+  // A shared object needs nothing: the parent filled it.
+  void prepare_inherited_area(RemoteProcess&, const MemoryArea& area, int parent_pid) override {
+    if (area.kind() == MemoryArea::SHARED_ANON) return;
+    const auto& runs = store_.index().runs();
+    auto it = std::upper_bound(runs.begin(), runs.end(), area.start(),
+                               [](uint64_t a, const PageRun& r) { return a < r.start(); });
+    if (it != runs.begin()) --it;
+    uint64_t covered = area.start();
+    auto drop_upto = [&](uint64_t to) {
+      if (to > covered) drops_.push_back({covered, (to - covered) / kPageSize, false});
+    };
+    for (; it != runs.end() && it->start() < area.end(); ++it) {
+      uint64_t s = std::max(it->start(), area.start());
+      uint64_t e = std::min(it->start() + it->pages() * kPageSize, area.end());
+      if (s >= e) continue;
+      drop_upto(s);
+      covered = e;
+      if (it->kind() == PageRun::REF && it->ref_pid() == parent_pid &&
+          it->ref_addr() == it->start())
+        continue;  // the parent's page, already here
+      segments_.push_back({s, (e - s) / kPageSize, it->kind() == PageRun::ZERO});
+    }
+    drop_upto(area.end());
+  }
+
   // Batches (one buffer of up to 8 MiB and 1024 ranges each) are independent: two workers,
   // this thread and a helper, each take the next batch, read (decompress) it from the store
   // into their own buffer and write it into the process, so that both CPUs work on reads and
   // writes alike.
   void fill_mapped(RemoteProcess& target) override {
+    for (const Segment& d : drops_)
+      target.inject(cat("madvise(MADV_DONTNEED) of the inherited pages ", hex(d.addr), "-",
+                        hex(d.addr + d.pages * kPageSize), " the process did not have"),
+                    SYS_madvise, d.addr, d.pages * kPageSize, MADV_DONTNEED);
+    drops_.clear();
     uint64_t t0 = now_ns();
     if (segments_.empty()) return;
     std::vector<Plan> plans = plan_batches();
@@ -248,6 +283,7 @@ class EagerFiller final : public MemoryStrategy {
 
   const image::PageStoreReader& store_;
   std::vector<Segment> segments_;
+  std::vector<Segment> drops_;  // inherited pages to drop (prepare_inherited_area)
   std::array<char*, 2> bufs_{};
   cpu_set_t helper_cpus_;
   bool has_helper_cpus_ = false;

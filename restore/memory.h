@@ -77,6 +77,13 @@ class MemoryStrategy {
   virtual uint32_t shaping_prot(const image::MemoryArea& area) const = 0;
   // `area` is mapped at its address with shaping_prot(area).
   virtual void prepare_area(RemoteProcess& target, const image::MemoryArea& area) = 0;
+  // `area` was inherited at fork from the parent (image pid `parent_pid`), whose restored
+  // pages it holds, and has shaping_prot(area) (eager restores of trees; see restore.cc).
+  virtual void prepare_inherited_area(RemoteProcess& target, const image::MemoryArea& area,
+                                      int parent_pid) {
+    (void)parent_pid;
+    prepare_area(target, area);
+  }
   // Every area is mapped (none has its final protection yet).
   virtual void fill_mapped(RemoteProcess& target) = 0;
   // The address space is final; the leader can still run injected calls; no other thread yet.

@@ -72,6 +72,8 @@ using image::MemoryArea;
 
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
+// Eager trees fork each child right before its memory steps (unmap..protect), lazy ones all at
+// "fork"; "uffd" and "server" are lazy only.
 [[maybe_unused]] constexpr const char* kSteps[] = {"validate",
                                                    "files",
                                                    "create",
@@ -82,8 +84,6 @@ using image::MemoryArea;
                                                    "close-fds",
                                                    "session",
                                                    "fork",
-                                                   "groups",
-                                                   "zombie",
                                                    "unmap",
                                                    "vdso",
                                                    "map-areas",
@@ -91,6 +91,8 @@ using image::MemoryArea;
                                                    "server",
                                                    "fill",
                                                    "protect",
+                                                   "groups",
+                                                   "zombie",
                                                    "mm",
                                                    "after-shaping",
                                                    "process-state",
@@ -656,11 +658,16 @@ using SharedObjectMap = std::map<std::pair<uint64_t, uint64_t>, SharedObjectOrig
 // step runs as a few batches (one ptrace round trip per batch, not per call).
 class AddressSpace {
  public:
+  // `kept`: start addresses of areas inherited from the parent (image pid `parent_pid`) at
+  // fork, in place already with the parent's pages (see inheritable_areas()).
   AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy,
-               SharedObjectMap& objects)
-      : r_(r), p_(p), strategy_(strategy), objects_(objects) {
+               SharedObjectMap& objects, std::set<uint64_t> kept = {}, int parent_pid = 0)
+      : r_(r), p_(p), strategy_(strategy), objects_(objects), parent_pid_(parent_pid) {
     for (const auto& a : p_.areas())
-      if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) areas_.push_back(&a);
+      if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) {
+        areas_.push_back(&a);
+        kept_.push_back(kept.count(a.start()) > 0);
+      }
     find_split_runs();
   }
 
@@ -682,6 +689,12 @@ class AddressSpace {
     for (size_t i = 0; i < areas_.size(); i++) {
       const MemoryArea* a = areas_[i];
       mmap_index.push_back(calls.size());
+      if (kept_[i]) {  // in place: at most its protection changes while it is filled
+        calls.push_back(make_call(cat("mprotect of the inherited area ", area_name(*a)),
+                                  SYS_mprotect, a->start(), a->end() - a->start(),
+                                  shaping_prot(i)));
+        continue;
+      }
       calls.push_back(mmap_call(*a, shaping_prot(i)));
       if (starts_with(a->name(), "[anon:") && ends_with(a->name(), "]")) {
         uint64_t name = r_.push_string(a->name().substr(6, a->name().size() - 7));
@@ -695,7 +708,7 @@ class AddressSpace {
     }
     std::vector<long> res = r_.batch(calls);
     for (size_t i = 0; i < areas_.size(); i++)
-      if (static_cast<uint64_t>(res[mmap_index[i]]) != areas_[i]->start())
+      if (!kept_[i] && static_cast<uint64_t>(res[mmap_index[i]]) != areas_[i]->start())
         fail("mmap of area ", area_name(*areas_[i]), " landed at ",
              hex(static_cast<uint64_t>(res[mmap_index[i]])));
     touch_runs();
@@ -710,7 +723,12 @@ class AddressSpace {
       r_.batch(closes);
     }
     files_.clear();
-    for (const MemoryArea* a : areas_) strategy_.prepare_area(r_, *a);
+    for (size_t i = 0; i < areas_.size(); i++) {
+      if (kept_[i])
+        strategy_.prepare_inherited_area(r_, *areas_[i], parent_pid_);
+      else
+        strategy_.prepare_area(r_, *areas_[i]);
+    }
   }
 
   // Final protections, and the VMA flags that plain mmap does not give, from the image's
@@ -763,7 +781,9 @@ class AddressSpace {
     r_.reset_arena();
     std::vector<Call> calls;
     std::vector<std::string> keys;
-    for (const MemoryArea* a : areas_) {
+    for (size_t i = 0; i < areas_.size(); i++) {
+      const MemoryArea* a = areas_[i];
+      if (kept_[i]) continue;
       std::string key;
       uint64_t path_addr = 0;
       switch (a->kind()) {
@@ -826,7 +846,7 @@ class AddressSpace {
     marker_.assign(areas_.size(), Marker{});
     bool mark = false;
     for (size_t i = 1; i < areas_.size(); i++) {
-      if (!mergeable(*areas_[i - 1], *areas_[i])) {
+      if (kept_[i - 1] || kept_[i] || !mergeable(*areas_[i - 1], *areas_[i])) {
         mark = false;
         continue;
       }
@@ -954,6 +974,8 @@ class AddressSpace {
   const image::Process& p_;
   MemoryStrategy& strategy_;
   SharedObjectMap& objects_;
+  int parent_pid_;
+  std::vector<bool> kept_;  // per area: inherited at fork, in place
   struct Marker {
     int set = -1, clear = -1;  // madvise advice, -1: none
   };
@@ -1447,6 +1469,45 @@ class Tree {
   std::vector<std::unique_ptr<Task>> tasks;
 };
 
+// The areas `child` can keep from `parent` when it is forked once the parent's memory is
+// restored (eager): same place, same anonymous kind and attributes (a shared one: the same
+// object), and passed on by fork at all (not MADV_DONTFORK or MADV_WIPEONFORK in the parent).
+// By start address.
+std::set<uint64_t> inheritable_areas(const image::Process& parent, const image::Process& child) {
+  std::map<uint64_t, const MemoryArea*> by_start;
+  for (const auto& a : parent.areas()) by_start[a.start()] = &a;
+  std::set<uint64_t> out;
+  for (const auto& c : child.areas()) {
+    if (c.kind() != MemoryArea::ANON && c.kind() != MemoryArea::HEAP &&
+        c.kind() != MemoryArea::STACK && c.kind() != MemoryArea::SHARED_ANON)
+      continue;
+    auto it = by_start.find(c.start());
+    if (it == by_start.end()) continue;
+    const MemoryArea& b = *it->second;
+    std::istringstream flags(b.vmflags());
+    std::string f;
+    bool passed_on = true;
+    while (flags >> f) passed_on &= f != "dc" && f != "wf";
+    if (passed_on && b.end() == c.end() && b.kind() == c.kind() && b.prot() == c.prot() &&
+        b.shared() == c.shared() && b.growsdown() == c.growsdown() && b.name() == c.name() &&
+        b.vmflags() == c.vmflags() && b.pgoff() == c.pgoff() && b.file().dev() == c.file().dev() &&
+        b.file().inode() == c.file().inode())
+      out.insert(c.start());
+  }
+  return out;
+}
+
+// The vdso block is where the parent's is (a forked child that did not exec).
+bool same_vdso_block(const image::Process& parent, const image::Process& child) {
+  auto block = [](const image::Process& p) {
+    std::vector<std::pair<uint64_t, uint64_t>> v;
+    for (const auto& a : p.areas())
+      if (is_vdso_block(a)) v.push_back({a.start(), a.end()});
+    return v;
+  };
+  return !block(child).empty() && block(child) == block(parent);
+}
+
 void consume_sigchld(Restoree& r) {
   uint64_t set = uint64_t{1} << (SIGCHLD - 1);
   struct timespec none {
@@ -1559,47 +1620,52 @@ Restored restore(const RestoreOptions& opts_in) {
     transport.theirs.reset();
   });
   steps.run("session", rt.who, [&] { start_session(r0, root, true); });
-  // The rest of the tree, each process forked by its parent (which is still a bare copy of
-  // lazycr with the trampoline: the child starts from there too).
-  for (size_t i = 1; i < tree.tasks.size(); i++) {
-    Task& t = *tree.tasks[i];
-    steps.run("fork", t.who, [&] {
-      tree.tasks[t.parent]->r->fork_child(t.p->pid(), *t.r);
-      start_session(*t.r, *t.p, false);
-    });
-  }
-  const std::set<int> leaders = restored_group_leaders(procs);
-  for (int pass = 0; pass < 2; pass++)
-    for (size_t i = 0; i < tree.tasks.size(); i++) {
-      Task& t = *tree.tasks[i];
-      steps.run("groups", t.who, [&] { join_group(*t.r, *t.p, leaders, pass); });
-    }
-  std::set<size_t> zombie_parents;
-  for (auto& t : tree.tasks) {
-    if (t->live()) continue;
-    steps.run("zombie", t->who, [&] { t->r->exit_as_zombie(t->p->exit_status()); });
-    zombie_parents.insert(t->parent);
-  }
-  for (size_t i : zombie_parents) {
-    Task& t = *tree.tasks[i];
-    steps.run("zombie", t.who, [&] { consume_sigchld(*t.r); });
-  }
-
   auto each_live = [&](const char* step, auto&& f) {
     for (auto& t : tree.tasks)
       if (t->live()) steps.run(step, t->who, [&] { f(*t); });
   };
-  each_live("unmap", [&](Task& t) {
+  auto fork = [&](Task& t) {
+    steps.run("fork", t.who, [&] {
+      tree.tasks[t.parent]->r->fork_child(t.p->pid(), *t.r);
+      start_session(*t.r, *t.p, false);
+    });
+  };
+  // Everything but what the process keeps from its parent (kept: areas by start address).
+  auto unmap = [&](Task& t, const std::set<uint64_t>& kept, bool vdso_kept) {
     Restoree& r = *t.r;
-    uint64_t tr = r.trampoline();
-    r.inject("munmap below the trampoline", SYS_munmap, 0, tr);
-    r.inject("munmap above the trampoline", SYS_munmap, tr + kTrampolineSize,
-             kTaskSize - (tr + kTrampolineSize));
+    const uint64_t tr = r.trampoline();
+    if (kept.empty() && !vdso_kept) {
+      r.inject("munmap below the trampoline", SYS_munmap, 0, tr);
+      r.inject("munmap above the trampoline", SYS_munmap, tr + kTrampolineSize,
+               kTaskSize - (tr + kTrampolineSize));
+    } else {
+      std::map<uint64_t, uint64_t> keep;
+      for (const auto& a : t.p->areas())
+        if (kept.count(a.start()) || (vdso_kept && is_vdso_block(a))) keep[a.start()] = a.end();
+      std::vector<Call> calls;
+      for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps")))) {
+        if (m.start == tr || m.path == "[vsyscall]") continue;
+        auto k = keep.find(m.start);
+        if (k != keep.end() && k->second == m.end) continue;
+        calls.push_back(make_call(cat("munmap of ", hex(m.start), "-", hex(m.end), " ", m.path),
+                                  SYS_munmap, m.start, m.end - m.start));
+      }
+      r.reset_arena();
+      r.batch(calls);
+      for (const auto& [start, end] : keep) {
+        (void)end;
+        bool found = false;
+        for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
+          found |= m.start == start;
+        if (!found) fail("the inherited area at ", hex(start), " is gone");
+      }
+      return;
+    }
     for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
       if (m.start != tr && m.path != "[vsyscall]")
         fail("area ", hex(m.start), "-", hex(m.end), " ", m.path, " is still mapped");
-  });
-  each_live("vdso", [&](Task& t) {
+  };
+  auto move_vdso = [&](Task& t) {
     Restoree& r = *t.r;
     const image::Process& p = *t.p;
     uint64_t base = 0;
@@ -1617,31 +1683,82 @@ Restored restore(const RestoreOptions& opts_in) {
       if (!found)
         fail("the kernel's ", a.name(), " did not land at ", hex(a.start()), "-", hex(a.end()));
     }
-  });
-
-  for (auto& t : tree.tasks) {
-    if (!t->live()) continue;
-    const image::PageStoreReader& store = img->pages(t->p->pid());
+  };
+  auto make_space = [&](Task& t, std::set<uint64_t> kept, int parent_pid) {
+    const image::PageStoreReader& store = img->pages(t.p->pid());
     if (opts.lazy.enabled && !lazy_group)
       lazy_group = std::make_unique<LazyServerGroup>(opts, pin->saved());
-    t->strategy = opts.lazy.enabled
-                      ? make_lazy_strategy(*t->p, store, opts, pin->saved(), *lazy_group)
-                      : make_eager_filler(store, &pin->saved());
-    t->space = std::make_unique<AddressSpace>(*t->r, *t->p, *t->strategy, shared_objects);
-  }
+    t.strategy = opts.lazy.enabled
+                     ? make_lazy_strategy(*t.p, store, opts, pin->saved(), *lazy_group)
+                     : make_eager_filler(store, &pin->saved());
+    t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects,
+                                             std::move(kept), parent_pid);
+  };
+
   const uint64_t t_mem = now_ns();
-  each_live("map-areas", [&](Task& t) { t.space->map_areas(); });
-  // Lazy: the userfaultfd and the page server come first, so that the server starts up while
-  // the rest is filled and shaped.
-  each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
-  steps.run("server", rt.who, [&] {
+  if (!opts.lazy.enabled) {
+    // Eager: each process is forked once its parent's memory is back, so that it finds the
+    // parent's pages in place, shared copy-on-write, and writes only what differs.
+    for (size_t i = 0; i < tree.tasks.size(); i++) {
+      Task& t = *tree.tasks[i];
+      if (i > 0) fork(t);
+      if (!t.live()) continue;
+      std::set<uint64_t> kept;
+      bool vdso_kept = false;
+      int parent_pid = 0;
+      if (i > 0) {
+        const image::Process& parent = *tree.tasks[t.parent]->p;
+        kept = inheritable_areas(parent, *t.p);
+        vdso_kept = same_vdso_block(parent, *t.p);
+        parent_pid = parent.pid();
+      }
+      steps.run("unmap", t.who, [&] { unmap(t, kept, vdso_kept); });
+      steps.run("vdso", t.who, [&] {
+        if (!vdso_kept) move_vdso(t);
+      });
+      make_space(t, kept, parent_pid);
+      steps.run("map-areas", t.who, [&] { t.space->map_areas(); });
+      steps.run("fill", t.who, [&] { t.strategy->fill_mapped(*t.r); });
+      steps.run("protect", t.who, [&] { t.space->protect(); });
+    }
+  } else {
+    // Lazy: every process is forked while its parent is still a bare copy of lazycr with the
+    // trampoline (a fork of a process with registered lazy areas would be a userfaultfd FORK
+    // event); each owes its own pages, served by one server.
+    for (size_t i = 1; i < tree.tasks.size(); i++) fork(*tree.tasks[i]);
+    each_live("unmap", [&](Task& t) { unmap(t, {}, false); });
+    each_live("vdso", [&](Task& t) { move_vdso(t); });
     for (auto& t : tree.tasks)
-      if (t->live()) t->strategy->start_server(*t->r);
-    if (lazy_group) lazy_group->start(r0.pid());
-  });
-  each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
-  each_live("protect", [&](Task& t) { t.space->protect(); });
+      if (t->live()) make_space(*t, {}, 0);
+    each_live("map-areas", [&](Task& t) { t.space->map_areas(); });
+    // The userfaultfds and the page server come first, so that the server starts up while the
+    // rest is filled and shaped.
+    each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
+    steps.run("server", rt.who, [&] {
+      for (auto& t : tree.tasks)
+        if (t->live()) t->strategy->start_server(*t->r);
+      if (lazy_group) lazy_group->start(r0.pid());
+    });
+    each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
+    each_live("protect", [&](Task& t) { t.space->protect(); });
+  }
   const uint64_t memory_ns = now_ns() - t_mem;
+
+  const std::set<int> leaders = restored_group_leaders(procs);
+  for (int pass = 0; pass < 2; pass++)
+    for (auto& t : tree.tasks)
+      steps.run("groups", t->who, [&] { join_group(*t->r, *t->p, leaders, pass); });
+  std::set<size_t> zombie_parents;
+  for (auto& t : tree.tasks) {
+    if (t->live()) continue;
+    steps.run("zombie", t->who, [&] { t->r->exit_as_zombie(t->p->exit_status()); });
+    zombie_parents.insert(t->parent);
+  }
+  for (size_t i : zombie_parents) {
+    Task& t = *tree.tasks[i];
+    steps.run("zombie", t.who, [&] { consume_sigchld(*t.r); });
+  }
+
   each_live("mm", [&](Task& t) { set_mm(*t.r, *t.p); });
   each_live("after-shaping", [&](Task& t) { t.strategy->after_shaping(*t.r); });
   each_live("process-state", [&](Task& t) { restore_process_state(*t.r, *t.p); });
