@@ -172,8 +172,9 @@ struct GoMessage {
 };
 
 struct ServerLaunch {
-  std::vector<ServedProcess> processes;  // the root first
-  pid_t root = 0;                        // for the stats and messages
+  std::vector<ServedProcess> processes;   // the root first
+  pid_t root = 0;                         // for the stats and messages
+  std::vector<std::string> other_stores;  // page stores of the image the served ones may read
   LazyOptions opts;
   cpu_set_t cpus;
   uint64_t start_ns = 0;
@@ -318,6 +319,12 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       keep.insert(keep.end(), on.begin(), on.end());
       keep.push_back(sp.uffd);
       keep.push_back(sp.pidfd);
+    }
+    // Every other store of the image too: pages of a tree may be stored once, in another
+    // process's store (REF runs), which the served stores read through.
+    for (const auto& path : l.other_stores) {
+      std::vector<int> on = fds_on(path);
+      keep.insert(keep.end(), on.begin(), on.end());
     }
     for (int fd : {log_fd, ready_wr, ctl_rd}) keep.push_back(fd);
     close_all_but(keep);
@@ -891,11 +898,12 @@ void LazyServerGroup::add(ServedProcess p) {
   impl_->processes.push_back(std::move(p));
 }
 
-void LazyServerGroup::start(pid_t root) {
+void LazyServerGroup::start(pid_t root, const std::vector<std::string>& stores) {
   if (impl_->processes.empty()) return;
   ServerLaunch l;
   l.processes = impl_->processes;
   l.root = root;
+  l.other_stores = stores;
   l.opts = impl_->opts.lazy;
   l.cpus = impl_->cpus;
   l.start_ns = impl_->opts.start_ns;

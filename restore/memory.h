@@ -128,7 +128,9 @@ class LazyServerGroup {
   LazyServerGroup& operator=(const LazyServerGroup&) = delete;
 
   void add(ServedProcess p);
-  void start(pid_t root);  // no server when nothing was added
+  // No server when nothing was added. `stores`: every page store of the image (the served
+  // processes' stores may read pages stored in the others).
+  void start(pid_t root, const std::vector<std::string>& stores);
   void wait_ready();
   // Tells the server the processes run (and the totals, for its stats) and hands it over.
   // Without a server, writes the stats itself. Never throws.

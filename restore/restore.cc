@@ -1737,7 +1737,10 @@ Restored restore(const RestoreOptions& opts_in) {
     steps.run("server", rt.who, [&] {
       for (auto& t : tree.tasks)
         if (t->live()) t->strategy->start_server(*t->r);
-      if (lazy_group) lazy_group->start(r0.pid());
+      std::vector<std::string> stores;
+      for (auto& t : tree.tasks)
+        if (t->live()) stores.push_back(img->pages(t->p->pid()).path());
+      if (lazy_group) lazy_group->start(r0.pid(), stores);
     });
     each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
     each_live("protect", [&](Task& t) { t.space->protect(); });
