@@ -1,16 +1,21 @@
-// Internal to checkpoint/: the pieces of a dump, each over a frozen process.
+// Internal to checkpoint/: the pieces of a dump, each over a frozen process or the frozen tree.
 #pragma once
 
 #include <sys/types.h>
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include "common/fd.h"
 #include "common/proc.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
+#include "image-format/shared.pb.h"
 
 namespace lazycr::checkpoint {
 
@@ -21,20 +26,77 @@ std::vector<image::MemoryArea> collect_areas(pid_t pid, const std::vector<proc::
 struct MemoryStats {
   uint64_t pages_read = 0;
   uint64_t bytes_read = 0;
+  uint64_t ref_pages = 0;  // pages written as REF runs (stored by an earlier process)
+};
+
+// Pages shared between the processes of one dump, so that each is stored once: private
+// anonymous pages by physical page (PFN from /proc/PID/pagemap), shared anonymous / memfd
+// objects by identity (dev, inode) and offset. Processes must be dumped in inventory order.
+class PageDedup {
+ public:
+  struct Owner {
+    pid_t pid;
+    uint64_t addr;
+  };
+  // A run of a shared object's pages stored by `pid` at `addr`.
+  struct Stored {
+    pid_t pid;
+    uint64_t offset;  // in the object, bytes
+    uint64_t pages;
+    uint64_t addr;
+  };
+
+  // The pagemap of a dumped process, kept open to re-check a page's PFN before a REF.
+  int pagemap_of(pid_t pid);
+
+  std::unordered_map<uint64_t, Owner> pfns;  // first process (and address) seen with each PFN
+  std::map<std::pair<uint64_t, uint64_t>, std::vector<Stored>> objects;  // (dev, inode)
+
+ private:
+  std::map<pid_t, UniqueFd> pagemaps_;
 };
 
 // Finds the pages of each area that the restore cannot get elsewhere (PAGEMAP_SCAN, or
 // /proc/PID/pagemap without it), reads them in large batches and feeds the store writer.
 // Sets stored_pages on each area. `progress` is called now and then with pages read so far.
+// With `dedup`, pages an earlier process of the dump has stored are written as REF runs.
+// With `via_mem`, pages are read through /proc/PID/mem instead of process_vm_readv: the
+// latter pins pages (FOLL_PIN), and the kernel unshares (copies) a fork-shared anonymous page
+// before pinning it, so reading a tree that way would break the sharing in the live tree and
+// change the very PFNs dedup compares. /proc/PID/mem takes plain references.
 MemoryStats dump_memory(pid_t pid, std::vector<image::MemoryArea>& areas,
                         image::PageStoreWriter& writer,
-                        const std::function<void(uint64_t pages)>& progress);
+                        const std::function<void(uint64_t pages)>& progress,
+                        PageDedup* dedup = nullptr, bool via_mem = false);
 
-// Open file descriptors with kind, flags, position and file identity.
+// Open file descriptors with kind, flags, position, file identity and object inode (pipes,
+// sockets, FIFOs). restorable is final for other kinds; collect_shared() decides the rest.
 std::vector<image::FileDescriptor> collect_fds(pid_t pid);
 
 // Identity (dev, inode, size, mtime, mode) of a path; `deleted` from a " (deleted)" suffix.
 image::FileIdentity file_identity(const std::string& path_as_reported,
                                   const std::string& stat_path);
+
+// "pipe:[N]" or "socket:[N]" -> N, else 0.
+uint64_t object_inode_of(const std::string& target);
+
+// One live process of the tree, for collect_shared().
+struct TreeFiles {
+  image::Process* process;  // fds already collected
+  int pidfd;
+};
+
+struct SharedCollection {
+  image::SharedObjects objects;
+  // Descriptors found not restorable here, with the reason, by (pid, fd).
+  std::map<std::pair<pid_t, int>, std::string> why_not;
+  uint64_t kcmp_calls = 0;
+};
+
+// Over every descriptor of the frozen tree: sets file_id (one per open file description,
+// kcmp(KCMP_FILE) among candidates that look alike), decides restorable for pipes, FIFOs and
+// sockets, and captures the pipes' buffered bytes (tee) and the UNIX sockets' queues (MSG_PEEK)
+// without consuming them.
+SharedCollection collect_shared(std::vector<TreeFiles>& procs);
 
 }  // namespace lazycr::checkpoint

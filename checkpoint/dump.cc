@@ -1,5 +1,6 @@
-// The dump: seize every thread, collect state while the process is frozen, write the image,
-// then kill the process or let it go. Failure at any point leaves it running as it was.
+// The dump: seize every thread of every process of the tree, collect state while the tree is
+// frozen, write the image, then kill the tree or let it go. Failure at any point leaves every
+// process running as it was.
 #include "checkpoint/dump.h"
 
 #include <elf.h>
@@ -22,6 +23,7 @@
 #include <set>
 
 #include "checkpoint/collect.h"
+#include "checkpoint/frozen.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -59,12 +61,6 @@ uint64_t wall_ns() {
       .count();
 }
 
-std::string describe_pid(pid_t pid) {
-  auto comm = proc::try_read_file(cat("/proc/", pid, "/comm"));
-  if (comm && !comm->empty() && comm->back() == '\n') comm->pop_back();
-  return comm ? cat("pid ", pid, " (", *comm, ")") : cat("pid ", pid);
-}
-
 // Refuses what cannot be dumped, with the reason.
 void check_target(pid_t pid) {
   if (pid <= 0) fail("invalid pid ", pid);
@@ -85,10 +81,6 @@ void check_target(pid_t pid) {
     fail("pid ", pid, " is a thread of process ", status.tgid, "; dump the process");
   if (status.tracer_pid != 0)
     fail(describe_pid(pid), " is already traced by pid ", status.tracer_pid);
-  auto children = proc::list_children(pid);
-  if (!children.empty())
-    fail(describe_pid(pid), " has ", children.size(), " child process(es) (first: ", children[0],
-         "); process trees are not supported yet");
 }
 
 // The vdso's identity, with the same fingerprint a restore computes of its own (common/vdso.h).
@@ -101,124 +93,6 @@ VdsoFingerprint fingerprint_vdso(pid_t pid, const std::vector<image::MemoryArea>
   }
   return {};
 }
-
-// The frozen process: every thread seized and stopped. The destructor undoes everything
-// that was done to it (scratch page, then detach), so a failed dump leaves it as it was.
-class FrozenProcess {
- public:
-  explicit FrozenProcess(pid_t pid) : pid_(pid) {
-    pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-    if (!pidfd_) fail_errno("pidfd_open(", pid, ")");
-  }
-
-  ~FrozenProcess() {
-    try {
-      release_scratch();
-    } catch (const Error& e) {
-      log::warn("pid ", pid_, ": could not unmap the scratch page at ", hex(scratch_), ": ",
-                e.what());
-    }
-    // Detach the leader last: once killed, it reports only after every other thread has.
-    while (!threads_.empty()) threads_.pop_back();
-  }
-
-  // Seizes and stops every thread; re-lists until no new thread shows up.
-  void freeze() {
-    std::set<pid_t> seen;
-    for (int round = 0;; round++) {
-      if (round > 100) fail("pid ", pid_, ": threads keep appearing; cannot freeze it");
-      std::vector<pid_t> tids = proc::list_tasks(pid_);
-      if (tids.empty() || !proc::exists(pid_)) fail("pid ", pid_, " exited during the dump");
-      bool added = false;
-      for (pid_t tid : tids) {
-        if (seen.count(tid)) continue;
-        try {
-          threads_.push_back(TracedThread::seize(tid, PTRACE_O_TRACEEXEC));
-        } catch (const Error& e) {
-          // A thread that exited between listing and seizing is simply gone.
-          if (e.sys_errno() == ESRCH && tid != pid_) {
-            seen.insert(tid);
-            continue;
-          }
-          throw;
-        }
-        if (frozen_at_ == 0) frozen_at_ = now_ns();
-        seen.insert(tid);
-        added = true;
-        threads_.back().interrupt_and_wait();
-      }
-      if (!added) break;
-    }
-    // The leader first.
-    std::stable_partition(threads_.begin(), threads_.end(),
-                          [&](const TracedThread& t) { return t.tid() == pid_; });
-    if (threads_.empty() || threads_[0].tid() != pid_)
-      fail("pid ", pid_, ": main thread has exited (a zombie leader with live threads)");
-    insn_ = find_vdso_syscall_insn(pid_);
-  }
-
-  pid_t pid() const { return pid_; }
-  int pidfd() const { return pidfd_.get(); }
-  uint64_t frozen_at() const { return frozen_at_; }
-  std::vector<TracedThread>& threads() { return threads_; }
-  TracedThread& leader() { return threads_[0]; }
-
-  // Runs a syscall inside thread t; throws with the syscall's name on failure.
-  long call(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
-            uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) {
-    long r = t.syscall(insn_, InjectMode::kSingleStep, nr, a1, a2, a3, a4, a5, a6);
-    if (r < 0 && r > -4096)
-      fail_errno_value(static_cast<int>(-r), cat(what, " in thread ", t.tid()));
-    return r;
-  }
-
-  // A page inside the target for results of injected calls. MAP_SHARED so that it can never
-  // merge with a neighbouring private area.
-  uint64_t scratch() {
-    if (scratch_ == 0)
-      scratch_ = static_cast<uint64_t>(
-          call(leader(), "mmap of a scratch page", SYS_mmap, 0, kPageSize, PROT_READ | PROT_WRITE,
-               MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0));
-    return scratch_;
-  }
-
-  void release_scratch() {
-    if (scratch_ == 0 || threads_.empty()) return;
-    uint64_t s = scratch_;
-    scratch_ = 0;
-    call(leader(), "munmap of the scratch page", SYS_munmap, s, kPageSize);
-  }
-
-  uint64_t injected() const {
-    uint64_t n = 0;
-    for (const auto& t : threads_) n += t.injected_syscalls();
-    return n;
-  }
-
-  // Kills the process (after a complete image) and waits until it is gone.
-  void kill_and_wait() {
-    if (!send_signal_pidfd(pidfd_.get(), SIGKILL)) fail_errno("cannot kill pid ", pid_);
-    // Collect each traced thread's exit; the leader reports last, after all the others.
-    for (auto it = threads_.rbegin(); it != threads_.rend(); ++it)
-      while (it->attached() && it->wait_stop().kind != StopKind::kExited) {
-      }
-    threads_.clear();
-    pollfd p{pidfd_.get(), POLLIN, 0};
-    if (::poll(&p, 1, 10000) <= 0) log::warn("pid ", pid_, " did not exit within 10 s of SIGKILL");
-  }
-
-  void detach_all() {
-    while (!threads_.empty()) threads_.pop_back();
-  }
-
- private:
-  pid_t pid_;
-  UniqueFd pidfd_;
-  std::vector<TracedThread> threads_;
-  uint64_t insn_ = 0;
-  uint64_t scratch_ = 0;
-  uint64_t frozen_at_ = 0;
-};
 
 image::X86Regs to_proto(const Regs& r) {
   image::X86Regs p;
@@ -424,25 +298,39 @@ bool alive(pid_t pid) {
   }
 }
 
-DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0);
+DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>& seized);
 
 }  // namespace
 
 DumpResult dump(const DumpOptions& opts) {
   uint64_t t0 = now_ns();
   check_target(opts.pid);
+  std::vector<pid_t> seized;
   try {
-    return dump_frozen(opts, t0);
+    return dump_frozen(opts, t0, seized);
   } catch (const Error& e) {
     if (!alive(opts.pid))
       fail("pid ", opts.pid, " exited or was killed during the dump (", e.what(), ")");
+    for (pid_t p : seized)
+      if (!alive(p)) fail("pid ", p, " exited or was killed during the dump (", e.what(), ")");
     throw;
   }
 }
 
 namespace {
 
-DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
+void record_zombie(const TreeNode& node, image::Process& proc) {
+  const proc::Stat& st = node.zombie_stat;
+  proc.set_pid(node.pid);
+  proc.set_ppid(st.ppid);
+  proc.set_pgid(st.pgrp);
+  proc.set_sid(st.session);
+  proc.set_comm(st.comm);
+  proc.set_zombie(true);
+  proc.set_exit_status(st.exit_code);
+}
+
+DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>& seized) {
   image::ImageWriter writer(opts.dir, opts.replace);
   image::PageStoreOptions store_opts;
   store_opts.frame_size = opts.frame_size;
@@ -450,40 +338,78 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
   store_opts.threads = opts.threads;
 
   DumpResult result;
-  image::Process proc;
   image::Inventory inv;
-  FrozenProcess fp(opts.pid);
-  fp.freeze();
-  log::info("froze ", describe_pid(opts.pid), " with ", fp.threads().size(), " thread(s)");
+  FrozenTree tree;
+  tree.freeze(opts.pid);
+  const std::vector<pid_t>& order = tree.preorder();
+  for (pid_t p : order)
+    if (!tree.node(p).zombie()) seized.push_back(p);
   fault_point(opts, "freeze");
 
-  // The address space is read before the scratch page exists, so the image never holds it.
-  auto maps = proc::read_smaps(opts.pid);
-  auto areas = collect_areas(opts.pid, maps);
-  VdsoFingerprint vdso = fingerprint_vdso(opts.pid, areas);
-
+  // Per process, in preorder: state first, memory later (once every descriptor is checked).
+  std::vector<image::Process> procs(order.size());
+  std::vector<std::vector<image::MemoryArea>> areas(order.size());
+  VdsoFingerprint vdso;
   uint32_t xsave_size = 0;
   uint64_t xsave_features = 0;
-  collect_threads(fp, proc, xsave_size, xsave_features);
-  fault_point(opts, "threads");  // with the scratch page mapped
-  collect_sigactions(fp, proc);
-  collect_process_state(fp, proc);
-  fp.release_scratch();
-
-  auto fds = collect_fds(opts.pid);
-  for (const auto& f : fds) {
-    // Standard descriptors usually lead outside the process (a terminal, the caller's pipe):
-    // they are recorded, and the restore connects them to its own (--shell-job).
-    if (f.restorable() || opts.skip_unsupported_fds || f.fd() <= 2) continue;
-    fail(describe_pid(opts.pid), ": fd ", f.fd(), " is a ",
-         image::FileDescriptor::Kind_Name(f.kind()), " (", f.target(),
-         ") that lazycr cannot restore yet; --skip-unsupported-fds records it anyway");
+  for (size_t i = 0; i < order.size(); i++) {
+    TreeNode& node = tree.node(order[i]);
+    image::Process& proc = procs[i];
+    for (pid_t c : node.children) proc.add_children(c);
+    if (node.zombie()) {
+      record_zombie(node, proc);
+      result.zombies++;
+      continue;
+    }
+    FrozenProcess& fp = *node.frozen;
+    // The address space is read before the scratch page exists, so the image never holds it.
+    auto maps = proc::read_smaps(fp.pid());
+    areas[i] = collect_areas(fp.pid(), maps);
+    if (i == 0) vdso = fingerprint_vdso(fp.pid(), areas[i]);
+    collect_threads(fp, proc, xsave_size, xsave_features);
+    fault_point(opts, "threads");  // with the scratch page mapped
+    collect_sigactions(fp, proc);
+    collect_process_state(fp, proc);
+    fp.release_scratch();
+    for (auto& f : collect_fds(fp.pid())) *proc.add_fds() = std::move(f);
+    result.threads += fp.threads().size();
+    result.areas += areas[i].size();
   }
 
+  // Descriptors across the tree: shared open file descriptions, pipes, socket pairs.
+  std::vector<TreeFiles> files;
+  for (size_t i = 0; i < order.size(); i++)
+    if (!tree.node(order[i]).zombie())
+      files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
+  SharedCollection shared = collect_shared(files);
+  fault_point(opts, "files");
+  for (const auto& tf : files) {
+    for (const auto& f : tf.process->fds()) {
+      // Standard descriptors usually lead outside the tree (a terminal, the caller's pipe):
+      // they are recorded, and the restore connects them to its own (--shell-job).
+      if (f.restorable() || opts.skip_unsupported_fds || f.fd() <= 2) continue;
+      auto why = shared.why_not.find({tf.process->pid(), f.fd()});
+      fail(describe_pid(tf.process->pid()), ": fd ", f.fd(), " is a ",
+           image::FileDescriptor::Kind_Name(f.kind()), " (", f.target(), ")",
+           why != shared.why_not.end() ? cat(" that lazycr cannot restore: ", why->second)
+                                       : std::string(" that lazycr cannot restore yet"),
+           "; --skip-unsupported-fds records it anyway");
+    }
+  }
+  result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
+  result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
+
+  // Memory, process by process in preorder, so that a page shared with an earlier process
+  // can refer to it. A single process needs no PFN pass.
+  std::optional<PageDedup> dedup;
+  if (opts.dedup && tree.live_count() > 1) dedup.emplace();
   log::Progress progress;
-  {
-    image::PageStoreWriter pages(writer.pages_path(opts.pid), store_opts);
-    bool first_batch = true;
+  bool first_batch = true;
+  for (size_t i = 0; i < order.size(); i++) {
+    TreeNode& node = tree.node(order[i]);
+    if (node.zombie()) continue;
+    FrozenProcess& fp = *node.frozen;
+    image::PageStoreWriter pages(writer.pages_path(fp.pid()), store_opts);
     auto report = [&](uint64_t pages_read) {
       if (first_batch) {
         first_batch = false;
@@ -492,32 +418,39 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
       }
       if (!progress.enabled()) return;
       uint64_t written = pages.bytes_written();
-      char line[160];
+      char line[200];
       double read_mib = pages_read * 4096.0 / (1 << 20);
       double written_mib = written / double(1 << 20);
       std::snprintf(line, sizeof line,
-                    "dump: %llu pages read (%.1f MiB), %.1f MiB written, ratio %.2f",
-                    static_cast<unsigned long long>(pages_read), read_mib, written_mib,
-                    read_mib > 0 ? written_mib / read_mib : 0.0);
+                    "dump: pid %d (%zu/%zu): %llu pages read (%.1f MiB), %.1f MiB written, "
+                    "ratio %.2f",
+                    fp.pid(), i + 1, order.size(), static_cast<unsigned long long>(pages_read),
+                    read_mib, written_mib, read_mib > 0 ? written_mib / read_mib : 0.0);
       progress.update(line);
     };
-    auto mem = dump_memory(opts.pid, areas, pages, report);
+    auto mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
+                           tree.live_count() > 1);
     auto stats = pages.finish();
-    progress.finish();
-    result.data_pages = stats.data_pages;
-    result.zero_pages = stats.zero_pages;
-    log::info("read ", mem.pages_read, " pages; stored ", stats.data_pages, " data + ",
-              stats.zero_pages, " zero pages in ", stats.frames, " frames");
+    result.data_pages += stats.data_pages;
+    result.zero_pages += stats.zero_pages;
+    result.ref_pages += mem.ref_pages;
+    log::info("pid ", fp.pid(), ": read ", mem.pages_read, " pages; stored ", stats.data_pages,
+              " data + ", stats.zero_pages, " zero pages in ", stats.frames, " frames, ",
+              mem.ref_pages, " pages refer to earlier processes");
   }
-  for (auto& a : areas) *proc.add_areas() = std::move(a);
-  for (auto& f : fds) *proc.add_fds() = std::move(f);
-  result.threads = fp.threads().size();
-  result.areas = static_cast<uint64_t>(proc.areas_size());
-  result.injected_syscalls = fp.injected();
-  writer.write_process(proc);
+  progress.finish();
 
-  // Until the image is committed the process stays frozen: it must not run on past a state
-  // the image does not describe, and it must survive if anything below fails.
+  for (size_t i = 0; i < order.size(); i++) {
+    for (auto& a : areas[i]) *procs[i].add_areas() = std::move(a);
+    writer.write_process(procs[i]);
+    if (!tree.node(order[i]).zombie())
+      result.injected_syscalls += tree.node(order[i]).frozen->injected();
+  }
+  writer.write_shared(shared.objects);
+  result.processes = order.size();
+
+  // Until the image is committed the tree stays frozen: it must not run on past a state the
+  // image does not describe, and it must survive if anything below fails.
   struct utsname uts;
   ::uname(&uts);
   inv.set_format_version(image::kFormatVersion);
@@ -532,14 +465,14 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
   inv.mutable_cpu()->set_xsave_features(xsave_features);
   inv.set_page_size(kPageSize);
   inv.set_root_pid(opts.pid);
-  inv.add_pids(opts.pid);
+  for (pid_t p : order) inv.add_pids(p);
   auto* o = inv.mutable_options();
   o->set_leave_running(opts.leave_running);
   o->set_compression_level(opts.level);
   o->set_frame_size(opts.frame_size);
   o->set_skip_unsupported_fds(opts.skip_unsupported_fds);
   uint64_t frozen_end = now_ns();
-  inv.set_frozen_ns(frozen_end - fp.frozen_at());
+  inv.set_frozen_ns(frozen_end - tree.frozen_at());
   inv.set_dump_ns(frozen_end - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
@@ -547,10 +480,10 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0) {
   writer.commit();
 
   if (opts.leave_running)
-    fp.detach_all();
+    tree.detach_all();
   else
-    fp.kill_and_wait();
-  result.frozen_ns = now_ns() - fp.frozen_at();
+    tree.kill_all();
+  result.frozen_ns = now_ns() - tree.frozen_at();
   result.total_ns = now_ns() - t0;
   result.image_bytes = dir_bytes(opts.dir);
   return result;

@@ -1,5 +1,5 @@
-// `lazycr dump`: freeze a running process from the outside with ptrace, record its state and
-// memory into an image directory, then kill it or let it run on.
+// `lazycr dump`: freeze a running process tree from the outside with ptrace, record its state
+// and memory into an image directory, then kill it or let it run on.
 #pragma once
 
 #include <sys/types.h>
@@ -20,7 +20,10 @@ struct DumpOptions {
   unsigned threads = 0;                            // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
-  // Tests only: fail at this step ("freeze", "threads", "memory", "commit"), or
+  // Store pages shared between processes of the tree once (same physical page after fork,
+  // same shared object); the others refer to them (REF runs).
+  bool dedup = true;
+  // Tests only: fail at this step ("freeze", "threads", "files", "memory", "commit"), or
   // "kill-target" to SIGKILL the target while its memory is being read.
   std::string fault_inject;
 };
@@ -28,16 +31,22 @@ struct DumpOptions {
 struct DumpResult {
   uint64_t frozen_ns = 0;  // from the first interrupt to the detach (or kill)
   uint64_t total_ns = 0;
+  uint64_t processes = 0;  // in the image, zombies included
+  uint64_t zombies = 0;
   uint64_t threads = 0;
   uint64_t areas = 0;
-  uint64_t data_pages = 0;  // pages with content in the store
+  uint64_t data_pages = 0;  // pages with content in the stores (all processes)
   uint64_t zero_pages = 0;
+  uint64_t ref_pages = 0;    // pages stored by an earlier process and referred to (dedup)
+  uint64_t pipes = 0;        // pipes and FIFOs recorded with their data (shared.pb)
+  uint64_t sockets = 0;      // UNIX socket ends recorded with their queues
   uint64_t image_bytes = 0;  // all files of the image
   uint64_t injected_syscalls = 0;
 };
 
-// Throws Error with one line naming what failed; on any failure the target is left running
-// exactly as it was and no image directory is created.
+// Dumps the process opts.pid and every process below it. Throws Error with one line naming
+// what failed; on any failure every process of the tree is left running exactly as it was
+// and no image directory is created.
 DumpResult dump(const DumpOptions& opts);
 
 }  // namespace lazycr::checkpoint

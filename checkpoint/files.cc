@@ -99,8 +99,13 @@ std::vector<image::FileDescriptor> collect_fds(pid_t pid) {
       default:
         break;
     }
-    // What the restore can recreate today: files reachable by path, directories, and
-    // character devices (/dev/null, terminals).
+    if (kind == FileDescriptor::FIFO)
+      d.set_object_inode(d.file().inode());
+    else if (kind == FileDescriptor::PIPE || kind == FileDescriptor::SOCKET)
+      d.set_object_inode(object_inode_of(target));
+    // What the restore can recreate by itself: files reachable by path, directories, and
+    // character devices (/dev/null, terminals). Pipes, FIFOs and sockets depend on the rest
+    // of the tree (collect_shared).
     d.set_restorable(!deleted && target.size() > 0 && target[0] == '/' &&
                      (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
                       kind == FileDescriptor::CHARDEV));

@@ -40,9 +40,12 @@ std::string map_files_path(pid_t pid, uint64_t start, uint64_t end) {
   return buf;
 }
 
+// Pages to store from `start`; with ref_pid != 0, pages an earlier process stored at ref_addr.
 struct Range {
   uint64_t start;
   uint64_t pages;
+  pid_t ref_pid = 0;
+  uint64_t ref_addr = 0;
 };
 
 // Pages of [start, end) selected by PAGEMAP_SCAN: present or swapped, not the shared zero
@@ -120,9 +123,10 @@ void scan_pagemap_file(int pagemap_fd, uint64_t start, uint64_t end, bool exclud
 
 class PageReader {
  public:
+  // via_mem: read everything through /proc/PID/mem (see dump_memory).
   PageReader(pid_t pid, image::PageStoreWriter& writer,
-             const std::function<void(uint64_t)>& progress)
-      : pid_(pid), writer_(writer), progress_(progress) {
+             const std::function<void(uint64_t)>& progress, bool via_mem)
+      : pid_(pid), writer_(writer), progress_(progress), via_mem_(via_mem) {
     void* p = ::mmap(nullptr, kReadBufferBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                      -1, 0);
     if (p == MAP_FAILED) fail_errno("cannot allocate the page read buffer");
@@ -130,16 +134,25 @@ class PageReader {
   }
   ~PageReader() { ::munmap(buf_, kReadBufferBytes); }
 
-  // Reads ranges of the process's memory (address order) and feeds the writer.
+  // Reads ranges of the process's memory (address order) and feeds the writer; REF ranges
+  // go to the writer as they are.
   void read_ranges(const std::vector<Range>& ranges, bool readable) {
     size_t i = 0;
     uint64_t skip = 0;  // pages of ranges[i] already done
     while (i < ranges.size()) {
+      if (ranges[i].ref_pid != 0) {
+        writer_.add_ref_pages(ranges[i].start, ranges[i].pages, ranges[i].ref_pid,
+                              ranges[i].ref_addr);
+        stats_.ref_pages += ranges[i].pages;
+        i++;
+        continue;
+      }
       // Gather one batch: up to the buffer size and kMaxIov ranges.
       std::vector<iovec> remote;
       std::vector<Range> batch;
       size_t used = 0;
-      while (i < ranges.size() && remote.size() < kMaxIov && used < kReadBufferBytes) {
+      while (i < ranges.size() && ranges[i].ref_pid == 0 && remote.size() < kMaxIov &&
+             used < kReadBufferBytes) {
         uint64_t left = ranges[i].pages - skip;
         uint64_t take = std::min<uint64_t>(left, (kReadBufferBytes - used) / kPageSize);
         uint64_t addr = ranges[i].start + skip * kPageSize;
@@ -152,7 +165,7 @@ class PageReader {
           skip = 0;
         }
       }
-      if (readable) {
+      if (readable && !via_mem_) {
         iovec local{buf_, used};
         ssize_t n = ::process_vm_readv(pid_, &local, 1, remote.data(), remote.size(), 0);
         if (n != static_cast<ssize_t>(used)) {
@@ -175,8 +188,10 @@ class PageReader {
   }
 
   // Contents of a shared object (shmem, memfd, deleted file) through /proc/PID/map_files,
-  // reading only its data extents so holes are neither read nor allocated.
-  void read_shared_object(const MemoryArea& a, uint64_t& stored) {
+  // reading only its data extents so holes are neither read nor allocated. With `runs` (the
+  // object's pages stored so far in this dump), pages another process stored become REFs.
+  void read_shared_object(const MemoryArea& a, uint64_t& stored,
+                          std::vector<PageDedup::Stored>* runs) {
     std::string path = map_files_path(pid_, a.start(), a.end());
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd) fail_errno("cannot open ", path, " (", a.name(), ")");
@@ -199,7 +214,30 @@ class PageReader {
       uint64_t dend = std::min<uint64_t>(
           obj_end, (static_cast<uint64_t>(hole) + kPageSize - 1) / kPageSize * kPageSize);
       for (uint64_t pos = dstart; pos < dend;) {
-        size_t len = std::min<uint64_t>(kReadBufferBytes, dend - pos);
+        uint64_t addr = a.start() + (pos - a.pgoff());
+        uint64_t limit = dend;
+        if (runs != nullptr) {
+          const PageDedup::Stored* cover = nullptr;
+          for (const auto& r : *runs) {
+            if (r.pid == pid_) continue;  // a REF names an earlier process, never itself
+            uint64_t r_end = r.offset + r.pages * kPageSize;
+            if (r.offset <= pos && pos < r_end) {
+              cover = &r;
+              break;
+            }
+            if (r.offset > pos) limit = std::min(limit, r.offset);
+          }
+          if (cover != nullptr) {
+            uint64_t n =
+                (std::min(dend, cover->offset + cover->pages * kPageSize) - pos) / kPageSize;
+            writer_.add_ref_pages(addr, n, cover->pid, cover->addr + (pos - cover->offset));
+            stored += n;
+            stats_.ref_pages += n;
+            pos += n * kPageSize;
+            continue;
+          }
+        }
+        size_t len = std::min<uint64_t>(kReadBufferBytes, limit - pos);
         size_t got = 0;
         while (got < len) {
           ssize_t n = ::pread(fd.get(), buf_ + got, len - got, static_cast<off_t>(pos + got));
@@ -210,7 +248,16 @@ class PageReader {
         }
         std::memset(buf_ + got, 0, len - got);  // the tail of the object's last page
         uint64_t pages = len / kPageSize;
-        writer_.add_pages(a.start() + (pos - a.pgoff()), buf_, pages);
+        writer_.add_pages(addr, buf_, pages);
+        if (runs != nullptr) {
+          PageDedup::Stored* last = runs->empty() ? nullptr : &runs->back();
+          if (last != nullptr && last->pid == pid_ &&
+              last->offset + last->pages * kPageSize == pos &&
+              last->addr + last->pages * kPageSize == addr)
+            last->pages += pages;
+          else
+            runs->push_back({pid_, pos, pages, addr});
+        }
         stored += pages;
         stats_.pages_read += pages;
         stats_.bytes_read += len;
@@ -249,6 +296,7 @@ class PageReader {
   pid_t pid_;
   image::PageStoreWriter& writer_;
   const std::function<void(uint64_t)>& progress_;
+  bool via_mem_;
   char* buf_ = nullptr;
   UniqueFd mem_;
   MemoryStats stats_;
@@ -298,13 +346,114 @@ std::vector<MemoryArea> collect_areas(pid_t pid, const std::vector<proc::MapsEnt
   return areas;
 }
 
+namespace {
+
+// Splits ranges (present pages) into pages to store and pages an earlier process of the dump
+// already stored: same physical page (PFN), which a fork leaves shared until either side
+// writes it. Records this process's shared-looking pages for the processes after it.
+std::vector<Range> dedup_ranges(pid_t pid, int pagemap_fd, const std::vector<Range>& ranges,
+                                PageDedup& dedup) {
+  std::vector<Range> out;
+  auto push = [&](uint64_t addr, pid_t ref_pid, uint64_t ref_addr) {
+    if (!out.empty()) {
+      Range& b = out.back();
+      uint64_t end = b.start + b.pages * kPageSize;
+      if (end == addr && b.ref_pid == ref_pid &&
+          (ref_pid == 0 || b.ref_addr + b.pages * kPageSize == ref_addr)) {
+        b.pages++;
+        return;
+      }
+    }
+    out.push_back({addr, 1, ref_pid, ref_addr});
+  };
+  std::vector<uint64_t> entries;
+  for (const auto& r : ranges) {
+    entries.resize(r.pages);
+    ssize_t want = static_cast<ssize_t>(r.pages * 8);
+    if (::pread(pagemap_fd, entries.data(), want, static_cast<off_t>(r.start / kPageSize * 8)) !=
+        want)
+      fail_errno("reading pagemap of pid ", pid, " at ", std::hex, r.start);
+    for (uint64_t i = 0; i < r.pages; i++) {
+      uint64_t addr = r.start + i * kPageSize;
+      uint64_t e = entries[i];
+      uint64_t pfn = e & abi::kPmPfnMask;
+      if (!(e & abi::kPmPresent) || pfn == 0) {
+        push(addr, 0, 0);
+        continue;
+      }
+      auto it = dedup.pfns.find(pfn);
+      if (it != dedup.pfns.end() && it->second.pid != pid) {
+        push(addr, it->second.pid, it->second.addr);
+        continue;
+      }
+      // A page mapped only here cannot be shared with a later process.
+      if (it == dedup.pfns.end() && !(e & abi::kPmExclusive))
+        dedup.pfns.emplace(pfn, PageDedup::Owner{pid, addr});
+      push(addr, 0, 0);
+    }
+  }
+  // The owner's page may have moved (migration, compaction) since it was recorded, and its
+  // frame been reused: a REF stands only if the owner still maps that very frame now.
+  std::vector<Range> checked;
+  for (const auto& r : out) {
+    if (r.ref_pid == 0) {
+      checked.push_back(r);
+      continue;
+    }
+    std::vector<uint64_t> mine(r.pages), theirs(r.pages);
+    int owner_fd = dedup.pagemap_of(r.ref_pid);
+    ssize_t want = static_cast<ssize_t>(r.pages * 8);
+    if (::pread(pagemap_fd, mine.data(), want, static_cast<off_t>(r.start / kPageSize * 8)) !=
+            want ||
+        ::pread(owner_fd, theirs.data(), want, static_cast<off_t>(r.ref_addr / kPageSize * 8)) !=
+            want)
+      fail_errno("re-reading pagemaps of pids ", pid, " and ", r.ref_pid);
+    for (uint64_t i = 0; i < r.pages; i++) {
+      bool same = (mine[i] & abi::kPmPresent) && (theirs[i] & abi::kPmPresent) &&
+                  (mine[i] & abi::kPmPfnMask) == (theirs[i] & abi::kPmPfnMask);
+      Range one{r.start + i * kPageSize, 1, same ? r.ref_pid : 0,
+                same ? r.ref_addr + i * kPageSize : 0};
+      if (!checked.empty()) {
+        Range& b = checked.back();
+        if (b.start + b.pages * kPageSize == one.start && b.ref_pid == one.ref_pid &&
+            (one.ref_pid == 0 || b.ref_addr + b.pages * kPageSize == one.ref_addr)) {
+          b.pages++;
+          continue;
+        }
+      }
+      checked.push_back(one);
+    }
+  }
+  return checked;
+}
+
+}  // namespace
+
+int PageDedup::pagemap_of(pid_t pid) {
+  auto& fd = pagemaps_[pid];
+  if (!fd) {
+    std::string path = cat("/proc/", pid, "/pagemap");
+    fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) fail_errno("cannot open ", path);
+  }
+  return fd.get();
+}
+
 MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
-                        const std::function<void(uint64_t pages)>& progress) {
-  std::string pagemap_path = cat("/proc/", pid, "/pagemap");
-  UniqueFd pagemap(::open(pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!pagemap) fail_errno("cannot open ", pagemap_path);
+                        const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
+                        bool via_mem) {
+  int pagemap = -1;
+  UniqueFd own_pagemap;
+  if (dedup != nullptr) {
+    pagemap = dedup->pagemap_of(pid);
+  } else {
+    std::string pagemap_path = cat("/proc/", pid, "/pagemap");
+    own_pagemap.reset(::open(pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!own_pagemap) fail_errno("cannot open ", pagemap_path);
+    pagemap = own_pagemap.get();
+  }
   bool use_scan = kernel_features().pagemap_scan;
-  PageReader reader(pid, writer, progress);
+  PageReader reader(pid, writer, progress, via_mem);
   std::vector<Range> ranges;
   for (auto& a : areas) {
     uint64_t stored = 0;
@@ -318,15 +467,21 @@ MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageSt
         bool exclude_file = a.kind() == MemoryArea::PRIVATE_FILE && !a.file().deleted();
         ranges.clear();
         if (use_scan)
-          scan_pagemap_scan(pagemap.get(), a.start(), a.end(), exclude_file, ranges);
+          scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, ranges);
         else
-          scan_pagemap_file(pagemap.get(), a.start(), a.end(), exclude_file, ranges);
+          scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, ranges);
+        if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+          ranges = dedup_ranges(pid, pagemap, ranges, *dedup);
         for (const auto& r : ranges) stored += r.pages;
         reader.read_ranges(ranges, (a.prot() & PROT_READ) != 0);
         break;
       }
       case MemoryArea::SHARED_ANON:
-        reader.read_shared_object(a, stored);
+        // One object, mapped by several processes (or twice): identified by its inode.
+        reader.read_shared_object(a, stored,
+                                  dedup != nullptr && a.file().inode() != 0
+                                      ? &dedup->objects[{a.file().dev(), a.file().inode()}]
+                                      : nullptr);
         break;
       default:
         break;  // contents come from the file (SHARED_FILE) or the kernel (vdso, vvar)

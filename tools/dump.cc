@@ -1,5 +1,6 @@
 // `lazycr dump`: runs the dump and prints its summary line.
 #include <cstdio>
+#include <string>
 
 #include "tools/commands.h"
 
@@ -7,14 +8,22 @@ namespace lazycr::cli {
 
 int run_dump(const checkpoint::DumpOptions& opts) {
   auto r = checkpoint::dump(opts);
-  double resident_mib = (r.data_pages + r.zero_pages) * 4096.0 / (1 << 20);
+  auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
+  double resident_mib = (r.data_pages + r.zero_pages + r.ref_pages) * 4096.0 / (1 << 20);
   double image_mib = r.image_bytes / double(1 << 20);
+  std::string tree;
+  if (r.processes > 1) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, " and %llu process(es) below it (%llu zombie(s))",
+                  u(r.processes - 1), u(r.zombies));
+    tree = buf;
+  }
   std::fprintf(stderr,
-               "lazycr: dumped pid %d to %s: %llu thread(s), %llu areas, %.1f MiB of pages "
-               "(%llu zero) in %.1f MiB, frozen %.1f ms, total %.1f ms, %s\n",
-               opts.pid, opts.dir.c_str(), static_cast<unsigned long long>(r.threads),
-               static_cast<unsigned long long>(r.areas), resident_mib,
-               static_cast<unsigned long long>(r.zero_pages), image_mib, r.frozen_ns / 1e6,
+               "lazycr: dumped pid %d%s to %s: %llu thread(s), %llu areas, %.1f MiB of pages: "
+               "%llu stored, %llu zero, %llu deduped; %.1f MiB image, frozen %.1f ms, total "
+               "%.1f ms, %s\n",
+               opts.pid, tree.c_str(), opts.dir.c_str(), u(r.threads), u(r.areas), resident_mib,
+               u(r.data_pages), u(r.zero_pages), u(r.ref_pages), image_mib, r.frozen_ns / 1e6,
                r.total_ns / 1e6, opts.leave_running ? "left running" : "killed");
   return 0;
 }

@@ -257,33 +257,26 @@ TEST(Dump, TwiceInARowWithLeaveRunningGivesTheSameMemory) {
   expect_unharmed(t);
 }
 
-TEST(Dump, UnsupportedDescriptorIsNamedAndTargetUnharmed) {
+// A pipe with both ends in the process is restorable (format 2): recorded with its object
+// and its (empty) buffer. Descriptors leading outside the tree are refused unless
+// --skip-unsupported-fds: tree_dump_e2e.cc.
+TEST(Dump, OwnPipeIsRecordedRestorable) {
   StateTarget t({"--pipe"});
   TempDir images;
-  auto r = lazycr({"dump", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
-  EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("PIPE"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("--skip-unsupported-fds"), std::string::npos) << r.err;
-  EXPECT_FALSE(boost::filesystem::exists(images / "img"));
-  // No staging directory left either.
-  EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
-  expect_unharmed(t);
-}
-
-TEST(Dump, SkipUnsupportedDescriptorsRecordsThem) {
-  StateTarget t({"--pipe"});
-  TempDir images;
-  auto r = lazycr({"dump", "--leave-running", "--skip-unsupported-fds", "-t",
-                   std::to_string(t.child.pid()), "-D", images / "img"});
+  auto r = lazycr(
+      {"dump", "--leave-running", "-t", std::to_string(t.child.pid()), "-D", images / "img"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
   image::ImageReader img(images / "img");
-  int pipes = 0;
+  std::vector<const FileDescriptor*> pipes;
   for (const auto& f : img.process(t.child.pid()).fds())
-    if (f.kind() == FileDescriptor::PIPE && f.fd() > 2) {
-      pipes++;
-      EXPECT_FALSE(f.restorable());
-    }
-  EXPECT_EQ(pipes, 2);
+    if (f.kind() == FileDescriptor::PIPE && f.fd() > 2) pipes.push_back(&f);
+  ASSERT_EQ(pipes.size(), 2u);
+  EXPECT_TRUE(pipes[0]->restorable() && pipes[1]->restorable());
+  EXPECT_EQ(pipes[0]->object_inode(), pipes[1]->object_inode());
+  EXPECT_NE(pipes[0]->file_id(), pipes[1]->file_id());
+  ASSERT_EQ(img.shared().pipes_size(), 1);
+  EXPECT_EQ(img.shared().pipes(0).inode(), pipes[0]->object_inode());
+  EXPECT_TRUE(img.shared().pipes(0).data().empty());
   expect_unharmed(t);
 }
 
