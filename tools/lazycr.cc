@@ -44,12 +44,13 @@ int main(int argc, char** argv) {
   show_cmd->add_flag("--verify", show.verify, "Decompress every frame and check its checksum");
 
   checkpoint::DumpOptions dump;
-  auto* dump_cmd =
-      app.add_subcommand("dump", "Checkpoint a running process into an image directory");
-  dump_cmd->add_option("-t,--tree", dump.pid, "PID of the process to dump")->required();
+  auto* dump_cmd = app.add_subcommand(
+      "dump", "Checkpoint a running process and every process below it into an image directory");
+  dump_cmd->add_option("-t,--tree", dump.pid, "PID of the root of the process tree to dump")
+      ->required();
   dump_cmd->add_option("-D,--images-dir", dump.dir, "Image directory to create")->required();
   dump_cmd->add_flag("--leave-running", dump.leave_running,
-                     "Let the process continue after the dump (default: kill it)");
+                     "Let the tree continue after the dump (default: kill it)");
   dump_cmd->add_flag("-f,--force", dump.replace, "Replace an existing image directory");
   dump_cmd->add_option("--level", dump.level, "zstd compression level")
       ->default_val(1)
@@ -64,6 +65,10 @@ int main(int argc, char** argv) {
       ->default_str("64K");
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump");
+  bool no_dedup = false;
+  dump_cmd->add_flag("--no-dedup", no_dedup,
+                     "Store every process's pages in full (default: pages a fork left shared, "
+                     "and shared memory mapped by several processes, are stored once)");
   dump_cmd->add_option("--fault-inject", dump.fault_inject)->group("");  // tests only
 
   cli::RestoreCliOptions restore;
@@ -133,7 +138,10 @@ int main(int argc, char** argv) {
     if (!log_file.empty()) log::set_file(log_file);
     if (*check_cmd) return cli::run_check(check);
     if (*show_cmd) return cli::run_show(show);
-    if (*dump_cmd) return cli::run_dump(dump);
+    if (*dump_cmd) {
+      dump.dedup = !no_dedup;
+      return cli::run_dump(dump);
+    }
     if (*restore_cmd) {
       restore.restore.lazy.prefetch = prefetch == "on";
       const uint64_t w = restore.restore.lazy.window;
