@@ -64,10 +64,10 @@ std::optional<double> number_after(const std::string& text, const std::string& k
   return std::strtod(text.c_str() + pos + key.size(), nullptr);
 }
 
-// The first line of text (lazycr's one-line error).
-std::string first_line(const std::string& text) {
+// The first line of lazycr's stderr (its one-line error) and its exit code.
+std::string failure(const std::string& text, int code) {
   std::string line = text.substr(0, text.find('\n'));
-  return line.empty() ? "(no message)" : line;
+  return (line.empty() ? "(no message)" : line) + " [exit " + std::to_string(code) + "]";
 }
 
 // Runs args, stderr captured; returns the exit code.
@@ -82,14 +82,40 @@ int run_cmd(const std::vector<std::string>& args, std::string* err) {
   return wait_exit(pid);
 }
 
+// Children of pid ({} if it is gone).
 std::vector<pid_t> children_of(pid_t pid) {
   std::vector<pid_t> out;
-  for (auto& t : fs::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
-    std::istringstream in(read_file(t.path().string() + "/children"));
+  boost::system::error_code ec;
+  for (fs::directory_iterator t("/proc/" + std::to_string(pid) + "/task", ec), end; !ec && t != end;
+       t.increment(ec)) {
+    std::istringstream in(read_file(t->path().string() + "/children"));
     pid_t c;
     while (in >> c) out.push_back(c);
   }
   return out;
+}
+
+// After a failed restore: whatever it left (re-parented to us, a subreaper) is killed and
+// reaped, so that the next restore finds the PIDs free.
+void kill_leftovers() {
+  for (int round = 0; round < 1000; round++) {
+    std::vector<pid_t> all, todo{getpid()};
+    while (!todo.empty()) {
+      pid_t p = todo.back();
+      todo.pop_back();
+      for (pid_t c : children_of(p)) {
+        all.push_back(c);
+        todo.push_back(c);
+      }
+    }
+    for (pid_t p : all)
+      if (p > 0) kill(p, SIGKILL);
+    int status;
+    while (waitpid(-1, &status, WNOHANG) > 0) {
+    }
+    if (all.empty()) return;
+    usleep(2000);
+  }
 }
 
 // Total Rss and Pss (MiB) of pid and every process below it.
@@ -158,9 +184,10 @@ void restore_eager(Run& run, Image& img) {
   double t1 = now_ms();
   pid_t root = std::atoi(pid_line.c_str());
   if (rc != 0 || root <= 0) {
-    img.error = "eager restore: " + first_line(log);
+    img.error = "eager restore: " + failure(log, rc);
     close(o[0]);
     close(e[0]);
+    kill_leftovers();
     return;
   }
   auto [rss, pss] = tree_memory(root);
@@ -198,10 +225,11 @@ void restore_lazy(Run& run, Image& img) {
   double t1 = now_ms();
   pid_t root = std::atoi(pid_line.c_str());
   if (rc != 0 || root <= 0) {
-    img.error = "lazy restore: " + first_line(log);
+    img.error = "lazy restore: " + failure(log, rc);
     close(o[0]);
     close(e[0]);
     run.stop();
+    kill_leftovers();
     return;
   }
   expect_verified(o[0], run.tasks, img.name + " lazy restore");
@@ -256,7 +284,7 @@ void one_run(const Options& opt, std::vector<Image>& images, std::vector<double>
     int rc = run_cmd(args, &err);
     double t1 = now_ms();
     if (rc != 0) {
-      img.error = "dump: " + first_line(err);
+      img.error = "dump: " + failure(err, rc);
       continue;
     }
     img.dump_ms.push_back(t1 - t0);

@@ -192,12 +192,22 @@ pid_t design_sid(int t, const Ids& root) {
 // The root, once its children are forked: learns every pid from the tasks' records, checks
 // the groups and sessions are as designed (before any checkpoint) and prints the ready line.
 void root_ready(const Ids& ids) {
-  for (size_t i = 1; i < g_nodes.size(); i++) {
+  // Until EOF, not just one record per task: a task closes its copy of the write end after
+  // its record, and no task may still hold the pipe when the tree says it is ready (a dump
+  // would find half a pipe).
+  size_t records = 0;
+  for (;;) {
     Record r{};
-    if (tree::read_exact(g_ready[0], &r, sizeof r, tree::now_ms() + 60000) != sizeof r ||
-        r.index <= 0 || r.index >= static_cast<int>(g_nodes.size()))
+    ssize_t n = tree::read_exact(g_ready[0], &r, sizeof r, tree::now_ms() + 60000);
+    if (n == 0) break;
+    if (n != sizeof r || r.index <= 0 || r.index >= static_cast<int>(g_nodes.size()))
       fail_setup("R", "read the tasks' ready records");
     g_pid[r.index] = r.pid;
+    records++;
+  }
+  if (records != g_nodes.size() - 1) {
+    errno = 0;
+    fail_setup("R", "count the tasks' ready records");
   }
   close(g_ready[0]);
   std::string tasks, zombies;
