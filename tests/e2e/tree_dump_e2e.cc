@@ -16,6 +16,7 @@
 #include <boost/filesystem.hpp>
 #include <chrono>
 #include <fstream>
+#include <iostream>
 #include <iterator>
 #include <map>
 #include <set>
@@ -540,6 +541,50 @@ TEST(TreeDump, DescriptorsLeadingOutsideAreNamedUnlessSkipped) {
   EXPECT_TRUE(fd_of(pp, t.fd("s1"))->restorable()) << "the socketpair still is";
   auto [result, zstatus] = t.finish();
   EXPECT_EQ(result, kAllGood);
+}
+
+// A tree that keeps changing while it is seized: children forked, exiting and reaped in a
+// loop, threads started and ending. Every dump must succeed, with the children it met either
+// live or as zombies (exit status 3), and leave the tree running.
+TEST(TreeDump, ATreeThatKeepsForkingIsDumpedCleanly) {
+  Child py({"/usr/bin/python3", "-c",
+            "import os, threading, time\n"
+            "def spin():\n"
+            "    while True:\n"
+            "        t = threading.Thread(target=time.sleep, args=(0.001,))\n"
+            "        t.start(); t.join()\n"
+            "threading.Thread(target=spin, daemon=True).start()\n"
+            "print('ready', flush=True)\n"
+            "n = 0\n"
+            "while True:\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        os._exit(3)\n"
+            "    os.waitpid(pid, 0)\n"
+            "    n += 1\n"});
+  ASSERT_EQ(py.wait_for("ready"), "ready");
+  TempDir images;
+  int zombies = 0;
+  for (int i = 0; i < 8; i++) {
+    std::string dir = images / ("img" + std::to_string(i));
+    auto r = lazycr({"dump", "--leave-running", "-t", std::to_string(py.pid()), "-D", dir});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    image::ImageReader img(dir);
+    EXPECT_EQ(img.inventory().pids(0), py.pid());
+    EXPECT_GE(img.process(py.pid()).threads_size(), 1);
+    for (const auto& p : img.processes()) {
+      if (p.pid() == py.pid()) continue;
+      EXPECT_EQ(p.ppid(), py.pid());
+      if (p.zombie()) {
+        zombies++;
+        EXPECT_EQ(p.exit_status(), 3 << 8);
+      }
+    }
+    std::string status = proc_file(py.pid(), "status");
+    EXPECT_NE(status.find("TracerPid:\t0\n"), std::string::npos) << status;
+  }
+  std::cerr << zombies << " zombie(s) met in 8 dumps\n";
+  EXPECT_TRUE(py.running());
 }
 
 // lazycr in the tree it is asked to dump (here: started by the root) would freeze itself.
