@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
 
   cli::RestoreCliOptions restore;
   restore.restore.start_ns = start_ns;
-  auto* restore_cmd = app.add_subcommand("restore", "Restore a process from an image directory");
+  auto* restore_cmd = app.add_subcommand("restore", "Restore a process tree from an image directory");
   restore_cmd->add_option("-D,--images-dir", restore.restore.dir, "Image directory")->required();
   restore_cmd->add_flag("-d,--detach", restore.detach,
                         "Return once the process runs and print its pid (default: wait for it "
@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
   restore_cmd->add_option("--pidfile", restore.pidfile, "Write the restored process's pid here");
   restore_cmd->add_flag("--shell-job", restore.restore.shell_job,
                         "Give the process lazycr's fds 0-2 where it had a terminal or something "
-                        "lazycr cannot restore, and keep it in lazycr's session");
+                        "lazycr cannot restore; a root that led no session stays in lazycr's");
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
