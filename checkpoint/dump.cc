@@ -149,7 +149,9 @@ void collect_threads(FrozenProcess& fp, image::Process& proc, uint32_t& xsave_si
     th->set_tid(t.tid());
     th->set_comm(read_comm(cat("/proc/", fp.pid(), "/task/", t.tid(), "/comm")));
     Regs regs = t.get_regs();
+    const long interrupted_with = -static_cast<long>(regs.rax);
     th->set_interrupted_syscall(fixup_interrupted_syscall(regs));
+    if (th->interrupted_syscall()) th->set_restart_code(static_cast<int32_t>(interrupted_with));
     *th->mutable_regs() = to_proto(regs);
     auto xs = t.get_xstate();
     if (xsave_size == 0) {

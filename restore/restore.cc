@@ -211,6 +211,25 @@ Regs to_regs(const image::X86Regs& p) {
   return r;
 }
 
+// The registers a thread resumes with. A thread that was interrupted in a restartable system
+// call gets it back as the kernel left it (rip after the `syscall`, rax = -ERESTART*,
+// orig_rax = the call): the thread resumes from a ptrace stop inside the kernel's signal
+// delivery, whose restart logic then restarts the call, or makes it return -EINTR if a
+// handler runs first (ERESTARTNOHAND, or ERESTARTSYS without SA_RESTART) - as in the
+// original. The image's rewound form (FORMAT.md) would restart it even after a handler: a
+// pause() woken by a signal would sleep again.
+Regs final_regs(const image::Thread& th) {
+  Regs r = to_regs(th.regs());
+  const int code = th.restart_code();
+  if (th.interrupted_syscall() && (code == 512 || code == 513 || code == 514) &&
+      static_cast<long>(r.orig_rax) < 0 && static_cast<long>(r.rax) >= 0) {
+    r.rip += 2;
+    r.orig_rax = r.rax;
+    r.rax = static_cast<uint64_t>(-static_cast<long>(code));
+  }
+  return r;
+}
+
 // One system call for Restoree::batch().
 struct Call {
   long nr;
@@ -1812,7 +1831,7 @@ Restored restore(const RestoreOptions& opts_in) {
         }
         if (!th.xsave().empty())
           c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
-        c.t.set_regs(to_regs(th.regs()));
+        c.t.set_regs(final_regs(th));
         c.t.set_sigmask(th.blocked());
         if (::sched_setaffinity(c.t.tid(), sizeof(cpu_set_t), &pin->saved()) != 0)
           fail_errno("sched_setaffinity of tid ", c.t.tid());
