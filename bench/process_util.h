@@ -66,4 +66,16 @@ inline int wait_exit(pid_t pid) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
+// Runs args to the end, stderr captured into *err (if given); returns the exit code.
+inline int run_cmd(const std::vector<std::string>& args, std::string* err = nullptr) {
+  int e[2];
+  if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
+  pid_t pid = spawn(args, -1, e[1]);
+  close(e[1]);
+  std::string text = read_all(e[0]);
+  close(e[0]);
+  if (err) *err = text;
+  return wait_exit(pid);
+}
+
 }  // namespace lazycr::bench

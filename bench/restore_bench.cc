@@ -43,19 +43,9 @@ double now_ms() {
 using lazycr::bench::die;
 using lazycr::bench::read_all;
 using lazycr::bench::read_line;
+using lazycr::bench::run_cmd;
 using lazycr::bench::spawn;
 using lazycr::bench::wait_exit;
-
-int run(const std::vector<std::string>& args, std::string* err = nullptr) {
-  int e[2];
-  if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
-  pid_t pid = spawn(args, -1, e[1]);
-  close(e[1]);
-  std::string text = read_all(e[0]);
-  close(e[0]);
-  if (err) *err = text;
-  return wait_exit(pid);
-}
 
 // The number right after `key` in text (0 if absent).
 double number_after(const std::string& text, const std::string& key) {
@@ -110,7 +100,7 @@ Row measure(const std::string& name, const std::vector<std::string>& target_args
   close(out[0]);
   if (ready.rfind("ready", 0) != 0) die(name + ": target did not start: " + ready);
   std::string err;
-  if (run({LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir}, &err) != 0)
+  if (run_cmd({LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir}, &err) != 0)
     die(name + ": dump failed: " + err);
   wait_exit(target);
   for (auto& e : fs::directory_iterator(dir)) row.image_mib += fs::file_size(e.path()) / 1048576.0;

@@ -42,6 +42,7 @@ namespace fs = boost::filesystem;
 using lazycr::bench::die;
 using lazycr::bench::read_all;
 using lazycr::bench::read_line;
+using lazycr::bench::run_cmd;
 using lazycr::bench::spawn;
 using lazycr::bench::wait_exit;
 
@@ -69,18 +70,6 @@ std::optional<double> number_after(const std::string& text, const std::string& k
 std::string failure(const std::string& text, int code) {
   std::string line = text.substr(0, text.find('\n'));
   return (line.empty() ? "(no message)" : line) + " [exit " + std::to_string(code) + "]";
-}
-
-// Runs args, stderr captured; returns the exit code.
-int run_cmd(const std::vector<std::string>& args, std::string* err) {
-  int e[2];
-  if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
-  pid_t pid = spawn(args, -1, e[1]);
-  close(e[1]);
-  std::string text = read_all(e[0]);
-  close(e[0]);
-  if (err) *err = text;
-  return wait_exit(pid);
 }
 
 // Children of pid ({} if it is gone).
