@@ -47,6 +47,9 @@ constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
 constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the server's own
 constexpr uint64_t kWorkerKey = 3;
 constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
+// Prefetch fills are made in pieces of this many bytes; a fault outside the chunk waits for
+// one piece at most (~60 us here, where a whole 2 MiB chunk made it wait ~1 ms).
+constexpr uint64_t kPrefetchPiece = 128 * 1024;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -177,9 +180,10 @@ struct PageServer::Impl {
     UniqueFd pidfd;
     std::shared_ptr<const image::PageStoreReader> store;
     OwedSet owed;
-    uint64_t cursor = 0;  // prefetch continues upward from here
-    bool killed = false;  // killed rather than served wrong memory: faults stay unanswered
-    bool gone = false;    // exited (or its mm is gone): to be freed
+    uint64_t cursor = 0;      // prefetch continues upward from here
+    uint64_t window_end = 0;  // the end of the last fault's window
+    bool killed = false;      // killed rather than served wrong memory: faults stay unanswered
+    bool gone = false;        // exited (or its mm is gone): to be freed
     std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
 
     std::string name() const {
@@ -554,7 +558,7 @@ struct PageServer::Impl {
         fill_owed(p, w.page + kPage, w.end);
         fill_owed(p, w.start, w.page);
       }
-      if (!rests.empty()) note_if_all_served();
+      note_if_all_served();
     } catch (const std::exception& e) {
       kill(p, e.what());
     }
@@ -563,11 +567,18 @@ struct PageServer::Impl {
   // ---- serving ------------------------------------------------------------------------------
 
   // Serves one fault's page; returns when the faulting thread was woken (or, if it was not,
-  // now). Only that page is read from the store before it is filled, alone: its frame is the
-  // only one decompressed (a window straddling two frames made the thread wait for both),
-  // and UFFDIO_COPY wakes the thread only when the whole ioctl is done (a 64 KiB copy would
-  // make it wait for 16 page allocations). The rest of its window (the window-sized aligned
-  // block holding it, clipped to its owed range) is noted in `rests` for service().
+  // now). The page is filled alone: UFFDIO_COPY wakes the thread only when the whole ioctl is
+  // done (a 64 KiB copy would make it wait for 16 page allocations). Then the rest of its
+  // window (the window-sized aligned block holding it, clipped to its owed range):
+  // - a fault where the process's last window ended (it reads its memory in order): the
+  //   whole window is read first, its page filled, and the rest right after, before the
+  //   thread gets to it; then the next window is read ahead into the store's cache;
+  // - any other fault: only its page is read first (only its frame is decompressed: a window
+  //   straddling two frames made the thread wait for both); the rest is noted in `rests`
+  //   for service(), which fills it after every queued fault's page.
+  // Reading only the page first for an in-order reader woke it while the rest of its window
+  // was still being read and filled: it faulted again there, a second round trip per
+  // window (prefetch off, 512 MiB: verification 1.4-1.6x longer, bench/RESULTS.md).
   int64_t serve_fault(Proc& p, const uffd_msg& m) {
     const uint64_t addr = m.arg.pagefault.address & ~(kPage - 1);
     p.cursor = addr;
@@ -576,18 +587,34 @@ struct PageServer::Impl {
       if (p.killed || p.gone) return now_ns();
       const auto r = p.owed.find(addr);
       const bool zero = !r || r->tag == kTagZero;
-      if (!zero) p.store->read(r->src_of(addr), 1, window_buf.get());
-      const long res =
-          zero ? p.uffd.zeropage(addr, kPage) : p.uffd.copy(addr, window_buf.get(), kPage);
+      uint64_t ws = addr, we = addr + kPage;
+      if (r) {
+        const uint64_t bs = addr - addr % opt.window;
+        ws = std::max(r->start, bs);
+        we = std::min(r->end, bs + opt.window);
+      }
+      const bool in_order = !zero && addr == p.window_end && we > addr + kPage;
+      char* page = window_buf.get() + (addr - ws);
+      if (in_order) {
+        p.store->read(r->src_of(ws), (we - ws) / kPage, window_buf.get());
+      } else if (!zero) {
+        p.store->read(r->src_of(addr), 1, page);
+      }
+      const long res = zero ? p.uffd.zeropage(addr, kPage) : p.uffd.copy(addr, page, kPage);
       if (res > 0) {
         const int64_t woken = now_ns();
         ++stats.copy_ioctls;
         (zero ? stats.zero_pages : stats.fault_pages) += 1;
         if (r) {
           p.owed.erase(addr, addr + kPage);
-          const uint64_t bs = addr - addr % opt.window;
-          const WindowRest w{std::max(r->start, bs), addr, std::min(r->end, bs + opt.window)};
-          if (w.start < w.page || w.page + kPage < w.end) rests.push_back(w);
+          p.window_end = we;
+          if (in_order) {
+            fill_from_window(p, addr + kPage, we, ws);
+            fill_from_window(p, ws, addr, ws);
+            read_ahead(p, we);
+          } else if (ws < addr || addr + kPage < we) {
+            rests.push_back(WindowRest{ws, addr, we});
+          }
         } else {
           ++stats.not_owed_faults;
         }
@@ -617,6 +644,45 @@ struct PageServer::Impl {
         return now_ns();
       }
       fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(addr), " answered ", res);
+    }
+  }
+
+  // The next window of a process reading in order, from `from`: read now, so that its frames
+  // are in the store's cache when its fault comes (its page is then filled without a
+  // decompression). A read that fails here is not this process's fault yet: it fails again
+  // when a fault or prefetch needs the page, and that kills the process.
+  void read_ahead(Proc& p, uint64_t from) {
+    if (p.gone) return;
+    const auto r = p.owed.find(from);
+    if (!r || r->tag != kTagData) return;
+    const uint64_t end = std::min(r->end, from - from % opt.window + opt.window);
+    try {
+      p.store->read(r->src_of(from), (end - from) / kPage, window_buf.get());
+    } catch (const std::exception&) {
+    }
+  }
+
+  // Fills [from, to) of a fault's window of DATA pages from window_buf, which holds the
+  // window from `ws`. Anything unusual just stops it: what is left stays owed for a later
+  // fault or prefetch.
+  void fill_from_window(Proc& p, uint64_t from, uint64_t to, uint64_t ws) {
+    if (from >= to || p.gone) return;
+    const long res = p.uffd.copy(from, window_buf.get() + (from - ws), to - from);
+    if (res > 0) {
+      ++stats.copy_ioctls;
+      stats.fault_pages += static_cast<uint64_t>(res) / kPage;
+      p.owed.erase(from, from + static_cast<uint64_t>(res));
+    } else if (res == -EEXIST) {
+      ++stats.eexist;
+      p.owed.erase(from, from + kPage);
+    } else if (res == -ESRCH || res == -ENOSPC) {
+      gone(p);
+    } else if (res == -EAGAIN) {
+      ++stats.eagain;
+    } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
+      ++stats.enoent;
+    } else {
+      fail("UFFDIO_COPY at ", hexs(from), " answered ", res);
     }
   }
 
@@ -693,47 +759,113 @@ struct PageServer::Impl {
     rr_last = c.proc->id;
   }
 
-  // Fills [dst, dst + len) of p from buf (or zero) as prefetch; the chunk must still be owed
-  // with source src. Shrinks on ENOENT (an area split by mprotect).
+  // Fills [dst, dst + len) of p as prefetch (the chunk must still be owed with source src),
+  // in pieces of at most kPrefetchPiece bytes, none of which wakes anyone; the threads that
+  // waited in what was filled are woken once at the end. `data(off, n)` gives the bytes of
+  // [dst + off, dst + off + n) (unused for a ZERO chunk). Between pieces, a fault outside
+  // the chunk, a layout event or a message for another process stops it: they wait for one
+  // piece at most, not for the chunk. A thread faulting inside the chunk (reading just
+  // behind prefetch) waits for its end instead: woken once per chunk, not once per piece
+  // (each wake-up costs the server ~8 us here, too much per 128 KiB).
+  template <typename Data>
   void prefetch_fill(Proc& p, uint64_t dst, uint64_t src, uint64_t len, bool zero,
-                     const char* buf) {
+                     const Data& data) {
     const auto r = p.owed.find(dst);
     if (!r || r->src_of(dst) != src || (r->tag == kTagZero) != zero) return;  // stale
     len = std::min(len, r->end - dst);
+    const size_t queued = p.faults.size();
+    uint64_t done = 0;
+    while (done < len) {
+      const uint64_t n = std::min(kPrefetchPiece, len - done);
+      const uint64_t got = fill_quietly(p, dst + done, n, zero, zero ? nullptr : data(done, n));
+      done += got;
+      if (got < n || p.gone || done == len || interrupted(p, dst, dst + len)) break;
+    }
+    if (done > 0 && !p.gone) {
+      p.uffd.wake(dst, done);
+      // Faults read meanwhile on pages now filled were answered by that wake.
+      for (size_t i = queued; i < p.faults.size();) {
+        const uint64_t a = p.faults[i].first.arg.pagefault.address;
+        if (a >= dst && a < dst + done) {
+          ++stats.prefetch_waits;
+          p.faults.erase(p.faults.begin() + static_cast<long>(i));
+        } else {
+          ++i;
+        }
+      }
+    }
+    if (done < len) p.cursor = dst + done;  // a stopped chunk goes on from there
+    note_if_all_served();
+  }
+
+  // One prefetch fill of [dst, dst + n) that wakes nobody; returns the bytes filled (0 when
+  // the chunk must stop: a page already there, events pending, the mm gone). Shrinks on
+  // ENOENT (an area split by mprotect).
+  uint64_t fill_quietly(Proc& p, uint64_t dst, uint64_t n, bool zero, const char* buf) {
     for (;;) {
-      const long res = zero ? p.uffd.zeropage(dst, len) : p.uffd.copy(dst, buf, len);
+      const long res = zero ? p.uffd.zeropage(dst, n, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+                            : p.uffd.copy(dst, buf, n, UFFDIO_COPY_MODE_DONTWAKE);
       if (res > 0) {
-        const uint64_t done = static_cast<uint64_t>(res);
+        const uint64_t got = static_cast<uint64_t>(res);
         ++stats.copy_ioctls;
-        (zero ? stats.zero_pages : stats.prefetch_pages) += done / kPage;
-        p.owed.erase(dst, dst + done);
-        note_if_all_served();
-        return;
+        (zero ? stats.zero_pages : stats.prefetch_pages) += got / kPage;
+        p.owed.erase(dst, dst + got);
+        return got;
       }
       if (res == -EEXIST) {
         ++stats.eexist;
         p.owed.erase(dst, dst + kPage);
-        return;
+        return 0;
       }
       if (res == -EAGAIN) {  // events pending: the loop reads them first
         ++stats.eagain;
-        return;
+        return 0;
       }
       if (res == -ESRCH || res == -ENOSPC) {
         gone(p);
-        return;
+        return 0;
       }
       if (res == -ENOENT) {
         ++stats.enoent;
-        if (len > kPage) {
-          len = (len / 2 + kPage - 1) / kPage * kPage;
+        if (n > kPage) {
+          n = (n / 2 + kPage - 1) / kPage * kPage;
           continue;
         }
         stats.dropped_pages += p.owed.erase(dst, dst + kPage);
-        return;
+        return 0;
       }
       fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(dst), " answered ", res);
     }
+  }
+
+  // Between two pieces of a prefetch chunk of p covering [lo, hi): must it stop? Yes for a
+  // message on another process's uffd, a layout event of p, or a fault of p outside the
+  // chunk (p's messages are read here: faults are queued for the loop, events applied).
+  bool interrupted(Proc& p, uint64_t lo, uint64_t hi) {
+    pfds.clear();
+    for (const auto& [id, q] : procs)
+      if (!q->gone && q->uffd.valid()) pfds.push_back(pollfd{q->uffd.fd(), POLLIN, 0});
+    if (::poll(pfds.data(), pfds.size(), 0) <= 0) return false;
+    bool mine = false;
+    for (const pollfd& f : pfds) {
+      if (f.revents == 0) continue;
+      if (f.fd != p.uffd.fd()) return true;
+      mine = true;
+    }
+    if (!mine || p.killed) return false;
+    const uint64_t events = events_seen();
+    const size_t queued = p.faults.size();
+    pull(p);
+    if (events_seen() != events || p.gone) return true;
+    for (size_t i = queued; i < p.faults.size(); ++i) {
+      const uint64_t a = p.faults[i].first.arg.pagefault.address;
+      if (a < lo || a >= hi) return true;
+    }
+    return false;
+  }
+
+  uint64_t events_seen() const {
+    return stats.events_fork + stats.events_remap + stats.events_remove + stats.events_unmap;
   }
 
   bool use_worker() const { return opt.prefetch && opt.prefetch_thread; }
@@ -806,7 +938,8 @@ struct PageServer::Impl {
       if (!c) return false;
       take_chunk(*c);
       if (c->zero) {
-        prefetch_fill(*c->proc, c->dst, c->src, c->len, true, nullptr);
+        prefetch_fill(*c->proc, c->dst, c->src, c->len, true,
+                      [](uint64_t, uint64_t) { return static_cast<const char*>(nullptr); });
         return true;
       }
       Job* j = nullptr;
@@ -852,7 +985,10 @@ struct PageServer::Impl {
           const auto r = p->owed.find(j->dst);
           const bool current = r && r->src_of(j->dst) == j->src && r->tag == kTagData;
           if (current && !j->error.empty()) fail(j->error);
-          if (current) prefetch_fill(*p, j->dst, j->src, j->len, false, j->buf.get());
+          const char* buf = j->buf.get();
+          if (current)
+            prefetch_fill(*p, j->dst, j->src, j->len, false,
+                          [buf](uint64_t off, uint64_t) { return buf + off; });
         } catch (const std::exception& e) {
           kill(*p, e.what());
         }
@@ -866,16 +1002,17 @@ struct PageServer::Impl {
     take_chunk(*c);
     Proc& p = *c->proc;
     try {
-      if (!c->zero) {
-        if (!prefetch_buf) prefetch_buf.reset(new char[opt.prefetch_chunk]);
-        p.store->read(c->src, c->len / kPage, prefetch_buf.get());
-      }
-      prefetch_fill(p, c->dst, c->src, c->len, c->zero, prefetch_buf.get());
+      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPiece]);
+      prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
+        p.store->read(c->src + off, n / kPage, prefetch_buf.get());
+        return static_cast<const char*>(prefetch_buf.get());
+      });
     } catch (const std::exception& e) {
       kill(p, e.what());
     }
   }
-  std::unique_ptr<char[]> prefetch_buf;  // prefetch without the worker
+  std::unique_ptr<char[]> prefetch_buf;  // prefetch without the worker: one piece
+  std::vector<pollfd> pfds;
 
   // ---- the loop -----------------------------------------------------------------------------
 
@@ -920,6 +1057,10 @@ struct PageServer::Impl {
     for (;;) {
       reap();
       if (procs.empty()) break;
+      // Faults read between the pieces of a prefetch chunk: their uffd may not be readable
+      // any more.
+      for (auto& [id, p] : procs)
+        if (!p->faults.empty() && !p->gone && !p->killed) service(*p);
       int64_t timeout = -1;  // ms
       const bool pf = prefetch_ready();
       if (pf) timeout = 0;
@@ -1083,6 +1224,7 @@ std::string PageServer::summary() const {
       << s.latency_ns(0.99) / 1000.0 << " us, max " << s.latency_ns(1.0) / 1000.0 << " us); "
       << s.fault_pages << " pages copied on faults, " << s.prefetch_pages << " by prefetch, "
       << s.zero_pages << " zero-filled (" << s.not_owed_faults << " faults on pages not owed); "
+      << s.prefetch_waits << " faults answered by prefetch; "
       << "first fault after " << ms(s.first_fault_ns) << ", nothing owed after "
       << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
       << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
@@ -1103,6 +1245,7 @@ void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.field("dropped", s.dropped_pages);
   w.end_object();
   w.field("faults_not_owed", s.not_owed_faults);
+  w.field("faults_answered_by_prefetch", s.prefetch_waits);
   w.key("fault_latency_ns");
   w.begin_object();
   w.field("p50", s.latency_ns(0.5));

@@ -19,14 +19,24 @@
 // with its source address in the store; it starts as every stored page, DATA, REF or ZERO,
 // inside the lazy areas; REF pages, whose content lives in another process's store, are
 // served like DATA: the store's read() resolves them):
-// - PAGEFAULT at A: if A is owed, A's page alone is read from the store (only its frame is
-//   decompressed) and filled (UFFDIO_COPY wakes the faulting thread only when the whole
-//   ioctl is done: a 64 KiB copy made it wait for 16 page allocations). Then the rest of
-//   the window-sized aligned block holding A (options.window), clipped to A's owed range
-//   (one store run, one kind), is read through the store's frame cache and filled, above A
-//   first, then below. When one read of the uffd brings several faults, every fault's page
-//   is filled before any window's rest. ZERO-run pages: UFFDIO_ZEROPAGE. A not owed:
-//   UFFDIO_ZEROPAGE of that page (never-touched memory, or memory the program dropped).
+// - PAGEFAULT at A: if A is owed, A's page is filled first, alone (UFFDIO_COPY wakes the
+//   faulting thread only when the whole ioctl is done: a 64 KiB copy made it wait for 16
+//   page allocations), then the rest of its window: the window-sized aligned block holding A
+//   (options.window), clipped to A's owed range (one store run, one kind), above A first,
+//   then below. What is read from the store (through its frame cache) before A is filled
+//   depends on the fault:
+//   - A where the process's last window ended (it reads its memory in order): the whole
+//     window, then A, then the rest at once, before the thread gets there (reading only A
+//     first woke it while the rest was still being decompressed: it faulted again, a second
+//     round trip per window). Then the next window is read ahead (decompressed into the
+//     cache, not filled), so that the next in-order fault needs no decompression before
+//     its page is filled (bench/RESULTS.md, "Restore (lazy)", prefetch off: fault p50
+//     ~20 -> ~9 us, verification 20-25% shorter).
+//   - any other fault: A's page alone (only its frame is decompressed: a window straddling
+//     two frames made the thread wait for both), and the rest of the window once every
+//     fault read in the same batch has had its page.
+//   ZERO-run pages: UFFDIO_ZEROPAGE. A not owed: UFFDIO_ZEROPAGE of that page (never-touched
+//   memory, or memory the program dropped).
 //   EEXIST: the page is there already: UFFDIO_WAKE (a failed fill wakes nobody). EAGAIN:
 //   layout events are pending: read and apply them, then retry. ESRCH: the mm is gone: the
 //   process is dropped. ENOENT: no registered area there any more: wake, drop the page. The
@@ -65,12 +75,17 @@
 //   copy that cannot succeed: src points nowhere).
 // - Prefetch (options.prefetch): whenever no message is waiting, owed pages are pushed in
 //   copies of options.prefetch_chunk bytes (one owed range at a time), continuing upward
-//   from each process's last fault and wrapping, processes in turn. A fault that comes
-//   meanwhile waits for the chunk in progress (read and copy): 128 KiB by default, about
-//   60 us, where 2 MiB made faulting touches wait ~1 ms; the drain costs the same CPU time
-//   (bench/RESULTS.md, "Lazy page server"). With options.prefetch_thread a second thread
-//   decompresses the next chunks ahead (two buffers); the loop never waits for it: it polls
-//   the uffds between copies and a fault always goes first.
+//   from each process's last fault and wrapping, processes in turn. A chunk is read and
+//   filled in pieces of 128 KiB that wake nobody (UFFDIO_COPY_MODE_DONTWAKE), then one
+//   UFFDIO_WAKE over what was filled. Between pieces the uffds are polled: a fault outside
+//   the chunk (or an event, or another process's message) stops the chunk, so it waits for
+//   one piece (~60 us) rather than the chunk (~1 ms for 2 MiB); a fault inside the chunk (a
+//   thread reading just behind prefetch) lets it go on and is answered by its wake-up
+//   (stats.prefetch_waits): one wake-up per chunk, where 128 KiB chunks cost the server a
+//   wake-up per 128 KiB and a process reading in order 10-15% (bench/RESULTS.md). With
+//   options.prefetch_thread a second thread decompresses the next chunks ahead (two
+//   buffers); the loop never waits for it: it polls the uffds between copies and a fault
+//   always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
 //   treats its areas as plain memory: no fault can need the server any more); run() returns
 //   when no process is left.
@@ -128,11 +143,11 @@ struct LazyArea {
 };
 
 struct PageServerOptions {
-  uint64_t window = 64 * 1024;           // bytes copied per fault (page multiple, >= 4096)
-  bool prefetch = true;                  // push owed pages while no fault is waiting
-  uint64_t prefetch_chunk = 128 * 1024;  // bytes per prefetch copy (page multiple)
-  bool prefetch_thread = true;           // decompress ahead on a second thread
-  int guardian_log_fd = 2;               // where the guardian writes its message
+  uint64_t window = 64 * 1024;                // bytes copied per fault (page multiple, >= 4096)
+  bool prefetch = true;                       // push owed pages while no fault is waiting
+  uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch chunk (page multiple)
+  bool prefetch_thread = true;                // decompress ahead on a second thread
+  int guardian_log_fd = 2;                    // where the guardian writes its message
 };
 
 // Every time is in nanoseconds from the start of run(); -1 when it did not happen.
@@ -146,8 +161,11 @@ struct PageServerStats {
   uint64_t prefetch_pages = 0;   // pages copied by prefetch
   uint64_t zero_pages = 0;       // pages filled by UFFDIO_ZEROPAGE (ZERO runs, and pages not owed)
   uint64_t not_owed_faults = 0;  // faults on pages not owed (answered with a zero page)
-  uint64_t dropped_pages = 0;    // owed pages dropped by REMOVE / UNMAP / exit / kill / ESRCH
-  uint64_t copy_ioctls = 0;      // UFFDIO_COPY + UFFDIO_ZEROPAGE calls that filled something
+  // Faults inside a prefetch chunk being filled, read between its pieces and answered by its
+  // wake-up (not in `faults` nor in fault_latency_ns: they waited for prefetch, see above).
+  uint64_t prefetch_waits = 0;
+  uint64_t dropped_pages = 0;  // owed pages dropped by REMOVE / UNMAP / exit / kill / ESRCH
+  uint64_t copy_ioctls = 0;    // UFFDIO_COPY + UFFDIO_ZEROPAGE calls that filled something
   uint64_t eexist = 0, eagain = 0, enoent = 0;  // fill answers
   uint64_t bytes_decompressed = 0;              // by the stores during run()
   uint64_t events_fork = 0, events_remap = 0, events_remove = 0, events_unmap = 0;

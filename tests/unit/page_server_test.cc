@@ -67,8 +67,12 @@ uint64_t mix(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// The dense store (g_dense_path, for the children forked while g_dense is set) holds every
+// page of the area as DATA: one owed range, long prefetch chunks.
+bool g_dense = false;
+
 bool zero_page(uint64_t page) {
-  return (page >= kGapFirst && page < kGapEnd) || page % 7 == 3;
+  return !g_dense && ((page >= kGapFirst && page < kGapEnd) || page % 7 == 3);
 }
 
 // Does the page at `p` hold what the store has (or the kernel gives) for source page `src`?
@@ -136,23 +140,26 @@ using Prepare = std::function<void()>;
 
 std::string g_store_dir;
 std::string g_store_path;
+std::string g_dense_path;
 
 std::shared_ptr<const image::PageStoreReader> open_store(const std::string& path) {
   return std::shared_ptr<const image::PageStoreReader>(image::PageStoreReader::open(path));
 }
 
-void write_store(const std::string& path) {
+void write_store(const std::string& path, bool dense = false) {
   image::PageStoreOptions o;
   o.frame_size = image::kMinFrameSize;  // 4 pages a frame: many frames
   o.threads = 1;
   image::PageStoreWriter w(path, o);
   std::vector<uint64_t> page(P / 8);
+  g_dense = dense;
   for (uint64_t i = 0; i < kPages; ++i) {
-    if (i >= kGapFirst && i < kGapEnd) continue;
+    if (!dense && i >= kGapFirst && i < kGapEnd) continue;
     const uint64_t a = kBase + i * P;
     for (uint64_t k = 0; k < P / 8; ++k) page[k] = zero_page(i) ? 0 : mix(a + 8 * k);
     w.add_pages(a, page.data(), 1);
   }
+  g_dense = false;
   w.finish();
 }
 
@@ -164,6 +171,8 @@ class PageServerTest : public ::testing::Test {
     g_store_dir = tmpl;
     g_store_path = g_store_dir + "/pages-1.lzp";
     write_store(g_store_path);
+    g_dense_path = g_store_dir + "/pages-dense.lzp";
+    write_store(g_dense_path, true);
   }
   static void TearDownTestSuite() { std::filesystem::remove_all(g_store_dir); }
 
@@ -526,22 +535,24 @@ void* racer(void* arg) {
   return nullptr;
 }
 
+void start_racers() {
+  if (::pipe(g_racers.start) != 0) ::_exit(1);
+  for (int k = 0; k < Racers::kThreads; ++k)
+    pthread_create(&g_racers.threads[k], nullptr, racer,
+                   reinterpret_cast<void*>(static_cast<intptr_t>(k)));
+}
+
+void race(const ChildIo& io) {
+  char go[Racers::kThreads] = {};
+  (void)!::write(g_racers.start[1], go, sizeof(go));
+  for (pthread_t t : g_racers.threads) pthread_join(t, nullptr);
+  if (g_racers.bad == 0) return say(io.report, "ok\n");
+  say_fail(io.report, "racer", g_racers.bad_page);
+}
+
 TEST_F(PageServerTest, ThreadsFaultingTheSamePagesAtOnce) {
-  auto prepare = [] {
-    if (::pipe(g_racers.start) != 0) ::_exit(1);
-    for (int k = 0; k < Racers::kThreads; ++k)
-      pthread_create(&g_racers.threads[k], nullptr, racer,
-                     reinterpret_cast<void*>(static_cast<intptr_t>(k)));
-  };
-  auto scenario = [](const ChildIo& io) {
-    char go[Racers::kThreads] = {};
-    (void)!::write(g_racers.start[1], go, sizeof(go));
-    for (pthread_t t : g_racers.threads) pthread_join(t, nullptr);
-    if (g_racers.bad == 0) return say(io.report, "ok\n");
-    say_fail(io.report, "racer", g_racers.bad_page);
-  };
   for (uint64_t window : {uint64_t{4096}, uint64_t{64 * 1024}}) {
-    Outcome o = serve(scenario, no_prefetch(window), prepare);
+    Outcome o = serve(race, no_prefetch(window), start_racers);
     EXPECT_EQ(o.report, "ok\n") << "window " << window;
     EXPECT_TRUE(exited_ok(o.status));
     EXPECT_TRUE(o.stats.errors.empty());
@@ -580,6 +591,24 @@ TEST_F(PageServerTest, PrefetchAndFaultsTogether) {
     EXPECT_EQ(o.report, "ok\n");
     EXPECT_TRUE(exited_ok(o.status));
   }
+}
+
+// Prefetch of long owed ranges (the dense store: one range, chunks cut in pieces) while
+// threads read along it, two in order and two against it: faults inside the chunk being
+// filled wait for it, faults elsewhere stop it; every page right, every fault answered.
+TEST_F(PageServerTest, PrefetchPiecesWithThreadsReadingAlong) {
+  g_dense = true;
+  for (bool thread : {false, true}) {
+    PageServerOptions opt;
+    opt.prefetch_thread = thread;  // default chunk: the whole area, in pieces
+    Outcome o = serve(race, opt, start_racers, nullptr, g_dense_path);
+    EXPECT_EQ(o.report, "ok\n") << "prefetch thread " << thread;
+    EXPECT_TRUE(exited_ok(o.status));
+    EXPECT_TRUE(o.stats.errors.empty());
+    EXPECT_EQ(o.stats.fault_pages + o.stats.prefetch_pages, kPages);
+    EXPECT_EQ(o.stats.zero_pages, 0u);
+  }
+  g_dense = false;
 }
 
 // An mprotect splits the area into VMAs inside one owed range: windows and prefetch chunks
