@@ -31,7 +31,7 @@
 //     round trip per window). Then the next window is read ahead (decompressed into the
 //     cache, not filled), so that the next in-order fault needs no decompression before
 //     its page is filled (bench/RESULTS.md, "Restore (lazy)", prefetch off: fault p50
-//     ~20 -> ~9 us, verification 20-25% shorter).
+//     ~20 -> ~10 us; verification in 0.61-1.05x the time, median 0.83).
 //   - any other fault: A's page alone (only its frame is decompressed: a window straddling
 //     two frames made the thread wait for both), and the rest of the window once every
 //     fault read in the same batch has had its page.
