@@ -34,13 +34,8 @@ namespace {
 
 namespace fs = boost::filesystem;
 
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 using lazycr::bench::die;
+using lazycr::bench::now_ms;
 using lazycr::bench::read_all;
 using lazycr::bench::read_line;
 using lazycr::bench::run_cmd;

@@ -40,17 +40,12 @@ namespace {
 namespace fs = boost::filesystem;
 
 using lazycr::bench::die;
+using lazycr::bench::now_ms;
 using lazycr::bench::read_all;
 using lazycr::bench::read_line;
 using lazycr::bench::run_cmd;
 using lazycr::bench::spawn;
 using lazycr::bench::wait_exit;
-
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path);
