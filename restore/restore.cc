@@ -1671,13 +1671,11 @@ Restored restore(const RestoreOptions& opts_in) {
       }
       r.reset_arena();
       r.batch(calls);
-      for (const auto& [start, end] : keep) {
-        (void)end;
-        bool found = false;
-        for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
-          found |= m.start == start;
-        if (!found) fail("the inherited area at ", hex(start), " is gone");
-      }
+      std::set<uint64_t> now;
+      for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
+        now.insert(m.start);
+      for (const auto& [start, end] : keep)
+        if (!now.count(start)) fail("the inherited area at ", hex(start), " is gone");
       return;
     }
     for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", r.pid(), "/maps"))))
