@@ -371,6 +371,16 @@ class Restoree final : public RemoteProcess {
     } while (n < 0 && errno == EINTR);
     if (n <= 0) fail("did not exit as the zombie it was within 10 s");
     committed_ = true;
+    exited_ = true;
+  }
+
+  // A zombie made by exit_as_zombie() whose parent was killed (the restore failed) is
+  // lazycr's child by now (subreaper): reaped here.
+  void reap_zombie() noexcept {
+    if (!exited_ || sp_.s.pid <= 0) return;
+    int status;
+    while (::waitpid(sp_.s.pid, &status, __WALL) < 0 && errno == EINTR) {
+    }
   }
 
   // First system call, before the trampoline exists: single-step a `syscall` of the vdso.
@@ -606,6 +616,7 @@ class Restoree final : public RemoteProcess {
   uint64_t batched_ = 0;
   uint64_t inject_ns_ = 0;
   bool committed_ = false;
+  bool exited_ = false;  // exit_as_zombie() ran
 };
 
 // Pins the calling thread to the CPU it runs on; puts the old mask back on destruction.
@@ -1481,6 +1492,7 @@ class Tree {
     for (auto& t : tasks) t->r->reap_traced();
     for (auto& t : tasks) {
       t->space.reset();
+      t->r->reap_zombie();  // after its parent, reaped just before (preorder)
       t->r.reset();
       t->strategy.reset();
     }
