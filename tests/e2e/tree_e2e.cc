@@ -29,6 +29,7 @@
 
 #include "common/proc.h"
 #include "common/signals.h"
+#include "image-format/image_dir.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/restore_helpers.h"
 #include "tests/e2e/target_info.h"
@@ -717,6 +718,44 @@ TEST(Tree, FaultAtEachStepLeavesNothingBehind) {
     }
     restore_detached(t, dir, /*lazy=*/false);
   }
+}
+
+// Session and group shapes the restore cannot make are refused by name before anything is
+// created (the image edited: a child in a session that is neither its own nor its parent's,
+// then in a group whose leader is outside the image).
+TEST(Tree, RefusesSessionsAndGroupsItCannotMake) {
+  KillEverythingLeft cleanup;
+  TreeTarget t("prefork_target", {"--mib", "4", "--workers", "2", "--setsid"});
+  TempDir images;
+  std::string dir = images / "img";
+  ASSERT_NO_FATAL_FAILURE(t.dump(dir));
+  const image::Inventory inv = image::ImageReader(dir).inventory();
+  const int child = inv.pids(1);
+  const std::string path = image::process_path(dir, child);
+  image::Process original;
+  image::read_message_file(path, image::kProcessMagic, &original);
+  auto kids = proc::list_children(getpid());
+  std::set<pid_t> ours(kids.begin(), kids.end());
+  struct Case {
+    int sid, pgid;
+    std::string says;
+  };
+  for (const Case& c :
+       {Case{original.sid() + 100000, original.pgid(), "cannot recreate that session"},
+        Case{original.sid(), original.sid() + 100000, "has its leader outside"}}) {
+    image::Process edited = original;
+    edited.set_sid(c.sid);
+    edited.set_pgid(c.pgid);
+    image::write_message_file(path, image::kProcessMagic, edited);
+    auto r = lazycr({"restore", "-D", dir, "--shell-job"});
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find("pid " + std::to_string(child)), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(c.says), std::string::npos) << r.err;
+    EXPECT_TRUE(processes_named(t.comm).empty());
+    expect_nothing_left(-1, ours);
+  }
+  image::write_message_file(path, image::kProcessMagic, original);
+  restore_detached(t, dir, /*lazy=*/false);
 }
 
 }  // namespace
