@@ -15,6 +15,7 @@
 #include <memory>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -155,7 +156,10 @@ struct StateTarget {
                                   verify_file, "--workdir", work.path()};
     argv.insert(argv.end(), extra.begin(), extra.end());
     child = std::make_unique<Child>(argv);
-    info = TargetInfo::parse(child->wait_for("ready"));
+    // Filling gigabytes takes minutes where fresh-page faults are slow or the machine is busy.
+    std::string ready = child->wait_for("ready", 600);
+    if (ready.empty()) throw std::runtime_error("state_target never said it was ready");
+    info = TargetInfo::parse(ready);
   }
   pid_t pid() const { return child->pid(); }
   // The leader and the ticker (the sleeper ends soon after a restore, see expect_tids()).

@@ -4,9 +4,9 @@
 // bounding set), in two threads. It prints "ready pid=P tids=A,B" and, on SIGUSR1, checks
 // from inside every thread that all of this is still so, prints "verified ok" or
 // "verify FAILED: why" and exits 0 or 1.
+#include <grp.h>
 #include <linux/capability.h>
 #include <pthread.h>
-#include <grp.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -69,6 +69,12 @@ std::string g_thread_verdict;
 std::atomic<pid_t> g_tid{0};
 
 void* worker(void*) {
+  // SIGUSR1 is for the main thread, which waits for it in pause(): taken here, it would leave
+  // the main thread paused for ever.
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &usr1, nullptr);
   g_tid = static_cast<pid_t>(syscall(SYS_gettid));
   while (g_phase.load() == 0) {
     struct timespec ts = {0, 1000000};
