@@ -372,6 +372,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     fault_point(opts, "threads");  // with the scratch page mapped
     collect_sigactions(fp, proc);
     collect_process_state(fp, proc);
+    proc.set_stop_signo(fp.stop_signo());
     fp.release_scratch();
     for (auto& f : collect_fds(fp.pid())) *proc.add_fds() = std::move(f);
     result.threads += fp.threads().size();

@@ -31,6 +31,10 @@ uint64_t now_ns() {
       .count();
 }
 
+bool is_stop_signal(int signo) {
+  return signo == SIGSTOP || signo == SIGTSTP || signo == SIGTTIN || signo == SIGTTOU;
+}
+
 bool is_dead_state(char state) {
   return state == 'Z' || state == 'X' || state == 'x';
 }
@@ -83,7 +87,8 @@ bool FrozenProcess::seize_new_threads() {
     if (frozen_at_ == 0) frozen_at_ = now_ns();
     seen_.insert(tid);
     added = true;
-    threads_.back().interrupt_and_wait();
+    const int signo = threads_.back().interrupt_and_wait();
+    if (tid == pid_ && is_stop_signal(signo)) stop_signo_ = signo;
   }
   if (added) {
     // The leader first.

@@ -34,6 +34,9 @@ class FrozenProcess {
   pid_t pid() const { return pid_; }
   int pidfd() const { return pidfd_.get(); }
   uint64_t frozen_at() const { return frozen_at_; }
+  // The signal of the group-stop (a stopped job) the process was in when it was seized; 0 if
+  // it was running.
+  int stop_signo() const { return stop_signo_; }
   std::vector<TracedThread>& threads() { return threads_; }
   TracedThread& leader() { return threads_[0]; }
 
@@ -60,6 +63,7 @@ class FrozenProcess {
   uint64_t insn_ = 0;
   uint64_t scratch_ = 0;
   uint64_t frozen_at_ = 0;
+  int stop_signo_ = 0;
 };
 
 // A process of the tree: live and frozen, or a zombie (recorded, never seized).

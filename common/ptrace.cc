@@ -238,7 +238,7 @@ bool TracedThread::release_if_dead() {
   return true;
 }
 
-void TracedThread::interrupt_and_wait() {
+int TracedThread::interrupt_and_wait() {
   if (!attached_) fail("interrupt tid ", tid_, ": not attached");
   for (int round = 0; round < kMaxRounds; ++round) {
     if (xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) != 0)
@@ -247,7 +247,7 @@ void TracedThread::interrupt_and_wait() {
     switch (s.kind) {
       case StopKind::kEventStop:
         // Our interrupt, or a group-stop (signo SIGSTOP & co.): registers are readable.
-        return;
+        return s.signo;
       case StopKind::kExited:
         fail("tid ", tid_, " ", describe_exit(s.exit_status), " while being interrupted");
       case StopKind::kSignalStop:

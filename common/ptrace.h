@@ -72,7 +72,9 @@ class TracedThread {
   // Kernel rule: an INTERRUPT that lands while the thread is already trapped is kept for the
   // next resume, so one extra kEventStop (signo SIGTRAP) may follow a later cont(); syscall()
   // and detach() absorb it, wait_stop() users should treat a kEventStop as spurious.
-  void interrupt_and_wait();
+  // Returns the stop's signal: SIGTRAP for the interrupt itself, or the signal of a group-stop
+  // the thread was in (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU: a stopped job).
+  int interrupt_and_wait();
   // Waits for the next stop of this thread (__WALL), retrying on EINTR.
   StopInfo wait_stop();
   // PTRACE_CONT, delivering `sig` (0: none, or suppress the signal of a signal-delivery-stop).

@@ -195,6 +195,10 @@ void validate_process(const Process& p, const Inventory& inv) {
          p.fds_size(), " descriptors (must have none)");
   if (p.children_size() > kMaxProcesses)
     fail(who, ": ", p.children_size(), " children exceeds the bound");
+  const int stop = p.stop_signo();
+  if (stop != 0 && stop != SIGSTOP && stop != SIGTSTP && stop != SIGTTIN && stop != SIGTTOU)
+    fail(who, ": stop signal ", stop, " is not a stop signal");
+  if (stop != 0 && p.zombie()) fail(who, ": a zombie cannot be stopped");
   if (p.threads_size() > kMaxThreads)
     fail(who, ": ", p.threads_size(), " threads exceeds the bound");
   std::set<int> tids;

@@ -1849,6 +1849,13 @@ Restored restore(const RestoreOptions& opts_in) {
     }
   }
   steps.run("detach", rt.who, [&] {
+    if (opts.before_running) opts.before_running(r0.pid());
+    // A stopped job stops again before its first instruction: a SIGSTOP queued while every
+    // thread is in a ptrace stop is what a detached thread handles first. (SIGTSTP and the
+    // like would be dropped in an orphaned process group.)
+    for (auto& t : tree.tasks)
+      if (t->live() && t->p->stop_signo() != 0 && !send_signal_pidfd(t->r->pidfd(), SIGSTOP))
+        fail_errno("SIGSTOP to pid ", t->p->pid(), " (a stopped job)");
     // Children before parents, other threads before their leader: each process starts as a
     // whole as far as it can, and a parent finds its children there.
     for (size_t k = tree.tasks.size(); k-- > 0;) {

@@ -197,6 +197,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     o << indent << p->pid() << " \"" << p->comm() << "\"  ppid " << p->ppid() << "  pgid "
       << p->pgid() << "  sid " << p->sid();
     if (p->zombie()) o << "  zombie, " << wait_status(p->exit_status());
+    if (p->stop_signo() != 0) o << "  stopped by SIG" << signal_name(p->stop_signo());
     if (refs > 0) o << "  " << refs << " pages shared with earlier processes (REF)";
     o << "\n";
   }
@@ -386,6 +387,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("sid", p.sid());
     j.field("comm", p.comm());
     j.field("zombie", p.zombie());
+    j.field("stop_signo", p.stop_signo());
     if (p.zombie()) {
       j.field("exit_status", p.exit_status());
       j.field("exit", wait_status(p.exit_status()));
