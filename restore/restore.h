@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "common/fd.h"
@@ -41,6 +42,10 @@ struct RestoreOptions {
   // When the command started (steady clock, ns; 0 = when restore() starts): the origin of
   // "time to first instruction" and of the lazy stats' times.
   uint64_t start_ns = 0;
+  // Called with the restored root's pid (in lazycr's namespace) once everything is built, right
+  // before anything runs (e.g. to write a pidfile); an exception fails the restore, which then
+  // kills everything it made.
+  std::function<void(pid_t)> before_running;
   // Internal, for tests: make the named step fail as if a system call had failed there
   // (see kSteps in restore.cc); everything created so far must be killed and reaped.
   std::string fault_inject;

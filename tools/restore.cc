@@ -1,9 +1,12 @@
 // `lazycr restore`: runs the restore, then waits for the process (foreground) or leaves it
 // running (--detach).
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <string>
+#include <utility>
 
 #include "common/error.h"
 #include "common/fd.h"
@@ -13,21 +16,48 @@
 namespace lazycr::cli {
 namespace {
 
-void write_pidfile(const std::string& path, pid_t pid) {
-  std::string text = cat(pid, "\n");
-  std::string tmp = cat(path, ".tmp-", ::getpid());
-  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (!fd) fail_errno("cannot create pidfile ", tmp);
-  if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))
-    fail_errno("cannot write pidfile ", tmp);
-  fd.reset();
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail_errno("cannot rename ", tmp, " to ", path);
-}
+// --pidfile, made ready before anything is restored (a path that cannot be written fails the
+// command before any process exists) and filled in right before the process runs (a failure
+// then still fails the restore, which kills what it made).
+class PidFile {
+ public:
+  explicit PidFile(std::string path) : path_(std::move(path)) {
+    if (path_.empty()) return;
+    struct stat st;
+    if (::stat(path_.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+      fail("--pidfile ", path_, ": is a directory");
+    tmp_ = cat(path_, ".tmp-", ::getpid());
+    fd_.reset(::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    if (!fd_) fail_errno("--pidfile ", path_, ": cannot create ", tmp_);
+  }
+  ~PidFile() {
+    if (fd_) ::unlink(tmp_.c_str());
+  }
+  PidFile(const PidFile&) = delete;
+  PidFile& operator=(const PidFile&) = delete;
+
+  void commit(pid_t pid) {
+    if (!fd_) return;
+    std::string text = cat(pid, "\n");
+    if (::write(fd_.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))
+      fail_errno("--pidfile: cannot write ", tmp_);
+    if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+      fail_errno("--pidfile: cannot rename ", tmp_, " to ", path_);
+    fd_.reset();
+  }
+
+ private:
+  std::string path_, tmp_;
+  UniqueFd fd_;
+};
 
 }  // namespace
 
 int run_restore(const RestoreCliOptions& opts) {
-  auto r = restore::restore(opts.restore);
+  PidFile pidfile(opts.pidfile);
+  restore::RestoreOptions ropts = opts.restore;
+  ropts.before_running = [&](pid_t pid) { pidfile.commit(pid); };
+  auto r = restore::restore(ropts);
   const auto& s = r.stats;
   log::info("restored pid ", r.pid,
             r.reaper ? cat(" (pid ", r.image_pid, " in a new PID namespace, reaper ", r.reaper, ")")
@@ -44,7 +74,6 @@ int run_restore(const RestoreCliOptions& opts) {
               " areas left to the page server",
               r.server > 0 ? cat(" (pid ", r.server, ")") : std::string(), ", ", s.hot_pages,
               " hot pages written");
-  if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
   if (opts.detach) {
     std::printf("%d\n", r.pid);
     std::fflush(stdout);

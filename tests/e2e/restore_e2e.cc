@@ -19,6 +19,7 @@
 
 #include "common/proc.h"
 #include "common/signals.h"
+#include "image-format/image_dir.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/restore_helpers.h"
 #include "tests/e2e/target_info.h"
@@ -72,6 +73,44 @@ TEST(Restore, ForegroundExitsWithTheProcessStatus) {
     ASSERT_TRUE(send_signal(t.pid(), SIGKILL));
     EXPECT_EQ(lz.wait(), 128 + SIGKILL);
     expect_nothing_left(t.pid());
+  }
+}
+
+// A stopped job comes back stopped, eager and lazy: it runs no instruction until continued.
+TEST(Restore, AStoppedJobComesBackStopped) {
+  for (bool lazy : {false, true}) {
+    SCOPED_TRACE(lazy ? "lazy" : "eager");
+    StateTarget t({"--mib", "4"});
+    ASSERT_TRUE(send_signal(t.pid(), SIGSTOP));
+    int status = 0;
+    ASSERT_EQ(waitpid(t.pid(), &status, WUNTRACED), t.pid());
+    ASSERT_TRUE(WIFSTOPPED(status));
+    TempDir images;
+    t.dump(images / "img");
+    image::ImageReader img(images / "img");
+    EXPECT_EQ(img.process(t.pid()).stop_signo(), SIGSTOP);
+    t.go();  // it would verify and exit at once if it ran
+
+    std::vector<std::string> args{lazycr_bin(),   "restore",     "-D",
+                                  images / "img", "--shell-job", "--detach"};
+    const std::string server_pidfile = images / "server.pid";
+    if (lazy) args.insert(args.end(), {"--lazy", "--server-pidfile", server_pidfile});
+    Child lz(args);
+    Restored rp;
+    rp.pid = std::atoi(lz.read_line().c_str());
+    EXPECT_EQ(lz.wait(), 0);
+    ASSERT_EQ(rp.pid, t.pid());
+    char state = '?';
+    for (int i = 0; i < 10000 && state != 'T'; i++) {
+      state = proc::read_stat(rp.pid).state;
+      if (state != 'T') std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_EQ(state, 'T') << "the restored job is not stopped";
+    ASSERT_TRUE(send_signal(rp.pid, SIGCONT));
+    EXPECT_EQ(lz.read_line(), "verified ok");
+    EXPECT_EQ(rp.wait(), 0);
+    // The detached page server is ours now (subreaper); it ends once the process is gone.
+    if (lazy) reap(std::atoi(proc::read_file(server_pidfile).c_str()));
   }
 }
 
@@ -367,6 +406,35 @@ TEST(Restore, Python3ComputationGivesTheUninterruptedResult) {
   auto r = lazycr({"restore", "-D", images / "img", "--shell-job"}, 300);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, expected);
+}
+
+// A --pidfile that cannot be written fails the restore before anything runs, and leaves
+// nothing behind (with --pidns, no reaper either); a good one holds the pid once it runs.
+TEST(Restore, AnUnwritablePidfileLeavesNothingBehind) {
+  StateTarget t;
+  TempDir images;
+  t.dump(images / "img");
+  for (bool pidns : {false, true}) {
+    for (const std::string& bad : {std::string("/nonexistent/pid"), images.path()}) {
+      SCOPED_TRACE(bad + (pidns ? " --pidns" : ""));
+      std::vector<std::string> args{"restore",   "-D", images / "img", "--shell-job", "--detach",
+                                    "--pidfile", bad};
+      if (pidns) args.push_back("--pidns");
+      auto r = lazycr(args);
+      EXPECT_EQ(r.exit_code, 1) << r.err;
+      EXPECT_NE(r.err.find("--pidfile " + bad), std::string::npos) << r.err;
+      EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+      expect_nothing_left(t.pid());
+    }
+  }
+  t.go();
+  std::string pidfile = images / "pid";
+  auto r = lazycr({"restore", "-D", images / "img", "--shell-job", "--pidfile", pidfile});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n");
+  EXPECT_EQ(std::atoi(proc::read_file(pidfile).c_str()), t.pid());
+  for (auto it = fs::directory_iterator(images.path()); it != fs::directory_iterator(); ++it)
+    EXPECT_EQ(it->path().string().find(".tmp-"), std::string::npos) << it->path();
 }
 
 TEST(Restore, BadOptionsAndMissingImage) {
