@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <boost/filesystem.hpp>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <set>
@@ -398,21 +399,60 @@ void ImageWriter::write_shared(const SharedObjects& shared) {
   write_message_file(path, kSharedMagic, shared);
 }
 
-void ImageWriter::commit() {
+namespace {
+
+// What a replaced directory held, for the dump to say what -f removed.
+std::string describe_replaced(const std::string& dir) {
+  try {
+    Inventory inv;
+    read_message_file(inventory_path(dir), kInventoryMagic, &inv);
+    return cat("an image of pid ", inv.root_pid(), " (", inv.pids_size(), " process(es))");
+  } catch (const Error&) {
+  }
+  boost::system::error_code ec;
+  size_t entries = 0;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) entries++;
+  return cat("a directory of ", entries, " entries that was not an image");
+}
+
+}  // namespace
+
+std::string ImageWriter::commit() {
   boost::system::error_code ec;
   if (!fs::exists(inventory_path(staging_), ec)) fail(staging_, ": no inventory written");
-  if (fs::exists(dir_, ec)) {
-    // An empty directory (or one the caller asked to replace) gives way to the new image.
-    fs::remove_all(dir_, ec);
-    if (ec) fail(dir_, ": cannot replace: ", ec.message());
+  std::string replaced;
+  bool done = false;
+  if (replace_) {
+    // Swapped in one step: dir is never missing, and the old image is removed only after.
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, dir_.c_str(), RENAME_EXCHANGE) == 0) {
+      done = true;
+      replaced = describe_replaced(staging_);
+      fs::remove_all(staging_, ec);
+      if (ec) fail(staging_, ": cannot remove the replaced image: ", ec.message());
+    } else if (errno != ENOENT) {
+      fail_errno("cannot exchange ", staging_, " with ", dir_);
+    }
   }
-  if (::rename(staging_.c_str(), dir_.c_str()) != 0)
-    fail_errno("cannot rename ", staging_, " to ", dir_);
+  if (!done) {
+    // An empty directory (made by the caller) gives way; rmdir refuses any other atomically.
+    if (::rmdir(dir_.c_str()) != 0 && errno != ENOENT && errno != ENOTEMPTY && errno != EEXIST &&
+        errno != ENOTDIR)
+      fail_errno(dir_, ": cannot remove the empty directory");
+    // Never replaces anything: another dump that committed to dir first keeps its image.
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, dir_.c_str(), RENAME_NOREPLACE) != 0) {
+      if (errno == EEXIST)
+        fail(dir_,
+             ": appeared during the dump (another dump into the same directory?); "
+             "not replaced without -f");
+      fail_errno("cannot rename ", staging_, " to ", dir_);
+    }
+  }
   UniqueFd parent(
       ::open(fs::path(dir_).parent_path().empty() ? "." : fs::path(dir_).parent_path().c_str(),
              O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (parent) ::fsync(parent.get());
   committed_ = true;
+  return replaced;
 }
 
 ImageReader::ImageReader(const std::string& dir) : dir_(dir) {

@@ -50,7 +50,8 @@ std::string pages_path(const std::string& dir, int pid);
 std::string shared_path(const std::string& dir);
 
 // Writes into "<dir>.tmp-<pid>" and renames to dir in commit(); an image is never seen
-// half written. Without commit() the temporary directory is removed.
+// half written, and never replaced without `replace`. Without commit() the temporary
+// directory is removed.
 class ImageWriter {
  public:
   // Refuses an existing, non-empty dir unless `replace` is set.
@@ -66,7 +67,11 @@ class ImageWriter {
   void write_inventory(const Inventory& inventory);
   // shared.pb: pipes and sockets with their buffered data (validated before writing).
   void write_shared(const SharedObjects& shared);
-  void commit();
+  // Renames the staging directory to dir. Without `replace` it never replaces anything
+  // (RENAME_NOREPLACE; only an empty dir gives way): a dir that appeared since the constructor
+  // checked, e.g. another dump's, is an Error naming it. With `replace` the two are exchanged
+  // (RENAME_EXCHANGE) and the old one removed; returns what it held ("" if nothing).
+  std::string commit();
 
  private:
   std::string dir_;
