@@ -480,7 +480,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
   fault_point(opts, "commit");
-  writer.commit();
+  // Tests only: lets another dump commit to the same directory first, deterministically.
+  if (opts.fault_inject == "stop-before-commit") send_signal(::getpid(), SIGSTOP);
+  result.replaced = writer.commit();
 
   if (opts.leave_running)
     tree.detach_all();

@@ -24,7 +24,8 @@ struct DumpOptions {
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;
   // Tests only: fail at this step ("freeze", "threads", "files", "memory", "commit"), or
-  // "kill-target" to SIGKILL the target while its memory is being read.
+  // "kill-target" to SIGKILL the target while its memory is being read, or
+  // "stop-before-commit" to SIGSTOP lazycr itself with the image staged, before the rename.
   std::string fault_inject;
 };
 
@@ -42,6 +43,7 @@ struct DumpResult {
   uint64_t sockets = 0;      // UNIX socket ends recorded with their queues
   uint64_t image_bytes = 0;  // all files of the image
   uint64_t injected_syscalls = 0;
+  std::string replaced;  // with `replace`: what the image replaced ("" if nothing was there)
 };
 
 // Dumps the process opts.pid and every process below it. Throws Error with one line naming

@@ -10,12 +10,14 @@
 
 #include <algorithm>
 #include <boost/filesystem.hpp>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <set>
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "image-format/regular_file.h"
 
 namespace fs = boost::filesystem;
 
@@ -23,8 +25,6 @@ namespace lazycr::image {
 namespace {
 
 constexpr size_t kHeaderSize = 24;
-// A compressed metadata file larger than this is refused before it is read.
-constexpr uint64_t kMaxMetadataFileBytes = 256ull << 20;
 constexpr uint64_t kVsyscallStart = 0xffffffffff600000ull;
 constexpr uint64_t kVsyscallEnd = 0xffffffffff601000ull;
 
@@ -92,7 +92,10 @@ void write_message_file(const std::string& path, const char magic[8],
                         const google::protobuf::MessageLite& msg) {
   std::string raw;
   if (!msg.SerializeToString(&raw)) fail(path, ": cannot serialize ", msg.GetTypeName());
-  if (raw.size() > kMaxMetadataBytes) fail(path, ": metadata too large (", raw.size(), " bytes)");
+  // The reader would refuse it: say so now, while the dump can still report why.
+  if (raw.size() > max_decoded_bytes(magic))
+    fail(path, ": metadata of ", raw.size(), " bytes exceeds the bound of ",
+         max_decoded_bytes(magic), " for this file");
 
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
   if (cctx == nullptr) fail(path, ": out of memory for zstd");
@@ -117,8 +120,14 @@ void write_message_file(const std::string& path, const char magic[8],
   if (::fsync(fd.get()) != 0) fail_errno(path, ": fsync failed");
 }
 
+uint64_t max_decoded_bytes(const char magic[8]) {
+  if (std::memcmp(magic, kInventoryMagic, 8) == 0) return kMaxInventoryBytes;
+  if (std::memcmp(magic, kSharedMagic, 8) == 0) return kMaxSharedBytes;
+  return kMaxProcessBytes;
+}
+
 void parse_message_bytes(const std::string& what, const std::string& bytes, const char magic[8],
-                         google::protobuf::MessageLite* msg) {
+                         google::protobuf::Message* msg, MetadataBudget* budget) {
   if (bytes.size() < kHeaderSize)
     fail(what, ": truncated (", bytes.size(), " bytes, header is 24)");
   auto* h = reinterpret_cast<const unsigned char*>(bytes.data());
@@ -137,25 +146,26 @@ void parse_message_bytes(const std::string& what, const std::string& bytes, cons
   unsigned long long content = ZSTD_getFrameContentSize(src, payload);
   if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN)
     fail(what, ": zstd frame has no valid content size");
-  if (content > kMaxMetadataBytes)
-    fail(what, ": metadata of ", content, " bytes exceeds the bound");
+  // Refused from the frame header, before anything is allocated or decompressed.
+  if (content > max_decoded_bytes(magic))
+    fail(what, ": metadata of ", content, " bytes exceeds the bound of ", max_decoded_bytes(magic),
+         " for this file");
+  if (budget != nullptr) budget->take_decoded(what, content);
   std::string raw(content, '\0');
   size_t n = ZSTD_decompress(raw.data(), raw.size(), src, payload);
   if (ZSTD_isError(n)) fail(what, ": ", ZSTD_getErrorName(n));
   if (n != content) fail(what, ": decompressed ", n, " bytes, frame header says ", content);
-  if (!msg->ParseFromString(raw)) fail(what, ": not a valid ", msg->GetTypeName(), " message");
+  parse_bounded(what, raw.data(), raw.size(), msg, budget);
 }
 
-void read_message_file(const std::string& path, const char magic[8],
-                       google::protobuf::MessageLite* msg) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) fail_errno(path, ": cannot open");
-  struct stat st;
-  if (::fstat(fd.get(), &st) != 0) fail_errno(path, ": fstat failed");
-  if (!S_ISREG(st.st_mode)) fail(path, ": not a regular file");
-  if (static_cast<uint64_t>(st.st_size) > kMaxMetadataFileBytes)
-    fail(path, ": ", st.st_size, " bytes is larger than any metadata file lazycr writes");
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
+void read_message_file(const std::string& path, const char magic[8], google::protobuf::Message* msg,
+                       MetadataBudget* budget) {
+  uint64_t size = 0;
+  UniqueFd fd = open_regular_file(path, "metadata file", &size);
+  // zstd never makes data bigger than its bound, plus the header.
+  if (size > kHeaderSize + ZSTD_compressBound(max_decoded_bytes(magic)))
+    fail(path, ": ", size, " bytes is larger than any such metadata file lazycr writes");
+  std::string bytes(static_cast<size_t>(size), '\0');
   size_t got = 0;
   while (got < bytes.size()) {
     ssize_t n = ::read(fd.get(), bytes.data() + got, bytes.size() - got);
@@ -165,7 +175,7 @@ void read_message_file(const std::string& path, const char magic[8],
     got += static_cast<size_t>(n);
   }
   bytes.resize(got);
-  parse_message_bytes(path, bytes, magic, msg);
+  parse_message_bytes(path, bytes, magic, msg, budget);
 }
 
 void validate_inventory(const Inventory& inv) {
@@ -268,6 +278,7 @@ void validate_shared(const SharedObjects& s) {
   if (s.pipes_size() > kMaxSharedObjects) fail(s.pipes_size(), " pipes exceeds the bound");
   if (s.sockets_size() > kMaxSharedObjects) fail(s.sockets_size(), " sockets exceeds the bound");
   uint64_t prev = 0;
+  uint64_t total_capacity = 0;
   for (const Pipe& p : s.pipes()) {
     std::string what = cat(p.fifo() ? "FIFO inode " : "pipe:[", p.inode(), p.fifo() ? "" : "]");
     if (p.inode() == 0) fail("a pipe has inode 0");
@@ -279,6 +290,10 @@ void validate_shared(const SharedObjects& s) {
            kMaxPipeCapacity, "]");
     if (p.data().size() > cap)
       fail(what, ": ", p.data().size(), " bytes buffered, more than its capacity ", cap);
+    total_capacity += cap;
+    if (total_capacity > kMaxTotalPipeCapacity)
+      fail(what, ": the pipes up to this one have a capacity of ", total_capacity,
+           " bytes, more than the bound of ", kMaxTotalPipeCapacity);
   }
   prev = 0;
   std::map<uint64_t, const UnixSocket*> by_inode;
@@ -388,21 +403,60 @@ void ImageWriter::write_shared(const SharedObjects& shared) {
   write_message_file(path, kSharedMagic, shared);
 }
 
-void ImageWriter::commit() {
+namespace {
+
+// What a replaced directory held, for the dump to say what -f removed.
+std::string describe_replaced(const std::string& dir) {
+  try {
+    Inventory inv;
+    read_message_file(inventory_path(dir), kInventoryMagic, &inv);
+    return cat("an image of pid ", inv.root_pid(), " (", inv.pids_size(), " process(es))");
+  } catch (const Error&) {
+  }
+  boost::system::error_code ec;
+  size_t entries = 0;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) entries++;
+  return cat("a directory of ", entries, " entries that was not an image");
+}
+
+}  // namespace
+
+std::string ImageWriter::commit() {
   boost::system::error_code ec;
   if (!fs::exists(inventory_path(staging_), ec)) fail(staging_, ": no inventory written");
-  if (fs::exists(dir_, ec)) {
-    // An empty directory (or one the caller asked to replace) gives way to the new image.
-    fs::remove_all(dir_, ec);
-    if (ec) fail(dir_, ": cannot replace: ", ec.message());
+  std::string replaced;
+  bool done = false;
+  if (replace_) {
+    // Swapped in one step: dir is never missing, and the old image is removed only after.
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, dir_.c_str(), RENAME_EXCHANGE) == 0) {
+      done = true;
+      replaced = describe_replaced(staging_);
+      fs::remove_all(staging_, ec);
+      if (ec) fail(staging_, ": cannot remove the replaced image: ", ec.message());
+    } else if (errno != ENOENT) {
+      fail_errno("cannot exchange ", staging_, " with ", dir_);
+    }
   }
-  if (::rename(staging_.c_str(), dir_.c_str()) != 0)
-    fail_errno("cannot rename ", staging_, " to ", dir_);
+  if (!done) {
+    // An empty directory (made by the caller) gives way; rmdir refuses any other atomically.
+    if (::rmdir(dir_.c_str()) != 0 && errno != ENOENT && errno != ENOTEMPTY && errno != EEXIST &&
+        errno != ENOTDIR)
+      fail_errno(dir_, ": cannot remove the empty directory");
+    // Never replaces anything: another dump that committed to dir first keeps its image.
+    if (::renameat2(AT_FDCWD, staging_.c_str(), AT_FDCWD, dir_.c_str(), RENAME_NOREPLACE) != 0) {
+      if (errno == EEXIST)
+        fail(dir_,
+             ": appeared during the dump (another dump into the same directory?); "
+             "not replaced without -f");
+      fail_errno("cannot rename ", staging_, " to ", dir_);
+    }
+  }
   UniqueFd parent(
       ::open(fs::path(dir_).parent_path().empty() ? "." : fs::path(dir_).parent_path().c_str(),
              O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (parent) ::fsync(parent.get());
   committed_ = true;
+  return replaced;
 }
 
 ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
@@ -410,24 +464,33 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
   if (!fs::is_directory(dir_, ec))
     fail(dir_, ": not an image directory (", ec ? ec.message() : "not a directory", ")");
   std::string inv_path = inventory_path(dir_);
-  read_message_file(inv_path, kInventoryMagic, &inventory_);
+  read_message_file(inv_path, kInventoryMagic, &inventory_, &budget_);
   try {
     validate_inventory(inventory_);
   } catch (const Error& e) {
     fail(inv_path, ": ", e.what());
   }
+  int64_t threads = 0, areas = 0, fds = 0;
   for (int pid : inventory_.pids()) {
     std::string path = process_path(dir_, pid);
     Process p;
-    read_message_file(path, kProcessMagic, &p);
+    read_message_file(path, kProcessMagic, &p, &budget_);
     try {
       validate_process(p, inventory_);
     } catch (const Error& e) {
       fail(path, ": ", e.what());
     }
     if (p.pid() != pid) fail(path, ": holds process ", p.pid(), ", inventory says ", pid);
+    threads += p.threads_size();
+    areas += p.areas_size();
+    fds += p.fds_size();
+    if (threads > kMaxImageThreads || areas > kMaxImageAreas || fds > kMaxImageFds)
+      fail(path, ": the image's processes up to this one have ", threads, " threads, ", areas,
+           " memory areas and ", fds, " descriptors, past the bounds for an image (",
+           kMaxImageThreads, ", ", kMaxImageAreas, ", ", kMaxImageFds, ")");
     if (!p.zombie()) {
-      std::shared_ptr<PageStoreReader> store = PageStoreReader::open(image::pages_path(dir_, pid));
+      std::shared_ptr<PageStoreReader> store =
+          PageStoreReader::open(image::pages_path(dir_, pid), 16, &budget_);
       check_store_against_areas(p, *store);
       pages_[pid] = std::move(store);
     }
@@ -435,7 +498,7 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
   }
   std::string sh = shared_path(dir_);
   if (fs::exists(fs::symlink_status(sh, ec))) {
-    read_message_file(sh, kSharedMagic, &shared_);
+    read_message_file(sh, kSharedMagic, &shared_, &budget_);
     try {
       validate_shared(shared_);
     } catch (const Error& e) {

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "image-format/bounded_parse.h"
 #include "image-format/inventory.pb.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
@@ -17,20 +18,31 @@
 namespace lazycr::image {
 
 inline constexpr uint32_t kFormatVersion = 2;
-inline constexpr uint64_t kMaxMetadataBytes = 256ull << 20;       // decoded protobuf size bound
+// Decoded (decompressed) size of each metadata file (FORMAT.md, "Metadata bounds"); the image
+// as a whole and the parsed forms are bounded in bounded_parse.h.
+inline constexpr uint64_t kMaxInventoryBytes = 1ull << 20;
+inline constexpr uint64_t kMaxProcessBytes = 64ull << 20;
+inline constexpr uint64_t kMaxSharedBytes = 64ull << 20;
 inline constexpr uint64_t kUserSpaceEnd = 0x0000800000000000ull;  // x86_64, 4-level paging
 inline constexpr int kMaxProcesses = 32768;
 inline constexpr int kMaxThreads = 32768;
 inline constexpr int kMaxAreas = 1 << 20;
 inline constexpr int kMaxFds = 1 << 20;
+// The image as a whole (sums over its processes): what show holds and restore recreates.
+inline constexpr int64_t kMaxImageThreads = 1 << 17;
+inline constexpr int64_t kMaxImageAreas = 1 << 22;
+inline constexpr int64_t kMaxImageFds = 1 << 20;
 inline constexpr uint32_t kMaxXsaveSize = 64 * 1024;
 // shared.pb (FORMAT.md): pipe capacity (F_GETPIPE_SZ: a power of two, at least a page) and
 // data, queued socket data, counts.
 inline constexpr uint32_t kMinPipeCapacity = 4096;
 inline constexpr uint32_t kMaxPipeCapacity = 64u << 20;
-inline constexpr uint64_t kMaxSocketQueuedBytes = 64u << 20;  // per socket
+inline constexpr uint64_t kMaxSocketQueuedBytes = 16u << 20;  // per socket
 inline constexpr int kMaxSocketQueued = 1 << 16;              // elements per socket
 inline constexpr int kMaxSharedObjects = 1 << 20;             // pipes, and sockets
+// Sum of pipe capacities: the restore sizes each pipe (F_SETPIPE_SZ), and the kernel allocates
+// its ring for that capacity whatever the data (root passes pipe-user-pages-hard).
+inline constexpr uint64_t kMaxTotalPipeCapacity = 1ull << 30;
 
 std::string inventory_path(const std::string& dir);
 std::string process_path(const std::string& dir, int pid);
@@ -38,7 +50,8 @@ std::string pages_path(const std::string& dir, int pid);
 std::string shared_path(const std::string& dir);
 
 // Writes into "<dir>.tmp-<pid>" and renames to dir in commit(); an image is never seen
-// half written. Without commit() the temporary directory is removed.
+// half written, and never replaced without `replace`. Without commit() the temporary
+// directory is removed.
 class ImageWriter {
  public:
   // Refuses an existing, non-empty dir unless `replace` is set.
@@ -54,7 +67,11 @@ class ImageWriter {
   void write_inventory(const Inventory& inventory);
   // shared.pb: pipes and sockets with their buffered data (validated before writing).
   void write_shared(const SharedObjects& shared);
-  void commit();
+  // Renames the staging directory to dir. Without `replace` it never replaces anything
+  // (RENAME_NOREPLACE; only an empty dir gives way): a dir that appeared since the constructor
+  // checked, e.g. another dump's, is an Error naming it. With `replace` the two are exchanged
+  // (RENAME_EXCHANGE) and the old one removed; returns what it held ("" if nothing).
+  std::string commit();
 
  private:
   std::string dir_;
@@ -94,15 +111,19 @@ class ImageReader {
   std::vector<Process> processes_;
   SharedObjects shared_;
   std::map<int, std::shared_ptr<PageStoreReader>> pages_;
+  MetadataBudget budget_;
 };
 
-// Low-level: one metadata file. Used by the reader and writer and by the fuzz target.
+// Low-level: one metadata file. Used by the reader and writer and by the fuzz target. The
+// readers enforce the file's bounds (by magic), and charge `budget` when it is not null.
 void write_message_file(const std::string& path, const char magic[8],
                         const google::protobuf::MessageLite& msg);
-void read_message_file(const std::string& path, const char magic[8],
-                       google::protobuf::MessageLite* msg);
+void read_message_file(const std::string& path, const char magic[8], google::protobuf::Message* msg,
+                       MetadataBudget* budget = nullptr);
 void parse_message_bytes(const std::string& what, const std::string& bytes, const char magic[8],
-                         google::protobuf::MessageLite* msg);
+                         google::protobuf::Message* msg, MetadataBudget* budget = nullptr);
+// The bound on the decoded size of the metadata file with this magic.
+uint64_t max_decoded_bytes(const char magic[8]);
 
 // Semantic checks, also used by the fuzz target.
 void validate_inventory(const Inventory& inv);

@@ -23,6 +23,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "image-format/regular_file.h"
 
 namespace lazycr::image {
 namespace {
@@ -31,8 +32,9 @@ constexpr size_t kHeaderSize = 64;
 constexpr size_t kFooterSize = 32;
 constexpr char kHeaderMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'A', 'G', 'E'};
 constexpr char kFooterMagic[8] = {'L', 'Z', 'C', 'R', 'P', 'E', 'N', 'D'};
-// The decompressed index is refused above this size, before anything is allocated for it.
-constexpr uint64_t kMaxIndexBytes = 256ull << 20;
+// The decompressed index is refused above this size, before anything is allocated for it:
+// ~1 TiB of pages in 64 KiB frames (16 M frame sizes of ~3 bytes) or 3 M runs.
+constexpr uint64_t kMaxIndexBytes = 64ull << 20;
 // Pages live below the end of x86_64 user space (4-level paging).
 constexpr uint64_t kAddrEnd = 0x0000800000000000ull;
 constexpr uint64_t kMaxPages = kAddrEnd / kPageSize;
@@ -584,14 +586,8 @@ struct PageStoreReader::Impl {
     fail(path, ": ", args...);
   }
 
-  void open() {
-    int ofd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (ofd < 0) fail_errno(path, ": cannot open page store");
-    fd.reset(ofd);
-    struct stat st;
-    if (::fstat(fd.get(), &st) != 0) fail_errno(path, ": fstat failed");
-    if (!S_ISREG(st.st_mode)) bad("not a regular file");
-    file_size = static_cast<uint64_t>(st.st_size);
+  void open(MetadataBudget* budget) {
+    fd = open_regular_file(path, "page store", &file_size);
     if (file_size < kHeaderSize + kFooterSize)
       bad("file is ", file_size, " bytes, smaller than a header and a footer (",
           kHeaderSize + kFooterSize, ")");
@@ -642,6 +638,7 @@ struct PageStoreReader::Impl {
     if (raw_size > kMaxIndexBytes)
       bad("index claims ", raw_size, " bytes decompressed, more than the limit of ",
           kMaxIndexBytes);
+    if (budget != nullptr) budget->take_decoded(what, raw_size);
     std::vector<unsigned char> raw(raw_size);
     {
       ZSTD_DCtx* dctx = ZSTD_createDCtx();
@@ -652,8 +649,7 @@ struct PageStoreReader::Impl {
       if (r != raw_size) bad("index decompressed to ", r, " bytes, expected ", raw_size);
     }
     packed = {};
-    if (!index->ParseFromArray(raw.data(), static_cast<int>(raw.size())))
-      bad("index is not a valid PageIndex message");
+    parse_bounded(what, raw.data(), raw.size(), index, budget);
     raw = {};
     validate_index(index_offset, level);
   }
@@ -889,12 +885,12 @@ struct PageStoreReader::Impl {
 PageStoreReader::PageStoreReader() : impl_(std::make_unique<Impl>()) {}
 PageStoreReader::~PageStoreReader() = default;
 
-std::unique_ptr<PageStoreReader> PageStoreReader::open(const std::string& path,
-                                                       size_t cache_frames) {
+std::unique_ptr<PageStoreReader> PageStoreReader::open(const std::string& path, size_t cache_frames,
+                                                       MetadataBudget* budget) {
   std::unique_ptr<PageStoreReader> reader(new PageStoreReader());
   reader->impl_->path = path;
   reader->impl_->cache_frames = std::max<size_t>(1, cache_frames);
-  reader->impl_->open();
+  reader->impl_->open(budget);
   return reader;
 }
 

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "image-format/bounded_parse.h"
 #include "image-format/pagestore.pb.h"
 
 namespace lazycr::image {
@@ -78,7 +79,8 @@ struct PageLocation {
 class PageStoreReader {
  public:
   // Throws Error naming the file and what is wrong.
-  static std::unique_ptr<PageStoreReader> open(const std::string& path, size_t cache_frames = 16);
+  static std::unique_ptr<PageStoreReader> open(const std::string& path, size_t cache_frames = 16,
+                                               MetadataBudget* budget = nullptr);
   ~PageStoreReader();
 
   const PageIndex& index() const;

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -85,6 +86,13 @@ void check_vdso_layout(const image::Process& p) {
   if (layout(mine) != layout(theirs))
     fail("the image's vdso block (", layout(theirs), ") is laid out unlike this kernel's (",
          layout(mine), ")");
+}
+
+// vm.mmap_min_addr: the kernel refuses MAP_FIXED below it (EPERM) to anyone without
+// CAP_SYS_RAWIO in the initial namespace, and the areas are mapped from inside the process.
+uint64_t mmap_min_addr() {
+  std::string v = proc::read_file("/proc/sys/vm/mmap_min_addr");
+  return std::strtoull(v.c_str(), nullptr, 10);
 }
 
 constexpr uint64_t sigbit(int sig) {
@@ -221,7 +229,11 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
     fail("its working directory ", p.cwd(), " is not a directory any more");
   check_file(p.exe(), "executable", true);
 
+  const uint64_t min_addr = mmap_min_addr();
   for (const auto& a : p.areas()) {
+    if (a.start() < min_addr)
+      fail("area ", hex(a.start()), "-", hex(a.end()), " lies below vm.mmap_min_addr (",
+           hex(min_addr), "); the kernel refuses to map it there");
     std::string what = cat("area ", hex(a.start()), "-", hex(a.end()), " maps");
     switch (a.kind()) {
       case MemoryArea::PRIVATE_FILE:

@@ -329,6 +329,75 @@ TEST(Dump, RefusesAnExistingImageAndLeavesTheTargetAlone) {
   expect_unharmed(t);
 }
 
+// Issue 10, item 3: two dumps into one new directory both reported success and the later
+// one deleted the earlier image. Dump A stops itself with its image staged; dump B commits to
+// the directory meanwhile; A, resumed, must fail naming the directory, leave B's image and
+// leave its own target running as it was.
+TEST(Dump, TwoDumpsIntoOneNewDirectoryOneWinsTheOtherFailsByName) {
+  StateTarget a({"--mib", "4"}), b({"--mib", "4"});
+  TempDir images, logs;
+  std::string dir = images / "img";
+  std::string a_err = logs / "a.err";
+  pid_t dumper = fork();
+  ASSERT_GE(dumper, 0);
+  if (dumper == 0) {
+    int err = ::open(a_err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int null = ::open("/dev/null", O_RDWR);
+    dup2(null, 0);
+    dup2(null, 1);
+    dup2(err, 2);
+    std::string pid = std::to_string(a.child.pid());
+    execl(lazycr_bin().c_str(), "lazycr", "dump", "--fault-inject", "stop-before-commit", "-t",
+          pid.c_str(), "-D", dir.c_str(), nullptr);
+    _exit(127);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(dumper, &status, WUNTRACED), dumper);
+  ASSERT_TRUE(WIFSTOPPED(status)) << "dump A ended before its commit: " << slurp(a_err);
+
+  auto r = lazycr({"dump", "-t", std::to_string(b.child.pid()), "-D", dir});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(b.child.wait(30), 128 + SIGKILL);
+
+  ASSERT_EQ(kill(dumper, SIGCONT), 0);
+  ASSERT_EQ(waitpid(dumper, &status, 0), dumper);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  std::string err = slurp(a_err);
+  EXPECT_NE(err.find(dir + ": appeared during the dump"), std::string::npos) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+
+  EXPECT_EQ(image::ImageReader(dir).inventory().root_pid(), b.child.pid()) << "B's image stays";
+  std::vector<std::string> left;
+  for (const auto& e : boost::filesystem::directory_iterator(images.path()))
+    left.push_back(e.path().filename().string());
+  EXPECT_EQ(left, std::vector<std::string>{"img"}) << "no staging directory left";
+  expect_unharmed(a);
+}
+
+// With -f the image replaces the old one in one rename (RENAME_EXCHANGE), and says what it
+// replaced.
+TEST(Dump, ForceSaysWhatItReplaced) {
+  StateTarget a({"--mib", "4"}), b({"--mib", "4"});
+  TempDir images;
+  std::string dir = images / "img";
+  auto r = lazycr({"dump", "--leave-running", "-t", std::to_string(a.child.pid()), "-D", dir});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.err.find("replaced"), std::string::npos) << r.err;
+  r = lazycr({"dump", "-f", "--leave-running", "-t", std::to_string(b.child.pid()), "-D", dir});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find(cat_path("replaced an image of pid ", a.child.pid(), " (1 process(es))")),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(image::ImageReader(dir).inventory().root_pid(), b.child.pid());
+  std::vector<std::string> left;
+  for (const auto& e : boost::filesystem::directory_iterator(images.path()))
+    left.push_back(e.path().filename().string());
+  EXPECT_EQ(left, std::vector<std::string>{"img"}) << "the old image is removed";
+  expect_unharmed(a);
+  expect_unharmed(b);
+}
+
 // A failure at any step leaves the target running exactly as it was, and no image behind.
 TEST(Dump, FailureAtEachStepLeavesTheTargetIntact) {
   for (const char* step : {"freeze", "threads", "memory", "commit"}) {

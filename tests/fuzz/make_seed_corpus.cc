@@ -21,6 +21,7 @@
 #include "common/error.h"
 #include "image-format/image_dir.h"
 #include "image-format/page_store.h"
+#include "tests/fuzz/hostile_images.h"
 
 namespace {
 
@@ -226,6 +227,15 @@ void image_dir_seeds(const std::string& dir) {
   shared.mutable_sockets(0)->add_queued("");
   put("shared_file", 4, file_bytes(kSharedMagic, shared));
   put("shared_raw", 5, shared.SerializeAsString());
+
+  // Hostile seeds (tests/fuzz/hostile_images.h), run first on every fuzzing run under the
+  // memory limits of CMakeLists.txt: files of a few KiB that decode to 255 MiB (an unknown
+  // field), and 8 M empty memory areas (16 MiB decoded, ~1 GB parsed).
+  using namespace lazycr::test;
+  put("hostile_inventory_bomb", 0, hostile::metadata_bomb(kInventoryMagic, inv, 255u << 20));
+  put("hostile_process_bomb", 1, hostile::metadata_bomb(kProcessMagic, proc, 255u << 20));
+  put("hostile_shared_bomb", 4, hostile::metadata_bomb(kSharedMagic, shared, 255u << 20));
+  put("hostile_empty_areas", 1, hostile::empty_records(kProcessMagic, proc, 19, 8u << 20));
 }
 
 const std::map<std::string, std::function<void(const std::string&)>> kSeedWriters = {
