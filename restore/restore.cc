@@ -63,6 +63,7 @@
 #include "restore/internal.h"
 #include "restore/memory.h"
 #include "restore/shared_files.h"
+#include "restore/skipped_fds.h"
 
 namespace lazycr::restore {
 namespace {
@@ -1567,6 +1568,7 @@ Restored restore(const RestoreOptions& opts_in) {
   const image::Process& root = procs.front();
   steps.run("validate", cat("pid ", root.pid()), [&] {
     if (opts.lazy.enabled) check_lazy_options(opts.lazy);
+    stand_in_for_unsupported_fds(img->mutable_processes(), opts);
     validate_image(*img, opts);
   });
   const uint64_t t_valid = now_ns();
