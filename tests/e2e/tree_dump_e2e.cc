@@ -503,6 +503,28 @@ TEST(TreeDump, FailureAtEachStepLeavesEveryProcessRunningAsItWas) {
   }
 }
 
+// Ctrl-C (or SIGTERM) while a call is injected in one of the processes, or while memory is
+// read: every process of the tree runs on as it was, with its buffered data, and no image.
+TEST(TreeDump, InterruptLeavesEveryProcessRunningAsItWas) {
+  for (const char* fault : {"injected:SIGINT", "threads:SIGHUP", "memory:SIGTERM"}) {
+    SCOPED_TRACE(fault);
+    PyTree t;
+    std::map<pid_t, std::string> maps;
+    for (pid_t p : t.pids) maps[p] = proc_file(p, "maps");
+    TempDir images;
+    auto r = lazycr(dump_args(t, images / "img", {"--fault-inject", fault}));
+    std::string sig = std::string(fault).substr(std::string(fault).find(':') + 1);
+    EXPECT_EQ(r.exit_code, 128 + (sig == "SIGINT" ? SIGINT : sig == "SIGHUP" ? SIGHUP : SIGTERM));
+    EXPECT_EQ(r.err, "lazycr: dump interrupted by " + sig + "; pid " +
+                         std::to_string(t.pid("pid")) +
+                         " and the 3 process(es) below it left running as they were\n");
+    EXPECT_TRUE(boost::filesystem::is_empty(images.path())) << "no image, no staging directory";
+    t.expect_running_untraced(maps);
+    auto [result, zstatus] = t.finish();
+    EXPECT_EQ(result, kAllGood) << "buffered data still there, memory intact";
+  }
+}
+
 TEST(TreeDump, TheRootKilledDuringTheDumpIsACleanError) {
   PyTree t;
   TempDir images;
