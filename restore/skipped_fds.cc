@@ -58,7 +58,8 @@ void stand_in_for_unsupported_fds(std::vector<image::Process>& procs, const Rest
           cat(my_names.empty() ? "" : ", ", "fd ", f.fd(), " (", kind, " ", f.target(), ")");
     }
     if (mine.empty()) continue;
-    std::string who = procs.size() > 1 ? cat("pid ", p.pid(), ": ") : "";
+    // The caller names the root already ("validate for pid N: ").
+    std::string who = &p != &procs.front() ? cat("pid ", p.pid(), ": ") : "";
     list += cat(list.empty() ? "" : "; ", who, mine);
     names += cat(names.empty() ? "" : "; ", who, my_names);
   }

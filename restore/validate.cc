@@ -195,7 +195,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     try {
       validate_process(q, opts);
     } catch (const Error& e) {
-      if (procs.size() == 1) throw;
+      // The caller names the root already ("validate for pid N: ").
+      if (&q == &procs.front()) throw;
       throw Error(cat("pid ", q.pid(), ": ", e.what()), e.sys_errno());
     }
   }
