@@ -36,6 +36,7 @@
 #include "common/signals.h"
 #include "common/vdso.h"
 #include "image-format/image_dir.h"
+#include "image-format/unrestorable.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -421,6 +422,31 @@ void refuse_unsupported_fds(const std::vector<TreeFiles>& files, const SharedCol
        count == 1 ? "its place" : "their places");
 }
 
+// What the restore would refuse whatever the machine (image-format/unrestorable.h): a dump that
+// kills the tree refuses before anything is written, so that no program is killed into an
+// image it cannot come back from; with --leave-running the image is written, with a warning.
+void refuse_unrestorable(const std::vector<image::Process>& procs,
+                         const std::vector<std::vector<image::MemoryArea>>& areas,
+                         bool leave_running) {
+  std::string list;
+  for (size_t i = 0; i < procs.size(); i++) {
+    std::vector<std::string> why = image::process_refusals(procs[i]);
+    for (const auto& a : areas[i])
+      if (std::string w = image::area_refusal(a); !w.empty()) why.push_back(w);
+    if (why.empty()) continue;
+    std::string mine;
+    for (const auto& w : why) mine += cat(mine.empty() ? "" : ", ", w);
+    list += cat(list.empty() ? "" : "; ", describe_pid(procs[i].pid()), ": ", mine);
+  }
+  if (list.empty()) return;
+  if (leave_running) {
+    log::warn("the restore will refuse this image: ", list);
+    return;
+  }
+  fail("the restore would refuse this image, so the tree is left running: ", list,
+       " (--leave-running writes it anyway)");
+}
+
 void record_zombie(const TreeNode& node, image::Process& proc) {
   const proc::Stat& st = node.zombie_stat;
   proc.set_pid(node.pid);
@@ -489,6 +515,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   SharedCollection shared = collect_shared(files);
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
+  refuse_unrestorable(procs, areas, opts.leave_running);
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
   result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
 

@@ -465,6 +465,60 @@ TEST(Dump, InterruptAtEachStepLeavesTheTargetIntact) {
   }
 }
 
+// Issue 10 item 13, beyond descriptors: a dump that kills its target refuses first when the
+// restore would refuse the image (here a mapped file deleted since, and a SysV shared memory
+// segment), and the target runs on; with --leave-running the image is written with a warning,
+// and the restore refuses it with the same reason.
+TEST(Dump, NeverKillsIntoAnImageTheRestoreRefuses) {
+  TempDir work;
+  Child py({"/usr/bin/python3", "-c",
+            "import ctypes, mmap, os, sys, time\n"
+            "path = sys.argv[1] + '/mapped'\n"
+            "with open(path, 'wb') as f: f.write(b'x' * 4096)\n"
+            "f = open(path, 'rb')\n"
+            "m = mmap.mmap(f.fileno(), 4096, mmap.MAP_PRIVATE, mmap.PROT_READ)\n"
+            "f.close(); os.unlink(path)\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.shmat.restype = ctypes.c_void_p\n"
+            "shm = libc.shmget(0, 4096, 0o1600)\n"
+            "addr = libc.shmat(shm, None, 0)\n"
+            "libc.shmctl(shm, 0, None)\n"  // IPC_RMID: gone once detached
+            "print('ready', flush=True)\n"
+            "time.sleep(100000)\n",
+            work.path()});
+  py.wait_for("ready");
+  std::string pid = std::to_string(py.pid());
+  TempDir images;
+  // Python's mmap keeps a descriptor of the deleted file: that one is skipped.
+  auto r = lazycr({"dump", "--skip-unsupported-fds", "-t", pid, "-D", images / "img"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("the restore would refuse this image, so the tree is left running: pid " +
+                       pid + " (python3): "),
+            std::string::npos)
+      << r.err;
+  EXPECT_NE(r.err.find(work / "mapped had been deleted at dump time"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("/SYSV"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
+  ASSERT_TRUE(py.running()) << "killed into an image the restore refuses";
+
+  r = lazycr(
+      {"dump", "--leave-running", "--skip-unsupported-fds", "-t", pid, "-D", images / "img"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("lazycr: warning: the restore will refuse this image: pid " + pid),
+            std::string::npos)
+      << r.err;
+  std::string refused_by_dump = r.err;
+  r = lazycr({"restore", "--pidns", "--shell-job", "--skip-unsupported-fds", "-D", images / "img"});
+  EXPECT_EQ(r.exit_code, 1);
+  // The restore names the first reason; the dump had named it too.
+  std::string prefix = "lazycr: restore: validate for pid " + pid + ": ";
+  ASSERT_NE(r.err.find(prefix), std::string::npos) << r.err;
+  std::string reason = r.err.substr(r.err.find(prefix) + prefix.size());
+  reason.pop_back();  // '\n'
+  EXPECT_NE(refused_by_dump.find(reason), std::string::npos) << reason << " vs " << refused_by_dump;
+}
+
 // A program holding one descriptor of each kind lazycr cannot restore yet. Once it finds the
 // go file it checks that each of them is /dev/null with the access mode, status flags and
 // close-on-exec flag it had, and that the dup is still a dup.
