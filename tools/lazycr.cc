@@ -22,13 +22,14 @@ bool usage_error(const std::string& what) {
   return true;
 }
 
-bool bad_dump_options(const lazycr::checkpoint::DumpOptions& d) {
+// `frame_size` as given (64 bits: "5G" is refused by value rather than wrapped).
+bool bad_dump_options(const lazycr::checkpoint::DumpOptions& d, uint64_t frame_size) {
   using lazycr::cat;
   if (d.dir.empty()) return usage_error("dump -D: the image directory is an empty path");
-  if (d.frame_size % 4096 != 0 || d.frame_size < lazycr::image::kMinFrameSize ||
-      d.frame_size > lazycr::image::kMaxFrameSize)
+  if (frame_size % 4096 != 0 || frame_size < lazycr::image::kMinFrameSize ||
+      frame_size > lazycr::image::kMaxFrameSize)
     return usage_error(
-        cat("dump --frame-size ", d.frame_size, ": must be 16K..4M and a multiple of 4K"));
+        cat("dump --frame-size ", frame_size, ": must be 16K..4M and a multiple of 4K"));
   return false;
 }
 
@@ -74,7 +75,6 @@ int main(int argc, char** argv) {
   dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
       ->default_val(0)
       ->check(CLI::Range(0, 256));
-  // Parsed as 64 bits so that "5G" is refused by value rather than wrapped.
   uint64_t frame_size = dump.frame_size;
   dump_cmd
       ->add_option("--frame-size", frame_size,
@@ -167,9 +167,8 @@ int main(int argc, char** argv) {
     }
     if (*dump_cmd) {
       dump.dedup = !no_dedup;
-      if (frame_size > UINT32_MAX) frame_size = 0;
+      if (bad_dump_options(dump, frame_size)) return kExitUsage;
       dump.frame_size = static_cast<uint32_t>(frame_size);
-      if (bad_dump_options(dump)) return kExitUsage;
       return cli::run_dump(dump);
     }
     if (*restore_cmd) {
