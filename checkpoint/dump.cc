@@ -290,15 +290,22 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
   c->set_cap_ambient(status.cap_amb);
   c->set_no_new_privs(status.no_new_privs);
 
-  // Read from inside: prlimit on another process needs CAP_SYS_RESOURCE or the same
-  // credentials, and a process of another user is common.
-  uint64_t scratch = fp.scratch();
-  static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
-  for (int r = 0; r < RLIMIT_NLIMITS; r++)
-    fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
-            scratch + r * sizeof(struct rlimit64));
+  // From outside when lazycr may (the same credentials, or CAP_SYS_RESOURCE): 16 injected calls
+  // fewer, each a moment a SIGKILLed lazycr would leave the process in a trap (README). Else
+  // from inside, as a process of another user is common.
   std::vector<struct rlimit64> lims(RLIMIT_NLIMITS);
-  remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
+  bool outside = true;
+  for (int r = 0; r < RLIMIT_NLIMITS && outside; r++)
+    outside = ::syscall(SYS_prlimit64, pid, r, nullptr, &lims[r]) == 0;
+  if (!outside) {
+    if (errno != EPERM) fail_errno("prlimit64 of pid ", pid);
+    uint64_t scratch = fp.scratch();
+    static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
+    for (int r = 0; r < RLIMIT_NLIMITS; r++)
+      fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
+              scratch + r * sizeof(struct rlimit64));
+    remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
+  }
   for (int r = 0; r < RLIMIT_NLIMITS; r++) {
     auto* l = proc.add_rlimits();
     l->set_resource(r);
@@ -498,7 +505,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     collect_threads(fp, proc, xsave_size, xsave_features);
     fault_point(opts, "threads");  // with the scratch page mapped
     collect_sigactions(fp, proc);
-    collect_process_state(fp, proc);
+    fp.release_scratch();
+    collect_process_state(fp, proc);  // maps it again only when rlimits must be read inside
     fp.release_scratch();
     log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
               fp.injected(), " injected calls");
