@@ -63,7 +63,6 @@
 #include "restore/internal.h"
 #include "restore/memory.h"
 #include "restore/shared_files.h"
-#include "restore/skipped_fds.h"
 
 namespace lazycr::restore {
 namespace {
