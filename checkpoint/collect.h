@@ -77,6 +77,9 @@ std::vector<image::FileDescriptor> collect_fds(pid_t pid);
 image::FileIdentity file_identity(const std::string& path_as_reported,
                                   const std::string& stat_path);
 
+// "a" or "an" before a word or kind name ("an EPOLL", "a TCP/IPv4 socket").
+const char* article(const std::string& word);
+
 // "pipe:[N]" or "socket:[N]" -> N, else 0.
 uint64_t object_inode_of(const std::string& target);
 

@@ -19,11 +19,13 @@
 #include <chrono>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 
 #include "checkpoint/collect.h"
 #include "checkpoint/frozen.h"
+#include "checkpoint/interrupt.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -34,6 +36,7 @@
 #include "common/signals.h"
 #include "common/vdso.h"
 #include "image-format/image_dir.h"
+#include "image-format/unrestorable.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -44,9 +47,23 @@ constexpr uint64_t kPfKthread = 0x00200000;
 constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
 constexpr size_t kStackTSize = 24;           // ss_sp, ss_flags (+pad), ss_size
 
-// Test hook (--fault-inject): fails the dump at a named step.
+// Test hook (--fault-inject STEP:SIGNAL): the signal a user would send, by name.
+int injected_signal(const std::string& fault, const std::string& step) {
+  if (fault.size() <= step.size() || fault.compare(0, step.size(), step) != 0 ||
+      fault[step.size()] != ':')
+    return 0;
+  std::string name = fault.substr(step.size() + 1);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT})
+    if (name == termination_signal_name(sig)) return sig;
+  fail("--fault-inject ", fault, ": unknown signal ", name);
+}
+
+// A safe point between two steps. Test hook (--fault-inject): fails the dump at a named step
+// ("STEP"), or sends lazycr a termination signal there ("STEP:SIGINT").
 void fault_point(const DumpOptions& opts, const char* step) {
   if (opts.fault_inject == step) throw Error(cat("injected fault at step ", step), EIO);
+  if (int sig = injected_signal(opts.fault_inject, step)) send_signal(::getpid(), sig);
+  throw_if_interrupted();
 }
 
 uint64_t now_ns() {
@@ -61,8 +78,30 @@ uint64_t wall_ns() {
       .count();
 }
 
+// Reading /proc/PID/ns/pid takes the kernel's ptrace access check: refuse here, before anything
+// is touched, and say why it may have failed rather than which /proc file could not be read.
+void check_access(pid_t pid, const proc::Status& target) {
+  std::string path = cat("/proc/", pid, "/ns/pid");
+  char buf[64];
+  if (::readlink(path.c_str(), buf, sizeof buf) >= 0) return;
+  if (errno != EACCES && errno != EPERM) fail_errno("readlink ", path);
+  std::string why;
+  proc::Status me = proc::read_status(::getpid());
+  constexpr uint64_t kCapSysPtrace = uint64_t{1} << 19;
+  if (!target.uids.empty() && !me.uids.empty() && target.uids[0] != me.uids[1] &&
+      !(me.cap_eff & kCapSysPtrace))
+    why = cat("it belongs to uid ", target.uids[0], " and lazycr runs as uid ", me.uids[1],
+              " without CAP_SYS_PTRACE");
+  else if (uint64_t extra = target.cap_prm & ~me.cap_prm)
+    why = cat("it holds capabilities lazycr does not have (", hex(extra),
+              "), or the kernel protects it");
+  else
+    why = "the kernel's ptrace access check refused (an LSM, or the process is not dumpable)";
+  fail("not permitted to dump ", describe_pid(pid), ": ", why);
+}
+
 // Refuses what cannot be dumped, with the reason.
-void check_target(pid_t pid) {
+void check_target(pid_t pid, bool leave_running) {
   if (pid <= 0) fail("invalid pid ", pid);
   if (pid == ::getpid()) fail("pid ", pid, " is lazycr itself");
   if (!proc::exists(pid)) fail("pid ", pid, ": no such process");
@@ -81,6 +120,13 @@ void check_target(pid_t pid) {
     fail("pid ", pid, " is a thread of process ", status.tgid, "; dump the process");
   if (status.tracer_pid != 0)
     fail(describe_pid(pid), " is already traced by pid ", status.tracer_pid);
+  check_access(pid, status);
+  // Killing the init of lazycr's PID namespace after the image is written would take every
+  // process of the namespace with it.
+  if (pid == 1 && !leave_running)
+    fail(
+        "pid 1 is the init process of lazycr's PID namespace; killing it would end every "
+        "process of the namespace (--leave-running dumps it and lets it run)");
 }
 
 // The vdso's identity, with the same fingerprint a restore computes of its own (common/vdso.h).
@@ -244,15 +290,22 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
   c->set_cap_ambient(status.cap_amb);
   c->set_no_new_privs(status.no_new_privs);
 
-  // Read from inside: prlimit on another process needs CAP_SYS_RESOURCE or the same
-  // credentials, and a process of another user is common.
-  uint64_t scratch = fp.scratch();
-  static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
-  for (int r = 0; r < RLIMIT_NLIMITS; r++)
-    fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
-            scratch + r * sizeof(struct rlimit64));
+  // From outside when lazycr may (the same credentials, or CAP_SYS_RESOURCE): 16 injected calls
+  // fewer, each a moment a SIGKILLed lazycr would leave the process in a trap (README). Else
+  // from inside, as a process of another user is common.
   std::vector<struct rlimit64> lims(RLIMIT_NLIMITS);
-  remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
+  bool outside = true;
+  for (int r = 0; r < RLIMIT_NLIMITS && outside; r++)
+    outside = ::syscall(SYS_prlimit64, pid, r, nullptr, &lims[r]) == 0;
+  if (!outside) {
+    if (errno != EPERM) fail_errno("prlimit64 of pid ", pid);
+    uint64_t scratch = fp.scratch();
+    static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
+    for (int r = 0; r < RLIMIT_NLIMITS; r++)
+      fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
+              scratch + r * sizeof(struct rlimit64));
+    remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
+  }
   for (int r = 0; r < RLIMIT_NLIMITS; r++) {
     auto* l = proc.add_rlimits();
     l->set_resource(r);
@@ -306,10 +359,36 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
 
 DumpResult dump(const DumpOptions& opts) {
   uint64_t t0 = now_ns();
-  check_target(opts.pid);
+  HoldTerminationSignals hold;
+  // Test hook: the signal arrives while a thread runs an injected call (it is parked in that
+  // call's trap when lazycr would die of it).
+  struct ClearHook {
+    ~ClearHook() { set_injected_call_hook(nullptr); }
+  } clear_hook;
+  if (int sig = injected_signal(opts.fault_inject, "injected")) {
+    auto sent = std::make_shared<bool>(false);
+    set_injected_call_hook([sig, sent] {
+      if (!*sent) *sent = send_signal(::getpid(), sig);
+    });
+  }
+  check_target(opts.pid, opts.leave_running);
   std::vector<pid_t> seized;
   try {
     return dump_frozen(opts, t0, seized);
+  } catch (const Interrupted& e) {
+    // The tree has been released (dump_frozen unwound): say what the user finds.
+    std::vector<pid_t> gone;
+    for (pid_t p : seized)
+      if (!alive(p)) gone.push_back(p);
+    if (!alive(opts.pid) || !gone.empty())
+      throw Interrupted(e.signo(), cat(e.what(), "; pid ", gone.empty() ? opts.pid : gone[0],
+                                       " exited or was killed meanwhile"));
+    throw Interrupted(
+        e.signo(),
+        cat(e.what(), "; pid ", opts.pid,
+            seized.size() > 1 ? cat(" and the ", seized.size() - 1, " process(es) below it")
+                              : std::string(),
+            " left running as ", seized.size() > 1 ? "they were" : "it was"));
   } catch (const Error& e) {
     if (!alive(opts.pid))
       fail("pid ", opts.pid, " exited or was killed during the dump (", e.what(), ")");
@@ -320,6 +399,60 @@ DumpResult dump(const DumpOptions& opts) {
 }
 
 namespace {
+
+// Every descriptor the restore could not recreate, all named in one line, before the tree is
+// touched any further. Standard descriptors usually lead outside the tree (a terminal, the
+// caller's pipe): they are recorded, and the restore connects them to its own (--shell-job).
+void refuse_unsupported_fds(const std::vector<TreeFiles>& files, const SharedCollection& shared) {
+  std::string list;
+  size_t count = 0;
+  for (const auto& tf : files) {
+    std::string mine;
+    for (const auto& f : tf.process->fds()) {
+      if (f.restorable() || f.fd() <= 2) continue;
+      count++;
+      std::string kind = image::FileDescriptor::Kind_Name(f.kind());
+      auto why = shared.why_not.find({tf.process->pid(), f.fd()});
+      mine += cat(mine.empty() ? "" : ", ", "fd ", f.fd(), " is ", article(kind), " ", kind, " (",
+                  f.target(), ")",
+                  why != shared.why_not.end() ? cat(": ", why->second)
+                                              : std::string(" that lazycr cannot restore yet"));
+    }
+    if (!mine.empty())
+      list += cat(list.empty() ? "" : "; ", describe_pid(tf.process->pid()), ": ", mine);
+  }
+  if (count == 0) return;
+  fail("cannot dump ", count == 1 ? "a descriptor" : cat(count, " descriptors"),
+       " lazycr cannot restore: ", list, "; with --skip-unsupported-fds the dump records ",
+       count == 1 ? "it" : "them",
+       " and 'lazycr restore --skip-unsupported-fds' opens /dev/null in ",
+       count == 1 ? "its place" : "their places");
+}
+
+// What the restore would refuse whatever the machine (image-format/unrestorable.h): a dump that
+// kills the tree refuses before anything is written, so that no program is killed into an
+// image it cannot come back from; with --leave-running the image is written, with a warning.
+void refuse_unrestorable(const std::vector<image::Process>& procs,
+                         const std::vector<std::vector<image::MemoryArea>>& areas,
+                         bool leave_running) {
+  std::string list;
+  for (size_t i = 0; i < procs.size(); i++) {
+    std::vector<std::string> why = image::process_refusals(procs[i]);
+    for (const auto& a : areas[i])
+      if (std::string w = image::area_refusal(a); !w.empty()) why.push_back(w);
+    if (why.empty()) continue;
+    std::string mine;
+    for (const auto& w : why) mine += cat(mine.empty() ? "" : ", ", w);
+    list += cat(list.empty() ? "" : "; ", describe_pid(procs[i].pid()), ": ", mine);
+  }
+  if (list.empty()) return;
+  if (leave_running) {
+    log::warn("the restore will refuse this image: ", list);
+    return;
+  }
+  fail("the restore would refuse this image, so the tree is left running: ", list,
+       " (--leave-running writes it anyway)");
+}
 
 void record_zombie(const TreeNode& node, image::Process& proc) {
   const proc::Stat& st = node.zombie_stat;
@@ -355,6 +488,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   uint32_t xsave_size = 0;
   uint64_t xsave_features = 0;
   for (size_t i = 0; i < order.size(); i++) {
+    throw_if_interrupted();
     TreeNode& node = tree.node(order[i]);
     image::Process& proc = procs[i];
     for (pid_t c : node.children) proc.add_children(c);
@@ -371,9 +505,12 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     collect_threads(fp, proc, xsave_size, xsave_features);
     fault_point(opts, "threads");  // with the scratch page mapped
     collect_sigactions(fp, proc);
-    collect_process_state(fp, proc);
-    proc.set_stop_signo(fp.stop_signo());
     fp.release_scratch();
+    collect_process_state(fp, proc);  // maps it again only when rlimits must be read inside
+    fp.release_scratch();
+    proc.set_stop_signo(fp.stop_signo());
+    log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
+              fp.injected(), " injected calls");
     for (auto& f : collect_fds(fp.pid())) *proc.add_fds() = std::move(f);
     result.threads += fp.threads().size();
     result.areas += areas[i].size();
@@ -386,19 +523,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
   SharedCollection shared = collect_shared(files);
   fault_point(opts, "files");
-  for (const auto& tf : files) {
-    for (const auto& f : tf.process->fds()) {
-      // Standard descriptors usually lead outside the tree (a terminal, the caller's pipe):
-      // they are recorded, and the restore connects them to its own (--shell-job).
-      if (f.restorable() || opts.skip_unsupported_fds || f.fd() <= 2) continue;
-      auto why = shared.why_not.find({tf.process->pid(), f.fd()});
-      fail(describe_pid(tf.process->pid()), ": fd ", f.fd(), " is a ",
-           image::FileDescriptor::Kind_Name(f.kind()), " (", f.target(), ")",
-           why != shared.why_not.end() ? cat(" that lazycr cannot restore: ", why->second)
-                                       : std::string(" that lazycr cannot restore yet"),
-           "; --skip-unsupported-fds records it anyway");
-    }
-  }
+  if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
+  refuse_unrestorable(procs, areas, opts.leave_running);
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
   result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
 
@@ -414,6 +540,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     FrozenProcess& fp = *node.frozen;
     image::PageStoreWriter pages(writer.pages_path(fp.pid()), store_opts);
     auto report = [&](uint64_t pages_read) {
+      throw_if_interrupted();
       if (first_batch) {
         first_batch = false;
         fault_point(opts, "memory");

@@ -3,6 +3,8 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 
+#include <cstring>
+
 #include "checkpoint/collect.h"
 #include "common/error.h"
 #include "common/proc.h"
@@ -49,6 +51,14 @@ FileDescriptor::Kind classify(const std::string& target, const struct stat* st) 
 }
 
 }  // namespace
+
+const char* article(const std::string& word) {
+  if (word.empty()) return "a";
+  char c = word[0];
+  // "UNIX", "USERFAULTFD", "UDP" sound like "you"; "UNKNOWN" does not.
+  if (c == 'U' || c == 'u') return word.rfind("UNKNOWN", 0) == 0 ? "an" : "a";
+  return std::strchr("AEIOaeio", c) ? "an" : "a";
+}
 
 image::FileIdentity file_identity(const std::string& reported, const std::string& stat_path) {
   image::FileIdentity id;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <functional>
 
+#include "checkpoint/interrupt.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -101,6 +102,7 @@ bool FrozenProcess::seize_new_threads() {
 void FrozenProcess::freeze() {
   for (int round = 0;; round++) {
     if (round > 100) fail("pid ", pid_, ": threads keep appearing; cannot freeze it");
+    throw_if_interrupted();
     if (!seize_new_threads()) break;
   }
   if (threads_.empty() || threads_[0].tid() != pid_)
@@ -110,6 +112,13 @@ void FrozenProcess::freeze() {
 
 long FrozenProcess::call(TracedThread& t, const char* what, long nr, uint64_t a1, uint64_t a2,
                          uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6) {
+  // Between two injected calls the thread is back in its own registers: a safe point.
+  throw_if_interrupted();
+  return call_now(t, what, nr, a1, a2, a3, a4, a5, a6);
+}
+
+long FrozenProcess::call_now(TracedThread& t, const char* what, long nr, uint64_t a1, uint64_t a2,
+                             uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6) {
   long r = t.syscall(insn_, InjectMode::kSingleStep, nr, a1, a2, a3, a4, a5, a6);
   if (r < 0 && r > -4096)
     fail_errno_value(static_cast<int>(-r), cat(what, " in thread ", t.tid(), " of pid ", pid_));
@@ -117,10 +126,12 @@ long FrozenProcess::call(TracedThread& t, const char* what, long nr, uint64_t a1
 }
 
 uint64_t FrozenProcess::scratch() {
-  if (scratch_ == 0)
+  if (scratch_ == 0) {
     scratch_ = static_cast<uint64_t>(
         call(leader(), "mmap of a scratch page", SYS_mmap, 0, kPageSize, PROT_READ | PROT_WRITE,
              MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0));
+    scratch_since_ = now_ns();
+  }
   return scratch_;
 }
 
@@ -128,7 +139,9 @@ void FrozenProcess::release_scratch() {
   if (scratch_ == 0 || threads_.empty()) return;
   uint64_t s = scratch_;
   scratch_ = 0;
-  call(leader(), "munmap of the scratch page", SYS_munmap, s, kPageSize);
+  // Also on the way out of an interrupted dump: not a safe point, it is the rollback.
+  call_now(leader(), "munmap of the scratch page", SYS_munmap, s, kPageSize);
+  scratch_ns_ += now_ns() - scratch_since_;
 }
 
 uint64_t FrozenProcess::injected() const {
@@ -190,6 +203,7 @@ void FrozenTree::freeze(pid_t root) {
       if (round > 0 && nodes_.at(p).frozen->seize_new_threads()) changed = true;
       for (pid_t c : proc::list_children(p)) {
         if (nodes_.count(c)) continue;
+        throw_if_interrupted();
         size_t before = nodes_.size();
         add_child(p, c);
         changed |= nodes_.size() != before;

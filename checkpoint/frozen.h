@@ -40,7 +40,8 @@ class FrozenProcess {
   std::vector<TracedThread>& threads() { return threads_; }
   TracedThread& leader() { return threads_[0]; }
 
-  // Runs a syscall inside thread t; throws with the syscall's name on failure.
+  // Runs a syscall inside thread t; throws with the syscall's name on failure, and Interrupted
+  // (before injecting anything) if a termination signal is pending.
   long call(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
             uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
   // A page inside the target for results of injected calls. MAP_SHARED so that it can never
@@ -48,6 +49,9 @@ class FrozenProcess {
   uint64_t scratch();
   void release_scratch();
   uint64_t injected() const;
+  // How long the scratch page has been mapped in all (ns): the time a SIGKILLed lazycr would
+  // leave a stray mapping behind (README).
+  uint64_t scratch_ns() const { return scratch_ns_; }
 
   // SIGKILL through the pidfd (the process must not run on past the image).
   void send_kill();
@@ -56,12 +60,18 @@ class FrozenProcess {
   void detach_all();
 
  private:
+  // call() without the safe point, for the rollback.
+  long call_now(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
+                uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
+
   pid_t pid_;
   UniqueFd pidfd_;
   std::vector<TracedThread> threads_;
   std::set<pid_t> seen_;
   uint64_t insn_ = 0;
   uint64_t scratch_ = 0;
+  uint64_t scratch_since_ = 0;
+  uint64_t scratch_ns_ = 0;
   uint64_t frozen_at_ = 0;
   int stop_signo_ = 0;
 };

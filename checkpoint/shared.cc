@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "checkpoint/collect.h"
+#include "checkpoint/socket_name.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
@@ -286,7 +287,12 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
       auto it = diag.find(inode);
       const sockdiag::UnixSocket* peer = nullptr;
       if (it == diag.end()) {
-        why = cat(what, " is not an AF_UNIX socket (or is in another network namespace)");
+        // Not an AF_UNIX socket of this network namespace: name what it is.
+        UniqueFd sock(static_cast<int>(
+            ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
+        std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
+        why = cat(what, " is ", article(kind), " ", kind,
+                  kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");
       } else {
         const auto& s = it->second;
         auto pit = diag.find(s.peer);

@@ -413,6 +413,15 @@ unsigned long TracedThread::get_event_msg() const {
   return msg;
 }
 
+static std::function<void()>& injected_call_hook() {
+  static std::function<void()> hook;
+  return hook;
+}
+
+void set_injected_call_hook(std::function<void()> hook) {
+  injected_call_hook() = std::move(hook);
+}
+
 // Injection. The thread sits in a ptrace-stop (normally the PTRACE_EVENT_STOP of
 // interrupt_and_wait(), possibly inside an interrupted syscall: then rax holds a -ERESTART*
 // code and orig_rax the syscall number). orig_rax = -1 makes the kernel skip its restart logic
@@ -457,6 +466,7 @@ long TracedThread::syscall(uint64_t insn, InjectMode mode, long nr, uint64_t a1,
   bool done = false;
   for (int round = 0; round < kMaxRounds && !done && failure.empty(); ++round) {
     resume(request, 0, "injected syscall");
+    if (injected_call_hook()) injected_call_hook()();
     StopInfo s = wait_stop();
     switch (s.kind) {
       case StopKind::kExited:

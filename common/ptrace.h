@@ -8,6 +8,7 @@
 #include <sys/user.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -137,6 +138,11 @@ class TracedThread {
   uint64_t injected_ = 0;
   std::vector<pid_t> new_tasks_;
 };
+
+// Tests only (fault injection): run in every injected call once the thread has been resumed
+// into it and before its trap is collected, the moment a dying tracer would leave the thread
+// parked in that trap with injected registers. Empty by default.
+void set_injected_call_hook(std::function<void()> hook);
 
 // Reads/writes another process's memory. read/write use process_vm_readv/writev (they honour
 // protections); poke uses /proc/PID/mem (a tracer may write read-only pages).

@@ -94,6 +94,9 @@ class ImageReader {
   const std::string& dir() const { return dir_; }
   const Inventory& inventory() const { return inventory_; }
   const std::vector<Process>& processes() const { return processes_; }
+  // For a restore that stands something in for what the image holds (restore/skipped_fds.h),
+  // after the checks above.
+  std::vector<Process>& mutable_processes() { return processes_; }
   const Process& process(int pid) const;
   // The pipes and sockets of shared.pb; an empty message when the image has no shared.pb.
   const SharedObjects& shared() const { return shared_; }

@@ -10,6 +10,7 @@
 #include "common/fd.h"
 #include "image-format/image_dir.h"
 #include "restore/restore.h"
+#include "restore/skipped_fds.h"  // the validation step runs it first
 
 namespace lazycr::restore {
 

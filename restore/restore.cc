@@ -1567,6 +1567,7 @@ Restored restore(const RestoreOptions& opts_in) {
   const image::Process& root = procs.front();
   steps.run("validate", cat("pid ", root.pid()), [&] {
     if (opts.lazy.enabled) check_lazy_options(opts.lazy);
+    stand_in_for_unsupported_fds(img->mutable_processes(), opts);
     validate_image(*img, opts);
   });
   const uint64_t t_valid = now_ns();

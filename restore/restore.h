@@ -36,8 +36,11 @@ struct RestoreOptions {
   bool shell_job = false;  // fds 0-2 pointing to a tty or to anything lazycr cannot restore
                            // become lazycr's own fds 0-2 (a root that led no session stays
                            // in lazycr's session, with or without this)
-  bool pidns = false;      // restore into a fresh PID namespace whose PID 1 is a minimal
-                           // reaper (the restored process is its child and sees ppid 1)
+  // Descriptors the image recorded as not restorable (dump --skip-unsupported-fds) are opened
+  // as /dev/null instead of refusing the image (restore/skipped_fds.h).
+  bool skip_unsupported_fds = false;
+  bool pidns = false;  // restore into a fresh PID namespace whose PID 1 is a minimal
+                       // reaper (the restored process is its child and sees ppid 1)
   LazyOptions lazy;
   // When the command started (steady clock, ns; 0 = when restore() starts): the origin of
   // "time to first instruction" and of the lazy stats' times.

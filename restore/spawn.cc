@@ -17,6 +17,12 @@
 #include "restore/internal.h"
 
 namespace lazycr::restore {
+
+// Choosing a PID (clone3 set_tid) needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) over the PID
+// namespace; without it the kernel's EPERM says nothing of that.
+constexpr const char kSetTidNeedsPrivilege[] =
+    "restoring a process with its own PID needs root (or CAP_CHECKPOINT_RESTORE), which lazycr "
+    "does not have: clone3 with set_tid refused (EPERM) for pid ";
 namespace {
 
 // Everything below that runs in a new process (child_main, reaper_main) uses raw system calls
@@ -133,6 +139,7 @@ void spawn_process(pid_t image_pid, bool pidns, SpawnState& st) {
     if (r < 0) {
       int err = errno;
       if (err == EEXIST) fail("clone3 with set_tid ", image_pid, ": pid ", image_pid, " is in use");
+      if (err == EPERM) fail(kSetTidNeedsPrivilege, image_pid);
       fail_errno_value(err, cat("clone3 with set_tid ", image_pid));
     }
     st.s.pid = st.s.vpid = static_cast<pid_t>(r);
@@ -174,6 +181,7 @@ void spawn_process(pid_t image_pid, bool pidns, SpawnState& st) {
     got += static_cast<size_t>(n);
   }
   if (msg[0] < 0) {
+    if (msg[0] == -EPERM) fail(kSetTidNeedsPrivilege, image_pid, " in the new PID namespace");
     fail_errno_value(-msg[0], cat("clone3 with set_tid ", image_pid, " in the new PID namespace"));
   }
   if (msg[0] != image_pid)

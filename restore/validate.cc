@@ -15,6 +15,7 @@
 #include "common/kernel_features.h"
 #include "common/proc.h"
 #include "common/vdso.h"
+#include "image-format/unrestorable.h"
 #include "restore/internal.h"
 
 namespace lazycr::restore {
@@ -203,7 +204,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     try {
       validate_process(q, opts);
     } catch (const Error& e) {
-      if (procs.size() == 1) throw;
+      // The caller names the root already ("validate for pid N: ").
+      if (&q == &procs.front()) throw;
       throw Error(cat("pid ", q.pid(), ": ", e.what()), e.sys_errno());
     }
   }
@@ -212,6 +214,9 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
 namespace {
 
 void validate_process(const image::Process& p, const RestoreOptions& opts) {
+  // What the image alone rules out; the dump asked the same before it killed anything.
+  auto refusals = image::process_refusals(p);
+  if (!refusals.empty()) fail(refusals.front());
   // Credentials are restored as the last step, which needs lazycr to be allowed to set them.
   const auto& c = p.creds();
   if (c.uids_size() != 4 || c.gids_size() != 4) fail("its uids/gids are incomplete in the image");
@@ -240,13 +245,6 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
       case MemoryArea::SHARED_FILE:
         check_file(a.file(), what, true);
         break;
-      case MemoryArea::SHARED_ANON:
-        if (!(a.name().empty() || a.name() == "/dev/zero (deleted)" ||
-              starts_with(a.name(), "/memfd:") || starts_with(a.name(), "[anon_shmem:")))
-          fail(what, " ", a.name(),
-               " (shared); lazycr restores shared anonymous memory and "
-               "memfds, not SysV segments or deleted files");
-        break;
       default:
         break;
     }
@@ -273,21 +271,6 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
       check_file(f.file(), cat("fd ", f.fd()), false);
     }
   }
-
-  // Pending signals the injection itself keeps unblocked cannot wait for the end.
-  constexpr uint64_t kForced = sigbit(SIGTRAP) | sigbit(SIGSEGV) | sigbit(SIGBUS) | sigbit(SIGILL) |
-                               sigbit(SIGFPE) | sigbit(SIGSYS);
-  auto check_pending = [&](const image::PendingSignal& s, const std::string& where) {
-    if (!(kForced & sigbit(s.signo()))) return;
-    siginfo_t si;
-    std::memcpy(&si, s.siginfo().data(), sizeof si);
-    if (si.si_code > 0)
-      fail(where, " has a pending kernel-generated signal ", s.signo(), " (si_code ", si.si_code,
-           ") that lazycr cannot queue again");
-  };
-  for (const auto& t : p.threads())
-    for (const auto& s : t.pending()) check_pending(s, cat("thread ", t.tid()));
-  for (const auto& s : p.shared_pending()) check_pending(s, "the process");
 }
 
 }  // namespace

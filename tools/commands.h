@@ -24,7 +24,8 @@ int run_show(const ShowOptions& opts);
 #include "checkpoint/dump.h"
 
 namespace lazycr::cli {
-// Prints the one-line summary; returns 0.
+// Prints the one-line summary; returns 0, or 128+N when signal N interrupted the dump (it
+// rolled back).
 int run_dump(const checkpoint::DumpOptions& opts);
 
 }  // namespace lazycr::cli

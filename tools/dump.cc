@@ -2,12 +2,20 @@
 #include <cstdio>
 #include <string>
 
+#include "checkpoint/interrupt.h"
 #include "tools/commands.h"
 
 namespace lazycr::cli {
 
 int run_dump(const checkpoint::DumpOptions& opts) {
-  auto r = checkpoint::dump(opts);
+  checkpoint::DumpResult r;
+  try {
+    r = checkpoint::dump(opts);
+  } catch (const checkpoint::Interrupted& e) {
+    // The dump rolled back; exit as a shell expects of a command stopped by that signal.
+    std::fprintf(stderr, "lazycr: %s\n", e.what());
+    return 128 + e.signo();
+  }
   auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
   double resident_mib = (r.data_pages + r.zero_pages + r.ref_pages) * 4096.0 / (1 << 20);
   double image_mib = r.image_bytes / double(1 << 20);

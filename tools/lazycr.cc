@@ -16,6 +16,23 @@ namespace {
 constexpr int kExitFailure = 1;
 constexpr int kExitUsage = 2;
 
+// Option values CLI11 cannot check by itself: refused as usage errors, before anything runs.
+bool usage_error(const std::string& what) {
+  std::fprintf(stderr, "lazycr: %s (see --help)\n", what.c_str());
+  return true;
+}
+
+// `frame_size` as given (64 bits: "5G" is refused by value rather than wrapped).
+bool bad_dump_options(const lazycr::checkpoint::DumpOptions& d, uint64_t frame_size) {
+  using lazycr::cat;
+  if (d.dir.empty()) return usage_error("dump -D: the image directory is an empty path");
+  if (frame_size % 4096 != 0 || frame_size < lazycr::image::kMinFrameSize ||
+      frame_size > lazycr::image::kMaxFrameSize)
+    return usage_error(
+        cat("dump --frame-size ", frame_size, ": must be 16K..4M and a multiple of 4K"));
+  return false;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -58,13 +75,15 @@ int main(int argc, char** argv) {
   dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
       ->default_val(0)
       ->check(CLI::Range(0, 256));
+  uint64_t frame_size = dump.frame_size;
   dump_cmd
-      ->add_option("--frame-size", dump.frame_size,
+      ->add_option("--frame-size", frame_size,
                    "Uncompressed bytes per page-store frame (16K..4M, multiple of 4K)")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("64K");
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
-                     "Record descriptors lazycr cannot restore instead of refusing to dump");
+                     "Record descriptors lazycr cannot restore instead of refusing to dump "
+                     "(restore --skip-unsupported-fds opens /dev/null in their place)");
   bool no_dedup = false;
   dump_cmd->add_flag("--no-dedup", no_dedup,
                      "Store every process's pages in full (default: pages a fork left shared, "
@@ -73,7 +92,8 @@ int main(int argc, char** argv) {
 
   cli::RestoreCliOptions restore;
   restore.restore.start_ns = start_ns;
-  auto* restore_cmd = app.add_subcommand("restore", "Restore a process tree from an image directory");
+  auto* restore_cmd =
+      app.add_subcommand("restore", "Restore a process tree from an image directory");
   restore_cmd->add_option("-D,--images-dir", restore.restore.dir, "Image directory")->required();
   restore_cmd->add_flag("-d,--detach", restore.detach,
                         "Return once the process runs and print its pid (default: wait for it "
@@ -82,6 +102,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--shell-job", restore.restore.shell_job,
                         "Give the process lazycr's fds 0-2 where it had a terminal or something "
                         "lazycr cannot restore; a root that led no session stays in lazycr's");
+  restore_cmd->add_flag("--skip-unsupported-fds", restore.restore.skip_unsupported_fds,
+                        "Open /dev/null (same number, access mode and flags) in place of each "
+                        "descriptor the image recorded but lazycr cannot restore");
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
@@ -137,12 +160,21 @@ int main(int argc, char** argv) {
                                   : log::Level::kWarn);
     if (!log_file.empty()) log::set_file(log_file);
     if (*check_cmd) return cli::run_check(check);
-    if (*show_cmd) return cli::run_show(show);
+    if (*show_cmd) {
+      if (show.dir.empty() && usage_error("show: the image directory is an empty path"))
+        return kExitUsage;
+      return cli::run_show(show);
+    }
     if (*dump_cmd) {
       dump.dedup = !no_dedup;
+      if (bad_dump_options(dump, frame_size)) return kExitUsage;
+      dump.frame_size = static_cast<uint32_t>(frame_size);
       return cli::run_dump(dump);
     }
     if (*restore_cmd) {
+      if (restore.restore.dir.empty() &&
+          usage_error("restore -D: the image directory is an empty path"))
+        return kExitUsage;
       restore.restore.lazy.prefetch = prefetch == "on";
       const uint64_t w = restore.restore.lazy.window;
       if (w < 4096 || w > (1u << 20) || w % 4096 != 0) {

@@ -447,5 +447,40 @@ TEST(Restore, BadOptionsAndMissingImage) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
 }
 
+// A restore by an ordinary user gets as far as creating the first process, where choosing its
+// PID needs privilege: the refusal says so (it was the bare EPERM of clone3), nothing is left.
+TEST(Restore, UnprivilegedRestoreSaysExactPidsNeedRoot) {
+  const std::vector<std::string> as_nobody{"/usr/bin/setpriv", "--reuid", "65534",
+                                           "--regid",          "65534",   "--clear-groups"};
+  std::vector<std::string> argv = as_nobody;
+  for (const char* a :
+       {"/usr/bin/python3", "-c", "import time; print('ready', flush=True); time.sleep(100000)"})
+    argv.push_back(a);
+  Child py(argv);
+  py.wait_for("ready");
+  pid_t pid = py.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(py.wait(30), 128 + SIGKILL);
+  // Readable by the user who restores it.
+  for (const auto& dir : {images.path(), images / "img"}) fs::permissions(dir, fs::perms(0755));
+  for (fs::directory_iterator it(images / "img"), end; it != end; ++it)
+    fs::permissions(it->path(), fs::perms(0644));
+  argv = as_nobody;
+  argv.push_back(lazycr_bin());
+  for (const char* a : {"restore", "--shell-job", "-D"}) argv.push_back(a);
+  argv.push_back(images / "img");
+  auto r = run(argv);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: create for pid " + std::to_string(pid) +
+                       ": restoring a process with its own PID needs root (or "
+                       "CAP_CHECKPOINT_RESTORE)"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  expect_nothing_left(pid);
+}
+
 }  // namespace
 }  // namespace lazycr::test
