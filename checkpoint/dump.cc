@@ -34,6 +34,7 @@
 #include "common/signals.h"
 #include "common/vdso.h"
 #include "image-format/image_dir.h"
+#include "image-format/image_mac.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -478,6 +479,13 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   inv.set_dump_ns(frozen_end - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
+  // Signed last, over every file: a restore trusts the credentials of a signed image only.
+  // Without the key (lazycr is not root) the image stays unsigned: it restores only as what
+  // it holds no privilege over (restore/trust.h).
+  if (auto key = image::load_image_key(::geteuid() == 0))
+    image::sign_image(writer.staging_dir(), *key);
+  else
+    log::info("the image is not signed: ", image::image_key_path(), " is not readable");
   fault_point(opts, "commit");
   writer.commit();
 

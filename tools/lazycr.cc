@@ -73,7 +73,8 @@ int main(int argc, char** argv) {
 
   cli::RestoreCliOptions restore;
   restore.restore.start_ns = start_ns;
-  auto* restore_cmd = app.add_subcommand("restore", "Restore a process tree from an image directory");
+  auto* restore_cmd =
+      app.add_subcommand("restore", "Restore a process tree from an image directory");
   restore_cmd->add_option("-D,--images-dir", restore.restore.dir, "Image directory")->required();
   restore_cmd->add_flag("-d,--detach", restore.detach,
                         "Return once the process runs and print its pid (default: wait for it "
@@ -82,6 +83,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--shell-job", restore.restore.shell_job,
                         "Give the process lazycr's fds 0-2 where it had a terminal or something "
                         "lazycr cannot restore; a root that led no session stays in lazycr's");
+  restore_cmd->add_flag("--trust-image", restore.restore.trust_image,
+                        "Restore an image that asks for root, capabilities or ids other than "
+                        "yours even if this machine did not sign it (see README, Trust)");
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
