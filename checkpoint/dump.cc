@@ -482,9 +482,11 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   // Signed last, over every file: a restore trusts the credentials of a signed image only.
   // Without the key (lazycr is not root) the image stays unsigned: it restores only as what
   // it holds no privilege over (restore/trust.h).
-  if (auto key = image::load_image_key(::geteuid() == 0))
+  if (auto key = image::load_image_key(::geteuid() == 0)) {
+    const uint64_t t_sign = now_ns();
     image::sign_image(writer.staging_dir(), *key);
-  else
+    log::debug("dump: image signed in ", (now_ns() - t_sign) / 1000, " us");
+  } else
     log::info("the image is not signed: ", image::image_key_path(), " is not readable");
   fault_point(opts, "commit");
   writer.commit();

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 #include <set>
 #include <vector>
@@ -136,7 +137,14 @@ void check_trust(const image::ImageReader& img, const RestoreOptions& opts) {
     fail("its MAC cannot be checked (", image::image_key_path(), " is not readable) and ", why,
          advice);
   std::string mac_why;
-  if (image::verify_image(img.dir(), *key, &mac_why) != image::MacCheck::kValid)
+  const auto t0 = std::chrono::steady_clock::now();
+  const image::MacCheck mac = image::verify_image(img.dir(), *key, &mac_why);
+  log::debug(
+      "restore: MAC checked in ",
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
+          .count(),
+      " us");
+  if (mac != image::MacCheck::kValid)
     fail("the image is not signed by this machine (", mac_why, ") and ", why,
          ": restoring it would grant that to whoever wrote it", advice);
   check_files_owned(img.dir());
