@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -25,8 +26,11 @@ std::string image_key_path();
 // lack of permission (lazycr is not root); throws Error when it exists but is unfit.
 std::optional<std::string> load_image_key(bool create);
 
-// Writes <dir>/image.mac for the files in `dir` as they are now.
-void sign_image(const std::string& dir, const std::string& key);
+// Writes <dir>/image.mac for the files in `dir` as they are now. `sha256_of`: digests the
+// caller computed while writing (page stores, PageStoreStats::sha256), by file name, used
+// instead of reading those files again.
+void sign_image(const std::string& dir, const std::string& key,
+                const std::map<std::string, std::string>& sha256_of = {});
 
 enum class MacCheck { kValid, kMissing, kMismatch };
 // Checks <dir>/image.mac against the files of `dir`; `why` says what is wrong.

@@ -9,8 +9,10 @@
 
 #include <boost/filesystem.hpp>
 #include <fstream>
+#include <vector>
 
 #include "common/error.h"
+#include "image-format/page_store.h"
 
 namespace lazycr::image {
 namespace {
@@ -57,6 +59,29 @@ TEST(ImageMac, SignedImageVerifiesAndAnyChangeIsCaught) {
   fs::remove(dir + "/" + kMacFile);
   EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMissing);
   std::ofstream(dir + "/" + kMacFile) << "short";
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch);
+}
+
+// The page store's own digest (taken while writing) signs exactly as reading it would.
+TEST(ImageMac, PageStoreDigestTakenWhileWritingMatchesTheFile) {
+  Tmp tmp;
+  const std::string dir = tmp.path + "/img";
+  fs::create_directory(dir);
+  std::ofstream(dir + "/inventory.pb") << "inventory";
+  PageStoreOptions opts;
+  opts.threads = 2;
+  opts.frame_size = 64 * 1024;
+  PageStoreWriter w(dir + "/pages-1.lzp", opts);
+  std::vector<unsigned char> data(300 * 4096);
+  for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<unsigned char>(i * 7 + i / 4096);
+  w.add_pages(0x10000, data.data(), 300);
+  PageStoreStats stats = w.finish();
+  ASSERT_EQ(stats.sha256.size(), 32u);
+  const std::string key(kImageKeyBytes, 'k');
+  sign_image(dir, key, {{"pages-1.lzp", stats.sha256}});
+  std::string why;
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kValid) << why;
+  sign_image(dir, key, {{"pages-1.lzp", std::string(32, 'x')}});
   EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch);
 }
 
