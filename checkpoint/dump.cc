@@ -37,6 +37,7 @@
 #include "common/vdso.h"
 #include "image-format/image_dir.h"
 #include "image-format/unrestorable.h"
+#include "image-format/image_mac.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -534,6 +535,12 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   if (opts.dedup && tree.live_count() > 1) dedup.emplace();
   log::Progress progress;
   bool first_batch = true;
+  // Page store digests, taken as they were written: signing does not read them again.
+  std::map<std::string, std::string> store_sha256;
+  auto pages_name = [&](pid_t pid) {
+    std::string path = writer.pages_path(pid);
+    return path.substr(path.rfind('/') + 1);
+  };
   for (size_t i = 0; i < order.size(); i++) {
     TreeNode& node = tree.node(order[i]);
     if (node.zombie()) continue;
@@ -561,6 +568,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     auto mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
                            tree.live_count() > 1);
     auto stats = pages.finish();
+    store_sha256[pages_name(fp.pid())] = stats.sha256;
     result.data_pages += stats.data_pages;
     result.zero_pages += stats.zero_pages;
     result.ref_pages += mem.ref_pages;
@@ -606,6 +614,15 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   inv.set_dump_ns(frozen_end - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
+  // Signed last, over every file: a restore trusts the credentials of a signed image only.
+  // Without the key (lazycr is not root) the image stays unsigned: it restores only as what
+  // it holds no privilege over (restore/trust.h).
+  if (auto key = image::load_image_key(::geteuid() == 0)) {
+    const uint64_t t_sign = now_ns();
+    image::sign_image(writer.staging_dir(), *key, store_sha256);
+    log::debug("dump: image signed in ", (now_ns() - t_sign) / 1000, " us");
+  } else
+    log::info("the image is not signed: ", image::image_key_path(), " is not readable");
   fault_point(opts, "commit");
   // Tests only: lets another dump commit to the same directory first, deterministically.
   if (opts.fault_inject == "stop-before-commit") send_signal(::getpid(), SIGSTOP);

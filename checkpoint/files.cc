@@ -76,6 +76,7 @@ image::FileIdentity file_identity(const std::string& reported, const std::string
   id.set_size(static_cast<uint64_t>(st.st_size));
   id.set_mtime_ns(static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000ll + st.st_mtim.tv_nsec);
   id.set_mode(st.st_mode);
+  id.set_ctime_ns(static_cast<int64_t>(st.st_ctim.tv_sec) * 1000000000ll + st.st_ctim.tv_nsec);
   return id;
 }
 

@@ -3,6 +3,7 @@
 #include "image-format/page_store.h"
 
 #include <fcntl.h>
+#include <openssl/evp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zstd.h>
@@ -197,6 +198,19 @@ struct PageStoreWriter::Impl {
 
   std::atomic<uint64_t> pages_added{0};
   std::atomic<uint64_t> bytes_written{0};
+  // SHA-256 of the file in file order: the header (known from the options, written last),
+  // then each frame as it is written (one writer at a time, in order), index and footer.
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> sha{nullptr, EVP_MD_CTX_free};
+
+  void make_header(unsigned char* header) const {
+    std::memset(header, 0, kHeaderSize);
+    std::memcpy(header, kHeaderMagic, 8);
+    put_u32(header + 8, kPageStoreVersion);
+    put_u32(header + 12, kHeaderSize);
+    put_u32(header + 16, kPageSize);
+    put_u32(header + 20, frame_pages);
+    put_u32(header + 24, static_cast<uint32_t>(options.level));
+  }
 
   ~Impl() {
     stop_pool();
@@ -226,6 +240,12 @@ struct PageStoreWriter::Impl {
     unsigned threads = options.threads;
     if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
     max_in_flight = kFramesPerThread * threads;
+    sha.reset(EVP_MD_CTX_new());
+    unsigned char header[kHeaderSize];
+    make_header(header);
+    if (!sha || EVP_DigestInit_ex(sha.get(), EVP_sha256(), nullptr) != 1 ||
+        EVP_DigestUpdate(sha.get(), header, kHeaderSize) != 1)
+      fail(path, ": libcrypto cannot start a SHA-256");
 
     int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (raw < 0) fail_errno(path, ": cannot create page store");
@@ -303,6 +323,7 @@ struct PageStoreWriter::Impl {
         if (write) {
           try {
             pwrite_all(fd.get(), j->out.get(), j->out_size, offset, path);
+            EVP_DigestUpdate(sha.get(), j->out.get(), j->out_size);
             bytes_written.fetch_add(j->out_size, std::memory_order_relaxed);
           } catch (...) {
             lock.lock();
@@ -472,15 +493,15 @@ struct PageStoreWriter::Impl {
     put_u32(footer + 20, 0);
     std::memcpy(footer + 24, kFooterMagic, 8);
     pwrite_all(fd.get(), footer, kFooterSize, index_offset + psize, path);
+    EVP_DigestUpdate(sha.get(), packed.data(), psize);
+    EVP_DigestUpdate(sha.get(), footer, kFooterSize);
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int md_len = 0;
+    EVP_DigestFinal_ex(sha.get(), md, &md_len);
 
     // The header goes last: a store that was not finished never has a valid header.
-    unsigned char header[kHeaderSize] = {};
-    std::memcpy(header, kHeaderMagic, 8);
-    put_u32(header + 8, kPageStoreVersion);
-    put_u32(header + 12, kHeaderSize);
-    put_u32(header + 16, kPageSize);
-    put_u32(header + 20, frame_pages);
-    put_u32(header + 24, static_cast<uint32_t>(options.level));
+    unsigned char header[kHeaderSize];
+    make_header(header);
     pwrite_all(fd.get(), header, kHeaderSize, 0, path);
     bytes_written.fetch_add(psize + kFooterSize + kHeaderSize, std::memory_order_relaxed);
 
@@ -494,6 +515,7 @@ struct PageStoreWriter::Impl {
     stats.ref_pages = ref_pages;
     stats.frames = nframes;
     stats.file_bytes = index_offset + psize + kFooterSize;
+    stats.sha256.assign(reinterpret_cast<const char*>(md), md_len);
     return stats;
   }
 };

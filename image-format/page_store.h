@@ -34,6 +34,9 @@ struct PageStoreStats {
   uint64_t ref_pages = 0;  // pages in REF runs (stored in another process's store)
   uint64_t frames = 0;
   uint64_t file_bytes = 0;  // whole file, header to footer
+  // SHA-256 of the whole file, computed as it was written (image.mac takes it instead of
+  // reading the store again: image_mac.h).
+  std::string sha256;
 };
 
 // Takes pages in strictly increasing address order; all-zero pages become ZERO runs, pages

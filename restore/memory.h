@@ -29,6 +29,7 @@
 #include "common/fd.h"
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
+#include "restore/calls.h"
 #include "restore/restore.h"
 #include "uffd/page_server.h"
 
@@ -48,6 +49,13 @@ class RemoteProcess {
   // A scratch buffer inside the process (in the trampoline mapping) for syscall arguments:
   // writes `len` bytes there and returns their address in the process.
   virtual uint64_t put_data(const void* data, size_t len) = 0;
+  // The same arena for the arguments of the calls of one batch: reset_arena() starts it over,
+  // push() appends.
+  virtual void reset_arena() = 0;
+  virtual uint64_t push(const void* data, size_t len) = 0;
+  // Runs `calls` in order in the leader, with one ptrace round trip for many; stops at the
+  // first failing call and throws naming it. Returns every result.
+  virtual std::vector<long> batch(const std::vector<Call>& calls) = 0;
 };
 
 struct MemoryStats {

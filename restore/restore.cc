@@ -60,9 +60,12 @@
 #include "common/ptrace.h"
 #include "common/signals.h"
 #include "image-format/image_dir.h"
+#include "restore/fd_passing.h"
 #include "restore/internal.h"
 #include "restore/memory.h"
+#include "restore/open_files.h"
 #include "restore/shared_files.h"
+#include "restore/trust.h"
 
 namespace lazycr::restore {
 namespace {
@@ -228,18 +231,6 @@ Regs final_regs(const image::Thread& th) {
     r.rax = static_cast<uint64_t>(-static_cast<long>(code));
   }
   return r;
-}
-
-// One system call for Restoree::batch().
-struct Call {
-  long nr;
-  std::array<uint64_t, 6> a;
-  std::string what;  // for the error message
-};
-
-Call make_call(std::string what, long nr, uint64_t a1 = 0, uint64_t a2 = 0, uint64_t a3 = 0,
-               uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0) {
-  return Call{nr, {a1, a2, a3, a4, a5, a6}, std::move(what)};
 }
 
 // One thread of the process being built.
@@ -427,8 +418,8 @@ class Restoree final : public RemoteProcess {
     return push(data, len);
   }
   uint64_t put_string(const std::string& s) { return put_data(s.c_str(), s.size() + 1); }
-  void reset_arena() { arena_ = 0; }
-  uint64_t push(const void* data, size_t len) {
+  void reset_arena() override { arena_ = 0; }
+  uint64_t push(const void* data, size_t len) override {
     if (tramp_ == 0) fail("no trampoline for syscall arguments");
     uint64_t off = (arena_ + 7) & ~uint64_t{7};
     if (len > kTrampolineSize - kDataOffset - off)
@@ -479,7 +470,9 @@ class Restoree final : public RemoteProcess {
     }
     return results;
   }
-  std::vector<long> batch(const std::vector<Call>& calls) { return batch(leader(), calls); }
+  std::vector<long> batch(const std::vector<Call>& calls) override {
+    return batch(leader(), calls);
+  }
 
   // The last injected call: munmap of the trampoline, single-stepped (its int3 is gone when
   // the call returns).
@@ -806,8 +799,34 @@ class AddressSpace {
     return out;
   }
 
+  // Files, opened as the process (open_files.h): one descriptor per file and access mode.
+  void open_mapped_files() {
+    std::vector<OpenRequest> reqs;
+    std::vector<std::string> keys;
+    for (size_t i = 0; i < areas_.size(); i++) {
+      const MemoryArea* a = areas_[i];
+      if (kept_[i] ||
+          (a->kind() != MemoryArea::PRIVATE_FILE && a->kind() != MemoryArea::SHARED_FILE))
+        continue;
+      std::string key = file_key(a->file().path(), file_mode(*a));
+      if (files_.count(key)) continue;
+      files_[key] = 0;
+      OpenRequest req;
+      req.path = a->file().path();
+      req.flags = file_mode(*a);
+      req.id = &a->file();
+      req.strict = true;
+      req.what = cat("area ", area_name(*a), " maps");
+      reqs.push_back(std::move(req));
+      keys.push_back(key);
+    }
+    std::vector<long> fds = open_as_process(r_, p_.creds(), reqs, 0);
+    for (size_t i = 0; i < keys.size(); i++) files_[keys[i]] = static_cast<uint64_t>(fds[i]);
+  }
+
   // One open per distinct file (and access mode) and one memfd per shared object.
   void open_files() {
+    open_mapped_files();
     r_.reset_arena();
     std::vector<Call> calls;
     std::vector<std::string> keys;
@@ -818,16 +837,8 @@ class AddressSpace {
       uint64_t path_addr = 0;
       switch (a->kind()) {
         case MemoryArea::PRIVATE_FILE:
-        case MemoryArea::SHARED_FILE: {
-          int mode = file_mode(*a);
-          key = file_key(a->file().path(), mode);
-          if (files_.count(key)) continue;
-          path_addr = r_.push_string(a->file().path());
-          calls.push_back(make_call(cat("open ", a->file().path()), SYS_openat,
-                                    static_cast<uint64_t>(AT_FDCWD), path_addr,
-                                    static_cast<uint64_t>(mode | O_CLOEXEC), 0));
-          break;
-        }
+        case MemoryArea::SHARED_FILE:
+          continue;  // open_mapped_files()
         case MemoryArea::SHARED_ANON: {
           auto origin = objects_.find(object_id(*a));
           if (origin != objects_.end() && origin->second.pid != r_.pid()) {
@@ -1060,7 +1071,10 @@ void restore_process_state(Restoree& r, const image::Process& p) {
     calls.push_back(make_call(cat("personality(", hex(p.personality()), ")"), SYS_personality,
                               p.personality()));
   calls.push_back(make_call(cat("umask(0", std::oct, p.umask(), ")"), SYS_umask, p.umask()));
+  // As the process: lazycr's root would let it into a directory it could not enter itself.
+  push_enter_identity(r, p.creds(), calls);
   calls.push_back(make_call(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.push_string(p.cwd())));
+  push_leave_identity(r, calls);
   r.batch(calls);
 }
 
@@ -1100,65 +1114,6 @@ struct FdTransport {
   int fd_in_tree = -1;  // its number in the processes
   int high = 0;         // numbers from here up are free in every process while fds are placed
 };
-
-constexpr size_t kFdsPerMessage = 200;  // below SCM_MAX_FD (253)
-
-void send_fds(int sock, const std::vector<int>& fds) {
-  char byte = 'F';
-  iovec iov{&byte, 1};
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()), 0);
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control.data();
-  msg.msg_controllen = control.size();
-  cmsghdr* c = CMSG_FIRSTHDR(&msg);
-  c->cmsg_level = SOL_SOCKET;
-  c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-  std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-  ssize_t n;
-  do {
-    n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
-  } while (n < 0 && errno == EINTR);
-  if (n != 1) fail_errno("sending ", fds.size(), " descriptors to the restored process");
-}
-
-// Receives one message of `count` descriptors inside the process; returns their numbers there
-// (close-on-exec, lowest free numbers).
-std::vector<int> receive_fds(Restoree& r, int sock, size_t count) {
-  r.reset_arena();
-  char byte = 0;
-  uint64_t buf = r.push(&byte, 1);
-  iovec iov{reinterpret_cast<void*>(buf), 1};
-  uint64_t iov_at = r.push(&iov, sizeof iov);
-  const size_t control_len = CMSG_SPACE(sizeof(int) * count);
-  std::vector<char> control(control_len, 0);
-  uint64_t control_at = r.push(control.data(), control.size());
-  msghdr msg{};
-  msg.msg_iov = reinterpret_cast<iovec*>(iov_at);
-  msg.msg_iovlen = 1;
-  msg.msg_control = reinterpret_cast<void*>(control_at);
-  msg.msg_controllen = control_len;
-  uint64_t msg_at = r.push(&msg, sizeof msg);
-  r.inject(cat("recvmsg of ", count, " descriptors"), SYS_recvmsg, static_cast<uint64_t>(sock),
-           msg_at, MSG_CMSG_CLOEXEC);
-  msghdr got{};
-  remote_read(r.pid(), msg_at, &got, sizeof got);
-  remote_read(r.pid(), control_at, control.data(), control.size());
-  if (got.msg_flags & MSG_CTRUNC)
-    fail("recvmsg of ", count, " descriptors: control data truncated");
-  msghdr local{};
-  local.msg_control = control.data();
-  local.msg_controllen = got.msg_controllen;
-  cmsghdr* c = CMSG_FIRSTHDR(&local);
-  if (c == nullptr || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
-      c->cmsg_len != CMSG_LEN(sizeof(int) * count))
-    fail("recvmsg of ", count, " descriptors: no SCM_RIGHTS message of that size arrived");
-  std::vector<int> fds(count);
-  std::memcpy(fds.data(), CMSG_DATA(c), sizeof(int) * count);
-  return fds;
-}
 
 // File descriptors at their numbers with flags and positions. Three kinds (shared_files.h):
 // lazycr's own fds 0-2 kept (--shell-job), descriptions made by lazycr and passed over the
@@ -1246,42 +1201,31 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job, const Sha
     calls.clear();
   }
 
-  // Opened inside by path.
-  std::vector<int> listed = proc::list_fds(r.pid());
-  std::set<int> open(listed.begin(), listed.end());
-  r.reset_arena();
-  std::vector<std::pair<size_t, int>> opens;  // calls[] index, expected result
+  // Opened inside by path, as the process (open_files.h), above every number of the image,
+  // then placed.
+  std::vector<OpenRequest> reqs;
+  std::vector<const image::FileDescriptor*> opened;
+  int min_fd = 3;
+  for (const auto& f : p.fds()) min_fd = std::max(min_fd, f.fd() + 1);
   for (const auto& [num, fp] : by_fd) {
-    const auto& f = *fp;
-    if (!f.restorable()) fail("fd ", num, " (", f.target(), ") cannot be restored");
-    std::string path = f.file().path().empty() ? f.target() : f.file().path();
-    uint64_t flags = (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY |
-                     (f.cloexec() ? O_CLOEXEC : 0);
-    int lowest = 0;
-    while (open.count(lowest)) lowest++;
-    opens.push_back({calls.size(), lowest});
-    calls.push_back(make_call(cat("open ", path, " for fd ", num), SYS_openat,
-                              static_cast<uint64_t>(AT_FDCWD), r.push_string(path), flags, 0));
-    open.insert(lowest);
-    if (lowest != num) {
-      calls.push_back(make_call(cat("dup3(", lowest, ", ", num, ")"), SYS_dup3,
-                                static_cast<uint64_t>(lowest), static_cast<uint64_t>(num),
-                                f.cloexec() ? O_CLOEXEC : 0));
-      calls.push_back(
-          make_call(cat("close(", lowest, ")"), SYS_close, static_cast<uint64_t>(lowest)));
-      open.erase(lowest);
-      open.insert(num);
-    }
-    if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
-      calls.push_back(make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek,
-                                static_cast<uint64_t>(num), f.pos(), SEEK_SET));
+    if (!fp->restorable()) fail("fd ", num, " (", fp->target(), ") cannot be restored");
+    reqs.push_back(request_for_fd(*fp));
+    opened.push_back(fp);
   }
-  if (calls.empty()) return;
-  std::vector<long> got = r.batch(calls);
-  for (const auto& [index, expected] : opens)
-    if (got[index] != expected)
-      fail(calls[index].what, " got fd ", got[index], ", expected ", expected,
-           " (the process has descriptors lazycr did not expect)");
+  std::vector<long> fds = open_as_process(r, p.creds(), reqs, min_fd);
+  r.reset_arena();
+  for (size_t k = 0; k < opened.size(); k++) {
+    const auto& f = *opened[k];
+    const uint64_t num = static_cast<uint64_t>(f.fd());
+    const uint64_t fd = static_cast<uint64_t>(fds[k]);
+    calls.push_back(make_call(cat("dup3(", fd, ", ", num, ")"), SYS_dup3, fd, num,
+                              f.cloexec() ? O_CLOEXEC : 0));
+    calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, fd));
+    if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
+      calls.push_back(
+          make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, num, f.pos(), SEEK_SET));
+  }
+  if (!calls.empty()) r.batch(calls);
 }
 
 // Sessions and process groups, in an order that makes them possible (validate_tree() refused
@@ -1406,8 +1350,13 @@ void restore_credentials(Restoree& r, const image::Process& p) {
 
 void set_mm(Restoree& r, const image::Process& p) {
   const auto& mm = p.mm();
-  long exe = r.inject(cat("open ", p.exe().path()), SYS_openat, static_cast<uint64_t>(AT_FDCWD),
-                      r.put_string(p.exe().path()), O_RDONLY | O_CLOEXEC, 0);
+  OpenRequest req;
+  req.path = p.exe().path();
+  req.flags = O_RDONLY;
+  req.id = &p.exe();
+  req.strict = true;
+  req.what = "executable";
+  long exe = open_as_process(r, p.creds(), {req}, 0).at(0);
   struct prctl_mm_map m;
   std::memset(&m, 0, sizeof m);
   m.start_code = mm.start_code();
@@ -1569,6 +1518,7 @@ Restored restore(const RestoreOptions& opts_in) {
     if (opts.lazy.enabled) check_lazy_options(opts.lazy);
     stand_in_for_unsupported_fds(img->mutable_processes(), opts);
     validate_image(*img, opts);
+    check_trust(*img, opts);
   });
   const uint64_t t_valid = now_ns();
 

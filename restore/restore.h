@@ -41,6 +41,8 @@ struct RestoreOptions {
   bool skip_unsupported_fds = false;
   bool pidns = false;  // restore into a fresh PID namespace whose PID 1 is a minimal
                        // reaper (the restored process is its child and sees ppid 1)
+  // Restore an image that asks for privileges (restore/trust.h) without the check of its MAC.
+  bool trust_image = false;
   LazyOptions lazy;
   // When the command started (steady clock, ns; 0 = when restore() starts): the origin of
   // "time to first instruction" and of the lazy stats' times.

@@ -13,6 +13,7 @@
 
 #include "common/error.h"
 #include "common/proc.h"
+#include "restore/open_files.h"
 
 namespace lazycr::restore {
 namespace {
@@ -311,6 +312,7 @@ class Builder {
   void index(const std::vector<image::Process>& processes) {
     std::map<uint64_t, size_t> by_id;
     for (const auto& p : processes) {
+      creds_[p.pid()] = &p.creds();
       for (const auto& f : p.fds()) {
         User u{p.pid(), &f};
         if (!plans_.emplace(std::make_pair(p.pid(), f.fd()), FdPlan{}).second)
@@ -483,6 +485,18 @@ class Builder {
              "its ",
              p.data().size(), " bytes a second time");
     }
+    // Nothing goes in before every process of the image is known to be allowed to open it
+    // as it had (open_files.h): lazycr's root must not write into a FIFO for them.
+    for (const Description* d : ds)
+      for (const User& u : d->users) {
+        OpenRequest req;
+        req.path = path;
+        req.flags = static_cast<int>(u.f->flags() & O_ACCMODE) | O_NONBLOCK;
+        req.type = S_IFIFO;
+        req.id = &u.f->file();
+        req.what = where(u);
+        open_here_as(*creds_.at(u.pid), req);
+      }
     set_capacity(hold.get(), p, what);
     write_data(hold.get(), p, what);
     std::vector<std::pair<const Description*, UniqueFd>> made;
@@ -565,26 +579,22 @@ class Builder {
     }
   }
 
-  // A description several descriptors share, opened here once by path, at its position.
+  // A description several descriptors share, opened here once by path, at its position, as
+  // each process holding it (open_files.h): every one of them must be allowed to.
   void open_file(const Description& d) {
     const FileDescriptor& f = d.f();
     std::string path = f.file().path().empty() ? f.target() : f.file().path();
     std::string what = cat("file id ", d.id, " (", path, ", ", d.who(), ")");
     if (f.file().deleted()) fail(what, ": the file had been deleted at dump time");
-    uint32_t flags =
-        (f.flags() & ~static_cast<uint32_t>(O_CREAT | O_EXCL | O_TRUNC)) | O_NOCTTY | O_CLOEXEC;
-    UniqueFd fd(::open(path.c_str(), static_cast<int>(flags)));
-    if (!fd) fail_errno(what, ": open");
-    struct stat st;
-    if (::fstat(fd.get(), &st) != 0) fail_errno(what, ": fstat");
-    if (f.kind() == FileDescriptor::CHARDEV) {
-      if (!S_ISCHR(st.st_mode) || st.st_rdev != f.rdev())
-        fail(what, " is not the device it was (", file_type(st.st_mode), ", rdev ", st.st_rdev,
-             ", was ", f.rdev(), ")");
-    } else if (f.file().inode() != 0 &&
-               (st.st_dev != f.file().dev() || st.st_ino != f.file().inode())) {
-      fail(what, " changed since the dump (device:inode ", f.file().dev(), ":", f.file().inode(),
-           " -> ", st.st_dev, ":", st.st_ino, ")");
+    OpenRequest req = request_for_fd(f);
+    req.what = what;
+    UniqueFd fd;
+    std::set<const image::Credentials*> tried;
+    for (const User& u : d.users) {
+      const image::Credentials* c = creds_.at(u.pid);
+      if (!tried.insert(c).second) continue;
+      UniqueFd got = open_here_as(*c, req);
+      if (!fd) fd = std::move(got);
     }
     if ((f.kind() == FileDescriptor::REGULAR || f.kind() == FileDescriptor::BLOCKDEV) &&
         f.pos() != 0 && ::lseek(fd.get(), static_cast<off_t>(f.pos()), SEEK_SET) < 0)
@@ -602,6 +612,7 @@ class Builder {
   std::map<uint64_t, const Pipe*> pipes_;
   std::map<uint64_t, const UnixSocket*> sockets_;
   std::vector<UniqueFd> temporaries_;
+  std::map<int, const image::Credentials*> creds_;  // by pid
 };
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "common/vdso.h"
 #include "image-format/unrestorable.h"
 #include "restore/internal.h"
+#include "restore/open_files.h"
 
 namespace lazycr::restore {
 namespace {
@@ -38,25 +39,29 @@ std::string hexs(const std::string& bytes) {
   return out.empty() ? "none" : out;
 }
 
-int64_t mtime_ns(const struct stat& st) {
-  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000ll + st.st_mtim.tv_nsec;
+// The file at identity.path() must be the very file the dump saw, of the type `req` expects.
+// Paths are absolute: the restored process resolves them exactly as lazycr does here (same
+// root), and open_files.h checks the same identity again on what it opened.
+void check_file(const OpenRequest& req) {
+  if (req.id != nullptr && req.id->deleted())
+    fail(req.what, " ", req.path, " had been deleted at dump time; lazycr cannot restore it");
+  if (req.path.empty() || req.path[0] != '/')
+    fail(req.what, " ", req.path, " is not an absolute path");
+  struct stat st;
+  if (::stat(req.path.c_str(), &st) != 0) fail_errno(req.what, " ", req.path, ": cannot stat");
+  if (req.id != nullptr && (req.id->mode() & S_IFMT) != req.type)
+    fail(req.what, " ", req.path, " is recorded as file type ", std::oct, req.id->mode() & S_IFMT,
+         "; lazycr opens only what it expects there");
+  check_identity(st, req);
 }
 
-// The file at identity.path() must be the very file the dump saw.
-void check_file(const image::FileIdentity& id, const std::string& what, bool strict) {
-  if (id.deleted())
-    fail(what, " ", id.path(), " had been deleted at dump time; lazycr cannot restore it");
-  struct stat st;
-  if (::stat(id.path().c_str(), &st) != 0) fail_errno(what, " ", id.path(), ": cannot stat");
-  auto changed = [&](const char* field, auto before, auto now) {
-    fail(what, " ", id.path(), " changed since the dump (", field, " ", before, " -> ", now, ")");
-  };
-  if (st.st_dev != id.dev()) changed("device", id.dev(), st.st_dev);
-  if (st.st_ino != id.inode()) changed("inode", id.inode(), st.st_ino);
-  if ((st.st_mode & S_IFMT) != (id.mode() & S_IFMT)) changed("type", id.mode(), st.st_mode);
-  if (!strict) return;
-  if (static_cast<uint64_t>(st.st_size) != id.size()) changed("size", id.size(), st.st_size);
-  if (mtime_ns(st) != id.mtime_ns()) changed("mtime ns", id.mtime_ns(), mtime_ns(st));
+OpenRequest mapped_file(const image::FileIdentity& id, const std::string& what) {
+  OpenRequest req;
+  req.path = id.path();
+  req.id = &id;
+  req.strict = true;
+  req.what = what;
+  return req;
 }
 
 std::string describe_taken(pid_t id) {
@@ -230,9 +235,11 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
   std::string root = proc::read_link("/proc/self/root");
   if (p.root() != root) fail("its root directory was ", p.root(), ", lazycr's is ", root);
   struct stat st;
+  if (p.cwd().empty() || p.cwd()[0] != '/')
+    fail("its working directory ", p.cwd(), " is not an absolute path");
   if (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
     fail("its working directory ", p.cwd(), " is not a directory any more");
-  check_file(p.exe(), "executable", true);
+  check_file(mapped_file(p.exe(), "executable"));
 
   const uint64_t min_addr = mmap_min_addr();
   for (const auto& a : p.areas()) {
@@ -243,7 +250,7 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
     switch (a.kind()) {
       case MemoryArea::PRIVATE_FILE:
       case MemoryArea::SHARED_FILE:
-        check_file(a.file(), what, true);
+        check_file(mapped_file(a.file(), what));
         break;
       default:
         break;
@@ -260,16 +267,8 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
     // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
     if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
-    if (f.kind() == FileDescriptor::CHARDEV) {
-      struct stat cs;
-      if (::stat(f.target().c_str(), &cs) != 0) fail_errno("fd ", f.fd(), ": ", f.target());
-      if (!S_ISCHR(cs.st_mode) || cs.st_rdev != f.rdev())
-        fail("fd ", f.fd(), ": ", f.target(), " is not the device it was (", major(f.rdev()), ":",
-             minor(f.rdev()), ")");
-    } else {
-      // The same file; its contents may have moved on (a log), unlike a mapped file's.
-      check_file(f.file(), cat("fd ", f.fd()), false);
-    }
+    // The same file; its contents may have moved on (a log), unlike a mapped file's.
+    check_file(request_for_fd(f));
   }
 }
 

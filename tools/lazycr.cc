@@ -105,6 +105,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--skip-unsupported-fds", restore.restore.skip_unsupported_fds,
                         "Open /dev/null (same number, access mode and flags) in place of each "
                         "descriptor the image recorded but lazycr cannot restore");
+  restore_cmd->add_flag("--trust-image", restore.restore.trust_image,
+                        "Restore an image that asks for root, capabilities or ids other than "
+                        "yours even if this machine did not sign it (see README, Trust)");
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "common/signals.h"
+#include "image-format/image_mac.h"
 
 extern char** environ;
 
@@ -25,6 +26,11 @@ namespace {
 struct SubreaperSetup {
   SubreaperSetup() { prctl(PR_SET_CHILD_SUBREAPER, 1); }
 } g_subreaper;
+
+// Images are signed under a key of the tests' own, not the machine's (README "Trust").
+struct ImageKeySetup {
+  ImageKeySetup() { setenv("LAZYCR_IMAGE_KEY", kTestImageKey, 0); }
+} g_image_key;
 
 std::vector<char*> to_argv(const std::vector<std::string>& argv) {
   std::vector<char*> out;
@@ -69,6 +75,12 @@ double now_s() {
 }
 
 }  // namespace
+
+void sign_test_image(const std::string& dir) {
+  auto key = image::load_image_key(true);
+  ASSERT_TRUE(key.has_value()) << image::image_key_path();
+  image::sign_image(dir, *key);
+}
 
 std::string lazycr_bin() {
   return LAZYCR_BIN;

@@ -24,6 +24,13 @@ RunResult run(const std::vector<std::string>& argv, int timeout_s = 120);
 // Runs `lazycr args...`.
 RunResult lazycr(const std::vector<std::string>& args, int timeout_s = 120);
 
+// The key the tests' dumps sign their images with (LAZYCR_IMAGE_KEY, set for every lazycr the
+// tests run).
+inline constexpr char kTestImageKey[] = "/tmp/lazycr-e2e-image.key";
+// Signs an image the test edited, as the dump would have (README "Trust"): for tests about
+// something else than the MAC.
+void sign_test_image(const std::string& dir);
+
 // A process started in the background whose stdout is a pipe we can read line by line.
 class Child {
  public:

@@ -262,7 +262,16 @@ TEST(Restore, RefusesADamagedImage) {
   // half-built process is killed and reaped.
   fs::copy(dir, images / "pages");
   flip(images / "pages" + "/pages-" + std::to_string(t.pid()) + ".lzp", 64 + 200);
+  // A root process's image: its MAC no longer matches, refused before anything exists.
   r = lazycr({"restore", "-D", images / "pages", "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("restore: validate for pid " + std::to_string(t.pid()) +
+                       ": the image is not signed by this machine"),
+            std::string::npos)
+      << r.err;
+  expect_nothing_left(t.pid());
+  // Trusted anyway, or unprivileged: frames are still checked as they are read.
+  r = lazycr({"restore", "-D", images / "pages", "--shell-job", "--trust-image"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("restore: fill for pid " + std::to_string(t.pid())), std::string::npos)
       << r.err;

@@ -755,6 +755,7 @@ TEST(Tree, RefusesSessionsAndGroupsItCannotMake) {
     expect_nothing_left(-1, ours);
   }
   image::write_message_file(path, image::kProcessMagic, original);
+  sign_test_image(dir);
   restore_detached(t, dir, /*lazy=*/false);
 }
 

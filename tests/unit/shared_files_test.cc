@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/proc.h"
 
 namespace lazycr::restore {
 namespace {
@@ -38,9 +39,18 @@ FileDescriptor* add_fd(Process& p, int fd, FileDescriptor::Kind kind, uint32_t f
   return f;
 }
 
+// A process of the test's own user (descriptions are opened with its credentials).
 Process proc(int pid) {
   Process p;
   p.set_pid(pid);
+  proc::Status me = proc::read_status(::getpid());
+  auto* c = p.mutable_creds();
+  for (uint32_t u : me.uids) c->add_uids(u);
+  for (uint32_t g : me.gids) c->add_gids(g);
+  for (uint32_t g : me.groups) c->add_groups(g);
+  c->set_cap_effective(me.cap_eff);
+  c->set_cap_permitted(me.cap_prm);
+  c->set_cap_inheritable(me.cap_inh);
   return p;
 }
 

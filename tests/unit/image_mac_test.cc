@@ -1,0 +1,109 @@
+// image.mac: a signed image verifies; any change to any file, a missing MAC, another key, or
+// an unfit key file is caught.
+#include "image-format/image_mac.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/filesystem.hpp>
+#include <fstream>
+#include <vector>
+
+#include "common/error.h"
+#include "image-format/page_store.h"
+
+namespace lazycr::image {
+namespace {
+
+namespace fs = boost::filesystem;
+
+struct Tmp {
+  std::string path;
+  Tmp() {
+    char t[] = "/tmp/lazycr-mac-XXXXXX";
+    path = ::mkdtemp(t);
+  }
+  ~Tmp() { fs::remove_all(path); }
+};
+
+TEST(ImageMac, SignedImageVerifiesAndAnyChangeIsCaught) {
+  Tmp tmp;
+  const std::string dir = tmp.path + "/img";
+  fs::create_directory(dir);
+  std::ofstream(dir + "/inventory.pb") << "inventory";
+  std::ofstream(dir + "/pages-1.lzp") << std::string(3 << 20, 'p');
+  const std::string key(kImageKeyBytes, 'k');
+  sign_image(dir, key);
+  std::string why;
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kValid) << why;
+  EXPECT_EQ(verify_image(dir, std::string(kImageKeyBytes, 'K'), &why), MacCheck::kMismatch);
+
+  std::ofstream(dir + "/pages-1.lzp", std::ios::in | std::ios::out | std::ios::binary)
+      .seekp(2 << 20)
+      .put('q');
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch);
+  sign_image(dir, key);
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kValid) << why;
+  std::ofstream(dir + "/extra") << "";
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch) << "a file added";
+  fs::remove(dir + "/extra");
+  fs::rename(dir + "/inventory.pb", dir + "/inventory2.pb");
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch) << "a file renamed";
+  fs::rename(dir + "/inventory2.pb", dir + "/inventory.pb");
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kValid) << why;
+  ASSERT_EQ(::mkfifo((dir + "/fifo").c_str(), 0600), 0);
+  EXPECT_THROW(verify_image(dir, key, &why), Error) << "a FIFO is refused, never read";
+  fs::remove(dir + "/fifo");
+  fs::remove(dir + "/" + kMacFile);
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMissing);
+  std::ofstream(dir + "/" + kMacFile) << "short";
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch);
+}
+
+// The page store's own digest (taken while writing) signs exactly as reading it would.
+TEST(ImageMac, PageStoreDigestTakenWhileWritingMatchesTheFile) {
+  Tmp tmp;
+  const std::string dir = tmp.path + "/img";
+  fs::create_directory(dir);
+  std::ofstream(dir + "/inventory.pb") << "inventory";
+  PageStoreOptions opts;
+  opts.threads = 2;
+  opts.frame_size = 64 * 1024;
+  PageStoreWriter w(dir + "/pages-1.lzp", opts);
+  std::vector<unsigned char> data(300 * 4096);
+  for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<unsigned char>(i * 7 + i / 4096);
+  w.add_pages(0x10000, data.data(), 300);
+  PageStoreStats stats = w.finish();
+  ASSERT_EQ(stats.sha256.size(), 32u);
+  const std::string key(kImageKeyBytes, 'k');
+  sign_image(dir, key, {{"pages-1.lzp", stats.sha256}});
+  std::string why;
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kValid) << why;
+  sign_image(dir, key, {{"pages-1.lzp", std::string(32, 'x')}});
+  EXPECT_EQ(verify_image(dir, key, &why), MacCheck::kMismatch);
+}
+
+TEST(ImageMac, KeyIsMadeOnceAndMustBePrivate) {
+  Tmp tmp;
+  const std::string path = tmp.path + "/keys/image.key";
+  ::setenv("LAZYCR_IMAGE_KEY", path.c_str(), 1);
+  EXPECT_FALSE(load_image_key(false).has_value());
+  auto made = load_image_key(true);
+  ASSERT_TRUE(made.has_value());
+  EXPECT_EQ(made->size(), kImageKeyBytes);
+  struct stat st;
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(*load_image_key(true), *made) << "made once";
+  ::chmod(path.c_str(), 0644);
+  EXPECT_THROW(load_image_key(false), Error);
+  ::chmod(path.c_str(), 0600);
+  std::ofstream(path, std::ios::app) << "x";
+  EXPECT_THROW(load_image_key(false), Error);
+  ::unsetenv("LAZYCR_IMAGE_KEY");
+}
+
+}  // namespace
+}  // namespace lazycr::image
