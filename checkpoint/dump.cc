@@ -399,6 +399,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
            "; --skip-unsupported-fds records it anyway");
     }
   }
+  collect_objects(tree, procs);  // seccomp filters, file locks (objects/)
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
   result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
 
