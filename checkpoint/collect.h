@@ -102,4 +102,9 @@ struct SharedCollection {
 // without consuming them.
 SharedCollection collect_shared(std::vector<TreeFiles>& procs);
 
+class FrozenTree;
+// The kernel objects each live process holds (objects/: seccomp filters, file locks), after
+// collect_shared() (descriptors final), while the tree is frozen. `procs` is in preorder.
+void collect_objects(FrozenTree& tree, std::vector<image::Process>& procs);
+
 }  // namespace lazycr::checkpoint

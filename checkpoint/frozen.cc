@@ -23,6 +23,8 @@ namespace {
 
 using image::kPageSize;
 
+constexpr unsigned long kSeizeOptions = PTRACE_O_TRACEEXEC;
+
 // Bound on re-scans of the tree: each round must have found something new.
 constexpr int kMaxRounds = 1000;
 
@@ -76,7 +78,7 @@ bool FrozenProcess::seize_new_threads() {
   for (pid_t tid : tids) {
     if (seen_.count(tid)) continue;
     try {
-      threads_.push_back(TracedThread::seize(tid, PTRACE_O_TRACEEXEC));
+      threads_.push_back(TracedThread::seize(tid, kSeizeOptions));
     } catch (const Error& e) {
       // A thread that exited between listing and seizing is simply gone.
       if (e.sys_errno() == ESRCH && tid != pid_) {
@@ -107,6 +109,11 @@ void FrozenProcess::freeze() {
   }
   if (threads_.empty() || threads_[0].tid() != pid_)
     fail("pid ", pid_, ": main thread has exited (a zombie leader with live threads)");
+  // A seccomp filter could refuse, or fake, the calls the dump injects. Checked once every
+  // thread is stopped: until then another thread could still add a filter (TSYNC).
+  for (auto& t : threads_)
+    if (proc::read_status(t.tid()).seccomp != 0)
+      t.set_options(kSeizeOptions | PTRACE_O_SUSPEND_SECCOMP);
   insn_ = find_vdso_syscall_insn(pid_);
 }
 

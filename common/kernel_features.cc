@@ -213,6 +213,8 @@ void probe_ptrace_and_pidfd(KernelFeatures& f) {
     std::string why = cat("cannot start a probe child: ", err_text(child.error()));
     f.notes["ptrace.seize"] = why;
     f.notes["ptrace.rseq_config"] = why;
+    f.notes["ptrace.suspend_seccomp"] = why;
+    f.notes["ptrace.seccomp_filter"] = why;
     f.notes["pidfd.getfd"] = why;
     return;
   }
@@ -269,6 +271,31 @@ void probe_ptrace_and_pidfd(KernelFeatures& f) {
                               : cat(n, " bytes; the child has no rseq registered");
   } else {
     f.notes["ptrace.rseq_config"] = cat("PTRACE_GET_RSEQ_CONFIGURATION: ", err_text(errno));
+  }
+
+  // Seccomp filters of a tracee: the child has none, so a kernel that knows the requests says
+  // EINVAL (not in filter mode); EIO means it does not know them.
+  if (raw_ptrace(PTRACE_SETOPTIONS, pid, 0, PTRACE_O_SUSPEND_SECCOMP) == 0) {
+    f.ptrace_suspend_seccomp = true;
+    f.notes["ptrace.suspend_seccomp"] = "PTRACE_SETOPTIONS accepted PTRACE_O_SUSPEND_SECCOMP";
+  } else {
+    f.notes["ptrace.suspend_seccomp"] =
+        cat("PTRACE_O_SUSPEND_SECCOMP: ", err_text(errno),
+            " (needs CAP_SYS_ADMIN and lazycr itself without seccomp)");
+  }
+  {
+    long g = raw_ptrace(PTRACE_SECCOMP_GET_FILTER, pid, 0, 0);
+    int gerr = errno;
+    abi::seccomp_metadata md{0, 0};
+    long m =
+        raw_ptrace(PTRACE_GET_SECCOMP_METADATA, pid, sizeof md, reinterpret_cast<uint64_t>(&md));
+    int merr = errno;
+    f.ptrace_seccomp_filter = (g >= 0 || gerr == EINVAL || gerr == ENOENT) &&
+                              (m >= 0 || merr == EINVAL || merr == ENOENT);
+    f.notes["ptrace.seccomp_filter"] =
+        cat("PTRACE_SECCOMP_GET_FILTER: ", g >= 0 ? std::string("ok") : err_text(gerr),
+            ", PTRACE_GET_SECCOMP_METADATA: ", m >= 0 ? std::string("ok") : err_text(merr),
+            " (EINVAL: known, the probe child has no filter)");
   }
 
   // The real NT_X86_XSTATE size, as dump and restore will see it.
@@ -664,6 +691,12 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "Dump and restore drive every process from outside with PTRACE_SEIZE and PTRACE_INTERRUPT.");
   add("ptrace.rseq_config", f.ptrace_get_rseq, false, "not probed",
       "Dump reads each thread's rseq registration so that restore can re-register it.");
+  add("ptrace.suspend_seccomp", f.ptrace_suspend_seccomp, false, "not probed",
+      "Calls injected into a process with seccomp filters bypass them; without it such "
+      "processes cannot be dumped or restored.");
+  add("ptrace.seccomp_filter", f.ptrace_seccomp_filter, false, "not probed",
+      "Dump reads each thread's seccomp filters and their flags (PTRACE_SECCOMP_GET_FILTER, "
+      "PTRACE_GET_SECCOMP_METADATA) so that restore installs them again.");
   add("pidfd.open", f.pidfd_open, true, "not probed",
       "The page server watches each restored process's pidfd to learn that it exited.");
   add("pidfd.getfd", f.pidfd_getfd, true, "not probed",

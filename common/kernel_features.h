@@ -17,7 +17,9 @@ struct KernelFeatures {
   uint64_t uffd_ioctls = 0;           // UFFDIO_API ioctls mask
   int unprivileged_userfaultfd = -1;  // vm.unprivileged_userfaultfd, -1 if unreadable
   bool ptrace_seize = false;
-  bool ptrace_get_rseq = false;  // PTRACE_GET_RSEQ_CONFIGURATION
+  bool ptrace_get_rseq = false;         // PTRACE_GET_RSEQ_CONFIGURATION
+  bool ptrace_suspend_seccomp = false;  // PTRACE_O_SUSPEND_SECCOMP accepted (needs us unfiltered)
+  bool ptrace_seccomp_filter = false;   // PTRACE_SECCOMP_GET_FILTER and _GET_SECCOMP_METADATA known
   bool pidfd_open = false;
   bool pidfd_getfd = false;
   bool clone3_set_tid = false;

@@ -39,7 +39,15 @@
 #ifndef PTRACE_GET_RSEQ_CONFIGURATION  // glibc (included above) also defines it as a macro
 #define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
 #endif
+#ifndef PTRACE_GET_SECCOMP_METADATA
+#define PTRACE_GET_SECCOMP_METADATA 0x420d
+#endif
 namespace lazycr::abi {
+// PTRACE_GET_SECCOMP_METADATA argument and result (uapi/linux/ptrace.h).
+struct seccomp_metadata {
+  uint64_t filter_off;
+  uint64_t flags;
+};
 struct ptrace_rseq_configuration {
   uint64_t rseq_abi_pointer;
   uint32_t rseq_abi_size;

@@ -276,6 +276,10 @@ Status parse_status(const std::string& text) {
       s.no_new_privs = num_or_fail<int>(value, 10, "NoNewPrivs", line) != 0;
     } else if (key == "Threads") {
       s.threads = num_or_fail<uint64_t>(value, 10, "Threads", line);
+    } else if (key == "Seccomp") {
+      s.seccomp = num_or_fail<int>(value, 10, "Seccomp", line);
+    } else if (key == "Seccomp_filters") {
+      s.seccomp_filters = num_or_fail<uint32_t>(value, 10, "Seccomp_filters", line);
     }
   });
   return s;
@@ -309,6 +313,8 @@ FdInfo parse_fdinfo(const std::string& text) {
       f.mnt_id = num_or_fail<int>(value, 10, "mnt_id", line);
     } else if (key == "ino") {
       f.ino = num_or_fail<uint64_t>(value, 10, "ino", line);
+    } else if (key == "lock") {
+      f.locks.emplace_back(value);
     }
   });
   if (!have_pos || !have_flags) fail("fdinfo without pos/flags: '", text, "'");

@@ -58,6 +58,8 @@ struct Status {
   uint64_t cap_inh = 0, cap_prm = 0, cap_eff = 0, cap_bnd = 0, cap_amb = 0;
   bool no_new_privs = false;
   uint64_t threads = 0;
+  int seccomp = 0;               // Seccomp: 0 none, 1 strict, 2 filter
+  uint32_t seccomp_filters = 0;  // Seccomp_filters: filters attached to the thread
 };
 Status parse_status(const std::string& text);
 Status read_status(pid_t pid);
@@ -68,6 +70,9 @@ struct FdInfo {
   uint32_t flags = 0;  // octal in the file
   int mnt_id = -1;
   uint64_t ino = 0;
+  // "lock:" lines (locks held through this descriptor), after "lock:\t", as the kernel wrote
+  // them (e.g. "1: POSIX  ADVISORY  WRITE 4809 fe:00:1234 10 14").
+  std::vector<std::string> locks;
 };
 FdInfo parse_fdinfo(const std::string& text);
 

@@ -386,6 +386,34 @@ abi::ptrace_rseq_configuration TracedThread::get_rseq() const {
   return conf;
 }
 
+void TracedThread::set_options(unsigned long options) {
+  if (xptrace(PTRACE_SETOPTIONS, tid_, 0, options) != 0) fail_request("PTRACE_SETOPTIONS", tid_);
+}
+
+std::optional<std::vector<sock_filter>> TracedThread::seccomp_filter(unsigned index) const {
+  // BPF_MAXINSNS bounds one program; the first call asks for the length only.
+  long n = xptrace(PTRACE_SECCOMP_GET_FILTER, tid_, index, nullptr);
+  if (n < 0 && errno == ENOENT) return std::nullopt;
+  if (n < 0) fail_request("PTRACE_SECCOMP_GET_FILTER", tid_);
+  if (n == 0 || n > BPF_MAXINSNS)
+    fail("PTRACE_SECCOMP_GET_FILTER tid ", tid_, " filter ", index, ": ", n,
+         " instructions (want 1..", BPF_MAXINSNS, ")");
+  std::vector<sock_filter> prog(static_cast<size_t>(n));
+  long got = xptrace(PTRACE_SECCOMP_GET_FILTER, tid_, index, prog.data());
+  if (got < 0) fail_request("PTRACE_SECCOMP_GET_FILTER", tid_);
+  if (got != n)
+    fail("PTRACE_SECCOMP_GET_FILTER tid ", tid_, " filter ", index, ": length changed from ", n,
+         " to ", got);
+  return prog;
+}
+
+uint64_t TracedThread::seccomp_filter_flags(unsigned index) const {
+  abi::seccomp_metadata md{index, 0};
+  if (xptrace(PTRACE_GET_SECCOMP_METADATA, tid_, sizeof md, &md) < 0)
+    fail_request("PTRACE_GET_SECCOMP_METADATA", tid_);
+  return md.flags;
+}
+
 std::vector<siginfo_t> TracedThread::peek_siginfo(bool shared) const {
   constexpr int kBatch = 32;
   // RLIMIT_SIGPENDING bounds a queue; this only guards against a kernel surprise.

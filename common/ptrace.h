@@ -2,6 +2,7 @@
 // ptrace(2); everything else goes through TracedThread.
 #pragma once
 
+#include <linux/filter.h>
 #include <signal.h>
 #include <sys/ptrace.h>  // before linux_abi.h: glibc declares PTRACE_* as enumerators
 #include <sys/types.h>
@@ -102,6 +103,17 @@ class TracedThread {
   // PTRACE_PEEKSIGINFO: queued signals of this thread (shared = false) or of its process.
   std::vector<siginfo_t> peek_siginfo(bool shared) const;
   unsigned long get_event_msg() const;
+  // PTRACE_SETOPTIONS: replaces the options given at seize (e.g. to add
+  // PTRACE_O_SUSPEND_SECCOMP once the thread is known to have seccomp state, so that injected
+  // calls bypass its filters; the option needs CAP_SYS_ADMIN and an unfiltered tracer).
+  void set_options(unsigned long options);
+  // PTRACE_SECCOMP_GET_FILTER: the classic BPF program of the thread's seccomp filter number
+  // `index`, counting from the oldest (0: the first installed, as get_nth_filter() counts);
+  // nullopt past the newest.
+  std::optional<std::vector<sock_filter>> seccomp_filter(unsigned index) const;
+  // PTRACE_GET_SECCOMP_METADATA: the flags the kernel keeps for filter `index`
+  // (SECCOMP_FILTER_FLAG_LOG is the only one it reports).
+  uint64_t seccomp_filter_flags(unsigned index) const;
 
   // Runs one system call inside the stopped thread: saves registers and sigmask, blocks every
   // signal, sets rax = nr, args, rip = insn, orig_rax = -1, resumes per `mode`, waits for the

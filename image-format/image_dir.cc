@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <boost/filesystem.hpp>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -194,6 +195,59 @@ void validate_inventory(const Inventory& inv) {
     fail("xsave size ", inv.cpu().xsave_size(), " too large");
 }
 
+// A seccomp filter: a whole number of instructions within the kernel's bound, known flags.
+// Returns its cost on the thread's path (instructions + the kernel's per-filter penalty).
+int validate_seccomp_filter(const SeccompFilter& f, const std::string& who) {
+  const size_t bytes = f.program().size();
+  if (bytes == 0 || bytes % 8 != 0 || bytes / 8 > static_cast<size_t>(kMaxSeccompInsns))
+    fail(who, ": a seccomp filter of ", bytes, " bytes (want 1..", kMaxSeccompInsns,
+         " instructions of 8 bytes)");
+  constexpr uint32_t kFlagLog = 2;  // SECCOMP_FILTER_FLAG_LOG
+  if (f.flags() & ~kFlagLog) fail(who, ": a seccomp filter with unknown flags ", f.flags());
+  return static_cast<int>(bytes / 8) + kSeccompFilterPenalty;
+}
+
+void validate_seccomp(const Process& p, const std::string& who) {
+  constexpr int kMaxFilters = kMaxSeccompPathInsns / (1 + kSeccompFilterPenalty);
+  if (p.seccomp_shared_size() > kMaxFilters)
+    fail(who, ": ", p.seccomp_shared_size(), " shared seccomp filters exceeds the bound");
+  int shared_cost = 0;
+  for (const auto& f : p.seccomp_shared()) shared_cost += validate_seccomp_filter(f, who);
+  for (const auto& t : p.threads()) {
+    std::string thread = cat(who, " thread ", t.tid());
+    if (t.seccomp_mode() < 0 || t.seccomp_mode() > 2)
+      fail(thread, ": unknown seccomp mode ", t.seccomp_mode());
+    if (t.seccomp_mode() != 2 && (t.seccomp_filters_size() > 0 || p.seccomp_shared_size() > 0))
+      fail(thread, ": seccomp filters in seccomp mode ", t.seccomp_mode(),
+           " (filters need mode 2)");
+    if (t.seccomp_mode() == 2 && t.seccomp_filters_size() + p.seccomp_shared_size() == 0)
+      fail(thread, ": seccomp mode 2 without a filter");
+    if (t.seccomp_filters_size() > kMaxFilters)
+      fail(thread, ": ", t.seccomp_filters_size(), " seccomp filters exceeds the bound");
+    int cost = shared_cost;
+    for (const auto& f : t.seccomp_filters()) cost += validate_seccomp_filter(f, thread);
+    if (cost > kMaxSeccompPathInsns)
+      fail(thread, ": seccomp filters of ", cost, " instructions (with ", kSeccompFilterPenalty,
+           " per filter) exceed the kernel's ", kMaxSeccompPathInsns);
+  }
+}
+
+// Lock ranges must be ones fcntl(2) can express (off_t), FLOCK locks the whole file.
+void validate_locks(const FileDescriptor& f, const std::string& who) {
+  if (f.locks_size() == 0) return;
+  std::string fd = cat(who, ": fd ", f.fd());
+  if (f.locks_size() > kMaxLocksPerFd) fail(fd, ": ", f.locks_size(), " locks exceeds the bound");
+  if (!f.restorable()) fail(fd, ": holds locks but is not restorable");
+  constexpr uint64_t kMaxOff = static_cast<uint64_t>(INT64_MAX);
+  for (const auto& l : f.locks()) {
+    if (!FileLock::Kind_IsValid(l.kind())) fail(fd, ": a lock of unknown kind ", l.kind());
+    if (l.kind() == FileLock::FLOCK && (l.start() != 0 || l.length() != 0))
+      fail(fd, ": a FLOCK lock with a byte range");
+    if (l.start() > kMaxOff || l.length() > kMaxOff - l.start())
+      fail(fd, ": a lock on bytes ", l.start(), " + ", l.length(), " beyond the largest offset");
+  }
+}
+
 void validate_process(const Process& p, const Inventory& inv) {
   std::string who = cat("process ", p.pid());
   if (p.pid() <= 0) fail("invalid pid ", p.pid());
@@ -225,6 +279,7 @@ void validate_process(const Process& p, const Inventory& inv) {
         fail(who, " thread ", t.tid(), ": malformed pending signal");
     if (t.comm().size() > 64) fail(who, " thread ", t.tid(), ": comm too long");
   }
+  validate_seccomp(p, who);
   for (const auto& s : p.shared_pending())
     if (s.signo() < 1 || s.signo() > 64 || s.siginfo().size() != 128)
       fail(who, ": malformed pending signal");
@@ -271,6 +326,7 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (object && f.restorable() && f.object_inode() == 0)
       fail(who, ": fd ", f.fd(), " is a restorable ", FileDescriptor::Kind_Name(f.kind()),
            " without an object inode");
+    validate_locks(f, who);
   }
 }
 

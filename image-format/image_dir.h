@@ -33,6 +33,12 @@ inline constexpr int64_t kMaxImageThreads = 1 << 17;
 inline constexpr int64_t kMaxImageAreas = 1 << 22;
 inline constexpr int64_t kMaxImageFds = 1 << 20;
 inline constexpr uint32_t kMaxXsaveSize = 64 * 1024;
+// Seccomp (the kernel's own bounds): one program holds at most BPF_MAXINSNS instructions; the
+// filters a thread runs hold at most MAX_INSNS_PER_PATH, each filter counting 4 more.
+inline constexpr int kMaxSeccompInsns = 4096;
+inline constexpr int kMaxSeccompPathInsns = 32768;
+inline constexpr int kSeccompFilterPenalty = 4;
+inline constexpr int kMaxLocksPerFd = 1 << 16;
 // shared.pb (FORMAT.md): pipe capacity (F_GETPIPE_SZ: a power of two, at least a page) and
 // data, queued socket data, counts.
 inline constexpr uint32_t kMinPipeCapacity = 4096;

@@ -61,6 +61,7 @@
 #include "common/signals.h"
 #include "image-format/image_dir.h"
 #include "restore/fd_passing.h"
+#include "objects/objects.h"
 #include "restore/internal.h"
 #include "restore/memory.h"
 #include "restore/open_files.h"
@@ -101,9 +102,12 @@ using image::MemoryArea;
                                                    "process-state",
                                                    "sigactions",
                                                    "fds",
+                                                   "objects-fds",
                                                    "thread-state",
+                                                   "objects-leader",
                                                    "threads",
                                                    "thread-created",
+                                                   "objects-threads",
                                                    "signals",
                                                    "rlimits",
                                                    "credentials",
@@ -138,6 +142,9 @@ constexpr uint64_t kSearchFrom = 1ull << 30;
 constexpr size_t kKernelSigactionSize = 32;                // handler, flags, restorer, mask
 constexpr uint64_t kRseqFlagUnregister = 1;                // RSEQ_FLAG_UNREGISTER
 constexpr int kSsAutoDisarm = static_cast<int>(1u << 31);  // SS_AUTODISARM (Linux 4.7)
+// Forked children and new threads inherit them (auto-attach).
+constexpr unsigned long kSeizeOptions =
+    PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK | PTRACE_O_EXITKILL;
 constexpr unsigned long kThreadFlags =
     CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
 
@@ -263,8 +270,7 @@ class Restoree final : public RemoteProcess {
   // do (children of a tree) are auto-attached with the same options.
   void seize() {
     ThreadCtl c;
-    c.t = TracedThread::seize(sp_.s.pid,
-                              PTRACE_O_TRACECLONE | PTRACE_O_TRACEFORK | PTRACE_O_EXITKILL);
+    c.t = TracedThread::seize(sp_.s.pid, kSeizeOptions);
     c.vtid = sp_.s.vpid;
     c.img = &proc_.threads(0);
     threads_.push_back(std::move(c));
@@ -610,6 +616,31 @@ class Restoree final : public RemoteProcess {
   uint64_t inject_ns_ = 0;
   bool committed_ = false;
   bool exited_ = false;  // exit_as_zombie() ran
+};
+
+// The process under construction as the kernel-object units see it (objects/remote.h).
+class RestoreeRemote final : public objects::RemoteProcess {
+ public:
+  explicit RestoreeRemote(Restoree& r) : r_(r) {}
+  pid_t pid() const override { return r_.pid(); }
+  size_t thread_count() const override { return r_.threads().size(); }
+  pid_t tid(size_t i) const override { return r_.threads().at(i).t.tid(); }
+  pid_t image_tid(size_t i) const override { return r_.threads().at(i).vtid; }
+  TracedThread& traced(size_t i) override { return r_.threads().at(i).t; }
+  void suspend_seccomp(size_t i) override {
+    traced(i).set_options(kSeizeOptions | PTRACE_O_SUSPEND_SECCOMP);
+  }
+  long call(size_t i, const std::string& what, long nr, uint64_t a1, uint64_t a2, uint64_t a3,
+            uint64_t a4, uint64_t a5, uint64_t a6) override {
+    return r_.call(r_.threads().at(i), what, nr, a1, a2, a3, a4, a5, a6);
+  }
+  uint64_t put(const void* data, size_t len) override { return r_.put_data(data, len); }
+  void read(uint64_t addr, void* buf, size_t len) override {
+    remote_read(r_.pid(), addr, buf, len);
+  }
+
+ private:
+  Restoree& r_;
 };
 
 // Pins the calling thread to the CPU it runs on; puts the old mask back on destruction.
@@ -1747,7 +1778,15 @@ Restored restore(const RestoreOptions& opts_in) {
   each_live("process-state", [&](Task& t) { restore_process_state(*t.r, *t.p); });
   each_live("sigactions", [&](Task& t) { restore_sigactions(*t.r, *t.p); });
   each_live("fds", [&](Task& t) { restore_fds(*t.r, *t.p, opts.shell_job, *shared, transport); });
+  auto objects_at = [&](objects::RestorePoint point) {
+    return [point](Task& t) {
+      RestoreeRemote remote(*t.r);
+      objects::restore_objects(point, remote, *t.p);
+    };
+  };
+  each_live("objects-fds", objects_at(objects::RestorePoint::kFilesInPlace));
   each_live("thread-state", [&](Task& t) { restore_thread_state(*t.r, t.r->leader()); });
+  each_live("objects-leader", objects_at(objects::RestorePoint::kBeforeThreads));
   for (auto& tp : tree.tasks) {
     if (!tp->live()) continue;
     Restoree& r = *tp->r;
@@ -1771,6 +1810,7 @@ Restored restore(const RestoreOptions& opts_in) {
       });
     }
   }
+  each_live("objects-threads", objects_at(objects::RestorePoint::kThreadsExist));
   each_live("signals", [&](Task& t) { restore_pending(*t.r, *t.p); });
   each_live("rlimits", [&](Task& t) { restore_rlimits(*t.r, *t.p); });
   each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });

@@ -172,6 +172,32 @@ std::vector<std::pair<const image::Process*, int>> tree_order(const ImageReader&
   return out;
 }
 
+// "POSIX write 10+5", "OFD read 50+EOF", "flock write".
+std::string lock_text(const image::FileLock& l) {
+  std::string kind = l.kind() == image::FileLock::POSIX ? "POSIX"
+                     : l.kind() == image::FileLock::OFD ? "OFD"
+                                                        : "flock";
+  std::string s = kind + (l.write() ? " write" : " read");
+  if (l.kind() == image::FileLock::FLOCK) return s;
+  return s + " " + std::to_string(l.start()) + "+" +
+         (l.length() == 0 ? std::string("EOF") : std::to_string(l.length()));
+}
+
+// "filters 2 (shared 1: 8 insns; own: 4 insns log)" for one thread.
+std::string seccomp_text(const image::Process& p, const image::Thread& t) {
+  if (t.seccomp_mode() == 0) return "none";
+  if (t.seccomp_mode() == 1) return "strict";
+  auto one = [](const image::SeccompFilter& f) {
+    return std::to_string(f.program().size() / 8) + " insns" + ((f.flags() & 2) ? " log" : "");
+  };
+  std::string s =
+      "filters " + std::to_string(p.seccomp_shared_size() + t.seccomp_filters_size()) + " (shared:";
+  for (const auto& f : p.seccomp_shared()) s += " " + one(f) + ";";
+  s += " own:";
+  for (const auto& f : t.seccomp_filters()) s += " " + one(f) + ";";
+  return s + ")";
+}
+
 void print_text(const ImageReader& img, const ShowOptions& opts) {
   const auto& inv = img.inventory();
   std::ostream& o = std::cout;
@@ -234,6 +260,9 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                     t.interrupted_syscall() ? "  (was in a syscall)" : "");
       o << line;
     }
+    for (const auto& t : p.threads())
+      if (t.seccomp_mode() != 0)
+        o << "  Seccomp (thread " << t.tid() << "): " << seccomp_text(p, t) << "\n";
 
     int handlers = 0;
     for (const auto& a : p.sigactions())
@@ -282,6 +311,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                     static_cast<unsigned long long>(f.file_id()), f.target().c_str(),
                     object.c_str(), f.restorable() ? "" : "  (not restorable)");
       o << line;
+      for (const auto& l : f.locks()) o << "         lock " << lock_text(l) << "\n";
     }
 
     if (p.zombie()) continue;
@@ -415,10 +445,29 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.hex_field("robust_list", t.robust_list());
       j.field("xsave_bytes", static_cast<uint64_t>(t.xsave().size()));
       j.field("interrupted_syscall", t.interrupted_syscall());
+      j.field("seccomp_mode", t.seccomp_mode());
+      j.key("seccomp_filters");
+      j.begin_array();
+      for (const auto& f : t.seccomp_filters()) {
+        j.begin_object();
+        j.field("instructions", static_cast<uint64_t>(f.program().size() / 8));
+        j.hex_field("flags", f.flags());
+        j.end_object();
+      }
+      j.end_array();
       j.key("pending");
       j.begin_array();
       for (const auto& s : t.pending()) j.value(s.signo());
       j.end_array();
+      j.end_object();
+    }
+    j.end_array();
+    j.key("seccomp_shared");
+    j.begin_array();
+    for (const auto& f : p.seccomp_shared()) {
+      j.begin_object();
+      j.field("instructions", static_cast<uint64_t>(f.program().size() / 8));
+      j.hex_field("flags", f.flags());
       j.end_object();
     }
     j.end_array();
@@ -464,6 +513,10 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("file_id", f.file_id());
       j.field("object_inode", f.object_inode());
       j.field("restorable", f.restorable());
+      j.key("locks");
+      j.begin_array();
+      for (const auto& l : f.locks()) j.value(lock_text(l));
+      j.end_array();
       j.end_object();
     }
     j.end_array();

@@ -1,0 +1,45 @@
+#include "objects/objects.h"
+
+#include "common/error.h"
+#include "objects/locks.h"
+#include "objects/seccomp.h"
+
+namespace lazycr::objects {
+namespace {
+
+struct Kind {
+  const char* name;
+  void (*dump)(RemoteProcess&, image::Process&, DumpContext&);
+  void (*restore)(RestorePoint, RemoteProcess&, const image::Process&);
+};
+
+// Every kind of kernel object lazycr records, in the order the restore recreates them at
+// each point. Locks come first: nothing of the process may run before they are held.
+constexpr Kind kKinds[] = {
+    {"file locks", locks::dump, locks::restore},
+    {"seccomp", seccomp::dump, seccomp::restore},
+};
+
+}  // namespace
+
+void dump_objects(RemoteProcess& p, image::Process& proc, DumpContext& ctx) {
+  for (const Kind& k : kKinds) {
+    try {
+      k.dump(p, proc, ctx);
+    } catch (const Error& e) {
+      throw Error(cat("pid ", proc.pid(), ": ", k.name, ": ", e.what()), e.sys_errno());
+    }
+  }
+}
+
+void restore_objects(RestorePoint point, RemoteProcess& p, const image::Process& proc) {
+  for (const Kind& k : kKinds) {
+    try {
+      k.restore(point, p, proc);
+    } catch (const Error& e) {
+      throw Error(cat(k.name, ": ", e.what()), e.sys_errno());
+    }
+  }
+}
+
+}  // namespace lazycr::objects

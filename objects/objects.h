@@ -1,0 +1,43 @@
+// Kernel objects a process holds beyond memory and descriptors (seccomp filters, file locks,
+// ...), one unit per kind holding both halves: what the dump records and how the restore
+// recreates it, in the manner of CRIU's eventfd.c/timerfd.c. Every kind is registered in one
+// table (objects.cc); dump and restore call the table at fixed points and never name a kind,
+// so adding a kind is adding one file and one table entry.
+#pragma once
+
+#include <set>
+#include <string>
+
+#include "image-format/process.pb.h"
+#include "objects/remote.h"
+
+namespace lazycr::objects {
+
+// Where in the restore sequence (restore/restore.cc) a kind is called.
+enum class RestorePoint {
+  kFilesInPlace,   // "objects-fds": every descriptor is in place, only the leader exists
+  kBeforeThreads,  // "objects-leader": the other threads are created next and inherit from it
+  kThreadsExist,   // "objects-threads": every thread exists with its state; credentials,
+                   // registers and the release come after
+};
+
+// What the dump halves share over the whole tree: an object held by several processes (an
+// open file description's lock) is recorded once.
+class DumpContext {
+ public:
+  // True the first time `key` is claimed.
+  bool claim(const std::string& key) { return claimed_.insert(key).second; }
+
+ private:
+  std::set<std::string> claimed_;
+};
+
+// Dump, while the whole tree is frozen and after descriptors are collected (file_id and
+// restorable are final): every kind records what `p` (the process behind `proc`) holds into
+// `proc`, or throws naming what cannot be restored.
+void dump_objects(RemoteProcess& p, image::Process& proc, DumpContext& ctx);
+
+// Restore: every kind recreates at `point` what `proc` records; throws naming what failed.
+void restore_objects(RestorePoint point, RemoteProcess& p, const image::Process& proc);
+
+}  // namespace lazycr::objects
