@@ -68,6 +68,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -307,6 +308,20 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       ::dup2(null, 1);
       ::close(null);
     }
+    // Detached, stderr is not ours either (`out=$(lazycr restore --lazy -d ...)` would wait
+    // for the server): messages go to the --log-file, else to a file in a known place.
+    if (l.opts.detached) {
+      int to = log::output_fd();
+      if (to == 2) {
+        const std::string path = server_log_path(::getpid());
+        to = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+        if (to < 0) to = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+      }
+      if (to >= 0 && to != 2) {
+        ::dup2(to, 2);
+        if (to != log::output_fd()) ::close(to);
+      }
+    }
     // Nothing else of lazycr's (in particular not the --pidns reaper's control pipe), except
     // the page store: its reader is lazycr's, index parsed already (this process is a copy of
     // lazycr, single-threaded at the fork); only its descriptor must stay open.
@@ -412,6 +427,16 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
   }
   ::_exit(code);
 }
+
+}  // namespace
+
+std::string server_log_path(pid_t server) {
+  if (::mkdir("/run/lazycr", 0755) == 0 || errno == EEXIST)
+    if (::access("/run/lazycr", W_OK) == 0) return cat("/run/lazycr/server-", server, ".log");
+  return cat("/tmp/lazycr-server-", server, ".log");
+}
+
+namespace {
 
 // lazycr's handle on the server process.
 class ServerProcess {

@@ -27,7 +27,9 @@ void write_pidfile(const std::string& path, pid_t pid) {
 }  // namespace
 
 int run_restore(const RestoreCliOptions& opts) {
-  auto r = restore::restore(opts.restore);
+  restore::RestoreOptions ro = opts.restore;
+  ro.lazy.detached = opts.detach;
+  auto r = restore::restore(ro);
   const auto& s = r.stats;
   log::info("restored pid ", r.pid,
             r.reaper ? cat(" (pid ", r.image_pid, " in a new PID namespace, reaper ", r.reaper, ")")
@@ -44,6 +46,9 @@ int run_restore(const RestoreCliOptions& opts) {
               " areas left to the page server",
               r.server > 0 ? cat(" (pid ", r.server, ")") : std::string(), ", ", s.hot_pages,
               " hot pages written");
+  if (opts.detach && r.server > 0 && log::output_fd() == 2)
+    log::info("the page server (pid ", r.server, ") writes its messages to ",
+              restore::server_log_path(r.server));
   if (!opts.pidfile.empty()) write_pidfile(opts.pidfile, r.pid);
   if (opts.detach) {
     std::printf("%d\n", r.pid);
