@@ -40,11 +40,16 @@
 //
 // The userfaultfd is created inside the process (injected userfaultfd(O_CLOEXEC|O_NONBLOCK),
 // or /dev/userfaultfd + USERFAULTFD_IOC_NEW when the system call is refused), pulled out with
-// pidfd_getfd and closed inside at once, so the restored process has exactly the descriptors
-// of its image. UFFDIO_API (EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, THREAD_ID)
-// and UFFDIO_REGISTER (MISSING; neighbouring lazy areas in one call) are done from here.
-// Nothing needs to stay parked in the process: the page server's guardian holds a second
-// reference to every uffd, so a dead server means a killed process, never zero pages.
+// pidfd_getfd and closed inside at once. UFFDIO_API (EVENT_FORK, EVENT_REMAP, EVENT_REMOVE,
+// EVENT_UNMAP, THREAD_ID) and UFFDIO_REGISTER (MISSING; neighbouring lazy areas in one call)
+// are done from here.
+// One thing stays parked in the process while pages are owed: the keeper socket
+// (uffd/keeper.h, restore/park.h), which holds a reference to its uffd and to those of the
+// children it forks, so that they die only with it. The page server's guardian holds another
+// (a dead server means a killed process); the parked one covers the server and the guardian
+// dying at the same instant (a hang that can be killed, never zero pages). The server closes
+// it inside the process once nothing is owed: then the process has exactly its image's
+// descriptors again.
 //
 // The page server process ("lazycr-server"): forked by lazycr at [server] with the uffd and
 // a pidfd of the process; it reopens the page store, starts its guardian, takes the process
@@ -88,6 +93,8 @@
 #include "common/log.h"
 #include "common/signals.h"
 #include "restore/memory.h"
+#include "restore/park.h"
+#include "uffd/keeper.h"
 #include "uffd/page_server.h"
 #include "uffd/uffd.h"
 
@@ -334,6 +341,8 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       keep.insert(keep.end(), on.begin(), on.end());
       keep.push_back(sp.uffd);
       keep.push_back(sp.pidfd);
+      keep.push_back(sp.keeper_send);
+      keep.push_back(sp.keeper_recv);
     }
     // Every other store of the image too: pages of a tree may be stored once, in another
     // process's store (REF runs), which the served stores read through.
@@ -384,7 +393,12 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       const uint64_t t_guardian = now_ns();
       for (size_t i = 0; i < l.processes.size(); i++) {
         const ServedProcess& sp = l.processes[i];
-        server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas);
+        std::shared_ptr<uffd::UffdKeeper> keeper;
+        if (sp.keeper_send >= 0)
+          keeper = std::make_shared<uffd::UffdKeeper>(UniqueFd(sp.keeper_send),
+                                                      UniqueFd(sp.keeper_recv), sp.parked_fd);
+        server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas,
+                           std::move(keeper));
       }
       log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
                  (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
@@ -590,6 +604,7 @@ class LazyStrategy final : public MemoryStrategy {
     if (candidates_.empty()) return;
     drop_present_pages(target);
     make_uffd(target);
+    keeper_ = park_keeper(target, proc_);
     register_areas(target);
     fill_hot_pages();
     // Areas userfaultfd refused: eagerly, while they are still writable.
@@ -608,15 +623,22 @@ class LazyStrategy final : public MemoryStrategy {
     sp.pidfd = target.pidfd();
     sp.store = &store_;
     sp.areas = server_areas_;
+    sp.keeper_send = keeper_.send_end.get();
+    sp.keeper_recv = keeper_.recv_end.get();
+    sp.parked_fd = keeper_.parked_fd;
     group_.add(std::move(sp));
   }
 
   void after_shaping(RemoteProcess& target) override { eager_->after_shaping(target); }
 
-  void before_release(RemoteProcess&) override {
+  void before_release(RemoteProcess& target) override {
     if (!uffd_.valid()) return;
     group_.wait_ready();
-    uffd_.reset();  // the server and its guardian hold it now
+    uffd_.reset();  // the server, its guardian and the parked keeper hold it now
+    if (keeper_.recv_end && !still_parked(target.pid(), keeper_.parked_fd, keeper_.recv_end.get()))
+      log::warn("pid ", target.pid(), ": descriptor ", keeper_.parked_fd,
+                " is no longer the page server's keeper: only the guardian guards its memory");
+    keeper_ = {};
   }
 
   void on_running(RemoteProcess& target) override { eager_->on_running(target); }
@@ -842,6 +864,7 @@ class LazyStrategy final : public MemoryStrategy {
   std::vector<Range> hot_;
   std::vector<uffd::LazyArea> server_areas_;
   uffd::Userfaultfd uffd_;
+  ParkedKeeper keeper_;
   LazyServerGroup& group_;
   uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
   size_t dropped_present_ = 0;

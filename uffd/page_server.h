@@ -87,8 +87,12 @@
 //   buffers); the loop never waits for it: it polls the uffds between copies and a fault
 //   always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
-//   treats its areas as plain memory: no fault can need the server any more); run() returns
-//   when no process is left.
+//   treats its areas as plain memory: no fault can need the server any more), unless it has
+//   a keeper (its uffd is parked inside it, uffd/keeper.h): then its areas stay registered
+//   until the keeper lets go, so the server keeps answering its faults (zero pages: nothing
+//   is owed) until the end. run() returns when no process is left that owes anything; the
+//   keepers are released then (parked uffds dropped, parked descriptors closed), then the
+//   uffds are closed.
 //
 // Safety:
 // - A page the server cannot serve correctly (the store throws: a corrupt frame, a read
@@ -136,6 +140,8 @@
 #include "image-format/page_store.h"
 
 namespace lazycr::uffd {
+
+class UffdKeeper;
 
 struct LazyArea {
   uint64_t start = 0;  // page aligned
@@ -195,9 +201,12 @@ class PageServer {
   // `pidfd` for its exit. It owes every page of `store` (DATA, REF or ZERO runs) inside `areas`;
   // pages of the areas not in the store are zero-filled on fault. Throws Error on a bad
   // argument (areas unaligned or overlapping, a run kind it cannot serve).
+  // `keeper` (optional, uffd/keeper.h): the reference parked inside the process; the server
+  // parks this uffd and those of its forked children there, and releases them at the end.
   void add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
                    std::shared_ptr<const image::PageStoreReader> store,
-                   const std::vector<LazyArea>& areas);
+                   const std::vector<LazyArea>& areas,
+                   std::shared_ptr<UffdKeeper> keeper = nullptr);
 
   // Forks the guardian (see Safety) and hands it the processes added so far; later ones are
   // handed over as they come. Call before run().
