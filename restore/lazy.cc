@@ -80,6 +80,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -374,6 +375,9 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     o.window = l.opts.window;
     o.prefetch = l.opts.prefetch;
     o.guardian_log_fd = log_fd;
+    // lazycr writes "go" once it has let every process go (or closes the pipe, failing):
+    // until then it traces them, and their parked keepers cannot be closed.
+    o.release_gate_fd = ctl_rd;
     // No decompress-ahead thread: a chunk it decompressed is dropped whole once a fault has
     // served its first page, which a process reading its memory in order makes the rule
     // (bench/RESULTS.md, "Restore (lazy)": 2 GiB decompressed 2.7-3.0 GiB instead of 2.0,
@@ -639,6 +643,11 @@ class LazyStrategy final : public MemoryStrategy {
       log::warn("pid ", target.pid(), ": descriptor ", keeper_.parked_fd,
                 " is no longer the page server's keeper: only the guardian guards its memory");
     keeper_ = {};
+    // Tests (LAZYCR_FAULT_INJECT=lazycr-stop-before-release): lazycr stops while it still
+    // traces the process, and the server may meanwhile serve everything.
+    const char* inject = ::getenv("LAZYCR_FAULT_INJECT");
+    if (inject != nullptr && std::strcmp(inject, "lazycr-stop-before-release") == 0)
+      send_signal(::getpid(), SIGSTOP);
   }
 
   void on_running(RemoteProcess& target) override { eager_->on_running(target); }

@@ -49,6 +49,7 @@ constexpr int64_t kMaxResolveBackoffNs = 64'000'000;
 constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
 constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the server's own
 constexpr uint64_t kWorkerKey = 3;
+constexpr uint64_t kGateKey = 1;
 constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
 // Prefetch fills are made in pieces of this many bytes; a fault outside the chunk waits for
 // one piece at most (~60 us here, where a whole 2 MiB chunk made it wait ~1 ms).
@@ -1051,17 +1052,24 @@ struct PageServer::Impl {
     }
   }
 
+  // Parked uffds first, then ours (and the guardian's copies): the areas are plain memory
+  // before any thread is stopped to close a parked descriptor, so no fault can wait for us.
   void release_all() {
     stop_worker();
-    std::map<UffdKeeper*, std::vector<pid_t>> holders;
+    std::map<std::shared_ptr<UffdKeeper>, std::vector<pid_t>> holders;
     for (auto& [id, p] : procs)
       if (p->keeper) {
-        auto& h = holders[p->keeper.get()];
+        auto& h = holders[p->keeper];
         if (!p->gone && p->pid > 0) h.push_back(p->pid);
       }
-    for (auto& [k, pids] : holders) k->release(pids);
+    for (auto& [k, pids] : holders) k->drop_parked();
     for (auto& [id, p] : procs) free_proc(*p);
     procs.clear();
+    for (auto& [k, pids] : holders) {
+      const UffdKeeper::Released r = k->close_parked(pids);
+      stats.parked_closed += r.closed;
+      stats.parked_left += r.left;
+    }
   }
 
   const PageServerStats& run() {
@@ -1072,10 +1080,12 @@ struct PageServer::Impl {
     next_probe = now_ns() + kProbeIntervalNs;
     note_if_all_served();
     bool stopped = false;
+    bool gate_open = opt.release_gate_fd < 0;
+    if (!gate_open) watch(opt.release_gate_fd, kGateKey);
     epoll_event evs[64];
     for (;;) {
       reap();
-      if (all_done()) break;
+      if (procs.empty() || (gate_open && all_done())) break;
       // Faults read between the pieces of a prefetch chunk: their uffd may not be readable
       // any more.
       for (auto& [id, p] : procs)
@@ -1102,6 +1112,11 @@ struct PageServer::Impl {
         const uint64_t key = evs[i].data.u64;
         if (key == kStopKey) {
           stopped = true;
+          continue;
+        }
+        if (key == kGateKey) {  // (level-triggered: watched no more)
+          unwatch(opt.release_gate_fd);
+          gate_open = true;
           continue;
         }
         if (key == kWorkerKey) {
@@ -1250,6 +1265,9 @@ std::string PageServer::summary() const {
       << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
       << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
       << ", remove " << s.events_remove << ", unmap " << s.events_unmap << ", exits " << s.exits;
+  if (s.parked_left > 0)
+    out << "; " << s.parked_left << " keeper descriptor" << (s.parked_left == 1 ? "" : "s")
+        << " left in place";
   if (s.killed > 0) out << "; KILLED " << s.killed << ": " << s.errors.front();
   out << ".";
   return out.str();

@@ -52,6 +52,11 @@ void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.end_object();
   w.field("children_found", s.children_found);
   w.field("killed", s.killed);
+  w.key("parked_descriptors");
+  w.begin_object();
+  w.field("closed", s.parked_closed);
+  w.field("left", s.parked_left);
+  w.end_object();
   w.key("errors");
   w.begin_array();
   for (const std::string& e : s.errors) w.value(e);
