@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -59,6 +60,27 @@ std::string err_text(int err) {
   __builtin_unreachable();
 }
 
+// fork() for a probe child that must die with lazycr: killed lazycr (SIGKILL, Ctrl-C) would
+// otherwise leave it behind, stopped forever by its own SIGSTOP or blocked, holding lazycr's
+// descriptors (the image's page store, the caller's stdout and stderr: a `$(lazycr ...)`
+// caller would wait forever). The death signal is the forking thread's: every probe reaps its
+// child before it returns.
+pid_t probe_fork() {
+  const pid_t parent = ::getpid();
+  pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+  if (::syscall(SYS_getppid) != parent) child_exit(1);  // lazycr died before the prctl
+  return 0;
+}
+
+// Tests only (LAZYCR_FAULT_INJECT=kill-during-probe): lazycr dies at the worst moment of the
+// probes, while a probe child is stopped.
+void fault_point(const char* name) {
+  const char* want = ::getenv("LAZYCR_FAULT_INJECT");
+  if (want != nullptr && std::strcmp(want, name) == 0) ::syscall(SYS_kill, ::getpid(), SIGKILL);
+}
+
 // Reaps a child we forked; pid > 0 only. Returns the wait status, or -1 if it cannot be reaped.
 int reap(pid_t pid) {
   if (pid <= 0) return -1;
@@ -93,7 +115,7 @@ class WaitingChild {
     }
     UniqueFd read_end(p[0]);
     write_end_.reset(p[1]);
-    pid_ = ::fork();
+    pid_ = probe_fork();
     if (pid_ < 0) {
       error_ = errno;
       return;
@@ -403,7 +425,7 @@ void probe_arch_map_vdso(KernelFeatures& f) {
     return;
   }
   UniqueFd rd(p[0]), wr(p[1]);
-  pid_t pid = ::fork();
+  pid_t pid = probe_fork();
   if (pid < 0) {
     f.notes["arch_prctl.map_vdso"] = cat("fork: ", err_text(errno));
     return;
@@ -437,6 +459,7 @@ void probe_arch_map_vdso(KernelFeatures& f) {
       r = ::waitpid(pid, &status, WUNTRACED);
     } while (r < 0 && errno == EINTR);
     if (r == pid && WIFSTOPPED(status)) {
+      fault_point("kill-during-probe");
       for (const auto& range : vdso_ranges(cat("/proc/", pid, "/maps"))) {
         if (range.start == hint) where = cat("at ", hex(hint));
       }
@@ -513,7 +536,7 @@ void probe_pagemap_scan(KernelFeatures& f) {
 // /proc/self/clear_refs, expect bit 55 clear, write the page again, expect bit 55 set. Without
 // CONFIG_MEM_SOFT_DIRTY the kernel accepts the "4" but the bit is never set.
 void probe_soft_dirty(KernelFeatures& f) {
-  pid_t pid = ::fork();
+  pid_t pid = probe_fork();
   if (pid < 0) {
     f.notes["pagemap.soft_dirty"] = cat("unknown: fork: ", err_text(errno));
     return;

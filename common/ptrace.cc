@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -239,15 +240,40 @@ bool TracedThread::release_if_dead() {
 }
 
 int TracedThread::interrupt_and_wait() {
+  interrupt_until(-1);
+  return last_stop_signo_;
+}
+
+bool TracedThread::interrupt_and_wait_for(int timeout_ms) {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  const int64_t now = int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+  return interrupt_until(now + int64_t{timeout_ms} * 1'000'000);
+}
+
+bool TracedThread::interrupt_until(int64_t deadline_ns) {
   if (!attached_) fail("interrupt tid ", tid_, ": not attached");
+  auto next_stop = [&]() -> std::optional<StopInfo> {
+    if (deadline_ns < 0) return wait_stop();
+    for (useconds_t pause = 20;; pause = std::min(pause * 2, 10000u)) {
+      if (auto s = poll_stop(false)) return s;
+      timespec ts{};
+      ::clock_gettime(CLOCK_MONOTONIC, &ts);
+      if (int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec >= deadline_ns) return std::nullopt;
+      ::usleep(pause);
+    }
+  };
   for (int round = 0; round < kMaxRounds; ++round) {
     if (xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) != 0)
       fail_request("PTRACE_INTERRUPT", tid_);
-    StopInfo s = wait_stop();
+    std::optional<StopInfo> got = next_stop();
+    if (!got) return false;
+    const StopInfo& s = *got;
     switch (s.kind) {
       case StopKind::kEventStop:
         // Our interrupt, or a group-stop (signo SIGSTOP & co.): registers are readable.
-        return s.signo;
+        last_stop_signo_ = s.signo;
+        return true;
       case StopKind::kExited:
         fail("tid ", tid_, " ", describe_exit(s.exit_status), " while being interrupted");
       case StopKind::kSignalStop:

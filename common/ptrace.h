@@ -77,6 +77,12 @@ class TracedThread {
   // Returns the stop's signal: SIGTRAP for the interrupt itself, or the signal of a group-stop
   // the thread was in (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU: a stopped job).
   int interrupt_and_wait();
+  // The same, giving up after `timeout_ms` (a thread in an uninterruptible sleep): false then,
+  // with the thread still attached and the interrupt pending (abandon() it).
+  bool interrupt_and_wait_for(int timeout_ms);
+  // Forgets the thread without detaching it: the kernel ends the link, and drops a pending
+  // interrupt, when this process exits. For a thread that would not stop.
+  void abandon() { attached_ = false; }
   // Waits for the next stop of this thread (__WALL), retrying on EINTR.
   StopInfo wait_stop();
   // PTRACE_CONT, delivering `sig` (0: none, or suppress the signal of a signal-delivery-stop).
@@ -141,12 +147,15 @@ class TracedThread {
   void resume(int request, int sig, const char* why);
   // waitpid(__WALL) for this thread; without `block`, nullopt when it has nothing to report.
   std::optional<StopInfo> poll_stop(bool block);
+  // interrupt_and_wait() until `deadline_ns` (now_ns() clock; < 0: no deadline).
+  bool interrupt_until(int64_t deadline_ns);
   // If the thread is dead: collects it when possible, marks it detached, returns true.
   bool release_if_dead();
   void note_new_task(const StopInfo& s);
 
   pid_t tid_ = -1;
   bool attached_ = false;
+  int last_stop_signo_ = 0;  // of the PTRACE_EVENT_STOP interrupt_until() ended on
   uint64_t injected_ = 0;
   std::vector<pid_t> new_tasks_;
 };

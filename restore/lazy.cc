@@ -40,11 +40,16 @@
 //
 // The userfaultfd is created inside the process (injected userfaultfd(O_CLOEXEC|O_NONBLOCK),
 // or /dev/userfaultfd + USERFAULTFD_IOC_NEW when the system call is refused), pulled out with
-// pidfd_getfd and closed inside at once, so the restored process has exactly the descriptors
-// of its image. UFFDIO_API (EVENT_FORK, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, THREAD_ID)
-// and UFFDIO_REGISTER (MISSING; neighbouring lazy areas in one call) are done from here.
-// Nothing needs to stay parked in the process: the page server's guardian holds a second
-// reference to every uffd, so a dead server means a killed process, never zero pages.
+// pidfd_getfd and closed inside at once. UFFDIO_API (EVENT_FORK, EVENT_REMAP, EVENT_REMOVE,
+// EVENT_UNMAP, THREAD_ID) and UFFDIO_REGISTER (MISSING; neighbouring lazy areas in one call)
+// are done from here.
+// One thing stays parked in the process while pages are owed: the keeper socket
+// (uffd/keeper.h, restore/park.h), which holds a reference to its uffd and to those of the
+// children it forks, so that they die only with it. The page server's guardian holds another
+// (a dead server means a killed process); the parked one covers the server and the guardian
+// dying at the same instant (a hang that can be killed, never zero pages). The server closes
+// it inside the process once nothing is owed: then the process has exactly its image's
+// descriptors again.
 //
 // The page server process ("lazycr-server"): forked by lazycr at [server] with the uffd and
 // a pidfd of the process; it reopens the page store, starts its guardian, takes the process
@@ -68,12 +73,14 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -87,6 +94,8 @@
 #include "common/log.h"
 #include "common/signals.h"
 #include "restore/memory.h"
+#include "restore/park.h"
+#include "uffd/keeper.h"
 #include "uffd/page_server.h"
 #include "uffd/uffd.h"
 
@@ -307,6 +316,20 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       ::dup2(null, 1);
       ::close(null);
     }
+    // Detached, stderr is not ours either (`out=$(lazycr restore --lazy -d ...)` would wait
+    // for the server): messages go to the --log-file, else to a file in a known place.
+    if (l.opts.detached) {
+      int to = log::output_fd();
+      if (to == 2) {
+        const std::string path = server_log_path(::getpid());
+        to = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+        if (to < 0) to = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+      }
+      if (to >= 0 && to != 2) {
+        ::dup2(to, 2);
+        if (to != log::output_fd()) ::close(to);
+      }
+    }
     // Nothing else of lazycr's (in particular not the --pidns reaper's control pipe), except
     // the page store: its reader is lazycr's, index parsed already (this process is a copy of
     // lazycr, single-threaded at the fork); only its descriptor must stay open.
@@ -319,6 +342,8 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       keep.insert(keep.end(), on.begin(), on.end());
       keep.push_back(sp.uffd);
       keep.push_back(sp.pidfd);
+      keep.push_back(sp.keeper_send);
+      keep.push_back(sp.keeper_recv);
     }
     // Every other store of the image too: pages of a tree may be stored once, in another
     // process's store (REF runs), which the served stores read through.
@@ -350,6 +375,9 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     o.window = l.opts.window;
     o.prefetch = l.opts.prefetch;
     o.guardian_log_fd = log_fd;
+    // lazycr writes "go" once it has let every process go (or closes the pipe, failing):
+    // until then it traces them, and their parked keepers cannot be closed.
+    o.release_gate_fd = ctl_rd;
     // No decompress-ahead thread: a chunk it decompressed is dropped whole once a fault has
     // served its first page, which a process reading its memory in order makes the rule
     // (bench/RESULTS.md, "Restore (lazy)": 2 GiB decompressed 2.7-3.0 GiB instead of 2.0,
@@ -369,7 +397,12 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       const uint64_t t_guardian = now_ns();
       for (size_t i = 0; i < l.processes.size(); i++) {
         const ServedProcess& sp = l.processes[i];
-        server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas);
+        std::shared_ptr<uffd::UffdKeeper> keeper;
+        if (sp.keeper_send >= 0)
+          keeper = std::make_shared<uffd::UffdKeeper>(UniqueFd(sp.keeper_send),
+                                                      UniqueFd(sp.keeper_recv), sp.parked_fd);
+        server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas,
+                           std::move(keeper));
       }
       log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
                  (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
@@ -412,6 +445,16 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
   }
   ::_exit(code);
 }
+
+}  // namespace
+
+std::string server_log_path(pid_t server) {
+  if (::mkdir("/run/lazycr", 0755) == 0 || errno == EEXIST)
+    if (::access("/run/lazycr", W_OK) == 0) return cat("/run/lazycr/server-", server, ".log");
+  return cat("/tmp/lazycr-server-", server, ".log");
+}
+
+namespace {
 
 // lazycr's handle on the server process.
 class ServerProcess {
@@ -565,6 +608,7 @@ class LazyStrategy final : public MemoryStrategy {
     if (candidates_.empty()) return;
     drop_present_pages(target);
     make_uffd(target);
+    keeper_ = park_keeper(target, proc_);
     register_areas(target);
     fill_hot_pages();
     // Areas userfaultfd refused: eagerly, while they are still writable.
@@ -583,15 +627,27 @@ class LazyStrategy final : public MemoryStrategy {
     sp.pidfd = target.pidfd();
     sp.store = &store_;
     sp.areas = server_areas_;
+    sp.keeper_send = keeper_.send_end.get();
+    sp.keeper_recv = keeper_.recv_end.get();
+    sp.parked_fd = keeper_.parked_fd;
     group_.add(std::move(sp));
   }
 
   void after_shaping(RemoteProcess& target) override { eager_->after_shaping(target); }
 
-  void before_release(RemoteProcess&) override {
+  void before_release(RemoteProcess& target) override {
     if (!uffd_.valid()) return;
     group_.wait_ready();
-    uffd_.reset();  // the server and its guardian hold it now
+    uffd_.reset();  // the server, its guardian and the parked keeper hold it now
+    if (keeper_.recv_end && !still_parked(target.pid(), keeper_.parked_fd, keeper_.recv_end.get()))
+      log::warn("pid ", target.pid(), ": descriptor ", keeper_.parked_fd,
+                " is no longer the page server's keeper: only the guardian guards its memory");
+    keeper_ = {};
+    // Tests (LAZYCR_FAULT_INJECT=lazycr-stop-before-release): lazycr stops while it still
+    // traces the process, and the server may meanwhile serve everything.
+    const char* inject = ::getenv("LAZYCR_FAULT_INJECT");
+    if (inject != nullptr && std::strcmp(inject, "lazycr-stop-before-release") == 0)
+      send_signal(::getpid(), SIGSTOP);
   }
 
   void on_running(RemoteProcess& target) override { eager_->on_running(target); }
@@ -817,6 +873,7 @@ class LazyStrategy final : public MemoryStrategy {
   std::vector<Range> hot_;
   std::vector<uffd::LazyArea> server_areas_;
   uffd::Userfaultfd uffd_;
+  ParkedKeeper keeper_;
   LazyServerGroup& group_;
   uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
   size_t dropped_present_ = 0;

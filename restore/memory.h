@@ -122,6 +122,11 @@ struct ServedProcess {
   int pidfd = -1;                                 // the process's (inherited)
   const image::PageStoreReader* store = nullptr;  // lazycr's, parsed already (a copy after fork)
   std::vector<uffd::LazyArea> areas;
+  // The keeper socket parked inside the process (restore/park.h): lazycr's duplicates of its
+  // ends (the server inherits them) and its number in the process; -1 when none.
+  int keeper_send = -1;
+  int keeper_recv = -1;
+  int parked_fd = -1;
 };
 
 // The page server of a lazy restore, one for every process of the tree (restore/lazy.cc): each

@@ -29,7 +29,14 @@ struct LazyOptions {
   std::string server_pidfile;   // the server process's pid, written once it is started
   int server_cpu = -1;          // pin the server (and its prefetch thread) to this CPU
                                 // (benchmarks); -1: lazycr's own CPU mask
+  // --detach: the server (and its guardian) must not keep lazycr's caller's terminal or pipes:
+  // their messages go to --log-file, else to server_log_path(server pid).
+  bool detached = false;
 };
+
+// Where a detached page server without --log-file writes its messages (the guardian's too):
+// /run/lazycr/server-PID.log (/tmp/lazycr-server-PID.log when /run/lazycr cannot be made).
+std::string server_log_path(pid_t server);
 
 struct RestoreOptions {
   std::string dir;         // image directory

@@ -56,6 +56,7 @@ class PidFile {
 int run_restore(const RestoreCliOptions& opts) {
   PidFile pidfile(opts.pidfile);
   restore::RestoreOptions ropts = opts.restore;
+  ropts.lazy.detached = opts.detach;
   ropts.before_running = [&](pid_t pid) { pidfile.commit(pid); };
   auto r = restore::restore(ropts);
   const auto& s = r.stats;
@@ -74,6 +75,9 @@ int run_restore(const RestoreCliOptions& opts) {
               " areas left to the page server",
               r.server > 0 ? cat(" (pid ", r.server, ")") : std::string(), ", ", s.hot_pages,
               " hot pages written");
+  if (opts.detach && r.server > 0 && log::output_fd() == 2)
+    log::info("the page server (pid ", r.server, ") writes its messages to ",
+              restore::server_log_path(r.server));
   if (opts.detach) {
     std::printf("%d\n", r.pid);
     std::fflush(stdout);

@@ -262,6 +262,9 @@ int kill_descendants(pid_t root) {
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU})
     ::sigaction(sig, &ign, nullptr);
   sys(SYS_prctl, PR_SET_NAME, reinterpret_cast<long>("lazycr-guardian"));
+  // Its own session and process group: a group kill of the server's (kill -9 -PGID) must not
+  // take the guardian with it, nor one of the guardian's take the server.
+  sys(SYS_setsid);
   // Keep only the socket, the server's pidfd, the log fd and 0-2: no other uffd copy may
   // outlive the server here unannounced.
   int keep[3] = {sock, server_pidfd, log_fd};
@@ -348,8 +351,9 @@ void GuardianClient::send(uint32_t op, uint64_t id, pid_t pid, pid_t parent, con
     if (n == static_cast<ssize_t>(sizeof(m))) return;
     if (n < 0 && errno == EINTR) continue;
     // The guardian is gone: the server goes on without its safety net.
-    log::warn("page server: the guardian (pid ", pid_, ") is gone (sendmsg: ",
-              n < 0 ? std::strerror(errno) : "short", "); serving without it");
+    log::warn("page server: the guardian (pid ", pid_,
+              ") is gone (sendmsg: ", n < 0 ? std::strerror(errno) : "short",
+              "); serving without it");
     sock_.reset();
     return;
   }

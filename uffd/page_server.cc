@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
@@ -26,12 +27,14 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "common/signals.h"
 #include "uffd/guardian.h"
+#include "uffd/keeper.h"
 #include "uffd/owed_set.h"
 #include "uffd/uffd.h"
 
@@ -46,6 +49,7 @@ constexpr int64_t kMaxResolveBackoffNs = 64'000'000;
 constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
 constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the server's own
 constexpr uint64_t kWorkerKey = 3;
+constexpr uint64_t kGateKey = 1;
 constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
 // Prefetch fills are made in pieces of this many bytes; a fault outside the chunk waits for
 // one piece at most (~60 us here, where a whole 2 MiB chunk made it wait ~1 ms).
@@ -156,15 +160,6 @@ std::string hexs(uint64_t v) {
 
 }  // namespace
 
-uint64_t PageServerStats::latency_ns(double q) const {
-  if (fault_latency_ns.empty()) return 0;
-  std::vector<uint32_t> v = fault_latency_ns;
-  q = std::clamp(q, 0.0, 1.0);
-  size_t k = static_cast<size_t>(q * static_cast<double>(v.size() - 1) + 0.5);
-  std::nth_element(v.begin(), v.begin() + static_cast<long>(k), v.end());
-  return v[k];
-}
-
 struct PageServer::Impl {
   struct Proc {
     uint64_t id = 0;
@@ -178,6 +173,7 @@ struct PageServer::Impl {
     bool looked_on_message = false;  // looked for its pid on a message from its uffd
     Userfaultfd uffd;
     UniqueFd pidfd;
+    std::shared_ptr<UffdKeeper> keeper;  // its parked reference (forked children: the parent's)
     std::shared_ptr<const image::PageStoreReader> store;
     OwedSet owed;
     uint64_t cursor = 0;      // prefetch continues upward from here
@@ -285,6 +281,7 @@ struct PageServer::Impl {
     if (!slot.first) slot = {ref.store, ref.store->bytes_decompressed()};
     procs.emplace(ref.id, std::move(p));
     ++stats.processes;
+    if (ref.keeper) ref.keeper->park(ref.uffd.fd());
     guardian.add(ref.id, ref.pid, ref.parent_pid, ref.uffd.fd(), ref.pidfd.get());
     return ref;
   }
@@ -314,13 +311,21 @@ struct PageServer::Impl {
     for (auto it = procs.begin(); it != procs.end();) {
       Proc& p = *it->second;
       const bool done = p.gone || (!p.killed && p.owed.empty() && p.faults.empty());
-      if (!done) {  // (prefetch jobs for it find it gone and are dropped)
+      // A parked uffd keeps its areas registered: its faults need the server until the end.
+      if (!done || (!p.gone && p.keeper)) {  // (prefetch jobs for a gone one are dropped)
         ++it;
         continue;
       }
       free_proc(p);
       it = procs.erase(it);
     }
+  }
+
+  // Only processes kept for their parked uffd are left, owing nothing.
+  bool all_done() const {
+    for (const auto& [id, p] : procs)
+      if (p->gone || p->killed || !p->owed.empty() || !p->faults.empty()) return false;
+    return true;
   }
 
   // "Nothing owed" is noted when fills or the program's own drops empty the last owed set,
@@ -465,7 +470,8 @@ struct PageServer::Impl {
         child->parent_id = p.id;
         child->parent_pid = p.pid;
         child->store = p.store;
-        child->owed = p.owed;  // what the parent owed at this moment
+        child->keeper = p.keeper;  // the child inherited the parked descriptor
+        child->owed = p.owed;      // what the parent owed at this moment
         child->cursor = p.cursor;
         child->killed = p.killed;  // a killed parent's fork is cancelled by the kill
         child->preexisting = p.preexisting;
@@ -1010,8 +1016,15 @@ struct PageServer::Impl {
     } catch (const std::exception& e) {
       kill(p, e.what());
     }
+    // Tests (LAZYCR_FAULT_INJECT=server-stop-mid-prefetch): stopped after one chunk, pages
+    // still owed, for a test to kill the server and its guardian in a chosen order.
+    if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);
   }
   std::unique_ptr<char[]> prefetch_buf;  // prefetch without the worker: one piece
+  bool stop_mid_prefetch = [] {
+    const char* f = ::getenv("LAZYCR_FAULT_INJECT");
+    return f != nullptr && std::strcmp(f, "server-stop-mid-prefetch") == 0;
+  }();
   std::vector<pollfd> pfds;
 
   // ---- the loop -----------------------------------------------------------------------------
@@ -1039,10 +1052,24 @@ struct PageServer::Impl {
     }
   }
 
+  // Parked uffds first, then ours (and the guardian's copies): the areas are plain memory
+  // before any thread is stopped to close a parked descriptor, so no fault can wait for us.
   void release_all() {
     stop_worker();
+    std::map<std::shared_ptr<UffdKeeper>, std::vector<pid_t>> holders;
+    for (auto& [id, p] : procs)
+      if (p->keeper) {
+        auto& h = holders[p->keeper];
+        if (!p->gone && p->pid > 0) h.push_back(p->pid);
+      }
+    for (auto& [k, pids] : holders) k->drop_parked();
     for (auto& [id, p] : procs) free_proc(*p);
     procs.clear();
+    for (auto& [k, pids] : holders) {
+      const UffdKeeper::Released r = k->close_parked(pids);
+      stats.parked_closed += r.closed;
+      stats.parked_left += r.left;
+    }
   }
 
   const PageServerStats& run() {
@@ -1053,10 +1080,12 @@ struct PageServer::Impl {
     next_probe = now_ns() + kProbeIntervalNs;
     note_if_all_served();
     bool stopped = false;
+    bool gate_open = opt.release_gate_fd < 0;
+    if (!gate_open) watch(opt.release_gate_fd, kGateKey);
     epoll_event evs[64];
     for (;;) {
       reap();
-      if (procs.empty()) break;
+      if (procs.empty() || (gate_open && all_done())) break;
       // Faults read between the pieces of a prefetch chunk: their uffd may not be readable
       // any more.
       for (auto& [id, p] : procs)
@@ -1083,6 +1112,11 @@ struct PageServer::Impl {
         const uint64_t key = evs[i].data.u64;
         if (key == kStopKey) {
           stopped = true;
+          continue;
+        }
+        if (key == kGateKey) {  // (level-triggered: watched no more)
+          unwatch(opt.release_gate_fd);
+          gate_open = true;
           continue;
         }
         if (key == kWorkerKey) {
@@ -1134,7 +1168,8 @@ PageServer::~PageServer() {
 
 void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
                              std::shared_ptr<const image::PageStoreReader> store,
-                             const std::vector<LazyArea>& areas) {
+                             const std::vector<LazyArea>& areas,
+                             std::shared_ptr<UffdKeeper> keeper) {
   if (pid <= 0) fail("page server: refusing pid ", pid);
   if (!uffd) fail("page server: pid ", pid, ": no uffd");
   if (!store) fail("page server: pid ", pid, ": no page store");
@@ -1183,6 +1218,7 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   p->preexisting = pids_of(children_of(pid));
   impl_->seen_pids.insert(pid);
   p->store = std::move(store);
+  p->keeper = std::move(keeper);
   impl_->add(std::move(p));
 }
 
@@ -1229,52 +1265,12 @@ std::string PageServer::summary() const {
       << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
       << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
       << ", remove " << s.events_remove << ", unmap " << s.events_unmap << ", exits " << s.exits;
+  if (s.parked_left > 0)
+    out << "; " << s.parked_left << " keeper descriptor" << (s.parked_left == 1 ? "" : "s")
+        << " left in place";
   if (s.killed > 0) out << "; KILLED " << s.killed << ": " << s.errors.front();
   out << ".";
   return out.str();
-}
-
-void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
-  w.field("processes", s.processes);
-  w.field("faults", s.faults);
-  w.key("pages");
-  w.begin_object();
-  w.field("by_fault", s.fault_pages);
-  w.field("by_prefetch", s.prefetch_pages);
-  w.field("zero", s.zero_pages);
-  w.field("dropped", s.dropped_pages);
-  w.end_object();
-  w.field("faults_not_owed", s.not_owed_faults);
-  w.field("faults_answered_by_prefetch", s.prefetch_waits);
-  w.key("fault_latency_ns");
-  w.begin_object();
-  w.field("p50", s.latency_ns(0.5));
-  w.field("p90", s.latency_ns(0.9));
-  w.field("p99", s.latency_ns(0.99));
-  w.field("max", s.latency_ns(1.0));
-  w.end_object();
-  w.field("bytes_decompressed", s.bytes_decompressed);
-  w.field("fill_ioctls", s.copy_ioctls);
-  w.key("fill_answers");
-  w.begin_object();
-  w.field("eexist", s.eexist);
-  w.field("eagain", s.eagain);
-  w.field("enoent", s.enoent);
-  w.end_object();
-  w.key("events");
-  w.begin_object();
-  w.field("fork", s.events_fork);
-  w.field("remap", s.events_remap);
-  w.field("remove", s.events_remove);
-  w.field("unmap", s.events_unmap);
-  w.field("exit", s.exits);
-  w.end_object();
-  w.field("children_found", s.children_found);
-  w.field("killed", s.killed);
-  w.key("errors");
-  w.begin_array();
-  for (const std::string& e : s.errors) w.value(e);
-  w.end_array();
 }
 
 void PageServer::write_stats_json(const std::string& path) const {

@@ -87,8 +87,12 @@
 //   buffers); the loop never waits for it: it polls the uffds between copies and a fault
 //   always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
-//   treats its areas as plain memory: no fault can need the server any more); run() returns
-//   when no process is left.
+//   treats its areas as plain memory: no fault can need the server any more), unless it has
+//   a keeper (its uffd is parked inside it, uffd/keeper.h): then its areas stay registered
+//   until the keeper lets go, so the server keeps answering its faults (zero pages: nothing
+//   is owed) until the end. run() returns when no process is left that owes anything (and
+//   the release gate is open, see PageServerOptions); then the parked uffds are dropped, the
+//   uffds closed, and last the parked descriptors closed inside the processes (keeper.h).
 //
 // Safety:
 // - A page the server cannot serve correctly (the store throws: a corrupt frame, a read
@@ -137,6 +141,8 @@
 
 namespace lazycr::uffd {
 
+class UffdKeeper;
+
 struct LazyArea {
   uint64_t start = 0;  // page aligned
   uint64_t end = 0;    // page aligned, > start
@@ -148,6 +154,10 @@ struct PageServerOptions {
   uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch chunk (page multiple)
   bool prefetch_thread = true;                // decompress ahead on a second thread
   int guardian_log_fd = 2;                    // where the guardian writes its message
+  // When >= 0: the keepers (uffd/keeper.h) are released, and run() returns, only once this
+  // descriptor is readable or hung up (lazycr's restore traces the processes until then, so
+  // their parked descriptors could not be closed). Not read; watched until it is.
+  int release_gate_fd = -1;
 };
 
 // Every time is in nanoseconds from the start of run(); -1 when it did not happen.
@@ -172,6 +182,8 @@ struct PageServerStats {
   uint64_t exits = 0;                      // processes seen exiting (pidfd) or gone (ESRCH)
   uint64_t children_found = 0;             // forked children whose pid was found
   uint64_t killed = 0;                     // processes killed rather than served wrong memory
+  uint64_t parked_closed = 0;              // keeper descriptors closed inside a process
+  uint64_t parked_left = 0;                // ... left there (traced by someone else, ...)
   std::vector<uint32_t> fault_latency_ns;  // per fault: message read -> fill returned
   std::vector<std::string> errors;         // one line per killed process
 
@@ -195,9 +207,12 @@ class PageServer {
   // `pidfd` for its exit. It owes every page of `store` (DATA, REF or ZERO runs) inside `areas`;
   // pages of the areas not in the store are zero-filled on fault. Throws Error on a bad
   // argument (areas unaligned or overlapping, a run kind it cannot serve).
+  // `keeper` (optional, uffd/keeper.h): the reference parked inside the process; the server
+  // parks this uffd and those of its forked children there, and releases them at the end.
   void add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
                    std::shared_ptr<const image::PageStoreReader> store,
-                   const std::vector<LazyArea>& areas);
+                   const std::vector<LazyArea>& areas,
+                   std::shared_ptr<UffdKeeper> keeper = nullptr);
 
   // Forks the guardian (see Safety) and hands it the processes added so far; later ones are
   // handed over as they come. Call before run().

@@ -1,12 +1,17 @@
 // `lazycr check` as users run it: the real binary, text and JSON, on this machine (where every
 // required feature is present, DESIGN.md section 7).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
+#include <sstream>
 #include <string>
 
+#include "common/proc.h"
 #include "tests/e2e/harness.h"
+#include "tests/e2e/restore_helpers.h"
 
 namespace lazycr::test {
 namespace {
@@ -102,6 +107,49 @@ TEST(Check, JsonIsValid) {
                           dir / "check.json"});
   EXPECT_EQ(parsed.exit_code, 0) << parsed.err;
   EXPECT_EQ(parsed.out, "valid\n");
+}
+
+// Is `pid` dead or dying: a zombie, or SIGKILL pending?
+bool dying(pid_t pid) {
+  auto status = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
+  if (!status) return true;
+  std::istringstream in(*status);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("State:", 0) == 0 && line.find('Z') != std::string::npos) return true;
+    if (line.rfind("SigPnd:", 0) == 0 || line.rfind("ShdPnd:", 0) == 0)
+      if (std::stoull(line.substr(7), nullptr, 16) & (1ull << (SIGKILL - 1))) return true;
+  }
+  return false;
+}
+
+// A lazycr killed while a probe child is stopped (LAZYCR_FAULT_INJECT=kill-during-probe): the
+// child must die with it (it would stay stopped for ever, holding lazycr's stdout, so that a
+// `$(lazycr check)` never returned).
+TEST(Check, ProbeChildrenDieWithAKilledLazycr) {
+  StateTarget t;
+  TempDir images;
+  t.dump(images / "img");
+  for (std::vector<std::string> args :
+       {std::vector<std::string>{"check"},
+        std::vector<std::string>{"restore", "--lazy", "--shell-job", "-D", images / "img"}}) {
+    SCOPED_TRACE(args[0]);
+    args.insert(args.begin(), lazycr_bin());
+    setenv("LAZYCR_FAULT_INJECT", "kill-during-probe", 1);
+    Child lz(args);
+    unsetenv("LAZYCR_FAULT_INJECT");
+    EXPECT_EQ(lz.wait(), 128 + SIGKILL);
+    // Its children are ours now (the harness is a child subreaper).
+    for (pid_t c : proc::list_children(getpid())) {
+      EXPECT_TRUE(dying(c))
+          << "probe child " << c << " outlived lazycr: "
+          << proc::try_read_file("/proc/" + std::to_string(c) + "/stat").value_or("gone");
+      if (c > 0) kill(c, SIGKILL);
+      int status;
+      waitpid(c, &status, 0);
+    }
+    EXPECT_EQ(lz.read_rest(), "");  // end of file: nothing holds lazycr's stdout any more
+  }
 }
 
 TEST(Check, HelpExitsZero) {

@@ -18,6 +18,10 @@
 //             every page (dropped ones zero); the parent then checks every page (the child's
 //             drop must not reach it), and the child's verdict
 //   threads   N threads fault the same owed pages in the same order at once
+//   forkwait  fork a child that touches nothing, print "forkwait ok child=PID"; the child
+//             waits for the file <cmd-file>.child, removes it, checks every page of the fork
+//             area and the --mib area (all owed by its own uffd) and prints "child ok" or
+//             "child FAILED: why" (a child whose uffd was lost reads zeros)
 //   all       check every page of every area not changed by a command (and the --mib area)
 //   exit      exit 0
 // Content: word k of the page at image address A is mix(A + 8k), except every 8th page of an
@@ -209,6 +213,29 @@ std::string cmd_fork() {
   return why;
 }
 
+std::string cmd_forkwait(const std::string& cmd_file, pid_t* child_out) {
+  std::fflush(stdout);
+  pid_t child = fork();
+  if (child < 0) return std::string("fork: ") + std::strerror(errno);
+  if (child == 0) {
+    const std::string file = cmd_file + ".child";
+    struct stat st;
+    while (stat(file.c_str(), &st) != 0) {
+      struct timespec ts = {0, 1000000};
+      nanosleep(&ts, nullptr);
+    }
+    unlink(file.c_str());
+    std::string why = check(g_area[kFork], g_image[kFork], 0, kAreaPages, "child: fork area");
+    if (why.empty() && g_big != nullptr)
+      why = check(g_big, reinterpret_cast<uint64_t>(g_big), 0, g_big_pages, "child: big area");
+    std::printf("child %s\n", why.empty() ? "ok" : ("FAILED: " + why).c_str());
+    std::fflush(stdout);
+    _exit(0);
+  }
+  *child_out = child;
+  return "";
+}
+
 std::atomic<int> g_arrived{0};
 std::atomic<bool> g_start{false};
 
@@ -313,9 +340,10 @@ int main(int argc, char** argv) {
     }
     unlink(cmd_file.c_str());
     static const char* const kCmds[] = {"remap",   "dontneed", "unmap", "fork",
-                                        "threads", "all",      "exit"};
+                                        "threads", "all",      "exit",  "forkwait"};
     int which = -1;
-    for (int i = 0; i < 7; i++)
+    pid_t forked = 0;
+    for (int i = 0; i < 8; i++)
       if (word == kCmds[i]) which = i;
     if (which < 0) {
       std::printf("%s FAILED: unknown command\n", word.c_str());
@@ -347,9 +375,14 @@ int main(int argc, char** argv) {
         case 5:
           why = cmd_all();
           break;
+        case 7:
+          why = cmd_forkwait(cmd_file, &forked);
+          break;
       }
     }
-    if (why.empty())
+    if (why.empty() && forked > 0)
+      std::printf("%s ok child=%d\n", word.c_str(), forked);
+    else if (why.empty())
       std::printf("%s ok\n", word.c_str());
     else
       std::printf("%s FAILED: %s\n", word.c_str(), why.c_str());
