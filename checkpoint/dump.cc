@@ -36,8 +36,8 @@
 #include "common/signals.h"
 #include "common/vdso.h"
 #include "image-format/image_dir.h"
-#include "image-format/unrestorable.h"
 #include "image-format/image_mac.h"
+#include "image-format/unrestorable.h"
 
 namespace lazycr::checkpoint {
 namespace {
