@@ -80,7 +80,7 @@ std::string shared_path(const std::string& dir) {
 
 namespace {
 
-// "format 1, this lazycr reads 2", with a hint at which side is older.
+// "format 1, this lazycr reads 3", with a hint at which side is older.
 std::string version_mismatch(uint32_t version) {
   return cat("format ", version, ", this lazycr reads ", kFormatVersion,
              version < kFormatVersion ? " (the image is from an older lazycr)"
