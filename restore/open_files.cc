@@ -10,6 +10,7 @@
 #include <set>
 
 #include "common/error.h"
+#include "common/file_type.h"
 #include "common/proc.h"
 
 namespace lazycr::restore {
@@ -26,35 +27,16 @@ int64_t ns_of(const struct timespec& t) {
   return static_cast<int64_t>(t.tv_sec) * 1000000000ll + t.tv_nsec;
 }
 
-std::string type_name(mode_t mode) {
-  switch (mode & S_IFMT) {
-    case S_IFREG:
-      return "a regular file";
-    case S_IFDIR:
-      return "a directory";
-    case S_IFCHR:
-      return "a character device";
-    case S_IFBLK:
-      return "a block device";
-    case S_IFIFO:
-      return "a FIFO";
-    case S_IFSOCK:
-      return "a socket";
-    case S_IFLNK:
-      return "a symbolic link";
-    default:
-      return cat("file type ", std::oct, mode & S_IFMT);
-  }
-}
-
 bool is_pty(uint64_t rdev) {
   return major(rdev) >= kPtySlaveMajor && major(rdev) < kPtySlaveMajor + kPtySlaveMajors;
 }
 
 // Devices are opened non-blocking (a serial line would wait for its carrier) and get their
-// status flags afterwards.
+// status flags afterwards. The open goes through the /proc/self/fd link of the O_PATH
+// descriptor already checked, which O_NOFOLLOW would refuse (ELOOP: sqlite opens its database
+// with it).
 int open_flags(const OpenRequest& req) {
-  int flags = (req.flags & ~(O_CREAT | O_EXCL | O_TRUNC)) | O_CLOEXEC | O_NOCTTY;
+  int flags = (req.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOFOLLOW)) | O_CLOEXEC | O_NOCTTY;
   if (req.type == S_IFCHR || req.type == S_IFBLK) flags |= O_NONBLOCK;
   return flags;
 }
@@ -114,7 +96,7 @@ OpenRequest request_for_fd(const FileDescriptor& f) {
 void check_identity(const struct stat& st, const OpenRequest& req) {
   const std::string name = cat(req.what, " ", req.path);
   if ((st.st_mode & S_IFMT) != req.type)
-    fail(name, " is ", type_name(st.st_mode), ", not ", type_name(req.type),
+    fail(name, " is ", file_type_name(st.st_mode), ", not ", file_type_name(req.type),
          " as in the image; lazycr will not open it");
   auto changed = [&](const char* field, auto before, auto now) {
     fail(name, " changed since the dump (", field, " ", before, " -> ", now, ")");
