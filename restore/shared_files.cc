@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "common/file_type.h"
 #include "common/proc.h"
 #include "restore/open_files.h"
 
@@ -79,27 +80,6 @@ std::string socket_type(int type) {
       return "SOCK_SEQPACKET";
     default:
       return cat("type ", type);
-  }
-}
-
-std::string file_type(mode_t mode) {
-  switch (mode & S_IFMT) {
-    case S_IFREG:
-      return "a regular file";
-    case S_IFDIR:
-      return "a directory";
-    case S_IFCHR:
-      return "a character device";
-    case S_IFBLK:
-      return "a block device";
-    case S_IFIFO:
-      return "a FIFO";
-    case S_IFSOCK:
-      return "a socket";
-    case S_IFLNK:
-      return "a symbolic link";
-    default:
-      return cat("mode ", mode & S_IFMT);
   }
 }
 
@@ -458,7 +438,7 @@ class Builder {
     // The path must still be the FIFO the image's descriptors had open.
     auto check = [&](const struct stat& st) {
       if (!S_ISFIFO(st.st_mode))
-        fail(what, " is not a FIFO any more (now ", file_type(st.st_mode), ")");
+        fail(what, " is not a FIFO any more (now ", file_type_name(st.st_mode), ")");
       for (const Description* d : ds) {
         const auto& id = d->f().file();
         if (id.inode() == 0) continue;
