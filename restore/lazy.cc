@@ -297,6 +297,7 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
 [[noreturn]] void server_main(const ServerLaunch& l, int ready_wr, int ctl_rd) {
   int code = 1;
   bool ready = false;
+  std::string own_log;  // the log file this server made (detached, no --log-file)
   try {
     ::setsid();
     ::prctl(PR_SET_NAME, "lazycr-server", 0, 0, 0);
@@ -321,8 +322,8 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     if (l.opts.detached) {
       int to = log::output_fd();
       if (to == 2) {
-        const std::string path = server_log_path(::getpid());
-        to = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+        own_log = server_log_path(::getpid());
+        to = ::open(own_log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
         if (to < 0) to = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
       }
       if (to >= 0 && to != 2) {
@@ -433,6 +434,11 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       code = stats.killed > 0 ? 1 : 0;
     }
     // Without the message the restore failed: lazycr reports that; nothing to add.
+    // A log nobody wrote to says nothing: one per detached restore would pile up (the
+    // guardian, which shares it, has been reaped by now).
+    struct stat st;
+    if (!own_log.empty() && ::stat(own_log.c_str(), &st) == 0 && st.st_size == 0)
+      ::unlink(own_log.c_str());
   } catch (const std::exception& e) {
     g_server = nullptr;
     if (!ready) {
