@@ -69,8 +69,8 @@ std::string g_thread_verdict;
 std::atomic<pid_t> g_tid{0};
 
 void* worker(void*) {
-  // SIGUSR1 is for the main thread, which waits for it in pause(): taken here, it would leave
-  // the main thread paused for ever.
+  // SIGUSR1 is for the main thread, which waits for it: taken here, it would leave the
+  // main thread waiting for ever.
   sigset_t usr1;
   sigemptyset(&usr1);
   sigaddset(&usr1, SIGUSR1);
@@ -119,7 +119,13 @@ int main() {
   }
   std::printf("ready pid=%d tids=%d,%d\n", getpid(), getpid(), g_tid.load());
   std::fflush(stdout);
-  while (!g_verify) pause();
+  // Not pause(): a SIGUSR1 landing between the check and pause() would be slept through (the
+  // classic lost wake-up; a restore widens the window: the pause() it hands back to the kernel
+  // is restarted right after a handler that runs first).
+  while (!g_verify) {
+    timespec ts{0, 5000000};
+    nanosleep(&ts, nullptr);
+  }
   std::string why = check_thread();
   g_phase = 1;
   pthread_join(t, nullptr);

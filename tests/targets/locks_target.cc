@@ -94,7 +94,13 @@ int main(int argc, char** argv) {
   }
   std::printf("ready pid=%d\n", getpid());
   std::fflush(stdout);
-  while (!g_verify) pause();
+  // Not pause(): a SIGUSR1 landing between the check and pause() would be slept through (the
+  // classic lost wake-up; a restore widens the window: the pause() it hands back to the kernel
+  // is restarted right after a handler that runs first).
+  while (!g_verify) {
+    timespec ts{0, 5000000};
+    nanosleep(&ts, nullptr);
+  }
 
   int out[2];
   if (pipe(out) != 0) return 2;

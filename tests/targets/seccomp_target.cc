@@ -158,7 +158,13 @@ int strict_main() {
   }
   std::printf("ready pid=%d tids=%d,%d\n", getpid(), getpid(), g_v.load());
   std::fflush(stdout);
-  while (!g_verify) pause();
+  // Not pause(): a SIGUSR1 landing between the check and pause() would be slept through (the
+  // classic lost wake-up; a restore widens the window: the pause() it hands back to the kernel
+  // is restarted right after a handler that runs first).
+  while (!g_verify) {
+    timespec ts{0, 5000000};
+    nanosleep(&ts, nullptr);
+  }
   std::string why;
   if (status_of(g_v, "Seccomp") != "1")
     why = "strict thread shows Seccomp " + status_of(g_v, "Seccomp");
@@ -186,7 +192,7 @@ int main(int argc, char** argv) {
     perror("prctl A");
     return 2;
   }
-  // SIGUSR1 is for the main thread (in pause()): the threads start with it blocked.
+  // SIGUSR1 is for the main thread (waiting for it): the threads start with it blocked.
   sigset_t usr1, old;
   sigemptyset(&usr1);
   sigaddset(&usr1, SIGUSR1);
@@ -201,7 +207,13 @@ int main(int argc, char** argv) {
   }
   std::printf("ready pid=%d tids=%d,%d,%d\n", getpid(), getpid(), g_t.load(), g_u.load());
   std::fflush(stdout);
-  while (!g_verify) pause();
+  // Not pause(): a SIGUSR1 landing between the check and pause() would be slept through (the
+  // classic lost wake-up; a restore widens the window: the pause() it hands back to the kernel
+  // is restarted right after a handler that runs first).
+  while (!g_verify) {
+    timespec ts{0, 5000000};
+    nanosleep(&ts, nullptr);
+  }
 
   std::string why = check_self(false, 1);
   g_phase = 1;
