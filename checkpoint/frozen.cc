@@ -90,7 +90,16 @@ bool FrozenProcess::seize_new_threads() {
     if (frozen_at_ == 0) frozen_at_ = now_ns();
     seen_.insert(tid);
     added = true;
-    const int signo = threads_.back().interrupt_and_wait();
+    int signo = 0;
+    try {
+      signo = threads_.back().interrupt_and_wait();
+    } catch (const Error&) {
+      // A thread that exits while being interrupted is gone as well (the kernel ended the
+      // link); the leader's exit is the process's, which the caller handles.
+      if (tid == pid_ || threads_.back().attached()) throw;
+      threads_.pop_back();
+      continue;
+    }
     if (tid == pid_ && is_stop_signal(signo)) stop_signo_ = signo;
   }
   if (added) {
