@@ -89,7 +89,8 @@ UniqueFd open_watched(const FdinfoWatch& w) {
     std::string id, parent, devno, root, point;
     f >> id >> parent >> devno >> root >> point;
     if (devno != cat(major, ":", minor)) continue;
-    UniqueFd mnt(::open(point.c_str(), O_PATH | O_CLOEXEC));
+    // Not O_PATH: this kernel refuses (EBADF) to decode a directory's handle through one.
+    UniqueFd mnt(::open(point.c_str(), O_RDONLY | O_DIRECTORY | O_NONBLOCK | O_CLOEXEC));
     if (!mnt) continue;
     std::vector<char> buf(sizeof(file_handle) + w.handle.size());
     auto* fh = reinterpret_cast<file_handle*>(buf.data());

@@ -13,7 +13,7 @@
 //   opath:    DIR/a opened O_PATH;
 //   inotify-unread, pidfd-outside: what the dump refuses (prints "refused fd=N" first);
 //   devices:  /dev/null (O_WRONLY|O_APPEND), /dev/zero, /dev/urandom (O_NONBLOCK), /dev/random,
-//             /dev/full.
+//             /dev/full, and /dev/null again O_PATH.
 // Prints "ready pid=P" and, on SIGUSR1, checks each; prints "verified ok" or
 // "verify FAILED: why" and exits 0 or 1.
 #include <fcntl.h>
@@ -21,6 +21,7 @@
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/inotify.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -185,7 +186,7 @@ struct Signalfd {
   }
   void verify() {
     check(flags_of(fd) & O_NONBLOCK, "signalfd lost O_NONBLOCK");
-    check(fdinfo(fd, "sigmask") == "0000000010000800",
+    check(fdinfo(fd, "sigmask") == "0000000008000800",
           "signalfd: sigmask " + fdinfo(fd, "sigmask"));
     kill(getpid(), SIGUSR2);
     signalfd_siginfo si{};
@@ -253,6 +254,7 @@ struct Opath {
   int fd;
   struct stat st;
   void setup(const std::string& dir) {
+    close(open((dir + "/a").c_str(), O_WRONLY | O_CREAT, 0644));
     fd = open((dir + "/a").c_str(), O_PATH);
     fstat(fd, &st);
   }
@@ -267,7 +269,7 @@ struct Opath {
 };
 
 struct Devices {
-  int null, zero, urandom, random, full;
+  int null, zero, urandom, random, full, path_null;
   int fl[5];
   void setup() {
     null = open("/dev/null", O_WRONLY | O_APPEND);
@@ -275,6 +277,7 @@ struct Devices {
     urandom = open("/dev/urandom", O_RDONLY | O_NONBLOCK);
     random = open("/dev/random", O_RDONLY);
     full = open("/dev/full", O_WRONLY);
+    path_null = open("/dev/null", O_PATH);
     int fds[5] = {null, zero, urandom, random, full};
     for (int i = 0; i < 5; i++) fl[i] = flags_of(fds[i]);
   }
@@ -293,6 +296,9 @@ struct Devices {
     check(read(random, buf, 16) == 16, "/dev/random: read");
     check(write(null, buf, 8) == 8, "/dev/null: write");
     check(write(full, buf, 8) < 0 && errno == ENOSPC, "/dev/full: write did not fail ENOSPC");
+    struct stat st;
+    check(fstat(path_null, &st) == 0 && S_ISCHR(st.st_mode) && (flags_of(path_null) & O_PATH),
+          "/dev/null O_PATH: not an O_PATH descriptor of the device");
   }
 };
 
@@ -340,6 +346,8 @@ int main(int argc, char** argv) {
     shared = eventfd(0, 0);
     child = fork();
     if (child == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a test that fails before the dump leaves no orphan
+      if (getppid() == 1) _exit(1);
       wait_for_verify();
       uint64_t v = 0;
       // One description: what the parent wrote is here.
