@@ -610,8 +610,9 @@ void probe_kcmp(KernelFeatures& f) {
   const pid_t me = ::getpid();
   long r = ::syscall(SYS_kcmp, me, me, KCMP_FILE, a.get(), b.get());
   f.kcmp_file = r == 0;
-  f.notes["kcmp.file"] = r == 0 ? "kcmp(KCMP_FILE) tells a dup from its original"
-                                : cat("kcmp(KCMP_FILE): ", r < 0 ? err_text(errno) : cat("gave ", r));
+  f.notes["kcmp.file"] = r == 0
+                             ? "kcmp(KCMP_FILE) tells a dup from its original"
+                             : cat("kcmp(KCMP_FILE): ", r < 0 ? err_text(errno) : cat("gave ", r));
 }
 
 void probe_xsave(KernelFeatures& f) {

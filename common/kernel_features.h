@@ -23,14 +23,15 @@ struct KernelFeatures {
   bool pidfd_open = false;
   bool pidfd_getfd = false;
   bool clone3_set_tid = false;
-  bool timerfd_set_ticks = false;  // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE)
-  bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
   bool pr_set_mm_map = false;   // prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) answers
   bool arch_map_vdso = false;   // ARCH_MAP_VDSO_64 known, and maps a vdso once the old is gone
   bool pagemap_scan = false;    // PAGEMAP_SCAN ioctl on /proc/self/pagemap
   bool soft_dirty = false;      // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
+  // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:
+  bool timerfd_set_ticks = false;  // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE)
+  bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
   // Added by the probes (0/false when a probe could not run):
   bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
   uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it
