@@ -1,6 +1,7 @@
 // Open file descriptors of a frozen process.
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 
 #include <sys/syscall.h>
@@ -29,7 +30,12 @@ bool starts_with(const std::string& s, const std::string& prefix) {
   return s.rfind(prefix, 0) == 0;
 }
 
-FileDescriptor::Kind classify(const std::string& target, const struct stat* st) {
+// MQUEUE_MAGIC (linux/magic.h): a message queue's inode is a regular file of the mqueue file
+// system, named "/NAME" like a path of the root directory that it is not.
+constexpr long kMqueueMagic = 0x19800202;
+
+FileDescriptor::Kind classify(const std::string& target, const struct stat* st,
+                              const std::string& link) {
   if (starts_with(target, "pipe:")) return FileDescriptor::PIPE;
   if (starts_with(target, "socket:")) return FileDescriptor::SOCKET;
   if (starts_with(target, "anon_inode:")) {
@@ -47,6 +53,9 @@ FileDescriptor::Kind classify(const std::string& target, const struct stat* st) 
   }
   if (starts_with(target, "/memfd:")) return FileDescriptor::MEMFD;
   if (st == nullptr) return FileDescriptor::UNKNOWN;
+  struct statfs fs;
+  if (S_ISREG(st->st_mode) && ::statfs(link.c_str(), &fs) == 0 && fs.f_type == kMqueueMagic)
+    return FileDescriptor::MQUEUE;
   if (S_ISREG(st->st_mode)) return FileDescriptor::REGULAR;
   if (S_ISDIR(st->st_mode)) return FileDescriptor::DIRECTORY;
   if (S_ISCHR(st->st_mode)) return FileDescriptor::CHARDEV;
@@ -103,7 +112,7 @@ std::vector<image::FileDescriptor> collect_fds(
     d.set_pos(info.pos);
     struct stat st;
     bool have_stat = ::stat(link.c_str(), &st) == 0;
-    auto kind = classify(target, have_stat ? &st : nullptr);
+    auto kind = classify(target, have_stat ? &st : nullptr, link);
     d.set_kind(kind);
     bool deleted = ends_with(target, kDeletedSuffix);
     switch (kind) {

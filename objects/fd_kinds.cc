@@ -13,7 +13,7 @@ namespace {
 
 // Every descriptor kind lazycr restores beyond files, pipes and sockets.
 const FdKind* const kFdKinds[] = {
-    &kEventfdKind, &kTimerfdKind, &kSignalfdKind, &kInotifyKind, &kPidfdKind,
+    &kEventfdKind, &kTimerfdKind, &kSignalfdKind, &kInotifyKind, &kPidfdKind, &kMqueueKind,
 };
 
 }  // namespace
@@ -26,7 +26,7 @@ const FdKind* fd_kind(image::FileDescriptor::Kind kind) {
 
 const FdKind* fd_kind_of_anon(const std::string& anon_name) {
   for (const FdKind* k : kFdKinds)
-    if (anon_name == k->anon_name) return k;
+    if (k->anon_name != nullptr && anon_name == k->anon_name) return k;
   return nullptr;
 }
 

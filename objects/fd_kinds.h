@@ -45,11 +45,17 @@ struct FdCreateContext {
   // names; throws otherwise. A kind acts on what this returns, never on the path again.
   std::function<UniqueFd(const std::string& path, bool directory, uint64_t dev, uint64_t inode)>
       open_readable;
+  // Runs `f` once as each holder of the description (its file-system identity: fsuid, fsgid,
+  // groups, effective capabilities), for kernel objects named outside the file system (a
+  // message queue): each holder must be allowed to.
+  std::function<void(const std::function<void()>& f)> as_holders;
 };
 
 struct FdKind {
   image::FileDescriptor::Kind kind;
-  const char* anon_name;  // what /proc/PID/fd/N reads after "anon_inode:" ("[eventfd]")
+  // What /proc/PID/fd/N reads after "anon_inode:" ("[eventfd]"); nullptr for a kind
+  // checkpoint/files.cc tells otherwise (a message queue: by its file system).
+  const char* anon_name;
   // Dump: fills this kind's fields of `f` (flags, cloexec and file_id are the caller's); throws
   // Error saying why lazycr cannot restore this one (the dump then refuses it by pid and fd).
   void (*dump)(const FdDumpSource& src, image::FileDescriptor& f);
@@ -78,6 +84,7 @@ std::optional<std::string> fdinfo_value(const std::string& fdinfo, const std::st
 uint64_t fdinfo_number(const std::string& fdinfo, const std::string& key, int base);
 
 // Each kind, one file each (objects/eventfd.cc, ...).
-extern const FdKind kEventfdKind, kTimerfdKind, kSignalfdKind, kInotifyKind, kPidfdKind;
+extern const FdKind kEventfdKind, kTimerfdKind, kSignalfdKind, kInotifyKind, kPidfdKind,
+    kMqueueKind;
 
 }  // namespace lazycr::objects

@@ -307,4 +307,9 @@ UniqueFd open_here_as(const image::Credentials& creds, const OpenRequest& req) {
   return fd;
 }
 
+void run_as(const image::Credentials& creds, const std::function<void()>& f) {
+  ActingAs as(creds);
+  f();
+}
+
 }  // namespace lazycr::restore

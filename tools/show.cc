@@ -201,6 +201,14 @@ std::string fd_state_text(const image::FileDescriptor& f) {
     return s;
   }
   if (f.has_pidfd()) return cat("pidfd of pid ", f.pidfd().pid());
+  if (f.has_mqueue()) {
+    const auto& q = f.mqueue();
+    size_t bytes = 0;
+    for (const auto& m : q.messages()) bytes += m.data().size();
+    return cat("mqueue ", q.name(), q.unlinked() ? " (unlinked)" : "", " mode 0", std::oct,
+               q.mode(), std::dec, " ", q.max_messages(), " x ", q.message_size(), " bytes, ",
+               q.messages_size(), " queued (", bytes, " bytes)");
+  }
   return "";
 }
 
