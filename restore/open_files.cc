@@ -306,4 +306,9 @@ UniqueFd open_here_as(const image::Credentials& creds, const OpenRequest& req) {
   return fd;
 }
 
+void run_here_as(const image::Credentials& creds, const std::function<void()>& fn) {
+  ActingAs as(creds);
+  fn();
+}
+
 }  // namespace lazycr::restore

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -55,5 +56,9 @@ void push_leave_identity(RemoteProcess& r, std::vector<Call>& calls);
 // The same in lazycr itself, for descriptions lazycr opens and hands to processes (the calling
 // thread only): opens `req` as `creds` would, O_PATH first.
 UniqueFd open_here_as(const image::Credentials& creds, const OpenRequest& req);
+
+// Runs `fn` in the calling thread with the file-system identity of `creds` (as above), for
+// files lazycr creates for a process (restore/ghost_files.h).
+void run_here_as(const image::Credentials& creds, const std::function<void()>& fn);
 
 }  // namespace lazycr::restore

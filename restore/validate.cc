@@ -237,9 +237,10 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
   struct stat st;
   if (p.cwd().empty() || p.cwd()[0] != '/')
     fail("its working directory ", p.cwd(), " is not an absolute path");
-  if (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+  // A ghost (deleted at dump time) is recreated from the image (ghost_files.h).
+  if (p.cwd_ghost_id() == 0 && (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode)))
     fail("its working directory ", p.cwd(), " is not a directory any more");
-  check_file(mapped_file(p.exe(), "executable"));
+  if (p.exe_ghost_id() == 0) check_file(mapped_file(p.exe(), "executable"));
 
   const uint64_t min_addr = mmap_min_addr();
   for (const auto& a : p.areas()) {
@@ -250,7 +251,7 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
     switch (a.kind()) {
       case MemoryArea::PRIVATE_FILE:
       case MemoryArea::SHARED_FILE:
-        check_file(mapped_file(a.file(), what));
+        if (a.ghost_id() == 0) check_file(mapped_file(a.file(), what));
         break;
       default:
         break;
@@ -267,6 +268,7 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
     // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
     if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
+    if (f.ghost_id() != 0) continue;  // recreated from the image (ghost_files.h)
     // The same file; its contents may have moved on (a log), unlike a mapped file's.
     check_file(request_for_fd(f));
   }
