@@ -68,6 +68,16 @@ void wait_gone(const std::vector<pid_t>& pids) {
   }
 }
 
+// Kills and reaps, at the end of a test, the restored processes a failed test leaves running.
+struct KillAtEnd {
+  std::vector<pid_t> pids;
+  ~KillAtEnd() {
+    for (pid_t p : pids)
+      if (proc::exists(p)) send_signal(p, SIGKILL);
+    wait_gone(pids);
+  }
+};
+
 std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
   std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
   if (lazy) a.push_back("--lazy");
@@ -88,6 +98,7 @@ void ghost_round_trip(bool lazy) {
   Child target({exe, "--workdir", work.path()});
   ASSERT_EQ(target.wait_for("ready").rfind("ready", 0), 0u);
   pid_t pid = target.pid();
+  KillAtEnd restored{{pid}};
   TempDir images;
   auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
   ASSERT_EQ(d.exit_code, 0) << d.err;
@@ -171,6 +182,7 @@ void python_pool_round_trip(bool lazy) {
   ASSERT_EQ(target.wait_for("ready"), "ready");
   std::vector<pid_t> workers = children_of(target.pid());
   ASSERT_EQ(workers.size(), 2u);
+  KillAtEnd restored{{target.pid(), workers[0], workers[1]}};
   TempDir images;
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
   ASSERT_EQ(d.exit_code, 0) << d.err;
