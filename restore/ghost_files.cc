@@ -2,9 +2,9 @@
 #include "restore/ghost_files.h"
 
 #include <fcntl.h>
-#include <libgen.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -159,6 +159,25 @@ int GhostFiles::fd_of(uint64_t id) const {
 
 std::string GhostFiles::path_in_process(uint64_t id) const {
   return cat("/proc/", ::getpid(), "/fd/", fd_of(id));
+}
+
+Call GhostFiles::open_call(RemoteProcess& r, uint64_t id, int flags,
+                           const std::string& what) const {
+  std::string path = path_in_process(id);
+  return make_call(cat("open ", path, " (", what, ")"), SYS_openat, static_cast<uint64_t>(AT_FDCWD),
+                   r.push(path.c_str(), path.size() + 1), static_cast<uint64_t>(flags | O_CLOEXEC),
+                   0);
+}
+
+long GhostFiles::open_in(RemoteProcess& r, uint64_t id, int flags, const std::string& what) const {
+  r.reset_arena();
+  return r.batch({open_call(r, id, flags, what)}).at(0);
+}
+
+Call GhostFiles::chdir_call(RemoteProcess& r, const image::Process& p) const {
+  std::string path = path_in_process(p.cwd_ghost_id());
+  return make_call(cat("chdir(", path, ") into the deleted ", p.cwd()), SYS_chdir,
+                   r.push(path.c_str(), path.size() + 1));
 }
 
 UniqueFd GhostFiles::open_description(const image::FileDescriptor& f,

@@ -17,6 +17,8 @@
 #include "common/fd.h"
 #include "image-format/process.pb.h"
 #include "image-format/shared.pb.h"
+#include "restore/calls.h"
+#include "restore/memory.h"
 
 namespace lazycr::restore {
 
@@ -31,6 +33,13 @@ class GhostFiles {
   bool empty() const { return fds_.empty(); }
   // The path a restored process (running as lazycr's user) opens ghost `id` by.
   std::string path_in_process(uint64_t id) const;
+  // The call (arguments pushed to r's arena) that opens ghost `id` in the process with `flags`
+  // (O_CLOEXEC added); `what` names the use in a failure.
+  Call open_call(RemoteProcess& r, uint64_t id, int flags, const std::string& what) const;
+  // Opens ghost `id` in the process now; returns the descriptor there.
+  long open_in(RemoteProcess& r, uint64_t id, int flags, const std::string& what) const;
+  // The call that makes the deleted working directory of `p` the process's.
+  Call chdir_call(RemoteProcess& r, const image::Process& p) const;
   // A new open file description of the ghost of descriptor `f`: its access mode, status flags
   // and position.
   UniqueFd open_description(const image::FileDescriptor& f, const std::string& what) const;

@@ -880,10 +880,8 @@ class AddressSpace {
           // Recreated by lazycr (ghost_files.h), opened while the process is still lazycr's.
           key = mapping_key(*a);
           if (files_.count(key)) continue;
-          std::string path = ghosts_.path_in_process(a->ghost_id());
-          calls.push_back(make_call(cat("open ", path, " (the ghost of area ", area_name(*a), ")"),
-                                    SYS_openat, static_cast<uint64_t>(AT_FDCWD),
-                                    r_.push_string(path), file_mode(*a) | O_CLOEXEC, 0));
+          calls.push_back(ghosts_.open_call(r_, a->ghost_id(), file_mode(*a),
+                                            cat("the ghost of area ", area_name(*a))));
           break;
         }
         case MemoryArea::SHARED_ANON: {
@@ -1125,9 +1123,7 @@ void restore_process_state(Restoree& r, const image::Process& p, const GhostFile
   calls.push_back(make_call(cat("umask(0", std::oct, p.umask(), ")"), SYS_umask, p.umask()));
   // As the process: lazycr's root would let it into a directory it could not enter itself.
   if (p.cwd_ghost_id() != 0) {  // recreated and removed by lazycr (ghost_files.h)
-    std::string path = ghosts.path_in_process(p.cwd_ghost_id());
-    calls.push_back(make_call(cat("chdir(", path, ") into the deleted ", p.cwd()), SYS_chdir,
-                              r.push_string(path)));
+    calls.push_back(ghosts.chdir_call(r, p));
   } else {
     push_enter_identity(r, p.creds(), calls);
     calls.push_back(make_call(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.push_string(p.cwd())));
@@ -1414,15 +1410,9 @@ void set_mm(Restoree& r, const image::Process& p, const GhostFiles& ghosts) {
   req.id = &p.exe();
   req.strict = true;
   req.what = "executable";
-  long exe = 0;
-  if (p.exe_ghost_id() != 0) {
-    std::string path = ghosts.path_in_process(p.exe_ghost_id());
-    r.reset_arena();
-    exe = r.inject(cat("open ", path, " (the deleted executable ", p.exe().path(), ")"), SYS_openat,
-                   static_cast<uint64_t>(AT_FDCWD), r.push_string(path), O_RDONLY | O_CLOEXEC, 0);
-  } else {
-    exe = open_as_process(r, p.creds(), {req}, 0).at(0);
-  }
+  long exe = p.exe_ghost_id() != 0 ? ghosts.open_in(r, p.exe_ghost_id(), O_RDONLY,
+                                                    cat("the deleted executable ", p.exe().path()))
+                                   : open_as_process(r, p.creds(), {req}, 0).at(0);
   struct prctl_mm_map m;
   std::memset(&m, 0, sizeof m);
   m.start_code = mm.start_code();
