@@ -110,6 +110,16 @@ struct SharedCollection {
 // without consuming them.
 SharedCollection collect_shared(std::vector<TreeFiles>& procs);
 
+// Ghost files (FORMAT.md "Ghost files"): every deleted regular file or directory a live
+// process holds as a descriptor, maps, runs or works in, and every memfd it holds as a
+// descriptor or runs (and then its mappings too), is read once into shared.ghosts; the
+// references get its ghost_id (descriptors become restorable; shared mappings of deleted files
+// and of those memfds become SHARED_FILE, their contents in the ghost); a deleted cwd loses its
+// " (deleted)". `areas[i]` are procs[i]'s. Refuses, naming each, files larger than `limit`.
+void collect_ghosts(std::vector<image::Process>& procs,
+                    std::vector<std::vector<image::MemoryArea>>& areas, uint64_t limit,
+                    image::SharedObjects& shared);
+
 class FrozenTree;
 // The kernel objects each live process holds (objects/: seccomp filters, file locks), after
 // collect_shared() (descriptors final), while the tree is frozen. `procs` is in preorder.

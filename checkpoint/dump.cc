@@ -526,12 +526,14 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
   SharedCollection shared = collect_shared(files);
   shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
+  collect_ghosts(procs, areas, opts.ghost_limit, shared.objects);
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
   refuse_unrestorable(procs, areas, opts.leave_running);
   collect_objects(tree, procs);  // seccomp filters, file locks (objects/)
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
   result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
+  result.ghosts = static_cast<uint64_t>(shared.objects.ghosts_size());
 
   // Memory, process by process in preorder, so that a page shared with an earlier process
   // can refer to it. A single process needs no PFN pass.

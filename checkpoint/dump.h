@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "image-format/ghost.h"
 #include "image-format/page_store.h"
 
 namespace lazycr::checkpoint {
@@ -23,6 +24,8 @@ struct DumpOptions {
   // Store pages shared between processes of the tree once (same physical page after fork,
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;
+  // Largest deleted file or memfd whose contents the image stores (st_size, bytes).
+  uint64_t ghost_limit = image::kDefaultGhostLimit;
   // Tests only: fail at this step ("freeze", "threads", "files", "memory", "commit"), or
   // "kill-target" to SIGKILL the target while its memory is being read, or
   // "stop-before-commit" to SIGSTOP lazycr itself with the image staged, before the rename.
@@ -41,6 +44,7 @@ struct DumpResult {
   uint64_t ref_pages = 0;    // pages stored by an earlier process and referred to (dedup)
   uint64_t pipes = 0;        // pipes and FIFOs recorded with their data (shared.pb)
   uint64_t sockets = 0;      // UNIX socket ends recorded with their queues
+  uint64_t ghosts = 0;       // deleted files, memfds and directories stored (shared.pb)
   uint64_t image_bytes = 0;  // all files of the image
   uint64_t injected_syscalls = 0;
   std::string replaced;  // with `replace`: what the image replaced ("" if nothing was there)

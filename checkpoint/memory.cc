@@ -464,7 +464,9 @@ MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageSt
       case MemoryArea::PRIVATE_FILE: {
         // Private file pages still backed by the file come back from the file; a deleted
         // file cannot be reopened by path, so all its present pages are kept.
-        bool exclude_file = a.kind() == MemoryArea::PRIVATE_FILE && !a.file().deleted();
+        // (unless the image stores that file as a ghost, which the restore maps again).
+        bool exclude_file =
+            a.kind() == MemoryArea::PRIVATE_FILE && (!a.file().deleted() || a.ghost_id() != 0);
         ranges.clear();
         if (use_scan)
           scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, ranges);

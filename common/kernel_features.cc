@@ -537,6 +537,24 @@ void probe_pagemap_scan(KernelFeatures& f) {
 // In a child (clearing soft-dirty bits is process-wide): map and write a page, write "4" to
 // /proc/self/clear_refs, expect bit 55 clear, write the page again, expect bit 55 set. Without
 // CONFIG_MEM_SOFT_DIRTY the kernel accepts the "4" but the bit is never set.
+// --- memfd ------------------------------------------------------------------------------------
+
+// Ghost files (restore/ghost_files.h): a memfd comes back by memfd_create with its seals.
+void probe_memfd_seals(KernelFeatures& f) {
+  UniqueFd fd(::memfd_create("lazycr-probe", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) {
+    f.notes["memfd.seals"] = cat("memfd_create: ", err_text(errno));
+    return;
+  }
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_GROW | F_SEAL_SHRINK) != 0) {
+    f.notes["memfd.seals"] = cat("F_ADD_SEALS: ", err_text(errno));
+    return;
+  }
+  int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  f.memfd_seals = seals == (F_SEAL_GROW | F_SEAL_SHRINK);
+  if (!f.memfd_seals) f.notes["memfd.seals"] = cat("F_GET_SEALS answered ", seals);
+}
+
 void probe_soft_dirty(KernelFeatures& f) {
   pid_t pid = probe_fork();
   if (pid < 0) {
@@ -635,6 +653,7 @@ KernelFeatures probe_all() {
   probe_soft_dirty(f);
   probe_timerfd_set_ticks(f);
   probe_kcmp(f);
+  probe_memfd_seals(f);
   probe_xsave(f);
   return f;
 }
@@ -774,6 +793,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",
       "Soft-dirty bits are one way to track pages written between incremental dumps.");
+  add("memfd.seals", f.memfd_seals, false, "not probed",
+      "A memfd held as a descriptor comes back by memfd_create with its name and seals (dump "
+      "stores it as a ghost file); without it such images cannot be restored.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

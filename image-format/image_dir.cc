@@ -18,6 +18,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "image-format/ghost.h"
 #include "image-format/regular_file.h"
 
 namespace fs = boost::filesystem;
@@ -331,6 +332,7 @@ void validate_process(const Process& p, const Inventory& inv) {
 }
 
 void validate_shared(const SharedObjects& s) {
+  validate_ghosts(s);
   if (s.pipes_size() > kMaxSharedObjects) fail(s.pipes_size(), " pipes exceeds the bound");
   if (s.sockets_size() > kMaxSharedObjects) fail(s.sockets_size(), " sockets exceeds the bound");
   uint64_t prev = 0;
@@ -563,6 +565,11 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
   }
   check_tree();
   check_descriptors();
+  try {
+    check_ghost_refs(processes_, shared_);
+  } catch (const Error& e) {
+    fail(dir_, ": ", e.what());
+  }
   link_page_stores();
 }
 

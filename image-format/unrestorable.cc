@@ -44,14 +44,14 @@ std::string area_refusal(const MemoryArea& a) {
   switch (a.kind()) {
     case MemoryArea::PRIVATE_FILE:
     case MemoryArea::SHARED_FILE:
-      return a.file().deleted() ? deleted(a.file(), what) : "";
+      return a.file().deleted() && a.ghost_id() == 0 ? deleted(a.file(), what) : "";
     case MemoryArea::SHARED_ANON:
       if (a.name().empty() || a.name() == "/dev/zero (deleted)" ||
           starts_with(a.name(), "/memfd:") || starts_with(a.name(), "[anon_shmem:"))
         return "";
       return cat(what, " ", a.name(),
-                 " (shared); lazycr restores shared anonymous memory and "
-                 "memfds, not SysV segments or deleted files");
+                 " (shared); lazycr restores shared anonymous memory, memfds and deleted "
+                 "files (as ghosts), not SysV segments");
     default:
       return "";
   }
@@ -60,7 +60,7 @@ std::string area_refusal(const MemoryArea& a) {
 std::vector<std::string> process_refusals(const Process& p) {
   std::vector<std::string> out;
   if (p.zombie()) return out;
-  if (p.exe().deleted()) out.push_back(deleted(p.exe(), "executable"));
+  if (p.exe().deleted() && p.exe_ghost_id() == 0) out.push_back(deleted(p.exe(), "executable"));
   for (const auto& a : p.areas())
     if (std::string why = area_refusal(a); !why.empty()) out.push_back(why);
   for (const auto& t : p.threads())

@@ -307,9 +307,9 @@ UniqueFd open_here_as(const image::Credentials& creds, const OpenRequest& req) {
   return fd;
 }
 
-void run_as(const image::Credentials& creds, const std::function<void()>& f) {
+void run_here_as(const image::Credentials& creds, const std::function<void()>& fn) {
   ActingAs as(creds);
-  f();
+  fn();
 }
 
 }  // namespace lazycr::restore

@@ -57,8 +57,8 @@ void push_leave_identity(RemoteProcess& r, std::vector<Call>& calls);
 // thread only): opens `req` as `creds` would, O_PATH first.
 UniqueFd open_here_as(const image::Credentials& creds, const OpenRequest& req);
 
-// Runs `f` in lazycr's calling thread with the file-system identity of `creds` (as
-// open_here_as() opens), for kernel objects named outside the file system.
-void run_as(const image::Credentials& creds, const std::function<void()>& f);
+// Runs `fn` in the calling thread with the file-system identity of `creds` (as above), for
+// files lazycr creates for a process (restore/ghost_files.h).
+void run_here_as(const image::Credentials& creds, const std::function<void()>& fn);
 
 }  // namespace lazycr::restore

@@ -62,6 +62,7 @@
 #include "image-format/image_dir.h"
 #include "objects/objects.h"
 #include "restore/fd_passing.h"
+#include "restore/ghost_files.h"
 #include "restore/internal.h"
 #include "restore/memory.h"
 #include "restore/open_files.h"
@@ -242,8 +243,14 @@ class AddressSpace {
   // `kept`: start addresses of areas inherited from the parent (image pid `parent_pid`) at
   // fork, in place already with the parent's pages (see inheritable_areas()).
   AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy,
-               SharedObjectMap& objects, std::set<uint64_t> kept = {}, int parent_pid = 0)
-      : r_(r), p_(p), strategy_(strategy), objects_(objects), parent_pid_(parent_pid) {
+               SharedObjectMap& objects, const GhostFiles& ghosts, std::set<uint64_t> kept = {},
+               int parent_pid = 0)
+      : r_(r),
+        p_(p),
+        strategy_(strategy),
+        objects_(objects),
+        ghosts_(ghosts),
+        parent_pid_(parent_pid) {
     for (const auto& a : p_.areas())
       if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) {
         areas_.push_back(&a);
@@ -363,7 +370,7 @@ class AddressSpace {
     std::vector<std::string> keys;
     for (size_t i = 0; i < areas_.size(); i++) {
       const MemoryArea* a = areas_[i];
-      if (kept_[i] ||
+      if (kept_[i] || a->ghost_id() != 0 ||
           (a->kind() != MemoryArea::PRIVATE_FILE && a->kind() != MemoryArea::SHARED_FILE))
         continue;
       std::string key = file_key(a->file().path(), file_mode(*a));
@@ -395,8 +402,15 @@ class AddressSpace {
       uint64_t path_addr = 0;
       switch (a->kind()) {
         case MemoryArea::PRIVATE_FILE:
-        case MemoryArea::SHARED_FILE:
-          continue;  // open_mapped_files()
+        case MemoryArea::SHARED_FILE: {
+          if (a->ghost_id() == 0) continue;  // open_mapped_files()
+          // Recreated by lazycr (ghost_files.h), opened while the process is still lazycr's.
+          key = mapping_key(*a);
+          if (files_.count(key)) continue;
+          calls.push_back(ghosts_.open_call(r_, a->ghost_id(), file_mode(*a),
+                                            cat("the ghost of area ", area_name(*a))));
+          break;
+        }
         case MemoryArea::SHARED_ANON: {
           auto origin = objects_.find(object_id(*a));
           if (origin != objects_.end() && origin->second.pid != r_.pid()) {
@@ -524,7 +538,7 @@ class AddressSpace {
         break;
       case MemoryArea::PRIVATE_FILE:
       case MemoryArea::SHARED_FILE:
-        fd = files_.at(file_key(a.file().path(), file_mode(a)));
+        fd = files_.at(mapping_key(a));
         off = a.pgoff();
         break;
       default:
@@ -543,6 +557,10 @@ class AddressSpace {
   }
   static std::string file_key(const std::string& path, int mode) {
     return cat(mode == O_RDWR ? "rw:" : "ro:", path);
+  }
+  static std::string mapping_key(const MemoryArea& a) {
+    return a.ghost_id() != 0 ? file_key(cat("ghost:", a.ghost_id()), file_mode(a))
+                             : file_key(a.file().path(), file_mode(a));
   }
   // Areas of the same memfd share one (the same object mapped twice stays one object).
   static std::pair<uint64_t, uint64_t> object_id(const MemoryArea& a) {
@@ -573,6 +591,7 @@ class AddressSpace {
   const image::Process& p_;
   MemoryStrategy& strategy_;
   SharedObjectMap& objects_;
+  const GhostFiles& ghosts_;
   int parent_pid_;
   std::vector<bool> kept_;  // per area: inherited at fork, in place
   struct Marker {
@@ -615,7 +634,7 @@ void restore_thread_state(Restoree& r, ThreadCtl& c) {
 
 // Process-wide settings: personality, umask, cwd, dumpable, THP and no_new_privs (the last
 // is per thread but inherited: set before any other thread exists).
-void restore_process_state(Restoree& r, const image::Process& p) {
+void restore_process_state(Restoree& r, const image::Process& p, const GhostFiles& ghosts) {
   r.reset_arena();
   std::vector<Call> calls;
   calls.push_back(make_call(cat("prctl(PR_SET_DUMPABLE, ", p.dumpable() ? 1 : 0, ")"), SYS_prctl,
@@ -630,9 +649,13 @@ void restore_process_state(Restoree& r, const image::Process& p) {
                               p.personality()));
   calls.push_back(make_call(cat("umask(0", std::oct, p.umask(), ")"), SYS_umask, p.umask()));
   // As the process: lazycr's root would let it into a directory it could not enter itself.
-  push_enter_identity(r, p.creds(), calls);
-  calls.push_back(make_call(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.push_string(p.cwd())));
-  push_leave_identity(r, calls);
+  if (p.cwd_ghost_id() != 0) {  // recreated and removed by lazycr (ghost_files.h)
+    calls.push_back(ghosts.chdir_call(r, p));
+  } else {
+    push_enter_identity(r, p.creds(), calls);
+    calls.push_back(make_call(cat("chdir(", p.cwd(), ")"), SYS_chdir, r.push_string(p.cwd())));
+    push_leave_identity(r, calls);
+  }
   r.batch(calls);
 }
 
@@ -906,7 +929,7 @@ void restore_credentials(Restoree& r, const image::Process& p) {
            p.dumpable() ? 1 : 0);
 }
 
-void set_mm(Restoree& r, const image::Process& p) {
+void set_mm(Restoree& r, const image::Process& p, const GhostFiles& ghosts) {
   const auto& mm = p.mm();
   OpenRequest req;
   req.path = p.exe().path();
@@ -914,7 +937,9 @@ void set_mm(Restoree& r, const image::Process& p) {
   req.id = &p.exe();
   req.strict = true;
   req.what = "executable";
-  long exe = open_as_process(r, p.creds(), {req}, 0).at(0);
+  long exe = p.exe_ghost_id() != 0 ? ghosts.open_in(r, p.exe_ghost_id(), O_RDONLY,
+                                                    cat("the deleted executable ", p.exe().path()))
+                                   : open_as_process(r, p.creds(), {req}, 0).at(0);
   struct prctl_mm_map m;
   std::memset(&m, 0, sizeof m);
   m.start_code = mm.start_code();
@@ -1081,10 +1106,12 @@ Restored restore(const RestoreOptions& opts_in) {
   const uint64_t t_valid = now_ns();
 
   // Pipes, sockets and shared descriptions, made by lazycr before any process exists.
+  std::unique_ptr<GhostFiles> ghosts;
   std::unique_ptr<SharedFiles> shared;
   FdTransport transport;
   steps.run("files", cat("image ", opts.dir), [&] {
-    shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job);
+    ghosts = std::make_unique<GhostFiles>(procs, img->shared());
+    shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job, ghosts.get());
     if (shared->size() == 0) return;
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)
@@ -1229,7 +1256,7 @@ Restored restore(const RestoreOptions& opts_in) {
     t.strategy = opts.lazy.enabled
                      ? make_lazy_strategy(*t.p, store, opts, pin->saved(), *lazy_group)
                      : make_eager_filler(store, &pin->saved());
-    t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects,
+    t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects, *ghosts,
                                              std::move(kept), parent_pid);
   };
 
@@ -1300,9 +1327,9 @@ Restored restore(const RestoreOptions& opts_in) {
     steps.run("zombie", t.who, [&] { consume_sigchld(*t.r); });
   }
 
-  each_live("mm", [&](Task& t) { set_mm(*t.r, *t.p); });
+  each_live("mm", [&](Task& t) { set_mm(*t.r, *t.p, *ghosts); });
   each_live("after-shaping", [&](Task& t) { t.strategy->after_shaping(*t.r); });
-  each_live("process-state", [&](Task& t) { restore_process_state(*t.r, *t.p); });
+  each_live("process-state", [&](Task& t) { restore_process_state(*t.r, *t.p, *ghosts); });
   each_live("sigactions", [&](Task& t) { restore_sigactions(*t.r, *t.p); });
   each_live("fds", [&](Task& t) { restore_fds(*t.r, *t.p, opts.shell_job, *shared, transport); });
   auto objects_at = [&](objects::RestorePoint point) {

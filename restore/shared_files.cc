@@ -15,6 +15,7 @@
 #include "common/file_type.h"
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
+#include "restore/ghost_files.h"
 #include "restore/open_files.h"
 
 namespace lazycr::restore {
@@ -249,8 +250,9 @@ void write_data(int fd, const Pipe& p, const std::string& what) {
 class Builder {
  public:
   Builder(const std::vector<image::Process>& processes, const SharedObjects& shared, bool shell_job,
-          std::map<std::pair<int, int>, FdPlan>& plans, std::map<uint64_t, UniqueFd>& out)
-      : shared_(shared), shell_job_(shell_job), plans_(plans), out_(out) {
+          const GhostFiles* ghosts, std::map<std::pair<int, int>, FdPlan>& plans,
+          std::map<uint64_t, UniqueFd>& out)
+      : shared_(shared), shell_job_(shell_job), ghosts_(ghosts), plans_(plans), out_(out) {
     index(processes);
   }
 
@@ -277,7 +279,9 @@ class Builder {
           sockets[f.object_inode()].push_back(&d);
           break;
         default:
-          if (objects::fd_kind(f.kind()) != nullptr)
+          if (f.ghost_id() != 0)
+            open_ghost(d);
+          else if (objects::fd_kind(f.kind()) != nullptr)
             kinds.push_back(&d);
           else if (d.users.size() > 1)
             files.push_back(&d);
@@ -600,7 +604,7 @@ class Builder {
     ctx.as_holders = [&](const std::function<void()>& fn) {
       std::set<const image::Credentials*> tried;
       for (const User& u : d.users)
-        if (tried.insert(creds_.at(u.pid)).second) run_as(*creds_.at(u.pid), fn);
+        if (tried.insert(creds_.at(u.pid)).second) run_here_as(*creds_.at(u.pid), fn);
     };
     try {
       hand_out(d, k.create(f, ctx));
@@ -611,6 +615,13 @@ class Builder {
 
   // A description several descriptors share, opened here once by path, at its position, as
   // each process holding it (open_files.h): every one of them must be allowed to.
+  void open_ghost(const Description& d) {
+    const FileDescriptor& f = d.f();
+    std::string what = cat("file id ", d.id, " (", f.target(), ", ", d.who(), ")");
+    if (ghosts_ == nullptr) fail(what, ": a ghost file, and no ghost files were made");
+    hand_out(d, ghosts_->open_description(f, what));
+  }
+
   void open_file(const Description& d) {
     const FileDescriptor& f = d.f();
     std::string path = f.file().path().empty() ? f.target() : f.file().path();
@@ -634,6 +645,7 @@ class Builder {
 
   const SharedObjects& shared_;
   bool shell_job_;
+  const GhostFiles* ghosts_;
   std::map<std::pair<int, int>, FdPlan>& plans_;
   std::map<uint64_t, UniqueFd>& out_;
   std::vector<Description> descs_;
@@ -648,8 +660,9 @@ class Builder {
 }  // namespace
 
 SharedFiles::SharedFiles(const std::vector<image::Process>& processes,
-                         const image::SharedObjects& shared, bool shell_job) {
-  Builder(processes, shared, shell_job, plans_, descriptions_).build();
+                         const image::SharedObjects& shared, bool shell_job,
+                         const GhostFiles* ghosts) {
+  Builder(processes, shared, shell_job, ghosts, plans_, descriptions_).build();
 }
 
 FdPlan SharedFiles::plan(int pid, const image::FileDescriptor& f) const {

@@ -10,6 +10,7 @@
 //   (a pipe of which the image holds only one end, a socket whose peer no process of the
 //   image holds, a terminal, anything not restorable), and every other descriptor of that same
 //   description: the process gets lazycr's own standard descriptor.
+// - kShared too: every descriptor of a ghost file (a deleted file or a memfd, ghost_files.h).
 // - kOpenInside: everything else, opened inside the process by path as before.
 #pragma once
 
@@ -23,6 +24,8 @@
 #include "image-format/shared.pb.h"
 
 namespace lazycr::restore {
+
+class GhostFiles;
 
 struct FdPlan {
   enum Source { kOpenInside, kLazycrStd, kShared } source = kOpenInside;
@@ -38,8 +41,10 @@ class SharedFiles {
   // Creates, in lazycr, every description that must be created here; throws Error naming the
   // object (pipe inode, socket inode, file id, path, or pid and fd) and why. Nothing created
   // is left open on a throw.
+  // Every descriptor of a ghost file (FileDescriptor.ghost_id) is kShared: its description is
+  // opened from `ghosts`, which must then be given.
   SharedFiles(const std::vector<image::Process>& processes, const image::SharedObjects& shared,
-              bool shell_job);
+              bool shell_job, const GhostFiles* ghosts = nullptr);
   SharedFiles(const SharedFiles&) = delete;
   SharedFiles& operator=(const SharedFiles&) = delete;
   ~SharedFiles() = default;  // closes every description it holds

@@ -243,9 +243,10 @@ void validate_process(const image::Process& p, const RestoreOptions& opts,
   struct stat st;
   if (p.cwd().empty() || p.cwd()[0] != '/')
     fail("its working directory ", p.cwd(), " is not an absolute path");
-  if (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+  // A ghost (deleted at dump time) is recreated from the image (ghost_files.h).
+  if (p.cwd_ghost_id() == 0 && (::stat(p.cwd().c_str(), &st) != 0 || !S_ISDIR(st.st_mode)))
     fail("its working directory ", p.cwd(), " is not a directory any more");
-  check_file(mapped_file(p.exe(), "executable"));
+  if (p.exe_ghost_id() == 0) check_file(mapped_file(p.exe(), "executable"));
 
   const uint64_t min_addr = mmap_min_addr();
   for (const auto& a : p.areas()) {
@@ -256,7 +257,7 @@ void validate_process(const image::Process& p, const RestoreOptions& opts,
     switch (a.kind()) {
       case MemoryArea::PRIVATE_FILE:
       case MemoryArea::SHARED_FILE:
-        check_file(mapped_file(a.file(), what));
+        if (a.ghost_id() == 0) check_file(mapped_file(a.file(), what));
         break;
       default:
         break;
@@ -273,6 +274,7 @@ void validate_process(const image::Process& p, const RestoreOptions& opts,
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
     // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
     if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
+    if (f.ghost_id() != 0) continue;  // recreated from the image (ghost_files.h)
     if (const objects::FdKind* k = objects::fd_kind(f.kind())) {
       try {
         k->validate(f, image_pids);

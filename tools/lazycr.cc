@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "image-format/ghost.h"
 #include "tools/commands.h"
 
 namespace {
@@ -30,6 +31,9 @@ bool bad_dump_options(const lazycr::checkpoint::DumpOptions& d, uint64_t frame_s
       frame_size > lazycr::image::kMaxFrameSize)
     return usage_error(
         cat("dump --frame-size ", frame_size, ": must be 16K..4M and a multiple of 4K"));
+  if (d.ghost_limit > lazycr::image::kMaxGhostBytes)
+    return usage_error(cat("dump --ghost-limit ", d.ghost_limit, ": at most ",
+                           lazycr::image::kMaxGhostBytes, " (48M)"));
   return false;
 }
 
@@ -84,6 +88,11 @@ int main(int argc, char** argv) {
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump "
                      "(restore --skip-unsupported-fds opens /dev/null in their place)");
+  dump_cmd
+      ->add_option("--ghost-limit", dump.ghost_limit,
+                   "Largest deleted file or memfd whose contents the image stores (at most 48M)")
+      ->transform(CLI::AsSizeValue(false))
+      ->default_str("16M");
   bool no_dedup = false;
   dump_cmd->add_flag("--no-dedup", no_dedup,
                      "Store every process's pages in full (default: pages a fork left shared, "

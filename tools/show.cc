@@ -227,6 +227,8 @@ std::string seccomp_text(const image::Process& p, const image::Thread& t) {
   return s + ")";
 }
 
+void print_ghosts(std::ostream& o, const ImageReader& img);
+
 void print_text(const ImageReader& img, const ShowOptions& opts) {
   const auto& inv = img.inventory();
   std::ostream& o = std::cout;
@@ -376,6 +378,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
   }
 
   const auto& sh = img.shared();
+  print_ghosts(o, img);
   if (sh.pipes_size() == 0 && sh.sockets_size() == 0) return;
   Holders holders(img);
   o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size()
@@ -406,6 +409,41 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     o << "  unix " << socket_type(u.type()) << "  " << end(u);
     if (peer != nullptr) o << "\n    <-> " << end(*peer);
     o << "\n";
+  }
+}
+
+// What refers to each ghost file: "pid/fd N", "pid area A", "pid exe", "pid cwd".
+std::map<uint64_t, std::vector<std::string>> ghost_refs(const ImageReader& img) {
+  std::map<uint64_t, std::vector<std::string>> out;
+  for (const auto& p : img.processes()) {
+    if (p.exe_ghost_id() != 0) out[p.exe_ghost_id()].push_back(cat(p.pid(), " exe"));
+    if (p.cwd_ghost_id() != 0) out[p.cwd_ghost_id()].push_back(cat(p.pid(), " cwd"));
+    for (const auto& f : p.fds())
+      if (f.ghost_id() != 0) out[f.ghost_id()].push_back(cat(p.pid(), "/", f.fd()));
+    for (const auto& a : p.areas())
+      if (a.ghost_id() != 0) out[a.ghost_id()].push_back(cat(p.pid(), " area ", hex(a.start())));
+  }
+  return out;
+}
+
+std::string ghost_name(const image::GhostFile& g) {
+  return g.kind() == image::GhostFile::MEMFD ? cat("memfd:", g.name()) : g.path();
+}
+
+void print_ghosts(std::ostream& o, const ImageReader& img) {
+  const auto& ghosts = img.shared().ghosts();
+  if (ghosts.empty()) return;
+  auto refs = ghost_refs(img);
+  o << "\nGhost files (deleted files, memfds, directories; contents stored): " << ghosts.size()
+    << "\n";
+  for (const auto& g : ghosts) {
+    std::string used;
+    for (const auto& r : refs[g.id()]) used += cat(used.empty() ? "" : ", ", r);
+    o << "  ghost " << g.id() << "  " << image::GhostFile::Kind_Name(g.kind()) << " "
+      << ghost_name(g) << "  mode " << std::oct << g.mode() << std::dec << ", " << g.size()
+      << " bytes (" << g.data().size() << " stored)";
+    if (g.kind() == image::GhostFile::MEMFD) o << ", seals " << hex(g.seals());
+    o << "  used by " << (used.empty() ? "nothing" : used) << "\n";
   }
 }
 
@@ -538,6 +576,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("fd", f.fd());
       j.field("kind", fd_kind(f.kind()));
       j.field("target", f.target());
+      if (f.ghost_id() != 0) j.field("ghost_id", f.ghost_id());
       j.field("flags", f.flags());
       j.field("pos", f.pos());
       j.field("file_id", f.file_id());
@@ -624,6 +663,25 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("shutdown_read", u.shutdown_read());
     j.field("shutdown_write", u.shutdown_write());
     holder_array(holders.sockets, u.inode());
+    j.end_object();
+  }
+  j.end_array();
+  j.key("ghosts");
+  j.begin_array();
+  auto refs = ghost_refs(img);
+  for (const auto& g : img.shared().ghosts()) {
+    j.begin_object();
+    j.field("id", g.id());
+    j.field("kind", image::GhostFile::Kind_Name(g.kind()));
+    j.field("name", ghost_name(g));
+    j.field("mode", g.mode());
+    j.field("size", g.size());
+    j.field("stored_bytes", static_cast<uint64_t>(g.data().size()));
+    j.field("seals", g.seals());
+    j.key("used_by");
+    j.begin_array();
+    for (const auto& r : refs[g.id()]) j.value(r);
+    j.end_array();
     j.end_object();
   }
   j.end_array();

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/filesystem.hpp>
@@ -14,6 +15,7 @@
 #include <map>
 
 #include "common/error.h"
+#include "image-format/ghost.h"
 
 namespace lazycr::image {
 namespace {
@@ -392,6 +394,18 @@ TEST(ImageDir, FormatOneHeaderIsRefusedByName) {
 }
 
 // shared.pb contents the reader refuses; write_shared refuses them too.
+// A well-formed ghost file (a deleted regular file of 10 bytes), appended with the next id.
+GhostFile* add_ghost(SharedObjects& s) {
+  GhostFile* g = s.add_ghosts();
+  g->set_id(static_cast<uint64_t>(s.ghosts_size()));
+  g->set_kind(GhostFile::REGULAR);
+  g->set_path("/tmp/held");
+  g->set_mode(S_IFREG | 0640);
+  g->set_size(10);
+  g->set_data("0123456789");
+  return g;
+}
+
 TEST(ImageDir, HostileSharedObjectsAreRefused) {
   struct Case {
     const char* what;
@@ -458,6 +472,43 @@ TEST(ImageDir, HostileSharedObjectsAreRefused) {
        [](SharedObjects& s) {
          s.mutable_sockets(0)->set_type(SOCK_DGRAM);
          s.mutable_sockets(0)->clear_queued();
+       }},
+      // Ghost files (image-format/ghost.h).
+      {"ghost id 0", "numbered", [](SharedObjects& s) { add_ghost(s)->set_id(0); }},
+      {"ghost id twice", "numbered",
+       [](SharedObjects& s) {
+         add_ghost(s);
+         add_ghost(s)->set_id(1);
+       }},
+      {"ghost kind", "unknown",
+       [](SharedObjects& s) { add_ghost(s)->set_kind(GhostFile_Kind(7)); }},
+      {"ghost relative path", "absolute",
+       [](SharedObjects& s) { add_ghost(s)->set_path("etc/passwd"); }},
+      {"ghost path NUL", "NUL",
+       [](SharedObjects& s) { add_ghost(s)->set_path(std::string("/tmp/a\0b", 8)); }},
+      {"ghost data past size", "bytes of data",
+       [](SharedObjects& s) { add_ghost(s)->set_data(std::string(20, 'x')); }},
+      {"ghost size", "exceeds the bound",
+       [](SharedObjects& s) { add_ghost(s)->set_size(kMaxGhostBytes + 1); }},
+      {"ghost mode", "mode", [](SharedObjects& s) { add_ghost(s)->set_mode(S_IFDIR | 0755); }},
+      {"memfd name", "memfd name",
+       [](SharedObjects& s) {
+         GhostFile* g = add_ghost(s);
+         g->set_kind(GhostFile::MEMFD);
+         g->set_name(std::string(kMaxMemfdName + 1, 'n'));
+       }},
+      {"seals on a file", "seals", [](SharedObjects& s) { add_ghost(s)->set_seals(1); }},
+      {"unknown seals", "unknown seals",
+       [](SharedObjects& s) {
+         GhostFile* g = add_ghost(s);
+         g->set_kind(GhostFile::MEMFD);
+         g->set_seals(0x40);
+       }},
+      {"directory with data", "directory with data",
+       [](SharedObjects& s) {
+         GhostFile* g = add_ghost(s);
+         g->set_kind(GhostFile::DIRECTORY);
+         g->set_mode(S_IFDIR | 0755);
        }},
   };
   for (const auto& c : cases) {

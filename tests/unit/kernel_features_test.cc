@@ -89,6 +89,7 @@ TEST(KernelFeatures, DescribeGivesUniqueNamedLines) {
                            "pagemap.soft_dirty",
                            "kcmp.file",
                            "timerfd.set_ticks",
+                           "memfd.seals",
                            "sysctl.unprivileged_userfaultfd"}) {
     EXPECT_TRUE(names.count(name)) << "no line for " << name;
   }
@@ -144,6 +145,12 @@ TEST(KernelFeatures, PagemapAsMeasured) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.pagemap_scan) << f.notes.at("pagemap.scan");
   EXPECT_EQ(f.notes.count("pagemap.soft_dirty"), 1u);
+}
+
+// Ghost files: memfds come back with their seals.
+TEST(KernelFeatures, MemfdSealsWork) {
+  const KernelFeatures& f = kernel_features();
+  EXPECT_TRUE(f.memfd_seals) << (f.notes.count("memfd.seals") ? f.notes.at("memfd.seals") : "");
 }
 
 }  // namespace
