@@ -581,6 +581,20 @@ void probe_soft_dirty(KernelFeatures& f) {
   }
 }
 
+// --- POSIX timer ids ----------------------------------------------------------------------
+
+// PR_TIMER_CREATE_RESTORE_IDS's GET asks without changing anything: 0 or 1 where the kernel
+// knows the prctl, EINVAL where it does not.
+void probe_timer_restore_ids(KernelFeatures& f) {
+  constexpr int kPrTimerCreateRestoreIds = 77, kGet = 2;
+  int r = ::prctl(kPrTimerCreateRestoreIds, kGet, 0, 0, 0);
+  f.timer_restore_ids = r >= 0;
+  f.notes["prctl.timer_create_restore_ids"] =
+      r >= 0 ? std::string("PR_TIMER_CREATE_RESTORE_IDS known")
+             : cat("PR_TIMER_CREATE_RESTORE_IDS: ", err_text(errno),
+                   " (before Linux 6.16: timers get their ids back by creating throw-away ones)");
+}
+
 // --- CPU -------------------------------------------------------------------------------------
 
 void probe_xsave(KernelFeatures& f) {
@@ -601,6 +615,7 @@ KernelFeatures probe_all() {
   probe_arch_map_vdso(f);
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
+  probe_timer_restore_ids(f);
   probe_xsave(f);
   return f;
 }
@@ -734,6 +749,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",
       "Soft-dirty bits are one way to track pages written between incremental dumps.");
+  add("prctl.timer_create_restore_ids", f.timer_restore_ids, false, "not probed",
+      "POSIX timers are recreated with their own ids in one call each; without it the restore "
+      "creates and deletes throw-away timers and refuses an id it cannot reach.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

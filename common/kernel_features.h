@@ -29,6 +29,8 @@ struct KernelFeatures {
   bool soft_dirty = false;      // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
+  // prctl(PR_TIMER_CREATE_RESTORE_IDS) known (Linux 6.16): timers get their ids back directly.
+  bool timer_restore_ids = false;
   // Added by the probes (0/false when a probe could not run):
   bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
   uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it

@@ -2,7 +2,10 @@
 
 #include "common/error.h"
 #include "objects/locks.h"
+#include "objects/pdeathsig.h"
+#include "objects/sched.h"
 #include "objects/seccomp.h"
+#include "objects/timers.h"
 
 namespace lazycr::objects {
 namespace {
@@ -18,6 +21,9 @@ struct Kind {
 constexpr Kind kKinds[] = {
     {"file locks", locks::dump, locks::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
+    {"scheduling", sched::dump, sched::restore},
+    {"timers", timers::dump, timers::restore},
+    {"parent death signal", pdeathsig::dump, pdeathsig::restore},
 };
 
 }  // namespace
