@@ -5,11 +5,14 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "common/proc.h"
 #include "common/signals.h"
+#include "image-format/image_dir.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/restore_helpers.h"
 #include "tests/e2e/target_info.h"
@@ -75,6 +78,59 @@ TEST(Timers, TimersSchedulingAndDeathSignalComeBackEager) {
 
 TEST(Timers, TimersSchedulingAndDeathSignalComeBackLazy) {
   round_trip(true);
+}
+
+// Dumps the target, edits its image (re-signed, as if lazycr had written it) and expects the
+// restore to refuse it with one line containing `why`, leaving nothing behind.
+void expect_refused(const std::function<void(image::Process&)>& edit, const std::string& why) {
+  Child target({target_bin("timers_target")});
+  target.wait_for("ready");
+  const pid_t pid = target.pid();
+  TempDir images;
+  const std::string dir = images / "img";
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", dir});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  const std::string path = image::process_path(dir, pid);
+  image::Process p;
+  image::read_message_file(path, image::kProcessMagic, &p);
+  edit(p);
+  image::write_message_file(path, image::kProcessMagic, p);
+  sign_test_image(dir);
+  auto kids = proc::list_children(getpid());
+  std::set<pid_t> ours(kids.begin(), kids.end());
+  auto r = lazycr({"restore", "-D", dir, "--shell-job"}, 60);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(why), std::string::npos) << r.err;
+  expect_nothing_left(pid, ours);
+}
+
+// Fields out of their bounds are refused by validation, before anything is created.
+TEST(Timers, ImageWithATimerForAThreadItDoesNotHaveIsRefused) {
+  expect_refused(
+      [](image::Process& p) {
+        for (auto& t : *p.mutable_posix_timers())
+          if (t.notify_tid() != 0) t.set_notify_tid(p.pid() + 100000);
+      },
+      "not one of the process");
+}
+
+TEST(Timers, ImageWithARealtimePolicyWithoutPriorityIsRefused) {
+  expect_refused([](image::Process& p) { p.mutable_threads(1)->mutable_sched()->set_policy(1); },
+                 "priority 0 for policy 1");
+}
+
+// A thread bound only to CPUs this machine does not have (CPU 1000): the restore refuses,
+// naming the thread and its CPUs, and kills what it built.
+TEST(Timers, ThreadBoundToCpusThatDoNotExistHereIsRefused) {
+  expect_refused(
+      [](image::Process& p) {
+        std::string mask(128, '\0');
+        mask[1000 / 8] = 1;
+        p.mutable_threads(1)->mutable_sched()->set_affinity(mask);
+      },
+      "bound to CPUs 1000, none of which exists or may be used here");
 }
 
 }  // namespace
