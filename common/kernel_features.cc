@@ -601,6 +601,20 @@ void probe_soft_dirty(KernelFeatures& f) {
   }
 }
 
+// --- POSIX timer ids ----------------------------------------------------------------------
+
+// PR_TIMER_CREATE_RESTORE_IDS's GET asks without changing anything: 0 or 1 where the kernel
+// knows the prctl, EINVAL where it does not.
+void probe_timer_restore_ids(KernelFeatures& f) {
+  constexpr int kPrTimerCreateRestoreIds = 77, kGet = 2;
+  int r = ::prctl(kPrTimerCreateRestoreIds, kGet, 0, 0, 0);
+  f.timer_restore_ids = r >= 0;
+  f.notes["prctl.timer_create_restore_ids"] =
+      r >= 0 ? std::string("PR_TIMER_CREATE_RESTORE_IDS known")
+             : cat("PR_TIMER_CREATE_RESTORE_IDS: ", err_text(errno),
+                   " (before Linux 6.16: timers get their ids back by creating throw-away ones)");
+}
+
 // --- CPU -------------------------------------------------------------------------------------
 
 // --- descriptor kinds (objects/fd_kinds.h) ------------------------------------------------
@@ -654,6 +668,7 @@ KernelFeatures probe_all() {
   probe_timerfd_set_ticks(f);
   probe_kcmp(f);
   probe_memfd_seals(f);
+  probe_timer_restore_ids(f);
   probe_xsave(f);
   return f;
 }
@@ -796,6 +811,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
   add("memfd.seals", f.memfd_seals, false, "not probed",
       "A memfd held as a descriptor comes back by memfd_create with its name and seals (dump "
       "stores it as a ghost file); without it such images cannot be restored.");
+  add("prctl.timer_create_restore_ids", f.timer_restore_ids, false, "not probed",
+      "POSIX timers are recreated with their own ids in one call each; without it the restore "
+      "creates and deletes throw-away timers and refuses an id it cannot reach.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

@@ -33,6 +33,8 @@ struct KernelFeatures {
   // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:
   bool timerfd_set_ticks = false;  // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE)
   bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
+  // prctl(PR_TIMER_CREATE_RESTORE_IDS) known (Linux 6.16): timers get their ids back directly.
+  bool timer_restore_ids = false;
   // Added by the probes (0/false when a probe could not run):
   bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
   uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it

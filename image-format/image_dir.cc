@@ -20,6 +20,7 @@
 #include "common/fd.h"
 #include "image-format/ghost.h"
 #include "image-format/regular_file.h"
+#include "image-format/validate_timers.h"
 
 namespace fs = boost::filesystem;
 
@@ -281,6 +282,7 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (t.comm().size() > 64) fail(who, " thread ", t.tid(), ": comm too long");
   }
   validate_seccomp(p, who);
+  validate_timers_and_sched(p, who);
   for (const auto& s : p.shared_pending())
     if (s.signo() < 1 || s.signo() > 64 || s.siginfo().size() != 128)
       fail(who, ": malformed pending signal");

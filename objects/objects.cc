@@ -3,7 +3,10 @@
 #include "common/error.h"
 #include "objects/fd_kinds.h"
 #include "objects/locks.h"
+#include "objects/pdeathsig.h"
+#include "objects/sched.h"
 #include "objects/seccomp.h"
+#include "objects/timers.h"
 
 namespace lazycr::objects {
 namespace {
@@ -21,6 +24,9 @@ constexpr Kind kKinds[] = {
     {"descriptors", dump_fd_kinds, restore_fd_kinds},
     {"file locks", locks::dump, locks::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
+    {"scheduling", sched::dump, sched::restore},
+    {"timers", timers::dump, timers::restore},
+    {"parent death signal", pdeathsig::dump, pdeathsig::restore},
 };
 
 }  // namespace

@@ -5,6 +5,8 @@
 // so adding a kind is adding one file and one table entry.
 #pragma once
 
+#include <sched.h>
+
 #include <set>
 #include <string>
 
@@ -19,6 +21,8 @@ enum class RestorePoint {
   kBeforeThreads,  // "objects-leader": the other threads are created next and inherit from it
   kThreadsExist,   // "objects-threads": every thread exists with its state; credentials,
                    // registers and the release come after
+  kBeforeRelease,  // "unmap-trampoline": the last calls injected before the trampoline goes;
+                   // only registers, affinity and the release come after
 };
 
 // What the dump halves share over the whole tree: an object held by several processes (an
@@ -39,5 +43,9 @@ void dump_objects(RemoteProcess& p, image::Process& proc, DumpContext& ctx);
 
 // Restore: every kind recreates at `point` what `proc` records; throws naming what failed.
 void restore_objects(RestorePoint point, RemoteProcess& p, const image::Process& proc);
+
+// As thread `tid` (as lazycr sees it) is released: the CPUs the image gives it (objects/sched),
+// or `unrecorded` where an older image has none. Throws naming the thread and its CPUs.
+void restore_affinity(pid_t tid, const image::Thread& th, const cpu_set_t& unrecorded);
 
 }  // namespace lazycr::objects

@@ -1370,6 +1370,7 @@ Restored restore(const RestoreOptions& opts_in) {
   each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
   each_live("unmap-trampoline", [&](Task& t) {
     t.r->inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
+    objects_at(objects::RestorePoint::kBeforeRelease)(t);
     t.r->unmap_trampoline();
   });
   each_live("server-ready", [&](Task& t) { t.strategy->before_release(*t.r); });
@@ -1388,8 +1389,7 @@ Restored restore(const RestoreOptions& opts_in) {
           c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
         c.t.set_regs(final_regs(th));
         c.t.set_sigmask(th.blocked());
-        if (::sched_setaffinity(c.t.tid(), sizeof(cpu_set_t), &pin->saved()) != 0)
-          fail_errno("sched_setaffinity of tid ", c.t.tid());
+        objects::restore_affinity(c.t.tid(), th, pin->saved());
       });
     }
   }

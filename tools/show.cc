@@ -17,6 +17,7 @@
 #include "common/json.h"
 #include "image-format/image_dir.h"
 #include "tools/commands.h"
+#include "tools/show_timers.h"
 
 namespace lazycr::cli {
 namespace {
@@ -294,6 +295,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     for (const auto& t : p.threads())
       if (t.seccomp_mode() != 0)
         o << "  Seccomp (thread " << t.tid() << "): " << seccomp_text(p, t) << "\n";
+    print_timers_text(o, p);
 
     int handlers = 0;
     for (const auto& a : p.sigactions())
@@ -527,6 +529,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.begin_array();
       for (const auto& s : t.pending()) j.value(s.signo());
       j.end_array();
+      thread_sched_json(j, t);
       j.end_object();
     }
     j.end_array();
@@ -539,6 +542,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.end_object();
     }
     j.end_array();
+    timers_json(j, p);
     j.key("sigactions");
     j.begin_array();
     for (const auto& a : p.sigactions()) {

@@ -1,0 +1,16 @@
+// The parent-death signal of every thread (prctl PR_SET_PDEATHSIG; each thread has its own).
+// Dump: prctl(PR_GET_PDEATHSIG) injected in each thread.
+// Restore: set in each thread as the last call before the process is released: the restore
+// clears the one it uses itself (so that a restore that dies kills what it built) right before.
+// The root of a restored tree has lazycr as its parent: with --detach (or once a foreground
+// lazycr exits) it gets its signal, as a parent died.
+#pragma once
+
+#include "objects/objects.h"
+
+namespace lazycr::objects::pdeathsig {
+
+void dump(RemoteProcess& p, image::Process& proc, DumpContext& ctx);
+void restore(RestorePoint point, RemoteProcess& p, const image::Process& proc);
+
+}  // namespace lazycr::objects::pdeathsig
