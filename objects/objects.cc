@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "objects/locks.h"
+#include "objects/pty.h"
 #include "objects/seccomp.h"
 
 namespace lazycr::objects {
@@ -18,6 +19,7 @@ struct Kind {
 constexpr Kind kKinds[] = {
     {"file locks", locks::dump, locks::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
+    {"controlling terminal", pty::dump_ctty, pty::restore_ctty},
 };
 
 }  // namespace
