@@ -374,9 +374,8 @@ void validate_shared(const SharedObjects& s) {
     if (static_cast<int64_t>(t.index()) <= prev_pty)
       fail(what, ": ptys are not sorted by index, or listed twice");
     prev_pty = t.index();
-    if (t.slave_termios().size() != kPtyTermiosSize || t.master_termios().size() != kPtyTermiosSize)
-      fail(what, ": termios of ", t.slave_termios().size(), " and ", t.master_termios().size(),
-           " bytes, not ", kPtyTermiosSize);
+    if (t.termios().size() != kPtyTermiosSize)
+      fail(what, ": termios of ", t.termios().size(), " bytes, not ", kPtyTermiosSize);
     if (t.rows() > 0xffff || t.cols() > 0xffff || t.xpixel() > 0xffff || t.ypixel() > 0xffff)
       fail(what, ": window size out of range");
     if (t.to_master().size() > kMaxPtyQueuedBytes || t.to_slave().size() > kMaxPtyQueuedBytes)

@@ -89,7 +89,23 @@ std::string drain(int fd, bool packet, const std::string& what) {
   return out;
 }
 
-// Puts `data` into the input queue of the tty behind fd (what a read on fd returns next),
+void push_raw(int fd, const std::string& data, const std::string& what) {
+  for (char c : data)
+    if (::ioctl(fd, TIOCSTI, &c) != 0)
+      fail_errno(what, ": putting back its ", data.size(),
+                 " unread bytes (ioctl(TIOCSTI); it needs CAP_SYS_ADMIN or "
+                 "dev.tty.legacy_tiocsti=1)");
+}
+
+// Puts `data` into the input queue of a master: its line discipline runs with the driver's raw
+// termios, which no ioctl reaches (they all go to the slave), so every byte is stored as is.
+void push_master(int master, const std::string& data, const std::string& what) {
+  if (data.size() > kLdiscRoom)
+    fail(what, ": ", data.size(), " unread bytes do not fit the line discipline's ", kLdiscRoom);
+  push_raw(master, data, what);
+}
+
+// Puts `data` into the input queue of the slave behind fd (what a read on fd returns next),
 // through its own line discipline, byte by byte (TIOCSTI: synchronous, unlike a write from the
 // other side, which the kernel hands over later). While it does, the tty's termios is set so
 // that the discipline stores every byte as it is: no echo, no signals, no input mapping, and
@@ -177,9 +193,7 @@ image::Pty capture(int master, int slave, uint32_t index, const std::string& wha
   image::Pty out;
   out.set_index(index);
   const termios2 st = get_termios(slave, what);
-  const termios2 mt = get_termios(master, what);
-  out.set_slave_termios(bytes_of(st));
-  out.set_master_termios(bytes_of(mt));
+  out.set_termios(bytes_of(st));
   winsize ws{};
   if (::ioctl(master, TIOCGWINSZ, &ws) != 0) fail_errno(what, ": ioctl(TIOCGWINSZ)");
   out.set_rows(ws.ws_row);
@@ -191,7 +205,6 @@ image::Pty capture(int master, int slave, uint32_t index, const std::string& wha
   if (::ioctl(master, TIOCGPTLCK, &locked) != 0) fail_errno(what, ": ioctl(TIOCGPTLCK)");
   out.set_packet_mode(pkt != 0);
   out.set_locked(locked != 0);
-  if (mt.c_lflag & ICANON) fail(what, ": its master side is in canonical mode");
   if ((st.c_lflag & EXTPROC) && pkt)
     fail(what, ": packet mode with EXTPROC (a termios change would be seen by its reader)");
   // Unread data: reading it is the only way to see it, so it goes back at once. More than the
@@ -210,11 +223,11 @@ image::Pty capture(int master, int slave, uint32_t index, const std::string& wha
       fail(what, ": ", to_slave.size(), " bytes of input are unread; lazycr restores up to ",
            kLdiscRoom - 64);
   } catch (const Error&) {
-    push(master, to_master, cat(what, " (master side)"));
+    push_master(master, to_master, cat(what, " (master side)"));
     push(slave, to_slave, cat(what, " (slave side)"));
     throw;
   }
-  push(master, to_master, cat(what, " (master side)"));
+  push_master(master, to_master, cat(what, " (master side)"));
   push(slave, to_slave, cat(what, " (slave side)"));
   out.set_to_master(std::move(to_master));
   out.set_to_slave(std::move(to_slave));
@@ -228,15 +241,14 @@ Pair::Pair(const image::Pty& p) : p_(p) {
   int zero = 0;
   if (::ioctl(master_.get(), TIOCSPTLCK, &zero) != 0) fail_errno(what, ": unlockpt");
   slave_ = open_slave(O_RDWR);
-  set_termios(master_.get(), termios_of(p.master_termios(), what), what);
-  set_termios(slave_.get(), termios_of(p.slave_termios(), what), what);
+  set_termios(slave_.get(), termios_of(p.termios(), what), what);
   winsize ws{};
   ws.ws_row = static_cast<unsigned short>(p.rows());
   ws.ws_col = static_cast<unsigned short>(p.cols());
   ws.ws_xpixel = static_cast<unsigned short>(p.xpixel());
   ws.ws_ypixel = static_cast<unsigned short>(p.ypixel());
   if (::ioctl(master_.get(), TIOCSWINSZ, &ws) != 0) fail_errno(what, ": ioctl(TIOCSWINSZ)");
-  push(master_.get(), p.to_master(), cat(what, " (master side)"));
+  push_master(master_.get(), p.to_master(), cat(what, " (master side)"));
   push(slave_.get(), p.to_slave(), cat(what, " (slave side)"));
 }
 
