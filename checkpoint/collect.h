@@ -120,6 +120,11 @@ void collect_ghosts(std::vector<image::Process>& procs,
                     std::vector<std::vector<image::MemoryArea>>& areas, uint64_t limit,
                     image::SharedObjects& shared);
 
+// Part of collect_shared(): pseudo-terminal pairs whose master and a slave the tree holds
+// (checkpoint/ptys.cc, objects/pty.h), with their settings and unread data; a master without
+// its slave is not restorable.
+void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result);
+
 class FrozenTree;
 // The kernel objects each live process holds (objects/: seccomp filters, file locks), after
 // collect_shared() (descriptors final), while the tree is frozen. `procs` is in preorder.

@@ -1,17 +1,21 @@
 // Descriptors across the tree: open file descriptions (file_id), and the kernel objects
 // several descriptors lead to (pipes, FIFOs, AF_UNIX socket pairs) with the data buffered in
 // them, read without consuming it.
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/kcmp.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "checkpoint/collect.h"
@@ -19,6 +23,7 @@
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
+#include "common/proc.h"
 #include "common/sock_diag.h"
 #include "image-format/image_dir.h"
 
@@ -191,6 +196,65 @@ uint64_t inode_in(const std::string& target, const char* prefix) {
   return std::strtoull(target.c_str() + plen, nullptr, 10);
 }
 
+// Whether the kernel's pipe behind `end` (lazycr's copy of one end held in the tree) has the
+// other end open anywhere, in any process or in flight in a socket: poll() reports POLLHUP on a
+// reading end when the pipe has no writer, POLLERR on a writing end when it has no reader
+// (fs/pipe.c pipe_poll). For a FIFO opened for reading that never saw a writer, the kernel
+// shows no POLLHUP: it counts as held, and is refused rather than restored with a false EOF.
+bool other_end_open(int end, bool end_writes, const std::string& what) {
+  pollfd p{end, static_cast<short>(end_writes ? POLLOUT : POLLIN), 0};
+  int n;
+  do {
+    n = ::poll(&p, 1, 0);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) fail_errno("poll on ", what);
+  return !(p.revents & (end_writes ? POLLERR : POLLHUP));
+}
+
+// "by pid N (comm) " for the processes outside the tree that hold pipe `inode` (a scan of
+// every /proc/PID/fd, for the message only: a holder may also be a descriptor in flight), or
+// "" when none is found.
+std::string holders_outside(uint64_t inode, bool fifo, const std::vector<TreeFiles>& tree) {
+  std::set<pid_t> mine{::getpid()};  // lazycr holds a copy of the tree's end right now
+  for (const auto& t : tree) mine.insert(t.process->pid());
+  std::string want = cat("pipe:[", inode, "]");
+  std::string found;
+  int count = 0;
+  DIR* dir = ::opendir("/proc");
+  if (dir == nullptr) return found;
+  std::vector<pid_t> pids;
+  while (dirent* e = ::readdir(dir))
+    if (e->d_name[0] >= '1' && e->d_name[0] <= '9') pids.push_back(std::atoi(e->d_name));
+  ::closedir(dir);
+  for (pid_t pid : pids) {
+    if (mine.count(pid)) continue;
+    bool holds = false;
+    try {
+      for (int fd : proc::list_fds(pid)) {
+        std::string link = cat("/proc/", pid, "/fd/", fd);
+        if (fifo) {
+          struct stat st;
+          holds = ::stat(link.c_str(), &st) == 0 && S_ISFIFO(st.st_mode) && st.st_ino == inode;
+        } else {
+          char target[64];
+          ssize_t n = ::readlink(link.c_str(), target, sizeof target);
+          holds = n > 0 && std::string(target, static_cast<size_t>(n)) == want;
+        }
+        if (holds) break;
+      }
+    } catch (const Error&) {
+      continue;  // gone meanwhile, or not ours to read
+    }
+    if (!holds) continue;
+    if (++count > 3) continue;
+    auto comm = proc::try_read_file(cat("/proc/", pid, "/comm"));
+    std::string name = comm ? comm->substr(0, comm->find('\n')) : std::string("?");
+    found += cat(found.empty() ? "by " : ", ", "pid ", pid, " (", name, ")");
+  }
+  if (count > 3) found += cat(" and ", count - 3, " more");
+  return found.empty() ? std::string() : found + " ";
+}
+
 }  // namespace
 
 uint64_t object_inode_of(const std::string& target) {
@@ -244,36 +308,71 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
     }
   }
 
-  // Pipes and FIFOs: restorable when both a reading and a writing end are in the tree.
+  // Pipes and FIFOs: restorable when both ends are in the tree, or when one is and the kernel's
+  // pipe has no other end open anywhere (other_end_open()).
   for (const auto& [inode, refs] : pipes) {
     bool fifo = fd_at(refs[0]).kind() == FileDescriptor::FIFO;
     std::string what = fifo ? cat("FIFO ", fd_at(refs[0]).target()) : cat("pipe:[", inode, "]");
     const FdRef* reader = nullptr;
-    bool can_read = false, can_write = false, deleted = false;
+    const FdRef* writer = nullptr;
+    bool deleted = false;
     for (const auto& r : refs) {
       if (readable(fd_at(r)) && reader == nullptr) reader = &r;
-      can_read |= readable(fd_at(r));
-      can_write |= writable(fd_at(r));
+      if (writable(fd_at(r)) && writer == nullptr) writer = &r;
       deleted |= fd_at(r).file().deleted();
     }
+    image::Pipe pipe;
     std::string why;
-    if (!can_write)
-      why = cat("only the reading end of ", what, " is in the tree");
-    else if (!can_read)
-      why = cat("only the writing end of ", what, " is in the tree");
-    else if (fifo && deleted)
+    if (fifo && deleted) {
       why = cat(what, " has been unlinked");
+    } else if (writer == nullptr) {
+      UniqueFd end = get_fd(procs[reader->proc], fd_at(*reader).fd());
+      if (other_end_open(end.get(), false, what))
+        why = cat("only the reading end of ", what, " is in the tree; its writing end is held ",
+                  holders_outside(inode, fifo, procs), "outside the tree");
+      else
+        pipe.set_no_writers(true);
+    } else if (reader == nullptr) {
+      UniqueFd end = get_fd(procs[writer->proc], fd_at(*writer).fd());
+      if (other_end_open(end.get(), true, what))
+        why = cat("only the writing end of ", what, " is in the tree; its reading end is held ",
+                  holders_outside(inode, fifo, procs), "outside the tree");
+      else
+        pipe.set_no_readers(true);
+    }
     if (!why.empty()) {
       for (const auto& r : refs) why_not(r, why);
       continue;
     }
-    image::Pipe pipe;
     pipe.set_inode(inode);
     pipe.set_fifo(fifo);
-    UniqueFd src = get_fd(procs[reader->proc], fd_at(*reader).fd());
-    capture_pipe(src.get(), pipe, what);
+    if (reader != nullptr) {
+      UniqueFd src = get_fd(procs[reader->proc], fd_at(*reader).fd());
+      capture_pipe(src.get(), pipe, what);
+    } else {
+      // Nobody can ever read what is buffered (no reader is left and the restored pipe gets
+      // none): only the capacity matters.
+      UniqueFd src = get_fd(procs[writer->proc], fd_at(*writer).fd());
+      int cap = ::fcntl(src.get(), F_GETPIPE_SZ);
+      if (cap < 0) fail_errno("F_GETPIPE_SZ on ", what);
+      pipe.set_capacity(static_cast<uint32_t>(cap));
+      if (fifo) {
+        // A FIFO's buffered bytes outlive its readers: a later open by path reads them.
+        int avail = 0;
+        if (::ioctl(src.get(), FIONREAD, &avail) != 0) fail_errno("FIONREAD on ", what);
+        if (avail > 0) {
+          for (const auto& r : refs)
+            why_not(r, cat(what, " has no reader and ", avail,
+                           " bytes buffered, which lazycr cannot read without opening a reader"));
+          continue;
+        }
+      }
+    }
     for (const auto& r : refs) fd_at(r).set_restorable(true);
-    log::debug(what, ": ", pipe.data().size(), " bytes buffered, capacity ", pipe.capacity());
+    log::debug(what, ": ", pipe.data().size(), " bytes buffered, capacity ", pipe.capacity(),
+               pipe.no_writers()   ? ", no writer left"
+               : pipe.no_readers() ? ", no reader left"
+                                   : "");
     *result.objects.add_pipes() = std::move(pipe);
   }
 
@@ -349,6 +448,7 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
       *result.objects.add_sockets() = std::move(u);
     }
   }
+  collect_ptys(procs, result);
   // Both lists sorted by inode (std::map order); a FIFO whose inode number equals a pipe's
   // would make two entries with one inode.
   std::sort(result.objects.mutable_pipes()->begin(), result.objects.mutable_pipes()->end(),

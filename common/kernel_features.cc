@@ -645,6 +645,28 @@ void probe_kcmp(KernelFeatures& f) {
   f.notes["kcmp.file"] = r == 0
                              ? "kcmp(KCMP_FILE) tells a dup from its original"
                              : cat("kcmp(KCMP_FILE): ", r < 0 ? err_text(errno) : cat("gave ", r));
+// A pty pair made here, and one byte put into its master's input with TIOCSTI: the way the
+// dump puts back the unread data it had to read, and the restore fills a new pair's queues.
+void probe_pty_tiocsti(KernelFeatures& f) {
+  int m = ::open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+  if (m < 0) {
+    f.notes["pty.tiocsti"] = cat("open /dev/ptmx: ", err_text(errno));
+    return;
+  }
+  int zero = 0;
+  int s = ::ioctl(m, TIOCSPTLCK, &zero) == 0 ? ::ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY) : -1;
+  if (s < 0) {
+    f.notes["pty.tiocsti"] = cat("unlockpt/TIOCGPTPEER: ", err_text(errno));
+  } else {
+    char c = 'x';
+    int n = 0;
+    if (::ioctl(m, TIOCSTI, &c) != 0)
+      f.notes["pty.tiocsti"] = cat("TIOCSTI: ", err_text(errno));
+    else
+      f.pty_tiocsti = ::ioctl(m, FIONREAD, &n) == 0 && n == 1;
+    ::close(s);
+  }
+  ::close(m);
 }
 
 void probe_xsave(KernelFeatures& f) {
@@ -669,6 +691,7 @@ KernelFeatures probe_all() {
   probe_kcmp(f);
   probe_memfd_seals(f);
   probe_timer_restore_ids(f);
+  probe_pty_tiocsti(f);
   probe_xsave(f);
   return f;
 }
@@ -806,6 +829,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "without it the restore refuses such a timerfd by name.");
   add("pagemap.scan", f.pagemap_scan, false, "not probed",
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
+  add("pty.tiocsti", f.pty_tiocsti, false, "not probed",
+      "Pseudo-terminal pairs: their unread data is put back (dump) and into the new pair "
+      "(restore) with TIOCSTI (CAP_SYS_ADMIN or dev.tty.legacy_tiocsti=1).");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",
       "Soft-dirty bits are one way to track pages written between incremental dumps.");
   add("memfd.seals", f.memfd_seals, false, "not probed",

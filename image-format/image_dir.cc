@@ -329,7 +329,20 @@ void validate_process(const Process& p, const Inventory& inv) {
     if (object && f.restorable() && f.object_inode() == 0)
       fail(who, ": fd ", f.fd(), " is a restorable ", FileDescriptor::Kind_Name(f.kind()),
            " without an object inode");
+    if (!FileDescriptor::PtyEnd_IsValid(f.pty_end()))
+      fail(who, ": fd ", f.fd(), ": unknown pty end ", f.pty_end());
+    if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR &&
+        (f.kind() != FileDescriptor::CHARDEV || !f.restorable()))
+      fail(who, ": fd ", f.fd(), " is a pty end but not a restorable CHARDEV");
     validate_locks(f, who);
+  }
+  if (p.ctty_pty() != 0) {
+    bool held = false;
+    for (const auto& f : p.fds())
+      held |= f.pty_end() == FileDescriptor::PTY_SLAVE && f.pty_index() + 1 == p.ctty_pty();
+    if (!held || p.sid() != p.pid())
+      fail(who, ": controlling terminal pty ", p.ctty_pty() - 1,
+           " without being a session leader holding its slave");
   }
 }
 
@@ -350,10 +363,27 @@ void validate_shared(const SharedObjects& s) {
            kMaxPipeCapacity, "]");
     if (p.data().size() > cap)
       fail(what, ": ", p.data().size(), " bytes buffered, more than its capacity ", cap);
+    if (p.no_writers() && p.no_readers()) fail(what, ": has neither a reader nor a writer");
+    if (p.no_readers() && !p.data().empty())
+      fail(what, ": has no reader but ", p.data().size(), " bytes buffered");
     total_capacity += cap;
     if (total_capacity > kMaxTotalPipeCapacity)
       fail(what, ": the pipes up to this one have a capacity of ", total_capacity,
            " bytes, more than the bound of ", kMaxTotalPipeCapacity);
+  }
+  if (s.ptys_size() > kMaxPtys) fail(s.ptys_size(), " pty pairs exceeds the bound ", kMaxPtys);
+  int64_t prev_pty = -1;
+  for (const auto& t : s.ptys()) {
+    std::string what = cat("pty ", t.index());
+    if (static_cast<int64_t>(t.index()) <= prev_pty)
+      fail(what, ": ptys are not sorted by index, or listed twice");
+    prev_pty = t.index();
+    if (t.termios().size() != kPtyTermiosSize)
+      fail(what, ": termios of ", t.termios().size(), " bytes, not ", kPtyTermiosSize);
+    if (t.rows() > 0xffff || t.cols() > 0xffff || t.xpixel() > 0xffff || t.ypixel() > 0xffff)
+      fail(what, ": window size out of range");
+    if (t.to_master().size() > kMaxPtyQueuedBytes || t.to_slave().size() > kMaxPtyQueuedBytes)
+      fail(what, ": more than ", kMaxPtyQueuedBytes, " unread bytes in a direction");
   }
   prev = 0;
   std::map<uint64_t, const UnixSocket*> by_inode;
@@ -605,6 +635,8 @@ void ImageReader::check_descriptors() const {
   for (const Pipe& p : shared_.pipes()) pipes[p.inode()] = &p;
   std::set<uint64_t> sockets;
   for (const UnixSocket& u : shared_.sockets()) sockets.insert(u.inode());
+  std::set<uint32_t> ptys;
+  for (const auto& t : shared_.ptys()) ptys.insert(t.index());
   struct Seen {
     int pid;
     const FileDescriptor* fd;
@@ -627,10 +659,13 @@ void ImageReader::check_descriptors() const {
           fail(what, ": socket inode ", f.object_inode(), " is not in shared.pb");
         }
       }
+      if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR && !ptys.count(f.pty_index()))
+        fail(what, ": pty ", f.pty_index(), " is not in shared.pb");
       auto [it, fresh] = descriptions.emplace(f.file_id(), Seen{p.pid(), &f});
       if (fresh) continue;
       const FileDescriptor& o = *it->second.fd;
-      if (o.kind() != f.kind() || o.object_inode() != f.object_inode() || o.target() != f.target())
+      if (o.kind() != f.kind() || o.object_inode() != f.object_inode() ||
+          o.target() != f.target() || o.pty_end() != f.pty_end() || o.pty_index() != f.pty_index())
         fail(what, ": shares file_id ", f.file_id(), " with fd ", o.fd(), " of process ",
              it->second.pid, " (", o.target(), "), which is a different file");
     }

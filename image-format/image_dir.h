@@ -46,6 +46,11 @@ inline constexpr uint32_t kMaxPipeCapacity = 64u << 20;
 inline constexpr uint64_t kMaxSocketQueuedBytes = 16u << 20;  // per socket
 inline constexpr int kMaxSocketQueued = 1 << 16;              // elements per socket
 inline constexpr int kMaxSharedObjects = 1 << 20;             // pipes, and sockets
+// Pty pairs (kernel.pty.max defaults to 4096), their termios (struct termios2) and the unread
+// bytes per direction the restore puts back into a line discipline of 4096 bytes.
+inline constexpr int kMaxPtys = 4096;
+inline constexpr size_t kPtyTermiosSize = 44;
+inline constexpr size_t kMaxPtyQueuedBytes = 4031;
 // Sum of pipe capacities: the restore sizes each pipe (F_SETPIPE_SZ), and the kernel allocates
 // its ring for that capacity whatever the data (root passes pipe-user-pages-hard).
 inline constexpr uint64_t kMaxTotalPipeCapacity = 1ull << 30;

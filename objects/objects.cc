@@ -5,6 +5,7 @@
 #include "objects/locks.h"
 #include "objects/pdeathsig.h"
 #include "objects/sched.h"
+#include "objects/pty.h"
 #include "objects/seccomp.h"
 #include "objects/timers.h"
 
@@ -27,6 +28,7 @@ constexpr Kind kKinds[] = {
     {"scheduling", sched::dump, sched::restore},
     {"timers", timers::dump, timers::restore},
     {"parent death signal", pdeathsig::dump, pdeathsig::restore},
+    {"controlling terminal", pty::dump_ctty, pty::restore_ctty},
 };
 
 }  // namespace

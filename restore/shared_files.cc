@@ -15,6 +15,7 @@
 #include "common/file_type.h"
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
+#include "objects/pty.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
 
@@ -258,6 +259,7 @@ class Builder {
 
   void build() {
     std::map<uint64_t, std::vector<const Description*>> pipes, sockets;  // object inode
+    std::map<uint32_t, std::vector<const Description*>> ptys;            // pty index
     std::vector<const Description*> files, kinds;
     for (const auto& d : descs_) {
       if (shell_job_ && leads_outside(d)) {
@@ -279,7 +281,9 @@ class Builder {
           sockets[f.object_inode()].push_back(&d);
           break;
         default:
-          if (f.ghost_id() != 0)
+          if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
+            ptys[f.pty_index()].push_back(&d);
+          else if (f.ghost_id() != 0)
             open_ghost(d);
           else if (objects::fd_kind(f.kind()) != nullptr)
             kinds.push_back(&d);
@@ -291,6 +295,7 @@ class Builder {
     }
     for (const auto& [inode, ds] : pipes) make_pipe(inode, ds);
     make_sockets(sockets);
+    for (const auto& [index, ds] : ptys) make_pty(index, ds);
     for (const Description* d : files) open_file(*d);
     for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
@@ -330,18 +335,22 @@ class Builder {
         d.users.push_back(u);
       }
     }
+    for (const auto& p : shared_.pipes()) pipes_[p.inode()] = &p;
     for (const auto& d : descs_) {
       const FileDescriptor& f = d.f();
       if (!f.restorable()) continue;
       if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::FIFO) {
+        // An end no process had open at dump time is complete as it is: closed.
+        auto it = pipes_.find(f.object_inode());
+        bool closed_r = it != pipes_.end() && it->second->no_readers();
+        bool closed_w = it != pipes_.end() && it->second->no_writers();
         auto& ends = pipe_ends_[f.object_inode()];
-        ends.first |= reads(f);
-        ends.second |= writes(f);
+        ends.first |= reads(f) || closed_r;
+        ends.second |= writes(f) || closed_w;
       } else if (f.kind() == FileDescriptor::SOCKET) {
         held_sockets_.insert(f.object_inode());
       }
     }
-    for (const auto& p : shared_.pipes()) pipes_[p.inode()] = &p;
     for (const auto& s : shared_.sockets()) sockets_[s.inode()] = &s;
   }
 
@@ -351,6 +360,7 @@ class Builder {
         std::any_of(d.users.begin(), d.users.end(), [](const User& u) { return u.f->fd() <= 2; });
     if (!std_fd) return false;
     const FileDescriptor& f = d.f();
+    if (f.restorable() && f.pty_end() != FileDescriptor::NOT_PTY_PAIR) return false;
     if (!f.restorable() || is_tty(f)) return true;
     if (f.kind() == FileDescriptor::PIPE) {
       auto it = pipe_ends_.find(f.object_inode());
@@ -405,6 +415,10 @@ class Builder {
         fail(what, ": ", where(d->users.front()), " is a ",
              FileDescriptor::Kind_Name(d->f().kind()), " but the image's shared objects say ",
              p.fifo() ? "a FIFO" : "an anonymous pipe");
+    for (const Description* d : ds)
+      if ((p.no_writers() && writes(d->f())) || (p.no_readers() && reads(d->f())))
+        fail(what, ": ", where(d->users.front()),
+             " holds an end the image says no process had open");
     if (fifo) {
       make_fifo(p, ds);
       return;
@@ -495,6 +509,36 @@ class Builder {
     }
     for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
     temporaries_.push_back(std::move(hold));
+  }
+
+  // A pty pair, remade in lazycr (objects/pty.h): the master's description and each of the
+  // slave's, with their status flags.
+  void make_pty(uint32_t index, const std::vector<const Description*>& ds) {
+    std::string what = cat("pty ", index, " (", ds.front()->who(), ")");
+    const image::Pty* p = nullptr;
+    for (const auto& q : shared_.ptys())
+      if (q.index() == index) p = &q;
+    if (p == nullptr) fail(what, ": not in the image's shared objects");
+    objects::pty::Pair pair(*p);
+    const Description* master = nullptr;
+    std::vector<std::pair<const Description*, UniqueFd>> made;
+    for (const Description* d : ds) {
+      if (d->f().pty_end() == FileDescriptor::PTY_MASTER) {
+        if (master != nullptr)
+          fail(what, ": two descriptions of its master (", master->who(), " and ", d->who(), ")");
+        master = d;
+        continue;
+      }
+      UniqueFd fd = pair.open_slave(d->f().flags());
+      set_status_flags(fd.get(), d->f().flags(), what);
+      made.emplace_back(d, std::move(fd));
+    }
+    if (master == nullptr || made.empty()) fail(what, ": the image does not hold both its ends");
+    pair.finish();
+    UniqueFd m = pair.take_master();
+    set_status_flags(m.get(), master->f().flags(), what);
+    made.emplace_back(master, std::move(m));
+    for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
   }
 
   const UnixSocket& socket_of(uint64_t inode, const std::vector<const Description*>& ds) {

@@ -268,12 +268,15 @@ void validate_process(const image::Process& p, const RestoreOptions& opts,
     std::string kind = FileDescriptor::Kind_Name(f.kind());
     bool tty = f.kind() == FileDescriptor::CHARDEV &&
                (starts_with(f.target(), "/dev/pts/") || starts_with(f.target(), "/dev/tty"));
+    tty = tty && f.pty_end() == FileDescriptor::NOT_PTY_PAIR;  // a pair's slave is remade
     if (opts.shell_job && f.fd() <= 2 && (tty || !f.restorable())) continue;  // lazycr's own
     if (!f.restorable())
       fail("fd ", f.fd(), " is a ", kind, " (", f.target(), ") that lazycr cannot restore",
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
-    // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
-    if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
+    // Pipes, sockets and pty pairs are made by lazycr (shared_files.h), which checks them.
+    if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET ||
+        f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
+      continue;
     if (f.ghost_id() != 0) continue;  // recreated from the image (ghost_files.h)
     if (const objects::FdKind* k = objects::fd_kind(f.kind())) {
       try {

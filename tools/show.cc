@@ -256,6 +256,9 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
       << p->pgid() << "  sid " << p->sid();
     if (p->zombie()) o << "  zombie, " << wait_status(p->exit_status());
     if (p->stop_signo() != 0) o << "  stopped by SIG" << signal_name(p->stop_signo());
+    if (p->ctty_pty() != 0)
+      o << "  controlling terminal pty " << p->ctty_pty() - 1 << " (foreground group "
+        << p->ctty_fg_pgrp() << ")";
     if (refs > 0) o << "  " << refs << " pages shared with earlier processes (REF)";
     o << "\n";
   }
@@ -338,6 +341,9 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     o << "  File descriptors (" << p.fds_size() << "):\n";
     for (const auto& f : p.fds()) {
       std::string object = f.object_inode() != 0 ? cat("  inode ", f.object_inode()) : "";
+      if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
+        object = cat(f.pty_end() == image::FileDescriptor::PTY_MASTER ? "  master" : "  slave",
+                     " of pty ", f.pty_index());
       std::snprintf(line, sizeof line, "    %-4d %-10s flags 0%-8o pos %-10llu id %-5llu %s%s%s\n",
                     f.fd(), fd_kind(f.kind()).c_str(), f.flags(),
                     static_cast<unsigned long long>(f.pos()),
@@ -381,6 +387,11 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
 
   const auto& sh = img.shared();
   print_ghosts(o, img);
+  for (const auto& t : sh.ptys())
+    o << "\nPty " << t.index() << ": " << t.rows() << "x" << t.cols() << " (" << t.xpixel() << "x"
+      << t.ypixel() << " px), packet mode " << (t.packet_mode() ? "on" : "off") << ", "
+      << (t.locked() ? "locked" : "unlocked") << ", " << t.to_master().size()
+      << " bytes unread at the master, " << t.to_slave().size() << " at the slave\n";
   if (sh.pipes_size() == 0 && sh.sockets_size() == 0) return;
   Holders holders(img);
   o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size()
@@ -388,9 +399,12 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
   for (const auto& pipe : sh.pipes()) {
     std::string name =
         pipe.fifo() ? cat("FIFO inode ", pipe.inode()) : cat("pipe:[", pipe.inode(), "]");
-    std::snprintf(line, sizeof line, "  %-24s %8zu bytes buffered of %-9s  %s\n", name.c_str(),
+    std::string closed = pipe.no_writers()   ? " (no writer)"
+                         : pipe.no_readers() ? " (no reader)"
+                                             : "";
+    std::snprintf(line, sizeof line, "  %-24s %8zu bytes buffered of %-9s  %s%s\n", name.c_str(),
                   pipe.data().size(), human_bytes(pipe.capacity()).c_str(),
-                  Holders::list(holders.pipes, pipe.inode()).c_str());
+                  Holders::list(holders.pipes, pipe.inode()).c_str(), closed.c_str());
     o << line;
   }
   for (const auto& u : sh.sockets()) {
@@ -488,6 +502,8 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("comm", p.comm());
     j.field("zombie", p.zombie());
     j.field("stop_signo", p.stop_signo());
+    j.field("ctty_pty", p.ctty_pty() == 0 ? int64_t{-1} : int64_t{p.ctty_pty()} - 1);
+    j.field("ctty_fg_pgrp", p.ctty_fg_pgrp());
     if (p.zombie()) {
       j.field("exit_status", p.exit_status());
       j.field("exit", wait_status(p.exit_status()));
@@ -586,6 +602,8 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("file_id", f.file_id());
       j.field("object_inode", f.object_inode());
       j.field("restorable", f.restorable());
+      j.field("pty_end", image::FileDescriptor::PtyEnd_Name(f.pty_end()));
+      j.field("pty_index", f.pty_index());
       j.key("locks");
       j.begin_array();
       for (const auto& l : f.locks()) j.value(lock_text(l));
@@ -651,7 +669,25 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("fifo", pipe.fifo());
     j.field("capacity", pipe.capacity());
     j.field("bytes", static_cast<uint64_t>(pipe.data().size()));
+    j.field("no_writers", pipe.no_writers());
+    j.field("no_readers", pipe.no_readers());
     holder_array(holders.pipes, pipe.inode());
+    j.end_object();
+  }
+  j.end_array();
+  j.key("ptys");
+  j.begin_array();
+  for (const auto& t : img.shared().ptys()) {
+    j.begin_object();
+    j.field("index", t.index());
+    j.field("rows", t.rows());
+    j.field("cols", t.cols());
+    j.field("xpixel", t.xpixel());
+    j.field("ypixel", t.ypixel());
+    j.field("packet_mode", t.packet_mode());
+    j.field("locked", t.locked());
+    j.field("unread_at_master", static_cast<uint64_t>(t.to_master().size()));
+    j.field("unread_at_slave", static_cast<uint64_t>(t.to_slave().size()));
     j.end_object();
   }
   j.end_array();

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -161,17 +162,50 @@ TEST(TreeFiles, DescriptorsInFlightMakeAPairUnrestorable) {
   EXPECT_EQ(s.socket(s.fd(a.get()).object_inode()), nullptr);
 }
 
-TEST(TreeFiles, AnEndOutsideIsNamed) {
-  int p[2];
+TEST(TreeFiles, AnEndOutsideIsNamedWithItsHolder) {
+  int p[2], go[2];
   ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
-  UniqueFd r(p[0]);
-  close(p[1]);  // no writer left in the "tree"
+  ASSERT_EQ(pipe2(go, O_CLOEXEC), 0);
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // outside the "tree": holds the writer until told to go
+    close(go[1]);
+    char c;
+    _exit(read(go[0], &c, 1) < 0 ? 1 : 0);
+  }
+  UniqueFd r(p[0]), stop(go[1]);
+  close(p[1]);
+  close(go[0]);
   Self s;
   s.collect();
   EXPECT_FALSE(s.fd(r.get()).restorable());
   auto why = s.shared.why_not.find({getpid(), r.get()});
   ASSERT_NE(why, s.shared.why_not.end());
   EXPECT_NE(why->second.find("only the reading end of pipe:["), std::string::npos) << why->second;
+  EXPECT_NE(why->second.find("held by pid " + std::to_string(child)), std::string::npos)
+      << why->second;
+  stop.reset();
+  int status;
+  waitpid(child, &status, 0);
+}
+
+// The writer was closed everywhere: restorable as it is, data then EOF (Pipe.no_writers).
+TEST(TreeFiles, AnEndClosedEverywhereIsRestorable) {
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  UniqueFd r(p[0]);
+  ASSERT_EQ(write(p[1], "last words", 10), 10);
+  close(p[1]);
+  Self s;
+  s.collect();
+  EXPECT_TRUE(s.fd(r.get()).restorable());
+  const image::Pipe* pipe = s.pipe(s.fd(r.get()).object_inode());
+  ASSERT_NE(pipe, nullptr);
+  EXPECT_TRUE(pipe->no_writers());
+  EXPECT_FALSE(pipe->no_readers());
+  EXPECT_EQ(pipe->data(), "last words");
+  char buf[16];
+  EXPECT_EQ(read(r.get(), buf, sizeof buf), 10) << "the data was consumed";
 }
 
 }  // namespace
