@@ -16,9 +16,18 @@
 // process and the page server pinned: server and process on the same CPU (0), on different
 // CPUs (process 0, server 1; the process pinned once the restore has returned: lazycr refuses a
 // --server-cpu outside its own CPUs, which the process inherits), and unpinned.
+// Then, for each of --privileged-sizes (default 1024; state_target is root, so its image is
+// privileged: a restore checks its MAC unless --trust-image), incompressible pages (the worst
+// case for checking what the MAC covers): first instruction of a lazy restore and time to the
+// target's self-verification of an eager one, MAC checked against --trust-image (the cost of
+// an unprivileged image), and fault latency (prefetch off, MAC checked); with --before
+// PATH, the same for another lazycr binary (say the build before a change), dumping its own
+// image, in the same run.
 // Each figure is the median of --runs runs (default 3). Usage:
 //   lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0] [--frame-size S]
-// (--frame-size: the dump's page-store frame size; fault latency is mostly decompressing one.)
+//                      [--privileged-sizes 1024] [--before PATH]
+// (--frame-size: the dump's page-store frame size; fault latency is mostly decompressing one;
+// an empty --sizes or --privileged-sizes skips that part.)
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -105,7 +114,9 @@ using Sample = std::map<std::string, double>;
 
 class Bench {
  public:
-  Bench(int mib, int runs, const std::string& frame_size) : runs_(runs) {
+  Bench(int mib, int runs, const std::string& frame_size, const std::string& pattern = "semi",
+        const std::string& bin = LAZYCR_BIN)
+      : runs_(runs), bin_(bin) {
     work_ = (fs::temp_directory_path() / fs::unique_path("lazycr-lbench-%%%%%%")).string();
     fs::create_directories(work_);
     verify_ = work_ + "/verify";
@@ -113,9 +124,10 @@ class Bench {
     int out[2];
     if (pipe2(out, O_CLOEXEC) != 0) die("pipe");
     int null = open("/dev/null", O_WRONLY | O_CLOEXEC);
-    pid_t target = spawn({std::string(LAZYCR_TARGETS_DIR) + "/state_target", "--mib",
-                          std::to_string(mib), "--verify-file", verify_, "--workdir", work_},
-                         out[1], null);
+    pid_t target =
+        spawn({std::string(LAZYCR_TARGETS_DIR) + "/state_target", "--mib", std::to_string(mib),
+               "--pattern", pattern, "--verify-file", verify_, "--workdir", work_},
+              out[1], null);
     close(null);
     close(out[1]);
     std::string ready = read_line(out[0]);
@@ -123,7 +135,7 @@ class Bench {
     if (ready.rfind("ready", 0) != 0) die("target did not start: " + ready);
     int e[2];
     if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
-    std::vector<std::string> dump{LAZYCR_BIN, "dump", "-t", std::to_string(target), "-D", dir_};
+    std::vector<std::string> dump{bin_, "dump", "-t", std::to_string(target), "-D", dir_};
     if (!frame_size.empty()) {
       dump.push_back("--frame-size");
       dump.push_back(frame_size);
@@ -143,14 +155,14 @@ class Bench {
   // One restore; `lazy_args` empty: eager. `verify_first`: the target checks itself at once;
   // otherwise it idles until the page server has finished, then checks itself.
   Sample restore(bool lazy, std::vector<std::string> lazy_args, bool verify_first,
-                 const Placement& where) {
+                 const Placement& where, const std::vector<std::string>& restore_args = {}) {
     fs::remove(verify_);
     if (verify_first && !where.pin_after) std::ofstream(verify_) << "go";
     std::string stats = work_ + "/stats.json", spid = work_ + "/server.pid";
     fs::remove(stats);
     fs::remove(spid);
-    std::vector<std::string> args{LAZYCR_BIN, "-v",          "restore", "-D",
-                                  dir_,       "--shell-job", "--detach"};
+    std::vector<std::string> args{bin_, "-v", "restore", "-D", dir_, "--shell-job", "--detach"};
+    args.insert(args.end(), restore_args.begin(), restore_args.end());
     if (lazy) {
       for (const std::string& a : {std::string("--lazy"), std::string("--stats"), stats,
                                    std::string("--server-pidfile"), spid})
@@ -248,6 +260,7 @@ class Bench {
 
  private:
   int runs_;
+  std::string bin_;
   std::string work_, verify_, dir_;
   double image_mib_ = 0;
 };
@@ -259,22 +272,32 @@ int main(int argc, char** argv) {
   std::vector<int> sizes = {64, 512, 2048};
   int pin_size = 512;
   std::string frame_size;  // dump's default
+  std::vector<int> privileged_sizes = {1024};
+  std::string before;  // another lazycr binary to compare with
+  auto parse_sizes = [](const char* arg) {
+    std::vector<int> v;
+    std::istringstream in(arg);
+    std::string item;
+    while (std::getline(in, item, ',')) v.push_back(std::atoi(item.c_str()));
+    return v;
+  };
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     if (a == "--runs" && i + 1 < argc) {
       runs = std::atoi(argv[++i]);
     } else if (a == "--sizes" && i + 1 < argc) {
-      sizes.clear();
-      std::istringstream in(argv[++i]);
-      std::string item;
-      while (std::getline(in, item, ',')) sizes.push_back(std::atoi(item.c_str()));
+      sizes = parse_sizes(argv[++i]);
+    } else if (a == "--privileged-sizes" && i + 1 < argc) {
+      privileged_sizes = parse_sizes(argv[++i]);
+    } else if (a == "--before" && i + 1 < argc) {
+      before = argv[++i];
     } else if (a == "--pin-size" && i + 1 < argc) {
       pin_size = std::atoi(argv[++i]);
     } else if (a == "--frame-size" && i + 1 < argc) {
       frame_size = argv[++i];
     } else {
       die("usage: lazy_restore_bench [--runs N] [--sizes 64,512,2048] [--pin-size 512|0] "
-          "[--frame-size S]");
+          "[--frame-size S] [--privileged-sizes 1024] [--before PATH]");
     }
   }
   prctl(PR_SET_CHILD_SUBREAPER, 1);  // restored processes and servers come back to us
@@ -286,14 +309,16 @@ int main(int argc, char** argv) {
       "frames of %s\n\n",
       runs, fs::temp_directory_path().string().c_str(),
       frame_size.empty() ? "the dump's default size" : frame_size.c_str());
-  std::printf(
-      "| MiB | image MiB | first instr. eager ms (wall / lazycr) | first instr. lazy ms (wall / "
-      "lazycr) | verified eager ms | verified lazy ms | lazy / eager | lazy faults | fault p50 "
-      "/ p99 us | pages by fault / prefetch | nothing owed ms | MiB decompressed | verified "
-      "lazy, prefetch off ms | p50 / p99 us, prefetch off | verified, prefetch off, window 16K "
-      "ms | p50 / p99 us, window 16K | drain GB/s |\n");
-  std::printf(
-      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  if (!sizes.empty())
+    std::printf(
+        "| MiB | image MiB | first instr. eager ms (wall / lazycr) | first instr. lazy ms (wall / "
+        "lazycr) | verified eager ms | verified lazy ms | lazy / eager | lazy faults | fault p50 "
+        "/ p99 us | pages by fault / prefetch | nothing owed ms | MiB decompressed | verified "
+        "lazy, prefetch off ms | p50 / p99 us, prefetch off | verified, prefetch off, window 16K "
+        "ms | p50 / p99 us, window 16K | drain GB/s |\n");
+  if (!sizes.empty())
+    std::printf(
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   std::fflush(stdout);
   for (int mib : sizes) {
     Bench b(mib, runs, frame_size);
@@ -340,6 +365,41 @@ int main(int argc, char** argv) {
                   on["by_prefetch"], off["verified_ms"], off["p50_us"], off["p99_us"],
                   drain["drain_gbps"]);
       std::fflush(stdout);
+    }
+  }
+
+  if (!privileged_sizes.empty()) {
+    std::printf(
+        "\nPrivileged image (root target, signed), random pages: MAC checked against "
+        "--trust-image\n\n");
+    std::printf(
+        "| lazycr | MiB | image MiB | first instr. lazy ms, MAC (wall / lazycr) | same, "
+        "--trust-image | MAC / trust | verified eager ms, MAC | same, --trust-image | MAC / "
+        "trust | fault p50 / p99 us, prefetch off, MAC |\n");
+    std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::vector<std::pair<std::string, std::string>> bins;
+    if (!before.empty()) bins.emplace_back("before (" + before + ")", before);
+    bins.emplace_back("this build", LAZYCR_BIN);
+    const std::vector<std::string> trust{"--trust-image"};
+    for (int mib : privileged_sizes) {
+      for (const auto& [name, bin] : bins) {
+        Bench b(mib, runs, frame_size, "random", bin);
+        Sample lazy = b.median_of([&] { return b.restore(true, {}, true, unpinned); });
+        Sample lazy_t = b.median_of([&] { return b.restore(true, {}, true, unpinned, trust); });
+        Sample eager = b.median_of([&] { return b.restore(false, {}, true, unpinned); });
+        Sample eager_t = b.median_of([&] { return b.restore(false, {}, true, unpinned, trust); });
+        Sample off = b.median_of([&] {
+          return b.restore(true, {"--prefetch", "off"}, true, unpinned);
+        });
+        std::printf(
+            "| %s | %d | %.1f | %.1f / %.1f | %.1f / %.1f | %.2f | %.1f | %.1f | %.2f | %.1f / "
+            "%.1f |\n",
+            name.c_str(), mib, b.image_mib(), lazy["running_ms"], lazy["lazycr_first_ms"],
+            lazy_t["running_ms"], lazy_t["lazycr_first_ms"],
+            lazy["running_ms"] / lazy_t["running_ms"], eager["verified_ms"], eager_t["verified_ms"],
+            eager["verified_ms"] / eager_t["verified_ms"], off["p50_us"], off["p99_us"]);
+        std::fflush(stdout);
+      }
     }
   }
   return 0;

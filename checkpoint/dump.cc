@@ -542,7 +542,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   log::Progress progress;
   bool first_batch = true;
   // Page store digests, taken as they were written: signing does not read them again.
-  std::map<std::string, std::string> store_sha256;
+  std::map<std::string, std::string> store_mac_digests;
   auto pages_name = [&](pid_t pid) {
     std::string path = writer.pages_path(pid);
     return path.substr(path.rfind('/') + 1);
@@ -574,7 +574,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     auto mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
                            tree.live_count() > 1);
     auto stats = pages.finish();
-    store_sha256[pages_name(fp.pid())] = stats.sha256;
+    store_mac_digests[pages_name(fp.pid())] = stats.mac_digest;
     result.data_pages += stats.data_pages;
     result.zero_pages += stats.zero_pages;
     result.ref_pages += mem.ref_pages;
@@ -625,7 +625,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   // it holds no privilege over (restore/trust.h).
   if (auto key = image::load_image_key(::geteuid() == 0)) {
     const uint64_t t_sign = now_ns();
-    image::sign_image(writer.staging_dir(), *key, store_sha256);
+    image::sign_image(writer.staging_dir(), *key, store_mac_digests);
     log::debug("dump: image signed in ", (now_ns() - t_sign) / 1000, " us");
   } else
     log::info("the image is not signed: ", image::image_key_path(), " is not readable");

@@ -17,6 +17,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "image-format/page_store.h"
 
 namespace lazycr::image {
 namespace {
@@ -53,10 +54,18 @@ std::string sha256_of(int fd, const std::string& path) {
   return std::string(reinterpret_cast<char*>(md), len);
 }
 
-// HMAC over (name, NUL, size as 8 bytes little endian, SHA-256 of the content) of every file
-// but image.mac, in name order. Anything but a regular file in the directory is an error:
-// an image holds nothing else, and a FIFO there must not block the check.
-std::string compute_mac(const std::string& dir, const std::string& key,
+bool is_page_store_name(const std::string& name) {
+  return name.size() > 10 && name.compare(0, 6, "pages-") == 0 &&
+         name.compare(name.size() - 4, 4, ".lzp") == 0;
+}
+
+// HMAC over (name, NUL, size as 8 bytes little endian, digest) of every file but image.mac,
+// in name order. The digest is the SHA-256 of the whole content, but in version 2 that of a
+// page store's header, index and footer only (page_store_mac_digest(): its frames are bound
+// by their digests in the index, checked as they are read), taken from `known` when the
+// caller has it. Anything but a regular file in the directory is an error: an image holds
+// nothing else, and a FIFO there must not block the check.
+std::string compute_mac(const std::string& dir, const std::string& key, uint32_t version,
                         const std::map<std::string, std::string>& known = {}) {
   std::unique_ptr<DIR, DirCloser> d(::opendir(dir.c_str()));
   if (!d) fail_errno("cannot list ", dir);
@@ -78,8 +87,12 @@ std::string compute_mac(const std::string& dir, const std::string& key,
     manifest += name;
     manifest.push_back('\0');
     for (int i = 0; i < 8; i++) manifest.push_back(static_cast<char>(size >> (8 * i)));
-    auto k = known.find(name);
-    manifest += k != known.end() ? k->second : sha256_of(fd.get(), path);
+    if (version >= 2 && is_page_store_name(name)) {
+      auto k = known.find(name);
+      manifest += k != known.end() ? k->second : page_store_mac_digest(fd.get(), path, size);
+    } else {
+      manifest += sha256_of(fd.get(), path);
+    }
   }
   unsigned char mac[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
@@ -146,8 +159,8 @@ std::optional<std::string> load_image_key(bool create) {
 }
 
 void sign_image(const std::string& dir, const std::string& key,
-                const std::map<std::string, std::string>& sha256_of) {
-  std::string mac = compute_mac(dir, key, sha256_of);
+                const std::map<std::string, std::string>& store_digests) {
+  std::string mac = compute_mac(dir, key, kMacVersion, store_digests);
   char out[kMacFileBytes] = {};
   std::memcpy(out, kMacMagic, 8);
   for (int i = 0; i < 4; i++) out[8 + i] = static_cast<char>(kMacVersion >> (8 * i));
@@ -159,7 +172,9 @@ void sign_image(const std::string& dir, const std::string& key,
     fail_errno("cannot write ", path);
 }
 
-MacCheck verify_image(const std::string& dir, const std::string& key, std::string* why) {
+MacCheck verify_image(const std::string& dir, const std::string& key, std::string* why,
+                      const std::map<std::string, std::string>& store_digests,
+                      uint32_t* mac_version) {
   std::string path = cat(dir, "/", kMacFile);
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
   if (!fd) {
@@ -181,11 +196,13 @@ MacCheck verify_image(const std::string& dir, const std::string& key, std::strin
   uint32_t version = 0;
   for (int i = 0; i < 4; i++)
     version |= static_cast<uint32_t>(static_cast<uint8_t>(in[8 + i])) << (8 * i);
-  if (version != kMacVersion) {
-    *why = cat(kMacFile, " has version ", version, ", this lazycr knows ", kMacVersion);
+  if (version != kMacVersion && version != kMacVersionWholeFiles) {
+    *why = cat(kMacFile, " has version ", version, ", this lazycr knows ", kMacVersionWholeFiles,
+               " and ", kMacVersion);
     return MacCheck::kMismatch;
   }
-  std::string mac = compute_mac(dir, key);
+  if (mac_version != nullptr) *mac_version = version;
+  std::string mac = compute_mac(dir, key, version, store_digests);
   if (CRYPTO_memcmp(mac.data(), in + 16, kMacBytes) != 0) {
     *why = cat(kMacFile,
                " does not match its files under this machine's key (edited, or signed "

@@ -1,5 +1,6 @@
 // The image's MAC (FORMAT.md "image.mac"): HMAC-SHA256 under a per-machine key that only root
-// can read, over every file of the image directory, written by the dump. A restore trusts the
+// can read, over every file of the image directory (of a page store: its header, index and
+// footer, which bind each frame by its SHA-256), written by the dump. A restore trusts the
 // credentials an image asks for only if this machine signed it (restore/trust.h).
 #pragma once
 
@@ -12,7 +13,10 @@ namespace lazycr::image {
 
 inline constexpr char kMacFile[] = "image.mac";
 inline constexpr char kMacMagic[8] = {'L', 'Z', 'C', 'R', 'M', 'A', 'C', '\0'};
-inline constexpr uint32_t kMacVersion = 1;
+// Version 2 covers a page store's header, index and footer; version 1 (images written before
+// frame digests, still verified) every byte of every file.
+inline constexpr uint32_t kMacVersion = 2;
+inline constexpr uint32_t kMacVersionWholeFiles = 1;
 inline constexpr size_t kImageKeyBytes = 32;
 // Where the key lives; the environment variable LAZYCR_IMAGE_KEY names another file (tests).
 inline constexpr char kDefaultImageKeyPath[] = "/var/lib/lazycr/image.key";
@@ -26,14 +30,21 @@ std::string image_key_path();
 // lack of permission (lazycr is not root); throws Error when it exists but is unfit.
 std::optional<std::string> load_image_key(bool create);
 
-// Writes <dir>/image.mac for the files in `dir` as they are now. `sha256_of`: digests the
-// caller computed while writing (page stores, PageStoreStats::sha256), by file name, used
-// instead of reading those files again.
+// Writes <dir>/image.mac (version kMacVersion) for the files in `dir` as they are now.
+// `store_digests`: page_store_mac_digest() of page stores, by file name, that the caller has
+// already (PageStoreStats::mac_digest, taken while writing), used instead of reading them.
 void sign_image(const std::string& dir, const std::string& key,
-                const std::map<std::string, std::string>& sha256_of = {});
+                const std::map<std::string, std::string>& store_digests = {});
 
 enum class MacCheck { kValid, kMissing, kMismatch };
-// Checks <dir>/image.mac against the files of `dir`; `why` says what is wrong.
-MacCheck verify_image(const std::string& dir, const std::string& key, std::string* why);
+// Checks <dir>/image.mac against the files of `dir`; `why` says what is wrong. With
+// `store_digests` (PageStoreReader::mac_digest() of the stores a restore has open, by file
+// name) a version 2 MAC vouches for exactly the indexes those readers use; version 2 leaves
+// the frames to the readers' digest checks, so a valid MAC of version 2 is worth something only
+// with stores that have frame digests (PageStoreReader::has_frame_digests()). `mac_version`
+// receives the MAC file's version.
+MacCheck verify_image(const std::string& dir, const std::string& key, std::string* why,
+                      const std::map<std::string, std::string>& store_digests = {},
+                      uint32_t* mac_version = nullptr);
 
 }  // namespace lazycr::image

@@ -34,10 +34,18 @@ struct PageStoreStats {
   uint64_t ref_pages = 0;  // pages in REF runs (stored in another process's store)
   uint64_t frames = 0;
   uint64_t file_bytes = 0;  // whole file, header to footer
-  // SHA-256 of the whole file, computed as it was written (image.mac takes it instead of
-  // reading the store again: image_mac.h).
-  std::string sha256;
+  // What image.mac covers of this store (page_store_mac_digest()), computed as it was
+  // written, so that signing never reads the store again (image_mac.h).
+  std::string mac_digest;
 };
+
+inline constexpr size_t kFrameDigestBytes = 32;  // SHA-256 of each compressed frame
+
+// SHA-256 of the store's header, compressed index and footer: everything but the frames,
+// which the index binds through their sizes and frame digests (FORMAT.md "Frame digests").
+// Reads only those parts of the store open on `fd` (file_size bytes long); throws Error naming
+// `path` when they are not where a page store has them.
+std::string page_store_mac_digest(int fd, const std::string& path, uint64_t file_size);
 
 // Takes pages in strictly increasing address order; all-zero pages become ZERO runs, pages
 // stored by another process of the image become REF runs.
@@ -123,6 +131,13 @@ class PageStoreReader {
   std::vector<int32_t> ref_pids() const;
   // Decompresses every frame and checks its checksum; throws on the first bad one.
   void verify_all() const;
+
+  // Whether every frame is checked against a digest of the index before it is decompressed
+  // (a store without frames has nothing to check). Stores written before frame digests have
+  // none: only a MAC over their whole file vouches for their frames (image_mac.h).
+  bool has_frame_digests() const;
+  // page_store_mac_digest() of the header, index and footer this reader parsed and uses.
+  const std::string& mac_digest() const;
 
   // Counters for stats.
   uint64_t frames_decompressed() const;

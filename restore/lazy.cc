@@ -83,6 +83,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <vector>
@@ -145,6 +146,16 @@ bool lazy_candidate(const MemoryArea& a) {
 struct Range {
   uint64_t start, end;
 };
+
+// The store at `st`'s path, opened again, refused unless its index is the one `st` read:
+// the restore checked that one (image.mac covers the index, which holds each frame's digest),
+// and a store put in its place since must not have its pages served instead.
+std::unique_ptr<image::PageStoreReader> reopen_same_store(const image::PageStoreReader& st) {
+  auto again = image::PageStoreReader::open(st.path());
+  if (again->mac_digest() != st.mac_digest())
+    fail(st.path(), ": the page store was replaced since the restore read its index");
+  return again;
+}
 
 // Stored pages (DATA or ZERO runs) inside [start, end).
 uint64_t stored_in(const image::PageStoreReader& store, uint64_t start, uint64_t end) {
@@ -369,7 +380,7 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       if (store_kept[i])  // never freed: this process ends with _exit
         stores.emplace_back(st, [](const image::PageStoreReader*) {});
       else  // its file was renamed meanwhile: opened (and validated) again
-        stores.emplace_back(image::PageStoreReader::open(st->path()).release());
+        stores.emplace_back(reopen_same_store(*st).release());
     }
     const uint64_t t_store = now_ns();
     uffd::PageServerOptions o;

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <set>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "common/log.h"
 #include "common/proc.h"
 #include "image-format/image_mac.h"
+#include "image-format/page_store.h"
 
 namespace lazycr::restore {
 namespace {
@@ -136,17 +138,34 @@ void check_trust(const image::ImageReader& img, const RestoreOptions& opts) {
   if (!key)
     fail("its MAC cannot be checked (", image::image_key_path(), " is not readable) and ", why,
          advice);
+  // The MAC is checked against the indexes the restore has open (and then reads every frame
+  // through, each checked against its digest there), not against the files read again.
+  std::map<std::string, std::string> store_digests;
+  for (const auto& p : img.processes()) {
+    if (p.zombie()) continue;
+    const image::PageStoreReader& store = img.pages(p.pid());
+    store_digests[store.path().substr(store.path().rfind('/') + 1)] = store.mac_digest();
+  }
   std::string mac_why;
+  uint32_t mac_version = 0;
   const auto t0 = std::chrono::steady_clock::now();
-  const image::MacCheck mac = image::verify_image(img.dir(), *key, &mac_why);
+  const image::MacCheck mac =
+      image::verify_image(img.dir(), *key, &mac_why, store_digests, &mac_version);
   log::debug(
       "restore: MAC checked in ",
       std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0)
           .count(),
-      " us");
+      " us (version ", mac_version, ")");
   if (mac != image::MacCheck::kValid)
     fail("the image is not signed by this machine (", mac_why, ") and ", why,
          ": restoring it would grant that to whoever wrote it", advice);
+  // A version 2 MAC covers no frame: each must be checked against a digest when read. This
+  // lazycr's dump writes them always; a store without them was not signed this way.
+  if (mac_version >= 2)
+    for (const auto& p : img.processes())
+      if (!p.zombie() && !img.pages(p.pid()).has_frame_digests())
+        fail(img.pages(p.pid()).path(), " has no frame digests, which its image's ",
+             image::kMacFile, " needs to vouch for its pages, and ", why, advice);
   check_files_owned(img.dir());
 }
 

@@ -87,13 +87,17 @@ struct StoreSummary {
   uint64_t data_pages, zero_pages, ref_pages, frames, file_bytes;
   double ratio;  // uncompressed data / file bytes
   std::vector<int32_t> ref_pids;
+  // "sha256": every frame is checked against its digest in the index when read; "none": a
+  // store written before frame digests.
+  const char* frame_digests;
 };
 
 StoreSummary summarize(const image::PageStoreReader& store) {
   const auto& idx = store.index();
-  StoreSummary s{idx.data_pages(),    idx.zero_pages(),  store.ref_pages(),
-                 store.frame_count(), store.file_size(), 0,
-                 store.ref_pids()};
+  StoreSummary s{idx.data_pages(),  idx.zero_pages(),
+                 store.ref_pages(), store.frame_count(),
+                 store.file_size(), 0,
+                 store.ref_pids(),  store.has_frame_digests() ? "sha256" : "none"};
   s.ratio = s.file_bytes > 0 ? double(s.data_pages * kPageSize) / double(s.file_bytes) : 0;
   return s;
 }
@@ -357,14 +361,15 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     if (p.zombie()) continue;
     const auto& store = img.pages(p.pid());
     auto s = summarize(store);
-    std::snprintf(
-        line, sizeof line,
-        "  Page store: %llu data pages (%s), %llu zero pages, %llu ref pages, %llu "
-        "frames, file %s, ratio %.2f\n",
-        static_cast<unsigned long long>(s.data_pages),
-        human_bytes(s.data_pages * kPageSize).c_str(),
-        static_cast<unsigned long long>(s.zero_pages), static_cast<unsigned long long>(s.ref_pages),
-        static_cast<unsigned long long>(s.frames), human_bytes(s.file_bytes).c_str(), s.ratio);
+    std::snprintf(line, sizeof line,
+                  "  Page store: %llu data pages (%s), %llu zero pages, %llu ref pages, %llu "
+                  "frames (digests: %s), file %s, ratio %.2f\n",
+                  static_cast<unsigned long long>(s.data_pages),
+                  human_bytes(s.data_pages * kPageSize).c_str(),
+                  static_cast<unsigned long long>(s.zero_pages),
+                  static_cast<unsigned long long>(s.ref_pages),
+                  static_cast<unsigned long long>(s.frames), s.frame_digests,
+                  human_bytes(s.file_bytes).c_str(), s.ratio);
     o << line;
     if (!s.ref_pids.empty()) {
       o << "    ref pages are stored by pid";
@@ -625,6 +630,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       for (int32_t pid : s.ref_pids) j.value(pid);
       j.end_array();
       j.field("frames", s.frames);
+      j.field("frame_digests", s.frame_digests);
       j.field("file_bytes", s.file_bytes);
       j.field("ratio", s.ratio);
       if (opts.pages) {

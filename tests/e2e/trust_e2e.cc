@@ -14,8 +14,11 @@
 #include <functional>
 #include <string>
 
+#include "common/error.h"
 #include "image-format/image_dir.h"
+#include "image-format/page_store.h"
 #include "tests/e2e/harness.h"
+#include "tests/e2e/lazy_helpers.h"
 #include "tests/e2e/restore_helpers.h"
 
 namespace lazycr::test {
@@ -303,6 +306,67 @@ TEST(Trust, AClosedTerminalsNumberIsNotReconnected) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "verified ok\n");
   ::close(master);
+}
+
+// A signed root image whose page store was changed after signing: frames of random pages are
+// stored raw, so two frames of the same size swapped are valid zstd frames with valid
+// checksums. image.mac covers the index, not the frames, so the restore starts; each frame is
+// checked against its digest in the (signed) index as it is read. Lazy: the page server kills
+// the process rather than serve it, and says which store and frame; eager: the fill fails by
+// name and nothing is left. Never "verified ok", nor a verdict of wrong memory.
+TEST(Trust, ASignedImageWithChangedFramesNeverRunsOnThem) {
+  StateTarget t({"--mib", "8", "--pattern", "random"});
+  TempDir images;
+  const std::string dir = images / "img";
+  t.dump(dir);
+  t.go();
+  const std::string store_path = image::pages_path(dir, t.pid());
+  uint64_t frame = 0, at = 0, size = 0;
+  {
+    auto store = image::PageStoreReader::open(store_path);
+    ASSERT_TRUE(store->has_frame_digests());
+    for (uint64_t i = store->frame_count() / 2; i + 1 < store->frame_count(); ++i)
+      if (store->frame(i).size == store->frame(i + 1).size) {
+        frame = i;
+        at = store->frame(i).offset;
+        size = store->frame(i).size;
+        break;
+      }
+  }
+  ASSERT_GT(size, 0u) << "no two neighbouring frames of the same size";
+  {
+    std::string bytes = read_text(store_path);
+    std::string a = bytes.substr(at, size), b = bytes.substr(at + size, size);
+    ASSERT_NE(a, b);
+    bytes.replace(at, size, b);
+    bytes.replace(at + size, size, a);
+    std::ofstream(store_path, std::ios::binary | std::ios::trunc) << bytes;
+  }
+  const std::string names_frame = cat(store_path, ": frame ");
+  const std::string mismatch = "do not match their SHA-256 in the index";
+
+  TempDir logs;
+  const std::string log = logs / "lazycr.log";
+  auto r = lazycr({"--log-file", log, "restore", "--lazy", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 128 + SIGKILL) << r.out << r.err;
+  EXPECT_EQ(r.out, "") << "the process ran on memory it was not served";
+  const std::string text = read_text(log);
+  EXPECT_NE(text.find(cat("page server: pid ", t.pid())), std::string::npos) << text;
+  EXPECT_NE(text.find(names_frame), std::string::npos) << text;
+  EXPECT_NE(text.find(mismatch), std::string::npos) << text;
+  EXPECT_NE(text.find("killed the process rather than serve wrong memory"), std::string::npos)
+      << text;
+  for (pid_t g : children_named("lazycr-guardian")) reap(g);
+  expect_nothing_left(t.pid());
+
+  r = lazycr({"restore", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_EQ(r.out, "");
+  EXPECT_NE(r.err.find(cat("lazycr: restore: fill for pid ", t.pid())), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(cat(names_frame, frame)), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(mismatch), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  expect_nothing_left(t.pid());
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // clean Error (no crash, hang or out-of-bounds read; these tests also run under ASan/UBSan).
 #include "image-format/page_store.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -735,9 +736,9 @@ TEST_F(PageStoreCorruption, FlippedBitsEverywhere) {
   for (size_t at = 0; at < good_.size(); ++at) {
     // Every bit of the header, the index and the footer; one bit per byte of the frames.
     bool dense = at < 64 || at >= index_offset_;
-    // Header, footer and every zstd frame header are checked field by field: every flip
-    // there must be caught.
-    bool must_detect = at < 64 || at >= good_.size() - 32 || in_frame_header(at);
+    // Header, footer and every zstd frame header are checked field by field, and every byte
+    // of a data frame against the frame's SHA-256: every flip there must be caught.
+    bool must_detect = at < index_offset_ || at >= good_.size() - 32 || in_frame_header(at);
     for (int bit = dense ? 0 : static_cast<int>(at % 8); bit < 8; bit += dense ? 1 : 8) {
       std::string bad = good_;
       bad[at] = static_cast<char>(bad[at] ^ (1 << bit));
@@ -984,9 +985,12 @@ TEST_F(PageStoreCorruption, AbsurdRefRuns) {
 }
 
 TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
-  // Rebuilds the store with frame 0 replaced by `frame0`.
+  // Rebuilds the store with frame 0 replaced by `frame0`, without frame digests (a store
+  // written before them): zstd's own checks are what is tested here (digests:
+  // PageStoreDigests below).
   auto with_frame0 = [&](const std::string& frame0) {
     PageIndex idx = index_;
+    idx.clear_frame_sha256();
     std::string rest =
         good_.substr(64 + idx.frame_sizes(0), index_offset_ - 64 - idx.frame_sizes(0));
     idx.set_frame_sizes(0, static_cast<uint32_t>(frame0.size()));
@@ -1037,6 +1041,114 @@ TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
   }
   std::string garbage(600, 'x');
   expect_read_fails(with_frame0(garbage), "garbage");
+}
+
+TEST_F(PageStoreCorruption, FrameDigestsOfTheWrongLength) {
+  ASSERT_EQ(3u * kFrameDigestBytes, index_.frame_sha256().size());
+  expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->pop_back(); }, "one byte short");
+  expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->push_back('x'); }, "one more");
+  expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->resize(2 * kFrameDigestBytes); },
+                     "2 of 3");
+  expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->append(32, 'x'); }, "4 of 3");
+  // None at all is a store written before digests: accepted, and said so.
+  PageIndex none = index_;
+  none.clear_frame_sha256();
+  put(with_index(none));
+  EXPECT_FALSE(PageStoreReader::open(path_)->has_frame_digests());
+  EXPECT_TRUE(open_and_read_all(path_, segs_));
+  put(good_);
+  EXPECT_TRUE(PageStoreReader::open(path_)->has_frame_digests());
+}
+
+// --- Frame digests --------------------------------------------------------------------------
+
+// Frames of incompressible pages are stored raw, so frames of equal page counts have equal
+// sizes: frames 1 and 2 swapped on disk are valid zstd frames with valid checksums, in place
+// of each other. Only the digests tell; nothing of either reaches the caller.
+TEST(PageStoreDigests, FrameChangedOnDiskIsRefusedOnReadWithItsName) {
+  TempDir dir;
+  const std::string path = dir.file("pages-7.lzp");
+  std::vector<Segment> segs{make_segment(0x400000, 16, Fill::kRandom, 77)};  // 4 frames of 4
+  PageStoreStats stats = write_store(path, segs, opts(kMinFrameSize));
+  ASSERT_EQ(4u, stats.frames);
+  std::string good = read_file(path);
+  std::vector<uint32_t> sizes;
+  {
+    auto r = PageStoreReader::open(path);
+    EXPECT_TRUE(r->has_frame_digests());
+    EXPECT_EQ(4u * kFrameDigestBytes, r->index().frame_sha256().size());
+    EXPECT_EQ(stats.mac_digest, r->mac_digest()) << "the writer's digest is the reader's";
+    for (uint64_t i = 0; i < 4; ++i) sizes.push_back(static_cast<uint32_t>(r->frame(i).size));
+  }
+  ASSERT_EQ(sizes[1], sizes[2]);
+  const size_t f1 = 64 + sizes[0], f2 = f1 + sizes[1];
+  std::string swapped = good;
+  swapped.replace(f1, sizes[1], good.substr(f2, sizes[2]));
+  swapped.replace(f2, sizes[2], good.substr(f1, sizes[1]));
+
+  auto expect_refused = [&](const std::string& bytes, uint64_t frame, size_t at) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+    auto r = PageStoreReader::open(path);  // the index is the dump's: open() reads no frame
+    EXPECT_EQ(stats.mac_digest, r->mac_digest()) << "image.mac cannot see a frame change";
+    std::vector<unsigned char> buf(4 * kPageSize, 0xee);
+    const uint64_t addr = 0x400000 + frame * 4 * kPageSize;
+    for (auto call :
+         {std::function<void()>([&] { r->read(addr + kPageSize, 1, buf.data()); }),
+          std::function<void()>([&] { r->read(addr, 4, buf.data()); }), std::function<void()>([&] {
+            EXPECT_EQ(0u, r->frames_decompressed()) << "it reached zstd";
+            r->verify_all();
+          })}) {
+      try {
+        call();
+        ADD_FAILURE() << "frame " << frame << " changed on disk was read";
+      } catch (const Error& e) {
+        const std::string msg = e.what();
+        EXPECT_EQ(0u, msg.find(cat(path, ": frame ", frame, ": its ", sizes[frame],
+                                   " bytes at offset ", at, " do not match their SHA-256")))
+            << msg;
+        EXPECT_EQ(std::string::npos, msg.find('\n')) << msg;
+      }
+    }
+    EXPECT_EQ(std::vector<unsigned char>(4 * kPageSize, 0xee), buf) << "nothing was copied";
+    // The frames before it still read, and right.
+    r->read(0x400000, 4, buf.data());
+    EXPECT_EQ(0, std::memcmp(buf.data(), segs[0].bytes.data(), buf.size()));
+  };
+  expect_refused(swapped, 1, f1);
+  std::string flipped = good;
+  flipped[f2 + sizes[2] / 2] ^= 0x40;
+  expect_refused(flipped, 2, f2);
+}
+
+// What image.mac covers of a store is its header, index and footer: a changed index changes
+// it, a changed frame does not (the frame's digest in the index catches that on read).
+TEST(PageStoreDigests, MacDigestCoversHeaderIndexAndFooter) {
+  TempDir dir;
+  const std::string path = dir.file("pages-1.lzp");
+  PageStoreStats stats = write_store(path, small_segments(), opts(kMinFrameSize));
+  ASSERT_EQ(kFrameDigestBytes, stats.mac_digest.size());
+  auto digest_of_file = [&] {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    std::string d = page_store_mac_digest(fd, path, fs::file_size(path));
+    ::close(fd);
+    return d;
+  };
+  EXPECT_EQ(stats.mac_digest, digest_of_file());
+  const std::string good = read_file(path);
+  for (size_t at : {size_t{70}, size_t{0}, good.size() - 40, good.size() - 1}) {
+    std::string bad = good;
+    bad[at] ^= 1;
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bad;
+    if (at == 70)
+      EXPECT_EQ(stats.mac_digest, digest_of_file()) << "a frame byte is not covered";
+    else if (at == good.size() - 1)
+      EXPECT_THROW(digest_of_file(), Error) << "footer magic";
+    else
+      EXPECT_NE(stats.mac_digest, digest_of_file()) << "byte " << at;
+  }
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << good.substr(0, 95);
+  EXPECT_THROW(digest_of_file(), Error) << "shorter than header and footer";
 }
 
 // --- REF runs (fork-shared pages stored once) ----------------------------------------------
