@@ -645,6 +645,8 @@ void probe_kcmp(KernelFeatures& f) {
   f.notes["kcmp.file"] = r == 0
                              ? "kcmp(KCMP_FILE) tells a dup from its original"
                              : cat("kcmp(KCMP_FILE): ", r < 0 ? err_text(errno) : cat("gave ", r));
+}
+
 // A pty pair made here, and one byte put into its master's input with TIOCSTI: the way the
 // dump puts back the unread data it had to read, and the restore fills a new pair's queues.
 void probe_pty_tiocsti(KernelFeatures& f) {
