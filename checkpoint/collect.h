@@ -115,10 +115,11 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs);
 // descriptor or runs (and then its mappings too), is read once into shared.ghosts; the
 // references get its ghost_id (descriptors become restorable; shared mappings of deleted files
 // and of those memfds become SHARED_FILE, their contents in the ghost); a deleted cwd loses its
-// " (deleted)". `areas[i]` are procs[i]'s. Refuses, naming each, files larger than `limit`.
+// " (deleted)". `areas[i]` are procs[i]'s. Refuses, naming each, files larger than `limit`
+// (a descriptor of one stays unrestorable instead with `skip_unsupported_fds`).
 void collect_ghosts(std::vector<image::Process>& procs,
                     std::vector<std::vector<image::MemoryArea>>& areas, uint64_t limit,
-                    image::SharedObjects& shared);
+                    bool skip_unsupported_fds, image::SharedObjects& shared);
 
 // Part of collect_shared(): pseudo-terminal pairs whose master and a slave the tree holds
 // (checkpoint/ptys.cc, objects/pty.h), with their settings and unread data; a master without

@@ -526,7 +526,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
   SharedCollection shared = collect_shared(files);
   shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
-  collect_ghosts(procs, areas, opts.ghost_limit, shared.objects);
+  collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
   refuse_unrestorable(procs, areas, opts.leave_running);

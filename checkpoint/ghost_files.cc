@@ -40,13 +40,15 @@ class Collector {
   // The ghost of the file behind `source` (a /proc magic link of the frozen process), read the
   // first time it is met; `reported` is the path the kernel shows for it, `holder` names the
   // reference for messages. Returns its id, or 0 when it is too large (listed in refusals()).
+  // With `skippable`, one too large is not refused: the caller leaves it unrestorable.
   uint64_t ghost_of(const std::string& source, const std::string& reported, GhostFile::Kind kind,
-                    const std::string& holder) {
+                    const std::string& holder, bool skippable = false) {
     struct stat st;
     if (::stat(source.c_str(), &st) != 0) fail_errno("cannot stat ", source, " (", reported, ")");
     auto key = std::make_pair(static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino));
     if (auto it = ids_.find(key); it != ids_.end()) return it->second;
     if (kind != GhostFile::DIRECTORY && static_cast<uint64_t>(st.st_size) > limit_) {
+      if (skippable) return 0;
       refusals_ += cat(refusals_.empty() ? "" : "; ", holder, " is ", reported, " of ", st.st_size,
                        " bytes");
       return 0;
@@ -134,7 +136,7 @@ bool deleted_shared_file(const MemoryArea& a) {
 
 void collect_ghosts(std::vector<image::Process>& procs,
                     std::vector<std::vector<image::MemoryArea>>& areas, uint64_t limit,
-                    image::SharedObjects& shared) {
+                    bool skip_unsupported_fds, image::SharedObjects& shared) {
   Collector c(limit, shared);
   // Descriptors, executables and working directories first: a memfd one of them holds is a
   // ghost, and then so is every mapping of it.
@@ -165,7 +167,7 @@ void collect_ghosts(std::vector<image::Process>& procs,
       else
         continue;
       uint64_t id = c.ghost_of(cat("/proc/", pid, "/fd/", f.fd()), f.target(), kind,
-                               cat(who, " fd ", f.fd()));
+                               cat(who, " fd ", f.fd()), skip_unsupported_fds);
       f.set_ghost_id(id);
       f.set_restorable(id != 0);
     }

@@ -1,6 +1,7 @@
 // Ghost files (FORMAT.md "Ghost files"): deleted files held open or mapped, memfds held and
 // mapped with their seals, a deleted working directory and a deleted executable come back
-// from the image's copy, eager and lazy; python's multiprocessing (semaphores are deleted
+// from the image's copy, eager and lazy (and a /dev/shm file that still exists is a shared
+// file mapping of it); python's multiprocessing (semaphores are deleted
 // /dev/shm files mapped shared by every process of the pool) finishes its work after a restore.
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -117,6 +118,7 @@ void ghost_round_trip(bool lazy) {
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);
+  boost::filesystem::remove("/dev/shm/lazycr-kept-" + std::to_string(pid));
 }
 
 TEST(Ghost, DeletedFilesMemfdsCwdAndExecutableComeBackEager) {
@@ -144,6 +146,7 @@ TEST(Ghost, DumpRefusesAGhostPastTheLimit) {
   ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
   EXPECT_EQ(target.read_line(), "verified ok");
   EXPECT_EQ(target.wait(60), 0);
+  boost::filesystem::remove("/dev/shm/lazycr-kept-" + std::to_string(target.pid()));
 }
 
 // python3's multiprocessing.Pool(2) in the middle of its work: the parent (with its pool

@@ -5,6 +5,8 @@
 //   a memfd "plain-memfd" held as fd only, made without sealing (F_SEAL_SEAL);
 //   DIR/lib:   a deleted file mapped private (2 pages, the first written since: copy on write);
 //   /dev/shm/lazycr-ghost-PID: deleted, mapped shared (a POSIX semaphore's kind of file);
+//   /dev/shm/lazycr-kept-PID: not deleted, mapped shared (its contents live in the file; the
+//              test removes it);
 //   DIR/cwd:   its working directory, deleted;
 //   its executable, deleted.
 // It prints "ready pid=P" and, on SIGUSR1, checks everything from inside: contents byte for
@@ -72,9 +74,9 @@ bool die(const char* what) {
 }
 
 struct State {
-  std::string dir, held_path, lib_path, shm_path, cwd_path, exe_path;
+  std::string dir, held_path, lib_path, shm_path, kept_path, cwd_path, exe_path;
   int held = -1, memfd = -1, plain = -1;
-  unsigned char *memfd_map = nullptr, *lib_map = nullptr, *shm_map = nullptr;
+  unsigned char *memfd_map = nullptr, *lib_map = nullptr, *shm_map = nullptr, *kept_map = nullptr;
   uint64_t exe_hash = 0;
 };
 
@@ -129,6 +131,16 @@ bool setup(State& s) {
   close(shm);
   fill(s.shm_map, 32, 4);  // a semaphore's 32 bytes
 
+  s.kept_path = "/dev/shm/lazycr-kept-" + std::to_string(getpid());
+  int kept = open(s.kept_path.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (kept < 0) return die("open kept /dev/shm file");
+  if (ftruncate(kept, 2 * kPage) != 0) return die("ftruncate kept");
+  s.kept_map = static_cast<unsigned char*>(
+      mmap(nullptr, 2 * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, kept, 0));
+  if (s.kept_map == MAP_FAILED) return die("mmap kept");
+  close(kept);
+  fill(s.kept_map, 2 * kPage, 5);
+
   s.cwd_path = s.dir + "/cwd";
   if (mkdir(s.cwd_path.c_str(), 0750) != 0 || chdir(s.cwd_path.c_str()) != 0)
     return die("mkdir/chdir cwd");
@@ -173,6 +185,13 @@ std::string verify(State& s) {
   if (!same(s.lib_map, kPage, 20)) return "private mapping: the written page";
   if (!same(s.lib_map + kPage, kPage, 11)) return "private mapping: the file's page";
   if (!same(s.shm_map, 32, 4)) return "/dev/shm mapping contents";
+  if (!same(s.kept_map, 2 * kPage, 5)) return "kept /dev/shm mapping contents";
+  s.kept_map[100] ^= 0xff;  // reaches the file: the mapping is the file's
+  int kept = open(s.kept_path.c_str(), O_RDONLY);
+  unsigned char byte = 0;
+  if (kept < 0 || pread(kept, &byte, 1, 100) != 1 || byte != s.kept_map[100])
+    return "kept /dev/shm mapping is not the file";
+  close(kept);
 
   if (link_of("/proc/self/cwd") != s.cwd_path + del) return "cwd: " + link_of("/proc/self/cwd");
   if (link_of("/proc/self/exe") != s.exe_path + del) return "exe: " + link_of("/proc/self/exe");
