@@ -85,7 +85,12 @@ void dump(RemoteProcess& p, image::Process& proc, DumpContext&) {
     image::ThreadSched* s = th->mutable_sched();
     s->set_policy(a.policy);
     s->set_priority(a.priority);
-    s->set_nice(a.nice);
+    // sched_getattr reports the nice value of the fair policies only; a realtime thread keeps
+    // one too (for when it goes back to SCHED_OTHER), which getpriority reports either way.
+    errno = 0;
+    const int nice = ::getpriority(PRIO_PROCESS, static_cast<id_t>(tid));
+    if (nice == -1 && errno != 0) fail_errno("getpriority of thread ", tid);
+    s->set_nice(nice);
     s->set_reset_on_fork(a.flags & kFlagResetOnFork);
     cpu_set_t mask;
     CPU_ZERO(&mask);

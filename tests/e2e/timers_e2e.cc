@@ -58,6 +58,9 @@ void round_trip(bool lazy) {
        {"POSIX timers (4)", "Interval timer real", "Interval timer virtual", "Interval timer prof",
         "batch reset-on-fork", "nice 5", "parent death signal 12"})
     EXPECT_NE(show.out.find(what), std::string::npos) << what << " missing in\n" << show.out;
+  if (info.str("rr") == "1") {
+    EXPECT_NE(show.out.find("rr priority 3  nice 5"), std::string::npos) << show.out;
+  }
   auto json = lazycr({"show", images / "img", "--json"});
   std::string compact;
   for (char c : json.out)
@@ -154,8 +157,13 @@ TEST(Timers, ImageWithATimerForAThreadItDoesNotHaveIsRefused) {
 }
 
 TEST(Timers, ImageWithARealtimePolicyWithoutPriorityIsRefused) {
-  expect_refused([](image::Process& p) { p.mutable_threads(1)->mutable_sched()->set_policy(1); },
-                 "priority 0 for policy 1");
+  expect_refused(
+      [](image::Process& p) {
+        image::ThreadSched* s = p.mutable_threads(1)->mutable_sched();
+        s->set_policy(1);
+        s->set_priority(0);
+      },
+      "priority 0 for policy 1");
 }
 
 // A thread bound only to CPUs this machine does not have (CPU 1000): the restore refuses,

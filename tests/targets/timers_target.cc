@@ -6,8 +6,9 @@
 //   Q: CLOCK_MONOTONIC, periodic 30 ms, SIGEV_THREAD_ID to A with SIGRTMIN+2 and value 0x2222;
 //   N: CLOCK_MONOTONIC, SIGEV_NONE, 1000 s then every 7 s.
 // - itimers: ITIMER_REAL 3000 s / 100 s, ITIMER_VIRTUAL 2000 s / 50 s, ITIMER_PROF 1000 s.
-// - M bound to the highest CPU it may use, A to the lowest (when there are two); A at nice 5;
-//   B in SCHED_BATCH with SCHED_RESET_ON_FORK and PR_SET_PDEATHSIG SIGUSR2.
+// - M bound to the highest CPU it may use, A to the lowest (when there are two); A at nice 5
+//   and in SCHED_RR priority 3 (where the machine allows it: "rr=1"); B in SCHED_BATCH with
+//   SCHED_RESET_ON_FORK and PR_SET_PDEATHSIG SIGUSR2.
 // Prints "ready pid=P tids=M,A,B". On SIGUSR1 it checks from inside: /proc/self/timers lists
 // the same timers (ids, signals, values, notification, clocks), each timer's interval is the
 // same and its time left no more than before and not zero, the periodic timers still signal
@@ -39,7 +40,8 @@ void on_usr1(int) {
 }
 
 std::atomic<pid_t> g_a{0}, g_b{0};
-std::atomic<int> g_phase{0};  // 1: B reads its death signal; 2: done
+std::atomic<bool> g_a_rr{false};  // A runs under SCHED_RR
+std::atomic<int> g_phase{0};      // 1: B reads its death signal; 2: done
 std::atomic<int> g_b_pdeathsig{-1};
 int g_p_id = -1, g_q_id = -1;                 // kernel timer ids
 std::atomic<int> g_p_count{0}, g_q_count{0};  // signals with the right id and value
@@ -66,8 +68,12 @@ void nap() {
 }
 
 void* thread_a(void*) {
-  g_a = static_cast<pid_t>(syscall(SYS_gettid));
   setpriority(PRIO_PROCESS, 0, 5);
+  // Realtime where this machine allows it; A keeps its nice value for when it leaves SCHED_RR.
+  sched_param rr{};
+  rr.sched_priority = 3;
+  g_a_rr = sched_setscheduler(0, SCHED_RR, &rr) == 0;
+  g_a = static_cast<pid_t>(syscall(SYS_gettid));
   while (g_phase.load() < 2) nap();
   return nullptr;
 }
@@ -251,8 +257,9 @@ int main() {
   const Before p_b{40000000, 40000000}, q_b{30000000, 30000000}, r_b{3600 * int64_t{1000000000}, 0},
       n_b{1000 * int64_t{1000000000}, 7 * int64_t{1000000000}};
 
-  std::printf("ready pid=%d tids=%d,%d,%d cpus=%s;%s;%s\n", getpid(), getpid(), g_a.load(),
-              g_b.load(), cpus_before[0].c_str(), cpus_before[1].c_str(), cpus_before[2].c_str());
+  std::printf("ready pid=%d tids=%d,%d,%d cpus=%s;%s;%s rr=%d\n", getpid(), getpid(), g_a.load(),
+              g_b.load(), cpus_before[0].c_str(), cpus_before[1].c_str(), cpus_before[2].c_str(),
+              g_a_rr ? 1 : 0);
   std::fflush(stdout);
   // Not pause(): a SIGUSR1 landing between the check and pause() would be slept through.
   while (!g_verify) nap();
