@@ -230,6 +230,23 @@ TEST(PtyPipes, PtyPairComesBackWithSettingsDataAndControllingTerminalLazy) {
   pty_round_trip(true);
 }
 
+// The dump reads a pty's unread data to see it: with --leave-running the pair must be left as
+// it was, data in place, settings unchanged (the target checks itself, not restored).
+TEST(PtyPipes, PtyDumpLeavesTheRunningPairAsItWas) {
+  Child target({target_bin("ptypipes_target"), "--pty"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  pid_t pid = static_cast<pid_t>(info.first("pid"));
+  pid_t child = static_cast<pid_t>(info.first("child"));
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  ASSERT_TRUE(send_signal(child, SIGUSR1));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  std::set<std::string> lines{target.read_line(), target.read_line()};
+  EXPECT_EQ(lines, (std::set<std::string>{"master verified ok", "slave verified ok"}));
+  EXPECT_EQ(target.wait(60), 0);
+}
+
 // A small C project for make -j2: nine objects, each rule slowed by a sleep so that the dump
 // meets make with its children and its job-server pipe in the middle of the build.
 void write_project(const std::string& dir) {

@@ -510,6 +510,35 @@ TEST(ImageDir, HostileSharedObjectsAreRefused) {
          g->set_kind(GhostFile::DIRECTORY);
          g->set_mode(S_IFDIR | 0755);
        }},
+      {"pipe with no end", "neither a reader nor a writer",
+       [](SharedObjects& s) {
+         s.mutable_pipes(0)->set_no_readers(true);
+         s.mutable_pipes(0)->set_no_writers(true);
+       }},
+      {"data nobody can read", "no reader but",
+       [](SharedObjects& s) {
+         s.mutable_pipes(0)->set_no_readers(true);
+         s.mutable_pipes(0)->set_data("x");
+       }},
+      {"pty termios size", "termios of 3 bytes",
+       [](SharedObjects& s) { s.add_ptys()->set_termios("abc"); }},
+      {"ptys twice", "sorted",
+       [](SharedObjects& s) {
+         s.add_ptys()->set_termios(std::string(kPtyTermiosSize, '\0'));
+         *s.add_ptys() = s.ptys(0);
+       }},
+      {"pty window size", "window size",
+       [](SharedObjects& s) {
+         auto* t = s.add_ptys();
+         t->set_termios(std::string(kPtyTermiosSize, '\0'));
+         t->set_rows(70000);
+       }},
+      {"pty unread bytes", "unread bytes",
+       [](SharedObjects& s) {
+         auto* t = s.add_ptys();
+         t->set_termios(std::string(kPtyTermiosSize, '\0'));
+         t->set_to_slave(std::string(kMaxPtyQueuedBytes + 1, 'x'));
+       }},
   };
   for (const auto& c : cases) {
     TempDir tmp;
