@@ -116,10 +116,12 @@ std::vector<image::FileDescriptor> collect_fds(pid_t pid) {
       d.set_object_inode(object_inode_of(target));
     // What the restore can recreate by itself: files reachable by path, directories, and
     // character devices (/dev/null, terminals). Pipes, FIFOs and sockets depend on the rest
-    // of the tree (collect_shared).
-    d.set_restorable(!deleted && target.size() > 0 && target[0] == '/' &&
-                     (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
-                      kind == FileDescriptor::CHARDEV));
+    // of the tree (collect_shared). epoll instances are made again inside the process
+    // (objects/epoll, which refuses the registrations it cannot restore).
+    d.set_restorable((!deleted && target.size() > 0 && target[0] == '/' &&
+                      (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
+                       kind == FileDescriptor::CHARDEV)) ||
+                     kind == FileDescriptor::EPOLL);
     out.push_back(std::move(d));
   }
   return out;

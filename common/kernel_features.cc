@@ -10,7 +10,9 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <linux/kcmp.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -581,6 +583,35 @@ void probe_soft_dirty(KernelFeatures& f) {
   }
 }
 
+// kcmp(KCMP_EPOLL_TFD) on a pipe registered in an epoll of our own: the dump's check that a
+// registration's target number still holds the registered file (CONFIG_KCMP).
+void probe_kcmp_epoll(KernelFeatures& f) {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("pipe2: ", err_text(errno));
+    return;
+  }
+  UniqueFd r(p[0]), w(p[1]);
+  UniqueFd ep(::epoll_create1(EPOLL_CLOEXEC));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  if (!ep || ::epoll_ctl(ep.get(), EPOLL_CTL_ADD, r.get(), &ev) != 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("epoll: ", err_text(errno));
+    return;
+  }
+  kcmp_epoll_slot slot{static_cast<uint32_t>(ep.get()), static_cast<uint32_t>(r.get()), 0};
+  const pid_t me = ::getpid();
+  long same = ::syscall(SYS_kcmp, me, me, KCMP_EPOLL_TFD, r.get(), &slot);
+  if (same < 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("kcmp(KCMP_EPOLL_TFD): ", err_text(errno));
+    return;
+  }
+  long other = ::syscall(SYS_kcmp, me, me, KCMP_EPOLL_TFD, w.get(), &slot);
+  f.kcmp_epoll_tfd = same == 0 && other > 0;
+  if (!f.kcmp_epoll_tfd)
+    f.notes["kcmp.epoll_tfd"] = cat("kcmp(KCMP_EPOLL_TFD) answered ", same, " and ", other);
+}
+
 // --- CPU -------------------------------------------------------------------------------------
 
 void probe_xsave(KernelFeatures& f) {
@@ -602,6 +633,7 @@ KernelFeatures probe_all() {
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
   probe_xsave(f);
+  probe_kcmp_epoll(f);
   return f;
 }
 
@@ -730,6 +762,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PR_SET_MM_MAP restores brk, stack, argument and environment bounds, auxv and exe link.");
   add("arch_prctl.map_vdso", f.arch_map_vdso, true, "not probed",
       "The vdso is mapped at its image address with ARCH_MAP_VDSO_64 when moving it fails.");
+  add("kcmp.epoll_tfd", f.kcmp_epoll_tfd, false, "not probed",
+      "Dump checks that each epoll registration's target fd still holds the registered file; "
+      "without it processes with an epoll descriptor cannot be dumped.");
   add("pagemap.scan", f.pagemap_scan, false, "not probed",
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",

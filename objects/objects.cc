@@ -1,6 +1,7 @@
 #include "objects/objects.h"
 
 #include "common/error.h"
+#include "objects/epoll.h"
 #include "objects/locks.h"
 #include "objects/seccomp.h"
 
@@ -14,9 +15,11 @@ struct Kind {
 };
 
 // Every kind of kernel object lazycr records, in the order the restore recreates them at
-// each point. Locks come first: nothing of the process may run before they are held.
+// each point. Locks come first: nothing of the process may run before they are held. epoll
+// instances need every other descriptor in place (they are keyed by target fd number).
 constexpr Kind kKinds[] = {
     {"file locks", locks::dump, locks::restore},
+    {"epoll", epoll::dump, epoll::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
 };
 

@@ -5,6 +5,7 @@
 // so adding a kind is adding one file and one table entry.
 #pragma once
 
+#include <map>
 #include <set>
 #include <string>
 
@@ -27,9 +28,12 @@ class DumpContext {
  public:
   // True the first time `key` is claimed.
   bool claim(const std::string& key) { return claimed_.insert(key).second; }
+  // What the first holder of an object left for the others under `key` (empty at first).
+  std::string& note(const std::string& key) { return notes_[key]; }
 
  private:
   std::set<std::string> claimed_;
+  std::map<std::string, std::string> notes_;
 };
 
 // Dump, while the whole tree is frozen and after descriptors are collected (file_id and

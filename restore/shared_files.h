@@ -10,6 +10,8 @@
 //   (a pipe of which the image holds only one end, a socket whose peer no process of the
 //   image holds, a terminal, anything not restorable), and every other descriptor of that same
 //   description: the process gets lazycr's own standard descriptor.
+// - kObjects: an EPOLL descriptor, made inside the process by its objects/ unit once every
+//   other descriptor is in place (restore_objects at RestorePoint::kFilesInPlace).
 // - kOpenInside: everything else, opened inside the process by path as before.
 #pragma once
 
@@ -25,7 +27,7 @@
 namespace lazycr::restore {
 
 struct FdPlan {
-  enum Source { kOpenInside, kLazycrStd, kShared } source = kOpenInside;
+  enum Source { kOpenInside, kLazycrStd, kShared, kObjects } source = kOpenInside;
   // kShared: lazycr's descriptor of that description (owned by SharedFiles; close-on-exec in
   // lazycr: the recipient sets its own; position and status flags are already the image's,
   // do not lseek it again). kLazycrStd: which of lazycr's fds 0-2 to give (the descriptor's

@@ -265,8 +265,11 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
     if (!f.restorable())
       fail("fd ", f.fd(), " is a ", kind, " (", f.target(), ") that lazycr cannot restore",
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
-    // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
-    if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
+    // Pipes and sockets are made by lazycr (shared_files.h), which checks them; epoll
+    // instances inside the process (objects/epoll).
+    if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET ||
+        f.kind() == FileDescriptor::EPOLL)
+      continue;
     // The same file; its contents may have moved on (a log), unlike a mapped file's.
     check_file(request_for_fd(f));
   }

@@ -87,6 +87,7 @@ TEST(KernelFeatures, DescribeGivesUniqueNamedLines) {
                            "arch_prctl.map_vdso",
                            "pagemap.scan",
                            "pagemap.soft_dirty",
+                           "kcmp.epoll_tfd",
                            "sysctl.unprivileged_userfaultfd"}) {
     EXPECT_TRUE(names.count(name)) << "no line for " << name;
   }
@@ -142,6 +143,11 @@ TEST(KernelFeatures, PagemapAsMeasured) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.pagemap_scan) << f.notes.at("pagemap.scan");
   EXPECT_EQ(f.notes.count("pagemap.soft_dirty"), 1u);
+}
+
+TEST(KernelFeatures, KcmpEpollTfdHere) {
+  const KernelFeatures& f = kernel_features();
+  EXPECT_TRUE(f.kcmp_epoll_tfd) << f.notes.count("kcmp.epoll_tfd");
 }
 
 }  // namespace
