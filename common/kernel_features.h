@@ -23,6 +23,8 @@ struct KernelFeatures {
   bool pidfd_open = false;
   bool pidfd_getfd = false;
   bool clone3_set_tid = false;
+  bool timerfd_set_ticks = false;  // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE)
+  bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
   bool pr_set_mm_map = false;   // prctl(PR_SET_MM, PR_SET_MM_MAP_SIZE) answers
   bool arch_map_vdso = false;   // ARCH_MAP_VDSO_64 known, and maps a vdso once the old is gone
   bool pagemap_scan = false;    // PAGEMAP_SCAN ioctl on /proc/self/pagemap

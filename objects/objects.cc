@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "objects/epoll.h"
+#include "objects/fd_kinds.h"
 #include "objects/locks.h"
 #include "objects/seccomp.h"
 
@@ -15,9 +16,11 @@ struct Kind {
 };
 
 // Every kind of kernel object lazycr records, in the order the restore recreates them at
-// each point. Locks come first: nothing of the process may run before they are held. epoll
-// instances need every other descriptor in place (they are keyed by target fd number).
+// each point. Descriptors made inside the process come first (other kinds act on them), then
+// locks: nothing of the process may run before they are held. epoll instances need every
+// other descriptor in place (they are keyed by target fd number).
 constexpr Kind kKinds[] = {
+    {"descriptors", dump_fd_kinds, restore_fd_kinds},
     {"file locks", locks::dump, locks::restore},
     {"epoll", epoll::dump, epoll::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
