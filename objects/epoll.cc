@@ -250,7 +250,8 @@ void dump(RemoteProcess& p, image::Process& proc, DumpContext& ctx) {
       const long same = ::syscall(SYS_kcmp, p.pid(), p.pid(), KCMP_EPOLL_TFD, t.fd(), &slot);
       if (same < 0 && errno == EBADF)
         fail(reg, ": fd ", t.fd(),
-             " was closed since, but its file lives on elsewhere and the kernel keeps it "
+             " is not open in this process (closed since, or registered by another process "
+             "holding this epoll), but its file lives on elsewhere and the kernel keeps it "
              "registered; lazycr cannot restore such a registration");
       if (same < 0) fail_errno("kcmp(KCMP_EPOLL_TFD) of ", reg);
       if (same != 0)

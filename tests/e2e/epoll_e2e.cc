@@ -93,7 +93,7 @@ void refuses_stale(const std::string& how, const std::string& why) {
 }
 
 TEST(Epoll, DumpRefusesARegistrationOfAClosedDescriptor) {
-  refuses_stale("closed", "was closed since");
+  refuses_stale("closed", "is not open in this process (closed since");
 }
 
 TEST(Epoll, DumpRefusesARegistrationWhoseNumberHoldsAnotherFile) {
