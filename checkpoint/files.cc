@@ -134,10 +134,12 @@ std::vector<image::FileDescriptor> collect_fds(
       d.set_object_inode(object_inode_of(target));
     // What the restore can recreate by itself: files reachable by path, directories, and
     // character devices (/dev/null, terminals). Pipes, FIFOs and sockets depend on the rest
-    // of the tree (collect_shared).
-    d.set_restorable(!deleted && target.size() > 0 && target[0] == '/' &&
-                     (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
-                      kind == FileDescriptor::CHARDEV));
+    // of the tree (collect_shared). epoll instances are made again inside the process
+    // (objects/epoll, which refuses the registrations it cannot restore).
+    d.set_restorable((!deleted && target.size() > 0 && target[0] == '/' &&
+                      (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
+                       kind == FileDescriptor::CHARDEV)) ||
+                     kind == FileDescriptor::EPOLL);
     if (const objects::FdKind* k = objects::fd_kind(kind)) {
       try {
         if (!pidfd) pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));

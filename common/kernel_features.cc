@@ -12,6 +12,7 @@
 #include <linux/capability.h>
 #include <linux/kcmp.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -613,6 +614,33 @@ void probe_timer_restore_ids(KernelFeatures& f) {
       r >= 0 ? std::string("PR_TIMER_CREATE_RESTORE_IDS known")
              : cat("PR_TIMER_CREATE_RESTORE_IDS: ", err_text(errno),
                    " (before Linux 6.16: timers get their ids back by creating throw-away ones)");
+// kcmp(KCMP_EPOLL_TFD) on a pipe registered in an epoll of our own: the dump's check that a
+// registration's target number still holds the registered file (CONFIG_KCMP).
+void probe_kcmp_epoll(KernelFeatures& f) {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("pipe2: ", err_text(errno));
+    return;
+  }
+  UniqueFd r(p[0]), w(p[1]);
+  UniqueFd ep(::epoll_create1(EPOLL_CLOEXEC));
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  if (!ep || ::epoll_ctl(ep.get(), EPOLL_CTL_ADD, r.get(), &ev) != 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("epoll: ", err_text(errno));
+    return;
+  }
+  kcmp_epoll_slot slot{static_cast<uint32_t>(ep.get()), static_cast<uint32_t>(r.get()), 0};
+  const pid_t me = ::getpid();
+  long same = ::syscall(SYS_kcmp, me, me, KCMP_EPOLL_TFD, r.get(), &slot);
+  if (same < 0) {
+    f.notes["kcmp.epoll_tfd"] = cat("kcmp(KCMP_EPOLL_TFD): ", err_text(errno));
+    return;
+  }
+  long other = ::syscall(SYS_kcmp, me, me, KCMP_EPOLL_TFD, w.get(), &slot);
+  f.kcmp_epoll_tfd = same == 0 && other > 0;
+  if (!f.kcmp_epoll_tfd)
+    f.notes["kcmp.epoll_tfd"] = cat("kcmp(KCMP_EPOLL_TFD) answered ", same, " and ", other);
 }
 
 // --- CPU -------------------------------------------------------------------------------------
@@ -695,6 +723,7 @@ KernelFeatures probe_all() {
   probe_timer_restore_ids(f);
   probe_pty_tiocsti(f);
   probe_xsave(f);
+  probe_kcmp_epoll(f);
   return f;
 }
 
@@ -823,6 +852,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PR_SET_MM_MAP restores brk, stack, argument and environment bounds, auxv and exe link.");
   add("arch_prctl.map_vdso", f.arch_map_vdso, true, "not probed",
       "The vdso is mapped at its image address with ARCH_MAP_VDSO_64 when moving it fails.");
+  add("kcmp.epoll_tfd", f.kcmp_epoll_tfd, false, "not probed",
+      "Dump checks that each epoll registration's target fd still holds the registered file; "
+      "without it processes with an epoll descriptor cannot be dumped.");
   add("kcmp.file", f.kcmp_file, false, "not probed",
       "Dump tells descriptors that share one open file description (dup, fork) with kcmp; "
       "without it no tree can be dumped.");

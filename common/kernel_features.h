@@ -29,6 +29,7 @@ struct KernelFeatures {
   bool soft_dirty = false;      // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
   bool memfd_seals = false;     // memfd_create(MFD_ALLOW_SEALING) and F_ADD_SEALS work
   bool pty_tiocsti = false;     // TIOCSTI into a pty pair made here (pty pairs' unread data)
+  bool kcmp_epoll_tfd = false;  // kcmp(KCMP_EPOLL_TFD): an epoll target is the file at an fd
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
   // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:

@@ -250,6 +250,37 @@ void validate_locks(const FileDescriptor& f, const std::string& who) {
   }
 }
 
+// An epoll instance's registrations: targets that are descriptors of the process (the kernel
+// keys them by number), known event bits, each (target) once. Which descriptor makes the
+// instance is checked across the image (check_descriptors).
+void validate_epoll(const Process& p, const FileDescriptor& f, const std::string& who) {
+  std::string fd = cat(who, ": fd ", f.fd());
+  if (f.kind() != FileDescriptor::EPOLL) {
+    if (f.has_epoll()) fail(fd, ": a ", FileDescriptor::Kind_Name(f.kind()), " with epoll state");
+    return;
+  }
+  if (!f.restorable()) return;
+  if (!f.has_epoll()) fail(fd, ": a restorable EPOLL without its interest list");
+  const Epoll& e = f.epoll();
+  if (e.made_in_pid() <= 0 || e.made_at_fd() < 0)
+    fail(fd, ": epoll made in pid ", e.made_in_pid(), " at fd ", e.made_at_fd());
+  const bool here = e.made_in_pid() == p.pid() && e.made_at_fd() == f.fd();
+  if (!here && e.targets_size() > 0)
+    fail(fd, ": an epoll made at fd ", e.made_at_fd(), " of pid ", e.made_in_pid(),
+         " with registrations of its own");
+  if (e.targets_size() > kMaxEpollTargets)
+    fail(fd, ": ", e.targets_size(), " epoll registrations exceeds the bound");
+  std::set<int> fds, seen;
+  for (const auto& g : p.fds()) fds.insert(g.fd());
+  for (const auto& t : e.targets()) {
+    std::string reg = cat(fd, ": epoll registration of fd ", t.fd());
+    if (t.fd() == f.fd() || !fds.count(t.fd())) fail(reg, ", which the process does not hold");
+    if (!seen.insert(t.fd()).second) fail(reg, " twice");
+    if (t.events() & ~kEpollKnownEvents)
+      fail(reg, ": unknown event bits 0x", std::hex, t.events() & ~kEpollKnownEvents);
+  }
+}
+
 void validate_process(const Process& p, const Inventory& inv) {
   std::string who = cat("process ", p.pid());
   if (p.pid() <= 0) fail("invalid pid ", p.pid());
@@ -335,6 +366,7 @@ void validate_process(const Process& p, const Inventory& inv) {
         (f.kind() != FileDescriptor::CHARDEV || !f.restorable()))
       fail(who, ": fd ", f.fd(), " is a pty end but not a restorable CHARDEV");
     validate_locks(f, who);
+    validate_epoll(p, f, who);
   }
   if (p.ctty_pty() != 0) {
     bool held = false;
@@ -662,6 +694,14 @@ void ImageReader::check_descriptors() const {
       if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR && !ptys.count(f.pty_index()))
         fail(what, ": pty ", f.pty_index(), " is not in shared.pb");
       auto [it, fresh] = descriptions.emplace(f.file_id(), Seen{p.pid(), &f});
+      // An epoll description is made by its first descriptor in the image, which the others
+      // take it from (objects/epoll): the restore builds in image order.
+      if (f.kind() == FileDescriptor::EPOLL && f.restorable() &&
+          (f.epoll().made_in_pid() != it->second.pid ||
+           f.epoll().made_at_fd() != it->second.fd->fd()))
+        fail(what, ": epoll made at fd ", f.epoll().made_at_fd(), " of process ",
+             f.epoll().made_in_pid(), ", but its first descriptor in the image is fd ",
+             it->second.fd->fd(), " of process ", it->second.pid);
       if (fresh) continue;
       const FileDescriptor& o = *it->second.fd;
       if (o.kind() != f.kind() || o.object_inode() != f.object_inode() ||

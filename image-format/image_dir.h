@@ -39,6 +39,12 @@ inline constexpr int kMaxSeccompInsns = 4096;
 inline constexpr int kMaxSeccompPathInsns = 32768;
 inline constexpr int kSeccompFilterPenalty = 4;
 inline constexpr int kMaxLocksPerFd = 1 << 16;
+// epoll (objects/epoll): registrations per instance (one injected call each at restore), and
+// the bits epoll_ctl(2) accepts in a mask (EPOLLIN .. EPOLLRDHUP, EPOLLEXCLUSIVE, EPOLLWAKEUP,
+// EPOLLONESHOT, EPOLLET).
+inline constexpr int kMaxEpollTargets = 1 << 16;
+inline constexpr uint32_t kEpollKnownEvents =
+    0x3fffu | (1u << 28) | (1u << 29) | (1u << 30) | (1u << 31);
 // shared.pb (FORMAT.md): pipe capacity (F_GETPIPE_SZ: a power of two, at least a page) and
 // data, queued socket data, counts.
 inline constexpr uint32_t kMinPipeCapacity = 4096;

@@ -1,6 +1,7 @@
 #include "objects/objects.h"
 
 #include "common/error.h"
+#include "objects/epoll.h"
 #include "objects/fd_kinds.h"
 #include "objects/locks.h"
 #include "objects/pdeathsig.h"
@@ -20,10 +21,12 @@ struct Kind {
 
 // Every kind of kernel object lazycr records, in the order the restore recreates them at
 // each point. Descriptors made inside the process come first (other kinds act on them), then
-// locks: nothing of the process may run before they are held.
+// locks: nothing of the process may run before they are held. epoll instances need every
+// other descriptor in place (they are keyed by target fd number).
 constexpr Kind kKinds[] = {
     {"descriptors", dump_fd_kinds, restore_fd_kinds},
     {"file locks", locks::dump, locks::restore},
+    {"epoll", epoll::dump, epoll::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
     {"scheduling", sched::dump, sched::restore},
     {"timers", timers::dump, timers::restore},

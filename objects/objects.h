@@ -7,6 +7,7 @@
 
 #include <sched.h>
 
+#include <map>
 #include <set>
 #include <string>
 
@@ -31,9 +32,12 @@ class DumpContext {
  public:
   // True the first time `key` is claimed.
   bool claim(const std::string& key) { return claimed_.insert(key).second; }
+  // What the first holder of an object left for the others under `key` (empty at first).
+  std::string& note(const std::string& key) { return notes_[key]; }
 
  private:
   std::set<std::string> claimed_;
+  std::map<std::string, std::string> notes_;
 };
 
 // Dump, while the whole tree is frozen and after descriptors are collected (file_id and

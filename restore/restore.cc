@@ -708,8 +708,8 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job, const Sha
   std::map<int, const image::FileDescriptor*> by_fd;
   std::map<int, FdPlan> plans;
   for (const auto& f : p.fds()) {
-    by_fd[f.fd()] = &f;
     plans[f.fd()] = shared.plan(p.pid(), f);
+    if (plans[f.fd()].source != FdPlan::kObjects) by_fd[f.fd()] = &f;  // made by objects/
   }
   std::vector<Call> calls;
   // lazycr's standard descriptors: kept where they are, copied where the image has a dup.

@@ -273,6 +273,9 @@ class Builder {
              !shell_job_ && f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead"
                                         : "");
       switch (f.kind()) {
+        case FileDescriptor::EPOLL:
+          for (const User& u : d.users) plans_[{u.pid, u.f->fd()}] = FdPlan{FdPlan::kObjects, -1};
+          break;
         case FileDescriptor::PIPE:
         case FileDescriptor::FIFO:
           pipes[f.object_inode()].push_back(&d);

@@ -11,6 +11,8 @@
 //   image holds, a terminal, anything not restorable), and every other descriptor of that same
 //   description: the process gets lazycr's own standard descriptor.
 // - kShared too: every descriptor of a ghost file (a deleted file or a memfd, ghost_files.h).
+// - kObjects: an EPOLL descriptor, made inside the process by its objects/ unit once every
+//   other descriptor is in place (restore_objects at RestorePoint::kFilesInPlace).
 // - kOpenInside: everything else, opened inside the process by path as before.
 #pragma once
 
@@ -28,7 +30,7 @@ namespace lazycr::restore {
 class GhostFiles;
 
 struct FdPlan {
-  enum Source { kOpenInside, kLazycrStd, kShared } source = kOpenInside;
+  enum Source { kOpenInside, kLazycrStd, kShared, kObjects } source = kOpenInside;
   // kShared: lazycr's descriptor of that description (owned by SharedFiles; close-on-exec in
   // lazycr: the recipient sets its own; position and status flags are already the image's,
   // do not lseek it again). kLazycrStd: which of lazycr's fds 0-2 to give (the descriptor's

@@ -273,9 +273,10 @@ void validate_process(const image::Process& p, const RestoreOptions& opts,
     if (!f.restorable())
       fail("fd ", f.fd(), " is a ", kind, " (", f.target(), ") that lazycr cannot restore",
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
-    // Pipes, sockets and pty pairs are made by lazycr (shared_files.h), which checks them.
+    // Pipes, sockets and pty pairs are made by lazycr (shared_files.h), which checks them;
+    // epoll instances inside the process (objects/epoll).
     if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET ||
-        f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
+        f.kind() == FileDescriptor::EPOLL || f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
       continue;
     if (f.ghost_id() != 0) continue;  // recreated from the image (ghost_files.h)
     if (const objects::FdKind* k = objects::fd_kind(f.kind())) {

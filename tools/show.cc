@@ -16,6 +16,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "image-format/image_dir.h"
+#include "objects/epoll.h"
 #include "tools/commands.h"
 #include "tools/show_timers.h"
 
@@ -355,6 +356,12 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                     object.c_str(), f.restorable() ? "" : "  (not restorable)");
       o << line;
       for (const auto& l : f.locks()) o << "         lock " << lock_text(l) << "\n";
+      if (f.has_epoll() && (f.epoll().made_in_pid() != p.pid() || f.epoll().made_at_fd() != f.fd()))
+        o << "         epoll made at fd " << f.epoll().made_at_fd() << " of pid "
+          << f.epoll().made_in_pid() << "\n";
+      for (const auto& t : f.epoll().targets())
+        o << "         epoll fd " << t.fd() << " events " << objects::epoll::events_name(t.events())
+          << " data 0x" << std::hex << t.data() << std::dec << "\n";
       if (std::string st = fd_state_text(f); !st.empty()) o << "         " << st << "\n";
     }
 
@@ -613,6 +620,24 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.begin_array();
       for (const auto& l : f.locks()) j.value(lock_text(l));
       j.end_array();
+      if (f.has_epoll()) {
+        j.key("epoll");
+        j.begin_object();
+        j.field("made_in_pid", f.epoll().made_in_pid());
+        j.field("made_at_fd", f.epoll().made_at_fd());
+        j.key("targets");
+        j.begin_array();
+        for (const auto& t : f.epoll().targets()) {
+          j.begin_object();
+          j.field("fd", t.fd());
+          j.hex_field("events", t.events());
+          j.field("events_names", objects::epoll::events_name(t.events()));
+          j.hex_field("data", t.data());
+          j.end_object();
+        }
+        j.end_array();
+        j.end_object();
+      }
       if (std::string st = fd_state_text(f); !st.empty()) j.field("state", st);
       j.end_object();
     }

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -228,6 +229,24 @@ TEST(ImageDir, MissingFilesAreNamed) {
   EXPECT_NE(error_of(tmp.path + "/nothing-here").find("not an image directory"), std::string::npos);
 }
 
+// An epoll descriptor at fd 3 of p, made there, watching fd 0 (EPOLLIN).
+Epoll* add_epoll(Process& p) {
+  auto* f = p.add_fds();
+  f->set_fd(3);
+  f->set_kind(FileDescriptor::EPOLL);
+  f->set_target("anon_inode:[eventpoll]");
+  f->set_file_id(2);
+  f->set_restorable(true);
+  Epoll* e = f->mutable_epoll();
+  e->set_made_in_pid(p.pid());
+  e->set_made_at_fd(3);
+  auto* t = e->add_targets();
+  t->set_fd(0);
+  t->set_events(EPOLLIN);
+  t->set_data(7);
+  return e;
+}
+
 // Well-formed files with hostile contents: each is refused with a reason.
 struct Hostile {
   const char* what;
@@ -348,6 +367,45 @@ const Hostile kHostile[] = {
     {"fd order", "out of order", [](Inventory&, Process& p) { p.add_fds()->set_fd(0); }},
     {"bad pending", "pending",
      [](Inventory&, Process& p) { p.add_shared_pending()->set_signo(10); }},
+    {"epoll without its list", "without its interest list",
+     [](Inventory&, Process& p) {
+       add_epoll(p)->Clear();
+       p.mutable_fds(1)->clear_epoll();
+     }},
+    {"epoll state on a device", "with epoll state",
+     [](Inventory&, Process& p) { p.mutable_fds(0)->mutable_epoll()->set_made_in_pid(1); }},
+    {"epoll target not held", "which the process does not hold",
+     [](Inventory&, Process& p) { add_epoll(p)->mutable_targets(0)->set_fd(7); }},
+    {"epoll watching itself", "which the process does not hold",
+     [](Inventory&, Process& p) { add_epoll(p)->mutable_targets(0)->set_fd(3); }},
+    {"epoll target twice", "registration of fd 0 twice",
+     [](Inventory&, Process& p) {
+       Epoll* e = add_epoll(p);
+       *e->add_targets() = e->targets(0);
+     }},
+    {"epoll unknown events", "unknown event bits 0x4000",
+     [](Inventory&, Process& p) { add_epoll(p)->mutable_targets(0)->set_events(0x4001); }},
+    {"epoll registrations beyond the bound", "epoll registrations exceeds the bound",
+     [](Inventory&, Process& p) {
+       Epoll* e = add_epoll(p);
+       // Records big enough for the parse's memory bound (bounded_parse.h) to let them in.
+       e->mutable_targets(0)->set_events(EPOLLIN | EPOLLET);
+       e->mutable_targets(0)->set_data(~0ull);
+       for (int i = 0; i < kMaxEpollTargets; i++) *e->add_targets() = e->targets(0);
+     }},
+    {"epoll bad maker", "epoll made in pid",
+     [](Inventory&, Process& p) { add_epoll(p)->set_made_in_pid(0); }},
+    {"epoll made elsewhere with targets", "with registrations of its own",
+     [](Inventory&, Process& p) { add_epoll(p)->set_made_at_fd(4); }},
+    {"epoll made by a later descriptor", "its first descriptor in the image is fd 3",
+     [](Inventory&, Process& p) {
+       Epoll* e = add_epoll(p);
+       e->clear_targets();
+       e->set_made_at_fd(4);
+       auto* g = p.add_fds();
+       *g = p.fds(1);
+       g->set_fd(4);
+     }},
 };
 
 TEST(ImageDir, HostileContentsAreRefused) {

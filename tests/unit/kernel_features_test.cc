@@ -90,6 +90,7 @@ TEST(KernelFeatures, DescribeGivesUniqueNamedLines) {
                            "kcmp.file",
                            "timerfd.set_ticks",
                            "memfd.seals",
+                           "kcmp.epoll_tfd",
                            "sysctl.unprivileged_userfaultfd"}) {
     EXPECT_TRUE(names.count(name)) << "no line for " << name;
   }
@@ -151,6 +152,9 @@ TEST(KernelFeatures, PagemapAsMeasured) {
 TEST(KernelFeatures, MemfdSealsWork) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.memfd_seals) << (f.notes.count("memfd.seals") ? f.notes.at("memfd.seals") : "");
+TEST(KernelFeatures, KcmpEpollTfdHere) {
+  const KernelFeatures& f = kernel_features();
+  EXPECT_TRUE(f.kcmp_epoll_tfd) << f.notes.count("kcmp.epoll_tfd");
 }
 
 }  // namespace
