@@ -56,6 +56,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/netns.h"
 #include "common/proc.h"
 #include "common/ptrace.h"
 #include "common/signals.h"
@@ -1083,7 +1084,10 @@ Restored restore(const RestoreOptions& opts_in) {
   // Pipes, sockets and shared descriptions, made by lazycr before any process exists.
   std::unique_ptr<SharedFiles> shared;
   FdTransport transport;
+  UniqueFd netns;  // --netns: sockets are made in it, the root is cloned into it
   steps.run("files", cat("image ", opts.dir), [&] {
+    if (opts.netns) netns = make_network_namespace();
+    InNetworkNamespace in_netns(netns.get());
     shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job);
     if (shared->size() == 0) return;
     int sv[2];
@@ -1118,7 +1122,10 @@ Restored restore(const RestoreOptions& opts_in) {
   Restoree& r0 = *rt.r;
 
   std::unique_ptr<PinSelf> pin;
-  steps.run("create", rt.who, [&] { spawn_process(root.pid(), opts.pidns, r0.spawn()); });
+  steps.run("create", rt.who, [&] {
+    InNetworkNamespace in_netns(netns.get());
+    spawn_process(root.pid(), opts.pidns, r0.spawn());
+  });
   steps.run("seize", rt.who, [&] { r0.seize(); });
   steps.run("pin", rt.who, [&] {
     pin = std::make_unique<PinSelf>();

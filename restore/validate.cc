@@ -16,6 +16,7 @@
 #include "common/proc.h"
 #include "common/vdso.h"
 #include "image-format/unrestorable.h"
+#include "objects/inet_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 
@@ -204,6 +205,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
   validate_tree(procs);
+  for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
   for (const auto& q : procs) {
     if (q.zombie()) continue;
     try {
