@@ -233,5 +233,55 @@ TEST(Inet, NetnsRestoresBesideTheRunningOriginal) {
   EXPECT_EQ(restore.wait(60), 0);
 }
 
+// A port nobody uses now (the kernel's pick for a socket bound to port 0, released).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    return -1;
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// A real server: python3's http.server (socketserver with a poll selector: no epoll) serves a
+// file after it is dumped and restored.
+void http_server_round_trip(bool lazy) {
+  TempDir www;
+  std::ofstream(www / "f.txt") << "hello from the restored server\n";
+  int port = free_port();
+  ASSERT_GT(port, 0);
+  Child server({"/usr/bin/python3", "-u", "-m", "http.server", std::to_string(port), "--bind",
+                "127.0.0.1", "--directory", www.path()});
+  server.wait_for("Serving HTTP");
+  const std::string get = "GET /f.txt HTTP/1.0\r\n\r\n";
+  EXPECT_NE(echo(AF_INET, "127.0.0.1", port, get).find("hello from the restored server"),
+            std::string::npos);
+  pid_t pid = server.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "python3", restore));
+  for (int i = 0; i < 2; i++) {
+    std::string reply = echo(AF_INET, "127.0.0.1", port, get);
+    EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;
+    EXPECT_NE(reply.find("hello from the restored server"), std::string::npos) << reply;
+  }
+  ASSERT_TRUE(send_signal(pid, SIGKILL));
+  EXPECT_EQ(restore.wait(60), 128 + SIGKILL);
+}
+
+TEST(Inet, PythonHttpServerServesAfterRestoreEager) {
+  http_server_round_trip(false);
+}
+TEST(Inet, PythonHttpServerServesAfterRestoreLazy) {
+  http_server_round_trip(true);
+}
+
 }  // namespace
 }  // namespace lazycr::test
