@@ -10,11 +10,13 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/utsname.h>
@@ -31,6 +33,7 @@
 #include "common/fd.h"
 #include "common/kernel_features.h"
 #include "common/linux_abi.h"
+#include "common/netns.h"
 #include "common/signals.h"
 
 namespace lazycr {
@@ -535,6 +538,28 @@ void probe_pagemap_scan(KernelFeatures& f) {
 // In a child (clearing soft-dirty bits is process-wide): map and write a page, write "4" to
 // /proc/self/clear_refs, expect bit 55 clear, write the page again, expect bit 55 set. Without
 // CONFIG_MEM_SOFT_DIRTY the kernel accepts the "4" but the bit is never set.
+// IPv4/IPv6 sockets (objects/inet_socket.h).
+void probe_inet(KernelFeatures& f) {
+  UniqueFd udp(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  int zero = 0;
+  f.udp_peek_off = udp && ::setsockopt(udp.get(), SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero) == 0;
+  if (!f.udp_peek_off) f.notes["socket.udp_peek_off"] = cat("unsupported: ", err_text(errno));
+  UniqueFd r4(::socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW));
+  int e4 = errno;
+  UniqueFd r6(::socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW));
+  int e6 = errno;
+  f.raw_hdrincl = r4 && r6;
+  if (!f.raw_hdrincl)
+    f.notes["socket.raw_hdrincl"] =
+        cat(r4 ? "" : cat("IPv4: ", err_text(e4), " "), r6 ? "" : cat("IPv6: ", err_text(e6)));
+  try {
+    UniqueFd ns = make_network_namespace();
+    f.netns = true;
+  } catch (const Error& e) {
+    f.notes["netns.new"] = e.what();
+  }
+}
+
 void probe_soft_dirty(KernelFeatures& f) {
   pid_t pid = probe_fork();
   if (pid < 0) {
@@ -601,6 +626,7 @@ KernelFeatures probe_all() {
   probe_arch_map_vdso(f);
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
+  probe_inet(f);
   probe_xsave(f);
   return f;
 }
@@ -734,6 +760,12 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",
       "Soft-dirty bits are one way to track pages written between incremental dumps.");
+  add("socket.udp_peek_off", f.udp_peek_off, false, "not probed",
+      "A UDP socket's queued datagrams are peeked at dump (SO_PEEK_OFF), never taken from it.");
+  add("socket.raw_hdrincl", f.raw_hdrincl, false, "not probed",
+      "Queued UDP datagrams are put back from their own source addresses by raw IP sockets.");
+  add("netns.new", f.netns, false, "not probed",
+      "restore --netns makes a network namespace with loopback up for the sockets and the tree.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

@@ -27,6 +27,10 @@ struct KernelFeatures {
   bool arch_map_vdso = false;   // ARCH_MAP_VDSO_64 known, and maps a vdso once the old is gone
   bool pagemap_scan = false;    // PAGEMAP_SCAN ioctl on /proc/self/pagemap
   bool soft_dirty = false;      // pagemap soft-dirty bit (CONFIG_MEM_SOFT_DIRTY)
+  bool udp_peek_off = false;    // SO_PEEK_OFF on a UDP socket: its queue is read, not taken
+  bool raw_hdrincl = false;     // raw IPv4 IP_HDRINCL and IPv6 IPPROTO_RAW sockets (root): UDP
+                                // queues go back with their source addresses
+  bool netns = false;           // a network namespace made and entered (restore --netns)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
   // Added by the probes (0/false when a probe could not run):
