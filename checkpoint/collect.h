@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -70,8 +71,15 @@ MemoryStats dump_memory(pid_t pid, std::vector<image::MemoryArea>& areas,
                         PageDedup* dedup = nullptr, bool via_mem = false);
 
 // Open file descriptors with kind, flags, position, file identity and object inode (pipes,
-// sockets, FIFOs). restorable is final for other kinds; collect_shared() decides the rest.
-std::vector<image::FileDescriptor> collect_fds(pid_t pid);
+// sockets, FIFOs), and the state of the kinds of objects/fd_kinds.h (`tree`: every pid of the
+// image; why one of those cannot be restored goes to `why_not`). restorable is final for
+// other kinds; collect_shared() decides the rest.
+std::vector<image::FileDescriptor> collect_fds(
+    pid_t pid, const std::set<pid_t>& tree, std::map<std::pair<pid_t, int>, std::string>& why_not);
+inline std::vector<image::FileDescriptor> collect_fds(pid_t pid) {
+  std::map<std::pair<pid_t, int>, std::string> why_not;
+  return collect_fds(pid, {pid}, why_not);
+}
 
 // Identity (dev, inode, size, mtime, mode) of a path; `deleted` from a " (deleted)" suffix.
 image::FileIdentity file_identity(const std::string& path_as_reported,

@@ -485,6 +485,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   // Per process, in preorder: state first, memory later (once every descriptor is checked).
   std::vector<image::Process> procs(order.size());
   std::vector<std::vector<image::MemoryArea>> areas(order.size());
+  const std::set<pid_t> tree_pids(order.begin(), order.end());
+  std::map<std::pair<pid_t, int>, std::string> fd_why_not;  // objects/fd_kinds.h refusals
   VdsoFingerprint vdso;
   uint32_t xsave_size = 0;
   uint64_t xsave_features = 0;
@@ -512,7 +514,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     proc.set_stop_signo(fp.stop_signo());
     log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
               fp.injected(), " injected calls");
-    for (auto& f : collect_fds(fp.pid())) *proc.add_fds() = std::move(f);
+    for (auto& f : collect_fds(fp.pid(), tree_pids, fd_why_not)) *proc.add_fds() = std::move(f);
     result.threads += fp.threads().size();
     result.areas += areas[i].size();
   }
@@ -523,6 +525,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     if (!tree.node(order[i]).zombie())
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
   SharedCollection shared = collect_shared(files);
+  shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
   refuse_unrestorable(procs, areas, opts.leave_running);

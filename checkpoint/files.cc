@@ -3,11 +3,15 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstring>
 
 #include "checkpoint/collect.h"
 #include "common/error.h"
 #include "common/proc.h"
+#include "objects/fd_kinds.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -30,6 +34,8 @@ FileDescriptor::Kind classify(const std::string& target, const struct stat* st) 
   if (starts_with(target, "socket:")) return FileDescriptor::SOCKET;
   if (starts_with(target, "anon_inode:")) {
     std::string what = target.substr(11);
+    if (const objects::FdKind* k = objects::fd_kind_of_anon(what)) return k->kind;
+    // Kinds lazycr records but cannot restore yet (objects/fd_kinds.h restores the others).
     if (what == "[eventfd]") return FileDescriptor::EVENTFD;
     if (what == "[eventpoll]") return FileDescriptor::EPOLL;
     if (what == "[signalfd]") return FileDescriptor::SIGNALFD;
@@ -80,12 +86,15 @@ image::FileIdentity file_identity(const std::string& reported, const std::string
   return id;
 }
 
-std::vector<image::FileDescriptor> collect_fds(pid_t pid) {
+std::vector<image::FileDescriptor> collect_fds(
+    pid_t pid, const std::set<pid_t>& tree, std::map<std::pair<pid_t, int>, std::string>& why_not) {
   std::vector<FileDescriptor> out;
+  UniqueFd pidfd;  // opened for the first descriptor of a kind of objects/fd_kinds.h
   for (int fd : proc::list_fds(pid)) {
     std::string link = cat("/proc/", pid, "/fd/", fd);
     auto target = proc::read_link(link);
-    auto info = proc::parse_fdinfo(proc::read_file(cat("/proc/", pid, "/fdinfo/", fd)));
+    std::string fdinfo = proc::read_file(cat("/proc/", pid, "/fdinfo/", fd));
+    auto info = proc::parse_fdinfo(fdinfo);
     FileDescriptor d;
     d.set_fd(fd);
     d.set_target(target);
@@ -120,6 +129,18 @@ std::vector<image::FileDescriptor> collect_fds(pid_t pid) {
     d.set_restorable(!deleted && target.size() > 0 && target[0] == '/' &&
                      (kind == FileDescriptor::REGULAR || kind == FileDescriptor::DIRECTORY ||
                       kind == FileDescriptor::CHARDEV));
+    if (const objects::FdKind* k = objects::fd_kind(kind)) {
+      try {
+        if (!pidfd) pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+        if (!pidfd) fail_errno("pidfd_open(", pid, ")");
+        UniqueFd dup(static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), fd, 0)));
+        if (!dup) fail_errno("pidfd_getfd of fd ", fd, " of pid ", pid);
+        k->dump(objects::FdDumpSource{pid, fd, fdinfo, dup.get(), &tree}, d);
+        d.set_restorable(true);
+      } catch (const Error& e) {
+        why_not[{pid, fd}] = e.what();
+      }
+    }
     out.push_back(std::move(d));
   }
   return out;

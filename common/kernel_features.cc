@@ -10,6 +10,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <linux/kcmp.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -18,6 +19,7 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -608,6 +610,36 @@ void probe_soft_dirty(KernelFeatures& f) {
 
 // --- CPU -------------------------------------------------------------------------------------
 
+// --- descriptor kinds (objects/fd_kinds.h) ------------------------------------------------
+
+void probe_timerfd_set_ticks(KernelFeatures& f) {
+  UniqueFd t(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+  if (!t) {
+    f.notes["timerfd.set_ticks"] = cat("timerfd_create: ", err_text(errno));
+    return;
+  }
+  uint64_t ticks = 1;
+  if (::ioctl(t.get(), TFD_IOC_SET_TICKS, &ticks) == 0) {
+    f.timerfd_set_ticks = true;
+    f.notes["timerfd.set_ticks"] = "TFD_IOC_SET_TICKS sets the ticks of a new timerfd";
+  } else {
+    f.notes["timerfd.set_ticks"] = cat("TFD_IOC_SET_TICKS: ", err_text(errno),
+                                       errno == ENOTTY ? " (no CONFIG_CHECKPOINT_RESTORE)" : "");
+  }
+}
+
+void probe_kcmp(KernelFeatures& f) {
+  UniqueFd a(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!a) return;
+  UniqueFd b(::fcntl(a.get(), F_DUPFD_CLOEXEC, 0));
+  const pid_t me = ::getpid();
+  long r = ::syscall(SYS_kcmp, me, me, KCMP_FILE, a.get(), b.get());
+  f.kcmp_file = r == 0;
+  f.notes["kcmp.file"] = r == 0
+                             ? "kcmp(KCMP_FILE) tells a dup from its original"
+                             : cat("kcmp(KCMP_FILE): ", r < 0 ? err_text(errno) : cat("gave ", r));
+}
+
 void probe_xsave(KernelFeatures& f) {
   CpuXsave x = cpu_xsave();
   f.xsave_size = x.size;
@@ -627,6 +659,8 @@ KernelFeatures probe_all() {
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
   probe_inet(f);
+  probe_timerfd_set_ticks(f);
+  probe_kcmp(f);
   probe_xsave(f);
   return f;
 }
@@ -756,6 +790,12 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "PR_SET_MM_MAP restores brk, stack, argument and environment bounds, auxv and exe link.");
   add("arch_prctl.map_vdso", f.arch_map_vdso, true, "not probed",
       "The vdso is mapped at its image address with ARCH_MAP_VDSO_64 when moving it fails.");
+  add("kcmp.file", f.kcmp_file, false, "not probed",
+      "Dump tells descriptors that share one open file description (dup, fork) with kcmp; "
+      "without it no tree can be dumped.");
+  add("timerfd.set_ticks", f.timerfd_set_ticks, false, "not probed",
+      "A timerfd whose expirations were not read gets them back with TFD_IOC_SET_TICKS; "
+      "without it the restore refuses such a timerfd by name.");
   add("pagemap.scan", f.pagemap_scan, false, "not probed",
       "PAGEMAP_SCAN finds present pages in one call; else dump reads pagemap entry by entry.");
   add("pagemap.soft_dirty", f.soft_dirty, false, "not probed",

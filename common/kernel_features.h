@@ -33,6 +33,9 @@ struct KernelFeatures {
   bool netns = false;           // a network namespace made and entered (restore --netns)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
+  // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:
+  bool timerfd_set_ticks = false;  // TFD_IOC_SET_TICKS (CONFIG_CHECKPOINT_RESTORE)
+  bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
   // Added by the probes (0/false when a probe could not run):
   bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
   uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it

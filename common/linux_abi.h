@@ -138,3 +138,8 @@ inline constexpr uint64_t kPmExclusive = 1ull << 56;
 inline constexpr uint64_t kPmSoftDirty = 1ull << 55;  // only with CONFIG_MEM_SOFT_DIRTY
 inline constexpr uint64_t kPmPfnMask = (1ull << 55) - 1;
 }  // namespace lazycr::abi
+
+// --- timerfd (uapi/linux/timerfd.h; that header clashes with glibc's <sys/timerfd.h>) ---
+#ifndef TFD_IOC_SET_TICKS
+#define TFD_IOC_SET_TICKS _IOW('T', 0, uint64_t)
+#endif

@@ -1,6 +1,7 @@
 #include "objects/objects.h"
 
 #include "common/error.h"
+#include "objects/fd_kinds.h"
 #include "objects/locks.h"
 #include "objects/seccomp.h"
 
@@ -14,8 +15,10 @@ struct Kind {
 };
 
 // Every kind of kernel object lazycr records, in the order the restore recreates them at
-// each point. Locks come first: nothing of the process may run before they are held.
+// each point. Descriptors made inside the process come first (other kinds act on them), then
+// locks: nothing of the process may run before they are held.
 constexpr Kind kKinds[] = {
+    {"descriptors", dump_fd_kinds, restore_fd_kinds},
     {"file locks", locks::dump, locks::restore},
     {"seccomp", seccomp::dump, seccomp::restore},
 };

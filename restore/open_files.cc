@@ -35,13 +35,14 @@ bool is_pty(uint64_t rdev) {
 // status flags afterwards. The open goes through the /proc/self/fd link of the O_PATH
 // descriptor already checked, which O_NOFOLLOW would refuse (ELOOP: sqlite opens its database
 // with it).
+// An O_PATH descriptor opens nothing (a device does not act) and takes no status flags.
 int open_flags(const OpenRequest& req) {
   int flags = (req.flags & ~(O_CREAT | O_EXCL | O_TRUNC | O_NOFOLLOW)) | O_CLOEXEC | O_NOCTTY;
-  if (req.type == S_IFCHR || req.type == S_IFBLK) flags |= O_NONBLOCK;
+  if ((req.type == S_IFCHR || req.type == S_IFBLK) && !(req.flags & O_PATH)) flags |= O_NONBLOCK;
   return flags;
 }
 bool needs_setfl(const OpenRequest& req) {
-  return (req.type == S_IFCHR || req.type == S_IFBLK) && !(req.flags & O_NONBLOCK);
+  return (req.type == S_IFCHR || req.type == S_IFBLK) && !(req.flags & (O_NONBLOCK | O_PATH));
 }
 
 // A thread's credentials as capset and setgroups take them.

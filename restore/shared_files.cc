@@ -14,6 +14,7 @@
 #include "common/error.h"
 #include "common/file_type.h"
 #include "common/proc.h"
+#include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
 #include "restore/open_files.h"
 
@@ -256,7 +257,7 @@ class Builder {
 
   void build() {
     std::map<uint64_t, std::vector<const Description*>> pipes, sockets, inet;  // object inode
-    std::vector<const Description*> files;
+    std::vector<const Description*> files, kinds;
     for (const auto& d : descs_) {
       if (shell_job_ && leads_outside(d)) {
         give_std(d);
@@ -277,7 +278,9 @@ class Builder {
           (inet_.count(f.object_inode()) ? inet : sockets)[f.object_inode()].push_back(&d);
           break;
         default:
-          if (d.users.size() > 1)
+          if (objects::fd_kind(f.kind()) != nullptr)
+            kinds.push_back(&d);
+          else if (d.users.size() > 1)
             files.push_back(&d);
           else
             plans_[{d.users.front().pid, f.fd()}] = FdPlan{FdPlan::kOpenInside, -1};
@@ -287,6 +290,7 @@ class Builder {
     make_sockets(sockets);
     for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
     for (const Description* d : files) open_file(*d);
+    for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
   }
 
@@ -572,6 +576,47 @@ class Builder {
     UniqueFd fd = objects::create_inet_socket(*inet_.at(inode), d.who());
     set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
     hand_out(d, std::move(fd));
+  }
+
+  // A descriptor kind of objects/fd_kinds.h: made here, or a stand-in its kind replaces inside
+  // the process once the tree exists.
+  void make_kind(const Description& d) {
+    const FileDescriptor& f = d.f();
+    const objects::FdKind& k = *objects::fd_kind(f.kind());
+    std::string what = cat(FileDescriptor::Kind_Name(f.kind()), " at ", d.who());
+    if (k.create == nullptr) {
+      UniqueFd stand_in(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+      if (!stand_in) fail_errno(what, ": opening /dev/null to hold its place");
+      hand_out(d, std::move(stand_in));
+      return;
+    }
+    objects::FdCreateContext ctx;
+    ctx.open_readable = [&](const std::string& path, bool directory, uint64_t dev, uint64_t inode) {
+      image::FileIdentity id;
+      id.set_path(path);
+      id.set_dev(dev);
+      id.set_inode(inode);
+      OpenRequest req;
+      req.path = path;
+      req.flags = O_RDONLY | O_NONBLOCK | (directory ? O_DIRECTORY : 0);
+      req.type = directory ? S_IFDIR : S_IFREG;
+      req.id = &id;
+      req.what = what;
+      UniqueFd fd;
+      std::set<const image::Credentials*> tried;
+      for (const User& u : d.users) {
+        const image::Credentials* c = creds_.at(u.pid);
+        if (!tried.insert(c).second) continue;
+        UniqueFd got = open_here_as(*c, req);
+        if (!fd) fd = std::move(got);
+      }
+      return fd;
+    };
+    try {
+      hand_out(d, k.create(f, ctx));
+    } catch (const Error& e) {
+      throw Error(cat(what, ": ", e.what()), e.sys_errno());
+    }
   }
 
   // A description several descriptors share, opened here once by path, at its position, as

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "common/error.h"
 #include "common/json.h"
@@ -16,6 +17,7 @@
 #include "common/proc.h"
 #include "common/vdso.h"
 #include "image-format/unrestorable.h"
+#include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
@@ -140,7 +142,8 @@ void validate_tree(const std::vector<image::Process>& procs) {
 }
 
 // What every live process of the image needs.
-void validate_process(const image::Process& p, const RestoreOptions& opts);
+void validate_process(const image::Process& p, const RestoreOptions& opts,
+                      const std::set<int>& image_pids);
 
 }  // namespace
 
@@ -206,10 +209,12 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   }
   validate_tree(procs);
   for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
+  std::set<int> image_pids;
+  for (const auto& q : procs) image_pids.insert(q.pid());
   for (const auto& q : procs) {
     if (q.zombie()) continue;
     try {
-      validate_process(q, opts);
+      validate_process(q, opts, image_pids);
     } catch (const Error& e) {
       // The caller names the root already ("validate for pid N: ").
       if (&q == &procs.front()) throw;
@@ -220,7 +225,8 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
 
 namespace {
 
-void validate_process(const image::Process& p, const RestoreOptions& opts) {
+void validate_process(const image::Process& p, const RestoreOptions& opts,
+                      const std::set<int>& image_pids) {
   // What the image alone rules out; the dump asked the same before it killed anything.
   auto refusals = image::process_refusals(p);
   if (!refusals.empty()) fail(refusals.front());
@@ -269,6 +275,14 @@ void validate_process(const image::Process& p, const RestoreOptions& opts) {
            f.fd() <= 2 ? "; --shell-job gives the process lazycr's fds 0-2 instead" : "");
     // Pipes and sockets are made by lazycr (shared_files.h), which checks them.
     if (f.kind() == FileDescriptor::PIPE || f.kind() == FileDescriptor::SOCKET) continue;
+    if (const objects::FdKind* k = objects::fd_kind(f.kind())) {
+      try {
+        k->validate(f, image_pids);
+      } catch (const Error& e) {
+        fail("fd ", f.fd(), " (", kind, "): ", e.what());
+      }
+      continue;
+    }
     // The same file; its contents may have moved on (a log), unlike a mapped file's.
     check_file(request_for_fd(f));
   }

@@ -184,6 +184,27 @@ std::string lock_text(const image::FileLock& l) {
          (l.length() == 0 ? std::string("EOF") : std::to_string(l.length()));
 }
 
+// The recorded state of a descriptor kind of objects/fd_kinds.h, one line; "" for other kinds.
+std::string fd_state_text(const image::FileDescriptor& f) {
+  if (f.has_eventfd())
+    return cat("eventfd count ", f.eventfd().count(), f.eventfd().semaphore() ? " semaphore" : "");
+  if (f.has_timerfd()) {
+    const auto& t = f.timerfd();
+    return cat("timerfd clock ", t.clockid(), " ticks ", t.ticks(), " flags ", t.settime_flags(),
+               " left ", t.value_ns(), " ns interval ", t.interval_ns(), " ns",
+               t.expires_ns() != 0 ? cat(" expires ", t.expires_ns(), " ns") : "");
+  }
+  if (f.has_signalfd()) return cat("signalfd mask ", hex(f.signalfd().mask()));
+  if (f.has_inotify()) {
+    std::string s = cat("inotify ", f.inotify().watches_size(), " watches");
+    for (const auto& w : f.inotify().watches())
+      s += cat("; wd ", w.wd(), " mask ", hex(w.mask()), " ", w.path());
+    return s;
+  }
+  if (f.has_pidfd()) return cat("pidfd of pid ", f.pidfd().pid());
+  return "";
+}
+
 // "filters 2 (shared 1: 8 insns; own: 4 insns log)" for one thread.
 std::string seccomp_text(const image::Process& p, const image::Thread& t) {
   if (t.seccomp_mode() == 0) return "none";
@@ -313,6 +334,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                     object.c_str(), f.restorable() ? "" : "  (not restorable)");
       o << line;
       for (const auto& l : f.locks()) o << "         lock " << lock_text(l) << "\n";
+      if (std::string st = fd_state_text(f); !st.empty()) o << "         " << st << "\n";
     }
 
     if (p.zombie()) continue;
@@ -530,6 +552,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.begin_array();
       for (const auto& l : f.locks()) j.value(lock_text(l));
       j.end_array();
+      if (std::string st = fd_state_text(f); !st.empty()) j.field("state", st);
       j.end_object();
     }
     j.end_array();

@@ -612,35 +612,32 @@ import ctypes, fcntl, os, select, socket, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 go = sys.argv[1]
 fds = {}
-tcp = socket.socket(); tcp.bind(('127.0.0.1', 0)); tcp.listen()
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()
+tcp = socket.create_connection(srv.getsockname()); tcp_peer, _ = srv.accept()
 fds['tcp'] = tcp.fileno()
+fds['tcp_peer'] = tcp_peer.fileno()
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(('127.0.0.1', 0))
+udp.setsockopt(socket.IPPROTO_IP, socket.IP_PKTINFO, 1)
 fds['udp'] = udp.fileno()
+fds['udp_dup'] = os.dup(udp.fileno())
 nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE); nl.bind((0, 0))
 fds['netlink'] = nl.fileno()
 ul = socket.socket(socket.AF_UNIX); ul.bind('\0lazycr-unsupported-%d' % os.getpid()); ul.listen()
 fds['unix_listen'] = ul.fileno()
-fds['eventfd'] = os.eventfd(0, os.EFD_NONBLOCK)
-fds['eventfd_dup'] = os.dup(fds['eventfd'])
 ep = select.epoll(); fds['epoll'] = ep.fileno()
-fds['timerfd'] = libc.timerfd_create(1, os.O_NONBLOCK)
-fds['inotify'] = libc.inotify_init1(0)
-mask = (ctypes.c_uint64 * 16)(1 << 9)  # glibc's sigset_t: SIGUSR1
-fds['signalfd'] = libc.signalfd(-1, mask, 0)
-fds['pidfd'] = os.pidfd_open(os.getpid())
 r, w = os.pipe(); os.close(r); fds['pipe_w'] = w
 os.set_inheritable(w, True)
 path = go + '.deleted'
 d = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600); os.unlink(path)
 fds['deleted'] = d
-keep = [tcp, udp, nl, ul, ep]
+keep = [srv, tcp, tcp_peer, udp, nl, ul, ep]
 want = {}
 for k, fd in fds.items():
     assert fd > 2, (k, fd)
     want[k] = (fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND),
                fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 print('ready', ' '.join('%s=%d' % kv for kv in fds.items()),
-      'tcp_port=%d' % tcp.getsockname()[1], 'udp_port=%d' % udp.getsockname()[1], flush=True)
+      'tcp_port=%d' % srv.getsockname()[1], 'udp_port=%d' % udp.getsockname()[1], flush=True)
 while not os.path.exists(go):
     time.sleep(0.01)
 bad = []
@@ -653,9 +650,9 @@ for k, fd in fds.items():
         bad.append('%s: %s' % (k, e)); continue
     if target != '/dev/null' or got != want[k]:
         bad.append('%s: %s %s, wanted /dev/null %s' % (k, target, got, want[k]))
-fcntl.fcntl(fds['eventfd'], fcntl.F_SETFL, 0)
-if fcntl.fcntl(fds['eventfd_dup'], fcntl.F_GETFL) & os.O_NONBLOCK:
-    bad.append('eventfd_dup is not a dup of eventfd')
+fcntl.fcntl(fds['udp'], fcntl.F_SETFL, os.O_NONBLOCK)
+if not fcntl.fcntl(fds['udp_dup'], fcntl.F_GETFL) & os.O_NONBLOCK:
+    bad.append('udp_dup is not a dup of udp')
 print('verified ok' if not bad else 'BAD ' + '; '.join(bad), flush=True)
 )";
 
@@ -677,18 +674,22 @@ TEST(Dump, UnsupportedDescriptorsAreAllNamedAndComeBackAsDevNull) {
     if (key.find("port") == std::string::npos) {
       EXPECT_NE(r.err.find("fd " + value + " is "), std::string::npos) << key << ": " << r.err;
     }
-  EXPECT_NE(r.err.find("cannot dump 13 descriptors lazycr cannot restore: pid " + pid),
+  EXPECT_NE(r.err.find("cannot dump 9 descriptors lazycr cannot restore: pid " + pid),
             std::string::npos)
       << r.err;
-  EXPECT_NE(r.err.find("is a TCP/IPv4 socket listening on 127.0.0.1:" + info.str("tcp_port")),
+  // TCP listeners and UDP sockets are restorable (objects/inet_socket.h); an established
+  // connection and an option lazycr does not restore yet are not.
+  EXPECT_NE(r.err.find("established TCP connection 127.0.0.1:"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(" -> 127.0.0.1:" + info.str("tcp_port") +
+                       ": needs --tcp-established, not supported yet"),
             std::string::npos)
       << r.err;
-  EXPECT_NE(r.err.find("is a UDP/IPv4 socket bound to 127.0.0.1:" + info.str("udp_port")),
+  EXPECT_NE(r.err.find("UDP/IPv4 socket 127.0.0.1:" + info.str("udp_port") +
+                       " has IP_PKTINFO set, which lazycr does not restore yet"),
             std::string::npos)
       << r.err;
   EXPECT_NE(r.err.find("is a netlink socket (NETLINK_ROUTE"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("is an EPOLL (anon_inode:[eventpoll])"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("is an EVENTFD"), std::string::npos) << r.err;
   EXPECT_EQ(r.err.find("not an AF_UNIX socket"), std::string::npos) << r.err;
   EXPECT_EQ(r.err.find(" a EPOLL"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("'lazycr restore --skip-unsupported-fds' opens /dev/null"),

@@ -87,6 +87,8 @@ TEST(KernelFeatures, DescribeGivesUniqueNamedLines) {
                            "arch_prctl.map_vdso",
                            "pagemap.scan",
                            "pagemap.soft_dirty",
+                           "kcmp.file",
+                           "timerfd.set_ticks",
                            "sysctl.unprivileged_userfaultfd"}) {
     EXPECT_TRUE(names.count(name)) << "no line for " << name;
   }
