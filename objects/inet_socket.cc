@@ -500,7 +500,9 @@ UniqueFd create_inet_socket(const InetSocket& s, const std::string& who) {
   if (!fd) fail_errno(what, ": socket");
   const int f = fd.get();
   if (family == AF_INET6) set_int(f, IPPROTO_IPV6, IPV6_V6ONLY, s.v6only(), what, "IPV6_V6ONLY");
-  if (s.reuseaddr()) set_int(f, SOL_SOCKET, SO_REUSEADDR, 1, what, "SO_REUSEADDR");
+  // On for the bind whatever the image says (as CRIU does): connections the original's death
+  // left in TIME_WAIT on its port must not stop the listener; the image's value comes after.
+  set_int(f, SOL_SOCKET, SO_REUSEADDR, 1, what, "SO_REUSEADDR");
   if (s.reuseport()) set_int(f, SOL_SOCKET, SO_REUSEPORT, 1, what, "SO_REUSEPORT");
   if (s.keepalive()) set_int(f, SOL_SOCKET, SO_KEEPALIVE, 1, what, "SO_KEEPALIVE");
   if (s.type() == SOCK_STREAM) {
@@ -528,6 +530,7 @@ UniqueFd create_inet_socket(const InetSocket& s, const std::string& who) {
   }
   if (s.listening() && ::listen(f, static_cast<int>(s.backlog())) != 0)
     fail_errno(what, ": listen(", s.backlog(), ")");
+  if (!s.reuseaddr()) set_int(f, SOL_SOCKET, SO_REUSEADDR, 0, what, "SO_REUSEADDR");
   if (s.queued_size() > 0) {
     // Room for every datagram while they go in, whatever the recorded size; then the image's.
     set_int(f, SOL_SOCKET, SO_RCVBUFFORCE, 1 << 30, what, "SO_RCVBUFFORCE");
