@@ -26,6 +26,7 @@
 #include "common/proc.h"
 #include "common/sock_diag.h"
 #include "image-format/image_dir.h"
+#include "objects/inet_socket.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -389,6 +390,17 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
         // Not an AF_UNIX socket of this network namespace: name what it is.
         UniqueFd sock(static_cast<int>(
             ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
+        if (sock && objects::is_inet_socket(sock.get())) {
+          image::InetSocket in;
+          if (objects::dump_inet_socket(sock.get(), inode, in, why)) {
+            for (const auto& r : refs) fd_at(r).set_restorable(true);
+            log::debug(what, ": ", objects::describe_inet_socket(in));
+            *result.objects.add_inet_sockets() = std::move(in);
+          } else {
+            for (const auto& r : refs) why_not(r, why);
+          }
+          continue;
+        }
         std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
         why = cat(what, " is ", article(kind), " ", kind,
                   kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");

@@ -11,12 +11,14 @@
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <linux/kcmp.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/uio.h>
@@ -34,6 +36,7 @@
 #include "common/fd.h"
 #include "common/kernel_features.h"
 #include "common/linux_abi.h"
+#include "common/netns.h"
 #include "common/signals.h"
 
 namespace lazycr {
@@ -556,6 +559,28 @@ void probe_memfd_seals(KernelFeatures& f) {
   if (!f.memfd_seals) f.notes["memfd.seals"] = cat("F_GET_SEALS answered ", seals);
 }
 
+// IPv4/IPv6 sockets (objects/inet_socket.h).
+void probe_inet(KernelFeatures& f) {
+  UniqueFd udp(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  int zero = 0;
+  f.udp_peek_off = udp && ::setsockopt(udp.get(), SOL_SOCKET, SO_PEEK_OFF, &zero, sizeof zero) == 0;
+  if (!f.udp_peek_off) f.notes["socket.udp_peek_off"] = cat("unsupported: ", err_text(errno));
+  UniqueFd r4(::socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW));
+  int e4 = errno;
+  UniqueFd r6(::socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW));
+  int e6 = errno;
+  f.raw_hdrincl = r4 && r6;
+  if (!f.raw_hdrincl)
+    f.notes["socket.raw_hdrincl"] =
+        cat(r4 ? "" : cat("IPv4: ", err_text(e4), " "), r6 ? "" : cat("IPv6: ", err_text(e6)));
+  try {
+    UniqueFd ns = make_network_namespace();
+    f.netns = true;
+  } catch (const Error& e) {
+    f.notes["netns.new"] = e.what();
+  }
+}
+
 void probe_soft_dirty(KernelFeatures& f) {
   pid_t pid = probe_fork();
   if (pid < 0) {
@@ -717,6 +742,7 @@ KernelFeatures probe_all() {
   probe_arch_map_vdso(f);
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
+  probe_inet(f);
   probe_timerfd_set_ticks(f);
   probe_kcmp(f);
   probe_memfd_seals(f);
@@ -874,6 +900,12 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
   add("prctl.timer_create_restore_ids", f.timer_restore_ids, false, "not probed",
       "POSIX timers are recreated with their own ids in one call each; without it the restore "
       "creates and deletes throw-away timers and refuses an id it cannot reach.");
+  add("socket.udp_peek_off", f.udp_peek_off, false, "not probed",
+      "A UDP socket's queued datagrams are peeked at dump (SO_PEEK_OFF), never taken from it.");
+  add("socket.raw_hdrincl", f.raw_hdrincl, false, "not probed",
+      "Queued UDP datagrams are put back from their own source addresses by raw IP sockets.");
+  add("netns.new", f.netns, false, "not probed",
+      "restore --netns makes a network namespace with loopback up for the sockets and the tree.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

@@ -30,6 +30,10 @@ struct KernelFeatures {
   bool memfd_seals = false;     // memfd_create(MFD_ALLOW_SEALING) and F_ADD_SEALS work
   bool pty_tiocsti = false;     // TIOCSTI into a pty pair made here (pty pairs' unread data)
   bool kcmp_epoll_tfd = false;  // kcmp(KCMP_EPOLL_TFD): an epoll target is the file at an fd
+  bool udp_peek_off = false;    // SO_PEEK_OFF on a UDP socket: its queue is read, not taken
+  bool raw_hdrincl = false;     // raw IPv4 IP_HDRINCL and IPv6 IPPROTO_RAW sockets (root): UDP
+                                // queues go back with their source addresses
+  bool netns = false;           // a network namespace made and entered (restore --netns)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
   // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:

@@ -438,6 +438,18 @@ void validate_shared(const SharedObjects& s) {
     if (u.sndbuf() > INT32_MAX || u.rcvbuf() > INT32_MAX)
       fail(what, ": buffer sizes ", u.sndbuf(), "/", u.rcvbuf(), " exceed INT_MAX");
   }
+  if (s.inet_sockets_size() > kMaxSharedObjects)
+    fail(s.inet_sockets_size(), " IPv4/IPv6 sockets exceeds the bound");
+  prev = 0;
+  for (const auto& in : s.inet_sockets()) {
+    std::string what = cat("socket:[", in.inode(), "]");
+    if (in.inode() == 0) fail("an IPv4/IPv6 socket has inode 0");
+    if (in.inode() <= prev)
+      fail(what, ": IPv4/IPv6 sockets are not sorted by inode, or listed twice");
+    prev = in.inode();
+    if (by_inode.count(in.inode())) fail(what, ": listed both as a UNIX and an IPv4/IPv6 socket");
+    // Each field's bounds: objects/inet_socket.h validate_inet_socket (restore/validate.cc).
+  }
   for (const UnixSocket& u : s.sockets()) {
     if (u.peer_inode() == 0) continue;
     std::string what = cat("socket:[", u.inode(), "]");
@@ -669,6 +681,7 @@ void ImageReader::check_descriptors() const {
   for (const UnixSocket& u : shared_.sockets()) sockets.insert(u.inode());
   std::set<uint32_t> ptys;
   for (const auto& t : shared_.ptys()) ptys.insert(t.index());
+  for (const auto& in : shared_.inet_sockets()) sockets.insert(in.inode());
   struct Seen {
     int pid;
     const FileDescriptor* fd;

@@ -56,6 +56,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/netns.h"
 #include "common/proc.h"
 #include "common/ptrace.h"
 #include "common/signals.h"
@@ -1109,7 +1110,10 @@ Restored restore(const RestoreOptions& opts_in) {
   std::unique_ptr<GhostFiles> ghosts;
   std::unique_ptr<SharedFiles> shared;
   FdTransport transport;
+  UniqueFd netns;  // --netns: sockets are made in it, the root is cloned into it
   steps.run("files", cat("image ", opts.dir), [&] {
+    if (opts.netns) netns = make_network_namespace();
+    InNetworkNamespace in_netns(netns.get());
     ghosts = std::make_unique<GhostFiles>(procs, img->shared());
     shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job, ghosts.get());
     if (shared->size() == 0) return;
@@ -1145,7 +1149,10 @@ Restored restore(const RestoreOptions& opts_in) {
   Restoree& r0 = *rt.r;
 
   std::unique_ptr<PinSelf> pin;
-  steps.run("create", rt.who, [&] { spawn_process(root.pid(), opts.pidns, r0.spawn()); });
+  steps.run("create", rt.who, [&] {
+    InNetworkNamespace in_netns(netns.get());
+    spawn_process(root.pid(), opts.pidns, r0.spawn());
+  });
   steps.run("seize", rt.who, [&] { r0.seize(); });
   steps.run("pin", rt.who, [&] {
     pin = std::make_unique<PinSelf>();

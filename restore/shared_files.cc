@@ -15,6 +15,7 @@
 #include "common/file_type.h"
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
+#include "objects/inet_socket.h"
 #include "objects/pty.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
@@ -258,8 +259,8 @@ class Builder {
   }
 
   void build() {
-    std::map<uint64_t, std::vector<const Description*>> pipes, sockets;  // object inode
-    std::map<uint32_t, std::vector<const Description*>> ptys;            // pty index
+    std::map<uint64_t, std::vector<const Description*>> pipes, sockets, inet;  // object inode
+    std::map<uint32_t, std::vector<const Description*>> ptys;                  // pty index
     std::vector<const Description*> files, kinds;
     for (const auto& d : descs_) {
       if (shell_job_ && leads_outside(d)) {
@@ -281,7 +282,7 @@ class Builder {
           pipes[f.object_inode()].push_back(&d);
           break;
         case FileDescriptor::SOCKET:
-          sockets[f.object_inode()].push_back(&d);
+          (inet_.count(f.object_inode()) ? inet : sockets)[f.object_inode()].push_back(&d);
           break;
         default:
           if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
@@ -299,6 +300,7 @@ class Builder {
     for (const auto& [inode, ds] : pipes) make_pipe(inode, ds);
     make_sockets(sockets);
     for (const auto& [index, ds] : ptys) make_pty(index, ds);
+    for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
     for (const Description* d : files) open_file(*d);
     for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
@@ -355,6 +357,7 @@ class Builder {
       }
     }
     for (const auto& s : shared_.sockets()) sockets_[s.inode()] = &s;
+    for (const auto& s : shared_.inet_sockets()) inet_[s.inode()] = &s;
   }
 
   // Held at 0-2 somewhere and leading outside the tree (only asked with --shell-job).
@@ -614,6 +617,18 @@ class Builder {
     }
   }
 
+  // An IPv4/IPv6 socket (objects/inet_socket.h), made in lazycr's current network namespace.
+  void make_inet_socket(uint64_t inode, const std::vector<const Description*>& ds) {
+    if (ds.size() > 1)
+      fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
+           " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
+           "), which a socket cannot have");
+    const Description& d = *ds.front();
+    UniqueFd fd = objects::create_inet_socket(*inet_.at(inode), d.who());
+    set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
+    hand_out(d, std::move(fd));
+  }
+
   // A descriptor kind of objects/fd_kinds.h: made here, or a stand-in its kind replaces inside
   // the process once the tree exists.
   void make_kind(const Description& d) {
@@ -700,6 +715,7 @@ class Builder {
   std::set<uint64_t> held_sockets_;
   std::map<uint64_t, const Pipe*> pipes_;
   std::map<uint64_t, const UnixSocket*> sockets_;
+  std::map<uint64_t, const image::InetSocket*> inet_;
   std::vector<UniqueFd> temporaries_;
   std::map<int, const image::Credentials*> creds_;  // by pid
 };

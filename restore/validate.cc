@@ -18,6 +18,7 @@
 #include "common/vdso.h"
 #include "image-format/unrestorable.h"
 #include "objects/fd_kinds.h"
+#include "objects/inet_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 
@@ -207,6 +208,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
   validate_tree(procs);
+  for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
   for (const auto& q : procs) {

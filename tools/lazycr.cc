@@ -120,6 +120,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
+  restore_cmd->add_flag("--netns", restore.restore.netns,
+                        "Restore into a fresh network namespace with loopback up (its ports are "
+                        "free there: a server restores beside its still-running original)");
   auto* lazy_flag = restore_cmd->add_flag(
       "--lazy", restore.restore.lazy.enabled,
       "Let the process run at once: its private anonymous memory is served on first touch by a "

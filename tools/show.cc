@@ -17,6 +17,7 @@
 #include "common/json.h"
 #include "image-format/image_dir.h"
 #include "objects/epoll.h"
+#include "objects/inet_socket.h"
 #include "tools/commands.h"
 #include "tools/show_timers.h"
 
@@ -404,10 +405,10 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
       << t.ypixel() << " px), packet mode " << (t.packet_mode() ? "on" : "off") << ", "
       << (t.locked() ? "locked" : "unlocked") << ", " << t.to_master().size()
       << " bytes unread at the master, " << t.to_slave().size() << " at the slave\n";
-  if (sh.pipes_size() == 0 && sh.sockets_size() == 0) return;
+  if (sh.pipes_size() == 0 && sh.sockets_size() == 0 && sh.inet_sockets_size() == 0) return;
   Holders holders(img);
-  o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size()
-    << " sockets (holders as pid/fd)\n";
+  o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size() << " sockets, "
+    << sh.inet_sockets_size() << " IPv4/IPv6 sockets (holders as pid/fd)\n";
   for (const auto& pipe : sh.pipes()) {
     std::string name =
         pipe.fifo() ? cat("FIFO inode ", pipe.inode()) : cat("pipe:[", pipe.inode(), "]");
@@ -437,6 +438,18 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     o << "  unix " << socket_type(u.type()) << "  " << end(u);
     if (peer != nullptr) o << "\n    <-> " << end(*peer);
     o << "\n";
+  }
+  for (const auto& s : sh.inet_sockets()) {
+    o << "  socket:[" << s.inode() << "] " << objects::describe_inet_socket(s);
+    if (s.type() == SOCK_STREAM)
+      o << (s.nodelay() ? " nodelay" : "") << " keepalive " << (s.keepalive() ? "on " : "off ")
+        << s.keepidle() << "/" << s.keepintvl() << "/" << s.keepcnt();
+    o << (s.reuseaddr() ? " reuseaddr" : "") << (s.reuseport() ? " reuseport" : "")
+      << (s.v6only() ? " v6only" : "") << " buffers " << s.sndbuf() << "/" << s.rcvbuf()
+      << " held by " << Holders::list(holders.sockets, s.inode()) << "\n";
+    for (const auto& d : s.queued())
+      o << "    " << d.data().size() << " bytes from "
+        << objects::describe_inet_address(s.family(), d.source_addr(), d.source_port()) << "\n";
   }
 }
 
@@ -753,6 +766,41 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.begin_array();
     for (const auto& r : refs[g.id()]) j.value(r);
     j.end_array();
+    j.end_object();
+  }
+  j.end_array();
+  j.key("inet_sockets");
+  j.begin_array();
+  for (const auto& s : img.shared().inet_sockets()) {
+    j.begin_object();
+    j.field("inode", s.inode());
+    j.field("family", s.family() == AF_INET ? "IPv4" : "IPv6");
+    j.field("protocol", s.type() == SOCK_STREAM ? "TCP" : "UDP");
+    j.field("local", objects::describe_inet_address(s.family(), s.local_addr(), s.local_port()));
+    if (!s.peer_addr().empty())
+      j.field("peer", objects::describe_inet_address(s.family(), s.peer_addr(), s.peer_port()));
+    j.field("listening", s.listening());
+    j.field("backlog", s.backlog());
+    j.field("reuseaddr", s.reuseaddr());
+    j.field("reuseport", s.reuseport());
+    j.field("v6only", s.v6only());
+    j.field("nodelay", s.nodelay());
+    j.field("keepalive", s.keepalive());
+    j.field("keepidle", s.keepidle());
+    j.field("keepintvl", s.keepintvl());
+    j.field("keepcnt", s.keepcnt());
+    j.field("sndbuf", s.sndbuf());
+    j.field("rcvbuf", s.rcvbuf());
+    j.key("queued");
+    j.begin_array();
+    for (const auto& d : s.queued()) {
+      j.begin_object();
+      j.field("bytes", static_cast<uint64_t>(d.data().size()));
+      j.field("from", objects::describe_inet_address(s.family(), d.source_addr(), d.source_port()));
+      j.end_object();
+    }
+    j.end_array();
+    holder_array(holders.sockets, s.inode());
     j.end_object();
   }
   j.end_array();

@@ -611,26 +611,27 @@ import ctypes, fcntl, os, select, socket, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 go = sys.argv[1]
 fds = {}
-tcp = socket.socket(); tcp.bind(('127.0.0.1', 0)); tcp.listen()
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()
+tcp = socket.create_connection(srv.getsockname()); tcp_peer, _ = srv.accept()
+tcp_port = srv.getsockname()[1]; srv.close()
 fds['tcp'] = tcp.fileno()
+fds['tcp_peer'] = tcp_peer.fileno()
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(('127.0.0.1', 0))
+udp.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO
 fds['udp'] = udp.fileno()
 fds['udp_dup'] = os.dup(udp.fileno())
 nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE); nl.bind((0, 0))
 fds['netlink'] = nl.fileno()
 ul = socket.socket(socket.AF_UNIX); ul.bind('\0lazycr-unsupported-%d' % os.getpid()); ul.listen()
 fds['unix_listen'] = ul.fileno()
-ep = select.epoll(); fds['epoll'] = ep.fileno()
-r, w = os.pipe(); os.close(r); fds['pipe_w'] = w
-os.set_inheritable(w, True)
-keep = [tcp, udp, nl, ul, ep]
+keep = [tcp, tcp_peer, udp, nl, ul]
 want = {}
 for k, fd in fds.items():
     assert fd > 2, (k, fd)
     want[k] = (fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK | os.O_APPEND),
                fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 print('ready', ' '.join('%s=%d' % kv for kv in fds.items()),
-      'tcp_port=%d' % tcp.getsockname()[1], 'udp_port=%d' % udp.getsockname()[1], flush=True)
+      'tcp_port=%d' % tcp_port, 'udp_port=%d' % udp.getsockname()[1], flush=True)
 while not os.path.exists(go):
     time.sleep(0.01)
 bad = []
@@ -667,19 +668,22 @@ TEST(Dump, UnsupportedDescriptorsAreAllNamedAndComeBackAsDevNull) {
     if (key.find("port") == std::string::npos) {
       EXPECT_NE(r.err.find("fd " + value + " is "), std::string::npos) << key << ": " << r.err;
     }
-  EXPECT_NE(r.err.find("cannot dump 8 descriptors lazycr cannot restore: pid " + pid),
+  EXPECT_NE(r.err.find("cannot dump 6 descriptors lazycr cannot restore: pid " + pid),
             std::string::npos)
       << r.err;
-  EXPECT_NE(r.err.find("is a TCP/IPv4 socket listening on 127.0.0.1:" + info.str("tcp_port")),
+  // TCP listeners and UDP sockets are restorable (objects/inet_socket.h); an established
+  // connection and an option lazycr does not restore yet are not.
+  EXPECT_NE(r.err.find("established TCP connection 127.0.0.1:"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(" -> 127.0.0.1:" + info.str("tcp_port") +
+                       ": needs --tcp-established, not supported yet"),
             std::string::npos)
       << r.err;
-  EXPECT_NE(r.err.find("is a UDP/IPv4 socket bound to 127.0.0.1:" + info.str("udp_port")),
+  EXPECT_NE(r.err.find("UDP/IPv4 socket 127.0.0.1:" + info.str("udp_port") +
+                       " has IP_PKTINFO set, which lazycr does not restore yet"),
             std::string::npos)
       << r.err;
   EXPECT_NE(r.err.find("is a netlink socket (NETLINK_ROUTE"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("is an EPOLL (anon_inode:[eventpoll])"), std::string::npos) << r.err;
   EXPECT_EQ(r.err.find("not an AF_UNIX socket"), std::string::npos) << r.err;
-  EXPECT_EQ(r.err.find(" a EPOLL"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("'lazycr restore --skip-unsupported-fds' opens /dev/null"),
             std::string::npos)
       << r.err;
@@ -706,10 +710,10 @@ TEST(Dump, UnsupportedDescriptorsAreAllNamedAndComeBackAsDevNull) {
   r = lazycr({"restore", "--shell-job", "--skip-unsupported-fds", "-D", images / "img"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "verified ok\n") << r.err;
-  EXPECT_NE(r.err.find("lazycr: warning: --skip-unsupported-fds: /dev/null stands in for fd " +
-                       info.str("tcp") + " (SOCKET socket:["),
+  EXPECT_NE(r.err.find("lazycr: warning: --skip-unsupported-fds: /dev/null stands in for fd "),
             std::string::npos)
       << r.err;
+  EXPECT_NE(r.err.find("fd " + info.str("tcp") + " (SOCKET socket:["), std::string::npos) << r.err;
 }
 
 TEST(Dump, Python3HoldingALargeList) {

@@ -1,0 +1,287 @@
+// IPv4/IPv6 sockets (objects/inet_socket.h), eager and lazy: TCP listeners with their options
+// accept and serve after a restore; UDP queues come back with their source addresses, in
+// order; established connections are refused by name; --netns restores a server beside its
+// still-running original; python3's http.server serves a file after a restore.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/proc.h"
+#include "common/signals.h"
+#include "tests/e2e/harness.h"
+#include "tests/e2e/target_info.h"
+
+namespace lazycr::test {
+namespace {
+
+// The restored process is running on its own (its name back, no tracer).
+void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
+  for (int i = 0; i < 30000 && restore.running(); i++) {
+    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
+    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
+    if (name && *name == comm + "\n" && st && st->find("TracerPid:\t0\n") != std::string::npos)
+      return;
+    usleep(2000);
+  }
+  FAIL() << "pid " << pid << " was not restored";
+}
+
+// Connects to ip:port (in the network namespace of `netns_of` when > 0), sends `line`, and
+// returns what comes back before the server closes.
+std::string echo(int family, const std::string& ip, int port, const std::string& line,
+                 pid_t netns_of = 0) {
+  int old = -1;
+  if (netns_of > 0) {
+    old = ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    int ns =
+        ::open(("/proc/" + std::to_string(netns_of) + "/ns/net").c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(ns, 0);
+    EXPECT_EQ(::setns(ns, CLONE_NEWNET), 0) << strerror(errno);
+    ::close(ns);
+  }
+  int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (old >= 0) {
+    EXPECT_EQ(::setns(old, CLONE_NEWNET), 0);
+    ::close(old);
+  }
+  if (fd < 0) return "socket failed";
+  sockaddr_storage ss{};
+  socklen_t len;
+  if (family == AF_INET) {
+    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(static_cast<uint16_t>(port));
+    ::inet_pton(AF_INET, ip.c_str(), &a->sin_addr);
+    len = sizeof *a;
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(static_cast<uint16_t>(port));
+    ::inet_pton(AF_INET6, ip.c_str(), &a->sin6_addr);
+    len = sizeof *a;
+  }
+  std::string got;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    got = std::string("connect failed: ") + strerror(errno);
+  } else if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
+    got = "write failed";
+  } else {
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return got;
+}
+
+std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
+  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
+  if (lazy) a.push_back("--lazy");
+  return a;
+}
+
+void tcp_round_trip(bool lazy) {
+  Child target({target_bin("inet_target"), "tcp"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  auto show = lazycr({"show", images / "img"});
+  EXPECT_NE(show.out.find("TCP/IPv6 socket listening on [::1]:" + info.str("port6")),
+            std::string::npos)
+      << show.out;
+
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(echo(AF_INET, "127.0.0.1", static_cast<int>(info.first("port4")), "hello v4\n"),
+            "hello v4\n");
+  EXPECT_EQ(echo(AF_INET6, "::1", static_cast<int>(info.first("port6")), "hello v6\n"),
+            "hello v6\n");
+  // An IPv4 client of the dual-stack listener: IPV6_V6ONLY is off again.
+  EXPECT_EQ(echo(AF_INET, "127.0.0.1", static_cast<int>(info.first("portds")), "hello ds\n"),
+            "hello ds\n");
+  EXPECT_EQ(restore.read_line(), "served 3");
+  EXPECT_EQ(restore.wait(60), 0);
+}
+
+TEST(Inet, TcpListenersComeBackWithOptionsAndServeEager) {
+  tcp_round_trip(false);
+}
+TEST(Inet, TcpListenersComeBackWithOptionsAndServeLazy) {
+  tcp_round_trip(true);
+}
+
+void udp_round_trip(bool lazy) {
+  Child target({target_bin("inet_target"), "udp"});
+  target.wait_for("ready");
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  auto show = lazycr({"show", images / "img"});
+  EXPECT_NE(show.out.find("3 datagrams queued"), std::string::npos) << show.out;
+
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+}
+
+TEST(Inet, UdpQueuesComeBackWithSourcesInOrderEager) {
+  udp_round_trip(false);
+}
+TEST(Inet, UdpQueuesComeBackWithSourcesInOrderLazy) {
+  udp_round_trip(true);
+}
+
+// The dump peeks: a target left running still reads every datagram (the same check, without
+// any restore).
+TEST(Inet, UdpDumpLeavesTheQueueInPlace) {
+  Child target({target_bin("inet_target"), "udp"});
+  target.wait_for("ready");
+  TempDir images;
+  auto d =
+      lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+  EXPECT_EQ(target.wait(60), 0);
+}
+
+// An established connection is refused by name, and the target runs on.
+TEST(Inet, EstablishedConnectionIsRefusedByName) {
+  Child target({target_bin("inet_target"), "tcp"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  // A connection waiting in the accept queue of the IPv4 listener.
+  int c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(info.first("port4")));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
+  EXPECT_EQ(d.exit_code, 1);
+  EXPECT_NE(d.err.find("1 connection(s) in its accept queue"), std::string::npos) << d.err;
+  EXPECT_NE(d.err.find("--tcp-established"), std::string::npos) << d.err;
+  EXPECT_TRUE(target.running());
+  ::close(c);
+}
+
+// --netns: the image of a server left running restores beside it (same port, same pids in a
+// new PID namespace), and both serve.
+TEST(Inet, NetnsRestoresBesideTheRunningOriginal) {
+  Child target({target_bin("inet_target"), "tcp"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  TempDir images;
+  auto d =
+      lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+
+  // Without --netns the port is taken: a refusal naming the address.
+  auto clash = lazycr({"restore", "-D", images / "img", "--shell-job", "--pidns"}, 30);
+  EXPECT_EQ(clash.exit_code, 1);
+  EXPECT_NE(clash.err.find("127.0.0.1:" + info.str("port4") + " is in use"), std::string::npos)
+      << clash.err;
+
+  Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--netns",
+                 "--pidfile", images / "pid"});
+  pid_t pid = 0;
+  for (int i = 0; i < 30000 && restore.running() && pid == 0; i++) {
+    std::ifstream in(images / "pid");
+    if (!(in >> pid)) pid = 0;
+    if (pid == 0) usleep(2000);
+  }
+  ASSERT_GT(pid, 0);
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  auto ns_of = [](const std::string& p) {
+    char buf[64] = "";
+    ssize_t n = ::readlink((p + "/ns/net").c_str(), buf, sizeof buf - 1);
+    return std::string(buf, n > 0 ? static_cast<size_t>(n) : 0);
+  };
+  EXPECT_NE(ns_of("/proc/" + std::to_string(pid)), ns_of("/proc/self"));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+  for (auto [family, ip, key] :
+       std::vector<std::tuple<int, std::string, std::string>>{{AF_INET, "127.0.0.1", "port4"},
+                                                              {AF_INET6, "::1", "port6"},
+                                                              {AF_INET, "127.0.0.1", "portds"}}) {
+    int port = static_cast<int>(info.first(key));
+    EXPECT_EQ(echo(family, ip, port, "original\n"), "original\n") << key;
+    EXPECT_EQ(echo(family, ip, port, "restored\n", pid), "restored\n") << key;
+  }
+  EXPECT_EQ(target.read_line(), "served 3");
+  EXPECT_EQ(restore.read_line(), "served 3");
+  EXPECT_EQ(target.wait(60), 0);
+  EXPECT_EQ(restore.wait(60), 0);
+}
+
+// A port nobody uses now (the kernel's pick for a socket bound to port 0, released).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    return -1;
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// A real server: python3's http.server (socketserver with a poll selector: no epoll) serves a
+// file after it is dumped and restored.
+void http_server_round_trip(bool lazy) {
+  TempDir www;
+  std::ofstream(www / "f.txt") << "hello from the restored server\n";
+  int port = free_port();
+  ASSERT_GT(port, 0);
+  Child server({"/usr/bin/python3", "-u", "-m", "http.server", std::to_string(port), "--bind",
+                "127.0.0.1", "--directory", www.path()});
+  server.wait_for("Serving HTTP");
+  const std::string get = "GET /f.txt HTTP/1.0\r\n\r\n";
+  EXPECT_NE(echo(AF_INET, "127.0.0.1", port, get).find("hello from the restored server"),
+            std::string::npos);
+  pid_t pid = server.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "python3", restore));
+  for (int i = 0; i < 2; i++) {
+    std::string reply = echo(AF_INET, "127.0.0.1", port, get);
+    EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;
+    EXPECT_NE(reply.find("hello from the restored server"), std::string::npos) << reply;
+  }
+  ASSERT_TRUE(send_signal(pid, SIGKILL));
+  EXPECT_EQ(restore.wait(60), 128 + SIGKILL);
+}
+
+TEST(Inet, PythonHttpServerServesAfterRestoreEager) {
+  http_server_round_trip(false);
+}
+TEST(Inet, PythonHttpServerServesAfterRestoreLazy) {
+  http_server_round_trip(true);
+}
+
+}  // namespace
+}  // namespace lazycr::test
