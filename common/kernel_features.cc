@@ -639,6 +639,8 @@ void probe_timer_restore_ids(KernelFeatures& f) {
       r >= 0 ? std::string("PR_TIMER_CREATE_RESTORE_IDS known")
              : cat("PR_TIMER_CREATE_RESTORE_IDS: ", err_text(errno),
                    " (before Linux 6.16: timers get their ids back by creating throw-away ones)");
+}
+
 // kcmp(KCMP_EPOLL_TFD) on a pipe registered in an epoll of our own: the dump's check that a
 // registration's target number still holds the registered file (CONFIG_KCMP).
 void probe_kcmp_epoll(KernelFeatures& f) {
