@@ -152,6 +152,8 @@ TEST(KernelFeatures, PagemapAsMeasured) {
 TEST(KernelFeatures, MemfdSealsWork) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.memfd_seals) << (f.notes.count("memfd.seals") ? f.notes.at("memfd.seals") : "");
+}
+
 TEST(KernelFeatures, KcmpEpollTfdHere) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.kcmp_epoll_tfd) << f.notes.count("kcmp.epoll_tfd");
