@@ -46,6 +46,9 @@ inline constexpr uint32_t kMaxPipeCapacity = 64u << 20;
 inline constexpr uint64_t kMaxSocketQueuedBytes = 16u << 20;  // per socket
 inline constexpr int kMaxSocketQueued = 1 << 16;              // elements per socket
 inline constexpr int kMaxSharedObjects = 1 << 20;             // pipes, and sockets
+inline constexpr uint64_t kMaxSysvShmBytes = 1ull << 40;      // one SysV segment
+// A SysV segment's mode: permissions, SHM_DEST (01000) and SHM_LOCKED (02000).
+inline constexpr uint32_t kSysvShmModeBits = 03777;
 // Sum of pipe capacities: the restore sizes each pipe (F_SETPIPE_SZ), and the kernel allocates
 // its ring for that capacity whatever the data (root passes pipe-user-pages-hard).
 inline constexpr uint64_t kMaxTotalPipeCapacity = 1ull << 30;

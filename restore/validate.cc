@@ -18,6 +18,7 @@
 #include "image-format/unrestorable.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
+#include "restore/sysv_shm.h"
 
 namespace lazycr::restore {
 namespace {
@@ -204,6 +205,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
   validate_tree(procs);
+  validate_sysv_areas(procs, img.shared());
   for (const auto& q : procs) {
     if (q.zombie()) continue;
     try {
