@@ -597,6 +597,11 @@ void probe_timer_restore_ids(KernelFeatures& f) {
 
 // --- CPU -------------------------------------------------------------------------------------
 
+void probe_sysv_shm(KernelFeatures& f) {
+  f.sysv_shm_next_id = ::access("/proc/sysvipc/shm", R_OK) == 0 &&
+                       ::access("/proc/sys/kernel/shm_next_id", W_OK) == 0;
+}
+
 void probe_xsave(KernelFeatures& f) {
   CpuXsave x = cpu_xsave();
   f.xsave_size = x.size;
@@ -616,6 +621,7 @@ KernelFeatures probe_all() {
   probe_pagemap_scan(f);
   probe_soft_dirty(f);
   probe_timer_restore_ids(f);
+  probe_sysv_shm(f);
   probe_xsave(f);
   return f;
 }
@@ -752,6 +758,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
   add("prctl.timer_create_restore_ids", f.timer_restore_ids, false, "not probed",
       "POSIX timers are recreated with their own ids in one call each; without it the restore "
       "creates and deletes throw-away timers and refuses an id it cannot reach.");
+  add("sysvipc.shm_next_id", f.sysv_shm_next_id, false, "not probed",
+      "SysV shared memory segments are read from /proc/sysvipc/shm and recreated with their ids "
+      "through kernel.shm_next_id; without it a tree that attaches one cannot be restored.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))
