@@ -96,6 +96,7 @@ using image::MemoryArea;
                                                    "server",
                                                    "fill",
                                                    "protect",
+                                                   "sysv-shm",
                                                    "groups",
                                                    "zombie",
                                                    "mm",

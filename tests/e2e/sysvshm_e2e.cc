@@ -119,6 +119,27 @@ void refuse_taken(bool lazy) {
   shmctl(ida, IPC_RMID, nullptr);
 }
 
+// A restore that fails after the segments exist (while they are set up, or at the very end)
+// removes them: no segment and no process is left.
+TEST(SysvShm, FailedRestoreRemovesTheSegmentsItMade) {
+  Dumped d;
+  ASSERT_NO_FATAL_FAILURE(dump(d));
+  const int ida = static_cast<int>(d.info.first("ida"));
+  ASSERT_EQ(shmctl(ida, IPC_RMID, nullptr), 0) << "the original keyed segment";
+  const std::set<int> before = segment_ids();
+  for (const char* step : {"sysv-shm", "detach"})
+    for (bool lazy : {false, true}) {
+      std::vector<std::string> argv{"restore",        "-D", d.images / "img", "--shell-job",
+                                    "--fault-inject", step};
+      if (lazy) argv.push_back("--lazy");
+      auto r = lazycr(argv);
+      EXPECT_EQ(r.exit_code, 1) << step << ": " << r.err;
+      EXPECT_NE(r.err.find("injected fault"), std::string::npos) << r.err;
+      EXPECT_EQ(segment_ids(), before) << step << (lazy ? " (lazy)" : "") << ": a segment is left";
+      expect_nothing_left(static_cast<pid_t>(d.info.first("pid")));
+    }
+}
+
 TEST(SysvShm, TakenKeyOrIdIsRefusedNothingLeftEager) {
   refuse_taken(false);
 }
