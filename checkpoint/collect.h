@@ -24,6 +24,13 @@ namespace lazycr::checkpoint {
 // VSYSCALL) so the listing matches /proc/PID/maps; it is never restored.
 std::vector<image::MemoryArea> collect_areas(pid_t pid, const std::vector<proc::MapsEntry>& maps);
 
+// SysV segments the areas attach: marks each whole read-write attach (MemoryArea.sysv_shm) and
+// records its segment once in `objects`; fails naming the area for a segment it cannot restore
+// (another IPC namespace, a partial attach). Segments no process attaches are not dumped.
+void collect_sysv_shm(const std::vector<image::Process>& procs,
+                      std::vector<std::vector<image::MemoryArea>>& areas,
+                      image::SharedObjects& objects);
+
 struct MemoryStats {
   uint64_t pages_read = 0;
   uint64_t bytes_read = 0;

@@ -529,6 +529,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
+  collect_sysv_shm(procs, areas, shared.objects);
   refuse_unrestorable(procs, areas, opts.leave_running);
   collect_objects(tree, procs);  // seccomp filters, file locks (objects/)
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());

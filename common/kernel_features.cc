@@ -726,6 +726,11 @@ void probe_pty_tiocsti(KernelFeatures& f) {
   ::close(m);
 }
 
+void probe_sysv_shm(KernelFeatures& f) {
+  f.sysv_shm_next_id = ::access("/proc/sysvipc/shm", R_OK) == 0 &&
+                       ::access("/proc/sys/kernel/shm_next_id", W_OK) == 0;
+}
+
 void probe_xsave(KernelFeatures& f) {
   CpuXsave x = cpu_xsave();
   f.xsave_size = x.size;
@@ -750,6 +755,7 @@ KernelFeatures probe_all() {
   probe_memfd_seals(f);
   probe_timer_restore_ids(f);
   probe_pty_tiocsti(f);
+  probe_sysv_shm(f);
   probe_xsave(f);
   probe_kcmp_epoll(f);
   return f;
@@ -908,6 +914,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "Queued UDP datagrams are put back from their own source addresses by raw IP sockets.");
   add("netns.new", f.netns, false, "not probed",
       "restore --netns makes a network namespace with loopback up for the sockets and the tree.");
+  add("sysvipc.shm_next_id", f.sysv_shm_next_id, false, "not probed",
+      "SysV shared memory segments are read from /proc/sysvipc/shm and recreated with their ids "
+      "through kernel.shm_next_id; without it a tree that attaches one cannot be restored.");
   {
     std::string detail =
         f.xsave_size ? cat("CPUID 0xD: ", f.xsave_size, " bytes, XCR0 ", hex(f.xsave_features))

@@ -41,6 +41,9 @@ struct KernelFeatures {
   bool kcmp_file = false;          // kcmp(KCMP_FILE) (CONFIG_KCMP / CONFIG_CHECKPOINT_RESTORE)
   // prctl(PR_TIMER_CREATE_RESTORE_IDS) known (Linux 6.16): timers get their ids back directly.
   bool timer_restore_ids = false;
+  // /proc/sysvipc/shm readable and /proc/sys/kernel/shm_next_id writable: SysV segments are
+  // dumped and recreated with their ids.
+  bool sysv_shm_next_id = false;
   // Added by the probes (0/false when a probe could not run):
   bool cap_sys_ptrace = false;      // we have CAP_SYS_PTRACE (userfaultfd without the sysctl)
   uint32_t mm_map_size = 0;         // sizeof(struct prctl_mm_map) as the kernel reports it

@@ -378,8 +378,25 @@ void validate_process(const Process& p, const Inventory& inv) {
   }
 }
 
+void validate_sysv_shm(const SharedObjects& s) {
+  if (s.sysv_shm_size() > kMaxSharedObjects)
+    fail(s.sysv_shm_size(), " SysV segments exceeds the bound");
+  int prev = -1;
+  for (const SysvShm& m : s.sysv_shm()) {
+    std::string what = cat("SysV segment id ", m.id());
+    if (m.id() < 0) fail(what, ": a negative id");
+    if (m.id() <= prev) fail(what, ": segments are not sorted by id, or listed twice");
+    prev = m.id();
+    if (m.size() == 0 || m.size() > kMaxSysvShmBytes)
+      fail(what, ": size ", m.size(), " is not in [1, ", kMaxSysvShmBytes, "]");
+    if (m.mode() & ~kSysvShmModeBits)
+      fail(what, ": mode ", std::oct, m.mode(), " has bits beyond ", kSysvShmModeBits);
+  }
+}
+
 void validate_shared(const SharedObjects& s) {
   validate_ghosts(s);
+  validate_sysv_shm(s);
   if (s.pipes_size() > kMaxSharedObjects) fail(s.pipes_size(), " pipes exceeds the bound");
   if (s.sockets_size() > kMaxSharedObjects) fail(s.sockets_size(), " sockets exceeds the bound");
   uint64_t prev = 0;

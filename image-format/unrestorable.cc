@@ -49,9 +49,16 @@ std::string area_refusal(const MemoryArea& a) {
       if (a.name().empty() || a.name() == "/dev/zero (deleted)" ||
           starts_with(a.name(), "/memfd:") || starts_with(a.name(), "[anon_shmem:"))
         return "";
+      if (a.sysv_shm()) return "";
+      if (starts_with(a.name(), "/SYSV")) {
+        if (a.vmflags().find("ht") != std::string::npos)
+          return cat(what, " SysV segment ", a.name(), " of huge pages (SHM_HUGETLB)");
+        return cat(what, " SysV segment ", a.name(),
+                   " attached read-only (SHM_RDONLY); lazycr restores read-write attaches");
+      }
       return cat(what, " ", a.name(),
-                 " (shared); lazycr restores shared anonymous memory, memfds and deleted "
-                 "files (as ghosts), not SysV segments");
+                 " (shared); lazycr restores shared anonymous memory, memfds, deleted files (as "
+                 "ghosts) and SysV segments");
     default:
       return "";
   }

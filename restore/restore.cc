@@ -69,6 +69,7 @@
 #include "restore/open_files.h"
 #include "restore/restoree.h"
 #include "restore/shared_files.h"
+#include "restore/sysv_shm.h"
 #include "restore/trust.h"
 
 namespace lazycr::restore {
@@ -98,6 +99,7 @@ using image::MemoryArea;
                                                    "server",
                                                    "fill",
                                                    "protect",
+                                                   "sysv-shm",
                                                    "groups",
                                                    "zombie",
                                                    "mm",
@@ -244,13 +246,14 @@ class AddressSpace {
   // `kept`: start addresses of areas inherited from the parent (image pid `parent_pid`) at
   // fork, in place already with the parent's pages (see inheritable_areas()).
   AddressSpace(Restoree& r, const image::Process& p, MemoryStrategy& strategy,
-               SharedObjectMap& objects, const GhostFiles& ghosts, std::set<uint64_t> kept = {},
-               int parent_pid = 0)
+               SharedObjectMap& objects, const GhostFiles& ghosts, SysvSegments& sysv,
+               std::set<uint64_t> kept = {}, int parent_pid = 0)
       : r_(r),
         p_(p),
         strategy_(strategy),
         objects_(objects),
         ghosts_(ghosts),
+        sysv_(sysv),
         parent_pid_(parent_pid) {
     for (const auto& a : p_.areas())
       if (!is_vdso_block(a) && a.kind() != MemoryArea::VSYSCALL) {
@@ -269,6 +272,10 @@ class AddressSpace {
 
   void map_areas() {
     open_files();
+    std::vector<const MemoryArea*> fresh;
+    for (size_t i = 0; i < areas_.size(); i++)
+      if (!kept_[i]) fresh.push_back(areas_[i]);
+    sysv_.create(r_, fresh);
     // Memfds get their size, every area its mapping and, if it had one, its name.
     r_.reset_arena();
     std::vector<Call> calls;
@@ -285,6 +292,9 @@ class AddressSpace {
         continue;
       }
       calls.push_back(mmap_call(*a, shaping_prot(i)));
+      if (a->sysv_shm())  // shmat maps read-write
+        calls.push_back(make_call(cat("mprotect of area ", area_name(*a)), SYS_mprotect, a->start(),
+                                  a->end() - a->start(), shaping_prot(i)));
       if (starts_with(a->name(), "[anon:") && ends_with(a->name(), "]")) {
         uint64_t name = r_.push_string(a->name().substr(6, a->name().size() - 7));
         calls.push_back(make_call(cat("naming area ", area_name(*a)), SYS_prctl, PR_SET_VMA,
@@ -413,6 +423,7 @@ class AddressSpace {
           break;
         }
         case MemoryArea::SHARED_ANON: {
+          if (a->sysv_shm()) continue;  // attached by id (mmap_call())
           auto origin = objects_.find(object_id(*a));
           if (origin != objects_.end() && origin->second.pid != r_.pid()) {
             key = object_key(*a);
@@ -527,6 +538,7 @@ class AddressSpace {
         flags |= MAP_ANONYMOUS;
         break;
       case MemoryArea::SHARED_ANON:
+        if (a.sysv_shm()) return sysv_.attach(a);
         if (files_.count(object_key(a))) {
           fd = files_.at(object_key(a));
           off = a.pgoff() - objects_.at(object_id(a)).offset_base;
@@ -573,7 +585,7 @@ class AddressSpace {
   // Shared objects this process created: the next processes of the tree open them.
   void register_objects() {
     for (const MemoryArea* a : areas_) {
-      if (a->kind() != MemoryArea::SHARED_ANON || a->file().inode() == 0) continue;
+      if (a->kind() != MemoryArea::SHARED_ANON || a->file().inode() == 0 || a->sysv_shm()) continue;
       if (objects_.count(object_id(*a))) continue;
       SharedObjectOrigin o;
       o.pid = r_.pid();
@@ -593,6 +605,7 @@ class AddressSpace {
   MemoryStrategy& strategy_;
   SharedObjectMap& objects_;
   const GhostFiles& ghosts_;
+  SysvSegments& sysv_;
   int parent_pid_;
   std::vector<bool> kept_;  // per area: inherited at fork, in place
   struct Marker {
@@ -1134,6 +1147,7 @@ Restored restore(const RestoreOptions& opts_in) {
   // page server, finding them gone, ends.
   std::unique_ptr<LazyServerGroup> lazy_group;
   SharedObjectMap shared_objects;  // shared memory objects of the tree, as they are created
+  SysvSegments sysv_segments(img->shared());
   Tree tree;
   std::map<int, size_t> index_of;
   for (size_t i = 0; i < procs.size(); i++) {
@@ -1264,6 +1278,7 @@ Restored restore(const RestoreOptions& opts_in) {
                      ? make_lazy_strategy(*t.p, store, opts, pin->saved(), *lazy_group)
                      : make_eager_filler(store, &pin->saved());
     t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects, *ghosts,
+                                             sysv_segments,
                                              std::move(kept), parent_pid);
   };
 
@@ -1317,6 +1332,7 @@ Restored restore(const RestoreOptions& opts_in) {
     each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
     each_live("protect", [&](Task& t) { t.space->protect(); });
   }
+  steps.run("sysv-shm", rt.who, [&] { sysv_segments.finish(); });
   const uint64_t memory_ns = now_ns() - t_mem;
 
   const std::set<int> leaders = restored_group_leaders(procs);
@@ -1443,6 +1459,7 @@ Restored restore(const RestoreOptions& opts_in) {
   std::vector<Spawned> spawned;
   for (auto& tp : tree.tasks)
     if (tp->live()) spawned.push_back(tp->r->commit());
+  sysv_segments.keep();
   const uint64_t t_running = now_ns();
   pin.reset();
   MemoryStats total;

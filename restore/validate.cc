@@ -21,6 +21,7 @@
 #include "objects/inet_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
+#include "restore/sysv_shm.h"
 
 namespace lazycr::restore {
 namespace {
@@ -211,6 +212,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
+  validate_sysv_areas(procs, img.shared());
   for (const auto& q : procs) {
     if (q.zombie()) continue;
     try {

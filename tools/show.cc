@@ -405,6 +405,17 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
       << t.ypixel() << " px), packet mode " << (t.packet_mode() ? "on" : "off") << ", "
       << (t.locked() ? "locked" : "unlocked") << ", " << t.to_master().size()
       << " bytes unread at the master, " << t.to_slave().size() << " at the slave\n";
+  if (sh.sysv_shm_size() > 0) o << "\nSysV shared memory: " << sh.sysv_shm_size() << " segments\n";
+  for (const auto& m : sh.sysv_shm()) {
+    std::snprintf(line, sizeof line,
+                  "  SysV segment id %d key %#x mode %04o size %llu uid %u gid %u cuid %u cgid "
+                  "%u%s%s\n",
+                  m.id(), static_cast<unsigned>(m.key()), m.mode() & 0777,
+                  static_cast<unsigned long long>(m.size()), m.uid(), m.gid(), m.cuid(), m.cgid(),
+                  (m.mode() & 01000) ? " marked for removal" : "",
+                  (m.mode() & 02000) ? " locked" : "");
+    o << line;
+  }
   if (sh.pipes_size() == 0 && sh.sockets_size() == 0 && sh.inet_sockets_size() == 0) return;
   Holders holders(img);
   o << "\nShared objects: " << sh.pipes_size() << " pipes, " << sh.sockets_size() << " sockets, "
@@ -611,6 +622,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("kind", area_kind(a.kind()));
       j.field("name", a.name());
       j.field("stored_pages", a.stored_pages());
+      j.field("sysv_shm", a.sysv_shm());
       j.end_object();
     }
     j.end_array();
@@ -801,6 +813,21 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     }
     j.end_array();
     holder_array(holders.sockets, s.inode());
+    j.end_object();
+  }
+  j.end_array();
+  j.key("sysv_shm");
+  j.begin_array();
+  for (const auto& m : img.shared().sysv_shm()) {
+    j.begin_object();
+    j.field("id", static_cast<int64_t>(m.id()));
+    j.field("key", static_cast<int64_t>(m.key()));
+    j.field("mode", m.mode());
+    j.field("size", m.size());
+    j.field("uid", m.uid());
+    j.field("gid", m.gid());
+    j.field("cuid", m.cuid());
+    j.field("cgid", m.cgid());
     j.end_object();
   }
   j.end_array();

@@ -551,9 +551,10 @@ TEST(Dump, InterruptAtEachStepLeavesTheTargetIntact) {
 }
 
 // Issue 10 item 13, beyond descriptors: a dump that kills its target refuses first when the
-// restore would refuse the image (here a SysV shared memory segment; a mapped file deleted
-// since is stored as a ghost and does not stop it), and the target runs on; with --leave-running the image is written with a warning,
-// and the restore refuses it with the same reason.
+// restore would refuse the image (here a SysV shared memory segment attached read-only; a
+// mapped file deleted since is stored as a ghost and does not stop it), and the target runs
+// on; with --leave-running the image is written with a warning, and the restore refuses it
+// with the same reason.
 TEST(Dump, NeverKillsIntoAnImageTheRestoreRefuses) {
   TempDir work;
   Child py({"/usr/bin/python3", "-c",
@@ -566,8 +567,8 @@ TEST(Dump, NeverKillsIntoAnImageTheRestoreRefuses) {
             "libc = ctypes.CDLL(None, use_errno=True)\n"
             "libc.shmat.restype = ctypes.c_void_p\n"
             "shm = libc.shmget(0, 4096, 0o1600)\n"
-            "addr = libc.shmat(shm, None, 0)\n"
-            "libc.shmctl(shm, 0, None)\n"  // IPC_RMID: gone once detached
+            "addr = libc.shmat(shm, None, 0o10000)\n"  // SHM_RDONLY
+            "libc.shmctl(shm, 0, None)\n"              // IPC_RMID: gone once detached
             "print('ready', flush=True)\n"
             "time.sleep(100000)\n",
             work.path()});
@@ -581,7 +582,7 @@ TEST(Dump, NeverKillsIntoAnImageTheRestoreRefuses) {
             std::string::npos)
       << r.err;
   EXPECT_EQ(r.err.find(work / "mapped"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("/SYSV"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("attached read-only (SHM_RDONLY)"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_TRUE(boost::filesystem::is_empty(images.path()));
   ASSERT_TRUE(py.running()) << "killed into an image the restore refuses";

@@ -472,6 +472,29 @@ TEST(ImageDir, HostileSharedObjectsAreRefused) {
   };
   const Case cases[] = {
       {"pipe inode 0", "inode 0", [](SharedObjects& s) { s.mutable_pipes(0)->set_inode(0); }},
+      {"SysV id negative", "negative id",
+       [](SharedObjects& s) {
+         auto* m = s.add_sysv_shm();
+         m->set_id(-1);
+         m->set_size(4096);
+       }},
+      {"SysV ids twice", "sorted",
+       [](SharedObjects& s) {
+         for (int i = 0; i < 2; i++) {
+           auto* m = s.add_sysv_shm();
+           m->set_id(7);
+           m->set_size(4096);
+         }
+       }},
+      {"SysV size 0", "size 0", [](SharedObjects& s) { s.add_sysv_shm()->set_id(3); }},
+      {"SysV size 2 TiB", "is not in",
+       [](SharedObjects& s) { s.add_sysv_shm()->set_size(2ull << 40); }},
+      {"SysV mode bits", "has bits beyond",
+       [](SharedObjects& s) {
+         auto* m = s.add_sysv_shm();
+         m->set_size(4096);
+         m->set_mode(04640);
+       }},
       {"pipes twice", "sorted", [](SharedObjects& s) { *s.add_pipes() = s.pipes(0); }},
       {"pipes unsorted", "sorted",
        [](SharedObjects& s) {
