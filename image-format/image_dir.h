@@ -17,7 +17,7 @@
 
 namespace lazycr::image {
 
-inline constexpr uint32_t kFormatVersion = 3;
+inline constexpr uint32_t kFormatVersion = 4;
 // Decoded (decompressed) size of each metadata file (FORMAT.md, "Metadata bounds"); the image
 // as a whole and the parsed forms are bounded in bounded_parse.h.
 inline constexpr uint64_t kMaxInventoryBytes = 1ull << 20;

@@ -255,9 +255,9 @@ struct Hostile {
 };
 
 const Hostile kHostile[] = {
-    {"future version", "format 99, this lazycr reads 3",
+    {"future version", "format 99, this lazycr reads 4",
      [](Inventory& i, Process&) { i.set_format_version(99); }},
-    {"format 1 inventory", "format 1, this lazycr reads 3",
+    {"format 1 inventory", "format 1, this lazycr reads 4",
      [](Inventory& i, Process&) { i.set_format_version(1); }},
     {"no file_id", "no file_id", [](Inventory&, Process& p) { p.mutable_fds(0)->set_file_id(0); }},
     {"object inode on a device", "object inode",
@@ -445,7 +445,7 @@ TEST(ImageDir, FormatOneHeaderIsRefusedByName) {
     old[8] = 1;
     spit(path, old);
     std::string err = error_of(dir);
-    EXPECT_NE(err.find(path + ": format 1, this lazycr reads 3"), std::string::npos) << err;
+    EXPECT_NE(err.find(path + ": format 1, this lazycr reads 4"), std::string::npos) << err;
     spit(path, good);
   }
   EXPECT_EQ(error_of(dir), "");
