@@ -57,7 +57,7 @@ inline constexpr int kMaxSharedObjects = 1 << 20;             // pipes, and sock
 inline constexpr int kMaxPtys = 4096;
 inline constexpr size_t kPtyTermiosSize = 44;
 inline constexpr size_t kMaxPtyQueuedBytes = 4031;
-inline constexpr uint64_t kMaxSysvShmBytes = 1ull << 40;      // one SysV segment
+inline constexpr uint64_t kMaxSysvShmBytes = 1ull << 40;  // one SysV segment
 // A SysV segment's mode: permissions, SHM_DEST (01000) and SHM_LOCKED (02000).
 inline constexpr uint32_t kSysvShmModeBits = 03777;
 // Sum of pipe capacities: the restore sizes each pipe (F_SETPIPE_SZ), and the kernel allocates

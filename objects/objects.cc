@@ -5,8 +5,8 @@
 #include "objects/fd_kinds.h"
 #include "objects/locks.h"
 #include "objects/pdeathsig.h"
-#include "objects/sched.h"
 #include "objects/pty.h"
+#include "objects/sched.h"
 #include "objects/seccomp.h"
 #include "objects/timers.h"
 

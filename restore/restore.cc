@@ -1278,8 +1278,7 @@ Restored restore(const RestoreOptions& opts_in) {
                      ? make_lazy_strategy(*t.p, store, opts, pin->saved(), *lazy_group)
                      : make_eager_filler(store, &pin->saved());
     t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects, *ghosts,
-                                             sysv_segments,
-                                             std::move(kept), parent_pid);
+                                             sysv_segments, std::move(kept), parent_pid);
   };
 
   const uint64_t t_mem = now_ns();
