@@ -4,6 +4,7 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -634,34 +635,50 @@ void remote_poke(pid_t pid, uint64_t addr, const void* buf, size_t len) {
 // the number back in rax, so the restored thread simply issues the call again. (No handler
 // runs at the restore point, which is exactly when the kernel itself restarts these codes.)
 //
-// -ERESTART_RESTARTBLOCK (nanosleep, clock_nanosleep relative, poll with timeout, futex wait
-// with timeout): the kernel would rewind with rax = __NR_restart_syscall, which calls
-// current->restart_block.fn. That block (remaining time, clock, user pointer) lives in the
-// kernel's task struct; it is not dumped and does not exist in the restored thread, whose
-// restart_syscall would run do_no_restart_syscall and return -EINTR anyway (CRIU's restore
-// ends that way after its sigreturn). Returning -EINTR directly is the honest equivalent: the
-// kernel already wrote the remaining time to the caller's rem buffer when it interrupted the
-// sleep. Consequence: glibc's nanosleep/clock_nanosleep/usleep do not loop on EINTR, so the
-// program sees an early EINTR (sleep() returns the seconds left); loops like coreutils
-// `sleep` retry with the remaining time. Absolute clock_nanosleep returns -ERESTARTNOHAND and
-// is rewound, not cut short.
+// -ERESTART_RESTARTBLOCK: the kernel would rewind with rax = __NR_restart_syscall, which calls
+// current->restart_block.fn. That block (deadline, clock, user pointer) lives in the kernel's
+// task struct; it is not dumped, and in a restored thread restart_syscall would run
+// do_no_restart_syscall and return -EINTR: an error the program never gets without a signal
+// handler running (script(1) polls with a timeout, all signals blocked, and exits on it).
+// The calls known to use the block are re-issued from the start instead, with the arguments
+// still in the registers, which is what the kernel does for them when no handler runs, except
+// for the deadline:
+// - poll with a timeout, futex waits with a timeout: the wait starts over, overrunning the
+//   original deadline by at most the time already waited (an overrun poll(2) and futex(2)
+//   allow; an early EINTR or timeout they do not). A futex wait re-checks the value first.
+// - nanosleep, relative clock_nanosleep: the kernel wrote the remaining time to `rem` when it
+//   interrupted the sleep; when `rem` is the request itself (glibc's sleep()) the restored
+//   thread sleeps exactly what was left, otherwise the whole request again.
+// Any other user of the block returns -EINTR (CRIU's restore ends that way too).
 //
-// orig_rax = -1 in both cases: the registers now describe "not in a syscall", so the kernel
+// orig_rax = -1 in every case: the registers now describe "not in a syscall", so the kernel
 // does not apply its own restart logic on top when the restored thread leaves its stop.
 bool fixup_interrupted_syscall(Regs& regs) {
   if (static_cast<long>(regs.orig_rax) < 0) return false;
+  auto rewind = [&regs] {
+    regs.rip -= 2;  // `syscall` and `int 0x80` are both 2 bytes
+    regs.rax = regs.orig_rax;
+    regs.orig_rax = ~0ull;
+  };
   switch (static_cast<long>(regs.rax)) {
     case kErestartSys:
     case kErestartNoIntr:
     case kErestartNoHand:
-      regs.rip -= 2;  // `syscall` and `int 0x80` are both 2 bytes
-      regs.rax = regs.orig_rax;
-      regs.orig_rax = ~0ull;
+      rewind();
       return true;
     case kErestartRestartBlock:
-      regs.rax = static_cast<uint64_t>(-static_cast<long>(EINTR));
-      regs.orig_rax = ~0ull;
-      return true;
+      switch (static_cast<long>(regs.orig_rax)) {
+        case SYS_poll:
+        case SYS_futex:
+        case SYS_nanosleep:
+        case SYS_clock_nanosleep:
+          rewind();
+          return true;
+        default:
+          regs.rax = static_cast<uint64_t>(-static_cast<long>(EINTR));
+          regs.orig_rax = ~0ull;
+          return true;
+      }
     default:
       return false;
   }

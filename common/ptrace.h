@@ -173,9 +173,11 @@ void remote_poke(pid_t pid, uint64_t addr, const void* buf, size_t len);
 
 // Syscall restart fix-up for a thread interrupted in a syscall (DESIGN.md section 4), for
 // registers that will be set on a restored thread: -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND
-// rewind to the syscall instruction (rip -= 2, rax = orig_rax); -ERESTART_RESTARTBLOCK becomes
-// -EINTR (the kernel's restart_block does not survive a restore). Either way orig_rax becomes
-// -1, so the kernel applies no restart logic of its own on top. Returns true if it changed regs.
+// rewind to the syscall instruction (rip -= 2, rax = orig_rax); so does -ERESTART_RESTARTBLOCK
+// of poll, futex, nanosleep and clock_nanosleep (the wait starts over: the kernel's
+// restart_block does not survive a restore); of any other call it becomes -EINTR. Either way
+// orig_rax becomes -1, so the kernel applies no restart logic of its own on top. Returns true
+// if it changed regs.
 // Not for live injection: syscall() restores the original registers and the kernel restarts
 // the interrupted call itself.
 bool fixup_interrupted_syscall(Regs& regs);
