@@ -1,7 +1,7 @@
 // Pipes with a closed end (restored with that end closed, as the kernel had them) and
 // pseudo-terminal pairs held whole by the tree (objects/pty.h), eager and lazy: C targets that
 // verify themselves from inside, a pipeline consumer whose writer finished, make -j2 with its
-// job server, and script(1) driving a shell through a pty.
+// job server, and script(1) and Python's pty.spawn driving a shell through a pty.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/prctl.h>
@@ -57,18 +57,6 @@ void wait_gone(const std::vector<pid_t>& pids) {
   ADD_FAILURE() << "the dumped tree is still there";
 }
 
-// Restored: the process has its own name again and is no longer traced.
-void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    if (name && *name == comm + "\n" && st && st->find("TracerPid:\t0\n") != std::string::npos)
-      return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
   std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
   if (lazy) a.push_back("--lazy");
@@ -107,7 +95,7 @@ void closed_pipes_round_trip(bool lazy) {
   EXPECT_NE(show.out.find("(no reader)"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "ptypipes_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "ptypipes_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "pipes verified ok");
   EXPECT_EQ(restore.wait(60), 0);
@@ -188,7 +176,7 @@ TEST(PtyPipes, PipeWithItsWriterOutsideIsRefusedOrLazycrsStdin) {
   kill(-sh.pid(), SIGKILL);
   sh.wait(30);
   Child restore(restore_argv(images / "img", false));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "ptypipes_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "ptypipes_target"));
   EXPECT_EQ(proc::read_link("/proc/" + std::to_string(pid) + "/fd/0"), "/dev/null");
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "held");
@@ -213,8 +201,8 @@ void pty_round_trip(bool lazy) {
   EXPECT_NE(show.out.find("controlling terminal pty"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "ptypipes_target", restore));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(child, "ptypipes_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "ptypipes_target"));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {child}, "ptypipes_target"));
   ASSERT_TRUE(send_signal(child, SIGUSR1));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   std::set<std::string> lines{restore.read_line(), restore.read_line()};
@@ -317,22 +305,21 @@ long counter_in(const std::string& text) {
   return last;
 }
 
-// A real program driving a shell through a pty as script(1) does: Python's pty.spawn (script
-// itself waits on a signalfd, which lazycr does not restore yet). The shell writes a counter;
-// after the restore it continues in FILE, no number lost or repeated.
-void pty_spawn_round_trip(bool lazy) {
+// Real programs driving a shell through a pty: script(1) (all its signals blocked and read
+// from a signalfd, its master polled with a timeout) and Python's pty.spawn. The shell writes
+// a counter; after the restore it continues in FILE, no number lost or repeated.
+// `driver` is the command line that runs a shell command given as its last argument.
+void pty_counter_round_trip(const std::string& driver, bool lazy) {
   TempDir work;
   const std::string file = work / "typescript";
   const std::string loop =
       "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); echo $i; /usr/bin/sleep 0.02; done";
-  Child py({"/bin/sh", "-c",
-            "exec /usr/bin/python3 -c 'import pty,sys; pty.spawn(sys.argv[1:])' /bin/sh -c '" +
-                loop + "' > " + file});
+  Child drv({"/bin/sh", "-c", "exec " + driver + " '" + loop + "' > " + file + " < /dev/null"});
   while (counter_in(read_text(file)) < 5) usleep(2000);
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(py.pid()), "-D", images / "img"});
+  auto d = lazycr({"dump", "-t", std::to_string(drv.pid()), "-D", images / "img"});
   ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(py.wait(30), 128 + SIGKILL);
+  EXPECT_EQ(drv.wait(30), 128 + SIGKILL);
   const std::vector<pid_t> pids = pids_in(images / "img");
   wait_gone(pids);
   const long at_dump = counter_in(read_text(file));
@@ -346,17 +333,33 @@ void pty_spawn_round_trip(bool lazy) {
     usleep(2000);
     now = counter_in(read_text(file));
   }
+  const bool ran_on = restore.running();
   for (pid_t p : pids) kill(p, SIGKILL);
   restore.wait(60);
   EXPECT_GE(now, at_dump + 20) << "the counter did not go on:\n" << read_text(file);
+  EXPECT_TRUE(ran_on) << "the restored tree ended by itself";
 }
 
+const char* const kPtySpawn =
+    "/usr/bin/python3 -c 'import pty,sys; pty.spawn(sys.argv[1:])' /bin/sh -c";
+const char* const kScript = "/usr/bin/script -q /dev/null -c";
+
 TEST(PtyPipes, PtySpawnedShellCounterContinuesEager) {
-  pty_spawn_round_trip(false);
+  pty_counter_round_trip(kPtySpawn, false);
 }
 
 TEST(PtyPipes, PtySpawnedShellCounterContinuesLazy) {
-  pty_spawn_round_trip(true);
+  pty_counter_round_trip(kPtySpawn, true);
+}
+
+// script(1) waits in poll with a timeout: a restore that answered it with EINTR (the kernel's
+// restart block is not restored) made it exit.
+TEST(PtyPipes, ScriptShellCounterContinuesEager) {
+  pty_counter_round_trip(kScript, false);
+}
+
+TEST(PtyPipes, ScriptShellCounterContinuesLazy) {
+  pty_counter_round_trip(kScript, true);
 }
 
 }  // namespace
