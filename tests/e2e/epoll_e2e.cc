@@ -20,21 +20,6 @@
 namespace lazycr::test {
 namespace {
 
-// Restored: the process has its own name again and is not traced any more.
-void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
-  auto done = [&] {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    if (!name || *name != comm + "\n") return false;
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    return st && st->find("TracerPid:\t0\n") != std::string::npos;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
   std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
   if (lazy) a.push_back("--lazy");
@@ -58,8 +43,8 @@ void epoll_round_trip(bool lazy) {
     EXPECT_NE(show.out.find(what), std::string::npos) << what << " missing in\n" << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "epoll_target", restore));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(child, "epoll_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "epoll_target"));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {child}, "epoll_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);

@@ -18,24 +18,6 @@
 namespace lazycr::test {
 namespace {
 
-// Restored: each process has its own name again and is traced no more.
-void wait_restored(const std::vector<pid_t>& pids, Child& restore) {
-  auto done = [&] {
-    for (pid_t pid : pids) {
-      auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-      if (!name || *name != "fdkinds_target\n") return false;
-      auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-      if (!st || st->find("TracerPid:\t0\n") == std::string::npos) return false;
-    }
-    return true;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pids.front() << " was not restored";
-}
-
 // Dumps fdkinds_target with `kinds`, checks `show` names each state, restores it (eager or
 // lazy) and lets it verify itself.
 void round_trip(const std::string& kinds, bool lazy, const std::vector<std::string>& shown) {
@@ -58,7 +40,7 @@ void round_trip(const std::string& kinds, bool lazy, const std::vector<std::stri
   std::vector<std::string> argv{lazycr_bin(), "restore", "-D", images / "img", "--shell-job"};
   if (lazy) argv.push_back("--lazy");
   Child restore(argv);
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pids, restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, pids, "fdkinds_target"));
   ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);

@@ -27,21 +27,6 @@
 namespace lazycr::test {
 namespace {
 
-// Restored: the process has its own name again and is not traced any more.
-void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
-  auto done = [&] {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    if (!name || *name != comm + "\n") return false;
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    return st && st->find("TracerPid:\t0\n") != std::string::npos;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 // The children of pid (from /proc/PID/task/PID/children).
 std::vector<pid_t> children_of(pid_t pid) {
   std::vector<pid_t> out;
@@ -111,7 +96,7 @@ void ghost_round_trip(bool lazy) {
     EXPECT_NE(show.out.find(want), std::string::npos) << want << " missing in\n" << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "ghost_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "ghost_target"));
   // Recreated and unlinked: nothing of them is left under their names.
   for (const char* name : {"held", "lib", "cwd", "ghost_target"})
     EXPECT_FALSE(boost::filesystem::exists(work / name)) << name;
@@ -195,7 +180,7 @@ void python_pool_round_trip(bool lazy) {
   EXPECT_NE(show.out.find("/dev/shm/"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(target.pid(), "python3", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {target.pid()}, "python3"));
   std::ofstream(gate) << "go";
   EXPECT_EQ(restore.read_line(120), "done");
   EXPECT_EQ(restore.wait(120), 0);

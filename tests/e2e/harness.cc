@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "common/proc.h"
 #include "common/signals.h"
 #include "image-format/image_mac.h"
 
@@ -255,6 +256,32 @@ TempDir::TempDir() {
 TempDir::~TempDir() {
   boost::system::error_code ec;
   if (path_ != "/tmp") boost::filesystem::remove_all(path_, ec);
+}
+
+void wait_restored(Child& restore, const std::vector<pid_t>& pids, const std::string& comm,
+                   const std::vector<int>& tids) {
+  auto untraced = [](const std::string& status_path) {
+    auto st = proc::try_read_file(status_path);
+    return st && st->find("TracerPid:\t0\n") != std::string::npos;
+  };
+  auto done = [&] {
+    for (pid_t pid : pids) {
+      const std::string dir = "/proc/" + std::to_string(pid);
+      auto name = proc::try_read_file(dir + "/comm");
+      if (!name || *name != comm + "\n" || !untraced(dir + "/status")) return false;
+    }
+    for (int tid : tids)
+      if (!untraced("/proc/" + std::to_string(pids.front()) + "/task/" + std::to_string(tid) +
+                    "/status"))
+        return false;
+    return true;
+  };
+  for (int i = 0; i < 30000 && restore.running(); i++) {
+    if (done()) return;
+    usleep(2000);
+  }
+  FAIL() << "pid " << (pids.empty() ? 0 : pids.front()) << " (" << comm << ") was not restored"
+         << (restore.running() ? "" : ": the restore ended");
 }
 
 }  // namespace lazycr::test

@@ -58,6 +58,12 @@ class Child {
   bool reaped_ = false;
 };
 
+// Waits until the restore has let every one of `pids` go: named `comm` again and no longer
+// traced (every thread of `tids` of the first pid, when given). A fatal test failure if the
+// restore ends first or after a minute; call it inside ASSERT_NO_FATAL_FAILURE.
+void wait_restored(Child& restore, const std::vector<pid_t>& pids, const std::string& comm,
+                   const std::vector<int>& tids = {});
+
 // A fresh empty temporary directory, removed with everything in it on destruction.
 class TempDir {
  public:

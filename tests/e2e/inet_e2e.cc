@@ -23,18 +23,6 @@
 namespace lazycr::test {
 namespace {
 
-// The restored process is running on its own (its name back, no tracer).
-void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    if (name && *name == comm + "\n" && st && st->find("TracerPid:\t0\n") != std::string::npos)
-      return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 // Connects to ip:port (in the network namespace of `netns_of` when > 0), sends `line`, and
 // returns what comes back before the server closes.
 std::string echo(int family, const std::string& ip, int port, const std::string& line,
@@ -103,7 +91,7 @@ void tcp_round_trip(bool lazy) {
       << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "inet_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(echo(AF_INET, "127.0.0.1", static_cast<int>(info.first("port4")), "hello v4\n"),
@@ -136,7 +124,7 @@ void udp_round_trip(bool lazy) {
   EXPECT_NE(show.out.find("3 datagrams queued"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "inet_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);
@@ -208,7 +196,7 @@ TEST(Inet, NetnsRestoresBesideTheRunningOriginal) {
     if (pid == 0) usleep(2000);
   }
   ASSERT_GT(pid, 0);
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "inet_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "inet_target"));
   auto ns_of = [](const std::string& p) {
     char buf[64] = "";
     ssize_t n = ::readlink((p + "/ns/net").c_str(), buf, sizeof buf - 1);
@@ -266,7 +254,7 @@ void http_server_round_trip(bool lazy) {
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(server.wait(30), 128 + SIGKILL);
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "python3", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "python3"));
   for (int i = 0; i < 2; i++) {
     std::string reply = echo(AF_INET, "127.0.0.1", port, get);
     EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;

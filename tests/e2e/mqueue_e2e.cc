@@ -16,18 +16,6 @@
 namespace lazycr::test {
 namespace {
 
-void wait_restored(pid_t pid, Child& restore) {
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    if (name && *name == "mqueue_target\n" && st &&
-        st->find("TracerPid:\t0\n") != std::string::npos)
-      return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 // `remove_named`: the named queue is gone at restore (as after a reboot): the restore makes it
 // from the image. Otherwise it still exists and is opened again.
 void round_trip(bool lazy, bool remove_named) {
@@ -51,7 +39,7 @@ void round_trip(bool lazy, bool remove_named) {
   std::vector<std::string> argv{lazycr_bin(), "restore", "-D", images / "img", "--shell-job"};
   if (lazy) argv.push_back("--lazy");
   Child restore(argv);
-  ASSERT_NO_FATAL_FAILURE(wait_restored(target.pid(), restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {target.pid()}, "mqueue_target"));
   ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);

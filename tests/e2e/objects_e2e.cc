@@ -37,27 +37,6 @@ std::map<int, std::string> seccomp_of(pid_t pid, const std::vector<int>& tids) {
   return out;
 }
 
-// Restored: the process has its own name again (the new process is a copy of lazycr, untraced
-// for a moment, until the restore names it) and none of its threads is traced any more.
-void wait_restored(pid_t pid, const std::string& comm, const std::vector<int>& tids,
-                   Child& restore) {
-  auto done = [&] {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    if (!name || *name != comm + "\n") return false;
-    for (int tid : tids) {
-      auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/task/" +
-                                    std::to_string(tid) + "/status");
-      if (!st || st->find("TracerPid:\t0\n") == std::string::npos) return false;
-    }
-    return true;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
   std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
   if (lazy) a.push_back("--lazy");
@@ -80,7 +59,7 @@ void seccomp_round_trip(const std::vector<std::string>& argv, bool lazy) {
   EXPECT_NE(show.out.find("seccomp"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "seccomp_target", info.list("tids"), restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "seccomp_target", info.list("tids")));
   EXPECT_EQ(seccomp_of(pid, info.list("tids")), before);
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
@@ -113,7 +92,7 @@ void locks_round_trip(bool lazy) {
     EXPECT_NE(show.out.find(kind), std::string::npos) << kind << " lock missing in\n" << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "locks_target", {pid}, restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "locks_target", {pid}));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);
@@ -190,7 +169,7 @@ TEST(Objects, Sqlite3KeepsItsWriteTransactionLock) {
   Child restore(
       {"/bin/sh", "-c",
        "exec " + lazycr_bin() + " restore -D " + images / "img" + " --shell-job < " + fifo});
-  ASSERT_NO_FATAL_FAILURE(wait_restored(target.pid(), "sqlite3", {target.pid()}, restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {target.pid()}, "sqlite3", {target.pid()}));
   w = second_writer();
   EXPECT_NE(w.exit_code, 0) << "a second writer got in after the restore: " << w.out;
   EXPECT_NE(w.err.find("locked"), std::string::npos) << w.err;

@@ -33,25 +33,6 @@ std::set<int> segment_ids() {
   return ids;
 }
 
-// Restored: both processes have their names back and are not traced.
-void wait_restored(const std::vector<pid_t>& pids, Child& restore) {
-  auto done = [&] {
-    for (pid_t pid : pids) {
-      auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-      auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-      if (!name || *name != "sysvshm_target\n" || !st ||
-          st->find("TracerPid:\t0\n") == std::string::npos)
-        return false;
-    }
-    return true;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "the tree was not restored";
-}
-
 struct Dumped {
   TargetInfo info;
   TempDir images;
@@ -82,7 +63,8 @@ void round_trip(bool lazy) {
   if (lazy) argv.push_back("--lazy");
   Child restore(argv);
   const pid_t pid = static_cast<pid_t>(d.info.first("pid"));
-  ASSERT_NO_FATAL_FAILURE(wait_restored({pid, static_cast<pid_t>(d.info.first("child"))}, restore));
+  ASSERT_NO_FATAL_FAILURE(
+      wait_restored(restore, {pid, static_cast<pid_t>(d.info.first("child"))}, "sysvshm_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(restore.wait(60), 0);

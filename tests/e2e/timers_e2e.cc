@@ -24,25 +24,6 @@
 namespace lazycr::test {
 namespace {
 
-// Restored: the process has its own name again and none of its threads is traced any more.
-void wait_restored(pid_t pid, const std::vector<int>& tids, Child& restore) {
-  auto done = [&] {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    if (!name || *name != "timers_target\n") return false;
-    for (int tid : tids) {
-      auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/task/" +
-                                    std::to_string(tid) + "/status");
-      if (!st || st->find("TracerPid:\t0\n") == std::string::npos) return false;
-    }
-    return true;
-  };
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    if (done()) return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
 void round_trip(bool lazy) {
   Child target({target_bin("timers_target")});
   TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
@@ -71,7 +52,7 @@ void round_trip(bool lazy) {
   std::vector<std::string> argv{lazycr_bin(), "restore", "-D", images / "img", "--shell-job"};
   if (lazy) argv.push_back("--lazy");
   Child restore(argv);
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, info.list("tids"), restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "timers_target", info.list("tids")));
   // The same timers with the same ids, signals, values, targets and clocks, seen from outside.
   EXPECT_EQ(proc::read_file("/proc/" + std::to_string(pid) + "/timers"), timers);
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
