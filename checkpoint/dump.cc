@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <boost/filesystem.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -391,10 +392,19 @@ DumpResult dump(const DumpOptions& opts) {
                               : std::string(),
             " left running as ", seized.size() > 1 ? "they were" : "it was"));
   } catch (const Error& e) {
-    if (!alive(opts.pid))
-      fail("pid ", opts.pid, " exited or was killed during the dump (", e.what(), ")");
+    // A process that is gone explains the error only if the error is about it; a child that
+    // simply finished (a `sleep` of a shell loop) while another cause failed the dump must
+    // not hide that cause.
+    auto gone = [&](pid_t p) {
+      const std::string why = e.what();
+      if (why.find(cat("pid ", p)) != std::string::npos ||
+          why.find(std::strerror(ESRCH)) != std::string::npos)
+        fail("pid ", p, " exited or was killed during the dump (", why, ")");
+      fail(why, " (meanwhile pid ", p, " exited or was killed during the dump)");
+    };
+    if (!alive(opts.pid)) gone(opts.pid);
     for (pid_t p : seized)
-      if (!alive(p)) fail("pid ", p, " exited or was killed during the dump (", e.what(), ")");
+      if (!alive(p)) gone(p);
     throw;
   }
 }
