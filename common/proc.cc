@@ -190,6 +190,7 @@ Stat parse_stat(const std::string& text) {
   s.session = num_or_fail<pid_t>(field(6), 10, "session", t);
   s.flags = num_or_fail<uint64_t>(field(9), 10, "flags", t);
   s.num_threads = num_or_fail<uint64_t>(field(20), 10, "num_threads", t);
+  s.start_time = num_or_fail<uint64_t>(field(22), 10, "starttime", t);
   s.start_code = num_or_fail<uint64_t>(field(26), 10, "startcode", t);
   s.end_code = num_or_fail<uint64_t>(field(27), 10, "endcode", t);
   s.start_stack = num_or_fail<uint64_t>(field(28), 10, "startstack", t);
@@ -212,6 +213,16 @@ Stat read_stat(pid_t pid) {
     return parse_stat(text);
   } catch (const Error& e) {
     fail(path, ": ", e.what());
+  }
+}
+
+std::optional<Stat> try_read_stat(pid_t pid) {
+  std::optional<std::string> text = try_read_file(pid_path(pid, "stat"));
+  if (!text) return std::nullopt;
+  try {
+    return parse_stat(*text);
+  } catch (const Error&) {
+    return std::nullopt;
   }
 }
 

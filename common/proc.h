@@ -38,6 +38,7 @@ struct Stat {
   pid_t ppid = 0, pgrp = 0, session = 0;  // (4) (5) (6)
   uint64_t flags = 0;                     // (9) PF_* ; PF_KTHREAD = 0x00200000
   uint64_t num_threads = 0;               // (20)
+  uint64_t start_time = 0;                // (22) clock ticks after boot
   uint64_t start_code = 0, end_code = 0, start_stack = 0;           // (26) (27) (28)
   int exit_signal = 0;                                              // (38)
   uint64_t start_data = 0, end_data = 0, start_brk = 0;             // (45) (46) (47)
@@ -46,6 +47,8 @@ struct Stat {
 };
 Stat parse_stat(const std::string& text);
 Stat read_stat(pid_t pid);
+// The same, or nullopt when the process is gone (or its stat cannot be read or parsed).
+std::optional<Stat> try_read_stat(pid_t pid);
 
 // /proc/PID/status: selected lines.
 struct Status {

@@ -32,6 +32,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
+#include "common/proc.h"
 #include "common/signals.h"
 #include "uffd/guardian.h"
 #include "uffd/keeper.h"
@@ -61,32 +62,8 @@ int64_t now_ns() {
       .count();
 }
 
-struct ProcStat {
-  pid_t ppid = -1;
-  uint64_t start_ticks = 0;  // since boot, in clock ticks
-};
-
-// Fields of /proc/PID/stat, or nullopt when the process is gone.
-std::optional<ProcStat> read_stat(pid_t pid) {
-  std::ifstream in(cat("/proc/", pid, "/stat"));
-  std::string line;
-  if (!std::getline(in, line)) return std::nullopt;
-  size_t close = line.rfind(')');  // comm may hold spaces and parentheses
-  if (close == std::string::npos) return std::nullopt;
-  std::istringstream rest(line.substr(close + 1));
-  std::string field;
-  ProcStat st;
-  // Fields 3 (state) .. 22 (starttime).
-  for (int f = 3; f <= 22 && rest >> field; ++f) {
-    if (f == 4) st.ppid = static_cast<pid_t>(std::strtol(field.c_str(), nullptr, 10));
-    if (f == 22) st.start_ticks = std::strtoull(field.c_str(), nullptr, 10);
-  }
-  if (!rest) return std::nullopt;
-  return st;
-}
-
 pid_t parent_of(pid_t pid) {
-  auto st = read_stat(pid);
+  auto st = proc::try_read_stat(pid);
   return st ? st->ppid : -1;
 }
 
@@ -110,8 +87,8 @@ std::vector<std::pair<pid_t, uint64_t>> children_of(pid_t parent) {
     char* end = nullptr;
     long pid = std::strtol(d->d_name, &end, 10);
     if (pid <= 0 || end == d->d_name || *end != 0) continue;
-    auto st = read_stat(static_cast<pid_t>(pid));
-    if (st && st->ppid == parent) out.emplace_back(static_cast<pid_t>(pid), st->start_ticks);
+    auto st = proc::try_read_stat(static_cast<pid_t>(pid));
+    if (st && st->ppid == parent) out.emplace_back(static_cast<pid_t>(pid), st->start_time);
   }
   ::closedir(dir);
   std::sort(out.begin(), out.end());

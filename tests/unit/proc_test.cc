@@ -169,6 +169,7 @@ TEST(ProcStat, ParsesFieldsWithParensInComm) {
   EXPECT_EQ(s.session, 4239);
   EXPECT_EQ(s.flags, 4194560u);
   EXPECT_EQ(s.num_threads, 3u);
+  EXPECT_EQ(s.start_time, 5623711u);
   EXPECT_EQ(s.start_code, 94000000000000u);
   EXPECT_EQ(s.end_code, 94000000020000u);
   EXPECT_EQ(s.start_stack, 140720000000000u);
@@ -301,6 +302,10 @@ TEST(ProcLive, StatStatusOfSelf) {
   EXPECT_EQ(st.ppid, ::getppid());
   EXPECT_EQ(st.state, 'R');
   EXPECT_GE(st.num_threads, 1u);
+  auto again = try_read_stat(::getpid());
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->start_time, st.start_time);
+  EXPECT_FALSE(try_read_stat(0).has_value());  // no /proc/0
   EXPECT_NE(st.start_brk, 0u);
   EXPECT_LT(st.arg_start, st.arg_end);
   EXPECT_EQ(st.exit_signal, SIGCHLD);
