@@ -812,6 +812,27 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.end_object();
     }
     j.end_array();
+    if (s.has_tcp()) {
+      const auto& t = s.tcp();
+      j.key("tcp");
+      j.begin_object();
+      j.field("peer", objects::describe_inet_address(s.family(), t.peer_addr(), t.peer_port()));
+      j.field("state", t.state());
+      j.field("send_seq", t.send_seq());
+      j.field("recv_seq", t.recv_seq());
+      j.field("unacked_bytes", static_cast<uint64_t>(t.send_queue().size() - t.unsent()));
+      j.field("unsent_bytes", t.unsent());
+      j.field("unread_bytes", static_cast<uint64_t>(t.recv_queue().size()));
+      j.field("mss", t.mss());
+      j.field("sack", t.sack());
+      j.field("timestamps", t.timestamps());
+      j.field("wscale", t.wscale());
+      j.field("snd_wscale", t.snd_wscale());
+      j.field("rcv_wscale", t.rcv_wscale());
+      j.field("snd_wnd", t.snd_wnd());
+      j.field("rcv_wnd", t.rcv_wnd());
+      j.end_object();
+    }
     holder_array(holders.sockets, s.inode());
     j.end_object();
   }
