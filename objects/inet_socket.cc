@@ -398,8 +398,9 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
       // tcpi_sacked (tcp_get_info).
       if (ti.tcpi_unacked > 0) {
         why = cat(kind, " listening on ", local, " has ", ti.tcpi_unacked,
-                  " connection(s) in its accept queue not accepted yet (established TCP "
-                  "connections: need --tcp-established, not supported yet)");
+                  " connection(s) in its accept queue not accepted yet (the kernel gives no "
+                  "descriptor of a queued connection but through accept(), which would take it "
+                  "from the program; --tcp-established restores accepted connections only)");
         return false;
       }
       out.set_listening(true);
@@ -438,7 +439,8 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
               "), which lazycr does not restore yet");
     return false;
   }
-  out.set_reuseaddr(int_opt(sock, SOL_SOCKET, SO_REUSEADDR) != 0);
+  // A connection's was read before repair mode (which forces reuse): tcp_connection.cc.
+  if (!out.has_tcp()) out.set_reuseaddr(int_opt(sock, SOL_SOCKET, SO_REUSEADDR) != 0);
   out.set_reuseport(int_opt(sock, SOL_SOCKET, SO_REUSEPORT) != 0);
   if (family == AF_INET6) out.set_v6only(int_opt(sock, IPPROTO_IPV6, IPV6_V6ONLY) != 0);
   out.set_keepalive(int_opt(sock, SOL_SOCKET, SO_KEEPALIVE) != 0);

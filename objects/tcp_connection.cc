@@ -180,15 +180,18 @@ TcpRepairHold::~TcpRepairHold() {
   resume();
 }
 
-void TcpRepairHold::add(UniqueFd sock, std::string what) {
-  socks_.emplace_back(std::move(sock), std::move(what));
+void TcpRepairHold::add(UniqueFd sock, std::string what, bool reuseaddr) {
+  socks_.push_back({std::move(sock), std::move(what), reuseaddr});
 }
 
 void TcpRepairHold::resume() {
-  for (auto& [fd, what] : socks_) {
+  for (auto& [fd, what, reuseaddr] : socks_) {
     int off = TCP_REPAIR_OFF;
     if (::setsockopt(fd.get(), IPPROTO_TCP, TCP_REPAIR, &off, sizeof off) != 0)
       log::warn(what, ": cannot turn repair mode off: ", std::strerror(errno));
+    int reuse = reuseaddr ? 1 : 0;
+    if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof reuse) != 0)
+      log::warn(what, ": cannot put SO_REUSEADDR back to ", reuse, ": ", std::strerror(errno));
   }
   socks_.clear();
 }
@@ -245,6 +248,8 @@ bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, InetSocket& out
     why = cat(conn, " has SO_PEEK_OFF set (", peek_off, "), which lazycr does not restore");
     return false;
   }
+  const bool reuseaddr = get_int(sock, SOL_SOCKET, SO_REUSEADDR, conn, "SO_REUSEADDR") != 0;
+  out.set_reuseaddr(reuseaddr);
   int on = TCP_REPAIR_ON;
   if (::setsockopt(sock, IPPROTO_TCP, TCP_REPAIR, &on, sizeof on) != 0) {
     why = cat(conn, ": TCP_REPAIR refused (", std::strerror(errno),
@@ -257,7 +262,7 @@ bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, InetSocket& out
     ::setsockopt(sock, IPPROTO_TCP, TCP_REPAIR, &off, sizeof off);
     fail_errno(conn, ": dup");
   }
-  hold.add(std::move(copy), conn);
+  hold.add(std::move(copy), conn, reuseaddr);
 
   // Packets may still arrive (the peer is not frozen): read until two passes agree.
   QueueSnapshot q = read_queues(sock, conn);
@@ -399,6 +404,8 @@ void TcpRestoreBatch::finish() {
   for (Pending& p : pending_) {
     // Repair off sends a window probe: the peer answers with its window.
     set_int(p.fd.get(), IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF, p.what, "TCP_REPAIR");
+    // Repair off clears SO_REUSEADDR (repair mode had forced it).
+    if (p.s->reuseaddr()) set_int(p.fd.get(), SOL_SOCKET, SO_REUSEADDR, 1, p.what, "SO_REUSEADDR");
   }
   for (Pending& p : pending_) {
     const TcpConnection& t = p.s->tcp();

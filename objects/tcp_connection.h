@@ -37,7 +37,9 @@ class TcpRepairHold {
   TcpRepairHold& operator=(TcpRepairHold&&) = default;
   // Repair off on each: a failed dump leaves the connections as they were.
   ~TcpRepairHold();
-  void add(UniqueFd sock, std::string what);
+  // `reuseaddr`: SO_REUSEADDR as it was before repair mode (which forces reuse; turning
+  // repair off clears it).
+  void add(UniqueFd sock, std::string what, bool reuseaddr);
   // --leave-running: repair off now; the tree's connections go on.
   void resume();
   // The tree is dead: close the copies in repair mode, so that the last close sends nothing.
@@ -45,7 +47,12 @@ class TcpRepairHold {
   size_t size() const { return socks_.size(); }
 
  private:
-  std::vector<std::pair<UniqueFd, std::string>> socks_;
+  struct Held {
+    UniqueFd fd;
+    std::string what;
+    bool reuseaddr;
+  };
+  std::vector<Held> socks_;
 };
 
 // True for a TCP socket that is neither listening nor closed (a connection, in any state).

@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -63,6 +64,8 @@ void pair_round_trip(const std::string& mode, bool lazy) {
   const std::string fam = mode == "4" ? "IPv4" : "IPv6";
   EXPECT_NE(show.out.find("TCP/" + fam + " connection"), std::string::npos) << show.out;
   EXPECT_NE(show.out.find("1000 bytes unread"), std::string::npos) << show.out;
+  // The client's writes were partly never sent (the accepted end's window closed).
+  EXPECT_TRUE(std::regex_search(show.out, std::regex(" [1-9][0-9]* unsent\\)"))) << show.out;
   auto json = lazycr({"show", "--json", images / "img"});
   EXPECT_NE(json.out.find("\"tcp\""), std::string::npos) << json.out;
 
@@ -230,6 +233,78 @@ TEST(Tcp, RefusedByNameWithoutTheFlag) {
   EXPECT_EQ(target.read_line(), "verified ok");
   EXPECT_EQ(target.wait(60), 0);
   (void)info;
+}
+
+// A RESP command.
+std::string resp(const std::vector<std::string>& args) {
+  std::string out = "*" + std::to_string(args.size()) + "\r\n";
+  for (const auto& a : args) out += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+  return out;
+}
+
+// This test's client connection to a redis-server (Debian's) with 20,000 keys stays open across
+// the dump (redis killed) and the restore, and keeps working: same socket, right answers.
+void redis_round_trip(bool lazy) {
+  Child server({"/usr/bin/redis-server", "--port", std::to_string(kRedisPort), "--bind",
+                "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"});
+  server.wait_for("", 60);
+  Peer client;  // only its connection is used
+  int fd = -1;
+  for (int i = 0; i < 500 && fd < 0; i++) {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kRedisPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      ::close(fd);
+      fd = -1;
+      usleep(10000);
+    }
+  }
+  ASSERT_GE(fd, 0) << "redis-server does not answer on port " << kRedisPort;
+  client.conn = fd;
+  constexpr int kKeys = 20000;
+  std::string batch;
+  for (int i = 0; i < kKeys; i++)
+    batch += resp({"SET", "key:" + std::to_string(i), "value-" + std::to_string(i * 7)});
+  client.write(batch);
+  std::string oks = client.read(5 * kKeys);
+  ASSERT_EQ(oks.size(), 5u * kKeys);
+  EXPECT_EQ(oks.find_first_not_of("+OK\r\n"), std::string::npos);
+  client.write(resp({"DBSIZE"}));
+  ASSERT_EQ(client.read(8), ":20000\r\n");
+
+  pid_t pid = server.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
+  client.expect_healthy();
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "redis-server", restore));
+  // The same connection.
+  client.write(resp({"DBSIZE"}));
+  EXPECT_EQ(client.read(8), ":20000\r\n");
+  for (int i : {0, 1, 12345, kKeys - 1}) {
+    const std::string v = "value-" + std::to_string(i * 7);
+    client.write(resp({"GET", "key:" + std::to_string(i)}));
+    const std::string want = "$" + std::to_string(v.size()) + "\r\n" + v + "\r\n";
+    EXPECT_EQ(client.read(want.size()), want) << "key:" << i;
+  }
+  client.write(resp({"SET", "after", "restore"}));
+  EXPECT_EQ(client.read(5), "+OK\r\n");
+  client.write(resp({"DBSIZE"}));
+  EXPECT_EQ(client.read(8), ":20001\r\n");
+  ASSERT_TRUE(send_signal(pid, SIGKILL));
+  EXPECT_EQ(restore.wait(60), 128 + SIGKILL);
+}
+
+TEST(Tcp, RedisClientConnectionKeepsWorkingAcrossRestoreEager) {
+  redis_round_trip(false);
+}
+TEST(Tcp, RedisClientConnectionKeepsWorkingAcrossRestoreLazy) {
+  redis_round_trip(true);
 }
 
 }  // namespace

@@ -65,17 +65,18 @@ static void set_blocking(int fd, int blocking) {
 
 // Writes the pattern without blocking until the kernel takes no more; returns the count.
 static long fill(int fd) {
-  char buf[4096];
+  char buf[1024];
   long sent = 0;
+  int tries = 0;
   set_blocking(fd, 0);
   for (;;) {
     for (size_t i = 0; i < sizeof buf; i++) buf[i] = pattern(sent + (long)i);
     ssize_t n = write(fd, buf, sizeof buf);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      // Loopback delivers at once; give the receiver's window a moment to close.
+      // Loopback delivers at once; until the receiver's window closes, room comes back.
+      if (++tries == 5) break;
       usleep(20000);
-      n = write(fd, buf, sizeof buf);
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      continue;
     }
     if (n < 0) die("write");
     sent += n;
@@ -151,8 +152,9 @@ static int pair(const char* mode) {
       ntohs(v6 ? ((struct sockaddr_in6*)&ss)->sin6_port : ((struct sockaddr_in*)&ss)->sin_port);
   int cfd = socket(v6 && !ds ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (cfd < 0) die("socket");
-  setopt(cfd, SOL_SOCKET, SO_SNDBUF, 4096);
+  setopt(cfd, SOL_SOCKET, SO_SNDBUF, 16384);
   setopt(cfd, IPPROTO_TCP, TCP_NODELAY, 1);
+  setopt(cfd, SOL_SOCKET, SO_REUSEADDR, 1);
   struct sockaddr_storage to;
   memset(&to, 0, sizeof to);
   socklen_t tolen;
@@ -186,6 +188,9 @@ static int pair(const char* mode) {
   wait_go();
   if (opt(cfd, IPPROTO_TCP, TCP_NODELAY) != 1) verify_failed("TCP_NODELAY lost", 0, 0);
   if (opt(sfd, SOL_SOCKET, SO_KEEPALIVE) != 1) verify_failed("SO_KEEPALIVE lost", 0, 0);
+  if (opt(cfd, SOL_SOCKET, SO_REUSEADDR) != 1 || opt(sfd, SOL_SOCKET, SO_REUSEADDR) != 0)
+    verify_failed("SO_REUSEADDR of the client, accepted end", opt(cfd, SOL_SOCKET, SO_REUSEADDR),
+                  opt(sfd, SOL_SOCKET, SO_REUSEADDR));
   if (opt(sfd, IPPROTO_TCP, TCP_KEEPIDLE) != 77 || opt(sfd, IPPROTO_TCP, TCP_KEEPINTVL) != 11 ||
       opt(sfd, IPPROTO_TCP, TCP_KEEPCNT) != 5)
     verify_failed("keepalive settings lost (idle, intvl)", opt(sfd, IPPROTO_TCP, TCP_KEEPIDLE),
@@ -216,7 +221,8 @@ static int pair(const char* mode) {
 static int peer(int port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) die("socket");
-  setopt(fd, SOL_SOCKET, SO_SNDBUF, 4096);
+  setopt(fd, SOL_SOCKET, SO_SNDBUF, 16384);
+  setopt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
   struct sockaddr_in a;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
@@ -227,6 +233,8 @@ static int peer(int port) {
   printf("ready pid=%d sent=%ld\n", getpid(), sent);
   fflush(stdout);
   wait_go();
+  if (opt(fd, SOL_SOCKET, SO_REUSEADDR) != 1)
+    verify_failed("SO_REUSEADDR lost", opt(fd, SOL_SOCKET, SO_REUSEADDR), 0);
   read_exact(fd, "question\n");
   write_all(fd, "answer\n", 7);
   char line[256];
