@@ -13,12 +13,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <functional>
 #include <regex>
 #include <string>
 #include <vector>
 
 #include "common/proc.h"
 #include "common/signals.h"
+#include "image-format/image_dir.h"
+#include "image-format/shared.pb.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/target_info.h"
 
@@ -233,6 +236,45 @@ TEST(Tcp, RefusedByNameWithoutTheFlag) {
   EXPECT_EQ(target.read_line(), "verified ok");
   EXPECT_EQ(target.wait(60), 0);
   (void)info;
+}
+
+// Hostile connection fields in a re-signed image: each refused by name before anything is made.
+TEST(Tcp, HostileConnectionFieldsAreRefusedByName) {
+  Child target({target_bin("tcp_target"), "pair", "4"});
+  target.wait_for("ready");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  image::SharedObjects good;
+  image::read_message_file(images / "img/shared.pb", image::kSharedMagic, &good);
+  using Edit = std::function<void(image::TcpConnection&)>;
+  const std::vector<std::pair<Edit, std::string>> cases = {
+      {[](auto& t) { t.set_mss(0); }, "MSS 0 is out of range"},
+      {[](auto& t) { t.set_snd_wscale(15); }, "window scale 15/"},
+      {[](auto& t) { t.set_peer_port(70000); }, "peer port 70000 is out of range"},
+      {[](auto& t) { t.set_peer_addr("abc"); }, "peer address of 3 bytes"},
+      {[](auto& t) { t.set_state(4); }, "(FIN_WAIT1) is not ESTABLISHED"},
+      {[](auto& t) { t.set_unsent(static_cast<uint32_t>(t.send_queue().size()) + 1); },
+       "unsent bytes of a send queue"},
+      {[](auto& t) { t.set_rcv_wnd(0xffffffffu); }, "window "},
+      {[](auto& t) { t.set_recv_queue(std::string(17 << 20, 'x')); }, "exceed the bound"},
+  };
+  for (const auto& [edit, says] : cases) {
+    SCOPED_TRACE(says);
+    image::SharedObjects bad = good;
+    for (auto& s : *bad.mutable_inet_sockets())
+      if (s.has_tcp()) edit(*s.mutable_tcp());
+    image::write_message_file(images / "img/shared.pb", image::kSharedMagic, bad);
+    sign_test_image(images / "img");
+    auto r = lazycr(
+        {"restore", "-D", images / "img", "--shell-job", "--pidns", "--netns", "--tcp-established"},
+        60);
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find(says), std::string::npos) << r.err;
+  }
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
 }
 
 // A RESP command.
