@@ -5,6 +5,7 @@
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -241,6 +242,15 @@ bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, InetSocket& out
     why = cat(conn,
               " is established: checkpointing it needs --tcp-established (on dump and on "
               "restore)");
+    return false;
+  }
+  // shutdown(SHUT_RD) leaves the state ESTABLISHED; only poll tells (RCV_SHUTDOWN: POLLRDHUP).
+  pollfd p{sock, POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) < 0) fail_errno(conn, ": poll");
+  if (p.revents & POLLRDHUP) {
+    why = cat(conn,
+              " was shut down for reading (shutdown SHUT_RD), which lazycr does not "
+              "restore");
     return false;
   }
   int peek_off = get_int(sock, SOL_SOCKET, SO_PEEK_OFF, conn, "SO_PEEK_OFF");

@@ -186,6 +186,21 @@ TEST(Tcp, PeerOutsideSeesNothingAcrossLeaveRunningDump) {
   talk(peer, target, static_cast<long>(info.first("sent")), target.pid());
 }
 
+// A dump that fails after the connection was read in repair mode leaves it as it was.
+TEST(Tcp, PeerOutsideUnharmedByAFailedDump) {
+  Peer peer;
+  Child target({target_bin("tcp_target"), "peer", std::to_string(kPeerPort)});
+  peer.accept();
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  peer.write("question\n");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--fault-inject", "commit"});
+  ASSERT_EQ(d.exit_code, 1) << d.err;
+  peer.expect_healthy();
+  talk(peer, target, static_cast<long>(info.first("sent")), target.pid());
+}
+
 void peer_across_restore(bool lazy) {
   Peer peer;
   Child target({target_bin("tcp_target"), "peer", std::to_string(kPeerPort)});
@@ -236,6 +251,24 @@ TEST(Tcp, RefusedByNameWithoutTheFlag) {
   EXPECT_EQ(target.read_line(), "verified ok");
   EXPECT_EQ(target.wait(60), 0);
   (void)info;
+}
+
+// Connections half shut down are refused by name (state, addresses), the target unharmed.
+TEST(Tcp, HalfClosedConnectionsAreRefusedByName) {
+  for (auto [mode, says] : std::vector<std::pair<std::string, std::string>>{
+           {"4-rd", "was shut down for reading (shutdown SHUT_RD)"},
+           {"4-wr", "is in state FIN_WAIT"}}) {
+    SCOPED_TRACE(mode);
+    Child target({target_bin("tcp_target"), "pair", mode});
+    target.wait_for("ready");
+    TempDir images;
+    auto d = lazycr(
+        {"dump", "-t", std::to_string(target.pid()), "-D", images / "img", "--tcp-established"});
+    EXPECT_EQ(d.exit_code, 1);
+    EXPECT_NE(d.err.find(says), std::string::npos) << d.err;
+    EXPECT_NE(d.err.find("TCP/IPv4 connection 127.0.0.1:"), std::string::npos) << d.err;
+    EXPECT_TRUE(target.running());
+  }
 }
 
 // Hostile connection fields in a re-signed image: each refused by name before anything is made.

@@ -8,6 +8,8 @@
 //     Prints "ready pid=P port=L sent=W". On SIGUSR1 it checks the options, reads both ways
 //     and checks every byte, exchanges "ping"/"pong", prints "verified ok" (or "verify FAILED:
 //     why" and exits 1) and exits 0.
+//   tcp_target pair 4-rd | 4-wr: the same, the accepted end then shut down for reading, or the
+//     client for writing (FIN_WAIT2 / CLOSE_WAIT), for refusals only.
 //   tcp_target peer PORT: connects to 127.0.0.1:PORT (a peer outside the tree) and writes a
 //     pattern until the kernel takes no more (the peer does not read yet); prints "ready pid=P
 //     sent=W". On SIGUSR1 it reads the line the peer sent meanwhile ("question\n"), answers
@@ -125,8 +127,9 @@ static void wait_go(void) {
 }
 
 static int pair(const char* mode) {
-  int v6 = strcmp(mode, "4") != 0;
-  int ds = strcmp(mode, "ds") == 0;
+  int v6 = mode[0] != '4';
+  int ds = strncmp(mode, "ds", 2) == 0;
+  const char* shut = strchr(mode, '-');  // "-rd": accepted end SHUT_RD; "-wr": client SHUT_WR
   struct sockaddr_storage ss;
   memset(&ss, 0, sizeof ss);
   socklen_t len;
@@ -182,6 +185,8 @@ static int pair(const char* mode) {
   char reply[1000];
   for (long i = 0; i < (long)sizeof reply; i++) reply[i] = pattern(i);
   write_all(sfd, reply, sizeof reply);
+  if (shut && strcmp(shut, "-rd") == 0 && shutdown(sfd, SHUT_RD) != 0) die("shutdown");
+  if (shut && strcmp(shut, "-wr") == 0 && shutdown(cfd, SHUT_WR) != 0) die("shutdown");
   printf("ready pid=%d port=%d sent=%ld\n", getpid(), port, sent);
   fflush(stdout);
 
