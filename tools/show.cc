@@ -249,10 +249,11 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     << "  xsave " << inv.cpu().xsave_size() << " bytes (features "
     << hex(inv.cpu().xsave_features()) << ")\n";
   std::snprintf(line, sizeof line,
-                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s\n",
+                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s%s\n",
                 inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, inv.options().compression_level(),
                 human_bytes(inv.options().frame_size()).c_str(),
-                inv.options().leave_running() ? "left running" : "killed after dump");
+                inv.options().leave_running() ? "left running" : "killed after dump",
+                inv.options().tcp_established() ? ", TCP connections recorded" : "");
   o << line;
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
   for (const auto& [p, depth] : tree_order(img)) {
@@ -525,6 +526,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.field("leave_running", inv.options().leave_running());
   j.field("compression_level", inv.options().compression_level());
   j.field("frame_size", inv.options().frame_size());
+  j.field("tcp_established", inv.options().tcp_established());
   j.end_object();
   j.field("root_pid", inv.root_pid());
   j.key("processes");
