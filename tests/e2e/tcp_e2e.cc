@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <functional>
 #include <regex>
 #include <string>
@@ -96,6 +97,33 @@ TEST(Tcp, PairWithQueuesBothWaysDualStackEager) {
 }
 TEST(Tcp, PairWithQueuesBothWaysDualStackLazy) {
   pair_round_trip("ds", true);
+}
+
+// dump --leave-running, restore --netns: the clone's connections (both ends in the tree) are
+// made beside the original's, same addresses, in a fresh network namespace; both verify.
+TEST(Tcp, PairClonedBesideTheRunningOriginalWithNetns) {
+  Child target({target_bin("tcp_target"), "pair", "6"});
+  target.wait_for("ready");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--netns",
+                 "--tcp-established", "--pidfile", images / "pid"});
+  pid_t pid = 0;
+  for (int i = 0; i < 30000 && restore.running() && pid == 0; i++) {
+    std::ifstream in(images / "pid");
+    if (!(in >> pid)) pid = 0;
+    if (pid == 0) usleep(2000);
+  }
+  ASSERT_GT(pid, 0);
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+  EXPECT_EQ(target.wait(60), 0);
 }
 
 // This test's end of a connection to a target: a listener on kPeerPort with a small receive
