@@ -17,6 +17,7 @@
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
 #include "image-format/shared.pb.h"
+#include "objects/tcp_connection.h"
 
 namespace lazycr::checkpoint {
 
@@ -109,13 +110,17 @@ struct SharedCollection {
   // Descriptors found not restorable here, with the reason, by (pid, fd).
   std::map<std::pair<pid_t, int>, std::string> why_not;
   uint64_t kcmp_calls = 0;
+  // Established TCP connections, in repair mode until the dump ends (objects/tcp_connection.h).
+  objects::TcpRepairHold tcp_repair;
 };
 
 // Over every descriptor of the frozen tree: sets file_id (one per open file description,
 // kcmp(KCMP_FILE) among candidates that look alike), decides restorable for pipes, FIFOs and
 // sockets, and captures the pipes' buffered bytes (tee) and the UNIX sockets' queues (MSG_PEEK)
 // without consuming them.
-SharedCollection collect_shared(std::vector<TreeFiles>& procs);
+// `tcp_established`: established TCP connections are recorded (dump --tcp-established),
+// else refused by name.
+SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool tcp_established = false);
 
 // Ghost files (FORMAT.md "Ghost files"): every deleted regular file or directory a live
 // process holds as a descriptor, maps, runs or works in, and every memfd it holds as a

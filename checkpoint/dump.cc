@@ -534,7 +534,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   for (size_t i = 0; i < order.size(); i++)
     if (!tree.node(order[i]).zombie())
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
-  SharedCollection shared = collect_shared(files);
+  SharedCollection shared = collect_shared(files, opts.tcp_established);
   shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
   collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
   fault_point(opts, "files");
@@ -626,6 +626,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   o->set_compression_level(opts.level);
   o->set_frame_size(opts.frame_size);
   o->set_skip_unsupported_fds(opts.skip_unsupported_fds);
+  o->set_tcp_established(opts.tcp_established);
   uint64_t frozen_end = now_ns();
   inv.set_frozen_ns(frozen_end - tree.frozen_at());
   inv.set_dump_ns(frozen_end - t0);
@@ -645,10 +646,13 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   if (opts.fault_inject == "stop-before-commit") send_signal(::getpid(), SIGSTOP);
   result.replaced = writer.commit();
 
-  if (opts.leave_running)
+  if (opts.leave_running) {
+    shared.tcp_repair.resume();  // before the tree runs again
     tree.detach_all();
-  else
+  } else {
     tree.kill_all();
+    shared.tcp_repair.close_silently();  // the last close, in repair mode: no FIN, no RST
+  }
   result.frozen_ns = now_ns() - tree.frozen_at();
   result.total_ns = now_ns() - t0;
   result.image_bytes = dir_bytes(opts.dir);

@@ -21,6 +21,7 @@ struct DumpOptions {
   unsigned threads = 0;                            // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
+  bool tcp_established = false;       // record established TCP connections (TCP_REPAIR)
   // Store pages shared between processes of the tree once (same physical page after fork,
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;

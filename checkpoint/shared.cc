@@ -27,6 +27,7 @@
 #include "common/sock_diag.h"
 #include "image-format/image_dir.h"
 #include "objects/inet_socket.h"
+#include "objects/tcp_connection.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -263,7 +264,7 @@ uint64_t object_inode_of(const std::string& target) {
   return inode_in(target, "socket:[");
 }
 
-SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
+SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool tcp_established) {
   SharedCollection result;
   auto fd_at = [&](const FdRef& r) -> FileDescriptor& {
     return *procs[r.proc].process->mutable_fds(r.index);
@@ -392,7 +393,10 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs) {
             ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
         if (sock && objects::is_inet_socket(sock.get())) {
           image::InetSocket in;
-          if (objects::dump_inet_socket(sock.get(), inode, in, why)) {
+          if ((!objects::is_tcp_connection(sock.get()) ||
+               objects::dump_tcp_connection(sock.get(), inode, tcp_established, in, why,
+                                            result.tcp_repair)) &&
+              objects::dump_inet_socket(sock.get(), inode, in, why)) {
             for (const auto& r : refs) fd_at(r).set_restorable(true);
             log::debug(what, ": ", objects::describe_inet_socket(in));
             *result.objects.add_inet_sockets() = std::move(in);

@@ -12,6 +12,7 @@
 #include <linux/capability.h>
 #include <linux/kcmp.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
@@ -573,6 +574,11 @@ void probe_inet(KernelFeatures& f) {
   if (!f.raw_hdrincl)
     f.notes["socket.raw_hdrincl"] =
         cat(r4 ? "" : cat("IPv4: ", err_text(e4), " "), r6 ? "" : cat("IPv6: ", err_text(e6)));
+  // Established TCP connections (objects/tcp_connection.h): repair mode on a fresh socket.
+  UniqueFd tcp(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  int on = TCP_REPAIR_ON;
+  f.tcp_repair = tcp && ::setsockopt(tcp.get(), IPPROTO_TCP, TCP_REPAIR, &on, sizeof on) == 0;
+  if (!f.tcp_repair) f.notes["socket.tcp_repair"] = cat("TCP_REPAIR: ", err_text(errno));
   try {
     UniqueFd ns = make_network_namespace();
     f.netns = true;
@@ -912,6 +918,9 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
       "A UDP socket's queued datagrams are peeked at dump (SO_PEEK_OFF), never taken from it.");
   add("socket.raw_hdrincl", f.raw_hdrincl, false, "not probed",
       "Queued UDP datagrams are put back from their own source addresses by raw IP sockets.");
+  add("socket.tcp_repair", f.tcp_repair, false, "not probed",
+      "Established TCP connections are read and made again in repair mode (TCP_REPAIR: dump and "
+      "restore --tcp-established); it needs CAP_NET_ADMIN in the socket's network namespace.");
   add("netns.new", f.netns, false, "not probed",
       "restore --netns makes a network namespace with loopback up for the sockets and the tree.");
   add("sysvipc.shm_next_id", f.sysv_shm_next_id, false, "not probed",

@@ -34,6 +34,7 @@ struct KernelFeatures {
   bool raw_hdrincl = false;     // raw IPv4 IP_HDRINCL and IPv6 IPPROTO_RAW sockets (root): UDP
                                 // queues go back with their source addresses
   bool netns = false;           // a network namespace made and entered (restore --netns)
+  bool tcp_repair = false;      // TCP_REPAIR on a TCP socket (dump/restore --tcp-established)
   uint32_t xsave_size = 0;      // XSAVE size for XCR0's features (CPUID leaf 0xD sub-leaf 0)
   uint64_t xsave_features = 0;  // XCR0
   // Descriptor kinds (objects/fd_kinds.h) and shared descriptions:

@@ -18,6 +18,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "image-format/image_dir.h"
+#include "objects/tcp_connection.h"
 
 namespace lazycr::objects {
 namespace {
@@ -334,7 +335,9 @@ std::string describe_inet_socket(const InetSocket& s) {
                          s.family() == AF_INET ? "IPv4" : "IPv6", " socket");
   std::string local = addr_text(s.family(), s.local_addr(), s.local_port());
   std::string out;
-  if (s.listening())
+  if (s.has_tcp())
+    out = describe_tcp_connection(s);
+  else if (s.listening())
     out = cat(kind, " listening on ", local, " (backlog ", s.backlog(), ")");
   else if (!s.peer_addr().empty())
     out = cat(kind, " ", local, " connected to ",
@@ -383,19 +386,21 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
     len = sizeof ti;
     if (::getsockopt(sock, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0)
       fail_errno("getsockopt(TCP_INFO) of ", what);
-    if (ti.tcpi_state == kTcpEstablished) {
+    if (out.has_tcp()) {
+      // A connection, its state already in out.tcp (objects/tcp_connection.h).
+    } else if (ti.tcpi_state == kTcpEstablished) {
       why =
           cat("established TCP connection ", local, " -> ", addr_text(family, peer_addr, peer_port),
               ": needs --tcp-established, not supported yet");
       return false;
-    }
-    if (ti.tcpi_state == kTcpListen) {
+    } else if (ti.tcpi_state == kTcpListen) {
       // For a listener TCP_INFO reports the accept queue in tcpi_unacked and the backlog in
       // tcpi_sacked (tcp_get_info).
       if (ti.tcpi_unacked > 0) {
         why = cat(kind, " listening on ", local, " has ", ti.tcpi_unacked,
-                  " connection(s) in its accept queue not accepted yet (established TCP "
-                  "connections: need --tcp-established, not supported yet)");
+                  " connection(s) in its accept queue not accepted yet (the kernel gives no "
+                  "descriptor of a queued connection but through accept(), which would take it "
+                  "from the program; --tcp-established restores accepted connections only)");
         return false;
       }
       out.set_listening(true);
@@ -434,7 +439,8 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
               "), which lazycr does not restore yet");
     return false;
   }
-  out.set_reuseaddr(int_opt(sock, SOL_SOCKET, SO_REUSEADDR) != 0);
+  // A connection's was read before repair mode (which forces reuse): tcp_connection.cc.
+  if (!out.has_tcp()) out.set_reuseaddr(int_opt(sock, SOL_SOCKET, SO_REUSEADDR) != 0);
   out.set_reuseport(int_opt(sock, SOL_SOCKET, SO_REUSEPORT) != 0);
   if (family == AF_INET6) out.set_v6only(int_opt(sock, IPPROTO_IPV6, IPV6_V6ONLY) != 0);
   out.set_keepalive(int_opt(sock, SOL_SOCKET, SO_KEEPALIVE) != 0);
@@ -517,6 +523,8 @@ UniqueFd create_inet_socket(const InetSocket& s, const std::string& who) {
       set_int(f, IPPROTO_TCP, TCP_KEEPCNT, static_cast<int>(s.keepcnt()), what, "TCP_KEEPCNT");
   }
   set_buf(f, SO_SNDBUF, SO_SNDBUFFORCE, s.sndbuf(), what, "SO_SNDBUF");
+  // Before the bind: repair mode lets a connection share the port of a listener of the tree.
+  if (s.has_tcp()) enter_repair(f, what);
   if (s.local_port() != 0) {
     sockaddr_storage ss;
     socklen_t len = join(family, s.local_addr(), s.local_port(), 0, ss);
@@ -573,6 +581,7 @@ UniqueFd create_inet_socket(const InetSocket& s, const std::string& who) {
     if (::connect(f, reinterpret_cast<sockaddr*>(&ss), len) != 0)
       fail_errno(what, ": connect to ", addr_text(family, s.peer_addr(), s.peer_port()));
   }
+  if (s.has_tcp()) finish_in_repair(f, s, what);
   return fd;
 }
 

@@ -46,6 +46,8 @@ struct RestoreOptions {
   // Descriptors the image recorded as not restorable (dump --skip-unsupported-fds) are opened
   // as /dev/null instead of refusing the image (restore/skipped_fds.h).
   bool skip_unsupported_fds = false;
+  // Restore the image's established TCP connections (dump --tcp-established).
+  bool tcp_established = false;
   bool pidns = false;  // restore into a fresh PID namespace whose PID 1 is a minimal
                        // reaper (the restored process is its child and sees ppid 1)
   bool netns = false;  // restore into a fresh network namespace with loopback up: sockets

@@ -17,6 +17,7 @@
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
 #include "objects/pty.h"
+#include "objects/tcp_connection.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
 
@@ -301,6 +302,7 @@ class Builder {
     make_sockets(sockets);
     for (const auto& [index, ds] : ptys) make_pty(index, ds);
     for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
+    tcp_.finish();  // every socket exists: TCP connections leave repair mode together
     for (const Description* d : files) open_file(*d);
     for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
@@ -625,6 +627,7 @@ class Builder {
            "), which a socket cannot have");
     const Description& d = *ds.front();
     UniqueFd fd = objects::create_inet_socket(*inet_.at(inode), d.who());
+    if (inet_.at(inode)->has_tcp()) tcp_.add(fd.get(), *inet_.at(inode), d.who());
     set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
     hand_out(d, std::move(fd));
   }
@@ -716,6 +719,7 @@ class Builder {
   std::map<uint64_t, const Pipe*> pipes_;
   std::map<uint64_t, const UnixSocket*> sockets_;
   std::map<uint64_t, const image::InetSocket*> inet_;
+  objects::TcpRestoreBatch tcp_;  // connections made in repair mode, until all exist
   std::vector<UniqueFd> temporaries_;
   std::map<int, const image::Credentials*> creds_;  // by pid
 };

@@ -19,6 +19,7 @@
 #include "image-format/unrestorable.h"
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
+#include "objects/tcp_connection.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 #include "restore/sysv_shm.h"
@@ -209,7 +210,10 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
   validate_tree(procs);
-  for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
+  for (const auto& s : img.shared().inet_sockets()) {
+    objects::validate_inet_socket(s);
+    if (s.has_tcp()) objects::validate_tcp_connection(s, opts.tcp_established);
+  }
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
   validate_sysv_areas(procs, img.shared());

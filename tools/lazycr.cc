@@ -88,6 +88,9 @@ int main(int argc, char** argv) {
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump "
                      "(restore --skip-unsupported-fds opens /dev/null in their place)");
+  dump_cmd->add_flag("--tcp-established", dump.tcp_established,
+                     "Checkpoint established TCP connections (TCP_REPAIR; restore needs the "
+                     "flag too); without it the dump refuses them");
   dump_cmd
       ->add_option("--ghost-limit", dump.ghost_limit,
                    "Largest deleted file or memfd whose contents the image stores (at most 48M)")
@@ -114,6 +117,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--skip-unsupported-fds", restore.restore.skip_unsupported_fds,
                         "Open /dev/null (same number, access mode and flags) in place of each "
                         "descriptor the image recorded but lazycr cannot restore");
+  restore_cmd->add_flag("--tcp-established", restore.restore.tcp_established,
+                        "Restore the image's established TCP connections (dump "
+                        "--tcp-established); without it an image holding any is refused");
   restore_cmd->add_flag("--trust-image", restore.restore.trust_image,
                         "Restore an image that asks for root, capabilities or ids other than "
                         "yours even if this machine did not sign it (see README, Trust)");

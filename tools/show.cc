@@ -249,10 +249,11 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     << "  xsave " << inv.cpu().xsave_size() << " bytes (features "
     << hex(inv.cpu().xsave_features()) << ")\n";
   std::snprintf(line, sizeof line,
-                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s\n",
+                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s%s\n",
                 inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, inv.options().compression_level(),
                 human_bytes(inv.options().frame_size()).c_str(),
-                inv.options().leave_running() ? "left running" : "killed after dump");
+                inv.options().leave_running() ? "left running" : "killed after dump",
+                inv.options().tcp_established() ? ", TCP connections recorded" : "");
   o << line;
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
   for (const auto& [p, depth] : tree_order(img)) {
@@ -525,6 +526,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.field("leave_running", inv.options().leave_running());
   j.field("compression_level", inv.options().compression_level());
   j.field("frame_size", inv.options().frame_size());
+  j.field("tcp_established", inv.options().tcp_established());
   j.end_object();
   j.field("root_pid", inv.root_pid());
   j.key("processes");
@@ -812,6 +814,27 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.end_object();
     }
     j.end_array();
+    if (s.has_tcp()) {
+      const auto& t = s.tcp();
+      j.key("tcp");
+      j.begin_object();
+      j.field("peer", objects::describe_inet_address(s.family(), t.peer_addr(), t.peer_port()));
+      j.field("state", t.state());
+      j.field("send_seq", t.send_seq());
+      j.field("recv_seq", t.recv_seq());
+      j.field("unacked_bytes", static_cast<uint64_t>(t.send_queue().size() - t.unsent()));
+      j.field("unsent_bytes", t.unsent());
+      j.field("unread_bytes", static_cast<uint64_t>(t.recv_queue().size()));
+      j.field("mss", t.mss());
+      j.field("sack", t.sack());
+      j.field("timestamps", t.timestamps());
+      j.field("wscale", t.wscale());
+      j.field("snd_wscale", t.snd_wscale());
+      j.field("rcv_wscale", t.rcv_wscale());
+      j.field("snd_wnd", t.snd_wnd());
+      j.field("rcv_wnd", t.rcv_wnd());
+      j.end_object();
+    }
     holder_array(holders.sockets, s.inode());
     j.end_object();
   }

@@ -1,0 +1,414 @@
+// Established TCP connections (objects/tcp_connection.h, dump and restore --tcp-established),
+// eager and lazy: both ends in the tree with bytes queued both ways (IPv4, IPv6, and a
+// dual-stack listener's v4-mapped end), verified from inside; a peer outside the tree (this
+// test) that sees no reset and no lost bytes across a dump --leave-running, and across a dump
+// (tree killed) and a restore; refusals without the flag; redis-server with 20,000 keys and
+// this test's client connection open across the checkpoint.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <functional>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include "common/proc.h"
+#include "common/signals.h"
+#include "image-format/image_dir.h"
+#include "image-format/shared.pb.h"
+#include "tests/e2e/harness.h"
+#include "tests/e2e/target_info.h"
+
+namespace lazycr::test {
+namespace {
+
+// Ports of this file: 20100-20199.
+constexpr int kPeerPort = 20101;
+constexpr int kRedisPort = 20102;
+
+char pattern(long i) {
+  return static_cast<char>('a' + (i * 7 + i / 251) % 26);
+}
+
+void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
+  for (int i = 0; i < 30000 && restore.running(); i++) {
+    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
+    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
+    if (name && *name == comm + "\n" && st && st->find("TracerPid:\t0\n") != std::string::npos)
+      return;
+    usleep(2000);
+  }
+  FAIL() << "pid " << pid << " was not restored";
+}
+
+std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
+  std::vector<std::string> a{lazycr_bin(), "restore",     "-D",
+                             dir,          "--shell-job", "--tcp-established"};
+  if (lazy) a.push_back("--lazy");
+  return a;
+}
+
+void pair_round_trip(const std::string& mode, bool lazy) {
+  Child target({target_bin("tcp_target"), "pair", mode});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  ASSERT_GT(info.first("sent"), 0u);
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  auto show = lazycr({"show", images / "img"});
+  const std::string fam = mode == "4" ? "IPv4" : "IPv6";
+  EXPECT_NE(show.out.find("TCP/" + fam + " connection"), std::string::npos) << show.out;
+  EXPECT_NE(show.out.find("1000 bytes unread"), std::string::npos) << show.out;
+  // The client's writes were partly never sent (the accepted end's window closed).
+  EXPECT_TRUE(std::regex_search(show.out, std::regex(" [1-9][0-9]* unsent\\)"))) << show.out;
+  auto json = lazycr({"show", "--json", images / "img"});
+  EXPECT_NE(json.out.find("\"tcp\""), std::string::npos) << json.out;
+
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+}
+
+TEST(Tcp, PairWithQueuesBothWaysIPv4Eager) {
+  pair_round_trip("4", false);
+}
+TEST(Tcp, PairWithQueuesBothWaysIPv4Lazy) {
+  pair_round_trip("4", true);
+}
+TEST(Tcp, PairWithQueuesBothWaysIPv6Eager) {
+  pair_round_trip("6", false);
+}
+TEST(Tcp, PairWithQueuesBothWaysIPv6Lazy) {
+  pair_round_trip("6", true);
+}
+TEST(Tcp, PairWithQueuesBothWaysDualStackEager) {
+  pair_round_trip("ds", false);
+}
+TEST(Tcp, PairWithQueuesBothWaysDualStackLazy) {
+  pair_round_trip("ds", true);
+}
+
+// dump --leave-running, restore --netns: the clone's connections (both ends in the tree) are
+// made beside the original's, same addresses, in a fresh network namespace; both verify.
+TEST(Tcp, PairClonedBesideTheRunningOriginalWithNetns) {
+  Child target({target_bin("tcp_target"), "pair", "6"});
+  target.wait_for("ready");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--netns",
+                 "--tcp-established", "--pidfile", images / "pid"});
+  pid_t pid = 0;
+  for (int i = 0; i < 30000 && restore.running() && pid == 0; i++) {
+    std::ifstream in(images / "pid");
+    if (!(in >> pid)) pid = 0;
+    if (pid == 0) usleep(2000);
+  }
+  ASSERT_GT(pid, 0);
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+  EXPECT_EQ(target.wait(60), 0);
+}
+
+// This test's end of a connection to a target: a listener on kPeerPort with a small receive
+// buffer (inherited by the accepted end), so that the target's writes stay partly unsent.
+struct Peer {
+  int listener = -1, conn = -1;
+  Peer() {
+    listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1, small = 8192;
+    ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    ::setsockopt(listener, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kPeerPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << strerror(errno);
+    EXPECT_EQ(::listen(listener, 4), 0);
+  }
+  ~Peer() {
+    if (conn >= 0) ::close(conn);
+    ::close(listener);
+  }
+  void accept() { conn = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC); }
+  // The connection as the kernel sees it here: no error, no hangup, still ESTABLISHED.
+  void expect_healthy() {
+    int err = -1;
+    socklen_t len = sizeof err;
+    ASSERT_EQ(::getsockopt(conn, SOL_SOCKET, SO_ERROR, &err, &len), 0);
+    EXPECT_EQ(err, 0) << strerror(err);
+    tcp_info ti{};
+    len = sizeof ti;
+    ASSERT_EQ(::getsockopt(conn, IPPROTO_TCP, TCP_INFO, &ti, &len), 0);
+    EXPECT_EQ(ti.tcpi_state, 1) << "not ESTABLISHED";
+    pollfd p{conn, POLLIN, 0};
+    ::poll(&p, 1, 0);
+    EXPECT_EQ(p.revents & (POLLHUP | POLLERR | POLLRDHUP), 0) << p.revents;
+  }
+  void write(const std::string& s) {
+    ASSERT_EQ(::write(conn, s.data(), s.size()), static_cast<ssize_t>(s.size()));
+  }
+  std::string read(size_t n) {
+    std::string got;
+    char buf[65536];
+    while (got.size() < n) {
+      pollfd p{conn, POLLIN, 0};
+      if (::poll(&p, 1, 30000) != 1) break;
+      ssize_t r = ::read(conn, buf, std::min(sizeof buf, n - got.size()));
+      if (r <= 0) {
+        ADD_FAILURE() << "read: " << (r == 0 ? "EOF" : strerror(errno)) << " after " << got.size()
+                      << " of " << n << " bytes";
+        break;
+      }
+      got.append(buf, static_cast<size_t>(r));
+    }
+    return got;
+  }
+  void expect_pattern(long count) {
+    std::string got = read(static_cast<size_t>(count));
+    ASSERT_EQ(got.size(), static_cast<size_t>(count));
+    for (long i = 0; i < count; i++)
+      ASSERT_EQ(got[static_cast<size_t>(i)], pattern(i)) << "byte " << i;
+  }
+};
+
+// The exchange after the dump (and restore): what the target had queued arrives whole, the
+// question queued at the target is answered, and the connection keeps working.
+void talk(Peer& peer, Child& out, long sent, pid_t pid) {
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  peer.expect_pattern(sent);
+  EXPECT_EQ(peer.read(7), "answer\n");
+  peer.write("more\n");
+  EXPECT_EQ(peer.read(10), "echo more\n");
+  ASSERT_EQ(::shutdown(peer.conn, SHUT_WR), 0);
+  EXPECT_EQ(out.wait(60), 0);
+}
+
+TEST(Tcp, PeerOutsideSeesNothingAcrossLeaveRunningDump) {
+  Peer peer;
+  Child target({target_bin("tcp_target"), "peer", std::to_string(kPeerPort)});
+  peer.accept();
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  peer.write("question\n");  // unread at the target when dumped
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--leave-running", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  peer.expect_healthy();
+  talk(peer, target, static_cast<long>(info.first("sent")), target.pid());
+}
+
+// A dump that fails after the connection was read in repair mode leaves it as it was.
+TEST(Tcp, PeerOutsideUnharmedByAFailedDump) {
+  Peer peer;
+  Child target({target_bin("tcp_target"), "peer", std::to_string(kPeerPort)});
+  peer.accept();
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  peer.write("question\n");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--fault-inject", "commit"});
+  ASSERT_EQ(d.exit_code, 1) << d.err;
+  peer.expect_healthy();
+  talk(peer, target, static_cast<long>(info.first("sent")), target.pid());
+}
+
+void peer_across_restore(bool lazy) {
+  Peer peer;
+  Child target({target_bin("tcp_target"), "peer", std::to_string(kPeerPort)});
+  peer.accept();
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  peer.write("question\n");
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  // The tree is dead and its socket closed: in repair mode, silently (no FIN, no RST).
+  peer.expect_healthy();
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
+  peer.expect_healthy();
+  talk(peer, restore, static_cast<long>(info.first("sent")), pid);
+}
+
+TEST(Tcp, PeerOutsideKeepsTheConnectionAcrossDumpAndRestoreEager) {
+  peer_across_restore(false);
+}
+TEST(Tcp, PeerOutsideKeepsTheConnectionAcrossDumpAndRestoreLazy) {
+  peer_across_restore(true);
+}
+
+TEST(Tcp, RefusedByNameWithoutTheFlag) {
+  Child target({target_bin("tcp_target"), "pair", "4"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
+  EXPECT_EQ(d.exit_code, 1);
+  EXPECT_NE(d.err.find("TCP/IPv4 connection 127.0.0.1:"), std::string::npos) << d.err;
+  EXPECT_NE(d.err.find("needs --tcp-established"), std::string::npos) << d.err;
+  EXPECT_TRUE(target.running());
+
+  // An image with connections, restored without the flag.
+  d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img2",
+              "--tcp-established", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  auto r = lazycr({"restore", "-D", images / "img2", "--shell-job", "--pidns", "--netns"}, 60);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("is an established TCP connection: restoring it needs --tcp-established"),
+            std::string::npos)
+      << r.err;
+  // The original, left running, is whole.
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+  EXPECT_EQ(target.wait(60), 0);
+  (void)info;
+}
+
+// Connections half shut down are refused by name (state, addresses), the target unharmed.
+TEST(Tcp, HalfClosedConnectionsAreRefusedByName) {
+  for (auto [mode, says] : std::vector<std::pair<std::string, std::string>>{
+           {"4-rd", "was shut down for reading (shutdown SHUT_RD)"},
+           {"4-wr", "is in state FIN_WAIT"}}) {
+    SCOPED_TRACE(mode);
+    Child target({target_bin("tcp_target"), "pair", mode});
+    target.wait_for("ready");
+    TempDir images;
+    auto d = lazycr(
+        {"dump", "-t", std::to_string(target.pid()), "-D", images / "img", "--tcp-established"});
+    EXPECT_EQ(d.exit_code, 1);
+    EXPECT_NE(d.err.find(says), std::string::npos) << d.err;
+    EXPECT_NE(d.err.find("TCP/IPv4 connection 127.0.0.1:"), std::string::npos) << d.err;
+    EXPECT_TRUE(target.running());
+  }
+}
+
+// Hostile connection fields in a re-signed image: each refused by name before anything is made.
+TEST(Tcp, HostileConnectionFieldsAreRefusedByName) {
+  Child target({target_bin("tcp_target"), "pair", "4"});
+  target.wait_for("ready");
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img",
+                   "--tcp-established", "--leave-running"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  image::SharedObjects good;
+  image::read_message_file(images / "img/shared.pb", image::kSharedMagic, &good);
+  using Edit = std::function<void(image::TcpConnection&)>;
+  const std::vector<std::pair<Edit, std::string>> cases = {
+      {[](auto& t) { t.set_mss(0); }, "MSS 0 is out of range"},
+      {[](auto& t) { t.set_snd_wscale(15); }, "window scale 15/"},
+      {[](auto& t) { t.set_peer_port(70000); }, "peer port 70000 is out of range"},
+      {[](auto& t) { t.set_peer_addr("abc"); }, "peer address of 3 bytes"},
+      {[](auto& t) { t.set_state(4); }, "(FIN_WAIT1) is not ESTABLISHED"},
+      {[](auto& t) { t.set_unsent(static_cast<uint32_t>(t.send_queue().size()) + 1); },
+       "unsent bytes of a send queue"},
+      {[](auto& t) { t.set_rcv_wnd(0xffffffffu); }, "window "},
+      {[](auto& t) { t.set_recv_queue(std::string(17 << 20, 'x')); }, "exceed the bound"},
+  };
+  for (const auto& [edit, says] : cases) {
+    SCOPED_TRACE(says);
+    image::SharedObjects bad = good;
+    for (auto& s : *bad.mutable_inet_sockets())
+      if (s.has_tcp()) edit(*s.mutable_tcp());
+    image::write_message_file(images / "img/shared.pb", image::kSharedMagic, bad);
+    sign_test_image(images / "img");
+    auto r = lazycr(
+        {"restore", "-D", images / "img", "--shell-job", "--pidns", "--netns", "--tcp-established"},
+        60);
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find(says), std::string::npos) << r.err;
+  }
+  ASSERT_TRUE(send_signal(target.pid(), SIGUSR1));
+  EXPECT_EQ(target.read_line(), "verified ok");
+}
+
+// A RESP command.
+std::string resp(const std::vector<std::string>& args) {
+  std::string out = "*" + std::to_string(args.size()) + "\r\n";
+  for (const auto& a : args) out += "$" + std::to_string(a.size()) + "\r\n" + a + "\r\n";
+  return out;
+}
+
+// This test's client connection to a redis-server (Debian's) with 20,000 keys stays open across
+// the dump (redis killed) and the restore, and keeps working: same socket, right answers.
+void redis_round_trip(bool lazy) {
+  Child server({"/usr/bin/redis-server", "--port", std::to_string(kRedisPort), "--bind",
+                "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"});
+  server.wait_for("", 60);
+  Peer client;  // only its connection is used
+  int fd = -1;
+  for (int i = 0; i < 500 && fd < 0; i++) {
+    fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(kRedisPort);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+      ::close(fd);
+      fd = -1;
+      usleep(10000);
+    }
+  }
+  ASSERT_GE(fd, 0) << "redis-server does not answer on port " << kRedisPort;
+  client.conn = fd;
+  constexpr int kKeys = 20000;
+  std::string batch;
+  for (int i = 0; i < kKeys; i++)
+    batch += resp({"SET", "key:" + std::to_string(i), "value-" + std::to_string(i * 7)});
+  client.write(batch);
+  std::string oks = client.read(5 * kKeys);
+  ASSERT_EQ(oks.size(), 5u * kKeys);
+  EXPECT_EQ(oks.find_first_not_of("+OK\r\n"), std::string::npos);
+  client.write(resp({"DBSIZE"}));
+  ASSERT_EQ(client.read(8), ":20000\r\n");
+
+  pid_t pid = server.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
+  client.expect_healthy();
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "redis-server", restore));
+  // The same connection.
+  client.write(resp({"DBSIZE"}));
+  EXPECT_EQ(client.read(8), ":20000\r\n");
+  for (int i : {0, 1, 12345, kKeys - 1}) {
+    const std::string v = "value-" + std::to_string(i * 7);
+    client.write(resp({"GET", "key:" + std::to_string(i)}));
+    const std::string want = "$" + std::to_string(v.size()) + "\r\n" + v + "\r\n";
+    EXPECT_EQ(client.read(want.size()), want) << "key:" << i;
+  }
+  client.write(resp({"SET", "after", "restore"}));
+  EXPECT_EQ(client.read(5), "+OK\r\n");
+  client.write(resp({"DBSIZE"}));
+  EXPECT_EQ(client.read(8), ":20001\r\n");
+  ASSERT_TRUE(send_signal(pid, SIGKILL));
+  EXPECT_EQ(restore.wait(60), 128 + SIGKILL);
+}
+
+TEST(Tcp, RedisClientConnectionKeepsWorkingAcrossRestoreEager) {
+  redis_round_trip(false);
+}
+TEST(Tcp, RedisClientConnectionKeepsWorkingAcrossRestoreLazy) {
+  redis_round_trip(true);
+}
+
+}  // namespace
+}  // namespace lazycr::test
