@@ -115,7 +115,8 @@ struct SharedCollection {
 // kcmp(KCMP_FILE) among candidates that look alike), decides restorable for pipes, FIFOs and
 // sockets, and captures the pipes' buffered bytes (tee) and the UNIX sockets' queues (MSG_PEEK)
 // without consuming them.
-SharedCollection collect_shared(std::vector<TreeFiles>& procs);
+// `ext_unix_sk`: dump --ext-unix-sk (objects/unix_socket.h).
+SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool ext_unix_sk = false);
 
 // Ghost files (FORMAT.md "Ghost files"): every deleted regular file or directory a live
 // process holds as a descriptor, maps, runs or works in, and every memfd it holds as a

@@ -21,6 +21,8 @@ struct DumpOptions {
   unsigned threads = 0;                            // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
+  // Record datagram UNIX sockets connected to a bound socket outside the tree (CRIU's flag).
+  bool ext_unix_sk = false;
   // Store pages shared between processes of the tree once (same physical page after fork,
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;

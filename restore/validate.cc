@@ -19,6 +19,7 @@
 #include "image-format/unrestorable.h"
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
+#include "objects/unix_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 #include "restore/sysv_shm.h"
@@ -210,6 +211,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
   }
   validate_tree(procs);
   for (const auto& s : img.shared().inet_sockets()) objects::validate_inet_socket(s);
+  for (const auto& s : img.shared().sockets()) objects::validate_unix_socket(s);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
   validate_sysv_areas(procs, img.shared());

@@ -18,6 +18,7 @@
 #include "image-format/image_dir.h"
 #include "objects/epoll.h"
 #include "objects/inet_socket.h"
+#include "objects/unix_socket.h"
 #include "tools/commands.h"
 #include "tools/show_timers.h"
 
@@ -447,6 +448,10 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                  Holders::list(holders.sockets, e.inode()));
     };
     o << "  unix " << socket_type(u.type()) << "  " << end(u);
+    if (u.listening() || !u.name().empty() || u.external_peer() || u.connected_by_name() ||
+        u.passcred())
+      o << "\n    " << objects::describe_unix_socket(u);
+    for (uint64_t c : u.pending()) o << "\n    pending connection from socket:[" << c << "]";
     if (peer != nullptr) o << "\n    <-> " << end(*peer);
     o << "\n";
   }
@@ -758,6 +763,22 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("queued_bytes", queued_bytes(u));
     j.field("shutdown_read", u.shutdown_read());
     j.field("shutdown_write", u.shutdown_write());
+    j.field("name", u.name().empty() ? std::string() : objects::unix_name_text(u.name()));
+    j.field("listening", u.listening());
+    j.field("backlog", u.backlog());
+    j.field("passcred", u.passcred());
+    if (!u.name().empty() && u.name()[0] != '\0') {
+      j.field("file_mode", u.file_mode());
+      j.field("file_uid", u.file_uid());
+      j.field("file_gid", u.file_gid());
+    }
+    j.key("pending");
+    j.begin_array();
+    for (uint64_t c : u.pending()) j.value(c);
+    j.end_array();
+    j.field("external_peer", u.external_peer());
+    if (u.external_peer()) j.field("peer_name", objects::unix_name_text(u.peer_name()));
+    j.field("connected_by_name", u.connected_by_name());
     holder_array(holders.sockets, u.inode());
     j.end_object();
   }
