@@ -13,9 +13,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -189,6 +192,87 @@ TEST(Unix, ExternalPeerRefusedWithoutFlagAndReconnectedWithItEager) {
 }
 TEST(Unix, ExternalPeerRefusedWithoutFlagAndReconnectedWithItLazy) {
   ext_round_trip(true);
+}
+
+// The highest N of the "count-N" lines in `pane`, or 0.
+int highest_count(const std::string& pane) {
+  int best = 0;
+  for (size_t at = pane.find("count-"); at != std::string::npos; at = pane.find("count-", at + 1))
+    best = std::max(best, std::atoi(pane.c_str() + at + 6));
+  return best;
+}
+
+// A real program: Debian's tmux server with a session whose shell runs a job printing a
+// counter. The server (and the pane's shell and job) are dumped, which leaves the socket file
+// behind, stale; restored in a new PID namespace (the server's pid may still be a zombie of
+// ours), the server answers new clients: send-keys runs a command in the pane, capture-pane
+// shows its output, and the job counts on. The clients are outside the tree, connected only
+// while a command runs.
+void tmux_round_trip(bool lazy) {
+  std::string sock = "/tmp/unixsk-tmux-" + std::to_string(::getpid()) + ".sock";
+  ::unlink(sock.c_str());
+  auto tmux = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv{"/usr/bin/tmux", "-S", sock};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run(argv, 30);
+  };
+  auto pane = [&] { return tmux({"capture-pane", "-p", "-t", "t", "-S", "-1000"}).out; };
+  auto wait_pane = [&](const std::function<bool(const std::string&)>& ok) {
+    for (int i = 0; i < 1000; i++) {
+      if (ok(pane())) return true;
+      usleep(20000);
+    }
+    return false;
+  };
+  ASSERT_EQ(tmux({"new-session", "-d", "-s", "t", "-x", "80", "-y", "24",
+                  "env PS1='$ ' bash --norc --noprofile"})
+                .exit_code,
+            0);
+  ASSERT_EQ(tmux({"send-keys", "-t", "t",
+                  "i=0; while :; do i=$((i+1)); echo count-$i; sleep 0.2; done &", "Enter"})
+                .exit_code,
+            0);
+  ASSERT_TRUE(wait_pane([](const std::string& p) { return highest_count(p) >= 3; })) << pane();
+  auto shown = tmux({"display", "-p", "#{pid}"});
+  pid_t server = std::atoi(shown.out.c_str());
+  ASSERT_GT(server, 0) << shown.out << shown.err;
+
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(server), "-D", images / "img"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  struct stat st;
+  EXPECT_EQ(::stat(sock.c_str(), &st), 0) << "the dump should leave the socket file, stale";
+  auto show = lazycr({"show", images / "img"});
+  EXPECT_NE(show.out.find("stream socket listening on " + sock), std::string::npos) << show.out;
+
+  std::vector<std::string> argv{lazycr_bin(), "restore", "-D", images / "img", "--pidns"};
+  if (lazy) argv.push_back("--lazy");
+  Child restore(argv);
+  bool answers = false;
+  for (int i = 0; i < 1500 && restore.running() && !answers; i++) {
+    answers = tmux({"has-session", "-t", "t"}).exit_code == 0;
+    if (!answers) usleep(20000);
+  }
+  ASSERT_TRUE(answers) << "the restored tmux server does not answer";
+  int before = highest_count(pane());
+  ASSERT_EQ(tmux({"send-keys", "-t", "t", "echo hello-$((6*7))-after", "Enter"}).exit_code, 0);
+  // The command line shows "$((6*7))"; only its output shows "hello-42-after".
+  EXPECT_TRUE(wait_pane([](const std::string& p) {
+    return p.find("\nhello-42-after") != std::string::npos;
+  })) << pane();
+  EXPECT_TRUE(wait_pane([&](const std::string& p) { return highest_count(p) > before + 2; }))
+      << "the job stopped counting at " << before << ":\n"
+      << pane();
+  EXPECT_EQ(tmux({"kill-server"}).exit_code, 0);
+  EXPECT_EQ(restore.wait(60), 0);
+  ::unlink(sock.c_str());
+}
+
+TEST(Unix, TmuxServerAnswersAfterRestoreEager) {
+  tmux_round_trip(false);
+}
+TEST(Unix, TmuxServerAnswersAfterRestoreLazy) {
+  tmux_round_trip(true);
 }
 
 }  // namespace
