@@ -255,6 +255,8 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                 human_bytes(inv.options().frame_size()).c_str(),
                 inv.options().leave_running() ? "left running" : "killed after dump");
   o << line;
+  if (inv.options().ext_unix_sk())
+    o << "  --ext-unix-sk: datagram UNIX sockets connected outside the tree (restore needs it)\n";
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
   for (const auto& [p, depth] : tree_order(img)) {
     uint64_t refs = p->zombie() ? 0 : img.pages(p->pid()).ref_pages();
@@ -530,6 +532,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.field("leave_running", inv.options().leave_running());
   j.field("compression_level", inv.options().compression_level());
   j.field("frame_size", inv.options().frame_size());
+  j.field("ext_unix_sk", inv.options().ext_unix_sk());
   j.end_object();
   j.field("root_pid", inv.root_pid());
   j.key("processes");
