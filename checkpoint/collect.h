@@ -118,9 +118,12 @@ struct SharedCollection {
 // kcmp(KCMP_FILE) among candidates that look alike), decides restorable for pipes, FIFOs and
 // sockets, and captures the pipes' buffered bytes (tee) and the UNIX sockets' queues (MSG_PEEK)
 // without consuming them.
-// `tcp_established`: established TCP connections are recorded (dump --tcp-established),
-// else refused by name.
-SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool tcp_established = false);
+// What the dump's flags allow beyond the default.
+struct SharedOptions {
+  bool tcp_established = false;  // dump --tcp-established: record established TCP connections
+  bool ext_unix_sk = false;      // dump --ext-unix-sk (objects/unix_socket.h)
+};
+SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptions& flags = {});
 
 // Ghost files (FORMAT.md "Ghost files"): every deleted regular file or directory a live
 // process holds as a descriptor, maps, runs or works in, and every memfd it holds as a

@@ -534,7 +534,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   for (size_t i = 0; i < order.size(); i++)
     if (!tree.node(order[i]).zombie())
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
-  SharedCollection shared = collect_shared(files, opts.tcp_established);
+  SharedCollection shared = collect_shared(files, {opts.tcp_established, opts.ext_unix_sk});
   shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
   collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
   fault_point(opts, "files");
@@ -627,6 +627,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   o->set_frame_size(opts.frame_size);
   o->set_skip_unsupported_fds(opts.skip_unsupported_fds);
   o->set_tcp_established(opts.tcp_established);
+  o->set_ext_unix_sk(opts.ext_unix_sk);
   uint64_t frozen_end = now_ns();
   inv.set_frozen_ns(frozen_end - tree.frozen_at());
   inv.set_dump_ns(frozen_end - t0);

@@ -22,6 +22,8 @@ struct DumpOptions {
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
   bool tcp_established = false;       // record established TCP connections (TCP_REPAIR)
+  // Record datagram UNIX sockets connected to a bound socket outside the tree (CRIU's flag).
+  bool ext_unix_sk = false;
   // Store pages shared between processes of the tree once (same physical page after fork,
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;

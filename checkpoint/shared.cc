@@ -1,6 +1,6 @@
 // Descriptors across the tree: open file descriptions (file_id), and the kernel objects
-// several descriptors lead to (pipes, FIFOs, AF_UNIX socket pairs) with the data buffered in
-// them, read without consuming it.
+// several descriptors lead to (pipes, FIFOs; sockets through their objects/ units) with the
+// data buffered in them, read without consuming it.
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/kcmp.h>
@@ -28,16 +28,12 @@
 #include "image-format/image_dir.h"
 #include "objects/inet_socket.h"
 #include "objects/tcp_connection.h"
+#include "objects/unix_socket.h"
 
 namespace lazycr::checkpoint {
 namespace {
 
 using image::FileDescriptor;
-
-constexpr int kTcpListen = 10;  // TCP_LISTEN, as UNIX_DIAG reports it
-// What shared.pb may hold for one socket (image_dir.h).
-constexpr size_t kMaxDatagrams = image::kMaxSocketQueued;
-constexpr size_t kMaxQueuedBytes = image::kMaxSocketQueuedBytes;
 
 struct FdRef {
   size_t proc;  // index into the process list
@@ -86,109 +82,6 @@ void capture_pipe(int src, image::Pipe& out, const std::string& what) {
     got += static_cast<size_t>(k);
   }
   out.set_data(std::move(data));
-}
-
-// SO_PEEK_OFF belongs to the socket, which the target shares: put its value back.
-class PeekOffset {
- public:
-  PeekOffset(int fd, const std::string& what) : fd_(fd), what_(what) {
-    socklen_t len = sizeof old_;
-    if (::getsockopt(fd_, SOL_SOCKET, SO_PEEK_OFF, &old_, &len) != 0)
-      fail_errno("getsockopt(SO_PEEK_OFF) on ", what_);
-  }
-  ~PeekOffset() {
-    if (changed_ && ::setsockopt(fd_, SOL_SOCKET, SO_PEEK_OFF, &old_, sizeof old_) != 0)
-      log::warn("cannot put SO_PEEK_OFF of ", what_, " back to ", old_, ": ", std::strerror(errno));
-  }
-  void set(int off) {
-    changed_ = true;
-    if (::setsockopt(fd_, SOL_SOCKET, SO_PEEK_OFF, &off, sizeof off) != 0)
-      fail_errno("setsockopt(SO_PEEK_OFF, ", off, ") on ", what_);
-  }
-
- private:
-  int fd_;
-  std::string what_;
-  int old_ = -1;
-  bool changed_ = false;
-};
-
-// MSG_PEEK that also reports descriptors in flight (SCM_RIGHTS): those are closed at once and
-// make the queue unrestorable. Returns recvmsg's value, or -errno.
-ssize_t peek(int fd, std::vector<char>& buf, int flags, bool& fds_in_flight) {
-  alignas(cmsghdr) char control[4096];
-  iovec iov{buf.data(), buf.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = control;
-  msg.msg_controllen = sizeof control;
-  ssize_t n;
-  do {
-    n = ::recvmsg(fd, &msg, flags | MSG_PEEK | MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) return -errno;
-  if (msg.msg_flags & MSG_CTRUNC) fds_in_flight = true;
-  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    fds_in_flight = true;
-    size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    for (size_t i = 0; i < count; i++) {
-      int passed;
-      std::memcpy(&passed, CMSG_DATA(c) + i * sizeof(int), sizeof passed);
-      ::close(passed);
-    }
-  }
-  return n;
-}
-
-// The data queued for reading at one end of a UNIX socket, oldest first, left in place.
-// Returns false (and why) when it cannot be captured faithfully.
-bool capture_unix_queue(int fd, int type, image::UnixSocket& out, const std::string& what,
-                        std::string& why) {
-  PeekOffset peek_off(fd, what);
-  std::vector<char> buf(256 * 1024);
-  bool fds_in_flight = false;
-  size_t total = 0;
-  if (type == SOCK_STREAM) {
-    // With a peek offset each peek continues where the previous one stopped.
-    peek_off.set(0);
-    std::string all;
-    for (;;) {
-      ssize_t n = peek(fd, buf, 0, fds_in_flight);
-      if (n == -EAGAIN) break;
-      if (n < 0) fail_errno_value(static_cast<int>(-n), cat("MSG_PEEK on ", what));
-      if (n == 0) break;  // end of stream (the peer shut down writing)
-      all.append(buf.data(), static_cast<size_t>(n));
-      if (all.size() > kMaxQueuedBytes)
-        fail(what, ": more than ", kMaxQueuedBytes, " bytes queued");
-    }
-    if (!all.empty()) out.add_queued(std::move(all));
-  } else {
-    // One record per peek; the offset is set before each so that a record larger than the
-    // buffer can be peeked again whole.
-    int off = 0;
-    for (size_t count = 0;; count++) {
-      if (count > kMaxDatagrams) fail(what, ": more than ", kMaxDatagrams, " datagrams queued");
-      peek_off.set(off);
-      ssize_t n = peek(fd, buf, MSG_TRUNC, fds_in_flight);
-      if (n == -EAGAIN) break;
-      if (n < 0) fail_errno_value(static_cast<int>(-n), cat("MSG_PEEK on ", what));
-      if (static_cast<size_t>(n) > buf.size()) {
-        buf.resize(static_cast<size_t>(n));
-        continue;
-      }
-      out.add_queued(std::string(buf.data(), static_cast<size_t>(n)));
-      total += static_cast<size_t>(n);
-      if (total > kMaxQueuedBytes) fail(what, ": more than ", kMaxQueuedBytes, " bytes queued");
-      off += static_cast<int>(n);
-    }
-  }
-  if (fds_in_flight) {
-    why = "it has descriptors in flight (SCM_RIGHTS) in its queue";
-    return false;
-  }
-  return true;
 }
 
 uint64_t inode_in(const std::string& target, const char* prefix) {
@@ -264,7 +157,7 @@ uint64_t object_inode_of(const std::string& target) {
   return inode_in(target, "socket:[");
 }
 
-SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool tcp_established) {
+SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptions& flags) {
   SharedCollection result;
   auto fd_at = [&](const FdRef& r) -> FileDescriptor& {
     return *procs[r.proc].process->mutable_fds(r.index);
@@ -378,90 +271,52 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, bool tcp_establis
     *result.objects.add_pipes() = std::move(pipe);
   }
 
-  // AF_UNIX sockets: restorable when connected to each other inside the tree.
+  // Sockets: AF_UNIX ones of lazycr's network namespace (sock_diag) are objects/unix_socket's,
+  // IPv4/IPv6 ones objects/inet_socket's; anything else is named and refused.
   if (!sockets.empty()) {
     auto diag = sockdiag::unix_sockets();
-    std::map<uint64_t, image::UnixSocket> captured;
+    std::map<uint64_t, objects::UnixHeld> unix_held;
     for (const auto& [inode, refs] : sockets) {
       std::string what = cat("socket:[", inode, "]");
-      std::string why;
-      auto it = diag.find(inode);
-      const sockdiag::UnixSocket* peer = nullptr;
-      if (it == diag.end()) {
-        // Not an AF_UNIX socket of this network namespace: name what it is.
-        UniqueFd sock(static_cast<int>(
-            ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
-        if (sock && objects::is_inet_socket(sock.get())) {
-          image::InetSocket in;
-          if ((!objects::is_tcp_connection(sock.get()) ||
-               objects::dump_tcp_connection(sock.get(), inode, tcp_established, in, why,
-                                            result.tcp_repair)) &&
-              objects::dump_inet_socket(sock.get(), inode, in, why)) {
-            for (const auto& r : refs) fd_at(r).set_restorable(true);
-            log::debug(what, ": ", objects::describe_inet_socket(in));
-            *result.objects.add_inet_sockets() = std::move(in);
-          } else {
-            for (const auto& r : refs) why_not(r, why);
-          }
-          continue;
-        }
-        std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
-        why = cat(what, " is ", article(kind), " ", kind,
-                  kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");
-      } else {
-        const auto& s = it->second;
-        auto pit = diag.find(s.peer);
-        peer = pit == diag.end() ? nullptr : &pit->second;
-        if (s.state == kTcpListen)
-          why = cat(what, " is a listening socket");
-        else if (s.peer == 0)
-          why = cat(what, " is not connected");
-        else if (!sockets.count(s.peer))
-          why = cat(what, " is connected to socket:[", s.peer, "] outside the tree");
-        else if (peer == nullptr || peer->peer != inode)
-          why = cat(what, " is connected to socket:[", s.peer, "], which is not connected back");
-        else if (s.type == SOCK_DGRAM && (!s.name.empty() || !peer->name.empty()))
-          why = cat(what, " is a datagram socket bound to an address");
-      }
-      if (why.empty()) {
-        const auto& s = it->second;
-        image::UnixSocket u;
-        u.set_inode(inode);
-        u.set_peer_inode(s.peer);
-        u.set_type(s.type);
-        u.set_shutdown_read(s.shutdown_read);
-        u.set_shutdown_write(s.shutdown_write);
-        UniqueFd sock = get_fd(procs[refs[0].proc], fd_at(refs[0]).fd());
-        int v = 0;
-        socklen_t len = sizeof v;
-        if (::getsockopt(sock.get(), SOL_SOCKET, SO_SNDBUF, &v, &len) == 0)
-          u.set_sndbuf(static_cast<uint32_t>(v));
-        len = sizeof v;
-        if (::getsockopt(sock.get(), SOL_SOCKET, SO_RCVBUF, &v, &len) == 0)
-          u.set_rcvbuf(static_cast<uint32_t>(v));
-        if (capture_unix_queue(sock.get(), s.type, u, what, why)) captured[inode] = std::move(u);
-      }
-      if (!why.empty())
-        for (const auto& r : refs) why_not(r, why);
-    }
-    // A pair is restored whole or not at all.
-    for (auto it = captured.begin(); it != captured.end();) {
-      if (captured.count(it->second.peer_inode())) {
-        ++it;
+      const FdRef first = refs[0];
+      if (diag.count(inode)) {
+        unix_held[inode] = objects::UnixHeld{pid_of(first), [&procs, &fd_at, first] {
+                                               return get_fd(procs[first.proc], fd_at(first).fd());
+                                             }};
         continue;
       }
-      for (const auto& r : sockets[it->first])
-        why_not(r, cat("socket:[", it->first, "] is connected to socket:[", it->second.peer_inode(),
-                       "], which cannot be restored"));
-      it = captured.erase(it);
+      std::string why;
+      UniqueFd sock(static_cast<int>(
+          ::syscall(SYS_pidfd_getfd, procs[first.proc].pidfd, fd_at(first).fd(), 0)));
+      if (sock && objects::is_inet_socket(sock.get())) {
+        image::InetSocket in;
+        if ((!objects::is_tcp_connection(sock.get()) ||
+             objects::dump_tcp_connection(sock.get(), inode, flags.tcp_established, in, why,
+                                          result.tcp_repair)) &&
+            objects::dump_inet_socket(sock.get(), inode, in, why)) {
+          for (const auto& r : refs) fd_at(r).set_restorable(true);
+          log::debug(what, ": ", objects::describe_inet_socket(in));
+          *result.objects.add_inet_sockets() = std::move(in);
+        } else {
+          for (const auto& r : refs) why_not(r, why);
+        }
+        continue;
+      }
+      std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
+      why = cat(what, " is ", article(kind), " ", kind,
+                kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");
+      for (const auto& r : refs) why_not(r, why);
     }
-    for (auto& [inode, u] : captured) {
+    objects::UnixDump u = objects::dump_unix_sockets(unix_held, diag, flags.ext_unix_sk);
+    for (const auto& [inode, why] : u.why_not)
+      for (const auto& r : sockets[inode]) why_not(r, why);
+    for (auto& [inode, s] : u.sockets) {
       for (const auto& r : sockets[inode]) fd_at(r).set_restorable(true);
       size_t bytes = 0;
-      for (const auto& q : u.queued()) bytes += q.size();
-      log::debug("socket:[", inode, "] (peer socket:[", u.peer_inode(), "], type ", u.type(),
-                 "): ", u.queued_size(), " record(s), ", bytes, " bytes queued");
-      *result.objects.add_sockets() = std::move(u);
+      for (const auto& q : s.queued()) bytes += q.size();
+      log::debug("socket:[", inode, "] ", objects::describe_unix_socket(s), " (peer socket:[",
+                 s.peer_inode(), "]): ", s.queued_size(), " record(s), ", bytes, " bytes queued");
+      *result.objects.add_sockets() = std::move(s);
     }
   }
   collect_ptys(procs, result);

@@ -73,6 +73,14 @@ UnixSocket parse_unix_diag_msg(const void* data, size_t len) {
           s.icons.push_back(v);
         }
         break;
+      case UNIX_DIAG_VFS:
+        if (plen >= sizeof(unix_diag_vfs)) {
+          unix_diag_vfs v;
+          std::memcpy(&v, payload, sizeof v);
+          s.vfs_dev = v.udiag_vfs_dev;
+          s.vfs_ino = v.udiag_vfs_ino;
+        }
+        break;
       default:
         break;
     }
@@ -95,7 +103,8 @@ std::map<uint64_t, UnixSocket> unix_sockets() {
   request.hdr.nlmsg_seq = 1;
   request.req.sdiag_family = AF_UNIX;
   request.req.udiag_states = static_cast<uint32_t>(kAllStates);
-  request.req.udiag_show = UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS;
+  request.req.udiag_show =
+      UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS | UDIAG_SHOW_VFS;
   sockaddr_nl kernel{};
   kernel.nl_family = AF_NETLINK;
   if (::sendto(nl.get(), &request, sizeof request, 0, reinterpret_cast<sockaddr*>(&kernel),

@@ -22,6 +22,8 @@ struct UnixSocket {
   bool shutdown_read = false;   // RCV_SHUTDOWN
   bool shutdown_write = false;  // SEND_SHUTDOWN
   std::vector<uint64_t> icons;  // listening: inodes of connections not accepted yet
+  uint64_t vfs_dev = 0;         // bound to a path: the socket file's device and inode
+  uint64_t vfs_ino = 0;         // (UNIX_DIAG_VFS), 0 otherwise
 };
 
 // Every AF_UNIX socket of the current network namespace, by inode. Throws Error if the

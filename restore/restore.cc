@@ -723,7 +723,8 @@ Restored restore(const RestoreOptions& opts_in) {
     if (opts.netns) netns = make_network_namespace();
     InNetworkNamespace in_netns(netns.get());
     ghosts = std::make_unique<GhostFiles>(procs, img->shared());
-    shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job, ghosts.get());
+    shared = std::make_unique<SharedFiles>(procs, img->shared(), opts.shell_job, ghosts.get(),
+                                           opts.ext_unix_sk);
     if (shared->size() == 0) return;
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0)

@@ -50,6 +50,9 @@ struct RestoreOptions {
   bool tcp_established = false;
   bool pidns = false;  // restore into a fresh PID namespace whose PID 1 is a minimal
                        // reaper (the restored process is its child and sees ppid 1)
+  // --ext-unix-sk: datagram UNIX sockets the dump recorded connected to a bound socket outside
+  // the tree are connected to it again (objects/unix_socket.h).
+  bool ext_unix_sk = false;
   bool netns = false;  // restore into a fresh network namespace with loopback up: sockets
                        // are made there and the tree's first process is cloned into it
   // Restore an image that asks for privileges (restore/trust.h) without the check of its MAC.

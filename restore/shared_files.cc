@@ -18,6 +18,7 @@
 #include "objects/inet_socket.h"
 #include "objects/pty.h"
 #include "objects/tcp_connection.h"
+#include "objects/unix_socket.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
 
@@ -31,8 +32,6 @@ using image::UnixSocket;
 
 // What F_SETFL changes; O_ASYNC is left out: it needs an owner (F_SETOWN) the image lacks.
 constexpr uint32_t kStatusFlags = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME;
-// A socket's buffers are not grown past this to make its queued data fit.
-constexpr int kMaxSocketBuf = 1 << 30;
 
 struct User {
   int pid;
@@ -75,19 +74,6 @@ bool writes(const FileDescriptor& f) {
   return acc == O_WRONLY || acc == O_RDWR;
 }
 
-std::string socket_type(int type) {
-  switch (type) {
-    case SOCK_STREAM:
-      return "SOCK_STREAM";
-    case SOCK_DGRAM:
-      return "SOCK_DGRAM";
-    case SOCK_SEQPACKET:
-      return "SOCK_SEQPACKET";
-    default:
-      return cat("type ", type);
-  }
-}
-
 // The description's status flags become the image's (flags as recorded in fdinfo).
 void set_status_flags(int fd, uint32_t flags, const std::string& what) {
   int cur = ::fcntl(fd, F_GETFL);
@@ -104,113 +90,6 @@ UniqueFd reopen(int fd, uint32_t flags, const std::string& what) {
                    static_cast<int>(flags & O_ACCMODE) | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
   if (got < 0) fail_errno(what, ": opening another description of it through /proc/self/fd");
   return UniqueFd(got);
-}
-
-int get_sockopt(int fd, int opt, const std::string& what) {
-  int v = 0;
-  socklen_t len = sizeof v;
-  if (::getsockopt(fd, SOL_SOCKET, opt, &v, &len) != 0)
-    fail_errno(what, ": getsockopt(", opt == SO_SNDBUF ? "SO_SNDBUF" : "SO_RCVBUF", ")");
-  return v;
-}
-
-// Sets SO_SNDBUF or SO_RCVBUF so that getsockopt reads `bytes` (the kernel doubles what it is
-// given); beyond net.core.[wr]mem_max only with CAP_NET_ADMIN (the FORCE variants).
-void set_sockbuf(int fd, int opt, int bytes, const std::string& what) {
-  int half = std::max(bytes / 2, 1);
-  int force = opt == SO_SNDBUF ? SO_SNDBUFFORCE : SO_RCVBUFFORCE;
-  if (::setsockopt(fd, SOL_SOCKET, force, &half, sizeof half) == 0) return;
-  if (errno != EPERM)
-    fail_errno(what, ": setsockopt(", opt == SO_SNDBUF ? "SO_SNDBUFFORCE" : "SO_RCVBUFFORCE", ", ",
-               half, ")");
-  if (::setsockopt(fd, SOL_SOCKET, opt, &half, sizeof half) != 0)
-    fail_errno(what, ": setsockopt(", opt == SO_SNDBUF ? "SO_SNDBUF" : "SO_RCVBUF", ", ", half,
-               ")");
-}
-
-// One end of a socket being made, with the buffer sizes it was born with (restored after the
-// queued data is in, unless the image has its own).
-struct SocketEnd {
-  UniqueFd fd;
-  int sndbuf0 = 0;
-  int rcvbuf0 = 0;
-};
-
-SocketEnd make_end(int fd, const std::string& what) {
-  SocketEnd e;
-  e.fd = UniqueFd(fd);
-  e.sndbuf0 = get_sockopt(fd, SO_SNDBUF, what);
-  e.rcvbuf0 = get_sockopt(fd, SO_RCVBUF, what);
-  return e;
-}
-
-std::pair<SocketEnd, SocketEnd> make_pair_of(const UnixSocket& s) {
-  std::string what = cat("socket inode ", s.inode());
-  int sv[2];
-  if (::socketpair(AF_UNIX, s.type() | SOCK_CLOEXEC, 0, sv) != 0)
-    fail_errno(what, ": socketpair(AF_UNIX, ", socket_type(s.type()), ")");
-  UniqueFd a(sv[0]), b(sv[1]);
-  SocketEnd ea = make_end(a.release(), what);
-  SocketEnd eb = make_end(b.release(), what);
-  return {std::move(ea), std::move(eb)};
-}
-
-// The data queued for reading at `to` (socket `s`) is sent through its peer `from`, in order,
-// one send per datagram or record; the sender's buffer (which the queued data is charged to)
-// and the receiver's grow until it fits.
-void queue_data(const SocketEnd& from, const SocketEnd& to, const UnixSocket& s) {
-  std::string what = cat("socket inode ", s.inode(), " (", socket_type(s.type()), ")");
-  uint64_t total = 0;
-  for (const auto& e : s.queued()) total += e.size();
-  for (const auto& e : s.queued()) {
-    if (s.type() == SOCK_STREAM && e.empty()) continue;
-    size_t off = 0;
-    while (true) {
-      ssize_t n =
-          ::send(from.fd.get(), e.data() + off, e.size() - off, MSG_DONTWAIT | MSG_NOSIGNAL);
-      if (n >= 0) {
-        off += static_cast<size_t>(n);
-        if (s.type() != SOCK_STREAM || off == e.size()) break;
-        continue;
-      }
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN && errno != EMSGSIZE)
-        fail_errno(what, ": sending its ", total, " queued bytes through its peer");
-      int snd = get_sockopt(from.fd.get(), SO_SNDBUF, what);
-      int64_t want =
-          std::max<int64_t>(int64_t{snd} * 2, static_cast<int64_t>(e.size()) * 2 + 65536);
-      if (want > kMaxSocketBuf || snd >= kMaxSocketBuf)
-        fail(what, ": its ", s.queued_size(), " queued messages (", total,
-             " bytes) do not fit in a socket buffer of ", snd, " bytes");
-      set_sockbuf(from.fd.get(), SO_SNDBUF, static_cast<int>(want), what);
-      int rcv = get_sockopt(to.fd.get(), SO_RCVBUF, what);
-      if (rcv < want) set_sockbuf(to.fd.get(), SO_RCVBUF, static_cast<int>(want), what);
-      int now = get_sockopt(from.fd.get(), SO_SNDBUF, what);
-      if (now <= snd)
-        fail(what, ": its ", s.queued_size(), " queued messages (", total,
-             " bytes) do not fit: the sending end's SO_SNDBUF stays at ", snd,
-             " bytes (net.core.wmem_max without CAP_NET_ADMIN)");
-    }
-  }
-}
-
-// The image's buffer sizes (or the ones the socket was born with), then its shutdown state.
-void finish_end(const SocketEnd& e, const UnixSocket& s) {
-  std::string what = cat("socket inode ", s.inode());
-  int snd = s.sndbuf() != 0 ? static_cast<int>(s.sndbuf()) : e.sndbuf0;
-  int rcv = s.rcvbuf() != 0 ? static_cast<int>(s.rcvbuf()) : e.rcvbuf0;
-  if (get_sockopt(e.fd.get(), SO_SNDBUF, what) != snd)
-    set_sockbuf(e.fd.get(), SO_SNDBUF, snd, what);
-  if (get_sockopt(e.fd.get(), SO_RCVBUF, what) != rcv)
-    set_sockbuf(e.fd.get(), SO_RCVBUF, rcv, what);
-}
-
-void shut(const SocketEnd& e, const UnixSocket& s) {
-  std::string what = cat("socket inode ", s.inode());
-  if (s.shutdown_read() && ::shutdown(e.fd.get(), SHUT_RD) != 0)
-    fail_errno(what, ": shutdown(SHUT_RD)");
-  if (s.shutdown_write() && ::shutdown(e.fd.get(), SHUT_WR) != 0)
-    fail_errno(what, ": shutdown(SHUT_WR)");
 }
 
 void set_capacity(int fd, const Pipe& p, const std::string& what) {
@@ -253,9 +132,14 @@ void write_data(int fd, const Pipe& p, const std::string& what) {
 class Builder {
  public:
   Builder(const std::vector<image::Process>& processes, const SharedObjects& shared, bool shell_job,
-          const GhostFiles* ghosts, std::map<std::pair<int, int>, FdPlan>& plans,
+          bool ext_unix_sk, const GhostFiles* ghosts, std::map<std::pair<int, int>, FdPlan>& plans,
           std::map<uint64_t, UniqueFd>& out)
-      : shared_(shared), shell_job_(shell_job), ghosts_(ghosts), plans_(plans), out_(out) {
+      : shared_(shared),
+        shell_job_(shell_job),
+        ext_unix_sk_(ext_unix_sk),
+        ghosts_(ghosts),
+        plans_(plans),
+        out_(out) {
     index(processes);
   }
 
@@ -378,8 +262,9 @@ class Builder {
       auto it = sockets_.find(f.object_inode());
       if (it == sockets_.end()) return false;  // refused, with the reason, when it is made
       const UnixSocket& s = *it->second;
-      if (s.peer_inode() != 0) return !held_sockets_.count(s.peer_inode());
-      return !peerless_ok(s);
+      // A socket whose peer no descriptor holds; anything else (bound, listening, connected to
+      // a name) is made again.
+      return s.peer_inode() != 0 && !held_sockets_.count(s.peer_inode());
     }
     return false;
   }
@@ -402,13 +287,6 @@ class Builder {
   void hand_out(const Description& d, UniqueFd fd) {
     for (const User& u : d.users) plans_[{u.pid, u.f->fd()}] = FdPlan{FdPlan::kShared, fd.get()};
     out_[d.id] = std::move(fd);
-  }
-
-  // A socket without a peer that can be recreated: an unconnected datagram socket, or one whose
-  // peer is gone (shut down both ways, which is what the peer's close leaves on a stream or
-  // seqpacket socket; a datagram socket with data still queued).
-  static bool peerless_ok(const UnixSocket& s) {
-    return s.type() == SOCK_DGRAM || (s.shutdown_read() && s.shutdown_write());
   }
 
   void make_pipe(uint64_t inode, const std::vector<const Description*>& ds) {
@@ -549,73 +427,31 @@ class Builder {
     for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
   }
 
-  const UnixSocket& socket_of(uint64_t inode, const std::vector<const Description*>& ds) {
-    auto it = sockets_.find(inode);
-    if (it == sockets_.end())
-      fail("socket inode ", inode, " (", ds.front()->who(), "): not in the image's shared objects");
-    const UnixSocket& s = *it->second;
-    if (s.type() != SOCK_STREAM && s.type() != SOCK_DGRAM && s.type() != SOCK_SEQPACKET)
-      fail("socket inode ", inode, " (", ds.front()->who(), "): ", socket_type(s.type()),
-           " is not a type lazycr restores");
-    if (ds.size() > 1)
-      fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
-           " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
-           "), which a socket cannot have");
-    return s;
-  }
-
+  // Every AF_UNIX socket held (objects/unix_socket.h), made in lazycr's current network
+  // namespace; a path is bound as its first holder.
   void make_sockets(const std::map<uint64_t, std::vector<const Description*>>& held) {
-    std::map<uint64_t, SocketEnd> ends;
+    objects::UnixRestore in;
+    in.ext_unix_sk = ext_unix_sk_;
     for (const auto& [inode, ds] : held) {
-      if (ends.count(inode)) continue;  // made with its peer
-      const UnixSocket& s = socket_of(inode, ds);
-      std::string what =
-          cat("socket inode ", inode, " (", socket_type(s.type()), ", ", ds.front()->who(), ")");
-      uint64_t peer = s.peer_inode();
-      auto peer_held = held.find(peer);
-      if (peer != 0 && peer_held != held.end()) {
-        const UnixSocket& ps = socket_of(peer, peer_held->second);
-        if (ps.peer_inode() != inode)
-          fail(what, ": its peer, socket inode ", peer, ", is connected to socket inode ",
-               ps.peer_inode());
-        if (ps.type() != s.type())
-          fail(what, ": its peer, socket inode ", peer, ", is a ", socket_type(ps.type()));
-        auto [a, b] = make_pair_of(s);
-        queue_data(b, a, s);
-        queue_data(a, b, ps);
-        finish_end(a, s);
-        finish_end(b, ps);
-        shut(a, s);
-        shut(b, ps);
-        ends[inode] = std::move(a);
-        ends[peer] = std::move(b);
-      } else if (peer != 0 || (peerless_ok(s) && (s.type() != SOCK_DGRAM || s.queued_size() > 0))) {
-        // Its peer is held by no descriptor of the image (or is gone): the pair is made so that
-        // the data can be queued, then the peer's end is closed, as in the original.
-        auto [a, b] = make_pair_of(s);
-        queue_data(b, a, s);
-        finish_end(a, s);
-        shut(a, s);
-        ends[inode] = std::move(a);
-        temporaries_.push_back(std::move(b.fd));
-      } else if (s.type() == SOCK_DGRAM) {
-        int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-        if (fd < 0) fail_errno(what, ": socket(AF_UNIX, SOCK_DGRAM)");
-        SocketEnd a = make_end(fd, what);
-        finish_end(a, s);
-        shut(a, s);
-        ends[inode] = std::move(a);
-      } else {
-        fail(what,
-             ": connected to no peer (unconnected, listening, or its peer is outside the "
-             "tree); lazycr restores socket pairs and unconnected datagram sockets");
-      }
+      auto it = sockets_.find(inode);
+      if (it == sockets_.end())
+        fail("socket inode ", inode, " (", ds.front()->who(),
+             "): not in the image's shared objects");
+      if (ds.size() > 1)
+        fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
+             " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
+             "), which a socket cannot have");
+      in.held[inode] = {it->second, ds.front()->who()};
     }
+    in.as_holder = [&](uint64_t inode, const std::function<void()>& fn) {
+      run_here_as(*creds_.at(held.at(inode).front()->users.front().pid), fn);
+    };
+    std::map<uint64_t, UniqueFd> made = objects::create_unix_sockets(in);
     for (const auto& [inode, ds] : held) {
       const Description& d = *ds.front();
-      SocketEnd& e = ends.at(inode);
-      set_status_flags(e.fd.get(), d.f().flags(), cat("socket inode ", inode));
-      hand_out(d, std::move(e.fd));
+      UniqueFd fd = std::move(made.at(inode));
+      set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
+      hand_out(d, std::move(fd));
     }
   }
 
@@ -710,6 +546,7 @@ class Builder {
 
   const SharedObjects& shared_;
   bool shell_job_;
+  bool ext_unix_sk_;
   const GhostFiles* ghosts_;
   std::map<std::pair<int, int>, FdPlan>& plans_;
   std::map<uint64_t, UniqueFd>& out_;
@@ -728,8 +565,8 @@ class Builder {
 
 SharedFiles::SharedFiles(const std::vector<image::Process>& processes,
                          const image::SharedObjects& shared, bool shell_job,
-                         const GhostFiles* ghosts) {
-  Builder(processes, shared, shell_job, ghosts, plans_, descriptions_).build();
+                         const GhostFiles* ghosts, bool ext_unix_sk) {
+  Builder(processes, shared, shell_job, ext_unix_sk, ghosts, plans_, descriptions_).build();
 }
 
 FdPlan SharedFiles::plan(int pid, const image::FileDescriptor& f) const {

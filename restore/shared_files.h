@@ -1,6 +1,7 @@
-// Open file descriptions the processes of a tree share, and pipes, FIFOs and UNIX socket pairs
-// with the data buffered in them at dump time: lazycr creates them itself, before any process
-// runs, and the restore hands each process its descriptors through an SCM_RIGHTS socket.
+// Open file descriptions the processes of a tree share, and pipes, FIFOs and sockets (UNIX:
+// objects/unix_socket.h; IPv4/IPv6: objects/inet_socket.h) with the data buffered in them at dump
+// time: lazycr creates them itself, before any process runs, and the restore hands each process its
+// descriptors through an SCM_RIGHTS socket.
 //
 // How each descriptor of the image is restored (plan()):
 // - kShared: every PIPE, FIFO and SOCKET descriptor, and every other descriptor whose open file
@@ -45,8 +46,9 @@ class SharedFiles {
   // is left open on a throw.
   // Every descriptor of a ghost file (FileDescriptor.ghost_id) is kShared: its description is
   // opened from `ghosts`, which must then be given.
+  // `ext_unix_sk`: restore --ext-unix-sk (objects/unix_socket.h).
   SharedFiles(const std::vector<image::Process>& processes, const image::SharedObjects& shared,
-              bool shell_job, const GhostFiles* ghosts = nullptr);
+              bool shell_job, const GhostFiles* ghosts = nullptr, bool ext_unix_sk = false);
   SharedFiles(const SharedFiles&) = delete;
   SharedFiles& operator=(const SharedFiles&) = delete;
   ~SharedFiles() = default;  // closes every description it holds

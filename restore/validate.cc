@@ -20,6 +20,7 @@
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
 #include "objects/tcp_connection.h"
+#include "objects/unix_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 #include "restore/sysv_shm.h"
@@ -214,6 +215,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     objects::validate_inet_socket(s);
     if (s.has_tcp()) objects::validate_tcp_connection(s, opts.tcp_established);
   }
+  for (const auto& s : img.shared().sockets()) objects::validate_unix_socket(s);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
   validate_sysv_areas(procs, img.shared());

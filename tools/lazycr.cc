@@ -91,6 +91,9 @@ int main(int argc, char** argv) {
   dump_cmd->add_flag("--tcp-established", dump.tcp_established,
                      "Checkpoint established TCP connections (TCP_REPAIR; restore needs the "
                      "flag too); without it the dump refuses them");
+  dump_cmd->add_flag("--ext-unix-sk", dump.ext_unix_sk,
+                     "Record datagram UNIX sockets connected to a bound socket outside the tree "
+                     "(restore --ext-unix-sk connects them to that name again), as CRIU's flag");
   dump_cmd
       ->add_option("--ghost-limit", dump.ghost_limit,
                    "Largest deleted file or memfd whose contents the image stores (at most 48M)")
@@ -126,6 +129,9 @@ int main(int argc, char** argv) {
   restore_cmd->add_flag("--pidns", restore.restore.pidns,
                         "Restore into a new PID namespace (its PIDs are free there); a minimal "
                         "reaper is its PID 1");
+  restore_cmd->add_flag("--ext-unix-sk", restore.restore.ext_unix_sk,
+                        "Connect datagram UNIX sockets recorded by dump --ext-unix-sk to their "
+                        "peer's name outside the tree again");
   restore_cmd->add_flag("--netns", restore.restore.netns,
                         "Restore into a fresh network namespace with loopback up (its ports are "
                         "free there: a server restores beside its still-running original)");

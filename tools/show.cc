@@ -18,6 +18,7 @@
 #include "image-format/image_dir.h"
 #include "objects/epoll.h"
 #include "objects/inet_socket.h"
+#include "objects/unix_socket.h"
 #include "tools/commands.h"
 #include "tools/show_timers.h"
 
@@ -255,6 +256,8 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                 inv.options().leave_running() ? "left running" : "killed after dump",
                 inv.options().tcp_established() ? ", TCP connections recorded" : "");
   o << line;
+  if (inv.options().ext_unix_sk())
+    o << "  --ext-unix-sk: datagram UNIX sockets connected outside the tree (restore needs it)\n";
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
   for (const auto& [p, depth] : tree_order(img)) {
     uint64_t refs = p->zombie() ? 0 : img.pages(p->pid()).ref_pages();
@@ -448,6 +451,10 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                  Holders::list(holders.sockets, e.inode()));
     };
     o << "  unix " << socket_type(u.type()) << "  " << end(u);
+    if (u.listening() || !u.name().empty() || u.external_peer() || u.connected_by_name() ||
+        u.passcred())
+      o << "\n    " << objects::describe_unix_socket(u);
+    for (uint64_t c : u.pending()) o << "\n    pending connection from socket:[" << c << "]";
     if (peer != nullptr) o << "\n    <-> " << end(*peer);
     o << "\n";
   }
@@ -527,6 +534,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.field("compression_level", inv.options().compression_level());
   j.field("frame_size", inv.options().frame_size());
   j.field("tcp_established", inv.options().tcp_established());
+  j.field("ext_unix_sk", inv.options().ext_unix_sk());
   j.end_object();
   j.field("root_pid", inv.root_pid());
   j.key("processes");
@@ -760,6 +768,22 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("queued_bytes", queued_bytes(u));
     j.field("shutdown_read", u.shutdown_read());
     j.field("shutdown_write", u.shutdown_write());
+    j.field("name", u.name().empty() ? std::string() : objects::unix_name_text(u.name()));
+    j.field("listening", u.listening());
+    j.field("backlog", u.backlog());
+    j.field("passcred", u.passcred());
+    if (!u.name().empty() && u.name()[0] != '\0') {
+      j.field("file_mode", u.file_mode());
+      j.field("file_uid", u.file_uid());
+      j.field("file_gid", u.file_gid());
+    }
+    j.key("pending");
+    j.begin_array();
+    for (uint64_t c : u.pending()) j.value(c);
+    j.end_array();
+    j.field("external_peer", u.external_peer());
+    if (u.external_peer()) j.field("peer_name", objects::unix_name_text(u.peer_name()));
+    j.field("connected_by_name", u.connected_by_name());
     holder_array(holders.sockets, u.inode());
     j.end_object();
   }

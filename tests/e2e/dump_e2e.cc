@@ -624,6 +624,8 @@ fds['udp_dup'] = os.dup(udp.fileno())
 nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE); nl.bind((0, 0))
 fds['netlink'] = nl.fileno()
 ul = socket.socket(socket.AF_UNIX); ul.bind('\0lazycr-unsupported-%d' % os.getpid()); ul.listen()
+gone = socket.socket(socket.AF_UNIX); gone.connect('\0lazycr-unsupported-%d' % os.getpid())
+gone.close()  # a connection not accepted yet whose client end is gone: not restorable
 fds['unix_listen'] = ul.fileno()
 keep = [tcp, tcp_peer, udp, nl, ul]
 want = {}
