@@ -226,6 +226,25 @@ void probe_unprivileged_sysctl(KernelFeatures& f) {
 
 // --- ptrace, pidfd ---------------------------------------------------------------------------
 
+// pidfd_getfd on another process, as the restorer does to pull a uffd out of a target.
+void probe_pidfd_getfd(KernelFeatures& f, const WaitingChild& child) {
+  const pid_t pid = child.pid();
+  UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd) {
+    f.notes["pidfd.getfd"] = cat("pidfd_open(child ", pid, "): ", err_text(errno));
+    return;
+  }
+  UniqueFd pulled(
+      static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), child.fd_in_child(), 0)));
+  if (pulled) {
+    f.pidfd_getfd = true;
+    f.notes["pidfd.getfd"] = cat("pulled fd ", child.fd_in_child(), " out of a child");
+  } else {
+    f.notes["pidfd.getfd"] =
+        cat("pidfd_getfd(child ", pid, ", fd ", child.fd_in_child(), "): ", err_text(errno));
+  }
+}
+
 void probe_ptrace_and_pidfd(KernelFeatures& f) {
   {
     UniqueFd self(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
@@ -249,23 +268,7 @@ void probe_ptrace_and_pidfd(KernelFeatures& f) {
   }
   const pid_t pid = child.pid();
 
-  // pidfd_getfd on another process, as the restorer does to pull a uffd out of a target.
-  {
-    UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
-    if (!pidfd) {
-      f.notes["pidfd.getfd"] = cat("pidfd_open(child ", pid, "): ", err_text(errno));
-    } else {
-      UniqueFd pulled(
-          static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd.get(), child.fd_in_child(), 0)));
-      if (pulled) {
-        f.pidfd_getfd = true;
-        f.notes["pidfd.getfd"] = cat("pulled fd ", child.fd_in_child(), " out of a child");
-      } else {
-        f.notes["pidfd.getfd"] =
-            cat("pidfd_getfd(child ", pid, ", fd ", child.fd_in_child(), "): ", err_text(errno));
-      }
-    }
-  }
+  probe_pidfd_getfd(f, child);
 
   if (raw_ptrace(PTRACE_SEIZE, pid, 0, 0) != 0) {
     f.notes["ptrace.seize"] = cat("PTRACE_SEIZE child ", pid, ": ", err_text(errno));
@@ -767,10 +770,28 @@ KernelFeatures probe_all() {
   return f;
 }
 
+KernelFeatures probe_lazy() {
+  KernelFeatures f;
+  probe_userfaultfd(f);
+  probe_unprivileged_sysctl(f);
+  probe_pagemap_scan(f);
+  WaitingChild child;
+  if (child.pid() < 0)
+    f.notes["pidfd.getfd"] = cat("cannot start a probe child: ", err_text(child.error()));
+  else
+    probe_pidfd_getfd(f, child);
+  return f;
+}
+
 }  // namespace
 
 const KernelFeatures& kernel_features() {
   static const KernelFeatures features = probe_all();
+  return features;
+}
+
+const KernelFeatures& lazy_restore_features() {
+  static const KernelFeatures features = probe_lazy();
   return features;
 }
 

@@ -683,7 +683,7 @@ class LazyStrategy final : public MemoryStrategy {
   // Pages of lazy areas that are present already would never fault (a page the restore
   // faulted in to keep neighbours apart, or a transparent huge page it populated): dropped.
   void drop_present_pages(RemoteProcess& target) {
-    const auto& k = kernel_features();
+    const auto& k = lazy_restore_features();
     std::vector<Range> present;
     if (k.pagemap_scan) {
       UniqueFd pm(::open(cat("/proc/", target.pid(), "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
@@ -724,7 +724,7 @@ class LazyStrategy final : public MemoryStrategy {
       fd = target.inject("userfaultfd(O_CLOEXEC | O_NONBLOCK) in the process", SYS_userfaultfd,
                          O_CLOEXEC | O_NONBLOCK);
     } catch (const Error& e) {
-      if (!kernel_features().dev_userfaultfd) throw;
+      if (!lazy_restore_features().dev_userfaultfd) throw;
       const uint64_t path = target.put_data("/dev/userfaultfd", sizeof "/dev/userfaultfd");
       long dev = target.inject(cat("open /dev/userfaultfd (", e.what(), ")"), SYS_openat,
                                static_cast<uint64_t>(AT_FDCWD), path, O_RDWR | O_CLOEXEC);
@@ -747,7 +747,8 @@ class LazyStrategy final : public MemoryStrategy {
           err, cat("pidfd_getfd of the userfaultfd (fd ", fd, " of pid ", target.pid(), ")"));
     uffd_ = uffd::Userfaultfd::adopt(static_cast<int>(ours));
     uint64_t want = kRequiredFeatures;
-    if (kernel_features().uffd_features & UFFD_FEATURE_THREAD_ID) want |= UFFD_FEATURE_THREAD_ID;
+    if (lazy_restore_features().uffd_features & UFFD_FEATURE_THREAD_ID)
+      want |= UFFD_FEATURE_THREAD_ID;
     uffd_.api(want);
   }
 
@@ -917,7 +918,7 @@ void check_lazy_options(const LazyOptions& opts) {
 }
 
 void check_lazy_support() {
-  const KernelFeatures& k = kernel_features();
+  const KernelFeatures& k = lazy_restore_features();
   if (!k.userfaultfd_syscall && !k.dev_userfaultfd)
     fail("--lazy: this kernel gives lazycr no userfaultfd (",
          k.notes.count("userfaultfd.syscall") ? k.notes.at("userfaultfd.syscall") : "not available",

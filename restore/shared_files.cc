@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -530,14 +531,26 @@ class Builder {
     if (f.file().deleted()) fail(what, ": the file had been deleted at dump time");
     OpenRequest req = request_for_fd(f);
     req.what = what;
+    // One holder allowed to open it is enough: a description shared after fork is often one a
+    // privileged parent opened before its children dropped privileges (nginx's master opens
+    // its logs as root; its workers, nobody, inherit them). The image is trusted to run with
+    // each holder's credentials (restore/trust.h), so that holder could have handed it on.
     UniqueFd fd;
+    std::optional<Error> denied;
     std::set<const image::Credentials*> tried;
     for (const User& u : d.users) {
       const image::Credentials* c = creds_.at(u.pid);
       if (!tried.insert(c).second) continue;
-      UniqueFd got = open_here_as(*c, req);
-      if (!fd) fd = std::move(got);
+      try {
+        UniqueFd got = open_here_as(*c, req);
+        if (!fd) fd = std::move(got);
+      } catch (const Error& e) {
+        if (e.sys_errno() != EACCES && e.sys_errno() != EPERM) throw;
+        if (!denied)
+          denied = Error(cat(e.what(), " (as the holder ", where(u), ")"), e.sys_errno());
+      }
     }
+    if (!fd) throw *denied;
     if ((f.kind() == FileDescriptor::REGULAR || f.kind() == FileDescriptor::BLOCKDEV) &&
         f.pos() != 0 && ::lseek(fd.get(), static_cast<off_t>(f.pos()), SEEK_SET) < 0)
       fail_errno(what, ": lseek to ", f.pos());

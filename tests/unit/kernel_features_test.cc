@@ -24,6 +24,25 @@ TEST(KernelFeatures, ProbedOnceSameObject) {
   EXPECT_FALSE(a.release.empty());
 }
 
+// The narrow probe of a lazy restore finds what the full probe finds, for every field it
+// promises (kernel_features.h), and leaves the others unprobed.
+TEST(KernelFeatures, LazyRestoreProbeAgreesWithTheFullProbe) {
+  const KernelFeatures& lazy = lazy_restore_features();
+  const KernelFeatures& full = kernel_features();
+  EXPECT_NE(&lazy, &full);
+  EXPECT_EQ(&lazy, &lazy_restore_features());
+  EXPECT_EQ(lazy.userfaultfd_syscall, full.userfaultfd_syscall);
+  EXPECT_EQ(lazy.dev_userfaultfd, full.dev_userfaultfd);
+  EXPECT_EQ(lazy.uffd_features, full.uffd_features);
+  EXPECT_EQ(lazy.uffd_ioctls, full.uffd_ioctls);
+  EXPECT_EQ(lazy.unprivileged_userfaultfd, full.unprivileged_userfaultfd);
+  EXPECT_EQ(lazy.cap_sys_ptrace, full.cap_sys_ptrace);
+  EXPECT_EQ(lazy.pagemap_scan, full.pagemap_scan);
+  EXPECT_EQ(lazy.pidfd_getfd, full.pidfd_getfd);
+  EXPECT_TRUE(lazy.pidfd_getfd) << lazy.notes.at("pidfd.getfd");
+  EXPECT_FALSE(lazy.ptrace_seize) << "probed by the full probe only";
+}
+
 TEST(KernelFeatures, UserfaultfdPresentWithLayoutEvents) {
   const KernelFeatures& f = kernel_features();
   EXPECT_TRUE(f.userfaultfd_syscall || f.dev_userfaultfd);
