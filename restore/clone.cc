@@ -197,9 +197,14 @@ void check_clonable(const image::ImageReader& img) {
   const image::Process& p = procs.front();
   const std::string who = cat("pid ", p.pid());
   if (p.shared_pending_size() != 0) fail(who, " has pending signals (a fork does not copy them)");
-  for (const auto& th : p.threads())
+  for (const auto& th : p.threads()) {
     if (th.pending_size() != 0)
       fail("tid ", th.tid(), " has pending signals (a fork does not copy them)");
+    // The fork copies the leader's filters, which recreated threads inherit: only filters
+    // every thread shares are given back to a clone as they were.
+    if (th.seccomp_filters_size() != 0 || (th.seccomp_mode() != 0 && p.seccomp_shared_size() == 0))
+      fail("tid ", th.tid(), " has seccomp state of its own: not given back to clones yet");
+  }
   if (p.posix_timers_size() != 0 || p.itimers_size() != 0)
     fail(who, " has timers (a fork does not copy them)");
   if (p.stop_signo() != 0) fail(who, " is a stopped job");
@@ -313,6 +318,9 @@ Clone make_clone(HeldTemplate& t) {
     step = "release";
     {
       RestoreeRemote remote(r);
+      // Each thread's scheduling policy and nice value (timers were refused at template time;
+      // seccomp filters shared by every thread came with the fork).
+      objects::restore_objects(objects::RestorePoint::kThreadsExist, remote, p);
       objects::restore_objects(objects::RestorePoint::kBeforeRelease, remote, p);
     }
     r.unmap_trampoline();
