@@ -258,6 +258,24 @@ TEST_F(CloneE2E, BadRequestsFailWithOneLineAndLeaveNothing) {
   EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
   expect_nothing_left(image_pid());
 
+  // A descriptor clones would share: refused by name before anything exists.
+  {
+    TempDir ev;
+    std::filesystem::create_directory(ev / "image");
+    Child target({target_bin("clone_target"), ev.path(), "4", "eventfd"});
+    TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
+    auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", ev / "image"});
+    ASSERT_EQ(d.exit_code, 0) << d.err;
+    EXPECT_EQ(target.wait(60), 128 + SIGKILL);
+    r = lazycr({"template", "-D", ev / "image", "--socket", socket_, "-d"});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("eventfd"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("clones would share"), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
+    expect_nothing_left(static_cast<pid_t>(t.first("pid")));
+  }
+
   // A socket path owned by another user.
   {
     int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);

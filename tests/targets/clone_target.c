@@ -1,7 +1,7 @@
 /* A target for clones of a template (issue 13): a large memory pattern, worker threads, a
  * regular file and a pipe, each checked from inside by every clone on its own.
  *
- *   clone_target DIR MIB
+ *   clone_target DIR MIB [eventfd]
  * fills MIB MiB with a pattern, starts 3 workers, opens DIR/shared.txt (position 5 after
  * "head\n") and a pipe holding "pipedata", prints "ready pid=P tids=A,B,C,D", puts /dev/null on
  * fds 0-2, then polls for DIR/cmd-N (N: the inode of its PID namespace, which tells the clones
@@ -14,7 +14,8 @@
  *   pipe      the pipe must hold exactly "pipedata" (a pipe shared with another clone that
  *             read it first would be empty)
  *   exit N    exit with status N
- * Each answer is "ok ..." or "FAIL why". */
+ * Each answer is "ok ..." or "FAIL why". With "eventfd" it also holds an eventfd, which clones
+ * cannot have yet (the template must refuse it by name). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -24,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -104,7 +106,8 @@ static void verify(char* out, size_t n) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) return 2;
+  if (argc != 3 && argc != 4) return 2;
+  if (argc == 4 && (strcmp(argv[3], "eventfd") != 0 || eventfd(0, 0) < 0)) return 2;
   const char* dir = argv[1];
   size_t mib = (size_t)atol(argv[2]);
   words = mib << 17;
