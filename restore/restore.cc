@@ -71,6 +71,8 @@
 #include "restore/restoree.h"
 #include "restore/shared_files.h"
 #include "restore/sysv_shm.h"
+#include "restore/template.h"
+#include "restore/thread_state.h"
 #include "restore/trust.h"
 
 namespace lazycr::restore {
@@ -122,11 +124,8 @@ using image::MemoryArea;
                                                    "registers",
                                                    "detach"};
 
-constexpr size_t kKernelSigactionSize = 32;                // handler, flags, restorer, mask
-constexpr uint64_t kRseqFlagUnregister = 1;                // RSEQ_FLAG_UNREGISTER
-constexpr int kSsAutoDisarm = static_cast<int>(1u << 31);  // SS_AUTODISARM (Linux 4.7)
-constexpr unsigned long kThreadFlags =
-    CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
+constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
+constexpr uint64_t kRseqFlagUnregister = 1;  // RSEQ_FLAG_UNREGISTER
 
 uint64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -159,87 +158,6 @@ class Steps {
  private:
   std::string fault_;
 };
-
-Regs to_regs(const image::X86Regs& p) {
-  Regs r;
-  std::memset(&r, 0, sizeof r);
-  r.r15 = p.r15();
-  r.r14 = p.r14();
-  r.r13 = p.r13();
-  r.r12 = p.r12();
-  r.rbp = p.rbp();
-  r.rbx = p.rbx();
-  r.r11 = p.r11();
-  r.r10 = p.r10();
-  r.r9 = p.r9();
-  r.r8 = p.r8();
-  r.rax = p.rax();
-  r.rcx = p.rcx();
-  r.rdx = p.rdx();
-  r.rsi = p.rsi();
-  r.rdi = p.rdi();
-  r.orig_rax = p.orig_rax();
-  r.rip = p.rip();
-  r.cs = p.cs();
-  r.eflags = p.eflags();
-  r.rsp = p.rsp();
-  r.ss = p.ss();
-  r.fs_base = p.fs_base();
-  r.gs_base = p.gs_base();
-  r.ds = p.ds();
-  r.es = p.es();
-  r.fs = p.fs();
-  r.gs = p.gs();
-  return r;
-}
-
-// The registers a thread resumes with. A thread that was interrupted in a restartable system
-// call gets it back as the kernel left it (rip after the `syscall`, rax = -ERESTART*,
-// orig_rax = the call): the thread resumes from a ptrace stop inside the kernel's signal
-// delivery, whose restart logic then restarts the call, or makes it return -EINTR if a
-// handler runs first (ERESTARTNOHAND, or ERESTARTSYS without SA_RESTART) - as in the
-// original. The image's rewound form (FORMAT.md) would restart it even after a handler: a
-// pause() woken by a signal would sleep again.
-Regs final_regs(const image::Thread& th) {
-  Regs r = to_regs(th.regs());
-  const int code = th.restart_code();
-  if (th.interrupted_syscall() && (code == 512 || code == 513 || code == 514) &&
-      static_cast<long>(r.orig_rax) < 0 && static_cast<long>(r.rax) >= 0) {
-    r.rip += 2;
-    r.orig_rax = r.rax;
-    r.rax = static_cast<uint64_t>(-static_cast<long>(code));
-  }
-  return r;
-}
-
-// The areas the kernel provides ([vvar], [vvar_vclock], [vdso]); moved as one block.
-// Per-thread state each thread sets for itself: one batch run in that thread.
-void restore_thread_state(Restoree& r, ThreadCtl& c) {
-  const image::Thread& th = *c.img;
-  r.reset_arena();
-  std::vector<Call> calls;
-  calls.push_back(make_call("prctl(PR_SET_NAME)", SYS_prctl, PR_SET_NAME,
-                            r.push_string(th.comm().substr(0, 15))));
-  calls.push_back(make_call("set_tid_address", SYS_set_tid_address, th.clear_child_tid()));
-  if (th.robust_list() != 0)
-    calls.push_back(make_call(cat("set_robust_list(", hex(th.robust_list()), ")"),
-                              SYS_set_robust_list, th.robust_list(), th.robust_list_len()));
-  const auto& rs = th.rseq();
-  if (rs.rseq_abi_pointer() != 0)
-    calls.push_back(make_call(cat("rseq registration at ", hex(rs.rseq_abi_pointer())), SYS_rseq,
-                              rs.rseq_abi_pointer(), rs.rseq_abi_size(), 0, rs.signature()));
-  const auto& ss = th.sigaltstack();
-  if (!(ss.flags() & SS_DISABLE) && ss.sp() != 0) {
-    stack_t st;
-    std::memset(&st, 0, sizeof st);
-    st.ss_sp = reinterpret_cast<void*>(ss.sp());
-    st.ss_size = ss.size();
-    st.ss_flags = ss.flags() & kSsAutoDisarm;  // SS_ONSTACK is a state, not a setting
-    calls.push_back(make_call(cat("sigaltstack(", hex(ss.sp()), ", ", ss.size(), ")"),
-                              SYS_sigaltstack, r.push(&st, sizeof st), 0));
-  }
-  r.batch(c, calls);
-}
 
 // Process-wide settings: personality, umask, cwd, dumpable, THP and no_new_privs (the last
 // is per thread but inherited: set before any other thread exists).
@@ -986,6 +904,8 @@ Restored restore(const RestoreOptions& opts_in) {
   each_live("signals", [&](Task& t) { restore_pending(*t.r, *t.p); });
   each_live("rlimits", [&](Task& t) { restore_rlimits(*t.r, *t.p); });
   each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
+  // `lazycr template`: everything is built; the template is held here, never released.
+  if (opts.hold) return hold_template(opts, *img, r0, pin->saved());
   each_live("unmap-trampoline", [&](Task& t) {
     t.r->inject("prctl(PR_SET_PDEATHSIG, 0)", SYS_prctl, PR_SET_PDEATHSIG, 0);
     objects_at(objects::RestorePoint::kBeforeRelease)(t);

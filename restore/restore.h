@@ -17,6 +17,8 @@
 
 namespace lazycr::restore {
 
+struct HeldTemplate;  // restore/template.h
+
 // Lazy restore (--lazy). The page server runs in its own process ("lazycr-server", forked by
 // lazycr once the userfaultfd is registered, in its own session so that terminal signals do
 // not reach it) with its guardian; it exits when nothing is owed any more (or no process is
@@ -68,6 +70,9 @@ struct RestoreOptions {
   // Internal, for tests: make the named step fail as if a system call had failed there
   // (see kSteps in restore.cc); everything created so far must be killed and reaped.
   std::string fault_inject;
+  // `lazycr template` (restore/template.h): called instead of releasing the built process;
+  // when it returns, the process is killed.
+  std::function<void(HeldTemplate&)> hold;
 };
 
 struct RestoreStats {

@@ -1,6 +1,7 @@
 // One function per lazycr command; lazycr.cc only parses options and calls these.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace lazycr::cli {
@@ -40,5 +41,30 @@ struct RestoreCliOptions {
 };
 // Foreground: the restored process's exit status (128+N for signal N); --detach: 0.
 int run_restore(const RestoreCliOptions& opts);
+
+}  // namespace lazycr::cli
+
+namespace lazycr::cli {
+// `lazycr template` / `lazycr clone` (tools/template.cc, restore/clone.h).
+struct TemplateOptions {
+  std::string dir;
+  std::string socket;
+  bool detach = false;
+  uint64_t start_ns = 0;
+};
+// Runs until SIGTERM or `clone --stop` (foreground); --detach: returns 0 once the template
+// answers, printing its pid.
+int run_template(const TemplateOptions& opts);
+
+struct CloneOptions {
+  std::string socket;
+  bool detach = false;
+  bool stop = false;
+  std::string pidfile;
+  std::string stats_file;
+  uint64_t start_ns = 0;
+};
+// Foreground: the clone's exit status (128+N for signal N); --detach and --stop: 0.
+int run_clone(const CloneOptions& opts);
 
 }  // namespace lazycr::cli

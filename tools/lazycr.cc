@@ -168,6 +168,25 @@ int main(int argc, char** argv) {
   // Internal, for tests: fail at the named step.
   restore_cmd->add_option("--fault-inject", restore.restore.fault_inject)->group("");
 
+  cli::TemplateOptions tmpl;
+  tmpl.start_ns = start_ns;
+  auto* template_cmd = app.add_subcommand(
+      "template", "Restore an image once and hold it, answering clone requests on a socket");
+  template_cmd->add_option("-D,--images-dir", tmpl.dir, "Image directory")->required();
+  template_cmd->add_option("--socket", tmpl.socket, "UNIX socket to answer on (mode 0600)")
+      ->required();
+  template_cmd->add_flag("-d,--detach", tmpl.detach,
+                         "Run in the background once the template is held; print its pid");
+  cli::CloneOptions clone;
+  clone.start_ns = start_ns;
+  auto* clone_cmd = app.add_subcommand(
+      "clone", "Start one running copy of a held template (lazycr template), sharing its memory");
+  clone_cmd->add_option("--socket", clone.socket, "The template's socket")->required();
+  clone_cmd->add_flag("-d,--detach", clone.detach, "Leave the clone running; print its pid");
+  clone_cmd->add_flag("--stop", clone.stop, "Stop the template (its clones keep running)");
+  clone_cmd->add_option("--pidfile", clone.pidfile, "Write the clone's pid here");
+  clone_cmd->add_option("--stats", clone.stats_file, "Write the clone's timings as JSON here");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -198,6 +217,8 @@ int main(int argc, char** argv) {
       dump.frame_size = static_cast<uint32_t>(frame_size);
       return cli::run_dump(dump);
     }
+    if (*template_cmd) return cli::run_template(tmpl);
+    if (*clone_cmd) return cli::run_clone(clone);
     if (*restore_cmd) {
       if (restore.restore.dir.empty() &&
           usage_error("restore -D: the image directory is an empty path"))

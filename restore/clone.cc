@@ -1,0 +1,362 @@
+#include "restore/clone.h"
+
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "common/error.h"
+#include "common/linux_abi.h"
+#include "common/proc.h"
+#include "common/signals.h"
+#include "objects/objects.h"
+#include "restore/calls.h"
+#include "restore/open_files.h"
+#include "restore/restoree.h"
+#include "restore/thread_state.h"
+
+namespace lazycr::restore {
+namespace {
+
+uint64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// PID 1 of a clone's namespace: a copy of lazycr made by clone3 (raw system calls only). It
+// dies with lazycr until it reads the clone's pid (in its namespace) on `ctl`; from then on it
+// outlives lazycr, reaps the orphans of the clone's namespace and exits once the clone is gone
+// (which ends the namespace, as a restore --pidns does). EOF on `ctl`: the clone failed.
+[[noreturn]] void reaper_main(int ctl) {
+  ::syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+  for (int fd = 0; fd < ctl; fd++) ::syscall(SYS_close, fd);
+  ::syscall(SYS_close_range, ctl + 1, ~0u, 0);
+  int32_t pid = 0;
+  long n;
+  do {
+    n = ::syscall(SYS_read, ctl, &pid, sizeof pid);
+  } while (n < 0 && errno == EINTR);
+  if (n != sizeof pid || pid <= 1) ::syscall(SYS_exit_group, 1);
+  ::syscall(SYS_prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0);
+  ::syscall(SYS_close, ctl);
+  uint64_t chld = 1ull << (SIGCHLD - 1);
+  ::syscall(SYS_rt_sigprocmask, SIG_BLOCK, &chld, nullptr, 8);
+  long sfd = ::syscall(SYS_signalfd4, -1, &chld, 8, SFD_CLOEXEC | SFD_NONBLOCK);
+  long pidfd = ::syscall(SYS_pidfd_open, pid, 0);
+  if (pidfd < 0 || sfd < 0) ::syscall(SYS_exit_group, 0);  // the clone is gone already
+  for (;;) {
+    struct pollfd pf[2] = {{static_cast<int>(pidfd), POLLIN, 0},
+                           {static_cast<int>(sfd), POLLIN, 0}};
+    ::syscall(SYS_poll, pf, 2, -1);
+    char buf[128];
+    while (::syscall(SYS_read, sfd, buf, sizeof buf) > 0) {
+    }
+    int status;
+    while (::syscall(SYS_wait4, -1, &status, WNOHANG | __WALL, nullptr) > 0) {
+    }
+    if (pf[0].revents) ::syscall(SYS_exit_group, 0);
+  }
+}
+
+// The clone's namespace and its reaper; killed and reaped unless released.
+struct NsReaper {
+  pid_t pid = 0;
+  UniqueFd pidfd;
+  UniqueFd ctl;  // write end
+  bool released = false;
+  ~NsReaper() {
+    if (pid <= 0 || released) return;
+    ctl.reset();
+    send_signal_pidfd(pidfd.get(), SIGKILL);
+    int status;
+    while (::waitpid(pid, &status, __WALL) < 0 && errno == EINTR) {
+    }
+  }
+};
+
+void make_reaper(NsReaper& r) {
+  int ctl[2];
+  if (::pipe2(ctl, O_CLOEXEC) != 0) fail_errno("pipe2");
+  UniqueFd rd(ctl[0]);
+  r.ctl.reset(ctl[1]);
+  int pidfd = -1;
+  abi::clone_args args;
+  std::memset(&args, 0, sizeof args);
+  args.flags = CLONE_NEWPID | CLONE_PIDFD;
+  args.pidfd = reinterpret_cast<uint64_t>(&pidfd);
+  args.exit_signal = SIGCHLD;
+  long got = ::syscall(SYS_clone3, &args, sizeof args);
+  if (got == 0) reaper_main(ctl[0]);
+  if (got < 0) fail_errno("clone3(CLONE_NEWPID) for the clone's namespace");
+  r.pid = static_cast<pid_t>(got);
+  r.pidfd.reset(pidfd);
+}
+
+bool has_flag(const std::string& vmflags, const char* f) {
+  for (size_t i = 0; i + 1 < vmflags.size() + 1; i += 3)
+    if (vmflags.compare(i, 2, f) == 0) return true;
+  return false;
+}
+
+// New descriptions for the clone: files opened again by path (own position and flags), pipes
+// made again with their buffered data. Every number is first made above the image's numbers
+// (all of which are open in the clone: it has the template's table), then placed by dup3,
+// which drops the clone's reference to the template's description.
+void replace_fds(Restoree& c, const image::Process& p, const image::SharedObjects& shared) {
+  std::vector<OpenRequest> reqs;
+  std::vector<const image::FileDescriptor*> opened;
+  std::map<uint64_t, std::vector<const image::FileDescriptor*>> pipes;
+  int min_fd = 3;
+  for (const auto& f : p.fds()) {
+    min_fd = std::max(min_fd, f.fd() + 1);
+    if (f.kind() == image::FileDescriptor::PIPE) {
+      pipes[f.object_inode()].push_back(&f);
+    } else {
+      reqs.push_back(request_for_fd(f));
+      opened.push_back(&f);
+    }
+  }
+  std::vector<Call> calls;
+  if (!reqs.empty()) {
+    std::vector<long> fds = open_as_process(c, p.creds(), reqs, min_fd);
+    c.reset_arena();
+    for (size_t k = 0; k < opened.size(); k++) {
+      const auto& f = *opened[k];
+      const uint64_t num = static_cast<uint64_t>(f.fd());
+      const uint64_t fd = static_cast<uint64_t>(fds[k]);
+      calls.push_back(make_call(cat("dup3(", fd, ", ", num, ")"), SYS_dup3, fd, num,
+                                f.cloexec() ? O_CLOEXEC : 0));
+      calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, fd));
+      if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
+        calls.push_back(
+            make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, num, f.pos(), SEEK_SET));
+    }
+    c.batch(calls);
+    calls.clear();
+  }
+  for (const auto& [inode, ends] : pipes) {
+    const image::Pipe* img_pipe = nullptr;
+    for (const auto& q : shared.pipes())
+      if (q.inode() == inode) img_pipe = &q;
+    if (!img_pipe) fail("pipe:[", inode, "] is not in the image's shared objects");
+    c.reset_arena();
+    int32_t zero[2] = {-1, -1};
+    uint64_t at = c.put_data(zero, sizeof zero);
+    c.inject(cat("pipe2 for pipe:[", inode, "]"), SYS_pipe2, at, O_CLOEXEC);
+    int32_t pfd[2];
+    remote_read(c.pid(), at, pfd, sizeof pfd);
+    const uint64_t rd = static_cast<uint64_t>(pfd[0]), wr = static_cast<uint64_t>(pfd[1]);
+    c.reset_arena();
+    if (img_pipe->capacity() != 0)
+      calls.push_back(
+          make_call(cat("F_SETPIPE_SZ ", img_pipe->capacity(), " of pipe:[", inode, "]"), SYS_fcntl,
+                    wr, F_SETPIPE_SZ, img_pipe->capacity()));
+    if (!img_pipe->data().empty())
+      calls.push_back(make_call(cat("write of the data of pipe:[", inode, "]"), SYS_write, wr,
+                                c.push(img_pipe->data().data(), img_pipe->data().size()),
+                                img_pipe->data().size()));
+    for (const auto* f : ends) {
+      const bool writes = (f->flags() & O_ACCMODE) == O_WRONLY;
+      const uint64_t num = static_cast<uint64_t>(f->fd());
+      calls.push_back(make_call(cat("dup3 of pipe:[", inode, "] to fd ", num), SYS_dup3,
+                                writes ? wr : rd, num, f->cloexec() ? O_CLOEXEC : 0));
+      calls.push_back(make_call(cat("F_SETFL of fd ", num), SYS_fcntl, num, F_SETFL,
+                                f->flags() & (O_NONBLOCK | O_DIRECT)));
+    }
+    calls.push_back(make_call("close of the new pipe's read end", SYS_close, rd));
+    calls.push_back(make_call("close of the new pipe's write end", SYS_close, wr));
+    std::vector<long> res = c.batch(calls);
+    if (!img_pipe->data().empty()) {
+      size_t w = img_pipe->capacity() != 0 ? 1 : 0;
+      if (static_cast<size_t>(res.at(w)) != img_pipe->data().size())
+        fail("pipe:[", inode, "]: wrote ", res.at(w), " of ", img_pipe->data().size(), " bytes");
+    }
+    calls.clear();
+  }
+}
+
+}  // namespace
+
+void check_clonable(const image::ImageReader& img) {
+  const auto& procs = img.processes();
+  if (procs.size() != 1)
+    fail("the image holds ", procs.size(),
+         " processes; templates of process trees are not supported yet");
+  const image::Process& p = procs.front();
+  const std::string who = cat("pid ", p.pid());
+  if (p.shared_pending_size() != 0) fail(who, " has pending signals (a fork does not copy them)");
+  for (const auto& th : p.threads()) {
+    if (th.pending_size() != 0)
+      fail("tid ", th.tid(), " has pending signals (a fork does not copy them)");
+    // The fork copies the leader's filters, which recreated threads inherit: only filters
+    // every thread shares are given back to a clone as they were.
+    if (th.seccomp_filters_size() != 0 || (th.seccomp_mode() != 0 && p.seccomp_shared_size() == 0))
+      fail("tid ", th.tid(), " has seccomp state of its own: not given back to clones yet");
+  }
+  if (p.posix_timers_size() != 0 || p.itimers_size() != 0)
+    fail(who, " has timers (a fork does not copy them)");
+  if (p.stop_signo() != 0) fail(who, " is a stopped job");
+  if (p.ctty_pty() != 0) fail(who, " has a controlling terminal of the image");
+  for (const auto& a : p.areas()) {
+    const std::string where = cat("area ", hex(a.start()), "-", hex(a.end()), " ", a.name());
+    if (has_flag(a.vmflags(), "dc"))
+      fail(where, " is MADV_DONTFORK: a forked clone would not have it");
+    if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
+      fail(where, " is shared memory: every clone would share it");
+  }
+  for (const auto& f : p.fds()) {
+    const std::string where = cat("fd ", f.fd(), " (", f.target(), ")");
+    if (f.locks_size() != 0) fail(where, " holds locks");
+    if (f.ghost_id() != 0) fail(where, " is a deleted file: not made afresh per clone yet");
+    if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
+      fail(where, " is a pseudo-terminal: not made afresh per clone yet");
+    switch (f.kind()) {
+      case image::FileDescriptor::REGULAR:
+      case image::FileDescriptor::DIRECTORY:
+      case image::FileDescriptor::CHARDEV:
+      case image::FileDescriptor::PIPE:
+        if (!f.restorable()) fail(where, " cannot be restored");
+        break;
+      default:
+        fail(where,
+             ": clones would share its open file description (only regular files, "
+             "directories, character devices and pipes are made afresh per clone)");
+    }
+  }
+}
+
+Clone make_clone(HeldTemplate& t) {
+  const image::Process& p = t.img.processes().front();
+  Restoree& tpl = t.root;
+  std::string step = "namespace";
+  try {
+    NsReaper ns;
+    make_reaper(ns);
+
+    step = "setns";
+    tpl.reset_arena();
+    long nsfd = tpl.inject(cat("open of the pid namespace of reaper ", ns.pid), SYS_openat,
+                           static_cast<uint64_t>(AT_FDCWD),
+                           tpl.put_string(cat("/proc/", ns.pid, "/ns/pid")), O_RDONLY | O_CLOEXEC);
+    long set = tpl.inject_raw(SYS_setns, static_cast<uint64_t>(nsfd), CLONE_NEWPID);
+    tpl.inject("close of the pid namespace", SYS_close, static_cast<uint64_t>(nsfd));
+    if (set < 0) fail_errno_value(static_cast<int>(-set), "setns(CLONE_NEWPID) in the template");
+
+    step = "fork";
+    auto c = std::make_unique<Restoree>(p);
+    {
+      abi::clone_args args;
+      std::memset(&args, 0, sizeof args);
+      // Our child, not the template's: we wait for it, and it outlives the template. Its exit
+      // signal is the template's (SIGCHLD); clone3 wants 0 here with CLONE_PARENT, which makes
+      // it a clone event (PTRACE_O_TRACECLONE auto-attaches it).
+      args.flags = CLONE_PARENT;
+      args.set_tid_size = 1;
+      pid_t vpid = p.pid();
+      tpl.reset_arena();
+      args.set_tid = tpl.push(&vpid, sizeof vpid);
+      uint64_t base = tpl.push(&args, sizeof args);
+      long got = tpl.inject_raw(SYS_clone3, base, sizeof args);
+      auto tids = tpl.leader().t.take_new_tasks();
+      if (got < 0) fail_errno_value(static_cast<int>(-got), cat("clone3 of pid ", vpid));
+      if (tids.size() != 1) fail("clone3 reported ", tids.size(), " new tasks, expected 1");
+      c->adopt_forked(tids[0], vpid, tpl.trampoline());
+      // clone3 returns the pid in the template's namespace; the clone's own is the last of
+      // NSpid.
+      const std::string st = proc::read_file(cat("/proc/", got, "/status"));
+      const auto at = st.find("\nNSpid:");
+      const auto eol = st.find('\n', at + 1);
+      const std::string ns = st.substr(at + 7, eol - at - 7);
+      const auto last = ns.find_last_of(" \t");
+      if (at == std::string::npos || std::atoi(ns.c_str() + last + 1) != vpid)
+        fail("clone3 created pid ", got, " with NSpid", ns, ", not ", vpid, " in its namespace");
+    }
+    Restoree& r = *c;
+
+    step = "leader";
+    {  // A fork child has no tid address and no robust list (rseq and the rest are inherited).
+      const image::Thread& th = p.threads(0);
+      r.reset_arena();
+      std::vector<Call> calls;
+      calls.push_back(make_call("set_tid_address", SYS_set_tid_address, th.clear_child_tid()));
+      if (th.robust_list() != 0)
+        calls.push_back(make_call("set_robust_list", SYS_set_robust_list, th.robust_list(),
+                                  th.robust_list_len()));
+      r.batch(calls);
+    }
+    step = "fds";
+    replace_fds(r, p, t.img.shared());
+
+    for (int i = 1; i < p.threads_size(); i++) {
+      const image::Thread& th = p.threads(i);
+      step = cat("thread ", th.tid());
+      abi::clone_args args;
+      std::memset(&args, 0, sizeof args);
+      args.flags = kThreadFlags;
+      args.set_tid_size = 1;
+      pid_t tid = th.tid();
+      r.reset_arena();
+      args.set_tid = r.push(&tid, sizeof tid);
+      uint64_t base = r.push(&args, sizeof args);
+      long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
+      ThreadCtl& tc = r.adopt_new_thread(tid, &th);
+      if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
+      restore_thread_state(r, tc);
+    }
+    step = "release";
+    {
+      RestoreeRemote remote(r);
+      // Each thread's scheduling policy and nice value (timers were refused at template time;
+      // seccomp filters shared by every thread came with the fork).
+      objects::restore_objects(objects::RestorePoint::kThreadsExist, remote, p);
+      objects::restore_objects(objects::RestorePoint::kBeforeRelease, remote, p);
+    }
+    r.unmap_trampoline();
+    for (auto& tc : r.threads()) {
+      const image::Thread& th = *tc.img;
+      if (!th.xsave().empty())
+        tc.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
+      tc.t.set_regs(final_regs(th));
+      tc.t.set_sigmask(th.blocked());
+      objects::restore_affinity(tc.t.tid(), th, t.cpus);
+    }
+    const int32_t vpid = p.pid();
+    if (::write(ns.ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
+      fail_errno("telling the namespace's reaper the clone's pid");
+    for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
+    Clone out;
+    out.running_ns = now_ns();
+    out.threads = r.threads().size();
+    Spawned s = c->commit();
+    out.pid = s.pid;
+    out.image_pid = s.vpid;
+    out.pidfd = std::move(s.pidfd);
+    ns.released = true;
+    out.reaper = ns.pid;
+    out.reaper_pidfd = std::move(ns.pidfd);
+    return out;
+  } catch (const Error& e) {
+    throw Error(cat("clone: ", step, ": ", e.what()), e.sys_errno());
+  }
+}
+
+Restored hold_template(const RestoreOptions& opts, const image::ImageReader& img, Restoree& root,
+                       const cpu_set_t& cpus) {
+  HeldTemplate held{opts, img, root, cpus};
+  opts.hold(held);
+  return Restored{};
+}
+
+}  // namespace lazycr::restore

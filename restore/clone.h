@@ -1,0 +1,38 @@
+// Clones of a held template (issue 13, DESIGN.md section 10): each clone is a fork of the
+// template's root made by an injected clone3, so that its private memory is shared
+// copy-on-write with the template and with every other clone. Each clone lives in a fresh PID
+// namespace (PID 1 there is a small reaper made by lazycr) with the image's PIDs and TIDs.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/fd.h"
+#include "image-format/image_dir.h"
+#include "restore/template.h"
+
+namespace lazycr::restore {
+
+// Refuses, by name, what a clone could not have as a separate restore would: more than one
+// process, state a fork does not copy (pending signals, timers, record locks), memory it drops
+// or shares (MADV_DONTFORK areas, shared anonymous memory) and descriptors not yet made afresh
+// per clone (anything but regular files, directories, character devices and pipes).
+void check_clonable(const image::ImageReader& img);
+
+struct Clone {
+  pid_t pid = 0;        // in lazycr's PID namespace
+  pid_t image_pid = 0;  // in its own namespace
+  pid_t reaper = 0;     // PID 1 of that namespace (our child)
+  UniqueFd pidfd;       // of the clone (our child: the template's parent is us)
+  UniqueFd reaper_pidfd;
+  uint64_t threads = 0;
+  uint64_t running_ns = 0;  // steady clock when every thread was released
+};
+
+// Makes one clone of the held template; on failure nothing of it is left (the clone and its
+// reaper are killed and reaped). Throws Error "clone: <step>: <why>".
+Clone make_clone(HeldTemplate& t);
+
+}  // namespace lazycr::restore

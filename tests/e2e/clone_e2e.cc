@@ -1,0 +1,297 @@
+// Clones of a held template (issue 13) against the real kernel: a multi-threaded target with a
+// large memory pattern is dumped once, held by `lazycr template`, and cloned many times; every
+// clone verifies every byte, its PID and its TIDs from inside, on its own (clone_target.c).
+// - the clones share the template's memory: total PSS of template + clones stays within 1.3x
+//   of one copy while they only read;
+// - one clone rewriting all its memory changes nothing the others see;
+// - files and pipes are made afresh per clone (own position, own buffered data);
+// - a clone killed leaves the others running; the template's exit leaves the clones running;
+// - a foreground clone exits with the clone's status;
+// - bad requests fail with one line and leave nothing behind.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "common/proc.h"
+#include "common/signals.h"
+#include "tests/e2e/harness.h"
+#include "tests/e2e/restore_helpers.h"
+#include "tests/e2e/target_info.h"
+
+namespace lazycr::test {
+namespace {
+
+constexpr int kMiB = 256;
+
+int clone_count() {
+  const char* n = std::getenv("LAZYCR_CLONE_E2E_CLONES");
+  return n ? std::atoi(n) : 20;
+}
+
+std::string ns_id(pid_t pid) {
+  auto link = std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/ns/pid").string();
+  auto lb = link.find('['), rb = link.find(']');
+  return link.substr(lb + 1, rb - lb - 1);
+}
+
+// NSpid of /proc/PID/status without its leading whitespace ("outer\tinner").
+std::string nspid(pid_t pid) {
+  std::string v = status_field(pid, "NSpid");
+  return v.substr(std::min(v.size(), v.find_first_not_of(" \t")));
+}
+
+uint64_t rollup_kb(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/smaps_rollup");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) return std::stoull(line.substr(key.size() + 1));
+  ADD_FAILURE() << "no " << key << " in smaps_rollup of pid " << pid;
+  return 0;
+}
+
+// The image, made once for the whole suite.
+class CloneE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    work_ = new TempDir();
+    image_ = *work_ / "image";
+    std::filesystem::create_directory(image_);
+    files_ = *work_ / "files";
+    std::filesystem::create_directory(files_);
+    Child target({target_bin("clone_target"), files_, std::to_string(kMiB)});
+    std::string ready = target.wait_for("ready", 600);
+    ASSERT_FALSE(ready.empty());
+    info_ = new TargetInfo(TargetInfo::parse(ready));
+    auto r = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", image_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(target.wait(60), 128 + SIGKILL);
+  }
+  static void TearDownTestSuite() {
+    delete info_;
+    delete work_;
+  }
+
+  void SetUp() override { socket_ = "/tmp/clone-e2e-" + std::to_string(getpid()) + ".sock"; }
+  void TearDown() override {
+    if (template_ > 0 && proc::exists(template_)) {
+      send_signal(template_, SIGTERM);
+      reap(template_);
+    }
+    for (pid_t p : clones_)
+      if (proc::exists(p)) send_signal(p, SIGKILL);
+    for (pid_t p : clones_) {
+      int status;
+      waitpid(p, &status, 0);  // ours once the template has exited (subreaper)
+    }
+    // The namespaces' reapers end with their clones.
+    for (pid_t c : proc::list_children(getpid())) {
+      int status;
+      waitpid(c, &status, 0);
+    }
+    unlink(socket_.c_str());
+  }
+
+  void start_template() {
+    auto r = lazycr({"template", "-D", image_, "--socket", socket_, "-d"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    template_ = std::atoi(r.out.c_str());
+    ASSERT_GT(template_, 0) << r.out;
+    struct stat st;
+    ASSERT_EQ(stat(socket_.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
+  }
+  pid_t start_clone(const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args{"clone", "--socket", socket_, "-d"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = lazycr(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    pid_t pid = std::atoi(r.out.c_str());
+    EXPECT_GT(pid, 0) << r.out;
+    if (pid > 0) clones_.push_back(pid);
+    return pid;
+  }
+  // Sends a command to the clone `pid` and returns its answer.
+  std::string ask(pid_t pid, const std::string& cmd) {
+    if (!proc::exists(pid)) return "pid " + std::to_string(pid) + " is gone";
+    const std::string id = ns_id(pid);
+    { std::ofstream(files_ + "/cmd-" + id + ".tmp") << cmd; }
+    std::filesystem::rename(files_ + "/cmd-" + id + ".tmp", files_ + "/cmd-" + id);
+    const std::string res = files_ + "/res-" + id;
+    for (int i = 0; i < 24000 && proc::exists(pid); i++) {
+      std::ifstream in(res);
+      std::string line;
+      if (in && std::getline(in, line)) {
+        std::filesystem::remove(res);
+        return line;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return "no answer from pid " + std::to_string(pid) +
+           (proc::exists(pid) ? " within 120 s" : ": it is gone");
+  }
+  pid_t image_pid() const { return static_cast<pid_t>(info_->first("pid")); }
+
+  static TempDir* work_;
+  static std::string image_, files_;
+  static TargetInfo* info_;
+  std::string socket_;
+  pid_t template_ = 0;
+  std::vector<pid_t> clones_;
+};
+TempDir* CloneE2E::work_ = nullptr;
+std::string CloneE2E::image_, CloneE2E::files_;
+TargetInfo* CloneE2E::info_ = nullptr;
+
+TEST_F(CloneE2E, ManyClonesShareMemoryAndStayApart) {
+  ASSERT_NO_FATAL_FAILURE(start_template());
+  const int n = clone_count();
+  std::vector<pid_t> pids;
+  for (int i = 0; i < n; i++) {
+    pid_t p = start_clone(i == 0 ? std::vector<std::string>{"--stats", files_ + "/stats.json"}
+                                 : std::vector<std::string>{});
+    ASSERT_GT(p, 0);
+    pids.push_back(p);
+  }
+  std::string stats = proc::read_file(files_ + "/stats.json");
+  EXPECT_NE(stats.find("request_to_first_instruction_ns"), std::string::npos) << stats;
+  for (pid_t p : pids) {
+    EXPECT_EQ(ask(p, "verify").rfind("ok verified", 0), 0u) << "clone " << p;
+    // Inside its own namespace, with the image's pid (checked from inside too).
+    EXPECT_NE(ns_id(p), ns_id(getpid()));
+    EXPECT_EQ(nspid(p), std::to_string(p) + "\t" + std::to_string(image_pid()));
+  }
+  // The template holds the held process (its child): one copy's worth of memory.
+  pid_t held = 0;
+  for (pid_t c : proc::list_children(template_))
+    if (ns_id(c) == ns_id(getpid()) && nspid(c) == std::to_string(image_pid())) held = c;
+  ASSERT_GT(held, 0) << "no held process with pid " << image_pid();
+  const uint64_t one_copy = rollup_kb(held, "Rss");
+  EXPECT_GE(one_copy, uint64_t{kMiB} * 1024);
+  uint64_t pss = rollup_kb(held, "Pss");
+  for (pid_t p : pids) pss += rollup_kb(p, "Pss");
+  std::printf("PSS of template + %d clones: %llu kB; one copy (template RSS): %llu kB\n", n,
+              static_cast<unsigned long long>(pss), static_cast<unsigned long long>(one_copy));
+  EXPECT_LE(pss, one_copy * 13 / 10)
+      << "PSS of template + " << n << " clones: " << pss << " kB; one copy: " << one_copy << " kB";
+
+  // One clone rewrites all its memory; the others see nothing of it.
+  EXPECT_EQ(ask(pids[0], "write 7").rfind("ok verified", 0), 0u);
+  for (size_t i = 1; i < pids.size(); i++)
+    EXPECT_EQ(ask(pids[i], "verify").rfind("ok verified", 0), 0u) << "clone " << pids[i];
+
+  // Each its own file description and pipe.
+  for (pid_t p : pids) {
+    EXPECT_EQ(ask(p, "file").rfind("ok", 0), 0u) << "clone " << p;
+    EXPECT_EQ(ask(p, "pipe"), "ok pipe") << "clone " << p;
+  }
+
+  // A clone killed leaves the others running.
+  ASSERT_TRUE(send_signal(pids[1], SIGKILL));
+  for (int i = 0; i < 1000 && proc::exists(pids[1]); i++)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_FALSE(proc::exists(pids[1]));
+  EXPECT_EQ(ask(pids[2], "verify").rfind("ok verified", 0), 0u);
+  pid_t later = start_clone();
+  EXPECT_EQ(ask(later, "verify").rfind("ok verified", 0), 0u);
+
+  // The template's exit leaves the clones running.
+  auto r = lazycr({"clone", "--socket", socket_, "--stop"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(reap(template_), 0);
+  EXPECT_FALSE(proc::exists(held));
+  EXPECT_EQ(ask(pids[3], "verify").rfind("ok verified", 0), 0u);
+  struct stat st;
+  EXPECT_NE(stat(socket_.c_str(), &st), 0) << "the socket outlived the template";
+}
+
+TEST_F(CloneE2E, ForegroundCloneExitsWithItsStatus) {
+  ASSERT_NO_FATAL_FAILURE(start_template());
+  Child fg({lazycr_bin(), "clone", "--socket", socket_, "--pidfile", files_ + "/fg.pid"});
+  pid_t pid = 0;
+  for (int i = 0; i < 6000 && pid == 0; i++) {
+    auto text = proc::try_read_file(files_ + "/fg.pid");
+    if (text)
+      pid = std::atoi(text->c_str());
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_GT(pid, 0);
+  clones_.push_back(pid);
+  EXPECT_EQ(ask(pid, "verify").rfind("ok verified", 0), 0u);
+  EXPECT_EQ(ask(pid, "exit 7"), "ok exiting");
+  EXPECT_EQ(fg.wait(60), 7);
+}
+
+TEST_F(CloneE2E, BadRequestsFailWithOneLineAndLeaveNothing) {
+  // No template at the socket.
+  auto r = lazycr({"clone", "--socket", socket_});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("no template answers at " + socket_), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+
+  // A damaged image.
+  TempDir bad;
+  for (const auto& e : std::filesystem::directory_iterator(image_))
+    std::filesystem::copy(e.path(), bad / e.path().filename().string());
+  std::string proc_file = bad / ("process-" + std::to_string(image_pid()) + ".pb");
+  ASSERT_TRUE(std::filesystem::exists(proc_file));
+  std::filesystem::resize_file(proc_file, std::filesystem::file_size(proc_file) / 2);
+  r = lazycr({"template", "-D", bad.path(), "--socket", socket_, "-d"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  struct stat st;
+  EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
+  expect_nothing_left(image_pid());
+
+  // A descriptor clones would share: refused by name before anything exists.
+  {
+    TempDir ev;
+    std::filesystem::create_directory(ev / "image");
+    Child target({target_bin("clone_target"), ev.path(), "4", "eventfd"});
+    TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
+    auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", ev / "image"});
+    ASSERT_EQ(d.exit_code, 0) << d.err;
+    EXPECT_EQ(target.wait(60), 128 + SIGKILL);
+    r = lazycr({"template", "-D", ev / "image", "--socket", socket_, "-d"});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("eventfd"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("clones would share"), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
+    expect_nothing_left(static_cast<pid_t>(t.first("pid")));
+  }
+
+  // A socket path owned by another user.
+  {
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strncpy(a.sun_path, socket_.c_str(), sizeof a.sun_path - 1);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    close(fd);
+    ASSERT_EQ(chown(socket_.c_str(), 65534, 65534), 0);
+  }
+  r = lazycr({"template", "-D", image_, "--socket", socket_, "-d"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("owned by uid 65534"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  expect_nothing_left(image_pid());
+}
+
+}  // namespace
+}  // namespace lazycr::test

@@ -1,0 +1,192 @@
+/* A target for clones of a template (issue 13): a large memory pattern, worker threads, a
+ * regular file and a pipe, each checked from inside by every clone on its own.
+ *
+ *   clone_target DIR MIB [eventfd]
+ * fills MIB MiB with a pattern, starts 3 workers, opens DIR/shared.txt (position 5 after
+ * "head\n") and a pipe holding "pipedata", prints "ready pid=P tids=A,B,C,D", puts /dev/null on
+ * fds 0-2, then polls for DIR/cmd-N (N: the inode of its PID namespace, which tells the clones
+ * apart) and answers each command in DIR/res-N:
+ *   verify    every byte of the pattern, getpid() and every thread's gettid() against what
+ *             each recorded before the dump
+ *   write S   rewrite the whole pattern with seed S, then verify it
+ *   file      write one line at the file's position: it must be 5 before and 5+len after
+ *             (a description shared with another clone would have moved)
+ *   pipe      the pipe must hold exactly "pipedata" (a pipe shared with another clone that
+ *             read it first would be empty)
+ *   exit N    exit with status N
+ * Each answer is "ok ..." or "FAIL why". With "eventfd" it also holds an eventfd, which clones
+ * cannot have yet (the template must refuse it by name). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define WORKERS 3
+
+static uint64_t* mem;
+static size_t words;
+static uint64_t seed = 1;
+static pid_t tids[WORKERS + 1];
+static atomic_int gen, answered[WORKERS];
+static atomic_int tid_ok[WORKERS];
+static int file_fd, pipe_rd, pipe_wr;
+
+static pid_t gettid_raw(void) {
+  return (pid_t)syscall(SYS_gettid);
+}
+
+static uint64_t pattern(uint64_t i, uint64_t s) {
+  uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ (s * 0xD6E8FEB86659FD93ull);
+  return x ^ (x >> 29);
+}
+
+static void fill(uint64_t s) {
+  for (size_t i = 0; i < words; i++) mem[i] = pattern(i, s);
+  seed = s;
+}
+
+static void* worker(void* arg) {
+  int i = (int)(intptr_t)arg;
+  tids[i + 1] = gettid_raw();
+  int seen = 0;
+  for (;;) {
+    int g = atomic_load(&gen);
+    if (g != seen) {
+      atomic_store(&tid_ok[i], gettid_raw() == tids[i + 1]);
+      seen = g;
+      atomic_store(&answered[i], g);
+    }
+    usleep(1000);
+  }
+  return NULL;
+}
+
+static void answer(const char* dir, const char* id, const char* text) {
+  char tmp[4096], path[4096];
+  snprintf(tmp, sizeof tmp, "%s/res-%s.tmp", dir, id);
+  snprintf(path, sizeof path, "%s/res-%s", dir, id);
+  FILE* f = fopen(tmp, "w");
+  if (!f) return;
+  fprintf(f, "%s\n", text);
+  fclose(f);
+  rename(tmp, path);
+}
+
+static void verify(char* out, size_t n) {
+  if (gettid_raw() != tids[0] || getpid() != tids[0]) {
+    snprintf(out, n, "FAIL pid %d (gettid %d), recorded %d", getpid(), gettid_raw(), tids[0]);
+    return;
+  }
+  for (size_t i = 0; i < words; i++)
+    if (mem[i] != pattern(i, seed)) {
+      snprintf(out, n, "FAIL word %zu of %zu differs (seed %llu)", i, words,
+               (unsigned long long)seed);
+      return;
+    }
+  int g = atomic_fetch_add(&gen, 1) + 1;
+  for (int i = 0; i < WORKERS; i++) {
+    while (atomic_load(&answered[i]) != g) usleep(1000);
+    if (!atomic_load(&tid_ok[i])) {
+      snprintf(out, n, "FAIL thread %d: gettid is not %d", i + 1, tids[i + 1]);
+      return;
+    }
+  }
+  snprintf(out, n, "ok verified %zu MiB, tids %d,%d,%d,%d", words * 8 >> 20, tids[0], tids[1],
+           tids[2], tids[3]);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 3 && argc != 4) return 2;
+  if (argc == 4 && (strcmp(argv[3], "eventfd") != 0 || eventfd(0, 0) < 0)) return 2;
+  const char* dir = argv[1];
+  size_t mib = (size_t)atol(argv[2]);
+  words = mib << 17;
+  mem = mmap(NULL, words * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return 3;
+  fill(1);
+  tids[0] = gettid_raw();
+  for (int i = 0; i < WORKERS; i++) {
+    pthread_t t;
+    pthread_create(&t, NULL, worker, (void*)(intptr_t)i);
+  }
+  while (!tids[1] || !tids[2] || !tids[3]) usleep(1000);
+  char path[4096];
+  snprintf(path, sizeof path, "%s/shared.txt", dir);
+  file_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+  if (file_fd < 0 || write(file_fd, "head\n", 5) != 5) return 4;
+  int p[2];
+  if (pipe2(p, O_NONBLOCK) != 0 || write(p[1], "pipedata", 8) != 8) return 5;
+  pipe_rd = p[0];
+  pipe_wr = p[1];
+  printf("ready pid=%d tids=%d,%d,%d,%d\n", tids[0], tids[0], tids[1], tids[2], tids[3]);
+  fflush(stdout);
+  int null = open("/dev/null", O_RDWR);
+  dup2(null, 0);
+  dup2(null, 1);
+  dup2(null, 2);
+  close(null);
+  for (;;) {
+    char ns[64] = {0}, id[64], cmd_path[4096], cmd[256] = {0};
+    if (readlink("/proc/self/ns/pid", ns, sizeof ns - 1) < 0) return 6;
+    /* "pid:[4026531836]" -> "4026531836" */
+    char* lb = strchr(ns, '[');
+    snprintf(id, sizeof id, "%s", lb ? lb + 1 : ns);
+    char* rb = strchr(id, ']');
+    if (rb) *rb = 0;
+    snprintf(cmd_path, sizeof cmd_path, "%s/cmd-%s", dir, id);
+    FILE* f = fopen(cmd_path, "r");
+    if (!f) {
+      usleep(2000);
+      continue;
+    }
+    size_t got = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    if (got == 0) {
+      usleep(2000);
+      continue;
+    }
+    unlink(cmd_path);
+    char out[512];
+    unsigned long long arg = 0;
+    if (strncmp(cmd, "verify", 6) == 0) {
+      verify(out, sizeof out);
+    } else if (sscanf(cmd, "write %llu", &arg) == 1) {
+      fill(arg);
+      verify(out, sizeof out);
+    } else if (strncmp(cmd, "file", 4) == 0) {
+      off_t before = lseek(file_fd, 0, SEEK_CUR);
+      char line[80];
+      int len = snprintf(line, sizeof line, "clone %s\n", id);
+      ssize_t w = write(file_fd, line, (size_t)len);
+      off_t after = lseek(file_fd, 0, SEEK_CUR);
+      if (before == 5 && w == len && after == 5 + len)
+        snprintf(out, sizeof out, "ok file position 5 -> %lld", (long long)after);
+      else
+        snprintf(out, sizeof out, "FAIL file position %lld -> %lld (wrote %zd)", (long long)before,
+                 (long long)after, w);
+    } else if (strncmp(cmd, "pipe", 4) == 0) {
+      char buf[64];
+      ssize_t n = read(pipe_rd, buf, sizeof buf);
+      if (n == 8 && memcmp(buf, "pipedata", 8) == 0)
+        snprintf(out, sizeof out, "ok pipe");
+      else
+        snprintf(out, sizeof out, "FAIL pipe read %zd (%s)", n, n < 0 ? strerror(errno) : "");
+    } else if (sscanf(cmd, "exit %llu", &arg) == 1) {
+      answer(dir, id, "ok exiting");
+      _exit((int)arg);
+    } else {
+      snprintf(out, sizeof out, "FAIL unknown command %s", cmd);
+    }
+    answer(dir, id, out);
+  }
+}
