@@ -132,17 +132,7 @@ void replace_fds(Restoree& c, const image::Process& p, const image::SharedObject
   if (!reqs.empty()) {
     std::vector<long> fds = open_as_process(c, p.creds(), reqs, min_fd);
     c.reset_arena();
-    for (size_t k = 0; k < opened.size(); k++) {
-      const auto& f = *opened[k];
-      const uint64_t num = static_cast<uint64_t>(f.fd());
-      const uint64_t fd = static_cast<uint64_t>(fds[k]);
-      calls.push_back(make_call(cat("dup3(", fd, ", ", num, ")"), SYS_dup3, fd, num,
-                                f.cloexec() ? O_CLOEXEC : 0));
-      calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, fd));
-      if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
-        calls.push_back(
-            make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, num, f.pos(), SEEK_SET));
-    }
+    push_place_fds(opened, fds, calls);
     c.batch(calls);
     calls.clear();
   }

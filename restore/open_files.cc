@@ -164,6 +164,21 @@ void push_leave_identity(RemoteProcess& r, std::vector<Call>& calls) {
   calls.push_back(make_call("setgroups back", SYS_setgroups, me.groups.size(), groups_at));
 }
 
+void push_place_fds(const std::vector<const image::FileDescriptor*>& opened,
+                    const std::vector<long>& fds, std::vector<Call>& calls) {
+  for (size_t k = 0; k < opened.size(); k++) {
+    const auto& f = *opened[k];
+    const uint64_t num = static_cast<uint64_t>(f.fd());
+    const uint64_t fd = static_cast<uint64_t>(fds[k]);
+    calls.push_back(make_call(cat("dup3(", fd, ", ", num, ")"), SYS_dup3, fd, num,
+                              f.cloexec() ? O_CLOEXEC : 0));
+    calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, fd));
+    if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
+      calls.push_back(
+          make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, num, f.pos(), SEEK_SET));
+  }
+}
+
 std::vector<long> open_as_process(RemoteProcess& r, const image::Credentials& creds,
                                   const std::vector<OpenRequest>& reqs, int min_fd) {
   if (reqs.empty()) return {};

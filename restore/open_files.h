@@ -38,6 +38,12 @@ struct OpenRequest {
 // opened by path.
 OpenRequest request_for_fd(const image::FileDescriptor& f);
 
+// Calls (appended to `calls`) that move each descriptor open_as_process() returned (`fds[k]`,
+// opened for `opened[k]`) to its number in the image with its close-on-exec flag, and put a
+// regular file at its position.
+void push_place_fds(const std::vector<const image::FileDescriptor*>& opened,
+                    const std::vector<long>& fds, std::vector<Call>& calls);
+
 // Throws "<what> <path> ..." when `st` is not the file `req` names.
 void check_identity(const struct stat& st, const OpenRequest& req);
 

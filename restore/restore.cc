@@ -322,17 +322,7 @@ void restore_fds(Restoree& r, const image::Process& p, bool shell_job, const Sha
   }
   std::vector<long> fds = open_as_process(r, p.creds(), reqs, min_fd);
   r.reset_arena();
-  for (size_t k = 0; k < opened.size(); k++) {
-    const auto& f = *opened[k];
-    const uint64_t num = static_cast<uint64_t>(f.fd());
-    const uint64_t fd = static_cast<uint64_t>(fds[k]);
-    calls.push_back(make_call(cat("dup3(", fd, ", ", num, ")"), SYS_dup3, fd, num,
-                              f.cloexec() ? O_CLOEXEC : 0));
-    calls.push_back(make_call(cat("close(", fd, ")"), SYS_close, fd));
-    if (f.kind() == image::FileDescriptor::REGULAR && f.pos() != 0)
-      calls.push_back(
-          make_call(cat("lseek(", num, ", ", f.pos(), ")"), SYS_lseek, num, f.pos(), SEEK_SET));
-  }
+  push_place_fds(opened, fds, calls);
   if (!calls.empty()) r.batch(calls);
 }
 
