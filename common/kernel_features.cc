@@ -776,10 +776,12 @@ KernelFeatures probe_lazy() {
   probe_unprivileged_sysctl(f);
   probe_pagemap_scan(f);
   WaitingChild child;
-  if (child.pid() < 0)
+  if (child.pid() < 0) {
     f.notes["pidfd.getfd"] = cat("cannot start a probe child: ", err_text(child.error()));
-  else
-    probe_pidfd_getfd(f, child);
+    return f;
+  }
+  fault_point("kill-during-probe");  // a probe child is alive: it must die with lazycr
+  probe_pidfd_getfd(f, child);
   return f;
 }
 
