@@ -38,6 +38,7 @@
 #include "common/kernel_features.h"
 #include "common/linux_abi.h"
 #include "common/netns.h"
+#include "common/proc.h"
 #include "common/signals.h"
 
 namespace lazycr {
@@ -780,7 +781,16 @@ KernelFeatures probe_lazy() {
     f.notes["pidfd.getfd"] = cat("cannot start a probe child: ", err_text(child.error()));
     return f;
   }
-  fault_point("kill-during-probe");  // a probe child is alive: it must die with lazycr
+  // Tests: lazycr dies while the probe child waits (past its PR_SET_PDEATHSIG by then).
+  const char* want = ::getenv("LAZYCR_FAULT_INJECT");
+  if (want != nullptr && std::strcmp(want, "kill-during-probe") == 0) {
+    for (int i = 0; i < 10000; i++) {
+      auto st = proc::try_read_stat(child.pid());
+      if (!st || st->state == 'S') break;
+      ::usleep(100);
+    }
+    fault_point("kill-during-probe");
+  }
   probe_pidfd_getfd(f, child);
   return f;
 }
