@@ -175,7 +175,8 @@ PendingAccepts find_pending_accepts(const std::map<uint64_t, int>& socks) {
       why = cat(head, ", ", l.accept_queue - mine.size(),
                 " of them from clients outside the tree (the kernel gives no descriptor of a "
                 "queued connection but through accept(), which would take it from the program; "
-                "lazycr connects again only clients of the tree)");
+                "lazycr connects again only clients of the tree that sent nothing; "
+                "--tcp-established restores accepted connections only)");
     } else if (mine.size() > l.accept_queue) {
       why = cat(head, " but ", mine.size(),
                 " clients of the tree are connected to it and their accepted ends are not in the "
