@@ -17,6 +17,7 @@
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
+#include "objects/net_lock.h"
 #include "objects/pty.h"
 #include "objects/tcp_connection.h"
 #include "objects/tcp_pending.h"
@@ -189,6 +190,7 @@ class Builder {
     for (const auto& [index, ds] : ptys) make_pty(index, ds);
     for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
     tcp_.finish();  // every socket exists: TCP connections leave repair mode together
+    objects::unlock_connections(shared_.inet_sockets());  // the dump's network lock
     // Then the clients that were queued at a listener of the tree connect to it again.
     for (auto& [fd, s, what] : pending_connects_) objects::connect_pending(fd.get(), *s, what);
     pending_connects_.clear();

@@ -6,10 +6,12 @@
 // this test's client connection open across the checkpoint.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -33,6 +35,7 @@ namespace {
 constexpr int kPeerPort = 20101;
 constexpr int kRedisPort = 20102;
 constexpr int kHttpPort = 23001;
+constexpr int kGapPeerPort = 23002;
 
 char pattern(long i) {
   return static_cast<char>('a' + (i * 7 + i / 251) % 26);
@@ -131,14 +134,15 @@ TEST(Tcp, PairClonedBesideTheRunningOriginalWithNetns) {
 // buffer (inherited by the accepted end), so that the target's writes stay partly unsent.
 struct Peer {
   int listener = -1, conn = -1;
-  Peer() {
+  Peer() : Peer(kPeerPort, true) {}
+  Peer(int port, bool) {
     listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1, small = 8192;
     ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     ::setsockopt(listener, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
     sockaddr_in a{};
     a.sin_family = AF_INET;
-    a.sin_port = htons(kPeerPort);
+    a.sin_port = htons(static_cast<uint16_t>(port));
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     EXPECT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&a), sizeof a), 0) << strerror(errno);
     EXPECT_EQ(::listen(listener, 4), 0);
@@ -249,6 +253,36 @@ void peer_across_restore(bool lazy) {
   ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
   peer.expect_healthy();
   talk(peer, restore, static_cast<long>(info.first("sent")), pid);
+}
+
+// The network lock (objects/net_lock.h): the peer outside the tree sends while the tree is
+// dead (between the dump and the restore); its kernel gets no reset (the packets are dropped
+// and retransmitted), and the bytes reach the restored target.
+void peer_sends_in_the_gap(bool lazy) {
+  Peer peer(kGapPeerPort, true);
+  Child target({target_bin("tcp_target"), "peer", std::to_string(kGapPeerPort)});
+  peer.accept();
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  peer.write("question\n");  // no socket at the other end now
+  peer.expect_healthy();
+  int unacked = -1;
+  ASSERT_EQ(::ioctl(peer.conn, SIOCOUTQ, &unacked), 0);
+  EXPECT_EQ(unacked, 9) << "the bytes sent in the gap should wait, unacknowledged";
+  Child restore(restore_argv(images / "img", lazy));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "tcp_target", restore));
+  talk(peer, restore, static_cast<long>(info.first("sent")), pid);
+}
+
+TEST(Tcp, PeerSendingBetweenDumpAndRestoreGetsNoResetEager) {
+  peer_sends_in_the_gap(false);
+}
+TEST(Tcp, PeerSendingBetweenDumpAndRestoreGetsNoResetLazy) {
+  peer_sends_in_the_gap(true);
 }
 
 TEST(Tcp, PeerOutsideKeepsTheConnectionAcrossDumpAndRestoreEager) {
