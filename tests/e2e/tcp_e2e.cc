@@ -285,6 +285,37 @@ TEST(Tcp, PeerSendingBetweenDumpAndRestoreGetsNoResetLazy) {
   peer_sends_in_the_gap(true);
 }
 
+// The lock of a dump that killed the tree, held in this network namespace, goes away when the
+// image is restored with --netns (its connections live in the new namespace): it must not drop
+// those 4-tuples here for ever.
+TEST(Tcp, NetworkLockIsTakenByTheDumpAndRemovedByARestoreWithNetns) {
+  Child target({target_bin("tcp_target"), "pair", "4"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  const std::string port = " . " + std::to_string(info.first("port"));
+  pid_t pid = target.pid();
+  TempDir images;
+  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img", "--tcp-established"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  auto locked = run({"/usr/sbin/nft", "list", "set", "inet", "lazycr", "conns4"});
+  EXPECT_NE(locked.out.find(port), std::string::npos) << locked.out;
+  Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--netns",
+                 "--tcp-established", "--pidfile", images / "pid"});
+  pid_t restored = 0;
+  for (int i = 0; i < 30000 && restore.running() && restored == 0; i++) {
+    std::ifstream in(images / "pid");
+    if (!(in >> restored)) restored = 0;
+    if (restored == 0) usleep(2000);
+  }
+  ASSERT_GT(restored, 0);
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restored, "tcp_target", restore));
+  auto after = run({"/usr/sbin/nft", "list", "set", "inet", "lazycr", "conns4"});
+  EXPECT_EQ(after.out.find(port), std::string::npos) << after.out;
+  ASSERT_TRUE(send_signal(restored, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
+}
+
 TEST(Tcp, PeerOutsideKeepsTheConnectionAcrossDumpAndRestoreEager) {
   peer_across_restore(false);
 }
