@@ -524,6 +524,10 @@ TEST(Tcp, HostileQueuedClientFieldsAreRefusedByName) {
          if (s.listening()) s.set_pending_accept(true);
        },
        "a queued TCP client without a peer"},
+      {[](auto& s) {
+         if (s.listening()) s.set_backlog(0);
+       },
+       "an accept queue of 2 connection(s) exceeds its backlog of 0"},
   };
   for (const auto& [edit, says] : cases) {
     SCOPED_TRACE(says);
