@@ -39,6 +39,7 @@
 #include "image-format/image_dir.h"
 #include "image-format/image_mac.h"
 #include "image-format/unrestorable.h"
+#include "objects/net_lock.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -539,6 +540,11 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
+  // The tree will be killed: from now until the restore, the connections' incoming packets are
+  // dropped (objects/net_lock.h), so that a peer sending meanwhile gets no reset. A failed dump
+  // takes the lock away again.
+  std::optional<objects::NetworkLock> net_lock;
+  if (!opts.leave_running) net_lock.emplace(shared.objects.inet_sockets());
   collect_sysv_shm(procs, areas, shared.objects);
   refuse_unrestorable(procs, areas, opts.leave_running);
   collect_objects(tree, procs);  // seccomp filters, file locks (objects/)
@@ -653,6 +659,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   } else {
     tree.kill_all();
     shared.tcp_repair.close_silently();  // the last close, in repair mode: no FIN, no RST
+    if (net_lock) net_lock->keep();      // until the restore unlocks the connections
   }
   result.frozen_ns = now_ns() - tree.frozen_at();
   result.total_ns = now_ns() - t0;

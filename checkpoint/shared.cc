@@ -28,6 +28,7 @@
 #include "image-format/image_dir.h"
 #include "objects/inet_socket.h"
 #include "objects/tcp_connection.h"
+#include "objects/tcp_pending.h"
 #include "objects/unix_socket.h"
 
 namespace lazycr::checkpoint {
@@ -276,6 +277,18 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
   if (!sockets.empty()) {
     auto diag = sockdiag::unix_sockets();
     std::map<uint64_t, objects::UnixHeld> unix_held;
+    // Two passes over the IPv4/IPv6 ones: first every socket, so that a listener's queued
+    // connections can be matched with their clients in the tree (objects/tcp_pending.h).
+    std::map<uint64_t, UniqueFd> inet_fds;
+    for (const auto& [inode, refs] : sockets) {
+      if (diag.count(inode)) continue;
+      UniqueFd sock(static_cast<int>(
+          ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
+      if (sock && objects::is_inet_socket(sock.get())) inet_fds[inode] = std::move(sock);
+    }
+    std::map<uint64_t, int> inet_raw;
+    for (const auto& [inode, fd] : inet_fds) inet_raw[inode] = fd.get();
+    const objects::PendingAccepts pending = objects::find_pending_accepts(inet_raw);
     for (const auto& [inode, refs] : sockets) {
       std::string what = cat("socket:[", inode, "]");
       const FdRef first = refs[0];
@@ -286,14 +299,21 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
         continue;
       }
       std::string why;
-      UniqueFd sock(static_cast<int>(
-          ::syscall(SYS_pidfd_getfd, procs[first.proc].pidfd, fd_at(first).fd(), 0)));
-      if (sock && objects::is_inet_socket(sock.get())) {
+      if (auto it = inet_fds.find(inode); it != inet_fds.end()) {
+        const int sock = it->second.get();
         image::InetSocket in;
-        if ((!objects::is_tcp_connection(sock.get()) ||
-             objects::dump_tcp_connection(sock.get(), inode, flags.tcp_established, in, why,
+        if (auto no = pending.why_not.find(inode); no != pending.why_not.end()) {
+          for (const auto& r : refs) why_not(r, no->second);
+          continue;
+        }
+        if (auto l = pending.listeners.find(inode); l != pending.listeners.end())
+          in.set_accept_queue(l->second);
+        const bool queued_client = pending.clients.count(inode) > 0;
+        in.set_pending_accept(queued_client);
+        if ((queued_client || !objects::is_tcp_connection(sock) ||
+             objects::dump_tcp_connection(sock, inode, flags.tcp_established, in, why,
                                           result.tcp_repair)) &&
-            objects::dump_inet_socket(sock.get(), inode, in, why)) {
+            objects::dump_inet_socket(sock, inode, in, why)) {
           for (const auto& r : refs) fd_at(r).set_restorable(true);
           log::debug(what, ": ", objects::describe_inet_socket(in));
           *result.objects.add_inet_sockets() = std::move(in);
@@ -302,6 +322,8 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
         }
         continue;
       }
+      UniqueFd sock(static_cast<int>(
+          ::syscall(SYS_pidfd_getfd, procs[first.proc].pidfd, fd_at(first).fd(), 0)));
       std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
       why = cat(what, " is ", article(kind), " ", kind,
                 kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");

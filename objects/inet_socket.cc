@@ -11,6 +11,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -116,6 +117,103 @@ const Unrestored kUnrestored[] = {
     {0, SOL_SOCKET, SO_TIMESTAMPNS, "SO_TIMESTAMPNS"},
     {0, SOL_SOCKET, SO_BROADCAST, "SO_BROADCAST"},
 };
+
+// Options of a TCP socket lazycr does not restore: one that reads differently from a new TCP
+// socket of the same family (made here, so sysctl defaults are this namespace's) is refused by
+// name rather than given back at its default.
+struct TcpUnrestored {
+  int family;  // 0: any
+  int level, name;
+  const char* text;
+  bool unconnected_only;  // meaningful before a connection only (TCP_MAXSEG)
+};
+const TcpUnrestored kTcpUnrestored[] = {
+    {0, SOL_SOCKET, SO_OOBINLINE, "SO_OOBINLINE", false},
+    {0, SOL_SOCKET, SO_LINGER, "SO_LINGER", false},
+    {0, SOL_SOCKET, SO_RCVLOWAT, "SO_RCVLOWAT", false},
+    {0, SOL_SOCKET, SO_RCVTIMEO_OLD, "SO_RCVTIMEO", false},
+    {0, SOL_SOCKET, SO_SNDTIMEO_OLD, "SO_SNDTIMEO", false},
+    {0, SOL_SOCKET, SO_PRIORITY, "SO_PRIORITY", false},
+    {0, SOL_SOCKET, SO_MARK, "SO_MARK", false},
+    {0, SOL_SOCKET, SO_DONTROUTE, "SO_DONTROUTE", false},
+    {0, SOL_SOCKET, SO_ZEROCOPY, "SO_ZEROCOPY", false},
+    {0, SOL_SOCKET, SO_BUSY_POLL, "SO_BUSY_POLL", false},
+    {0, SOL_SOCKET, SO_GET_FILTER, "a socket filter (SO_ATTACH_FILTER)", false},
+    {AF_INET, IPPROTO_IP, IP_TOS, "IP_TOS", false},
+    {AF_INET, IPPROTO_IP, IP_TTL, "IP_TTL", false},
+    {AF_INET, IPPROTO_IP, IP_MTU_DISCOVER, "IP_MTU_DISCOVER", false},
+    {AF_INET, IPPROTO_IP, IP_MINTTL, "IP_MINTTL", false},
+    {AF_INET, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT", false},
+    {AF_INET6, IPPROTO_IPV6, IPV6_TCLASS, "IPV6_TCLASS", false},
+    {AF_INET6, IPPROTO_IPV6, IPV6_UNICAST_HOPS, "IPV6_UNICAST_HOPS", false},
+    {AF_INET6, IPPROTO_IPV6, IPV6_MTU_DISCOVER, "IPV6_MTU_DISCOVER", false},
+    {0, IPPROTO_TCP, TCP_CORK, "TCP_CORK", false},
+    {0, IPPROTO_TCP, TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", false},
+    {0, IPPROTO_TCP, TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", false},
+    {0, IPPROTO_TCP, TCP_DEFER_ACCEPT, "TCP_DEFER_ACCEPT", false},
+    {0, IPPROTO_TCP, TCP_FASTOPEN, "TCP_FASTOPEN", false},
+    {0, IPPROTO_TCP, TCP_FASTOPEN_CONNECT, "TCP_FASTOPEN_CONNECT", false},
+    {0, IPPROTO_TCP, TCP_SYNCNT, "TCP_SYNCNT", false},
+    {0, IPPROTO_TCP, TCP_LINGER2, "TCP_LINGER2", false},
+    {0, IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, "TCP_THIN_LINEAR_TIMEOUTS", false},
+    {0, IPPROTO_TCP, TCP_INQ, "TCP_INQ", false},
+    {0, IPPROTO_TCP, TCP_SAVE_SYN, "TCP_SAVE_SYN", false},
+    {0, IPPROTO_TCP, TCP_TX_DELAY, "TCP_TX_DELAY", false},
+    {0, IPPROTO_TCP, TCP_CONGESTION, "TCP_CONGESTION", false},
+    {0, IPPROTO_TCP, TCP_ULP, "an upper layer protocol (TCP_ULP, e.g. kernel TLS)", false},
+    {0, IPPROTO_TCP, TCP_MAXSEG, "TCP_MAXSEG", true},
+};
+
+// The raw value of an option (empty when it cannot be read).
+std::string raw_opt(int sock, int level, int name) {
+  char buf[64] = {};
+  socklen_t len = sizeof buf;
+  if (level == SOL_SOCKET && name == SO_GET_FILTER) len = 0;  // the filter's length only
+  int r = ::getsockopt(sock, level, name, buf, &len);
+  if (r < 0) return {};
+  if (level == SOL_SOCKET && name == SO_GET_FILTER) return std::to_string(r == 0 ? len : 0);
+  return std::string(buf, std::min<size_t>(len, sizeof buf));
+}
+
+std::string shown(const std::string& raw) {
+  if (raw.size() == 4) {
+    int v;
+    std::memcpy(&v, raw.data(), 4);
+    return std::to_string(v);
+  }
+  if (raw.empty()) return "unreadable";
+  bool text = true;
+  for (char c : raw) text &= c >= 0x20 && c < 0x7f;
+  if (text) return cat("\"", raw, "\"");
+  std::string hex;
+  for (unsigned char c : raw) hex += cat("0123456789abcdef"[c >> 4], "0123456789abcdef"[c & 15]);
+  return cat("0x", hex);
+}
+
+// "TCP_CORK set (1; a new socket has 0)", or "" when every option is as on a new socket.
+std::string tcp_unrestored_option(int sock, int family, bool connection) {
+  UniqueFd fresh(::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fresh) return {};
+  for (const auto& u : kTcpUnrestored) {
+    if ((u.family != 0 && u.family != family) || (u.unconnected_only && connection)) continue;
+    std::string have = raw_opt(sock, u.level, u.name);
+    std::string base = raw_opt(fresh.get(), u.level, u.name);
+    if (u.level == IPPROTO_TCP && (u.name == TCP_CONGESTION || u.name == TCP_ULP)) {
+      have = have.substr(0, have.find('\0'));
+      base = base.substr(0, base.find('\0'));
+    }
+    // The ECN bits of the traffic class are the connection's (set when ECN was negotiated).
+    if (((u.level == IPPROTO_IP && u.name == IP_TOS) ||
+         (u.level == IPPROTO_IPV6 && u.name == IPV6_TCLASS)) &&
+        have.size() == 4 && base.size() == 4) {
+      have[0] = static_cast<char>(have[0] & ~3);
+      base[0] = static_cast<char>(base[0] & ~3);
+    }
+    if (have != base)
+      return cat(u.text, " set (", shown(have), "; a new socket has ", shown(base), ")");
+  }
+  return {};
+}
 
 // SO_PEEK_OFF belongs to the socket, which the target shares: put its value back.
 class PeekOffset {
@@ -338,10 +436,14 @@ std::string describe_inet_socket(const InetSocket& s) {
   if (s.has_tcp())
     out = describe_tcp_connection(s);
   else if (s.listening())
-    out = cat(kind, " listening on ", local, " (backlog ", s.backlog(), ")");
+    out = cat(kind, " listening on ", local, " (backlog ", s.backlog(),
+              s.accept_queue() ? cat(", ", s.accept_queue(), " connection(s) not accepted yet")
+                               : std::string(),
+              ")");
   else if (!s.peer_addr().empty())
-    out = cat(kind, " ", local, " connected to ",
-              addr_text(s.family(), s.peer_addr(), s.peer_port()));
+    out =
+        cat(kind, " ", local, " connected to ", addr_text(s.family(), s.peer_addr(), s.peer_port()),
+            s.pending_accept() ? " (queued there, not accepted yet)" : "");
   else if (s.local_port() != 0)
     out = cat(kind, " bound to ", local);
   else
@@ -388,6 +490,10 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
       fail_errno("getsockopt(TCP_INFO) of ", what);
     if (out.has_tcp()) {
       // A connection, its state already in out.tcp (objects/tcp_connection.h).
+    } else if (out.pending_accept() && ti.tcpi_state == kTcpEstablished && connected) {
+      // A client queued at a listener of the tree (objects/tcp_pending.h): connected again.
+      out.set_peer_addr(peer_addr);
+      out.set_peer_port(peer_port);
     } else if (ti.tcpi_state == kTcpEstablished) {
       why =
           cat("established TCP connection ", local, " -> ", addr_text(family, peer_addr, peer_port),
@@ -396,7 +502,7 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
     } else if (ti.tcpi_state == kTcpListen) {
       // For a listener TCP_INFO reports the accept queue in tcpi_unacked and the backlog in
       // tcpi_sacked (tcp_get_info).
-      if (ti.tcpi_unacked > 0) {
+      if (ti.tcpi_unacked != out.accept_queue()) {
         why = cat(kind, " listening on ", local, " has ", ti.tcpi_unacked,
                   " connection(s) in its accept queue not accepted yet (the kernel gives no "
                   "descriptor of a queued connection but through accept(), which would take it "
@@ -424,6 +530,14 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
     bool ok;
     if (int_opt(sock, u.level, u.name, ok) != 0 && ok) {
       why = cat(kind, " ", local, " has ", u.text, " set, which lazycr does not restore yet");
+      return false;
+    }
+  }
+  if (tcp) {
+    std::string opt = tcp_unrestored_option(sock, family, out.has_tcp() || out.pending_accept());
+    if (!opt.empty()) {
+      why = cat(out.has_tcp() ? describe_tcp_connection(out) : cat(kind, " ", local), " has ", opt,
+                ", which lazycr does not restore");
       return false;
     }
   }
@@ -464,8 +578,13 @@ void validate_inet_socket(const InetSocket& s) {
     fail(what, ": peer address of ", s.peer_addr().size(), " bytes (", alen, " expected)");
   if (s.local_port() > 65535 || s.peer_port() > 65535)
     fail(what, ": port ", std::max(s.local_port(), s.peer_port()), " is out of range");
-  if (!s.peer_addr().empty() && (s.type() != SOCK_DGRAM || s.peer_port() == 0))
-    fail(what, ": a peer address on a socket that is not a connected UDP socket");
+  if (!s.peer_addr().empty() && ((s.type() != SOCK_DGRAM && !s.pending_accept()) ||
+                                 s.peer_port() == 0 || s.peer_addr().size() != alen))
+    fail(what,
+         ": a peer address on a socket that is neither a connected UDP socket nor a TCP client "
+         "queued at a listener");
+  if (s.pending_accept() && (s.type() != SOCK_STREAM || s.peer_addr().empty()))
+    fail(what, ": a queued TCP client without a peer");
   if (s.listening() && (s.type() != SOCK_STREAM || s.local_port() == 0))
     fail(what, ": listening but not a bound TCP socket");
   if (s.backlog() > kMaxBacklog) fail(what, ": backlog ", s.backlog(), " exceeds ", kMaxBacklog);
@@ -575,7 +694,8 @@ UniqueFd create_inet_socket(const InetSocket& s, const std::string& who) {
     }
   }
   set_buf(f, SO_RCVBUF, SO_RCVBUFFORCE, s.rcvbuf(), what, "SO_RCVBUF");
-  if (!s.peer_addr().empty()) {
+  // A TCP client queued at a listener connects once every socket exists (tcp_pending.h).
+  if (!s.peer_addr().empty() && !s.pending_accept()) {
     sockaddr_storage ss;
     socklen_t len = join(family, s.peer_addr(), s.peer_port(), 0, ss);
     if (::connect(f, reinterpret_cast<sockaddr*>(&ss), len) != 0)

@@ -22,8 +22,12 @@ namespace lazycr::objects {
 bool is_inet_socket(int sock);
 
 // Dump: fills `out` (the queue of a UDP socket is peeked, nothing is consumed) and returns true,
-// or returns false with `why` saying what lazycr cannot restore ("established TCP connection
-// 127.0.0.1:8080 -> 127.0.0.1:41234: needs --tcp-established, not supported yet").
+// or returns false with `why` saying what lazycr cannot restore (a connection without
+// --tcp-established, a listener with connections not accepted yet, an option lazycr does not
+// restore: "... has TCP_CORK set (1; a new socket has 0), which lazycr does not restore").
+// The caller sets beforehand what objects/tcp_connection.h and objects/tcp_pending.h found:
+// `out.tcp` for a connection, `out.accept_queue` for a listener whose queued connections are
+// all made again, `out.pending_accept` for one of their clients.
 bool dump_inet_socket(int sock, uint64_t inode, image::InetSocket& out, std::string& why);
 
 // Restore: throws naming the field of `s` that is out of bounds.

@@ -253,6 +253,23 @@ bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, InetSocket& out
               "restore");
     return false;
   }
+  // Urgent data: the repair queues carry no urgent pointer, so a pending urgent byte (read by
+  // recv(MSG_OOB)) or a mark the program tests with SIOCATMARK would vanish. MSG_OOB comes
+  // before the repair check in tcp_recvmsg, and MSG_PEEK leaves it unread.
+  char urgent = 0;
+  ssize_t got = ::recv(sock, &urgent, 1, MSG_OOB | MSG_PEEK | MSG_DONTWAIT);
+  if (got == 1 || (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+    why = cat(conn,
+              got == 1 ? " has an urgent byte (MSG_OOB) not read yet"
+                       : " was told of urgent data (MSG_OOB) that has not arrived yet",
+              ", which lazycr does not restore");
+    return false;
+  }
+  if (ioctl_int(sock, SIOCATMARK, conn, "SIOCATMARK") != 0) {
+    why = cat(conn,
+              " is at its urgent mark (SIOCATMARK), which lazycr does not restore (urgent data)");
+    return false;
+  }
   int peek_off = get_int(sock, SOL_SOCKET, SO_PEEK_OFF, conn, "SO_PEEK_OFF");
   if (peek_off >= 0) {
     why = cat(conn, " has SO_PEEK_OFF set (", peek_off, "), which lazycr does not restore");

@@ -62,7 +62,9 @@ bool is_tcp_connection(int sock);
 // returns true, the socket left in repair mode and a copy of it in `hold`; the caller fills the
 // rest of `out` with dump_inet_socket(). Returns false with `why` naming the connection when it
 // cannot be recorded: without `allowed` (dump --tcp-established), in a state other than
-// ESTABLISHED, or when repair mode is refused.
+// ESTABLISHED, with urgent data pending or at the urgent mark (the repair queues carry no
+// urgent pointer), or when repair mode is refused. Options lazycr does not restore are
+// refused by dump_inet_socket().
 bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, image::InetSocket& out,
                          std::string& why, TcpRepairHold& hold);
 

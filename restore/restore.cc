@@ -61,6 +61,7 @@
 #include "common/ptrace.h"
 #include "common/signals.h"
 #include "image-format/image_dir.h"
+#include "objects/net_lock.h"
 #include "objects/objects.h"
 #include "restore/address_space.h"
 #include "restore/fd_passing.h"
@@ -645,6 +646,9 @@ Restored restore(const RestoreOptions& opts_in) {
     transport.fd_in_tree = max_fd + 1;
     transport.high = max_fd + 2;
   });
+  // --netns: the connections live in the new namespace now; a network lock the dump left in
+  // lazycr's own (objects/net_lock.h) would drop their 4-tuples there for ever.
+  if (opts.netns) objects::unlock_connections(img->shared().inet_sockets());
 
   SubreaperWhileBuilding subreaper(procs.size() > 1);
   // Declared before the processes: on failure they are killed (and reaped) first, then the

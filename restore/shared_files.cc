@@ -17,8 +17,10 @@
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
+#include "objects/net_lock.h"
 #include "objects/pty.h"
 #include "objects/tcp_connection.h"
+#include "objects/tcp_pending.h"
 #include "objects/unix_socket.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
@@ -188,6 +190,10 @@ class Builder {
     for (const auto& [index, ds] : ptys) make_pty(index, ds);
     for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
     tcp_.finish();  // every socket exists: TCP connections leave repair mode together
+    objects::unlock_connections(shared_.inet_sockets());  // the dump's network lock
+    // Then the clients that were queued at a listener of the tree connect to it again.
+    for (auto& [fd, s, what] : pending_connects_) objects::connect_pending(fd.get(), *s, what);
+    pending_connects_.clear();
     for (const Description* d : files) open_file(*d);
     for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
@@ -465,6 +471,13 @@ class Builder {
     const Description& d = *ds.front();
     UniqueFd fd = objects::create_inet_socket(*inet_.at(inode), d.who());
     if (inet_.at(inode)->has_tcp()) tcp_.add(fd.get(), *inet_.at(inode), d.who());
+    if (inet_.at(inode)->pending_accept()) {
+      UniqueFd copy(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
+      if (!copy) fail_errno("socket inode ", inode, ": dup");
+      pending_connects_.push_back(
+          {std::move(copy), inet_.at(inode),
+           cat(objects::describe_inet_socket(*inet_.at(inode)), " (", d.who(), ")")});
+    }
     set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
     hand_out(d, std::move(fd));
   }
@@ -570,6 +583,12 @@ class Builder {
   std::map<uint64_t, const UnixSocket*> sockets_;
   std::map<uint64_t, const image::InetSocket*> inet_;
   objects::TcpRestoreBatch tcp_;  // connections made in repair mode, until all exist
+  struct PendingConnect {
+    UniqueFd fd;
+    const image::InetSocket* s;
+    std::string what;
+  };
+  std::vector<PendingConnect> pending_connects_;  // clients queued at a listener of the tree
   std::vector<UniqueFd> temporaries_;
   std::map<int, const image::Credentials*> creds_;  // by pid
 };

@@ -20,6 +20,7 @@
 #include "objects/fd_kinds.h"
 #include "objects/inet_socket.h"
 #include "objects/tcp_connection.h"
+#include "objects/tcp_pending.h"
 #include "objects/unix_socket.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
@@ -215,6 +216,7 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
     objects::validate_inet_socket(s);
     if (s.has_tcp()) objects::validate_tcp_connection(s, opts.tcp_established);
   }
+  objects::validate_pending_accepts(img.shared().inet_sockets());
   for (const auto& s : img.shared().sockets()) objects::validate_unix_socket(s);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());

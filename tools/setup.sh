@@ -13,7 +13,7 @@ jobs=$(nproc)
 packages=(build-essential cmake pkg-config git python3 clang libclang-rt-14-dev clang-format
   libzstd-dev libprotobuf-dev protobuf-compiler libboost-filesystem-dev libgtest-dev
   libgmock-dev libcli11-dev libbenchmark-dev libssl-dev sqlite3 nodejs redis-server memcached
-  nginx-light tmux)
+  nginx-light tmux libnftables-dev nftables)
 
 install_missing() {
   local missing=()

@@ -819,6 +819,8 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       j.field("peer", objects::describe_inet_address(s.family(), s.peer_addr(), s.peer_port()));
     j.field("listening", s.listening());
     j.field("backlog", s.backlog());
+    j.field("accept_queue", s.accept_queue());      // connections not accepted yet
+    j.field("pending_accept", s.pending_accept());  // a client queued at a listener
     j.field("reuseaddr", s.reuseaddr());
     j.field("reuseport", s.reuseport());
     j.field("v6only", s.v6only());

@@ -10,16 +10,25 @@
 //     why" and exits 1) and exits 0.
 //   tcp_target pair 4-rd | 4-wr: the same, the accepted end then shut down for reading, or the
 //     client for writing (FIN_WAIT2 / CLOSE_WAIT), for refusals only.
+//   tcp_target pair 4-oob | 4-uto: the same, the accepted end then sends an urgent byte
+//     (MSG_OOB) the client leaves unread, or the client sets TCP_USER_TIMEOUT: refusals only.
 //   tcp_target peer PORT: connects to 127.0.0.1:PORT (a peer outside the tree) and writes a
 //     pattern until the kernel takes no more (the peer does not read yet); prints "ready pid=P
 //     sent=W". On SIGUSR1 it reads the line the peer sent meanwhile ("question\n"), answers
 //     "answer\n", then echoes each line it reads prefixed with "echo " until EOF; exits 0.
+//   tcp_target pending 4|6 [send]: a listener on loopback (port 0, non-blocking) and two clients
+//     connected to it, not accepted (objects/tcp_pending.h); "send": the first client has
+//     written 5 bytes (for refusals). Prints "ready pid=P port=L". On SIGUSR1 it accepts two
+//     connections (waiting at most 10 s for each), checks that their peers are the two clients'
+//     addresses, exchanges a line each way on each, checks that nothing else is queued, prints
+//     "verified ok" and exits 0.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -187,6 +196,8 @@ static int pair(const char* mode) {
   write_all(sfd, reply, sizeof reply);
   if (shut && strcmp(shut, "-rd") == 0 && shutdown(sfd, SHUT_RD) != 0) die("shutdown");
   if (shut && strcmp(shut, "-wr") == 0 && shutdown(cfd, SHUT_WR) != 0) die("shutdown");
+  if (shut && strcmp(shut, "-oob") == 0 && send(sfd, "!", 1, MSG_OOB) != 1) die("send MSG_OOB");
+  if (shut && strcmp(shut, "-uto") == 0) setopt(cfd, IPPROTO_TCP, TCP_USER_TIMEOUT, 12345);
   printf("ready pid=%d port=%d sent=%ld\n", getpid(), port, sent);
   fflush(stdout);
 
@@ -261,12 +272,96 @@ static int peer(int port) {
   return 0;
 }
 
+static void fill_addr(int v6, int port, struct sockaddr_storage* ss, socklen_t* len) {
+  memset(ss, 0, sizeof *ss);
+  if (v6) {
+    struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
+    a->sin6_family = AF_INET6;
+    a->sin6_addr = in6addr_loopback;
+    a->sin6_port = htons((uint16_t)port);
+    *len = sizeof *a;
+  } else {
+    struct sockaddr_in* a = (struct sockaddr_in*)ss;
+    a->sin_family = AF_INET;
+    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a->sin_port = htons((uint16_t)port);
+    *len = sizeof *a;
+  }
+}
+
+static int same_addr(const struct sockaddr_storage* a, const struct sockaddr_storage* b) {
+  if (a->ss_family != b->ss_family) return 0;
+  if (a->ss_family == AF_INET)
+    return memcmp(&((struct sockaddr_in*)a)->sin_addr, &((struct sockaddr_in*)b)->sin_addr, 4) ==
+               0 &&
+           ((struct sockaddr_in*)a)->sin_port == ((struct sockaddr_in*)b)->sin_port;
+  return memcmp(&((struct sockaddr_in6*)a)->sin6_addr, &((struct sockaddr_in6*)b)->sin6_addr, 16) ==
+             0 &&
+         ((struct sockaddr_in6*)a)->sin6_port == ((struct sockaddr_in6*)b)->sin6_port;
+}
+
+static int pending(const char* mode, int send_first) {
+  int v6 = mode[0] == '6';
+  struct sockaddr_storage ss;
+  socklen_t len;
+  fill_addr(v6, 0, &ss, &len);
+  int lfd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (lfd < 0) die("socket");
+  if (bind(lfd, (struct sockaddr*)&ss, len) != 0) die("bind");
+  if (listen(lfd, 4) != 0) die("listen");
+  if (getsockname(lfd, (struct sockaddr*)&ss, &len) != 0) die("getsockname");
+  int port =
+      ntohs(v6 ? ((struct sockaddr_in6*)&ss)->sin6_port : ((struct sockaddr_in*)&ss)->sin_port);
+  int cfd[2];
+  struct sockaddr_storage caddr[2];
+  for (int i = 0; i < 2; i++) {
+    cfd[i] = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (cfd[i] < 0) die("socket");
+    fill_addr(v6, port, &ss, &len);
+    if (connect(cfd[i], (struct sockaddr*)&ss, len) != 0) die("connect");
+    socklen_t clen = sizeof caddr[i];
+    if (getsockname(cfd[i], (struct sockaddr*)&caddr[i], &clen) != 0) die("getsockname");
+  }
+  if (send_first) write_all(cfd[0], "early", 5);
+  printf("ready pid=%d port=%d\n", getpid(), port);
+  fflush(stdout);
+
+  wait_go();
+  int seen[2] = {0, 0};
+  for (int k = 0; k < 2; k++) {
+    struct pollfd p = {lfd, POLLIN, 0};
+    if (poll(&p, 1, 10000) != 1) verify_failed("no queued connection to accept (accepted)", k, 0);
+    struct sockaddr_storage from;
+    socklen_t flen = sizeof from;
+    int s = accept4(lfd, (struct sockaddr*)&from, &flen, SOCK_CLOEXEC);
+    if (s < 0) verify_failed("accept (errno, accepted)", errno, k);
+    int i = same_addr(&from, &caddr[0]) ? 0 : same_addr(&from, &caddr[1]) ? 1 : -1;
+    if (i < 0 || seen[i])
+      verify_failed("an accepted connection from an unknown client (k, i)", k, i);
+    seen[i] = 1;
+    char line[32];
+    int n = snprintf(line, sizeof line, "hello %d\n", i);
+    write_all(cfd[i], line, (size_t)n);
+    read_exact(s, line);
+    n = snprintf(line, sizeof line, "welcome %d\n", i);
+    write_all(s, line, (size_t)n);
+    read_exact(cfd[i], line);
+  }
+  if (accept4(lfd, NULL, NULL, SOCK_CLOEXEC) >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+    verify_failed("a third connection was queued (errno)", errno, 0);
+  printf("verified ok\n");
+  fflush(stdout);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   signal(SIGPIPE, SIG_IGN);
   signal(SIGUSR1, on_usr1);
   if (argc == 3 && strcmp(argv[1], "pair") == 0) return pair(argv[2]);
   if (argc == 3 && strcmp(argv[1], "peer") == 0) return peer(atoi(argv[2]));
+  if (argc >= 3 && strcmp(argv[1], "pending") == 0)
+    return pending(argv[2], argc == 4 && strcmp(argv[3], "send") == 0);
   fprintf(stderr, "usage: tcp_target pair 4|6|ds | peer PORT\n");
   return 2;
 }
