@@ -60,10 +60,10 @@ const KernelFeatures& kernel_features();
 
 // Only what a lazy restore needs, probed on first call by the same probes: the userfaultfd
 // fields (userfaultfd_syscall, dev_userfaultfd, uffd_features, uffd_ioctls,
-// unprivileged_userfaultfd), cap_sys_ptrace, pagemap_scan and pidfd_getfd, with their notes;
-// every other
-// field is left unprobed (false/0). The full probe forks and traces several children and
-// cost 3-13 ms of every lazy restore on a loaded 2-core guest; this one forks one.
+// unprivileged_userfaultfd), cap_sys_ptrace, pagemap_scan and pidfd_getfd (tried on lazycr
+// itself), with their notes; every other field is left unprobed (false/0). The full probe
+// forks and traces several children and cost 3-13 ms of every lazy restore on a loaded 2-core
+// guest; this one forks none.
 const KernelFeatures& lazy_restore_features();
 
 // The CPU's xsave layout from CPUID and XGETBV alone (~15 us in our VMs, where CPUID traps),
