@@ -131,4 +131,19 @@ void unlock_connections(const google::protobuf::RepeatedPtrField<InetSocket>& al
   }
 }
 
+bool network_lock_available(std::string& detail) {
+  try {
+    Ctx c = new_ctx();
+    if (std::string err = run(c.get(), "list tables"); !err.empty()) {
+      detail = cat("nftables: ", err);
+      return false;
+    }
+    detail = "nf_tables (libnftables)";
+    return true;
+  } catch (const Error& e) {
+    detail = e.what();
+    return false;
+  }
+}
+
 }  // namespace lazycr::objects

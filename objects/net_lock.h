@@ -40,4 +40,8 @@ class NetworkLock {
 // e.g. --netns, or dumped with --leave-running). Never throws; a failure is logged.
 void unlock_connections(const google::protobuf::RepeatedPtrField<image::InetSocket>& all);
 
+// For `lazycr check`: whether nftables answers in lazycr's network namespace (a read-only
+// listing of its tables); `detail` says what was found or what failed.
+bool network_lock_available(std::string& detail);
+
 }  // namespace lazycr::objects

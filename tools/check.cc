@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/json.h"
 #include "common/kernel_features.h"
+#include "objects/net_lock.h"
 #include "tools/commands.h"
 
 namespace lazycr::cli {
@@ -92,7 +93,13 @@ std::string json_report(const KernelFeatures& f, const std::vector<FeatureReport
 
 int run_check(const CheckOptions& opts) {
   const KernelFeatures& f = kernel_features();
-  const std::vector<FeatureReport> reports = describe_features(f);
+  std::vector<FeatureReport> reports = describe_features(f);
+  FeatureReport lock{"net.nftables_lock", false, false, "", ""};
+  lock.ok = objects::network_lock_available(lock.detail);
+  lock.why =
+      "dump --tcp-established of a tree it kills drops the connections' packets until the "
+      "restore (else a peer that sends in between gets a reset)";
+  reports.push_back(std::move(lock));
   std::vector<std::string> missing;
   for (const auto& r : reports) {
     if (r.required && !r.ok) missing.push_back(r.name);
