@@ -184,7 +184,17 @@ bool kill_pid(pid_t pid) {
   return ok;
 }
 
-// Kills every descendant of `root` (not root itself), recursively; returns how many.
+pid_t g_extra[kMaxEntries];  // descendants killed by server_died(), for its message
+int g_extra_count;
+
+bool known(pid_t pid) {
+  for (const Entry& e : g_entries)
+    if (e.used && e.pid == pid) return true;
+  return false;
+}
+
+// Kills every descendant of `root` (not root itself) that is not in the table (those are
+// killed by server_died() itself), recursively; returns how many.
 int kill_descendants(pid_t root) {
   int killed = 0;
   static pid_t queue[4096];
@@ -207,9 +217,8 @@ int kill_descendants(pid_t root) {
         if (*p < '0' || *p > '9') continue;
         for (; *p >= '0' && *p <= '9'; ++p) pid = pid * 10 + (*p - '0');
         if (*p != 0 || parent_of(static_cast<pid_t>(pid)) != parent) continue;
-        if (kill_pid(static_cast<pid_t>(pid))) {
-          text(" ");
-          text_num(pid);
+        if (!known(static_cast<pid_t>(pid)) && kill_pid(static_cast<pid_t>(pid))) {
+          if (g_extra_count < kMaxEntries) g_extra[g_extra_count++] = static_cast<pid_t>(pid);
           ++killed;
         }
         if (tail < 4096) queue[tail++] = static_cast<pid_t>(pid);
@@ -226,6 +235,18 @@ int kill_descendants(pid_t root) {
   text_num(server);
   text(") died before it finished; killed pid");
   int killed = 0;
+  // Descendants first: once their parent is dead they are re-parented, out of reach here.
+  // A forked child whose pid was never found is one of its parent's descendants; so is a
+  // child forked while the server held its uffd alone (the kernel lets the fork go on as the
+  // server reads the FORK event, and only then can the server send the child's uffd here):
+  // such a child lost its uffd with the server and would read zero pages. The guardian
+  // cannot tell them from other descendants; once the server died, every process it guards
+  // is killed, and so is whatever they forked.
+  for (Entry& e : g_entries) {
+    if (!e.used || e.uffd < 0) continue;
+    if (e.pid > 0) killed += kill_descendants(e.pid);
+    if (e.pid <= 0 && e.parent > 0) killed += kill_descendants(e.parent);
+  }
   for (Entry& e : g_entries) {
     if (!e.used || e.uffd < 0) continue;
     bool ok = false;
@@ -239,8 +260,10 @@ int kill_descendants(pid_t root) {
       text_num(e.pid);
       ++killed;
     }
-    // A forked child whose pid was never found: it is one of its parent's descendants.
-    if (e.pid <= 0 && e.parent > 0) killed += kill_descendants(e.parent);
+  }
+  for (int i = 0; i < g_extra_count; ++i) {
+    text(" ");
+    text_num(g_extra[i]);
   }
   if (killed == 0) sys(SYS_exit_group, 0);  // nothing was at risk
   text(" rather than let them read zero pages in place of their memory\n");

@@ -14,19 +14,15 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fstream>
 #include <map>
-#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
-#include <thread>
 #include <utility>
 
 #include "common/error.h"
@@ -34,6 +30,7 @@
 #include "common/log.h"
 #include "common/proc.h"
 #include "common/signals.h"
+#include "uffd/fill_pipeline.h"
 #include "uffd/guardian.h"
 #include "uffd/keeper.h"
 #include "uffd/owed_set.h"
@@ -52,9 +49,9 @@ constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the ser
 constexpr uint64_t kWorkerKey = 3;
 constexpr uint64_t kGateKey = 1;
 constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
-// Prefetch fills are made in pieces of this many bytes; a fault outside the chunk waits for
-// one piece at most (~60 us here, where a whole 2 MiB chunk made it wait ~1 ms).
-constexpr uint64_t kPrefetchPiece = 128 * 1024;
+// Prefetch chunks decompressed ahead at once, and the threads that decompress them.
+constexpr unsigned kPipelineBuffers = 4;
+constexpr unsigned kPipelineThreads = 2;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -157,6 +154,7 @@ struct PageServer::Impl {
     uint64_t window_end = 0;  // the end of the last fault's window
     bool killed = false;      // killed rather than served wrong memory: faults stay unanswered
     bool gone = false;        // exited (or its mm is gone): to be freed
+    bool secured = false;     // forked children: parked and with the guardian already
     std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
 
     std::string name() const {
@@ -165,16 +163,6 @@ struct PageServer::Impl {
     }
   };
 
-  // A prefetch chunk decompressed ahead by the worker thread.
-  struct Job {
-    uint64_t proc_id = 0;
-    std::shared_ptr<const image::PageStoreReader> store;
-    uint64_t dst = 0, src = 0, len = 0;
-    std::unique_ptr<char[]> buf;
-    std::string error;
-    enum State { kFree, kQueued, kDone };
-    std::atomic<int> state{kFree};  // kQueued -> kDone is the worker's; the rest the loop's
-  };
   struct Chunk {
     Proc* proc;
     uint64_t dst, src, len;
@@ -204,16 +192,10 @@ struct PageServer::Impl {
            std::pair<std::shared_ptr<const image::PageStoreReader>, uint64_t>>
       stores;  // bytes decompressed at the start of run()
 
-  // Prefetch worker.
-  std::array<Job, 2> jobs;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<Job*> todo;
-  bool quit = false;
-  UniqueFd worker_fd;
-  std::thread worker;
+  FillPipeline pipeline;  // decompresses prefetch chunks ahead
 
-  explicit Impl(PageServerOptions o) : opt(o) {
+  explicit Impl(PageServerOptions o)
+      : opt(o), pipeline(o.prefetch_chunk, kPipelineBuffers, kPipelineThreads) {
     if (opt.window < kPage || opt.window % kPage)
       fail("page server: window ", opt.window, " is not a multiple of ", kPage);
     if (opt.prefetch_chunk < kPage || opt.prefetch_chunk % kPage)
@@ -246,7 +228,7 @@ struct PageServer::Impl {
   // ---- processes ---------------------------------------------------------------------------
 
   Proc& add(std::unique_ptr<Proc> p) {
-    p->id = next_id++;
+    if (p->id == 0) p->id = next_id++;  // forked children: reserved by secure_forks()
     Proc& ref = *p;
     const int fl = ::fcntl(ref.uffd.fd(), F_GETFL);
     if (fl < 0 || ::fcntl(ref.uffd.fd(), F_SETFL, fl | O_NONBLOCK) != 0)
@@ -258,8 +240,10 @@ struct PageServer::Impl {
     if (!slot.first) slot = {ref.store, ref.store->bytes_decompressed()};
     procs.emplace(ref.id, std::move(p));
     ++stats.processes;
-    if (ref.keeper) ref.keeper->park(ref.uffd.fd());
-    guardian.add(ref.id, ref.pid, ref.parent_pid, ref.uffd.fd(), ref.pidfd.get());
+    if (!ref.secured) {
+      if (ref.keeper) ref.keeper->park(ref.uffd.fd());
+      guardian.add(ref.id, ref.pid, ref.parent_pid, ref.uffd.fd(), ref.pidfd.get());
+    }
     return ref;
   }
 
@@ -443,6 +427,8 @@ struct PageServer::Impl {
       case UFFD_EVENT_FORK: {
         ++stats.events_fork;
         auto child = std::make_unique<Proc>();
+        child->id = secured_id(static_cast<int>(m.arg.fork.ufd));
+        child->secured = child->id != 0;
         child->uffd = Userfaultfd::adopt(static_cast<int>(m.arg.fork.ufd));
         child->parent_id = p.id;
         child->parent_pid = p.pid;
@@ -496,9 +482,51 @@ struct PageServer::Impl {
       }
       const size_t got = static_cast<size_t>(n) / sizeof(uffd_msg);
       msgs.resize(old + got);
+      secure_forks(p, old);
       if (got < kMsgBatch) return;
     }
   }
+
+  // The lazy fork window: the kernel lets a forking process go on as soon as the FORK event
+  // is read, and the child's uffd exists then only here (installed by the read). If this
+  // process dies before another reference exists, the kernel unregisters the child's areas
+  // and the child reads zero pages. So, before anything else is done with the batch, each
+  // child's uffd is parked in its keeper (inside the processes: it survives the server and
+  // the guardian) and handed to the guardian, under an id reserved for apply_event(). What is
+  // left of the window (the read's return to these sendmsg calls) is covered by the
+  // guardian, which kills the descendants of the processes it guards that it does not know
+  // (uffd/guardian.cc). msgs[from..] were just read.
+  void secure_forks(Proc& p, size_t from) {
+    for (size_t i = from; i < msgs.size(); ++i) {
+      const uffd_msg& m = msgs[i];
+      if (m.event != UFFD_EVENT_FORK) continue;
+      const int fd = static_cast<int>(m.arg.fork.ufd);
+      // Tests (LAZYCR_FAULT_INJECT=server-stop-in-fork-window): stopped inside the window,
+      // for a test to kill the server there.
+      if (stop_in_fork_window) ::kill(::getpid(), SIGSTOP);
+      if (n_secured == secured.size()) continue;  // add() secures it, a little later
+      const uint64_t id = next_id++;
+      if (p.keeper) p.keeper->park(fd);
+      guardian.add(id, 0, p.pid, fd, -1);
+      secured[n_secured++] = {fd, id};
+    }
+  }
+  // The id reserved for the child behind `fd` by secure_forks() (forgotten), 0 if none.
+  uint64_t secured_id(int fd) {
+    for (size_t i = 0; i < n_secured; ++i)
+      if (secured[i].first == fd) {
+        const uint64_t id = secured[i].second;
+        secured[i] = secured[--n_secured];
+        return id;
+      }
+    return 0;
+  }
+  std::array<std::pair<int, uint64_t>, 4 * kMsgBatch> secured{};
+  size_t n_secured = 0;
+  bool stop_in_fork_window = [] {
+    const char* f = ::getenv("LAZYCR_FAULT_INJECT");
+    return f != nullptr && std::strcmp(f, "server-stop-in-fork-window") == 0;
+  }();
 
   // Reads what is pending on p's uffd: layout events are applied at once, faults queued.
   // Returns the number of messages read.
@@ -705,20 +733,7 @@ struct PageServer::Impl {
     }
   }
 
-  // ---- prefetch -----------------------------------------------------------------------------
-
-  bool job_in_flight(uint64_t proc_id) const {
-    for (const Job& j : jobs)
-      if (j.state != Job::kFree && j.proc_id == proc_id) return true;
-    return false;
-  }
-
-  bool overlaps_job(const Proc& p, uint64_t dst, uint64_t len) const {
-    for (const Job& j : jobs)
-      if (j.state != Job::kFree && j.proc_id == p.id && dst < j.dst + j.len && j.dst < dst + len)
-        return true;
-    return false;
-  }
+  // ---- prefetch (the fill pipeline: uffd/fill_pipeline.h) ------------------------------------
 
   // The next chunk to prefetch, processes in turn, without taking it.
   std::optional<Chunk> peek_chunk() {
@@ -732,7 +747,7 @@ struct PageServer::Impl {
       if (!r) r = p.owed.first();
       const uint64_t s = std::max(r->start, p.cursor >= r->end ? r->start : p.cursor);
       const uint64_t len = std::min(r->end - s, opt.prefetch_chunk);
-      if (overlaps_job(p, s, len)) continue;
+      if (use_worker() && pipeline.overlaps(p.id, s, len)) continue;
       return Chunk{&p, s, r->src_of(s), len, r->tag == kTagZero};
     }
     return std::nullopt;
@@ -743,9 +758,9 @@ struct PageServer::Impl {
   }
 
   // Fills [dst, dst + len) of p as prefetch (the chunk must still be owed with source src),
-  // in pieces of at most kPrefetchPiece bytes, none of which wakes anyone; the threads that
-  // waited in what was filled are woken once at the end. `data(off, n)` gives the bytes of
-  // [dst + off, dst + off + n) (unused for a ZERO chunk). Between pieces, a fault outside
+  // in quiet pieces (fill_pipeline.h: PieceSize), none of which wakes anyone; the threads
+  // that waited in what was filled are woken once at the end. `data(off, n)` gives the bytes
+  // of [dst + off, dst + off + n) (unused for a ZERO chunk). Between pieces, a fault outside
   // the chunk, a layout event or a message for another process stops it: they wait for one
   // piece at most, not for the chunk. A thread faulting inside the chunk (reading just
   // behind prefetch) waits for its end instead: woken once per chunk, not once per piece
@@ -759,8 +774,11 @@ struct PageServer::Impl {
     const size_t queued = p.faults.size();
     uint64_t done = 0;
     while (done < len) {
-      const uint64_t n = std::min(kPrefetchPiece, len - done);
-      const uint64_t got = fill_quietly(p, dst + done, n, zero, zero ? nullptr : data(done, n));
+      const uint64_t n = std::min(pieces.next(), len - done);
+      bool lost = false;
+      const uint64_t got = fill_quietly(p.uffd, p.owed, stats, dst + done, n, zero,
+                                        zero ? nullptr : data(done, n), lost);
+      if (lost) gone(p);
       done += got;
       if (got < n || p.gone || done == len || interrupted(p, dst, dst + len)) break;
     }
@@ -781,54 +799,19 @@ struct PageServer::Impl {
     note_if_all_served();
   }
 
-  // One prefetch fill of [dst, dst + n) that wakes nobody; returns the bytes filled (0 when
-  // the chunk must stop: a page already there, events pending, the mm gone). Shrinks on
-  // ENOENT (an area split by mprotect).
-  uint64_t fill_quietly(Proc& p, uint64_t dst, uint64_t n, bool zero, const char* buf) {
-    for (;;) {
-      const long res = zero ? p.uffd.zeropage(dst, n, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-                            : p.uffd.copy(dst, buf, n, UFFDIO_COPY_MODE_DONTWAKE);
-      if (res > 0) {
-        const uint64_t got = static_cast<uint64_t>(res);
-        ++stats.copy_ioctls;
-        (zero ? stats.zero_pages : stats.prefetch_pages) += got / kPage;
-        p.owed.erase(dst, dst + got);
-        return got;
-      }
-      if (res == -EEXIST) {
-        ++stats.eexist;
-        p.owed.erase(dst, dst + kPage);
-        return 0;
-      }
-      if (res == -EAGAIN) {  // events pending: the loop reads them first
-        ++stats.eagain;
-        return 0;
-      }
-      if (res == -ESRCH || res == -ENOSPC) {
-        gone(p);
-        return 0;
-      }
-      if (res == -ENOENT) {
-        ++stats.enoent;
-        if (n > kPage) {
-          n = (n / 2 + kPage - 1) / kPage * kPage;
-          continue;
-        }
-        stats.dropped_pages += p.owed.erase(dst, dst + kPage);
-        return 0;
-      }
-      fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(dst), " answered ", res);
-    }
-  }
-
   // Between two pieces of a prefetch chunk of p covering [lo, hi): must it stop? Yes for a
   // message on another process's uffd, a layout event of p, or a fault of p outside the
   // chunk (p's messages are read here: faults are queued for the loop, events applied).
+  // Any message makes the next pieces small again; quiet uffds let them grow.
   bool interrupted(Proc& p, uint64_t lo, uint64_t hi) {
     pfds.clear();
     for (const auto& [id, q] : procs)
       if (!q->gone && q->uffd.valid()) pfds.push_back(pollfd{q->uffd.fd(), POLLIN, 0});
-    if (::poll(pfds.data(), pfds.size(), 0) <= 0) return false;
+    if (::poll(pfds.data(), pfds.size(), 0) <= 0) {
+      pieces.quiet();
+      return false;
+    }
+    pieces.busy();
     bool mine = false;
     for (const pollfd& f : pfds) {
       if (f.revents == 0) continue;
@@ -854,121 +837,52 @@ struct PageServer::Impl {
   bool use_worker() const { return opt.prefetch && opt.prefetch_thread; }
 
   void start_worker() {
-    if (!use_worker() || worker.joinable()) return;
-    worker_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-    if (!worker_fd) fail_errno("page server: eventfd");
-    watch(worker_fd.get(), kWorkerKey);
-    for (Job& j : jobs) j.buf.reset(new char[opt.prefetch_chunk]);
-    quit = false;
-    worker = std::thread([this] { worker_main(); });
+    if (!use_worker() || pipeline.started()) return;
+    pipeline.start();
+    watch(pipeline.ready_fd(), kWorkerKey);
   }
-
   void stop_worker() {
-    if (!worker.joinable()) return;
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      quit = true;
-    }
-    cv.notify_all();
-    worker.join();
-    for (Job& j : jobs) j.state = Job::kFree;
-    todo.clear();
+    if (pipeline.started()) unwatch(pipeline.ready_fd());
+    pipeline.stop();
   }
 
-  void worker_main() {
-    for (;;) {
-      Job* j;
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return quit || !todo.empty(); });
-        if (quit) return;
-        j = todo.front();
-        todo.pop_front();
-      }
-      try {
-        j->store->read(j->src, j->len / kPage, j->buf.get());
-      } catch (const std::exception& e) {
-        j->error = e.what();
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        j->state = Job::kDone;
-      }
-      uint64_t one = 1;
-      (void)!::write(worker_fd.get(), &one, sizeof(one));
-    }
-  }
-
-  Job* done_job() {
-    std::lock_guard<std::mutex> lock(mu);
-    for (Job& j : jobs)
-      if (j.state == Job::kDone) return &j;
-    return nullptr;
-  }
-
-  bool free_job_slot() {
-    for (Job& j : jobs)
-      if (j.state == Job::kFree) return true;
-    return false;
-  }
-
-  // Hands DATA chunks to the worker while it has free buffers; a ZERO chunk met on the way
-  // is filled here (once per call). Returns whether it did a fill.
-  bool feed_worker() {
-    for (;;) {
-      if (!free_job_slot()) return false;
+  // Hands DATA chunks to the pipeline while it has free buffers; a ZERO chunk met on the way
+  // is filled here (once per call).
+  void feed_worker() {
+    while (pipeline.can_queue()) {
       auto c = peek_chunk();
-      if (!c) return false;
+      if (!c) return;
       take_chunk(*c);
       if (c->zero) {
         prefetch_fill(*c->proc, c->dst, c->src, c->len, true,
                       [](uint64_t, uint64_t) { return static_cast<const char*>(nullptr); });
-        return true;
+        return;
       }
-      Job* j = nullptr;
-      for (Job& s : jobs)
-        if (s.state == Job::kFree) j = &s;
-      j->proc_id = c->proc->id;
-      j->store = c->proc->store;
-      j->dst = c->dst;
-      j->src = c->src;
-      j->len = c->len;
-      j->error.clear();
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        j->state = Job::kQueued;
-        todo.push_back(j);
-      }
-      cv.notify_one();
+      pipeline.queue(c->proc->id, c->proc->store, c->dst, c->src, c->len);
     }
   }
 
-  // Whether prefetch has something to do right now without waiting for the worker.
+  // Whether prefetch has something to do right now without waiting for the pipeline.
   bool prefetch_ready() {
     if (!opt.prefetch) return false;
-    if (use_worker()) return done_job() != nullptr || (free_job_slot() && peek_chunk());
+    if (use_worker()) return pipeline.ready() != nullptr || (pipeline.can_queue() && peek_chunk());
     return peek_chunk().has_value();
   }
 
   // One prefetch fill (about prefetch_chunk bytes), then back to the loop.
   void prefetch_step() {
     if (use_worker()) {
-      Job* j = done_job();
-      if (j == nullptr) {
-        feed_worker();
-        return;
-      }
+      const FillPipeline::Chunk* j = pipeline.ready();
+      feed_worker();  // the next chunks are decompressed while this one is copied
+      if (j == nullptr) return;
       auto it = procs.find(j->proc_id);
       Proc* p = it == procs.end() ? nullptr : it->second.get();
-      // Decompress the next chunk while this one is copied.
-      j->state = Job::kQueued;  // not free yet: its buffer is in use
-      feed_worker();
       if (p != nullptr && !p->killed && !p->gone) {
         try {
           const auto r = p->owed.find(j->dst);
           const bool current = r && r->src_of(j->dst) == j->src && r->tag == kTagData;
           if (current && !j->error.empty()) fail(j->error);
-          const char* buf = j->buf.get();
+          const char* buf = j->data;
           if (current)
             prefetch_fill(*p, j->dst, j->src, j->len, false,
                           [buf](uint64_t off, uint64_t) { return buf + off; });
@@ -976,8 +890,7 @@ struct PageServer::Impl {
           kill(*p, e.what());
         }
       }
-      j->state = Job::kFree;
-      j->store.reset();
+      pipeline.release(j);
       return;
     }
     auto c = peek_chunk();
@@ -985,7 +898,7 @@ struct PageServer::Impl {
     take_chunk(*c);
     Proc& p = *c->proc;
     try {
-      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPiece]);
+      if (!prefetch_buf) prefetch_buf.reset(new char[PieceSize::kMaxPiece]);
       prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
         p.store->read(c->src + off, n / kPage, prefetch_buf.get());
         return static_cast<const char*>(prefetch_buf.get());
@@ -997,12 +910,13 @@ struct PageServer::Impl {
     // still owed, for a test to kill the server and its guardian in a chosen order.
     if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);
   }
-  std::unique_ptr<char[]> prefetch_buf;  // prefetch without the worker: one piece
+  std::unique_ptr<char[]> prefetch_buf;  // prefetch without the pipeline: one piece
   bool stop_mid_prefetch = [] {
     const char* f = ::getenv("LAZYCR_FAULT_INJECT");
     return f != nullptr && std::strcmp(f, "server-stop-mid-prefetch") == 0;
   }();
   std::vector<pollfd> pfds;
+  PieceSize pieces;
 
   // ---- the loop -----------------------------------------------------------------------------
 
@@ -1097,8 +1011,7 @@ struct PageServer::Impl {
           continue;
         }
         if (key == kWorkerKey) {
-          uint64_t v;
-          (void)!::read(worker_fd.get(), &v, sizeof(v));
+          pipeline.consume();
           continue;
         }
         auto it = procs.find(key >> 2);

@@ -50,7 +50,16 @@
 // - FORK: the child's uffd arrives in the message (installed in this process by the read);
 //   the child owes a copy of what the parent owed then. Its pid is not known yet: the kernel
 //   holds the forking thread inside copy_process() until the event is read, before the child
-//   has a pid, and lets it go on as soon as the event is read. (/proc/PID/task/TID/children
+//   has a pid, and lets it go on as soon as the event is read. The fork window: from then
+//   until the server has parked the child's uffd in the keeper and handed it to the
+//   guardian, the server's descriptor is the child's only one; should the server die there,
+//   the kernel unregisters the child's areas and it reads zero pages. So every batch read
+//   has its children's uffds parked and handed over before anything else is done with it
+//   (a few system calls), and a guardian that outlives the server kills every descendant of
+//   the processes it guards that it was never told of. Left: the server and the guardian
+//   both killed inside those few system calls (no user space reference can exist earlier:
+//   the kernel installs the descriptor in the reader alone, and resumes the fork before the
+//   read returns). (/proc/PID/task/TID/children
 //   does not exist on our kernel: no CONFIG_PROC_CHILDREN.) So once the fork has returned
 //   (on each message from the child's uffd, and on a 1 ms .. 64 ms backoff), the server scans
 //   /proc/*/stat for a child of that parent that the server never served, that the parent
@@ -76,16 +85,17 @@
 // - Prefetch (options.prefetch): whenever no message is waiting, owed pages are pushed in
 //   copies of options.prefetch_chunk bytes (one owed range at a time), continuing upward
 //   from each process's last fault and wrapping, processes in turn. A chunk is read and
-//   filled in pieces of 128 KiB that wake nobody (UFFDIO_COPY_MODE_DONTWAKE), then one
-//   UFFDIO_WAKE over what was filled. Between pieces the uffds are polled: a fault outside
-//   the chunk (or an event, or another process's message) stops the chunk, so it waits for
-//   one piece (~60 us) rather than the chunk (~1 ms for 2 MiB); a fault inside the chunk (a
-//   thread reading just behind prefetch) lets it go on and is answered by its wake-up
-//   (stats.prefetch_waits): one wake-up per chunk, where 128 KiB chunks cost the server a
-//   wake-up per 128 KiB and a process reading in order 10-15% (bench/RESULTS.md). With
-//   options.prefetch_thread a second thread decompresses the next chunks ahead (two
-//   buffers); the loop never waits for it: it polls the uffds between copies and a fault
-//   always goes first.
+//   filled in pieces that wake nobody (UFFDIO_COPY_MODE_DONTWAKE), then one UFFDIO_WAKE over
+//   what was filled. Between pieces the uffds are polled: a fault outside the chunk (or an
+//   event, or another process's message) stops the chunk, so it waits for one piece rather
+//   than the chunk; a fault inside the chunk (a thread reading just behind prefetch) lets it
+//   go on and is answered by its wake-up (stats.prefetch_waits): one wake-up per chunk,
+//   where 128 KiB chunks cost the server a wake-up per 128 KiB and a process reading in
+//   order 10-15% (bench/RESULTS.md). Pieces are 128 KiB (~60 us) after any message, and
+//   double while the uffds stay quiet up to the whole chunk (an idle drain: few large
+//   copies). With options.prefetch_thread the fill pipeline (uffd/fill_pipeline.h)
+//   decompresses the next chunks ahead on two threads into four buffers; the loop never
+//   waits for it: it polls the uffds between copies and a fault always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
 //   treats its areas as plain memory: no fault can need the server any more), unless it has
 //   a keeper (its uffd is parked inside it, uffd/keeper.h): then its areas stay registered

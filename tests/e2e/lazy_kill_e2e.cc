@@ -182,6 +182,28 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(o) + (info.param.prefetch ? "PrefetchOn" : "PrefetchOff");
     });
 
+// How many userfaultfds `pid` holds (its descriptors that are "anon_inode:[userfaultfd]").
+int uffds_held(pid_t pid) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    std::error_code ec2;
+    if (fs::read_symlink(e.path(), ec2).string() == "anon_inode:[userfaultfd]") ++n;
+  }
+  return n;
+}
+
+// Polls until the guardian holds `n` uffds (the server hands them over after parking them in
+// the process's keeper: once it has them, the keeper has them too).
+bool guardian_holds(pid_t guardian, int n) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (uffds_held(guardian) >= n) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
 TEST(LazyKill, ForkedChildNeverRunsOnZeroPages) {
   EventsTarget t({"--mib", "8"});
   LazyDetached l;
@@ -196,6 +218,11 @@ TEST(LazyKill, ForkedChildNeverRunsOnZeroPages) {
   // The child owes pages through its own uffd, read by the server from the FORK event.
   const pid_t guardian = guardian_of(l.server);
   ASSERT_GT(guardian, 0);
+  // The fork returns as soon as the server has read the FORK event, before the child's uffd
+  // is parked: killed in between, both at once, the child would lose it (the fork window,
+  // ForkedChildKilledInForkWindow). Killed once the guardian has it (the parent's and the
+  // child's): from then on the keeper holds it too.
+  ASSERT_TRUE(guardian_holds(guardian, 2));
   kill_in_order(Order::kAtOnce, l.server, guardian);
   EXPECT_EQ(l.wait_server(), 128 + SIGKILL);
   const std::string go = t.cmd_file + ".child";
@@ -209,6 +236,49 @@ TEST(LazyKill, ForkedChildNeverRunsOnZeroPages) {
   EXPECT_EQ(forked.wait(), 128 + SIGKILL);
   EXPECT_EQ(l.lz->read_rest(), "") << "a process ran on without its page server";
   for (pid_t g : children_named("lazycr-guardian")) reap(g);
+  expect_nothing_left(t.pid());
+}
+
+// The fork window: the kernel lets a fork go on as soon as the server reads the FORK event,
+// and the child's uffd is then held by the server alone until it parks it and hands it to
+// the guardian. The server stops itself exactly there (LAZYCR_FAULT_INJECT=
+// server-stop-in-fork-window) and is killed; the guardian, alive, must kill the child it was
+// never told of (with the server it lost its uffd: it would read zero pages) and its parent.
+TEST(LazyKill, ForkedChildKilledInForkWindow) {
+  EventsTarget t({"--mib", "8"});
+  TempDir logs;
+  const std::string log = logs / "lazycr.log";
+  LazyDetached l;
+  {
+    ScopedEnv env("LAZYCR_FAULT_INJECT", "server-stop-in-fork-window");
+    l.start(t.dir, t.work, {"--prefetch", "off"}, {"--log-file", log});
+  }
+  ASSERT_GT(l.server, 0);
+  t.send("forkwait");
+  int status = 0;
+  ASSERT_EQ(waitpid(l.server, &status, WUNTRACED), l.server);
+  ASSERT_TRUE(WIFSTOPPED(status));
+  const std::string line = l.lz->read_line();
+  ASSERT_EQ(line.rfind("forkwait ok child=", 0), 0u) << line;
+  const pid_t child = std::atoi(line.c_str() + std::string("forkwait ok child=").size());
+  ASSERT_GT(child, 0);
+  Restored forked;  // killed if the test fails
+  forked.pid = child;
+  const pid_t guardian = guardian_of(l.server);
+  ASSERT_GT(guardian, 0);
+  EXPECT_EQ(uffds_held(guardian), 1) << "the child's uffd was handed over before the stop";
+  ASSERT_TRUE(send_signal(l.server, SIGKILL));
+  EXPECT_EQ(l.wait_server(), 128 + SIGKILL);
+  const std::string go = t.cmd_file + ".child";
+  std::ofstream(go) << "go\n";
+  EXPECT_EQ(outcome_of(child, go), "exited");
+  EXPECT_EQ(outcome_of(l.rp.pid, t.cmd_file), "exited");
+  EXPECT_EQ(l.rp.wait(), 128 + SIGKILL);
+  EXPECT_EQ(forked.wait(), 128 + SIGKILL);
+  EXPECT_EQ(l.lz->read_rest(), "") << "a process ran on without its page server";
+  for (pid_t g : children_named("lazycr-guardian")) reap(g);
+  const std::string text = read_text(log);
+  EXPECT_NE(text.find(" " + std::to_string(child)), std::string::npos) << text;
   expect_nothing_left(t.pid());
 }
 

@@ -1,0 +1,222 @@
+#include "uffd/fill_pipeline.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "common/error.h"
+
+namespace lazycr::uffd {
+
+namespace {
+constexpr uint64_t kPage = 4096;
+}
+
+struct FillPipeline::Impl {
+  struct Slot {
+    Chunk chunk;
+    std::unique_ptr<char[]> buf;
+    enum State { kFree, kQueued, kReading, kReady };
+    State state = kFree;  // under mu
+    uint64_t seq = 0;     // queue order
+  };
+  uint64_t chunk_bytes;
+  unsigned nthreads;
+  std::vector<Slot> slots;
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Slot*> todo;
+  bool quit = false;
+  uint64_t next_seq = 0;
+  UniqueFd ready_fd;
+  std::vector<std::thread> workers;
+
+  Impl(uint64_t bytes, unsigned buffers, unsigned threads)
+      : chunk_bytes(bytes),
+        nthreads(threads == 0 ? 1 : threads),
+        slots(buffers == 0 ? 1 : buffers) {}
+
+  void worker_main() {
+    for (;;) {
+      Slot* s;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return quit || !todo.empty(); });
+        if (quit) return;
+        s = todo.front();
+        todo.pop_front();
+        s->state = Slot::kReading;
+      }
+      Chunk& c = s->chunk;
+      try {
+        c.store->read(c.src, c.len / kPage, s->buf.get());
+      } catch (const std::exception& e) {
+        c.error = e.what();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        s->state = Slot::kReady;
+      }
+      uint64_t one = 1;
+      (void)!::write(ready_fd.get(), &one, sizeof(one));
+    }
+  }
+};
+
+FillPipeline::FillPipeline(uint64_t chunk_bytes, unsigned buffers, unsigned threads)
+    : impl_(std::make_unique<Impl>(chunk_bytes, buffers, threads)) {}
+
+FillPipeline::~FillPipeline() {
+  stop();
+}
+
+void FillPipeline::start() {
+  Impl& im = *impl_;
+  if (!im.workers.empty()) return;
+  im.ready_fd.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!im.ready_fd) fail_errno("page server: eventfd");
+  for (auto& s : im.slots)
+    if (!s.buf) s.buf.reset(new char[im.chunk_bytes]);
+  im.quit = false;
+  for (unsigned i = 0; i < im.nthreads; ++i) im.workers.emplace_back([&im] { im.worker_main(); });
+}
+
+void FillPipeline::stop() {
+  Impl& im = *impl_;
+  if (im.workers.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(im.mu);
+    im.quit = true;
+  }
+  im.cv.notify_all();
+  for (auto& t : im.workers) t.join();
+  im.workers.clear();
+  im.todo.clear();
+  for (auto& s : im.slots) {
+    s.state = Impl::Slot::kFree;
+    s.chunk = Chunk{};
+  }
+}
+
+bool FillPipeline::started() const {
+  return !impl_->workers.empty();
+}
+
+int FillPipeline::ready_fd() const {
+  return impl_->ready_fd.get();
+}
+
+void FillPipeline::consume() {
+  uint64_t v;
+  (void)!::read(impl_->ready_fd.get(), &v, sizeof(v));
+}
+
+bool FillPipeline::can_queue() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  for (const auto& s : impl_->slots)
+    if (s.state == Impl::Slot::kFree) return true;
+  return false;
+}
+
+void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStoreReader> store,
+                         uint64_t dst, uint64_t src, uint64_t len) {
+  Impl& im = *impl_;
+  if (len > im.chunk_bytes) fail("page server: prefetch chunk of ", len, " bytes is too large");
+  {
+    std::lock_guard<std::mutex> lock(im.mu);
+    Impl::Slot* free = nullptr;
+    for (auto& s : im.slots)
+      if (s.state == Impl::Slot::kFree) {
+        free = &s;
+        break;
+      }
+    if (free == nullptr) fail("page server: no free prefetch buffer");
+    free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}};
+    free->state = Impl::Slot::kQueued;
+    free->seq = im.next_seq++;
+    im.todo.push_back(free);
+  }
+  im.cv.notify_one();
+}
+
+const FillPipeline::Chunk* FillPipeline::ready() {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  Impl::Slot* best = nullptr;
+  for (auto& s : im.slots)
+    if (s.state == Impl::Slot::kReady && (best == nullptr || s.seq < best->seq)) best = &s;
+  return best == nullptr ? nullptr : &best->chunk;
+}
+
+void FillPipeline::release(const Chunk* c) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  for (auto& s : im.slots)
+    if (&s.chunk == c) {
+      s.state = Impl::Slot::kFree;
+      s.chunk.store.reset();
+    }
+}
+
+bool FillPipeline::overlaps(uint64_t proc_id, uint64_t dst, uint64_t len) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  for (const auto& s : impl_->slots) {
+    const Chunk& c = s.chunk;
+    if (s.state != Impl::Slot::kFree && c.proc_id == proc_id && dst < c.dst + c.len &&
+        c.dst < dst + len)
+      return true;
+  }
+  return false;
+}
+
+bool FillPipeline::busy(uint64_t proc_id) const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  for (const auto& s : impl_->slots)
+    if (s.state != Impl::Slot::kFree && s.chunk.proc_id == proc_id) return true;
+  return false;
+}
+
+uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
+                      uint64_t n, bool zero, const char* buf, bool& gone) {
+  for (;;) {
+    const long res = zero ? uffd.zeropage(dst, n, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+                          : uffd.copy(dst, buf, n, UFFDIO_COPY_MODE_DONTWAKE);
+    if (res > 0) {
+      const uint64_t got = static_cast<uint64_t>(res);
+      ++stats.copy_ioctls;
+      (zero ? stats.zero_pages : stats.prefetch_pages) += got / kPage;
+      owed.erase(dst, dst + got);
+      return got;
+    }
+    if (res == -EEXIST) {
+      ++stats.eexist;
+      owed.erase(dst, dst + kPage);
+      return 0;
+    }
+    if (res == -EAGAIN) {  // events pending: the loop reads them first
+      ++stats.eagain;
+      return 0;
+    }
+    if (res == -ESRCH || res == -ENOSPC) {
+      gone = true;
+      return 0;
+    }
+    if (res == -ENOENT) {
+      ++stats.enoent;
+      if (n > kPage) {
+        n = (n / 2 + kPage - 1) / kPage * kPage;
+        continue;
+      }
+      stats.dropped_pages += owed.erase(dst, dst + kPage);
+      return 0;
+    }
+    fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hex(dst), " answered ", res);
+  }
+}
+
+}  // namespace lazycr::uffd

@@ -1,0 +1,87 @@
+// Internal to uffd/: the page server's background fill (page_server.h, "Prefetch").
+//
+// Two parts:
+// - FillPipeline: decompresses prefetch chunks ahead, on worker threads, into ready buffers,
+//   so that the server's loop only copies (UFFDIO_COPY) and never waits for zstd. The loop
+//   queues chunks while buffers are free and takes them back, filled, in any order; it
+//   never blocks on the workers (their eventfd wakes its epoll).
+// - fill_quietly() / PieceSize: one fill that wakes nobody (UFFDIO_COPY_MODE_DONTWAKE), and
+//   the size of the next one: small (kMinPiece) right after the uffds had something to say,
+//   so that a fault waits for one small piece at most, doubling up to kMaxPiece while they
+//   stay quiet, so that an idle drain is made of few large copies.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+#include "image-format/page_store.h"
+#include "uffd/owed_set.h"
+#include "uffd/page_server.h"
+#include "uffd/uffd.h"
+
+namespace lazycr::uffd {
+
+class FillPipeline {
+ public:
+  // A chunk to decompress: `len` bytes of `store` at `src`, to be filled at `dst` of process
+  // `proc_id`; `data` holds them once ready (or `error` says why not).
+  struct Chunk {
+    uint64_t proc_id = 0;
+    std::shared_ptr<const image::PageStoreReader> store;
+    uint64_t dst = 0, src = 0, len = 0;
+    const char* data = nullptr;
+    std::string error;
+  };
+
+  // `chunk_bytes`: the largest chunk; `buffers` chunks in flight at most; `threads` workers.
+  FillPipeline(uint64_t chunk_bytes, unsigned buffers, unsigned threads);
+  ~FillPipeline();  // stop()
+  FillPipeline(const FillPipeline&) = delete;
+  FillPipeline& operator=(const FillPipeline&) = delete;
+
+  void start();  // throws Error if the eventfd or a thread cannot be made
+  void stop();   // joins the workers; every chunk is dropped
+  bool started() const;
+  // Readable when a chunk became ready; consume() clears it.
+  int ready_fd() const;
+  void consume();
+
+  bool can_queue() const;  // a buffer is free
+  void queue(uint64_t proc_id, std::shared_ptr<const image::PageStoreReader> store, uint64_t dst,
+             uint64_t src, uint64_t len);
+  // A ready chunk (the oldest queued of those ready), or nullptr; give it back with release().
+  const Chunk* ready();
+  void release(const Chunk* c);
+  // Is a chunk of `proc_id` overlapping [dst, dst + len) queued, being read or ready?
+  bool overlaps(uint64_t proc_id, uint64_t dst, uint64_t len) const;
+  bool busy(uint64_t proc_id) const;  // any chunk of proc_id in flight
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Sizes of the quiet fills of a prefetch chunk (see above).
+class PieceSize {
+ public:
+  static constexpr uint64_t kMinPiece = 128 * 1024;       // a fault waits ~60 us at most
+  static constexpr uint64_t kMaxPiece = 4 * 1024 * 1024;  // CRIU's largest copy
+  uint64_t next() const { return size_; }
+  void quiet() { size_ = size_ * 2 > kMaxPiece ? kMaxPiece : size_ * 2; }
+  void busy() { size_ = kMinPiece; }
+
+ private:
+  uint64_t size_ = kMinPiece;
+};
+
+// One fill of [dst, dst + n) that wakes nobody (ZERO: UFFDIO_ZEROPAGE, else UFFDIO_COPY from
+// `buf`), counted in `stats` and erased from `owed`. Returns the bytes filled: 0 when the
+// chunk must stop (a page already there, layout events pending, the mm gone: `gone` set).
+// Shrinks on ENOENT (an area split by mprotect). Throws Error on an unexpected answer.
+uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
+                      uint64_t n, bool zero, const char* buf, bool& gone);
+
+}  // namespace lazycr::uffd
