@@ -14,6 +14,7 @@
 // (LAZYCR_FAULT_INJECT=server-stop-mid-prefetch, seen through waitpid WUNTRACED), the
 // guardian seen stopped in /proc, the target seen blocked in a userfault or back at its
 // command loop. No sleeps decide anything.
+#include <dirent.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -185,11 +186,17 @@ INSTANTIATE_TEST_SUITE_P(
 // How many userfaultfds `pid` holds (its descriptors that are "anon_inode:[userfaultfd]").
 int uffds_held(pid_t pid) {
   int n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
-    std::error_code ec2;
-    if (fs::read_symlink(e.path(), ec2).string() == "anon_inode:[userfaultfd]") ++n;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return 0;
+  while (dirent* e = readdir(d)) {
+    char target[64] = {};
+    const std::string path = dir + "/" + e->d_name;
+    if (readlink(path.c_str(), target, sizeof(target) - 1) > 0 &&
+        std::strcmp(target, "anon_inode:[userfaultfd]") == 0)
+      ++n;
   }
+  closedir(d);
   return n;
 }
 
