@@ -193,38 +193,53 @@ bool known(pid_t pid) {
   return false;
 }
 
+// Every process of the system with its parent, from one scan of /proc.
+constexpr int kMaxProcs = 65536;
+pid_t g_pid[kMaxProcs], g_ppid[kMaxProcs];
+int g_nprocs;
+
+void scan_procs() {
+  g_nprocs = 0;
+  int dir = static_cast<int>(
+      sys(SYS_openat, AT_FDCWD, reinterpret_cast<long>("/proc"), O_RDONLY | O_DIRECTORY));
+  if (dir < 0) return;
+  alignas(8) char buf[8192];
+  for (;;) {
+    long n = sys(SYS_getdents64, dir, reinterpret_cast<long>(buf), sizeof(buf));
+    if (n <= 0) break;
+    for (long off = 0; off < n;) {
+      auto* d = reinterpret_cast<dirent64*>(buf + off);
+      off += d->d_reclen;
+      long pid = 0;
+      const char* p = d->d_name;
+      if (*p < '0' || *p > '9') continue;
+      for (; *p >= '0' && *p <= '9'; ++p) pid = pid * 10 + (*p - '0');
+      if (*p != 0 || g_nprocs >= kMaxProcs) continue;
+      g_pid[g_nprocs] = static_cast<pid_t>(pid);
+      g_ppid[g_nprocs++] = parent_of(static_cast<pid_t>(pid));
+    }
+  }
+  sys(SYS_close, dir);
+}
+
 // Kills every descendant of `root` (not root itself) that is not in the table (those are
-// killed by server_died() itself), recursively; returns how many.
+// killed by server_died() itself), recursively, as scan_procs() saw them; returns how many.
 int kill_descendants(pid_t root) {
   int killed = 0;
   static pid_t queue[4096];
   int head = 0, tail = 0;
   queue[tail++] = root;
   while (head < tail) {
-    pid_t parent = queue[head++];
-    int dir = static_cast<int>(
-        sys(SYS_openat, AT_FDCWD, reinterpret_cast<long>("/proc"), O_RDONLY | O_DIRECTORY));
-    if (dir < 0) return killed;
-    alignas(8) char buf[8192];
-    for (;;) {
-      long n = sys(SYS_getdents64, dir, reinterpret_cast<long>(buf), sizeof(buf));
-      if (n <= 0) break;
-      for (long off = 0; off < n;) {
-        auto* d = reinterpret_cast<dirent64*>(buf + off);
-        off += d->d_reclen;
-        long pid = 0;
-        const char* p = d->d_name;
-        if (*p < '0' || *p > '9') continue;
-        for (; *p >= '0' && *p <= '9'; ++p) pid = pid * 10 + (*p - '0');
-        if (*p != 0 || parent_of(static_cast<pid_t>(pid)) != parent) continue;
-        if (!known(static_cast<pid_t>(pid)) && kill_pid(static_cast<pid_t>(pid))) {
-          if (g_extra_count < kMaxEntries) g_extra[g_extra_count++] = static_cast<pid_t>(pid);
-          ++killed;
-        }
-        if (tail < 4096) queue[tail++] = static_cast<pid_t>(pid);
+    const pid_t parent = queue[head++];
+    for (int i = 0; i < g_nprocs; ++i) {
+      if (g_ppid[i] != parent) continue;
+      const pid_t pid = g_pid[i];
+      if (!known(pid) && kill_pid(pid)) {
+        if (g_extra_count < kMaxEntries) g_extra[g_extra_count++] = pid;
+        ++killed;
       }
+      if (tail < 4096) queue[tail++] = pid;
     }
-    sys(SYS_close, dir);
   }
   return killed;
 }
@@ -235,6 +250,13 @@ int kill_descendants(pid_t root) {
   text_num(server);
   text(") died before it finished; killed pid");
   int killed = 0;
+  // Stopped first (at once, as the kill used to be), so that none of them runs on, forks
+  // or exits (its children would be re-parented, out of reach) while /proc is scanned.
+  for (Entry& e : g_entries) {
+    if (!e.used || e.uffd < 0) continue;
+    if (e.pidfd >= 0) sys(SYS_pidfd_send_signal, e.pidfd, SIGSTOP, 0, 0);
+  }
+  scan_procs();
   // Descendants first: once their parent is dead they are re-parented, out of reach here.
   // A forked child whose pid was never found is one of its parent's descendants; so is a
   // child forked while the server held its uffd alone (the kernel lets the fork go on as the
