@@ -18,10 +18,13 @@
 
 #include "common/error.h"
 #include "common/linux_abi.h"
+#include "common/netns.h"
 #include "common/proc.h"
 #include "common/signals.h"
 #include "objects/objects.h"
 #include "restore/calls.h"
+#include "restore/clone3_tid.h"
+#include "restore/clone_fds.h"
 #include "restore/open_files.h"
 #include "restore/restoree.h"
 #include "restore/thread_state.h"
@@ -110,73 +113,6 @@ bool has_flag(const std::string& vmflags, const char* f) {
   return false;
 }
 
-// New descriptions for the clone: files opened again by path (own position and flags), pipes
-// made again with their buffered data. Every number is first made above the image's numbers
-// (all of which are open in the clone: it has the template's table), then placed by dup3,
-// which drops the clone's reference to the template's description.
-void replace_fds(Restoree& c, const image::Process& p, const image::SharedObjects& shared) {
-  std::vector<OpenRequest> reqs;
-  std::vector<const image::FileDescriptor*> opened;
-  std::map<uint64_t, std::vector<const image::FileDescriptor*>> pipes;
-  int min_fd = 3;
-  for (const auto& f : p.fds()) {
-    min_fd = std::max(min_fd, f.fd() + 1);
-    if (f.kind() == image::FileDescriptor::PIPE) {
-      pipes[f.object_inode()].push_back(&f);
-    } else {
-      reqs.push_back(request_for_fd(f));
-      opened.push_back(&f);
-    }
-  }
-  std::vector<Call> calls;
-  if (!reqs.empty()) {
-    std::vector<long> fds = open_as_process(c, p.creds(), reqs, min_fd);
-    c.reset_arena();
-    push_place_fds(opened, fds, calls);
-    c.batch(calls);
-    calls.clear();
-  }
-  for (const auto& [inode, ends] : pipes) {
-    const image::Pipe* img_pipe = nullptr;
-    for (const auto& q : shared.pipes())
-      if (q.inode() == inode) img_pipe = &q;
-    if (!img_pipe) fail("pipe:[", inode, "] is not in the image's shared objects");
-    c.reset_arena();
-    int32_t zero[2] = {-1, -1};
-    uint64_t at = c.put_data(zero, sizeof zero);
-    c.inject(cat("pipe2 for pipe:[", inode, "]"), SYS_pipe2, at, O_CLOEXEC);
-    int32_t pfd[2];
-    remote_read(c.pid(), at, pfd, sizeof pfd);
-    const uint64_t rd = static_cast<uint64_t>(pfd[0]), wr = static_cast<uint64_t>(pfd[1]);
-    c.reset_arena();
-    if (img_pipe->capacity() != 0)
-      calls.push_back(
-          make_call(cat("F_SETPIPE_SZ ", img_pipe->capacity(), " of pipe:[", inode, "]"), SYS_fcntl,
-                    wr, F_SETPIPE_SZ, img_pipe->capacity()));
-    if (!img_pipe->data().empty())
-      calls.push_back(make_call(cat("write of the data of pipe:[", inode, "]"), SYS_write, wr,
-                                c.push(img_pipe->data().data(), img_pipe->data().size()),
-                                img_pipe->data().size()));
-    for (const auto* f : ends) {
-      const bool writes = (f->flags() & O_ACCMODE) == O_WRONLY;
-      const uint64_t num = static_cast<uint64_t>(f->fd());
-      calls.push_back(make_call(cat("dup3 of pipe:[", inode, "] to fd ", num), SYS_dup3,
-                                writes ? wr : rd, num, f->cloexec() ? O_CLOEXEC : 0));
-      calls.push_back(make_call(cat("F_SETFL of fd ", num), SYS_fcntl, num, F_SETFL,
-                                f->flags() & (O_NONBLOCK | O_DIRECT)));
-    }
-    calls.push_back(make_call("close of the new pipe's read end", SYS_close, rd));
-    calls.push_back(make_call("close of the new pipe's write end", SYS_close, wr));
-    std::vector<long> res = c.batch(calls);
-    if (!img_pipe->data().empty()) {
-      size_t w = img_pipe->capacity() != 0 ? 1 : 0;
-      if (static_cast<size_t>(res.at(w)) != img_pipe->data().size())
-        fail("pipe:[", inode, "]: wrote ", res.at(w), " of ", img_pipe->data().size(), " bytes");
-    }
-    calls.clear();
-  }
-}
-
 }  // namespace
 
 void check_clonable(const image::ImageReader& img) {
@@ -206,28 +142,10 @@ void check_clonable(const image::ImageReader& img) {
     if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
       fail(where, " is shared memory: every clone would share it");
   }
-  for (const auto& f : p.fds()) {
-    const std::string where = cat("fd ", f.fd(), " (", f.target(), ")");
-    if (f.locks_size() != 0) fail(where, " holds locks");
-    if (f.ghost_id() != 0) fail(where, " is a deleted file: not made afresh per clone yet");
-    if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
-      fail(where, " is a pseudo-terminal: not made afresh per clone yet");
-    switch (f.kind()) {
-      case image::FileDescriptor::REGULAR:
-      case image::FileDescriptor::DIRECTORY:
-      case image::FileDescriptor::CHARDEV:
-      case image::FileDescriptor::PIPE:
-        if (!f.restorable()) fail(where, " cannot be restored");
-        break;
-      default:
-        fail(where,
-             ": clones would share its open file description (only regular files, "
-             "directories, character devices and pipes are made afresh per clone)");
-    }
-  }
+  for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared());
 }
 
-Clone make_clone(HeldTemplate& t) {
+Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
   const image::Process& p = t.img.processes().front();
   Restoree& tpl = t.root;
   std::string step = "namespace";
@@ -247,18 +165,11 @@ Clone make_clone(HeldTemplate& t) {
     step = "fork";
     auto c = std::make_unique<Restoree>(p);
     {
-      abi::clone_args args;
-      std::memset(&args, 0, sizeof args);
       // Our child, not the template's: we wait for it, and it outlives the template. Its exit
       // signal is the template's (SIGCHLD); clone3 wants 0 here with CLONE_PARENT, which makes
       // it a clone event (PTRACE_O_TRACECLONE auto-attaches it).
-      args.flags = CLONE_PARENT;
-      args.set_tid_size = 1;
-      pid_t vpid = p.pid();
-      tpl.reset_arena();
-      args.set_tid = tpl.push(&vpid, sizeof vpid);
-      uint64_t base = tpl.push(&args, sizeof args);
-      long got = tpl.inject_raw(SYS_clone3, base, sizeof args);
+      const pid_t vpid = p.pid();
+      long got = inject_clone3_with_id(tpl, CLONE_PARENT, 0, vpid);
       auto tids = tpl.leader().t.take_new_tasks();
       if (got < 0) fail_errno_value(static_cast<int>(-got), cat("clone3 of pid ", vpid));
       if (tids.size() != 1) fail("clone3 reported ", tids.size(), " new tasks, expected 1");
@@ -287,22 +198,24 @@ Clone make_clone(HeldTemplate& t) {
       r.batch(calls);
     }
     step = "fds";
-    replace_fds(r, p, t.img.shared());
+    UniqueFd netns;
+    if (req.netns) netns = make_network_namespace();
+    const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1);
+    if (netns_there >= 0) {
+      step = "netns";
+      r.reset_arena();
+      std::vector<Call> calls;
+      calls.push_back(make_call("setns(CLONE_NEWNET) into the clone's network namespace", SYS_setns,
+                                static_cast<uint64_t>(netns_there), CLONE_NEWNET));
+      calls.push_back(make_call("close of the network namespace", SYS_close,
+                                static_cast<uint64_t>(netns_there)));
+      r.batch(calls);
+    }
 
     for (int i = 1; i < p.threads_size(); i++) {
       const image::Thread& th = p.threads(i);
       step = cat("thread ", th.tid());
-      abi::clone_args args;
-      std::memset(&args, 0, sizeof args);
-      args.flags = kThreadFlags;
-      args.set_tid_size = 1;
-      pid_t tid = th.tid();
-      r.reset_arena();
-      args.set_tid = r.push(&tid, sizeof tid);
-      uint64_t base = r.push(&args, sizeof args);
-      long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
-      ThreadCtl& tc = r.adopt_new_thread(tid, &th);
-      if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
+      ThreadCtl& tc = make_thread_with_tid(r, th);
       restore_thread_state(r, tc);
     }
     step = "release";

@@ -18,7 +18,7 @@ namespace lazycr::restore {
 // Refuses, by name, what a clone could not have as a separate restore would: more than one
 // process, state a fork does not copy (pending signals, timers, record locks), memory it drops
 // or shares (MADV_DONTFORK areas, shared anonymous memory) and descriptors not yet made afresh
-// per clone (anything but regular files, directories, character devices and pipes).
+// per clone (restore/clone_fds.h: established TCP connections, deleted files, terminals, locks).
 void check_clonable(const image::ImageReader& img);
 
 struct Clone {
@@ -31,8 +31,12 @@ struct Clone {
   uint64_t running_ns = 0;  // steady clock when every thread was released
 };
 
+struct CloneRequest {
+  bool netns = false;  // a fresh network namespace (loopback up) for the clone
+};
+
 // Makes one clone of the held template; on failure nothing of it is left (the clone and its
 // reaper are killed and reaped). Throws Error "clone: <step>: <why>".
-Clone make_clone(HeldTemplate& t);
+Clone make_clone(HeldTemplate& t, const CloneRequest& req);
 
 }  // namespace lazycr::restore
