@@ -18,12 +18,14 @@
 
 #include "common/error.h"
 #include "common/linux_abi.h"
+#include "common/log.h"
 #include "common/netns.h"
 #include "common/proc.h"
 #include "common/signals.h"
 #include "objects/objects.h"
 #include "restore/calls.h"
 #include "restore/clone3_tid.h"
+#include "restore/clone_dontfork.h"
 #include "restore/clone_fds.h"
 #include "restore/open_files.h"
 #include "restore/restoree.h"
@@ -73,6 +75,8 @@ uint64_t now_ns() {
   }
 }
 
+}  // namespace
+
 // The clone's namespace and its reaper; killed and reaped unless released.
 struct NsReaper {
   pid_t pid = 0;
@@ -89,7 +93,7 @@ struct NsReaper {
   }
 };
 
-void make_reaper(NsReaper& r) {
+static void make_reaper(NsReaper& r) {
   int ctl[2];
   if (::pipe2(ctl, O_CLOEXEC) != 0) fail_errno("pipe2");
   UniqueFd rd(ctl[0]);
@@ -107,13 +111,32 @@ void make_reaper(NsReaper& r) {
   r.pidfd.reset(pidfd);
 }
 
-bool has_flag(const std::string& vmflags, const char* f) {
-  for (size_t i = 0; i + 1 < vmflags.size() + 1; i += 3)
-    if (vmflags.compare(i, 2, f) == 0) return true;
-  return false;
+// The template's children from now on in the PID namespace of `ns`'s reaper.
+static void enter_namespace(Restoree& tpl, const NsReaper& ns) {
+  tpl.reset_arena();
+  long nsfd = tpl.inject(cat("open of the pid namespace of reaper ", ns.pid), SYS_openat,
+                         static_cast<uint64_t>(AT_FDCWD),
+                         tpl.put_string(cat("/proc/", ns.pid, "/ns/pid")), O_RDONLY | O_CLOEXEC);
+  long set = tpl.inject_raw(SYS_setns, static_cast<uint64_t>(nsfd), CLONE_NEWPID);
+  tpl.inject("close of the pid namespace", SYS_close, static_cast<uint64_t>(nsfd));
+  if (set < 0) fail_errno_value(static_cast<int>(-set), "setns(CLONE_NEWPID) in the template");
 }
 
-}  // namespace
+static bool alive(const NsReaper& ns) {
+  pollfd pf{ns.pidfd.get(), POLLIN, 0};
+  return ::poll(&pf, 1, 0) == 0;
+}
+
+void NsReaperDeleter::operator()(NsReaper* r) const noexcept {
+  delete r;
+}
+
+PreparedNs prepare_clone_namespace(HeldTemplate& t) {
+  PreparedNs ns(new NsReaper);
+  make_reaper(*ns);
+  enter_namespace(t.root, *ns);
+  return ns;
+}
 
 void check_clonable(const image::ImageReader& img) {
   const auto& procs = img.processes();
@@ -137,32 +160,36 @@ void check_clonable(const image::ImageReader& img) {
   if (p.ctty_pty() != 0) fail(who, " has a controlling terminal of the image");
   for (const auto& a : p.areas()) {
     const std::string where = cat("area ", hex(a.start()), "-", hex(a.end()), " ", a.name());
-    if (has_flag(a.vmflags(), "dc"))
-      fail(where, " is MADV_DONTFORK: a forked clone would not have it");
+    check_dontfork_area(a);
     if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
       fail(where, " is shared memory: every clone would share it");
   }
   for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared());
 }
 
-Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
+Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) {
   const image::Process& p = t.img.processes().front();
   Restoree& tpl = t.root;
   std::string step = "namespace";
+  // Time per step, logged with -vv (where a clone's milliseconds go).
+  uint64_t step_start = now_ns();
+  std::string timings;
+  auto next = [&](std::string name) {
+    const uint64_t t = now_ns();
+    timings += cat(" ", step, " ", (t - step_start) / 1000, " us;");
+    step_start = t;
+    step = std::move(name);
+  };
   try {
-    NsReaper ns;
-    make_reaper(ns);
+    PreparedNs ns = std::move(prepared);
+    if (!ns || !alive(*ns)) {
+      ns.reset(new NsReaper);
+      make_reaper(*ns);
+      next("setns");
+      enter_namespace(tpl, *ns);
+    }
 
-    step = "setns";
-    tpl.reset_arena();
-    long nsfd = tpl.inject(cat("open of the pid namespace of reaper ", ns.pid), SYS_openat,
-                           static_cast<uint64_t>(AT_FDCWD),
-                           tpl.put_string(cat("/proc/", ns.pid, "/ns/pid")), O_RDONLY | O_CLOEXEC);
-    long set = tpl.inject_raw(SYS_setns, static_cast<uint64_t>(nsfd), CLONE_NEWPID);
-    tpl.inject("close of the pid namespace", SYS_close, static_cast<uint64_t>(nsfd));
-    if (set < 0) fail_errno_value(static_cast<int>(-set), "setns(CLONE_NEWPID) in the template");
-
-    step = "fork";
+    next("fork");
     auto c = std::make_unique<Restoree>(p);
     {
       // Our child, not the template's: we wait for it, and it outlives the template. Its exit
@@ -186,7 +213,9 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
     }
     Restoree& r = *c;
 
-    step = "leader";
+    next("dontfork");
+    copy_dontfork_areas(tpl, r, p);
+    next("leader");
     {  // A fork child has no tid address and no robust list (rseq and the rest are inherited).
       const image::Thread& th = p.threads(0);
       r.reset_arena();
@@ -197,12 +226,12 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
                                   th.robust_list_len()));
       r.batch(calls);
     }
-    step = "fds";
+    next("fds");
     UniqueFd netns;
     if (req.netns) netns = make_network_namespace();
     const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1);
     if (netns_there >= 0) {
-      step = "netns";
+      next("netns");
       r.reset_arena();
       std::vector<Call> calls;
       calls.push_back(make_call("setns(CLONE_NEWNET) into the clone's network namespace", SYS_setns,
@@ -214,11 +243,11 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
 
     for (int i = 1; i < p.threads_size(); i++) {
       const image::Thread& th = p.threads(i);
-      step = cat("thread ", th.tid());
+      next(cat("thread ", th.tid()));
       ThreadCtl& tc = make_thread_with_tid(r, th);
       restore_thread_state(r, tc);
     }
-    step = "release";
+    next("release");
     {
       RestoreeRemote remote(r);
       // Each thread's scheduling policy and nice value (timers were refused at template time;
@@ -236,19 +265,21 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req) {
       objects::restore_affinity(tc.t.tid(), th, t.cpus);
     }
     const int32_t vpid = p.pid();
-    if (::write(ns.ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
+    if (::write(ns->ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
       fail_errno("telling the namespace's reaper the clone's pid");
     for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
     Clone out;
     out.running_ns = now_ns();
+    next("");
+    log::debug("clone: steps:", timings);
     out.threads = r.threads().size();
     Spawned s = c->commit();
     out.pid = s.pid;
     out.image_pid = s.vpid;
     out.pidfd = std::move(s.pidfd);
-    ns.released = true;
-    out.reaper = ns.pid;
-    out.reaper_pidfd = std::move(ns.pidfd);
+    ns->released = true;
+    out.reaper = ns->pid;
+    out.reaper_pidfd = std::move(ns->pidfd);
     return out;
   } catch (const Error& e) {
     throw Error(cat("clone: ", step, ": ", e.what()), e.sys_errno());

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "common/fd.h"
@@ -35,8 +36,21 @@ struct CloneRequest {
   bool netns = false;  // a fresh network namespace (loopback up) for the clone
 };
 
-// Makes one clone of the held template; on failure nothing of it is left (the clone and its
-// reaper are killed and reaped). Throws Error "clone: <step>: <why>".
-Clone make_clone(HeldTemplate& t, const CloneRequest& req);
+// A clone's PID namespace and its PID 1 (clone.cc); killed and reaped unless given to a clone.
+struct NsReaper;
+struct NsReaperDeleter {
+  void operator()(NsReaper* r) const noexcept;
+};
+using PreparedNs = std::unique_ptr<NsReaper, NsReaperDeleter>;
+
+// The next clone's PID namespace, made and entered by the template (for its children) ahead of
+// the request, so that a request starts at the fork: making the namespace and its reaper and
+// the injected setns cost a few ms.
+PreparedNs prepare_clone_namespace(HeldTemplate& t);
+
+// Makes one clone of the held template, in `prepared` if given and still there (else in a new
+// namespace); on failure nothing of it is left (the clone and its reaper are killed and
+// reaped). Throws Error "clone: <step>: <why>".
+Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared = nullptr);
 
 }  // namespace lazycr::restore

@@ -13,6 +13,7 @@
 #include "common/fd.h"
 #include "common/linux_abi.h"
 #include "common/proc.h"
+#include "restore/clone_dontfork.h"
 #include "restore/restoree.h"
 
 #ifndef MADV_COLLAPSE
@@ -25,12 +26,6 @@ namespace {
 constexpr uint64_t kHuge = 2ull << 20;
 constexpr uint64_t kPage = 4096;
 constexpr size_t kPerHuge = kHuge / kPage;
-
-bool has_vmflag(const std::string& vmflags, const char* f) {
-  for (size_t i = 0; i + 2 <= vmflags.size(); i += 3)
-    if (vmflags.compare(i, 2, f) == 0) return true;
-  return false;
-}
 
 // Whether every page of the 2 MiB at `addr` is present (not swapped, not unpopulated).
 bool fully_present(int pagemap, uint64_t addr) {

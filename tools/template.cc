@@ -172,7 +172,15 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
     ::close(ready_fd);
   }
   std::list<Live> live;
+  restore::PreparedNs next_ns;
   for (;;) {
+    if (!next_ns) {  // the next clone's namespace, made while nobody waits
+      try {
+        next_ns = restore::prepare_clone_namespace(held);
+      } catch (const std::exception& e) {
+        log::warn("template: preparing the next clone's namespace: ", e.what());
+      }
+    }
     std::vector<pollfd> pf;
     pf.push_back({sfd.get(), POLLIN, 0});
     pf.push_back({listen_fd, POLLIN, 0});
@@ -239,7 +247,7 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
     try {
       restore::CloneRequest creq;
       creq.netns = netns != 0;
-      restore::Clone c = restore::make_clone(held, creq);
+      restore::Clone c = restore::make_clone(held, creq, std::move(next_ns));
       const uint64_t first = c.running_ns - request_ns;
       log::info("clone pid ", c.pid, " (pid ", c.image_pid, " in its namespace, reaper ", c.reaper,
                 "): ", c.threads, " thread(s), first instruction ", first / 1000,
