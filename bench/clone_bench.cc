@@ -1,10 +1,13 @@
 // Clones of a held template against lazy restores of the same image (issue 13), by hand:
-//   build/bench/clone_bench [--mib 64,512] [--runs 10]
-// For each size: clone_target holding that much memory is dumped once; `lazycr template` holds
-// it; then, in the same run, `runs` times each: `lazycr clone -d` (request to the clone's
-// first instruction, from its --stats, and the command's wall time) and
-// `lazycr restore --lazy --pidns -d` (first instruction from its -v line, and wall time).
-// Every copy is killed right after it starts. Prints medians and bests (RESULTS.md, "Clones").
+//   build/bench/clone_bench [--mib 64,512] [--runs 10] [--pss 1,10,50] [--loop 20]
+// For each size: clone_target holding that much memory is dumped once; two templates hold it,
+// one with its memory collapsed into huge pages (the default) and one with `--small-pages`;
+// then, alternating in the same run, `runs` times each: `lazycr clone -d` of each template
+// (request to the clone's first instruction, from its --stats, and the command's wall time)
+// and `lazycr restore --lazy --pidns -d` (first instruction from its -v line, and wall time).
+// Every copy is killed right after it starts. Then, per template: clones per second (`loop`
+// `lazycr clone -d` back to back) and the total PSS of template + N idle clones for each N of
+// --pss against one copy (the template's RSS). Prints medians and bests (RESULTS.md).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -53,26 +56,88 @@ struct Series {
 
 }  // namespace
 
+uint64_t rollup_kb(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/smaps_rollup");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) return std::stoull(line.substr(key.size() + 1));
+  return 0;
+}
+
+// The held process: the template's child that runs clone_target and is no clone.
+pid_t held_of(pid_t tpl, const std::vector<pid_t>& clones) {
+  std::ifstream in("/proc/" + std::to_string(tpl) + "/task/" + std::to_string(tpl) + "/children");
+  pid_t c;
+  while (in >> c) {
+    if (std::find(clones.begin(), clones.end(), c) != clones.end()) continue;
+    std::error_code ec;
+    char buf[4096];
+    ssize_t n = readlink(("/proc/" + std::to_string(c) + "/exe").c_str(), buf, sizeof buf - 1);
+    if (n > 0 && std::string(buf, static_cast<size_t>(n)).find("clone_target") != std::string::npos)
+      return c;
+  }
+  return 0;
+}
+
+struct Template {
+  std::string name, sock;
+  pid_t pid = 0;
+  double hold_ms = 0;
+  Series first, wall;
+};
+
+// One `lazycr clone -d`; returns the clone's pid.
+pid_t clone_once(Template& t, const std::string& stats, bool record) {
+  int o[2];
+  if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
+  double c0 = now_ms();
+  std::vector<std::string> args{kLazycr, "clone", "--socket", t.sock, "-d"};
+  if (record) {
+    args.push_back("--stats");
+    args.push_back(stats);
+  }
+  pid_t p = spawn(args, o[1], -1);
+  close(o[1]);
+  std::string pid_line = read_all(o[0]);
+  close(o[0]);
+  if (wait_exit(p) != 0) die("clone failed");
+  if (record) {
+    t.wall.v.push_back(now_ms() - c0);
+    std::ifstream in(stats);
+    std::stringstream s;
+    s << in.rdbuf();
+    t.first.v.push_back(number_after(s.str(), "\"request_to_first_instruction_ns\": ") / 1e6);
+  }
+  return std::atoi(pid_line.c_str());
+}
+
 int main(int argc, char** argv) {
-  std::vector<int> sizes{64, 512};
-  int runs = 10;
+  std::vector<int> sizes{64, 512}, pss_points{1, 10, 50};
+  int runs = 10, loop = 20;
+  auto list = [](const std::string& v) {
+    std::vector<int> out;
+    std::stringstream in(v);
+    std::string item;
+    while (std::getline(in, item, ',')) out.push_back(std::atoi(item.c_str()));
+    return out;
+  };
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
-    if (k == "--mib") {
-      sizes.clear();
-      std::stringstream in(v);
-      std::string item;
-      while (std::getline(in, item, ',')) sizes.push_back(std::atoi(item.c_str()));
-    } else if (k == "--runs") {
+    if (k == "--mib")
+      sizes = list(v);
+    else if (k == "--pss")
+      pss_points = list(v);
+    else if (k == "--runs")
       runs = std::atoi(v.c_str());
-    } else {
-      die("usage: clone_bench [--mib 64,512] [--runs N]");
-    }
+    else if (k == "--loop")
+      loop = std::atoi(v.c_str());
+    else
+      die("usage: clone_bench [--mib 64,512] [--runs N] [--pss 1,10,50] [--loop N]");
   }
   prctl(PR_SET_CHILD_SUBREAPER, 1);
   std::printf(
-      "| MiB | clone: request->first instr (median / best) | clone: command wall | "
-      "restore --lazy --pidns: first instr | restore: command wall | template hold |\n");
+      "| MiB | template | hold ms | clone: request->first instr (median / best) | clone: command "
+      "wall | clones/s | restore --lazy --pidns: first instr | restore: command wall |\n");
   for (int mib : sizes) {
     fs::path work = fs::temp_directory_path() / fs::unique_path("clone-bench-%%%%%%");
     fs::create_directories(work / "image");
@@ -89,40 +154,39 @@ int main(int argc, char** argv) {
                 &err) != 0)
       die("dump: " + err);
     wait_exit(target);
-    const std::string sock = (work / "t.sock").string();
-    double t0 = now_ms();
-    if (run_cmd({kLazycr, "template", "-D", (work / "image").string(), "--socket", sock, "-d"},
-                &err) != 0)
-      die("template: " + err);
-    const double hold_ms = now_ms() - t0;
-    Series first_clone, wall_clone, first_restore, wall_restore;
-    const std::string stats = (work / "stats.json").string();
-    for (int r = 0; r < runs; r++) {
+    Template tpls[2];
+    tpls[0].name = "huge pages";
+    tpls[1].name = "--small-pages";
+    for (int k = 0; k < 2; k++) {
+      Template& t = tpls[k];
+      t.sock = (work / ("t" + std::to_string(k) + ".sock")).string();
+      std::vector<std::string> args{kLazycr,    "template", "-D", (work / "image").string(),
+                                    "--socket", t.sock,     "-d"};
+      if (k == 1) args.push_back("--small-pages");
       int o[2];
       if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
-      double c0 = now_ms();
-      pid_t p = spawn({kLazycr, "clone", "--socket", sock, "-d", "--stats", stats}, o[1], -1);
+      double t0 = now_ms();
+      pid_t p = spawn(args, o[1], -1);
       close(o[1]);
-      std::string pid_line = read_all(o[0]);
+      std::string line = read_all(o[0]);
       close(o[0]);
-      if (wait_exit(p) != 0) die("clone failed");
-      wall_clone.v.push_back(now_ms() - c0);
-      std::ifstream in(stats);
-      std::stringstream s;
-      s << in.rdbuf();
-      first_clone.v.push_back(number_after(s.str(), "\"request_to_first_instruction_ns\": ") / 1e6);
-      kill_pid(std::atoi(pid_line.c_str()));
-
-      if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
-      int e[2];
-      if (pipe2(e, O_CLOEXEC) != 0) die("pipe");
-      c0 = now_ms();
-      p = spawn(
+      if (wait_exit(p) != 0) die("template failed");
+      t.hold_ms = now_ms() - t0;
+      t.pid = std::atoi(line.c_str());
+    }
+    Series first_restore, wall_restore;
+    const std::string stats = (work / "stats.json").string();
+    for (int r = 0; r < runs; r++) {
+      for (int k = 0; k < 2; k++) kill_pid(clone_once(tpls[(r + k) % 2], stats, true));
+      int o[2], e[2];
+      if (pipe2(o, O_CLOEXEC) != 0 || pipe2(e, O_CLOEXEC) != 0) die("pipe");
+      double c0 = now_ms();
+      pid_t p = spawn(
           {kLazycr, "-v", "restore", "-D", (work / "image").string(), "--lazy", "--pidns", "-d"},
           o[1], e[1]);
       close(o[1]);
       close(e[1]);
-      pid_line = read_all(o[0]);
+      std::string pid_line = read_all(o[0]);
       std::string text = read_all(e[0]);
       close(o[0]);
       close(e[0]);
@@ -133,15 +197,48 @@ int main(int argc, char** argv) {
       usleep(100000);
       reap_zombies();
     }
-    run_cmd({kLazycr, "clone", "--socket", sock, "--stop"});
+    for (Template& t : tpls) {
+      // Clones per second: back to back, killed afterwards.
+      std::vector<pid_t> pids;
+      const double l0 = now_ms();
+      for (int i = 0; i < loop; i++) pids.push_back(clone_once(t, stats, false));
+      const double per_s = loop * 1000.0 / (now_ms() - l0);
+      for (pid_t p : pids) kill_pid(p);
+      usleep(200000);
+      reap_zombies();
+      std::printf(
+          "| %d | %s | %.0f | %.2f / %.2f ms | %.1f / %.1f ms | %.0f | %.2f / %.2f ms | "
+          "%.1f / %.1f ms |\n",
+          mib, t.name.c_str(), t.hold_ms, t.first.median(), t.first.best(), t.wall.median(),
+          t.wall.best(), per_s, first_restore.median(), first_restore.best(), wall_restore.median(),
+          wall_restore.best());
+      std::fflush(stdout);
+    }
+    for (Template& t : tpls) {
+      // Total PSS of the template's held process and N idle clones.
+      std::vector<pid_t> pids;
+      for (int n : pss_points) {
+        while (static_cast<int>(pids.size()) < n) pids.push_back(clone_once(t, stats, false));
+        usleep(500000);
+        const pid_t held = held_of(t.pid, pids);
+        const uint64_t one = rollup_kb(held, "Rss");
+        uint64_t pss = rollup_kb(held, "Pss");
+        for (pid_t p : pids) pss += rollup_kb(p, "Pss");
+        std::printf(
+            "PSS %d MiB, %s: template + %d clones %.1f MiB, one copy (template RSS) %.1f "
+            "MiB, ratio %.3f; template AnonHugePages %.0f MiB\n",
+            mib, t.name.c_str(), n, pss / 1024.0, one / 1024.0,
+            one ? static_cast<double>(pss) / static_cast<double>(one) : 0.0,
+            rollup_kb(held, "AnonHugePages") / 1024.0);
+        std::fflush(stdout);
+      }
+      for (pid_t p : pids) kill_pid(p);
+      usleep(200000);
+      reap_zombies();
+    }
+    for (Template& t : tpls) run_cmd({kLazycr, "clone", "--socket", t.sock, "--stop"});
     usleep(200000);
     reap_zombies();
-    std::printf(
-        "| %d | %.2f / %.2f ms | %.1f / %.1f ms | %.2f / %.2f ms | %.1f / %.1f ms | %.0f ms |\n",
-        mib, first_clone.median(), first_clone.best(), wall_clone.median(), wall_clone.best(),
-        first_restore.median(), first_restore.best(), wall_restore.median(), wall_restore.best(),
-        hold_ms);
-    std::fflush(stdout);
     fs::remove_all(work);
   }
   return 0;

@@ -18,10 +18,15 @@
 
 #include "common/error.h"
 #include "common/linux_abi.h"
+#include "common/log.h"
+#include "common/netns.h"
 #include "common/proc.h"
 #include "common/signals.h"
 #include "objects/objects.h"
 #include "restore/calls.h"
+#include "restore/clone3_tid.h"
+#include "restore/clone_dontfork.h"
+#include "restore/clone_fds.h"
 #include "restore/open_files.h"
 #include "restore/restoree.h"
 #include "restore/thread_state.h"
@@ -70,6 +75,8 @@ uint64_t now_ns() {
   }
 }
 
+}  // namespace
+
 // The clone's namespace and its reaper; killed and reaped unless released.
 struct NsReaper {
   pid_t pid = 0;
@@ -86,7 +93,7 @@ struct NsReaper {
   }
 };
 
-void make_reaper(NsReaper& r) {
+static void make_reaper(NsReaper& r) {
   int ctl[2];
   if (::pipe2(ctl, O_CLOEXEC) != 0) fail_errno("pipe2");
   UniqueFd rd(ctl[0]);
@@ -104,80 +111,32 @@ void make_reaper(NsReaper& r) {
   r.pidfd.reset(pidfd);
 }
 
-bool has_flag(const std::string& vmflags, const char* f) {
-  for (size_t i = 0; i + 1 < vmflags.size() + 1; i += 3)
-    if (vmflags.compare(i, 2, f) == 0) return true;
-  return false;
+// The template's children from now on in the PID namespace of `ns`'s reaper.
+static void enter_namespace(Restoree& tpl, const NsReaper& ns) {
+  tpl.reset_arena();
+  long nsfd = tpl.inject(cat("open of the pid namespace of reaper ", ns.pid), SYS_openat,
+                         static_cast<uint64_t>(AT_FDCWD),
+                         tpl.put_string(cat("/proc/", ns.pid, "/ns/pid")), O_RDONLY | O_CLOEXEC);
+  long set = tpl.inject_raw(SYS_setns, static_cast<uint64_t>(nsfd), CLONE_NEWPID);
+  tpl.inject("close of the pid namespace", SYS_close, static_cast<uint64_t>(nsfd));
+  if (set < 0) fail_errno_value(static_cast<int>(-set), "setns(CLONE_NEWPID) in the template");
 }
 
-// New descriptions for the clone: files opened again by path (own position and flags), pipes
-// made again with their buffered data. Every number is first made above the image's numbers
-// (all of which are open in the clone: it has the template's table), then placed by dup3,
-// which drops the clone's reference to the template's description.
-void replace_fds(Restoree& c, const image::Process& p, const image::SharedObjects& shared) {
-  std::vector<OpenRequest> reqs;
-  std::vector<const image::FileDescriptor*> opened;
-  std::map<uint64_t, std::vector<const image::FileDescriptor*>> pipes;
-  int min_fd = 3;
-  for (const auto& f : p.fds()) {
-    min_fd = std::max(min_fd, f.fd() + 1);
-    if (f.kind() == image::FileDescriptor::PIPE) {
-      pipes[f.object_inode()].push_back(&f);
-    } else {
-      reqs.push_back(request_for_fd(f));
-      opened.push_back(&f);
-    }
-  }
-  std::vector<Call> calls;
-  if (!reqs.empty()) {
-    std::vector<long> fds = open_as_process(c, p.creds(), reqs, min_fd);
-    c.reset_arena();
-    push_place_fds(opened, fds, calls);
-    c.batch(calls);
-    calls.clear();
-  }
-  for (const auto& [inode, ends] : pipes) {
-    const image::Pipe* img_pipe = nullptr;
-    for (const auto& q : shared.pipes())
-      if (q.inode() == inode) img_pipe = &q;
-    if (!img_pipe) fail("pipe:[", inode, "] is not in the image's shared objects");
-    c.reset_arena();
-    int32_t zero[2] = {-1, -1};
-    uint64_t at = c.put_data(zero, sizeof zero);
-    c.inject(cat("pipe2 for pipe:[", inode, "]"), SYS_pipe2, at, O_CLOEXEC);
-    int32_t pfd[2];
-    remote_read(c.pid(), at, pfd, sizeof pfd);
-    const uint64_t rd = static_cast<uint64_t>(pfd[0]), wr = static_cast<uint64_t>(pfd[1]);
-    c.reset_arena();
-    if (img_pipe->capacity() != 0)
-      calls.push_back(
-          make_call(cat("F_SETPIPE_SZ ", img_pipe->capacity(), " of pipe:[", inode, "]"), SYS_fcntl,
-                    wr, F_SETPIPE_SZ, img_pipe->capacity()));
-    if (!img_pipe->data().empty())
-      calls.push_back(make_call(cat("write of the data of pipe:[", inode, "]"), SYS_write, wr,
-                                c.push(img_pipe->data().data(), img_pipe->data().size()),
-                                img_pipe->data().size()));
-    for (const auto* f : ends) {
-      const bool writes = (f->flags() & O_ACCMODE) == O_WRONLY;
-      const uint64_t num = static_cast<uint64_t>(f->fd());
-      calls.push_back(make_call(cat("dup3 of pipe:[", inode, "] to fd ", num), SYS_dup3,
-                                writes ? wr : rd, num, f->cloexec() ? O_CLOEXEC : 0));
-      calls.push_back(make_call(cat("F_SETFL of fd ", num), SYS_fcntl, num, F_SETFL,
-                                f->flags() & (O_NONBLOCK | O_DIRECT)));
-    }
-    calls.push_back(make_call("close of the new pipe's read end", SYS_close, rd));
-    calls.push_back(make_call("close of the new pipe's write end", SYS_close, wr));
-    std::vector<long> res = c.batch(calls);
-    if (!img_pipe->data().empty()) {
-      size_t w = img_pipe->capacity() != 0 ? 1 : 0;
-      if (static_cast<size_t>(res.at(w)) != img_pipe->data().size())
-        fail("pipe:[", inode, "]: wrote ", res.at(w), " of ", img_pipe->data().size(), " bytes");
-    }
-    calls.clear();
-  }
+static bool alive(const NsReaper& ns) {
+  pollfd pf{ns.pidfd.get(), POLLIN, 0};
+  return ::poll(&pf, 1, 0) == 0;
 }
 
-}  // namespace
+void NsReaperDeleter::operator()(NsReaper* r) const noexcept {
+  delete r;
+}
+
+PreparedNs prepare_clone_namespace(HeldTemplate& t) {
+  PreparedNs ns(new NsReaper);
+  make_reaper(*ns);
+  enter_namespace(t.root, *ns);
+  return ns;
+}
 
 void check_clonable(const image::ImageReader& img) {
   const auto& procs = img.processes();
@@ -201,64 +160,43 @@ void check_clonable(const image::ImageReader& img) {
   if (p.ctty_pty() != 0) fail(who, " has a controlling terminal of the image");
   for (const auto& a : p.areas()) {
     const std::string where = cat("area ", hex(a.start()), "-", hex(a.end()), " ", a.name());
-    if (has_flag(a.vmflags(), "dc"))
-      fail(where, " is MADV_DONTFORK: a forked clone would not have it");
+    check_dontfork_area(a);
     if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
       fail(where, " is shared memory: every clone would share it");
   }
-  for (const auto& f : p.fds()) {
-    const std::string where = cat("fd ", f.fd(), " (", f.target(), ")");
-    if (f.locks_size() != 0) fail(where, " holds locks");
-    if (f.ghost_id() != 0) fail(where, " is a deleted file: not made afresh per clone yet");
-    if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
-      fail(where, " is a pseudo-terminal: not made afresh per clone yet");
-    switch (f.kind()) {
-      case image::FileDescriptor::REGULAR:
-      case image::FileDescriptor::DIRECTORY:
-      case image::FileDescriptor::CHARDEV:
-      case image::FileDescriptor::PIPE:
-        if (!f.restorable()) fail(where, " cannot be restored");
-        break;
-      default:
-        fail(where,
-             ": clones would share its open file description (only regular files, "
-             "directories, character devices and pipes are made afresh per clone)");
-    }
-  }
+  for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared());
 }
 
-Clone make_clone(HeldTemplate& t) {
+Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) {
   const image::Process& p = t.img.processes().front();
   Restoree& tpl = t.root;
   std::string step = "namespace";
+  // Time per step, logged with -vv (where a clone's milliseconds go).
+  uint64_t step_start = now_ns();
+  std::string timings;
+  auto next = [&](std::string name) {
+    const uint64_t t = now_ns();
+    timings += cat(" ", step, " ", (t - step_start) / 1000, " us;");
+    step_start = t;
+    step = std::move(name);
+  };
   try {
-    NsReaper ns;
-    make_reaper(ns);
+    PreparedNs ns = std::move(prepared);
+    if (!ns || !alive(*ns)) {
+      ns.reset(new NsReaper);
+      make_reaper(*ns);
+      next("setns");
+      enter_namespace(tpl, *ns);
+    }
 
-    step = "setns";
-    tpl.reset_arena();
-    long nsfd = tpl.inject(cat("open of the pid namespace of reaper ", ns.pid), SYS_openat,
-                           static_cast<uint64_t>(AT_FDCWD),
-                           tpl.put_string(cat("/proc/", ns.pid, "/ns/pid")), O_RDONLY | O_CLOEXEC);
-    long set = tpl.inject_raw(SYS_setns, static_cast<uint64_t>(nsfd), CLONE_NEWPID);
-    tpl.inject("close of the pid namespace", SYS_close, static_cast<uint64_t>(nsfd));
-    if (set < 0) fail_errno_value(static_cast<int>(-set), "setns(CLONE_NEWPID) in the template");
-
-    step = "fork";
+    next("fork");
     auto c = std::make_unique<Restoree>(p);
     {
-      abi::clone_args args;
-      std::memset(&args, 0, sizeof args);
       // Our child, not the template's: we wait for it, and it outlives the template. Its exit
       // signal is the template's (SIGCHLD); clone3 wants 0 here with CLONE_PARENT, which makes
       // it a clone event (PTRACE_O_TRACECLONE auto-attaches it).
-      args.flags = CLONE_PARENT;
-      args.set_tid_size = 1;
-      pid_t vpid = p.pid();
-      tpl.reset_arena();
-      args.set_tid = tpl.push(&vpid, sizeof vpid);
-      uint64_t base = tpl.push(&args, sizeof args);
-      long got = tpl.inject_raw(SYS_clone3, base, sizeof args);
+      const pid_t vpid = p.pid();
+      long got = inject_clone3_with_id(tpl, CLONE_PARENT, 0, vpid);
       auto tids = tpl.leader().t.take_new_tasks();
       if (got < 0) fail_errno_value(static_cast<int>(-got), cat("clone3 of pid ", vpid));
       if (tids.size() != 1) fail("clone3 reported ", tids.size(), " new tasks, expected 1");
@@ -275,7 +213,9 @@ Clone make_clone(HeldTemplate& t) {
     }
     Restoree& r = *c;
 
-    step = "leader";
+    next("dontfork");
+    copy_dontfork_areas(tpl, r, p);
+    next("leader");
     {  // A fork child has no tid address and no robust list (rseq and the rest are inherited).
       const image::Thread& th = p.threads(0);
       r.reset_arena();
@@ -286,26 +226,28 @@ Clone make_clone(HeldTemplate& t) {
                                   th.robust_list_len()));
       r.batch(calls);
     }
-    step = "fds";
-    replace_fds(r, p, t.img.shared());
+    next("fds");
+    UniqueFd netns;
+    if (req.netns) netns = make_network_namespace();
+    const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1);
+    if (netns_there >= 0) {
+      next("netns");
+      r.reset_arena();
+      std::vector<Call> calls;
+      calls.push_back(make_call("setns(CLONE_NEWNET) into the clone's network namespace", SYS_setns,
+                                static_cast<uint64_t>(netns_there), CLONE_NEWNET));
+      calls.push_back(make_call("close of the network namespace", SYS_close,
+                                static_cast<uint64_t>(netns_there)));
+      r.batch(calls);
+    }
 
     for (int i = 1; i < p.threads_size(); i++) {
       const image::Thread& th = p.threads(i);
-      step = cat("thread ", th.tid());
-      abi::clone_args args;
-      std::memset(&args, 0, sizeof args);
-      args.flags = kThreadFlags;
-      args.set_tid_size = 1;
-      pid_t tid = th.tid();
-      r.reset_arena();
-      args.set_tid = r.push(&tid, sizeof tid);
-      uint64_t base = r.push(&args, sizeof args);
-      long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
-      ThreadCtl& tc = r.adopt_new_thread(tid, &th);
-      if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
+      next(cat("thread ", th.tid()));
+      ThreadCtl& tc = make_thread_with_tid(r, th);
       restore_thread_state(r, tc);
     }
-    step = "release";
+    next("release");
     {
       RestoreeRemote remote(r);
       // Each thread's scheduling policy and nice value (timers were refused at template time;
@@ -323,19 +265,21 @@ Clone make_clone(HeldTemplate& t) {
       objects::restore_affinity(tc.t.tid(), th, t.cpus);
     }
     const int32_t vpid = p.pid();
-    if (::write(ns.ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
+    if (::write(ns->ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
       fail_errno("telling the namespace's reaper the clone's pid");
     for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
     Clone out;
     out.running_ns = now_ns();
+    next("");
+    log::debug("clone: steps:", timings);
     out.threads = r.threads().size();
     Spawned s = c->commit();
     out.pid = s.pid;
     out.image_pid = s.vpid;
     out.pidfd = std::move(s.pidfd);
-    ns.released = true;
-    out.reaper = ns.pid;
-    out.reaper_pidfd = std::move(ns.pidfd);
+    ns->released = true;
+    out.reaper = ns->pid;
+    out.reaper_pidfd = std::move(ns->pidfd);
     return out;
   } catch (const Error& e) {
     throw Error(cat("clone: ", step, ": ", e.what()), e.sys_errno());

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "common/fd.h"
@@ -18,7 +19,7 @@ namespace lazycr::restore {
 // Refuses, by name, what a clone could not have as a separate restore would: more than one
 // process, state a fork does not copy (pending signals, timers, record locks), memory it drops
 // or shares (MADV_DONTFORK areas, shared anonymous memory) and descriptors not yet made afresh
-// per clone (anything but regular files, directories, character devices and pipes).
+// per clone (restore/clone_fds.h: established TCP connections, deleted files, terminals, locks).
 void check_clonable(const image::ImageReader& img);
 
 struct Clone {
@@ -31,8 +32,25 @@ struct Clone {
   uint64_t running_ns = 0;  // steady clock when every thread was released
 };
 
-// Makes one clone of the held template; on failure nothing of it is left (the clone and its
-// reaper are killed and reaped). Throws Error "clone: <step>: <why>".
-Clone make_clone(HeldTemplate& t);
+struct CloneRequest {
+  bool netns = false;  // a fresh network namespace (loopback up) for the clone
+};
+
+// A clone's PID namespace and its PID 1 (clone.cc); killed and reaped unless given to a clone.
+struct NsReaper;
+struct NsReaperDeleter {
+  void operator()(NsReaper* r) const noexcept;
+};
+using PreparedNs = std::unique_ptr<NsReaper, NsReaperDeleter>;
+
+// The next clone's PID namespace, made and entered by the template (for its children) ahead of
+// the request, so that a request starts at the fork: making the namespace and its reaper and
+// the injected setns cost a few ms.
+PreparedNs prepare_clone_namespace(HeldTemplate& t);
+
+// Makes one clone of the held template, in `prepared` if given and still there (else in a new
+// namespace); on failure nothing of it is left (the clone and its reaper are killed and
+// reaped). Throws Error "clone: <step>: <why>".
+Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared = nullptr);
 
 }  // namespace lazycr::restore

@@ -64,6 +64,7 @@
 #include "objects/net_lock.h"
 #include "objects/objects.h"
 #include "restore/address_space.h"
+#include "restore/clone3_tid.h"
 #include "restore/fd_passing.h"
 #include "restore/ghost_files.h"
 #include "restore/internal.h"
@@ -878,17 +879,7 @@ Restored restore(const RestoreOptions& opts_in) {
     for (int i = 1; i < p.threads_size(); i++) {
       const image::Thread& th = p.threads(i);
       steps.run("threads", cat("tid ", th.tid()), [&] {
-        abi::clone_args args;
-        std::memset(&args, 0, sizeof args);
-        args.flags = kThreadFlags;
-        args.set_tid_size = 1;
-        pid_t tid = th.tid();
-        r.reset_arena();
-        args.set_tid = r.push(&tid, sizeof tid);
-        uint64_t base = r.push(&args, sizeof args);
-        long got = r.inject(cat("clone3 of thread ", tid), SYS_clone3, base, sizeof args);
-        ThreadCtl& c = r.adopt_new_thread(tid, &th);
-        if (got != tid) fail("clone3 created thread ", got, ", not ", tid);
+        ThreadCtl& c = make_thread_with_tid(r, th);
         steps.check("thread-created");
         restore_thread_state(r, c);
       });

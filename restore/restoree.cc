@@ -1,5 +1,7 @@
 #include "restore/restoree.h"
 
+#include "restore/clone3_tid.h"
+
 #include <linux/prctl.h>
 #include <poll.h>
 #include <signal.h>
@@ -81,14 +83,9 @@ void Restoree::seize() {
 }
 
 void Restoree::fork_child(pid_t vpid, Restoree& child) {
-  abi::clone_args args;
-  std::memset(&args, 0, sizeof args);
-  args.exit_signal = SIGCHLD;
-  args.set_tid_size = 1;
-  reset_arena();
-  args.set_tid = push(&vpid, sizeof vpid);
-  uint64_t base = push(&args, sizeof args);
-  long got = inject(cat("clone3 of child pid ", vpid), SYS_clone3, base, sizeof args);
+  long got = inject_clone3_with_id(*this, 0, SIGCHLD, vpid);
+  if (got < 0 && got > -4096)
+    fail_errno_value(static_cast<int>(-got), cat("clone3 of child pid ", vpid));
   auto tids = leader().t.take_new_tasks();
   if (tids.size() != 1) fail("clone3 reported ", tids.size(), " new tasks, expected 1");
   child.adopt_forked(tids[0], vpid, tramp_);

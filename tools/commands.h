@@ -50,6 +50,7 @@ struct TemplateOptions {
   std::string dir;
   std::string socket;
   bool detach = false;
+  bool small_pages = false;  // keep the restored 4 KiB pages (no MADV_COLLAPSE)
   uint64_t start_ns = 0;
 };
 // Runs until SIGTERM or `clone --stop` (foreground); --detach: returns 0 once the template
@@ -60,6 +61,7 @@ struct CloneOptions {
   std::string socket;
   bool detach = false;
   bool stop = false;
+  bool netns = false;  // the clone in a fresh network namespace (loopback up)
   std::string pidfile;
   std::string stats_file;
   uint64_t start_ns = 0;

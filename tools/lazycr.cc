@@ -177,6 +177,9 @@ int main(int argc, char** argv) {
       ->required();
   template_cmd->add_flag("-d,--detach", tmpl.detach,
                          "Run in the background once the template is held; print its pid");
+  template_cmd->add_flag("--small-pages", tmpl.small_pages,
+                         "Do not collapse the held memory into huge pages (clones are then "
+                         "slower to make: fork copies one page-table entry per 4 KiB page)");
   cli::CloneOptions clone;
   clone.start_ns = start_ns;
   auto* clone_cmd = app.add_subcommand(
@@ -184,6 +187,9 @@ int main(int argc, char** argv) {
   clone_cmd->add_option("--socket", clone.socket, "The template's socket")->required();
   clone_cmd->add_flag("-d,--detach", clone.detach, "Leave the clone running; print its pid");
   clone_cmd->add_flag("--stop", clone.stop, "Stop the template (its clones keep running)");
+  clone_cmd->add_flag("--netns", clone.netns,
+                      "Put the clone in a fresh network namespace with loopback up (a server "
+                      "can be cloned many times on the same port)");
   clone_cmd->add_option("--pidfile", clone.pidfile, "Write the clone's pid here");
   clone_cmd->add_option("--stats", clone.stats_file, "Write the clone's timings as JSON here");
 

@@ -1,6 +1,8 @@
 // `lazycr template` and `lazycr clone` (issue 13): a held template answering clone requests on
 // a UNIX socket (SOCK_SEQPACKET, one message per request or answer):
-//   request "clone <request_ns> <fg>"  -> "ok <pid> <image_pid> <reaper> <first_ns> <threads>"
+//   request "clone <request_ns> <fg> <netns>"  -> "ok <pid> <image_pid> <reaper> <first_ns>
+//   <threads>
+//                                         <template_rss_kb> <template_anon_huge_kb>"
 //                                         or "error <one line>"; with fg=1, "exit <status>"
 //                                         follows when the clone exits
 //   request "stop"                     -> "ok", then the template exits
@@ -19,6 +21,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <list>
@@ -32,6 +35,7 @@
 #include "common/proc.h"
 #include "common/signals.h"
 #include "restore/clone.h"
+#include "restore/huge_collapse.h"
 #include "restore/restoree.h"
 #include "tools/commands.h"
 
@@ -106,6 +110,15 @@ std::string recv_line(int fd) {
   return std::string(buf, static_cast<size_t>(n));
 }
 
+uint64_t rollup_kb(pid_t pid, const char* key) {
+  const auto text = proc::try_read_file(cat("/proc/", pid, "/smaps_rollup"));
+  if (!text) return 0;
+  const auto at = text->find(key);
+  return at == std::string::npos
+             ? 0
+             : std::strtoull(text->c_str() + at + std::strlen(key), nullptr, 10);
+}
+
 std::string rollup(pid_t pid) {
   std::string text;
   try {
@@ -132,20 +145,42 @@ struct Live {
 };
 
 // The template's event loop: runs until SIGTERM/SIGINT/SIGHUP or a "stop" request.
-void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd) {
+void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_pages) {
   sigset_t mask;
   sigemptyset(&mask);
   for (int s : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&mask, s);
   UniqueFd sfd(::signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK));
   if (!sfd) fail_errno("signalfd");
   pid_t tpl = held.root.pid();
+  if (!small_pages) {
+    const uint64_t t0 = now_ns();
+    const restore::CollapseStats cs = restore::collapse_huge_pages(held);
+    log::info("template: ", cs.candidate_bytes >> 20, " MiB fully populated in 2 MiB-aligned ",
+              "private anonymous ranges; ", cs.huge_bytes >> 20, " MiB now in huge pages",
+              cs.refused_calls ? cat(" (the kernel refused ", cs.refused_calls,
+                                     " range(s): ", std::strerror(cs.last_errno), ")")
+                               : std::string(),
+              " in ", (now_ns() - t0) / 1000000, " ms");
+  }
   log::info("template of ", held.opts.dir, " held as pid ", tpl, " (", rollup(tpl), ")");
+  // The template's memory, told with every clone (read once: it changes only if the template
+  // ran, which it never does).
+  const uint64_t tpl_rss_kb = rollup_kb(tpl, "Rss:");
+  const uint64_t tpl_huge_kb = restore::anon_huge_bytes(tpl) / 1024;
   if (ready_fd >= 0) {
     send_line(ready_fd, cat("ok ", ::getpid()));
     ::close(ready_fd);
   }
   std::list<Live> live;
+  restore::PreparedNs next_ns;
   for (;;) {
+    if (!next_ns) {  // the next clone's namespace, made while nobody waits
+      try {
+        next_ns = restore::prepare_clone_namespace(held);
+      } catch (const std::exception& e) {
+        log::warn("template: preparing the next clone's namespace: ", e.what());
+      }
+    }
     std::vector<pollfd> pf;
     pf.push_back({sfd.get(), POLLIN, 0});
     pf.push_back({listen_fd, POLLIN, 0});
@@ -202,21 +237,23 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd) {
     std::istringstream in(req);
     std::string verb;
     uint64_t request_ns = 0;
-    int fg = 0;
-    in >> verb >> request_ns >> fg;
+    int fg = 0, netns = 0;
+    in >> verb >> request_ns >> fg >> netns;
     if (verb != "clone") {
       send_line(client.get(), "error unknown request");
       continue;
     }
     if (request_ns == 0) request_ns = now_ns();
     try {
-      restore::Clone c = restore::make_clone(held);
+      restore::CloneRequest creq;
+      creq.netns = netns != 0;
+      restore::Clone c = restore::make_clone(held, creq, std::move(next_ns));
       const uint64_t first = c.running_ns - request_ns;
       log::info("clone pid ", c.pid, " (pid ", c.image_pid, " in its namespace, reaper ", c.reaper,
                 "): ", c.threads, " thread(s), first instruction ", first / 1000,
                 " us after the request");
       send_line(client.get(), cat("ok ", c.pid, " ", c.image_pid, " ", c.reaper, " ", c.running_ns,
-                                  " ", c.threads));
+                                  " ", c.threads, " ", tpl_rss_kb, " ", tpl_huge_kb));
       Live l;
       l.clone = std::move(c);
       if (fg) l.client = std::move(client);
@@ -284,7 +321,9 @@ int run_template(const TemplateOptions& opts) {
     ropts.dir = opts.dir;
     ropts.start_ns = opts.start_ns;
     int ready = ready_wr.get();
-    ropts.hold = [&](restore::HeldTemplate& held) { serve(held, listen_fd.get(), ready); };
+    ropts.hold = [&](restore::HeldTemplate& held) {
+      serve(held, listen_fd.get(), ready, opts.small_pages);
+    };
     restore::restore(ropts);
     ready_wr.release();  // closed by serve()
   } catch (const std::exception& e) {
@@ -314,15 +353,15 @@ int run_clone(const CloneOptions& opts) {
   for (int s : {SIGTERM, SIGINT, SIGHUP, SIGQUIT}) sigaddset(&mask, s);
   if (!opts.detach) ::sigprocmask(SIG_BLOCK, &mask, nullptr);
   const uint64_t request_ns = now_ns();
-  send_line(fd.get(), cat("clone ", request_ns, " ", opts.detach ? 0 : 1));
+  send_line(fd.get(), cat("clone ", request_ns, " ", opts.detach ? 0 : 1, " ", opts.netns ? 1 : 0));
   std::string reply = recv_line(fd.get());
   const uint64_t answered_ns = now_ns();
   if (reply.rfind("error ", 0) == 0) fail(reply.substr(6));
   std::istringstream in(reply);
   std::string ok;
   pid_t pid = 0, image_pid = 0, reaper = 0;
-  uint64_t running_ns = 0, threads = 0;
-  in >> ok >> pid >> image_pid >> reaper >> running_ns >> threads;
+  uint64_t running_ns = 0, threads = 0, tpl_rss_kb = 0, tpl_huge_kb = 0;
+  in >> ok >> pid >> image_pid >> reaper >> running_ns >> threads >> tpl_rss_kb >> tpl_huge_kb;
   if (ok != "ok" || pid <= 0)
     fail("clone: the template at ", opts.socket, " gave no clone (",
          reply.empty() ? "no answer" : reply, ")");
@@ -330,7 +369,8 @@ int run_clone(const CloneOptions& opts) {
   const uint64_t wall_ns = answered_ns - opts.start_ns;
   log::info("clone pid ", pid, " (pid ", image_pid, " in a new PID namespace, reaper ", reaper,
             "): ", threads, " thread(s); first instruction ", first_ns / 1000,
-            " us after the request; command wall time ", wall_ns / 1000, " us");
+            " us after the request; command wall time ", wall_ns / 1000, " us; template RSS ",
+            tpl_rss_kb / 1024, " MiB (", tpl_huge_kb / 1024, " MiB in huge pages)");
   if (!opts.pidfile.empty()) {
     std::string tmp = cat(opts.pidfile, ".tmp-", ::getpid());
     {
@@ -355,6 +395,10 @@ int run_clone(const CloneOptions& opts) {
     j.value(first_ns);
     j.key("command_wall_ns");
     j.value(wall_ns);
+    j.key("template_rss_kb");
+    j.value(tpl_rss_kb);
+    j.key("template_anon_huge_kb");
+    j.value(tpl_huge_kb);
     j.end_object();
     f << "\n";
     if (!f) fail("--stats ", opts.stats_file, ": cannot write");

@@ -13,22 +13,42 @@
  *             (a description shared with another clone would have moved)
  *   pipe      the pipe must hold exactly "pipedata" (a pipe shared with another clone that
  *             read it first would be empty)
+ *   touch     write one word per 2 MiB (its own value), then verify
  *   exit N    exit with status N
- * Each answer is "ok ..." or "FAIL why". With "eventfd" it also holds an eventfd, which clones
- * cannot have yet (the template must refuse it by name). */
+ * Each answer is "ok ..." or "FAIL why".
+ *
+ *   clone_target DIR MIB kinds PORT
+ * also holds an eventfd (count 5), an epoll set watching it, an armed timerfd, a signalfd, a
+ * socketpair with "sockdata" buffered, a TCP listener on 127.0.0.1:PORT and a MADV_WIPEONFORK
+ * page filled with 0xab, and answers
+ *   kinds     each of those is this clone's own: the epoll set reports the eventfd readable
+ *             and the eventfd's count is 5 (a shared one would have been drained by another
+ *             clone), the socket holds exactly "sockdata", the timerfd is armed, the listener
+ *             accepts a connection from this clone's own network namespace, and the
+ *             MADV_WIPEONFORK page reads zero (a clone is a fork).
+ *   clone_target DIR MIB deleted
+ * also holds a deleted file, which clones cannot have yet (the template must refuse it by
+ * name). */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #define WORKERS 3
@@ -40,6 +60,86 @@ static pid_t tids[WORKERS + 1];
 static atomic_int gen, answered[WORKERS];
 static atomic_int tid_ok[WORKERS];
 static int file_fd, pipe_rd, pipe_wr;
+static int efd = -1, epfd, tfd, sfd, sock_rd, lfd, port;
+static unsigned char* wipe;
+
+static void make_kinds(void) {
+  efd = eventfd(5, EFD_NONBLOCK);
+  epfd = epoll_create1(0);
+  struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 77};
+  if (efd < 0 || epfd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, efd, &ev) != 0) exit(10);
+  tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+  struct itimerspec its = {.it_interval = {1000, 0}, .it_value = {1000, 0}};
+  if (tfd < 0 || timerfd_settime(tfd, 0, &its, NULL) != 0) exit(11);
+  sigset_t ss;
+  sigemptyset(&ss);
+  sigaddset(&ss, SIGUSR2);
+  sfd = signalfd(-1, &ss, SFD_NONBLOCK);
+  int sv[2];
+  if (sfd < 0 || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0 || write(sv[0], "sockdata", 8) != 8)
+    exit(12);
+  sock_rd = sv[1];
+  lfd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int one = 1;
+  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (lfd < 0 || bind(lfd, (struct sockaddr*)&a, sizeof a) != 0 || listen(lfd, 8) != 0) exit(13);
+  wipe = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (wipe == MAP_FAILED || madvise(wipe, 4096, MADV_WIPEONFORK) != 0) exit(14);
+  memset(wipe, 0xab, 4096);
+}
+
+static void check_kinds(char* out, size_t n) {
+  struct epoll_event ev;
+  int k = epoll_wait(epfd, &ev, 1, 0);
+  if (k != 1 || ev.data.u64 != 77) {
+    snprintf(out, n, "FAIL epoll_wait gave %d (data %llu)", k, (unsigned long long)ev.data.u64);
+    return;
+  }
+  uint64_t count = 0;
+  if (read(efd, &count, 8) != 8 || count != 5) {
+    snprintf(out, n, "FAIL eventfd count %llu (%s)", (unsigned long long)count, strerror(errno));
+    return;
+  }
+  char buf[64];
+  ssize_t got = recv(sock_rd, buf, sizeof buf, MSG_DONTWAIT);
+  if (got != 8 || memcmp(buf, "sockdata", 8) != 0) {
+    snprintf(out, n, "FAIL socketpair read %zd", got);
+    return;
+  }
+  struct itimerspec its;
+  if (timerfd_gettime(tfd, &its) != 0 || its.it_value.tv_sec == 0 ||
+      its.it_interval.tv_sec != 1000) {
+    snprintf(out, n, "FAIL timerfd not armed");
+    return;
+  }
+  struct signalfd_siginfo si;
+  if (read(sfd, &si, sizeof si) != -1 || errno != EAGAIN) {
+    snprintf(out, n, "FAIL signalfd not an empty signalfd (%s)", strerror(errno));
+    return;
+  }
+  int c = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (c < 0 || connect(c, (struct sockaddr*)&a, sizeof a) != 0) {
+    snprintf(out, n, "FAIL connect to 127.0.0.1:%d: %s", port, strerror(errno));
+    return;
+  }
+  int s = accept(lfd, NULL, NULL);
+  if (s < 0 || write(c, "x", 1) != 1 || read(s, buf, 1) != 1) {
+    snprintf(out, n, "FAIL accept on the listener: %s", strerror(errno));
+    return;
+  }
+  close(s);
+  close(c);
+  for (int i = 0; i < 4096; i++)
+    if (wipe[i] != 0) {
+      snprintf(out, n, "FAIL MADV_WIPEONFORK byte %d is 0x%x, not 0", i, wipe[i]);
+      return;
+    }
+  snprintf(out, n, "ok kinds");
+}
 
 static pid_t gettid_raw(void) {
   return (pid_t)syscall(SYS_gettid);
@@ -106,9 +206,19 @@ static void verify(char* out, size_t n) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3 && argc != 4) return 2;
-  if (argc == 4 && (strcmp(argv[3], "eventfd") != 0 || eventfd(0, 0) < 0)) return 2;
+  if (argc < 3 || argc > 5) return 2;
   const char* dir = argv[1];
+  if (argc == 5 && strcmp(argv[3], "kinds") == 0) {
+    port = atoi(argv[4]);
+    make_kinds();
+  } else if (argc == 4 && strcmp(argv[3], "deleted") == 0) {
+    char del[4096];
+    snprintf(del, sizeof del, "%s/deleted.txt", dir);
+    int fd = open(del, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || write(fd, "gone", 4) != 4 || unlink(del) != 0) return 2;
+  } else if (argc != 3) {
+    return 2;
+  }
   size_t mib = (size_t)atol(argv[2]);
   words = mib << 17;
   mem = mmap(NULL, words * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -181,6 +291,12 @@ int main(int argc, char** argv) {
         snprintf(out, sizeof out, "ok pipe");
       else
         snprintf(out, sizeof out, "FAIL pipe read %zd (%s)", n, n < 0 ? strerror(errno) : "");
+    } else if (strncmp(cmd, "touch", 5) == 0) {
+      /* One write per 2 MiB (the same value): the copy-on-write fault a huge page takes. */
+      for (size_t i = 0; i < words; i += (2u << 20) / 8) ((volatile uint64_t*)mem)[i] = mem[i];
+      verify(out, sizeof out);
+    } else if (strncmp(cmd, "kinds", 5) == 0 && efd >= 0) {
+      check_kinds(out, sizeof out);
     } else if (sscanf(cmd, "exit %llu", &arg) == 1) {
       answer(dir, id, "ok exiting");
       _exit((int)arg);

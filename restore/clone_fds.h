@@ -1,0 +1,26 @@
+// Internal to restore/: the descriptors of a clone of a template (restore/clone.h) made afresh,
+// so that no open file description is shared between clones (or with the template), as if each
+// clone were restored on its own.
+#pragma once
+
+#include "image-format/image_dir.h"
+#include "restore/restoree.h"
+
+namespace lazycr::restore {
+
+// Gives the clone `c` (the fork of the template, leader only) a new description for every
+// descriptor of process `p` of `img`: lazycr makes what the restore makes itself (pipes, UNIX
+// and inet sockets, eventfds, timerfds, signalfds, ...: restore/shared_files.h) and passes it
+// over a transport the clone connects to; files are opened again by path inside the clone;
+// epoll sets and the other kinds made inside are made again there (objects/). `netns` >= 0:
+// sockets are made in that network namespace, which is passed too: returns its number in the
+// clone (for setns), else -1.
+int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageReader& img,
+                      int netns);
+
+// Throws, by pid, fd and why, for a descriptor of `p` that clones could not each have on
+// their own.
+void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
+                    const image::SharedObjects& shared);
+
+}  // namespace lazycr::restore
