@@ -54,7 +54,10 @@
 // The page server process ("lazycr-server"): forked by lazycr at [server] with the uffd and
 // a pidfd of the process; it reopens the page store, starts its guardian, takes the process
 // and says "ready" on a pipe, then serves until nothing is owed or no process is left. lazycr
-// waits for "ready" at [server-ready], sets registers and detaches; then it writes the time
+// sets registers and detaches without waiting for it (the server starts up while the process
+// takes its first steps; a fault meanwhile waits on the userfaultfd), then waits for "ready"
+// at [server-ready]: an error or end of file there fails the restore, which kills the
+// processes (they ran a few instructions, never with a missing page); then it writes the time
 // to first instruction on a second pipe (the server needs it only for the stats it writes at
 // the end; end of file without it means the restore failed, and the server leaves quietly).
 // The server calls setsid(): terminal signals do not reach it and it outlives lazycr with
@@ -94,6 +97,7 @@
 #include "common/linux_abi.h"
 #include "common/log.h"
 #include "common/signals.h"
+#include "restore/eager_preread.h"
 #include "restore/memory.h"
 #include "restore/park.h"
 #include "uffd/keeper.h"
@@ -120,27 +124,6 @@ uint64_t now_ns() {
 
 std::string area_name(const MemoryArea& a) {
   return cat(hex(a.start()), "-", hex(a.end()), a.name().empty() ? "" : " ", a.name());
-}
-
-bool has_vmflag(const MemoryArea& a, const std::string& flag) {
-  std::istringstream in(a.vmflags());
-  std::string f;
-  while (in >> f)
-    if (f == flag) return true;
-  return false;
-}
-
-bool lazy_candidate(const MemoryArea& a) {
-  switch (a.kind()) {
-    case MemoryArea::ANON:
-    case MemoryArea::HEAP:
-    case MemoryArea::STACK:
-      break;
-    default:
-      return false;
-  }
-  return !a.shared() && a.stored_pages() > 0 && !has_vmflag(a, "lo") && !has_vmflag(a, "lf") &&
-         !has_vmflag(a, "wf");
 }
 
 struct Range {
@@ -419,6 +402,10 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
                  (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
                  " us");
+      // Tests (LAZYCR_FAULT_INJECT=server-start): the server fails before it is ready.
+      const char* inject = ::getenv("LAZYCR_FAULT_INJECT");
+      if (inject != nullptr && std::strcmp(inject, "server-start") == 0)
+        fail("injected fault before the page server was ready");
       // EPIPE: lazycr gave up (the restore failed): the process is being killed, and run()
       // ends as soon as it is gone.
       const char r = 'R';
@@ -601,7 +588,7 @@ class LazyStrategy final : public MemoryStrategy {
   LazyStrategy(const image::Process& proc, const image::PageStoreReader& store,
                const RestoreOptions& opts, const cpu_set_t& cpus, LazyServerGroup& group)
       : proc_(proc), store_(store), opts_(opts), cpus_(cpus), group_(group) {
-    eager_ = make_eager_filler(store, &cpus_);
+    eager_ = make_eager_filler(store, &cpus_, opts.preread.get());
   }
 
   const char* name() const override { return "lazy"; }
@@ -654,7 +641,6 @@ class LazyStrategy final : public MemoryStrategy {
 
   void before_release(RemoteProcess& target) override {
     if (!uffd_.valid()) return;
-    group_.wait_ready();
     uffd_.reset();  // the server, its guardian and the parked keeper hold it now
     if (keeper_.recv_end && !still_parked(target.pid(), keeper_.parked_fd, keeper_.recv_end.get()))
       log::warn("pid ", target.pid(), ": descriptor ", keeper_.parked_fd,
@@ -975,6 +961,8 @@ void LazyServerGroup::add(ServedProcess p) {
 
 void LazyServerGroup::start(pid_t root, const std::vector<std::string>& stores) {
   if (impl_->processes.empty()) return;
+  // The server is a fork that uses the stores: no other thread may be in them then.
+  if (impl_->opts.preread) impl_->opts.preread->wait();
   ServerLaunch l;
   l.processes = impl_->processes;
   l.root = root;

@@ -43,7 +43,9 @@ struct Segment {
 
 class EagerFiller final : public MemoryStrategy {
  public:
-  EagerFiller(const image::PageStoreReader& store, const cpu_set_t* helper_cpus) : store_(store) {
+  EagerFiller(const image::PageStoreReader& store, const cpu_set_t* helper_cpus,
+              const EagerPreread* preread)
+      : store_(store), preread_(preread) {
     if (helper_cpus != nullptr) {
       helper_cpus_ = *helper_cpus;
       has_helper_cpus_ = true;
@@ -228,7 +230,8 @@ class EagerFiller final : public MemoryStrategy {
         size_t bytes = piece.pages * kPageSize;
         if (piece.zero)
           std::memset(buf + used, 0, bytes);
-        else
+        else if (preread_ == nullptr ||
+                 !preread_->copy(store_, piece.addr, piece.pages, buf + used))
           store_.read(piece.addr, piece.pages, buf + used);
         if (!remote.empty() &&
             reinterpret_cast<uint64_t>(remote.back().iov_base) + remote.back().iov_len ==
@@ -282,6 +285,7 @@ class EagerFiller final : public MemoryStrategy {
   }
 
   const image::PageStoreReader& store_;
+  const EagerPreread* preread_;
   std::vector<Segment> segments_;
   std::vector<Segment> drops_;  // inherited pages to drop (prepare_inherited_area)
   std::array<char*, 2> bufs_{};
@@ -293,8 +297,9 @@ class EagerFiller final : public MemoryStrategy {
 }  // namespace
 
 std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
-                                                  const cpu_set_t* helper_cpus) {
-  return std::make_unique<EagerFiller>(store, helper_cpus);
+                                                  const cpu_set_t* helper_cpus,
+                                                  const EagerPreread* preread) {
+  return std::make_unique<EagerFiller>(store, helper_cpus, preread);
 }
 
 }  // namespace lazycr::restore

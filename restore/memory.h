@@ -11,8 +11,9 @@
 //   5. [protect] every area gets its final protection (mprotect where shaping_prot differed);
 //   6. [after-shaping] after_shaping(): the address space is final, mm fields set, only the
 //      leader thread exists and it still sits in the trampoline (injection works);
-//   7. [server-ready] before_release(): every thread exists with its state; registers are
-//      set and the threads detached right after (lazy: waits until the server serves);
+//   7. [release] before_release(): every thread exists with its state; registers are set
+//      and the threads detached right after (lazy: the server's readiness is awaited only
+//      after that, at [server-ready]: a fault before it waits on the userfaultfd);
 //   8. on_running(): every thread has been detached and runs.
 // EagerFiller writes every stored page in step 2 and has nothing to do in the others. The
 // lazy strategy (restore/lazy.cc) is described there.
@@ -30,6 +31,7 @@
 #include "image-format/page_store.h"
 #include "image-format/process.pb.h"
 #include "restore/calls.h"
+#include "restore/eager_preread.h"
 #include "restore/restore.h"
 #include "uffd/page_server.h"
 
@@ -112,8 +114,10 @@ class MemoryStrategy {
 // own reused buffer and write it with one call. Pages the store records as ZERO are written
 // only where the fresh mapping is not already zero (private file mappings). The helper thread
 // runs on `helper_cpus` when given (the restorer itself is pinned to one CPU while it shapes).
+// `preread`: pages read ahead (lazy restores); the filler copies those it has from there.
 std::unique_ptr<MemoryStrategy> make_eager_filler(const image::PageStoreReader& store,
-                                                  const cpu_set_t* helper_cpus = nullptr);
+                                                  const cpu_set_t* helper_cpus = nullptr,
+                                                  const EagerPreread* preread = nullptr);
 
 // One restored process for the lazy page server.
 struct ServedProcess {
@@ -131,7 +135,8 @@ struct ServedProcess {
 
 // The page server of a lazy restore, one for every process of the tree (restore/lazy.cc): each
 // process's lazy strategy hands it its userfaultfd at [server] (add()), then start() forks the
-// server for all of them; wait_ready() at [server-ready]; go() once every process runs.
+// server for all of them; wait_ready() at [server-ready], after the processes were let go (a
+// failure there fails the restore, which kills them); go() once every process runs.
 class LazyServerGroup {
  public:
   LazyServerGroup(const RestoreOptions& opts, const cpu_set_t& cpus);

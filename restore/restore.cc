@@ -86,45 +86,13 @@ using image::MemoryArea;
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists).
 // Eager trees fork each child right before its memory steps (unmap..protect), lazy ones all at
-// "fork"; "uffd" and "server" are lazy only.
-[[maybe_unused]] constexpr const char* kSteps[] = {"validate",
-                                                   "files",
-                                                   "create",
-                                                   "seize",
-                                                   "pin",
-                                                   "trampoline",
-                                                   "rseq",
-                                                   "close-fds",
-                                                   "session",
-                                                   "fork",
-                                                   "unmap",
-                                                   "vdso",
-                                                   "map-areas",
-                                                   "uffd",
-                                                   "server",
-                                                   "fill",
-                                                   "protect",
-                                                   "sysv-shm",
-                                                   "groups",
-                                                   "zombie",
-                                                   "mm",
-                                                   "after-shaping",
-                                                   "process-state",
-                                                   "sigactions",
-                                                   "fds",
-                                                   "objects-fds",
-                                                   "thread-state",
-                                                   "objects-leader",
-                                                   "threads",
-                                                   "thread-created",
-                                                   "objects-threads",
-                                                   "signals",
-                                                   "rlimits",
-                                                   "credentials",
-                                                   "unmap-trampoline",
-                                                   "server-ready",
-                                                   "registers",
-                                                   "detach"};
+// "fork"; "uffd", "server" and "server-ready" are lazy only.
+[[maybe_unused]] constexpr const char* kSteps =
+    "validate files create seize pin trampoline rseq close-fds session fork unmap vdso "
+    "map-areas uffd server fill protect sysv-shm groups zombie mm after-shaping "
+    "process-state sigactions fds objects-fds thread-state objects-leader threads "
+    "thread-created objects-threads signals rlimits credentials unmap-trampoline release "
+    "registers detach server-ready";
 
 constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
 constexpr uint64_t kRseqFlagUnregister = 1;  // RSEQ_FLAG_UNREGISTER
@@ -623,7 +591,7 @@ Restored restore(const RestoreOptions& opts_in) {
     check_trust(*img, opts);
   });
   const uint64_t t_valid = now_ns();
-
+  if (opts.lazy.enabled) opts.preread = EagerPreread::start(*img);
   // Pipes, sockets and shared descriptions, made by lazycr before any process exists.
   std::unique_ptr<GhostFiles> ghosts;
   std::unique_ptr<SharedFiles> shared;
@@ -896,7 +864,7 @@ Restored restore(const RestoreOptions& opts_in) {
     objects_at(objects::RestorePoint::kBeforeRelease)(t);
     t.r->unmap_trampoline();
   });
-  each_live("server-ready", [&](Task& t) { t.strategy->before_release(*t.r); });
+  each_live("release", [&](Task& t) { t.strategy->before_release(*t.r); });
   for (auto& tp : tree.tasks) {
     if (!tp->live()) continue;
     Restoree& r = *tp->r;
@@ -946,6 +914,7 @@ Restored restore(const RestoreOptions& opts_in) {
       if (n <= 0) fail("the namespace's reaper did not take over within 10 s");
     }
   });
+  steps.run("server-ready", rt.who, [&] { lazy_group ? lazy_group->wait_ready() : void(); });
 
   Restored out;
   for (auto& tp : tree.tasks) {

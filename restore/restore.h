@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "common/fd.h"
@@ -18,6 +19,7 @@
 namespace lazycr::restore {
 
 struct HeldTemplate;  // restore/template.h
+class EagerPreread;   // restore/eager_preread.h
 
 // Lazy restore (--lazy). The page server runs in its own process ("lazycr-server", forked by
 // lazycr once the userfaultfd is registered, in its own session so that terminal signals do
@@ -63,6 +65,8 @@ struct RestoreOptions {
   // When the command started (steady clock, ns; 0 = when restore() starts): the origin of
   // "time to first instruction" and of the lazy stats' times.
   uint64_t start_ns = 0;
+  // Internal (set by restore() for a lazy restore): the eager pages, read on a thread.
+  std::shared_ptr<const EagerPreread> preread;
   // Called with the restored root's pid (in lazycr's namespace) once everything is built, right
   // before anything runs (e.g. to write a pidfile); an exception fails the restore, which then
   // kills everything it made.

@@ -182,10 +182,12 @@ TEST(Lazy, FaultAtEachStepLeavesNothingBehind) {
       "server",           "fill",           "protect",   "mm",         "after-shaping",
       "process-state",    "sigactions",     "fds",       "session",    "thread-state",
       "threads",          "thread-created", "signals",   "rlimits",    "credentials",
-      "unmap-trampoline", "server-ready",   "registers", "detach"};
+      "unmap-trampoline", "release",        "registers", "detach",     "server-ready"};
   for (const auto& step : steps) {
     for (bool pidns : {false, true}) {
-      if (pidns && step != "uffd" && step != "server-ready" && step != "detach") continue;
+      if (pidns && step != "uffd" && step != "release" && step != "detach" &&
+          step != "server-ready")
+        continue;
       for (const char* prefetch : {"on", "off"}) {
         std::vector<std::string> args{"restore", "--lazy",         "-D",
                                       dir,       "--shell-job",    "--prefetch",

@@ -581,3 +581,33 @@ TEST(LazyDetach, ServerAndGuardianHoldNoneOfTheCallersPipes) {
 
 }  // namespace
 }  // namespace lazycr::test
+
+// lazycr lets the process go before the page server says it is ready (it starts up
+// meanwhile, and a fault waits for it); a server that fails to start then still fails the
+// restore, with the server's error, and kills the process: nothing runs on without its pages.
+// In a new PID namespace and detached too.
+TEST(LazyKill, ServerFailingToStartFailsTheRestoreAndLeavesNothing) {
+  StateTarget t({"--mib", "2"});
+  TempDir images;
+  std::string dir = images / "img";
+  t.dump(dir);
+  for (bool pidns : {false, true}) {
+    for (bool detach : {false, true}) {
+      SCOPED_TRACE(std::string(pidns ? "pidns" : "") + (detach ? " detached" : ""));
+      std::vector<std::string> args{"restore", "--lazy", "-D", dir, "--shell-job"};
+      if (pidns) args.push_back("--pidns");
+      if (detach) args.push_back("-d");
+      ScopedEnv env("LAZYCR_FAULT_INJECT", "server-start");
+      auto r = lazycr(args);
+      EXPECT_EQ(r.exit_code, 1) << r.err;
+      EXPECT_NE(r.err.find("restore: server-ready for "), std::string::npos) << r.err;
+      EXPECT_NE(r.err.find("injected fault before the page server was ready"), std::string::npos)
+          << r.err;
+      expect_nothing_left(t.pid());
+    }
+  }
+  t.go();
+  auto r = lazycr({"restore", "--lazy", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n");
+}

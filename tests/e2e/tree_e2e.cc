@@ -701,7 +701,7 @@ TEST(Tree, FaultAtEachStepLeavesNothingBehind) {
     std::set<pid_t> ours(kids.begin(), kids.end());
     for (bool lazy : {false, true}) {
       std::vector<std::string> all = steps;
-      if (lazy) all.insert(all.end(), {"uffd", "server", "server-ready"});
+      if (lazy) all.insert(all.end(), {"uffd", "server", "release", "server-ready"});
       for (const auto& step : all) {
         if (step == "threads" || (step == "zombie" && prefork)) continue;  // none there
         SCOPED_TRACE(std::string(lazy ? "lazy " : "eager ") + step);
