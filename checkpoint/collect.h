@@ -104,6 +104,11 @@ struct TreeFiles {
   image::Process* process;  // fds already collected
   int pidfd;
 };
+// Lazycr's own descriptor of fd `fd` of `p` (pidfd_getfd); throws naming both.
+UniqueFd copy_of_fd(const TreeFiles& p, int fd);
+// Whether a descriptor's access mode (O_ACCMODE of its flags) lets it read / write.
+bool fd_reads(const image::FileDescriptor& f);
+bool fd_writes(const image::FileDescriptor& f);
 
 struct SharedCollection {
   image::SharedObjects objects;

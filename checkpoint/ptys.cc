@@ -31,17 +31,6 @@ struct Ref {
   int index;
 };
 
-UniqueFd copy_of(const TreeFiles& p, int fd) {
-  UniqueFd out(static_cast<int>(::syscall(SYS_pidfd_getfd, p.pidfd, fd, 0)));
-  if (!out) fail_errno("pidfd_getfd of fd ", fd, " of pid ", p.process->pid());
-  return out;
-}
-
-bool readable(const FileDescriptor& f) {
-  uint32_t acc = f.flags() & O_ACCMODE;
-  return acc == O_RDONLY || acc == O_RDWR;
-}
-
 }  // namespace
 
 void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result) {
@@ -65,7 +54,7 @@ void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result) {
         continue;
       }
       if (f.rdev() != makedev(5, 2)) continue;  // not /dev/ptmx
-      UniqueFd m = copy_of(procs[p], f.fd());
+      UniqueFd m = copy_of_fd(procs[p], f.fd());
       int index = objects::pty::master_index(m.get());
       // O_PATH opens nothing: the slave's identity without opening the terminal.
       int s = index < 0 ? -1 : ::ioctl(m.get(), TIOCGPTPEER, O_PATH | O_CLOEXEC);
@@ -88,7 +77,7 @@ void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result) {
     const Ref* reader = nullptr;
     if (it != slaves.end())
       for (const Ref& r : it->second)
-        if (readable(fd_at(r)) && reader == nullptr) reader = &r;
+        if (fd_reads(fd_at(r)) && reader == nullptr) reader = &r;
     if (reader == nullptr) {
       std::string why = it == slaves.end()
                             ? cat(what, ": no process of the tree holds its slave")
@@ -99,8 +88,8 @@ void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result) {
       }
       continue;
     }
-    UniqueFd m = copy_of(procs[mrefs.front().proc], fd_at(mrefs.front()).fd());
-    UniqueFd s = copy_of(procs[reader->proc], fd_at(*reader).fd());
+    UniqueFd m = copy_of_fd(procs[mrefs.front().proc], fd_at(mrefs.front()).fd());
+    UniqueFd s = copy_of_fd(procs[reader->proc], fd_at(*reader).fd());
     image::Pty pty = objects::pty::capture(m.get(), s.get(), static_cast<uint32_t>(index), what);
     auto mark = [&](const Ref& r, FileDescriptor::PtyEnd end) {
       fd_at(r).set_pty_end(end);

@@ -19,17 +19,13 @@
 #include <tuple>
 
 #include "checkpoint/collect.h"
-#include "checkpoint/socket_name.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/log.h"
 #include "common/proc.h"
-#include "common/sock_diag.h"
 #include "image-format/image_dir.h"
-#include "objects/inet_socket.h"
-#include "objects/tcp_connection.h"
-#include "objects/tcp_pending.h"
-#include "objects/unix_socket.h"
+#include "objects/socket_families.h"
+#include "objects/socket_name.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -40,21 +36,6 @@ struct FdRef {
   size_t proc;  // index into the process list
   int index;    // index into that process's fds
 };
-
-UniqueFd get_fd(const TreeFiles& p, int fd) {
-  UniqueFd out(static_cast<int>(::syscall(SYS_pidfd_getfd, p.pidfd, fd, 0)));
-  if (!out) fail_errno("pidfd_getfd of fd ", fd, " of pid ", p.process->pid());
-  return out;
-}
-
-bool readable(const FileDescriptor& f) {
-  uint32_t acc = f.flags() & O_ACCMODE;
-  return acc == O_RDONLY || acc == O_RDWR;
-}
-bool writable(const FileDescriptor& f) {
-  uint32_t acc = f.flags() & O_ACCMODE;
-  return acc == O_WRONLY || acc == O_RDWR;
-}
 
 // The bytes buffered in a pipe, left in place: tee(2) duplicates the pipe's buffers into a
 // pipe of ours (no copy, nothing consumed), which we then read.
@@ -153,6 +134,22 @@ std::string holders_outside(uint64_t inode, bool fifo, const std::vector<TreeFil
 
 }  // namespace
 
+UniqueFd copy_of_fd(const TreeFiles& p, int fd) {
+  UniqueFd out(static_cast<int>(::syscall(SYS_pidfd_getfd, p.pidfd, fd, 0)));
+  if (!out) fail_errno("pidfd_getfd of fd ", fd, " of pid ", p.process->pid());
+  return out;
+}
+
+bool fd_reads(const FileDescriptor& f) {
+  uint32_t acc = f.flags() & O_ACCMODE;
+  return acc == O_RDONLY || acc == O_RDWR;
+}
+
+bool fd_writes(const FileDescriptor& f) {
+  uint32_t acc = f.flags() & O_ACCMODE;
+  return acc == O_WRONLY || acc == O_RDWR;
+}
+
 uint64_t object_inode_of(const std::string& target) {
   if (uint64_t i = inode_in(target, "pipe:[")) return i;
   return inode_in(target, "socket:[");
@@ -213,8 +210,8 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
     const FdRef* writer = nullptr;
     bool deleted = false;
     for (const auto& r : refs) {
-      if (readable(fd_at(r)) && reader == nullptr) reader = &r;
-      if (writable(fd_at(r)) && writer == nullptr) writer = &r;
+      if (fd_reads(fd_at(r)) && reader == nullptr) reader = &r;
+      if (fd_writes(fd_at(r)) && writer == nullptr) writer = &r;
       deleted |= fd_at(r).file().deleted();
     }
     image::Pipe pipe;
@@ -222,14 +219,14 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
     if (fifo && deleted) {
       why = cat(what, " has been unlinked");
     } else if (writer == nullptr) {
-      UniqueFd end = get_fd(procs[reader->proc], fd_at(*reader).fd());
+      UniqueFd end = copy_of_fd(procs[reader->proc], fd_at(*reader).fd());
       if (other_end_open(end.get(), false, what))
         why = cat("only the reading end of ", what, " is in the tree; its writing end is held ",
                   holders_outside(inode, fifo, procs), "outside the tree");
       else
         pipe.set_no_writers(true);
     } else if (reader == nullptr) {
-      UniqueFd end = get_fd(procs[writer->proc], fd_at(*writer).fd());
+      UniqueFd end = copy_of_fd(procs[writer->proc], fd_at(*writer).fd());
       if (other_end_open(end.get(), true, what))
         why = cat("only the writing end of ", what, " is in the tree; its reading end is held ",
                   holders_outside(inode, fifo, procs), "outside the tree");
@@ -243,12 +240,12 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
     pipe.set_inode(inode);
     pipe.set_fifo(fifo);
     if (reader != nullptr) {
-      UniqueFd src = get_fd(procs[reader->proc], fd_at(*reader).fd());
+      UniqueFd src = copy_of_fd(procs[reader->proc], fd_at(*reader).fd());
       capture_pipe(src.get(), pipe, what);
     } else {
       // Nobody can ever read what is buffered (no reader is left and the restored pipe gets
       // none): only the capacity matters.
-      UniqueFd src = get_fd(procs[writer->proc], fd_at(*writer).fd());
+      UniqueFd src = copy_of_fd(procs[writer->proc], fd_at(*writer).fd());
       int cap = ::fcntl(src.get(), F_GETPIPE_SZ);
       if (cap < 0) fail_errno("F_GETPIPE_SZ on ", what);
       pipe.set_capacity(static_cast<uint32_t>(cap));
@@ -272,74 +269,37 @@ SharedCollection collect_shared(std::vector<TreeFiles>& procs, const SharedOptio
     *result.objects.add_pipes() = std::move(pipe);
   }
 
-  // Sockets: AF_UNIX ones of lazycr's network namespace (sock_diag) are objects/unix_socket's,
-  // IPv4/IPv6 ones objects/inet_socket's; anything else is named and refused.
+  // Sockets: each family of objects/socket_families.h takes its own; the rest are named and
+  // refused.
   if (!sockets.empty()) {
-    auto diag = sockdiag::unix_sockets();
-    std::map<uint64_t, objects::UnixHeld> unix_held;
-    // Two passes over the IPv4/IPv6 ones: first every socket, so that a listener's queued
-    // connections can be matched with their clients in the tree (objects/tcp_pending.h).
-    std::map<uint64_t, UniqueFd> inet_fds;
+    objects::SocketDump dump;
+    dump.opts.tcp_established = flags.tcp_established;
+    dump.opts.ext_unix_sk = flags.ext_unix_sk;
+    dump.tcp_repair = &result.tcp_repair;
+    dump.out = &result.objects;
     for (const auto& [inode, refs] : sockets) {
-      if (diag.count(inode)) continue;
-      UniqueFd sock(static_cast<int>(
-          ::syscall(SYS_pidfd_getfd, procs[refs[0].proc].pidfd, fd_at(refs[0]).fd(), 0)));
-      if (sock && objects::is_inet_socket(sock.get())) inet_fds[inode] = std::move(sock);
-    }
-    std::map<uint64_t, int> inet_raw;
-    for (const auto& [inode, fd] : inet_fds) inet_raw[inode] = fd.get();
-    const objects::PendingAccepts pending = objects::find_pending_accepts(inet_raw);
-    for (const auto& [inode, refs] : sockets) {
-      std::string what = cat("socket:[", inode, "]");
       const FdRef first = refs[0];
-      if (diag.count(inode)) {
-        unix_held[inode] = objects::UnixHeld{pid_of(first), [&procs, &fd_at, first] {
-                                               return get_fd(procs[first.proc], fd_at(first).fd());
-                                             }};
-        continue;
-      }
-      std::string why;
-      if (auto it = inet_fds.find(inode); it != inet_fds.end()) {
-        const int sock = it->second.get();
-        image::InetSocket in;
-        if (auto no = pending.why_not.find(inode); no != pending.why_not.end()) {
-          for (const auto& r : refs) why_not(r, no->second);
-          continue;
-        }
-        if (auto l = pending.listeners.find(inode); l != pending.listeners.end())
-          in.set_accept_queue(l->second);
-        const bool queued_client = pending.clients.count(inode) > 0;
-        in.set_pending_accept(queued_client);
-        if ((queued_client || !objects::is_tcp_connection(sock) ||
-             objects::dump_tcp_connection(sock, inode, flags.tcp_established, in, why,
-                                          result.tcp_repair)) &&
-            objects::dump_inet_socket(sock, inode, in, why)) {
-          for (const auto& r : refs) fd_at(r).set_restorable(true);
-          log::debug(what, ": ", objects::describe_inet_socket(in));
-          *result.objects.add_inet_sockets() = std::move(in);
-        } else {
-          for (const auto& r : refs) why_not(r, why);
-        }
-        continue;
-      }
-      UniqueFd sock(static_cast<int>(
-          ::syscall(SYS_pidfd_getfd, procs[first.proc].pidfd, fd_at(first).fd(), 0)));
-      std::string kind = sock ? describe_socket(sock.get()) : std::string("socket");
-      why = cat(what, " is ", article(kind), " ", kind,
-                kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");
-      for (const auto& r : refs) why_not(r, why);
+      dump.untaken[inode] = objects::HeldSocket{
+          pid_of(first),
+          [&procs, &fd_at, first] { return copy_of_fd(procs[first.proc], fd_at(first).fd()); }};
     }
-    objects::UnixDump u = objects::dump_unix_sockets(unix_held, diag, flags.ext_unix_sk);
-    for (const auto& [inode, why] : u.why_not)
+    for (const objects::SocketFamily* fam : objects::socket_families()) fam->dump(dump);
+    for (const auto& [inode, held] : dump.untaken) {
+      UniqueFd sock;
+      try {
+        sock = held.open();
+      } catch (const Error&) {
+        // Gone meanwhile: named as a socket.
+      }
+      std::string kind = sock ? objects::describe_socket(sock.get()) : std::string("socket");
+      dump.why_not[inode] =
+          cat("socket:[", inode, "] is ", article(kind), " ", kind,
+              kind.find("/UNIX ") != std::string::npos ? " of another network namespace" : "");
+    }
+    for (const auto& [inode, why] : dump.why_not)
       for (const auto& r : sockets[inode]) why_not(r, why);
-    for (auto& [inode, s] : u.sockets) {
+    for (uint64_t inode : dump.restorable)
       for (const auto& r : sockets[inode]) fd_at(r).set_restorable(true);
-      size_t bytes = 0;
-      for (const auto& q : s.queued()) bytes += q.size();
-      log::debug("socket:[", inode, "] ", objects::describe_unix_socket(s), " (peer socket:[",
-                 s.peer_inode(), "]): ", s.queued_size(), " record(s), ", bytes, " bytes queued");
-      *result.objects.add_sockets() = std::move(s);
-    }
   }
   collect_ptys(procs, result);
   // Both lists sorted by inode (std::map order); a FIFO whose inode number equals a pipe's

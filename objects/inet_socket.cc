@@ -61,24 +61,6 @@ std::string addr_text(int family, const std::string& raw, uint32_t port) {
   return v6 ? cat("[", buf, "]:", port) : cat(buf, ":", port);
 }
 
-// A sockaddr's address bytes and port.
-bool split(const sockaddr_storage& ss, std::string& addr, uint32_t& port, uint32_t* scope) {
-  if (ss.ss_family == AF_INET) {
-    const auto& a = reinterpret_cast<const sockaddr_in&>(ss);
-    addr.assign(reinterpret_cast<const char*>(&a.sin_addr), 4);
-    port = ntohs(a.sin_port);
-    return true;
-  }
-  if (ss.ss_family == AF_INET6) {
-    const auto& a = reinterpret_cast<const sockaddr_in6&>(ss);
-    addr.assign(reinterpret_cast<const char*>(&a.sin6_addr), 16);
-    port = ntohs(a.sin6_port);
-    if (scope) *scope = a.sin6_scope_id;
-    return true;
-  }
-  return false;
-}
-
 socklen_t join(int family, const std::string& addr, uint32_t port, uint32_t scope,
                sockaddr_storage& ss) {
   std::memset(&ss, 0, sizeof ss);
@@ -265,7 +247,7 @@ void peek_datagrams(int sock, google::protobuf::RepeatedPtrField<InetDatagram>& 
     InetDatagram* d = out.Add();
     d->set_data(buf.data(), static_cast<size_t>(n));
     uint32_t port = 0;
-    if (!split(from, *d->mutable_source_addr(), port, nullptr))
+    if (!split_inet_address(from, *d->mutable_source_addr(), port, nullptr))
       fail(what, ": a queued datagram without an IPv4 or IPv6 source address");
     d->set_source_port(port);
     total += static_cast<uint64_t>(n);
@@ -419,6 +401,24 @@ void set_buf(int fd, int name, int force, uint32_t want, const std::string& what
 
 }  // namespace
 
+bool split_inet_address(const sockaddr_storage& ss, std::string& addr, uint32_t& port,
+                        uint32_t* scope) {
+  if (ss.ss_family == AF_INET) {
+    const auto& a = reinterpret_cast<const sockaddr_in&>(ss);
+    addr.assign(reinterpret_cast<const char*>(&a.sin_addr), 4);
+    port = ntohs(a.sin_port);
+    return true;
+  }
+  if (ss.ss_family == AF_INET6) {
+    const auto& a = reinterpret_cast<const sockaddr_in6&>(ss);
+    addr.assign(reinterpret_cast<const char*>(&a.sin6_addr), 16);
+    port = ntohs(a.sin6_port);
+    if (scope) *scope = a.sin6_scope_id;
+    return true;
+  }
+  return false;
+}
+
 std::string describe_inet_address(int family, const std::string& raw, uint32_t port) {
   return addr_text(family, raw, port);
 }
@@ -473,14 +473,14 @@ bool dump_inet_socket(int sock, uint64_t inode, InetSocket& out, std::string& wh
   if (::getsockname(sock, reinterpret_cast<sockaddr*>(&ss), &len) != 0)
     fail_errno("getsockname of ", what);
   uint32_t scope = 0, port = 0;
-  split(ss, *out.mutable_local_addr(), port, &scope);
+  split_inet_address(ss, *out.mutable_local_addr(), port, &scope);
   out.set_local_port(port);
   out.set_scope_id(scope);
   std::string peer_addr;
   uint32_t peer_port = 0;
   len = sizeof ss;
   bool connected = ::getpeername(sock, reinterpret_cast<sockaddr*>(&ss), &len) == 0 &&
-                   split(ss, peer_addr, peer_port, nullptr);
+                   split_inet_address(ss, peer_addr, peer_port, nullptr);
   const std::string local = addr_text(family, out.local_addr(), out.local_port());
   const std::string kind = cat(tcp ? "TCP" : "UDP", "/", fam, " socket");
   if (tcp) {

@@ -3,12 +3,15 @@
 // addresses. One unit for the family, both halves: the dump reads a socket through lazycr's
 // own descriptor of it (pidfd_getfd, the tree frozen) into an image::InetSocket (shared.pb,
 // keyed by inode like the UNIX sockets); the restore makes it again in lazycr, before any
-// process exists, and restore/shared_files.cc hands it to every holder.
+// process exists, and restore/shared_files.cc hands it to every holder. Registered, with the
+// TCP parts, as kInetSocketFamily (objects/inet_family.cc, objects/socket_families.h).
 //
 // Everything is read with getsockopt on the socket itself (TCP_INFO gives a listener's state,
 // backlog and accept queue), so it works in any network namespace; nothing goes through
 // sock_diag.
 #pragma once
+
+#include <sys/socket.h>
 
 #include <cstdint>
 #include <string>
@@ -42,6 +45,10 @@ UniqueFd create_inet_socket(const image::InetSocket& s, const std::string& who);
 // "TCP/IPv4 socket listening on 127.0.0.1:8080", "UDP/IPv6 socket bound to [::]:5353 (3
 // datagrams queued)": for messages and `lazycr show`.
 std::string describe_inet_socket(const image::InetSocket& s);
+// A sockaddr's address bytes (4 or 16) and port, and the IPv6 scope when `scope` is given;
+// false for another family.
+bool split_inet_address(const sockaddr_storage& ss, std::string& addr, uint32_t& port,
+                        uint32_t* scope = nullptr);
 // "127.0.0.1:8080", "[::1]:53" (raw: 4 or 16 address bytes; empty: the family's any-address).
 std::string describe_inet_address(int family, const std::string& raw, uint32_t port);
 

@@ -1,6 +1,7 @@
 #include "objects/net_lock.h"
 
 #include <arpa/inet.h>
+#include <dlfcn.h>
 #include <nftables/libnftables.h>
 #include <sys/socket.h>
 
@@ -28,23 +29,65 @@ constexpr char kChain[] =
     "add rule inet lazycr input ip saddr . tcp sport . ip daddr . tcp dport @conns4 drop\n"
     "add rule inet lazycr input ip6 saddr . tcp sport . ip6 daddr . tcp dport @conns6 drop\n";
 
+// libnftables, loaded with dlopen the first time a lock is taken, deleted or checked: a lazycr
+// that never locks (no established TCP connection) neither loads it nor its dependencies at
+// start-up, nor needs it installed.
+constexpr char kLibrary[] = "libnftables.so.1";
+
+struct Nft {
+  decltype(&nft_ctx_new) ctx_new;
+  decltype(&nft_ctx_free) ctx_free;
+  decltype(&nft_ctx_buffer_output) buffer_output;
+  decltype(&nft_ctx_buffer_error) buffer_error;
+  decltype(&nft_run_cmd_from_buffer) run_cmd_from_buffer;
+  decltype(&nft_ctx_get_error_buffer) get_error_buffer;
+};
+
+template <typename F>
+void load(void* lib, F& f, const char* name) {
+  f = reinterpret_cast<F>(::dlsym(lib, name));
+  if (f == nullptr) fail("network lock: ", kLibrary, " has no ", name);
+}
+
+// Throws one line naming the library when it cannot be loaded. Never unloaded.
+const Nft& nft() {
+  static const Nft loaded = [] {
+    void* lib = ::dlopen(kLibrary, RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      const char* err = ::dlerror();
+      fail("network lock: cannot load ", kLibrary, " (", err ? err : "dlopen failed",
+           "); the nftables library is needed to lock TCP connections");
+    }
+    Nft n;
+    load(lib, n.ctx_new, "nft_ctx_new");
+    load(lib, n.ctx_free, "nft_ctx_free");
+    load(lib, n.buffer_output, "nft_ctx_buffer_output");
+    load(lib, n.buffer_error, "nft_ctx_buffer_error");
+    load(lib, n.run_cmd_from_buffer, "nft_run_cmd_from_buffer");
+    load(lib, n.get_error_buffer, "nft_ctx_get_error_buffer");
+    return n;
+  }();
+  return loaded;
+}
+
 struct CtxFree {
-  void operator()(nft_ctx* c) const { nft_ctx_free(c); }
+  void operator()(nft_ctx* c) const { nft().ctx_free(c); }
 };
 using Ctx = std::unique_ptr<nft_ctx, CtxFree>;
 
 Ctx new_ctx() {
-  Ctx c(nft_ctx_new(NFT_CTX_DEFAULT));
+  const Nft& n = nft();
+  Ctx c(n.ctx_new(NFT_CTX_DEFAULT));
   if (!c) fail("network lock: nft_ctx_new failed");
-  nft_ctx_buffer_output(c.get());
-  nft_ctx_buffer_error(c.get());
+  n.buffer_output(c.get());
+  n.buffer_error(c.get());
   return c;
 }
 
 // Runs `cmd`; returns "" or nftables' error text.
 std::string run(nft_ctx* c, const std::string& cmd) {
-  if (nft_run_cmd_from_buffer(c, cmd.c_str()) == 0) return {};
-  std::string err = nft_ctx_get_error_buffer(c);
+  if (nft().run_cmd_from_buffer(c, cmd.c_str()) == 0) return {};
+  std::string err = nft().get_error_buffer(c);
   while (!err.empty() && (err.back() == '\n' || err.back() == ' ')) err.pop_back();
   return err.empty() ? std::string("failed") : err.substr(0, err.find('\n'));
 }

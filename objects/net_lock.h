@@ -4,12 +4,12 @@
 // are dropped by netfilter meanwhile; the peer retransmits them, and the restored socket
 // receives them once the lock is gone.
 //
-// nf_tables through libnftables: table `inet lazycr` with two sets of 4-tuples (conns4,
-// conns6: source address . source port . destination address . destination port of the
-// incoming packets) and one input-hook chain (priority raw) with one drop rule per set. A
-// connection is locked by adding its element and unlocked by deleting it, so that dumps and
-// restores running at once never take away each other's locks; the table, once made, stays
-// (empty, it drops nothing).
+// nf_tables through libnftables (loaded with dlopen, only when a lock is needed): table `inet
+// lazycr` with two sets of 4-tuples (conns4, conns6: source address . source port . destination
+// address . destination port of the incoming packets) and one input-hook chain (priority raw) with
+// one drop rule per set. A connection is locked by adding its element and unlocked by deleting it,
+// so that dumps and restores running at once never take away each other's locks; the table, once
+// made, stays (empty, it drops nothing).
 #pragma once
 
 #include <string>

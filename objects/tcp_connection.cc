@@ -55,29 +55,13 @@ int ioctl_int(int sock, unsigned long req, const std::string& what, const char* 
   return v;
 }
 
-bool address_of(const sockaddr_storage& ss, std::string& addr, uint32_t& port) {
-  if (ss.ss_family == AF_INET) {
-    const auto& a = reinterpret_cast<const sockaddr_in&>(ss);
-    addr.assign(reinterpret_cast<const char*>(&a.sin_addr), 4);
-    port = ntohs(a.sin_port);
-    return true;
-  }
-  if (ss.ss_family == AF_INET6) {
-    const auto& a = reinterpret_cast<const sockaddr_in6&>(ss);
-    addr.assign(reinterpret_cast<const char*>(&a.sin6_addr), 16);
-    port = ntohs(a.sin6_port);
-    return true;
-  }
-  return false;
-}
-
 std::string local_text(int sock) {
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
   std::string addr;
   uint32_t port = 0;
   if (::getsockname(sock, reinterpret_cast<sockaddr*>(&ss), &len) != 0 ||
-      !address_of(ss, addr, port))
+      !split_inet_address(ss, addr, port))
     return "?";
   return describe_inet_address(ss.ss_family, addr, port);
 }
@@ -224,7 +208,7 @@ bool dump_tcp_connection(int sock, uint64_t inode, bool allowed, InetSocket& out
   socklen_t len = sizeof ss;
   uint32_t peer_port = 0;
   if (::getpeername(sock, reinterpret_cast<sockaddr*>(&ss), &len) == 0)
-    address_of(ss, *t.mutable_peer_addr(), peer_port);
+    split_inet_address(ss, *t.mutable_peer_addr(), peer_port);
   t.set_peer_port(peer_port);
   const std::string conn =
       cat("TCP/", fam, " connection ", local_text(sock), " <-> ",

@@ -15,6 +15,7 @@
 #include "common/file_type.h"
 #include "common/log.h"
 #include "image-format/image_dir.h"
+#include "objects/socket_name.h"
 
 namespace lazycr::objects {
 namespace {
@@ -28,19 +29,6 @@ constexpr uint32_t kMaxBacklog = 1u << 20;                  // somaxconn is an i
 constexpr size_t kMaxName = sizeof(sockaddr_un::sun_path);  // 108, the '\0' of a path included
 // A socket's buffers are not grown past this to make its queued data fit.
 constexpr int kMaxSocketBuf = 1 << 30;
-
-std::string type_text(int type) {
-  switch (type) {
-    case SOCK_STREAM:
-      return "stream";
-    case SOCK_DGRAM:
-      return "datagram";
-    case SOCK_SEQPACKET:
-      return "seqpacket";
-    default:
-      return cat("type ", type);
-  }
-}
 
 std::string socket_type(int type) {
   switch (type) {
@@ -221,7 +209,7 @@ std::string unix_name_text(const std::string& name) {
   return name;
 }
 
-UnixDump dump_unix_sockets(const std::map<uint64_t, UnixHeld>& held,
+UnixDump dump_unix_sockets(const std::map<uint64_t, HeldSocket>& held,
                            const std::map<uint64_t, sockdiag::UnixSocket>& diag, bool ext_unix_sk) {
   UnixDump out;
   // Connections not accepted yet: each listener lists the client ends of its embryos (the
@@ -242,7 +230,7 @@ UnixDump dump_unix_sockets(const std::map<uint64_t, UnixHeld>& held,
     u.set_shutdown_read(s.shutdown_read);
     u.set_shutdown_write(s.shutdown_write);
     if (s.type != SOCK_STREAM && s.type != SOCK_DGRAM && s.type != SOCK_SEQPACKET) {
-      out.why_not[inode] = cat(what, " is a UNIX socket of ", type_text(s.type));
+      out.why_not[inode] = cat(what, " is a UNIX socket of ", socket_type_text(s.type));
       continue;
     }
     UniqueFd sock = h.open();
@@ -304,12 +292,12 @@ UnixDump dump_unix_sockets(const std::map<uint64_t, UnixHeld>& held,
       }
     } else if (s.peer != 0) {
       std::string there = peer != nullptr ? unix_name_text(peer->name) : "an unnamed address";
-      std::string desc = cat(what, " (", type_text(s.type), ") is connected to socket:[", s.peer,
-                             "] (", there, ") outside the tree");
+      std::string desc = cat(what, " (", socket_type_text(s.type), ") is connected to socket:[",
+                             s.peer, "] (", there, ") outside the tree");
       if (!ext_unix_sk)
         why = cat(desc, "; dump and restore --ext-unix-sk connect a datagram socket to it again");
       else if (s.type != SOCK_DGRAM)
-        why = cat(desc, ": the other half of a ", type_text(s.type),
+        why = cat(desc, ": the other half of a ", socket_type_text(s.type),
                   " connection cannot be made again (--ext-unix-sk covers datagram sockets "
                   "only, as CRIU's)");
       else if (peer == nullptr || peer->name.empty())
@@ -788,7 +776,7 @@ std::map<uint64_t, UniqueFd> create_unix_sockets(const UnixRestore& in) {
 }
 
 std::string describe_unix_socket(const UnixSocket& s) {
-  std::string t = type_text(s.type());
+  std::string t = socket_type_text(s.type());
   if (s.listening())
     return cat(t, " socket listening on ", unix_name_text(s.name()), " (backlog ", s.backlog(),
                ", ", s.pending_size(), " pending", s.passcred() ? ", SO_PASSCRED" : "", ")");
@@ -801,5 +789,70 @@ std::string describe_unix_socket(const UnixSocket& s) {
   if (s.passcred()) out += ", SO_PASSCRED";
   return out;
 }
+
+namespace {
+
+void dump_family(SocketDump& d) {
+  const std::map<uint64_t, sockdiag::UnixSocket> diag = sockdiag::unix_sockets();
+  std::map<uint64_t, HeldSocket> held;
+  for (auto it = d.untaken.begin(); it != d.untaken.end();) {
+    if (!diag.count(it->first)) {
+      ++it;
+      continue;
+    }
+    held.insert(d.untaken.extract(it++));
+  }
+  UnixDump u = dump_unix_sockets(held, diag, d.opts.ext_unix_sk);
+  d.why_not.merge(u.why_not);
+  for (auto& [inode, s] : u.sockets) {
+    d.restorable.insert(inode);
+    size_t bytes = 0;
+    for (const auto& q : s.queued()) bytes += q.size();
+    log::debug("socket:[", inode, "] ", describe_unix_socket(s), " (peer socket:[", s.peer_inode(),
+               "]): ", s.queued_size(), " record(s), ", bytes, " bytes queued");
+    *d.out->add_sockets() = std::move(s);
+  }
+}
+
+void validate_family(const image::SharedObjects& shared, const SocketOptions&) {
+  for (const auto& s : shared.sockets()) validate_unix_socket(s);
+}
+
+class UnixSocketRestore : public SocketRestore {
+ public:
+  UnixSocketRestore(const image::SharedObjects& shared, const SocketOptions& opts)
+      : ext_unix_sk_(opts.ext_unix_sk) {
+    for (const auto& s : shared.sockets()) sockets_[s.inode()] = &s;
+  }
+  bool has(uint64_t inode) const override { return sockets_.count(inode) != 0; }
+  // A socket whose peer no descriptor holds; anything else (bound, listening, connected to a
+  // name) is made again.
+  bool leads_outside(uint64_t inode, const std::set<uint64_t>& held) const override {
+    const UnixSocket& s = *sockets_.at(inode);
+    return s.peer_inode() != 0 && !held.count(s.peer_inode());
+  }
+  std::map<uint64_t, UniqueFd> create(
+      const std::map<uint64_t, std::string>& held,
+      const std::function<void(uint64_t, const std::function<void()>&)>& as_holder) override {
+    UnixRestore in;
+    in.ext_unix_sk = ext_unix_sk_;
+    for (const auto& [inode, who] : held) in.held[inode] = {sockets_.at(inode), who};
+    in.as_holder = as_holder;
+    return create_unix_sockets(in);
+  }
+
+ private:
+  bool ext_unix_sk_;
+  std::map<uint64_t, const UnixSocket*> sockets_;
+};
+
+std::unique_ptr<SocketRestore> restore_family(const image::SharedObjects& shared,
+                                              const SocketOptions& opts) {
+  return std::make_unique<UnixSocketRestore>(shared, opts);
+}
+
+}  // namespace
+
+const SocketFamily kUnixSocketFamily{"UNIX", dump_family, validate_family, restore_family};
 
 }  // namespace lazycr::objects

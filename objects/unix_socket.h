@@ -5,7 +5,8 @@
 // One unit for the family, both halves: the dump reads each socket through sock_diag and
 // lazycr's own descriptor of it (pidfd_getfd, the tree frozen) into an image::UnixSocket
 // (shared.pb, keyed by inode); the restore makes them all again in lazycr, before any process
-// exists, and restore/shared_files.cc hands them to every holder.
+// exists, and restore/shared_files.cc hands them to every holder. Registered as
+// kUnixSocketFamily (objects/socket_families.h).
 #pragma once
 
 #include <sys/types.h>
@@ -19,14 +20,9 @@
 #include "common/fd.h"
 #include "common/sock_diag.h"
 #include "image-format/shared.pb.h"
+#include "objects/socket_families.h"
 
 namespace lazycr::objects {
-
-// Dump: one socket held in the tree.
-struct UnixHeld {
-  pid_t pid = 0;                   // a holder (its root is where a bound path is looked up)
-  std::function<UniqueFd()> open;  // lazycr's descriptor of it (throws on failure)
-};
 
 struct UnixDump {
   std::map<uint64_t, image::UnixSocket> sockets;  // restorable, by inode
@@ -36,7 +32,7 @@ struct UnixDump {
 // Dump: every socket of `held` (each one is in `diag`); queues are peeked, nothing consumed.
 // `ext_unix_sk`: a datagram socket connected to a bound socket outside the tree is recorded to
 // be connected to that name again at restore, instead of being refused.
-UnixDump dump_unix_sockets(const std::map<uint64_t, UnixHeld>& held,
+UnixDump dump_unix_sockets(const std::map<uint64_t, HeldSocket>& held,
                            const std::map<uint64_t, sockdiag::UnixSocket>& diag, bool ext_unix_sk);
 
 // Restore: throws naming the field of `s` that is out of bounds (alone; the relations between

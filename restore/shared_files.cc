@@ -1,4 +1,4 @@
-// Creating shared open file descriptions, pipes, FIFOs and UNIX socket pairs in lazycr.
+// Creating shared open file descriptions, pipes, FIFOs, ptys and sockets in lazycr.
 #include "restore/shared_files.h"
 
 #include <fcntl.h>
@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -16,12 +17,8 @@
 #include "common/file_type.h"
 #include "common/proc.h"
 #include "objects/fd_kinds.h"
-#include "objects/inet_socket.h"
-#include "objects/net_lock.h"
 #include "objects/pty.h"
-#include "objects/tcp_connection.h"
-#include "objects/tcp_pending.h"
-#include "objects/unix_socket.h"
+#include "objects/socket_families.h"
 #include "restore/ghost_files.h"
 #include "restore/open_files.h"
 
@@ -31,7 +28,6 @@ namespace {
 using image::FileDescriptor;
 using image::Pipe;
 using image::SharedObjects;
-using image::UnixSocket;
 
 // What F_SETFL changes; O_ASYNC is left out: it needs an owner (F_SETOWN) the image lacks.
 constexpr uint32_t kStatusFlags = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME;
@@ -143,12 +139,16 @@ class Builder {
         ghosts_(ghosts),
         plans_(plans),
         out_(out) {
+    objects::SocketOptions opts;
+    opts.ext_unix_sk = ext_unix_sk;
+    for (const objects::SocketFamily* fam : objects::socket_families())
+      families_.push_back(fam->restore(shared, opts));
     index(processes);
   }
 
   void build() {
-    std::map<uint64_t, std::vector<const Description*>> pipes, sockets, inet;  // object inode
-    std::map<uint32_t, std::vector<const Description*>> ptys;                  // pty index
+    std::map<uint64_t, std::vector<const Description*>> pipes, sockets;  // object inode
+    std::map<uint32_t, std::vector<const Description*>> ptys;            // pty index
     std::vector<const Description*> files, kinds;
     for (const auto& d : descs_) {
       if (shell_job_ && leads_outside(d)) {
@@ -170,7 +170,7 @@ class Builder {
           pipes[f.object_inode()].push_back(&d);
           break;
         case FileDescriptor::SOCKET:
-          (inet_.count(f.object_inode()) ? inet : sockets)[f.object_inode()].push_back(&d);
+          sockets[f.object_inode()].push_back(&d);
           break;
         default:
           if (f.pty_end() != FileDescriptor::NOT_PTY_PAIR)
@@ -186,14 +186,8 @@ class Builder {
       }
     }
     for (const auto& [inode, ds] : pipes) make_pipe(inode, ds);
-    make_sockets(sockets);
     for (const auto& [index, ds] : ptys) make_pty(index, ds);
-    for (const auto& [inode, ds] : inet) make_inet_socket(inode, ds);
-    tcp_.finish();  // every socket exists: TCP connections leave repair mode together
-    objects::unlock_connections(shared_.inet_sockets());  // the dump's network lock
-    // Then the clients that were queued at a listener of the tree connect to it again.
-    for (auto& [fd, s, what] : pending_connects_) objects::connect_pending(fd.get(), *s, what);
-    pending_connects_.clear();
+    make_sockets(sockets);
     for (const Description* d : files) open_file(*d);
     for (const Description* d : kinds) make_kind(*d);
     temporaries_.clear();  // ends no descriptor holds: readers see EOF, writers EPIPE
@@ -249,8 +243,6 @@ class Builder {
         held_sockets_.insert(f.object_inode());
       }
     }
-    for (const auto& s : shared_.sockets()) sockets_[s.inode()] = &s;
-    for (const auto& s : shared_.inet_sockets()) inet_[s.inode()] = &s;
   }
 
   // Held at 0-2 somewhere and leading outside the tree (only asked with --shell-job).
@@ -266,12 +258,9 @@ class Builder {
       return !(it->second.first && it->second.second);
     }
     if (f.kind() == FileDescriptor::SOCKET) {
-      auto it = sockets_.find(f.object_inode());
-      if (it == sockets_.end()) return false;  // refused, with the reason, when it is made
-      const UnixSocket& s = *it->second;
-      // A socket whose peer no descriptor holds; anything else (bound, listening, connected to
-      // a name) is made again.
-      return s.peer_inode() != 0 && !held_sockets_.count(s.peer_inode());
+      objects::SocketRestore* fam = family_of(f.object_inode());
+      // None: refused, with the reason, when it is made.
+      return fam != nullptr && fam->leads_outside(f.object_inode(), held_sockets_);
     }
     return false;
   }
@@ -434,52 +423,42 @@ class Builder {
     for (auto& [d, fd] : made) hand_out(*d, std::move(fd));
   }
 
-  // Every AF_UNIX socket held (objects/unix_socket.h), made in lazycr's current network
-  // namespace; a path is bound as its first holder.
+  objects::SocketRestore* family_of(uint64_t inode) const {
+    for (const auto& fam : families_)
+      if (fam->has(inode)) return fam.get();
+    return nullptr;
+  }
+
+  // Every socket held (objects/socket_families.h), made by its family in lazycr's current
+  // network namespace; then each family finishes its sockets, once they all exist.
   void make_sockets(const std::map<uint64_t, std::vector<const Description*>>& held) {
-    objects::UnixRestore in;
-    in.ext_unix_sk = ext_unix_sk_;
+    std::map<objects::SocketRestore*, std::map<uint64_t, std::string>> by_family;
     for (const auto& [inode, ds] : held) {
-      auto it = sockets_.find(inode);
-      if (it == sockets_.end())
+      objects::SocketRestore* fam = family_of(inode);
+      if (fam == nullptr)
         fail("socket inode ", inode, " (", ds.front()->who(),
              "): not in the image's shared objects");
       if (ds.size() > 1)
         fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
              " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
              "), which a socket cannot have");
-      in.held[inode] = {it->second, ds.front()->who()};
+      by_family[fam][inode] = ds.front()->who();
     }
-    in.as_holder = [&](uint64_t inode, const std::function<void()>& fn) {
+    auto as_holder = [&](uint64_t inode, const std::function<void()>& fn) {
       run_here_as(*creds_.at(held.at(inode).front()->users.front().pid), fn);
     };
-    std::map<uint64_t, UniqueFd> made = objects::create_unix_sockets(in);
-    for (const auto& [inode, ds] : held) {
-      const Description& d = *ds.front();
-      UniqueFd fd = std::move(made.at(inode));
-      set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
-      hand_out(d, std::move(fd));
+    for (const auto& fam : families_) {
+      auto it = by_family.find(fam.get());
+      if (it == by_family.end()) continue;
+      std::map<uint64_t, UniqueFd> made = fam->create(it->second, as_holder);
+      for (const auto& [inode, who] : it->second) {
+        const Description& d = *held.at(inode).front();
+        UniqueFd fd = std::move(made.at(inode));
+        set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
+        hand_out(d, std::move(fd));
+      }
     }
-  }
-
-  // An IPv4/IPv6 socket (objects/inet_socket.h), made in lazycr's current network namespace.
-  void make_inet_socket(uint64_t inode, const std::vector<const Description*>& ds) {
-    if (ds.size() > 1)
-      fail("socket inode ", inode, " is held by two open file descriptions (file ids ", ds[0]->id,
-           " at ", ds[0]->who(), " and ", ds[1]->id, " at ", ds[1]->who(),
-           "), which a socket cannot have");
-    const Description& d = *ds.front();
-    UniqueFd fd = objects::create_inet_socket(*inet_.at(inode), d.who());
-    if (inet_.at(inode)->has_tcp()) tcp_.add(fd.get(), *inet_.at(inode), d.who());
-    if (inet_.at(inode)->pending_accept()) {
-      UniqueFd copy(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
-      if (!copy) fail_errno("socket inode ", inode, ": dup");
-      pending_connects_.push_back(
-          {std::move(copy), inet_.at(inode),
-           cat(objects::describe_inet_socket(*inet_.at(inode)), " (", d.who(), ")")});
-    }
-    set_status_flags(fd.get(), d.f().flags(), cat("socket inode ", inode));
-    hand_out(d, std::move(fd));
+    for (const auto& fam : families_) fam->finish();
   }
 
   // A descriptor kind of objects/fd_kinds.h: made here, or a stand-in its kind replaces inside
@@ -580,15 +559,7 @@ class Builder {
   std::map<uint64_t, std::pair<bool, bool>> pipe_ends_;  // inode -> (read end held, write end)
   std::set<uint64_t> held_sockets_;
   std::map<uint64_t, const Pipe*> pipes_;
-  std::map<uint64_t, const UnixSocket*> sockets_;
-  std::map<uint64_t, const image::InetSocket*> inet_;
-  objects::TcpRestoreBatch tcp_;  // connections made in repair mode, until all exist
-  struct PendingConnect {
-    UniqueFd fd;
-    const image::InetSocket* s;
-    std::string what;
-  };
-  std::vector<PendingConnect> pending_connects_;  // clients queued at a listener of the tree
+  std::vector<std::unique_ptr<objects::SocketRestore>> families_;  // socket_families() order
   std::vector<UniqueFd> temporaries_;
   std::map<int, const image::Credentials*> creds_;  // by pid
 };

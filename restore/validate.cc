@@ -18,10 +18,7 @@
 #include "common/vdso.h"
 #include "image-format/unrestorable.h"
 #include "objects/fd_kinds.h"
-#include "objects/inet_socket.h"
-#include "objects/tcp_connection.h"
-#include "objects/tcp_pending.h"
-#include "objects/unix_socket.h"
+#include "objects/socket_families.h"
 #include "restore/internal.h"
 #include "restore/open_files.h"
 #include "restore/sysv_shm.h"
@@ -212,12 +209,11 @@ void validate_image(const image::ImageReader& img, const RestoreOptions& opts) {
       fail("PID/TID in use: ", taken, "; --pidns restores into a fresh PID namespace");
   }
   validate_tree(procs);
-  for (const auto& s : img.shared().inet_sockets()) {
-    objects::validate_inet_socket(s);
-    if (s.has_tcp()) objects::validate_tcp_connection(s, opts.tcp_established);
-  }
-  objects::validate_pending_accepts(img.shared().inet_sockets());
-  for (const auto& s : img.shared().sockets()) objects::validate_unix_socket(s);
+  objects::SocketOptions sock_opts;
+  sock_opts.tcp_established = opts.tcp_established;
+  sock_opts.ext_unix_sk = opts.ext_unix_sk;
+  for (const objects::SocketFamily* fam : objects::socket_families())
+    fam->validate(img.shared(), sock_opts);
   std::set<int> image_pids;
   for (const auto& q : procs) image_pids.insert(q.pid());
   validate_sysv_areas(procs, img.shared());

@@ -24,49 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t g_go;
-static void on_usr1(int sig) {
-  (void)sig;
-  g_go = 1;
-}
-
-static void die(const char* what) {
-  printf("setup FAILED: %s: %s\n", what, strerror(errno));
-  fflush(stdout);
-  exit(2);
-}
-
-static char g_why[512];
-static void bad(const char* fmt, int a, int b, const char* c) {
-  if (g_why[0] == 0) snprintf(g_why, sizeof g_why, fmt, a, b, c);
-}
-
-static int opt(int fd, int level, int name) {
-  int v = -1;
-  socklen_t len = sizeof v;
-  if (getsockopt(fd, level, name, &v, &len) != 0) return -999;
-  return v;
-}
-
-static void setopt(int fd, int level, int name, int v) {
-  if (setsockopt(fd, level, name, &v, sizeof v) != 0) die("setsockopt");
-}
-
-static socklen_t make_addr(struct sockaddr_storage* ss, int family, const char* ip, int port) {
-  memset(ss, 0, sizeof *ss);
-  if (family == AF_INET) {
-    struct sockaddr_in* a = (struct sockaddr_in*)ss;
-    a->sin_family = AF_INET;
-    a->sin_port = htons((uint16_t)port);
-    inet_pton(AF_INET, ip, &a->sin_addr);
-    return sizeof *a;
-  }
-  struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
-  a->sin6_family = AF_INET6;
-  a->sin6_port = htons((uint16_t)port);
-  inet_pton(AF_INET6, ip, &a->sin6_addr);
-  return sizeof *a;
-}
+#include "sock_util.h"
 
 static int port_of(const struct sockaddr_storage* ss) {
   return ss->ss_family == AF_INET ? ntohs(((const struct sockaddr_in*)ss)->sin_port)
@@ -110,16 +68,11 @@ static void compare(int fd, const struct state* before) {
   struct state now;
   read_state(fd, &now);
   for (int i = 0; i < NOPTS; i++)
-    if (now.v[i] != before->v[i]) bad("fd %d: %d differs (%s)", fd, now.v[i], opt_names[i]);
+    if (now.v[i] != before->v[i]) BAD("fd %d: %d differs (%s)", fd, now.v[i], opt_names[i]);
   if (now.name_len != before->name_len || memcmp(&now.name, &before->name, now.name_len) != 0)
-    bad("fd %d: getsockname differs (port %d%s)", fd, port_of(&now.name), "");
+    BAD("fd %d: getsockname differs (port %d%s)", fd, port_of(&now.name), "");
   if (now.peer_len != before->peer_len || memcmp(&now.peer, &before->peer, now.peer_len) != 0)
-    bad("fd %d: getpeername differs (len %d%s)", fd, (int)now.peer_len, "");
-}
-
-static void wait_for_usr1(void) {
-  struct timespec ts = {0, 5 * 1000 * 1000};
-  while (!g_go) nanosleep(&ts, NULL);
+    BAD("fd %d: getpeername differs (len %d%s)", fd, (int)now.peer_len, "");
 }
 
 static int tcp_listener(int family, const char* ip, int v6only, int nonblock, struct state* st) {
@@ -134,7 +87,7 @@ static int tcp_listener(int family, const char* ip, int v6only, int nonblock, st
   setopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, 77);
   if (family == AF_INET6) setopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, v6only);
   struct sockaddr_storage ss;
-  socklen_t len = make_addr(&ss, family, ip, 0);
+  socklen_t len = make_inet_addr(&ss, family, ip, 0);
   if (bind(fd, (struct sockaddr*)&ss, len) != 0) die("bind");
   if (listen(fd, 17) != 0) die("listen");
   read_state(fd, st);
@@ -167,13 +120,7 @@ static int tcp_main(void) {
   compare(l4, &s4);
   compare(l6, &s6);
   compare(lds, &sds);
-  if (g_why[0]) {
-    printf("verify FAILED: %s\n", g_why);
-    fflush(stdout);
-    return 1;
-  }
-  printf("verified ok\n");
-  fflush(stdout);
+  if (report_verified()) return 1;
   if (serve_one(l4) || serve_one(l6) || serve_one(lds)) {
     printf("serve FAILED: %s\n", strerror(errno));
     return 1;
@@ -203,7 +150,7 @@ static int udp_bound(int family, const char* ip, int v6only, int nonblock) {
   if (fd < 0) die("socket");
   if (family == AF_INET6) setopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, v6only);
   struct sockaddr_storage ss;
-  socklen_t len = make_addr(&ss, family, ip, 0);
+  socklen_t len = make_inet_addr(&ss, family, ip, 0);
   if (bind(fd, (struct sockaddr*)&ss, len) != 0) die("bind");
   return fd;
 }
@@ -214,7 +161,7 @@ static void send_to(int from, struct usock* u, int family, const char* ip, const
   struct sockaddr_storage me, to;
   socklen_t len = sizeof me;
   getsockname(u->fd, (struct sockaddr*)&me, &len);
-  socklen_t tlen = make_addr(&to, family, ip, port_of(&me));
+  socklen_t tlen = make_inet_addr(&to, family, ip, port_of(&me));
   if (sendto(from, text, strlen(text), 0, (struct sockaddr*)&to, tlen) < 0) die("sendto");
   struct expected* e = &u->exp[u->n++];
   snprintf(e->data, sizeof e->data, "%s", text);
@@ -246,18 +193,18 @@ static void check_queue(struct usock* u) {
     socklen_t flen = sizeof from;
     ssize_t n = recvfrom(u->fd, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr*)&from, &flen);
     if (i == u->n) {
-      if (n >= 0) bad("fd %d: an extra datagram of %d bytes%s", u->fd, (int)n, "");
+      if (n >= 0) BAD("fd %d: an extra datagram of %d bytes%s", u->fd, (int)n, "");
       return;
     }
     if (n < 0) {
-      bad("fd %d: datagram %d missing (%s)", u->fd, i, strerror(errno));
+      BAD("fd %d: datagram %d missing (%s)", u->fd, i, strerror(errno));
       return;
     }
     const struct expected* e = &u->exp[i];
     if ((size_t)n != e->len || memcmp(buf, e->data, e->len) != 0)
-      bad("fd %d: datagram %d is not '%s'", u->fd, i, e->data);
+      BAD("fd %d: datagram %d is not '%s'", u->fd, i, e->data);
     if (flen != e->from_len || memcmp(&from, &e->from, flen) != 0)
-      bad("fd %d: datagram %d comes from another source%s", u->fd, i, "");
+      BAD("fd %d: datagram %d comes from another source%s", u->fd, i, "");
   }
 }
 
@@ -298,14 +245,7 @@ static int udp_main(void) {
     compare(u[i].fd, &u[i].st);
     check_queue(&u[i]);
   }
-  if (g_why[0]) {
-    printf("verify FAILED: %s\n", g_why);
-    fflush(stdout);
-    return 1;
-  }
-  printf("verified ok\n");
-  fflush(stdout);
-  return 0;
+  return report_verified();
 }
 
 int main(int argc, char** argv) {

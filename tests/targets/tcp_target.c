@@ -36,33 +36,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t g_go;
-static void on_usr1(int sig) {
-  (void)sig;
-  g_go = 1;
-}
-
-static void die(const char* what) {
-  printf("setup FAILED: %s: %s\n", what, strerror(errno));
-  fflush(stdout);
-  exit(2);
-}
+#include "sock_util.h"
 
 static void verify_failed(const char* what, long a, long b) {
   printf("verify FAILED: %s (%ld, %ld)\n", what, a, b);
   fflush(stdout);
   exit(1);
-}
-
-static int opt(int fd, int level, int name) {
-  int v = -1;
-  socklen_t len = sizeof v;
-  if (getsockopt(fd, level, name, &v, &len) != 0) return -999;
-  return v;
-}
-
-static void setopt(int fd, int level, int name, int v) {
-  if (setsockopt(fd, level, name, &v, sizeof v) != 0) die("setsockopt");
 }
 
 static char pattern(long i) {
@@ -131,10 +110,6 @@ static void write_all(int fd, const char* data, size_t len) {
   }
 }
 
-static void wait_go(void) {
-  while (!g_go) usleep(1000);
-}
-
 static int pair(const char* mode) {
   int v6 = mode[0] != '4';
   int ds = strncmp(mode, "ds", 2) == 0;
@@ -201,7 +176,7 @@ static int pair(const char* mode) {
   printf("ready pid=%d port=%d sent=%ld\n", getpid(), port, sent);
   fflush(stdout);
 
-  wait_go();
+  wait_for_usr1();
   if (opt(cfd, IPPROTO_TCP, TCP_NODELAY) != 1) verify_failed("TCP_NODELAY lost", 0, 0);
   if (opt(sfd, SOL_SOCKET, SO_KEEPALIVE) != 1) verify_failed("SO_KEEPALIVE lost", 0, 0);
   if (opt(cfd, SOL_SOCKET, SO_REUSEADDR) != 1 || opt(sfd, SOL_SOCKET, SO_REUSEADDR) != 0)
@@ -248,7 +223,7 @@ static int peer(int port) {
   long sent = fill(fd);
   printf("ready pid=%d sent=%ld\n", getpid(), sent);
   fflush(stdout);
-  wait_go();
+  wait_for_usr1();
   if (opt(fd, SOL_SOCKET, SO_REUSEADDR) != 1)
     verify_failed("SO_REUSEADDR lost", opt(fd, SOL_SOCKET, SO_REUSEADDR), 0);
   read_exact(fd, "question\n");
@@ -272,21 +247,9 @@ static int peer(int port) {
   return 0;
 }
 
-static void fill_addr(int v6, int port, struct sockaddr_storage* ss, socklen_t* len) {
-  memset(ss, 0, sizeof *ss);
-  if (v6) {
-    struct sockaddr_in6* a = (struct sockaddr_in6*)ss;
-    a->sin6_family = AF_INET6;
-    a->sin6_addr = in6addr_loopback;
-    a->sin6_port = htons((uint16_t)port);
-    *len = sizeof *a;
-  } else {
-    struct sockaddr_in* a = (struct sockaddr_in*)ss;
-    a->sin_family = AF_INET;
-    a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a->sin_port = htons((uint16_t)port);
-    *len = sizeof *a;
-  }
+static socklen_t loopback_addr(int v6, int port, struct sockaddr_storage* ss) {
+  return v6 ? make_inet_addr(ss, AF_INET6, "::1", port)
+            : make_inet_addr(ss, AF_INET, "127.0.0.1", port);
 }
 
 static int same_addr(const struct sockaddr_storage* a, const struct sockaddr_storage* b) {
@@ -304,7 +267,7 @@ static int pending(const char* mode, int send_first) {
   int v6 = mode[0] == '6';
   struct sockaddr_storage ss;
   socklen_t len;
-  fill_addr(v6, 0, &ss, &len);
+  len = loopback_addr(v6, 0, &ss);
   int lfd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (lfd < 0) die("socket");
   if (bind(lfd, (struct sockaddr*)&ss, len) != 0) die("bind");
@@ -317,7 +280,7 @@ static int pending(const char* mode, int send_first) {
   for (int i = 0; i < 2; i++) {
     cfd[i] = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (cfd[i] < 0) die("socket");
-    fill_addr(v6, port, &ss, &len);
+    len = loopback_addr(v6, port, &ss);
     if (connect(cfd[i], (struct sockaddr*)&ss, len) != 0) die("connect");
     socklen_t clen = sizeof caddr[i];
     if (getsockname(cfd[i], (struct sockaddr*)&caddr[i], &clen) != 0) die("getsockname");
@@ -326,7 +289,7 @@ static int pending(const char* mode, int send_first) {
   printf("ready pid=%d port=%d\n", getpid(), port);
   fflush(stdout);
 
-  wait_go();
+  wait_for_usr1();
   int seen[2] = {0, 0};
   for (int k = 0; k < 2; k++) {
     struct pollfd p = {lfd, POLLIN, 0};

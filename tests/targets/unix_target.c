@@ -26,30 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static volatile sig_atomic_t g_go;
-static void on_usr1(int sig) {
-  (void)sig;
-  g_go = 1;
-}
-
-static void die(const char* what) {
-  printf("setup FAILED: %s: %s\n", what, strerror(errno));
-  fflush(stdout);
-  exit(2);
-}
-
-static char g_why[512];
-#define BAD(...)                                                   \
-  do {                                                             \
-    if (g_why[0] == 0) snprintf(g_why, sizeof g_why, __VA_ARGS__); \
-  } while (0)
-
-static int opt(int fd, int name) {
-  int v = -1;
-  socklen_t len = sizeof v;
-  if (getsockopt(fd, SOL_SOCKET, name, &v, &len) != 0) return -999;
-  return v;
-}
+#include "sock_util.h"
 
 static socklen_t make_addr(struct sockaddr_un* a, const char* name, int abstract) {
   memset(a, 0, sizeof *a);
@@ -61,13 +38,6 @@ static socklen_t make_addr(struct sockaddr_un* a, const char* name, int abstract
   }
   memcpy(a->sun_path, name, n);
   return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
-}
-
-static void wait_for_usr1(void) {
-  while (!g_go) {
-    struct timespec ts = {0, 10 * 1000 * 1000};
-    nanosleep(&ts, NULL);
-  }
 }
 
 static int client_of(int type, const struct sockaddr_un* a, socklen_t len) {
@@ -129,7 +99,7 @@ static int listen_main(const char* dir) {
   if (setsockopt(lp, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) != 0) die("SO_PASSCRED");
   if (setsockopt(lp, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv) != 0) die("SO_RCVBUF");
   if (listen(lp, 7) != 0) die("listen path");
-  int rcvbuf = opt(lp, SO_RCVBUF);
+  int rcvbuf = opt(lp, SOL_SOCKET, SO_RCVBUF);
   int cp1 = client_of(SOCK_STREAM, &pa, plen);
   int cp2 = client_of(SOCK_STREAM, &pa, plen);
 
@@ -160,13 +130,14 @@ static int listen_main(const char* dir) {
   check_name(lp, &pa, plen, "path listener");
   check_name(la, &aa, alen, "abstract listener");
   check_name(dg, &da, dlen, "datagram socket");
-  if (opt(lp, SO_ACCEPTCONN) != 1) BAD("path listener: not listening");
-  if (opt(la, SO_ACCEPTCONN) != 1) BAD("abstract listener: not listening");
-  if (opt(lp, SO_PASSCRED) != 1) BAD("path listener: SO_PASSCRED lost");
-  if (opt(la, SO_PASSCRED) != 0) BAD("abstract listener: SO_PASSCRED appeared");
-  if (opt(lp, SO_RCVBUF) != rcvbuf)
-    BAD("path listener: SO_RCVBUF %d, was %d", opt(lp, SO_RCVBUF), rcvbuf);
-  if (opt(la, SO_TYPE) != SOCK_SEQPACKET) BAD("abstract listener: type %d", opt(la, SO_TYPE));
+  if (opt(lp, SOL_SOCKET, SO_ACCEPTCONN) != 1) BAD("path listener: not listening");
+  if (opt(la, SOL_SOCKET, SO_ACCEPTCONN) != 1) BAD("abstract listener: not listening");
+  if (opt(lp, SOL_SOCKET, SO_PASSCRED) != 1) BAD("path listener: SO_PASSCRED lost");
+  if (opt(la, SOL_SOCKET, SO_PASSCRED) != 0) BAD("abstract listener: SO_PASSCRED appeared");
+  if (opt(lp, SOL_SOCKET, SO_RCVBUF) != rcvbuf)
+    BAD("path listener: SO_RCVBUF %d, was %d", opt(lp, SOL_SOCKET, SO_RCVBUF), rcvbuf);
+  if (opt(la, SOL_SOCKET, SO_TYPE) != SOCK_SEQPACKET)
+    BAD("abstract listener: type %d", opt(la, SOL_SOCKET, SO_TYPE));
   if (!(fcntl(lp, F_GETFL) & O_NONBLOCK)) BAD("path listener: O_NONBLOCK lost");
   if (!(fcntl(lp, F_GETFD) & FD_CLOEXEC)) BAD("path listener: FD_CLOEXEC lost");
   if (fcntl(la, F_GETFD) & FD_CLOEXEC) BAD("abstract listener: FD_CLOEXEC appeared");
@@ -190,13 +161,7 @@ static int listen_main(const char* dir) {
   }
   char extra[8];
   if (recv(dg, extra, sizeof extra, MSG_DONTWAIT) >= 0) BAD("datagram socket: a datagram too many");
-  if (g_why[0]) {
-    printf("verify FAILED: %s\n", g_why);
-    fflush(stdout);
-    return 1;
-  }
-  printf("verified ok\n");
-  fflush(stdout);
+  if (report_verified()) return 1;
   // One new connection from outside, on the path listener.
   int fl = fcntl(lp, F_GETFL);
   fcntl(lp, F_SETFL, fl & ~O_NONBLOCK);
@@ -227,14 +192,7 @@ static int ext_main(const char* peer) {
   if (getpeername(s, (struct sockaddr*)&got, &glen) != 0 || strcmp(got.sun_path, peer) != 0)
     BAD("ext: not connected to %s", peer);
   if (send(s, "ext-after", 9, 0) != 9) BAD("ext: send: %s", strerror(errno));
-  if (g_why[0]) {
-    printf("verify FAILED: %s\n", g_why);
-    fflush(stdout);
-    return 1;
-  }
-  printf("verified ok\n");
-  fflush(stdout);
-  return 0;
+  return report_verified();
 }
 
 int main(int argc, char** argv) {

@@ -1,4 +1,4 @@
-#include "checkpoint/socket_name.h"
+#include "objects/socket_name.h"
 
 #include <arpa/inet.h>
 #include <linux/netlink.h>
@@ -10,7 +10,7 @@
 
 #include "common/error.h"
 
-namespace lazycr::checkpoint {
+namespace lazycr::objects {
 namespace {
 
 int sockopt(int sock, int name) {
@@ -45,18 +45,7 @@ std::string type_name(int domain, int type, int protocol) {
     if (type == SOCK_RAW) return cat("raw (protocol ", protocol, ")");
     if (protocol == IPPROTO_SCTP) return "SCTP";
   }
-  switch (type) {
-    case SOCK_STREAM:
-      return "stream";
-    case SOCK_DGRAM:
-      return "datagram";
-    case SOCK_SEQPACKET:
-      return "seqpacket";
-    case SOCK_RAW:
-      return "raw";
-    default:
-      return cat("type ", type);
-  }
+  return socket_type_text(type);
 }
 
 std::string netlink_protocol(int protocol) {
@@ -107,6 +96,21 @@ std::string address(const sockaddr_storage& ss, socklen_t len) {
 
 }  // namespace
 
+std::string socket_type_text(int type) {
+  switch (type) {
+    case SOCK_STREAM:
+      return "stream";
+    case SOCK_DGRAM:
+      return "datagram";
+    case SOCK_SEQPACKET:
+      return "seqpacket";
+    case SOCK_RAW:
+      return "raw";
+    default:
+      return cat("type ", type);
+  }
+}
+
 std::string describe_socket(int sock) {
   int domain = sockopt(sock, SO_DOMAIN), type = sockopt(sock, SO_TYPE);
   int protocol = sockopt(sock, SO_PROTOCOL);
@@ -130,4 +134,4 @@ std::string describe_socket(int sock) {
   return cat(what, " (unbound)");
 }
 
-}  // namespace lazycr::checkpoint
+}  // namespace lazycr::objects
