@@ -13,6 +13,19 @@
 namespace lazycr::objects {
 namespace {
 
+// Every socket type lazycr names, both ways.
+struct SocketTypeName {
+  int type;
+  const char* text;      // "a stream socket"
+  const char* constant;  // "socket(AF_UNIX, SOCK_STREAM)"
+};
+constexpr SocketTypeName kSocketTypeNames[] = {
+    {SOCK_STREAM, "stream", "SOCK_STREAM"},
+    {SOCK_DGRAM, "datagram", "SOCK_DGRAM"},
+    {SOCK_SEQPACKET, "seqpacket", "SOCK_SEQPACKET"},
+    {SOCK_RAW, "raw", "SOCK_RAW"},
+};
+
 int sockopt(int sock, int name) {
   int v = -1;
   socklen_t len = sizeof v;
@@ -97,18 +110,15 @@ std::string address(const sockaddr_storage& ss, socklen_t len) {
 }  // namespace
 
 std::string socket_type_text(int type) {
-  switch (type) {
-    case SOCK_STREAM:
-      return "stream";
-    case SOCK_DGRAM:
-      return "datagram";
-    case SOCK_SEQPACKET:
-      return "seqpacket";
-    case SOCK_RAW:
-      return "raw";
-    default:
-      return cat("type ", type);
-  }
+  for (const SocketTypeName& t : kSocketTypeNames)
+    if (t.type == type) return t.text;
+  return cat("type ", type);
+}
+
+std::string socket_type_constant(int type) {
+  for (const SocketTypeName& t : kSocketTypeNames)
+    if (t.type == type) return t.constant;
+  return cat("type ", type);
 }
 
 std::string describe_socket(int sock) {

@@ -13,5 +13,8 @@ std::string describe_socket(int sock);
 
 // "stream", "datagram", "seqpacket", "raw", "type 7" (SOCK_*, as in "a stream socket").
 std::string socket_type_text(int type);
+// "SOCK_STREAM", "SOCK_DGRAM", "SOCK_SEQPACKET", "SOCK_RAW", "type 7": the constant, as in
+// "socket(AF_UNIX, SOCK_STREAM)".
+std::string socket_type_constant(int type);
 
 }  // namespace lazycr::objects

@@ -30,19 +30,6 @@ constexpr size_t kMaxName = sizeof(sockaddr_un::sun_path);  // 108, the '\0' of 
 // A socket's buffers are not grown past this to make its queued data fit.
 constexpr int kMaxSocketBuf = 1 << 30;
 
-std::string socket_type(int type) {
-  switch (type) {
-    case SOCK_STREAM:
-      return "SOCK_STREAM";
-    case SOCK_DGRAM:
-      return "SOCK_DGRAM";
-    case SOCK_SEQPACKET:
-      return "SOCK_SEQPACKET";
-    default:
-      return cat("type ", type);
-  }
-}
-
 int int_opt(int sock, int name) {
   int v = 0;
   socklen_t len = sizeof v;
@@ -379,7 +366,7 @@ UnixDump dump_unix_sockets(const std::map<uint64_t, HeldSocket>& held,
 void validate_unix_socket(const UnixSocket& s) {
   std::string what = cat("socket inode ", s.inode());
   if (s.type() != SOCK_STREAM && s.type() != SOCK_DGRAM && s.type() != SOCK_SEQPACKET)
-    fail(what, ": ", socket_type(s.type()), " is not a type lazycr restores");
+    fail(what, ": ", socket_type_constant(s.type()), " is not a type lazycr restores");
   auto check_name = [&](const std::string& n, const char* field) {
     if (n.empty()) return;
     if (n[0] == '\0') {
@@ -407,14 +394,15 @@ void validate_unix_socket(const UnixSocket& s) {
     fail(what, ": backlog or pending connections without listening");
   }
   if (s.external_peer()) {
-    if (s.type() != SOCK_DGRAM) fail(what, ": an external peer for a ", socket_type(s.type()));
+    if (s.type() != SOCK_DGRAM)
+      fail(what, ": an external peer for a ", socket_type_constant(s.type()));
     if (s.peer_name().empty()) fail(what, ": an external peer without a name");
     if (s.peer_inode() != 0) fail(what, ": an external peer and a peer inode");
   } else if (!s.peer_name().empty()) {
     fail(what, ": peer_name without external_peer");
   }
   if (s.connected_by_name() && (s.type() != SOCK_DGRAM || s.peer_inode() == 0))
-    fail(what, ": connected_by_name for a ", socket_type(s.type()), " without a peer");
+    fail(what, ": connected_by_name for a ", socket_type_constant(s.type()), " without a peer");
   if (s.type() == SOCK_DGRAM && s.queued_size() > 0 && s.name().empty() &&
       (s.connected_by_name() || s.external_peer()))
     fail(what, ": datagrams queued at an unnamed socket connected one way");
@@ -475,7 +463,7 @@ SocketEnd make_end(int fd, const std::string& what) {
 
 SocketEnd make_socket(const UnixSocket& s, const std::string& what) {
   int fd = ::socket(AF_UNIX, s.type() | SOCK_CLOEXEC, 0);
-  if (fd < 0) fail_errno(what, ": socket(AF_UNIX, ", socket_type(s.type()), ")");
+  if (fd < 0) fail_errno(what, ": socket(AF_UNIX, ", socket_type_constant(s.type()), ")");
   return make_end(fd, what);
 }
 
@@ -483,7 +471,7 @@ std::pair<SocketEnd, SocketEnd> make_pair_of(const UnixSocket& s) {
   std::string what = cat("socket inode ", s.inode());
   int sv[2];
   if (::socketpair(AF_UNIX, s.type() | SOCK_CLOEXEC, 0, sv) != 0)
-    fail_errno(what, ": socketpair(AF_UNIX, ", socket_type(s.type()), ")");
+    fail_errno(what, ": socketpair(AF_UNIX, ", socket_type_constant(s.type()), ")");
   UniqueFd a(sv[0]), b(sv[1]);
   SocketEnd ea = make_end(a.release(), what);
   SocketEnd eb = make_end(b.release(), what);
@@ -495,7 +483,7 @@ std::pair<SocketEnd, SocketEnd> make_pair_of(const UnixSocket& s) {
 // sender's buffer (which the queued data is charged to) and the receiver's grow until it fits.
 void queue_data(const SocketEnd& from, const SocketEnd& to, const UnixSocket& s,
                 const std::string& to_name = "") {
-  std::string what = cat("socket inode ", s.inode(), " (", socket_type(s.type()), ")");
+  std::string what = cat("socket inode ", s.inode(), " (", socket_type_constant(s.type()), ")");
   sockaddr_un addr;
   socklen_t alen = to_name.empty() ? 0 : to_sockaddr(to_name, addr);
   uint64_t total = 0;
@@ -597,8 +585,8 @@ std::map<uint64_t, UniqueFd> create_unix_sockets(const UnixRestore& in) {
   auto who = [&](uint64_t inode) { return in.held.at(inode).second; };
   auto sock = [&](uint64_t inode) -> const UnixSocket& { return *in.held.at(inode).first; };
   auto what_of = [&](uint64_t inode) {
-    return cat("socket inode ", inode, " (", socket_type(sock(inode).type()), ", ", who(inode),
-               ")");
+    return cat("socket inode ", inode, " (", socket_type_constant(sock(inode).type()), ", ",
+               who(inode), ")");
   };
 
   // Relations between sockets, checked before anything is made.
@@ -683,7 +671,7 @@ std::map<uint64_t, UniqueFd> create_unix_sockets(const UnixRestore& in) {
         fail(what, ": its peer, socket inode ", peer, ", is connected to socket inode ",
              ps.peer_inode());
       if (ps.type() != s.type())
-        fail(what, ": its peer, socket inode ", peer, ", is a ", socket_type(ps.type()));
+        fail(what, ": its peer, socket inode ", peer, ", is a ", socket_type_constant(ps.type()));
       auto [a, b] = make_pair_of(s);
       queue_data(b, a, s);
       queue_data(a, b, ps);

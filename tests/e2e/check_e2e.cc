@@ -65,6 +65,20 @@ TEST(Check, TextReportsEveryRequiredFeatureOk) {
   EXPECT_EQ(r.err, "");
 }
 
+// lazycr loads the nftables library only to lock TCP connections: without it, lazycr starts,
+// and `check` names the library on the net.nftables_lock line.
+TEST(Check, WithoutTheNftablesLibraryStartsAndNamesIt) {
+  const std::string lib = nftables_library();
+  if (lib.empty()) GTEST_SKIP() << "no libnftables.so.1 on this machine";
+  RunResult v = lazycr_without(lib, {"--version"});
+  EXPECT_EQ(v.exit_code, 0) << v.out << v.err;
+  RunResult r = lazycr_without(lib, {"check"});
+  std::string line = line_for(r.out, "net.nftables_lock");
+  ASSERT_FALSE(line.empty()) << r.out << r.err;
+  EXPECT_EQ(line.rfind("optional-missing ", 0), 0u) << line;
+  EXPECT_NE(line.find("cannot load libnftables.so.1"), std::string::npos) << line;
+}
+
 TEST(Check, JsonReportsEveryRequiredFeatureOk) {
   RunResult r = lazycr({"check", "--json"});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;

@@ -20,21 +20,13 @@
 namespace lazycr::test {
 namespace {
 
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
-}
-
 void epoll_round_trip(bool lazy) {
   Child target({target_bin("epoll_target")});
   TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
   const pid_t pid = target.pid();
   const pid_t child = static_cast<pid_t>(info.first("child"));
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   EXPECT_EQ(reap(child), 128 + SIGKILL);  // re-parented to us (child subreaper)
 
   auto show = lazycr({"show", images / "img"});
@@ -45,9 +37,7 @@ void epoll_round_trip(bool lazy) {
   Child restore(restore_argv(images / "img", lazy));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "epoll_target"));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {child}, "epoll_target"));
-  ASSERT_TRUE(send_signal(pid, SIGUSR1));
-  EXPECT_EQ(restore.read_line(), "verified ok");
-  EXPECT_EQ(restore.wait(60), 0);
+  expect_verified(restore, pid);
 }
 
 TEST(Epoll, InterestListOfEveryKindComesBackEager) {
@@ -126,9 +116,7 @@ void node_counter(bool lazy) {
   Child target({node, script, file});
   ASSERT_TRUE(wait_counts(file, 5, [&] { return target.running(); })) << "node did not count";
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   const size_t at_dump = counts(file).size();
   expect_consecutive(counts(file));
 

@@ -27,9 +27,7 @@ void round_trip(const std::string& kinds, bool lazy, const std::vector<std::stri
   std::vector<pid_t> pids{target.pid()};
   if (info.first("child") > 0) pids.push_back(static_cast<pid_t>(info.first("child")));
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   if (pids.size() > 1) {
     EXPECT_EQ(reap(pids[1], 30), 128 + SIGKILL);  // re-parented to us
   }

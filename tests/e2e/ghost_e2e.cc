@@ -64,12 +64,6 @@ struct KillAtEnd {
   }
 };
 
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
-}
-
 // The target runs from a copy of itself in `work` (it deletes its executable).
 std::string copy_target(const TempDir& work) {
   std::string exe = work / "ghost_target";

@@ -12,7 +12,9 @@
 
 #include <boost/filesystem.hpp>
 #include <chrono>
+#include <climits>
 #include <cstring>
+#include <fstream>
 
 #include "common/proc.h"
 #include "common/signals.h"
@@ -76,6 +78,22 @@ double now_s() {
 }
 
 }  // namespace
+
+void dump_killing(Child& target, const std::string& dir, const std::vector<std::string>& extra) {
+  std::vector<std::string> args{"dump", "-t", std::to_string(target.pid()), "-D", dir};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto d = lazycr(args);
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+}
+
+std::vector<std::string> restore_argv(const std::string& dir, bool lazy,
+                                      const std::vector<std::string>& extra) {
+  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
+  if (lazy) a.push_back("--lazy");
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
 
 void sign_test_image(const std::string& dir) {
   auto key = image::load_image_key(true);
@@ -141,6 +159,30 @@ RunResult lazycr(const std::vector<std::string>& args, int timeout_s) {
   std::vector<std::string> argv{lazycr_bin()};
   argv.insert(argv.end(), args.begin(), args.end());
   return run(argv, timeout_s);
+}
+
+std::string nftables_library() {
+  for (const char* p :
+       {"/usr/lib/x86_64-linux-gnu/libnftables.so.1", "/lib/x86_64-linux-gnu/libnftables.so.1",
+        "/usr/lib64/libnftables.so.1", "/usr/lib/libnftables.so.1"}) {
+    char real[PATH_MAX];
+    if (::realpath(p, real) != nullptr) return real;
+  }
+  return "";
+}
+
+RunResult lazycr_without(const std::string& file, const std::vector<std::string>& args) {
+  std::vector<std::string> argv{
+      "/usr/bin/unshare",
+      "-m",
+      "/bin/sh",
+      "-c",
+      "mount --make-rprivate / && mount --bind /dev/null \"$1\" && shift && exec \"$@\"",
+      "sh",
+      file,
+      lazycr_bin()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run(argv);
 }
 
 Child::Child(const std::vector<std::string>& argv) {
@@ -282,6 +324,23 @@ void wait_restored(Child& restore, const std::vector<pid_t>& pids, const std::st
   }
   FAIL() << "pid " << (pids.empty() ? 0 : pids.front()) << " (" << comm << ") was not restored"
          << (restore.running() ? "" : ": the restore ended");
+}
+
+pid_t wait_for_pidfile(Child& restore, const std::string& path) {
+  pid_t pid = 0;
+  for (int i = 0; i < 30000 && restore.running() && pid == 0; i++) {
+    std::ifstream in(path);
+    if (!(in >> pid)) pid = 0;
+    if (pid == 0) usleep(2000);
+  }
+  EXPECT_GT(pid, 0) << "no pid in " << path;
+  return pid;
+}
+
+void expect_verified(Child& restore, pid_t pid) {
+  ASSERT_TRUE(send_signal(pid, SIGUSR1));
+  EXPECT_EQ(restore.read_line(), "verified ok");
+  EXPECT_EQ(restore.wait(60), 0);
 }
 
 }  // namespace lazycr::test

@@ -23,6 +23,16 @@ std::string target_bin(const std::string& name);
 RunResult run(const std::vector<std::string>& argv, int timeout_s = 120);
 // Runs `lazycr args...`.
 RunResult lazycr(const std::vector<std::string>& args, int timeout_s = 120);
+// `lazycr restore -D dir --shell-job` [--lazy] and `extra`: a restore run in the foreground.
+std::vector<std::string> restore_argv(const std::string& dir, bool lazy,
+                                      const std::vector<std::string>& extra = {});
+
+// The nftables library lazycr loads (with dlopen) to lock TCP connections, resolved to its
+// file; "" when this machine has none.
+std::string nftables_library();
+// Runs `lazycr args...` as on a machine without `file`: in a private mount namespace where it
+// is /dev/null (bind-mounted over it), which the dynamic loader refuses.
+RunResult lazycr_without(const std::string& file, const std::vector<std::string>& args);
 
 // The key the tests' dumps sign their images with (LAZYCR_IMAGE_KEY, set for every lazycr the
 // tests run).
@@ -58,11 +68,24 @@ class Child {
   bool reaped_ = false;
 };
 
+// `lazycr dump -t PID -D dir` and `extra` of the tree of `target`: a fatal test failure unless
+// the dump succeeds and kills the target.
+void dump_killing(Child& target, const std::string& dir,
+                  const std::vector<std::string>& extra = {});
+
 // Waits until the restore has let every one of `pids` go: named `comm` again and no longer
 // traced (every thread of `tids` of the first pid, when given). A fatal test failure if the
 // restore ends first or after a minute; call it inside ASSERT_NO_FATAL_FAILURE.
 void wait_restored(Child& restore, const std::vector<pid_t>& pids, const std::string& comm,
                    const std::vector<int>& tids = {});
+
+// The pid a restore run with `--pidfile path` writes there, once written; 0 (and a test failure)
+// if the restore ends first or after a minute.
+pid_t wait_for_pidfile(Child& restore, const std::string& path);
+
+// Asks the restored target `pid` to verify itself (SIGUSR1): its "verified ok" comes through
+// the foreground `restore`, which then exits 0.
+void expect_verified(Child& restore, pid_t pid);
 
 // A fresh empty temporary directory, removed with everything in it on destruction.
 class TempDir {

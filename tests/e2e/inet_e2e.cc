@@ -18,6 +18,7 @@
 #include "common/proc.h"
 #include "common/signals.h"
 #include "tests/e2e/harness.h"
+#include "tests/e2e/socket_helpers.h"
 #include "tests/e2e/target_info.h"
 
 namespace lazycr::test {
@@ -27,54 +28,7 @@ namespace {
 // returns what comes back before the server closes.
 std::string echo(int family, const std::string& ip, int port, const std::string& line,
                  pid_t netns_of = 0) {
-  int old = -1;
-  if (netns_of > 0) {
-    old = ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    int ns =
-        ::open(("/proc/" + std::to_string(netns_of) + "/ns/net").c_str(), O_RDONLY | O_CLOEXEC);
-    EXPECT_GE(ns, 0);
-    EXPECT_EQ(::setns(ns, CLONE_NEWNET), 0) << strerror(errno);
-    ::close(ns);
-  }
-  int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (old >= 0) {
-    EXPECT_EQ(::setns(old, CLONE_NEWNET), 0);
-    ::close(old);
-  }
-  if (fd < 0) return "socket failed";
-  sockaddr_storage ss{};
-  socklen_t len;
-  if (family == AF_INET) {
-    auto* a = reinterpret_cast<sockaddr_in*>(&ss);
-    a->sin_family = AF_INET;
-    a->sin_port = htons(static_cast<uint16_t>(port));
-    ::inet_pton(AF_INET, ip.c_str(), &a->sin_addr);
-    len = sizeof *a;
-  } else {
-    auto* a = reinterpret_cast<sockaddr_in6*>(&ss);
-    a->sin6_family = AF_INET6;
-    a->sin6_port = htons(static_cast<uint16_t>(port));
-    ::inet_pton(AF_INET6, ip.c_str(), &a->sin6_addr);
-    len = sizeof *a;
-  }
-  std::string got;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
-    got = std::string("connect failed: ") + strerror(errno);
-  } else if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
-    got = "write failed";
-  } else {
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return got;
-}
-
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
+  return tcp_exchange(family, ip, port, line, netns_of);
 }
 
 void tcp_round_trip(bool lazy) {
@@ -82,9 +36,7 @@ void tcp_round_trip(bool lazy) {
   TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
   pid_t pid = target.pid();
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   auto show = lazycr({"show", images / "img"});
   EXPECT_NE(show.out.find("TCP/IPv6 socket listening on [::1]:" + info.str("port6")),
             std::string::npos)
@@ -117,17 +69,13 @@ void udp_round_trip(bool lazy) {
   target.wait_for("ready");
   pid_t pid = target.pid();
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   auto show = lazycr({"show", images / "img"});
   EXPECT_NE(show.out.find("3 datagrams queued"), std::string::npos) << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "inet_target"));
-  ASSERT_TRUE(send_signal(pid, SIGUSR1));
-  EXPECT_EQ(restore.read_line(), "verified ok");
-  EXPECT_EQ(restore.wait(60), 0);
+  expect_verified(restore, pid);
 }
 
 TEST(Inet, UdpQueuesComeBackWithSourcesInOrderEager) {
@@ -189,12 +137,7 @@ TEST(Inet, NetnsRestoresBesideTheRunningOriginal) {
 
   Child restore({lazycr_bin(), "restore", "-D", images / "img", "--shell-job", "--pidns", "--netns",
                  "--pidfile", images / "pid"});
-  pid_t pid = 0;
-  for (int i = 0; i < 30000 && restore.running() && pid == 0; i++) {
-    std::ifstream in(images / "pid");
-    if (!(in >> pid)) pid = 0;
-    if (pid == 0) usleep(2000);
-  }
+  pid_t pid = wait_for_pidfile(restore, images / "pid");
   ASSERT_GT(pid, 0);
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "inet_target"));
   auto ns_of = [](const std::string& p) {
@@ -221,20 +164,6 @@ TEST(Inet, NetnsRestoresBesideTheRunningOriginal) {
   EXPECT_EQ(restore.wait(60), 0);
 }
 
-// A port nobody uses now (the kernel's pick for a socket bound to port 0, released).
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
-    return -1;
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
-
 // A real server: python3's http.server (socketserver with a poll selector: no epoll) serves a
 // file after it is dumped and restored.
 void http_server_round_trip(bool lazy) {
@@ -250,9 +179,7 @@ void http_server_round_trip(bool lazy) {
             std::string::npos);
   pid_t pid = server.pid();
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(server, images / "img"));
   Child restore(restore_argv(images / "img", lazy));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "python3"));
   for (int i = 0; i < 2; i++) {

@@ -37,12 +37,6 @@ std::map<int, std::string> seccomp_of(pid_t pid, const std::vector<int>& tids) {
   return out;
 }
 
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
-}
-
 // Dumps a target that printed "ready pid=P tids=...", restores it (eager or lazy), checks
 // /proc shows each thread's seccomp state as before, then lets it verify itself.
 void seccomp_round_trip(const std::vector<std::string>& argv, bool lazy) {
@@ -51,9 +45,7 @@ void seccomp_round_trip(const std::vector<std::string>& argv, bool lazy) {
   pid_t pid = target.pid();
   const auto before = seccomp_of(pid, info.list("tids"));
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
 
   auto show = lazycr({"show", images / "img"});
   EXPECT_NE(show.out.find("seccomp"), std::string::npos) << show.out;
@@ -61,9 +53,7 @@ void seccomp_round_trip(const std::vector<std::string>& argv, bool lazy) {
   Child restore(restore_argv(images / "img", lazy));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "seccomp_target", info.list("tids")));
   EXPECT_EQ(seccomp_of(pid, info.list("tids")), before);
-  ASSERT_TRUE(send_signal(pid, SIGUSR1));
-  EXPECT_EQ(restore.read_line(), "verified ok");
-  EXPECT_EQ(restore.wait(60), 0);
+  expect_verified(restore, pid);
 }
 
 TEST(Objects, SeccompFiltersComeBackSharedAndPerThreadEager) {
@@ -84,18 +74,14 @@ void locks_round_trip(bool lazy) {
   target.wait_for("ready");
   pid_t pid = target.pid();
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   auto show = lazycr({"show", images / "img"});
   for (const char* kind : {"POSIX", "OFD", "flock"})
     EXPECT_NE(show.out.find(kind), std::string::npos) << kind << " lock missing in\n" << show.out;
 
   Child restore(restore_argv(images / "img", lazy));
   ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "locks_target", {pid}));
-  ASSERT_TRUE(send_signal(pid, SIGUSR1));
-  EXPECT_EQ(restore.read_line(), "verified ok");
-  EXPECT_EQ(restore.wait(60), 0);
+  expect_verified(restore, pid);
 }
 
 TEST(Objects, LocksOfTheThreeKindsAreHeldAgainEager) {
@@ -162,9 +148,7 @@ TEST(Objects, Sqlite3KeepsItsWriteTransactionLock) {
   ASSERT_NE(w.exit_code, 0) << "the transaction does not keep writers out before the dump";
 
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
 
   Child restore(
       {"/bin/sh", "-c",

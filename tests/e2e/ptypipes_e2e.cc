@@ -57,12 +57,6 @@ void wait_gone(const std::vector<pid_t>& pids) {
   ADD_FAILURE() << "the dumped tree is still there";
 }
 
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
-}
-
 char state_of(pid_t pid) {
   auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/stat");
   if (!st) return 0;

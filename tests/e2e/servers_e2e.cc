@@ -23,6 +23,7 @@
 #include "tests/e2e/harness.h"
 #include "tests/e2e/lazy_helpers.h"
 #include "tests/e2e/restore_helpers.h"
+#include "tests/e2e/socket_helpers.h"
 
 namespace lazycr::test {
 namespace {
@@ -35,60 +36,11 @@ constexpr int kMemcachedUdpPort = 21004;
 constexpr int kRedisPort = 21005;
 constexpr int kNetnsPort = 21006;
 
-// A socket of `type` in the network namespace of `netns_of` (ours when 0).
-int socket_in(int type, pid_t netns_of) {
-  int old = -1;
-  if (netns_of > 0) {
-    old = ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    int ns =
-        ::open(("/proc/" + std::to_string(netns_of) + "/ns/net").c_str(), O_RDONLY | O_CLOEXEC);
-    if (ns < 0 || ::setns(ns, CLONE_NEWNET) != 0) {
-      ADD_FAILURE() << "setns into the network namespace of pid " << netns_of << ": "
-                    << strerror(errno);
-      if (ns >= 0) ::close(ns);
-      ::close(old);
-      return -1;
-    }
-    ::close(ns);
-  }
-  int fd = ::socket(AF_INET, type | SOCK_CLOEXEC, 0);
-  if (old >= 0) {
-    if (::setns(old, CLONE_NEWNET) != 0) ADD_FAILURE() << "setns back: " << strerror(errno);
-    ::close(old);
-  }
-  return fd;
-}
-
-sockaddr_in loopback(int port) {
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(static_cast<uint16_t>(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  return a;
-}
-
 // Connects to 127.0.0.1:port, sends `request`, and reads until `done(reply)` or until the
 // server closes. Empty when nobody listens.
 std::string ask(int port, const std::string& request,
                 const std::function<bool(const std::string&)>& done, pid_t netns_of = 0) {
-  int fd = socket_in(SOCK_STREAM, netns_of);
-  if (fd < 0) return "";
-  sockaddr_in a = loopback(port);
-  std::string got;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) {
-    size_t off = 0;
-    while (off < request.size()) {
-      ssize_t n = ::write(fd, request.data() + off, request.size() - off);
-      if (n <= 0) break;
-      off += static_cast<size_t>(n);
-    }
-    char buf[65536];
-    ssize_t n;
-    while (!done(got) && (n = ::read(fd, buf, sizeof buf)) > 0)
-      got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return got;
+  return tcp_exchange(AF_INET, "127.0.0.1", port, request, netns_of, done);
 }
 
 std::string http_get(int port, const std::string& path, pid_t netns_of = 0) {
@@ -131,17 +83,8 @@ bool installed(const std::string& path) {
   return access(path.c_str(), X_OK) == 0;
 }
 
-// Dumps the tree of `server` (which the dump kills) into dir.
-void dump(Child& server, const std::string& dir) {
-  auto d = lazycr({"dump", "-t", std::to_string(server.pid()), "-D", dir});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(server.wait(30), 128 + SIGKILL);
-}
-
 std::unique_ptr<Child> restore_in_foreground(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return std::make_unique<Child>(a);
+  return std::make_unique<Child>(restore_argv(dir, lazy));
 }
 
 // Ends a restored server (its root pid) and the foreground restore that waits for it.
@@ -180,7 +123,7 @@ void node_round_trip(bool lazy) {
   std::string before = http_get(kNodePort, "/");
   ASSERT_NE(before.find("hits=1 " + sum), std::string::npos) << before;
   TempDir images;
-  ASSERT_NO_FATAL_FAILURE(dump(server, images / "img"));
+  ASSERT_NO_FATAL_FAILURE(dump_killing(server, images / "img"));
   auto restore = restore_in_foreground(images / "img", lazy);
   std::string after;
   EXPECT_TRUE(eventually([&] { return !(after = http_get(kNodePort, "/")).empty(); },
@@ -264,7 +207,7 @@ void nginx_round_trip(bool lazy) {
   std::vector<pid_t> workers = children_of(server.pid());
   guard.seen = workers;
   TempDir images;
-  ASSERT_NO_FATAL_FAILURE(dump(server, images / "img"));
+  ASSERT_NO_FATAL_FAILURE(dump_killing(server, images / "img"));
   // The killed workers, re-parented to this subreaper: reaped, their pids free again.
   for (pid_t w : workers) EXPECT_EQ(reap(w), 128 + SIGKILL);
 
@@ -293,15 +236,16 @@ TEST(Servers, NginxMasterAndWorkersServeAStaticFileLazy) {
 
 // ---- memcached: a key set before the dump is got after the restore (TCP, and UDP when on).
 std::string memcached_udp_get(int port, const std::string& key) {
-  int fd = socket_in(SOCK_DGRAM, 0);
-  sockaddr_in a = loopback(port);
+  int fd = socket_in(AF_INET, SOCK_DGRAM);
+  sockaddr_storage a;
+  socklen_t len = inet_address(AF_INET, "127.0.0.1", port, a);
   // The UDP frame header: request id, sequence number, datagram count, reserved.
   std::string req("\x00\x07\x00\x00\x00\x01\x00\x00", 8);
   req += "get " + key + "\r\n";
   std::string got;
   timeval tv{2, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  if (::sendto(fd, req.data(), req.size(), 0, reinterpret_cast<sockaddr*>(&a), sizeof a) > 0) {
+  if (::sendto(fd, req.data(), req.size(), 0, reinterpret_cast<sockaddr*>(&a), len) > 0) {
     char buf[2048];
     ssize_t n = ::recv(fd, buf, sizeof buf, 0);
     if (n > 8) got.assign(buf + 8, static_cast<size_t>(n - 8));
@@ -332,7 +276,7 @@ void memcached_round_trip(bool lazy) {
   const std::string small = "VALUE small 0 5\r\nudp-1\r\nEND\r\n";
   ASSERT_EQ(memcached_udp_get(kMemcachedUdpPort, "small"), small);
   TempDir images;
-  ASSERT_NO_FATAL_FAILURE(dump(server, images / "img"));
+  ASSERT_NO_FATAL_FAILURE(dump_killing(server, images / "img"));
   auto restore = restore_in_foreground(images / "img", lazy);
   std::string after;
   EXPECT_TRUE(
@@ -392,7 +336,7 @@ void redis_round_trip(bool lazy) {
   auto server = start_redis(kRedisPort);
   ASSERT_NO_FATAL_FAILURE(expect_redis_keys(kRedisPort));
   TempDir images;
-  ASSERT_NO_FATAL_FAILURE(dump(*server, images / "img"));
+  ASSERT_NO_FATAL_FAILURE(dump_killing(*server, images / "img"));
   auto restore = restore_in_foreground(images / "img", lazy);
   std::string pong;
   EXPECT_TRUE(eventually([&] { return !(pong = redis(kRedisPort, "PING")).empty(); },

@@ -25,54 +25,17 @@
 #include "common/proc.h"
 #include "common/signals.h"
 #include "tests/e2e/harness.h"
+#include "tests/e2e/socket_helpers.h"
 #include "tests/e2e/target_info.h"
 
 namespace lazycr::test {
 namespace {
 
-// The restored process is running on its own (its name back, no tracer).
-void wait_restored(pid_t pid, const std::string& comm, Child& restore) {
-  for (int i = 0; i < 30000 && restore.running(); i++) {
-    auto name = proc::try_read_file("/proc/" + std::to_string(pid) + "/comm");
-    auto st = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
-    if (name && *name == comm + "\n" && st && st->find("TracerPid:\t0\n") != std::string::npos)
-      return;
-    usleep(2000);
-  }
-  FAIL() << "pid " << pid << " was not restored";
-}
-
-sockaddr_un path_addr(const std::string& path, socklen_t& len) {
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::memcpy(a.sun_path, path.data(), path.size());
-  len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
-  return a;
-}
-
 // Connects to the stream socket at `path`, sends `line`, returns what comes back until EOF.
 std::string echo(const std::string& path, const std::string& line) {
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  socklen_t len;
-  sockaddr_un a = path_addr(path, len);
-  std::string got;
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), len) != 0) {
-    got = std::string("connect failed: ") + strerror(errno);
-  } else if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) {
-    got = "write failed";
-  } else {
-    char buf[4096];
-    ssize_t n;
-    while ((n = ::read(fd, buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return got;
-}
-
-std::vector<std::string> restore_argv(const std::string& dir, bool lazy) {
-  std::vector<std::string> a{lazycr_bin(), "restore", "-D", dir, "--shell-job"};
-  if (lazy) a.push_back("--lazy");
-  return a;
+  sockaddr_storage a;
+  socklen_t len = unix_address(path, a);
+  return exchange(socket_in(AF_UNIX, SOCK_STREAM), a, len, line);
 }
 
 void listeners_round_trip(bool lazy) {
@@ -81,9 +44,7 @@ void listeners_round_trip(bool lazy) {
   target.wait_for("ready");
   pid_t pid = target.pid();
   TempDir images;
-  auto d = lazycr({"dump", "-t", std::to_string(pid), "-D", images / "img"});
-  ASSERT_EQ(d.exit_code, 0) << d.err;
-  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
   auto show = lazycr({"show", images / "img"});
   EXPECT_NE(show.out.find("stream socket listening on " + (dir / "unixsk-listen.sock") +
                           " (backlog 7, 2 pending, SO_PASSCRED)"),
@@ -100,7 +61,7 @@ void listeners_round_trip(bool lazy) {
   struct stat st;
   ASSERT_EQ(::stat((dir / "unixsk-listen.sock").c_str(), &st), 0);
   Child restore(restore_argv(images / "img", lazy));
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "unix_target", restore));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "unix_target"));
   ASSERT_TRUE(send_signal(pid, SIGUSR1));
   EXPECT_EQ(restore.read_line(), "verified ok");
   EXPECT_EQ(echo(dir / "unixsk-listen.sock", "hello after\n"), "hello after\n");
@@ -153,8 +114,8 @@ void ext_round_trip(bool lazy) {
   TempDir dir;
   std::string peer = dir / "unixsk-ext.sock";
   int rx = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  socklen_t len;
-  sockaddr_un a = path_addr(peer, len);
+  sockaddr_storage a;
+  socklen_t len = unix_address(peer, a);
   ASSERT_EQ(::bind(rx, reinterpret_cast<sockaddr*>(&a), len), 0);
   Child target({target_bin("unix_target"), "ext", peer});
   target.wait_for("ready");
@@ -173,13 +134,9 @@ void ext_round_trip(bool lazy) {
   EXPECT_NE(no_flag.err.find("restore --ext-unix-sk connects it again"), std::string::npos)
       << no_flag.err;
 
-  std::vector<std::string> argv = restore_argv(images / "img", lazy);
-  argv.push_back("--ext-unix-sk");
-  Child restore(argv);
-  ASSERT_NO_FATAL_FAILURE(wait_restored(pid, "unix_target", restore));
-  ASSERT_TRUE(send_signal(pid, SIGUSR1));
-  EXPECT_EQ(restore.read_line(), "verified ok");
-  EXPECT_EQ(restore.wait(60), 0);
+  Child restore(restore_argv(images / "img", lazy, {"--ext-unix-sk"}));
+  ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "unix_target"));
+  expect_verified(restore, pid);
   char buf[64];
   EXPECT_EQ(::recv(rx, buf, sizeof buf, MSG_DONTWAIT), 10);  // "ext-before", sent before the dump
   ssize_t n = ::recv(rx, buf, sizeof buf, MSG_DONTWAIT);
