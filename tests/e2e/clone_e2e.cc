@@ -527,5 +527,61 @@ TEST_F(CloneE2E, NodeHttpServerClonedWithNetns) {
   }
 }
 
+// An image whose stdout is a pipe to outside: the template holds it with --shell-job, and each
+// `clone --shell-job` gives the clone its own stdout (the clone writes there, from inside).
+const char kEchoScript[] = R"(
+import os, sys, time
+print('ready', flush=True)
+while True:
+    ns = os.readlink('/proc/self/ns/pid')[5:-1]
+    cmd = sys.argv[1] + '/cmd-' + ns
+    if os.path.exists(cmd):
+        os.unlink(cmd)
+        print('hello from ' + ns, flush=True)
+    time.sleep(0.002)
+)";
+
+TEST_F(CloneE2E, ShellJobGivesTheClonesStdout) {
+  const std::string py = real_python();
+  if (py.empty()) GTEST_SKIP() << "no python3";
+  TempDir work;
+  std::ofstream(work / "echo.py") << kEchoScript;
+  Child target({py, work / "echo.py", work.path()});
+  ASSERT_EQ(target.read_line(), "ready");
+  const std::string img = work / "image";
+  std::filesystem::create_directory(img);
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(60), 128 + SIGKILL);
+  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d", "--shell-job"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  template_ = std::atoi(r.out.c_str());
+  // Without --shell-job the clone's stdout would lead nowhere: refused in one line.
+  r = lazycr({"clone", "--socket", socket_, "-d"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("--shell-job gives the process"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  for (int i = 0; i < 2; i++) {
+    Child fg(
+        {lazycr_bin(), "clone", "--socket", socket_, "--shell-job", "--pidfile", work / "fg.pid"});
+    pid_t pid = 0;
+    for (int k = 0; k < 6000 && pid == 0; k++) {
+      auto text = proc::try_read_file(work / "fg.pid");
+      if (text && !text->empty())
+        pid = std::atoi(text->c_str());
+      else
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ASSERT_GT(pid, 0);
+    clones_.push_back(pid);
+    const std::string id = ns_id(pid);
+    { std::ofstream(work / ("cmd-" + id)) << "x"; }
+    EXPECT_EQ(fg.read_line(), "hello from " + id);
+    ASSERT_TRUE(send_signal(pid, SIGKILL));
+    EXPECT_EQ(fg.wait(60), 128 + SIGKILL);
+    std::filesystem::remove(work / "fg.pid");
+  }
+}
+
 }  // namespace
 }  // namespace lazycr::test
