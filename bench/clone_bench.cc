@@ -1,13 +1,14 @@
 // Clones of a held template against lazy restores of the same image (issue 13), by hand:
 //   build/bench/clone_bench [--mib 64,512] [--runs 10] [--pss 1,10,50] [--loop 20]
 // For each size: clone_target holding that much memory is dumped once; two templates hold it,
-// one with its memory collapsed into huge pages (the default) and one with `--small-pages`;
-// then, alternating in the same run, `runs` times each: `lazycr clone -d` of each template
-// (request to the clone's first instruction, from its --stats, and the command's wall time)
-// and `lazycr restore --lazy --pidns -d` (first instruction from its -v line, and wall time).
-// Every copy is killed right after it starts. Then, per template: clones per second (`loop`
-// `lazycr clone -d` back to back) and the total PSS of template + N idle clones for each N of
-// --pss against one copy (the template's RSS). Prints medians and bests (RESULTS.md).
+// in three blocks (a template holds the image's PIDs, so one at a time): memory collapsed into
+// huge pages (the default), `--small-pages`, huge pages again. In each block, alternating,
+// `runs` times each: `lazycr clone -d` (request to the clone's first instruction, from its
+// --stats, and the command's wall time) and `lazycr restore --lazy --pidns -d` (first
+// instruction from its -v line, and wall time). Every copy is killed right after it starts.
+// Then clones per second (`loop` `lazycr clone -d` back to back) and, in the first two blocks,
+// the total PSS of template + N idle clones for each N of --pss against one copy (the
+// template's RSS). Prints medians and bests (RESULTS.md).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -154,50 +155,51 @@ int main(int argc, char** argv) {
                 &err) != 0)
       die("dump: " + err);
     wait_exit(target);
-    Template tpls[2];
-    tpls[0].name = "huge pages";
-    tpls[1].name = "--small-pages";
-    for (int k = 0; k < 2; k++) {
-      Template& t = tpls[k];
-      t.sock = (work / ("t" + std::to_string(k) + ".sock")).string();
+    // The two templates hold the image's PIDs, so they run one after the other: huge pages,
+    // small pages, huge pages again (rows per block; lazy restores interleaved in each block).
+    const char* kinds[] = {"huge pages", "--small-pages", "huge pages"};
+    for (int block = 0; block < 3; block++) {
+      Template t;
+      t.name = kinds[block];
+      t.sock = (work / ("t" + std::to_string(block) + ".sock")).string();
       std::vector<std::string> args{kLazycr,    "template", "-D", (work / "image").string(),
                                     "--socket", t.sock,     "-d"};
-      if (k == 1) args.push_back("--small-pages");
+      if (block == 1) args.push_back("--small-pages");
       int o[2];
       if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
       double t0 = now_ms();
-      pid_t p = spawn(args, o[1], -1);
+      pid_t tp = spawn(args, o[1], -1);
       close(o[1]);
       std::string line = read_all(o[0]);
       close(o[0]);
-      if (wait_exit(p) != 0) die("template failed");
+      if (wait_exit(tp) != 0) die("template failed");
       t.hold_ms = now_ms() - t0;
       t.pid = std::atoi(line.c_str());
-    }
-    Series first_restore, wall_restore;
-    const std::string stats = (work / "stats.json").string();
-    for (int r = 0; r < runs; r++) {
-      for (int k = 0; k < 2; k++) kill_pid(clone_once(tpls[(r + k) % 2], stats, true));
-      int o[2], e[2];
-      if (pipe2(o, O_CLOEXEC) != 0 || pipe2(e, O_CLOEXEC) != 0) die("pipe");
-      double c0 = now_ms();
-      pid_t p = spawn(
-          {kLazycr, "-v", "restore", "-D", (work / "image").string(), "--lazy", "--pidns", "-d"},
-          o[1], e[1]);
-      close(o[1]);
-      close(e[1]);
-      std::string pid_line = read_all(o[0]);
-      std::string text = read_all(e[0]);
-      close(o[0]);
-      close(e[0]);
-      if (wait_exit(p) != 0) die("restore failed: " + text);
-      wall_restore.v.push_back(now_ms() - c0);
-      first_restore.v.push_back(number_after(text, "first instruction after ") / 1000);
-      kill_pid(std::atoi(pid_line.c_str()));
-      usleep(100000);
-      reap_zombies();
-    }
-    for (Template& t : tpls) {
+      usleep(300000);  // the next clone's namespace is made right after the template is held
+      Series first_restore, wall_restore;
+      const std::string stats = (work / "stats.json").string();
+      for (int r = 0; r < runs; r++) {
+        kill_pid(clone_once(t, stats, true));
+        usleep(50000);  // (the template makes the next namespace meanwhile)
+        int ro[2], re[2];
+        if (pipe2(ro, O_CLOEXEC) != 0 || pipe2(re, O_CLOEXEC) != 0) die("pipe");
+        double c0 = now_ms();
+        pid_t p = spawn(
+            {kLazycr, "-v", "restore", "-D", (work / "image").string(), "--lazy", "--pidns", "-d"},
+            ro[1], re[1]);
+        close(ro[1]);
+        close(re[1]);
+        std::string pid_line = read_all(ro[0]);
+        std::string text = read_all(re[0]);
+        close(ro[0]);
+        close(re[0]);
+        if (wait_exit(p) != 0) die("restore failed: " + text);
+        wall_restore.v.push_back(now_ms() - c0);
+        first_restore.v.push_back(number_after(text, "first instruction after ") / 1000);
+        kill_pid(std::atoi(pid_line.c_str()));
+        usleep(100000);
+        reap_zombies();
+      }
       // Clones per second: back to back, killed afterwards.
       std::vector<pid_t> pids;
       const double l0 = now_ms();
@@ -213,32 +215,37 @@ int main(int argc, char** argv) {
           t.wall.best(), per_s, first_restore.median(), first_restore.best(), wall_restore.median(),
           wall_restore.best());
       std::fflush(stdout);
-    }
-    for (Template& t : tpls) {
-      // Total PSS of the template's held process and N idle clones.
-      std::vector<pid_t> pids;
-      for (int n : pss_points) {
-        while (static_cast<int>(pids.size()) < n) pids.push_back(clone_once(t, stats, false));
-        usleep(500000);
-        const pid_t held = held_of(t.pid, pids);
-        const uint64_t one = rollup_kb(held, "Rss");
-        uint64_t pss = rollup_kb(held, "Pss");
-        for (pid_t p : pids) pss += rollup_kb(p, "Pss");
-        std::printf(
-            "PSS %d MiB, %s: template + %d clones %.1f MiB, one copy (template RSS) %.1f "
-            "MiB, ratio %.3f; template AnonHugePages %.0f MiB\n",
-            mib, t.name.c_str(), n, pss / 1024.0, one / 1024.0,
-            one ? static_cast<double>(pss) / static_cast<double>(one) : 0.0,
-            rollup_kb(held, "AnonHugePages") / 1024.0);
-        std::fflush(stdout);
+      if (block < 2) {  // total PSS of the held process and N idle clones
+        pids.clear();
+        for (int n : pss_points) {
+          while (static_cast<int>(pids.size()) < n) pids.push_back(clone_once(t, stats, false));
+          usleep(500000);
+          const pid_t held = held_of(t.pid, pids);
+          const uint64_t one = rollup_kb(held, "Rss");
+          uint64_t pss = rollup_kb(held, "Pss");
+          for (pid_t p : pids) pss += rollup_kb(p, "Pss");
+          std::printf(
+              "PSS %d MiB, %s: template + %d clones %.1f MiB, one copy (template RSS) "
+              "%.1f MiB, ratio %.3f; template AnonHugePages %.0f MiB\n",
+              mib, t.name.c_str(), n, pss / 1024.0, one / 1024.0,
+              one ? static_cast<double>(pss) / static_cast<double>(one) : 0.0,
+              rollup_kb(held, "AnonHugePages") / 1024.0);
+          std::fflush(stdout);
+        }
+        for (pid_t p : pids) kill_pid(p);
+        usleep(200000);
+        reap_zombies();
       }
-      for (pid_t p : pids) kill_pid(p);
+      const pid_t held = held_of(t.pid, {});
+      run_cmd({kLazycr, "clone", "--socket", t.sock, "--stop"});
+      // The next template takes the same PIDs: wait until this one's held process is gone.
+      for (int i = 0; i < 3000 && held > 0 && kill(held, 0) == 0; i++) {
+        usleep(10000);
+        reap_zombies();
+      }
       usleep(200000);
       reap_zombies();
     }
-    for (Template& t : tpls) run_cmd({kLazycr, "clone", "--socket", t.sock, "--stop"});
-    usleep(200000);
-    reap_zombies();
     fs::remove_all(work);
   }
   return 0;

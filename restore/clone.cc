@@ -138,7 +138,7 @@ PreparedNs prepare_clone_namespace(HeldTemplate& t) {
   return ns;
 }
 
-void check_clonable(const image::ImageReader& img) {
+void check_clonable(const image::ImageReader& img, bool shell_job) {
   const auto& procs = img.processes();
   if (procs.size() != 1)
     fail("the image holds ", procs.size(),
@@ -164,7 +164,7 @@ void check_clonable(const image::ImageReader& img) {
     if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
       fail(where, " is shared memory: every clone would share it");
   }
-  for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared());
+  for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared(), shell_job);
 }
 
 Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) {
@@ -229,7 +229,7 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
     next("fds");
     UniqueFd netns;
     if (req.netns) netns = make_network_namespace();
-    const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1);
+    const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1, req.std_fds);
     if (netns_there >= 0) {
       next("netns");
       r.reset_arena();

@@ -20,7 +20,8 @@ namespace lazycr::restore {
 // process, state a fork does not copy (pending signals, timers, record locks), memory it drops
 // or shares (MADV_DONTFORK areas, shared anonymous memory) and descriptors not yet made afresh
 // per clone (restore/clone_fds.h: established TCP connections, deleted files, terminals, locks).
-void check_clonable(const image::ImageReader& img);
+// `shell_job`: fds 0-2 leading outside the image are each clone's requester's (clone --shell-job).
+void check_clonable(const image::ImageReader& img, bool shell_job);
 
 struct Clone {
   pid_t pid = 0;        // in lazycr's PID namespace
@@ -34,6 +35,9 @@ struct Clone {
 
 struct CloneRequest {
   bool netns = false;  // a fresh network namespace (loopback up) for the clone
+  // --shell-job: the requester's fds 0-2 (valid during make_clone), given to the clone's
+  // descriptors whose description leads outside the image (as restore --shell-job); -1: none.
+  int std_fds[3] = {-1, -1, -1};
 };
 
 // A clone's PID namespace and its PID 1 (clone.cc); killed and reaped unless given to a clone.

@@ -64,13 +64,15 @@ Transport connect_transport(Restoree& c) {
 }  // namespace
 
 void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
-                    const image::SharedObjects& shared) {
+                    const image::SharedObjects& shared, bool shell_job) {
   const std::string where = cat("pid ", p.pid(), " fd ", f.fd(), " (", f.target(), ")");
   if (f.locks_size() != 0) fail(where, " holds locks: every clone would hold them");
   if (f.ghost_id() != 0) fail(where, " is a deleted file: not made afresh per clone yet");
   if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
     fail(where, " is a pseudo-terminal: not made afresh per clone yet");
-  if (!f.restorable()) fail(where, " cannot be restored");
+  if (!f.restorable() && !(shell_job && f.fd() <= 2))
+    fail(where, " cannot be restored",
+         f.fd() <= 2 ? " (template --shell-job gives clones the requester's)" : "");
   if (f.kind() == image::FileDescriptor::SOCKET)
     for (const auto& s : shared.inet_sockets())
       if (s.inode() == f.object_inode() && s.has_tcp())
@@ -78,12 +80,12 @@ void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
 }
 
 int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageReader& img,
-                      int netns) {
+                      int netns, const int (&std_fds)[3]) {
   // Every description lazycr makes, made now for this clone (sockets in its namespace).
   std::unique_ptr<SharedFiles> shared;
   {
     InNetworkNamespace in(netns);
-    shared = std::make_unique<SharedFiles>(img.processes(), img.shared(), false);
+    shared = std::make_unique<SharedFiles>(img.processes(), img.shared(), std_fds[0] >= 0);
   }
   std::vector<const image::FileDescriptor*> passed, opened;
   std::vector<OpenRequest> reqs;
@@ -102,7 +104,11 @@ int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageRe
       case FdPlan::kObjects:  // epoll sets: made inside below
         break;
       case FdPlan::kLazycrStd:
-        fail("fd ", f.fd(), ": would be lazycr's own descriptor (--shell-job)");
+        if (plan.fd < 0 || plan.fd > 2 || std_fds[plan.fd] < 0)
+          fail("fd ", f.fd(), ": leads outside the image; clone --shell-job gives it yours");
+        passed.push_back(&f);
+        mine.push_back(std_fds[plan.fd]);
+        break;
     }
   }
   if (netns >= 0) mine.push_back(netns);

@@ -15,12 +15,13 @@ namespace lazycr::restore {
 // epoll sets and the other kinds made inside are made again there (objects/). `netns` >= 0:
 // sockets are made in that network namespace, which is passed too: returns its number in the
 // clone (for setns), else -1.
+// `std_fds`: --shell-job, the requester's fds 0-2 (else all -1).
 int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageReader& img,
-                      int netns);
+                      int netns, const int (&std_fds)[3]);
 
 // Throws, by pid, fd and why, for a descriptor of `p` that clones could not each have on
 // their own.
 void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
-                    const image::SharedObjects& shared);
+                    const image::SharedObjects& shared, bool shell_job);
 
 }  // namespace lazycr::restore

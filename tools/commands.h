@@ -51,6 +51,7 @@ struct TemplateOptions {
   std::string socket;
   bool detach = false;
   bool small_pages = false;  // keep the restored 4 KiB pages (no MADV_COLLAPSE)
+  bool shell_job = false;    // restore --shell-job for the template itself
   uint64_t start_ns = 0;
 };
 // Runs until SIGTERM or `clone --stop` (foreground); --detach: returns 0 once the template
@@ -61,7 +62,8 @@ struct CloneOptions {
   std::string socket;
   bool detach = false;
   bool stop = false;
-  bool netns = false;  // the clone in a fresh network namespace (loopback up)
+  bool netns = false;      // the clone in a fresh network namespace (loopback up)
+  bool shell_job = false;  // the clone's fds 0-2 that lead outside the image are ours
   std::string pidfile;
   std::string stats_file;
   uint64_t start_ns = 0;

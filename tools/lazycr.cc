@@ -180,6 +180,10 @@ int main(int argc, char** argv) {
   template_cmd->add_flag("--small-pages", tmpl.small_pages,
                          "Do not collapse the held memory into huge pages (clones are then "
                          "slower to make: fork copies one page-table entry per 4 KiB page)");
+  template_cmd->add_flag("--shell-job", tmpl.shell_job,
+                         "As restore --shell-job, for the template itself (needed to hold an "
+                         "image whose fds 0-2 lead outside it; clones take their own with "
+                         "clone --shell-job)");
   cli::CloneOptions clone;
   clone.start_ns = start_ns;
   auto* clone_cmd = app.add_subcommand(
@@ -190,6 +194,10 @@ int main(int argc, char** argv) {
   clone_cmd->add_flag("--netns", clone.netns,
                       "Put the clone in a fresh network namespace with loopback up (a server "
                       "can be cloned many times on the same port)");
+  clone_cmd->add_flag("--shell-job", clone.shell_job,
+                      "The clone's fds 0-2 that lead outside the image (a terminal, a pipe) "
+                      "are this command's own fds 0-2 (its session and process group stay "
+                      "the template's)");
   clone_cmd->add_option("--pidfile", clone.pidfile, "Write the clone's pid here");
   clone_cmd->add_option("--stats", clone.stats_file, "Write the clone's timings as JSON here");
 

@@ -1,6 +1,8 @@
 // `lazycr template` and `lazycr clone` (issue 13): a held template answering clone requests on
 // a UNIX socket (SOCK_SEQPACKET, one message per request or answer):
-//   request "clone <request_ns> <fg> <netns>"  -> "ok <pid> <image_pid> <reaper> <first_ns>
+//   request "clone <request_ns> <fg> <netns> <shell_job>" (with shell_job=1, the client's fds
+//                                         0-2 come with it, SCM_RIGHTS)
+//                                       -> "ok <pid> <image_pid> <reaper> <first_ns>
 //   <threads>
 //                                         <template_rss_kb> <template_anon_huge_kb>"
 //                                         or "error <one line>"; with fg=1, "exit <status>"
@@ -98,6 +100,51 @@ UniqueFd listen_at(const std::string& path) {
 
 void send_line(int fd, const std::string& s) {
   (void)::send(fd, s.data(), s.size(), MSG_NOSIGNAL);
+}
+
+// A request and the descriptors sent with it (clone --shell-job: its fds 0-2).
+std::string recv_request(int fd, std::vector<UniqueFd>& fds) {
+  char buf[512];
+  alignas(cmsghdr) char control[CMSG_SPACE(3 * sizeof(int))];
+  iovec iov{buf, sizeof buf - 1};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  ssize_t n;
+  do {
+    n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+  } while (n < 0 && errno == EINTR);
+  if (n <= 0) return std::string();
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < k; i++) {
+      int got;
+      std::memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof got);
+      fds.emplace_back(got);
+    }
+  }
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+// Sends `line` with lazycr's fds 0-2.
+void send_with_std_fds(int fd, const std::string& line) {
+  alignas(cmsghdr) char control[CMSG_SPACE(3 * sizeof(int))] = {};
+  iovec iov{const_cast<char*>(line.data()), line.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof control;
+  cmsghdr* c = CMSG_FIRSTHDR(&msg);
+  c->cmsg_level = SOL_SOCKET;
+  c->cmsg_type = SCM_RIGHTS;
+  c->cmsg_len = CMSG_LEN(3 * sizeof(int));
+  const int std_fds[3] = {0, 1, 2};
+  std::memcpy(CMSG_DATA(c), std_fds, sizeof std_fds);
+  if (::sendmsg(fd, &msg, MSG_NOSIGNAL) < 0) fail_errno("sending the clone request with fds 0-2");
 }
 
 std::string recv_line(int fd) {
@@ -228,7 +275,8 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
     if (!pf[1].revents) continue;
     UniqueFd client(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
     if (!client) continue;
-    std::string req = recv_line(client.get());
+    std::vector<UniqueFd> sent;
+    std::string req = recv_request(client.get(), sent);
     if (req == "stop") {
       send_line(client.get(), "ok");
       log::info("template: stop requested: exiting, ", live.size(), " clone(s) left running");
@@ -237,8 +285,8 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
     std::istringstream in(req);
     std::string verb;
     uint64_t request_ns = 0;
-    int fg = 0, netns = 0;
-    in >> verb >> request_ns >> fg >> netns;
+    int fg = 0, netns = 0, shell_job = 0;
+    in >> verb >> request_ns >> fg >> netns >> shell_job;
     if (verb != "clone") {
       send_line(client.get(), "error unknown request");
       continue;
@@ -247,6 +295,10 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
     try {
       restore::CloneRequest creq;
       creq.netns = netns != 0;
+      if (shell_job) {
+        if (sent.size() != 3) fail("clone --shell-job: the request came without fds 0-2");
+        for (int i = 0; i < 3; i++) creq.std_fds[i] = sent[static_cast<size_t>(i)].get();
+      }
       restore::Clone c = restore::make_clone(held, creq, std::move(next_ns));
       const uint64_t first = c.running_ns - request_ns;
       log::info("clone pid ", c.pid, " (pid ", c.image_pid, " in its namespace, reaper ", c.reaper,
@@ -270,7 +322,7 @@ void serve(restore::HeldTemplate& held, int listen_fd, int ready_fd, bool small_
 int run_template(const TemplateOptions& opts) {
   {  // A damaged or unclonable image fails here, before anything exists.
     image::ImageReader img(opts.dir);
-    restore::check_clonable(img);
+    restore::check_clonable(img, opts.shell_job);
   }
   UniqueFd ready_rd, ready_wr;
   if (opts.detach) {
@@ -320,6 +372,7 @@ int run_template(const TemplateOptions& opts) {
     restore::RestoreOptions ropts;
     ropts.dir = opts.dir;
     ropts.start_ns = opts.start_ns;
+    ropts.shell_job = opts.shell_job;
     int ready = ready_wr.get();
     ropts.hold = [&](restore::HeldTemplate& held) {
       serve(held, listen_fd.get(), ready, opts.small_pages);
@@ -353,7 +406,12 @@ int run_clone(const CloneOptions& opts) {
   for (int s : {SIGTERM, SIGINT, SIGHUP, SIGQUIT}) sigaddset(&mask, s);
   if (!opts.detach) ::sigprocmask(SIG_BLOCK, &mask, nullptr);
   const uint64_t request_ns = now_ns();
-  send_line(fd.get(), cat("clone ", request_ns, " ", opts.detach ? 0 : 1, " ", opts.netns ? 1 : 0));
+  const std::string request = cat("clone ", request_ns, " ", opts.detach ? 0 : 1, " ",
+                                  opts.netns ? 1 : 0, " ", opts.shell_job ? 1 : 0);
+  if (opts.shell_job)
+    send_with_std_fds(fd.get(), request);
+  else
+    send_line(fd.get(), request);
   std::string reply = recv_line(fd.get());
   const uint64_t answered_ns = now_ns();
   if (reply.rfind("error ", 0) == 0) fail(reply.substr(6));
