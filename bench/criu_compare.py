@@ -157,8 +157,9 @@ def run_dump(tool, cmd, target, imgdir):
     wall = time.monotonic() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     # The target was killed by the dump: its rusage is its whole life; less what it had spent.
+    # (os.kill, not Popen.kill: that would reap it first and lose its rusage.)
     try:
-        target.kill()
+        os.kill(target.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     _, _, tru = os.wait4(target.pid, 0)

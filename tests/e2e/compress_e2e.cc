@@ -64,7 +64,7 @@ TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
       } else if (c.pattern == "random") {
         // Random pages do not compress: their frames are raw; the few frames of libraries,
         // heap and stacks do.
-        EXPECT_GT(raw, 2000u) << "8 MiB of random pages: 2048 frames of 16 pages would be raw";
+        EXPECT_GE(raw, 128u) << "8 MiB of random pages fill 128 frames of 64 KiB, all raw";
       } else {
         EXPECT_GT(zstd, raw) << "compressible pages are stored compressed";
       }
