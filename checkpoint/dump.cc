@@ -481,6 +481,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   image::ImageWriter writer(opts.dir, opts.replace);
   image::PageStoreOptions store_opts;
   store_opts.frame_size = opts.frame_size;
+  store_opts.compression = opts.compression;
   store_opts.level = opts.level;
   store_opts.threads = opts.threads;
 
@@ -596,8 +597,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     result.zero_pages += stats.zero_pages;
     result.ref_pages += mem.ref_pages;
     log::info("pid ", fp.pid(), ": read ", mem.pages_read, " pages; stored ", stats.data_pages,
-              " data + ", stats.zero_pages, " zero pages in ", stats.frames, " frames, ",
-              mem.ref_pages, " pages refer to earlier processes");
+              " data + ", stats.zero_pages, " zero pages in ", stats.frames, " frames (",
+              stats.raw_frames, " raw), ", mem.ref_pages, " pages refer to earlier processes");
   }
   progress.finish();
 
@@ -630,6 +631,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   auto* o = inv.mutable_options();
   o->set_leave_running(opts.leave_running);
   o->set_compression_level(opts.level);
+  o->set_compression(image::compression_name(store_opts));
   o->set_frame_size(opts.frame_size);
   o->set_skip_unsupported_fds(opts.skip_unsupported_fds);
   o->set_tcp_established(opts.tcp_established);

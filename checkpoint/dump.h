@@ -16,8 +16,10 @@ struct DumpOptions {
   pid_t pid = 0;
   std::string dir;
   bool leave_running = false;
-  bool replace = false;                            // overwrite an existing image directory
-  int level = 1;                                   // zstd level
+  bool replace = false;  // overwrite an existing image directory
+  // --compress: zstd at `level` (frames zstd does not shrink are stored raw), or none.
+  image::PageIndex::Compression compression = image::PageIndex::ZSTD;
+  int level = image::kDefaultLevel;                // zstd level
   unsigned threads = 0;                            // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing

@@ -45,6 +45,22 @@ constexpr uint32_t kMaxFramePages = kMaxFrameSize / kPageSize;
 constexpr unsigned kMaxThreads = 1024;
 // Frames in flight per compression thread (queued, compressing or waiting to be written).
 constexpr size_t kFramesPerThread = 2;
+// A frame is stored raw when zstd saves less than 1/kRawMargin of it: reading it back then
+// costs a copy instead of a decompression, for at most ~3% more bytes.
+constexpr size_t kRawMargin = 32;
+// The early writeback asks the kernel to start writing each this many bytes of frames.
+constexpr uint64_t kWritebackChunk = 8ull << 20;
+
+bool saves_too_little(size_t compressed, size_t raw) {
+  return compressed >= raw - raw / kRawMargin;
+}
+
+uint64_t raw_bitmap_bytes(uint64_t frames) {
+  return (frames + 7) / 8;
+}
+bool bit(const std::string& bitmap, uint64_t i) {
+  return (static_cast<unsigned char>(bitmap[i / 8]) >> (i % 8)) & 1;
+}
 
 void put_u32(unsigned char* p, uint32_t v) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
@@ -190,7 +206,10 @@ struct PageStoreWriter::Impl {
     size_t in_size = 0;
     std::unique_ptr<unsigned char[]> out;
     size_t out_size = 0;
-    unsigned char digest[kFrameDigestBytes];  // of out, computed by the compressing thread
+    bool raw = false;                         // store `in` as it is, not `out`
+    unsigned char digest[kFrameDigestBytes];  // of what is stored, by the compressing thread
+    const unsigned char* stored() const { return raw ? in.get() : out.get(); }
+    size_t stored_size() const { return raw ? in_size : out_size; }
   };
 
   std::string path;
@@ -226,18 +245,23 @@ struct PageStoreWriter::Impl {
   bool writing = false;  // one worker writes finished frames, in sequence order
   uint64_t next_write = 0;
   uint64_t write_offset = kHeaderSize;
-  std::vector<uint32_t> frame_sizes;  // compressed bytes of each frame written, in order
+  std::vector<uint32_t> frame_sizes;  // stored bytes of each frame written, in order
   std::string frame_digests;          // their SHA-256s, kFrameDigestBytes each, in order
+  std::string raw_frames;             // bitmap of the frames stored raw (PageIndex.raw_frames)
+  uint64_t raw_count = 0;
+  uint64_t writeback_from = kHeaderSize;  // early writeback requested up to here
   std::exception_ptr error;
   std::vector<std::thread> workers;
 
   std::atomic<uint64_t> pages_added{0};
   std::atomic<uint64_t> bytes_written{0};
 
+  uint32_t version() const { return raw_count > 0 ? kPageStoreVersion : kPageStoreVersionNoRaw; }
+
   void make_header(unsigned char* header) const {
     std::memset(header, 0, kHeaderSize);
     std::memcpy(header, kHeaderMagic, 8);
-    put_u32(header + 8, kPageStoreVersion);
+    put_u32(header + 8, version());
     put_u32(header + 12, kHeaderSize);
     put_u32(header + 16, kPageSize);
     put_u32(header + 20, frame_pages);
@@ -264,6 +288,8 @@ struct PageStoreWriter::Impl {
     if (options.level < ZSTD_minCLevel() || options.level > ZSTD_maxCLevel())
       fail(path, ": zstd level ", options.level, " is outside [", ZSTD_minCLevel(), ", ",
            ZSTD_maxCLevel(), "]");
+    if (options.compression != PageIndex::ZSTD && options.compression != PageIndex::NONE)
+      fail(path, ": unknown compression ", static_cast<int>(options.compression));
     if (options.threads > kMaxThreads)
       fail(path, ": ", options.threads, " compression threads is more than ", kMaxThreads);
     frame_pages = options.frame_size / kPageSize;
@@ -324,15 +350,12 @@ struct PageStoreWriter::Impl {
       lock.unlock();
       if (!skip) {
         try {
-          if (!cctx) cctx = make_cctx(options.level, path);
-          size_t r =
-              ZSTD_compress2(cctx.get(), job->out.get(), out_capacity, job->in.get(), job->in_size);
-          if (ZSTD_isError(r))
-            fail(path, ": zstd compression of frame ", job->seq, " failed: ", ZSTD_getErrorName(r));
-          job->out_size = r;
+          if (!cctx && options.compression == PageIndex::ZSTD)
+            cctx = make_cctx(options.level, path);
+          compress(cctx.get(), *job);
           // Here, on the compressing threads, not in the one writer's turn: the digests of
           // a dump cost no time the writer waits for.
-          sha256({{job->out.get(), r}}, job->digest);
+          sha256({{job->stored(), job->stored_size()}}, job->digest);
         } catch (...) {
           lock.lock();
           if (!error) error = std::current_exception();
@@ -352,8 +375,9 @@ struct PageStoreWriter::Impl {
         lock.unlock();
         if (write) {
           try {
-            pwrite_all(fd.get(), j->out.get(), j->out_size, offset, path);
-            bytes_written.fetch_add(j->out_size, std::memory_order_relaxed);
+            pwrite_all(fd.get(), j->stored(), j->stored_size(), offset, path);
+            bytes_written.fetch_add(j->stored_size(), std::memory_order_relaxed);
+            start_writeback(offset + j->stored_size());
           } catch (...) {
             lock.lock();
             if (!error) error = std::current_exception();
@@ -363,10 +387,16 @@ struct PageStoreWriter::Impl {
         }
         lock.lock();
         if (write) {
-          // out_size <= ZSTD_compressBound(kMaxFrameSize), far below 2^32.
-          frame_sizes.push_back(static_cast<uint32_t>(j->out_size));
+          // stored_size() <= ZSTD_compressBound(kMaxFrameSize), far below 2^32.
+          const uint64_t i = frame_sizes.size();
+          frame_sizes.push_back(static_cast<uint32_t>(j->stored_size()));
           frame_digests.append(reinterpret_cast<const char*>(j->digest), kFrameDigestBytes);
-          write_offset += j->out_size;
+          if (raw_frames.size() < raw_bitmap_bytes(i + 1)) raw_frames.push_back('\0');
+          if (j->raw) {
+            raw_frames[i / 8] = static_cast<char>(raw_frames[i / 8] | (1 << (i % 8)));
+            ++raw_count;
+          }
+          write_offset += j->stored_size();
         }
         ++next_write;
         --in_flight;
@@ -375,6 +405,44 @@ struct PageStoreWriter::Impl {
       }
       writing = false;
     }
+  }
+
+  // True when none of three sample pages (first, middle, last) compresses by 1/kRawMargin:
+  // the frame is then taken as incompressible without compressing all of it (random data
+  // costs zstd ~0.3 ns a byte even to find nothing; three pages cost a fifth of that at
+  // 64 KiB frames). A frame mixing kinds of data is compressed whole unless all three samples
+  // missed its compressible pages.
+  bool probe_incompressible(ZSTD_CCtx* cctx, Job& job) {
+    const size_t pages = job.in_size / kPageSize;
+    if (pages < 4) return false;  // the probe would cost as much as the frame
+    for (size_t p : {size_t{0}, pages / 2, pages - 1}) {
+      size_t r = ZSTD_compress2(cctx, job.out.get(), out_capacity, job.in.get() + p * kPageSize,
+                                kPageSize);
+      if (ZSTD_isError(r))
+        fail(path, ": zstd compression of frame ", job.seq, " failed: ", ZSTD_getErrorName(r));
+      if (!saves_too_little(r, kPageSize)) return false;
+    }
+    return true;
+  }
+
+  // Fills job.out (or sets job.raw) from job.in.
+  void compress(ZSTD_CCtx* cctx, Job& job) {
+    job.raw = true;
+    if (options.compression == PageIndex::NONE || probe_incompressible(cctx, job)) return;
+    size_t r = ZSTD_compress2(cctx, job.out.get(), out_capacity, job.in.get(), job.in_size);
+    if (ZSTD_isError(r))
+      fail(path, ": zstd compression of frame ", job.seq, " failed: ", ZSTD_getErrorName(r));
+    job.out_size = r;
+    job.raw = saves_too_little(r, job.in_size);
+  }
+
+  // Asks the kernel to start writing what was written up to `end` (no waiting): the final
+  // fsync then waits only for the tail. Errors surface at that fsync.
+  void start_writeback(uint64_t end) {
+    if (!options.early_writeback || end - writeback_from < kWritebackChunk) return;
+    ::sync_file_range(fd.get(), static_cast<off_t>(writeback_from),
+                      static_cast<off_t>(end - writeback_from), SYNC_FILE_RANGE_WRITE);
+    writeback_from = end;
   }
 
   // Hands the current frame to the pool; blocks while too many frames are in flight.
@@ -504,6 +572,8 @@ struct PageStoreWriter::Impl {
     runs.clear();
     index.mutable_frame_sizes()->Add(frame_sizes.begin(), frame_sizes.end());
     index.set_frame_sha256(std::move(frame_digests));
+    if (raw_count > 0) index.set_raw_frames(std::move(raw_frames));
+    index.set_compression(options.compression);
     size_t raw_size = index.ByteSizeLong();
     if (raw_size > kMaxIndexBytes)
       fail(path, ": index is ", raw_size, " bytes, more than the limit of ", kMaxIndexBytes);
@@ -520,7 +590,7 @@ struct PageStoreWriter::Impl {
     unsigned char footer[kFooterSize] = {};
     put_u64(footer, index_offset);
     put_u64(footer + 8, psize);
-    put_u32(footer + 16, kPageStoreVersion);
+    put_u32(footer + 16, version());
     put_u32(footer + 20, 0);
     std::memcpy(footer + 24, kFooterMagic, 8);
     pwrite_all(fd.get(), footer, kFooterSize, index_offset + psize, path);
@@ -542,6 +612,7 @@ struct PageStoreWriter::Impl {
     stats.zero_pages = zero_pages;
     stats.ref_pages = ref_pages;
     stats.frames = nframes;
+    stats.raw_frames = raw_count;
     stats.file_bytes = index_offset + psize + kFooterSize;
     stats.mac_digest = std::move(mac_digest);
     return stats;
@@ -608,6 +679,8 @@ struct PageStoreReader::Impl {
   std::vector<int32_t> ref_pids;  // distinct, sorted
   std::string mac_digest;         // page_store_mac_digest() of what open() parsed
   bool has_frame_digests = false;
+  uint32_t version = 0;
+  uint64_t raw_count = 0;  // frames stored raw (index->raw_frames())
   size_t cache_frames = 1;
   // Set by link_refs() before any read(), constant afterwards.
   std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
@@ -647,9 +720,10 @@ struct PageStoreReader::Impl {
     unsigned char header[kHeaderSize];
     pread_all(fd.get(), header, kHeaderSize, 0, path);
     if (std::memcmp(header, kHeaderMagic, 8) != 0) bad("bad header magic (not a page store)");
-    uint32_t version = get_u32(header + 8);
-    if (version != kPageStoreVersion)
-      bad("header has version ", version, ", this build reads version ", kPageStoreVersion);
+    version = get_u32(header + 8);
+    if (version != kPageStoreVersion && version != kPageStoreVersionNoRaw)
+      bad("header has version ", version, ", this build reads versions ", kPageStoreVersionNoRaw,
+          " and ", kPageStoreVersion);
     uint32_t header_size = get_u32(header + 12);
     if (header_size != kHeaderSize) bad("header size is ", header_size, ", expected ", kHeaderSize);
     uint32_t page_size = get_u32(header + 16);
@@ -671,8 +745,7 @@ struct PageStoreReader::Impl {
     if (std::memcmp(footer + 24, kFooterMagic, 8) != 0)
       bad("bad footer magic (truncated or not a page store)");
     uint32_t fversion = get_u32(footer + 16);
-    if (fversion != kPageStoreVersion)
-      bad("footer has version ", fversion, ", expected ", kPageStoreVersion);
+    if (fversion != version) bad("footer has version ", fversion, ", the header ", version);
     if (get_u32(footer + 20) != 0) bad("reserved footer field is not zero");
     uint64_t index_offset = get_u64(footer);
     uint64_t index_size = get_u64(footer + 8);
@@ -775,15 +848,21 @@ struct PageStoreReader::Impl {
     if (static_cast<uint64_t>(index->frame_sizes_size()) != nframes)
       bad("index has ", index->frame_sizes_size(), " frame sizes, ", data_pages,
           " data pages need ", nframes, " frames");
+    validate_raw_frames();
     frame_strides.reserve((nframes + kFrameStride - 1) / kFrameStride);
     const uint32_t* sizes = index->frame_sizes().data();
     uint64_t offset = kHeaderSize;
     for (uint64_t i = 0; i < nframes; ++i) {
       if (i % kFrameStride == 0) frame_strides.push_back(offset);
       uint64_t size = sizes[i];
-      uint64_t bound = ZSTD_compressBound(frame_size(i));
-      if (size == 0 || size > bound)
-        bad("frame ", i, " size ", size, " is outside [1, ", bound, "]");
+      if (is_raw(i)) {
+        if (size != frame_size(i))
+          bad("raw frame ", i, " size ", size, " is not its ", frame_size(i), " bytes of pages");
+      } else {
+        uint64_t bound = ZSTD_compressBound(frame_size(i));
+        if (size == 0 || size > bound)
+          bad("frame ", i, " size ", size, " is outside [1, ", bound, "]");
+      }
       // offset <= index_offset here, so neither side can overflow.
       if (size > index_offset - offset)
         bad("frame ", i, " at ", offset, " with ", size, " bytes runs into the index at ",
@@ -797,6 +876,45 @@ struct PageStoreReader::Impl {
       bad("index has ", digests.size(), " bytes of frame digests, ", nframes, " frames need ",
           nframes * kFrameDigestBytes);
     has_frame_digests = !digests.empty() || nframes == 0;
+    if (raw_count > 0 && digests.empty())
+      bad(raw_count, " raw frames but no frame digests (a raw frame has no other check)");
+  }
+
+  // PageIndex.raw_frames and compression against the version and the frame count.
+  void validate_raw_frames() {
+    if (index->compression() != PageIndex::ZSTD && index->compression() != PageIndex::NONE)
+      bad("index has unknown compression ", static_cast<int>(index->compression()));
+    const std::string& bits = index->raw_frames();
+    if (version == kPageStoreVersionNoRaw) {
+      if (!bits.empty()) bad("version ", version, " store lists raw frames");
+      if (index->compression() == PageIndex::NONE && nframes > 0)
+        bad("version ", version, " store without raw frames says compression none");
+      return;
+    }
+    if (bits.size() != raw_bitmap_bytes(nframes))
+      bad("raw frame bitmap has ", bits.size(), " bytes, ", nframes, " frames need ",
+          raw_bitmap_bytes(nframes));
+    if (nframes % 8 != 0 && (static_cast<unsigned char>(bits.back()) >> (nframes % 8)) != 0)
+      bad("raw frame bitmap has bits set past frame ", nframes - 1);
+    for (char c : bits)
+      raw_count += static_cast<uint64_t>(__builtin_popcount(static_cast<unsigned char>(c)));
+    if (raw_count == 0) bad("version ", version, " store has no raw frame");
+    if (index->compression() == PageIndex::NONE && raw_count != nframes)
+      bad("compression none, but ", nframes - raw_count, " of ", nframes, " frames are not raw");
+  }
+
+  bool is_raw(uint64_t i) const { return raw_count > 0 && bit(index->raw_frames(), i); }
+
+  // Throws unless the size bytes at data are frame i as the index records it (digest).
+  void check_digest(uint64_t i, const void* data, size_t size, uint64_t offset,
+                    const std::string& what) const {
+    const std::string& digests = index->frame_sha256();
+    if (digests.empty()) return;
+    unsigned char md[kFrameDigestBytes];
+    sha256({{data, size}}, md);
+    if (std::memcmp(md, digests.data() + i * kFrameDigestBytes, kFrameDigestBytes) != 0)
+      fail(what, ": its ", size, " bytes at offset ", offset,
+           " do not match their SHA-256 in the index (changed after the store was written)");
   }
 
   // Uncompressed bytes of frame i; the last one may be short.
@@ -828,26 +946,29 @@ struct PageStoreReader::Impl {
     const uint32_t* sizes = index->frame_sizes().data();
     uint64_t offset = frame_strides[i / kFrameStride];
     for (uint64_t k = i - i % kFrameStride; k < i; ++k) offset += sizes[k];
-    return {offset, sizes[i]};
+    return {offset, sizes[i], is_raw(i)};
   }
 
   FramePtr decompress(uint64_t i) const {
-    const auto [offset, csize] = frame_info(i);
+    const auto [offset, csize, raw] = frame_info(i);
     size_t expected = frame_size(i);
+    if (raw) {  // csize == expected (checked at open): read in place, check, done
+      auto out = std::make_shared<FrameData>();
+      out->bytes.reset(new unsigned char[expected]);
+      out->size = expected;
+      pread_all(fd.get(), out->bytes.get(), expected, offset, path);
+      check_digest(i, out->bytes.get(), expected, offset, cat(path, ": frame ", i));
+      frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+      bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
+      return out;
+    }
     // csize <= ZSTD_compressBound(frame size) and lies inside the file (checked at open).
     std::unique_ptr<unsigned char[]> src(new unsigned char[csize]);
     pread_all(fd.get(), src.get(), csize, offset, path);
     std::string what = cat(path, ": frame ", i);
     // Before anything parses the frame: with digests, a frame the dump did not write never
     // reaches zstd (the index they are in is what image.mac covers).
-    const std::string& digests = index->frame_sha256();
-    if (!digests.empty()) {
-      unsigned char md[kFrameDigestBytes];
-      sha256({{src.get(), csize}}, md);
-      if (std::memcmp(md, digests.data() + i * kFrameDigestBytes, kFrameDigestBytes) != 0)
-        fail(what, ": its ", csize, " bytes at offset ", offset,
-             " do not match their SHA-256 in the index (changed after the store was written)");
-    }
+    check_digest(i, src.get(), csize, offset, what);
     uint64_t content = check_zstd_frame(src.get(), csize, what);
     if (content != expected)
       fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
@@ -975,6 +1096,16 @@ PageStoreReader::FrameInfo PageStoreReader::frame(uint64_t i) const {
   if (i >= impl_->nframes) impl_->bad("frame ", i, " does not exist (", impl_->nframes, " frames)");
   return impl_->frame_info(i);
 }
+void PageStoreReader::check_frame(uint64_t i, const void* data, size_t size) const {
+  const FrameInfo f = frame(i);
+  if (size != f.size) impl_->bad("frame ", i, ": ", size, " bytes given, the frame has ", f.size);
+  impl_->check_digest(i, data, size, f.offset, cat(impl_->path, ": frame ", i));
+}
+
+uint64_t PageStoreReader::raw_frame_count() const {
+  return impl_->raw_count;
+}
+
 const std::string& PageStoreReader::path() const {
   return impl_->path;
 }

@@ -1,5 +1,5 @@
-// The page store: a seekable file of zstd-compressed page frames plus an index of runs.
-// Layout and bounds: FORMAT.md.
+// The page store: a seekable file of page frames (zstd-compressed, or raw where zstd saves
+// too little) plus an index of runs. Layout and bounds: FORMAT.md.
 #pragma once
 
 #include <cstddef>
@@ -17,22 +17,40 @@
 namespace lazycr::image {
 
 inline constexpr uint32_t kPageSize = 4096;
-inline constexpr uint32_t kPageStoreVersion = 2;
+// Version 3 stores have raw frames; a store without any is written as version 2, which
+// readers before raw frames read too. This build reads both.
+inline constexpr uint32_t kPageStoreVersion = 3;
+inline constexpr uint32_t kPageStoreVersionNoRaw = 2;
 inline constexpr uint32_t kMinFrameSize = 16 * 1024;
 inline constexpr uint32_t kMaxFrameSize = 4 * 1024 * 1024;
 inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 
+inline constexpr int kDefaultLevel = 1;
+
 struct PageStoreOptions {
   uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096
-  int level = 1;                            // zstd level
-  unsigned threads = 0;                     // compression threads; 0 = number of CPUs
+  // ZSTD: each frame compressed at `level`, or kept raw when a probe or zstd finds that it
+  // does not compress (saves under 1/32); NONE: every frame raw (level is still recorded).
+  PageIndex::Compression compression = PageIndex::ZSTD;
+  int level = kDefaultLevel;  // zstd level
+  unsigned threads = 0;       // compression threads; 0 = number of CPUs
+  // Start the kernel's writeback of each few MiB as soon as they are written, so that the
+  // final fsync waits for little (off: tests of the writer alone need not touch the disk).
+  bool early_writeback = true;
 };
+
+// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels) or "none"
+// into options.compression and options.level; throws Error naming the text otherwise.
+void parse_compression(const std::string& text, PageStoreOptions& options);
+// The normalized form of what parse_compression() takes: "zstd:1", "none".
+std::string compression_name(const PageStoreOptions& options);
 
 struct PageStoreStats {
   uint64_t data_pages = 0;
   uint64_t zero_pages = 0;
   uint64_t ref_pages = 0;  // pages in REF runs (stored in another process's store)
   uint64_t frames = 0;
+  uint64_t raw_frames = 0;  // of `frames`, stored raw
   uint64_t file_bytes = 0;  // whole file, header to footer
   // What image.mac covers of this store (page_store_mac_digest()), computed as it was
   // written, so that signing never reads the store again (image_mac.h).
@@ -99,12 +117,25 @@ class PageStoreReader {
   uint64_t file_size() const;
 
   // The data frames (ceil(data_pages / frame_pages) of them), where they lie in the file.
+  // Frame i holds stream pages [i * frame_pages, ...) (index().frame_pages(); the last frame
+  // may hold fewer).
   struct FrameInfo {
-    uint64_t offset;  // file offset of the zstd frame
-    uint64_t size;    // compressed bytes
+    uint64_t offset;  // file offset of the frame
+    uint64_t size;    // bytes in the file
+    // The frame is stored raw: its `size` bytes at `offset` are its pages as they are (size
+    // is the page count * 4096). Otherwise it is one zstd frame, which read() decompresses.
+    bool raw = false;
   };
   uint64_t frame_count() const;
   FrameInfo frame(uint64_t i) const;  // throws Error if i >= frame_count()
+  // For a reader that takes a frame's bytes from the file itself (pread into its own buffer,
+  // e.g. a raw frame copied straight to where the pages go): throws Error unless `data`
+  // (size bytes) is frame i as the dump wrote it, i.e. matches its digest in the index. A
+  // store without digests has no raw frames, and its zstd frames are checked by zstd. Never
+  // use bytes of a frame before this returned.
+  void check_frame(uint64_t i, const void* data, size_t size) const;
+  // Frames stored raw (FrameInfo::raw).
+  uint64_t raw_frame_count() const;
 
   // One binary search over the runs; nullopt if the page is not in the store. A REF page
   // reports where it lives (ref_pid, ref_addr), not what is there.
@@ -139,7 +170,8 @@ class PageStoreReader {
   // page_store_mac_digest() of the header, index and footer this reader parsed and uses.
   const std::string& mac_digest() const;
 
-  // Counters for stats.
+  // Counters for stats: frames loaded into the cache (decompressed, or read raw and checked)
+  // and their content bytes.
   uint64_t frames_decompressed() const;
   uint64_t bytes_decompressed() const;
 

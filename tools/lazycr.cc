@@ -73,9 +73,15 @@ int main(int argc, char** argv) {
   dump_cmd->add_flag("--leave-running", dump.leave_running,
                      "Let the tree continue after the dump (default: kill it)");
   dump_cmd->add_flag("-f,--force", dump.replace, "Replace an existing image directory");
-  dump_cmd->add_option("--level", dump.level, "zstd compression level")
-      ->default_val(1)
+  dump_cmd->add_option("--level", dump.level, "zstd compression level (as --compress zstd:LEVEL)")
+      ->default_val(image::kDefaultLevel)
       ->check(CLI::Range(-7, 19));
+  std::string compress;
+  dump_cmd
+      ->add_option("--compress", compress,
+                   "Page compression: zstd[:LEVEL] (negative levels are zstd's fast ones; "
+                   "frames that do not compress are stored raw) or none")
+      ->default_str(cat("zstd:", image::kDefaultLevel));
   dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
       ->default_val(0)
       ->check(CLI::Range(0, 256));
@@ -228,6 +234,17 @@ int main(int argc, char** argv) {
     if (*dump_cmd) {
       dump.dedup = !no_dedup;
       if (bad_dump_options(dump, frame_size)) return kExitUsage;
+      if (!compress.empty()) {
+        image::PageStoreOptions parsed;
+        try {
+          image::parse_compression(compress, parsed);
+        } catch (const Error& e) {
+          usage_error(cat("dump ", e.what()));
+          return kExitUsage;
+        }
+        dump.compression = parsed.compression;
+        if (parsed.compression == image::PageIndex::ZSTD) dump.level = parsed.level;
+      }
       dump.frame_size = static_cast<uint32_t>(frame_size);
       return cli::run_dump(dump);
     }

@@ -87,7 +87,7 @@ const char* signal_name(int signo) {
 }
 
 struct StoreSummary {
-  uint64_t data_pages, zero_pages, ref_pages, frames, file_bytes;
+  uint64_t data_pages, zero_pages, ref_pages, frames, raw_frames, file_bytes;
   double ratio;  // uncompressed data / file bytes
   std::vector<int32_t> ref_pids;
   // "sha256": every frame is checked against its digest in the index when read; "none": a
@@ -95,12 +95,23 @@ struct StoreSummary {
   const char* frame_digests;
 };
 
+// --compress as recorded; images from before the option were zstd at their level.
+std::string compression_text(const image::Inventory& inv) {
+  if (!inv.options().compression().empty()) return inv.options().compression();
+  return cat("zstd:", inv.options().compression_level());
+}
+
 StoreSummary summarize(const image::PageStoreReader& store) {
   const auto& idx = store.index();
-  StoreSummary s{idx.data_pages(),  idx.zero_pages(),
-                 store.ref_pages(), store.frame_count(),
-                 store.file_size(), 0,
-                 store.ref_pids(),  store.has_frame_digests() ? "sha256" : "none"};
+  StoreSummary s{idx.data_pages(),
+                 idx.zero_pages(),
+                 store.ref_pages(),
+                 store.frame_count(),
+                 store.raw_frame_count(),
+                 store.file_size(),
+                 0,
+                 store.ref_pids(),
+                 store.has_frame_digests() ? "sha256" : "none"};
   s.ratio = s.file_bytes > 0 ? double(s.data_pages * kPageSize) / double(s.file_bytes) : 0;
   return s;
 }
@@ -250,8 +261,8 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     << "  xsave " << inv.cpu().xsave_size() << " bytes (features "
     << hex(inv.cpu().xsave_features()) << ")\n";
   std::snprintf(line, sizeof line,
-                "Dump: frozen %.1f ms, total %.1f ms, zstd level %d, frame %s, %s%s\n",
-                inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, inv.options().compression_level(),
+                "Dump: frozen %.1f ms, total %.1f ms, compression %s, frame %s, %s%s\n",
+                inv.frozen_ns() / 1e6, inv.dump_ns() / 1e6, compression_text(inv).c_str(),
                 human_bytes(inv.options().frame_size()).c_str(),
                 inv.options().leave_running() ? "left running" : "killed after dump",
                 inv.options().tcp_established() ? ", TCP connections recorded" : "");
@@ -373,15 +384,15 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
     if (p.zombie()) continue;
     const auto& store = img.pages(p.pid());
     auto s = summarize(store);
-    std::snprintf(line, sizeof line,
-                  "  Page store: %llu data pages (%s), %llu zero pages, %llu ref pages, %llu "
-                  "frames (digests: %s), file %s, ratio %.2f\n",
-                  static_cast<unsigned long long>(s.data_pages),
-                  human_bytes(s.data_pages * kPageSize).c_str(),
-                  static_cast<unsigned long long>(s.zero_pages),
-                  static_cast<unsigned long long>(s.ref_pages),
-                  static_cast<unsigned long long>(s.frames), s.frame_digests,
-                  human_bytes(s.file_bytes).c_str(), s.ratio);
+    std::snprintf(
+        line, sizeof line,
+        "  Page store: %llu data pages (%s), %llu zero pages, %llu ref pages, %llu "
+        "frames (%llu raw, digests: %s), file %s, ratio %.2f\n",
+        static_cast<unsigned long long>(s.data_pages),
+        human_bytes(s.data_pages * kPageSize).c_str(),
+        static_cast<unsigned long long>(s.zero_pages), static_cast<unsigned long long>(s.ref_pages),
+        static_cast<unsigned long long>(s.frames), static_cast<unsigned long long>(s.raw_frames),
+        s.frame_digests, human_bytes(s.file_bytes).c_str(), s.ratio);
     o << line;
     if (!s.ref_pids.empty()) {
       o << "    ref pages are stored by pid";
@@ -532,6 +543,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.begin_object();
   j.field("leave_running", inv.options().leave_running());
   j.field("compression_level", inv.options().compression_level());
+  j.field("compression", compression_text(inv));
   j.field("frame_size", inv.options().frame_size());
   j.field("tcp_established", inv.options().tcp_established());
   j.field("ext_unix_sk", inv.options().ext_unix_sk());
@@ -690,6 +702,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
       for (int32_t pid : s.ref_pids) j.value(pid);
       j.end_array();
       j.field("frames", s.frames);
+      j.field("raw_frames", s.raw_frames);
       j.field("frame_digests", s.frame_digests);
       j.field("file_bytes", s.file_bytes);
       j.field("ratio", s.ratio);

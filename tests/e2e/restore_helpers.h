@@ -169,11 +169,13 @@ struct StateTarget {
   }
 
   // Dumps (killing the target unless leave_running) into dir.
-  void dump(const std::string& dir, bool leave_running = false) {
+  void dump(const std::string& dir, bool leave_running = false,
+            const std::vector<std::string>& extra = {}) {
     maps = maps_of(pid());
     state = snapshot(pid(), stable_tids());
     std::vector<std::string> args{"dump", "-t", std::to_string(pid()), "-D", dir};
     if (leave_running) args.push_back("--leave-running");
+    args.insert(args.end(), extra.begin(), extra.end());
     auto r = lazycr(args);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     if (!leave_running) {

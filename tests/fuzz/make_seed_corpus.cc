@@ -71,11 +71,14 @@ struct Part {
   std::vector<int> kinds;
 };
 
-void write_store(const std::string& path, const std::vector<Part>& parts, uint32_t frame_size,
-                 int level, uint64_t seed) {
+void write_store(
+    const std::string& path, const std::vector<Part>& parts, uint32_t frame_size, int level,
+    uint64_t seed,
+    lazycr::image::PageIndex::Compression compression = lazycr::image::PageIndex::ZSTD) {
   PageStoreOptions options;
   options.frame_size = frame_size;
   options.level = level;
+  options.compression = compression;
   options.threads = 1;
   PageStoreWriter writer(path, options);
   for (const Part& part : parts) {
@@ -123,7 +126,11 @@ void page_store_seeds(const std::string& dir) {
               5);
   write_store(dir + "/frame32k.lzp", {{0x555555554000, {1, 2, 1, 3, 1, 2, 1, 1, 1, 2}}}, 32 * 1024,
               -1, 6);
+  // Raw frames (version 3): a page of random data that zstd does not shrink; every frame of a
+  // store written with compression none.
   write_store(dir + "/random.lzp", {{0x1000, {0}}, {0x3000, {3, 1}}}, kMinFrameSize, 1, 7);
+  write_store(dir + "/none.lzp", {{0x10000, {1, 2, 3, 1, 0, 1, 2}}, {0x200000, {1}}}, kMinFrameSize,
+              1, 9, lazycr::image::PageIndex::NONE);
   {
     // REF runs (format 2): two that merge, one to another pid, between DATA and ZERO pages.
     PageStoreOptions options;
@@ -139,7 +146,7 @@ void page_store_seeds(const std::string& dir) {
     writer.finish();
   }
   for (const char* name :
-       {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs"})
+       {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs", "random", "none"})
     write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
 }
 

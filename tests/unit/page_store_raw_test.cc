@@ -1,0 +1,312 @@
+// Raw frames (page store version 3) and --compress: frames zstd does not shrink are stored as
+// they are, every frame with compression none; the reader serves them, checks them against
+// their digests, and refuses an index that misdescribes them.
+#include <fcntl.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "image-format/page_store.h"
+
+namespace lazycr::image {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "lazycr-rawframes-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
+
+ private:
+  std::string path_;
+};
+
+// 'r' random page, 'c' compressible (1 KiB random then zeros), 'z' zero page.
+std::vector<unsigned char> pages(const std::string& kinds, uint64_t seed) {
+  std::vector<unsigned char> out(kinds.size() * kPageSize, 0);
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (size_t p = 0; p < kinds.size(); ++p) {
+    size_t n = kinds[p] == 'r' ? kPageSize : kinds[p] == 'c' ? 1024 : 0;
+    for (size_t i = 0; i < n; i += 8) {
+      s ^= s >> 12;
+      s ^= s << 25;
+      s ^= s >> 27;
+      uint64_t v = s * 0x2545F4914F6CDD1Dull;
+      std::memcpy(out.data() + p * kPageSize + i, &v, 8);
+    }
+  }
+  return out;
+}
+
+constexpr uint64_t kAddr = 0x7f0000000000;
+
+PageStoreStats write(const std::string& path, const std::vector<unsigned char>& data,
+                     PageIndex::Compression compression, uint32_t frame_size = kMinFrameSize) {
+  PageStoreOptions o;
+  o.frame_size = frame_size;
+  o.threads = 2;
+  o.compression = compression;
+  PageStoreWriter w(path, o);
+  w.add_pages(kAddr, data.data(), data.size() / kPageSize);
+  return w.finish();
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+uint32_t u32_at(const std::string& f, size_t at) {
+  uint32_t v;
+  std::memcpy(&v, f.data() + at, 4);
+  return v;
+}
+uint64_t u64_at(const std::string& f, size_t at) {
+  uint64_t v;
+  std::memcpy(&v, f.data() + at, 8);
+  return v;
+}
+
+void expect_reads_back(const PageStoreReader& r, const std::vector<unsigned char>& data) {
+  std::vector<unsigned char> buf(data.size(), 0xaa);
+  r.read(kAddr, data.size() / kPageSize, buf.data());
+  EXPECT_TRUE(buf == data);
+  for (size_t p = 0; p < data.size() / kPageSize; ++p) {  // page by page, through the cache
+    std::vector<unsigned char> one(kPageSize, 0xaa);
+    r.read(kAddr + p * kPageSize, 1, one.data());
+    ASSERT_EQ(0, std::memcmp(one.data(), data.data() + p * kPageSize, kPageSize)) << p;
+  }
+}
+
+// Frames of 4 pages: random (raw), compressible (zstd), random (raw), 2 random pages (raw:
+// too small for the probe, zstd finds nothing).
+const std::string kMixed = "rrrrccccrrrrrr";
+
+TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = pages(kMixed, 1);
+  PageStoreStats stats = write(path, data, PageIndex::ZSTD);
+  ASSERT_EQ(4u, stats.frames);
+  EXPECT_EQ(3u, stats.raw_frames);
+  const std::string file = slurp(path);
+  EXPECT_EQ(kPageStoreVersion, u32_at(file, 8)) << "a store with raw frames is version 3";
+  EXPECT_EQ(kPageStoreVersion, u32_at(file, file.size() - 16));
+
+  auto r = PageStoreReader::open(path);
+  EXPECT_EQ(3u, r->raw_frame_count());
+  EXPECT_EQ(PageIndex::ZSTD, r->index().compression());
+  for (uint64_t i = 0; i < 4; ++i) {
+    auto f = r->frame(i);
+    EXPECT_EQ(i != 1, f.raw) << i;
+    if (f.raw) {
+      EXPECT_EQ(i == 3 ? 2 * kPageSize : 4 * kPageSize, f.size) << "raw: its pages as they are";
+      // A raw frame is its pages, byte for byte, at its offset.
+      size_t first = i * 4;
+      EXPECT_EQ(0, std::memcmp(file.data() + f.offset, data.data() + first * kPageSize, f.size));
+    } else {
+      EXPECT_LT(f.size, 4 * kPageSize / 2);
+    }
+  }
+  expect_reads_back(*r, data);
+  EXPECT_EQ(4u, r->frames_decompressed());  // each frame loaded once, raw or not
+  r->verify_all();
+}
+
+TEST(PageStoreRawFrames, CompressibleStoreStaysVersion2) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = pages("cccccccc", 2);
+  PageStoreStats stats = write(path, data, PageIndex::ZSTD);
+  EXPECT_EQ(0u, stats.raw_frames);
+  const std::string file = slurp(path);
+  EXPECT_EQ(kPageStoreVersionNoRaw, u32_at(file, 8));
+  auto r = PageStoreReader::open(path);
+  EXPECT_EQ(0u, r->raw_frame_count());
+  EXPECT_TRUE(r->index().raw_frames().empty());
+  expect_reads_back(*r, data);
+}
+
+TEST(PageStoreRawFrames, CompressionNoneStoresEveryFrameRaw) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = pages("cccccccccccccccccc" + kMixed, 3);
+  PageStoreStats stats = write(path, data, PageIndex::NONE);
+  EXPECT_EQ(stats.frames, stats.raw_frames);
+  auto r = PageStoreReader::open(path);
+  EXPECT_EQ(PageIndex::NONE, r->index().compression());
+  EXPECT_EQ(r->frame_count(), r->raw_frame_count());
+  uint64_t bytes = 0;
+  for (uint64_t i = 0; i < r->frame_count(); ++i) bytes += r->frame(i).size;
+  EXPECT_EQ(data.size(), bytes);
+  expect_reads_back(*r, data);
+}
+
+TEST(PageStoreRawFrames, CheckFrameVouchesForBytesReadFromTheFile) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = pages(kMixed, 4);
+  write(path, data, PageIndex::ZSTD);
+  auto r = PageStoreReader::open(path);
+  const std::string file = slurp(path);
+  for (uint64_t i = 0; i < r->frame_count(); ++i) {
+    auto f = r->frame(i);
+    std::string bytes = file.substr(f.offset, f.size);
+    r->check_frame(i, bytes.data(), bytes.size());
+    bytes[bytes.size() / 2] ^= 1;
+    EXPECT_THROW(r->check_frame(i, bytes.data(), bytes.size()), Error) << i;
+    EXPECT_THROW(r->check_frame(i, bytes.data(), bytes.size() - 1), Error) << i;
+  }
+  EXPECT_THROW(r->check_frame(r->frame_count(), file.data(), 1), Error);
+}
+
+TEST(PageStoreRawFrames, EveryFlippedByteOfARawFrameIsRefused) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = pages(kMixed, 5);
+  write(path, data, PageIndex::ZSTD);
+  const std::string good = slurp(path);
+  PageStoreReader::FrameInfo f0 = PageStoreReader::open(path)->frame(0);
+  ASSERT_TRUE(f0.raw);
+  for (uint64_t at = f0.offset; at < f0.offset + f0.size; at += 97) {
+    std::string bad = good;
+    bad[at] ^= static_cast<char>(1 << (at % 8));
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << bad;
+    auto r = PageStoreReader::open(path);
+    std::vector<unsigned char> buf(kPageSize);
+    try {
+      r->read(kAddr, 1, buf.data());
+      ADD_FAILURE() << "flip at " << at << " read without an error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string::npos, std::string(e.what()).find("do not match their SHA-256"))
+          << e.what();
+    }
+  }
+}
+
+// The good store's index, changed, with the footer and header versions as given.
+class RawIndexCorruption : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = dir_.file("p.lzp");
+    write(path_, pages(kMixed, 6), PageIndex::ZSTD);
+    good_ = slurp(path_);
+    index_offset_ = u64_at(good_, good_.size() - 32);
+    uint64_t size = u64_at(good_, good_.size() - 24);
+    std::string packed = good_.substr(index_offset_, size);
+    std::string raw(ZSTD_getFrameContentSize(packed.data(), packed.size()), '\0');
+    ASSERT_EQ(raw.size(), ZSTD_decompress(raw.data(), raw.size(), packed.data(), packed.size()));
+    ASSERT_TRUE(index_.ParseFromString(raw));
+    ASSERT_EQ(std::string(1, '\x0d'), index_.raw_frames());  // frames 0, 2, 3
+  }
+
+  std::string with_index(const PageIndex& idx, uint32_t version) const {
+    std::string raw = idx.SerializeAsString();
+    ZSTD_CCtx* c = ZSTD_createCCtx();
+    ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1);
+    std::string packed(ZSTD_compressBound(raw.size()), '\0');
+    packed.resize(ZSTD_compress2(c, packed.data(), packed.size(), raw.data(), raw.size()));
+    ZSTD_freeCCtx(c);
+    std::string f = good_.substr(0, index_offset_) + packed;
+    std::memcpy(f.data() + 8, &version, 4);
+    std::string footer(32, '\0');
+    uint64_t off = index_offset_, size = packed.size();
+    std::memcpy(footer.data(), &off, 8);
+    std::memcpy(footer.data() + 8, &size, 8);
+    std::memcpy(footer.data() + 16, &version, 4);
+    std::memcpy(footer.data() + 24, "LZCRPEND", 8);
+    return f + footer;
+  }
+
+  void expect_refused(const std::function<void(PageIndex&)>& change, const std::string& what,
+                      uint32_t version = kPageStoreVersion) {
+    PageIndex idx = index_;
+    change(idx);
+    std::ofstream(path_, std::ios::binary | std::ios::trunc) << with_index(idx, version);
+    try {
+      PageStoreReader::open(path_);
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const Error& e) {
+      EXPECT_EQ(0u, std::string(e.what()).find(path_ + ": ")) << e.what();
+    }
+  }
+
+  TempDir dir_;
+  std::string path_, good_;
+  uint64_t index_offset_ = 0;
+  PageIndex index_;
+};
+
+TEST_F(RawIndexCorruption, RebuiltGoodIndexOpens) {
+  std::ofstream(path_, std::ios::binary | std::ios::trunc) << with_index(index_, kPageStoreVersion);
+  EXPECT_EQ(3u, PageStoreReader::open(path_)->raw_frame_count());
+}
+
+TEST_F(RawIndexCorruption, MisdescribedRawFramesAreRefused) {
+  expect_refused([](PageIndex& i) { i.clear_raw_frames(); }, "version 3 without raw frames");
+  expect_refused([](PageIndex&) {}, "raw frames in a version 2 store", kPageStoreVersionNoRaw);
+  expect_refused([](PageIndex& i) { i.set_raw_frames(std::string("\x0d\x00", 2)); }, "long bitmap");
+  expect_refused([](PageIndex& i) { i.set_raw_frames(std::string("\x1d", 1)); },
+                 "bit past the end");
+  expect_refused([](PageIndex& i) { i.set_raw_frames(std::string("\x0f", 1)); },
+                 "a zstd frame said raw (its size is not its pages')");
+  expect_refused([](PageIndex& i) { i.clear_frame_sha256(); }, "raw frames without digests");
+  expect_refused([](PageIndex& i) { i.set_compression(PageIndex::NONE); },
+                 "compression none with a zstd frame");
+  expect_refused([](PageIndex& i) { i.set_compression(static_cast<PageIndex::Compression>(7)); },
+                 "unknown compression");
+  expect_refused([](PageIndex&) {}, "version 4", kPageStoreVersion + 1);
+}
+
+// A raw frame said zstd has a size open() cannot tell from a zstd frame's: reading it is a
+// clean Error (its digest still matches; zstd refuses its header), never wrong pages.
+TEST_F(RawIndexCorruption, RawFrameSaidZstdFailsOnRead) {
+  PageIndex idx = index_;
+  idx.set_raw_frames(std::string("\x0c", 1));  // frame 0 no longer raw
+  std::ofstream(path_, std::ios::binary | std::ios::trunc) << with_index(idx, kPageStoreVersion);
+  auto r = PageStoreReader::open(path_);
+  std::vector<unsigned char> buf(kPageSize);
+  EXPECT_THROW(r->read(kAddr, 1, buf.data()), Error);
+  r->read(kAddr + 4 * kPageSize, 1, buf.data());  // frame 1, a zstd frame, still reads
+}
+
+TEST(PageStoreCompression, ParsesTheCompressOption) {
+  PageStoreOptions o;
+  parse_compression("none", o);
+  EXPECT_EQ(PageIndex::NONE, o.compression);
+  EXPECT_EQ("none", compression_name(o));
+  parse_compression("zstd:-3", o);
+  EXPECT_EQ(PageIndex::ZSTD, o.compression);
+  EXPECT_EQ(-3, o.level);
+  EXPECT_EQ("zstd:-3", compression_name(o));
+  parse_compression("zstd", o);
+  EXPECT_EQ(kDefaultLevel, o.level);
+  parse_compression("zstd:19", o);
+  EXPECT_EQ(19, o.level);
+  for (const char* bad : {"", "zstd:", "zstd:0", "zstd:x", "zstd:1x", "zstd:23", "zstd:-9999999",
+                          "zstd:99999999999", "lz4", "NONE", "zstd: 1"}) {
+    PageStoreOptions before;
+    EXPECT_THROW(parse_compression(bad, before), Error) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace lazycr::image
