@@ -493,9 +493,11 @@ struct PageServer::Impl {
   // and the child reads zero pages. So, before anything else is done with the batch, each
   // child's uffd is parked in its keeper (inside the processes: it survives the server and
   // the guardian) and handed to the guardian, under an id reserved for apply_event(). What is
-  // left of the window (the read's return to these sendmsg calls) is covered by the
-  // guardian, which kills the descendants of the processes it guards that it does not know
-  // (uffd/guardian.cc). msgs[from..] were just read.
+  // left of the window (the read's return to these sendmsg calls) is covered by the guardian
+  // when it outlives the server: it kills the descendants of the processes it guards that it
+  // does not know (uffd/guardian.cc). Both killed inside it, the child loses its uffd: no
+  // user space reference can exist sooner (the kernel installs the descriptor in the reader
+  // alone, and resumes the fork before the read returns). msgs[from..] were just read.
   void secure_forks(Proc& p, size_t from) {
     for (size_t i = from; i < msgs.size(); ++i) {
       const uffd_msg& m = msgs[i];
