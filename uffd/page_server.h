@@ -161,7 +161,7 @@ struct PageServerOptions {
   uint64_t window = 64 * 1024;                // bytes copied per fault (page multiple, >= 4096)
   bool prefetch = true;                       // push owed pages while no fault is waiting
   uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch chunk (page multiple)
-  bool prefetch_thread = true;                // decompress ahead on a second thread
+  bool prefetch_thread = true;                // decompress ahead (uffd/fill_pipeline.h)
   int guardian_log_fd = 2;                    // where the guardian writes its message
   // When >= 0: the keepers (uffd/keeper.h) are released, and run() returns, only once this
   // descriptor is readable or hung up (lazycr's restore traces the processes until then, so
