@@ -5,10 +5,8 @@
 //   so that the server's loop only copies (UFFDIO_COPY) and never waits for zstd. The loop
 //   queues chunks while buffers are free and takes them back, filled, in any order; it
 //   never blocks on the workers (their eventfd wakes its epoll).
-// - fill_quietly() / PieceSize: one fill that wakes nobody (UFFDIO_COPY_MODE_DONTWAKE), and
-//   the size of the next one: small (kMinPiece) right after the uffds had something to say,
-//   so that a fault waits for one small piece at most, doubling up to kMaxPiece while they
-//   stay quiet, so that an idle drain is made of few large copies.
+// - fill_quietly(): one fill of a piece of a chunk that wakes nobody
+//   (UFFDIO_COPY_MODE_DONTWAKE).
 #pragma once
 
 #include <cstdint>
@@ -64,18 +62,12 @@ class FillPipeline {
   std::unique_ptr<Impl> impl_;
 };
 
-// Sizes of the quiet fills of a prefetch chunk (see above).
-class PieceSize {
- public:
-  static constexpr uint64_t kMinPiece = 128 * 1024;       // a fault waits ~60 us at most
-  static constexpr uint64_t kMaxPiece = 4 * 1024 * 1024;  // CRIU's largest copy
-  uint64_t next() const { return size_; }
-  void quiet() { size_ = size_ * 2 > kMaxPiece ? kMaxPiece : size_ * 2; }
-  void busy() { size_ = kMinPiece; }
-
- private:
-  uint64_t size_ = kMinPiece;
-};
+// The quiet fills of a prefetch chunk are made in pieces of this many bytes: a fault outside
+// the chunk waits for one piece at most (~60 us here). Pieces that grew up to the chunk
+// while the uffds stayed quiet made no idle drain measurably faster (it is bound by
+// decompression, bench/RESULTS.md "Fill pipeline") and made faults between them wait up to
+// ~10x longer (a process touching a page every 50 us leaves the uffds quiet in between).
+inline constexpr uint64_t kPrefetchPiece = 128 * 1024;
 
 // One fill of [dst, dst + n) that wakes nobody (ZERO: UFFDIO_ZEROPAGE, else UFFDIO_COPY from
 // `buf`), counted in `stats` and erased from `owed`. Returns the bytes filled: 0 when the

@@ -493,9 +493,11 @@ struct PageServer::Impl {
   // and the child reads zero pages. So, before anything else is done with the batch, each
   // child's uffd is parked in its keeper (inside the processes: it survives the server and
   // the guardian) and handed to the guardian, under an id reserved for apply_event(). What is
-  // left of the window (the read's return to these sendmsg calls) is covered by the
-  // guardian, which kills the descendants of the processes it guards that it does not know
-  // (uffd/guardian.cc). msgs[from..] were just read.
+  // left of the window (the read's return to these sendmsg calls) is covered by the guardian
+  // when it outlives the server: it kills the descendants of the processes it guards that it
+  // does not know (uffd/guardian.cc). Both killed inside it, the child loses its uffd: no
+  // user space reference can exist sooner (the kernel installs the descriptor in the reader
+  // alone, and resumes the fork before the read returns). msgs[from..] were just read.
   void secure_forks(Proc& p, size_t from) {
     for (size_t i = from; i < msgs.size(); ++i) {
       const uffd_msg& m = msgs[i];
@@ -758,7 +760,7 @@ struct PageServer::Impl {
   }
 
   // Fills [dst, dst + len) of p as prefetch (the chunk must still be owed with source src),
-  // in quiet pieces (fill_pipeline.h: PieceSize), none of which wakes anyone; the threads
+  // in pieces of at most kPrefetchPiece bytes, none of which wakes anyone; the threads
   // that waited in what was filled are woken once at the end. `data(off, n)` gives the bytes
   // of [dst + off, dst + off + n) (unused for a ZERO chunk). Between pieces, a fault outside
   // the chunk, a layout event or a message for another process stops it: they wait for one
@@ -774,7 +776,7 @@ struct PageServer::Impl {
     const size_t queued = p.faults.size();
     uint64_t done = 0;
     while (done < len) {
-      const uint64_t n = std::min(pieces.next(), len - done);
+      const uint64_t n = std::min(kPrefetchPiece, len - done);
       bool lost = false;
       const uint64_t got = fill_quietly(p.uffd, p.owed, stats, dst + done, n, zero,
                                         zero ? nullptr : data(done, n), lost);
@@ -802,16 +804,11 @@ struct PageServer::Impl {
   // Between two pieces of a prefetch chunk of p covering [lo, hi): must it stop? Yes for a
   // message on another process's uffd, a layout event of p, or a fault of p outside the
   // chunk (p's messages are read here: faults are queued for the loop, events applied).
-  // Any message makes the next pieces small again; quiet uffds let them grow.
   bool interrupted(Proc& p, uint64_t lo, uint64_t hi) {
     pfds.clear();
     for (const auto& [id, q] : procs)
       if (!q->gone && q->uffd.valid()) pfds.push_back(pollfd{q->uffd.fd(), POLLIN, 0});
-    if (::poll(pfds.data(), pfds.size(), 0) <= 0) {
-      pieces.quiet();
-      return false;
-    }
-    pieces.busy();
+    if (::poll(pfds.data(), pfds.size(), 0) <= 0) return false;
     bool mine = false;
     for (const pollfd& f : pfds) {
       if (f.revents == 0) continue;
@@ -898,7 +895,7 @@ struct PageServer::Impl {
     take_chunk(*c);
     Proc& p = *c->proc;
     try {
-      if (!prefetch_buf) prefetch_buf.reset(new char[PieceSize::kMaxPiece]);
+      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPiece]);
       prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
         p.store->read(c->src + off, n / kPage, prefetch_buf.get());
         return static_cast<const char*>(prefetch_buf.get());
@@ -916,7 +913,6 @@ struct PageServer::Impl {
     return f != nullptr && std::strcmp(f, "server-stop-mid-prefetch") == 0;
   }();
   std::vector<pollfd> pfds;
-  PieceSize pieces;
 
   // ---- the loop -----------------------------------------------------------------------------
 

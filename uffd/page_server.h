@@ -91,9 +91,8 @@
 //   than the chunk; a fault inside the chunk (a thread reading just behind prefetch) lets it
 //   go on and is answered by its wake-up (stats.prefetch_waits): one wake-up per chunk,
 //   where 128 KiB chunks cost the server a wake-up per 128 KiB and a process reading in
-//   order 10-15% (bench/RESULTS.md). Pieces are 128 KiB (~60 us) after any message, and
-//   double while the uffds stay quiet up to the whole chunk (an idle drain: few large
-//   copies). With options.prefetch_thread the fill pipeline (uffd/fill_pipeline.h)
+//   order 10-15% (bench/RESULTS.md). Pieces are 128 KiB (~60 us). With
+//   options.prefetch_thread the fill pipeline (uffd/fill_pipeline.h)
 //   decompresses the next chunks ahead on two threads into four buffers; the loop never
 //   waits for it: it polls the uffds between copies and a fault always goes first.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
@@ -162,7 +161,7 @@ struct PageServerOptions {
   uint64_t window = 64 * 1024;                // bytes copied per fault (page multiple, >= 4096)
   bool prefetch = true;                       // push owed pages while no fault is waiting
   uint64_t prefetch_chunk = 2 * 1024 * 1024;  // bytes per prefetch chunk (page multiple)
-  bool prefetch_thread = true;                // decompress ahead on a second thread
+  bool prefetch_thread = true;                // decompress ahead (uffd/fill_pipeline.h)
   int guardian_log_fd = 2;                    // where the guardian writes its message
   // When >= 0: the keepers (uffd/keeper.h) are released, and run() returns, only once this
   // descriptor is readable or hung up (lazycr's restore traces the processes until then, so

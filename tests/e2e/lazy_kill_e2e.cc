@@ -165,7 +165,10 @@ TEST_P(LazyKill, ProcessNeverRunsOnZeroPages) {
   t.send("all");
   const std::string outcome = outcome_of(l.rp.pid, t.cmd_file);
   if (c.order == Order::kGroup) {
-    EXPECT_EQ(outcome, "exited");
+    // The guardian may not have acted yet when the process faults: it waits ("blocked")
+    // until the guardian kills it (seen failing 2 in 12 runs at main under load).
+    EXPECT_TRUE(outcome == "exited" || outcome == "blocked") << outcome;
+    EXPECT_TRUE(wait_exited(l.rp.pid));
   } else {
     EXPECT_EQ(outcome, "blocked");
     send_signal(l.rp.pid, SIGKILL);
