@@ -175,7 +175,7 @@ def bench(lazycr, kind, port, runs, root):
         rec_stats = finish(r, pidfile, stats)
         if not os.path.exists(ws_file):
             raise SystemExit("no working set recorded")
-        out = subprocess.run([lazycr, "show", "-D", img, "--json"], check=True,
+        out = subprocess.run([lazycr, "show", img, "--json"], check=True,
                              capture_output=True, text=True).stdout
         ws_pages = json.loads(out)["working_set"]["pages"]
         rows = {"plain": [], "ws": []}

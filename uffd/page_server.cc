@@ -706,6 +706,7 @@ struct PageServer::Impl {
       if (overlaps_job(p, s, len)) continue;
       return Chunk{&p, s, r->src_of(s), len, r->tag == kTagZero};
     }
+    note_working_set_done();
     return std::nullopt;
   }
   void note_working_set_done() {

@@ -113,10 +113,10 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
   WsTarget t;
   ASSERT_NO_FATAL_FAILURE(record(t));
 
-  auto show = lazycr({"show", "-D", t.dir});
+  auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("used by lazy restores"), std::string::npos) << show.out;
-  auto json = lazycr({"show", "-D", t.dir, "--json"});
+  auto json = lazycr({"show", t.dir, "--json"});
   EXPECT_EQ(json.exit_code, 0) << json.err;
   const size_t at = json.out.find("\"working_set\":");
   ASSERT_NE(at, std::string::npos) << json.out;
@@ -147,7 +147,7 @@ TEST(WorkingSet, DamagedRecordIsIgnoredWithOneWarning) {
     f.seekp(70);
     f.write(&c, 1);
   }
-  auto show = lazycr({"show", "-D", t.dir});
+  auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("Working set: damaged"), std::string::npos) << show.out;
 
