@@ -155,9 +155,10 @@ def finish(r, pidfile, stats):
 
 def bench(lazycr, kind, port, runs, root):
     work = tempfile.mkdtemp(prefix=f"ws-bench-{kind}-", dir=root)
+    p = start(kind, work, port)
     try:
-        p = start(kind, work, port)
         want = ask(port)  # the uninterrupted answer (touches the 10% once before the dump)
+        time.sleep(0.5)  # the server closes its end of that connection
         rss = rss_mib(p.pid)
         img = os.path.join(work, "img")
         t = time.perf_counter()
@@ -182,13 +183,13 @@ def bench(lazycr, kind, port, runs, root):
         for i in range(runs):
             for mode in (("plain", "ws") if i % 2 == 0 else ("ws", "plain")):
                 if mode == "plain":
-                    os.rename(ws_file, ws_file + ".off")
+                    os.rename(ws_file, os.path.join(work, "ws.off"))  # out of the image: the MAC covers it
                 try:
                     r, pidfile, stats, ms = restore(lazycr, img, work, port, [], want)
                     s = finish(r, pidfile, stats)
                 finally:
                     if mode == "plain":
-                        os.rename(ws_file + ".off", ws_file)
+                        os.rename(os.path.join(work, "ws.off"), ws_file)
                 rows[mode].append(dict(ms=ms, faults=s["faults"],
                                        ws_pages=s["working_set"]["pages_prefetched"],
                                        ws_faults=s["working_set"]["faults"],
@@ -196,10 +197,13 @@ def bench(lazycr, kind, port, runs, root):
                 print(f"  {kind} run {i + 1} {mode}: {ms:.0f} ms, faults {s['faults']}, "
                       f"working-set pages pushed {s['working_set']['pages_prefetched']} "
                       f"(faults on them {s['working_set']['faults']})", flush=True)
+        shutil.rmtree(work, ignore_errors=True)  # kept on failure, for its restore.log
         return dict(rss=rss, dump=dump_ms, rec_ms=rec_ms, rec_faults=rec_stats["faults"],
                     ws_pages=ws_pages, rows=rows)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if p.poll() is None:
+            p.kill()
+        raise
 
 
 def main():
