@@ -196,7 +196,9 @@ def bench(lazycr, kind, port, runs, root):
                                        ws_done=s["working_set"]["done_ns"] / 1e6))
                 print(f"  {kind} run {i + 1} {mode}: {ms:.0f} ms, faults {s['faults']}, "
                       f"working-set pages pushed {s['working_set']['pages_prefetched']} "
-                      f"(faults on them {s['working_set']['faults']})", flush=True)
+                      f"(faults on them {s['working_set']['faults']}, pushed "
+                      f"{s['working_set']['done_ns'] / 1e6:.0f} ms into the server's run), "
+                      f"{s['bytes_decompressed'] >> 20} MiB decompressed", flush=True)
         shutil.rmtree(work, ignore_errors=True)  # kept on failure, for its restore.log
         return dict(rss=rss, dump=dump_ms, rec_ms=rec_ms, rec_faults=rec_stats["faults"],
                     ws_pages=ws_pages, rows=rows)
