@@ -72,7 +72,8 @@ std::string compute_mac(const std::string& dir, const std::string& key, uint32_t
   std::vector<std::string> names;
   while (dirent* e = ::readdir(d.get())) {
     std::string name = e->d_name;
-    if (name != "." && name != ".." && name != kMacFile) names.push_back(name);
+    if (name != "." && name != ".." && name != kMacFile && name != kWorkingSetFile)
+      names.push_back(name);
   }
   std::sort(names.begin(), names.end());
   std::string manifest;

@@ -12,6 +12,10 @@
 namespace lazycr::image {
 
 inline constexpr char kMacFile[] = "image.mac";
+// The working-set record (uffd/working_set.h) is written into an image after the dump, by a
+// restore; it is only ever an order of prefetch, never content, and carries its own checksum
+// and the digests of the stores it was made for: the MAC does not cover it.
+inline constexpr char kWorkingSetFile[] = "working-set.lzw";
 inline constexpr char kMacMagic[8] = {'L', 'Z', 'C', 'R', 'M', 'A', 'C', '\0'};
 // Version 2 covers a page store's header, index and footer; version 1 (images written before
 // frame digests, still verified) every byte of every file.

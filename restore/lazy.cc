@@ -399,6 +399,8 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
         server.add_process(sp.pid, UniqueFd(sp.uffd), UniqueFd(sp.pidfd), stores[i], sp.areas,
                            std::move(keeper));
       }
+      server.use_working_set(l.opts.record_working_set, 10'000'000'000,
+                             int64_t{l.opts.record_quiet_ms} * 1'000'000);
       log::debug("page server: store ", (t_store - t_fork) / 1000, " us, guardian ",
                  (t_guardian - t_store) / 1000, " us, add_process ", (now_ns() - t_guardian) / 1000,
                  " us");

@@ -31,8 +31,12 @@ struct LazyOptions {
   uint64_t window = 64 * 1024;  // bytes filled per fault
   std::string stats_file;       // JSON written by the server when it finishes ("" = none)
   std::string server_pidfile;   // the server process's pid, written once it is started
-  int server_cpu = -1;          // pin the server (and its prefetch thread) to this CPU
-                                // (benchmarks); -1: lazycr's own CPU mask
+  // --record-working-set: the server records the pages the first seconds' faults needed in
+  // the image directory (uffd/working_set.h); without it, a record there is used.
+  bool record_working_set = false;
+  int record_quiet_ms = 1000;  // ... until this long without a fault (at most 10 s)
+  int server_cpu = -1;         // pin the server (and its prefetch thread) to this CPU
+                               // (benchmarks); -1: lazycr's own CPU mask
   // --detach: the server (and its guardian) must not keep lazycr's caller's terminal or pipes:
   // their messages go to --log-file, else to server_log_path(server pid).
   bool detached = false;

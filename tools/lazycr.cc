@@ -163,8 +163,19 @@ int main(int argc, char** argv) {
       ->default_str("64K")
       ->needs(lazy_flag);
   restore_cmd
+      ->add_flag("--record-working-set", restore.restore.lazy.record_working_set,
+                 "--lazy: record in the image the pages the process touches in its first "
+                 "seconds (until 1 s without a fault, at most 10 s); later lazy restores push "
+                 "them first")
+      ->needs(lazy_flag);
+  restore_cmd
       ->add_option("--server-pidfile", restore.restore.lazy.server_pidfile,
                    "--lazy: write the page server's pid here")
+      ->needs(lazy_flag);
+  // Tests: how long without a fault ends the recording of a working set.
+  restore_cmd->add_option("--record-quiet-ms", restore.restore.lazy.record_quiet_ms)
+      ->group("")
+      ->check(CLI::Range(1, 10'000))
       ->needs(lazy_flag);
   // Benchmarks: the page server's CPU.
   restore_cmd->add_option("--server-cpu", restore.restore.lazy.server_cpu)

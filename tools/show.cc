@@ -21,6 +21,7 @@
 #include "objects/unix_socket.h"
 #include "tools/commands.h"
 #include "tools/show_timers.h"
+#include "tools/show_working_set.h"
 
 namespace lazycr::cli {
 namespace {
@@ -421,6 +422,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
       << (t.locked() ? "locked" : "unlocked") << ", " << t.to_master().size()
       << " bytes unread at the master, " << t.to_slave().size() << " at the slave\n";
   if (sh.sysv_shm_size() > 0) o << "\nSysV shared memory: " << sh.sysv_shm_size() << " segments\n";
+  print_working_set_text(o, img);
   for (const auto& m : sh.sysv_shm()) {
     std::snprintf(line, sizeof line,
                   "  SysV segment id %d key %#x mode %04o size %llu uid %u gid %u cuid %u cgid "
@@ -894,6 +896,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   }
   j.end_array();
   j.end_object();
+  working_set_json(j, img);
   j.end_object();
 }
 

@@ -124,7 +124,7 @@ bool FillPipeline::can_queue() const {
 }
 
 void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStoreReader> store,
-                         uint64_t dst, uint64_t src, uint64_t len) {
+                         uint64_t dst, uint64_t src, uint64_t len, bool working_set) {
   Impl& im = *impl_;
   if (len > im.chunk_bytes) fail("page server: prefetch chunk of ", len, " bytes is too large");
   {
@@ -136,7 +136,7 @@ void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStor
         break;
       }
     if (free == nullptr) fail("page server: no free prefetch buffer");
-    free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}};
+    free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}, working_set};
     free->state = Impl::Slot::kQueued;
     free->seq = im.next_seq++;
     im.todo.push_back(free);

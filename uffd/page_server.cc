@@ -1,8 +1,6 @@
 #include "uffd/page_server.h"
 
-#include <dirent.h>
 #include <fcntl.h>
-#include <linux/kcmp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -34,7 +32,9 @@
 #include "uffd/guardian.h"
 #include "uffd/keeper.h"
 #include "uffd/owed_set.h"
+#include "uffd/proc_scan.h"
 #include "uffd/uffd.h"
+#include "uffd/working_set.h"
 
 namespace lazycr::uffd {
 namespace {
@@ -59,45 +59,6 @@ int64_t now_ns() {
       .count();
 }
 
-pid_t parent_of(pid_t pid) {
-  auto st = proc::try_read_stat(pid);
-  return st ? st->ppid : -1;
-}
-
-// The boot-time clock in the ticks of /proc/PID/stat's starttime.
-uint64_t boot_ticks() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_BOOTTIME, &ts);
-  const long hz = ::sysconf(_SC_CLK_TCK);
-  return static_cast<uint64_t>(ts.tv_sec) * static_cast<uint64_t>(hz) +
-         static_cast<uint64_t>(ts.tv_nsec) / (1'000'000'000ull / static_cast<uint64_t>(hz));
-}
-
-// Every process whose parent is `parent`, with its start time (a scan of /proc: there is no
-// CONFIG_PROC_CHILDREN on our kernel, so no /proc/PID/task/TID/children).
-std::vector<std::pair<pid_t, uint64_t>> children_of(pid_t parent) {
-  std::vector<std::pair<pid_t, uint64_t>> out;
-  if (parent <= 0) return out;
-  DIR* dir = ::opendir("/proc");
-  if (dir == nullptr) return out;
-  while (dirent* d = ::readdir(dir)) {
-    char* end = nullptr;
-    long pid = std::strtol(d->d_name, &end, 10);
-    if (pid <= 0 || end == d->d_name || *end != 0) continue;
-    auto st = proc::try_read_stat(static_cast<pid_t>(pid));
-    if (st && st->ppid == parent) out.emplace_back(static_cast<pid_t>(pid), st->start_time);
-  }
-  ::closedir(dir);
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-std::vector<pid_t> pids_of(const std::vector<std::pair<pid_t, uint64_t>>& v) {
-  std::vector<pid_t> out;
-  for (const auto& [pid, start] : v) out.push_back(pid);
-  return out;
-}
-
 // Is the mm behind `fd` still there? A UFFDIO_COPY whose source is unreadable (address 0)
 // fills nothing whatever the destination: it answers ESRCH when the mm is gone, and EFAULT,
 // ENOENT, EEXIST or EAGAIN otherwise.
@@ -116,11 +77,6 @@ bool mm_alive(int fd, uint64_t dst) {
     }
     return err != ESRCH && err != ENOSPC;
   }
-}
-
-// Do two processes share one mm (CLONE_VM: vfork, posix_spawn)? False when unknown.
-bool same_mm(pid_t a, pid_t b) {
-  return ::syscall(SYS_kcmp, a, b, KCMP_VM, 0, 0) == 0;
 }
 
 uint64_t probe_address(const OwedSet& owed) {
@@ -156,6 +112,7 @@ struct PageServer::Impl {
     bool gone = false;        // exited (or its mm is gone): to be freed
     bool secured = false;     // forked children: parked and with the guardian already
     std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
+    WorkingSetQueue ws;  // pushed before the rest of prefetch (use_working_set())
 
     std::string name() const {
       if (pid > 0) return cat("pid ", pid);
@@ -167,6 +124,7 @@ struct PageServer::Impl {
     Proc* proc;
     uint64_t dst, src, len;
     bool zero;
+    bool ws = false;  // from the working set
   };
 
   PageServerOptions opt;
@@ -183,6 +141,8 @@ struct PageServer::Impl {
     uint64_t start, page, end;
   };
   std::vector<WindowRest> rests;
+  std::unique_ptr<WorkingSetRecorder> recorder;  // --record-working-set
+  bool ws_left = false;                          // a working set is still being pushed
   bool running = false;
   int64_t t0 = 0;
   int64_t next_resolve = 0, resolve_backoff = 1'000'000, next_probe = 0;
@@ -596,15 +556,18 @@ struct PageServer::Impl {
     const uint64_t addr = m.arg.pagefault.address & ~(kPage - 1);
     p.cursor = addr;
     const int64_t start = now_ns();
+    if (p.ws.contains(addr)) ++stats.working_set_faults;
     for (;;) {
       if (p.killed || p.gone) return now_ns();
       const auto r = p.owed.find(addr);
       const bool zero = !r || r->tag == kTagZero;
       uint64_t ws = addr, we = addr + kPage;
+      // Recording a working set: the pages the process touches, not their windows.
+      const uint64_t window = recorder && recorder->active() ? kPage : opt.window;
       if (r) {
-        const uint64_t bs = addr - addr % opt.window;
+        const uint64_t bs = addr - addr % window;
         ws = std::max(r->start, bs);
-        we = std::min(r->end, bs + opt.window);
+        we = std::min(r->end, bs + window);
       }
       const bool in_order = !zero && addr == p.window_end && we > addr + kPage;
       char* page = window_buf.get() + (addr - ws);
@@ -619,6 +582,7 @@ struct PageServer::Impl {
         ++stats.copy_ioctls;
         (zero ? stats.zero_pages : stats.fault_pages) += 1;
         if (r) {
+          if (recorder) recorder->note(p.id, ws, we, woken);
           p.owed.erase(addr, addr + kPage);
           p.window_end = we;
           if (in_order) {
@@ -739,12 +703,18 @@ struct PageServer::Impl {
 
   // The next chunk to prefetch, processes in turn, without taking it.
   std::optional<Chunk> peek_chunk() {
+    note_working_set_done();
     if (procs.empty()) return std::nullopt;
     auto it = procs.upper_bound(rr_last);
     for (size_t n = 0; n < procs.size(); ++n, ++it) {
       if (it == procs.end()) it = procs.begin();
       Proc& p = *it->second;
       if (p.killed || p.gone || p.owed.empty()) continue;
+      if (auto w = p.ws.next(p.owed, opt.prefetch_chunk)) {
+        if (use_worker() && pipeline.overlaps(p.id, w->start, w->end - w->start)) continue;
+        return Chunk{&p, w->start, w->src, w->end - w->start, w->tag == kTagZero, true};
+      }
+      if (!opt.prefetch) continue;  // only the working set is pushed
       auto r = p.owed.next(p.cursor);
       if (!r) r = p.owed.first();
       const uint64_t s = std::max(r->start, p.cursor >= r->end ? r->start : p.cursor);
@@ -752,7 +722,17 @@ struct PageServer::Impl {
       if (use_worker() && pipeline.overlaps(p.id, s, len)) continue;
       return Chunk{&p, s, r->src_of(s), len, r->tag == kTagZero};
     }
+    note_working_set_done();
     return std::nullopt;
+  }
+  void note_working_set_done() {
+    if (!ws_left) return;
+    for (const auto& [id, p] : procs)
+      if (p->ws.pending() && !p->killed && !p->gone) return;
+    ws_left = false;
+    stats.working_set_done_ns = since_start();
+    log::info("page server: working set pushed: ", stats.working_set_pages, " pages in ",
+              stats.working_set_done_ns / 1000, " us");
   }
   void take_chunk(const Chunk& c) {
     c.proc->cursor = c.dst + c.len;
@@ -855,13 +835,14 @@ struct PageServer::Impl {
                       [](uint64_t, uint64_t) { return static_cast<const char*>(nullptr); });
         return;
       }
-      pipeline.queue(c->proc->id, c->proc->store, c->dst, c->src, c->len);
+      pipeline.queue(c->proc->id, c->proc->store, c->dst, c->src, c->len, c->ws);
     }
   }
 
   // Whether prefetch has something to do right now without waiting for the pipeline.
   bool prefetch_ready() {
-    if (!opt.prefetch) return false;
+    if (recorder && recorder->active()) return false;  // recording: faults only
+    if (!opt.prefetch) return ws_left && peek_chunk().has_value();
     if (use_worker()) return pipeline.ready() != nullptr || (pipeline.can_queue() && peek_chunk());
     return peek_chunk().has_value();
   }
@@ -880,9 +861,11 @@ struct PageServer::Impl {
           const bool current = r && r->src_of(j->dst) == j->src && r->tag == kTagData;
           if (current && !j->error.empty()) fail(j->error);
           const char* buf = j->data;
+          const uint64_t before = stats.prefetch_pages;
           if (current)
             prefetch_fill(*p, j->dst, j->src, j->len, false,
                           [buf](uint64_t off, uint64_t) { return buf + off; });
+          if (j->working_set) stats.working_set_pages += stats.prefetch_pages - before;
         } catch (const std::exception& e) {
           kill(*p, e.what());
         }
@@ -896,10 +879,12 @@ struct PageServer::Impl {
     Proc& p = *c->proc;
     try {
       if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPiece]);
+      const uint64_t before = stats.prefetch_pages + stats.zero_pages;
       prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
         p.store->read(c->src + off, n / kPage, prefetch_buf.get());
         return static_cast<const char*>(prefetch_buf.get());
       });
+      if (c->ws) stats.working_set_pages += stats.prefetch_pages + stats.zero_pages - before;
     } catch (const std::exception& e) {
       kill(p, e.what());
     }
@@ -964,6 +949,7 @@ struct PageServer::Impl {
     running = true;
     for (auto& [ptr, slot] : stores) slot.second = ptr->bytes_decompressed();
     start_worker();
+    if (recorder) recorder->start(t0);
     next_probe = now_ns() + kProbeIntervalNs;
     note_if_all_served();
     bool stopped = false;
@@ -987,7 +973,12 @@ struct PageServer::Impl {
                               : std::min<int64_t>(timeout, (next_resolve - now) / 1'000'000);
       }
       if (now >= next_probe) probe_mms();
-      const int64_t probe_ms = std::max<int64_t>(1, (next_probe - now) / 1'000'000);
+      int64_t wake_ns = next_probe;
+      if (recorder && recorder->active()) {
+        if (now >= recorder->deadline()) recorder->finish("the fault stream went quiet");
+        if (recorder->active()) wake_ns = std::min(wake_ns, recorder->deadline());
+      }
+      const int64_t probe_ms = std::max<int64_t>(1, (wake_ns - now) / 1'000'000);
       timeout = timeout < 0 ? probe_ms : std::min(timeout, probe_ms);
       int n = ::epoll_wait(epoll.get(), evs, 64, static_cast<int>(std::max<int64_t>(0, timeout)));
       if (n < 0) {
@@ -1028,6 +1019,7 @@ struct PageServer::Impl {
       kill_owing("page server stopped");
       wait_killed(5000);
     }
+    if (recorder) recorder->finish("the server finished");
     release_all();
     guardian.finish();
     for (auto& [ptr, slot] : stores)
@@ -1106,6 +1098,25 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   p->store = std::move(store);
   p->keeper = std::move(keeper);
   impl_->add(std::move(p));
+}
+
+void PageServer::use_working_set(bool record, int64_t max_ns, int64_t quiet_ns) {
+  auto& procs = impl_->procs;
+  if (record) {
+    impl_->recorder = std::make_unique<WorkingSetRecorder>(max_ns, quiet_ns);
+    for (auto& [id, p] : procs)
+      impl_->recorder->add_process(id, p->store->path(), p->store->mac_digest());
+    return;
+  }
+  std::vector<WorkingSetTarget> targets;
+  for (auto& [id, p] : procs)
+    targets.push_back(WorkingSetTarget{p->store->path(), p->store->mac_digest(), &p->owed});
+  std::vector<std::vector<WorkingSetRun>> plans = load_working_set(targets);
+  size_t i = 0;
+  for (auto& [id, p] : procs) {
+    p->ws = WorkingSetQueue(plans[i++]);
+    impl_->ws_left = impl_->ws_left || p->ws.pending();
+  }
 }
 
 void PageServer::start_guardian() {

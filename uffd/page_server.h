@@ -188,11 +188,16 @@ struct PageServerStats {
   uint64_t eexist = 0, eagain = 0, enoent = 0;  // fill answers
   uint64_t bytes_decompressed = 0;              // by the stores during run()
   uint64_t events_fork = 0, events_remap = 0, events_remove = 0, events_unmap = 0;
-  uint64_t exits = 0;                      // processes seen exiting (pidfd) or gone (ESRCH)
-  uint64_t children_found = 0;             // forked children whose pid was found
-  uint64_t killed = 0;                     // processes killed rather than served wrong memory
-  uint64_t parked_closed = 0;              // keeper descriptors closed inside a process
-  uint64_t parked_left = 0;                // ... left there (traced by someone else, ...)
+  uint64_t exits = 0;           // processes seen exiting (pidfd) or gone (ESRCH)
+  uint64_t children_found = 0;  // forked children whose pid was found
+  uint64_t killed = 0;          // processes killed rather than served wrong memory
+  uint64_t parked_closed = 0;   // keeper descriptors closed inside a process
+  uint64_t parked_left = 0;     // ... left there (traced by someone else, ...)
+  // Working set (use_working_set()): pages pushed first from a record, faults on pages of
+  // that record, and when the last of it was pushed (-1: never, or no record).
+  uint64_t working_set_pages = 0;
+  uint64_t working_set_faults = 0;
+  int64_t working_set_done_ns = -1;
   std::vector<uint32_t> fault_latency_ns;  // per fault: message read -> fill returned
   std::vector<std::string> errors;         // one line per killed process
 
@@ -222,6 +227,15 @@ class PageServer {
                    std::shared_ptr<const image::PageStoreReader> store,
                    const std::vector<LazyArea>& areas,
                    std::shared_ptr<UffdKeeper> keeper = nullptr);
+
+  // Working-set prefetch (uffd/working_set.h), after add_process() of every process, before
+  // run(): each process whose store's directory holds a record that fits it gets the
+  // record's pages pushed first, in its order (even with prefetch off), then prefetch goes on
+  // as usual; a record that does not fit is ignored with one warning. With `record`, the
+  // faults served in the first seconds of run() are recorded there instead (prefetch waits
+  // until the recording ends: `quiet_ns` without a fault, or `max_ns`; or run() ends).
+  void use_working_set(bool record, int64_t max_ns = 10'000'000'000,
+                       int64_t quiet_ns = 1'000'000'000);
 
   // Forks the guardian (see Safety) and hands it the processes added so far; later ones are
   // handed over as they come. Call before run().

@@ -27,6 +27,12 @@ void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.end_object();
   w.field("faults_not_owed", s.not_owed_faults);
   w.field("faults_answered_by_prefetch", s.prefetch_waits);
+  w.key("working_set");
+  w.begin_object();
+  w.field("pages_prefetched", s.working_set_pages);
+  w.field("faults", s.working_set_faults);
+  w.field("done_ns", s.working_set_done_ns);  // from the start of the server's run
+  w.end_object();
   w.key("fault_latency_ns");
   w.begin_object();
   w.field("p50", s.latency_ns(0.5));

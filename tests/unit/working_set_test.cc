@@ -1,0 +1,220 @@
+// The working-set record (uffd/working_set.h): encode/parse, every way a file is refused, the
+// checks against the image (store digest, pages outside the lazy areas), the recorder's
+// order and de-duplication, and the queue's order and trimming.
+#include "uffd/working_set.h"
+
+#include <gtest/gtest.h>
+#include <openssl/evp.h>
+
+#include <boost/filesystem.hpp>
+#include <fstream>
+
+#include "common/error.h"
+
+namespace lazycr::uffd {
+namespace {
+
+constexpr uint64_t P = 4096;
+
+WorkingSetRecord sample() {
+  WorkingSetRecord rec;
+  ProcessWorkingSet p;
+  p.image_pid = 42;
+  p.store_digest = std::string(32, 'd');
+  p.runs = {{0x20000, 2}, {0x10000, 1}, {0x40000, 8}};
+  rec.processes.push_back(p);
+  return rec;
+}
+
+std::string refusal(const std::string& bytes) {
+  try {
+    parse_working_set(bytes);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// The file with its SHA-256 recomputed (a tool writing a bad record on purpose can always do
+// that: the bounds must hold on their own).
+std::string resum(std::string b) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  const std::string payload = b.substr(kWorkingSetHeaderBytes);
+  EVP_Digest(payload.data(), payload.size(), md, &len, EVP_sha256(), nullptr);
+  b.replace(24, 32, reinterpret_cast<const char*>(md), 32);
+  return b;
+}
+
+// The record's file with `bytes` bytes of its payload at `payload_off` set to `value`.
+// Payload offsets: process count 0, first process at 8 (pid 8, run count 12, digest 16..48),
+// its runs from 48 (start, pages: 16 bytes each).
+std::string edited(const WorkingSetRecord& rec, size_t payload_off, uint64_t value, int bytes) {
+  std::string b = encode_working_set(rec);
+  for (int i = 0; i < bytes; i++)
+    b[kWorkingSetHeaderBytes + payload_off + i] = static_cast<char>(value >> (8 * i));
+  return b;
+}
+
+TEST(WorkingSet, RoundTrip) {
+  const WorkingSetRecord rec = sample();
+  const WorkingSetRecord back = parse_working_set(encode_working_set(rec));
+  ASSERT_EQ(back.processes.size(), 1u);
+  EXPECT_EQ(back.processes[0].image_pid, 42);
+  EXPECT_EQ(back.processes[0].store_digest, std::string(32, 'd'));
+  EXPECT_EQ(back.processes[0].runs, rec.processes[0].runs);  // order kept
+  EXPECT_EQ(back.pages(), 11u);
+}
+
+TEST(WorkingSet, RefusesDamagedFiles) {
+  const std::string good = encode_working_set(sample());
+  EXPECT_NE(refusal(good.substr(0, 20)).find("size"), std::string::npos);
+  std::string b = good;
+  b[0] = 'X';
+  EXPECT_NE(refusal(b).find("not a working-set record"), std::string::npos);
+  b = good;
+  b[8] = 9;
+  EXPECT_NE(refusal(b).find("version 9"), std::string::npos);
+  b = good;
+  b[good.size() - 1] ^= 1;
+  EXPECT_NE(refusal(b).find("checksum mismatch"), std::string::npos);
+  b = good + "x";
+  EXPECT_NE(refusal(b).find("payload size"), std::string::npos);
+}
+
+TEST(WorkingSet, RefusesBadBoundsEvenWithAGoodChecksum) {
+  const WorkingSetRecord rec = sample();
+  EXPECT_NE(refusal(resum(edited(rec, 48, 0x20001, 8))).find("not page aligned"),
+            std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 56, 0, 8))).find("empty"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 48, 0x0000800000000000ull, 8))).find("user space"),
+            std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 56, 1ull << 40, 8))).find("user space"), std::string::npos);
+  // Second run moved onto the first.
+  EXPECT_NE(refusal(resum(edited(rec, 64, 0x21000, 8))).find("overlaps"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 12, 1000, 4))).find("do not fit"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 0, 7, 4))).find("do not fit"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 8, 0, 4))).find("bad or repeated"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 12, 2, 4))).find("after the last process"),
+            std::string::npos);
+  EXPECT_EQ(refusal(resum(encode_working_set(rec))), "");
+}
+
+TEST(WorkingSet, CheckedAgainstTheImage) {
+  const ProcessWorkingSet p = sample().processes[0];
+  OwedSet owed;
+  owed.insert(0x10000, 0x30000, 0x10000);
+  owed.insert(0x40000, 0x48000, 0x40000, 1);
+  EXPECT_NO_THROW(check_working_set(p, std::string(32, 'd'), owed));
+  try {
+    check_working_set(p, std::string(32, 'e'), owed);
+    ADD_FAILURE() << "another image's record was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("another image"), std::string::npos) << e.what();
+  }
+  OwedSet smaller;
+  smaller.insert(0x10000, 0x30000, 0x10000);
+  smaller.insert(0x40000, 0x47000, 0x40000);  // the last page of the last run is not served
+  try {
+    check_working_set(p, std::string(32, 'd'), smaller);
+    ADD_FAILURE() << "a page outside the lazy areas was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("page 0x47000"), std::string::npos) << e.what();
+  }
+}
+
+TEST(WorkingSet, FileInTheImageDirectory) {
+  namespace fs = boost::filesystem;
+  const fs::path dir = fs::temp_directory_path() / fs::unique_path("ws-test-%%%%%%");
+  fs::create_directories(dir);
+  EXPECT_FALSE(read_working_set(dir.string()).has_value());
+  write_working_set(dir.string(), sample());
+  auto back = read_working_set(dir.string());
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->pages(), 11u);
+  std::ofstream(working_set_path(dir.string()), std::ios::app) << "junk";
+  try {
+    read_working_set(dir.string());
+    ADD_FAILURE() << "a damaged file was read";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(working_set_path(dir.string()) + ": payload size"),
+              std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(dir);
+}
+
+TEST(WorkingSet, StorePathsNameTheProcess) {
+  std::string dir;
+  EXPECT_EQ(image_pid_of_store("/tmp/img/pages-123.lzp", &dir), 123);
+  EXPECT_EQ(dir, "/tmp/img");
+  EXPECT_EQ(image_pid_of_store("pages-7.lzp", &dir), 7);
+  EXPECT_EQ(dir, ".");
+  EXPECT_EQ(image_pid_of_store("/tmp/img/pages-12x.lzp"), 0);
+  EXPECT_EQ(image_pid_of_store("/tmp/img/pages-0.lzp"), 0);
+  EXPECT_EQ(image_pid_of_store("/tmp/img/inventory.pb"), 0);
+}
+
+TEST(WorkingSet, RecorderKeepsFirstTouchOrderOnce) {
+  WorkingSetRecorder rec(10'000'000'000, 1'000'000'000);
+  const boost::filesystem::path dir =
+      boost::filesystem::temp_directory_path() / boost::filesystem::unique_path("ws-rec-%%%%%%");
+  boost::filesystem::create_directories(dir);
+  rec.add_process(1, (dir / "pages-9.lzp").string(), std::string(32, 's'));
+  rec.note(1, 0x50000, 0x51000, 0);  // before start(): not recorded
+  rec.start(100);
+  EXPECT_TRUE(rec.active());
+  EXPECT_EQ(rec.deadline(), 100 + 10'000'000'000);
+  rec.note(1, 0x30000, 0x31000, 200);
+  rec.note(1, 0x31000, 0x32000, 300);  // extends the last run
+  rec.note(1, 0x10000, 0x12000, 400);
+  rec.note(1, 0x30000, 0x33000, 500);  // only 0x32000 is new
+  rec.note(2, 0x90000, 0x91000, 600);  // a process not recorded (a forked child)
+  EXPECT_EQ(rec.deadline(), 500 + 1'000'000'000);
+  rec.finish("test");
+  EXPECT_FALSE(rec.active());
+  auto back = read_working_set(dir.string());
+  ASSERT_TRUE(back.has_value());
+  ASSERT_EQ(back->processes.size(), 1u);
+  EXPECT_EQ(back->processes[0].image_pid, 9);
+  const std::vector<WorkingSetRun> want = {{0x30000, 2}, {0x10000, 2}, {0x32000, 1}};
+  EXPECT_EQ(back->processes[0].runs, want);
+  boost::filesystem::remove_all(dir);
+}
+
+TEST(WorkingSet, QueueFollowsTheOrderAndSkipsWhatIsNotOwed) {
+  OwedSet owed;
+  owed.insert(0x10000, 0x20000, 0x110000);
+  owed.insert(0x20000, 0x30000, 0x120000, 1);
+  WorkingSetQueue q({{0x18000, 4}, {0x1c000, 8}, {0x12000, 2}});
+  EXPECT_EQ(q.pages(), 14u);
+  EXPECT_TRUE(q.contains(0x18000));
+  EXPECT_TRUE(q.contains(0x23fff));
+  EXPECT_FALSE(q.contains(0x24000));
+  EXPECT_FALSE(q.contains(0x11000));
+  owed.erase(0x18000, 0x19000);  // served by a fault meanwhile
+  auto n = q.next(owed, 1 << 20);
+  ASSERT_TRUE(n);
+  // The first two runs merged (contiguous), cut at the owed range's end.
+  EXPECT_EQ(n->start, 0x19000u);
+  EXPECT_EQ(n->end, 0x20000u);
+  EXPECT_EQ(n->src, 0x119000u);
+  owed.erase(n->start, n->end);
+  n = q.next(owed, 2 * P);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(n->start, 0x20000u);
+  EXPECT_EQ(n->end, 0x22000u);  // max_len
+  EXPECT_EQ(n->tag, 1u);
+  owed.erase(0x20000, 0x24000);
+  n = q.next(owed, 1 << 20);
+  ASSERT_TRUE(n);
+  EXPECT_EQ(n->start, 0x12000u);
+  EXPECT_EQ(n->end, 0x14000u);
+  owed.erase(n->start, n->end);
+  EXPECT_TRUE(q.pending());
+  EXPECT_FALSE(q.next(owed, 1 << 20));
+  EXPECT_FALSE(q.pending());
+}
+
+}  // namespace
+}  // namespace lazycr::uffd

@@ -1,0 +1,127 @@
+// Working-set prefetch (FORMAT.md "working-set.lzw"): a lazy restore run with
+// --record-working-set notes, per process, the pages its faults were served (each fault's
+// window, in the order the faults came) and writes them into the image directory when the
+// recording ends; later lazy restores of that image push those pages first, in that order,
+// before the rest of the prefetch (REAP, ASPLOS'21, for processes).
+//
+// The record is only ever an order: content always comes from the page store. A record that
+// is damaged (bad checksum, bad bounds), was made for another image (a store digest that is
+// not this image's) or names pages this image does not serve lazily is ignored whole, with
+// one warning.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "uffd/owed_set.h"
+
+namespace lazycr::uffd {
+
+inline constexpr char kWorkingSetMagic[8] = {'L', 'Z', 'C', 'R', 'W', 'S', 'E', 'T'};
+inline constexpr uint32_t kWorkingSetVersion = 1;
+inline constexpr uint64_t kWorkingSetHeaderBytes = 56;  // magic, version, flags, size, sha256
+inline constexpr uint64_t kMaxWorkingSetBytes = 64ull << 20;
+inline constexpr uint64_t kMaxWorkingSetPages = 1ull << 22;  // 16 GiB per process
+
+struct WorkingSetRun {
+  uint64_t start = 0;  // page aligned
+  uint64_t pages = 0;  // > 0
+  uint64_t end() const { return start + pages * kOwedPage; }
+  bool operator==(const WorkingSetRun&) const = default;
+};
+
+struct ProcessWorkingSet {
+  int32_t image_pid = 0;
+  std::string store_digest;         // 32 bytes: PageStoreReader::mac_digest() of its page store
+  std::vector<WorkingSetRun> runs;  // in the order they were first touched; disjoint
+};
+
+struct WorkingSetRecord {
+  std::vector<ProcessWorkingSet> processes;  // image pids distinct
+  uint64_t pages() const;
+};
+
+// The file's bytes, and back. parse throws Error saying what is wrong (size, magic, version,
+// checksum, bounds: runs unaligned, empty, beyond user space, overlapping; pids repeated).
+std::string encode_working_set(const WorkingSetRecord& record);
+WorkingSetRecord parse_working_set(const std::string& bytes);
+
+std::string working_set_path(const std::string& image_dir);
+// nullopt when the image has no record; throws Error (naming the file) when it is unreadable
+// or damaged.
+std::optional<WorkingSetRecord> read_working_set(const std::string& image_dir);
+// Written whole or not at all (a temporary file renamed into place).
+void write_working_set(const std::string& image_dir, const WorkingSetRecord& record);
+
+// Checks one process's record against what the server owes it at the start (every stored page
+// of its lazy areas) and the digest of its store; throws Error saying what does not fit.
+void check_working_set(const ProcessWorkingSet& ws, const std::string& store_digest,
+                       const OwedSet& owed);
+
+// The image pid and directory of a page store's path (<dir>/pages-<pid>.lzp); pid 0 when
+// the name is not a store's.
+int32_t image_pid_of_store(const std::string& store_path, std::string* dir = nullptr);
+
+struct WorkingSetTarget {
+  std::string store_path;    // the process's page store (its directory holds the record)
+  std::string store_digest;  // PageStoreReader::mac_digest()
+  const OwedSet* owed;       // what the server owes it at the start
+};
+// The record's runs for each target (same order), empty where it has none. A record that is
+// damaged or does not fit every process it names is ignored whole with one warning.
+std::vector<std::vector<WorkingSetRun>> load_working_set(
+    const std::vector<WorkingSetTarget>& targets);
+
+// The pages a process should get first, in order; the prefetch takes from its front.
+class WorkingSetQueue {
+ public:
+  WorkingSetQueue() = default;
+  // Runs are merged where one starts where the previous ended (one copy for both).
+  explicit WorkingSetQueue(const std::vector<WorkingSetRun>& runs);
+  // The next piece still owed (at most max_len bytes, inside one owed range), dropping from
+  // the front what is owed no more (filled by a fault, or dropped). nullopt once done.
+  std::optional<OwedRange> next(const OwedSet& owed, uint64_t max_len);
+  bool contains(uint64_t addr) const;  // the page at addr is in the working set
+  bool pending() const { return pos_ < runs_.size(); }
+  uint64_t pages() const { return pages_; }
+
+ private:
+  std::vector<WorkingSetRun> runs_;
+  std::map<uint64_t, uint64_t> by_start_;  // start -> end, for contains()
+  size_t pos_ = 0;
+  uint64_t pages_ = 0;
+};
+
+// Notes the pages faults were served, per process, until the recording ends: `quiet_ns`
+// after the last fault (once there was one), `max_ns` after start(), or finish().
+class WorkingSetRecorder {
+ public:
+  WorkingSetRecorder(int64_t max_ns, int64_t quiet_ns);
+  void add_process(uint64_t key, const std::string& store_path, std::string store_digest);
+  void start(int64_t now);
+  // A fault's window [start, end) was served (pages already noted are skipped).
+  void note(uint64_t key, uint64_t start, uint64_t end, int64_t now);
+  bool active() const { return active_; }
+  // When the recording must end (steady clock ns), -1 when it is over.
+  int64_t deadline() const;
+  // Ends the recording and writes the file (once); a failure to write is one warning.
+  void finish(const std::string& why);
+
+ private:
+  struct Proc {
+    ProcessWorkingSet ws;
+    std::map<uint64_t, uint64_t> seen;  // start -> end of what is recorded
+    uint64_t pages = 0;
+  };
+  std::map<uint64_t, Proc> procs_;
+  std::string dir_;
+  int64_t max_ns_, quiet_ns_;
+  int64_t started_ = 0, last_fault_ = -1;
+  bool active_ = false, finished_ = false;
+};
+
+}  // namespace lazycr::uffd
