@@ -947,6 +947,7 @@ struct LazyServerGroup::Impl {
   std::vector<ServedProcess> processes;
   ServerProcess server;
   bool ready = false;
+  uint64_t running_ns = 0;  // when wait_ready() began: the processes run from then on
 };
 
 LazyServerGroup::LazyServerGroup(const RestoreOptions& opts, const cpu_set_t& cpus)
@@ -984,6 +985,7 @@ void LazyServerGroup::start(pid_t root, const std::vector<std::string>& stores) 
 }
 
 void LazyServerGroup::wait_ready() {
+  if (impl_->running_ns == 0) impl_->running_ns = now_ns();  // the processes were let go
   if (impl_->ready || !impl_->server.started()) return;
   impl_->server.wait_ready();
   impl_->ready = true;
@@ -991,7 +993,8 @@ void LazyServerGroup::wait_ready() {
 
 ServerHandle LazyServerGroup::go(pid_t root, const MemoryStats& total) noexcept {
   GoMessage m{};
-  m.first_instruction_ns = static_cast<int64_t>(now_ns() - impl_->opts.start_ns);
+  const uint64_t running = impl_->running_ns != 0 ? impl_->running_ns : now_ns();
+  m.first_instruction_ns = static_cast<int64_t>(running - impl_->opts.start_ns);
   m.eager_pages = total.pages_written;
   m.hot_pages = total.hot_pages;
   m.lazy_pages = total.lazy_pages;

@@ -914,6 +914,7 @@ Restored restore(const RestoreOptions& opts_in) {
       if (n <= 0) fail("the namespace's reaper did not take over within 10 s");
     }
   });
+  const uint64_t t_running = now_ns();  // every process runs (lazy: the server may start up)
   steps.run("server-ready", rt.who, [&] { lazy_group ? lazy_group->wait_ready() : void(); });
 
   Restored out;
@@ -929,7 +930,6 @@ Restored restore(const RestoreOptions& opts_in) {
   for (auto& tp : tree.tasks)
     if (tp->live()) spawned.push_back(tp->r->commit());
   sysv_segments.keep();
-  const uint64_t t_running = now_ns();
   pin.reset();
   MemoryStats total;
   for (auto& tp : tree.tasks) {

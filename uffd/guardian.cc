@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -370,6 +371,15 @@ void GuardianClient::start(int log_fd) {
   pid_ = child;
   pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, child, 0)));
   if (!pidfd_) fail_errno("page server guardian: pidfd_open of the guardian (pid ", child, ")");
+  // Until it has its own session, a group kill of the server's takes the guardian too: the
+  // server says it is ready only after that (lazycr may return right then).
+  for (int i = 0;; i++) {
+    const pid_t sid = ::getsid(child);
+    if (sid == child) break;
+    if (sid < 0) fail_errno("page server guardian (pid ", child, "): getsid");
+    if (i >= 100000) fail("page server guardian (pid ", child, ") did not start its session");
+    ::sched_yield();
+  }
   sock_ = std::move(mine);
 }
 

@@ -582,9 +582,6 @@ TEST(LazyDetach, ServerAndGuardianHoldNoneOfTheCallersPipes) {
   }
 }
 
-}  // namespace
-}  // namespace lazycr::test
-
 // lazycr lets the process go before the page server says it is ready (it starts up
 // meanwhile, and a fault waits for it); a server that fails to start then still fails the
 // restore, with the server's error, and kills the process: nothing runs on without its pages.
@@ -614,3 +611,6 @@ TEST(LazyKill, ServerFailingToStartFailsTheRestoreAndLeavesNothing) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out, "verified ok\n");
 }
+
+}  // namespace
+}  // namespace lazycr::test
