@@ -140,6 +140,9 @@ PreparedNs prepare_clone_namespace(HeldTemplate& t) {
 
 void check_clonable(const image::ImageReader& img, bool shell_job) {
   const auto& procs = img.processes();
+  // Trees need each clone's other processes built as the eager tree restore builds them
+  // (forked from their clone parent, then memory, sessions, fds over an inherited transport,
+  // threads, ...): those steps live inside restore() (restore.cc) and are not callable yet.
   if (procs.size() != 1)
     fail("the image holds ", procs.size(),
          " processes; templates of process trees are not supported yet");
