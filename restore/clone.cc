@@ -140,6 +140,9 @@ PreparedNs prepare_clone_namespace(HeldTemplate& t) {
 
 void check_clonable(const image::ImageReader& img, bool shell_job) {
   const auto& procs = img.processes();
+  // Trees need each clone's other processes built as the eager tree restore builds them
+  // (forked from their clone parent, then memory, sessions, fds over an inherited transport,
+  // threads, ...): those steps live inside restore() (restore.cc) and are not callable yet.
   if (procs.size() != 1)
     fail("the image holds ", procs.size(),
          " processes; templates of process trees are not supported yet");
@@ -163,6 +166,8 @@ void check_clonable(const image::ImageReader& img, bool shell_job) {
     check_dontfork_area(a);
     if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
       fail(where, " is shared memory: every clone would share it");
+    if (a.shared() && a.ghost_id() != 0)
+      fail(where, " is a shared mapping of a deleted file or memfd: every clone would share it");
   }
   for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared(), shell_job);
 }
@@ -227,9 +232,16 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
       r.batch(calls);
     }
     next("fds");
-    UniqueFd netns;
+    UniqueFd netns, template_netns;
     if (req.netns) netns = make_network_namespace();
-    const int netns_there = replace_clone_fds(r, p, t.img, netns ? netns.get() : -1, req.std_fds);
+    if (t.opts.netns) {  // template --netns: the clone is in the template's namespace until setns
+      template_netns.reset(
+          ::open(cat("/proc/", tpl.pid(), "/ns/net").c_str(), O_RDONLY | O_CLOEXEC));
+      if (!template_netns) fail_errno("open of the template's network namespace");
+    }
+    const int netns_there =
+        replace_clone_fds(r, p, t.img, netns ? netns.get() : -1,
+                          template_netns ? template_netns.get() : -1, req.std_fds);
     if (netns_there >= 0) {
       next("netns");
       r.reset_arena();

@@ -15,6 +15,7 @@
 #include "objects/objects.h"
 #include "restore/calls.h"
 #include "restore/fd_passing.h"
+#include "restore/ghost_files.h"
 #include "restore/open_files.h"
 #include "restore/shared_files.h"
 
@@ -28,7 +29,8 @@ struct Transport {
   long theirs = -1;  // the clone's end, a number the image does not use
 };
 
-Transport connect_transport(Restoree& c) {
+// `netns` >= 0: the clone's network namespace (abstract names are per namespace), else ours.
+Transport connect_transport(Restoree& c, int netns) {
   static std::atomic<uint64_t> counter{0};
   sockaddr_un a;
   std::memset(&a, 0, sizeof a);
@@ -36,7 +38,11 @@ Transport connect_transport(Restoree& c) {
   const std::string name = cat("lazycr-clone-", ::getpid(), "-", counter++);
   std::memcpy(a.sun_path + 1, name.data(), name.size());
   const socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
-  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  UniqueFd listener;
+  {
+    InNetworkNamespace in(netns);
+    listener.reset(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  }
   if (!listener) fail_errno("socket for the clone's descriptor transport");
   if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&a), len) != 0)
     fail_errno("bind of the descriptor transport @", name);
@@ -67,7 +73,6 @@ void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
                     const image::SharedObjects& shared, bool shell_job) {
   const std::string where = cat("pid ", p.pid(), " fd ", f.fd(), " (", f.target(), ")");
   if (f.locks_size() != 0) fail(where, " holds locks: every clone would hold them");
-  if (f.ghost_id() != 0) fail(where, " is a deleted file: not made afresh per clone yet");
   if (f.pty_end() != image::FileDescriptor::NOT_PTY_PAIR)
     fail(where, " is a pseudo-terminal: not made afresh per clone yet");
   if (!f.restorable() && !(shell_job && f.fd() <= 2))
@@ -80,12 +85,21 @@ void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
 }
 
 int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageReader& img,
-                      int netns, const int (&std_fds)[3]) {
-  // Every description lazycr makes, made now for this clone (sockets in its namespace).
+                      int netns, int template_netns, const int (&std_fds)[3]) {
+  const int sockets_netns = netns >= 0 ? netns : template_netns;
+  // Every description lazycr makes, made now for this clone (sockets in its namespace). Ghost
+  // files (deleted files, memfds) are recreated from the image's contents for this clone
+  // alone: its descriptors get their own file, as a restore of its own would; lazycr's
+  // references go when this returns (the clone holds the descriptions by then).
+  std::unique_ptr<GhostFiles> ghosts;
+  bool has_ghost_fd = false;
+  for (const auto& f : p.fds()) has_ghost_fd |= f.ghost_id() != 0;
+  if (has_ghost_fd) ghosts = std::make_unique<GhostFiles>(img.processes(), img.shared());
   std::unique_ptr<SharedFiles> shared;
   {
-    InNetworkNamespace in(netns);
-    shared = std::make_unique<SharedFiles>(img.processes(), img.shared(), std_fds[0] >= 0);
+    InNetworkNamespace in(sockets_netns);
+    shared =
+        std::make_unique<SharedFiles>(img.processes(), img.shared(), std_fds[0] >= 0, ghosts.get());
   }
   std::vector<const image::FileDescriptor*> passed, opened;
   std::vector<OpenRequest> reqs;
@@ -115,7 +129,7 @@ int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageRe
   int netns_there = -1;
   std::vector<Call> calls;
   if (!mine.empty()) {
-    Transport t = connect_transport(c);
+    Transport t = connect_transport(c, template_netns);
     // Every image number is open in the clone (it has the template's table): what arrives
     // lands on other numbers, and each dup3 drops the clone's reference to the template's
     // description at that number.

@@ -52,6 +52,7 @@ struct TemplateOptions {
   bool detach = false;
   bool small_pages = false;  // keep the restored 4 KiB pages (no MADV_COLLAPSE)
   bool shell_job = false;    // restore --shell-job for the template itself
+  bool netns = false;        // the template in a fresh network namespace (clones inherit it)
   uint64_t start_ns = 0;
 };
 // Runs until SIGTERM or `clone --stop` (foreground); --detach: returns 0 once the template

@@ -201,6 +201,9 @@ int main(int argc, char** argv) {
                          "As restore --shell-job, for the template itself (needed to hold an "
                          "image whose fds 0-2 lead outside it; clones take their own with "
                          "clone --shell-job)");
+  template_cmd->add_flag("--netns", tmpl.netns,
+                         "Hold the template in a fresh network namespace with loopback up; "
+                         "clones stay in it (its ports are free there) unless clone --netns");
   cli::CloneOptions clone;
   clone.start_ns = start_ns;
   auto* clone_cmd = app.add_subcommand(

@@ -373,6 +373,7 @@ int run_template(const TemplateOptions& opts) {
     ropts.dir = opts.dir;
     ropts.start_ns = opts.start_ns;
     ropts.shell_job = opts.shell_job;
+    ropts.netns = opts.netns;
     int ready = ready_wr.get();
     ropts.hold = [&](restore::HeldTemplate& held) {
       serve(held, listen_fd.get(), ready, opts.small_pages);

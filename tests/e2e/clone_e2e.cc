@@ -13,7 +13,10 @@
 // - clone --shell-job gives the clone the command's stdout;
 // - a clone killed leaves the others running; the template's exit leaves the clones running;
 // - a foreground clone exits with the clone's status;
-// - bad requests (no template, damaged image, a deleted file, a process tree, a socket path
+// - a deleted file is each clone's own copy, recreated from the image's contents;
+// - template --netns: the template and the clones without clone --netns in one fresh network
+//   namespace, clone --netns in one of its own;
+// - bad requests (no template, damaged image, a process tree, a socket path
 //   owned by another user, a port taken without --netns) fail with one line and leave nothing
 //   behind.
 #include <fcntl.h>
@@ -294,25 +297,6 @@ TEST_F(CloneE2E, BadRequestsFailWithOneLineAndLeaveNothing) {
   EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
   expect_nothing_left(image_pid());
 
-  // A descriptor clones cannot each have yet (a deleted file): refused by name before anything
-  // exists.
-  {
-    TempDir del;
-    std::filesystem::create_directory(del / "image");
-    Child target({target_bin("clone_target"), del.path(), "4", "deleted"});
-    TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
-    auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", del / "image"});
-    ASSERT_EQ(d.exit_code, 0) << d.err;
-    EXPECT_EQ(target.wait(60), 128 + SIGKILL);
-    r = lazycr({"template", "-D", del / "image", "--socket", socket_, "-d"});
-    EXPECT_EQ(r.exit_code, 1);
-    EXPECT_NE(r.err.find("deleted.txt"), std::string::npos) << r.err;
-    EXPECT_NE(r.err.find("is a deleted file"), std::string::npos) << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
-    expect_nothing_left(static_cast<pid_t>(t.first("pid")));
-  }
-
   // A tree: not supported for templates yet, refused by name before anything exists.
   {
     TempDir tree;
@@ -405,6 +389,71 @@ TEST_F(CloneE2E, KernelObjectsAndSocketsAreEachClonesOwn) {
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_EQ(targets(), before);
   files_ = saved_files;
+}
+
+// A deleted file: each clone gets its own copy made from the image's contents (a file shared
+// between clones would hold another clone's id once that clone appended it).
+TEST_F(CloneE2E, DeletedFileIsEachClonesOwn) {
+  TempDir del;
+  const std::string img = del / "image";
+  std::filesystem::create_directory(img);
+  Child target({target_bin("clone_target"), del.path(), "4", "deleted"});
+  TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
+  ASSERT_GT(t.first("pid"), 0);
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(60), 128 + SIGKILL);
+  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  template_ = std::atoi(r.out.c_str());
+  const std::string saved_files = files_;
+  files_ = del.path();
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 3; i++) {
+    pid_t p = start_clone();
+    ASSERT_GT(p, 0);
+    pids.push_back(p);
+  }
+  for (pid_t p : pids) EXPECT_EQ(ask(p, "deleted"), "ok deleted file") << "clone " << p;
+  for (pid_t p : pids) EXPECT_EQ(ask(p, "verify").rfind("ok verified", 0), 0u) << "clone " << p;
+  EXPECT_FALSE(std::filesystem::exists(del / "deleted.txt"));
+  files_ = saved_files;
+}
+
+std::string net_ns(pid_t pid) {
+  return std::filesystem::read_symlink("/proc/" + std::to_string(pid) + "/ns/net").string();
+}
+
+// template --netns: the template sits in a fresh network namespace; a clone stays in it unless
+// clone --netns gives it one of its own.
+TEST_F(CloneE2E, TemplateNetnsIsInheritedUnlessCloneNetns) {
+  auto r = lazycr({"template", "-D", image_, "--socket", socket_, "-d", "--netns"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  template_ = std::atoi(r.out.c_str());
+  ASSERT_GT(template_, 0);
+  pid_t tpl_proc = 0;  // the held process: the template's child running clone_target
+  for (pid_t c : proc::list_children(template_)) {
+    std::error_code ec;
+    auto exe = std::filesystem::read_symlink("/proc/" + std::to_string(c) + "/exe", ec);
+    if (exe.string().find("clone_target") != std::string::npos) tpl_proc = c;
+  }
+  ASSERT_GT(tpl_proc, 0);
+  const std::string mine = net_ns(getpid());
+  const std::string held = net_ns(tpl_proc);
+  EXPECT_NE(held, mine);
+  EXPECT_EQ(net_ns(template_), mine);  // lazycr itself stays where it was
+  pid_t a = start_clone(), b = start_clone(), c = start_clone({"--netns"});
+  ASSERT_GT(a, 0);
+  ASSERT_GT(b, 0);
+  ASSERT_GT(c, 0);
+  EXPECT_EQ(net_ns(a), held);
+  EXPECT_EQ(net_ns(b), held);
+  EXPECT_NE(net_ns(c), held);
+  EXPECT_NE(net_ns(c), mine);
+  for (pid_t p : {a, b, c}) {
+    EXPECT_EQ(ask(p, "verify").rfind("ok verified", 0), 0u) << "clone " << p;
+    EXPECT_EQ(ask(p, "pipe"), "ok pipe") << "clone " << p;
+  }
 }
 
 // Waits (bounded) for `path` to exist while `pid` lives.

@@ -27,8 +27,10 @@
  *             accepts a connection from this clone's own network namespace, and the
  *             MADV_WIPEONFORK page reads zero (a clone is a fork).
  *   clone_target DIR MIB deleted
- * also holds a deleted file, which clones cannot have yet (the template must refuse it by
- * name). */
+ * also holds DIR/deleted.txt, deleted, holding "gone", and answers
+ *   deleted   the file is this clone's own: it holds exactly "gone" and is deleted, then
+ *             the clone appends its id and reads it back (a file shared with another clone
+ *             would hold that clone's id too). */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -205,6 +207,32 @@ static void verify(char* out, size_t n) {
            tids[2], tids[3]);
 }
 
+static int del_fd = -1;
+
+static void check_deleted(const char* id, char* out, size_t n) {
+  char buf[128] = {0};
+  struct stat st;
+  if (fstat(del_fd, &st) != 0 || st.st_nlink != 0 || !S_ISREG(st.st_mode)) {
+    snprintf(out, n, "FAIL deleted file: not a deleted regular file");
+    return;
+  }
+  ssize_t got = pread(del_fd, buf, sizeof buf - 1, 0);
+  if (got != 4 || memcmp(buf, "gone", 4) != 0) {
+    snprintf(out, n, "FAIL deleted file holds %zd bytes \"%s\" before this clone wrote", got,
+             got > 0 ? buf : "");
+    return;
+  }
+  size_t len = strlen(id);
+  char back[128] = {0};
+  if (pwrite(del_fd, id, len, 4) != (ssize_t)len ||
+      pread(del_fd, back, sizeof back - 1, 0) != (ssize_t)(4 + len) ||
+      memcmp(back + 4, id, len) != 0) {
+    snprintf(out, n, "FAIL deleted file: wrote %s, read back \"%s\"", id, back);
+    return;
+  }
+  snprintf(out, n, "ok deleted file");
+}
+
 int main(int argc, char** argv) {
   if (argc < 3 || argc > 5) return 2;
   const char* dir = argv[1];
@@ -214,8 +242,8 @@ int main(int argc, char** argv) {
   } else if (argc == 4 && strcmp(argv[3], "deleted") == 0) {
     char del[4096];
     snprintf(del, sizeof del, "%s/deleted.txt", dir);
-    int fd = open(del, O_RDWR | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0 || write(fd, "gone", 4) != 4 || unlink(del) != 0) return 2;
+    del_fd = open(del, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (del_fd < 0 || write(del_fd, "gone", 4) != 4 || unlink(del) != 0) return 2;
   } else if (argc != 3) {
     return 2;
   }
@@ -297,6 +325,8 @@ int main(int argc, char** argv) {
       verify(out, sizeof out);
     } else if (strncmp(cmd, "kinds", 5) == 0 && efd >= 0) {
       check_kinds(out, sizeof out);
+    } else if (strncmp(cmd, "deleted", 7) == 0 && del_fd >= 0) {
+      check_deleted(id, out, sizeof out);
     } else if (sscanf(cmd, "exit %llu", &arg) == 1) {
       answer(dir, id, "ok exiting");
       _exit((int)arg);
