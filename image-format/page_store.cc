@@ -124,9 +124,11 @@ void pread_all(int fd, void* data, size_t len, uint64_t offset, const std::strin
 }
 
 // Checks a zstd frame in [data, data + size) before it is decompressed: one real frame that
-// fills the whole range, with a content checksum, no dictionary and a known content size.
+// fills the whole range, with a content checksum if and only if `checksum` (index frames, and
+// every frame of stores before version 4), no dictionary and a known content size.
 // Returns the content size.
-uint64_t check_zstd_frame(const unsigned char* data, size_t size, const std::string& what) {
+uint64_t check_zstd_frame(const unsigned char* data, size_t size, bool checksum,
+                          const std::string& what) {
   ZSTD_frameHeader zfh;
   size_t r = ZSTD_getFrameHeader(&zfh, data, size);
   if (ZSTD_isError(r)) fail(what, ": bad zstd frame header: ", ZSTD_getErrorName(r));
@@ -135,7 +137,9 @@ uint64_t check_zstd_frame(const unsigned char* data, size_t size, const std::str
   // Bit 4 of the frame header descriptor is "unused" in the zstd format (decoders ignore it);
   // this format requires it to be zero so that no bit of a frame header goes unchecked.
   if (data[4] & 0x10) fail(what, ": unused bit of the zstd frame header is set");
-  if (!zfh.checksumFlag) fail(what, ": zstd frame has no content checksum");
+  if (checksum && !zfh.checksumFlag) fail(what, ": zstd frame has no content checksum");
+  if (!checksum && zfh.checksumFlag)
+    fail(what, ": zstd frame has a content checksum, which a version 4 store does not write");
   if (zfh.dictID != 0) fail(what, ": zstd frame needs dictionary ", zfh.dictID);
   if (zfh.frameContentSize == ZSTD_CONTENTSIZE_UNKNOWN)
     fail(what, ": zstd frame does not record its content size");
@@ -182,11 +186,13 @@ struct ZstdCCtxDeleter {
 };
 using CCtxPtr = std::unique_ptr<ZSTD_CCtx, ZstdCCtxDeleter>;
 
-CCtxPtr make_cctx(int level, const std::string& path) {
+// Page frames go without zstd's checksum (their SHA-256 digests check them); the index,
+// which image.mac covers but no digest of its own, keeps it.
+CCtxPtr make_cctx(int level, bool checksum, const std::string& path) {
   CCtxPtr cctx(ZSTD_createCCtx());
   if (!cctx) fail(path, ": cannot create a zstd compression context");
   for (auto [param, value] :
-       {std::pair{ZSTD_c_compressionLevel, level}, std::pair{ZSTD_c_checksumFlag, 1},
+       {std::pair{ZSTD_c_compressionLevel, level}, std::pair{ZSTD_c_checksumFlag, checksum ? 1 : 0},
         std::pair{ZSTD_c_contentSizeFlag, 1}}) {
     size_t r = ZSTD_CCtx_setParameter(cctx.get(), param, value);
     if (ZSTD_isError(r)) fail(path, ": zstd: ", ZSTD_getErrorName(r));
@@ -256,7 +262,7 @@ struct PageStoreWriter::Impl {
   std::atomic<uint64_t> pages_added{0};
   std::atomic<uint64_t> bytes_written{0};
 
-  uint32_t version() const { return raw_count > 0 ? kPageStoreVersion : kPageStoreVersionNoRaw; }
+  uint32_t version() const { return kPageStoreVersion; }
 
   void make_header(unsigned char* header) const {
     std::memset(header, 0, kHeaderSize);
@@ -311,7 +317,7 @@ struct PageStoreWriter::Impl {
     fd = std::move(f);
 
     // Check the parameters once here so workers cannot fail on them.
-    make_cctx(options.level, path);
+    make_cctx(options.level, false, path);
     current = new_job();
     for (unsigned i = 0; i < threads; ++i) workers.emplace_back([this] { worker(); });
   }
@@ -351,7 +357,7 @@ struct PageStoreWriter::Impl {
       if (!skip) {
         try {
           if (!cctx && options.compression == PageIndex::ZSTD)
-            cctx = make_cctx(options.level, path);
+            cctx = make_cctx(options.level, false, path);
           compress(cctx.get(), *job);
           // Here, on the compressing threads, not in the one writer's turn: the digests of
           // a dump cost no time the writer waits for.
@@ -579,7 +585,7 @@ struct PageStoreWriter::Impl {
       fail(path, ": index is ", raw_size, " bytes, more than the limit of ", kMaxIndexBytes);
     std::string raw;
     if (!index.SerializeToString(&raw)) fail(path, ": cannot serialize the page index");
-    CCtxPtr cctx = make_cctx(options.level, path);
+    CCtxPtr cctx = make_cctx(options.level, true, path);
     std::string packed(ZSTD_compressBound(raw.size()), '\0');
     size_t psize = ZSTD_compress2(cctx.get(), packed.data(), packed.size(), raw.data(), raw.size());
     if (ZSTD_isError(psize))
@@ -721,9 +727,10 @@ struct PageStoreReader::Impl {
     pread_all(fd.get(), header, kHeaderSize, 0, path);
     if (std::memcmp(header, kHeaderMagic, 8) != 0) bad("bad header magic (not a page store)");
     version = get_u32(header + 8);
-    if (version != kPageStoreVersion && version != kPageStoreVersionNoRaw)
+    if (version != kPageStoreVersion && version != kPageStoreVersionRaw &&
+        version != kPageStoreVersionNoRaw)
       bad("header has version ", version, ", this build reads versions ", kPageStoreVersionNoRaw,
-          " and ", kPageStoreVersion);
+          " to ", kPageStoreVersion);
     uint32_t header_size = get_u32(header + 12);
     if (header_size != kHeaderSize) bad("header size is ", header_size, ", expected ", kHeaderSize);
     uint32_t page_size = get_u32(header + 16);
@@ -761,7 +768,7 @@ struct PageStoreReader::Impl {
     mac_digest = sha256_string(
         {{header, kHeaderSize}, {packed.data(), packed.size()}, {footer, kFooterSize}});
     std::string what = cat(path, ": index");
-    uint64_t raw_size = check_zstd_frame(packed.data(), packed.size(), what);
+    uint64_t raw_size = check_zstd_frame(packed.data(), packed.size(), true, what);
     if (raw_size > kMaxIndexBytes)
       bad("index claims ", raw_size, " bytes decompressed, more than the limit of ",
           kMaxIndexBytes);
@@ -878,6 +885,8 @@ struct PageStoreReader::Impl {
     has_frame_digests = !digests.empty() || nframes == 0;
     if (raw_count > 0 && digests.empty())
       bad(raw_count, " raw frames but no frame digests (a raw frame has no other check)");
+    if (version >= kPageStoreVersion && !has_frame_digests)
+      bad("version ", version, " store without frame digests (its frames have no other check)");
   }
 
   // PageIndex.raw_frames and compression against the version and the frame count.
@@ -891,6 +900,11 @@ struct PageStoreReader::Impl {
         bad("version ", version, " store without raw frames says compression none");
       return;
     }
+    if (version >= kPageStoreVersion && bits.empty()) {
+      if (index->compression() == PageIndex::NONE && nframes > 0)
+        bad("compression none, but no frame is raw");
+      return;
+    }
     if (bits.size() != raw_bitmap_bytes(nframes))
       bad("raw frame bitmap has ", bits.size(), " bytes, ", nframes, " frames need ",
           raw_bitmap_bytes(nframes));
@@ -898,7 +912,7 @@ struct PageStoreReader::Impl {
       bad("raw frame bitmap has bits set past frame ", nframes - 1);
     for (char c : bits)
       raw_count += static_cast<uint64_t>(__builtin_popcount(static_cast<unsigned char>(c)));
-    if (raw_count == 0) bad("version ", version, " store has no raw frame");
+    if (raw_count == 0) bad("version ", version, " store lists raw frames but none is raw");
     if (index->compression() == PageIndex::NONE && raw_count != nframes)
       bad("compression none, but ", nframes - raw_count, " of ", nframes, " frames are not raw");
   }
@@ -969,7 +983,7 @@ struct PageStoreReader::Impl {
     // Before anything parses the frame: with digests, a frame the dump did not write never
     // reaches zstd (the index they are in is what image.mac covers).
     check_digest(i, src.get(), csize, offset, what);
-    uint64_t content = check_zstd_frame(src.get(), csize, what);
+    uint64_t content = check_zstd_frame(src.get(), csize, version < kPageStoreVersion, what);
     if (content != expected)
       fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
     auto out = std::make_shared<FrameData>();

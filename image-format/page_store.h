@@ -17,15 +17,20 @@
 namespace lazycr::image {
 
 inline constexpr uint32_t kPageSize = 4096;
-// Version 3 stores have raw frames; a store without any is written as version 2, which
-// readers before raw frames read too. This build reads both.
-inline constexpr uint32_t kPageStoreVersion = 3;
+// This build writes version 4: every frame has a SHA-256 digest in the index, so its zstd
+// frames carry no XXH64 content checksum of their own (6% of a dump's CPU, bench/RESULTS.md);
+// raw frames may or may not be there. It still reads version 3 (raw frames, zstd checksums)
+// and version 2 (no raw frames, zstd checksums, digests optional).
+inline constexpr uint32_t kPageStoreVersion = 4;
+inline constexpr uint32_t kPageStoreVersionRaw = 3;
 inline constexpr uint32_t kPageStoreVersionNoRaw = 2;
 inline constexpr uint32_t kMinFrameSize = 16 * 1024;
 inline constexpr uint32_t kMaxFrameSize = 4 * 1024 * 1024;
 inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 
-inline constexpr int kDefaultLevel = 1;
+// zstd -3: on a python dict heap 1.6x level 1's speed at 0.42x CRIU's image size (level 1:
+// 0.31x), bench/RESULTS.md "Dump: no zstd checksum, default zstd:-3".
+inline constexpr int kDefaultLevel = -3;
 
 struct PageStoreOptions {
   uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096

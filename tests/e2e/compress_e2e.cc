@@ -35,10 +35,10 @@ std::pair<uint64_t, uint64_t> raw_and_zstd_frames(const std::string& dir) {
 
 TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
   const std::vector<Choice> choices{
-      {{}, "zstd:1", "semi"},  // the default
+      {{}, "zstd:-3", "semi"},  // the default
       {{"--compress", "zstd:-5"}, "zstd:-5", "semi"},
       {{"--compress", "zstd:3"}, "zstd:3", "text"},
-      {{"--compress", "zstd"}, "zstd:1", "random"},
+      {{"--compress", "zstd"}, "zstd:-3", "random"},
       {{"--compress", "none"}, "none", "semi"},
   };
   for (const Choice& c : choices) {

@@ -65,8 +65,8 @@ std::string build_from_index(const uint8_t* data, size_t size) {
     footer[i] = static_cast<unsigned char>(index_offset >> (8 * i));
     footer[8 + i] = static_cast<unsigned char>(static_cast<uint64_t>(n) >> (8 * i));
   }
-  // The footer's version is the header's (version 2, or 3 with raw frames), so that inputs
-  // reach the index checks of both.
+  // The footer's version is the header's (2, 3 or 4), so that inputs reach the index checks
+  // of each.
   footer[16] = file.size() >= 12 ? static_cast<unsigned char>(file[8])
                                  : static_cast<unsigned char>(lazycr::image::kPageStoreVersion);
   std::memcpy(footer + 24, "LZCRPEND", 8);

@@ -108,7 +108,7 @@ TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
   ASSERT_EQ(4u, stats.frames);
   EXPECT_EQ(3u, stats.raw_frames);
   const std::string file = slurp(path);
-  EXPECT_EQ(kPageStoreVersion, u32_at(file, 8)) << "a store with raw frames is version 3";
+  EXPECT_EQ(kPageStoreVersion, u32_at(file, 8));
   EXPECT_EQ(kPageStoreVersion, u32_at(file, file.size() - 16));
 
   auto r = PageStoreReader::open(path);
@@ -124,6 +124,9 @@ TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
       EXPECT_EQ(0, std::memcmp(file.data() + f.offset, data.data() + first * kPageSize, f.size));
     } else {
       EXPECT_LT(f.size, 4 * kPageSize / 2);
+      // Version 4: no XXH64 content checksum (bit 2 of the frame header descriptor); the
+      // frame's SHA-256 digest checks it.
+      EXPECT_EQ(0, file[f.offset + 4] & 0x04) << "zstd frame " << i << " has a checksum";
     }
   }
   expect_reads_back(*r, data);
@@ -131,14 +134,14 @@ TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
   r->verify_all();
 }
 
-TEST(PageStoreRawFrames, CompressibleStoreStaysVersion2) {
+TEST(PageStoreRawFrames, CompressibleStoreHasNoRawFrameBitmap) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
   auto data = pages("cccccccc", 2);
   PageStoreStats stats = write(path, data, PageIndex::ZSTD);
   EXPECT_EQ(0u, stats.raw_frames);
   const std::string file = slurp(path);
-  EXPECT_EQ(kPageStoreVersionNoRaw, u32_at(file, 8));
+  EXPECT_EQ(kPageStoreVersion, u32_at(file, 8));
   auto r = PageStoreReader::open(path);
   EXPECT_EQ(0u, r->raw_frame_count());
   EXPECT_TRUE(r->index().raw_frames().empty());
@@ -261,7 +264,10 @@ TEST_F(RawIndexCorruption, RebuiltGoodIndexOpens) {
 }
 
 TEST_F(RawIndexCorruption, MisdescribedRawFramesAreRefused) {
-  expect_refused([](PageIndex& i) { i.clear_raw_frames(); }, "version 3 without raw frames");
+  expect_refused([](PageIndex& i) { i.clear_raw_frames(); }, "version 3 without raw frames",
+                 kPageStoreVersionRaw);
+  expect_refused([](PageIndex& i) { i.set_raw_frames(std::string(1, '\0')); },
+                 "a raw frame bitmap with no bit set");
   expect_refused([](PageIndex&) {}, "raw frames in a version 2 store", kPageStoreVersionNoRaw);
   expect_refused([](PageIndex& i) { i.set_raw_frames(std::string("\x0d\x00", 2)); }, "long bitmap");
   expect_refused([](PageIndex& i) { i.set_raw_frames(std::string("\x1d", 1)); },
@@ -273,7 +279,7 @@ TEST_F(RawIndexCorruption, MisdescribedRawFramesAreRefused) {
                  "compression none with a zstd frame");
   expect_refused([](PageIndex& i) { i.set_compression(static_cast<PageIndex::Compression>(7)); },
                  "unknown compression");
-  expect_refused([](PageIndex&) {}, "version 4", kPageStoreVersion + 1);
+  expect_refused([](PageIndex&) {}, "version 5", kPageStoreVersion + 1);
 }
 
 // A raw frame said zstd has a size open() cannot tell from a zstd frame's: reading it is a

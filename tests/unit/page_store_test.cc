@@ -660,7 +660,7 @@ class PageStoreCorruption : public ::testing::Test {
     return out;
   }
 
-  static std::string footer(uint64_t offset, uint64_t size, uint32_t version = 2,
+  static std::string footer(uint64_t offset, uint64_t size, uint32_t version = kPageStoreVersion,
                             uint32_t reserved = 0) {
     std::string f(32, '\0');
     std::memcpy(f.data(), &offset, 8);
@@ -988,21 +988,36 @@ TEST_F(PageStoreCorruption, BadDataFramesFailOnRead) {
   // Rebuilds the store with frame 0 replaced by `frame0`, without frame digests (a store
   // written before them): zstd's own checks are what is tested here (digests:
   // PageStoreDigests below).
+  // Version 2: its other frames recompressed with zstd's content checksum, which version 2
+  // requires (version 4 frames go without).
   auto with_frame0 = [&](const std::string& frame0) {
     PageIndex idx = index_;
     idx.clear_frame_sha256();
-    std::string rest =
-        good_.substr(64 + idx.frame_sizes(0), index_offset_ - 64 - idx.frame_sizes(0));
+    std::string rest;
+    uint64_t offset = 64 + idx.frame_sizes(0);
+    for (int i = 1; i < idx.frame_sizes_size(); ++i) {
+      std::string packed = good_.substr(offset, idx.frame_sizes(i));
+      offset += idx.frame_sizes(i);
+      std::string raw(ZSTD_getFrameContentSize(packed.data(), packed.size()), '\0');
+      EXPECT_EQ(raw.size(), ZSTD_decompress(raw.data(), raw.size(), packed.data(), packed.size()));
+      std::string again = compress(raw);
+      idx.set_frame_sizes(i, static_cast<uint32_t>(again.size()));
+      rest += again;
+    }
     idx.set_frame_sizes(0, static_cast<uint32_t>(frame0.size()));
     std::string frames = good_.substr(0, 64) + frame0 + rest;
-    return with_packed_index(frames, compress(idx.SerializeAsString()));
+    uint32_t v2 = kPageStoreVersionNoRaw;
+    std::memcpy(frames.data() + 8, &v2, 4);
+    std::string packed = compress(idx.SerializeAsString());
+    return frames + packed + footer(frames.size(), packed.size(), v2);
   };
   // Stream pages 0..3: segment 0's pages 0, 1, 2, 5.
   std::string content;
   for (int p : {0, 1, 2, 5})
     content.append(reinterpret_cast<const char*>(segs_[0].bytes.data()) + p * kPageSize, kPageSize);
   put(with_frame0(compress(content)));
-  EXPECT_TRUE(open_and_read_all(path_, segs_));  // the rebuild itself is right
+  EXPECT_TRUE(open_and_read_all(path_, segs_));                     // the rebuild itself is right
+  EXPECT_FALSE(PageStoreReader::open(path_)->has_frame_digests());  // and says it has none
 
   auto expect_read_fails = [&](const std::string& bytes, const std::string& what) {
     put(bytes);
@@ -1050,12 +1065,9 @@ TEST_F(PageStoreCorruption, FrameDigestsOfTheWrongLength) {
   expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->resize(2 * kFrameDigestBytes); },
                      "2 of 3");
   expect_index_fails([](PageIndex& i) { i.mutable_frame_sha256()->append(32, 'x'); }, "4 of 3");
-  // None at all is a store written before digests: accepted, and said so.
-  PageIndex none = index_;
-  none.clear_frame_sha256();
-  put(with_index(none));
-  EXPECT_FALSE(PageStoreReader::open(path_)->has_frame_digests());
-  EXPECT_TRUE(open_and_read_all(path_, segs_));
+  // None at all: a version 4 store's zstd frames have no checksum of their own, so refused
+  // (a version 2 store written before digests is accepted: BadDataFramesFailOnRead).
+  expect_index_fails([](PageIndex& i) { i.clear_frame_sha256(); }, "none in version 4");
   put(good_);
   EXPECT_TRUE(PageStoreReader::open(path_)->has_frame_digests());
 }
