@@ -3,6 +3,7 @@
 
 #include <elf.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <iomanip>
 #include <optional>
+#include <sstream>
 #include <utility>
 
 #include "common/error.h"
@@ -63,7 +65,12 @@ std::string signame(int sig) {
   return abbrev ? cat("SIG", abbrev) : cat("signal ", sig);
 }
 
+// The exit status of a thread reaped by a wait for its leader, or given up dead (StopInfo::
+// exit_status; never a status the kernel reports).
+constexpr int kExitStatusLost = -1;
+
 std::string describe_exit(int status) {
+  if (status == kExitStatusLost) return "exited";
   if (WIFEXITED(status)) return cat("exited with status ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) return cat("exited, killed by ", signame(WTERMSIG(status)));
   return cat("exited (wait status ", hex(static_cast<unsigned>(status)), ")");
@@ -95,6 +102,57 @@ bool thread_dead(pid_t tid) {
   if (close == std::string::npos || close + 2 >= text->size()) return false;
   char state = (*text)[close + 2];
   return state == 'Z' || state == 'X' || state == 'x';
+}
+
+int64_t mono_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+// A dead thread whose exit is not reported within this long (a leader whose other threads
+// are still exiting, or are traced by someone else) is given up: its link ends when we exit.
+constexpr int64_t kDeadReportNs = 5'000'000'000;
+
+// True if the thread is exiting: a zombie, gone, or inside do_exit (PF_EXITING, the 9th field
+// of /proc/TID/stat), as every thread of a SIGKILLed process soon is.
+bool thread_exiting(pid_t tid) {
+  auto text = proc::try_read_file(cat("/proc/", tid, "/stat"));
+  if (!text) return true;
+  auto close = text->rfind(')');
+  if (close == std::string::npos || close + 2 >= text->size()) return false;
+  const char state = (*text)[close + 2];
+  if (state == 'Z' || state == 'X' || state == 'x') return true;
+  std::istringstream in(text->substr(close + 2));
+  std::string field;
+  for (int i = 0; i < 7 && in >> field; ++i) {
+  }
+  constexpr unsigned long kPfExiting = 0x4;
+  return (std::strtoul(field.c_str(), nullptr, 10) & kPfExiting) != 0;
+}
+
+// The kernel reports a thread-group leader's exit only once its other threads are released,
+// and a traced thread that dies is a zombie until its tracer waits for it: a tracer that waits
+// for a dead leader must reap the zombies of its other traced threads first, or it waits for
+// ever. Reaps the threads of `tid`'s group that are zombies traced by us (waitpid answers
+// ECHILD for the others). Says what is left of the other threads.
+enum class Others { kNone, kExiting, kRunning };  // kRunning: a leader that called pthread_exit
+Others reap_exited_threads(pid_t tid) {
+  std::vector<pid_t> tasks;
+  try {
+    tasks = proc::list_tasks(tid);
+  } catch (const Error&) {
+    return Others::kNone;
+  }
+  Others left = Others::kNone;
+  for (pid_t t : tasks) {
+    if (t == tid) continue;
+    if (!thread_exiting(t)) return Others::kRunning;
+    int status;
+    if (thread_dead(t) && ::waitpid(t, &status, __WALL | WNOHANG) == t) continue;
+    left = Others::kExiting;
+  }
+  return left;
 }
 
 siginfo_t get_siginfo(pid_t tid) {
@@ -189,14 +247,45 @@ StopInfo TracedThread::wait_stop() {
 }
 
 std::optional<StopInfo> TracedThread::poll_stop(bool block) {
+  // Never one blocking waitpid: a thread killed meanwhile may never be reported (a leader whose
+  // traced threads are unreaped zombies). Spin first (a trap usually comes within
+  // microseconds), then sleep a little longer each time.
+  auto lost_exit = [] {
+    StopInfo s;
+    s.kind = StopKind::kExited;
+    s.exit_status = kExitStatusLost;
+    return s;
+  };
   int status = 0;
-  for (;;) {
-    pid_t r = ::waitpid(tid_, &status, __WALL | (block ? 0 : WNOHANG));
+  int64_t dead_since = -1;
+  for (unsigned round = 0;; ++round) {
+    pid_t r = ::waitpid(tid_, &status, __WALL | WNOHANG);
     if (r == tid_) break;
-    if (r == 0 && !block) return std::nullopt;
     if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == ECHILD && thread_dead(tid_)) {
+      // Reaped already (by a wait for its leader, reap_exited_threads()): its status is lost.
+      attached_ = false;
+      return lost_exit();
+    }
     if (r < 0) fail_errno("waitpid tid ", tid_);
-    fail("waitpid tid ", tid_, ": returned ", r);
+    if (r != 0) fail("waitpid tid ", tid_, ": returned ", r);
+    if (!block) return std::nullopt;
+    if (round < 64) {
+      ::sched_yield();
+      continue;
+    }
+    if (thread_dead(tid_)) {
+      const Others left = reap_exited_threads(tid_);
+      const int64_t now = mono_ns();
+      if (dead_since < 0 || left == Others::kRunning) dead_since = now;
+      // Dead, its group dying, and still not reportable (its other threads traced by someone
+      // else, or stuck exiting): give up.
+      if (now - dead_since >= kDeadReportNs) {
+        attached_ = false;
+        return lost_exit();
+      }
+    }
+    ::usleep(std::min(20u << std::min(round - 64, 6u), 1000u));
   }
   StopInfo s;
   if (WIFEXITED(status) || WIFSIGNALED(status)) {
@@ -231,11 +320,22 @@ std::optional<StopInfo> TracedThread::poll_stop(bool block) {
 
 bool TracedThread::release_if_dead() {
   if (!thread_dead(tid_)) return false;
-  // A traced zombie is ours until we wait for it; collect it if it can be collected now (this
-  // hands it to its real parent). A leader cannot be collected before its other threads are:
-  // its link then ends when they are, or when we exit.
-  int status;
-  ::waitpid(tid_, &status, __WALL | WNOHANG);
+  // A traced zombie is ours until we wait for it; collecting it hands it to its real parent.
+  // A leader can be collected only after its other threads: those that died traced by us are
+  // reaped here, those still exiting are waited for (a bounded time). A leader whose other
+  // threads run on (pthread_exit) stays linked until they end or until we exit.
+  const int64_t deadline = mono_ns() + kDeadReportNs;
+  for (useconds_t pause = 20;; pause = std::min(pause * 2, 1000u)) {
+    int status;
+    pid_t r = ::waitpid(tid_, &status, __WALL | WNOHANG);
+    if (r < 0 && errno == EINTR) continue;
+    if (r != 0) break;  // collected, or not ours to collect any more
+    if (reap_exited_threads(tid_) != Others::kExiting &&
+        ::waitpid(tid_, &status, __WALL | WNOHANG) == 0)
+      break;
+    if (mono_ns() >= deadline) break;
+    ::usleep(pause);
+  }
   attached_ = false;
   return true;
 }
@@ -258,9 +358,9 @@ bool TracedThread::interrupt_until(int64_t deadline_ns) {
     if (deadline_ns < 0) return wait_stop();
     for (useconds_t pause = 20;; pause = std::min(pause * 2, 10000u)) {
       if (auto s = poll_stop(false)) return s;
-      timespec ts{};
-      ::clock_gettime(CLOCK_MONOTONIC, &ts);
-      if (int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec >= deadline_ns) return std::nullopt;
+      // Killed meanwhile (a leader's exit may never be reported): collected, never waited for.
+      if (release_if_dead()) fail("tid ", tid_, " exited while being interrupted");
+      if (mono_ns() >= deadline_ns) return std::nullopt;
       ::usleep(pause);
     }
   };

@@ -1,5 +1,6 @@
 #include "uffd/keeper.h"
 
+#include <signal.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -45,6 +46,14 @@ bool thread_dead(pid_t tid) {
   if (close == std::string::npos || close + 2 >= text->size()) return true;
   const char state = (*text)[close + 2];
   return state == 'Z' || state == 'X';
+}
+
+// Tests (LAZYCR_FAULT_INJECT=keeper-stop-in-injected-close): the server stops itself inside
+// the injected close, the thread resumed into it and its trap not yet collected, so that the
+// test can SIGKILL the process exactly while every thread of it is traced by the server.
+bool stop_in_injected_close() {
+  const char* f = ::getenv("LAZYCR_FAULT_INJECT");
+  return f != nullptr && std::strcmp(f, "keeper-stop-in-injected-close") == 0;
 }
 
 }  // namespace
@@ -177,6 +186,11 @@ UffdKeeper::Outcome UffdKeeper::close_parked_in(pid_t pid, std::string& why) {
         return Outcome::kLeft;
       }
     }
+    if (stop_in_injected_close())
+      set_injected_call_hook([] {
+        static bool stopped = false;  // once: the first injected close
+        if (!std::exchange(stopped, true)) ::raise(SIGSTOP);
+      });
     for (TracedThread& t : threads) {
       if (!held_by(pid, t.tid())) continue;  // (a table shared with a thread done before)
       const long r = t.syscall(find_vdso_syscall_insn(pid), InjectMode::kSingleStep, SYS_close,

@@ -612,5 +612,50 @@ TEST(LazyKill, ServerFailingToStartFailsTheRestoreAndLeavesNothing) {
   EXPECT_EQ(r.out, "verified ok\n");
 }
 
+// The process SIGKILLed while the server traces every thread of it to close the keeper (it
+// stops itself inside the injected close: LAZYCR_FAULT_INJECT=keeper-stop-in-injected-close).
+// Its threads die traced by the server: their zombies are the server's to reap, and the
+// leader's exit cannot be reported before they are. The server must reap them, let the
+// process go to its parent and end, not wait for the leader forever (a hang seen with a
+// multi-threaded redis-server killed ~50 ms after a detached lazy restore).
+TEST(LazyKill, ProcessKilledWhileTheServerTracesItsThreads) {
+  StateTarget t({"--mib", "16"});
+  ASSERT_GE(proc::list_tasks(t.pid()).size(), 2u) << "the target must be multi-threaded";
+  TempDir images, work;
+  t.dump(images / "img");
+  LazyDetached l;
+  {
+    ScopedEnv env("LAZYCR_FAULT_INJECT", "keeper-stop-in-injected-close");
+    l.start(images / "img", work);
+  }
+  ASSERT_GT(l.server, 0);
+  ASSERT_GT(l.rp.pid, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(l.server, &status, WUNTRACED), l.server);
+  ASSERT_TRUE(WIFSTOPPED(status)) << "the server ended before it traced the process";
+  ASSERT_TRUE(send_signal(l.rp.pid, SIGKILL));
+  ASSERT_TRUE(wait_exited(l.rp.pid));
+  ASSERT_TRUE(send_signal(l.server, SIGCONT));
+  // A bound, not a timing: the server has nothing left to do but end.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  pid_t r = 0;
+  while ((r = waitpid(l.server, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (r == 0) {
+    const std::string stack =
+        proc::try_read_file("/proc/" + std::to_string(l.server) + "/stack").value_or("");
+    ADD_FAILURE() << "the page server hangs (wchan " << wchan_of(l.server) << "):\n" << stack;
+    send_signal(l.server, SIGKILL);
+    reap(l.server);
+  } else {
+    EXPECT_EQ(r, l.server);
+  }
+  l.server = 0;
+  EXPECT_EQ(l.rp.wait(), 128 + SIGKILL);
+  for (pid_t g : children_named("lazycr-guardian")) reap(g);
+  expect_nothing_left(t.pid());
+}
+
 }  // namespace
 }  // namespace lazycr::test

@@ -270,8 +270,11 @@ std::map<std::string, std::string> read_verdicts(Child& out,
 }
 
 // The restored tree seen from outside (no pid namespace): the same pids with the same parents
-// (the root's is whoever restored it), groups and sessions; zombies are zombies.
-void expect_same_tree(const TreeTarget& t) {
+// (the root's is whoever restored it), groups and sessions; zombies are zombies; nothing is
+// traced, except by the lazy page server `server` (if > 0): once every page is served it seizes
+// each live process for a moment to close the keeper parked in it (uffd/keeper.h), which may
+// be right now (Tree.ZombiesLazy failed "still traced" now and then).
+void expect_same_tree(const TreeTarget& t, pid_t server = 0) {
   for (const auto* list : {&t.tasks, &t.zombies})
     for (const auto& task : *list) {
       SCOPED_TRACE(task.role + " pid " + std::to_string(task.pid));
@@ -291,7 +294,10 @@ void expect_same_tree(const TreeTarget& t) {
         EXPECT_EQ(now.state, 'Z');
       else
         EXPECT_NE(now.state, 'Z');
-      EXPECT_EQ(status_field(task.pid, "TracerPid"), "\t0") << "still traced";
+      const std::string tracer = status_field(task.pid, "TracerPid");
+      if (server <= 0 || tracer != "\t" + std::to_string(server)) {
+        EXPECT_EQ(tracer, "\t0") << "still traced";
+      }
     }
 }
 
@@ -323,7 +329,7 @@ void restore_detached(TreeTarget& t, const std::string& dir, bool lazy) {
   pid_t root = std::atoi(lz.read_line().c_str());
   EXPECT_EQ(lz.wait(), 0);
   ASSERT_EQ(root, t.root());
-  expect_same_tree(t);
+  expect_same_tree(t, lazy ? read_pidfile(server_pidfile) : 0);
   t.go();
   expect_all_ok(read_verdicts(lz, t.roles()), t.roles());
   EXPECT_EQ(reap(root), 0);
