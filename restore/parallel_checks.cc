@@ -3,6 +3,7 @@
 #include <cerrno>
 
 #include "common/error.h"
+#include "image-format/sha256_load.h"
 #include "restore/memory.h"
 #include "restore/trust.h"
 
@@ -32,6 +33,12 @@ void ParallelChecks::start(const image::ImageReader& img, const RestoreOptions& 
 void ParallelChecks::join() {
   if (thread_.joinable()) thread_.join();
   if (error_) std::rethrow_exception(error_);
+}
+
+Sha256Loader::Sha256Loader() : thread_([] { image::load_sha256(); }) {}
+
+void Sha256Loader::join() {
+  if (thread_.joinable()) thread_.join();
 }
 
 bool files_reach_outside(const image::ImageReader& img, const RestoreOptions& opts) {

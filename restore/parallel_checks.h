@@ -36,6 +36,20 @@ class ParallelChecks {
   std::exception_ptr error_;
 };
 
+// Loads libcrypto's SHA-256 (image::load_sha256()) on a thread while the image's inventory and
+// processes are read, before its page stores, whose index digests need it.
+class Sha256Loader {
+ public:
+  Sha256Loader();
+  ~Sha256Loader() { join(); }
+  // Before anything forks: the thread, done loading, may still be ending (OpenSSL's
+  // thread-exit handlers take locks).
+  void join();
+
+ private:
+  std::thread thread_;
+};
+
 // Whether the "files" step would make anything outside the tree, which a refused image must
 // not get made: ghost files, unix sockets, ptys, System V segments, a network namespace, inet
 // sockets bound to privileged ports.

@@ -550,9 +550,11 @@ Restored restore(const RestoreOptions& opts_in) {
   RestoreOptions opts = opts_in;
   if (opts.start_ns == 0) opts.start_ns = t0;
   Steps steps(opts.fault_inject);
+  Sha256Loader sha256_loader;
   std::unique_ptr<image::ImageReader> img;
   steps.run("validate", cat("image ", opts.dir),
             [&] { img = std::make_unique<image::ImageReader>(opts.dir); });
+  sha256_loader.join();
   const std::vector<image::Process>& procs = img->processes();
   const image::Process& root = procs.front();
   // The lazy probe and the MAC decide nothing about what is made: they run beside it.
@@ -772,6 +774,7 @@ Restored restore(const RestoreOptions& opts_in) {
     // rest is filled and shaped.
     each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
     steps.run("server", rt.who, [&] {
+      checks.join();  // before the server's fork(): no lock is held by the checks' thread
       for (auto& t : tree.tasks)
         if (t->live()) t->strategy->start_server(*t->r);
       std::vector<std::string> stores;
