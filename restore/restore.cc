@@ -562,8 +562,8 @@ Restored restore(const RestoreOptions& opts_in) {
   steps.on_failure([&] { checks.join(); });
   steps.run("validate", cat("pid ", root.pid()), [&] {
     stand_in_for_unsupported_fds(img->mutable_processes(), opts);
+    validate_image(*img, opts);  // first: its refusals come before the MAC's, as they did
     checks.start(*img, opts, cat("pid ", root.pid()));
-    validate_image(*img, opts);
     if (files_reach_outside(*img, opts)) checks.join();
   });
   const uint64_t t_valid = now_ns();
