@@ -1,6 +1,7 @@
 // The page store; the layout and every bound the reader enforces are in FORMAT.md.
 #define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader
 #include "image-format/page_store.h"
+#include "image-format/sha256_load.h"
 
 #include <fcntl.h>
 #include <openssl/evp.h>
@@ -1207,6 +1208,10 @@ bool PageStoreReader::has_frame_digests() const {
 
 const std::string& PageStoreReader::mac_digest() const {
   return impl_->mac_digest;
+}
+
+void load_sha256() {
+  sha256_md();
 }
 
 std::string page_store_mac_digest(int fd, const std::string& path, uint64_t file_size) {

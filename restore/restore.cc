@@ -70,8 +70,10 @@
 #include "restore/internal.h"
 #include "restore/memory.h"
 #include "restore/open_files.h"
+#include "restore/parallel_checks.h"
 #include "restore/restoree.h"
 #include "restore/shared_files.h"
+#include "restore/steps.h"
 #include "restore/sysv_shm.h"
 #include "restore/template.h"
 #include "restore/thread_state.h"
@@ -84,7 +86,8 @@ using image::kPageSize;
 using image::MemoryArea;
 
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
-// step ("thread-created": after the first extra thread exists).
+// step ("thread-created": after the first extra thread exists; "checks": the checks beside the
+// creation of the tree fail once done, reported as "validate").
 // Eager trees fork each child right before its memory steps (unmap..protect), lazy ones all at
 // "fork"; "uffd", "server" and "server-ready" are lazy only.
 [[maybe_unused]] constexpr const char* kSteps =
@@ -96,38 +99,6 @@ using image::MemoryArea;
 
 constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
 constexpr uint64_t kRseqFlagUnregister = 1;  // RSEQ_FLAG_UNREGISTER
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// Runs named steps: adds "restore: <step> for <who>: " to any error, and fails on purpose at
-// the step named by --fault-inject.
-class Steps {
- public:
-  explicit Steps(std::string fault) : fault_(std::move(fault)) {}
-
-  template <typename F>
-  void run(const char* step, const std::string& who, F&& f) {
-    const uint64_t t0 = now_ns();
-    try {
-      check(step);
-      f();
-    } catch (const Error& e) {
-      throw Error(cat("restore: ", step, " for ", who, ": ", e.what()), e.sys_errno());
-    }
-    log::debug("restore: ", step, " for ", who, ": ", (now_ns() - t0) / 1000, " us");
-  }
-  // Fails if `name` is the injected fault (for faults in the middle of a step).
-  void check(const char* name) const {
-    if (fault_ == name) throw Error(cat("injected fault (--fault-inject=", name, ")"), EIO);
-  }
-
- private:
-  std::string fault_;
-};
 
 // Process-wide settings: personality, umask, cwd, dumpable, THP and no_new_privs (the last
 // is per thread but inherited: set before any other thread exists).
@@ -579,16 +550,21 @@ Restored restore(const RestoreOptions& opts_in) {
   RestoreOptions opts = opts_in;
   if (opts.start_ns == 0) opts.start_ns = t0;
   Steps steps(opts.fault_inject);
+  Sha256Loader sha256_loader;
   std::unique_ptr<image::ImageReader> img;
   steps.run("validate", cat("image ", opts.dir),
             [&] { img = std::make_unique<image::ImageReader>(opts.dir); });
+  sha256_loader.join();
   const std::vector<image::Process>& procs = img->processes();
   const image::Process& root = procs.front();
+  // The lazy probe and the MAC decide nothing about what is made: they run beside it.
+  ParallelChecks checks;
+  steps.on_failure([&] { checks.join(); });
   steps.run("validate", cat("pid ", root.pid()), [&] {
-    if (opts.lazy.enabled) check_lazy_options(opts.lazy);
     stand_in_for_unsupported_fds(img->mutable_processes(), opts);
-    validate_image(*img, opts);
-    check_trust(*img, opts);
+    validate_image(*img, opts);  // first: its refusals come before the MAC's, as they did
+    checks.start(*img, opts, cat("pid ", root.pid()));
+    if (files_reach_outside(*img, opts)) checks.join();
   });
   const uint64_t t_valid = now_ns();
   if (opts.lazy.enabled) opts.preread = EagerPreread::start(*img);
@@ -798,6 +774,7 @@ Restored restore(const RestoreOptions& opts_in) {
     // rest is filled and shaped.
     each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
     steps.run("server", rt.who, [&] {
+      checks.join();  // before the server's fork(): no lock is held by the checks' thread
       for (auto& t : tree.tasks)
         if (t->live()) t->strategy->start_server(*t->r);
       std::vector<std::string> stores;
@@ -857,6 +834,7 @@ Restored restore(const RestoreOptions& opts_in) {
   each_live("signals", [&](Task& t) { restore_pending(*t.r, *t.p); });
   each_live("rlimits", [&](Task& t) { restore_rlimits(*t.r, *t.p); });
   each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
+  checks.join();  // before the tree can run (or be held as a template)
   // `lazycr template`: everything is built; the template is held here, never released.
   if (opts.hold) return hold_template(opts, *img, r0, pin->saved());
   each_live("unmap-trampoline", [&](Task& t) {

@@ -210,6 +210,34 @@ TEST(Lazy, FaultAtEachStepLeavesNothingBehind) {
   EXPECT_EQ(r.out, "verified ok\n");
 }
 
+// The lazy probe and the MAC check run on a thread beside the creation of the tree
+// (restore/parallel_checks.h): when they refuse the image after the tree is made, the restore
+// still fails before the tree's first instruction and leaves nothing behind, lazy or eager.
+TEST(Lazy, ChecksBesideCreationRefuseBeforeTheFirstInstruction) {
+  StateTarget t({"--mib", "2"});
+  TempDir images;
+  std::string dir = images / "img";
+  t.dump(dir);
+  for (bool lazy : {true, false}) {
+    SCOPED_TRACE(lazy ? "lazy" : "eager");
+    std::vector<std::string> args{"restore", "-D", dir, "--shell-job", "--fault-inject", "checks"};
+    if (lazy) args.push_back("--lazy");
+    auto r = lazycr(args);
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_EQ(r.out, "") << r.out;  // the target prints once it runs
+    EXPECT_NE(
+        r.err.find("restore: validate for pid " + std::to_string(t.pid()) + ": injected fault"),
+        std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    expect_nothing_left(t.pid());
+  }
+  t.go();
+  auto r = lazycr({"restore", "--lazy", "-D", dir, "--shell-job"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "verified ok\n");
+}
+
 TEST(Lazy, ManyAreasOfEveryKind) {
   TempDir work;
   std::string verify = work / "verify";
