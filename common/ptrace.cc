@@ -155,6 +155,14 @@ Others reap_exited_threads(pid_t tid) {
   return left;
 }
 
+// Is `tid` a thread-group leader whose real parent is this process?
+bool our_child_leader(pid_t tid) {
+  auto st = proc::try_read_stat(tid);
+  if (!st || st->ppid != ::getpid()) return false;
+  auto status = proc::try_read_file(cat("/proc/", tid, "/status"));
+  return status && status->find(cat("\nTgid:\t", tid, "\n")) != std::string::npos;
+}
+
 siginfo_t get_siginfo(pid_t tid) {
   siginfo_t si;
   std::memset(&si, 0, sizeof si);
@@ -320,6 +328,17 @@ std::optional<StopInfo> TracedThread::poll_stop(bool block) {
 
 bool TracedThread::release_if_dead() {
   if (!thread_dead(tid_)) return false;
+  if (our_child_leader(tid_)) {
+    // Collecting it here would take the exit status this process, its parent, waits for: only
+    // reap the traced threads that keep its exit from being reported (a bounded time).
+    const int64_t deadline = mono_ns() + kDeadReportNs;
+    for (useconds_t pause = 20;
+         reap_exited_threads(tid_) == Others::kExiting && mono_ns() < deadline;
+         pause = std::min(pause * 2, 1000u))
+      ::usleep(pause);
+    attached_ = false;
+    return true;
+  }
   // A traced zombie is ours until we wait for it; collecting it hands it to its real parent.
   // A leader can be collected only after its other threads: those that died traced by us are
   // reaped here, those still exiting are waited for (a bounded time). A leader whose other
