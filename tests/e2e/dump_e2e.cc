@@ -678,8 +678,7 @@ TEST(Dump, UnsupportedDescriptorsAreAllNamedAndComeBackAsDevNull) {
   // TCP listeners and UDP sockets are restorable (objects/inet_socket.h); an established
   // connection and an option lazycr does not restore yet are not.
   EXPECT_NE(r.err.find("TCP/IPv4 connection 127.0.0.1:"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find(" <-> 127.0.0.1:" + info.str("tcp_port") + " (socket:["),
-            std::string::npos)
+  EXPECT_NE(r.err.find(" <-> 127.0.0.1:" + info.str("tcp_port") + " (socket:["), std::string::npos)
       << r.err;
   EXPECT_NE(r.err.find("is established: checkpointing it needs --tcp-established"),
             std::string::npos)
