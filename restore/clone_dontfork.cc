@@ -10,14 +10,9 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "restore/memory.h"
 
 namespace lazycr::restore {
-
-bool has_vmflag(const std::string& vmflags, const char* f) {
-  for (size_t i = 0; i + 2 <= vmflags.size(); i += 3)
-    if (vmflags.compare(i, 2, f) == 0) return true;
-  return false;
-}
 
 void check_dontfork_area(const image::MemoryArea& a) {
   if (!has_vmflag(a.vmflags(), "dc")) return;

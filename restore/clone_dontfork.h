@@ -10,9 +10,6 @@
 
 namespace lazycr::restore {
 
-// Whether `vmflags` (an smaps VmFlags line) holds the two-letter flag `f`.
-bool has_vmflag(const std::string& vmflags, const char* f);
-
 // Throws, naming the area, for a MADV_DONTFORK area a clone cannot be given (not private
 // anonymous memory).
 void check_dontfork_area(const image::MemoryArea& a);

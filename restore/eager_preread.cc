@@ -4,9 +4,10 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
-#include <sstream>
 #include <thread>
 #include <vector>
+
+#include "restore/memory.h"
 
 namespace lazycr::restore {
 namespace {
@@ -18,28 +19,6 @@ using image::PageRun;
 // More than this is left to the filler (which writes in 8 MiB batches anyway): the copy would
 // cost lazycr memory for no gain once reading outlasts the steps it overlaps.
 constexpr uint64_t kMaxBytes = 64u << 20;
-
-bool has_vmflag(const MemoryArea& a, const std::string& flag) {
-  std::istringstream in(a.vmflags());
-  std::string f;
-  while (in >> f)
-    if (f == flag) return true;
-  return false;
-}
-
-// What the eager filler writes (restore/memory.cc, EagerFiller::fills).
-bool filled(const MemoryArea& a) {
-  switch (a.kind()) {
-    case MemoryArea::ANON:
-    case MemoryArea::HEAP:
-    case MemoryArea::STACK:
-    case MemoryArea::PRIVATE_FILE:
-    case MemoryArea::SHARED_ANON:
-      return true;
-    default:
-      return false;
-  }
-}
 
 struct Piece {
   const image::PageStoreReader* store;
@@ -62,8 +41,8 @@ bool lazy_candidate(const MemoryArea& a) {
     default:
       return false;
   }
-  return !a.shared() && a.stored_pages() > 0 && !has_vmflag(a, "lo") && !has_vmflag(a, "lf") &&
-         !has_vmflag(a, "wf");
+  return !a.shared() && a.stored_pages() > 0 && !has_vmflag(a.vmflags(), "lo") &&
+         !has_vmflag(a.vmflags(), "lf") && !has_vmflag(a.vmflags(), "wf");
 }
 
 struct EagerPreread::Impl {
@@ -109,7 +88,7 @@ std::shared_ptr<EagerPreread> EagerPreread::start(const image::ImageReader& img)
     const auto& runs = store.index().runs();
     std::vector<Piece>& mine = im.pieces;
     for (const MemoryArea& a : p.areas()) {
-      if (!filled(a) || lazy_candidate(a)) continue;
+      if (!eager_fills(a) || lazy_candidate(a)) continue;
       auto it = std::upper_bound(runs.begin(), runs.end(), a.start(),
                                  [](uint64_t x, const PageRun& r) { return x < r.start(); });
       if (it != runs.begin()) --it;

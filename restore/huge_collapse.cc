@@ -14,6 +14,7 @@
 #include "common/linux_abi.h"
 #include "common/proc.h"
 #include "restore/clone_dontfork.h"
+#include "restore/memory.h"
 #include "restore/restoree.h"
 
 #ifndef MADV_COLLAPSE

@@ -19,6 +19,26 @@
 #include "common/json.h"
 
 namespace lazycr::restore {
+
+bool eager_fills(const image::MemoryArea& area) {
+  switch (area.kind()) {
+    case image::MemoryArea::ANON:
+    case image::MemoryArea::HEAP:
+    case image::MemoryArea::STACK:
+    case image::MemoryArea::PRIVATE_FILE:
+    case image::MemoryArea::SHARED_ANON:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool has_vmflag(const std::string& vmflags, const char* f) {
+  for (size_t i = 0; i + 2 <= vmflags.size(); i += 3)
+    if (vmflags.compare(i, 2, f) == 0) return true;
+  return false;
+}
+
 namespace {
 
 using image::kPageSize;
@@ -62,12 +82,12 @@ class EagerFiller final : public MemoryStrategy {
   uint32_t shaping_prot(const MemoryArea& area) const override {
     // process_vm_writev honours protections: areas with pages to write are writable (and
     // readable: a write-only mapping is fine for the kernel, but keep it plain) until filled.
-    if (area.stored_pages() > 0 && fills(area)) return area.prot() | PROT_READ | PROT_WRITE;
+    if (area.stored_pages() > 0 && eager_fills(area)) return area.prot() | PROT_READ | PROT_WRITE;
     return area.prot();
   }
 
   void prepare_area(RemoteProcess&, const MemoryArea& area) override {
-    if (area.stored_pages() == 0 || !fills(area)) return;
+    if (area.stored_pages() == 0 || !eager_fills(area)) return;
     // Runs overlapping the area, clipped to it. The reader checked that runs are sorted and
     // that every stored page lies inside an area.
     const auto& runs = store_.index().runs();
@@ -177,20 +197,6 @@ class EagerFiller final : public MemoryStrategy {
   MemoryStats stats() const override { return stats_; }
 
  private:
-  // Areas whose stored pages this strategy writes: everything with contents in the store.
-  static bool fills(const MemoryArea& area) {
-    switch (area.kind()) {
-      case MemoryArea::ANON:
-      case MemoryArea::HEAP:
-      case MemoryArea::STACK:
-      case MemoryArea::PRIVATE_FILE:
-      case MemoryArea::SHARED_ANON:
-        return true;
-      default:
-        return false;
-    }
-  }
-
   // One batch: pieces of segments that fill one buffer.
   struct Plan {
     std::vector<Segment> pieces;

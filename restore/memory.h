@@ -174,4 +174,11 @@ void check_lazy_support();
 // check_lazy_support(), and the options: --stats writable, --server-cpu allowed.
 void check_lazy_options(const LazyOptions& opts);
 
+// Areas whose stored pages an eager fill writes: everything with contents in the store (the
+// eager filler, and the read-ahead of a lazy restore's eager pages, which must match it).
+bool eager_fills(const image::MemoryArea& area);
+
+// Whether `vmflags` (an smaps VmFlags line: two-letter flags, one space apart) holds `f`.
+bool has_vmflag(const std::string& vmflags, const char* f);
+
 }  // namespace lazycr::restore
