@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -224,6 +225,19 @@ std::optional<Stat> try_read_stat(pid_t pid) {
   } catch (const Error&) {
     return std::nullopt;
   }
+}
+
+bool exiting(pid_t tid) {
+  // Woken by SIGKILL, a thread runs a little before do_exit with the signal still pending;
+  // it takes the signal off just before it sets PF_EXITING: read in that order.
+  std::optional<std::string> text = try_read_file(pid_path(tid, "status"));
+  if (!text) return true;
+  const Status status = parse_status(*text);
+  if ((status.sig_pnd | status.shd_pnd) & (uint64_t{1} << (SIGKILL - 1))) return true;
+  std::optional<Stat> st = try_read_stat(tid);
+  if (!st) return true;
+  constexpr uint64_t kPfExiting = 0x4;
+  return st->state == 'Z' || st->state == 'X' || st->state == 'x' || (st->flags & kPfExiting);
 }
 
 Status parse_status(const std::string& text) {

@@ -49,6 +49,9 @@ Stat parse_stat(const std::string& text);
 Stat read_stat(pid_t pid);
 // The same, or nullopt when the process is gone (or its stat cannot be read or parsed).
 std::optional<Stat> try_read_stat(pid_t pid);
+// True if the thread is exiting: a zombie, gone, inside do_exit (PF_EXITING), or SIGKILL
+// pending, as every thread of a SIGKILLed process soon is.
+bool exiting(pid_t tid);
 
 // /proc/PID/status: selected lines.
 struct Status {

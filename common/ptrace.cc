@@ -114,23 +114,6 @@ int64_t mono_ns() {
 // are still exiting, or are traced by someone else) is given up: its link ends when we exit.
 constexpr int64_t kDeadReportNs = 5'000'000'000;
 
-// True if the thread is exiting: a zombie, gone, or inside do_exit (PF_EXITING, the 9th field
-// of /proc/TID/stat), as every thread of a SIGKILLed process soon is.
-bool thread_exiting(pid_t tid) {
-  auto text = proc::try_read_file(cat("/proc/", tid, "/stat"));
-  if (!text) return true;
-  auto close = text->rfind(')');
-  if (close == std::string::npos || close + 2 >= text->size()) return false;
-  const char state = (*text)[close + 2];
-  if (state == 'Z' || state == 'X' || state == 'x') return true;
-  std::istringstream in(text->substr(close + 2));
-  std::string field;
-  for (int i = 0; i < 7 && in >> field; ++i) {
-  }
-  constexpr unsigned long kPfExiting = 0x4;
-  return (std::strtoul(field.c_str(), nullptr, 10) & kPfExiting) != 0;
-}
-
 // The kernel reports a thread-group leader's exit only once its other threads are released,
 // and a traced thread that dies is a zombie until its tracer waits for it: a tracer that waits
 // for a dead leader must reap the zombies of its other traced threads first, or it waits for
@@ -147,7 +130,7 @@ Others reap_exited_threads(pid_t tid) {
   Others left = Others::kNone;
   for (pid_t t : tasks) {
     if (t == tid) continue;
-    if (!thread_exiting(t)) return Others::kRunning;
+    if (!proc::exiting(t)) return Others::kRunning;
     int status;
     if (thread_dead(t) && ::waitpid(t, &status, __WALL | WNOHANG) == t) continue;
     left = Others::kExiting;

@@ -501,6 +501,17 @@ class ServerProcess {
     ctl_wr_ = std::move(ctl_wr);
   }
 
+  // True once the server has answered (ready, its error, or its end), waiting up to `ms`.
+  bool answered(int ms) const {
+    if (!ready_rd_) return false;  // it said what it had to
+    pollfd pf{ready_rd_.get(), POLLIN, 0};
+    int n;
+    do {
+      n = ::poll(&pf, 1, ms);
+    } while (n < 0 && errno == EINTR);
+    return n != 0;
+  }
+
   // Waits until the server holds the process (its guardian too); throws with the server's
   // own error otherwise.
   void wait_ready() {
@@ -941,6 +952,10 @@ std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
   return std::make_unique<LazyStrategy>(proc, store, opts, cpus, group);
 }
 
+// How long a failed step waits for the page server's answer before reporting its own error:
+// the server's end waits up to 5 s for the processes it killed.
+constexpr int kServerVerdictMs = 8000;
+
 struct LazyServerGroup::Impl {
   RestoreOptions opts;
   cpu_set_t cpus;
@@ -987,6 +1002,17 @@ void LazyServerGroup::start(pid_t root, const std::vector<std::string>& stores) 
 void LazyServerGroup::wait_ready() {
   if (impl_->running_ns == 0) impl_->running_ns = now_ns();  // the processes were let go
   if (impl_->ready || !impl_->server.started()) return;
+  impl_->server.wait_ready();
+  impl_->ready = true;
+}
+
+bool LazyServerGroup::server_pending() const {
+  return !impl_->ready && impl_->server.started();
+}
+
+void LazyServerGroup::raise_server_failure() {
+  if (!server_pending()) return;
+  if (!impl_->server.answered(kServerVerdictMs)) return;
   impl_->server.wait_ready();
   impl_->ready = true;
 }

@@ -150,6 +150,11 @@ class LazyServerGroup {
   // processes' stores may read pages stored in the others).
   void start(pid_t root, const std::vector<std::string>& stores);
   void wait_ready();
+  // A server was started and has not said it is ready yet.
+  bool server_pending() const;
+  // Called when a step fails, the processes killed: if the server failed to start, throws
+  // its error (the cause); else returns.
+  void raise_server_failure();
   // Tells the server the processes run (and the totals, for its stats) and hands it over.
   // Without a server, writes the stats itself. Never throws.
   ServerHandle go(pid_t root, const MemoryStats& total) noexcept;

@@ -478,14 +478,18 @@ class Tree {
   Tree(const Tree&) = delete;
   Tree& operator=(const Tree&) = delete;
   ~Tree() {
-    for (auto& t : tasks) t->r->kill();
-    for (auto& t : tasks) t->r->reap_traced();
+    kill();
     for (auto& t : tasks) {
       t->space.reset();
       t->r->reap_zombie();  // after its parent, reaped just before (preorder)
       t->r.reset();
       t->strategy.reset();
     }
+  }
+  // Every process killed, and the exits of those we trace collected.
+  void kill() {
+    for (auto& t : tasks) t->r->kill();
+    for (auto& t : tasks) t->r->reap_traced();
   }
   std::vector<std::unique_ptr<Task>> tasks;
 };
@@ -614,6 +618,24 @@ Restored restore(const RestoreOptions& opts_in) {
   }
   Task& rt = *tree.tasks.front();
   Restoree& r0 = *rt.r;
+  // A page server failing to start kills the processes, often while a step works on one:
+  // its message is the cause, reported as the step that waits for it would. It comes once
+  // the processes are gone, and we trace them: they are killed and collected first (the
+  // restore fails anyway).
+  steps.on_failure([&] {
+    if (!lazy_group || !lazy_group->server_pending()) return;
+    // Our own failure, the processes alive: the server did not cause it.
+    if (std::none_of(tree.tasks.begin(), tree.tasks.end(), [](const auto& t) {
+          return t->live() && t->r->pid() > 0 && proc::exiting(t->r->pid());
+        }))
+      return;
+    tree.kill();
+    try {
+      lazy_group->raise_server_failure();
+    } catch (const Error& e) {
+      throw Error(cat("restore: server-ready for ", rt.who, ": ", e.what()), e.sys_errno());
+    }
+  });
 
   std::unique_ptr<PinSelf> pin;
   steps.run("create", rt.who, [&] {

@@ -303,16 +303,53 @@ long Restoree::inject_raw(long nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64
   });
 }
 
+namespace {
+
+constexpr auto kReaperWait = std::chrono::seconds(30);
+
+// Collects every thread of `pid` that is a zombie still traced by us (not ours: ECHILD).
+void collect_traced_zombies(pid_t pid) noexcept {
+  std::vector<pid_t> tids;
+  try {
+    tids = proc::list_tasks(pid);
+  } catch (const Error&) {
+    // gone: only the leader's wait below can matter
+  }
+  for (pid_t tid : tids) {
+    int status;
+    while (::waitpid(tid, &status, __WALL | WNOHANG) < 0 && errno == EINTR) {
+    }
+  }
+  int status;
+  while (::waitpid(pid, &status, __WALL | WNOHANG) < 0 && errno == EINTR) {
+  }
+}
+
+}  // namespace
+
 void Restoree::destroy() noexcept {
   kill();
   reap_traced();
   // Our child: the process itself, or the reaper. (A child of the tree whose parent is
   // alive is not ours: ECHILD.)
   pid_t child = sp_.s.reaper > 0 ? sp_.s.reaper : sp_.s.pid;
-  if (child > 0) {
+  if (child <= 0) return;
+  // The reaper (--pidns) ends only once every process of its namespace is reaped, and a
+  // zombie we still trace (a thread whose exit reap_traced() gave up on) is ours to collect
+  // first: one blocking wait for the reaper would wait for ever. Collected here as we go.
+  const auto deadline = std::chrono::steady_clock::now() + kReaperWait;
+  for (useconds_t pause = 20;; pause = std::min(pause * 2, 10'000u)) {
     int status;
-    while (::waitpid(child, &status, __WALL) < 0 && errno == EINTR) {
+    pid_t r = ::waitpid(child, &status, __WALL | WNOHANG);
+    if (r == child || (r < 0 && errno != EINTR)) return;
+    if (child != sp_.s.pid) collect_traced_zombies(sp_.s.pid);
+    if (std::chrono::steady_clock::now() > deadline) {
+      log::warn("restore cleanup: pid ", child, " did not end within ",
+                std::chrono::duration_cast<std::chrono::seconds>(kReaperWait).count(),
+                " s after SIGKILL; its ptrace links end when lazycr exits");
+      return;
     }
+    ::usleep(pause);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <functional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -25,7 +26,8 @@ class Steps {
 
   // Called when a step fails, before its error is thrown: it may throw a better one (the
   // checks running beside the steps, whose failure is the cause; parallel_checks.h).
-  void on_failure(std::function<void()> f) { on_failure_ = std::move(f); }
+  // Called in the order given.
+  void on_failure(std::function<void()> f) { on_failure_.push_back(std::move(f)); }
 
   template <typename F>
   void run(const char* step, const std::string& who, F&& f) {
@@ -34,7 +36,7 @@ class Steps {
       check(step);
       f();
     } catch (const Error& e) {
-      if (on_failure_) on_failure_();
+      for (const auto& cause : on_failure_) cause();
       throw Error(cat("restore: ", step, " for ", who, ": ", e.what()), e.sys_errno());
     }
     log::debug("restore: ", step, " for ", who, ": ", (now_ns() - t0) / 1000, " us");
@@ -46,7 +48,7 @@ class Steps {
 
  private:
   std::string fault_;
-  std::function<void()> on_failure_;
+  std::vector<std::function<void()>> on_failure_;
 };
 
 }  // namespace lazycr::restore

@@ -5,9 +5,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "common/proc.h"
 #include "tests/e2e/harness.h"
@@ -130,7 +132,7 @@ TEST(Check, JsonIsValid) {
 }
 
 // Is `pid` dead or dying: a zombie, or SIGKILL pending?
-bool dying(pid_t pid) {
+bool dying_now(pid_t pid) {
   auto status = proc::try_read_file("/proc/" + std::to_string(pid) + "/status");
   if (!status) return true;
   std::istringstream in(*status);
@@ -141,6 +143,17 @@ bool dying(pid_t pid) {
       if (std::stoull(line.substr(7), nullptr, 16) & (1ull << (SIGKILL - 1))) return true;
   }
   return false;
+}
+
+// Between taking SIGKILL off its queue and becoming a zombie, a process shows neither: wait
+// (a bound, not a timing) for one of them. One left stopped stays neither for ever.
+bool dying(pid_t pid) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!dying_now(pid)) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
 }
 
 // A lazycr killed while a probe child is stopped (LAZYCR_FAULT_INJECT=kill-during-probe): the
