@@ -246,10 +246,23 @@ void collect_threads(FrozenProcess& fp, image::Process& proc, uint32_t& xsave_si
 void collect_sigactions(FrozenProcess& fp, image::Process& proc) {
   uint64_t scratch = fp.scratch();
   static_assert(64 * kKernelSigactionSize <= kPageSize);
+  std::vector<BatchCall> calls;
+  std::vector<int> signals;
   for (int sig = 1; sig <= 64; sig++) {
     if (sig == SIGKILL || sig == SIGSTOP) continue;
-    fp.call(fp.leader(), "rt_sigaction", SYS_rt_sigaction, sig, 0,
-            scratch + (sig - 1) * kKernelSigactionSize, 8);
+    calls.push_back(
+        {SYS_rt_sigaction,
+         {static_cast<uint64_t>(sig), 0, scratch + (sig - 1) * kKernelSigactionSize, 8, 0, 0}});
+    signals.push_back(sig);
+  }
+  // One round trip instead of 62 (they were a third of a small server's frozen time).
+  if (auto results = fp.try_batch(fp.leader(), calls)) {
+    if (results->size() < calls.size() || results->back() != 0)
+      fail_errno_value(static_cast<int>(-results->back()),
+                       cat("rt_sigaction(", signals[results->size() - 1], ") in pid ", fp.pid()));
+  } else {
+    for (const BatchCall& c : calls)
+      fp.call(fp.leader(), "rt_sigaction", c.nr, c.a[0], c.a[1], c.a[2], c.a[3]);
   }
   std::vector<uint64_t> raw(64 * 4);
   remote_read(fp.pid(), scratch, raw.data(), raw.size() * 8);
@@ -487,8 +500,16 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
 
   DumpResult result;
   image::Inventory inv;
+  // -vv: the time of each stage, to see where the frozen time goes.
+  uint64_t lap_from = now_ns();
+  auto lap = [&](const char* stage) {
+    const uint64_t t = now_ns();
+    log::debug("dump: ", stage, " ", (t - lap_from) / 1000, " us");
+    lap_from = t;
+  };
   FrozenTree tree;
   tree.freeze(opts.pid);
+  lap("freeze");
   const std::vector<pid_t>& order = tree.preorder();
   for (pid_t p : order)
     if (!tree.node(p).zombie()) seized.push_back(p);
@@ -517,16 +538,21 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     auto maps = proc::read_smaps(fp.pid());
     areas[i] = collect_areas(fp.pid(), maps);
     if (i == 0) vdso = fingerprint_vdso(fp.pid(), areas[i]);
+    lap("areas");
     collect_threads(fp, proc, xsave_size, xsave_features);
+    lap("threads");
     fault_point(opts, "threads");  // with the scratch page mapped
     collect_sigactions(fp, proc);
     fp.release_scratch();
+    lap("sigactions");
     collect_process_state(fp, proc);  // maps it again only when rlimits must be read inside
     fp.release_scratch();
+    lap("process state");
     proc.set_stop_signo(fp.stop_signo());
     log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
               fp.injected(), " injected calls");
     for (auto& f : collect_fds(fp.pid(), tree_pids, fd_why_not)) *proc.add_fds() = std::move(f);
+    lap("fds");
     result.threads += fp.threads().size();
     result.areas += areas[i].size();
   }
@@ -538,7 +564,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
       files.push_back({&procs[i], tree.node(order[i]).frozen->pidfd()});
   SharedCollection shared = collect_shared(files, {opts.tcp_established, opts.ext_unix_sk});
   shared.why_not.insert(fd_why_not.begin(), fd_why_not.end());
+  lap("shared files");
   collect_ghosts(procs, areas, opts.ghost_limit, opts.skip_unsupported_fds, shared.objects);
+  lap("ghosts");
   fault_point(opts, "files");
   if (!opts.skip_unsupported_fds) refuse_unsupported_fds(files, shared);
   // The tree will be killed: from now until the restore, the connections' incoming packets are
@@ -549,6 +577,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   collect_sysv_shm(procs, areas, shared.objects);
   refuse_unrestorable(procs, areas, opts.leave_running);
   collect_objects(tree, procs);  // seccomp filters, file locks (objects/)
+  lap("objects");
   result.pipes = static_cast<uint64_t>(shared.objects.pipes_size());
   result.sockets = static_cast<uint64_t>(shared.objects.sockets_size());
   result.ghosts = static_cast<uint64_t>(shared.objects.ghosts_size());
@@ -601,6 +630,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
               stats.raw_frames, " raw), ", mem.ref_pages, " pages refer to earlier processes");
   }
   progress.finish();
+  lap("memory");
 
   for (size_t i = 0; i < order.size(); i++) {
     for (auto& a : areas[i]) *procs[i].add_areas() = std::move(a);
@@ -641,6 +671,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   inv.set_dump_ns(frozen_end - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
+  lap("metadata");
   // Signed last, over every file: a restore trusts the credentials of a signed image only.
   // Without the key (lazycr is not root) the image stays unsigned: it restores only as what
   // it holds no privilege over (restore/trust.h).
@@ -654,6 +685,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   // Tests only: lets another dump commit to the same directory first, deterministically.
   if (opts.fault_inject == "stop-before-commit") send_signal(::getpid(), SIGSTOP);
   result.replaced = writer.commit();
+  lap("commit");
 
   if (opts.leave_running) {
     shared.tcp_repair.resume();  // before the tree runs again

@@ -151,8 +151,43 @@ uint64_t FrozenProcess::scratch() {
   return scratch_;
 }
 
+namespace {
+constexpr uint64_t kBatchAreaSize = 2 * kPageSize;  // the loop, then the table
+constexpr uint64_t kBatchTableOffset = 256;
+}  // namespace
+
+std::optional<std::vector<long>> FrozenProcess::try_batch(TracedThread& t,
+                                                          std::span<const BatchCall> calls) {
+  if (no_batch_area_) return std::nullopt;
+  if (batch_area_ == 0) {
+    throw_if_interrupted();
+    if (scratch_ == 0) scratch();  // released together: its time covers the batch area's
+    const long r = t.syscall(insn_, InjectMode::kSingleStep, SYS_mmap, 0, kBatchAreaSize,
+                             PROT_READ | PROT_WRITE | PROT_EXEC, MAP_SHARED | MAP_ANONYMOUS,
+                             static_cast<uint64_t>(-1), 0);
+    if (r < 0 && r > -4096) {
+      log::debug("pid ", pid_, ": no executable batch area (", std::strerror(static_cast<int>(-r)),
+                 "): system calls are injected one by one");
+      no_batch_area_ = true;
+      return std::nullopt;
+    }
+    batch_area_ = static_cast<uint64_t>(r);
+    static_assert(kBatchTableOffset >= 128);
+    if (batch_code().size() > kBatchTableOffset) fail("the batch loop does not fit its area");
+    remote_write(pid_, batch_area_, batch_code().data(), batch_code().size());
+  }
+  throw_if_interrupted();
+  return run_batch(t, pid_, batch_area_, batch_area_ + kBatchTableOffset,
+                   (kBatchAreaSize - kBatchTableOffset) / kBatchEntrySize, calls);
+}
+
 void FrozenProcess::release_scratch() {
-  if (scratch_ == 0 || threads_.empty()) return;
+  if (threads_.empty()) return;
+  if (batch_area_ != 0) {
+    const uint64_t b = std::exchange(batch_area_, 0);
+    call_now(leader(), "munmap of the batch area", SYS_munmap, b, kBatchAreaSize);
+  }
+  if (scratch_ == 0) return;
   uint64_t s = scratch_;
   scratch_ = 0;
   // Also on the way out of an interrupted dump: not a safe point, it is the rollback.

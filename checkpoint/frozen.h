@@ -8,12 +8,15 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
+#include <span>
 #include <vector>
 
 #include "common/fd.h"
 #include "common/proc.h"
 #include "common/ptrace.h"
+#include "common/syscall_batch.h"
 
 namespace lazycr::checkpoint {
 
@@ -47,6 +50,12 @@ class FrozenProcess {
   // A page inside the target for results of injected calls. MAP_SHARED so that it can never
   // merge with a neighbouring private area.
   uint64_t scratch();
+  // Runs `calls` in thread t, many per round trip (common/syscall_batch.h), with the loop in a
+  // batch area mapped beside the scratch page and released with it. Returns the results (the
+  // failed call's last, if one failed), or nullopt, having run nothing, where no executable
+  // page can be mapped (memory-deny-write-execute, SELinux): the caller makes the calls one
+  // by one then.
+  std::optional<std::vector<long>> try_batch(TracedThread& t, std::span<const BatchCall> calls);
   void release_scratch();
   uint64_t injected() const;
   // How long the scratch page has been mapped in all (ns): the time a SIGKILLed lazycr would
@@ -70,6 +79,8 @@ class FrozenProcess {
   std::set<pid_t> seen_;
   uint64_t insn_ = 0;
   uint64_t scratch_ = 0;
+  uint64_t batch_area_ = 0;
+  bool no_batch_area_ = false;
   uint64_t scratch_since_ = 0;
   uint64_t scratch_ns_ = 0;
   uint64_t frozen_at_ = 0;

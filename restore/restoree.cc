@@ -20,6 +20,7 @@
 #include "common/log.h"
 #include "common/proc.h"
 #include "common/signals.h"
+#include "common/syscall_batch.h"
 
 namespace lazycr::restore {
 namespace {
@@ -27,22 +28,7 @@ namespace {
 using image::kPageSize;
 
 constexpr uint64_t kDataOffset = kPageSize;
-constexpr uint64_t kBatchOffset = 16;  // the batch loop, after `syscall; int3`
-constexpr size_t kBatchEntry = 64;     // nr, six arguments, result
-
-// The batch loop (x86-64), entered like an injected `syscall; int3` whose int3 is at +2:
-//   jmp start; int3;
-//   start: rbx = rdi (table), r12 = rsi (count), r13 = 0
-//   loop:  while r13 < r12: load rax, rdi, rsi, rdx, r10, r8, r9 from [rbx]; syscall;
-//          [rbx+56] = rax; stop if rax >= -4095; rbx += 64; r13++
-//   rax = r13 (entries done); jmp to the int3
-// One ptrace round trip runs any number of calls; a failed call stops the batch.
-constexpr unsigned char kBatchCode[] = {
-    0xeb, 0x01, 0xcc, 0x48, 0x89, 0xfb, 0x49, 0x89, 0xf4, 0x4d, 0x31, 0xed, 0x4d, 0x39, 0xe5,
-    0x73, 0x32, 0x48, 0x8b, 0x03, 0x48, 0x8b, 0x7b, 0x08, 0x48, 0x8b, 0x73, 0x10, 0x48, 0x8b,
-    0x53, 0x18, 0x4c, 0x8b, 0x53, 0x20, 0x4c, 0x8b, 0x43, 0x28, 0x4c, 0x8b, 0x4b, 0x30, 0x0f,
-    0x05, 0x48, 0x89, 0x43, 0x38, 0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, 0x73, 0x09, 0x48, 0x83,
-    0xc3, 0x40, 0x49, 0xff, 0xc5, 0xeb, 0xc9, 0x4c, 0x89, 0xe8, 0xeb, 0xba};
+constexpr uint64_t kBatchOffset = 16;               // the batch loop, after `syscall; int3`
 constexpr uint64_t kTrampolineMargin = 1ull << 20;  // kept free on both sides
 constexpr uint64_t kSearchFrom = 1ull << 30;
 
@@ -173,8 +159,10 @@ void Restoree::map_trampoline(uint64_t addr) {
     fail_errno_value(static_cast<int>(-r), cat("mmap of the trampoline at ", hex(addr)));
   if (static_cast<uint64_t>(r) != addr)
     fail("mmap of the trampoline at ", hex(addr), " returned ", hex(static_cast<uint64_t>(r)));
-  unsigned char code[kBatchOffset + sizeof kBatchCode] = {0x0f, 0x05, 0xcc};  // syscall; int3
-  std::memcpy(code + kBatchOffset, kBatchCode, sizeof kBatchCode);
+  unsigned char code[kBatchOffset + 128] = {0x0f, 0x05, 0xcc};  // syscall; int3
+  static_assert(kBatchOffset + 128 <= kDataOffset);
+  if (batch_code().size() > 128) fail("the batch loop does not fit the trampoline");
+  std::memcpy(code + kBatchOffset, batch_code().data(), batch_code().size());
   remote_write(pid(), addr, code, sizeof code);
   tramp_ = addr;
 }
@@ -212,38 +200,25 @@ uint64_t Restoree::push(const void* data, size_t len) {
 }
 
 std::vector<long> Restoree::batch(ThreadCtl& c, const std::vector<Call>& calls) {
-  std::vector<long> results;
-  results.reserve(calls.size());
   const uint64_t table_off = (arena_ + 63) & ~uint64_t{63};
-  if (table_off + kBatchEntry > kTrampolineSize - kDataOffset)
+  if (table_off + kBatchEntrySize > kTrampolineSize - kDataOffset)
     fail("no room left in the trampoline for a batch of system calls");
-  const size_t per_round = (kTrampolineSize - kDataOffset - table_off) / kBatchEntry;
-  const uint64_t table = tramp_ + kDataOffset + table_off;
-  std::vector<uint64_t> words;
-  for (size_t i = 0; i < calls.size();) {
-    size_t n = std::min(per_round, calls.size() - i);
-    words.assign(n * 8, 0);
-    for (size_t k = 0; k < n; k++) {
-      const Call& call = calls[i + k];
-      words[k * 8] = static_cast<uint64_t>(call.nr);
-      for (int j = 0; j < 6; j++) words[k * 8 + 1 + j] = call.a[j];
-    }
-    remote_write(pid(), table, words.data(), words.size() * 8);
-    long done = timed(
-        c, [&] { return c.t.syscall(tramp_ + kBatchOffset, InjectMode::kTrapAfter, 0, table, n); });
-    batches_++;
-    batched_ += static_cast<uint64_t>(std::min<long>(done + 1, static_cast<long>(n)));
-    if (done < 0 || static_cast<size_t>(done) > n)
-      fail("the batch of system calls returned ", done, " for ", n, " calls");
-    remote_read(pid(), table, words.data(), words.size() * 8);
-    for (size_t k = 0; k < static_cast<size_t>(done); k++)
-      results.push_back(static_cast<long>(words[k * 8 + 7]));
-    if (static_cast<size_t>(done) < n) {
-      long err = static_cast<long>(words[done * 8 + 7]);
-      std::string where = &c == &threads_.front() ? std::string() : cat(" in thread ", c.vtid);
-      fail_errno_value(static_cast<int>(-err), cat(calls[i + done].what, where));
-    }
-    i += n;
+  std::vector<BatchCall> table(calls.size());
+  for (size_t i = 0; i < calls.size(); i++) table[i] = {calls[i].nr, calls[i].a};
+  uint64_t rounds = 0;
+  const uint64_t t0 = now_ns();
+  std::vector<long> results =
+      run_batch(c.t, pid(), tramp_ + kBatchOffset, tramp_ + kDataOffset + table_off,
+                (kTrampolineSize - kDataOffset - table_off) / kBatchEntrySize, table, &rounds);
+  inject_ns_ += now_ns() - t0;
+  injected_ += rounds;
+  batches_ += rounds;
+  batched_ += results.size();
+  if (results.size() < calls.size() ||
+      (!results.empty() && results.back() < 0 && results.back() > -4096)) {
+    const size_t failed = results.size() - 1;
+    std::string where = &c == &threads_.front() ? std::string() : cat(" in thread ", c.vtid);
+    fail_errno_value(static_cast<int>(-results.back()), cat(calls[failed].what, where));
   }
   return results;
 }
