@@ -4,6 +4,7 @@
 #include "objects/epoll.h"
 #include "objects/fd_kinds.h"
 #include "objects/locks.h"
+#include "objects/mdwe.h"
 #include "objects/pdeathsig.h"
 #include "objects/pty.h"
 #include "objects/sched.h"
@@ -31,6 +32,7 @@ constexpr Kind kKinds[] = {
     {"scheduling", sched::dump, sched::restore},
     {"timers", timers::dump, timers::restore},
     {"parent death signal", pdeathsig::dump, pdeathsig::restore},
+    {"memory-deny-write-execute", mdwe::dump, mdwe::restore},
     {"controlling terminal", pty::dump_ctty, pty::restore_ctty},
 };
 

@@ -303,7 +303,9 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
         << "/" << p.creds().gids(2) << "/" << p.creds().gids(3) << "  cap_eff "
         << hex(p.creds().cap_effective()) << "\n";
     o << "  brk " << hex(p.mm().start_brk()) << "-" << hex(p.mm().brk()) << "  stack "
-      << hex(p.mm().start_stack()) << "  personality " << hex(p.personality()) << "\n";
+      << hex(p.mm().start_stack()) << "  personality " << hex(p.personality());
+    if (p.mdwe() != 0) o << "  memory-deny-write-execute " << p.mdwe();
+    o << "\n";
 
     o << "  Threads (" << p.threads_size() << "):\n";
     std::snprintf(line, sizeof line, "    %-8s %-16s %-18s %-18s %-18s %s\n", "TID", "COMM", "RIP",
@@ -562,6 +564,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
     j.field("comm", p.comm());
     j.field("zombie", p.zombie());
     j.field("stop_signo", p.stop_signo());
+    j.field("mdwe", p.mdwe());
     j.field("ctty_pty", p.ctty_pty() == 0 ? int64_t{-1} : int64_t{p.ctty_pty()} - 1);
     j.field("ctty_fg_pgrp", p.ctty_fg_pgrp());
     if (p.zombie()) {

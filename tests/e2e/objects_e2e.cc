@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -164,6 +165,54 @@ TEST(Objects, Sqlite3KeepsItsWriteTransactionLock) {
   close(in);
   auto check = run({sqlite, db, "PRAGMA integrity_check; SELECT count(*) FROM t;"});
   EXPECT_EQ(check.out, "ok\n20000\n");
+}
+
+// Memory-deny-write-execute (objects/mdwe): set by the program, it comes back (PR_GET_MDWE from
+// inside, and a writable and executable mapping is still refused). Such a process also refuses
+// the dump's executable batch area: its signal handlers are read one call at a time then, and
+// its SIGUSR1 handler must still run after the restore.
+const char kMdweScript[] = R"PY(
+import ctypes, os, signal, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    print('no-mdwe', ctypes.get_errno(), flush=True)
+    sys.exit(0)
+print('ready', flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGUSR1)
+rwx = libc.mmap(None, 4096, 7, 0x22, -1, 0)  # PROT_READ|WRITE|EXEC, MAP_PRIVATE|ANONYMOUS
+print(f'mdwe={libc.prctl(66, 0, 0, 0, 0)} handler={got == [signal.SIGUSR1]} '
+      f'rwx_refused={rwx == ctypes.c_void_p(-1).value}', flush=True)
+)PY";
+
+void mdwe_round_trip(bool lazy) {
+  if (access("/usr/bin/python3", X_OK) != 0) GTEST_SKIP() << "no python3 (tools/setup.sh)";
+  TempDir work, images;
+  const std::string go = work / "go";
+  Child target({"/usr/bin/python3", "-c", kMdweScript, go});
+  const std::string first = target.read_line();
+  if (first.rfind("no-mdwe", 0) == 0) GTEST_SKIP() << "PR_SET_MDWE refused here: " << first;
+  ASSERT_EQ(first, "ready");
+  ASSERT_NO_FATAL_FAILURE(dump_killing(target, images / "img"));
+  EXPECT_NE(lazycr({"show", "--json", images / "img"}).out.find("\"mdwe\": 1"), std::string::npos);
+  std::ofstream(go) << "go";
+  auto r = run(restore_argv(images / "img", lazy));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, "mdwe=1 handler=True rwx_refused=True\n") << r.err;
+}
+
+TEST(Objects, MemoryDenyWriteExecuteComesBackEager) {
+  mdwe_round_trip(false);
+}
+
+TEST(Objects, MemoryDenyWriteExecuteComesBackLazy) {
+  mdwe_round_trip(true);
 }
 
 }  // namespace
