@@ -96,6 +96,19 @@ def latency_ms(ok, port, n=50):
     return statistics.median(t)
 
 
+def wait_no_close_wait(port, timeout=2.0):
+    """Waits until no connection of the server on `port` is in CLOSE_WAIT (a client gone whose
+    close the server has not handled yet): the dump refuses such a connection by name."""
+    local = ":%04X" % port
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as f:
+            rows = [l.split() for l in f.readlines()[1:]]
+        if not any(r[1].endswith(local) and r[3] == "08" for r in rows):
+            return
+        time.sleep(0.002)
+
+
 def run(lazycr, args):
     """Runs lazycr to its end: (wall ms, CPU ms of lazycr itself, user + system)."""
     t0 = time.perf_counter()
@@ -120,6 +133,7 @@ def one(lazycr, name, start, ok, port, lazy):
         p = start(work)
         base = latency_ms(ok, port)
         img = os.path.join(work, "img")
+        wait_no_close_wait(port)
         dump_ms, _ = run(lazycr, ["dump", "-t", str(p.pid), "-D", img])
         p.wait()
         argv = [lazycr, "restore", "-D", img, "--shell-job", "--pidfile",

@@ -3,8 +3,10 @@
 #include <cerrno>
 
 #include "common/error.h"
+#include "common/log.h"
 #include "image-format/sha256_load.h"
 #include "restore/memory.h"
+#include "restore/steps.h"
 #include "restore/trust.h"
 
 namespace lazycr::restore {
@@ -17,7 +19,11 @@ void ParallelChecks::start(const image::ImageReader& img, const RestoreOptions& 
                            const std::string& who) {
   thread_ = std::thread([this, &img, opts, who] {
     try {
-      if (opts.lazy.enabled) check_lazy_options(opts.lazy);
+      if (opts.lazy.enabled) {
+        const uint64_t t0 = now_ns();
+        check_lazy_options(opts.lazy);
+        log::debug("restore: lazy feature probe in ", (now_ns() - t0) / 1000, " us");
+      }
       check_trust(img, opts);
       // Tests: checks that refuse the image after the tree has been made, as a slow MAC can.
       if (opts.fault_inject == "checks") throw Error("injected fault (--fault-inject=checks)", EIO);
