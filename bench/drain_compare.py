@@ -103,10 +103,13 @@ def lazycr_of(tool, build, base):
 
 def dump(tool, build, base, criu, mib, img, scratch):
     os.makedirs(img)
-    target = criu_compare.start_target(build, "semi", mib, scratch)
+    # The target's stdout is a file in its own directory, which must stay as dumped.
+    tdir = os.path.join(scratch, "target-" + tool)
+    os.makedirs(tdir)
+    target = criu_compare.start_target(build, "semi", mib, tdir)
     lazycr = lazycr_of(tool, build, base)
     if tool == "criu":
-        cmd = [criu, "dump", "-t", str(target.pid), "-D", img, "-W", scratch, "-o", "dump.log"]
+        cmd = [criu, "dump", "-t", str(target.pid), "-D", img, "-W", tdir, "-o", "dump.log"]
     else:
         cmd = [lazycr, "dump", "-t", str(target.pid), "-D", img]
         if tool.endswith("-none"):
