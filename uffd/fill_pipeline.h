@@ -68,12 +68,14 @@ class FillPipeline {
 };
 
 // The quiet fills of a prefetch chunk are made in pieces of kPrefetchPiece bytes while faults
-// come: a fault outside the chunk waits for one piece at most (~60 us here). Pieces that grew
-// while the uffds stayed quiet between two pieces made faults wait up to ~10x longer (a process
-// touching a page every 50 us leaves the uffds quiet in between, bench/RESULTS.md "Fill
+// come: a fault outside the chunk waits for one piece at most (~30 us here; 128 KiB before,
+// but once whole frames went straight into the chunk buffers the loop was copying more of the
+// time, and faults waited longer: bench/RESULTS.md, "Idle drain against CRIU lazy-pages"). Pieces
+// that grew while the uffds stayed quiet between two pieces made faults wait up to ~10x longer (a
+// process touching a page every 50 us leaves the uffds quiet in between, bench/RESULTS.md "Fill
 // pipeline"); so pieces grow to kPrefetchPieceQuiet only once no fault was read for
 // kPrefetchQuietNs: an idle drain pays one ioctl and one poll per 2 MiB, not per 128 KiB.
-inline constexpr uint64_t kPrefetchPiece = 128 * 1024;
+inline constexpr uint64_t kPrefetchPiece = 64 * 1024;
 inline constexpr uint64_t kPrefetchPieceQuiet = 2 * 1024 * 1024;
 inline constexpr int64_t kPrefetchQuietNs = 20'000'000;
 inline uint64_t prefetch_piece(int64_t now_ns, int64_t last_fault_ns) {
