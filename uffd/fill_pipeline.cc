@@ -3,6 +3,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <deque>
@@ -10,6 +11,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "image-format/page_store_direct.h"
 
 namespace lazycr::uffd {
 
@@ -35,6 +37,7 @@ struct FillPipeline::Impl {
   uint64_t next_seq = 0;
   UniqueFd ready_fd;
   std::vector<std::thread> workers;
+  std::atomic<uint64_t> bytes_loaded{0};  // by the workers' DirectPageReaders
 
   Impl(uint64_t bytes, unsigned buffers, unsigned threads)
       : chunk_bytes(bytes),
@@ -42,6 +45,8 @@ struct FillPipeline::Impl {
         slots(buffers == 0 ? 1 : buffers) {}
 
   void worker_main() {
+    // Whole frames go straight into the chunk buffer (no frame cache, no copy).
+    image::DirectPageReader direct;
     for (;;) {
       Slot* s;
       {
@@ -53,11 +58,13 @@ struct FillPipeline::Impl {
         s->state = Slot::kReading;
       }
       Chunk& c = s->chunk;
+      const uint64_t before = direct.bytes_loaded();
       try {
-        c.store->read(c.src, c.len / kPage, s->buf.get());
+        direct.read(*c.store, c.src, c.len / kPage, s->buf.get());
       } catch (const std::exception& e) {
         c.error = e.what();
       }
+      bytes_loaded.fetch_add(direct.bytes_loaded() - before, std::memory_order_relaxed);
       {
         std::lock_guard<std::mutex> lock(mu);
         s->state = Slot::kReady;
@@ -101,6 +108,10 @@ void FillPipeline::stop() {
     s.state = Impl::Slot::kFree;
     s.chunk = Chunk{};
   }
+}
+
+uint64_t FillPipeline::bytes_loaded() const {
+  return impl_->bytes_loaded.load(std::memory_order_relaxed);
 }
 
 bool FillPipeline::started() const {

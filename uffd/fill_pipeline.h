@@ -1,7 +1,8 @@
 // Internal to uffd/: the page server's background fill (page_server.h, "Prefetch").
 //
 // Two parts:
-// - FillPipeline: decompresses prefetch chunks ahead, on worker threads, into ready buffers,
+// - FillPipeline: decompresses prefetch chunks ahead, on worker threads, into ready buffers
+//   (whole frames straight into them, image-format/page_store_direct.h),
 //   so that the server's loop only copies (UFFDIO_COPY) and never waits for zstd. The loop
 //   queues chunks while buffers are free and takes them back, filled, in any order; it
 //   never blocks on the workers (their eventfd wakes its epoll).
@@ -44,6 +45,9 @@ class FillPipeline {
   void start();  // throws Error if the eventfd or a thread cannot be made
   void stop();   // joins the workers; every chunk is dropped
   bool started() const;
+  // Bytes of whole frames the workers read or decompressed straight into chunk buffers
+  // (image-format/page_store_direct.h): not counted by the stores' bytes_decompressed().
+  uint64_t bytes_loaded() const;
   // Readable when a chunk became ready; consume() clears it.
   int ready_fd() const;
   void consume();
@@ -63,12 +67,20 @@ class FillPipeline {
   std::unique_ptr<Impl> impl_;
 };
 
-// The quiet fills of a prefetch chunk are made in pieces of this many bytes: a fault outside
-// the chunk waits for one piece at most (~60 us here). Pieces that grew up to the chunk
-// while the uffds stayed quiet made no idle drain measurably faster (it is bound by
-// decompression, bench/RESULTS.md "Fill pipeline") and made faults between them wait up to
-// ~10x longer (a process touching a page every 50 us leaves the uffds quiet in between).
-inline constexpr uint64_t kPrefetchPiece = 128 * 1024;
+// The quiet fills of a prefetch chunk are made in pieces of kPrefetchPiece bytes while faults
+// come: a fault outside the chunk waits for one piece at most (~30 us here; 128 KiB before,
+// but once whole frames went straight into the chunk buffers the loop was copying more of the
+// time, and faults waited longer: bench/RESULTS.md, "Idle drain against CRIU lazy-pages"). Pieces
+// that grew while the uffds stayed quiet between two pieces made faults wait up to ~10x longer (a
+// process touching a page every 50 us leaves the uffds quiet in between, bench/RESULTS.md "Fill
+// pipeline"); so pieces grow to kPrefetchPieceQuiet only once no fault was read for
+// kPrefetchQuietNs: an idle drain pays one ioctl and one poll per 2 MiB, not per 128 KiB.
+inline constexpr uint64_t kPrefetchPiece = 64 * 1024;
+inline constexpr uint64_t kPrefetchPieceQuiet = 2 * 1024 * 1024;
+inline constexpr int64_t kPrefetchQuietNs = 20'000'000;
+inline uint64_t prefetch_piece(int64_t now_ns, int64_t last_fault_ns) {
+  return now_ns - last_fault_ns >= kPrefetchQuietNs ? kPrefetchPieceQuiet : kPrefetchPiece;
+}
 
 // One fill of [dst, dst + n) that wakes nobody (ZERO: UFFDIO_ZEROPAGE, else UFFDIO_COPY from
 // `buf`), counted in `stats` and erased from `owed`. Returns the bytes filled: 0 when the

@@ -16,11 +16,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <map>
 #include <optional>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "common/error.h"
@@ -32,6 +30,7 @@
 #include "uffd/guardian.h"
 #include "uffd/keeper.h"
 #include "uffd/owed_set.h"
+#include "uffd/page_server_stats.h"
 #include "uffd/proc_scan.h"
 #include "uffd/uffd.h"
 #include "uffd/working_set.h"
@@ -498,6 +497,7 @@ struct PageServer::Impl {
     for (const uffd_msg& m : msgs) {
       if (m.event == UFFD_EVENT_PAGEFAULT) {
         if (stats.first_fault_ns < 0) stats.first_fault_ns = t - t0;
+        last_fault_ns = t;  // prefetch fills in small pieces for a while (prefetch_piece())
         if (!p.killed) p.faults.emplace_back(m, t);
       } else {
         apply_event(p, m);
@@ -740,7 +740,7 @@ struct PageServer::Impl {
   }
 
   // Fills [dst, dst + len) of p as prefetch (the chunk must still be owed with source src),
-  // in pieces of at most kPrefetchPiece bytes, none of which wakes anyone; the threads
+  // in pieces of at most prefetch_piece() bytes, none of which wakes anyone; the threads
   // that waited in what was filled are woken once at the end. `data(off, n)` gives the bytes
   // of [dst + off, dst + off + n) (unused for a ZERO chunk). Between pieces, a fault outside
   // the chunk, a layout event or a message for another process stops it: they wait for one
@@ -756,7 +756,7 @@ struct PageServer::Impl {
     const size_t queued = p.faults.size();
     uint64_t done = 0;
     while (done < len) {
-      const uint64_t n = std::min(kPrefetchPiece, len - done);
+      const uint64_t n = std::min(prefetch_piece(now_ns(), last_fault_ns), len - done);
       bool lost = false;
       const uint64_t got = fill_quietly(p.uffd, p.owed, stats, dst + done, n, zero,
                                         zero ? nullptr : data(done, n), lost);
@@ -878,7 +878,7 @@ struct PageServer::Impl {
     take_chunk(*c);
     Proc& p = *c->proc;
     try {
-      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPiece]);
+      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPieceQuiet]);
       const uint64_t before = stats.prefetch_pages + stats.zero_pages;
       prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
         p.store->read(c->src + off, n / kPage, prefetch_buf.get());
@@ -893,6 +893,7 @@ struct PageServer::Impl {
     if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);
   }
   std::unique_ptr<char[]> prefetch_buf;  // prefetch without the pipeline: one piece
+  int64_t last_fault_ns = 0;             // when a fault message was last read (or run() began)
   bool stop_mid_prefetch = [] {
     const char* f = ::getenv("LAZYCR_FAULT_INJECT");
     return f != nullptr && std::strcmp(f, "server-stop-mid-prefetch") == 0;
@@ -945,7 +946,7 @@ struct PageServer::Impl {
   }
 
   const PageServerStats& run() {
-    t0 = now_ns();
+    t0 = last_fault_ns = now_ns();  // small pieces while the processes start
     running = true;
     for (auto& [ptr, slot] : stores) slot.second = ptr->bytes_decompressed();
     start_worker();
@@ -1024,6 +1025,7 @@ struct PageServer::Impl {
     guardian.finish();
     for (auto& [ptr, slot] : stores)
       stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
+    stats.bytes_decompressed += pipeline.bytes_loaded();  // (run() is called once)
     stores.clear();
     stats.run_ns = since_start();
     running = false;
@@ -1148,42 +1150,11 @@ const PageServerStats& PageServer::stats() const {
 }
 
 std::string PageServer::summary() const {
-  const PageServerStats& s = impl_->stats;
-  auto ms = [](int64_t ns) { return ns < 0 ? std::string("never") : cat(ns / 1'000'000.0, " ms"); };
-  std::ostringstream out;
-  out.precision(3);
-  out << "page server: " << s.processes << " process" << (s.processes == 1 ? "" : "es") << ", "
-      << s.faults << " faults (service p50 " << s.latency_ns(0.5) / 1000.0 << " us, p99 "
-      << s.latency_ns(0.99) / 1000.0 << " us, max " << s.latency_ns(1.0) / 1000.0 << " us); "
-      << s.fault_pages << " pages copied on faults, " << s.prefetch_pages << " by prefetch, "
-      << s.zero_pages << " zero-filled (" << s.not_owed_faults << " faults on pages not owed); "
-      << s.prefetch_waits << " faults answered by prefetch; "
-      << "first fault after " << ms(s.first_fault_ns) << ", nothing owed after "
-      << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
-      << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
-      << ", remove " << s.events_remove << ", unmap " << s.events_unmap << ", exits " << s.exits;
-  if (s.parked_left > 0)
-    out << "; " << s.parked_left << " keeper descriptor" << (s.parked_left == 1 ? "" : "s")
-        << " left in place";
-  if (s.killed > 0) out << "; KILLED " << s.killed << ": " << s.errors.front();
-  out << ".";
-  return out.str();
+  return stats_summary(impl_->stats);
 }
 
 void PageServer::write_stats_json(const std::string& path) const {
-  const PageServerStats& s = impl_->stats;
-  std::ofstream f(path, std::ios::trunc);
-  if (!f) fail_errno("page server: cannot write stats to ", path);
-  JsonWriter w(f);
-  w.begin_object();
-  w.field("time_to_first_fault_ns", s.first_fault_ns);
-  w.field("time_until_nothing_owed_ns", s.all_served_ns);
-  w.field("run_ns", s.run_ns);
-  write_stats_fields(w, s);
-  w.end_object();
-  f << "\n";
-  f.flush();
-  if (!f) fail_errno("page server: cannot write stats to ", path);
+  write_stats_file(impl_->stats, path);
 }
 
 }  // namespace lazycr::uffd

@@ -1,8 +1,12 @@
 // The page server's counters as numbers for people and for JSON (uffd/page_server.h).
+#include "uffd/page_server_stats.h"
+
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 #include <vector>
 
-#include "uffd/page_server.h"
+#include "common/error.h"
 
 namespace lazycr::uffd {
 
@@ -67,6 +71,43 @@ void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.begin_array();
   for (const std::string& e : s.errors) w.value(e);
   w.end_array();
+}
+
+std::string stats_summary(const PageServerStats& s) {
+  auto ms = [](int64_t ns) { return ns < 0 ? std::string("never") : cat(ns / 1'000'000.0, " ms"); };
+  std::ostringstream out;
+  out.precision(3);
+  out << "page server: " << s.processes << " process" << (s.processes == 1 ? "" : "es") << ", "
+      << s.faults << " faults (service p50 " << s.latency_ns(0.5) / 1000.0 << " us, p99 "
+      << s.latency_ns(0.99) / 1000.0 << " us, max " << s.latency_ns(1.0) / 1000.0 << " us); "
+      << s.fault_pages << " pages copied on faults, " << s.prefetch_pages << " by prefetch, "
+      << s.zero_pages << " zero-filled (" << s.not_owed_faults << " faults on pages not owed); "
+      << s.prefetch_waits << " faults answered by prefetch; "
+      << "first fault after " << ms(s.first_fault_ns) << ", nothing owed after "
+      << ms(s.all_served_ns) << "; " << s.bytes_decompressed / (1024.0 * 1024.0)
+      << " MiB decompressed; events: fork " << s.events_fork << ", remap " << s.events_remap
+      << ", remove " << s.events_remove << ", unmap " << s.events_unmap << ", exits " << s.exits;
+  if (s.parked_left > 0)
+    out << "; " << s.parked_left << " keeper descriptor" << (s.parked_left == 1 ? "" : "s")
+        << " left in place";
+  if (s.killed > 0) out << "; KILLED " << s.killed << ": " << s.errors.front();
+  out << ".";
+  return out.str();
+}
+
+void write_stats_file(const PageServerStats& s, const std::string& path) {
+  std::ofstream f(path, std::ios::trunc);
+  if (!f) fail_errno("page server: cannot write stats to ", path);
+  JsonWriter w(f);
+  w.begin_object();
+  w.field("time_to_first_fault_ns", s.first_fault_ns);
+  w.field("time_until_nothing_owed_ns", s.all_served_ns);
+  w.field("run_ns", s.run_ns);
+  write_stats_fields(w, s);
+  w.end_object();
+  f << "\n";
+  f.flush();
+  if (!f) fail_errno("page server: cannot write stats to ", path);
 }
 
 }  // namespace lazycr::uffd

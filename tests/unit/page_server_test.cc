@@ -718,6 +718,44 @@ TEST_F(PageServerTest, CorruptFrameKillsTheProcess) {
   EXPECT_NE(o.summary.find("KILLED"), std::string::npos) << o.summary;
 }
 
+// A corrupt frame met by the background fill (fill pipeline on: whole frames are read straight
+// into the chunk buffer, image-format/page_store_direct.h) while the process is idle: it is
+// killed with the frame named, and never reads what that frame held.
+TEST_F(PageServerTest, CorruptFrameDuringTheDrainKillsTheProcess) {
+  // The first page of a whole (raw: the pages do not compress) frame inside one DATA run, so
+  // that the fill reads it straight into its buffer, not through the frame cache.
+  uint64_t page = 0;
+  {
+    auto r = image::PageStoreReader::open(g_store_path);
+    const uint64_t fp = r->index().frame_pages();
+    for (uint64_t i = 0; i + fp <= kPages && page == 0; ++i) {
+      const auto a = r->find(kBase + i * P), b = r->find(kBase + (i + fp - 1) * P);
+      if (a && b && a->kind == image::PageRun::DATA && b->kind == image::PageRun::DATA &&
+          a->stream_page % fp == 0 && b->stream_page == a->stream_page + fp - 1)
+        page = i;
+    }
+  }
+  ASSERT_NE(page, 0u);
+  const auto [bad, frame] = corrupt_store(page);
+  PageServerOptions opt;
+  opt.prefetch_thread = true;
+  opt.prefetch_chunk = 64 * P;  // whole frames inside each chunk
+  Outcome o = serve(
+      [](const ChildIo& io) {
+        if (wait_cmd(io.cmd) != 'v') return;
+        touch_all(io);
+      },
+      opt, nullptr, [](Child& ch) { ch.send('v'); }, bad);
+  EXPECT_EQ(o.report, "") << "the child went on after the corrupt frame";
+  EXPECT_TRUE(WIFSIGNALED(o.status) && WTERMSIG(o.status) == SIGKILL) << o.status;
+  EXPECT_EQ(o.stats.faults, 0u);
+  ASSERT_EQ(o.stats.errors.size(), 1u);
+  const std::string& e = o.stats.errors[0];
+  EXPECT_NE(e.find(bad + ": frame " + std::to_string(frame)), std::string::npos) << e;
+  EXPECT_NE(e.find("SHA-256"), std::string::npos) << e;
+  EXPECT_NE(e.find("killed the process rather than serve wrong memory"), std::string::npos) << e;
+}
+
 // The faulting page is read and filled before the rest of its window: a corrupt frame in
 // the rest does not keep the faulting thread from its (sound) page, and the process is
 // killed before it can read the pages of the corrupt frame.

@@ -1,0 +1,170 @@
+// DirectPageReader (image-format/page_store_direct.h): the same bytes as PageStoreReader::read
+// for every range, whole frames read straight into the output, and a frame damaged after the
+// store was opened refused by name, never copied out.
+#include "image-format/page_store_direct.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "image-format/page_store.h"
+
+namespace lazycr::image {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr uint64_t kAddr = 0x7f0000000000;
+constexpr uint64_t P = kPageSize;
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "lazycr-direct-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
+
+ private:
+  std::string path_;
+};
+
+// Page kinds by letter: 'r' random (frames of them are stored raw), 'c' compressible (1 KiB
+// random then zeros), 'z' all zero (a ZERO run: not in the stream, so a frame's pages lie on
+// both sides of it), '.' not in the store at all.
+const std::string kKinds =
+    "rrrrcccc"
+    "rrzrrccc"
+    "cc..cccc"
+    "zzzzrrrr"
+    "rcrcrcrc"
+    "rrrrrrrr"
+    "cccz"
+    "zcccrrrr"
+    "rrc";
+
+std::vector<unsigned char> page_bytes(char kind, uint64_t n) {
+  std::vector<unsigned char> out(P, 0);
+  const size_t len = kind == 'r' ? P : kind == 'c' ? 1024 : 0;
+  uint64_t s = n * 0x9E3779B97F4A7C15ull + 7;
+  for (size_t i = 0; i < len; i += 8) {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    const uint64_t v = s * 0x2545F4914F6CDD1Dull;
+    std::memcpy(out.data() + i, &v, 8);
+  }
+  return out;
+}
+
+void write_store(const std::string& path, PageIndex::Compression compression) {
+  PageStoreOptions o;
+  o.frame_size = kMinFrameSize;  // 4 pages a frame
+  o.threads = 1;
+  o.compression = compression;
+  o.early_writeback = false;
+  PageStoreWriter w(path, o);
+  for (uint64_t i = 0; i < kKinds.size(); ++i)
+    if (kKinds[i] != '.') w.add_pages(kAddr + i * P, page_bytes(kKinds[i], i).data(), 1);
+  w.finish();
+}
+
+// Every range of stored pages between two gaps ('.'): direct and cached reads agree.
+void expect_same_as_read(const std::string& path) {
+  auto store = PageStoreReader::open(path);
+  DirectPageReader direct;
+  const uint64_t n = kKinds.size();
+  for (uint64_t first = 0; first < n; ++first)
+    for (uint64_t last = first; last < n; ++last) {
+      if (kKinds.find('.', first) <= last) break;
+      const uint64_t pages = last - first + 1;
+      std::vector<unsigned char> want(pages * P), got(pages * P, 0xee);
+      store->read(kAddr + first * P, pages, want.data());
+      direct.read(*store, kAddr + first * P, pages, got.data());
+      ASSERT_EQ(want, got) << path << ": pages " << first << ".." << last;
+    }
+  EXPECT_GT(direct.frames_direct(), 0u) << "no whole frame was read straight into the output";
+  EXPECT_LE(direct.bytes_loaded(), direct.frames_direct() * kMinFrameSize);  // last: short
+  EXPECT_EQ(direct.bytes_loaded() % P, 0u);
+}
+
+TEST(PageStoreDirect, SameBytesAsTheCachedReadZstd) {
+  TempDir dir;
+  write_store(dir.file("pages.lzp"), PageIndex::ZSTD);
+  auto s = PageStoreReader::open(dir.file("pages.lzp"));
+  ASSERT_GT(s->raw_frame_count(), 0u);
+  ASSERT_LT(s->raw_frame_count(), s->frame_count()) << "want raw and zstd frames both";
+  expect_same_as_read(dir.file("pages.lzp"));
+}
+
+TEST(PageStoreDirect, SameBytesAsTheCachedReadRaw) {
+  TempDir dir;
+  write_store(dir.file("pages.lzp"), PageIndex::NONE);
+  expect_same_as_read(dir.file("pages.lzp"));
+}
+
+TEST(PageStoreDirect, PagesNotInTheStoreAreRefusedLikeRead) {
+  TempDir dir;
+  write_store(dir.file("pages.lzp"), PageIndex::ZSTD);
+  auto store = PageStoreReader::open(dir.file("pages.lzp"));
+  DirectPageReader direct;
+  std::vector<unsigned char> buf(kKinds.size() * P);
+  EXPECT_THROW(direct.read(*store, kAddr, kKinds.size(), buf.data()), Error);  // the gap
+  EXPECT_THROW(direct.read(*store, kAddr + 3, 1, buf.data()), Error);          // unaligned
+}
+
+// A frame damaged after open (a raw one and a zstd one): the read throws naming the store, the
+// frame and the digest; the whole frame is read straight into the output, so nothing else
+// (the frame cache) stands between the file and the caller.
+TEST(PageStoreDirect, DamagedFrameIsRefusedByName) {
+  for (auto compression : {PageIndex::NONE, PageIndex::ZSTD}) {
+    TempDir dir;
+    const std::string path = dir.file("pages.lzp");
+    write_store(path, compression);
+    auto store = PageStoreReader::open(path);
+    // A whole frame of 4 DATA pages, raw (NONE) or zstd (ZSTD), with 8 stored pages from it.
+    const bool want_raw = compression == PageIndex::NONE;
+    uint64_t page = 0, frame = 0;
+    bool found = false;
+    for (uint64_t i = 0; i + 8 <= kKinds.size() && !found; ++i) {
+      const auto loc = store->find(kAddr + i * P);
+      if (!loc || loc->kind != PageRun::DATA || loc->stream_page % 4 != 0) continue;
+      if (kKinds.substr(i, 4).find_first_of(".z") != std::string::npos) continue;
+      if (kKinds.substr(i, 8).find('.') != std::string::npos) continue;
+      frame = loc->stream_page / 4;
+      page = i;
+      found = store->frame(frame).raw == want_raw;
+    }
+    ASSERT_TRUE(found) << "no such frame in the test store, compression " << compression;
+    const auto info = store->frame(frame);
+    {
+      std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(static_cast<std::streamoff>(info.offset + info.size / 2));
+      f.put('\x5a').put('\x17');
+    }
+    DirectPageReader direct;
+    std::vector<unsigned char> buf(8 * P);
+    try {
+      direct.read(*store, kAddr + page * P, 8, buf.data());
+      ADD_FAILURE() << "a damaged frame was read, compression " << compression;
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(path + ": frame " + std::to_string(frame)), std::string::npos) << what;
+      EXPECT_NE(what.find("SHA-256"), std::string::npos) << what;
+    }
+    EXPECT_EQ(direct.frames_direct(), 0u);
+  }
+}
+
+}  // namespace
+}  // namespace lazycr::image
