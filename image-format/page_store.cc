@@ -238,7 +238,7 @@ struct PageStoreWriter::Impl {
   uint64_t ref_pages = 0;
   uint64_t parent_pages = 0;
   bool hashing = false;     // options.page_hashes or options.parent
-  std::string page_hashes;  // PageIndex.page_hashes, kPageHashBytes per DATA/PARENT page
+  std::string page_hashes;  // PageIndex.page_hashes, kPageHashBytes per DATA page
   std::unique_ptr<unsigned char[]> parent_page;  // a parent page without a digest, read back
   std::unique_ptr<Job> current;                  // the frame being filled
   uint64_t next_seq = 0;
@@ -568,7 +568,6 @@ struct PageStoreWriter::Impl {
                  same_as_parent(addr, p, digest)) {
         add_run(addr, PageRun::PARENT);
         ++parent_pages;
-        page_hashes.append(reinterpret_cast<const char*>(digest), kPageHashBytes);
       } else {
         if (hashing) page_hashes.append(reinterpret_cast<const char*>(digest), kPageHashBytes);
         add_run(addr, PageRun::DATA);
@@ -724,10 +723,10 @@ struct PageStoreReader::Impl {
   // Set by link_refs() before any read(), constant afterwards.
   std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
   bool refs_linked = false;
-  // Incremental images: PARENT pages, and for each run the number of DATA and PARENT pages
-  // before it (its first digest in index->page_hashes(); empty without digests).
+  // Incremental images: PARENT pages; whether index->page_hashes() holds a digest per
+  // stream page.
   uint64_t parent_pages = 0;
-  std::vector<uint64_t> hash_first;
+  bool has_page_hashes = false;
   // Set by link_parent() before any read(): every PARENT range, resolved through the whole
   // chain to the store whose DATA, ZERO or REF run holds it (same address in every link).
   struct Source {
@@ -948,20 +947,21 @@ struct PageStoreReader::Impl {
       bad("version ", version, " store without frame digests (its frames have no other check)");
   }
 
-  // PageIndex.page_hashes: none, or one digest per DATA and PARENT page.
+  // PageIndex.page_hashes: none, or one digest per DATA page (stream order).
   void validate_page_hashes() {
     const std::string& h = index->page_hashes();
     if (h.empty()) return;
-    // data_pages and parent_pages are below kMaxPages (2^35): no overflow.
-    if (h.size() != (data_pages + parent_pages) * kPageHashBytes)
-      bad("index has ", h.size(), " bytes of page digests, ", data_pages + parent_pages,
-          " DATA and PARENT pages need ", (data_pages + parent_pages) * kPageHashBytes);
-    hash_first.reserve(nruns());
-    uint64_t n = 0;
-    for (size_t i = 0; i < nruns(); ++i) {
-      hash_first.push_back(n);
-      if (run(i).kind() == PageRun::DATA || run(i).kind() == PageRun::PARENT) n += run(i).pages();
-    }
+    // data_pages is below kMaxPages (2^35): no overflow.
+    if (h.size() != data_pages * kPageHashBytes)
+      bad("index has ", h.size(), " bytes of page digests, ", data_pages, " DATA pages need ",
+          data_pages * kPageHashBytes);
+    has_page_hashes = true;
+  }
+
+  const unsigned char* stream_hash(uint64_t sp) const {
+    if (!has_page_hashes) return nullptr;
+    return reinterpret_cast<const unsigned char*>(index->page_hashes().data()) +
+           sp * kPageHashBytes;
   }
 
   // PageIndex.raw_frames and compression against the version and the frame count.
@@ -1367,15 +1367,19 @@ uint64_t PageStoreReader::parent_pages() const {
 
 const unsigned char* PageStoreReader::page_hash(uint64_t addr) const {
   const Impl& im = *impl_;
-  if (im.hash_first.empty()) return nullptr;
   const uint64_t page = addr & ~static_cast<uint64_t>(kPageSize - 1);
   const size_t i = im.locate(page);
   if (i >= im.nruns()) return nullptr;
   const PageRun& r = im.run(i);
-  if (r.kind() != PageRun::DATA && r.kind() != PageRun::PARENT) return nullptr;
-  const uint64_t n = im.hash_first[i] + (page - r.start()) / kPageSize;
-  return reinterpret_cast<const unsigned char*>(im.index->page_hashes().data()) +
-         n * kPageHashBytes;
+  if (r.kind() == PageRun::DATA)
+    return im.stream_hash(r.first_page() + (page - r.start()) / kPageSize);
+  if (r.kind() != PageRun::PARENT || !im.parent_linked) return nullptr;
+  // The digest is the one of the store that holds the page's bytes, at the chain's end.
+  auto it = std::upper_bound(im.source_starts.begin(), im.source_starts.end(), page);
+  if (it == im.source_starts.begin()) return nullptr;
+  const Impl::Source& s = im.sources[static_cast<size_t>(it - im.source_starts.begin()) - 1];
+  if (s.kind != PageRun::DATA || page - s.start >= s.pages * kPageSize) return nullptr;
+  return s.store->stream_hash(s.first_page + (page - s.start) / kPageSize);
 }
 
 std::vector<std::string> PageStoreReader::linked_paths() const {

@@ -182,8 +182,9 @@ class PageStoreReader {
   // True when read() can serve every PARENT page: none, or link_parent() succeeded.
   bool parent_linked() const;
   uint64_t parent_pages() const;
-  // The 16-byte digest recorded for the page at addr (DATA or PARENT), or nullptr (no digests
-  // in this store, or the page is ZERO, REF or not in the store).
+  // The 16-byte digest recorded for the page at addr: of a DATA page, in this store; of a
+  // PARENT page (once linked), in the store down the chain that holds it. nullptr when that
+  // store has no digests, or the page is ZERO, REF or not in the store.
   const unsigned char* page_hash(uint64_t addr) const;
   // Paths of the stores read() may read besides this one (REF targets and the parent chain,
   // transitively): a process that serves this store must keep them open.

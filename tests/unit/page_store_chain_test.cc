@@ -133,6 +133,13 @@ TEST_F(ChainTest, ReadsGoStraightToTheStoreHoldingThePage) {
   for (uint64_t n = 0; n < 64; n++)
     ASSERT_EQ(0, std::memcmp(got.data() + n * kPageSize, v3[n].data(), kPageSize)) << n;
   EXPECT_EQ(b->frames_decompressed(), 1u) << "only b's own frame (page 60)";
+  // Digests: a link records those of the pages it stores; a PARENT page's is the holder's.
+  EXPECT_EQ(c->index().page_hashes().size(), 1 * kPageHashBytes);
+  ASSERT_NE(c->page_hash(kBase), nullptr);
+  EXPECT_EQ(c->page_hash(kBase), a->page_hash(kBase));
+  EXPECT_EQ(c->page_hash(kBase + 60 * kPageSize), b->page_hash(kBase + 60 * kPageSize));
+  EXPECT_NE(0, std::memcmp(c->page_hash(kBase + 61 * kPageSize),
+                           a->page_hash(kBase + 61 * kPageSize), kPageHashBytes));
   EXPECT_GE(a->frames_decompressed(), 1u);
   EXPECT_EQ(c->frames_decompressed(), 1u);
 }
@@ -165,6 +172,7 @@ TEST_F(ChainTest, DigestsAreCheckedAtOpen) {
   for (uint64_t n = 0; n < 8; n++) v1[n] = page_of(n, 1);
   auto a = write("a", v1, nullptr, true);
   EXPECT_EQ(a->index().page_hashes().size(), 8 * kPageHashBytes);
+  EXPECT_EQ(a->page_hash(kBase + 9 * kPageSize), nullptr);
   ASSERT_NE(a->page_hash(kBase), nullptr);
   EXPECT_EQ(a->page_hash(kBase + 100 * kPageSize), nullptr);
   auto plain = write("plain", v1, nullptr, false);
