@@ -36,6 +36,7 @@
 #include "common/ptrace.h"
 #include "common/signals.h"
 #include "common/vdso.h"
+#include "image-format/image_chain.h"
 #include "image-format/image_dir.h"
 #include "image-format/image_mac.h"
 #include "image-format/unrestorable.h"
@@ -497,9 +498,23 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   store_opts.compression = opts.compression;
   store_opts.level = opts.level;
   store_opts.threads = opts.threads;
+  store_opts.page_hashes = opts.page_hashes || !opts.parent_dir.empty();
 
   DumpResult result;
   image::Inventory inv;
+  // The tree's identity, which a later --parent dump and every restore of a chain check.
+  inv.set_root_start_ticks(proc::read_stat(opts.pid).start_time);
+  inv.set_boot_id(image::read_boot_id());
+  std::optional<image::ParentForDump> parent;
+  if (!opts.parent_dir.empty()) {
+    parent = image::open_parent_for_dump(opts.parent_dir, opts.pid, inv.root_start_ticks(),
+                                         inv.boot_id());
+    boost::system::error_code ec;
+    if (boost::filesystem::equivalent(opts.dir, parent->record.dir(), ec))
+      fail("parent image ", opts.parent_dir, ": is the image directory being written (-D)");
+    *inv.mutable_parent() = parent->record;
+    result.chain_length = parent->record.chain_length();
+  }
   // -vv: the time of each stage, to see where the frozen time goes.
   uint64_t lap_from = now_ns();
   auto lap = [&](const char* stage) {
@@ -598,7 +613,10 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     TreeNode& node = tree.node(order[i]);
     if (node.zombie()) continue;
     FrozenProcess& fp = *node.frozen;
-    image::PageStoreWriter pages(writer.pages_path(fp.pid()), store_opts);
+    image::PageStoreOptions proc_store_opts = store_opts;
+    if (parent && parent->image->has_pages(fp.pid()))
+      proc_store_opts.parent = parent->image->shared_pages(fp.pid());
+    image::PageStoreWriter pages(writer.pages_path(fp.pid()), proc_store_opts);
     auto report = [&](uint64_t pages_read) {
       throw_if_interrupted();
       if (first_batch) {
@@ -625,6 +643,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     result.data_pages += stats.data_pages;
     result.zero_pages += stats.zero_pages;
     result.ref_pages += mem.ref_pages;
+    result.parent_pages += stats.parent_pages;
     log::info("pid ", fp.pid(), ": read ", mem.pages_read, " pages; stored ", stats.data_pages,
               " data + ", stats.zero_pages, " zero pages in ", stats.frames, " frames (",
               stats.raw_frames, " raw), ", mem.ref_pages, " pages refer to earlier processes");

@@ -29,6 +29,12 @@ struct DumpOptions {
   // Store pages shared between processes of the tree once (same physical page after fork,
   // same shared object); the others refer to them (REF runs).
   bool dedup = true;
+  // Incremental dump: the image directory of an earlier dump of this tree (--parent); pages
+  // with the same content there are not stored again but referred to (PARENT runs).
+  std::string parent_dir;
+  // Record a digest of every stored page (--hash-pages; implied by parent_dir), so that a
+  // later --parent dump of this image compares digests instead of reading its pages back.
+  bool page_hashes = false;
   // Largest deleted file or memfd whose contents the image stores (st_size, bytes).
   uint64_t ghost_limit = image::kDefaultGhostLimit;
   // Tests only: fail at this step ("freeze", "threads", "files", "memory", "commit"), or
@@ -46,11 +52,13 @@ struct DumpResult {
   uint64_t areas = 0;
   uint64_t data_pages = 0;  // pages with content in the stores (all processes)
   uint64_t zero_pages = 0;
-  uint64_t ref_pages = 0;    // pages stored by an earlier process and referred to (dedup)
-  uint64_t pipes = 0;        // pipes and FIFOs recorded with their data (shared.pb)
-  uint64_t sockets = 0;      // UNIX socket ends recorded with their queues
-  uint64_t ghosts = 0;       // deleted files, memfds and directories stored (shared.pb)
-  uint64_t image_bytes = 0;  // all files of the image
+  uint64_t ref_pages = 0;     // pages stored by an earlier process and referred to (dedup)
+  uint64_t parent_pages = 0;  // pages unchanged since the parent image, referred to there
+  uint32_t chain_length = 0;  // with a parent: links from the chain's full dump to this one
+  uint64_t pipes = 0;         // pipes and FIFOs recorded with their data (shared.pb)
+  uint64_t sockets = 0;       // UNIX socket ends recorded with their queues
+  uint64_t ghosts = 0;        // deleted files, memfds and directories stored (shared.pb)
+  uint64_t image_bytes = 0;   // all files of the image
   uint64_t injected_syscalls = 0;
   std::string replaced;  // with `replace`: what the image replaced ("" if nothing was there)
 };

@@ -665,6 +665,7 @@ ImageReader::ImageReader(const std::string& dir) : dir_(dir) {
   } catch (const Error& e) {
     fail(dir_, ": ", e.what());
   }
+  link_parent_image();  // before the REF links: a REF may point at a PARENT page
   link_page_stores();
 }
 

@@ -121,6 +121,10 @@ class ImageReader {
   // The pipes and sockets of shared.pb; an empty message when the image has no shared.pb.
   const SharedObjects& shared() const { return shared_; }
   const PageStoreReader& pages(int pid) const;
+  bool has_pages(int pid) const { return pages_.count(pid) != 0; }
+  // Incremental images: the parent image (its own parent linked in turn), or nullptr for a
+  // full image. Its page stores serve this image's PARENT runs (image_chain.h).
+  const ImageReader* parent() const { return parent_.get(); }
   // The same store, for holders that may outlive this reader (it keeps its linked stores).
   std::shared_ptr<const PageStoreReader> shared_pages(int pid) const;
 
@@ -128,6 +132,7 @@ class ImageReader {
   void check_tree() const;
   void check_descriptors() const;
   void link_page_stores();
+  void link_parent_image();  // image_chain.cc
 
   std::string dir_;
   Inventory inventory_;
@@ -135,6 +140,7 @@ class ImageReader {
   SharedObjects shared_;
   std::map<int, std::shared_ptr<PageStoreReader>> pages_;
   MetadataBudget budget_;
+  std::shared_ptr<const ImageReader> parent_;
 };
 
 // Low-level: one metadata file. Used by the reader and writer and by the fuzz target. The

@@ -236,7 +236,11 @@ struct PageStoreWriter::Impl {
   uint64_t data_pages = 0;
   uint64_t zero_pages = 0;
   uint64_t ref_pages = 0;
-  std::unique_ptr<Job> current;  // the frame being filled
+  uint64_t parent_pages = 0;
+  bool hashing = false;     // options.page_hashes or options.parent
+  std::string page_hashes;  // PageIndex.page_hashes, kPageHashBytes per DATA page
+  std::unique_ptr<unsigned char[]> parent_page;  // a parent page without a digest, read back
+  std::unique_ptr<Job> current;                  // the frame being filled
   uint64_t next_seq = 0;
 
   // Pool state, under mu.
@@ -306,6 +310,12 @@ struct PageStoreWriter::Impl {
     if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
     max_in_flight = kFramesPerThread * threads;
     if (!sha256_md()) fail(path, ": libcrypto has no SHA-256 for the frame digests");
+    hashing = options.page_hashes || options.parent != nullptr;
+    if (options.parent) {
+      if (!options.parent->parent_linked() || !options.parent->refs_linked())
+        fail(path, ": parent store ", options.parent->path(), " is not linked to its image");
+      parent_page.reset(new unsigned char[kPageSize]);
+    }
 
     int raw = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (raw < 0) fail_errno(path, ": cannot create page store");
@@ -531,17 +541,35 @@ struct PageStoreWriter::Impl {
     pages_added.fetch_add(npages, std::memory_order_relaxed);
   }
 
+  // Whether the parent image holds this very content at addr: by digest where the parent
+  // recorded one, else (a store written without digests, a REF page) by content.
+  bool same_as_parent(uint64_t addr, const unsigned char* page, const unsigned char* digest) {
+    const PageStoreReader& parent = *options.parent;
+    std::optional<PageLocation> loc = parent.find(addr);
+    if (!loc || loc->kind == PageRun::ZERO) return false;  // this page is not all zero
+    if (const unsigned char* h = parent.page_hash(addr))
+      return std::memcmp(h, digest, kPageHashBytes) == 0;
+    parent.read(addr, 1, parent_page.get());
+    return std::memcmp(parent_page.get(), page, kPageSize) == 0;
+  }
+
   void add_pages(uint64_t addr, const void* data, size_t npages) {
     check_range("add_pages", addr, npages);
     if (npages == 0) return;
     if (data == nullptr) fail(path, ": add_pages with no data");
     rethrow_if_failed();
     const unsigned char* p = static_cast<const unsigned char*>(data);
+    unsigned char digest[kFrameDigestBytes];
     for (size_t i = 0; i < npages; ++i, p += kPageSize, addr += kPageSize) {
       if (is_zero_page(p)) {
         add_run(addr, PageRun::ZERO);
         ++zero_pages;
+      } else if (hashing && (sha256({{p, kPageSize}}, digest), true) && options.parent &&
+                 same_as_parent(addr, p, digest)) {
+        add_run(addr, PageRun::PARENT);
+        ++parent_pages;
       } else {
+        if (hashing) page_hashes.append(reinterpret_cast<const char*>(digest), kPageHashBytes);
         add_run(addr, PageRun::DATA);
         ++data_pages;
         std::memcpy(current->in.get() + current->in_size, p, kPageSize);
@@ -581,6 +609,8 @@ struct PageStoreWriter::Impl {
     index.set_frame_sha256(std::move(frame_digests));
     if (raw_count > 0) index.set_raw_frames(std::move(raw_frames));
     index.set_compression(options.compression);
+    index.set_page_hashes(std::move(page_hashes));
+    index.set_parent_pages(parent_pages);
     size_t raw_size = index.ByteSizeLong();
     if (raw_size > kMaxIndexBytes)
       fail(path, ": index is ", raw_size, " bytes, more than the limit of ", kMaxIndexBytes);
@@ -618,6 +648,7 @@ struct PageStoreWriter::Impl {
     stats.data_pages = data_pages;
     stats.zero_pages = zero_pages;
     stats.ref_pages = ref_pages;
+    stats.parent_pages = parent_pages;
     stats.frames = nframes;
     stats.raw_frames = raw_count;
     stats.file_bytes = index_offset + psize + kFooterSize;
@@ -692,6 +723,23 @@ struct PageStoreReader::Impl {
   // Set by link_refs() before any read(), constant afterwards.
   std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
   bool refs_linked = false;
+  // Incremental images: PARENT pages; whether index->page_hashes() holds a digest per
+  // stream page.
+  uint64_t parent_pages = 0;
+  bool has_page_hashes = false;
+  // Set by link_parent() before any read(): every PARENT range, resolved through the whole
+  // chain to the store whose DATA, ZERO or REF run holds it (same address in every link).
+  struct Source {
+    uint64_t start;
+    uint64_t pages;
+    const Impl* store;
+    PageRun::Kind kind;   // DATA, ZERO or REF in `store`
+    uint64_t first_page;  // DATA: stream page of `start` in `store`
+  };
+  std::vector<Source> sources;  // sorted by start, not overlapping
+  std::vector<uint64_t> source_starts;
+  std::shared_ptr<const PageStoreReader> parent;
+  bool parent_linked = false;
 
   // LRU cache of decompressed frames, most recent first, and spare decompression contexts.
   mutable std::mutex mu;
@@ -803,7 +851,7 @@ struct PageStoreReader::Impl {
 
     run_starts.reserve(static_cast<size_t>(index->runs_size()));
     uint64_t end = 0;  // end of the previous run
-    uint64_t data_seen = 0, zero_seen = 0;
+    uint64_t data_seen = 0, zero_seen = 0, parent_seen = 0;
     for (int i = 0; i < index->runs_size(); ++i) {
       const PageRun& r = index->runs(i);
       if (r.start() % kPageSize != 0) bad("run ", i, " start ", hex(r.start()), " is not aligned");
@@ -836,6 +884,9 @@ struct PageStoreReader::Impl {
               hex(r.ref_addr()), " of pid ", r.ref_pid(), " end beyond user space");
         ref_pages += r.pages();
         ref_pids.push_back(r.ref_pid());
+      } else if (r.kind() == PageRun::PARENT) {
+        if (r.first_page() != 0) bad("PARENT run ", i, " has first_page ", r.first_page());
+        parent_seen += r.pages();
       } else {
         bad("run ", i, " has unknown kind ", static_cast<int>(r.kind()));
       }
@@ -848,6 +899,12 @@ struct PageStoreReader::Impl {
       bad("DATA runs hold ", data_seen, " pages, index data_pages says ", data_pages);
     if (zero_seen != index->zero_pages())
       bad("ZERO runs hold ", zero_seen, " pages, index zero_pages says ", index->zero_pages());
+    if (parent_seen != index->parent_pages())
+      bad("PARENT runs hold ", parent_seen, " pages, index parent_pages says ",
+          index->parent_pages());
+    parent_pages = parent_seen;
+    parent_linked = parent_pages == 0;
+    validate_page_hashes();
     std::sort(ref_pids.begin(), ref_pids.end());
     ref_pids.erase(std::unique(ref_pids.begin(), ref_pids.end()), ref_pids.end());
     refs_linked = ref_pids.empty();
@@ -888,6 +945,23 @@ struct PageStoreReader::Impl {
       bad(raw_count, " raw frames but no frame digests (a raw frame has no other check)");
     if (version >= kPageStoreVersion && !has_frame_digests)
       bad("version ", version, " store without frame digests (its frames have no other check)");
+  }
+
+  // PageIndex.page_hashes: none, or one digest per DATA page (stream order).
+  void validate_page_hashes() {
+    const std::string& h = index->page_hashes();
+    if (h.empty()) return;
+    // data_pages is below kMaxPages (2^35): no overflow.
+    if (h.size() != data_pages * kPageHashBytes)
+      bad("index has ", h.size(), " bytes of page digests, ", data_pages, " DATA pages need ",
+          data_pages * kPageHashBytes);
+    has_page_hashes = true;
+  }
+
+  const unsigned char* stream_hash(uint64_t sp) const {
+    if (!has_page_hashes) return nullptr;
+    return reinterpret_cast<const unsigned char*>(index->page_hashes().data()) +
+           sp * kPageHashBytes;
   }
 
   // PageIndex.raw_frames and compression against the version and the frame count.
@@ -1034,6 +1108,63 @@ struct PageStoreReader::Impl {
     return i;
   }
 
+  // Stream pages [sp, sp + n) (inside data_pages: the caller's run says so) into dst.
+  void read_stream(uint64_t sp, uint64_t n, unsigned char* dst) const {
+    while (n > 0) {
+      uint64_t fi = sp / frame_pages;
+      uint64_t in_frame = sp % frame_pages;
+      uint64_t m = std::min<uint64_t>(n, frame_pages - in_frame);
+      FramePtr frame = get_frame(fi);
+      // frame->size is exactly frame_size(fi), which covers stream pages up to sp + m.
+      std::memcpy(dst, frame->bytes.get() + in_frame * kPageSize, m * kPageSize);
+      dst += m * kPageSize;
+      sp += m;
+      n -= m;
+    }
+  }
+
+  // Pages [addr, addr + n pages) of one PARENT run, from the sources link_parent() resolved:
+  // one binary search, then the holding stores directly, whatever the chain's length.
+  void read_parent(uint64_t addr, uint64_t n, unsigned char* dst) const {
+    if (!parent_linked)
+      bad("page ", hex(addr), " is in the parent image, and no parent store is linked");
+    auto it = std::upper_bound(source_starts.begin(), source_starts.end(), addr);
+    size_t si = static_cast<size_t>(it - source_starts.begin());
+    if (si-- == 0) bad("page ", hex(addr), " of a PARENT run has no resolved source");
+    while (n > 0) {
+      if (si >= sources.size()) bad("page ", hex(addr), " of a PARENT run has no resolved source");
+      const Source& s = sources[si];
+      if (addr < s.start || addr - s.start >= s.pages * kPageSize)
+        bad("page ", hex(addr), " of a PARENT run has no resolved source (internal error)");
+      uint64_t off = (addr - s.start) / kPageSize;
+      uint64_t m = std::min<uint64_t>(n, s.pages - off);
+      if (s.kind == PageRun::DATA)
+        s.store->read_stream(s.first_page + off, m, dst);
+      else if (s.kind == PageRun::ZERO)
+        std::memset(dst, 0, m * kPageSize);
+      else
+        s.store->read(addr, m, dst);  // a REF page of that link: its own image's store
+      dst += m * kPageSize;
+      addr += m * kPageSize;
+      n -= m;
+      ++si;
+    }
+  }
+
+  void add_source(uint64_t start, uint64_t pages, const Impl* store, PageRun::Kind kind,
+                  uint64_t first_page) {
+    if (!sources.empty()) {
+      Source& b = sources.back();
+      if (b.start + b.pages * kPageSize == start && b.store == store && b.kind == kind &&
+          (kind != PageRun::DATA || b.first_page + b.pages == first_page)) {
+        b.pages += pages;
+        return;
+      }
+    }
+    sources.push_back({start, pages, store, kind, kind == PageRun::DATA ? first_page : 0});
+    source_starts.push_back(start);
+  }
+
   // `from` is the store whose REF run led here (refs never chain), or nullptr.
   void read(uint64_t addr, size_t npages, void* out, const Impl* from = nullptr) const {
     if (addr % kPageSize != 0) bad("read at ", hex(addr), ": address is not page aligned");
@@ -1063,21 +1194,10 @@ struct PageStoreReader::Impl {
         it->second->impl_->read(ref, n, dst, this);
       } else if (r.kind() == PageRun::ZERO) {
         std::memset(dst, 0, n * kPageSize);
+      } else if (r.kind() == PageRun::PARENT) {
+        read_parent(addr, n, dst);
       } else {
-        uint64_t sp = r.first_page() + offset_pages;
-        uint64_t todo = n;
-        unsigned char* d = dst;
-        while (todo > 0) {
-          uint64_t fi = sp / frame_pages;
-          uint64_t in_frame = sp % frame_pages;
-          uint64_t m = std::min<uint64_t>(todo, frame_pages - in_frame);
-          FramePtr frame = get_frame(fi);
-          // frame->size is exactly frame_size(fi), which covers stream pages up to sp + m.
-          std::memcpy(d, frame->bytes.get() + in_frame * kPageSize, m * kPageSize);
-          d += m * kPageSize;
-          sp += m;
-          todo -= m;
-        }
+        read_stream(r.first_page() + offset_pages, n, dst);
       }
       dst += n * kPageSize;
       addr += n * kPageSize;
@@ -1160,6 +1280,9 @@ void PageStoreReader::link_refs(const StoreOf& store_of) {
     if (!store->refs_linked())
       im.bad("REF runs refer to pid ", pid, " (", store->path(),
              "), whose own REF runs are not linked yet (link in inventory order)");
+    if (!store->parent_linked())
+      im.bad("REF runs refer to pid ", pid, " (", store->path(),
+             "), whose PARENT runs are not linked yet (link parents first)");
     linked.emplace(pid, std::move(store));
   }
   // Every referenced range is DATA or ZERO there, so read() never meets a chain.
@@ -1184,6 +1307,92 @@ void PageStoreReader::link_refs(const StoreOf& store_of) {
   }
   im.linked = std::move(linked);
   im.refs_linked = true;
+}
+
+void PageStoreReader::link_parent(std::shared_ptr<const PageStoreReader> parent) {
+  Impl& im = *impl_;
+  if (im.parent_pages == 0) return;
+  if (im.parent_linked) im.bad("link_parent() called twice");
+  if (!parent)
+    im.bad(im.parent_pages, " pages are in the parent image, which has no store for them");
+  if (parent.get() == this) im.bad("the store is its own parent");
+  const Impl& p = *parent->impl_;
+  if (!p.parent_linked || !p.refs_linked)
+    im.bad("parent store ", p.path, " is not linked to its own image yet");
+  for (size_t i = 0; i < im.nruns(); ++i) {
+    const PageRun& r = im.run(i);
+    if (r.kind() != PageRun::PARENT) continue;
+    uint64_t addr = r.start();
+    const uint64_t end = r.start() + r.pages() * kPageSize;  // checked at open()
+    size_t pi = p.locate(addr);
+    while (addr < end) {
+      if (pi >= p.nruns() || p.run_starts[pi] > addr)
+        im.bad("PARENT run at ", hex(r.start()), ": page ", hex(addr), " is not in the parent's ",
+               p.path);
+      const PageRun& t = p.run(pi);
+      const uint64_t t_end = std::min(end, t.start() + t.pages() * kPageSize);
+      const uint64_t n = (t_end - addr) / kPageSize;
+      if (t.kind() == PageRun::PARENT) {
+        // Already resolved in the parent: copy its sources, clipped to [addr, t_end).
+        auto it = std::upper_bound(p.source_starts.begin(), p.source_starts.end(), addr);
+        for (size_t si = static_cast<size_t>(it - p.source_starts.begin()) - 1;
+             si < p.sources.size() && p.sources[si].start < t_end; ++si) {
+          const Impl::Source& src = p.sources[si];
+          const uint64_t s = std::max(addr, src.start);
+          const uint64_t e = std::min(t_end, src.start + src.pages * kPageSize);
+          if (s >= e) continue;
+          im.add_source(s, (e - s) / kPageSize, src.store, src.kind,
+                        src.first_page + (s - src.start) / kPageSize);
+        }
+      } else {
+        im.add_source(
+            addr, n, &p, t.kind(),
+            t.kind() == PageRun::DATA ? t.first_page() + (addr - t.start()) / kPageSize : 0);
+      }
+      addr = t_end;
+      ++pi;
+    }
+  }
+  im.parent = std::move(parent);
+  im.parent_linked = true;
+}
+
+bool PageStoreReader::parent_linked() const {
+  return impl_->parent_linked;
+}
+
+uint64_t PageStoreReader::parent_pages() const {
+  return impl_->parent_pages;
+}
+
+const unsigned char* PageStoreReader::page_hash(uint64_t addr) const {
+  const Impl& im = *impl_;
+  const uint64_t page = addr & ~static_cast<uint64_t>(kPageSize - 1);
+  const size_t i = im.locate(page);
+  if (i >= im.nruns()) return nullptr;
+  const PageRun& r = im.run(i);
+  if (r.kind() == PageRun::DATA)
+    return im.stream_hash(r.first_page() + (page - r.start()) / kPageSize);
+  if (r.kind() != PageRun::PARENT || !im.parent_linked) return nullptr;
+  // The digest is the one of the store that holds the page's bytes, at the chain's end.
+  auto it = std::upper_bound(im.source_starts.begin(), im.source_starts.end(), page);
+  if (it == im.source_starts.begin()) return nullptr;
+  const Impl::Source& s = im.sources[static_cast<size_t>(it - im.source_starts.begin()) - 1];
+  if (s.kind != PageRun::DATA || page - s.start >= s.pages * kPageSize) return nullptr;
+  return s.store->stream_hash(s.first_page + (page - s.start) / kPageSize);
+}
+
+std::vector<std::string> PageStoreReader::linked_paths() const {
+  std::vector<std::string> out;
+  auto add = [&](const PageStoreReader& st) {
+    out.push_back(st.path());
+    for (auto& p : st.linked_paths()) out.push_back(std::move(p));
+  };
+  for (const auto& [pid, st] : impl_->linked) add(*st);
+  if (impl_->parent) add(*impl_->parent);
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
 }
 
 bool PageStoreReader::refs_linked() const {

@@ -32,6 +32,8 @@ inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 // 0.31x), bench/RESULTS.md "Dump: no zstd checksum, default zstd:-3".
 inline constexpr int kDefaultLevel = -3;
 
+class PageStoreReader;
+
 struct PageStoreOptions {
   uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096
   // ZSTD: each frame compressed at `level`, or kept raw when a probe or zstd finds that it
@@ -42,6 +44,12 @@ struct PageStoreOptions {
   // Start the kernel's writeback of each few MiB as soon as they are written, so that the
   // final fsync waits for little (off: tests of the writer alone need not touch the disk).
   bool early_writeback = true;
+  // Incremental images: record a digest of every page stored (PageIndex.page_hashes), so that
+  // a later dump can name this one as its parent. Set by `parent` too.
+  bool page_hashes = false;
+  // This process's store in the parent image (linked to its own chain): pages with the same
+  // content there become PARENT runs instead of being stored again.
+  std::shared_ptr<const PageStoreReader> parent;
 };
 
 // "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels) or "none"
@@ -53,7 +61,8 @@ std::string compression_name(const PageStoreOptions& options);
 struct PageStoreStats {
   uint64_t data_pages = 0;
   uint64_t zero_pages = 0;
-  uint64_t ref_pages = 0;  // pages in REF runs (stored in another process's store)
+  uint64_t ref_pages = 0;     // pages in REF runs (stored in another process's store)
+  uint64_t parent_pages = 0;  // pages in PARENT runs (unchanged since the parent image)
   uint64_t frames = 0;
   uint64_t raw_frames = 0;  // of `frames`, stored raw
   uint64_t file_bytes = 0;  // whole file, header to footer
@@ -63,6 +72,7 @@ struct PageStoreStats {
 };
 
 inline constexpr size_t kFrameDigestBytes = 32;  // SHA-256 of each compressed frame
+inline constexpr size_t kPageHashBytes = 16;     // PageIndex.page_hashes: half a SHA-256
 
 // SHA-256 of the store's header, compressed index and footer: everything but the frames,
 // which the index binds through their sizes and frame digests (FORMAT.md "Frame digests").
@@ -162,6 +172,23 @@ class PageStoreReader {
   void link_refs(const StoreOf& store_of);
   // True when read() can serve every page: no REF runs, or link_refs() succeeded.
   bool refs_linked() const;
+  // Incremental images: makes read() serve PARENT runs from `parent` (this process's store in
+  // the parent image, whose own PARENT runs are linked already). The chain is resolved here,
+  // once: every PARENT range is mapped to the store that holds its bytes at the end of the
+  // chain, so a read costs one lookup here and none per link. Throws Error naming the run and
+  // the parent store when a PARENT page is not in `parent`. Call before link_refs() and any
+  // read(); a store without PARENT runs needs no parent (a no-op).
+  void link_parent(std::shared_ptr<const PageStoreReader> parent);
+  // True when read() can serve every PARENT page: none, or link_parent() succeeded.
+  bool parent_linked() const;
+  uint64_t parent_pages() const;
+  // The 16-byte digest recorded for the page at addr: of a DATA page, in this store; of a
+  // PARENT page (once linked), in the store down the chain that holds it. nullptr when that
+  // store has no digests, or the page is ZERO, REF or not in the store.
+  const unsigned char* page_hash(uint64_t addr) const;
+  // Paths of the stores read() may read besides this one (REF targets and the parent chain,
+  // transitively): a process that serves this store must keep them open.
+  std::vector<std::string> linked_paths() const;
   // Pages in REF runs, and the distinct pids they refer to (sorted).
   uint64_t ref_pages() const;
   std::vector<int32_t> ref_pids() const;

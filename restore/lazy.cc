@@ -335,6 +335,12 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
       std::vector<int> on = fds_on(sp.store->path());
       store_kept.push_back(!on.empty());
       keep.insert(keep.end(), on.begin(), on.end());
+      // The stores its read() follows: REF targets and, for an incremental image, the parent
+      // chain's stores, which are not in the image's own list.
+      for (const auto& path : sp.store->linked_paths()) {
+        std::vector<int> linked = fds_on(path);
+        keep.insert(keep.end(), linked.begin(), linked.end());
+      }
       keep.push_back(sp.uffd);
       keep.push_back(sp.pidfd);
       keep.push_back(sp.keeper_send);

@@ -17,7 +17,8 @@ int run_dump(const checkpoint::DumpOptions& opts) {
     return 128 + e.signo();
   }
   auto u = [](uint64_t v) { return static_cast<unsigned long long>(v); };
-  double resident_mib = (r.data_pages + r.zero_pages + r.ref_pages) * 4096.0 / (1 << 20);
+  double resident_mib =
+      (r.data_pages + r.zero_pages + r.ref_pages + r.parent_pages) * 4096.0 / (1 << 20);
   double image_mib = r.image_bytes / double(1 << 20);
   std::string tree;
   if (r.processes > 1) {
@@ -26,13 +27,20 @@ int run_dump(const checkpoint::DumpOptions& opts) {
                   u(r.processes - 1), u(r.zombies));
     tree = buf;
   }
+  std::string parent;
+  if (r.chain_length > 0) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, ", %llu in the parent image (link %u of its chain)",
+                  u(r.parent_pages), r.chain_length);
+    parent = buf;
+  }
   std::fprintf(stderr,
                "lazycr: dumped pid %d%s to %s: %llu thread(s), %llu areas, %.1f MiB of pages: "
-               "%llu stored, %llu zero, %llu deduped; %.1f MiB image, frozen %.1f ms, total "
+               "%llu stored, %llu zero, %llu deduped%s; %.1f MiB image, frozen %.1f ms, total "
                "%.1f ms, %s%s\n",
                opts.pid, tree.c_str(), opts.dir.c_str(), u(r.threads), u(r.areas), resident_mib,
-               u(r.data_pages), u(r.zero_pages), u(r.ref_pages), image_mib, r.frozen_ns / 1e6,
-               r.total_ns / 1e6, opts.leave_running ? "left running" : "killed",
+               u(r.data_pages), u(r.zero_pages), u(r.ref_pages), parent.c_str(), image_mib,
+               r.frozen_ns / 1e6, r.total_ns / 1e6, opts.leave_running ? "left running" : "killed",
                r.replaced.empty() ? "" : ("; replaced " + r.replaced).c_str());
   return 0;
 }

@@ -91,6 +91,12 @@ int main(int argc, char** argv) {
                    "Uncompressed bytes per page-store frame (16K..4M, multiple of 4K)")
       ->transform(CLI::AsSizeValue(false))
       ->default_str("64K");
+  dump_cmd->add_option("--parent", dump.parent_dir,
+                       "Incremental dump: store only the pages that differ from this earlier "
+                       "image of the same tree, and refer to it for the rest");
+  dump_cmd->add_flag("--hash-pages", dump.page_hashes,
+                     "Record a digest of every page, so that a later --parent dump of this "
+                     "image compares digests instead of reading it back (implied by --parent)");
   dump_cmd->add_flag("--skip-unsupported-fds", dump.skip_unsupported_fds,
                      "Record descriptors lazycr cannot restore instead of refusing to dump "
                      "(restore --skip-unsupported-fds opens /dev/null in their place)");

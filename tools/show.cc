@@ -20,6 +20,7 @@
 #include "objects/inet_socket.h"
 #include "objects/unix_socket.h"
 #include "tools/commands.h"
+#include "tools/show_chain.h"
 #include "tools/show_timers.h"
 #include "tools/show_working_set.h"
 
@@ -123,6 +124,8 @@ const char* run_kind(image::PageRun::Kind k) {
       return "data";
     case image::PageRun::ZERO:
       return "zero";
+    case image::PageRun::PARENT:
+      return "parent";
     default:
       return "ref";
   }
@@ -268,6 +271,7 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
                 inv.options().leave_running() ? "left running" : "killed after dump",
                 inv.options().tcp_established() ? ", TCP connections recorded" : "");
   o << line;
+  print_chain_text(o, img);
   if (inv.options().ext_unix_sk())
     o << "  --ext-unix-sk: datagram UNIX sockets connected outside the tree (restore needs it)\n";
   o << "Processes: " << inv.pids_size() << " (root " << inv.root_pid() << ")\n";
@@ -397,6 +401,8 @@ void print_text(const ImageReader& img, const ShowOptions& opts) {
         static_cast<unsigned long long>(s.frames), static_cast<unsigned long long>(s.raw_frames),
         s.frame_digests, human_bytes(s.file_bytes).c_str(), s.ratio);
     o << line;
+    if (store.parent_pages() > 0)
+      o << "    " << store.parent_pages() << " pages unchanged since the parent image (PARENT)\n";
     if (!s.ref_pids.empty()) {
       o << "    ref pages are stored by pid";
       for (int32_t pid : s.ref_pids) o << " " << pid;
@@ -532,6 +538,7 @@ void print_json(const ImageReader& img, const ShowOptions& opts) {
   j.field("created_unix_ns", inv.created_unix_ns());
   j.field("frozen_ns", inv.frozen_ns());
   j.field("dump_ns", inv.dump_ns());
+  chain_json(j, img);
   j.key("kernel");
   j.begin_object();
   j.field("release", inv.kernel().release());
@@ -910,6 +917,7 @@ int run_show(const ShowOptions& opts) {
   if (opts.verify)
     for (const auto& p : img.processes())
       if (!p.zombie()) img.pages(p.pid()).verify_all();
+  if (opts.verify) verify_parents(img);
   if (opts.json)
     print_json(img, opts);
   else

@@ -1069,9 +1069,8 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   p->pid = pid;
   p->uffd = Userfaultfd::adopt(uffd.release());
   p->pidfd = std::move(pidfd);
-  // Owed: every stored page inside the areas, one range per (run, area) piece. REF pages
-  // (content in another process's store) are served like DATA: the store's read() resolves
-  // them.
+  // Owed: every stored page inside the areas, one range per (run, area) piece. REF and PARENT
+  // pages (in another store) are served like DATA: the store's read() resolves them.
   const auto& runs = store->index().runs();
   size_t ai = 0;
   for (const image::PageRun& run : runs) {
@@ -1079,6 +1078,7 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
     switch (run.kind()) {
       case image::PageRun::DATA:
       case image::PageRun::REF:
+      case image::PageRun::PARENT:
         break;
       case image::PageRun::ZERO:
         tag = kTagZero;

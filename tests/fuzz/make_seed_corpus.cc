@@ -145,8 +145,31 @@ void page_store_seeds(const std::string& dir) {
     writer.add_pages(0x408000, data.data() + 2 * kPageSize, 2);
     writer.finish();
   }
-  for (const char* name :
-       {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs", "random", "none"})
+  {
+    // Incremental stores: a parent with page digests, and its child with PARENT runs (pages
+    // 1 and 3 changed, page 4 new, page 2 now zero) and digests of its own.
+    PageStoreOptions options;
+    options.frame_size = kMinFrameSize;
+    options.threads = 1;
+    options.page_hashes = true;
+    std::vector<unsigned char> v1 = pages({1, 2, 1, 2, 1}, 10);
+    {
+      PageStoreWriter writer(dir + "/parent.lzp", options);
+      writer.add_pages(0x400000, v1.data(), 4);
+      writer.finish();
+    }
+    std::vector<unsigned char> v2 = v1;
+    std::vector<unsigned char> changed = pages({1, 1}, 11);
+    std::memcpy(v2.data() + kPageSize, changed.data(), kPageSize);
+    std::memset(v2.data() + 2 * kPageSize, 0, kPageSize);
+    std::memcpy(v2.data() + 3 * kPageSize, changed.data() + kPageSize, kPageSize);
+    options.parent = PageStoreReader::open(dir + "/parent.lzp");
+    PageStoreWriter writer(dir + "/child.lzp", options);
+    writer.add_pages(0x400000, v2.data(), 5);
+    writer.finish();
+  }
+  for (const char* name : {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs",
+                           "random", "none", "parent", "child"})
     write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
 }
 
@@ -160,6 +183,12 @@ void image_dir_seeds(const std::string& dir) {
   inv.set_root_pid(1);
   inv.add_pids(1);
   inv.mutable_cpu()->set_xsave_size(832);
+  // Incremental images: the tree's identity and a parent link (fields 1600-1602).
+  inv.set_root_start_ticks(12345);
+  inv.set_boot_id("00000000-0000-0000-0000-000000000000");
+  inv.mutable_parent()->set_dir("/tmp/seed-parent");
+  inv.mutable_parent()->set_digest(std::string(32, '\x5a'));
+  inv.mutable_parent()->set_chain_length(1);
   Process proc;
   proc.set_pid(1);
   proc.set_comm("seed");

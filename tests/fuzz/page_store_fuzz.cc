@@ -87,11 +87,22 @@ void exercise(const std::string& path) {
     } catch (const lazycr::Error&) {
     }
   }
+  // Nor a parent: PARENT runs (incremental images) are looked up, not read.
+  if (!reader->parent_linked()) {
+    try {
+      reader->link_parent(nullptr);
+      std::abort();  // a store with PARENT runs cannot link to no parent
+    } catch (const lazycr::Error&) {
+    }
+  }
   for (const auto& run : index.runs()) {
     (void)reader->find(run.start());
     (void)reader->find(run.start() - 1);
     (void)reader->find(run.start() + run.pages() * kPageSize);
-    if (run.kind() == lazycr::image::PageRun::REF) continue;
+    (void)reader->page_hash(run.start());
+    (void)reader->page_hash(run.start() + (run.pages() - 1) * kPageSize);
+    if (run.kind() == lazycr::image::PageRun::REF || run.kind() == lazycr::image::PageRun::PARENT)
+      continue;
     uint64_t n = std::min<uint64_t>({run.pages(), kPagesPerRunEnd, budget});
     if (n == 0) break;
     reader->read(run.start(), n, buf.data());
