@@ -9,6 +9,7 @@
 #include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -323,17 +324,30 @@ void restore_credentials(Restoree& r, const image::Process& p) {
            p.dumpable() ? 1 : 0);
 }
 
+// A process forked from a restored one (the other processes of a tree clone) has the image's
+// executable already; the kernel refuses to replace an executable that is still mapped (EBUSY),
+// even by the same file.
+static bool exe_in_place(pid_t pid, const image::Process& p) {
+  struct stat now, image_exe;
+  return p.exe_ghost_id() == 0 && ::stat(cat("/proc/", pid, "/exe").c_str(), &now) == 0 &&
+         ::stat(p.exe().path().c_str(), &image_exe) == 0 && now.st_dev == image_exe.st_dev &&
+         now.st_ino == image_exe.st_ino;
+}
+
 void set_mm(Restoree& r, const image::Process& p, const GhostFiles& ghosts) {
   const auto& mm = p.mm();
-  OpenRequest req;
-  req.path = p.exe().path();
-  req.flags = O_RDONLY;
-  req.id = &p.exe();
-  req.strict = true;
-  req.what = "executable";
-  long exe = p.exe_ghost_id() != 0 ? ghosts.open_in(r, p.exe_ghost_id(), O_RDONLY,
-                                                    cat("the deleted executable ", p.exe().path()))
-                                   : open_as_process(r, p.creds(), {req}, 0).at(0);
+  long exe = -1;
+  if (!exe_in_place(r.pid(), p)) {
+    OpenRequest req;
+    req.path = p.exe().path();
+    req.flags = O_RDONLY;
+    req.id = &p.exe();
+    req.strict = true;
+    req.what = "executable";
+    exe = p.exe_ghost_id() != 0 ? ghosts.open_in(r, p.exe_ghost_id(), O_RDONLY,
+                                                 cat("the deleted executable ", p.exe().path()))
+                                : open_as_process(r, p.creds(), {req}, 0).at(0);
+  }
   struct prctl_mm_map m;
   std::memset(&m, 0, sizeof m);
   m.start_code = mm.start_code();
@@ -355,7 +369,7 @@ void set_mm(Restoree& r, const image::Process& p, const GhostFiles& ghosts) {
   r.inject(
       cat("prctl(PR_SET_MM, PR_SET_MM_MAP) with brk ", hex(mm.brk()), ", exe ", p.exe().path()),
       SYS_prctl, PR_SET_MM, PR_SET_MM_MAP, base, sizeof m, 0);
-  r.inject("close of the exe descriptor", SYS_close, static_cast<uint64_t>(exe));
+  if (exe >= 0) r.inject("close of the exe descriptor", SYS_close, static_cast<uint64_t>(exe));
 }
 
 // The image's rseq_cs word of a thread, from the page store (0 if the page was not stored).
