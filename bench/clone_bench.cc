@@ -9,10 +9,11 @@
 // Then clones per second (`loop` `lazycr clone -d` back to back) and, in the first two blocks,
 // the total PSS of template + N idle clones for each N of --pss against one copy (the
 // template's RSS). Prints medians and bests (RESULTS.md).
-//   build/bench/clone_bench --tree MIB [--runs 10] [--pss 1,10]
+//   build/bench/clone_bench --tree MIB [--tree-pages small] [--runs 10] [--pss 1,10]
 // Clones of a process tree instead (clone_tree_target: a root with MIB MiB, a child sharing
 // them, a child rewriting half of its copy): per clone against `lazycr restore --pidns -d`
-// (eager) of the same image, alternating; then the PSS of the held tree + N idle tree clones.
+// (eager) of the same image, alternating; then the PSS of the held tree + N idle tree clones
+// (--tree-pages small: the template with --small-pages).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -132,7 +133,7 @@ uint64_t tree_kb(pid_t root, const std::string& key) {
   return kb;
 }
 
-int run_tree(int mib, int runs, const std::vector<int>& pss_points) {
+int run_tree(int mib, int runs, const std::vector<int>& pss_points, bool small_pages) {
   fs::path work = fs::temp_directory_path() / fs::unique_path("clone-bench-tree-%%%%%%");
   fs::create_directories(work / "image");
   fs::create_directories(work / "files");
@@ -156,8 +157,10 @@ int run_tree(int mib, int runs, const std::vector<int>& pss_points) {
   int o[2];
   if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
   double t0 = now_ms();
-  pid_t tp = spawn({kLazycr, "template", "-D", (work / "image").string(), "--socket", t.sock, "-d"},
-                   o[1], -1);
+  std::vector<std::string> targs{kLazycr,    "template", "-D", (work / "image").string(),
+                                 "--socket", t.sock,     "-d"};
+  if (small_pages) targs.push_back("--small-pages");
+  pid_t tp = spawn(targs, o[1], -1);
   close(o[1]);
   std::string line = read_all(o[0]);
   close(o[0]);
@@ -191,10 +194,11 @@ int run_tree(int mib, int runs, const std::vector<int>& pss_points) {
   std::printf(
       "| MiB | hold ms | tree clone: request->first instr (median / best) | clone: command wall | "
       "restore --pidns: first instr | restore: command wall |\n");
-  std::printf("| %d | %.0f | %.2f / %.2f ms | %.1f / %.1f ms | %.2f / %.2f ms | %.1f / %.1f ms |\n",
-              mib, t.hold_ms, t.first.median(), t.first.best(), t.wall.median(), t.wall.best(),
-              first_restore.median(), first_restore.best(), wall_restore.median(),
-              wall_restore.best());
+  std::printf(
+      "| %d%s | %.0f | %.2f / %.2f ms | %.1f / %.1f ms | %.2f / %.2f ms | %.1f / %.1f ms |\n", mib,
+      small_pages ? " --small-pages" : "", t.hold_ms, t.first.median(), t.first.best(),
+      t.wall.median(), t.wall.best(), first_restore.median(), first_restore.best(),
+      wall_restore.median(), wall_restore.best());
   std::fflush(stdout);
   std::vector<pid_t> pids;
   pid_t held = 0;
@@ -208,9 +212,9 @@ int run_tree(int mib, int runs, const std::vector<int>& pss_points) {
     uint64_t pss = tree_kb(held, "Pss");
     for (pid_t p : pids) pss += tree_kb(p, "Pss");
     std::printf(
-        "PSS %d MiB tree: held tree + %d tree clones %.1f MiB, one copy (held tree's RSS) %.1f "
+        "PSS %d MiB tree%s: held tree + %d tree clones %.1f MiB, one copy (held tree's RSS) %.1f "
         "MiB, ratio %.3f\n",
-        mib, n, pss / 1024.0, one / 1024.0,
+        mib, small_pages ? " --small-pages" : "", n, pss / 1024.0, one / 1024.0,
         one ? static_cast<double>(pss) / static_cast<double>(one) : 0.0);
     std::fflush(stdout);
   }
@@ -225,6 +229,7 @@ int run_tree(int mib, int runs, const std::vector<int>& pss_points) {
 int main(int argc, char** argv) {
   std::vector<int> sizes{64, 512}, pss_points{1, 10, 50};
   int runs = 10, loop = 20, tree_mib = 0;
+  bool small_pages = false;
   auto list = [](const std::string& v) {
     std::vector<int> out;
     std::stringstream in(v);
@@ -244,11 +249,13 @@ int main(int argc, char** argv) {
       loop = std::atoi(v.c_str());
     else if (k == "--tree")
       tree_mib = std::atoi(v.c_str());
+    else if (k == "--tree-pages")
+      small_pages = v == "small";
     else
       die("usage: clone_bench [--mib 64,512 | --tree MIB] [--runs N] [--pss 1,10,50] [--loop N]");
   }
   prctl(PR_SET_CHILD_SUBREAPER, 1);
-  if (tree_mib > 0) return run_tree(tree_mib, runs, pss_points);
+  if (tree_mib > 0) return run_tree(tree_mib, runs, pss_points, small_pages);
   std::printf(
       "| MiB | template | hold ms | clone: request->first instr (median / best) | clone: command "
       "wall | clones/s | restore --lazy --pidns: first instr | restore: command wall |\n");
