@@ -16,8 +16,8 @@
 // - a deleted file is each clone's own copy, recreated from the image's contents;
 // - template --netns: the template and the clones without clone --netns in one fresh network
 //   namespace, clone --netns in one of its own;
-// - bad requests (no template, damaged image, a socket path owned by another user, a port
-//   taken without --netns) fail with one line and leave nothing behind;
+// - bad requests (no template, damaged image, a tree with a zombie, a socket path owned by
+//   another user, a port taken without --netns) fail with one line and leave nothing behind;
 // - a tree (root + 2 children, one sharing the root's pages, a pipe between them) cloned
 //   several times: every process of every clone checks its pids and bytes from inside, the
 //   pipe is each clone's own, the shared pages stay shared, killing one clone leaves the
@@ -301,6 +301,30 @@ TEST_F(CloneE2E, BadRequestsFailWithOneLineAndLeaveNothing) {
   struct stat st;
   EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
   expect_nothing_left(image_pid());
+
+  // A tree with a zombie: not made in clones of a tree yet, refused by name before anything
+  // exists.
+  {
+    TempDir tree;
+    std::filesystem::create_directory(tree / "image");
+    Child target({target_bin("tree_target"), "--mode", "zombie", "--verify-file", tree / "verify",
+                  "--workdir", tree.path(), "--mib", "4"});
+    TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
+    auto d = lazycr({"dump", "-t", std::to_string(t.first("pid")), "-D", tree / "image"});
+    ASSERT_EQ(d.exit_code, 0) << d.err;
+    target.wait(60);
+    for (pid_t c : proc::list_children(getpid())) {  // its children, re-parented to us
+      int status;
+      waitpid(c, &status, 0);
+    }
+    r = lazycr({"template", "-D", tree / "image", "--socket", socket_, "-d"});
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("is a zombie: not made in clones of a tree yet"), std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
+    expect_nothing_left(static_cast<pid_t>(t.first("pid")));
+  }
 
   // A socket path owned by another user.
   {
