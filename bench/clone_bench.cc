@@ -9,6 +9,11 @@
 // Then clones per second (`loop` `lazycr clone -d` back to back) and, in the first two blocks,
 // the total PSS of template + N idle clones for each N of --pss against one copy (the
 // template's RSS). Prints medians and bests (RESULTS.md).
+//   build/bench/clone_bench --tree MIB [--tree-pages small] [--runs 10] [--pss 1,10]
+// Clones of a process tree instead (clone_tree_target: a root with MIB MiB, a child sharing
+// them, a child rewriting half of its copy): per clone against `lazycr restore --pidns -d`
+// (eager) of the same image, alternating; then the PSS of the held tree + N idle tree clones
+// (--tree-pages small: the template with --small-pages).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -29,6 +34,7 @@ namespace {
 
 const std::string kLazycr = LAZYCR_BIN;
 const std::string kTarget = std::string(LAZYCR_TARGETS_DIR) + "/clone_target";
+const std::string kTreeTarget = std::string(LAZYCR_TARGETS_DIR) + "/clone_tree_target";
 
 double number_after(const std::string& text, const std::string& key) {
   auto pos = text.find(key);
@@ -112,9 +118,118 @@ pid_t clone_once(Template& t, const std::string& stats, bool record) {
   return std::atoi(pid_line.c_str());
 }
 
+// A process and its children (one level: clone_tree_target's tree).
+std::vector<pid_t> with_children(pid_t p) {
+  std::vector<pid_t> out{p};
+  std::ifstream in("/proc/" + std::to_string(p) + "/task/" + std::to_string(p) + "/children");
+  pid_t c;
+  while (in >> c) out.push_back(c);
+  return out;
+}
+
+uint64_t tree_kb(pid_t root, const std::string& key) {
+  uint64_t kb = 0;
+  for (pid_t p : with_children(root)) kb += rollup_kb(p, key);
+  return kb;
+}
+
+int run_tree(int mib, int runs, const std::vector<int>& pss_points, bool small_pages) {
+  fs::path work = fs::temp_directory_path() / fs::unique_path("clone-bench-tree-%%%%%%");
+  fs::create_directories(work / "image");
+  fs::create_directories(work / "files");
+  int out[2];
+  if (pipe(out) != 0) die("pipe");
+  pid_t target = spawn({kTreeTarget, (work / "files").string(), std::to_string(mib)}, out[1], -1);
+  close(out[1]);
+  std::string ready = read_line(out[0]);
+  close(out[0]);
+  if (ready.rfind("ready", 0) != 0) die("clone_tree_target did not start");
+  std::string err;
+  if (run_cmd({kLazycr, "dump", "-t", std::to_string(target), "-D", (work / "image").string()},
+              &err) != 0)
+    die("dump: " + err);
+  wait_exit(target);
+  usleep(200000);
+  reap_zombies();
+  Template t;
+  t.name = "tree";
+  t.sock = (work / "t.sock").string();
+  int o[2];
+  if (pipe2(o, O_CLOEXEC) != 0) die("pipe");
+  double t0 = now_ms();
+  std::vector<std::string> targs{kLazycr,    "template", "-D", (work / "image").string(),
+                                 "--socket", t.sock,     "-d"};
+  if (small_pages) targs.push_back("--small-pages");
+  pid_t tp = spawn(targs, o[1], -1);
+  close(o[1]);
+  std::string line = read_all(o[0]);
+  close(o[0]);
+  if (wait_exit(tp) != 0) die("template failed");
+  t.hold_ms = now_ms() - t0;
+  t.pid = std::atoi(line.c_str());
+  usleep(300000);
+  Series first_restore, wall_restore;
+  const std::string stats = (work / "stats.json").string();
+  for (int r = 0; r < runs; r++) {
+    kill_pid(clone_once(t, stats, true));
+    usleep(50000);
+    int ro[2], re[2];
+    if (pipe2(ro, O_CLOEXEC) != 0 || pipe2(re, O_CLOEXEC) != 0) die("pipe");
+    double c0 = now_ms();
+    pid_t p = spawn({kLazycr, "-v", "restore", "-D", (work / "image").string(), "--pidns", "-d"},
+                    ro[1], re[1]);
+    close(ro[1]);
+    close(re[1]);
+    std::string pid_line = read_all(ro[0]);
+    std::string text = read_all(re[0]);
+    close(ro[0]);
+    close(re[0]);
+    if (wait_exit(p) != 0) die("restore failed: " + text);
+    wall_restore.v.push_back(now_ms() - c0);
+    first_restore.v.push_back(number_after(text, "first instruction after ") / 1000);
+    kill_pid(std::atoi(pid_line.c_str()));
+    usleep(100000);
+    reap_zombies();
+  }
+  std::printf(
+      "| MiB | hold ms | tree clone: request->first instr (median / best) | clone: command wall | "
+      "restore --pidns: first instr | restore: command wall |\n");
+  std::printf(
+      "| %d%s | %.0f | %.2f / %.2f ms | %.1f / %.1f ms | %.2f / %.2f ms | %.1f / %.1f ms |\n", mib,
+      small_pages ? " --small-pages" : "", t.hold_ms, t.first.median(), t.first.best(),
+      t.wall.median(), t.wall.best(), first_restore.median(), first_restore.best(),
+      wall_restore.median(), wall_restore.best());
+  std::fflush(stdout);
+  std::vector<pid_t> pids;
+  pid_t held = 0;
+  for (pid_t c : with_children(t.pid))
+    if (c != t.pid && with_children(c).size() == 3) held = c;
+  if (held == 0) die("no held tree");
+  const uint64_t one = tree_kb(held, "Rss");
+  for (int n : pss_points) {
+    while (static_cast<int>(pids.size()) < n) pids.push_back(clone_once(t, stats, false));
+    usleep(500000);
+    uint64_t pss = tree_kb(held, "Pss");
+    for (pid_t p : pids) pss += tree_kb(p, "Pss");
+    std::printf(
+        "PSS %d MiB tree%s: held tree + %d tree clones %.1f MiB, one copy (held tree's RSS) %.1f "
+        "MiB, ratio %.3f\n",
+        mib, small_pages ? " --small-pages" : "", n, pss / 1024.0, one / 1024.0,
+        one ? static_cast<double>(pss) / static_cast<double>(one) : 0.0);
+    std::fflush(stdout);
+  }
+  for (pid_t p : pids) kill_pid(p);
+  run_cmd({kLazycr, "clone", "--socket", t.sock, "--stop"});
+  usleep(500000);
+  reap_zombies();
+  fs::remove_all(work);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<int> sizes{64, 512}, pss_points{1, 10, 50};
-  int runs = 10, loop = 20;
+  int runs = 10, loop = 20, tree_mib = 0;
+  bool small_pages = false;
   auto list = [](const std::string& v) {
     std::vector<int> out;
     std::stringstream in(v);
@@ -132,10 +247,15 @@ int main(int argc, char** argv) {
       runs = std::atoi(v.c_str());
     else if (k == "--loop")
       loop = std::atoi(v.c_str());
+    else if (k == "--tree")
+      tree_mib = std::atoi(v.c_str());
+    else if (k == "--tree-pages")
+      small_pages = v == "small";
     else
-      die("usage: clone_bench [--mib 64,512] [--runs N] [--pss 1,10,50] [--loop N]");
+      die("usage: clone_bench [--mib 64,512 | --tree MIB] [--runs N] [--pss 1,10,50] [--loop N]");
   }
   prctl(PR_SET_CHILD_SUBREAPER, 1);
+  if (tree_mib > 0) return run_tree(tree_mib, runs, pss_points, small_pages);
   std::printf(
       "| MiB | template | hold ms | clone: request->first instr (median / best) | clone: command "
       "wall | clones/s | restore --lazy --pidns: first instr | restore: command wall |\n");

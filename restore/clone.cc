@@ -27,6 +27,7 @@
 #include "restore/clone3_tid.h"
 #include "restore/clone_dontfork.h"
 #include "restore/clone_fds.h"
+#include "restore/clone_tree.h"
 #include "restore/open_files.h"
 #include "restore/restoree.h"
 #include "restore/thread_state.h"
@@ -138,15 +139,8 @@ PreparedNs prepare_clone_namespace(HeldTemplate& t) {
   return ns;
 }
 
-void check_clonable(const image::ImageReader& img, bool shell_job) {
-  const auto& procs = img.processes();
-  // Trees need each clone's other processes built as the eager tree restore builds them
-  // (forked from their clone parent, then memory, sessions, fds over an inherited transport,
-  // threads, ...): those steps live inside restore() (restore.cc) and are not callable yet.
-  if (procs.size() != 1)
-    fail("the image holds ", procs.size(),
-         " processes; templates of process trees are not supported yet");
-  const image::Process& p = procs.front();
+static void check_clonable_process(const image::ImageReader& img, const image::Process& p,
+                                   bool shell_job) {
   const std::string who = cat("pid ", p.pid());
   if (p.shared_pending_size() != 0) fail(who, " has pending signals (a fork does not copy them)");
   for (const auto& th : p.threads()) {
@@ -172,8 +166,15 @@ void check_clonable(const image::ImageReader& img, bool shell_job) {
   for (const auto& f : p.fds()) check_clone_fd(p, f, img.shared(), shell_job);
 }
 
+void check_clonable(const image::ImageReader& img, bool shell_job) {
+  // Trees: the other processes are made in each clone (clone_tree.h).
+  if (img.processes().size() > 1) check_clonable_tree(img);
+  for (const image::Process& p : img.processes()) check_clonable_process(img, p, shell_job);
+}
+
 Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) {
   const image::Process& p = t.img.processes().front();
+  const size_t tree_size = t.img.processes().size();
   Restoree& tpl = t.root;
   std::string step = "namespace";
   // Time per step, logged with -vv (where a clone's milliseconds go).
@@ -239,9 +240,11 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
           ::open(cat("/proc/", tpl.pid(), "/ns/net").c_str(), O_RDONLY | O_CLOEXEC));
       if (!template_netns) fail_errno("open of the template's network namespace");
     }
+    const int template_netns_fd = template_netns ? template_netns.get() : -1;
+    CloneFiles files(t.img, netns ? netns.get() : template_netns_fd, req.std_fds[0] >= 0,
+                     tree_size > 1);
     const int netns_there =
-        replace_clone_fds(r, p, t.img, netns ? netns.get() : -1,
-                          template_netns ? template_netns.get() : -1, req.std_fds);
+        replace_clone_fds(r, p, files, netns ? netns.get() : -1, template_netns_fd, req.std_fds);
     if (netns_there >= 0) {
       next("netns");
       r.reset_arena();
@@ -251,6 +254,15 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
       calls.push_back(make_call("close of the network namespace", SYS_close,
                                 static_cast<uint64_t>(netns_there)));
       r.batch(calls);
+    }
+
+    // The tree's other processes, forked from the root (which has its descriptors and its
+    // network namespace) before its other threads exist.
+    std::unique_ptr<CloneTree> tree;
+    if (tree_size > 1) {
+      tree = std::make_unique<CloneTree>(t.img, r, files, t.cpus,
+                                         netns ? netns.get() : template_netns_fd, req.std_fds);
+      tree->make(next);
     }
 
     for (int i = 1; i < p.threads_size(); i++) {
@@ -279,12 +291,13 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
     const int32_t vpid = p.pid();
     if (::write(ns->ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
       fail_errno("telling the namespace's reaper the clone's pid");
+    if (tree) tree->release();
     for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
     Clone out;
     out.running_ns = now_ns();
     next("");
     log::debug("clone: steps:", timings);
-    out.threads = r.threads().size();
+    out.threads = r.threads().size() + (tree ? tree->threads() : 0);
     Spawned s = c->commit();
     out.pid = s.pid;
     out.image_pid = s.vpid;

@@ -1,5 +1,6 @@
 // Clones of a held template (issue 13, DESIGN.md section 10): each clone is a fork of the
-// template's root made by an injected clone3, so that its private memory is shared
+// template's root made by an injected clone3 (a tree's other processes are then made inside
+// the clone: clone_tree.h), so that its private memory is shared
 // copy-on-write with the template and with every other clone. Each clone lives in a fresh PID
 // namespace (PID 1 there is a small reaper made by lazycr) with the image's PIDs and TIDs.
 #pragma once
@@ -16,11 +17,12 @@
 
 namespace lazycr::restore {
 
-// Refuses, by name, what a clone could not have as a separate restore would: more than one
-// process, state a fork does not copy (pending signals, timers, record locks), memory it drops
-// or shares (MADV_DONTFORK areas, shared anonymous memory) and descriptors not yet made afresh
-// per clone (restore/clone_fds.h: established TCP connections, deleted files, terminals, locks).
-// `shell_job`: fds 0-2 leading outside the image are each clone's requester's (clone --shell-job).
+// Refuses, by name, what a clone could not have as a separate restore would: in trees, what
+// clone_tree.h does not make (zombies, credentials other than the root's); state a fork does not
+// copy (pending signals, timers, record locks), memory it drops or shares (MADV_DONTFORK areas,
+// shared anonymous memory) and descriptors not yet made afresh per clone (restore/clone_fds.h:
+// established TCP connections, deleted files, terminals, locks). `shell_job`: fds 0-2 leading
+// outside the image are each clone's requester's (clone --shell-job).
 void check_clonable(const image::ImageReader& img, bool shell_job);
 
 struct Clone {

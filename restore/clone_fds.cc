@@ -84,23 +84,24 @@ void check_clone_fd(const image::Process& p, const image::FileDescriptor& f,
         fail(where, " is an established TCP connection: clones cannot each have it");
 }
 
-int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageReader& img,
-                      int netns, int template_netns, const int (&std_fds)[3]) {
-  const int sockets_netns = netns >= 0 ? netns : template_netns;
-  // Every description lazycr makes, made now for this clone (sockets in its namespace). Ghost
-  // files (deleted files, memfds) are recreated from the image's contents for this clone
+CloneFiles::CloneFiles(const image::ImageReader& img, int sockets_netns, bool shell_job,
+                       bool ghosts_always) {
+  // Ghost files (deleted files, memfds) are recreated from the image's contents for this clone
   // alone: its descriptors get their own file, as a restore of its own would; lazycr's
-  // references go when this returns (the clone holds the descriptions by then).
-  std::unique_ptr<GhostFiles> ghosts;
-  bool has_ghost_fd = false;
-  for (const auto& f : p.fds()) has_ghost_fd |= f.ghost_id() != 0;
+  // references go with this object (the clone holds the descriptions by then).
+  bool has_ghost_fd = ghosts_always;
+  for (const auto& q : img.processes())
+    for (const auto& f : q.fds()) has_ghost_fd |= f.ghost_id() != 0;
   if (has_ghost_fd) ghosts = std::make_unique<GhostFiles>(img.processes(), img.shared());
-  std::unique_ptr<SharedFiles> shared;
-  {
-    InNetworkNamespace in(sockets_netns);
-    shared =
-        std::make_unique<SharedFiles>(img.processes(), img.shared(), std_fds[0] >= 0, ghosts.get());
-  }
+  InNetworkNamespace in(sockets_netns);
+  shared = std::make_unique<SharedFiles>(img.processes(), img.shared(), shell_job, ghosts.get());
+}
+
+CloneFiles::~CloneFiles() = default;
+
+int replace_clone_fds(Restoree& c, const image::Process& p, const CloneFiles& files, int netns,
+                      int transport_netns, const int (&std_fds)[3]) {
+  const SharedFiles* shared = files.shared.get();
   std::vector<const image::FileDescriptor*> passed, opened;
   std::vector<OpenRequest> reqs;
   std::vector<int> mine;
@@ -129,7 +130,7 @@ int replace_clone_fds(Restoree& c, const image::Process& p, const image::ImageRe
   int netns_there = -1;
   std::vector<Call> calls;
   if (!mine.empty()) {
-    Transport t = connect_transport(c, template_netns);
+    Transport t = connect_transport(c, transport_netns);
     // Every image number is open in the clone (it has the template's table): what arrives
     // lands on other numbers, and each dup3 drops the clone's reference to the template's
     // description at that number.
