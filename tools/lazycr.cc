@@ -79,8 +79,8 @@ int main(int argc, char** argv) {
   std::string compress;
   dump_cmd
       ->add_option("--compress", compress,
-                   "Page compression: zstd[:LEVEL] (negative levels are zstd's fast ones; "
-                   "frames that do not compress are stored raw) or none")
+                   "Page compression: zstd[:LEVEL] (negative levels are zstd's fast ones), lz4 "
+                   "(faster, somewhat larger) or none; frames that do not compress are stored raw")
       ->default_str(cat("zstd:", image::kDefaultLevel));
   dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
       ->default_val(0)
@@ -257,7 +257,7 @@ int main(int argc, char** argv) {
           return kExitUsage;
         }
         dump.compression = parsed.compression;
-        if (parsed.compression == image::PageIndex::ZSTD) dump.level = parsed.level;
+        if (parsed.compression != image::PageIndex::NONE) dump.level = parsed.level;
       }
       dump.frame_size = static_cast<uint32_t>(frame_size);
       return cli::run_dump(dump);

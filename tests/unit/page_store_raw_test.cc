@@ -307,8 +307,12 @@ TEST(PageStoreCompression, ParsesTheCompressOption) {
   EXPECT_EQ(kDefaultLevel, o.level);
   parse_compression("zstd:19", o);
   EXPECT_EQ(19, o.level);
+  parse_compression("lz4", o);
+  EXPECT_EQ(PageIndex::LZ4, o.compression);
+  EXPECT_EQ(kLz4Acceleration, o.level);
+  EXPECT_EQ("lz4", compression_name(o));
   for (const char* bad : {"", "zstd:", "zstd:0", "zstd:x", "zstd:1x", "zstd:23", "zstd:-9999999",
-                          "zstd:99999999999", "lz4", "NONE", "zstd: 1"}) {
+                          "zstd:99999999999", "lz4:1", "LZ4", "NONE", "zstd: 1"}) {
     PageStoreOptions before;
     EXPECT_THROW(parse_compression(bad, before), Error) << bad;
   }
