@@ -35,7 +35,8 @@ std::pair<uint64_t, uint64_t> raw_and_zstd_frames(const std::string& dir) {
 
 TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
   const std::vector<Choice> choices{
-      {{}, "zstd:-3", "semi"},  // the default
+      {{}, "lz4", "semi"},                     // the default
+      {{"--level", "-3"}, "zstd:-3", "semi"},  // --level alone is zstd
       {{"--compress", "zstd:-5"}, "zstd:-5", "semi"},
       {{"--compress", "zstd:3"}, "zstd:3", "text"},
       {{"--compress", "zstd"}, "zstd:-3", "random"},
