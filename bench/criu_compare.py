@@ -10,13 +10,17 @@ alternates from run to run) and records:
     the dump (CRIU's parasite runs inside the target; lazycr reads from outside);
   - image size (all files of the images directory; CRIU's log is kept out of it).
 Prints min and median per tool, and lazycr/CRIU ratios of the medians (and of the mins).
+With --compress A,B (e.g. lz4,zstd:-3) each run dumps with lazycr once per choice (as
+`--compress A`, ...) and with CRIU, the order rotating from run to run, and prints a ratio row
+per choice against the CRIU dumps of the same runs.
 
 CRIU: uses `criu` 4.x from PATH or /usr/local/sbin/criu; when missing, builds it once from
 shared/anchors/criu-4.2.tar.gz as shared/anchors/README.md says, and when that is impossible
 prints "SKIP criu: <why>" and measures lazycr alone.
 
 Usage: bench/criu_compare.py --build BUILD_DIR [--runs 3] [--sizes 512,2048]
-       [--patterns semi] [--python-mib 512] [--dirs /dev/shm,/tmp] [-- extra lazycr dump args]
+       [--patterns semi] [--python-mib 512] [--dirs /dev/shm,/tmp] [--compress lz4,zstd:-3]
+       [-- extra lazycr dump args]
 Root only (both tools ptrace and CRIU needs CAP_SYS_ADMIN). A benchmark, not a test.
 """
 import argparse
@@ -179,6 +183,9 @@ def main():
     ap.add_argument("--python-mib", type=int, default=512, help="python dict target, 0: none")
     ap.add_argument("--dirs", default="/dev/shm,/tmp", help="where images go")
     ap.add_argument("--no-criu", action="store_true")
+    ap.add_argument("--compress", default="",
+                    help="lazycr --compress choices to compare, comma separated (default: "
+                         "lazycr's default only)")
     ap.add_argument("extra", nargs="*", help="extra lazycr dump arguments (after --)")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -200,22 +207,29 @@ def main():
     targets = [(p, int(m)) for p in a.patterns.split(",") if p for m in a.sizes.split(",") if m]
     if a.python_mib > 0:
         targets.append(("python", a.python_mib))
+    choices = [c for c in a.compress.split(",") if c]
+    lz_tools = ["lazycr:" + c for c in choices] if choices else ["lazycr"]
+    tools = lz_tools + ["criu"]
     rows = []
     for d in [x for x in a.dirs.split(",") if x]:
         scratch = tempfile.mkdtemp(prefix="lazycr-criu-cmp-", dir=d)
         try:
             for kind, mib in targets:
-                res = {"lazycr": [], "criu": []}
+                res = {t: [] for t in tools}
                 for run in range(a.runs):
-                    order = ["lazycr", "criu"] if run % 2 == 0 else ["criu", "lazycr"]
+                    # Rotate (and, with two tools, alternate) who goes first.
+                    k = run % len(tools)
+                    order = tools[k:] + tools[:k]
                     for tool in order:
                         if tool == "criu" and not criu:
                             continue
-                        img = os.path.join(scratch, "img-" + tool)
+                        img = os.path.join(scratch, "img-" + tool.replace(":", "_"))
                         shutil.rmtree(img, ignore_errors=True)
                         target = start_target(a.build, kind, mib, scratch)
-                        if tool == "lazycr":
+                        if tool.startswith("lazycr"):
                             cmd = [lazycr, "dump", "-t", str(target.pid), "-D", img] + a.extra
+                            if tool.startswith("lazycr:"):
+                                cmd += ["--compress", tool[len("lazycr:"):]]
                         else:
                             os.makedirs(img)
                             work = os.path.join(scratch, "criu-work")
@@ -229,17 +243,19 @@ def main():
                                 target.kill()
                                 target.wait()
                         shutil.rmtree(img, ignore_errors=True)
-                rows.append((d, kind, mib, res))
-                print_row(d, kind, mib, res)
+                for t in lz_tools:
+                    sub = {"lazycr": res[t], "criu": res["criu"]}
+                    rows.append((d, kind, mib, t, sub))
+                    print_row(d, kind, mib, t, sub)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     log("")
-    log("| images | target | MiB | lazycr wall ms min/med | CRIU wall ms min/med | wall ratio "
+    log("| images | target | MiB | lazycr | lazycr wall ms min/med | CRIU wall ms min/med | wall ratio "
         "min/med | lazycr CPU ms med | CRIU CPU ms med | CPU ratio med | lazycr MiB | CRIU MiB | "
         "size ratio |")
-    log("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for d, kind, mib, res in rows:
-        log(table_row(d, kind, mib, res))
+    log("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for d, kind, mib, name, res in rows:
+        log(table_row(d, kind, mib, name, res))
 
 
 def stats(samples, k):
@@ -247,34 +263,35 @@ def stats(samples, k):
     return min(v), statistics.median(v)
 
 
-def print_row(d, kind, mib, res):
+def print_row(d, kind, mib, name, res):
     for tool in ("lazycr", "criu"):
         if not res[tool]:
             continue
+        label = name if tool == "lazycr" else tool
         wmin, wmed = stats(res[tool], 0)
         cmin, cmed = stats(res[tool], 1)
-        log("%-9s %-7s %5d %-6s wall ms min %7.0f med %7.0f  cpu ms min %7.0f med %7.0f  "
-            "image MiB %8.1f" % (d, kind, mib, tool, wmin * 1e3, wmed * 1e3, cmin * 1e3,
+        log("%-9s %-7s %5d %-14s wall ms min %7.0f med %7.0f  cpu ms min %7.0f med %7.0f  "
+            "image MiB %8.1f" % (d, kind, mib, label, wmin * 1e3, wmed * 1e3, cmin * 1e3,
                                  cmed * 1e3, res[tool][-1][2] / 2**20))
     if res["lazycr"] and res["criu"]:
         lw = stats(res["lazycr"], 0)
         cw = stats(res["criu"], 0)
         lc = stats(res["lazycr"], 1)
         cc = stats(res["criu"], 1)
-        log("%-9s %-7s %5d ratio  wall min %.2f med %.2f  cpu min %.2f med %.2f  size %.3f" % (
-            d, kind, mib, lw[0] / cw[0], lw[1] / cw[1], lc[0] / cc[0], lc[1] / cc[1],
+        log("%-9s %-7s %5d %-14s ratio wall min %.2f med %.2f  cpu min %.2f med %.2f  size "
+            "%.3f" % (d, kind, mib, name, lw[0] / cw[0], lw[1] / cw[1], lc[0] / cc[0], lc[1] / cc[1],
             res["lazycr"][-1][2] / res["criu"][-1][2]))
 
 
-def table_row(d, kind, mib, res):
+def table_row(d, kind, mib, name, res):
     def f(tool, k, i, scale=1e3):
         return "%.0f" % (stats(res[tool], k)[i] * scale) if res[tool] else "-"
     lz, cr = res["lazycr"], res["criu"]
     ratio = lambda k, i: ("%.2f" % (stats(lz, k)[i] / stats(cr, k)[i])) if lz and cr else "-"
     size = lambda r: "%.1f" % (r[-1][2] / 2**20) if r else "-"
     sratio = "%.3f" % (lz[-1][2] / cr[-1][2]) if lz and cr else "-"
-    return "| %s | %s | %d | %s / %s | %s / %s | %s / %s | %s | %s | %s | %s | %s | %s |" % (
-        d, kind, mib, f("lazycr", 0, 0), f("lazycr", 0, 1), f("criu", 0, 0), f("criu", 0, 1),
+    return "| %s | %s | %d | %s | %s / %s | %s / %s | %s / %s | %s | %s | %s | %s | %s | %s |" % (
+        d, kind, mib, name, f("lazycr", 0, 0), f("lazycr", 0, 1), f("criu", 0, 0), f("criu", 0, 1),
         ratio(0, 0), ratio(0, 1), f("lazycr", 1, 1), f("criu", 1, 1), ratio(1, 1), size(lz),
         size(cr), sratio)
 

@@ -139,6 +139,8 @@ class PageReader {
   void read_ranges(const std::vector<Range>& ranges, bool readable) {
     size_t i = 0;
     uint64_t skip = 0;  // pages of ranges[i] already done
+    std::vector<iovec> remote;
+    std::vector<Range> batch;
     while (i < ranges.size()) {
       if (ranges[i].ref_pid != 0) {
         writer_.add_ref_pages(ranges[i].start, ranges[i].pages, ranges[i].ref_pid,
@@ -147,14 +149,17 @@ class PageReader {
         i++;
         continue;
       }
-      // Gather one batch: up to the buffer size and kMaxIov ranges.
-      std::vector<iovec> remote;
-      std::vector<Range> batch;
+      // Gather one batch: what the writer's frame has room for (pages are read straight
+      // into it: no copy), and kMaxIov ranges.
+      const image::PageStoreWriter::Room room = writer_.frame_room(kReadBufferBytes / kPageSize);
+      const size_t room_bytes = room.pages * kPageSize;
+      remote.clear();
+      batch.clear();
       size_t used = 0;
       while (i < ranges.size() && ranges[i].ref_pid == 0 && remote.size() < kMaxIov &&
-             used < kReadBufferBytes) {
+             used < room_bytes) {
         uint64_t left = ranges[i].pages - skip;
-        uint64_t take = std::min<uint64_t>(left, (kReadBufferBytes - used) / kPageSize);
+        uint64_t take = std::min<uint64_t>(left, (room_bytes - used) / kPageSize);
         uint64_t addr = ranges[i].start + skip * kPageSize;
         remote.push_back({reinterpret_cast<void*>(addr), take * kPageSize});
         batch.push_back({addr, take});
@@ -166,19 +171,19 @@ class PageReader {
         }
       }
       if (readable && !via_mem_) {
-        iovec local{buf_, used};
+        iovec local{room.data, used};
         ssize_t n = ::process_vm_readv(pid_, &local, 1, remote.data(), remote.size(), 0);
         if (n != static_cast<ssize_t>(used)) {
           if (n < 0) fail_errno("process_vm_readv of pid ", pid_, " at ", std::hex, batch[0].start);
           // A short read stops at the first page that could not be read; fall back per range.
-          read_with_mem(batch);
+          read_with_mem(batch, room.data);
         }
       } else {
-        read_with_mem(batch);
+        read_with_mem(batch, room.data);
       }
       size_t off = 0;
       for (const auto& r : batch) {
-        writer_.add_pages(r.start, buf_ + off, r.pages);
+        writer_.add_pages_in_place(r.start, room.data + off, r.pages);
         off += r.pages * kPageSize;
         stats_.pages_read += r.pages;
       }
@@ -272,7 +277,7 @@ class PageReader {
 
  private:
   // /proc/PID/mem ignores protections (the tracer reads with FOLL_FORCE).
-  void read_with_mem(const std::vector<Range>& batch) {
+  void read_with_mem(const std::vector<Range>& batch, unsigned char* out) {
     if (!mem_) {
       std::string path = cat("/proc/", pid_, "/mem");
       mem_.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -284,7 +289,7 @@ class PageReader {
       size_t got = 0;
       while (got < len) {
         ssize_t n =
-            ::pread(mem_.get(), buf_ + off + got, len - got, static_cast<off_t>(r.start + got));
+            ::pread(mem_.get(), out + off + got, len - got, static_cast<off_t>(r.start + got));
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) fail_errno("cannot read memory of pid ", pid_, " at ", std::hex, r.start + got);
         got += static_cast<size_t>(n);

@@ -14,6 +14,11 @@ void parse_compression(const std::string& text, PageStoreOptions& options) {
     options.compression = PageIndex::NONE;
     return;
   }
+  if (text == "lz4") {
+    options.compression = PageIndex::LZ4;
+    options.level = kLz4Acceleration;
+    return;
+  }
   if (text == "zstd") {
     options.compression = PageIndex::ZSTD;
     options.level = kDefaultLevel;
@@ -41,11 +46,12 @@ void parse_compression(const std::string& text, PageStoreOptions& options) {
     fail("--compress ", text, ": the zstd level must be a number in [", ZSTD_minCLevel(),
          ", -1] or [1, ", ZSTD_maxCLevel(), "]");
   }
-  fail("--compress ", text, ": expected zstd, zstd:LEVEL or none");
+  fail("--compress ", text, ": expected zstd, zstd:LEVEL, lz4 or none");
 }
 
 std::string compression_name(const PageStoreOptions& options) {
   if (options.compression == PageIndex::NONE) return "none";
+  if (options.compression == PageIndex::LZ4) return "lz4";
   return cat("zstd:", options.level);
 }
 

@@ -1,6 +1,7 @@
 // The page store; the layout and every bound the reader enforces are in FORMAT.md.
 #define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader
 #include "image-format/page_store.h"
+#include "image-format/lz4_frame.h"
 #include "image-format/sha256_load.h"
 
 #include <fcntl.h>
@@ -45,7 +46,10 @@ constexpr uint32_t kMinFramePages = kMinFrameSize / kPageSize;
 constexpr uint32_t kMaxFramePages = kMaxFrameSize / kPageSize;
 constexpr unsigned kMaxThreads = 1024;
 // Frames in flight per compression thread (queued, compressing or waiting to be written).
-constexpr size_t kFramesPerThread = 2;
+// A producer that finds them all in flight sleeps until half are written: one wake-up per
+// few frames, not one per frame (futex wake-ups and context switches were ~12% of a 512 MiB
+// dump's CPU with 2 per thread and a wake-up per frame, perf).
+constexpr size_t kFramesPerThread = 8;
 // A frame is stored raw when zstd saves less than 1/kRawMargin of it: reading it back then
 // costs a copy instead of a decompression, for at most ~3% more bytes.
 constexpr size_t kRawMargin = 32;
@@ -267,7 +271,11 @@ struct PageStoreWriter::Impl {
   std::atomic<uint64_t> pages_added{0};
   std::atomic<uint64_t> bytes_written{0};
 
-  uint32_t version() const { return kPageStoreVersion; }
+  size_t low_water() const { return max_in_flight / 2; }
+
+  uint32_t version() const {
+    return options.compression == PageIndex::LZ4 ? kPageStoreVersionLz4 : kPageStoreVersion;
+  }
 
   void make_header(unsigned char* header) const {
     std::memset(header, 0, kHeaderSize);
@@ -299,13 +307,16 @@ struct PageStoreWriter::Impl {
     if (options.level < ZSTD_minCLevel() || options.level > ZSTD_maxCLevel())
       fail(path, ": zstd level ", options.level, " is outside [", ZSTD_minCLevel(), ", ",
            ZSTD_maxCLevel(), "]");
-    if (options.compression != PageIndex::ZSTD && options.compression != PageIndex::NONE)
+    if (options.compression != PageIndex::ZSTD && options.compression != PageIndex::NONE &&
+        options.compression != PageIndex::LZ4)
       fail(path, ": unknown compression ", static_cast<int>(options.compression));
+    if (options.compression == PageIndex::LZ4 && options.level < 1)
+      fail(path, ": lz4 acceleration ", options.level, " is below 1");
     if (options.threads > kMaxThreads)
       fail(path, ": ", options.threads, " compression threads is more than ", kMaxThreads);
     frame_pages = options.frame_size / kPageSize;
     frame_bytes = options.frame_size;
-    out_capacity = ZSTD_compressBound(frame_bytes);
+    out_capacity = std::max(ZSTD_compressBound(frame_bytes), lz4_frame_bound(frame_bytes));
     unsigned threads = options.threads;
     if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
     max_in_flight = kFramesPerThread * threads;
@@ -418,7 +429,7 @@ struct PageStoreWriter::Impl {
         ++next_write;
         --in_flight;
         free_jobs.push_back(std::move(j));
-        producer_cv.notify_all();
+        if (in_flight <= low_water() || error) producer_cv.notify_all();
       }
       writing = false;
     }
@@ -445,7 +456,17 @@ struct PageStoreWriter::Impl {
   // Fills job.out (or sets job.raw) from job.in.
   void compress(ZSTD_CCtx* cctx, Job& job) {
     job.raw = true;
-    if (options.compression == PageIndex::NONE || probe_incompressible(cctx, job)) return;
+    if (options.compression == PageIndex::NONE) return;
+    if (options.compression == PageIndex::LZ4) {
+      // No probe: LZ4 skips ahead ever faster through data it finds no match in, so an
+      // incompressible frame costs it little more than a probe would.
+      size_t r =
+          lz4_compress_frame(job.in.get(), job.in_size, job.out.get(), out_capacity, options.level);
+      job.out_size = r;
+      job.raw = r == 0 || saves_too_little(r, job.in_size);
+      return;
+    }
+    if (probe_incompressible(cctx, job)) return;
     size_t r = ZSTD_compress2(cctx, job.out.get(), out_capacity, job.in.get(), job.in_size);
     if (ZSTD_isError(r))
       fail(path, ": zstd compression of frame ", job.seq, " failed: ", ZSTD_getErrorName(r));
@@ -466,7 +487,8 @@ struct PageStoreWriter::Impl {
   void submit() {
     current->seq = next_seq++;
     std::unique_lock<std::mutex> lock(mu);
-    producer_cv.wait(lock, [this] { return in_flight < max_in_flight || error; });
+    if (in_flight >= max_in_flight)
+      producer_cv.wait(lock, [this] { return in_flight <= low_water() || error; });
     if (error) std::rethrow_exception(error);
     ++in_flight;
     queue.push_back(std::move(current));
@@ -581,6 +603,40 @@ struct PageStoreWriter::Impl {
     next_addr = addr;
   }
 
+  PageStoreWriter::Room frame_room(size_t max_pages) {
+    if (closed) fail(path, ": frame_room after finish()");
+    rethrow_if_failed();
+    // A full frame is submitted at once, so the frame being filled has room for a page.
+    size_t left = (frame_bytes - current->in_size) / kPageSize;
+    return {current->in.get() + current->in_size, std::min(left, max_pages)};
+  }
+
+  void add_pages_in_place(uint64_t addr, const unsigned char* data, size_t npages) {
+    check_range("add_pages_in_place", addr, npages);
+    if (npages == 0) return;
+    rethrow_if_failed();
+    unsigned char* base = current->in.get();
+    if (data < base + current->in_size || data > base + frame_bytes ||
+        npages > static_cast<size_t>(base + frame_bytes - data) / kPageSize)
+      fail(path, ": add_pages_in_place of ", npages, " pages outside the room of the frame");
+    for (size_t i = 0; i < npages; ++i, data += kPageSize, addr += kPageSize) {
+      if (is_zero_page(data)) {
+        add_run(addr, PageRun::ZERO);
+        ++zero_pages;
+      } else {
+        add_run(addr, PageRun::DATA);
+        ++data_pages;
+        // Pages after a zero page move down over it; the destination is always below.
+        unsigned char* dst = base + current->in_size;
+        if (dst != data) std::memcpy(dst, data, kPageSize);
+        current->in_size += kPageSize;
+      }
+      pages_added.fetch_add(1, std::memory_order_relaxed);
+    }
+    next_addr = addr;
+    if (current->in_size == frame_bytes) submit();
+  }
+
   PageStoreStats finish() {
     if (closed) fail(path, ": finish() called twice");
     closed = true;
@@ -670,6 +726,14 @@ void PageStoreWriter::add_pages(uint64_t addr, const void* data, size_t npages) 
   impl_->add_pages(addr, data, npages);
 }
 
+PageStoreWriter::Room PageStoreWriter::frame_room(size_t max_pages) {
+  return impl_->frame_room(max_pages);
+}
+
+void PageStoreWriter::add_pages_in_place(uint64_t addr, const void* data, size_t npages) {
+  impl_->add_pages_in_place(addr, static_cast<const unsigned char*>(data), npages);
+}
+
 void PageStoreWriter::add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pid,
                                     uint64_t ref_addr) {
   impl_->add_ref_pages(addr, npages, ref_pid, ref_addr);
@@ -719,6 +783,7 @@ struct PageStoreReader::Impl {
   bool has_frame_digests = false;
   uint32_t version = 0;
   uint64_t raw_count = 0;  // frames stored raw (index->raw_frames())
+  bool lz4 = false;        // the frames that are not raw are LZ4 blocks, not zstd frames
   size_t cache_frames = 1;
   // Set by link_refs() before any read(), constant afterwards.
   std::map<int32_t, std::shared_ptr<const PageStoreReader>> linked;
@@ -777,9 +842,9 @@ struct PageStoreReader::Impl {
     if (std::memcmp(header, kHeaderMagic, 8) != 0) bad("bad header magic (not a page store)");
     version = get_u32(header + 8);
     if (version != kPageStoreVersion && version != kPageStoreVersionRaw &&
-        version != kPageStoreVersionNoRaw)
+        version != kPageStoreVersionNoRaw && version != kPageStoreVersionLz4)
       bad("header has version ", version, ", this build reads versions ", kPageStoreVersionNoRaw,
-          " to ", kPageStoreVersion);
+          " to ", kPageStoreVersionLz4);
     uint32_t header_size = get_u32(header + 12);
     if (header_size != kHeaderSize) bad("header size is ", header_size, ", expected ", kHeaderSize);
     uint32_t page_size = get_u32(header + 16);
@@ -924,7 +989,7 @@ struct PageStoreReader::Impl {
         if (size != frame_size(i))
           bad("raw frame ", i, " size ", size, " is not its ", frame_size(i), " bytes of pages");
       } else {
-        uint64_t bound = ZSTD_compressBound(frame_size(i));
+        uint64_t bound = lz4 ? lz4_frame_bound(frame_size(i)) : ZSTD_compressBound(frame_size(i));
         if (size == 0 || size > bound)
           bad("frame ", i, " size ", size, " is outside [1, ", bound, "]");
       }
@@ -966,8 +1031,14 @@ struct PageStoreReader::Impl {
 
   // PageIndex.raw_frames and compression against the version and the frame count.
   void validate_raw_frames() {
-    if (index->compression() != PageIndex::ZSTD && index->compression() != PageIndex::NONE)
+    if (index->compression() != PageIndex::ZSTD && index->compression() != PageIndex::NONE &&
+        index->compression() != PageIndex::LZ4)
       bad("index has unknown compression ", static_cast<int>(index->compression()));
+    lz4 = index->compression() == PageIndex::LZ4;
+    if (lz4 != (version == kPageStoreVersionLz4))
+      bad("version ", version, " store says compression ",
+          PageIndex::Compression_Name(index->compression()), " (LZ4 frames are version ",
+          kPageStoreVersionLz4, " and only they)");
     const std::string& bits = index->raw_frames();
     if (version == kPageStoreVersionNoRaw) {
       if (!bits.empty()) bad("version ", version, " store lists raw frames");
@@ -1051,13 +1122,23 @@ struct PageStoreReader::Impl {
       bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
       return out;
     }
-    // csize <= ZSTD_compressBound(frame size) and lies inside the file (checked at open).
+    // csize <= the codec's bound for the frame size and lies inside the file (checked at
+    // open).
     std::unique_ptr<unsigned char[]> src(new unsigned char[csize]);
     pread_all(fd.get(), src.get(), csize, offset, path);
     std::string what = cat(path, ": frame ", i);
     // Before anything parses the frame: with digests, a frame the dump did not write never
-    // reaches zstd (the index they are in is what image.mac covers).
+    // reaches zstd or LZ4 (the index they are in is what image.mac covers).
     check_digest(i, src.get(), csize, offset, what);
+    if (lz4) {
+      auto out = std::make_shared<FrameData>();
+      out->bytes.reset(new unsigned char[expected]);
+      out->size = expected;
+      lz4_decode_frame(src.get(), csize, out->bytes.get(), expected, what);
+      frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+      bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
+      return out;
+    }
     uint64_t content = check_zstd_frame(src.get(), csize, version < kPageStoreVersion, what);
     if (content != expected)
       fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);

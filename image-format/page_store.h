@@ -22,6 +22,9 @@ inline constexpr uint32_t kPageSize = 4096;
 // raw frames may or may not be there. It still reads version 3 (raw frames, zstd checksums)
 // and version 2 (no raw frames, zstd checksums, digests optional).
 inline constexpr uint32_t kPageStoreVersion = 4;
+// Version 4 with LZ4 frames (compression LZ4) instead of zstd ones: a store that a build
+// without LZ4 would misread as zstd carries a version such a build refuses by name.
+inline constexpr uint32_t kPageStoreVersionLz4 = 5;
 inline constexpr uint32_t kPageStoreVersionRaw = 3;
 inline constexpr uint32_t kPageStoreVersionNoRaw = 2;
 inline constexpr uint32_t kMinFrameSize = 16 * 1024;
@@ -31,13 +34,17 @@ inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 // zstd -3: on a python dict heap 1.6x level 1's speed at 0.42x CRIU's image size (level 1:
 // 0.31x), bench/RESULTS.md "Dump: no zstd checksum, default zstd:-3".
 inline constexpr int kDefaultLevel = -3;
+// LZ4's own default acceleration; recorded as the store's level for compression LZ4.
+inline constexpr int kLz4Acceleration = 1;
 
 class PageStoreReader;
 
 struct PageStoreOptions {
   uint32_t frame_size = kDefaultFrameSize;  // uncompressed bytes per frame, multiple of 4096
   // ZSTD: each frame compressed at `level`, or kept raw when a probe or zstd finds that it
-  // does not compress (saves under 1/32); NONE: every frame raw (level is still recorded).
+  // does not compress (saves under 1/32); LZ4: each frame one LZ4 block at acceleration
+  // `level` (>= 1), or raw when LZ4 saves under 1/32; NONE: every frame raw (level is still
+  // recorded).
   PageIndex::Compression compression = PageIndex::ZSTD;
   int level = kDefaultLevel;  // zstd level
   unsigned threads = 0;       // compression threads; 0 = number of CPUs
@@ -52,10 +59,10 @@ struct PageStoreOptions {
   std::shared_ptr<const PageStoreReader> parent;
 };
 
-// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels) or "none"
-// into options.compression and options.level; throws Error naming the text otherwise.
+// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels), "lz4" or
+// "none" into options.compression and options.level; throws Error naming the text otherwise.
 void parse_compression(const std::string& text, PageStoreOptions& options);
-// The normalized form of what parse_compression() takes: "zstd:1", "none".
+// The normalized form of what parse_compression() takes: "zstd:1", "lz4", "none".
 std::string compression_name(const PageStoreOptions& options);
 
 struct PageStoreStats {
@@ -93,6 +100,17 @@ class PageStoreWriter {
   // `data` holds npages * kPageSize bytes for the pages starting at `addr` (page aligned,
   // above every page added before). The data is copied before this returns.
   void add_pages(uint64_t addr, const void* data, size_t npages);
+  // The same without the copy: frame_room() lends the end of the frame being filled, room
+  // for 1..max_pages pages (max_pages >= 1; fewer when the frame has less left); the caller
+  // reads pages straight into it and hands them over with add_pages_in_place(), in address
+  // order, each call's `data` inside the room and after the pages of the calls before. The
+  // room is valid until the next call of any other method.
+  struct Room {
+    unsigned char* data;
+    size_t pages;
+  };
+  Room frame_room(size_t max_pages);
+  void add_pages_in_place(uint64_t addr, const void* data, size_t npages);
   // The npages pages at `addr` have the content of process `ref_pid`'s pages at `ref_addr`
   // (fork-shared pages, stored once by the process that comes first in the inventory); they
   // must be DATA or ZERO there. Interleaves with add_pages in the same increasing address

@@ -1,6 +1,6 @@
 // `lazycr dump --compress`: each choice is recorded in the image (`show` says it), stores
-// frames as it says (zstd frames, raw frames where zstd saves nothing, every frame raw with
-// none), and the image restores eager and lazy to a process that verifies its own memory.
+// frames as it says (zstd or LZ4 frames, raw frames where they save nothing, every frame raw
+// with none), and the image restores eager and lazy to a process that verifies its own memory.
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -35,11 +35,15 @@ std::pair<uint64_t, uint64_t> raw_and_zstd_frames(const std::string& dir) {
 
 TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
   const std::vector<Choice> choices{
-      {{}, "zstd:-3", "semi"},  // the default
+      {{}, "lz4", "semi"},                     // the default
+      {{"--level", "-3"}, "zstd:-3", "semi"},  // --level alone is zstd
       {{"--compress", "zstd:-5"}, "zstd:-5", "semi"},
       {{"--compress", "zstd:3"}, "zstd:3", "text"},
       {{"--compress", "zstd"}, "zstd:-3", "random"},
       {{"--compress", "none"}, "none", "semi"},
+      {{"--compress", "lz4"}, "lz4", "semi"},
+      {{"--compress", "lz4"}, "lz4", "text"},
+      {{"--compress", "lz4"}, "lz4", "random"},
   };
   for (const Choice& c : choices) {
     for (bool lazy : {false, true}) {
@@ -58,6 +62,14 @@ TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
       EXPECT_NE(json.out.find("\"compression\": \"" + c.recorded + "\""), std::string::npos);
 
       auto [raw, zstd] = raw_and_zstd_frames(dir);
+      {
+        // The codec of the frames that are not raw is the store's, and its version says so.
+        image::ImageReader img(dir);
+        for (int pid : img.inventory().pids()) {
+          const bool lz4 = img.pages(pid).index().compression() == image::PageIndex::LZ4;
+          EXPECT_EQ(lz4, c.recorded == "lz4") << pid;
+        }
+      }
       if (c.recorded == "none") {
         EXPECT_GT(raw, 0u);
         EXPECT_EQ(zstd, 0u) << "compression none stores every frame raw";
@@ -86,7 +98,7 @@ TEST(Compress, EveryChoiceIsRecordedAndRestoresEagerAndLazy) {
 }
 
 TEST(Compress, BadChoicesAreUsageErrors) {
-  for (const char* bad : {"zstd:0", "zstd:99", "lz4", "zstd:fast"}) {
+  for (const char* bad : {"zstd:0", "zstd:99", "lz4:1", "lz5", "zstd:fast"}) {
     auto r = lazycr({"dump", "-t", "1", "-D", "/nonexistent/x", "--compress", bad});
     EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
     EXPECT_NE(r.err.find(std::string("--compress ") + bad), std::string::npos) << r.err;

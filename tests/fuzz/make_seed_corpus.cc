@@ -131,6 +131,9 @@ void page_store_seeds(const std::string& dir) {
   write_store(dir + "/random.lzp", {{0x1000, {0}}, {0x3000, {3, 1}}}, kMinFrameSize, 1, 7);
   write_store(dir + "/none.lzp", {{0x10000, {1, 2, 3, 1, 0, 1, 2}}, {0x200000, {1}}}, kMinFrameSize,
               1, 9, lazycr::image::PageIndex::NONE);
+  // LZ4 frames (version 5, --compress lz4), a raw frame among them.
+  write_store(dir + "/lz4.lzp", {{0x10000, {1, 2, 3, 1, 0, 1, 2}}, {0x200000, {2, 2, 1, 2}}},
+              kMinFrameSize, lazycr::image::kLz4Acceleration, 10, lazycr::image::PageIndex::LZ4);
   {
     // REF runs (format 2): two that merge, one to another pid, between DATA and ZERO pages.
     PageStoreOptions options;
@@ -169,7 +172,7 @@ void page_store_seeds(const std::string& dir) {
     writer.finish();
   }
   for (const char* name : {"empty", "one-page", "zeros", "mixed", "text-level3", "frame32k", "refs",
-                           "random", "none", "parent", "child"})
+                           "random", "none", "parent", "child", "lz4"})
     write_index_form(dir + "/" + name + ".lzp", dir + "/" + name + ".idx");
 }
 

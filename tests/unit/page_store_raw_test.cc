@@ -294,6 +294,73 @@ TEST_F(RawIndexCorruption, RawFrameSaidZstdFailsOnRead) {
   r->read(kAddr + 4 * kPageSize, 1, buf.data());  // frame 1, a zstd frame, still reads
 }
 
+// Pages read straight into the writer's frames (frame_room, add_pages_in_place: the dump's
+// path) give the same store, byte for byte, as the same pages copied in by add_pages: zero
+// pages among them move the later pages down, ranges split across frames.
+TEST(PageStoreInPlace, SameStoreAsCopiedPages) {
+  TempDir dir;
+  const std::string kinds =
+      "cczcrzzcccczrccccrzc"
+      "zzzzzc";  // 'z': zero page
+  auto data = pages(kinds, 8);
+  const size_t npages = kinds.size();
+  for (auto compression : {PageIndex::ZSTD, PageIndex::LZ4}) {
+    PageStoreOptions o;
+    o.frame_size = kMinFrameSize;
+    o.threads = 2;
+    o.compression = compression;
+    if (compression == PageIndex::LZ4) o.level = kLz4Acceleration;
+    {
+      PageStoreWriter w(dir.file("copied.lzp"), o);
+      w.add_pages(kAddr, data.data(), 7);
+      w.add_pages(kAddr + 9 * kPageSize, data.data() + 9 * kPageSize, npages - 9);
+      w.finish();
+    }
+    {
+      PageStoreWriter w(dir.file("in-place.lzp"), o);
+      // Two ranges, as the dump reads them: [0, 7) and [9, npages), 3 pages per room at most.
+      for (auto [first, end] : {std::pair<size_t, size_t>{0, 7}, {9, npages}}) {
+        size_t p = first;
+        while (p < end) {
+          PageStoreWriter::Room room = w.frame_room(3);
+          ASSERT_GE(room.pages, 1u);
+          size_t n = std::min(room.pages, end - p);
+          // Two calls per room when it can: the second's pages lie after the first's.
+          size_t half = n / 2;
+          std::memcpy(room.data, data.data() + p * kPageSize, n * kPageSize);
+          w.add_pages_in_place(kAddr + p * kPageSize, room.data, half);
+          w.add_pages_in_place(kAddr + (p + half) * kPageSize, room.data + half * kPageSize,
+                               n - half);
+          p += n;
+        }
+      }
+      w.finish();
+    }
+    EXPECT_EQ(slurp(dir.file("copied.lzp")), slurp(dir.file("in-place.lzp")))
+        << PageIndex::Compression_Name(compression);
+    auto r = PageStoreReader::open(dir.file("in-place.lzp"));
+    std::vector<unsigned char> buf(7 * kPageSize);
+    r->read(kAddr, 7, buf.data());
+    EXPECT_EQ(0, std::memcmp(buf.data(), data.data(), buf.size()));
+  }
+}
+
+TEST(PageStoreInPlace, PagesOutsideTheRoomAreRefused) {
+  TempDir dir;
+  PageStoreOptions o;
+  o.frame_size = kMinFrameSize;
+  o.threads = 1;
+  PageStoreWriter w(dir.file("p.lzp"), o);
+  auto data = pages("cccc", 9);
+  PageStoreWriter::Room room = w.frame_room(64);
+  EXPECT_EQ(kMinFrameSize / kPageSize, room.pages) << "at most what the frame has left";
+  EXPECT_THROW(w.add_pages_in_place(kAddr, data.data(), 1), Error) << "not in the room";
+  EXPECT_THROW(w.add_pages_in_place(kAddr, room.data, room.pages + 1), Error) << "past it";
+  std::memcpy(room.data, data.data(), kPageSize);
+  w.add_pages_in_place(kAddr, room.data, 1);
+  EXPECT_THROW(w.add_pages_in_place(kAddr + kPageSize, room.data, 1), Error) << "already taken";
+}
+
 TEST(PageStoreCompression, ParsesTheCompressOption) {
   PageStoreOptions o;
   parse_compression("none", o);
@@ -307,8 +374,12 @@ TEST(PageStoreCompression, ParsesTheCompressOption) {
   EXPECT_EQ(kDefaultLevel, o.level);
   parse_compression("zstd:19", o);
   EXPECT_EQ(19, o.level);
+  parse_compression("lz4", o);
+  EXPECT_EQ(PageIndex::LZ4, o.compression);
+  EXPECT_EQ(kLz4Acceleration, o.level);
+  EXPECT_EQ("lz4", compression_name(o));
   for (const char* bad : {"", "zstd:", "zstd:0", "zstd:x", "zstd:1x", "zstd:23", "zstd:-9999999",
-                          "zstd:99999999999", "lz4", "NONE", "zstd: 1"}) {
+                          "zstd:99999999999", "lz4:1", "LZ4", "NONE", "zstd: 1"}) {
     PageStoreOptions before;
     EXPECT_THROW(parse_compression(bad, before), Error) << bad;
   }
