@@ -1312,6 +1312,9 @@ PageStoreReader::FrameInfo PageStoreReader::frame(uint64_t i) const {
   if (i >= impl_->nframes) impl_->bad("frame ", i, " does not exist (", impl_->nframes, " frames)");
   return impl_->frame_info(i);
 }
+bool PageStoreReader::lz4_frames() const {
+  return impl_->lz4;
+}
 void PageStoreReader::check_frame(uint64_t i, const void* data, size_t size) const {
   const FrameInfo f = frame(i);
   if (size != f.size) impl_->bad("frame ", i, ": ", size, " bytes given, the frame has ", f.size);

@@ -161,6 +161,8 @@ class PageStoreReader {
   };
   uint64_t frame_count() const;
   FrameInfo frame(uint64_t i) const;  // throws Error if i >= frame_count()
+  // The frames that are not raw are LZ4 blocks (lz4_frame.h), not zstd frames.
+  bool lz4_frames() const;
   // For a reader that takes a frame's bytes from the file itself (pread into its own buffer,
   // e.g. a raw frame copied straight to where the pages go): throws Error unless `data`
   // (size bytes) is frame i as the dump wrote it, i.e. matches its digest in the index. A

@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "common/fd.h"
+#include "image-format/lz4_frame.h"
 
 namespace lazycr::image {
 
@@ -70,6 +71,14 @@ struct DirectPageReader::Impl {
              expected);
       pread_exact(fd, out, expected, f.offset, store.path());
       store.check_frame(fi, out, expected);
+    } else if (store.lz4_frames()) {
+      if (f.size > lz4_frame_bound(kMaxFrameSize))
+        fail(store.path(), ": frame ", fi, ": ", f.size, " bytes is too large");
+      if (scratch.size() < f.size) scratch.resize(f.size);
+      pread_exact(fd, scratch.data(), f.size, f.offset, store.path());
+      store.check_frame(fi, scratch.data(), f.size);  // before the decoder sees it
+      lz4_decode_frame(scratch.data(), f.size, out, expected,
+                       cat(store.path(), ": frame ", fi));
     } else {
       // Bounded at open: a zstd frame is at most ZSTD_compressBound(its content) bytes.
       if (f.size > ZSTD_compressBound(kMaxFrameSize))

@@ -72,6 +72,7 @@ void write_store(const std::string& path, PageIndex::Compression compression) {
   o.frame_size = kMinFrameSize;  // 4 pages a frame
   o.threads = 1;
   o.compression = compression;
+  if (compression == PageIndex::LZ4) o.level = 1;  // LZ4's acceleration
   o.early_writeback = false;
   PageStoreWriter w(path, o);
   for (uint64_t i = 0; i < kKinds.size(); ++i)
@@ -107,6 +108,16 @@ TEST(PageStoreDirect, SameBytesAsTheCachedReadZstd) {
   expect_same_as_read(dir.file("pages.lzp"));
 }
 
+// LZ4 frames (the dump's default) decoded as LZ4, not handed to zstd.
+TEST(PageStoreDirect, SameBytesAsTheCachedReadLz4) {
+  TempDir dir;
+  write_store(dir.file("pages.lzp"), PageIndex::LZ4);
+  auto s = PageStoreReader::open(dir.file("pages.lzp"));
+  ASSERT_TRUE(s->lz4_frames());
+  ASSERT_LT(s->raw_frame_count(), s->frame_count()) << "want LZ4 frames";
+  expect_same_as_read(dir.file("pages.lzp"));
+}
+
 TEST(PageStoreDirect, SameBytesAsTheCachedReadRaw) {
   TempDir dir;
   write_store(dir.file("pages.lzp"), PageIndex::NONE);
@@ -127,7 +138,7 @@ TEST(PageStoreDirect, PagesNotInTheStoreAreRefusedLikeRead) {
 // frame and the digest; the whole frame is read straight into the output, so nothing else
 // (the frame cache) stands between the file and the caller.
 TEST(PageStoreDirect, DamagedFrameIsRefusedByName) {
-  for (auto compression : {PageIndex::NONE, PageIndex::ZSTD}) {
+  for (auto compression : {PageIndex::NONE, PageIndex::ZSTD, PageIndex::LZ4}) {
     TempDir dir;
     const std::string path = dir.file("pages.lzp");
     write_store(path, compression);
