@@ -575,25 +575,35 @@ struct PageStoreWriter::Impl {
     return std::memcmp(parent_page.get(), page, kPageSize) == 0;
   }
 
+  // Records the page at addr as ZERO, PARENT (the parent image holds it) or DATA (with its
+  // digest when hashing); true for DATA, which the caller puts in the frame.
+  bool record_page(uint64_t addr, const unsigned char* p) {
+    if (is_zero_page(p)) {
+      add_run(addr, PageRun::ZERO);
+      ++zero_pages;
+      return false;
+    }
+    unsigned char digest[kFrameDigestBytes];
+    if (hashing) sha256({{p, kPageSize}}, digest);
+    if (hashing && options.parent && same_as_parent(addr, p, digest)) {
+      add_run(addr, PageRun::PARENT);
+      ++parent_pages;
+      return false;
+    }
+    if (hashing) page_hashes.append(reinterpret_cast<const char*>(digest), kPageHashBytes);
+    add_run(addr, PageRun::DATA);
+    ++data_pages;
+    return true;
+  }
+
   void add_pages(uint64_t addr, const void* data, size_t npages) {
     check_range("add_pages", addr, npages);
     if (npages == 0) return;
     if (data == nullptr) fail(path, ": add_pages with no data");
     rethrow_if_failed();
     const unsigned char* p = static_cast<const unsigned char*>(data);
-    unsigned char digest[kFrameDigestBytes];
     for (size_t i = 0; i < npages; ++i, p += kPageSize, addr += kPageSize) {
-      if (is_zero_page(p)) {
-        add_run(addr, PageRun::ZERO);
-        ++zero_pages;
-      } else if (hashing && (sha256({{p, kPageSize}}, digest), true) && options.parent &&
-                 same_as_parent(addr, p, digest)) {
-        add_run(addr, PageRun::PARENT);
-        ++parent_pages;
-      } else {
-        if (hashing) page_hashes.append(reinterpret_cast<const char*>(digest), kPageHashBytes);
-        add_run(addr, PageRun::DATA);
-        ++data_pages;
+      if (record_page(addr, p)) {
         std::memcpy(current->in.get() + current->in_size, p, kPageSize);
         current->in_size += kPageSize;
         if (current->in_size == frame_bytes) submit();
@@ -620,13 +630,8 @@ struct PageStoreWriter::Impl {
         npages > static_cast<size_t>(base + frame_bytes - data) / kPageSize)
       fail(path, ": add_pages_in_place of ", npages, " pages outside the room of the frame");
     for (size_t i = 0; i < npages; ++i, data += kPageSize, addr += kPageSize) {
-      if (is_zero_page(data)) {
-        add_run(addr, PageRun::ZERO);
-        ++zero_pages;
-      } else {
-        add_run(addr, PageRun::DATA);
-        ++data_pages;
-        // Pages after a zero page move down over it; the destination is always below.
+      if (record_page(addr, data)) {
+        // Pages after a zero or parent page move down over it; the destination is below.
         unsigned char* dst = base + current->in_size;
         if (dst != data) std::memcpy(dst, data, kPageSize);
         current->in_size += kPageSize;

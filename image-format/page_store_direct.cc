@@ -77,8 +77,7 @@ struct DirectPageReader::Impl {
       if (scratch.size() < f.size) scratch.resize(f.size);
       pread_exact(fd, scratch.data(), f.size, f.offset, store.path());
       store.check_frame(fi, scratch.data(), f.size);  // before the decoder sees it
-      lz4_decode_frame(scratch.data(), f.size, out, expected,
-                       cat(store.path(), ": frame ", fi));
+      lz4_decode_frame(scratch.data(), f.size, out, expected, cat(store.path(), ": frame ", fi));
     } else {
       // Bounded at open: a zstd frame is at most ZSTD_compressBound(its content) bytes.
       if (f.size > ZSTD_compressBound(kMaxFrameSize))

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -290,7 +291,20 @@ TEST(Trust, AClosedTerminalsNumberIsNotReconnected) {
   add_fd(edited, 50, image::FileDescriptor::CHARDEV, pts, O_RDWR);
   d.write(edited);
   sign_test_image(d.dir);
+  // A pty is told from the one that took its number by its ctime, which the kernel takes from
+  // its coarse clock (one tick is 1-10 ms): a new pty made within the same tick is the same
+  // terminal to anyone (a limit of that check). Reopened once the coarse clock has moved on.
+  struct stat old {};
+  ASSERT_EQ(::stat(pts.c_str(), &old), 0);
   ::close(master);
+  for (;;) {
+    timespec now{};
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &now);
+    if (now.tv_sec > old.st_ctim.tv_sec ||
+        (now.tv_sec == old.st_ctim.tv_sec && now.tv_nsec > old.st_ctim.tv_nsec))
+      break;
+    ::usleep(500);
+  }
   master = open_pty();
   ASSERT_EQ(std::string(::ptsname(master)), pts) << "the new pty did not take the old number";
   auto r = restore(d);
