@@ -17,58 +17,14 @@
 #include "common/error.h"
 #include "image-format/lz4_frame.h"
 #include "image-format/page_store.h"
+#include "tests/unit/page_fixtures.h"
 
 namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lazycr-lz4-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-
- private:
-  std::string path_;
-};
-
-// 'r' random page, 'c' compressible (1 KiB random then zeros), 't' text-like (repeated words).
-std::vector<unsigned char> pages(const std::string& kinds, uint64_t seed) {
-  std::vector<unsigned char> out(kinds.size() * kPageSize, 0);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  auto next = [&s] {
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    return s * 0x2545F4914F6CDD1Dull;
-  };
-  static const char* words[] = {"alpha ", "beta ", "gamma ", "delta ", "key_", "value:"};
-  for (size_t p = 0; p < kinds.size(); ++p) {
-    unsigned char* page = out.data() + p * kPageSize;
-    if (kinds[p] == 't') {
-      size_t i = 0;
-      while (i < kPageSize) {
-        const char* w = words[next() % 6];
-        for (size_t k = 0; w[k] != 0 && i < kPageSize; ++k) page[i++] = w[k];
-      }
-      continue;
-    }
-    size_t n = kinds[p] == 'r' ? kPageSize : kinds[p] == 'c' ? 1024 : 0;
-    for (size_t i = 0; i < n; i += 8) {
-      uint64_t v = next();
-      std::memcpy(page + i, &v, 8);
-    }
-  }
-  return out;
-}
+using test::TempDir;
+using test::test_pages;
 
 std::vector<unsigned char> encode(const std::vector<unsigned char>& in) {
   std::vector<unsigned char> out(lz4_frame_bound(in.size()));
@@ -80,7 +36,7 @@ std::vector<unsigned char> encode(const std::vector<unsigned char>& in) {
 
 TEST(Lz4Frame, RoundTrips) {
   for (const std::string kinds : {"tttt", "cccc", "rrrr", "tcrt", "t"}) {
-    auto in = pages(kinds, 1);
+    auto in = test_pages(kinds, 1);
     auto block = encode(in);
     if (kinds.find('r') == std::string::npos) {
       EXPECT_LT(block.size(), in.size() / 2) << kinds;
@@ -92,7 +48,7 @@ TEST(Lz4Frame, RoundTrips) {
 }
 
 TEST(Lz4Frame, ReportsWhatDoesNotFit) {
-  auto in = pages("rrrr", 2);
+  auto in = test_pages("rrrr", 2);
   std::vector<unsigned char> out(in.size() / 2);
   EXPECT_EQ(0u, lz4_compress_frame(in.data(), in.size(), out.data(), out.size(), 1));
 }
@@ -109,7 +65,7 @@ void expect_damaged(const std::vector<unsigned char>& block, size_t expected,
 }
 
 TEST(Lz4Frame, DamagedBlocksAreErrors) {
-  auto in = pages("tctc", 3);
+  auto in = test_pages("tctc", 3);
   auto block = encode(in);
   expect_damaged(block, in.size() + kPageSize, "content size larger than recorded");
   expect_damaged(block, in.size() - kPageSize, "content size smaller than recorded");
@@ -165,7 +121,7 @@ PageStoreStats write_lz4(const std::string& path, const std::vector<unsigned cha
 TEST(PageStoreLz4, StoresLz4FramesAndReadsThemBack) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages(kMixed, 4);
+  auto data = test_pages(kMixed, 4);
   PageStoreStats stats = write_lz4(path, data);
   ASSERT_EQ(4u, stats.frames);
   EXPECT_EQ(1u, stats.raw_frames);
@@ -200,7 +156,7 @@ class Lz4StoreCorruption : public ::testing::Test {
  protected:
   void SetUp() override {
     path_ = dir_.file("p.lzp");
-    write_lz4(path_, pages(kMixed, 6));
+    write_lz4(path_, test_pages(kMixed, 6));
     good_ = slurp(path_);
     index_offset_ = u64_at(good_, good_.size() - 32);
     uint64_t size = u64_at(good_, good_.size() - 24);

@@ -13,31 +13,16 @@
 
 #include "common/error.h"
 #include "image-format/page_store.h"
+#include "tests/unit/page_fixtures.h"
 
 namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
+using test::TempDir;
 
 constexpr uint64_t kAddr = 0x7f0000000000;
 constexpr uint64_t P = kPageSize;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lazycr-direct-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-
- private:
-  std::string path_;
-};
 
 // Page kinds by letter: 'r' random (frames of them are stored raw), 'c' compressible (1 KiB
 // random then zeros), 'z' all zero (a ZERO run: not in the stream, so a frame's pages lie on

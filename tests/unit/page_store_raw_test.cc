@@ -16,45 +16,14 @@
 
 #include "common/error.h"
 #include "image-format/page_store.h"
+#include "tests/unit/page_fixtures.h"
 
 namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lazycr-rawframes-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-
- private:
-  std::string path_;
-};
-
-// 'r' random page, 'c' compressible (1 KiB random then zeros), 'z' zero page.
-std::vector<unsigned char> pages(const std::string& kinds, uint64_t seed) {
-  std::vector<unsigned char> out(kinds.size() * kPageSize, 0);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (size_t p = 0; p < kinds.size(); ++p) {
-    size_t n = kinds[p] == 'r' ? kPageSize : kinds[p] == 'c' ? 1024 : 0;
-    for (size_t i = 0; i < n; i += 8) {
-      s ^= s >> 12;
-      s ^= s << 25;
-      s ^= s >> 27;
-      uint64_t v = s * 0x2545F4914F6CDD1Dull;
-      std::memcpy(out.data() + p * kPageSize + i, &v, 8);
-    }
-  }
-  return out;
-}
+using test::TempDir;
+using test::test_pages;
 
 constexpr uint64_t kAddr = 0x7f0000000000;
 
@@ -103,7 +72,7 @@ const std::string kMixed = "rrrrccccrrrrrr";
 TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages(kMixed, 1);
+  auto data = test_pages(kMixed, 1);
   PageStoreStats stats = write(path, data, PageIndex::ZSTD);
   ASSERT_EQ(4u, stats.frames);
   EXPECT_EQ(3u, stats.raw_frames);
@@ -137,7 +106,7 @@ TEST(PageStoreRawFrames, IncompressibleFramesAreStoredRawAndReadBack) {
 TEST(PageStoreRawFrames, CompressibleStoreHasNoRawFrameBitmap) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages("cccccccc", 2);
+  auto data = test_pages("cccccccc", 2);
   PageStoreStats stats = write(path, data, PageIndex::ZSTD);
   EXPECT_EQ(0u, stats.raw_frames);
   const std::string file = slurp(path);
@@ -151,7 +120,7 @@ TEST(PageStoreRawFrames, CompressibleStoreHasNoRawFrameBitmap) {
 TEST(PageStoreRawFrames, CompressionNoneStoresEveryFrameRaw) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages("cccccccccccccccccc" + kMixed, 3);
+  auto data = test_pages("cccccccccccccccccc" + kMixed, 3);
   PageStoreStats stats = write(path, data, PageIndex::NONE);
   EXPECT_EQ(stats.frames, stats.raw_frames);
   auto r = PageStoreReader::open(path);
@@ -166,7 +135,7 @@ TEST(PageStoreRawFrames, CompressionNoneStoresEveryFrameRaw) {
 TEST(PageStoreRawFrames, CheckFrameVouchesForBytesReadFromTheFile) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages(kMixed, 4);
+  auto data = test_pages(kMixed, 4);
   write(path, data, PageIndex::ZSTD);
   auto r = PageStoreReader::open(path);
   const std::string file = slurp(path);
@@ -184,7 +153,7 @@ TEST(PageStoreRawFrames, CheckFrameVouchesForBytesReadFromTheFile) {
 TEST(PageStoreRawFrames, EveryFlippedByteOfARawFrameIsRefused) {
   TempDir dir;
   const std::string path = dir.file("p.lzp");
-  auto data = pages(kMixed, 5);
+  auto data = test_pages(kMixed, 5);
   write(path, data, PageIndex::ZSTD);
   const std::string good = slurp(path);
   PageStoreReader::FrameInfo f0 = PageStoreReader::open(path)->frame(0);
@@ -210,7 +179,7 @@ class RawIndexCorruption : public ::testing::Test {
  protected:
   void SetUp() override {
     path_ = dir_.file("p.lzp");
-    write(path_, pages(kMixed, 6), PageIndex::ZSTD);
+    write(path_, test_pages(kMixed, 6), PageIndex::ZSTD);
     good_ = slurp(path_);
     index_offset_ = u64_at(good_, good_.size() - 32);
     uint64_t size = u64_at(good_, good_.size() - 24);
@@ -302,7 +271,7 @@ TEST(PageStoreInPlace, SameStoreAsCopiedPages) {
   const std::string kinds =
       "cczcrzzcccczrccccrzc"
       "zzzzzc";  // 'z': zero page
-  auto data = pages(kinds, 8);
+  auto data = test_pages(kinds, 8);
   const size_t npages = kinds.size();
   for (auto compression : {PageIndex::ZSTD, PageIndex::LZ4}) {
     PageStoreOptions o;
@@ -351,7 +320,7 @@ TEST(PageStoreInPlace, PagesOutsideTheRoomAreRefused) {
   o.frame_size = kMinFrameSize;
   o.threads = 1;
   PageStoreWriter w(dir.file("p.lzp"), o);
-  auto data = pages("cccc", 9);
+  auto data = test_pages("cccc", 9);
   PageStoreWriter::Room room = w.frame_room(64);
   EXPECT_EQ(kMinFrameSize / kPageSize, room.pages) << "at most what the frame has left";
   EXPECT_THROW(w.add_pages_in_place(kAddr, data.data(), 1), Error) << "not in the room";

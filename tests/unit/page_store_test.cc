@@ -1,6 +1,7 @@
 // Page store: round trips, writer misuse, and a reader that refuses every corrupt file with a
 // clean Error (no crash, hang or out-of-bounds read; these tests also run under ASan/UBSan).
 #include "image-format/page_store.h"
+#include "tests/unit/page_fixtures.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -28,6 +29,8 @@ namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
+using test::Rng;
+using test::TempDir;
 
 #if defined(__SANITIZE_ADDRESS__)
 constexpr bool kSanitized = true;
@@ -42,43 +45,6 @@ constexpr bool kSanitized = false;
 #endif
 
 constexpr uint64_t kUserEnd = 0x0000800000000000ull;
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "lazycr-pagestore-XXXXXX").string();
-    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return (fs::path(path_) / name).string(); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-// xorshift64*: fast, deterministic filler.
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
-  uint64_t next() {
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    return s * 0x2545F4914F6CDD1Dull;
-  }
-  void fill(unsigned char* p, size_t n) {
-    for (size_t i = 0; i + 8 <= n; i += 8) {
-      uint64_t v = next();
-      std::memcpy(p + i, &v, 8);
-    }
-    for (size_t i = n - n % 8; i < n; ++i) p[i] = static_cast<unsigned char>(next());
-  }
-};
 
 enum class Fill { kRandom, kCompressible, kZero, kMixed };
 
