@@ -127,7 +127,31 @@ def run(lazycr, args):
     return wall, (ru.ru_utime + ru.ru_stime) * 1e3
 
 
-def one(lazycr, name, start, ok, port, lazy):
+def record_working_set(lazycr, img, work, ok, port):
+    """One lazy restore with --record-working-set answering once; the record is in the image
+    once that restore ends (1 s without a fault) and later lazy restores push it first."""
+    pidfile = os.path.join(work, "ws.pid")
+    r = subprocess.Popen([lazycr, "restore", "-D", img, "--shell-job", "--lazy",
+                          "--record-working-set", "--pidfile", pidfile],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    while not ok(port):
+        if r.poll() is not None:
+            raise SystemExit(f"recording the working set: the restore ended with {r.returncode}")
+        time.sleep(0.001)
+    record = os.path.join(img, "working-set.lzw")
+    deadline = time.monotonic() + 15
+    while not os.path.exists(record) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(pidfile) as f:
+        os.kill(int(f.read()), signal.SIGKILL)
+    r.wait()
+    reap_all()
+    if not os.path.exists(record):
+        raise SystemExit("recording the working set: no record after 15 s")
+    wait_no_close_wait(port)
+
+
+def one(lazycr, name, start, ok, port, lazy, working_set=False):
     work = tempfile.mkdtemp(prefix="servers-bench-")
     try:
         p = start(work)
@@ -136,6 +160,8 @@ def one(lazycr, name, start, ok, port, lazy):
         wait_no_close_wait(port)
         dump_ms, _ = run(lazycr, ["dump", "-t", str(p.pid), "-D", img])
         p.wait()
+        if working_set:
+            record_working_set(lazycr, img, work, ok, port)
         argv = [lazycr, "restore", "-D", img, "--shell-job", "--pidfile",
                 os.path.join(work, "pid")]
         if lazy:
@@ -194,6 +220,8 @@ def main():
     ap.add_argument("--port-base", type=int, default=NODE_PORT,
                     help="node listens here, redis on the next port")
     ap.add_argument("--lazy-only", action="store_true", help="skip the eager restores")
+    ap.add_argument("--working-set", action="store_true",
+                    help="also lazy restores pushing a recorded working set first")
     a = ap.parse_args()
     NODE_PORT, REDIS_PORT = a.port_base, a.port_base + 1
     lazycr = os.path.join(a.build, "tools", "lazycr")
@@ -203,15 +231,24 @@ def main():
     breakdown = []
     for name, start, ok, port in (("node", start_node, node_ok, NODE_PORT),
                                   ("redis", start_redis, redis_ok, REDIS_PORT)):
-        for lazy in (True,) if a.lazy_only else (False, True):
-            rows = [one(lazycr, name, start, ok, port, lazy) for _ in range(a.runs)]
+        modes = [] if a.lazy_only else [("eager", False, False)]
+        modes.append(("lazy", True, False))
+        if a.working_set:
+            modes.append(("lazy + working set", True, True))
+        # Runs alternate between the modes: each sees the same load.
+        by_mode = {m[0]: [] for m in modes}
+        for _ in range(a.runs):
+            for mode, lazy, ws in modes:
+                by_mode[mode].append(one(lazycr, name, start, ok, port, lazy, ws))
+        for mode, lazy, ws in modes:
+            rows = by_mode[mode]
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             mn = {k: min(r[k] for r in rows) for k in rows[0]}
-            print(f"| {name} | {'lazy' if lazy else 'eager'} | {med['base']:.2f} | "
+            print(f"| {name} | {mode} | {med['base']:.2f} | "
                   f"{med['dump']:.0f} | {med['restore']:.1f} (min {mn['restore']:.1f}; CPU {med['cpu']:.1f}) | "
                   f"{med['first']:.1f} (min {mn['first']:.1f}) | {med['after']:.2f} |",
                   flush=True)
-            breakdown.append(f"| {name} | {'lazy' if lazy else 'eager'} | {med['first_insn']:.1f} | "
+            breakdown.append(f"| {name} | {mode} | {med['first_insn']:.1f} | "
                              f"{med['validate']:.1f} | {med['memory']:.1f} | {med['inject']:.1f} |")
     print("\n| server | mode | first instruction ms | validate ms | memory ms | injected calls ms |")
     print("|---|---|---:|---:|---:|---:|")

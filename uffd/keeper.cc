@@ -202,7 +202,9 @@ UffdKeeper::Outcome UffdKeeper::close_parked_in(pid_t pid, std::string& why) {
       closed = true;
     }
   } catch (const Error& e) {
-    if (!proc::exists(pid)) return Outcome::kAbsent;  // it exited meanwhile
+    // It exited meanwhile (its descriptors go with it): serving ends when the process exits,
+    // so this close races with that exit whenever the process ends by itself.
+    if (!proc::exists(pid) || proc::exiting(pid)) return Outcome::kAbsent;
     why = e.what();
     return Outcome::kLeft;
   }
