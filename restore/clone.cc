@@ -29,6 +29,7 @@
 #include "restore/clone_fds.h"
 #include "restore/clone_tree.h"
 #include "restore/open_files.h"
+#include "restore/process_steps.h"
 #include "restore/restoree.h"
 #include "restore/thread_state.h"
 
@@ -167,8 +168,7 @@ static void check_clonable_process(const image::ImageReader& img, const image::P
 }
 
 void check_clonable(const image::ImageReader& img, bool shell_job) {
-  // Trees: the other processes are made in each clone (clone_tree.h).
-  if (img.processes().size() > 1) check_clonable_tree(img);
+  // Trees: the other processes are made in each clone (clone_tree.h), zombies too.
   for (const image::Process& p : img.processes()) check_clonable_process(img, p, shell_job);
 }
 
@@ -277,6 +277,9 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
       // Each thread's scheduling policy and nice value (timers were refused at template time;
       // seccomp filters shared by every thread came with the fork).
       objects::restore_objects(objects::RestorePoint::kThreadsExist, remote, p);
+      // The template has lazycr's credentials (restore.cc): the image's come last, once the
+      // tree's processes and threads are made.
+      restore_credentials(r, p);
       objects::restore_objects(objects::RestorePoint::kBeforeRelease, remote, p);
     }
     r.unmap_trampoline();

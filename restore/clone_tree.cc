@@ -38,10 +38,6 @@ struct CloneTreeProcess {
 
 namespace {
 
-bool same_credentials(const image::Credentials& a, const image::Credentials& b) {
-  return a.SerializeAsString() == b.SerializeAsString();
-}
-
 // A process forked from its parent in the clone has the parent's descriptor table: the numbers
 // `p` does not use are closed, and each number it uses holds something (/dev/null), so that
 // replace_clone_fds() finds them all open as in the root (what it receives lands elsewhere).
@@ -75,17 +71,6 @@ void make_fd_numbers(Restoree& r, const image::Process& p) {
 }
 
 }  // namespace
-
-void check_clonable_tree(const image::ImageReader& img) {
-  const auto& procs = img.processes();
-  const image::Process& root = procs.front();
-  for (size_t i = 1; i < procs.size(); i++) {
-    const image::Process& p = procs[i];
-    if (p.zombie()) fail("pid ", p.pid(), " is a zombie: not made in clones of a tree yet");
-    if (!same_credentials(p.creds(), root.creds()))
-      fail("pid ", p.pid(), " has credentials other than the root's: not made in clones yet");
-  }
-}
 
 CloneTree::CloneTree(const image::ImageReader& img, Restoree& root, const CloneFiles& files,
                      const cpu_set_t& cpus, int transport_netns, const int (&std_fds)[3])
@@ -136,6 +121,13 @@ void CloneTree::make(const std::function<void(std::string)>& step) {
     tp.parent->fork_child(p.pid(), r);
     by_pid[p.pid()] = &r;
     image_of[p.pid()] = &p;
+    if (p.zombie()) {
+      // Its parent sees it as the image did: a child that exited with its status.
+      step(cat("zombie of pid ", p.pid()));
+      r.exit_as_zombie(p.exit_status());
+      consume_sigchld(*tp.parent);
+      continue;
+    }
     start_session(r, p, false);
     // The parent's rseq area came with the fork: unregistered before its TLS may go.
     unregister_inherited_rseq(r);
@@ -156,10 +148,12 @@ void CloneTree::make(const std::function<void(std::string)>& step) {
   const std::set<int> leaders = restored_group_leaders(procs);
   for (int pass = 0; pass < 2; pass++) {
     join_group(root_, root, leaders, pass);
-    for (auto& t : procs_) join_group(*t->r, *t->p, leaders, pass);
+    for (auto& t : procs_)
+      if (!t->p->zombie()) join_group(*t->r, *t->p, leaders, pass);
   }
 
   for (auto& t : procs_) {
+    if (t->p->zombie()) continue;
     Restoree& r = *t->r;
     const image::Process& p = *t->p;
     step(cat("state of pid ", p.pid()));
@@ -180,12 +174,14 @@ void CloneTree::make(const std::function<void(std::string)>& step) {
     }
     objects::restore_objects(objects::RestorePoint::kThreadsExist, remote, p);
     restore_rlimits(r, p);
-    // Credentials: the root's, inherited (check_clonable_tree()).
+    // Last: with the image's credentials it may no longer make threads with chosen tids.
+    restore_credentials(r, p);
   }
 }
 
 void CloneTree::release() {
   for (auto& t : procs_) {
+    if (t->p->zombie()) continue;
     Restoree& r = *t->r;
     const image::Process& p = *t->p;
     {
@@ -210,11 +206,13 @@ void CloneTree::release() {
   }
   // Children before parents, other threads before their leader (as restore() detaches).
   for (size_t k = procs_.size(); k-- > 0;) {
+    if (procs_[k]->p->zombie()) continue;
     Restoree& r = *procs_[k]->r;
     for (size_t i = r.threads().size(); i-- > 0;) r.threads()[i].t.detach();
   }
   released_ = true;
   for (auto& t : procs_) {
+    if (t->p->zombie()) continue;
     t->r->commit();
     t->strategy->on_running(*t->r);
   }

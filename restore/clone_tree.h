@@ -21,10 +21,6 @@ class Restoree;
 struct CloneFiles;
 struct CloneTreeProcess;
 
-// Refuses by name what clones of a tree do not make yet: zombies, and processes whose
-// credentials differ from the root's (they inherit the root's at fork).
-void check_clonable_tree(const image::ImageReader& img);
-
 class CloneTree {
  public:
   // `root`: the clone's root, its descriptors in place; `transport_netns`: the network

@@ -407,7 +407,9 @@ Restored restore(const RestoreOptions& opts_in) {
   each_live("objects-threads", objects_at(objects::RestorePoint::kThreadsExist));
   each_live("signals", [&](Task& t) { restore_pending(*t.r, *t.p); });
   each_live("rlimits", [&](Task& t) { restore_rlimits(*t.r, *t.p); });
-  each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
+  // A template keeps lazycr's: it makes each clone in a new PID namespace (setns, clone3 with
+  // set_tid), which the image's credentials may not allow; each clone takes them last.
+  if (!opts.hold) each_live("credentials", [&](Task& t) { restore_credentials(*t.r, *t.p); });
   checks.join();  // before the tree can run (or be held as a template)
   // `lazycr template`: everything is built; the template is held here, never released.
   if (opts.hold) return hold_template(opts, *img, r0, pin->saved());

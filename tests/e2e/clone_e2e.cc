@@ -16,8 +16,12 @@
 // - a deleted file is each clone's own copy, recreated from the image's contents;
 // - template --netns: the template and the clones without clone --netns in one fresh network
 //   namespace, clone --netns in one of its own;
-// - bad requests (no template, damaged image, a tree with a zombie, a socket path owned by
-//   another user, a port taken without --netns) fail with one line and leave nothing behind;
+// - bad requests (no template, damaged image, a socket path owned by another user, a port
+//   taken without --netns) fail with one line and leave nothing behind;
+// - another user's process (uids, gids, groups, capabilities in two threads) is cloned with its
+//   credentials, though the template must keep lazycr's to make clones;
+// - a tree with zombies and a process of another user: each clone has the zombies (their
+//   parents reap them with their status) and that process's credentials;
 // - a tree (root + 2 children, one sharing the root's pages, a pipe between them) cloned
 //   several times: every process of every clone checks its pids and bytes from inside, the
 //   pipe is each clone's own, the shared pages stay shared, killing one clone leaves the
@@ -302,30 +306,6 @@ TEST_F(CloneE2E, BadRequestsFailWithOneLineAndLeaveNothing) {
   EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
   expect_nothing_left(image_pid());
 
-  // A tree with a zombie: not made in clones of a tree yet, refused by name before anything
-  // exists.
-  {
-    TempDir tree;
-    std::filesystem::create_directory(tree / "image");
-    Child target({target_bin("tree_target"), "--mode", "zombie", "--verify-file", tree / "verify",
-                  "--workdir", tree.path(), "--mib", "4"});
-    TargetInfo t = TargetInfo::parse(target.wait_for("ready", 120));
-    auto d = lazycr({"dump", "-t", std::to_string(t.first("pid")), "-D", tree / "image"});
-    ASSERT_EQ(d.exit_code, 0) << d.err;
-    target.wait(60);
-    for (pid_t c : proc::list_children(getpid())) {  // its children, re-parented to us
-      int status;
-      waitpid(c, &status, 0);
-    }
-    r = lazycr({"template", "-D", tree / "image", "--socket", socket_, "-d"});
-    EXPECT_EQ(r.exit_code, 1);
-    EXPECT_NE(r.err.find("is a zombie: not made in clones of a tree yet"), std::string::npos)
-        << r.err;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_NE(stat(socket_.c_str(), &st), 0) << "socket left behind";
-    expect_nothing_left(static_cast<pid_t>(t.first("pid")));
-  }
-
   // A socket path owned by another user.
   {
     int fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
@@ -462,6 +442,87 @@ TEST_F(CloneE2E, TreeClonesAreEachTheirOwn) {
   auto ans = verify(later);
   for (char role : {'r', 'a', 'b'})
     EXPECT_EQ(ans[role].rfind("ok", 0), 0u) << "a later clone " << role << ": " << ans[role];
+}
+
+// Another user's process: the template keeps lazycr's credentials (it must make each clone in a
+// new PID namespace: setns and clone3 with set_tid need privileges), each clone gets the image's
+// as its last step, checked through /proc and by the process itself in both threads.
+TEST_F(CloneE2E, AnotherUsersProcessIsClonedWithItsCredentials) {
+  TempDir dir;
+  Child target({target_bin("creds_target")});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready"));
+  std::map<std::string, std::string> before;
+  for (const char* key :
+       {"Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"})
+    before[key] = status_field(target.pid(), key);
+  auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", dir / "image"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(target.wait(30), 128 + SIGKILL);
+  auto t = lazycr({"template", "-D", dir / "image", "--socket", socket_, "-d", "--shell-job"});
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  template_ = std::atoi(t.out.c_str());
+  for (int i = 0; i < 2; i++) {
+    const std::string pidfile = dir / ("clone" + std::to_string(i) + ".pid");
+    Child c({lazycr_bin(), "clone", "--socket", socket_, "--shell-job", "--pidfile", pidfile});
+    const pid_t pid = wait_for_pidfile(c, pidfile);
+    ASSERT_GT(pid, 0);
+    for (const auto& [key, value] : before)
+      EXPECT_EQ(status_field(pid, key), value) << "clone " << i << ": " << key;
+    const auto tasks = proc::list_tasks(pid);
+    EXPECT_EQ(tasks.size(), info.list("tids").size());
+    for (pid_t tid : tasks)
+      EXPECT_NE(proc::read_file("/proc/" + std::to_string(pid) + "/task/" + std::to_string(tid) +
+                                "/status")
+                    .find("Uid:" + before["Uid"]),
+                std::string::npos)
+          << "clone " << i << " thread " << tid;
+    ASSERT_TRUE(send_signal(pid, SIGUSR1));
+    EXPECT_EQ(c.read_line(), "verified ok") << "clone " << i;
+    EXPECT_EQ(c.wait(60), 0) << "clone " << i;
+  }
+}
+
+// A tree with zombies (one exited with 42, one killed by SIGTERM, under the root and under A)
+// and a process of another user (A, uid 65534, which is also the parent of A1 and of a zombie):
+// in each clone every live process checks its pids, groups, ids and bytes from inside and its
+// zombie children's wait statuses; the root's exit status is the tree's verdict.
+TEST_F(CloneE2E, TreeWithZombiesAndAnotherUsersProcessIsCloned) {
+  TempDir dir;
+  std::filesystem::permissions(dir.path(), std::filesystem::perms::owner_all |
+                                               std::filesystem::perms::group_exec |
+                                               std::filesystem::perms::others_exec);
+  const std::string verify = dir / "verify";
+  Child target({target_bin("tree_target"), "--mode", "zombie", "--verify-file", verify, "--workdir",
+                dir.path(), "--mib", "4", "--nobody", "A", "--setsid"});
+  TargetInfo info = TargetInfo::parse(target.wait_for("ready", 120));
+  auto d = lazycr({"dump", "-t", std::to_string(info.first("pid")), "-D", dir / "image"});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  target.wait(60);
+  for (pid_t c : proc::list_children(getpid())) {  // its children, re-parented to us
+    int status;
+    waitpid(c, &status, 0);
+  }
+  auto t = lazycr({"template", "-D", dir / "image", "--socket", socket_, "-d", "--shell-job"});
+  ASSERT_EQ(t.exit_code, 0) << t.err;
+  template_ = std::atoi(t.out.c_str());
+  for (int i = 0; i < 2; i++) {
+    const std::string pidfile = dir / ("clone" + std::to_string(i) + ".pid");
+    Child c({lazycr_bin(), "clone", "--socket", socket_, "--shell-job", "--pidfile", pidfile});
+    ASSERT_GT(wait_for_pidfile(c, pidfile), 0);
+    // The first clone waits for the request; the second finds it there and verifies at once.
+    if (i == 0) std::ofstream(verify).put('\n');
+    std::vector<std::string> verdicts;
+    for (int k = 0; k < 3; k++) verdicts.push_back(c.wait_for("VERIFY", 60));
+    for (const char* role : {"R", "A", "A1"})
+      EXPECT_EQ(std::count_if(verdicts.begin(), verdicts.end(),
+                              [&](const std::string& v) {
+                                return v.rfind(std::string("VERIFY ") + role + " ", 0) == 0 &&
+                                       v.size() > 3 && v.compare(v.size() - 3, 3, " ok") == 0;
+                              }),
+                1)
+          << "clone " << i << " " << role << ": " << ::testing::PrintToString(verdicts);
+    EXPECT_EQ(c.wait(60), 0) << "clone " << i;
+  }
 }
 
 // Kernel objects made afresh per clone: eventfd, epoll set, timerfd, signalfd, socketpair with

@@ -123,12 +123,15 @@ static void verify(char role, const char* id, int rd, int wr, char* out, size_t 
   snprintf(out, n, "ok pid=%d ppid=%d pipe=%llu", getpid(), getppid(), ino);
 }
 
-static void serve(const char* dir, char role, int rd, int wr) {
+static void quiet(void) {
   int null = open("/dev/null", O_RDWR);
   dup2(null, 0);
   dup2(null, 1);
   dup2(null, 2);
   close(null);
+}
+
+static void serve(const char* dir, char role, int rd, int wr) {
   for (;;) {
     char ns[64] = {0}, id[64], path[4096], cmd[256] = {0};
     if (readlink("/proc/self/ns/pid", ns, sizeof ns - 1) < 0) exit(6);
@@ -178,16 +181,23 @@ int main(int argc, char** argv) {
   int to_a[2], to_r[2];
   if (pipe(to_a) != 0 || pipe(to_r) != 0) return 4;
   const pid_t root = getpid();
+  /* Each child says on `ready` once /dev/null is on its fds 0-2 (A its pid, B its thread's
+   * tid); the root prints "ready" once nobody holds the caller's pipe: a dump right after it
+   * must not find it. */
+  int ready[2];
+  if (pipe(ready) != 0) return 4;
   pid_t a = fork();
   if (a == 0) {
     my_pid = getpid();
     my_ppid = root;
     close(to_a[1]);
     close(to_r[0]);
+    close(ready[0]);
+    quiet();
+    if (write(ready[1], &my_pid, sizeof my_pid) != sizeof my_pid) return 5;
+    close(ready[1]);
     serve(dir, 'a', to_a[0], to_r[1]);
   }
-  int ready[2];
-  if (pipe(ready) != 0) return 4;
   pid_t b = fork();
   if (b == 0) {
     my_pid = getpid();
@@ -197,6 +207,7 @@ int main(int argc, char** argv) {
     close(to_r[0]);
     close(to_r[1]);
     close(ready[0]);
+    quiet();
     for (size_t i = len / 2; i < len; i++) mem[i] = b_byte(i);
     pthread_t th;
     if (pthread_create(&th, NULL, worker, NULL) != 0) return 5;
@@ -208,14 +219,20 @@ int main(int argc, char** argv) {
   }
   close(ready[1]);
   pid_t btid = 0;
-  if (read(ready[0], &btid, sizeof btid) != sizeof btid) return 5;
+  for (int i = 0; i < 2; i++) {
+    pid_t got = 0;
+    if (read(ready[0], &got, sizeof got) != sizeof got) return 5;
+    if (got != a) btid = got;
+  }
   close(ready[0]);
   close(to_a[0]);
   close(to_r[1]);
   my_pid = root;
   my_ppid = 0; /* its parent is outside the tree (a clone's, outside its PID namespace) */
-  printf("ready pid=%d a=%d b=%d btid=%d\n", root, a, b, btid);
-  fflush(stdout);
+  int out = dup(1);
+  quiet();
+  dprintf(out, "ready pid=%d a=%d b=%d btid=%d\n", root, a, b, btid);
+  close(out);
   serve(dir, 'r', to_r[0], to_a[1]);
   return 0;
 }

@@ -16,8 +16,12 @@
 // prints "VERIFY <role> pid=P ok" (or "... FAILED: <first wrong thing>") and exits 0 or 1.
 // Options: --mode, --mib N, --verify-file F, --workdir D, --setsid (levels and zombie: the root
 // becomes a session leader; sessions always does), --selftest (verify at once, no checkpoint),
-// --flip ROLE (that task flips one byte of its memory before verifying), --max-wait S.
+// --flip ROLE (that task flips one byte of its memory before verifying), --max-wait S,
+// --nobody ROLE (that live task becomes uid/gid 65534 without groups once its children are
+// forked; every task then checks its real, effective and saved uid and gid are still its own:
+// the verify file's directory must be searchable by that user).
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/types.h>
@@ -83,6 +87,18 @@ unsigned char* g_buf = nullptr;
 size_t g_pages = 0, g_part_pages = 0;
 int g_ready[2] = {-1, -1};
 std::string g_mode = "levels";
+std::string g_nobody;  // --nobody ROLE
+uid_t g_uid = 0;       // the ids every other task keeps
+gid_t g_gid = 0;
+constexpr uid_t kNobody = 65534;
+
+// Real, effective and saved uid and gid all `uid` / `gid`.
+bool ids_are(uid_t uid, gid_t gid) {
+  uid_t r, e, s;
+  gid_t rg, eg, sg;
+  return getresuid(&r, &e, &s) == 0 && getresgid(&rg, &eg, &sg) == 0 && r == uid && e == uid &&
+         s == uid && rg == gid && eg == gid && sg == gid;
+}
 
 bool in_lineage(int task, int node) {
   for (int t = task; t >= 0; t = g_nodes[t].parent)
@@ -148,6 +164,9 @@ void check_zombie(int z, Verdict& v) {
   if (t > 0 && now.ppid != ids.ppid) v.fail("ppid %d, was %d", now.ppid, ids.ppid);
   if (now.pgid != ids.pgid) v.fail("pgid %d, was %d", now.pgid, ids.pgid);
   if (now.sid != ids.sid) v.fail("sid %d, was %d", now.sid, ids.sid);
+  const bool nobody = role == g_nobody;
+  if (!ids_are(nobody ? kNobody : g_uid, nobody ? kNobody : g_gid))
+    v.fail("uid %d gid %d, not %s's", getuid(), getgid(), nobody ? "nobody" : "its own");
   for (size_t p = 0; p < g_pages && v.ok(); p++) {
     uint64_t seed = expected_seed(t, p);
     long off = tree::page_mismatch(g_buf + p * tree::kPage, seed, p);
@@ -276,6 +295,12 @@ void root_ready(const Ids& ids) {
       fail_setup(g_nodes[c].role, "ended with another status");
     }
   }
+  if (me.role == g_nobody) {
+    const gid_t gid = kNobody;
+    if (setgroups(0, &gid) != 0 || setresgid(kNobody, kNobody, kNobody) != 0 ||
+        setresuid(kNobody, kNobody, kNobody) != 0)
+      fail_setup(me.role, "become nobody");
+  }
   if (t == 0) {
     close(g_ready[1]);
     root_ready(ids);
@@ -296,6 +321,8 @@ int main(int argc, char** argv) {
     if (g_opt.parse(argc, argv, i)) continue;
     if (a == "--mode" && i + 1 < argc) {
       g_mode = argv[++i];
+    } else if (a == "--nobody" && i + 1 < argc) {
+      g_nobody = argv[++i];
     } else if (a == "--mib" && i + 1 < argc) {
       mib = static_cast<size_t>(std::atol(argv[++i]));
     } else {
@@ -318,6 +345,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--mib >= 1\n");
     return 2;
   }
+  g_uid = getuid();
+  g_gid = getgid();
   if (g_opt.setsid) tree::become_session_leader();
   if (g_opt.verify_file.empty()) {
     if (!g_opt.selftest) {
