@@ -175,7 +175,7 @@ void AddressSpace::map_areas() {
 // Final protections, and the VMA flags that plain mmap does not give, from the image's
 // VmFlags: they change behaviour (fork, core dumps, THP, locking) and keep the kernel from
 // merging areas the original kept apart. mlock comes last, over final pages.
-void AddressSpace::protect() {
+std::vector<Call> vmflag_calls(const MemoryArea& a) {
   struct Advice {
     const char* flag;
     int advice;
@@ -184,6 +184,20 @@ void AddressSpace::protect() {
                                    {"dd", MADV_DONTDUMP},   {"dc", MADV_DONTFORK},
                                    {"wf", MADV_WIPEONFORK}, {"sr", MADV_SEQUENTIAL},
                                    {"rr", MADV_RANDOM},     {"mg", MADV_MERGEABLE}};
+  std::vector<Call> calls;
+  const uint64_t len = a.end() - a.start();
+  std::set<std::string> flags = vmflag_set(a);
+  for (const auto& adv : kAdvice)
+    if (flags.count(adv.flag))
+      calls.push_back(make_call(cat("madvise(", adv.flag, ") of area ", area_name(a)), SYS_madvise,
+                                a.start(), len, static_cast<uint64_t>(adv.advice)));
+  if (flags.count("lo") || flags.count("lf"))
+    calls.push_back(make_call(cat("mlock2 of area ", area_name(a)), SYS_mlock2, a.start(), len,
+                              flags.count("lf") ? MLOCK_ONFAULT : 0));
+  return calls;
+}
+
+void AddressSpace::protect() {
   std::vector<Call> calls;
   for (size_t i = 0; i < areas_.size(); i++) {
     const MemoryArea* a = areas_[i];
@@ -194,14 +208,7 @@ void AddressSpace::protect() {
     if (marker_[i].clear >= 0)
       calls.push_back(make_call(cat("madvise unmarking area ", area_name(*a)), SYS_madvise,
                                 a->start(), len, static_cast<uint64_t>(marker_[i].clear)));
-    std::set<std::string> flags = vmflag_set(*a);
-    for (const auto& adv : kAdvice)
-      if (flags.count(adv.flag))
-        calls.push_back(make_call(cat("madvise(", adv.flag, ") of area ", area_name(*a)),
-                                  SYS_madvise, a->start(), len, static_cast<uint64_t>(adv.advice)));
-    if (flags.count("lo") || flags.count("lf"))
-      calls.push_back(make_call(cat("mlock2 of area ", area_name(*a)), SYS_mlock2, a->start(), len,
-                                flags.count("lf") ? MLOCK_ONFAULT : 0));
+    for (Call& c : vmflag_calls(*a)) calls.push_back(std::move(c));
   }
   r_.reset_arena();
   r_.batch(calls);

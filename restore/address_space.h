@@ -25,6 +25,9 @@ class SysvSegments;
 bool is_vdso_block(const image::MemoryArea& a);
 // "0x7f0000-0x7f1000 [anon:name]", for messages.
 std::string area_name(const image::MemoryArea& a);
+// The madvise and mlock calls that give a mapped area the VMA flags of its image VmFlags that
+// plain mmap does not give.
+std::vector<Call> vmflag_calls(const image::MemoryArea& a);
 
 // Shared memory objects (shared anonymous memory, memfds) of the tree, by identity (the
 // object's dev and inode in the image): the first process that maps one creates it; the others

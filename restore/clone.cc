@@ -27,6 +27,7 @@
 #include "restore/clone3_tid.h"
 #include "restore/clone_dontfork.h"
 #include "restore/clone_fds.h"
+#include "restore/clone_shared_memory.h"
 #include "restore/clone_tree.h"
 #include "restore/open_files.h"
 #include "restore/process_steps.h"
@@ -159,8 +160,9 @@ static void check_clonable_process(const image::ImageReader& img, const image::P
   for (const auto& a : p.areas()) {
     const std::string where = cat("area ", hex(a.start()), "-", hex(a.end()), " ", a.name());
     check_dontfork_area(a);
-    if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE)
-      fail(where, " is shared memory: every clone would share it");
+    if (a.shared() && a.kind() != image::MemoryArea::SHARED_FILE && !remade_in_clones(a))
+      fail(where, a.sysv_shm() ? " is a SysV shared memory segment" : " is shared memory",
+           ": every clone would share it");
     if (a.shared() && a.ghost_id() != 0)
       fail(where, " is a shared mapping of a deleted file or memfd: every clone would share it");
   }
@@ -221,6 +223,8 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
 
     next("dontfork");
     copy_dontfork_areas(tpl, r, p);
+    next("shared memory");
+    SharedObjectMap shared_objects = remake_shared_memory(tpl, r, p);
     next("leader");
     {  // A fork child has no tid address and no robust list (rseq and the rest are inherited).
       const image::Thread& th = p.threads(0);
@@ -260,7 +264,7 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
     // network namespace) before its other threads exist.
     std::unique_ptr<CloneTree> tree;
     if (tree_size > 1) {
-      tree = std::make_unique<CloneTree>(t.img, r, files, t.cpus,
+      tree = std::make_unique<CloneTree>(t.img, r, files, std::move(shared_objects), t.cpus,
                                          netns ? netns.get() : template_netns_fd, req.std_fds);
       tree->make(next);
     }

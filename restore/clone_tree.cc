@@ -73,8 +73,14 @@ void make_fd_numbers(Restoree& r, const image::Process& p) {
 }  // namespace
 
 CloneTree::CloneTree(const image::ImageReader& img, Restoree& root, const CloneFiles& files,
-                     const cpu_set_t& cpus, int transport_netns, const int (&std_fds)[3])
-    : img_(img), root_(root), files_(files), cpus_(cpus), transport_netns_(transport_netns) {
+                     SharedObjectMap objects, const cpu_set_t& cpus, int transport_netns,
+                     const int (&std_fds)[3])
+    : img_(img),
+      root_(root),
+      files_(files),
+      objects_(std::move(objects)),
+      cpus_(cpus),
+      transport_netns_(transport_netns) {
   std::copy(std::begin(std_fds), std::end(std_fds), std_fds_);
 }
 
@@ -102,7 +108,6 @@ void CloneTree::make(const std::function<void(std::string)>& step) {
   const image::Process& root = procs.front();
   std::map<int, Restoree*> by_pid{{root.pid(), &root_}};
   std::map<int, const image::Process*> image_of{{root.pid(), &root}};
-  SharedObjectMap shared_objects;  // none: shared anonymous memory is refused for clones
   SysvSegments sysv(img_.shared());
   step(cat("session of pid ", root.pid()));
   start_session(root_, root, true);
@@ -137,8 +142,8 @@ void CloneTree::make(const std::function<void(std::string)>& step) {
     unmap_inherited(r, p, kept, vdso_kept);
     if (!vdso_kept) move_vdso(r, p);
     tp.strategy = make_eager_filler(img_.pages(p.pid()), &cpus_);
-    tp.space = std::make_unique<AddressSpace>(r, p, *tp.strategy, shared_objects, *files_.ghosts,
-                                              sysv, kept, parent.pid());
+    tp.space = std::make_unique<AddressSpace>(r, p, *tp.strategy, objects_, *files_.ghosts, sysv,
+                                              kept, parent.pid());
     tp.space->map_areas();
     tp.strategy->fill_mapped(r);
     tp.space->protect();

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "image-format/image_dir.h"
+#include "restore/address_space.h"
 
 namespace lazycr::restore {
 
@@ -24,9 +25,11 @@ struct CloneTreeProcess;
 class CloneTree {
  public:
   // `root`: the clone's root, its descriptors in place; `transport_netns`: the network
-  // namespace the root is in (-1: lazycr's); `std_fds`: clone --shell-job's (else -1).
+  // namespace the root is in (-1: lazycr's); `std_fds`: clone --shell-job's (else -1);
+  // `objects`: the clone's own shared objects, made in the root (clone_shared_memory.h).
   CloneTree(const image::ImageReader& img, Restoree& root, const CloneFiles& files,
-            const cpu_set_t& cpus, int transport_netns, const int (&std_fds)[3]);
+            SharedObjectMap objects, const cpu_set_t& cpus, int transport_netns,
+            const int (&std_fds)[3]);
   // Kills and reaps every process made, unless released.
   ~CloneTree();
   CloneTree(const CloneTree&) = delete;
@@ -44,6 +47,7 @@ class CloneTree {
   const image::ImageReader& img_;
   Restoree& root_;
   const CloneFiles& files_;
+  SharedObjectMap objects_;
   const cpu_set_t& cpus_;
   int transport_netns_;
   int std_fds_[3];

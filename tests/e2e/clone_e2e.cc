@@ -10,6 +10,7 @@
 //   are made afresh per clone (own position, own buffered data, own count), each clone in its
 //   own network namespace with --netns; MADV_WIPEONFORK memory reads zero in a clone;
 // - python3 with a large dict, and node's http server (MADV_DONTFORK memory) with --netns;
+// - nginx (master and nobody's workers sharing shared anonymous memory) with --netns;
 // - clone --shell-job gives the clone the command's stdout;
 // - a clone killed leaves the others running; the template's exit leaves the clones running;
 // - a foreground clone exits with the clone's status;
@@ -24,8 +25,9 @@
 //   parents reap them with their status) and that process's credentials;
 // - a tree (root + 2 children, one sharing the root's pages, a pipe between them) cloned
 //   several times: every process of every clone checks its pids and bytes from inside, the
-//   pipe is each clone's own, the shared pages stay shared, killing one clone leaves the
-//   others and the template running (clone_tree_target.c).
+//   pipe is each clone's own, the shared pages stay shared, shared anonymous memory is one
+//   object in each clone and another in the next, killing one clone leaves the others and the
+//   template running (clone_tree_target.c).
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -53,6 +55,7 @@
 #include "common/proc.h"
 #include "common/signals.h"
 #include "tests/e2e/harness.h"
+#include "tests/e2e/nginx_setup.h"
 #include "tests/e2e/restore_helpers.h"
 #include "tests/e2e/target_info.h"
 
@@ -792,6 +795,64 @@ TEST_F(CloneE2E, NodeHttpServerClonedWithNetns) {
     EXPECT_NE(got.find("hits=1 " + state), std::string::npos) << "clone " << p << ": " << got;
     got = http_get_in(p, port);
     EXPECT_NE(got.find("hits=2 " + state), std::string::npos) << "clone " << p << ": " << got;
+  }
+}
+
+// The inode of the shared anonymous mapping ("/dev/zero (deleted)") of `pid`, 0 if none.
+uint64_t shared_zero_inode(pid_t pid) {
+  for (const auto& m : proc::parse_maps(proc::read_file("/proc/" + std::to_string(pid) + "/maps")))
+    if (m.shared && m.path.starts_with("/dev/zero")) return m.inode;
+  return 0;
+}
+
+// nginx, master (root) and two workers (nobody) sharing shared anonymous memory (its accept
+// mutex and counters) and the listening socket: each clone, in a network namespace of its own,
+// answers on the same port; its workers are nobody's; its processes share one object, which is
+// neither the template's nor another clone's.
+TEST_F(CloneE2E, NginxMasterAndWorkersClonedWithNetns) {
+  if (access("/usr/sbin/nginx", X_OK) != 0) GTEST_SKIP() << "nginx is not installed";
+  const int port = 24303;
+  NginxSetup setup(port, "served by a cloned nginx");
+  Child server({"/bin/sh", "-c",
+                "exec /usr/sbin/nginx -c " + setup.conf + " -p " + setup.dir.path() +
+                    " </dev/null >/dev/null 2>&1"});
+  std::vector<pid_t> workers;
+  for (int i = 0; i < 3000 && (workers.size() != 2 || http_get_in(server.pid(), port).empty());
+       i++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    workers = proc::list_children(server.pid());
+  }
+  ASSERT_EQ(workers.size(), 2u);
+  const std::string img = setup.dir / "image";
+  auto d = lazycr({"dump", "-t", std::to_string(server.pid()), "-D", img});
+  ASSERT_EQ(d.exit_code, 0) << d.err;
+  EXPECT_EQ(server.wait(60), 128 + SIGKILL);
+  for (pid_t w : workers) waitpid(w, nullptr, 0);  // re-parented to us
+  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  template_ = std::atoi(r.out.c_str());
+  // The template holds the master at its image pid.
+  const uint64_t held = shared_zero_inode(server.pid());
+  ASSERT_NE(held, 0u) << "nginx has no shared anonymous memory";
+  std::set<uint64_t> objects{held};
+  for (int i = 0; i < 3; i++) {
+    const pid_t p = start_clone({"--netns"});
+    ASSERT_GT(p, 0);
+    std::string got;
+    for (int k = 0; k < 3000 && got.empty() && proc::exists(p); k++) {
+      got = http_get_in(p, port);
+      if (got.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    EXPECT_NE(got.find("served by a cloned nginx"), std::string::npos)
+        << "clone " << p << ": " << got;
+    const uint64_t object = shared_zero_inode(p);
+    EXPECT_TRUE(objects.insert(object).second) << "clone " << p << " maps another's object";
+    const auto kids = proc::list_children(p);
+    EXPECT_EQ(kids.size(), 2u) << "clone " << p;
+    for (pid_t w : kids) {
+      EXPECT_EQ(status_field(w, "Uid"), "\t65534\t65534\t65534\t65534") << "worker " << w;
+      EXPECT_EQ(shared_zero_inode(w), object) << "worker " << w << " of clone " << p;
+    }
   }
 }
 

@@ -22,6 +22,7 @@
 #include "common/signals.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/lazy_helpers.h"
+#include "tests/e2e/nginx_setup.h"
 #include "tests/e2e/restore_helpers.h"
 #include "tests/e2e/socket_helpers.h"
 
@@ -162,25 +163,6 @@ TEST(Servers, NodeHttpServerAnswersFromItsStateLazy) {
 }
 
 // ---- nginx: master and two workers sharing the listening socket, serving a static file.
-struct NginxSetup {
-  TempDir dir;
-  std::string conf = dir / "nginx.conf";
-  NginxSetup(int port) {
-    // Its workers run as nobody: the files they serve must be theirs to read.
-    ::chmod(dir.path().c_str(), 0755);
-    ::mkdir((dir / "www").c_str(), 0755);
-    ::mkdir((dir / "logs").c_str(), 0755);
-    std::ofstream(dir / "www/index.html") << "served by a restored nginx\n";
-    std::ofstream(conf) << "daemon off;\nmaster_process on;\nworker_processes 2;\n"
-                        << "pid " << dir / "nginx.pid;\n"
-                        << "error_log " << dir / "logs/error.log;\n"
-                        << "events { worker_connections 64; }\n"
-                        << "http { access_log off;\n"
-                        << "  client_body_temp_path " << dir / "body;\n"
-                        << "  server { listen 127.0.0.1:" << port << "; root " << dir / "www;"
-                        << " }\n}\n";
-  }
-};
 
 std::vector<pid_t> children_of(pid_t pid) {
   try {

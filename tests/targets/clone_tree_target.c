@@ -12,6 +12,11 @@
  * pipe to A and waits (10 s) for "N!" back on the other; A reads N on its pipe and must find its
  * own N (a pipe shared with another clone would carry another's), then answers "N!". R and A report
  * their pipe's inode. Each answer is "ok pid=P ppid=Q pipe=I" or "FAIL why".
+ * R also maps 1 MiB of shared anonymous memory (a pattern after a 64-byte header) before the
+ * forks: every process checks the pattern; R finds the header empty or holding its own N (else
+ * another clone wrote it: the clones share the object) and writes N there before the pipe;
+ * A, once it has N from the pipe, finds N in the header (R's write, seen through the object
+ * the clone's processes share).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,6 +34,8 @@
 
 static uint8_t* mem;
 static size_t len;
+static uint8_t* shm;
+static const size_t shm_len = 1 << 20, shm_header = 64;
 static pid_t my_pid, my_ppid;
 static volatile pid_t worker_tid;
 static volatile int worker_req, worker_ok;
@@ -38,6 +45,9 @@ static uint8_t root_byte(size_t i) {
 }
 static uint8_t b_byte(size_t i) {
   return (uint8_t)(i * 31 + (i >> 12) * 3 + 5);
+}
+static uint8_t shm_byte(size_t i) {
+  return (uint8_t)(i * 17 + (i >> 12) * 5 + 3);
 }
 
 static void* worker(void* arg) {
@@ -54,6 +64,11 @@ static void* worker(void* arg) {
 }
 
 static int check_memory(char role, char* out, size_t n) {
+  for (size_t i = shm_header; i < shm_len; i++)
+    if (shm[i] != shm_byte(i)) {
+      snprintf(out, n, "FAIL shared byte %zu is %u, not %u", i, shm[i], shm_byte(i));
+      return 0;
+    }
   for (size_t i = 0; i < len; i++) {
     uint8_t want = (role == 'b' && i >= len / 2) ? b_byte(i) : root_byte(i);
     if (mem[i] != want) {
@@ -87,6 +102,11 @@ static void verify(char role, const char* id, int rd, int wr, char* out, size_t 
   unsigned long long ino = 0;
   char buf[128], want[128];
   if (role == 'r') {
+    if (shm[0] != 0 && strncmp((const char*)shm, id, shm_header) != 0) {
+      snprintf(out, n, "FAIL the shared memory holds \"%.63s\": another clone's", (char*)shm);
+      return;
+    }
+    snprintf((char*)shm, shm_header, "%s", id);
     ino = ino_of(wr);
     if (write(wr, id, strlen(id)) != (ssize_t)strlen(id)) {
       snprintf(out, n, "FAIL write to A: %s", strerror(errno));
@@ -105,6 +125,10 @@ static void verify(char role, const char* id, int rd, int wr, char* out, size_t 
     }
     if (strcmp(buf, id) != 0) {
       snprintf(out, n, "FAIL the pipe carried \"%s\", not this clone's \"%s\"", buf, id);
+      return;
+    }
+    if (strncmp((const char*)shm, id, shm_header) != 0) {
+      snprintf(out, n, "FAIL the shared memory holds \"%.63s\", not R's \"%s\"", (char*)shm, id);
       return;
     }
     snprintf(want, sizeof want, "%s!", id);
@@ -178,6 +202,9 @@ int main(int argc, char** argv) {
   mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return 3;
   for (size_t i = 0; i < len; i++) mem[i] = root_byte(i);
+  shm = mmap(NULL, shm_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (shm == MAP_FAILED) return 3;
+  for (size_t i = shm_header; i < shm_len; i++) shm[i] = shm_byte(i);
   int to_a[2], to_r[2];
   if (pipe(to_a) != 0 || pipe(to_r) != 0) return 4;
   const pid_t root = getpid();
