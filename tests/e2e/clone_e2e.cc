@@ -132,8 +132,13 @@ class CloneE2E : public ::testing::Test {
     unlink(socket_.c_str());
   }
 
-  void start_template() {
-    auto r = lazycr({"template", "-D", image_, "--socket", socket_, "-d"});
+  // `lazycr template -D image -d` and `extra` (the suite's image by default); its pid in
+  // template_. Call it inside ASSERT_NO_FATAL_FAILURE.
+  void start_template(const std::string& image = "", const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args{"template", "-D",    image.empty() ? image_ : image,
+                                  "--socket", socket_, "-d"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = lazycr(args);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     template_ = std::atoi(r.out.c_str());
     ASSERT_GT(template_, 0) << r.out;
@@ -345,10 +350,7 @@ TEST_F(CloneE2E, TreeClonesAreEachTheirOwn) {
     int status;
     waitpid(c, &status, 0);
   }
-  auto t = lazycr({"template", "-D", image, "--socket", socket_, "-d"});
-  ASSERT_EQ(t.exit_code, 0) << t.err;
-  template_ = std::atoi(t.out.c_str());
-  ASSERT_GT(template_, 0) << t.out;
+  ASSERT_NO_FATAL_FAILURE(start_template(image));
 
   // Every process of the clone whose root is `p` verifies itself; answers by role.
   auto verify = [&](pid_t p) {
@@ -461,9 +463,7 @@ TEST_F(CloneE2E, AnotherUsersProcessIsClonedWithItsCredentials) {
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", dir / "image"});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(target.wait(30), 128 + SIGKILL);
-  auto t = lazycr({"template", "-D", dir / "image", "--socket", socket_, "-d", "--shell-job"});
-  ASSERT_EQ(t.exit_code, 0) << t.err;
-  template_ = std::atoi(t.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(dir / "image", {"--shell-job"}));
   for (int i = 0; i < 2; i++) {
     const std::string pidfile = dir / ("clone" + std::to_string(i) + ".pid");
     Child c({lazycr_bin(), "clone", "--socket", socket_, "--shell-job", "--pidfile", pidfile});
@@ -505,9 +505,7 @@ TEST_F(CloneE2E, TreeWithZombiesAndAnotherUsersProcessIsCloned) {
     int status;
     waitpid(c, &status, 0);
   }
-  auto t = lazycr({"template", "-D", dir / "image", "--socket", socket_, "-d", "--shell-job"});
-  ASSERT_EQ(t.exit_code, 0) << t.err;
-  template_ = std::atoi(t.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(dir / "image", {"--shell-job"}));
   for (int i = 0; i < 2; i++) {
     const std::string pidfile = dir / ("clone" + std::to_string(i) + ".pid");
     Child c({lazycr_bin(), "clone", "--socket", socket_, "--shell-job", "--pidfile", pidfile});
@@ -542,9 +540,7 @@ TEST_F(CloneE2E, KernelObjectsAndSocketsAreEachClonesOwn) {
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(target.wait(60), 128 + SIGKILL);
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img));
   const std::string saved_files = files_;
   files_ = kinds.path();  // where this target takes commands
   std::vector<pid_t> pids;
@@ -574,7 +570,7 @@ TEST_F(CloneE2E, KernelObjectsAndSocketsAreEachClonesOwn) {
   };
   const size_t before = targets();
   EXPECT_EQ(before, 4u);
-  r = lazycr({"clone", "--socket", socket_, "-d"});
+  auto r = lazycr({"clone", "--socket", socket_, "-d"});
   EXPECT_EQ(r.exit_code, 1) << r.out;
   EXPECT_NE(r.err.find("EADDRINUSE"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
@@ -594,9 +590,7 @@ TEST_F(CloneE2E, DeletedFileIsEachClonesOwn) {
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(target.wait(60), 128 + SIGKILL);
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img));
   const std::string saved_files = files_;
   files_ = del.path();
   std::vector<pid_t> pids;
@@ -618,9 +612,7 @@ std::string net_ns(pid_t pid) {
 // template --netns: the template sits in a fresh network namespace; a clone stays in it unless
 // clone --netns gives it one of its own.
 TEST_F(CloneE2E, TemplateNetnsIsInheritedUnlessCloneNetns) {
-  auto r = lazycr({"template", "-D", image_, "--socket", socket_, "-d", "--netns"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(image_, {"--netns"}));
   ASSERT_GT(template_, 0);
   pid_t tpl_proc = 0;  // the held process: the template's child running clone_target
   for (pid_t c : proc::list_children(template_)) {
@@ -706,9 +698,7 @@ TEST_F(CloneE2E, PythonWithALargeDict) {
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(target.wait(60), 128 + SIGKILL);
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img));
   const std::string saved_files = files_;
   files_ = work.path();
   std::vector<pid_t> pids;
@@ -779,9 +769,7 @@ TEST_F(CloneE2E, NodeHttpServerClonedWithNetns) {
   auto d = lazycr({"dump", "-t", std::to_string(server.pid()), "-D", img});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(server.wait(60), 128 + SIGKILL);
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img));
   std::vector<pid_t> pids;
   for (int i = 0; i < 5; i++) pids.push_back(start_clone({"--netns"}));
   const std::string state = "sum=19999900000 key=value-4321";
@@ -828,9 +816,7 @@ TEST_F(CloneE2E, NginxMasterAndWorkersClonedWithNetns) {
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(server.wait(60), 128 + SIGKILL);
   for (pid_t w : workers) waitpid(w, nullptr, 0);  // re-parented to us
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img));
   // The template holds the master at its image pid.
   const uint64_t held = shared_zero_inode(server.pid());
   ASSERT_NE(held, 0u) << "nginx has no shared anonymous memory";
@@ -882,11 +868,9 @@ TEST_F(CloneE2E, ShellJobGivesTheClonesStdout) {
   auto d = lazycr({"dump", "-t", std::to_string(target.pid()), "-D", img});
   ASSERT_EQ(d.exit_code, 0) << d.err;
   EXPECT_EQ(target.wait(60), 128 + SIGKILL);
-  auto r = lazycr({"template", "-D", img, "--socket", socket_, "-d", "--shell-job"});
-  ASSERT_EQ(r.exit_code, 0) << r.err;
-  template_ = std::atoi(r.out.c_str());
+  ASSERT_NO_FATAL_FAILURE(start_template(img, {"--shell-job"}));
   // Without --shell-job the clone's stdout would lead nowhere: refused in one line.
-  r = lazycr({"clone", "--socket", socket_, "-d"});
+  auto r = lazycr({"clone", "--socket", socket_, "-d"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.err.find("--shell-job gives the process"), std::string::npos) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
