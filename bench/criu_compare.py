@@ -20,7 +20,7 @@ prints "SKIP criu: <why>" and measures lazycr alone.
 
 Usage: bench/criu_compare.py --build BUILD_DIR [--runs 3] [--sizes 512,2048]
        [--patterns semi] [--python-mib 512] [--dirs /dev/shm,/tmp] [--compress lz4,zstd:-3]
-       [-- extra lazycr dump args]
+       [--base OTHER_BUILD_DIR] [-- extra lazycr dump args]
 Root only (both tools ptrace and CRIU needs CAP_SYS_ADMIN). A benchmark, not a test.
 """
 import argparse
@@ -186,6 +186,8 @@ def main():
     ap.add_argument("--compress", default="",
                     help="lazycr --compress choices to compare, comma separated (default: "
                          "lazycr's default only)")
+    ap.add_argument("--base", help="another build directory whose lazycr dumps in the same "
+                    "runs, rotating with the others (tool 'base', e.g. main's build)")
     ap.add_argument("extra", nargs="*", help="extra lazycr dump arguments (after --)")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -209,6 +211,8 @@ def main():
         targets.append(("python", a.python_mib))
     choices = [c for c in a.compress.split(",") if c]
     lz_tools = ["lazycr:" + c for c in choices] if choices else ["lazycr"]
+    if a.base:
+        lz_tools += ["base:" + c for c in choices] if choices else ["base"]
     tools = lz_tools + ["criu"]
     rows = []
     for d in [x for x in a.dirs.split(",") if x]:
@@ -226,10 +230,12 @@ def main():
                         img = os.path.join(scratch, "img-" + tool.replace(":", "_"))
                         shutil.rmtree(img, ignore_errors=True)
                         target = start_target(a.build, kind, mib, scratch)
-                        if tool.startswith("lazycr"):
-                            cmd = [lazycr, "dump", "-t", str(target.pid), "-D", img] + a.extra
-                            if tool.startswith("lazycr:"):
-                                cmd += ["--compress", tool[len("lazycr:"):]]
+                        if tool.startswith("lazycr") or tool.startswith("base"):
+                            binary = lazycr if tool.startswith("lazycr") else os.path.join(
+                                a.base, "tools", "lazycr")
+                            cmd = [binary, "dump", "-t", str(target.pid), "-D", img] + a.extra
+                            if ":" in tool:
+                                cmd += ["--compress", tool.split(":", 1)[1]]
                         else:
                             os.makedirs(img)
                             work = os.path.join(scratch, "criu-work")

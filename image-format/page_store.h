@@ -169,6 +169,10 @@ class PageStoreReader {
   // store without digests has no raw frames, and its zstd frames are checked by zstd. Never
   // use bytes of a frame before this returned.
   void check_frame(uint64_t i, const void* data, size_t size) const;
+  // check_frame() of frames i and j at once (their digests computed together, sha256_pair.h);
+  // the error names the first of them that does not match.
+  void check_frame_pair(uint64_t i, const void* a, size_t asize, uint64_t j, const void* b,
+                        size_t bsize) const;
   // Frames stored raw (FrameInfo::raw).
   uint64_t raw_frame_count() const;
 

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,7 +44,6 @@ struct DCtxDeleter {
 
 struct DirectPageReader::Impl {
   std::map<std::string, UniqueFd> fds;  // by store path
-  std::vector<unsigned char> scratch;   // one compressed frame
   std::unique_ptr<ZSTD_DCtx, DCtxDeleter> dctx;
   uint64_t bytes = 0, frames = 0;
 
@@ -60,8 +60,20 @@ struct DirectPageReader::Impl {
     return fds.emplace(store.path(), std::move(fd)).first->second.get();
   }
 
-  // Frame fi (of `pages` pages) into out, checked against its digest before any use.
-  void load_frame(const PageStoreReader& store, uint64_t fi, uint64_t pages, unsigned char* out) {
+  // A frame read from the file and not yet checked: its bytes are `out` (raw) or a scratch
+  // buffer (to decode into `out` once checked).
+  struct Fetched {
+    uint64_t fi = 0, pages = 0;
+    unsigned char* out = nullptr;
+    const unsigned char* bytes = nullptr;
+    size_t size = 0;
+    bool raw = false;
+  };
+  std::vector<unsigned char> scratch[2];  // one compressed frame each
+  std::optional<Fetched> held;            // fetched, waiting for a second one to check with
+
+  Fetched fetch(const PageStoreReader& store, uint64_t fi, uint64_t pages, unsigned char* out,
+                int slot) {
     const PageStoreReader::FrameInfo f = store.frame(fi);
     const uint64_t expected = pages * P;
     const int fd = fd_of(store);
@@ -70,35 +82,63 @@ struct DirectPageReader::Impl {
         fail(store.path(), ": frame ", fi, ": raw frame of ", f.size, " bytes, expected ",
              expected);
       pread_exact(fd, out, expected, f.offset, store.path());
-      store.check_frame(fi, out, expected);
+      return {fi, pages, out, out, expected, true};
+    }
+    // Bounded at open: a frame is at most its codec's bound for its content.
+    const size_t bound =
+        store.lz4_frames() ? lz4_frame_bound(kMaxFrameSize) : ZSTD_compressBound(kMaxFrameSize);
+    if (f.size > bound) fail(store.path(), ": frame ", fi, ": ", f.size, " bytes is too large");
+    std::vector<unsigned char>& buf = scratch[slot];
+    if (buf.size() < f.size) buf.resize(f.size);
+    pread_exact(fd, buf.data(), f.size, f.offset, store.path());
+    return {fi, pages, out, buf.data(), f.size, false};
+  }
+
+  // A checked frame into its `out`: a frame the dump did not write never reaches the decoders.
+  void decode(const PageStoreReader& store, const Fetched& x) {
+    const uint64_t expected = x.pages * P;
+    if (x.raw) {
     } else if (store.lz4_frames()) {
-      if (f.size > lz4_frame_bound(kMaxFrameSize))
-        fail(store.path(), ": frame ", fi, ": ", f.size, " bytes is too large");
-      if (scratch.size() < f.size) scratch.resize(f.size);
-      pread_exact(fd, scratch.data(), f.size, f.offset, store.path());
-      store.check_frame(fi, scratch.data(), f.size);  // before the decoder sees it
-      lz4_decode_frame(scratch.data(), f.size, out, expected, cat(store.path(), ": frame ", fi));
+      lz4_decode_frame(x.bytes, x.size, x.out, expected, cat(store.path(), ": frame ", x.fi));
     } else {
-      // Bounded at open: a zstd frame is at most ZSTD_compressBound(its content) bytes.
-      if (f.size > ZSTD_compressBound(kMaxFrameSize))
-        fail(store.path(), ": frame ", fi, ": ", f.size, " bytes is too large");
-      if (scratch.size() < f.size) scratch.resize(f.size);
-      pread_exact(fd, scratch.data(), f.size, f.offset, store.path());
-      // Before anything parses the frame: a frame the dump did not write never reaches zstd.
-      store.check_frame(fi, scratch.data(), f.size);
-      const unsigned long long content = ZSTD_getFrameContentSize(scratch.data(), f.size);
+      const unsigned long long content = ZSTD_getFrameContentSize(x.bytes, x.size);
       if (content != expected)
-        fail(store.path(), ": frame ", fi, ": zstd frame holds ", content, " bytes, expected ",
+        fail(store.path(), ": frame ", x.fi, ": zstd frame holds ", content, " bytes, expected ",
              expected);
       if (!dctx) dctx.reset(ZSTD_createDCtx());
       if (!dctx) fail("cannot create a zstd decompression context");
-      const size_t r = ZSTD_decompressDCtx(dctx.get(), out, expected, scratch.data(), f.size);
-      if (ZSTD_isError(r)) fail(store.path(), ": frame ", fi, ": zstd: ", ZSTD_getErrorName(r));
+      const size_t r = ZSTD_decompressDCtx(dctx.get(), x.out, expected, x.bytes, x.size);
+      if (ZSTD_isError(r)) fail(store.path(), ": frame ", x.fi, ": zstd: ", ZSTD_getErrorName(r));
       if (r != expected)
-        fail(store.path(), ": frame ", fi, ": decompressed to ", r, " bytes, expected ", expected);
+        fail(store.path(), ": frame ", x.fi, ": decompressed to ", r, " bytes, expected ",
+             expected);
     }
     bytes += expected;
     ++frames;
+  }
+
+  // Frame fi (of `pages` pages) into out, checked against its digest before any use: held
+  // until a second frame comes, then both are checked at once and decoded (flush_held() for
+  // the last one alone).
+  void load_frame(const PageStoreReader& store, uint64_t fi, uint64_t pages, unsigned char* out) {
+    if (!held) {
+      held = fetch(store, fi, pages, out, 0);
+      return;
+    }
+    const Fetched second = fetch(store, fi, pages, out, 1);
+    const Fetched first = *held;
+    held.reset();
+    store.check_frame_pair(first.fi, first.bytes, first.size, second.fi, second.bytes, second.size);
+    decode(store, first);
+    decode(store, second);
+  }
+
+  void flush_held(const PageStoreReader& store) {
+    if (!held) return;
+    const Fetched x = *held;
+    held.reset();
+    store.check_frame(x.fi, x.bytes, x.size);
+    decode(store, x);
   }
 };
 
@@ -117,6 +157,7 @@ void DirectPageReader::read(const PageStoreReader& store, uint64_t addr, size_t 
     store.read(addr, npages, out);  // (its errors for bad arguments)
     return;
   }
+  impl_->held.reset();  // (left by a read that threw)
   unsigned char* const base = static_cast<unsigned char*>(out);
   const uint64_t fp = store.index().frame_pages();
   const uint64_t data_pages = store.index().data_pages();
@@ -159,6 +200,7 @@ void DirectPageReader::read(const PageStoreReader& store, uint64_t addr, size_t 
     // skipped that are not in this frame are read by store.read, which is always right).
     a += (fp - in_frame) * P;
   }
+  impl_->flush_held(store);
   flush(end);
 }
 

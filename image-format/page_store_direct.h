@@ -6,12 +6,13 @@
 // Every whole frame inside the range goes straight to `out`: a raw frame by one pread from the
 // file (the page cache) into `out`, a zstd frame by one pread into a scratch buffer and one
 // decompression into `out`. Each is checked against its SHA-256 in the index before its bytes
-// are used (PageStoreReader::check_frame): a frame that does not match throws, naming the
+// are used (two frames at a time, PageStoreReader::check_frame_pair: their digests are computed
+// together, ~2x faster; a last odd frame alone): a frame that does not match throws, naming the
 // store and the frame, and `out` must then not be used. Pages of partial frames (the chunk's
 // ends), ZERO and REF pages, and every page of a store without frame digests (its frames are
 // vouched for only by a MAC over the file the reader opened) go through PageStoreReader::read.
 //
-// Not thread-safe: one DirectPageReader per thread (it owns a scratch buffer, a zstd context
+// Not thread-safe: one DirectPageReader per thread (it owns scratch buffers, a zstd context
 // and one descriptor per store path, each checked to have the store's size).
 #pragma once
 

@@ -677,9 +677,10 @@ TEST_F(PageServerTest, ExitWhileOwedEndsTheRun) {
 
 // A copy of the store with the frame holding `page` damaged; returns its path and that
 // frame's number.
-std::pair<std::string, uint64_t> corrupt_store(uint64_t page) {
+std::pair<std::string, uint64_t> corrupt_store(uint64_t page,
+                                               const std::string& src = g_store_path) {
   const std::string bad = g_store_dir + "/pages-corrupt.lzp";
-  std::filesystem::copy_file(g_store_path, bad, std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::copy_file(src, bad, std::filesystem::copy_options::overwrite_existing);
   uint64_t frame = 0, offset = 0, size = 0;
   {
     auto r = image::PageStoreReader::open(bad);
@@ -754,6 +755,64 @@ TEST_F(PageServerTest, CorruptFrameDuringTheDrainKillsTheProcess) {
   EXPECT_NE(e.find(bad + ": frame " + std::to_string(frame)), std::string::npos) << e;
   EXPECT_NE(e.find("SHA-256"), std::string::npos) << e;
   EXPECT_NE(e.find("killed the process rather than serve wrong memory"), std::string::npos) << e;
+}
+
+// A store of LZ4 frames (the dump's default; the pages above do not compress, so they are
+// stored raw): every page of the area DATA, a random word then the page number over and over.
+std::string write_lz4_store() {
+  const std::string path = g_store_dir + "/pages-lz4.lzp";
+  image::PageStoreOptions o;
+  image::parse_compression("lz4", o);
+  o.frame_size = image::kMinFrameSize;
+  o.threads = 1;
+  image::PageStoreWriter w(path, o);
+  std::vector<uint64_t> page(P / 8);
+  for (uint64_t i = 0; i < kPages; ++i) {
+    for (uint64_t k = 0; k < P / 8; ++k) page[k] = k == 0 ? mix(i) : i;
+    w.add_pages(kBase + i * P, page.data(), 1);
+  }
+  w.finish();
+  return path;
+}
+
+// A damaged LZ4 frame is refused by its digest, by name, before any of its bytes is decoded or
+// copied: on the fault path (through the frame cache) and in the drain (the fill pipeline's
+// workers read whole frames straight into their buffers), each of which checks the frame on
+// the thread that decodes it.
+TEST_F(PageServerTest, DamagedLz4FrameIsRefusedOnTheFaultPathAndInTheDrain) {
+  const std::string lz4 = write_lz4_store();
+  const uint64_t page = 64;  // the first page of frame 16, inside the second 64-page chunk
+  const auto [bad, frame] = corrupt_store(page, lz4);
+  {
+    auto r = image::PageStoreReader::open(bad);
+    ASSERT_TRUE(r->lz4_frames());
+    ASSERT_FALSE(r->frame(frame).raw);
+    ASSERT_EQ(r->find(kBase + page * P)->stream_page, frame * r->index().frame_pages());
+  }
+  PageServerOptions drain;
+  drain.prefetch_thread = true;
+  drain.prefetch_chunk = 64 * P;  // whole frames inside each chunk
+  for (const bool on_fault : {true, false}) {
+    SCOPED_TRACE(on_fault ? "fault path" : "drain");
+    Outcome o = serve(
+        [&](const ChildIo& io) {
+          if (!on_fault && wait_cmd(io.cmd) != 'v') return;
+          say(io.report, "touching\n");
+          const volatile uint64_t* w = reinterpret_cast<const volatile uint64_t*>(at(page));
+          say(io.report, w[0] == mix(page) && w[1] == page ? "saw content\n" : "saw garbage\n");
+        },
+        on_fault ? no_prefetch() : drain, nullptr, [](Child& ch) { ch.send('v'); }, bad);
+    EXPECT_EQ(o.report, on_fault ? "touching\n" : "") << "went on after the damaged frame";
+    EXPECT_TRUE(WIFSIGNALED(o.status) && WTERMSIG(o.status) == SIGKILL) << o.status;
+    if (!on_fault) {
+      EXPECT_EQ(o.stats.faults, 0u);
+    }
+    ASSERT_EQ(o.stats.errors.size(), 1u);
+    const std::string& e = o.stats.errors[0];
+    EXPECT_NE(e.find(bad + ": frame " + std::to_string(frame) + ": its "), std::string::npos) << e;
+    EXPECT_NE(e.find("do not match their SHA-256 in the index"), std::string::npos) << e;
+    EXPECT_NE(e.find("killed the process rather than serve wrong memory"), std::string::npos) << e;
+  }
 }
 
 // The faulting page is read and filled before the rest of its window: a corrupt frame in
