@@ -1,0 +1,67 @@
+// Internal to restore/: which pages of a lazily restored tree come back shared copy-on-write.
+//
+// A page that a fork left shared at dump time is stored once, by the first process of the
+// inventory that has it; the others record a REF run to it (image-format/FORMAT.md). Private
+// anonymous memory can only be shared again by fork, so a lazy restore of a tree forks each
+// child once its parent has, in place, the pages the child shares with it (restore.cc):
+// - the child keeps the parent's area (restore/process_steps.h inheritable_areas()), and
+//   its page at X is "inherited" when the image says it is the same page as the parent's at
+//   X (both resolve to the same stored page: same pid and address once REF runs are
+//   followed) and the parent holds that page at the fork: inherited itself the same way, or
+//   filled before its children are forked ("filled for children");
+// - userfaultfd cannot put a page into two processes: a UFFDIO_COPY into the parent after the
+//   fork would not reach the child. So the pages filled for children are written eagerly
+//   (before the first instruction, like an eager restore's) and the areas are registered with
+//   userfaultfd only once every process exists (a fork of a registered area would be a FORK
+//   event nobody reads yet);
+// - every other page of a lazy area is owed by the page server as before (the inherited
+//   copy of the parent's content there is dropped before registering).
+// Only lazy candidates (restore/eager_preread.h) are computed here; other areas follow the
+// eager filler's own rule for inherited areas (restore/memory.h).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "image-format/image_dir.h"
+
+namespace lazycr::restore {
+
+struct PageRange {
+  uint64_t start = 0, end = 0;  // page aligned, start < end
+};
+
+class TreeSharing {
+ public:
+  // Processes of `img` (parents first); zombies have neither.
+  explicit TreeSharing(const image::ImageReader& img);
+
+  // Pages of process `pid` inside [start, end) that it holds from its parent at its fork,
+  // sorted and disjoint.
+  std::vector<PageRange> inherited(int pid, uint64_t start, uint64_t end) const;
+  // Pages of process `pid` inside [start, end) that its children share with it and that it
+  // did not inherit: written before its children are forked.
+  std::vector<PageRange> filled_for_children(int pid, uint64_t start, uint64_t end) const;
+
+  // Pages, over the tree, inherited by children (for the log and tests).
+  uint64_t inherited_pages() const;
+
+ private:
+  std::map<int, std::vector<PageRange>> inherited_, fill_;
+};
+
+// Where the pages of `store` (process `pid`) inside [start, end) resolve to, where it matters
+// for sharing: the ranges in which `child` (process `child_pid`) resolves to the same stored
+// page as `parent` (`parent_pid`) at the same address. Exposed for unit tests.
+std::vector<PageRange> same_pages(const image::PageStoreReader& child, int child_pid,
+                                  const image::PageStoreReader& parent, int parent_pid,
+                                  uint64_t start, uint64_t end);
+
+// `ranges` without the pages of `minus` (both sorted and disjoint); sorted and disjoint.
+std::vector<PageRange> subtract(const std::vector<PageRange>& ranges,
+                                const std::vector<PageRange>& minus);
+// `a` and `b` together, sorted, neighbours merged.
+std::vector<PageRange> unite(std::vector<PageRange> a, const std::vector<PageRange>& b);
+
+}  // namespace lazycr::restore
