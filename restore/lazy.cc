@@ -616,7 +616,7 @@ class LazyStrategy final : public MemoryStrategy {
 
   void prepare_area(RemoteProcess& target, const MemoryArea& area) override {
     if (lazy_candidate(area))
-      add_candidate(target, area, {});
+      add_candidate(target, area, {}, false);
     else
       eager_->prepare_area(target, area);
   }
@@ -626,7 +626,8 @@ class LazyStrategy final : public MemoryStrategy {
     if (!lazy_candidate(area)) return eager_->prepare_inherited_area(target, area, parent_pid);
     add_candidate(target, area,
                   sharing_ ? sharing_->inherited(proc_.pid(), area.start(), area.end())
-                           : std::vector<PageRange>{});
+                           : std::vector<PageRange>{},
+                  true);
   }
 
   // Before this process's children are forked (restore.cc): the eager areas, and the pages
@@ -693,9 +694,10 @@ class LazyStrategy final : public MemoryStrategy {
  private:
   // A lazy candidate; `inherited`: its pages the process holds from its parent's fork. The
   // pages its children share with it are written now (by the eager filler, at fill_mapped()):
-  // neither is owed by the server.
+  // neither is owed by the server. `kept`: the area was inherited with the parent's content,
+  // so that pages written for the children are written whole (zero pages too) or dropped.
   void add_candidate(RemoteProcess& target, const MemoryArea& area,
-                     const std::vector<PageRange>& inherited) {
+                     const std::vector<PageRange>& inherited, bool kept) {
     candidates_.push_back(&area);
     present_ = unite(std::move(present_), inherited);
     if (sharing_ == nullptr) return;
@@ -704,7 +706,10 @@ class LazyStrategy final : public MemoryStrategy {
       MemoryArea piece = area;  // the eager filler takes areas: this range of it
       piece.set_start(r.start);
       piece.set_end(r.end);
-      eager_->prepare_area(target, piece);
+      if (kept)
+        eager_->prepare_inherited_area(target, piece, /*no parent's page is kept*/ 0);
+      else
+        eager_->prepare_area(target, piece);
     }
     present_ = unite(std::move(present_), fill);
   }
@@ -712,12 +717,6 @@ class LazyStrategy final : public MemoryStrategy {
   // The pages of `a` the server owes (before the hot pages are taken out).
   std::vector<PageRange> owed_in(const MemoryArea& a) const {
     return subtract({{a.start(), a.end()}}, present_);
-  }
-
-  bool is_present(uint64_t page) const {
-    auto it = std::upper_bound(present_.begin(), present_.end(), page,
-                               [](uint64_t a, const PageRange& r) { return a < r.end; });
-    return it != present_.end() && it->start <= page;
   }
 
   // Pages of lazy areas that are present already would never fault (a page the restore
@@ -859,7 +858,7 @@ class LazyStrategy final : public MemoryStrategy {
     auto add = [&](uint64_t from, uint64_t to) {  // bytes [from, to)
       if (to <= from) return;
       for (uint64_t pg = from & ~(kPage - 1); pg < to; pg += kPage)
-        if (lazy_area_of(pg) != nullptr && !is_present(pg)) pages.insert(pg);
+        if (lazy_area_of(pg) != nullptr && !contains(present_, pg)) pages.insert(pg);
     };
     for (const auto& th : proc_.threads()) {
       const auto& r = th.regs();

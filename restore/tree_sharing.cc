@@ -107,6 +107,12 @@ std::vector<PageRange> subtract(const std::vector<PageRange>& ranges,
   return out;
 }
 
+bool contains(const std::vector<PageRange>& ranges, uint64_t addr) {
+  auto it = std::upper_bound(ranges.begin(), ranges.end(), addr,
+                             [](uint64_t a, const PageRange& r) { return a < r.end; });
+  return it != ranges.end() && it->start <= addr;
+}
+
 std::vector<PageRange> unite(std::vector<PageRange> a, const std::vector<PageRange>& b) {
   a.insert(a.end(), b.begin(), b.end());
   std::sort(a.begin(), a.end(),

@@ -61,6 +61,8 @@ std::vector<PageRange> same_pages(const image::PageStoreReader& child, int child
 // `ranges` without the pages of `minus` (both sorted and disjoint); sorted and disjoint.
 std::vector<PageRange> subtract(const std::vector<PageRange>& ranges,
                                 const std::vector<PageRange>& minus);
+// Whether `addr` lies in one of `ranges` (sorted and disjoint).
+bool contains(const std::vector<PageRange>& ranges, uint64_t addr);
 // `a` and `b` together, sorted, neighbours merged.
 std::vector<PageRange> unite(std::vector<PageRange> a, const std::vector<PageRange>& b);
 
