@@ -100,7 +100,7 @@
 #include "restore/eager_preread.h"
 #include "restore/memory.h"
 #include "restore/park.h"
-#include "restore/tree_sharing.h"
+#include "restore/tree_fill.h"
 #include "uffd/keeper.h"
 #include "uffd/page_server.h"
 #include "uffd/uffd.h"
@@ -602,9 +602,13 @@ class LazyStrategy final : public MemoryStrategy {
   LazyStrategy(const image::Process& proc, const image::PageStoreReader& store,
                const RestoreOptions& opts, const cpu_set_t& cpus, LazyServerGroup& group,
                const TreeSharing* sharing)
-      : proc_(proc), store_(store), opts_(opts), cpus_(cpus), group_(group), sharing_(sharing) {
-    eager_ = make_eager_filler(store, &cpus_, opts.preread.get());
-  }
+      : proc_(proc),
+        store_(store),
+        opts_(opts),
+        cpus_(cpus),
+        eager_(make_eager_filler(store, &cpus_, opts.preread.get())),
+        group_(group),
+        tree_fill_(sharing, proc.pid(), *eager_, cpus) {}
 
   const char* name() const override { return "lazy"; }
 
@@ -616,7 +620,7 @@ class LazyStrategy final : public MemoryStrategy {
 
   void prepare_area(RemoteProcess& target, const MemoryArea& area) override {
     if (lazy_candidate(area))
-      add_candidate(target, area, {}, false);
+      add_candidate(target, area, false);
     else
       eager_->prepare_area(target, area);
   }
@@ -624,15 +628,15 @@ class LazyStrategy final : public MemoryStrategy {
   void prepare_inherited_area(RemoteProcess& target, const MemoryArea& area,
                               int parent_pid) override {
     if (!lazy_candidate(area)) return eager_->prepare_inherited_area(target, area, parent_pid);
-    add_candidate(target, area,
-                  sharing_ ? sharing_->inherited(proc_.pid(), area.start(), area.end())
-                           : std::vector<PageRange>{},
-                  true);
+    add_candidate(target, area, true);
   }
 
   // Before this process's children are forked (restore.cc): the eager areas, and the pages
   // of lazy areas that its children share with it (restore/tree_sharing.h).
-  void fill_mapped(RemoteProcess& target) override { eager_->fill_mapped(target); }
+  void fill_mapped(RemoteProcess& target) override {
+    eager_->fill_mapped(target);
+    tree_fill_.fill(target);
+  }
 
   void register_lazy(RemoteProcess& target) override {
     if (candidates_.empty()) return;
@@ -683,6 +687,7 @@ class LazyStrategy final : public MemoryStrategy {
 
   MemoryStats stats() const override {
     MemoryStats s = eager_->stats();
+    s.pages_written += tree_fill_.stats().pages_written;
     s.pages_written += hot_pages_;
     s.bytes_written += hot_pages_ * kPage;
     s.lazy_areas = lazy_areas_;
@@ -692,26 +697,11 @@ class LazyStrategy final : public MemoryStrategy {
   }
 
  private:
-  // A lazy candidate; `inherited`: its pages the process holds from its parent's fork. The
-  // pages its children share with it are written now (by the eager filler, at fill_mapped()):
-  // neither is owed by the server. `kept`: the area was inherited with the parent's content,
-  // so that pages written for the children are written whole (zero pages too) or dropped.
-  void add_candidate(RemoteProcess& target, const MemoryArea& area,
-                     const std::vector<PageRange>& inherited, bool kept) {
+  // A lazy candidate (`kept`: inherited from the parent). The pages it holds from the parent
+  // and those it writes for its children (restore/tree_fill.h) are not owed to the server.
+  void add_candidate(RemoteProcess& target, const MemoryArea& area, bool kept) {
     candidates_.push_back(&area);
-    present_ = unite(std::move(present_), inherited);
-    if (sharing_ == nullptr) return;
-    const auto fill = sharing_->filled_for_children(proc_.pid(), area.start(), area.end());
-    for (const PageRange& r : fill) {
-      MemoryArea piece = area;  // the eager filler takes areas: this range of it
-      piece.set_start(r.start);
-      piece.set_end(r.end);
-      if (kept)
-        eager_->prepare_inherited_area(target, piece, /*no parent's page is kept*/ 0);
-      else
-        eager_->prepare_area(target, piece);
-    }
-    present_ = unite(std::move(present_), fill);
+    present_ = unite(std::move(present_), tree_fill_.add(target, area, kept));
   }
 
   // The pages of `a` the server owes (before the hot pages are taken out).
@@ -938,7 +928,7 @@ class LazyStrategy final : public MemoryStrategy {
   uffd::Userfaultfd uffd_;
   ParkedKeeper keeper_;
   LazyServerGroup& group_;
-  const TreeSharing* sharing_;      // nullptr: no page comes from a parent
+  TreeFill tree_fill_;
   std::vector<PageRange> present_;  // pages of lazy candidates not owed: see add_candidate()
   uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
   size_t dropped_present_ = 0;

@@ -2,6 +2,7 @@
 #include "restore/tree_sharing.h"
 
 #include <algorithm>
+#include <set>
 
 #include "restore/eager_preread.h"
 #include "restore/process_steps.h"
@@ -80,7 +81,6 @@ std::vector<PageRange> same_pages(const image::PageStoreReader& child, int child
   std::vector<PageRange> out;
   size_t j = 0;
   for (const Identity& a : c) {
-    if (a.pid == child_pid) continue;  // the child's own page: never the parent's
     while (j < p.size() && p[j].end <= a.start) j++;
     for (size_t k = j; k < p.size() && p[k].start < a.end; k++) {
       const Identity& b = p[k];
@@ -127,38 +127,89 @@ std::vector<PageRange> unite(std::vector<PageRange> a, const std::vector<PageRan
   return out;
 }
 
-TreeSharing::TreeSharing(const image::ImageReader& img) {
+std::vector<PageRange> intersect(const std::vector<PageRange>& a, const std::vector<PageRange>& b) {
+  return subtract(a, subtract(a, b));
+}
+
+TreeSharing::TreeSharing(const image::ImageReader& img) : img_(img) {
   const auto& procs = img.processes();
   std::map<int, const image::Process*> by_pid;
   for (const auto& p : procs) by_pid[p.pid()] = &p;
-  // Parents come first: a parent's inherited pages are known when its children are looked at.
+  std::map<int, std::vector<const image::Process*>> children;
+  std::map<int, std::set<uint64_t>> kept;  // by child: the areas it keeps from its parent
   for (const auto& c : procs) {
     auto pit = by_pid.find(c.ppid());
     if (c.zombie() || pit == by_pid.end() || pit->second->zombie()) continue;
     if (!img.has_pages(c.pid()) || !img.has_pages(c.ppid())) continue;
-    const image::Process& p = *pit->second;
-    const std::set<uint64_t> kept = inheritable_areas(p, c);
-    const auto& cstore = img.pages(c.pid());
-    const auto& pstore = img.pages(p.pid());
-    std::vector<PageRange> shared;
-    for (const MemoryArea& a : c.areas()) {
-      if (kept.count(a.start()) == 0 || !lazy_candidate(a)) continue;
-      for (const PageRange& r : same_pages(cstore, c.pid(), pstore, p.pid(), a.start(), a.end()))
-        add(shared, r.start, r.end);
-    }
-    if (shared.empty()) continue;
-    inherited_[c.pid()] = shared;
-    fill_[p.pid()] = unite(std::move(fill_[p.pid()]), shared);
+    children[c.ppid()].push_back(&c);
+    kept[c.pid()] = inheritable_areas(*pit->second, c);
   }
-  for (auto& [pid, v] : fill_) {
-    auto it = inherited_.find(pid);
-    if (it != inherited_.end()) v = subtract(v, it->second);
+  // The kept lazy areas of child `c` (that `other`, a sibling, keeps too when given).
+  auto areas_of = [&](const image::Process& c, const image::Process* other) {
+    std::vector<PageRange> out;
+    for (const MemoryArea& a : c.areas())
+      if (kept[c.pid()].count(a.start()) && lazy_candidate(a) &&
+          (other == nullptr || kept[other->pid()].count(a.start())))
+        out.push_back({a.start(), a.end()});
+    return out;
+  };
+  // Parents come first: a parent's inherited pages are known when its children are looked at.
+  for (const auto& p : procs) {
+    auto cit = children.find(p.pid());
+    if (cit == children.end()) continue;
+    const auto& cs = cit->second;
+    const auto& pstore = img.pages(p.pid());
+    const std::vector<PageRange> p_inherited = inherited(p.pid(), 0, ~uint64_t{0});
+    // Pages children share with the parent's own: the parent holds them at the forks.
+    std::vector<PageRange> own;
+    for (const image::Process* c : cs) {
+      std::vector<PageRange> shared;
+      for (const PageRange& a : areas_of(*c, nullptr))
+        for (const PageRange& r :
+             same_pages(img.pages(c->pid()), c->pid(), pstore, p.pid(), a.start, a.end))
+          add(shared, r.start, r.end);
+      inherited_[c->pid()] = unite(std::move(inherited_[c->pid()]), shared);
+      own = unite(std::move(own), shared);
+    }
+    fill_[p.pid()] = subtract(own, p_inherited);
+    // Pages siblings share that the parent no longer has (it wrote its own after the forks):
+    // the parent holds the first sibling's at the forks, and owes its own to the server.
+    std::vector<PageRange> taken = unite(own, p_inherited);
+    for (size_t i = 0; i < cs.size(); i++) {
+      std::vector<PageRange> assigned;
+      for (size_t j = i + 1; j < cs.size(); j++) {
+        std::vector<PageRange> equal;
+        for (const PageRange& a : areas_of(*cs[i], cs[j]))
+          for (const PageRange& r :
+               same_pages(img.pages(cs[i]->pid()), cs[i]->pid(), img.pages(cs[j]->pid()),
+                          cs[j]->pid(), a.start, a.end))
+            add(equal, r.start, r.end);
+        equal = subtract(equal, unite(own, p_inherited));
+        const std::vector<PageRange> fresh = subtract(equal, taken);
+        assigned = unite(std::move(assigned), fresh);
+        taken = unite(std::move(taken), fresh);
+        const std::vector<PageRange> both = intersect(equal, assigned);
+        inherited_[cs[j]->pid()] = unite(std::move(inherited_[cs[j]->pid()]), both);
+        inherited_[cs[i]->pid()] = unite(std::move(inherited_[cs[i]->pid()]), both);
+      }
+      for (const PageRange& r : assigned) foreign_[p.pid()].push_back({r, cs[i]->pid()});
+    }
   }
 }
 
 std::vector<PageRange> TreeSharing::inherited(int pid, uint64_t start, uint64_t end) const {
   auto it = inherited_.find(pid);
   return it == inherited_.end() ? std::vector<PageRange>{} : clip(it->second, start, end);
+}
+
+std::vector<ForeignFill> TreeSharing::foreign_for_children(int pid, uint64_t start,
+                                                           uint64_t end) const {
+  std::vector<ForeignFill> out;
+  auto it = foreign_.find(pid);
+  if (it == foreign_.end()) return out;
+  for (const ForeignFill& f : it->second)
+    for (const PageRange& r : clip({f.range}, start, end)) out.push_back({r, f.source});
+  return out;
 }
 
 std::vector<PageRange> TreeSharing::filled_for_children(int pid, uint64_t start,

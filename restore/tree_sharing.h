@@ -8,7 +8,9 @@
 //   its page at X is "inherited" when the image says it is the same page as the parent's at
 //   X (both resolve to the same stored page: same pid and address once REF runs are
 //   followed) and the parent holds that page at the fork: inherited itself the same way, or
-//   filled before its children are forked ("filled for children");
+//   filled before its children are forked ("filled for children"); pages that siblings share
+//   but the parent rewrote after its forks are written in the parent with the siblings'
+//   content before the forks, and owed to the parent (its own content) afterwards;
 // - userfaultfd cannot put a page into two processes: a UFFDIO_COPY into the parent after the
 //   fork would not reach the child. So the pages filled for children are written eagerly
 //   (before the first instruction, like an eager restore's) and the areas are registered with
@@ -32,6 +34,13 @@ struct PageRange {
   uint64_t start = 0, end = 0;  // page aligned, start < end
 };
 
+// Pages a parent writes before its forks with a child's content, not its own (see
+// foreign_for_children()).
+struct ForeignFill {
+  PageRange range;
+  int source = 0;  // the child whose store holds them
+};
+
 class TreeSharing {
  public:
   // Processes of `img` (parents first); zombies have neither.
@@ -44,16 +53,24 @@ class TreeSharing {
   // did not inherit: written before its children are forked.
   std::vector<PageRange> filled_for_children(int pid, uint64_t start, uint64_t end) const;
 
+  // Pages of process `pid` inside [start, end) that two or more of its children share while
+  // it has its own there (it wrote them after its forks): written with the first such child's
+  // content before its children are forked, then owed to `pid` itself like any other page.
+  std::vector<ForeignFill> foreign_for_children(int pid, uint64_t start, uint64_t end) const;
+  const image::PageStoreReader& store(int pid) const { return img_.pages(pid); }
+
   // Pages, over the tree, inherited by children (for the log and tests).
   uint64_t inherited_pages() const;
 
  private:
+  const image::ImageReader& img_;
   std::map<int, std::vector<PageRange>> inherited_, fill_;
+  std::map<int, std::vector<ForeignFill>> foreign_;
 };
 
-// Where the pages of `store` (process `pid`) inside [start, end) resolve to, where it matters
-// for sharing: the ranges in which `child` (process `child_pid`) resolves to the same stored
-// page as `parent` (`parent_pid`) at the same address. Exposed for unit tests.
+// The ranges inside [start, end) in which `child` (process `child_pid`) resolves to the same
+// stored page as `parent` (`parent_pid`, or a sibling) at the same address (REF runs
+// followed). Exposed for unit tests.
 std::vector<PageRange> same_pages(const image::PageStoreReader& child, int child_pid,
                                   const image::PageStoreReader& parent, int parent_pid,
                                   uint64_t start, uint64_t end);

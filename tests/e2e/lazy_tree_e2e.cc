@@ -223,8 +223,8 @@ TEST(LazyTree, InheritedBufferIsSharedAgainAfterTheDrainAndEveryByteIsRight) {
   EXPECT_EQ(differing(root, c2, 256, kPages), 0u) << "root and c2";
   EXPECT_EQ(differing(root, gc, 256, kPages), 0u) << "root and gc (inherited twice)";
   EXPECT_EQ(differing(c1, gc, 64, 128), 0u) << "c1's own pages, inherited by gc";
-  // (Pages 0-63, which the children still share but the root rewrote after its forks, come
-  // back one copy per child: the root does not hold them when it forks.)
+  EXPECT_EQ(differing(c1, c2, 0, 64), 0u) << "pages the root rewrote after its forks";
+  EXPECT_EQ(differing(c1, gc, 0, 64), 0u) << "pages the root rewrote after its forks";
   EXPECT_EQ(differing(root, c1, 0, 64), 64u);
   EXPECT_EQ(differing(c1, c2, 128, 192), 64u);
   const uint64_t pss_after = t.pss_kb();
