@@ -100,6 +100,7 @@
 #include "restore/eager_preread.h"
 #include "restore/memory.h"
 #include "restore/park.h"
+#include "restore/tree_fill.h"
 #include "uffd/keeper.h"
 #include "uffd/page_server.h"
 #include "uffd/uffd.h"
@@ -111,8 +112,6 @@ using image::kPageSize;
 using image::MemoryArea;
 using image::PageRun;
 
-constexpr uint64_t kRequiredFeatures = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP |
-                                       UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
 constexpr int kAbortWaitMs = 10'000;  // a failed restore waits this long for the server
 constexpr uint64_t kPage = kPageSize;
 
@@ -125,10 +124,6 @@ uint64_t now_ns() {
 std::string area_name(const MemoryArea& a) {
   return cat(hex(a.start()), "-", hex(a.end()), a.name().empty() ? "" : " ", a.name());
 }
-
-struct Range {
-  uint64_t start, end;
-};
 
 // The store at `st`'s path, opened again, refused unless its index is the one `st` read:
 // the restore checked that one (image.mac covers the index, which holds each frame's digest),
@@ -605,10 +600,15 @@ void write_pidfile(const std::string& path, pid_t pid) {
 class LazyStrategy final : public MemoryStrategy {
  public:
   LazyStrategy(const image::Process& proc, const image::PageStoreReader& store,
-               const RestoreOptions& opts, const cpu_set_t& cpus, LazyServerGroup& group)
-      : proc_(proc), store_(store), opts_(opts), cpus_(cpus), group_(group) {
-    eager_ = make_eager_filler(store, &cpus_, opts.preread.get());
-  }
+               const RestoreOptions& opts, const cpu_set_t& cpus, LazyServerGroup& group,
+               const TreeSharing* sharing)
+      : proc_(proc),
+        store_(store),
+        opts_(opts),
+        cpus_(cpus),
+        eager_(make_eager_filler(store, &cpus_, opts.preread.get())),
+        group_(group),
+        tree_fill_(sharing, proc.pid(), *eager_, cpus) {}
 
   const char* name() const override { return "lazy"; }
 
@@ -620,12 +620,23 @@ class LazyStrategy final : public MemoryStrategy {
 
   void prepare_area(RemoteProcess& target, const MemoryArea& area) override {
     if (lazy_candidate(area))
-      candidates_.push_back(&area);
+      add_candidate(target, area, false);
     else
       eager_->prepare_area(target, area);
   }
 
-  void fill_mapped(RemoteProcess& target) override { eager_->fill_mapped(target); }
+  void prepare_inherited_area(RemoteProcess& target, const MemoryArea& area,
+                              int parent_pid) override {
+    if (!lazy_candidate(area)) return eager_->prepare_inherited_area(target, area, parent_pid);
+    add_candidate(target, area, true);
+  }
+
+  // Before this process's children are forked (restore.cc): the eager areas, and the pages
+  // of lazy areas that its children share with it (restore/tree_sharing.h).
+  void fill_mapped(RemoteProcess& target) override {
+    eager_->fill_mapped(target);
+    tree_fill_.fill(target);
+  }
 
   void register_lazy(RemoteProcess& target) override {
     if (candidates_.empty()) return;
@@ -676,6 +687,7 @@ class LazyStrategy final : public MemoryStrategy {
 
   MemoryStats stats() const override {
     MemoryStats s = eager_->stats();
+    s.pages_written += tree_fill_.stats().pages_written;
     s.pages_written += hot_pages_;
     s.bytes_written += hot_pages_ * kPage;
     s.lazy_areas = lazy_areas_;
@@ -685,37 +697,54 @@ class LazyStrategy final : public MemoryStrategy {
   }
 
  private:
+  // A lazy candidate (`kept`: inherited from the parent). The pages it holds from the parent
+  // and those it writes for its children (restore/tree_fill.h) are not owed to the server.
+  void add_candidate(RemoteProcess& target, const MemoryArea& area, bool kept) {
+    candidates_.push_back(&area);
+    present_ = unite(std::move(present_), tree_fill_.add(target, area, kept));
+  }
+
+  // The pages of `a` the server owes (before the hot pages are taken out).
+  std::vector<PageRange> owed_in(const MemoryArea& a) const {
+    return subtract({{a.start(), a.end()}}, present_);
+  }
+
   // Pages of lazy areas that are present already would never fault (a page the restore
-  // faulted in to keep neighbours apart, or a transparent huge page it populated): dropped.
+  // faulted in to keep neighbours apart, a transparent huge page it populated, the parent's
+  // content inherited where this process's differs): dropped. Pages this process holds as
+  // its parent's, or wrote for its children, stay.
   void drop_present_pages(RemoteProcess& target) {
     const auto& k = lazy_restore_features();
-    std::vector<Range> present;
+    std::vector<PageRange> present;
     if (k.pagemap_scan) {
       UniqueFd pm(::open(cat("/proc/", target.pid(), "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
       if (!pm) fail_errno("open /proc/", target.pid(), "/pagemap");
       std::vector<abi::page_region> regions(256);
       for (const MemoryArea* a : candidates_) {
-        uint64_t pos = a->start();
-        while (pos < a->end()) {
-          abi::pm_scan_arg arg{};
-          arg.size = sizeof arg;
-          arg.start = pos;
-          arg.end = a->end();
-          arg.vec = reinterpret_cast<uint64_t>(regions.data());
-          arg.vec_len = regions.size();
-          arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-          arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-          long n = ::ioctl(pm.get(), PAGEMAP_SCAN, &arg);
-          if (n < 0) fail_errno("PAGEMAP_SCAN of area ", area_name(*a));
-          for (long i = 0; i < n; i++) present.push_back({regions[i].start, regions[i].end});
-          if (arg.walk_end <= pos) break;
-          pos = arg.walk_end;
+        for (const PageRange& o : owed_in(*a)) {
+          uint64_t pos = o.start;
+          while (pos < o.end) {
+            abi::pm_scan_arg arg{};
+            arg.size = sizeof arg;
+            arg.start = pos;
+            arg.end = o.end;
+            arg.vec = reinterpret_cast<uint64_t>(regions.data());
+            arg.vec_len = regions.size();
+            arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+            arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+            long n = ::ioctl(pm.get(), PAGEMAP_SCAN, &arg);
+            if (n < 0) fail_errno("PAGEMAP_SCAN of area ", area_name(*a));
+            for (long i = 0; i < n; i++) present.push_back({regions[i].start, regions[i].end});
+            if (arg.walk_end <= pos) break;
+            pos = arg.walk_end;
+          }
         }
       }
     } else {
-      for (const MemoryArea* a : candidates_) present.push_back({a->start(), a->end()});
+      for (const MemoryArea* a : candidates_)
+        for (const PageRange& o : owed_in(*a)) present.push_back({o.start, o.end});
     }
-    for (const Range& r : present)
+    for (const PageRange& r : present)
       target.inject(cat("madvise(MADV_DONTNEED) of ", hex(r.start), "-", hex(r.end),
                         " before registering it with userfaultfd"),
                     SYS_madvise, r.start, r.end - r.start, MADV_DONTNEED);
@@ -751,7 +780,7 @@ class LazyStrategy final : public MemoryStrategy {
       fail_errno_value(
           err, cat("pidfd_getfd of the userfaultfd (fd ", fd, " of pid ", target.pid(), ")"));
     uffd_ = uffd::Userfaultfd::adopt(static_cast<int>(ours));
-    uint64_t want = kRequiredFeatures;
+    uint64_t want = kLazyRequiredFeatures;
     if (lazy_restore_features().uffd_features & UFFD_FEATURE_THREAD_ID)
       want |= UFFD_FEATURE_THREAD_ID;
     uffd_.api(want);
@@ -819,7 +848,7 @@ class LazyStrategy final : public MemoryStrategy {
     auto add = [&](uint64_t from, uint64_t to) {  // bytes [from, to)
       if (to <= from) return;
       for (uint64_t pg = from & ~(kPage - 1); pg < to; pg += kPage)
-        if (lazy_area_of(pg) != nullptr) pages.insert(pg);
+        if (lazy_area_of(pg) != nullptr && !contains(present_, pg)) pages.insert(pg);
     };
     for (const auto& th : proc_.threads()) {
       const auto& r = th.regs();
@@ -873,15 +902,16 @@ class LazyStrategy final : public MemoryStrategy {
   // The lazy areas minus the hot pages: what the server owes.
   void compute_server_areas() {
     size_t h = 0;
-    for (const MemoryArea* a : lazy_) {
-      uint64_t pos = a->start();
-      while (h < hot_.size() && hot_[h].end <= pos) h++;
-      for (size_t k = h; k < hot_.size() && hot_[k].start < a->end(); k++) {
-        if (hot_[k].start > pos) server_areas_.push_back({pos, hot_[k].start});
-        pos = std::max(pos, hot_[k].end);
+    for (const MemoryArea* a : lazy_)
+      for (const PageRange& o : owed_in(*a)) {
+        uint64_t pos = o.start;
+        while (h < hot_.size() && hot_[h].end <= pos) h++;
+        for (size_t k = h; k < hot_.size() && hot_[k].start < o.end; k++) {
+          if (hot_[k].start > pos) server_areas_.push_back({pos, hot_[k].start});
+          pos = std::max(pos, hot_[k].end);
+        }
+        if (pos < o.end) server_areas_.push_back({pos, o.end});
       }
-      if (pos < a->end()) server_areas_.push_back({pos, a->end()});
-    }
     for (const auto& s : server_areas_) lazy_pages_ += stored_in(store_, s.start, s.end);
   }
 
@@ -893,69 +923,25 @@ class LazyStrategy final : public MemoryStrategy {
   std::vector<const MemoryArea*> candidates_;  // in address order
   std::vector<const MemoryArea*> lazy_;        // registered
   std::vector<const MemoryArea*> refused_;     // filled eagerly instead
-  std::vector<Range> hot_;
+  std::vector<PageRange> hot_;
   std::vector<uffd::LazyArea> server_areas_;
   uffd::Userfaultfd uffd_;
   ParkedKeeper keeper_;
   LazyServerGroup& group_;
+  TreeFill tree_fill_;
+  std::vector<PageRange> present_;  // pages of lazy candidates not owed: see add_candidate()
   uint64_t hot_pages_ = 0, lazy_pages_ = 0, lazy_areas_ = 0;
   size_t dropped_present_ = 0;
 };
 
 }  // namespace
 
-void check_lazy_options(const LazyOptions& opts) {
-  check_lazy_support();
-  // The stats are written at the end, by the page server: a path that cannot be written is
-  // refused now, before anything exists.
-  if (!opts.stats_file.empty()) {
-    std::string dir = opts.stats_file;
-    auto slash = dir.rfind('/');
-    dir = slash == std::string::npos ? "." : slash == 0 ? "/" : dir.substr(0, slash);
-    if (::access(dir.c_str(), W_OK | X_OK) != 0)
-      fail_errno("--stats ", opts.stats_file, ": cannot write in ", dir);
-  }
-  if (opts.server_cpu >= 0) {
-    cpu_set_t mine;
-    if (::sched_getaffinity(0, sizeof mine, &mine) == 0 && !CPU_ISSET(opts.server_cpu, &mine))
-      fail("--server-cpu ", opts.server_cpu, ": lazycr may not run there");
-  }
-}
-
-void check_lazy_support() {
-  const KernelFeatures& k = lazy_restore_features();
-  if (!k.userfaultfd_syscall && !k.dev_userfaultfd)
-    fail("--lazy: this kernel gives lazycr no userfaultfd (",
-         k.notes.count("userfaultfd.syscall") ? k.notes.at("userfaultfd.syscall") : "not available",
-         "); restore without --lazy");
-  if ((k.uffd_features & kRequiredFeatures) != kRequiredFeatures) {
-    std::string missing;
-    for (auto [bit, name] : {std::pair{UFFD_FEATURE_EVENT_FORK, "EVENT_FORK"},
-                             {UFFD_FEATURE_EVENT_REMAP, "EVENT_REMAP"},
-                             {UFFD_FEATURE_EVENT_REMOVE, "EVENT_REMOVE"},
-                             {UFFD_FEATURE_EVENT_UNMAP, "EVENT_UNMAP"}})
-      if (!(k.uffd_features & bit)) missing += cat(missing.empty() ? "" : ", ", name);
-    fail("--lazy: this kernel's userfaultfd lacks UFFD_FEATURE_", missing, " (features ",
-         hex(k.uffd_features),
-         "): the page server could not follow fork, mremap, madvise and munmap; restore "
-         "without --lazy");
-  }
-  if (!k.cap_sys_ptrace)
-    fail(
-        "--lazy: lazycr needs CAP_SYS_PTRACE (userfaultfd fork events, and userfaultfd(2) "
-        "with vm.unprivileged_userfaultfd = ",
-        k.unprivileged_userfaultfd, ")");
-  if (!k.pidfd_getfd)
-    fail("--lazy: pidfd_getfd does not work here (",
-         k.notes.count("pidfd.getfd") ? k.notes.at("pidfd.getfd") : "probe failed",
-         "): the userfaultfd cannot be taken out of the process");
-}
-
 std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
                                                    const image::PageStoreReader& store,
                                                    const RestoreOptions& opts,
-                                                   const cpu_set_t& cpus, LazyServerGroup& group) {
-  return std::make_unique<LazyStrategy>(proc, store, opts, cpus, group);
+                                                   const cpu_set_t& cpus, LazyServerGroup& group,
+                                                   const TreeSharing* sharing) {
+  return std::make_unique<LazyStrategy>(proc, store, opts, cpus, group, sharing);
 }
 
 // How long a failed step waits for the page server's answer before reporting its own error:

@@ -167,12 +167,18 @@ class LazyServerGroup {
 // The lazy strategy (--lazy, restore/lazy.cc): private anonymous areas with stored pages are
 // registered with a userfaultfd and served by a page server process; everything else is
 // filled by an eager filler. `cpus` is the CPU mask the server and the process run on
-// (lazycr's own before it pinned itself); the eager helper thread runs there too.
+// (lazycr's own before it pinned itself); the eager helper thread runs there too. `sharing`
+// (trees): the pages the process holds from its parent's fork, and those it writes before
+// forking its children (restore/tree_sharing.h); none are owed.
+class TreeSharing;
 std::unique_ptr<MemoryStrategy> make_lazy_strategy(const image::Process& proc,
                                                    const image::PageStoreReader& store,
                                                    const RestoreOptions& opts,
-                                                   const cpu_set_t& cpus, LazyServerGroup& group);
+                                                   const cpu_set_t& cpus, LazyServerGroup& group,
+                                                   const TreeSharing* sharing = nullptr);
 
+// The userfaultfd events a lazy restore needs: FORK, REMAP, REMOVE, UNMAP (lazy_checks.cc).
+extern const uint64_t kLazyRequiredFeatures;
 // Throws Error saying what is missing when this kernel or lazycr's privileges cannot do a lazy
 // restore (userfaultfd and its fork/remap/remove/unmap events, pidfd_getfd, CAP_SYS_PTRACE).
 void check_lazy_support();

@@ -78,6 +78,7 @@
 #include "restore/sysv_shm.h"
 #include "restore/template.h"
 #include "restore/thread_state.h"
+#include "restore/tree_sharing.h"
 #include "restore/trust.h"
 
 namespace lazycr::restore {
@@ -89,8 +90,9 @@ using image::MemoryArea;
 // Every step a restore goes through, in order; --fault-inject=NAME fails at the start of that
 // step ("thread-created": after the first extra thread exists; "checks": the checks beside the
 // creation of the tree fail once done, reported as "validate").
-// Eager trees fork each child right before its memory steps (unmap..protect), lazy ones all at
-// "fork"; "uffd", "server" and "server-ready" are lazy only.
+// Each child is forked right before its memory steps (unmap..fill; eager: ..protect); lazy
+// restores run "uffd", "server" and "protect" once every process exists; "uffd", "server" and
+// "server-ready" are lazy only.
 [[maybe_unused]] constexpr const char* kSteps =
     "validate files create seize pin trampoline rseq close-fds session fork unmap vdso "
     "map-areas uffd server fill protect sysv-shm groups zombie mm after-shaping "
@@ -213,7 +215,8 @@ Restored restore(const RestoreOptions& opts_in) {
   // Declared before the processes: on failure they are killed (and reaped) first, then the
   // page server, finding them gone, ends.
   std::unique_ptr<LazyServerGroup> lazy_group;
-  SharedObjectMap shared_objects;  // shared memory objects of the tree, as they are created
+  std::unique_ptr<TreeSharing> sharing;  // lazy trees: pages children hold from their parent
+  SharedObjectMap shared_objects;        // shared memory objects of the tree, as they are created
   SysvSegments sysv_segments(img->shared());
   Tree tree;
   std::map<int, size_t> index_of;
@@ -301,51 +304,44 @@ Restored restore(const RestoreOptions& opts_in) {
     const image::PageStoreReader& store = img->pages(t.p->pid());
     if (opts.lazy.enabled && !lazy_group)
       lazy_group = std::make_unique<LazyServerGroup>(opts, pin->saved());
-    t.strategy = opts.lazy.enabled
-                     ? make_lazy_strategy(*t.p, store, opts, pin->saved(), *lazy_group)
-                     : make_eager_filler(store, &pin->saved());
+    t.strategy = opts.lazy.enabled ? make_lazy_strategy(*t.p, store, opts, pin->saved(),
+                                                        *lazy_group, sharing.get())
+                                   : make_eager_filler(store, &pin->saved());
     t.space = std::make_unique<AddressSpace>(*t.r, *t.p, *t.strategy, shared_objects, *ghosts,
                                              sysv_segments, std::move(kept), parent_pid);
   };
 
   const uint64_t t_mem = now_ns();
-  if (!opts.lazy.enabled) {
-    // Eager: each process is forked once its parent's memory is back, so that it finds the
-    // parent's pages in place, shared copy-on-write, and writes only what differs.
-    for (size_t i = 0; i < tree.tasks.size(); i++) {
-      Task& t = *tree.tasks[i];
-      if (i > 0) fork(t);
-      if (!t.live()) continue;
-      std::set<uint64_t> kept;
-      bool vdso_kept = false;
-      int parent_pid = 0;
-      if (i > 0) {
-        const image::Process& parent = *tree.tasks[t.parent]->p;
-        kept = inheritable_areas(parent, *t.p);
-        vdso_kept = same_vdso_block(parent, *t.p);
-        parent_pid = parent.pid();
-      }
-      steps.run("unmap", t.who, [&] { unmap_inherited(*t.r, *t.p, kept, vdso_kept); });
-      steps.run("vdso", t.who, [&] {
-        if (!vdso_kept) move_vdso(*t.r, *t.p);
-      });
-      make_space(t, kept, parent_pid);
-      steps.run("map-areas", t.who, [&] { t.space->map_areas(); });
-      steps.run("fill", t.who, [&] { t.strategy->fill_mapped(*t.r); });
-      steps.run("protect", t.who, [&] { t.space->protect(); });
+  // Each process is forked once its parent's memory is in place, so that it finds the
+  // parent's pages there, shared copy-on-write, and writes only what differs. Lazy: the
+  // parent's lazy areas hold only the pages its children share with it (restore/tree_sharing.h)
+  // and are registered once every process exists (a fork of a registered area would be a
+  // userfaultfd FORK event); then the server starts, and the final protections come last
+  // (an area userfaultfd refuses is filled eagerly, while still writable).
+  if (opts.lazy.enabled && procs.size() > 1) sharing = std::make_unique<TreeSharing>(*img);
+  for (size_t i = 0; i < tree.tasks.size(); i++) {
+    Task& t = *tree.tasks[i];
+    if (i > 0) fork(t);
+    if (!t.live()) continue;
+    std::set<uint64_t> kept;
+    bool vdso_kept = false;
+    int parent_pid = 0;
+    if (i > 0) {
+      const image::Process& parent = *tree.tasks[t.parent]->p;
+      kept = inheritable_areas(parent, *t.p);
+      vdso_kept = same_vdso_block(parent, *t.p);
+      parent_pid = parent.pid();
     }
-  } else {
-    // Lazy: every process is forked while its parent is still a bare copy of lazycr with the
-    // trampoline (a fork of a process with registered lazy areas would be a userfaultfd FORK
-    // event); each owes its own pages, served by one server.
-    for (size_t i = 1; i < tree.tasks.size(); i++) fork(*tree.tasks[i]);
-    each_live("unmap", [&](Task& t) { unmap_inherited(*t.r, *t.p, {}, false); });
-    each_live("vdso", [&](Task& t) { move_vdso(*t.r, *t.p); });
-    for (auto& t : tree.tasks)
-      if (t->live()) make_space(*t, {}, 0);
-    each_live("map-areas", [&](Task& t) { t.space->map_areas(); });
-    // The userfaultfds and the page server come first, so that the server starts up while the
-    // rest is filled and shaped.
+    steps.run("unmap", t.who, [&] { unmap_inherited(*t.r, *t.p, kept, vdso_kept); });
+    steps.run("vdso", t.who, [&] {
+      if (!vdso_kept) move_vdso(*t.r, *t.p);
+    });
+    make_space(t, kept, parent_pid);
+    steps.run("map-areas", t.who, [&] { t.space->map_areas(); });
+    steps.run("fill", t.who, [&] { t.strategy->fill_mapped(*t.r); });
+    if (!opts.lazy.enabled) steps.run("protect", t.who, [&] { t.space->protect(); });
+  }
+  if (opts.lazy.enabled) {
     each_live("uffd", [&](Task& t) { t.strategy->register_lazy(*t.r); });
     steps.run("server", rt.who, [&] {
       checks.join();  // before the server's fork(): no lock is held by the checks' thread
@@ -356,7 +352,6 @@ Restored restore(const RestoreOptions& opts_in) {
         if (t->live()) stores.push_back(img->pages(t->p->pid()).path());
       if (lazy_group) lazy_group->start(r0.pid(), stores);
     });
-    each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
     each_live("protect", [&](Task& t) { t.space->protect(); });
   }
   steps.run("sysv-shm", rt.who, [&] { sysv_segments.finish(); });
