@@ -318,8 +318,21 @@ Restored restore(const RestoreOptions& opts_in) {
   // and are registered once every process exists (a fork of a registered area would be a
   // userfaultfd FORK event); then the server starts, and the final protections come last
   // (an area userfaultfd refuses is filled eagerly, while still writable).
-  if (opts.lazy.enabled && procs.size() > 1) sharing = std::make_unique<TreeSharing>(*img);
-  for (size_t i = 0; i < tree.tasks.size(); i++) {
+  const bool fork_first = opts.lazy.enabled && !opts.lazy.tree_sharing;
+  if (opts.lazy.enabled && opts.lazy.tree_sharing && procs.size() > 1)
+    sharing = std::make_unique<TreeSharing>(*img);
+  if (fork_first) {
+    // --no-tree-sharing: every process forked while its parent is still a bare copy of lazycr
+    // with the trampoline; each owes all its pages.
+    for (size_t i = 1; i < tree.tasks.size(); i++) fork(*tree.tasks[i]);
+    each_live("unmap", [&](Task& t) { unmap_inherited(*t.r, *t.p, {}, false); });
+    each_live("vdso", [&](Task& t) { move_vdso(*t.r, *t.p); });
+    for (auto& t : tree.tasks)
+      if (t->live()) make_space(*t, {}, 0);
+    each_live("map-areas", [&](Task& t) { t.space->map_areas(); });
+    each_live("fill", [&](Task& t) { t.strategy->fill_mapped(*t.r); });
+  }
+  for (size_t i = 0; i < tree.tasks.size() && !fork_first; i++) {
     Task& t = *tree.tasks[i];
     if (i > 0) fork(t);
     if (!t.live()) continue;

@@ -35,8 +35,12 @@ struct LazyOptions {
   // the image directory (uffd/working_set.h); without it, a record there is used.
   bool record_working_set = false;
   int record_quiet_ms = 1000;  // ... until this long without a fault (at most 10 s)
-  int server_cpu = -1;         // pin the server (and its prefetch thread) to this CPU
-                               // (benchmarks); -1: lazycr's own CPU mask
+  // Trees: each child is forked once its parent holds the pages they share, so that they stay
+  // shared copy-on-write (restore/tree_sharing.h); the first instruction waits for those pages.
+  // false (--no-tree-sharing): every child is forked at once and owes its own copy of them.
+  bool tree_sharing = true;
+  int server_cpu = -1;  // pin the server (and its prefetch thread) to this CPU
+                        // (benchmarks); -1: lazycr's own CPU mask
   // --detach: the server (and its guardian) must not keep lazycr's caller's terminal or pipes:
   // their messages go to --log-file, else to server_log_path(server pid).
   bool detached = false;

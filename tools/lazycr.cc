@@ -176,6 +176,11 @@ int main(int argc, char** argv) {
       ->default_str("64K")
       ->needs(lazy_flag);
   restore_cmd
+      ->add_flag("--no-tree-sharing{false}", restore.restore.lazy.tree_sharing,
+                 "--lazy, trees: fork every process at once (first instruction sooner); the "
+                 "pages a child shared with its parent are each its own copy afterwards")
+      ->needs(lazy_flag);
+  restore_cmd
       ->add_flag("--record-working-set", restore.restore.lazy.record_working_set,
                  "--lazy: record in the image the pages the process touches in its first "
                  "seconds (until 1 s without a fault, at most 10 s); later lazy restores push "

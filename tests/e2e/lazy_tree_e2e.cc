@@ -247,5 +247,24 @@ TEST(LazyTree, InheritedBufferIsSharedAgainAfterTheDrainAndEveryByteIsRight) {
   EXPECT_EQ(ld.rp.wait(), 0);
 }
 
+// --no-tree-sharing: every process forked at once, each owing (and getting) its own copy of the
+// buffer: every byte right, no page shared any more.
+TEST(LazyTree, NoTreeSharingGivesEachProcessItsOwnCopy) {
+  LazyTree t;
+  TempDir images;
+  std::string dir = images / "img";
+  ASSERT_NO_FATAL_FAILURE(dump_killing(t.child, dir));
+  t.reap_killed();
+  LazyDetached ld;
+  ld.start(dir, t.work, {"--no-tree-sharing"});
+  ASSERT_EQ(ld.rp.pid, t.pid["root"]);
+  EXPECT_EQ(ld.wait_server(), 0);
+  auto root = t.pfns("root"), c2 = t.pfns("c2");
+  EXPECT_EQ(differing(root, c2, 256, kPages), kPages - 256) << "root and c2";
+  for (const auto& [role, res] : t.ask("verify")) EXPECT_EQ(res, "ok") << role;
+  t.command("exit");
+  EXPECT_EQ(ld.rp.wait(), 0);
+}
+
 }  // namespace
 }  // namespace lazycr::test
