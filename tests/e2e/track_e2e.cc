@@ -7,10 +7,13 @@
 // holder ends with the target.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <regex>
 #include <string>
 #include <thread>
@@ -66,8 +69,8 @@ struct Target {
 };
 
 RunResult dump(pid_t pid, const std::string& dir, const std::string& parent, bool track = true) {
-  std::vector<std::string> args{"dump", "-t", std::to_string(pid), "-D", dir, "--leave-running",
-                                "-v"};
+  std::vector<std::string> args{"-v", "dump",           "-t", std::to_string(pid), "-D",
+                                dir,  "--leave-running"};
   if (track) args.push_back("--track");
   if (!parent.empty()) args.insert(args.end(), {"--parent", parent});
   return lazycr(args);
@@ -81,9 +84,16 @@ std::vector<std::string> fds_of(pid_t pid) {
   return out;
 }
 
+// Exited: gone, or a zombie (the holder is reparented, maybe to this test as a subreaper).
 bool gone_within(pid_t pid, int seconds) {
   for (int i = 0; i < seconds * 20; i++) {
-    if (::kill(pid, 0) != 0) return true;
+    int status = 0;
+    ::waitpid(pid, &status, WNOHANG);
+    std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+    const size_t paren = text.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= text.size() || text[paren + 2] == 'Z')
+      return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;
