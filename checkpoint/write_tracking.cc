@@ -323,6 +323,20 @@ void WriteTracking::arm(FrozenProcess& fp, const std::vector<image::MemoryArea>&
 
 std::optional<image::WriteTracking> WriteTracking::start_holder() {
   if (armed_.empty()) return std::nullopt;
+  // The image is good without tracking: a holder that cannot start costs the next dump its
+  // speed, not this dump.
+  try {
+    return start_holder_or_throw();
+  } catch (const Error& e) {
+    log::warn("write tracking not armed: ", e.what());
+    if (new_holder_) send_signal_pidfd(new_holder_.get(), SIGKILL);
+    new_holder_.reset();
+    armed_.clear();
+    return std::nullopt;
+  }
+}
+
+std::optional<image::WriteTracking> WriteTracking::start_holder_or_throw() {
   std::vector<int> fds;
   std::vector<UniqueFd> pidfds;
   for (auto& [pid, t] : armed_) {
@@ -387,7 +401,11 @@ void WriteTracking::commit_and_protect() {
   }
   for (auto& [pid, t] : armed_) {
     UniqueFd pagemap(::open(cat("/proc/", pid, "/pagemap").c_str(), O_RDONLY | O_CLOEXEC));
-    if (!pagemap) fail_errno("cannot open /proc/", pid, "/pagemap");
+    if (!pagemap) {
+      // Unprotected pages only read as written: the next dump reads more, never less.
+      log::warn("write tracking: cannot open /proc/", pid, "/pagemap: ", std::strerror(errno));
+      continue;
+    }
     for (const auto& [s, e] : t.areas)
       if (!protect_written(pagemap.get(), s, e))
         log::warn("write tracking: pid ", pid, " area ", range_text(s, e),

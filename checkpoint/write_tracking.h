@@ -75,6 +75,8 @@ class WriteTracking {
   void commit_and_protect();
 
  private:
+  std::optional<image::WriteTracking> start_holder_or_throw();
+
   struct Tracked {
     UniqueFd uffd;
     uint64_t start_ticks = 0;
