@@ -174,7 +174,7 @@ void WriteTracking::take_over(const image::Inventory& parent, FrozenTree& tree) 
   const image::WriteTracking& rec = parent.write_tracking();
   UniqueFd holder(pidfd_open(rec.holder_pid()));
   std::optional<proc::Stat> hs = proc::try_read_stat(rec.holder_pid());
-  if (!holder || !hs || hs->start_time != rec.holder_start_ticks()) {
+  if (!holder || !hs || hs->start_time != rec.holder_start_ticks() || hs->state == 'Z') {
     log::info("write tracking lost: its holder process ", rec.holder_pid(),
               " is gone (ended, or its processes exited): comparing pages by content");
     return;
