@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -194,6 +195,54 @@ TEST(Track, LostTrackingFallsBackToComparingByContent) {
   ASSERT_TRUE(send_signal(pid, SIGKILL));
   t.child.wait();
   restore_and_verify(images / "2", pid);
+}
+
+// A tree (pages fork-shared between processes, stored once: REF runs) tracked across a chain:
+// the unwritten pages of each process become PARENT runs, which no REF may name; the last link
+// (the tree killed) restores in a fresh PID namespace with every byte of every task checked.
+TEST(Track, TreeWithSharedPagesRestoresFromATrackedChain) {
+  TempDir work;
+  const std::string out = work / "out", verify = work / "verify";
+  Child sh({"/bin/sh", "-c",
+            "exec " + target_bin("tree_target") + " --mode levels --setsid --mib 8 --verify-file " +
+                verify + " --workdir " + work.path() + " >" + out + " 2>&1"});
+  std::string text;
+  for (int i = 0; i < 600 && text.find("ready ") == std::string::npos; i++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::ifstream in(out);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(text, m, std::regex(" pid=([0-9]+) tasks=([^ ]+)"))) << text;
+  const pid_t root = std::stoi(m[1]);
+  const std::string task_list = m[2];
+  const size_t tasks = std::count(task_list.begin(), task_list.end(), ',') + 1;
+  auto r1 = dump(root, work / "1", "");
+  ASSERT_EQ(r1.exit_code, 0) << r1.err;
+  auto r2 = dump(root, work / "2", work / "1");
+  ASSERT_EQ(r2.exit_code, 0) << r2.err;
+  EXPECT_GT(dump_counts(r2.err).unread, 0u) << r2.err;
+  auto r3 =
+      lazycr({"-v", "dump", "-t", std::to_string(root), "-D", work / "3", "--parent", work / "2"});
+  ASSERT_EQ(r3.exit_code, 0) << r3.err;
+  EXPECT_GT(dump_counts(r3.err).unread, 0u) << r3.err;
+  EXPECT_TRUE(gone_within(root, 30));
+  Child restore({lazycr_bin(), "restore", "--pidns", "--shell-job", "-D", work / "3"});
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  std::ofstream(verify) << "go";
+  size_t ok = 0;
+  for (int i = 0; i < 1200 && ok < tasks; i++) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::ifstream in(out);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    ok = 0;
+    for (size_t p = text.find("VERIFY "); p != std::string::npos; p = text.find("VERIFY ", p + 1)) {
+      const size_t eol = text.find('\n', p);
+      if (eol != std::string::npos && eol >= p + 3 && text.compare(eol - 3, 3, " ok") == 0) ok++;
+    }
+  }
+  EXPECT_EQ(ok, tasks) << text;
+  EXPECT_EQ(text.find("FAILED"), std::string::npos) << text;
 }
 
 TEST(Track, RefusedWithoutLeaveRunning) {
