@@ -5,9 +5,12 @@ state (bench/RESULTS.md, "Incremental dumps"). Each run: start tests/targets/inc
 the parent (a full dump with --hash-pages, --leave-running), rewrite the fraction, then dump the
 same state twice, alternating the order between runs: full, and --parent (compared by the
 parent's page digests). A third dump compares with a parent written without digests (content
-read back), at 1% only.
+read back), at 1% only. With --tracked, a fourth parent is dumped with --track right after the
+first (write tracking armed: checkpoint/write_tracking.h) and a "tracked" dump of the same state
+names it as parent: it reads only the pages written since, where "incr" reads and hashes them
+all; "tracked" and "incr" alternate too.
 
-Run by hand as root:  bench/incremental_bench.py BUILD_DIR [--runs N] [--mib M]
+Run by hand as root:  bench/incremental_bench.py BUILD_DIR [--runs N] [--mib M] [--tracked]
 """
 import argparse
 import os
@@ -36,13 +39,16 @@ def dump(lazycr, pid, d, *extra):
     return dt, dir_bytes(d), int(m.group(1))
 
 
-def one_run(lazycr, target, mib, permille, order, work, extra_nohash):
+def one_run(lazycr, target, mib, permille, order, work, extra_nohash, tracked=False):
     p = subprocess.Popen([target, str(mib), str(permille)], stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert p.stdout.readline().startswith("ready ")
         parent = os.path.join(work, "parent")
         dump(lazycr, p.pid, parent, "--hash-pages")
+        tparent = os.path.join(work, "tparent")
+        if tracked:
+            dump(lazycr, p.pid, tparent, "--hash-pages", "--track")
         plain = os.path.join(work, "plain")
         if extra_nohash:
             dump(lazycr, p.pid, plain)
@@ -54,6 +60,8 @@ def one_run(lazycr, target, mib, permille, order, work, extra_nohash):
             d = os.path.join(work, kind)
             if kind == "full":
                 out[kind] = dump(lazycr, p.pid, d)
+            elif kind == "tracked":
+                out[kind] = dump(lazycr, p.pid, d, "--parent", tparent)
             else:
                 out[kind] = dump(lazycr, p.pid, d, "--parent", parent)
         if extra_nohash:
@@ -72,6 +80,7 @@ def main():
     ap.add_argument("build")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--tracked", action="store_true")
     a = ap.parse_args()
     lazycr = os.path.join(a.build, "tools", "lazycr")
     target = os.path.join(a.build, "tests", "targets", "incr_target")
@@ -83,7 +92,10 @@ def main():
             res = {}
             for i in range(a.runs):
                 order = ["full", "incr"] if i % 2 == 0 else ["incr", "full"]
-                r = one_run(lazycr, target, a.mib, permille, order, work, permille == 10)
+                if a.tracked:
+                    order = order + ["tracked"] if i % 2 == 0 else ["tracked"] + order
+                r = one_run(lazycr, target, a.mib, permille, order, work,
+                            permille == 10 and not a.tracked, a.tracked)
                 for k, v in r.items():
                     res.setdefault(k, []).append(v)
             print(f"\n{permille / 10:g}% of {a.mib} MiB rewritten ({a.runs} runs):")
@@ -100,6 +112,11 @@ def main():
             it = statistics.median(x[0] for x in res["incr"])
             ib = statistics.median(x[1] for x in res["incr"])
             print(f"  incremental / full: time {it / ft:.2f}x, size {ib / fb:.4f}x")
+            if a.tracked:
+                tt = statistics.median(x[0] for x in res["tracked"])
+                tb = statistics.median(x[1] for x in res["tracked"])
+                print(f"  tracked / incremental: time {tt / it:.2f}x, size {tb / ib:.4f}x; "
+                      f"tracked / full: time {tt / ft:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

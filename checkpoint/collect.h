@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -35,8 +36,14 @@ void collect_sysv_shm(const std::vector<image::Process>& procs,
 struct MemoryStats {
   uint64_t pages_read = 0;
   uint64_t bytes_read = 0;
-  uint64_t ref_pages = 0;  // pages written as REF runs (stored by an earlier process)
+  uint64_t ref_pages = 0;     // pages written as REF runs (stored by an earlier process)
+  uint64_t unread_pages = 0;  // write tracking: unwritten pages referred to the parent unread
 };
+
+// Write tracking (write_tracking.h): the [start, end) ranges of the area [start, end) written
+// since the parent image, or nullopt when the area is not tracked (read and compare it all).
+using WrittenRanges = std::function<std::optional<std::vector<std::pair<uint64_t, uint64_t>>>(
+    uint64_t start, uint64_t end)>;
 
 // Pages shared between the processes of one dump, so that each is stored once: private
 // anonymous pages by physical page (PFN from /proc/PID/pagemap), shared anonymous / memfd
@@ -76,7 +83,8 @@ class PageDedup {
 MemoryStats dump_memory(pid_t pid, std::vector<image::MemoryArea>& areas,
                         image::PageStoreWriter& writer,
                         const std::function<void(uint64_t pages)>& progress,
-                        PageDedup* dedup = nullptr, bool via_mem = false);
+                        PageDedup* dedup = nullptr, bool via_mem = false,
+                        const WrittenRanges* written = nullptr);
 
 // Open file descriptors with kind, flags, position, file identity and object inode (pipes,
 // sockets, FIFOs), and the state of the kinds of objects/fd_kinds.h (`tree`: every pid of the

@@ -27,6 +27,7 @@
 #include "checkpoint/collect.h"
 #include "checkpoint/frozen.h"
 #include "checkpoint/interrupt.h"
+#include "checkpoint/write_tracking.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -500,6 +501,10 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   store_opts.threads = opts.threads;
   store_opts.page_hashes = opts.page_hashes || !opts.parent_dir.empty();
 
+  if (opts.track) {
+    if (!opts.leave_running) fail("--track needs --leave-running (it tracks a tree that runs on)");
+    if (std::string why = write_tracking_unsupported(); !why.empty()) fail("cannot --track: ", why);
+  }
   DumpResult result;
   image::Inventory inv;
   // The tree's identity, which a later --parent dump and every restore of a chain check.
@@ -525,6 +530,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   FrozenTree tree;
   tree.freeze(opts.pid);
   lap("freeze");
+  // Write tracking (write_tracking.h): the parent's, taken over; this dump's, armed below.
+  WriteTracking tracking;
+  if (parent) tracking.take_over(parent->image->inventory(), tree);
   const std::vector<pid_t>& order = tree.preorder();
   for (pid_t p : order)
     if (!tree.node(p).zombie()) seized.push_back(p);
@@ -636,20 +644,30 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
                     read_mib, written_mib, read_mib > 0 ? written_mib / read_mib : 0.0);
       progress.update(line);
     };
+    const WrittenRanges written = [&](uint64_t start, uint64_t end) {
+      return tracking.written(fp.pid(), start, end);
+    };
     auto mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
-                           tree.live_count() > 1);
+                           tree.live_count() > 1, parent ? &written : nullptr);
     auto stats = pages.finish();
     store_mac_digests[pages_name(fp.pid())] = stats.mac_digest;
     result.data_pages += stats.data_pages;
     result.zero_pages += stats.zero_pages;
     result.ref_pages += mem.ref_pages;
     result.parent_pages += stats.parent_pages;
+    result.unread_pages += mem.unread_pages;
     log::info("pid ", fp.pid(), ": read ", mem.pages_read, " pages; stored ", stats.data_pages,
               " data + ", stats.zero_pages, " zero pages in ", stats.frames, " frames (",
               stats.raw_frames, " raw), ", mem.ref_pages, " pages refer to earlier processes");
   }
   progress.finish();
   lap("memory");
+  if (opts.track) {
+    for (size_t i = 0; i < order.size(); i++)
+      if (!tree.node(order[i]).zombie()) tracking.arm(*tree.node(order[i]).frozen, areas[i]);
+    if (auto rec = tracking.start_holder()) *inv.mutable_write_tracking() = std::move(*rec);
+    lap("write tracking");
+  }
 
   for (size_t i = 0; i < order.size(); i++) {
     for (auto& a : areas[i]) *procs[i].add_areas() = std::move(a);
@@ -707,7 +725,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   lap("commit");
 
   if (opts.leave_running) {
-    shared.tcp_repair.resume();  // before the tree runs again
+    tracking.commit_and_protect();  // still frozen: the tracking starts at this image
+    shared.tcp_repair.resume();     // before the tree runs again
     tree.detach_all();
   } else {
     tree.kill_all();

@@ -35,6 +35,9 @@ struct DumpOptions {
   // Record a digest of every stored page (--hash-pages; implied by parent_dir), so that a
   // later --parent dump of this image compares digests instead of reading its pages back.
   bool page_hashes = false;
+  // --track (with leave_running): arm write tracking after the dump, so that a later --parent
+  // dump of this image reads only the pages written since (write_tracking.h).
+  bool track = false;
   // Largest deleted file or memfd whose contents the image stores (st_size, bytes).
   uint64_t ghost_limit = image::kDefaultGhostLimit;
   // Tests only: fail at this step ("freeze", "threads", "files", "memory", "commit"), or
@@ -54,6 +57,7 @@ struct DumpResult {
   uint64_t zero_pages = 0;
   uint64_t ref_pages = 0;     // pages stored by an earlier process and referred to (dedup)
   uint64_t parent_pages = 0;  // pages unchanged since the parent image, referred to there
+  uint64_t unread_pages = 0;  // of those, left unread: not written since (write tracking)
   uint32_t chain_length = 0;  // with a parent: links from the chain's full dump to this one
   uint64_t pipes = 0;         // pipes and FIFOs recorded with their data (shared.pb)
   uint64_t sockets = 0;       // UNIX socket ends recorded with their queues

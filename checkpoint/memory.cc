@@ -46,6 +46,7 @@ struct Range {
   uint64_t pages;
   pid_t ref_pid = 0;
   uint64_t ref_addr = 0;
+  bool unchanged = false;  // write tracking: not written since the parent image, not read
 };
 
 // Pages of [start, end) selected by PAGEMAP_SCAN: present or swapped, not the shared zero
@@ -142,6 +143,12 @@ class PageReader {
     std::vector<iovec> remote;
     std::vector<Range> batch;
     while (i < ranges.size()) {
+      if (ranges[i].unchanged) {
+        writer_.add_unchanged_pages(ranges[i].start, ranges[i].pages);
+        stats_.unread_pages += ranges[i].pages;
+        i++;
+        continue;
+      }
       if (ranges[i].ref_pid != 0) {
         writer_.add_ref_pages(ranges[i].start, ranges[i].pages, ranges[i].ref_pid,
                               ranges[i].ref_addr);
@@ -156,8 +163,8 @@ class PageReader {
       remote.clear();
       batch.clear();
       size_t used = 0;
-      while (i < ranges.size() && ranges[i].ref_pid == 0 && remote.size() < kMaxIov &&
-             used < room_bytes) {
+      while (i < ranges.size() && ranges[i].ref_pid == 0 && !ranges[i].unchanged &&
+             remote.size() < kMaxIov && used < room_bytes) {
         uint64_t left = ranges[i].pages - skip;
         uint64_t take = std::min<uint64_t>(left, (room_bytes - used) / kPageSize);
         uint64_t addr = ranges[i].start + skip * kPageSize;
@@ -444,9 +451,46 @@ int PageDedup::pagemap_of(pid_t pid) {
   return fd.get();
 }
 
+namespace {
+
+// Write tracking: the pages of `ranges` not written since the parent image, and held by it,
+// become unchanged ranges (never read); the rest stays in `ranges`.
+std::vector<Range> split_unwritten(const std::vector<std::pair<uint64_t, uint64_t>>& written,
+                                   const image::PageStoreWriter& writer,
+                                   std::vector<Range>& ranges) {
+  std::vector<Range> read, unchanged;
+  auto push = [](std::vector<Range>& v, uint64_t addr, bool u) {
+    if (!v.empty() && v.back().start + v.back().pages * kPageSize == addr)
+      v.back().pages++;
+    else
+      v.push_back({addr, 1, 0, 0, u});
+  };
+  size_t w = 0;
+  for (const auto& r : ranges)
+    for (uint64_t i = 0; i < r.pages; i++) {
+      uint64_t addr = r.start + i * kPageSize;
+      while (w < written.size() && written[w].second <= addr) w++;
+      bool is_written = w < written.size() && written[w].first <= addr;
+      if (!is_written && writer.parent_holds(addr))
+        push(unchanged, addr, true);
+      else
+        push(read, addr, false);
+    }
+  ranges = std::move(read);
+  return unchanged;
+}
+
+std::vector<Range> merge_by_address(std::vector<Range> a, const std::vector<Range>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  std::sort(a.begin(), a.end(), [](const Range& x, const Range& y) { return x.start < y.start; });
+  return a;
+}
+
+}  // namespace
+
 MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
                         const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
-                        bool via_mem) {
+                        bool via_mem, const WrittenRanges* written) {
   int pagemap = -1;
   UniqueFd own_pagemap;
   if (dedup != nullptr) {
@@ -477,8 +521,15 @@ MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageSt
           scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, ranges);
         else
           scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, ranges);
+        // Unwritten pages are set aside before dedup, so that no later process refers (REF)
+        // to a page this store records as PARENT.
+        std::vector<Range> unchanged;
+        if (written != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+          if (auto w = (*written)(a.start(), a.end()))
+            unchanged = split_unwritten(*w, writer, ranges);
         if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
           ranges = dedup_ranges(pid, pagemap, ranges, *dedup);
+        if (!unchanged.empty()) ranges = merge_by_address(std::move(ranges), unchanged);
         for (const auto& r : ranges) stored += r.pages;
         reader.read_ranges(ranges, (a.prot() & PROT_READ) != 0);
         break;

@@ -898,6 +898,8 @@ std::vector<FeatureReport> describe_features(const KernelFeatures& f) {
        "Fault messages then name the faulting thread, for statistics and diagnostics."},
       {"uffd.feature.wp_async", UFFD_FEATURE_WP_ASYNC, false,
        "Asynchronous write-protect with PAGEMAP_SCAN tracks written pages for incremental dumps."},
+      {"uffd.feature.wp_unpopulated", UFFD_FEATURE_WP_UNPOPULATED, false,
+       "dump --track write-protects pages not yet populated too (and PAGEMAP_SCAN needs it)."},
       {"uffd.feature.move", UFFD_FEATURE_MOVE, false,
        "UFFDIO_MOVE could place pages without a copy; the page server does not need it."},
   };

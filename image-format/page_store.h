@@ -116,6 +116,13 @@ class PageStoreWriter {
   // must be DATA or ZERO there. Interleaves with add_pages in the same increasing address
   // order; contiguous refs to the same pid and contiguous ref_addr merge into one run.
   void add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pid, uint64_t ref_addr);
+  // Write tracking (checkpoint/write_tracking.h): whether the parent image holds the page at
+  // addr (DATA, PARENT or ZERO), so that an unwritten page can be recorded without reading it.
+  bool parent_holds(uint64_t addr) const;
+  // The npages pages at addr were not written since the parent image: recorded as PARENT
+  // runs (ZERO where the parent has zeros) without reading or hashing them. Every page must
+  // be one parent_holds(); in the same increasing address order as add_pages.
+  void add_unchanged_pages(uint64_t addr, size_t npages);
   // Writes the index and footer, fsyncs, and returns the totals. Throws on any I/O error.
   PageStoreStats finish();
 

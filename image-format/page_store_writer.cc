@@ -448,6 +448,34 @@ struct PageStoreWriter::Impl {
     return true;
   }
 
+  bool parent_holds(uint64_t addr) const {
+    if (!options.parent) return false;
+    std::optional<PageLocation> loc = options.parent->find(addr);
+    return loc && (loc->kind == PageRun::DATA || loc->kind == PageRun::PARENT ||
+                   loc->kind == PageRun::ZERO);
+  }
+
+  void add_unchanged_pages(uint64_t addr, size_t npages) {
+    check_range("add_unchanged_pages", addr, npages);
+    rethrow_if_failed();
+    for (size_t i = 0; i < npages; ++i, addr += kPageSize) {
+      std::optional<PageLocation> loc;
+      if (options.parent) loc = options.parent->find(addr);
+      if (!loc || (loc->kind != PageRun::DATA && loc->kind != PageRun::PARENT &&
+                   loc->kind != PageRun::ZERO))
+        fail(path, ": page ", hex(addr), " is unchanged but not in the parent image");
+      if (loc->kind == PageRun::ZERO) {
+        add_run(addr, PageRun::ZERO);
+        ++zero_pages;
+      } else {
+        add_run(addr, PageRun::PARENT);
+        ++parent_pages;
+      }
+      pages_added.fetch_add(1, std::memory_order_relaxed);
+    }
+    next_addr = addr;
+  }
+
   void add_pages(uint64_t addr, const void* data, size_t npages) {
     check_range("add_pages", addr, npages);
     if (npages == 0) return;
@@ -598,6 +626,14 @@ void PageStoreWriter::add_ref_pages(uint64_t addr, size_t npages, int32_t ref_pi
 
 PageStoreStats PageStoreWriter::finish() {
   return impl_->finish();
+}
+
+bool PageStoreWriter::parent_holds(uint64_t addr) const {
+  return impl_->parent_holds(addr);
+}
+
+void PageStoreWriter::add_unchanged_pages(uint64_t addr, size_t npages) {
+  impl_->add_unchanged_pages(addr, npages);
 }
 
 uint64_t PageStoreWriter::pages_added() const {

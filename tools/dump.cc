@@ -30,8 +30,10 @@ int run_dump(const checkpoint::DumpOptions& opts) {
   std::string parent;
   if (r.chain_length > 0) {
     char buf[200];
-    std::snprintf(buf, sizeof buf, ", %llu in the parent image (link %u of its chain)",
-                  u(r.parent_pages), r.chain_length);
+    std::snprintf(buf, sizeof buf,
+                  ", %llu in the parent image (link %u of its chain; %llu not written since, "
+                  "left unread)",
+                  u(r.parent_pages), r.chain_length, u(r.unread_pages));
     parent = buf;
   }
   std::fprintf(stderr,

@@ -101,6 +101,10 @@ int main(int argc, char** argv) {
   dump_cmd->add_option("--parent", dump.parent_dir,
                        "Incremental dump: store only the pages that differ from this earlier "
                        "image of the same tree, and refer to it for the rest");
+  dump_cmd->add_flag("--track", dump.track,
+                     "With --leave-running: track the pages the tree writes after this dump "
+                     "(userfaultfd write-protect), so that a later --parent dump of this image "
+                     "reads only those");
   dump_cmd->add_flag("--hash-pages", dump.page_hashes,
                      "Record a digest of every page, so that a later --parent dump of this "
                      "image compares digests instead of reading it back (implied by --parent)");
