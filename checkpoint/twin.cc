@@ -10,6 +10,7 @@
 #include <cerrno>
 
 #include "common/error.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "common/proc.h"
 

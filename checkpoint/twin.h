@@ -15,6 +15,7 @@
 
 #include "checkpoint/frozen.h"
 #include "common/ptrace.h"
+#include "image-format/process.pb.h"
 
 namespace lazycr::checkpoint {
 
