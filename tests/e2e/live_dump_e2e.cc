@@ -50,7 +50,7 @@ std::string children_of(pid_t pid) {
 // stdout, with the read slowed down.
 std::vector<std::string> background_dump(pid_t pid, const std::string& dir,
                                          const std::string& extra = "") {
-  return {"sh", "-c",
+  return {"/bin/sh", "-c",
           std::string("exec env ") + kSlowRead + " " + lazycr_bin() + " -v dump -t " +
               std::to_string(pid) + " -D " + dir + " --leave-running " + extra + " 2>&1"};
 }
@@ -76,8 +76,8 @@ void act_during_copy(const std::string& mode) {
   ASSERT_TRUE(send_signal(t.pid, SIGUSR2));
   EXPECT_EQ(t.child.wait_for("acted"), "acted");
   EXPECT_TRUE(dump.running()) << "the action must come while the pages are being read";
-  std::string rest = dump.read_rest(300);
-  ASSERT_EQ(dump.wait(300), 0) << rest;
+  std::string rest = dump.read_rest(120);
+  ASSERT_EQ(dump.wait(120), 0) << rest;
   EXPECT_NE(rest.find("left running (live dump)"), std::string::npos) << rest;
 
   // Nothing of the twin stays with the target.
