@@ -154,6 +154,42 @@ void collect_ghosts(std::vector<image::Process>& procs,
 // its slave is not restorable.
 void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result);
 
+// The two halves of dump_memory(), for a live dump (checkpoint/twin.h): the plan is made while
+// the tree is frozen; the pages are read later from a copy-on-write twin of the process.
+struct MemoryPlan {
+  // Pages to store from `start`; with ref_pid != 0, pages an earlier process stored at ref_addr.
+  struct Run {
+    uint64_t start;
+    uint64_t pages;
+    pid_t ref_pid = 0;
+    uint64_t ref_addr = 0;
+    bool unchanged = false;  // write tracking: not written since the parent image, not read
+  };
+  struct Area {
+    std::vector<Run> runs;  // private areas: the pages to store
+    // Contents a fork child does not share, copied while frozen (`live` only): the stored
+    // pages of a MADV_DONTFORK / MADV_WIPEONFORK area, in run order; for a shared object
+    // (MAP_SHARED anonymous, memfd, SysV), a memfd copy of it at the same offsets.
+    std::string copied;
+    bool has_copy = false;
+    UniqueFd object_copy;
+  };
+  std::vector<Area> areas;  // one per memory area, in order
+  uint64_t copied_bytes = 0;
+};
+// While frozen: chooses the pages (and REFs, with `dedup`). With `live`, copies what the twin
+// would not hold as it was at the freeze. With `written` (and `writer`, whose parent image
+// must hold them), pages not written since the parent image become unchanged runs.
+MemoryPlan plan_memory(pid_t pid, const std::vector<image::MemoryArea>& areas, PageDedup* dedup,
+                       bool live, const WrittenRanges* written = nullptr,
+                       const image::PageStoreWriter* writer = nullptr);
+// Reads the planned pages of `pid` from `read_pid` (the process itself, or its twin: the same
+// addresses) and feeds the writer; sets stored_pages on each area.
+MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
+                         std::vector<image::MemoryArea>& areas, image::PageStoreWriter& writer,
+                         const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
+                         bool via_mem);
+
 class FrozenTree;
 // The kernel objects each live process holds (objects/: seccomp filters, file locks), after
 // collect_shared() (descriptors final), while the tree is frozen. `procs` is in preorder.

@@ -18,6 +18,7 @@
 #include <boost/filesystem.hpp>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -27,6 +28,7 @@
 #include "checkpoint/collect.h"
 #include "checkpoint/frozen.h"
 #include "checkpoint/interrupt.h"
+#include "checkpoint/twin.h"
 #include "checkpoint/write_tracking.h"
 #include "common/error.h"
 #include "common/fd.h"
@@ -609,6 +611,64 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   // can refer to it. A single process needs no PFN pass.
   std::optional<PageDedup> dedup;
   if (opts.dedup && tree.live_count() > 1) dedup.emplace();
+
+  // Live dump: the pages are chosen now, each process gets a copy-on-write twin, the tree runs
+  // on, and the pages are read from the twins (checkpoint/twin.h).
+  std::vector<MemoryPlan> plans;
+  std::optional<TwinWatchdog> watchdog;  // outlives the twins
+  std::vector<std::unique_ptr<Twin>> twins(order.size());
+  uint64_t frozen_end = 0;
+  bool tree_running = false;
+  // Write tracking starts (and a tracked parent's ends) at the image's instant, with the tree
+  // frozen until the image is committed (write_tracking.h): no live dump with it.
+  if (opts.leave_running && !opts.frozen_copy && (opts.track || tracking.vouches()))
+    log::info(
+        "live dump not used with write tracking (--track, or a tracked parent): the "
+        "memory is read with the tree frozen");
+  else if (opts.leave_running && !opts.frozen_copy) {
+    std::string why_not;
+    for (size_t i = 0; i < order.size() && why_not.empty(); i++)
+      if (!tree.node(order[i]).zombie())
+        if (std::string w = twin_refusal(areas[i]); !w.empty())
+          why_not = cat(describe_pid(order[i]), ": ", w);
+    plans.resize(order.size());
+    uint64_t copied = 0;
+    for (size_t i = 0; i < order.size() && why_not.empty(); i++) {
+      TreeNode& node = tree.node(order[i]);
+      if (node.zombie()) continue;
+      plans[i] = plan_memory(node.pid, areas[i], dedup ? &*dedup : nullptr, true);
+      copied += plans[i].copied_bytes;
+      twins[i] = Twin::make(*node.frozen, why_not);
+      node.frozen->release_scratch();
+      if (!twins[i]) why_not = cat(describe_pid(order[i]), ": ", why_not);
+    }
+    lap("twins");
+    if (!why_not.empty()) {
+      log::info("live dump not possible (", why_not, "): the memory is read with the tree frozen");
+      for (auto& t : twins) t.reset();
+      plans.clear();
+      if (dedup) dedup.emplace();
+    } else {
+      std::vector<Twin*> all;
+      for (auto& t : twins)
+        if (t) all.push_back(t.get());
+      watchdog.emplace(all);
+      fault_point(opts, "twins");
+      shared.tcp_repair.resume();  // before the tree runs again
+      tree.detach_all();
+      tree_running = true;
+      for (auto& t : twins)
+        if (t) t->tree_released();
+      frozen_end = now_ns();
+      result.live = true;
+      log::info("live dump: tree frozen ", (frozen_end - tree.frozen_at()) / 1000, " us, ", copied,
+                " bytes copied while frozen (shared, DONTFORK, WIPEONFORK memory)");
+    }
+  }
+  // Tests only: time for the program to act while its pages are read from the twins.
+  uint64_t slow_us = 0;
+  if (const char* v = ::getenv("LAZYCR_TEST_LIVE_READ_DELAY_US"); v != nullptr && result.live)
+    slow_us = std::strtoull(v, nullptr, 10);
   log::Progress progress;
   bool first_batch = true;
   // Page store digests, taken as they were written: signing does not read them again.
@@ -632,6 +692,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
         fault_point(opts, "memory");
         if (opts.fault_inject == "kill-target") send_signal_pidfd(fp.pidfd(), SIGKILL);
       }
+      if (slow_us != 0) ::usleep(static_cast<useconds_t>(slow_us));
       if (!progress.enabled()) return;
       uint64_t written = pages.bytes_written();
       char line[200];
@@ -647,8 +708,12 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     const WrittenRanges written = [&](uint64_t start, uint64_t end) {
       return tracking.written(fp.pid(), start, end);
     };
-    auto mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
-                           tree.live_count() > 1, parent ? &written : nullptr);
+    // A twin is read through /proc/PID/mem: process_vm_readv pins pages (FOLL_PIN), which
+    // makes the kernel copy every page the twin shares with the process first.
+    auto mem = twins[i] ? write_memory(fp.pid(), twins[i]->pid(), plans[i], areas[i], pages, report,
+                                       dedup ? &*dedup : nullptr, true)
+                        : dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
+                                      tree.live_count() > 1, parent ? &written : nullptr);
     auto stats = pages.finish();
     store_mac_digests[pages_name(fp.pid())] = stats.mac_digest;
     result.data_pages += stats.data_pages;
@@ -668,6 +733,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     if (auto rec = tracking.start_holder()) *inv.mutable_write_tracking() = std::move(*rec);
     lap("write tracking");
   }
+  for (auto& t : twins)
+    if (t) t->end();
+  lap("twins ended");
 
   for (size_t i = 0; i < order.size(); i++) {
     for (auto& a : areas[i]) *procs[i].add_areas() = std::move(a);
@@ -703,9 +771,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   o->set_skip_unsupported_fds(opts.skip_unsupported_fds);
   o->set_tcp_established(opts.tcp_established);
   o->set_ext_unix_sk(opts.ext_unix_sk);
-  uint64_t frozen_end = now_ns();
+  if (!tree_running) frozen_end = now_ns();
   inv.set_frozen_ns(frozen_end - tree.frozen_at());
-  inv.set_dump_ns(frozen_end - t0);
+  inv.set_dump_ns(now_ns() - t0);
   inv.set_created_unix_ns(wall_ns());
   writer.write_inventory(inv);
   lap("metadata");
@@ -724,16 +792,20 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   result.replaced = writer.commit();
   lap("commit");
 
-  if (opts.leave_running) {
+  if (tree_running) {
+    // Let go before the memory was read (live dump).
+  } else if (opts.leave_running) {
     tracking.commit_and_protect();  // still frozen: the tracking starts at this image
     shared.tcp_repair.resume();     // before the tree runs again
     tree.detach_all();
+    frozen_end = now_ns();
   } else {
     tree.kill_all();
     shared.tcp_repair.close_silently();  // the last close, in repair mode: no FIN, no RST
     if (net_lock) net_lock->keep();      // until the restore unlocks the connections
   }
-  result.frozen_ns = now_ns() - tree.frozen_at();
+  if (!opts.leave_running) frozen_end = now_ns();
+  result.frozen_ns = frozen_end - tree.frozen_at();
   result.total_ns = now_ns() - t0;
   result.image_bytes = dir_bytes(opts.dir);
   return result;

@@ -16,6 +16,9 @@ struct DumpOptions {
   pid_t pid = 0;
   std::string dir;
   bool leave_running = false;
+  // With leave_running: keep the tree frozen while its memory is read (--frozen-copy), instead
+  // of a live dump that reads it from copy-on-write twins once the tree runs again.
+  bool frozen_copy = false;
   bool replace = false;  // overwrite an existing image directory
   // --compress: zstd at `level` (frames zstd does not shrink are stored raw), or none.
   image::PageIndex::Compression compression = image::PageIndex::ZSTD;
@@ -48,6 +51,7 @@ struct DumpOptions {
 
 struct DumpResult {
   uint64_t frozen_ns = 0;  // from the first interrupt to the detach (or kill)
+  bool live = false;       // memory read from twins after the tree was let go
   uint64_t total_ns = 0;
   uint64_t processes = 0;  // in the image, zombies included
   uint64_t zombies = 0;

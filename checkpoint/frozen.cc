@@ -3,12 +3,15 @@
 
 #include <linux/kcmp.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <functional>
 
 #include "checkpoint/interrupt.h"
@@ -154,11 +157,19 @@ uint64_t FrozenProcess::scratch() {
 namespace {
 constexpr uint64_t kBatchAreaSize = 2 * kPageSize;  // the loop, then the table
 constexpr uint64_t kBatchTableOffset = 256;
+constexpr uint64_t kTwinStubOffset = 192;  // checkpoint/twin.h: the clone's stub
 }  // namespace
 
 std::optional<std::vector<long>> FrozenProcess::try_batch(TracedThread& t,
                                                           std::span<const BatchCall> calls) {
-  if (no_batch_area_) return std::nullopt;
+  if (!map_batch_area(t)) return std::nullopt;
+  throw_if_interrupted();
+  return run_batch(t, pid_, batch_area_, batch_area_ + kBatchTableOffset,
+                   (kBatchAreaSize - kBatchTableOffset) / kBatchEntrySize, calls);
+}
+
+bool FrozenProcess::map_batch_area(TracedThread& t) {
+  if (no_batch_area_) return false;
   if (batch_area_ == 0) {
     throw_if_interrupted();
     if (scratch_ == 0) scratch();  // released together: its time covers the batch area's
@@ -169,16 +180,63 @@ std::optional<std::vector<long>> FrozenProcess::try_batch(TracedThread& t,
       log::debug("pid ", pid_, ": no executable batch area (", std::strerror(static_cast<int>(-r)),
                  "): system calls are injected one by one");
       no_batch_area_ = true;
-      return std::nullopt;
+      return false;
     }
     batch_area_ = static_cast<uint64_t>(r);
     static_assert(kBatchTableOffset >= 128);
-    if (batch_code().size() > kBatchTableOffset) fail("the batch loop does not fit its area");
+    if (batch_code().size() > kTwinStubOffset) fail("the batch loop does not fit its area");
     remote_write(pid_, batch_area_, batch_code().data(), batch_code().size());
   }
+  return true;
+}
+
+// The twin's clone: the parent traps at the int3 (+7, rip +8); the child (rax 0) goes on to
+// exit_group(0). The child never gets that far while lazycr holds it.
+constexpr unsigned char kTwinStub[] = {
+    0x0f, 0x05,                    // syscall (clone)
+    0x48, 0x85, 0xc0,              // test rax, rax
+    0x74, 0x01,                    // jz child
+    0xcc,                          // int3 (parent)
+    0xb8, 0xe7, 0x00, 0x00, 0x00,  // child: mov eax, SYS_exit_group
+    0x31, 0xff,                    // xor edi, edi
+    0x0f, 0x05,                    // syscall
+    0xeb, 0xf5,                    // jmp child
+};
+constexpr uint64_t kTwinStubParentTrap = 8;
+
+std::optional<FrozenProcess::TwinIds> FrozenProcess::clone_twin(std::string& why_not) {
+  TracedThread& t = leader();
   throw_if_interrupted();
-  return run_batch(t, pid_, batch_area_, batch_area_ + kBatchTableOffset,
-                   (kBatchAreaSize - kBatchTableOffset) / kBatchEntrySize, calls);
+  if (!map_batch_area(t)) {
+    why_not = "no executable page can be mapped in it for the clone";
+    return std::nullopt;
+  }
+  const uint64_t stub = batch_area_ + kTwinStubOffset;
+  remote_write(pid_, stub, kTwinStub, sizeof kTwinStub);
+  const unsigned long options =
+      kSeizeOptions | (proc::read_status(t.tid()).seccomp != 0 ? PTRACE_O_SUSPEND_SECCOMP : 0);
+  // exit_signal 0 makes PTRACE_EVENT_CLONE the event that auto-attaches the child.
+  t.set_options(options | PTRACE_O_TRACECLONE);
+  long r;
+  try {
+    r = t.syscall_trap_at(stub, stub + kTwinStubParentTrap, SYS_clone, CLONE_FILES, 0, 0, 0, 0);
+  } catch (...) {
+    t.set_options(options);
+    throw;
+  }
+  t.set_options(options);
+  std::vector<pid_t> born = t.take_new_tasks();
+  if (r < 0 && r > -4096) {
+    why_not = cat("clone failed: ", std::strerror(static_cast<int>(-r)));
+    return std::nullopt;
+  }
+  if (born.size() != 1) fail("pid ", pid_, ": the injected clone reported ", born.size(), " tasks");
+  return TwinIds{born[0], static_cast<pid_t>(r)};
+}
+
+long FrozenProcess::reap_child(pid_t ns_pid) {
+  return leader().syscall(insn_, InjectMode::kSingleStep, SYS_wait4, static_cast<uint64_t>(ns_pid),
+                          0, __WCLONE | WNOHANG, 0);
 }
 
 void FrozenProcess::release_scratch() {

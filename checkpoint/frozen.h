@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "common/fd.h"
@@ -57,6 +58,19 @@ class FrozenProcess {
   // by one then.
   std::optional<std::vector<long>> try_batch(TracedThread& t, std::span<const BatchCall> calls);
   void release_scratch();
+  // Live dump (checkpoint/twin.h): injects into the leader a clone that shares the descriptor
+  // table, not the memory, sends no signal at exit (exit_signal 0) and is auto-attached: the
+  // child is stopped before it runs anything, at a stub whose next instructions are
+  // exit_group(0), so that if lazycr dies it exits instead of running the program.
+  // Returns the twin's pid in lazycr's namespace and in the process's, or nullopt with
+  // `why_not` (no executable page can be mapped, clone refused).
+  struct TwinIds {
+    pid_t pid;
+    pid_t ns_pid;
+  };
+  std::optional<TwinIds> clone_twin(std::string& why_not);
+  // Runs wait4(ns_pid, NULL, __WCLONE | WNOHANG) in the leader (reaps an exited twin).
+  long reap_child(pid_t ns_pid);
   uint64_t injected() const;
   // How long the scratch page has been mapped in all (ns): the time a SIGKILLed lazycr would
   // leave a stray mapping behind (README).
@@ -72,6 +86,8 @@ class FrozenProcess {
   // call() without the safe point, for the rollback.
   long call_now(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
                 uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
+  // Maps the batch area if it is not (with the scratch page); false if it cannot be.
+  bool map_batch_area(TracedThread& t);
 
   pid_t pid_;
   UniqueFd pidfd_;

@@ -40,14 +40,7 @@ std::string map_files_path(pid_t pid, uint64_t start, uint64_t end) {
   return buf;
 }
 
-// Pages to store from `start`; with ref_pid != 0, pages an earlier process stored at ref_addr.
-struct Range {
-  uint64_t start;
-  uint64_t pages;
-  pid_t ref_pid = 0;
-  uint64_t ref_addr = 0;
-  bool unchanged = false;  // write tracking: not written since the parent image, not read
-};
+using Range = MemoryPlan::Run;
 
 // Pages of [start, end) selected by PAGEMAP_SCAN: present or swapped, not the shared zero
 // page, and (when exclude_file) not backed by the file.
@@ -202,11 +195,17 @@ class PageReader {
   // Contents of a shared object (shmem, memfd, deleted file) through /proc/PID/map_files,
   // reading only its data extents so holes are neither read nor allocated. With `runs` (the
   // object's pages stored so far in this dump), pages another process stored become REFs.
+  // `copy`: the object as copied at the freeze (live dump), read instead of the mapping.
   void read_shared_object(const MemoryArea& a, uint64_t& stored,
-                          std::vector<PageDedup::Stored>* runs) {
-    std::string path = map_files_path(pid_, a.start(), a.end());
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) fail_errno("cannot open ", path, " (", a.name(), ")");
+                          std::vector<PageDedup::Stored>* runs, const UniqueFd* copy = nullptr) {
+    std::string path = copy != nullptr && *copy ? cat("the copy of ", a.name())
+                                                : map_files_path(pid_, a.start(), a.end());
+    UniqueFd own;
+    if (copy == nullptr || !*copy) {
+      own.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!own) fail_errno("cannot open ", path, " (", a.name(), ")");
+    }
+    const UniqueFd& fd = own ? own : *copy;
     struct stat st;
     if (::fstat(fd.get(), &st) != 0) fail_errno("fstat ", path);
     uint64_t obj_end = std::min<uint64_t>(
@@ -280,7 +279,34 @@ class PageReader {
     }
   }
 
+  // Pages copied while frozen (plan.copied), in run order.
+  void feed_copied(const std::vector<Range>& ranges, const std::string& copied) {
+    size_t off = 0;
+    for (const auto& r : ranges) {
+      if (r.unchanged) {
+        writer_.add_unchanged_pages(r.start, r.pages);
+        stats_.unread_pages += r.pages;
+        continue;
+      }
+      if (r.ref_pid != 0) {
+        writer_.add_ref_pages(r.start, r.pages, r.ref_pid, r.ref_addr);
+        stats_.ref_pages += r.pages;
+        continue;
+      }
+      writer_.add_pages(r.start, copied.data() + off, r.pages);
+      off += r.pages * kPageSize;
+      stats_.pages_read += r.pages;
+      stats_.bytes_read += r.pages * kPageSize;
+    }
+    progress_(stats_.pages_read);
+  }
+
   const MemoryStats& stats() const { return stats_; }
+  void add_stats(const MemoryStats& s) {
+    stats_.pages_read += s.pages_read;
+    stats_.bytes_read += s.bytes_read;
+    stats_.ref_pages += s.ref_pages;
+  }
 
  private:
   // /proc/PID/mem ignores protections (the tracer reads with FOLL_FORCE).
@@ -486,11 +512,68 @@ std::vector<Range> merge_by_address(std::vector<Range> a, const std::vector<Rang
   return a;
 }
 
+bool has_vmflag(const MemoryArea& a, const char* flag) {
+  const std::string& f = a.vmflags();
+  for (size_t pos = 0; pos + 2 <= f.size(); pos += 3)
+    if (f.compare(pos, 2, flag) == 0) return true;
+  return false;
+}
+
+bool private_kind(const MemoryArea& a) {
+  return a.kind() == MemoryArea::ANON || a.kind() == MemoryArea::HEAP ||
+         a.kind() == MemoryArea::STACK || a.kind() == MemoryArea::PRIVATE_FILE;
+}
+
+// pread of another process's memory through /proc/PID/mem (any protection).
+void read_process_mem(int mem_fd, pid_t pid, uint64_t addr, char* out, size_t len) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = ::pread(mem_fd, out + got, len - got, static_cast<off_t>(addr + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) fail_errno("cannot read memory of pid ", pid, " at ", std::hex, addr + got);
+    got += static_cast<size_t>(n);
+  }
+}
+
+// A memfd holding the shared object's data extents over the area, at the same offsets.
+UniqueFd copy_shared_object(pid_t pid, const MemoryArea& a, uint64_t& copied) {
+  std::string path = map_files_path(pid, a.start(), a.end());
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) fail_errno("cannot open ", path, " (", a.name(), ")");
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) fail_errno("fstat ", path);
+  UniqueFd copy(static_cast<int>(::memfd_create("lazycr-shared-copy", MFD_CLOEXEC)));
+  if (!copy) fail_errno("memfd_create for the copy of ", a.name());
+  if (::ftruncate(copy.get(), st.st_size) != 0) fail_errno("sizing the copy of ", a.name());
+  const uint64_t end =
+      std::min<uint64_t>(a.pgoff() + (a.end() - a.start()), static_cast<uint64_t>(st.st_size));
+  std::vector<char> buf(kReadBufferBytes);
+  for (uint64_t off = a.pgoff(); off < end;) {
+    off_t data = ::lseek(fd.get(), static_cast<off_t>(off), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) break;
+    if (data < 0) fail_errno("SEEK_DATA in ", path);
+    off_t hole = ::lseek(fd.get(), data, SEEK_HOLE);
+    if (hole < 0) fail_errno("SEEK_HOLE in ", path);
+    uint64_t stop = std::min<uint64_t>(end, static_cast<uint64_t>(hole));
+    for (uint64_t pos = static_cast<uint64_t>(data); pos < stop;) {
+      size_t len = std::min<uint64_t>(buf.size(), stop - pos);
+      ssize_t n = ::pread(fd.get(), buf.data(), len, static_cast<off_t>(pos));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) fail_errno("reading ", path);
+      if (::pwrite(copy.get(), buf.data(), static_cast<size_t>(n), static_cast<off_t>(pos)) != n)
+        fail_errno("writing the copy of ", a.name());
+      pos += static_cast<size_t>(n);
+      copied += static_cast<uint64_t>(n);
+    }
+    off = std::max<uint64_t>(stop, off + 1);
+  }
+  return copy;
+}
+
 }  // namespace
 
-MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
-                        const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
-                        bool via_mem, const WrittenRanges* written) {
+MemoryPlan plan_memory(pid_t pid, const std::vector<MemoryArea>& areas, PageDedup* dedup, bool live,
+                       const WrittenRanges* written, const image::PageStoreWriter* writer) {
   int pagemap = -1;
   UniqueFd own_pagemap;
   if (dedup != nullptr) {
@@ -502,51 +585,94 @@ MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageSt
     pagemap = own_pagemap.get();
   }
   bool use_scan = kernel_features().pagemap_scan;
-  PageReader reader(pid, writer, progress, via_mem);
-  std::vector<Range> ranges;
-  for (auto& a : areas) {
-    uint64_t stored = 0;
-    switch (a.kind()) {
-      case MemoryArea::ANON:
-      case MemoryArea::HEAP:
-      case MemoryArea::STACK:
-      case MemoryArea::PRIVATE_FILE: {
-        // Private file pages still backed by the file come back from the file; a deleted
-        // file cannot be reopened by path, so all its present pages are kept.
-        // (unless the image stores that file as a ghost, which the restore maps again).
-        bool exclude_file =
-            a.kind() == MemoryArea::PRIVATE_FILE && (!a.file().deleted() || a.ghost_id() != 0);
-        ranges.clear();
-        if (use_scan)
-          scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, ranges);
-        else
-          scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, ranges);
-        // Unwritten pages are set aside before dedup, so that no later process refers (REF)
-        // to a page this store records as PARENT.
-        std::vector<Range> unchanged;
-        if (written != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
-          if (auto w = (*written)(a.start(), a.end()))
-            unchanged = split_unwritten(*w, writer, ranges);
-        if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
-          ranges = dedup_ranges(pid, pagemap, ranges, *dedup);
-        if (!unchanged.empty()) ranges = merge_by_address(std::move(ranges), unchanged);
-        for (const auto& r : ranges) stored += r.pages;
-        reader.read_ranges(ranges, (a.prot() & PROT_READ) != 0);
-        break;
+  MemoryPlan plan;
+  plan.areas.resize(areas.size());
+  UniqueFd mem;
+  for (size_t k = 0; k < areas.size(); k++) {
+    const MemoryArea& a = areas[k];
+    MemoryPlan::Area& out = plan.areas[k];
+    if (private_kind(a)) {
+      // Private file pages still backed by the file come back from the file; a deleted
+      // file cannot be reopened by path, so all its present pages are kept.
+      // (unless the image stores that file as a ghost, which the restore maps again).
+      bool exclude_file =
+          a.kind() == MemoryArea::PRIVATE_FILE && (!a.file().deleted() || a.ghost_id() != 0);
+      if (use_scan)
+        scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, out.runs);
+      else
+        scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, out.runs);
+      // Unwritten pages are set aside before dedup, so that no later process refers (REF)
+      // to a page this store records as PARENT.
+      std::vector<Range> unchanged;
+      if (written != nullptr && writer != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+        if (auto w = (*written)(a.start(), a.end()))
+          unchanged = split_unwritten(*w, *writer, out.runs);
+      if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+        out.runs = dedup_ranges(pid, pagemap, out.runs, *dedup);
+      if (!unchanged.empty()) out.runs = merge_by_address(std::move(out.runs), unchanged);
+      // A fork child has no copy of a MADV_DONTFORK area and zeros for a MADV_WIPEONFORK one:
+      // their pages are read now.
+      if (live && (has_vmflag(a, "dc") || has_vmflag(a, "wf"))) {
+        if (!mem) {
+          std::string path = cat("/proc/", pid, "/mem");
+          mem.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+          if (!mem) fail_errno("cannot open ", path);
+        }
+        out.has_copy = true;
+        for (const auto& r : out.runs) {
+          if (r.ref_pid != 0 || r.unchanged) continue;
+          size_t at = out.copied.size();
+          out.copied.resize(at + r.pages * kPageSize);
+          read_process_mem(mem.get(), pid, r.start, out.copied.data() + at, r.pages * kPageSize);
+        }
+        plan.copied_bytes += out.copied.size();
       }
-      case MemoryArea::SHARED_ANON:
-        // One object, mapped by several processes (or twice): identified by its inode.
-        reader.read_shared_object(a, stored,
-                                  dedup != nullptr && a.file().inode() != 0
-                                      ? &dedup->objects[{a.file().dev(), a.file().inode()}]
-                                      : nullptr);
-        break;
-      default:
-        break;  // contents come from the file (SHARED_FILE) or the kernel (vdso, vvar)
+    } else if (a.kind() == MemoryArea::SHARED_ANON && live) {
+      // Shared with the process and its twin alike: it would change under the background read.
+      out.object_copy = copy_shared_object(pid, a, plan.copied_bytes);
     }
+  }
+  return plan;
+}
+
+MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
+                         std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
+                         const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
+                         bool via_mem) {
+  PageReader reader(read_pid, writer, progress, via_mem);
+  for (size_t k = 0; k < areas.size(); k++) {
+    MemoryArea& a = areas[k];
+    MemoryPlan::Area& p = plan.areas[k];
+    uint64_t stored = 0;
+    if (private_kind(a)) {
+      for (const auto& r : p.runs) stored += r.pages;
+      if (p.has_copy)
+        reader.feed_copied(p.runs, p.copied);
+      else
+        reader.read_ranges(p.runs, (a.prot() & PROT_READ) != 0);
+    } else if (a.kind() == MemoryArea::SHARED_ANON) {
+      // One object, mapped by several processes (or twice): identified by its inode. Read
+      // through `pid`'s mapping (map_files), or from the copy made at the freeze.
+      PageReader object_reader(pid, writer, progress, via_mem);
+      object_reader.read_shared_object(a, stored,
+                                       dedup != nullptr && a.file().inode() != 0
+                                           ? &dedup->objects[{a.file().dev(), a.file().inode()}]
+                                           : nullptr,
+                                       &p.object_copy);
+      MemoryStats s = object_reader.stats();
+      reader.add_stats(s);
+    }
+    // Other kinds: contents come from the file (SHARED_FILE) or the kernel (vdso, vvar).
     a.set_stored_pages(stored);
   }
   return reader.stats();
+}
+
+MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
+                        const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
+                        bool via_mem, const WrittenRanges* written) {
+  MemoryPlan plan = plan_memory(pid, areas, dedup, false, written, &writer);
+  return write_memory(pid, pid, plan, areas, writer, progress, dedup, via_mem);
 }
 
 }  // namespace lazycr::checkpoint

@@ -64,6 +64,8 @@ class WriteTracking {
   // tracking cannot vouch for the area (not tracked, or no longer the registered mapping).
   std::optional<std::vector<std::pair<uint64_t, uint64_t>>> written(pid_t pid, uint64_t start,
                                                                     uint64_t end);
+  // Whether a parent's tracking was taken over for any process.
+  bool vouches() const { return !taken_.empty(); }
 
   // dump --track: registers the private anonymous areas of `fp` (a uffd taken over is used
   // again, else one is made inside the process). Logs and skips a process it cannot track.

@@ -587,6 +587,20 @@ void set_injected_call_hook(std::function<void()> hook) {
 // restarts it exactly as it would have without us (restart_block is untouched by our call).
 long TracedThread::syscall(uint64_t insn, InjectMode mode, long nr, uint64_t a1, uint64_t a2,
                            uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6) {
+  const bool step = mode == InjectMode::kSingleStep;
+  // Single-stepping `syscall` traps after it returns (rip past its 2 bytes); `syscall; int3`
+  // traps after the int3 (rip past 3 bytes).
+  return inject(insn, step, insn + (step ? 2 : 3), nr, a1, a2, a3, a4, a5, a6);
+}
+
+long TracedThread::syscall_trap_at(uint64_t insn, uint64_t trap_rip, long nr, uint64_t a1,
+                                   uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5,
+                                   uint64_t a6) {
+  return inject(insn, false, trap_rip, nr, a1, a2, a3, a4, a5, a6);
+}
+
+long TracedThread::inject(uint64_t insn, bool step, uint64_t trap_rip, long nr, uint64_t a1,
+                          uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6) {
   if (!attached_) fail("inject syscall ", nr, " into tid ", tid_, ": not attached");
   const Regs saved = get_regs();
   const uint64_t saved_mask = get_sigmask();
@@ -604,11 +618,7 @@ long TracedThread::syscall(uint64_t insn, InjectMode mode, long nr, uint64_t a1,
   set_sigmask(kInjectMask);
   set_regs(regs);
 
-  const bool step = mode == InjectMode::kSingleStep;
   const int request = step ? PTRACE_SINGLESTEP : PTRACE_CONT;
-  // Single-stepping `syscall` traps after it returns (rip past its 2 bytes); `syscall; int3`
-  // traps after the int3 (rip past 3 bytes).
-  const uint64_t trap_rip = insn + (step ? 2 : 3);
 
   auto what = [&] { return cat("injected syscall ", nr, " at ", hex(insn), " in tid ", tid_); };
   // Puts the thread back as we found it; used on failure too.

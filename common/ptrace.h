@@ -139,6 +139,11 @@ class TracedThread {
   // the syscall exit before anything else is fetched.
   long syscall(uint64_t insn, InjectMode mode, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
                uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
+  // As syscall() in kTrapAfter mode, for code at `insn` that reaches its int3 further on:
+  // the call is done when the thread traps with rip == trap_rip (just past that int3). For a
+  // stub that sends the child of an injected clone down another path than the caller's.
+  long syscall_trap_at(uint64_t insn, uint64_t trap_rip, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
+                       uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
   // Number of syscalls injected through this object (for stats).
   uint64_t injected_syscalls() const { return injected_; }
 
@@ -152,6 +157,8 @@ class TracedThread {
   // If the thread is dead: collects it when possible, marks it detached, returns true.
   bool release_if_dead();
   void note_new_task(const StopInfo& s);
+  long inject(uint64_t insn, bool step, uint64_t trap_rip, long nr, uint64_t a1, uint64_t a2,
+              uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6);
 
   pid_t tid_ = -1;
   bool attached_ = false;

@@ -36,14 +36,16 @@ int run_dump(const checkpoint::DumpOptions& opts) {
                   u(r.parent_pages), r.chain_length, u(r.unread_pages));
     parent = buf;
   }
-  std::fprintf(stderr,
-               "lazycr: dumped pid %d%s to %s: %llu thread(s), %llu areas, %.1f MiB of pages: "
-               "%llu stored, %llu zero, %llu deduped%s; %.1f MiB image, frozen %.1f ms, total "
-               "%.1f ms, %s%s\n",
-               opts.pid, tree.c_str(), opts.dir.c_str(), u(r.threads), u(r.areas), resident_mib,
-               u(r.data_pages), u(r.zero_pages), u(r.ref_pages), parent.c_str(), image_mib,
-               r.frozen_ns / 1e6, r.total_ns / 1e6, opts.leave_running ? "left running" : "killed",
-               r.replaced.empty() ? "" : ("; replaced " + r.replaced).c_str());
+  std::fprintf(
+      stderr,
+      "lazycr: dumped pid %d%s to %s: %llu thread(s), %llu areas, %.1f MiB of pages: "
+      "%llu stored, %llu zero, %llu deduped%s; %.1f MiB image, frozen %.1f ms, total "
+      "%.1f ms, %s%s\n",
+      opts.pid, tree.c_str(), opts.dir.c_str(), u(r.threads), u(r.areas), resident_mib,
+      u(r.data_pages), u(r.zero_pages), u(r.ref_pages), parent.c_str(), image_mib,
+      r.frozen_ns / 1e6, r.total_ns / 1e6,
+      opts.leave_running ? (r.live ? "left running (live dump)" : "left running") : "killed",
+      r.replaced.empty() ? "" : ("; replaced " + r.replaced).c_str());
   return 0;
 }
 

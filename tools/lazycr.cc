@@ -77,6 +77,10 @@ int main(int argc, char** argv) {
   dump_cmd->add_option("-D,--images-dir", dump.dir, "Image directory to create")->required();
   dump_cmd->add_flag("--leave-running", dump.leave_running,
                      "Let the tree continue after the dump (default: kill it)");
+  dump_cmd->add_flag("--frozen-copy", dump.frozen_copy,
+                     "With --leave-running: keep the tree frozen while its memory is read "
+                     "(default: a live dump, which lets it run on and reads its memory as it was "
+                     "at the freeze from copy-on-write twins)");
   dump_cmd->add_flag("-f,--force", dump.replace, "Replace an existing image directory");
   CLI::Option* level_opt =
       dump_cmd
