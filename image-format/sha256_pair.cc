@@ -47,8 +47,8 @@ struct Message {
 };
 
 // Hashes both messages as two jobs of one manager (its SHA-256 lanes run them together), and
-// marks those it computed. A job it refuses (1.3 takes at most 65,534 bytes per hash job:
-// its lanes count in 16 bits) is left undone for libcrypto.
+// marks those it computed. A job it refuses (1.3's job check takes at most 65,534 bytes per
+// hash job, MB_MAX_LEN16) is left undone for libcrypto.
 void mgr_pair(IMB_MGR* mgr, Message* msg) {
   for (int i = 0; i < 2; ++i) {
     IMB_JOB* job = IMB_GET_NEXT_JOB(mgr);
