@@ -11,9 +11,9 @@ mode=${1:-build}
 jobs=$(nproc)
 
 packages=(build-essential cmake pkg-config git python3 clang libclang-rt-14-dev clang-format
-  libzstd-dev liblz4-dev libprotobuf-dev protobuf-compiler libboost-filesystem-dev libgtest-dev
-  libgmock-dev libcli11-dev libbenchmark-dev libssl-dev sqlite3 nodejs redis-server memcached
-  nginx-light tmux libnftables-dev nftables)
+  libzstd-dev liblz4-dev libipsec-mb-dev libprotobuf-dev protobuf-compiler libboost-filesystem-dev
+  libgtest-dev libgmock-dev libcli11-dev libbenchmark-dev libssl-dev sqlite3 nodejs redis-server
+  memcached nginx-light tmux libnftables-dev nftables)
 
 install_missing() {
   local missing=()
