@@ -1,4 +1,5 @@
 #include "image-format/page_store_direct.h"
+#include "image-format/page_store_internal.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -20,21 +21,6 @@ namespace lazycr::image {
 namespace {
 
 constexpr uint64_t P = kPageSize;
-
-void pread_exact(int fd, void* data, size_t len, uint64_t offset, const std::string& path) {
-  char* p = static_cast<char*>(data);
-  while (len > 0) {
-    const ssize_t n = ::pread(fd, p, len, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      fail_errno(path, ": read of ", len, " bytes at offset ", offset, " failed");
-    }
-    if (n == 0) fail(path, ": file ends at offset ", offset, " (truncated while open?)");
-    p += n;
-    len -= static_cast<size_t>(n);
-    offset += static_cast<uint64_t>(n);
-  }
-}
 
 struct DCtxDeleter {
   void operator()(ZSTD_DCtx* d) const { ZSTD_freeDCtx(d); }
@@ -81,7 +67,7 @@ struct DirectPageReader::Impl {
       if (f.size != expected)
         fail(store.path(), ": frame ", fi, ": raw frame of ", f.size, " bytes, expected ",
              expected);
-      pread_exact(fd, out, expected, f.offset, store.path());
+      store_detail::pread_all(fd, out, expected, f.offset, store.path());
       return {fi, pages, out, out, expected, true};
     }
     // Bounded at open: a frame is at most its codec's bound for its content.
@@ -90,7 +76,7 @@ struct DirectPageReader::Impl {
     if (f.size > bound) fail(store.path(), ": frame ", fi, ": ", f.size, " bytes is too large");
     std::vector<unsigned char>& buf = scratch[slot];
     if (buf.size() < f.size) buf.resize(f.size);
-    pread_exact(fd, buf.data(), f.size, f.offset, store.path());
+    store_detail::pread_all(fd, buf.data(), f.size, f.offset, store.path());
     return {fi, pages, out, buf.data(), f.size, false};
   }
 
