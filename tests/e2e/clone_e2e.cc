@@ -9,7 +9,8 @@
 // - files, pipes, eventfds, epoll sets, timerfds, signalfds, socket pairs and TCP listeners
 //   are made afresh per clone (own position, own buffered data, own count), each clone in its
 //   own network namespace with --netns; MADV_WIPEONFORK memory reads zero in a clone;
-// - python3 with a large dict, and node's http server (MADV_DONTFORK memory) with --netns;
+// - python3 with a large dict, and node's http server (MADV_DONTFORK memory) cloned 10 times
+//   with --netns;
 // - nginx (master and nobody's workers sharing shared anonymous memory) with --netns;
 // - clone --shell-job gives the clone the command's stdout;
 // - a clone killed leaves the others running; the template's exit leaves the clones running;
@@ -771,7 +772,7 @@ TEST_F(CloneE2E, NodeHttpServerClonedWithNetns) {
   EXPECT_EQ(server.wait(60), 128 + SIGKILL);
   ASSERT_NO_FATAL_FAILURE(start_template(img));
   std::vector<pid_t> pids;
-  for (int i = 0; i < 5; i++) pids.push_back(start_clone({"--netns"}));
+  for (int i = 0; i < 10; i++) pids.push_back(start_clone({"--netns"}));
   const std::string state = "sum=19999900000 key=value-4321";
   for (pid_t p : pids) {
     ASSERT_GT(p, 0);
