@@ -287,14 +287,8 @@ Clone make_clone(HeldTemplate& t, const CloneRequest& req, PreparedNs prepared) 
       objects::restore_objects(objects::RestorePoint::kBeforeRelease, remote, p);
     }
     r.unmap_trampoline();
-    for (auto& tc : r.threads()) {
-      const image::Thread& th = *tc.img;
-      if (!th.xsave().empty())
-        tc.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
-      tc.t.set_regs(final_regs(th));
-      tc.t.set_sigmask(th.blocked());
-      objects::restore_affinity(tc.t.tid(), th, t.cpus);
-    }
+    // (The root's rseq_cs words are in the memory it shares with the template.)
+    for (auto& tc : r.threads()) set_final_thread_state(r, tc, nullptr, t.cpus);
     const int32_t vpid = p.pid();
     if (::write(ns->ctl.get(), &vpid, sizeof vpid) != sizeof vpid)
       fail_errno("telling the namespace's reaper the clone's pid");

@@ -196,18 +196,7 @@ void CloneTree::release() {
     r.unmap_trampoline();
     t->strategy->before_release(r);
     const image::PageStoreReader& store = img_.pages(p.pid());
-    for (auto& c : r.threads()) {
-      const image::Thread& th = *c.img;
-      if (th.rseq().rseq_abi_pointer() != 0) {
-        if (auto cs = image_rseq_cs(store, th.rseq().rseq_abi_pointer()))
-          remote_write(r.pid(), th.rseq().rseq_abi_pointer() + 8, &*cs, sizeof *cs);
-      }
-      if (!th.xsave().empty())
-        c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
-      c.t.set_regs(final_regs(th));
-      c.t.set_sigmask(th.blocked());
-      objects::restore_affinity(c.t.tid(), th, cpus_);
-    }
+    for (auto& c : r.threads()) set_final_thread_state(r, c, &store, cpus_);
   }
   // Children before parents, other threads before their leader (as restore() detaches).
   for (size_t k = procs_.size(); k-- > 0;) {

@@ -22,6 +22,8 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/proc.h"
+#include "common/ptrace.h"
+#include "objects/objects.h"
 #include "restore/address_space.h"
 #include "restore/calls.h"
 #include "restore/fd_passing.h"
@@ -30,6 +32,7 @@
 #include "restore/open_files.h"
 #include "restore/restoree.h"
 #include "restore/shared_files.h"
+#include "restore/thread_state.h"
 #include "restore/trust.h"
 
 namespace lazycr::restore {
@@ -486,6 +489,20 @@ void move_vdso(Restoree& r, const image::Process& p) {
     if (!found)
       fail("the kernel's ", a.name(), " did not land at ", hex(a.start()), "-", hex(a.end()));
   }
+}
+
+void set_final_thread_state(Restoree& r, ThreadCtl& c, const image::PageStoreReader* store,
+                            const cpu_set_t& cpus) {
+  const image::Thread& th = *c.img;
+  if (store != nullptr && th.rseq().rseq_abi_pointer() != 0) {
+    if (auto cs = image_rseq_cs(*store, th.rseq().rseq_abi_pointer()))
+      remote_write(r.pid(), th.rseq().rseq_abi_pointer() + 8, &*cs, sizeof *cs);
+  }
+  if (!th.xsave().empty())
+    c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
+  c.t.set_regs(final_regs(th));
+  c.t.set_sigmask(th.blocked());
+  objects::restore_affinity(c.t.tid(), th, cpus);
 }
 
 }  // namespace lazycr::restore

@@ -3,6 +3,7 @@
 // (clone_tree.h) run the same steps for the processes they fork inside each clone.
 #pragma once
 
+#include <sched.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -16,6 +17,7 @@
 namespace lazycr::restore {
 
 class Restoree;
+struct ThreadCtl;
 class GhostFiles;
 class SharedFiles;
 
@@ -77,5 +79,11 @@ void restore_credentials(Restoree& r, const image::Process& p);
 
 // The image's rseq_cs word of a thread, from the page store (nullopt if not stored).
 std::optional<uint64_t> image_rseq_cs(const image::PageStoreReader& store, uint64_t rseq_ptr);
+
+// A thread's last state before it runs: its rseq_cs word from `store` (none given: the memory
+// holds it already), xsave state, registers, signal mask and CPU affinity (`cpus` where the
+// image recorded none).
+void set_final_thread_state(Restoree& r, ThreadCtl& c, const image::PageStoreReader* store,
+                            const cpu_set_t& cpus);
 
 }  // namespace lazycr::restore

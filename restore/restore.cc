@@ -432,18 +432,8 @@ Restored restore(const RestoreOptions& opts_in) {
     Restoree& r = *tp->r;
     const image::PageStoreReader& store = img->pages(tp->p->pid());
     for (auto& c : r.threads()) {
-      steps.run("registers", cat("tid ", c.vtid), [&] {
-        const image::Thread& th = *c.img;
-        if (th.rseq().rseq_abi_pointer() != 0) {
-          if (auto cs = image_rseq_cs(store, th.rseq().rseq_abi_pointer()))
-            remote_write(r.pid(), th.rseq().rseq_abi_pointer() + 8, &*cs, sizeof *cs);
-        }
-        if (!th.xsave().empty())
-          c.t.set_xstate(std::vector<uint8_t>(th.xsave().begin(), th.xsave().end()));
-        c.t.set_regs(final_regs(th));
-        c.t.set_sigmask(th.blocked());
-        objects::restore_affinity(c.t.tid(), th, pin->saved());
-      });
+      steps.run("registers", cat("tid ", c.vtid),
+                [&] { set_final_thread_state(r, c, &store, pin->saved()); });
     }
   }
   steps.run("detach", rt.who, [&] {
