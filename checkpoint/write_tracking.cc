@@ -70,14 +70,16 @@ int pidfd_open(pid_t pid) {
   return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
 }
 
-// The areas the tracking covers: private anonymous memory (file-backed private pages and
-// shared memory are read as before), not already registered with a userfaultfd (unless
-// `ours`: the uffd taken over from the parent's holder registered it; another uffd's
-// registration makes UFFDIO_REGISTER fail with EBUSY).
+// The areas the tracking covers: private memory, anonymous or of a file (with WP_ASYNC alone
+// the kernel registers any kind: vma_can_userfault; of a file's private mapping only the
+// copied-on-write pages are stored, and those are what the protection follows; shared memory is
+// read as before), not already registered with a userfaultfd (unless `ours`: the uffd taken
+// over from the parent's holder registered it; another uffd's registration makes
+// UFFDIO_REGISTER fail with EBUSY).
 bool trackable(const image::MemoryArea& a, bool ours) {
   if (a.shared()) return false;
   if (a.kind() != image::MemoryArea::ANON && a.kind() != image::MemoryArea::HEAP &&
-      a.kind() != image::MemoryArea::STACK)
+      a.kind() != image::MemoryArea::STACK && a.kind() != image::MemoryArea::PRIVATE_FILE)
     return false;
   if (ours) return true;
   const std::string& f = a.vmflags();
@@ -143,6 +145,33 @@ bool protect_written(int pagemap, uint64_t start, uint64_t end) {
     }
   }
   ::_exit(0);
+}
+
+// A uffd made inside the process (it is the process's mm that gets registered), taken, and
+// closed there again before the process runs; empty (logged) when that fails.
+UniqueFd make_tracking_uffd(FrozenProcess& fp) {
+  const pid_t pid = fp.pid();
+  long fd = fp.call(fp.leader(), "userfaultfd", SYS_userfaultfd,
+                    O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+  UniqueFd uffd(static_cast<int>(::syscall(SYS_pidfd_getfd, fp.pidfd(), fd, 0)));
+  const int err = errno;
+  fp.call(fp.leader(), "close", SYS_close, static_cast<uint64_t>(fd));
+  if (!uffd) {
+    log::info("write tracking: ", describe_pid(pid),
+              " is not tracked: pidfd_getfd: ", std::strerror(err));
+    return {};
+  }
+  uffdio_api api{};
+  api.api = UFFD_API;
+  // Only WP_ASYNC: no EVENT_FORK, EVENT_REMAP, EVENT_REMOVE or EVENT_UNMAP, whose events would
+  // block the program's fork, mremap, madvise and munmap until read, and nobody reads them.
+  api.features = kTrackFeatures;
+  if (::ioctl(uffd.get(), UFFDIO_API, &api) != 0) {
+    log::info("write tracking: ", describe_pid(pid),
+              " is not tracked: UFFDIO_API: ", std::strerror(errno));
+    return {};
+  }
+  return uffd;
 }
 
 }  // namespace
@@ -275,46 +304,41 @@ void WriteTracking::arm(FrozenProcess& fp, const std::vector<image::MemoryArea>&
   }
   Tracked t;
   t.start_ticks = proc::read_stat(pid).start_time;
-  const bool taken = taken_.count(pid) != 0;
+  bool taken = false;
   if (auto it = taken_.find(pid); it != taken_.end()) {
     t.uffd.reset(::fcntl(it->second.uffd.get(), F_DUPFD_CLOEXEC, 3));
     if (!t.uffd) fail_errno("dup of the uffd of pid ", pid);
+    taken = true;
   } else {
-    // Made inside the process (it is the process's mm that gets registered), taken, and closed
-    // there again before the process runs.
-    long fd = fp.call(fp.leader(), "userfaultfd", SYS_userfaultfd,
-                      O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
-    t.uffd.reset(static_cast<int>(::syscall(SYS_pidfd_getfd, fp.pidfd(), fd, 0)));
-    const int err = errno;
-    fp.call(fp.leader(), "close", SYS_close, static_cast<uint64_t>(fd));
-    if (!t.uffd) {
-      log::info("write tracking: ", describe_pid(pid),
-                " is not tracked: pidfd_getfd: ", std::strerror(err));
-      return;
-    }
-    uffdio_api api{};
-    api.api = UFFD_API;
-    api.features = kTrackFeatures;
-    if (::ioctl(t.uffd.get(), UFFDIO_API, &api) != 0) {
-      log::info("write tracking: ", describe_pid(pid),
-                " is not tracked: UFFDIO_API: ", std::strerror(errno));
-      return;
-    }
+    t.uffd = make_tracking_uffd(fp);
+    if (!t.uffd) return;
   }
   uint64_t pages = 0;
-  for (const auto& a : areas) {
-    if (!trackable(a, taken)) continue;
-    uffdio_register reg{};
-    reg.range.start = a.start();
-    reg.range.len = a.end() - a.start();
-    reg.mode = UFFDIO_REGISTER_MODE_WP;
-    if (::ioctl(t.uffd.get(), UFFDIO_REGISTER, &reg) != 0) {
-      log::debug("write tracking: pid ", pid, " area ", range_text(a.start(), a.end()),
-                 " not registered: ", std::strerror(errno));
-      continue;
+  auto register_areas = [&](bool ours) {
+    for (const auto& a : areas) {
+      if (!trackable(a, ours)) continue;
+      uffdio_register reg{};
+      reg.range.start = a.start();
+      reg.range.len = a.end() - a.start();
+      reg.mode = UFFDIO_REGISTER_MODE_WP;
+      if (::ioctl(t.uffd.get(), UFFDIO_REGISTER, &reg) != 0) {
+        log::debug("write tracking: pid ", pid, " area ", range_text(a.start(), a.end()),
+                   " not registered: ", std::strerror(errno));
+        continue;
+      }
+      t.areas.emplace_back(a.start(), a.end());
+      pages += (a.end() - a.start()) / 4096;
     }
-    t.areas.emplace_back(a.start(), a.end());
-    pages += (a.end() - a.start()) / 4096;
+  };
+  register_areas(taken);
+  if (taken && t.areas.empty()) {
+    // The uffd taken over registers the address space the process had when it was armed: after
+    // an exec that one is gone and nothing can be registered with it. A new uffd for the new one.
+    log::info("write tracking: ", describe_pid(pid),
+              ": its tracked address space is gone (exec since the parent image): a new uffd");
+    t.uffd = make_tracking_uffd(fp);
+    if (!t.uffd) return;
+    register_areas(false);
   }
   log::info("write tracking: ", describe_pid(pid), ": ", t.areas.size(), " areas (", pages,
             " pages) registered");

@@ -8,54 +8,18 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <regex>
 #include <string>
 #include <vector>
 
 #include "common/signals.h"
 #include "image-format/image_dir.h"
+#include "tests/e2e/chain_helpers.h"
 #include "tests/e2e/harness.h"
 
 namespace lazycr::test {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct Counts {
-  uint64_t stored = 0, zero = 0, parent = 0;
-};
-
-// The page counts of the dump's summary line.
-Counts dump_counts(const std::string& err) {
-  std::smatch m;
-  static const std::regex re(
-      "([0-9]+) stored, ([0-9]+) zero, [0-9]+ deduped(, ([0-9]+) in the parent image)?");
-  Counts c;
-  if (!std::regex_search(err, m, re)) {
-    ADD_FAILURE() << "no page counts in: " << err;
-    return c;
-  }
-  c.stored = std::stoull(m[1]);
-  c.zero = std::stoull(m[2]);
-  if (m[4].matched) c.parent = std::stoull(m[4]);
-  return c;
-}
-
-struct Target {
-  explicit Target(const std::string& mib, const std::string& permille)
-      : child({target_bin("incr_target"), mib, permille}) {
-    std::string ready = child.wait_for("ready ");
-    pid = child.pid();
-  }
-  // One round of rewrites; returns how many pages it rewrote.
-  uint64_t rewrite() {
-    EXPECT_TRUE(send_signal(pid, SIGUSR2));
-    std::string line = child.wait_for("round ");
-    return std::stoull(line.substr(line.rfind(' ') + 1));
-  }
-  Child child;
-  pid_t pid = 0;
-};
 
 RunResult dump(pid_t pid, const std::string& dir, const std::string& parent = "") {
   std::vector<std::string> args{"dump", "-t", std::to_string(pid), "-D", dir, "--leave-running"};
@@ -74,27 +38,29 @@ std::vector<std::string> entries(const std::string& dir) {
 // the pages left to the base by reading them back).
 void chain_of_five(bool hashed_base) {
   TempDir images;
-  Target t("64", "10");  // 16384 pages, ~1% rewritten per round
+  RewritingTarget t({target_bin("incr_target"), "64", "10"});  // 16384 pages, ~1% per round
   auto full = hashed_base ? lazycr({"dump", "-t", std::to_string(t.pid), "-D", images / "1",
                                     "--leave-running", "--hash-pages"})
                           : dump(t.pid, images / "1");
   ASSERT_EQ(full.exit_code, 0) << full.err;
-  const Counts base = dump_counts(full.err);
+  const PageCounts base = dump_counts(full.err);
   ASSERT_GT(base.stored, 16384u);
   for (int link = 2; link <= 5; link++) {
     SCOPED_TRACE("link " + std::to_string(link));
-    const uint64_t rewritten = t.rewrite();
-    ASSERT_GT(rewritten, 16384u / 200) << "about 1% of the pages";
-    auto r = dump(t.pid, images / std::to_string(link), images / std::to_string(link - 1));
-    ASSERT_EQ(r.exit_code, 0) << r.err;
-    const Counts c = dump_counts(r.err);
+    const Link l = next_link(t, [&] {
+      return dump(t.pid, images / std::to_string(link), images / std::to_string(link - 1));
+    });
+    ASSERT_GT(l.rewritten, 16384u / 200) << "about 1% of the pages";
+    ASSERT_EQ(l.run.exit_code, 0);
+    const PageCounts& c = l.counts;
     // Every rewritten page differs from the parent's; the rest of what is stored is the
     // target's bookkeeping, stack and libc data: together well under 2% of the full image.
-    EXPECT_GE(c.stored, rewritten) << r.err;
-    EXPECT_LE(c.stored * 100, base.stored * 2) << r.err;
-    EXPECT_GE(c.parent + c.stored + c.zero, base.stored) << r.err;
-    EXPECT_NE(r.err.find("link " + std::to_string(link - 1) + " of its chain"), std::string::npos)
-        << r.err;
+    EXPECT_GE(c.stored, l.rewritten) << l.run.err;
+    EXPECT_LE(c.stored * 100, base.stored * 2) << l.run.err;
+    EXPECT_GE(c.parent + c.stored + c.zero, base.stored) << l.run.err;
+    EXPECT_NE(l.run.err.find("link " + std::to_string(link - 1) + " of its chain"),
+              std::string::npos)
+        << l.run.err;
   }
   auto show = lazycr({"show", images / "5"});
   ASSERT_EQ(show.exit_code, 0) << show.err;
@@ -107,12 +73,7 @@ void chain_of_five(bool hashed_base) {
   const pid_t pid = t.pid;
   ASSERT_TRUE(send_signal(pid, SIGKILL));
   t.child.wait();
-  for (bool lazy : {false, true}) {
-    SCOPED_TRACE(lazy ? "lazy" : "eager");
-    Child restore(restore_argv(images / "5", lazy));
-    ASSERT_NO_FATAL_FAILURE(wait_restored(restore, {pid}, "incr_target"));
-    expect_verified(restore, pid);
-  }
+  restore_and_verify(images / "5", pid, "incr_target");
 }
 
 TEST(Incremental, ChainOfFiveStoresTheChangesAndRestoresEagerAndLazy) {
@@ -125,7 +86,7 @@ TEST(Incremental, ChainOfFiveStoresTheChangesAndRestoresEagerAndLazy) {
 
 TEST(Incremental, BadParentsAreRefusedByNameLeavingNothing) {
   TempDir images;
-  Target t("8", "10");
+  RewritingTarget t({target_bin("incr_target"), "8", "10"});
   auto r1 = dump(t.pid, images / "1");
   ASSERT_EQ(r1.exit_code, 0) << r1.err;
   t.rewrite();
@@ -143,7 +104,7 @@ TEST(Incremental, BadParentsAreRefusedByNameLeavingNothing) {
           "parent image " + images / "nope" + ": missing");
   // Another process (same program, same size): another tree.
   {
-    Target other("8", "10");
+    RewritingTarget other({target_bin("incr_target"), "8", "10"});
     refused(dump(other.pid, images / "x", images / "1"), "a dump of another tree");
   }
   // Changed: link 1's inventory rewritten (still a valid image): link 2 no longer matches it.
