@@ -602,12 +602,9 @@ MemoryPlan plan_memory(pid_t pid, const std::vector<MemoryArea>& areas, PageDedu
       else
         scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, out.runs);
       // Unwritten pages are set aside before dedup, so that no later process refers (REF)
-      // to a page this store records as PARENT. Of a file's private mapping, only when its
-      // runs hold copied-on-write pages alone: a page still the file's (a deleted file's,
-      // kept) changes with the file, without a write the tracking sees.
+      // to a page this store records as PARENT.
       std::vector<Range> unchanged;
-      if (written != nullptr && writer != nullptr &&
-          (a.kind() != MemoryArea::PRIVATE_FILE || exclude_file))
+      if (written != nullptr && writer != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
         if (auto w = (*written)(a.start(), a.end()))
           unchanged = split_unwritten(*w, *writer, out.runs);
       if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)

@@ -70,16 +70,19 @@ int pidfd_open(pid_t pid) {
   return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
 }
 
-// The areas the tracking covers: private memory, anonymous or of a file (with WP_ASYNC alone
-// the kernel registers any kind: vma_can_userfault; of a file's private mapping only the
-// copied-on-write pages are stored, and those are what the protection follows; shared memory is
-// read as before), not already registered with a userfaultfd (unless `ours`: the uffd taken
-// over from the parent's holder registered it; another uffd's registration makes
-// UFFDIO_REGISTER fail with EBUSY).
+// The areas the tracking covers: private anonymous memory, not already registered with a
+// userfaultfd (unless `ours`: the uffd taken over from the parent's holder registered it;
+// another uffd's registration makes UFFDIO_REGISTER fail with EBUSY). Not private mappings of
+// files, though WP_ASYNC alone would register them (vma_can_userfault): the protection leaves
+// a uffd-wp marker in every empty entry, which PAGEMAP_SCAN reports as a swapped page, so each
+// page of a library never touched would be read and stored by the next dump (a tracked chain
+// of a 256 MiB process stored 2.0% per link instead of 1%, most of it libraries' text); telling
+// those apart needs the page store to say which pages the parent lacks. Shared memory and
+// file-backed private pages are read and compared by content.
 bool trackable(const image::MemoryArea& a, bool ours) {
   if (a.shared()) return false;
   if (a.kind() != image::MemoryArea::ANON && a.kind() != image::MemoryArea::HEAP &&
-      a.kind() != image::MemoryArea::STACK && a.kind() != image::MemoryArea::PRIVATE_FILE)
+      a.kind() != image::MemoryArea::STACK)
     return false;
   if (ours) return true;
   const std::string& f = a.vmflags();

@@ -1,6 +1,6 @@
 // Write tracking between dumps (dump --track, README "Write tracking"): each process of the
 // tree gets a userfaultfd registered for asynchronous write-protect (UFFD_FEATURE_WP_ASYNC |
-// WP_UNPOPULATED) on its private areas, and every page is write-protected once the
+// WP_UNPOPULATED) on its private anonymous areas, and every page is write-protected once the
 // image is committed. The kernel then clears the protection of a page at its first write,
 // without telling anyone; a later `dump --parent` reads which pages lost it (PAGEMAP_SCAN
 // PAGE_IS_WRITTEN) and refers every other page to the parent image unread.
@@ -24,8 +24,8 @@
 // Not protecting at all (lazycr killed after the commit) only over-reports writes.
 //
 // Consequences for the program: none visible (no descriptor, signal or child); a first write
-// to each page after a dump costs one minor fault. Private mappings of files are tracked too
-// (WP_ASYNC alone registers any kind of area): their stored pages are the copies on write.
+// to each page after a dump costs one minor fault. Private mappings of files are not tracked
+// (see trackable() in write_tracking.cc: the uffd-wp markers would read as swapped pages).
 // Fork, exec, exit (README "Write tracking"): the uffd asks for no event (an EVENT_FORK would
 // block the program's fork until read), so a fork child loses the registration and is stored by
 // content until a dump with --track arms it; an exec leaves a new address space that nothing
@@ -72,8 +72,8 @@ class WriteTracking {
   // Whether a parent's tracking was taken over for any process.
   bool vouches() const { return !taken_.empty(); }
 
-  // dump --track: registers the private areas of `fp` (a uffd taken over is used again, or a
-  // new one made inside the process: for a new process, or a new address space after an exec).
+  // dump --track: registers the private anonymous areas of `fp` (a uffd taken over is used again,
+  // or a new one made inside the process: for a new process, or a new address space after an exec).
   // Logs and skips a process it cannot track.
   void arm(FrozenProcess& fp, const std::vector<image::MemoryArea>& areas);
   // Starts the holder of every armed uffd; the record for the image. Empty if nothing is armed.
