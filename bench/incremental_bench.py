@@ -10,7 +10,13 @@ first (write tracking armed: checkpoint/write_tracking.h) and a "tracked" dump o
 names it as parent: it reads only the pages written since, where "incr" reads and hashes them
 all; "tracked" and "incr" alternate too.
 
+With --criu, CRIU 4.2 (/usr/local/sbin/criu) dumps the same state too ("criu": `criu dump
+--leave-running`, a full image: it cannot dump incrementally on this kernel, which has no
+soft-dirty bits; its own refusal, `criu check --feature mem_dirty_track` and a pre-dump, is
+printed once).
+
 Run by hand as root:  bench/incremental_bench.py BUILD_DIR [--runs N] [--mib M] [--tracked]
+                          [--criu]
 """
 import argparse
 import os
@@ -22,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from live_dump_bench import criu_dump, criu_refusals
 
 
 def dir_bytes(d):
@@ -40,8 +48,10 @@ def dump(lazycr, pid, d, *extra):
 
 
 def one_run(lazycr, target, mib, permille, order, work, extra_nohash, tracked=False):
+    # Its own session with CRIU in the rotation: CRIU dumps a shell's job only with --shell-job.
     p = subprocess.Popen([target, str(mib), str(permille)], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         start_new_session="criu" in order)
     try:
         assert p.stdout.readline().startswith("ready ")
         parent = os.path.join(work, "parent")
@@ -60,6 +70,10 @@ def one_run(lazycr, target, mib, permille, order, work, extra_nohash, tracked=Fa
             d = os.path.join(work, kind)
             if kind == "full":
                 out[kind] = dump(lazycr, p.pid, d)
+            elif kind == "criu":
+                t0 = time.perf_counter()
+                criu_dump(p.pid, d, os.path.join(work, "criu-work"))
+                out[kind] = (time.perf_counter() - t0, dir_bytes(d), 0)
             elif kind == "tracked":
                 out[kind] = dump(lazycr, p.pid, d, "--parent", tparent)
             else:
@@ -81,6 +95,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--tracked", action="store_true")
+    ap.add_argument("--criu", action="store_true")
     a = ap.parse_args()
     lazycr = os.path.join(a.build, "tools", "lazycr")
     target = os.path.join(a.build, "tests", "targets", "incr_target")
@@ -88,12 +103,25 @@ def main():
     print(f"machine: {os.uname().nodename} {os.uname().release}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     try:
+        if a.criu:
+            p = subprocess.Popen([target, "8", "0"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 start_new_session=True)
+            try:
+                assert p.stdout.readline().startswith("ready ")
+                for line in criu_refusals(p.pid, work):
+                    print(f"CRIU: {line}")
+            finally:
+                p.kill()
+                p.wait()
         for permille in (1, 10, 100):
             res = {}
             for i in range(a.runs):
                 order = ["full", "incr"] if i % 2 == 0 else ["incr", "full"]
                 if a.tracked:
                     order = order + ["tracked"] if i % 2 == 0 else ["tracked"] + order
+                if a.criu:
+                    order = ["criu"] + order if i % 2 == 0 else order + ["criu"]
                 r = one_run(lazycr, target, a.mib, permille, order, work,
                             permille == 10 and not a.tracked, a.tracked)
                 for k, v in r.items():
