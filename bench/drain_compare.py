@@ -3,16 +3,16 @@
 "Background fill and faults"), side by side in one run.
 
 For each size, one image of `state_target --mib N --pattern semi` per variant: lazycr's default
-(zstd), lazycr `--compress none` (raw frames), and CRIU (each dumped from a fresh target: the
+compression, lazycr `--compress none` (raw frames), and CRIU (each dumped from a fresh target: the
 pattern is the same every time). Then, runs times, in an order that rotates from run to run,
 each image is restored lazily and left idle until its page server is done:
-  - lazycr: `lazycr restore --lazy -D IMG -d --server-pidfile F --stats S`; the drain ends
-    when the server process exits (nothing owed any more);
-  - CRIU: `criu lazy-pages -D IMG --daemon --pidfile F` then `criu restore -D IMG -d
-    --lazy-pages`; the drain ends when the daemon exits.
-Drain time: from the first command's start to that exit; GB/s = N MiB / drain time. For
+lazycr's `restore --lazy` or CRIU's `lazy-pages --daemon` + `restore --lazy-pages`
+(bench/lazy_drain.py). Drain time: from the first command's start to the server's (daemon's)
+exit; GB/s = N MiB / drain time; the server's (daemon's) CPU time, threads included, from
+its rusage once it exited (the steadier figure on a busy machine). For
 lazycr, also its stats' "time until nothing owed" (from the restore's start).
-`--base DIR --tools base,base-none,...` adds the lazycr of another build (e.g. main's).
+`--base DIR --tools base,base-none,...` adds the lazycr of another build (e.g. main's);
+`--extra NAME=DIR --tools NAME,...` more of them.
 The restored process is killed after each run. Images go to --dir (default /dev/shm: the
 page cache, no disk).
 
@@ -20,12 +20,8 @@ Usage: bench/drain_compare.py --build BUILD_DIR [--runs 3] [--sizes 512,2048] [-
 Root only. A benchmark, not a test.
 """
 import argparse
-import ctypes
-import json
 import os
-import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,69 +31,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import criu_compare  # noqa: E402  (find_or_build_criu, start_target, criu_version)
-
-PR_SET_CHILD_SUBREAPER = 36
+import lazy_drain  # noqa: E402  (dump_cmd, drain, kill_wait, reap_all, subreaper)
 
 
 def log(msg):
     print(msg, flush=True)
 
 
-def kill_wait(pid):
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            got, _ = os.waitpid(pid, os.WNOHANG)
-            if got == pid:
-                return
-        except ChildProcessError:  # not ours: wait until it is gone
-            if not os.path.exists("/proc/%d" % pid):
-                return
-        time.sleep(0.005)
-
-
-def reap_all():
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def read_pid(path, deadline):
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                t = f.read().strip()
-            if t:
-                return int(t)
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.0005)
-    raise RuntimeError("no pid in %s" % path)
-
-
-def wait_exit(pid, deadline):
-    """Waits until pid exits (pidfd: a zombie child counts as exited); returns that time."""
-    fd = os.pidfd_open(pid)
-    try:
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-        while time.monotonic() < deadline:
-            if p.poll(100):
-                return time.monotonic()
-        raise RuntimeError("pid %d did not exit in time" % pid)
-    finally:
-        os.close(fd)
+EXTRA = {}  # --extra NAME=DIR: tool NAME (and NAME-none) is the lazycr of build DIR
 
 
 def lazycr_of(tool, build, base):
+    name = tool[:-len("-none")] if tool.endswith("-none") else tool
+    if name in EXTRA:
+        return os.path.join(EXTRA[name], "tools", "lazycr")
     return os.path.join(base if tool.startswith("base") else build, "tools", "lazycr")
 
 
@@ -107,57 +54,30 @@ def dump(tool, build, base, criu, mib, img, scratch):
     tdir = os.path.join(scratch, "target-" + tool)
     os.makedirs(tdir)
     target = criu_compare.start_target(build, "semi", mib, tdir)
-    lazycr = lazycr_of(tool, build, base)
-    if tool == "criu":
-        cmd = [criu, "dump", "-t", str(target.pid), "-D", img, "-W", tdir, "-o", "dump.log"]
-    else:
-        cmd = [lazycr, "dump", "-t", str(target.pid), "-D", img]
-        if tool.endswith("-none"):
-            cmd += ["--compress", "none"]
+    lazycr = None if tool == "criu" else lazycr_of(tool, build, base)
+    cmd = lazy_drain.dump_cmd(lazycr, criu, target.pid, img, tdir,
+                              ["--compress", "none"] if tool.endswith("-none") else [])
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
-    kill_wait(target.pid)
+    lazy_drain.kill_wait(target.pid)
     if r.returncode != 0:
         raise RuntimeError("%s dump failed: %s" % (tool, r.stderr.decode()[-400:]))
 
 
 def restore(tool, build, base, criu, img, work):
-    """(drain s from the first command, server's own drain s or None)."""
-    for f in os.listdir(work):
-        os.unlink(os.path.join(work, f))
-    lazycr = lazycr_of(tool, build, base)
-    srv_pidfile = os.path.join(work, "server.pid")
-    pidfile = os.path.join(work, "pid")
-    stats = os.path.join(work, "stats.json")
-    t0 = time.monotonic()
-    if tool == "criu":
-        subprocess.run([criu, "lazy-pages", "-D", img, "-W", work, "-o", "lp.log", "--daemon",
-                        "--pidfile", srv_pidfile], check=True, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cmd = [criu, "restore", "-D", img, "-W", work, "-o", "restore.log", "-d", "--lazy-pages",
-               "--pidfile", pidfile]
-    else:
-        cmd = [lazycr, "--log-file", os.path.join(work, "server.log"), "restore", "--lazy", "-D",
-               img, "-d", "--server-pidfile", srv_pidfile, "--pidfile", pidfile, "--stats", stats]
-    with open(os.path.join(work, "restore.err"), "wb") as err:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-    if r.returncode != 0:
-        with open(os.path.join(work, "restore.err"), errors="replace") as f:
-            why = f.read()[-600:]
-        raise RuntimeError("%s restore failed (%d): %s" % (tool, r.returncode, why))
-    deadline = time.monotonic() + 300
-    server = read_pid(srv_pidfile, deadline)
-    t1 = wait_exit(server, deadline)
-    kill_wait(read_pid(pidfile, deadline))
-    reap_all()
-    own = None
-    if tool != "criu":
-        with open(stats) as f:
-            s = json.load(f)
+    """(drain s from the first command, server's own drain s, server CPU s, bytes the server
+    decompressed; each None when not known)."""
+    lazycr = None if tool == "criu" else lazycr_of(tool, build, base)
+    wall, root, s, cpu = lazy_drain.drain(lazycr, criu, img, work)
+    lazy_drain.kill_wait(root)
+    lazy_drain.reap_all()
+    own = dec = None
+    if s is not None:
+        dec = s.get("bytes_decompressed")
         ns = s.get("time_until_nothing_owed_ns", s.get("server", {}).get(
             "time_until_nothing_owed_ns", -1))
         own = ns / 1e9 if ns and ns > 0 else None
-    return t1 - t0, own
+    return wall, own, cpu, dec
 
 
 def main():
@@ -169,8 +89,13 @@ def main():
     ap.add_argument("--tools", default="lazycr,lazycr-none,criu",
                     help="of lazycr, lazycr-none, base, base-none (lazycr of --base), criu")
     ap.add_argument("--base", help="another build directory to compare with (tools base*)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=DIR",
+                    help="tool NAME (and NAME-none) is the lazycr of build DIR")
     a = ap.parse_args()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    for e in a.extra:
+        name, _, d = e.partition("=")
+        EXTRA[name] = d
+    lazy_drain.subreaper()
     tools = a.tools.split(",")
     criu, why = criu_compare.find_or_build_criu() if "criu" in tools else (None, None)
     if "criu" in tools and criu is None:
@@ -192,31 +117,37 @@ def main():
             for run in range(a.runs):
                 order = tools[run % len(tools):] + tools[:run % len(tools)]
                 for t in order:
-                    wall, own = restore(t, a.build, a.base, criu, os.path.join(scratch, "img-" + t), work)
-                    res[t].append((wall, own))
-                    log("  %d MiB run %d %s: drain %.0f ms (%.2f GB/s)%s" % (
+                    wall, own, cpu, dec = restore(t, a.build, a.base, criu,
+                                             os.path.join(scratch, "img-" + t), work)
+                    res[t].append((wall, own, cpu))
+                    log("  %d MiB run %d %s: drain %.0f ms (%.2f GB/s)%s%s" % (
                         mib, run, t, wall * 1e3, mib * 2**20 / wall / 1e9,
-                        "" if own is None else ", nothing owed at %.0f ms" % (own * 1e3)))
+                        "" if own is None else ", nothing owed at %.0f ms" % (own * 1e3),
+                        "" if cpu is None else ", server CPU %.0f ms" % (cpu * 1e3)) +
+                        ("" if dec is None else ", decompressed %d MiB" % (dec // 2**20)))
             rows.append((mib, res))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     log("\n| MiB | tool | drain ms min / med | GB/s max / med | restore start to nothing owed "
-        "(stats) ms min / med | "
-        "ratio to CRIU (time, med) |")
-    log("|---:|---|---:|---:|---:|---:|")
+        "(stats) ms min / med | server CPU ms min / med | ratio to CRIU (time, med) | "
+        "ratio to CRIU (server CPU, med) |")
+    log("|---:|---|---:|---:|---:|---:|---:|---:|")
+    med = statistics.median
     for mib, res in rows:
-        crmed = statistics.median([w for w, _ in res["criu"]]) if res.get("criu") else None
+        crmed = med([r[0] for r in res["criu"]]) if res.get("criu") else None
+        crcpus = [r[2] for r in res.get("criu", []) if r[2] is not None]
+        crcpu = med(crcpus) if crcpus else None
         for t in tools:
-            walls = [w for w, _ in res[t]]
-            owns = [o for _, o in res[t] if o is not None]
+            walls = [r[0] for r in res[t]]
+            owns = [r[1] for r in res[t] if r[1] is not None]
+            cpus = [r[2] for r in res[t] if r[2] is not None]
             gb = lambda s: mib * 2**20 / s / 1e9  # noqa: E731
-            own = ("%.0f / %.0f" % (min(owns) * 1e3, statistics.median(owns) * 1e3)) if owns \
-                else "-"
-            ratio = "%.2f" % (statistics.median(walls) / crmed) if crmed else "-"
-            log("| %d | %s | %.0f / %.0f | %.2f / %.2f | %s | %s |" % (
-                mib, t, min(walls) * 1e3, statistics.median(walls) * 1e3, gb(min(walls)),
-                gb(statistics.median(walls)), own, ratio))
-
+            pair = lambda v: "%.0f / %.0f" % (min(v) * 1e3, med(v) * 1e3) if v else "-"  # noqa
+            ratio = "%.2f" % (med(walls) / crmed) if crmed else "-"
+            cratio = "%.2f" % (med(cpus) / crcpu) if crcpu and cpus else "-"
+            log("| %d | %s | %.0f / %.0f | %.2f / %.2f | %s | %s | %s | %s |" % (
+                mib, t, min(walls) * 1e3, med(walls) * 1e3, gb(min(walls)), gb(med(walls)),
+                pair(owns), pair(cpus), ratio, cratio))
 
 if __name__ == "__main__":
     main()

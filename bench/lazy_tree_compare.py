@@ -7,11 +7,8 @@ half zero: it compresses about 2x) and forks --children children (default 2), wh
 copy-on-write; each child then rewrites 1/64 of it (its own pages). One image per tool, each
 dumped from a fresh tree (`lazycr dump`; `criu dump`). Then, --runs times, in an order that
 rotates from run to run, each image is restored lazily and left idle until its page server is
-done:
-  - lazycr: `lazycr restore --lazy -D IMG -d --server-pidfile F --stats S`; the drain ends when
-    the server process exits (nothing owed any more);
-  - CRIU: `criu lazy-pages -D IMG --daemon --pidfile F` then `criu restore -D IMG -d
-    --lazy-pages`; the drain ends when the daemon exits.
+done (bench/lazy_drain.py: lazycr's `restore --lazy`, CRIU's `lazy-pages --daemon` + `restore
+--lazy-pages`; the drain ends when the server, or the daemon, exits).
 Per run: drain time (first command's start to that exit), the tree's PSS after the drain (sum
 of /proc/PID/smaps_rollup Pss over its processes, against the original tree's before its
 dump) and, for lazycr, the bytes the page server decompressed (its stats) and the pages
@@ -23,8 +20,6 @@ Usage: bench/lazy_tree_compare.py --build BUILD_DIR [--runs 3] [--mib 256] [--ch
 Root only. A benchmark, not a test.
 """
 import argparse
-import ctypes
-import json
 import os
 import shutil
 import statistics
@@ -36,9 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import criu_compare  # noqa: E402  (find_or_build_criu, criu_version)
-import drain_compare  # noqa: E402  (kill_wait, reap_all, read_pid, wait_exit)
-
-PR_SET_CHILD_SUBREAPER = 36
+import lazy_drain  # noqa: E402  (dump_cmd, drain, kill_wait, reap_all, subreaper)
 
 TREE = r"""
 import mmap, os, sys, time
@@ -111,14 +104,12 @@ def dump(tool, a, criu, img, scratch):
     os.makedirs(tdir)
     tree, pids = start_tree(a.mib, a.children, tdir)
     pss = pss_kb(pids)
-    if tool == "criu":
-        cmd = [criu, "dump", "-t", str(pids[0]), "-D", img, "-W", tdir, "-o", "dump.log"]
-    else:
-        cmd = [lazycr_of(tool, a.build, a.base), "dump", "-t", str(pids[0]), "-D", img]
+    lazycr = None if tool == "criu" else lazycr_of(tool, a.build, a.base)
+    cmd = lazy_drain.dump_cmd(lazycr, criu, pids[0], img, tdir)
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
     for p in reversed(pids):
-        drain_compare.kill_wait(p)
+        lazy_drain.kill_wait(p)
     tree.wait()
     if r.returncode != 0:
         raise RuntimeError("%s dump failed: %s" % (tool, r.stderr.decode()[-400:]))
@@ -128,41 +119,18 @@ def dump(tool, a, criu, img, scratch):
 def restore(tool, a, criu, img, work, pids):
     """(drain s, PSS kB after the drain, server bytes decompressed, eager pages, first
     instruction s; the last three None for CRIU)."""
-    for f in os.listdir(work):
-        os.unlink(os.path.join(work, f))
-    srv_pidfile = os.path.join(work, "server.pid")
-    stats = os.path.join(work, "stats.json")
-    t0 = time.monotonic()
-    if tool == "criu":
-        subprocess.run([criu, "lazy-pages", "-D", img, "-W", work, "-o", "lp.log", "--daemon",
-                        "--pidfile", srv_pidfile], check=True, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cmd = [criu, "restore", "-D", img, "-W", work, "-o", "restore.log", "-d", "--lazy-pages"]
-    else:
-        cmd = [lazycr_of(tool, a.build, a.base), "--log-file", os.path.join(work, "server.log"),
-               "restore", "--lazy", "-D", img, "-d", "--server-pidfile", srv_pidfile,
-               "--stats", stats]
-    with open(os.path.join(work, "restore.err"), "wb") as err:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-    if r.returncode != 0:
-        with open(os.path.join(work, "restore.err"), errors="replace") as f:
-            why = f.read()[-600:]
-        raise RuntimeError("%s restore failed (%d): %s" % (tool, r.returncode, why))
-    deadline = time.monotonic() + 300
-    server = drain_compare.read_pid(srv_pidfile, deadline)
-    t1 = drain_compare.wait_exit(server, deadline)
+    lazycr = None if tool == "criu" else lazycr_of(tool, a.build, a.base)
+    wall, _, s, _ = lazy_drain.drain(lazycr, criu, img, work)
     pss = pss_kb(pids)
     for p in reversed(pids):
-        drain_compare.kill_wait(p)
-    drain_compare.reap_all()
+        lazy_drain.kill_wait(p)
+    lazy_drain.reap_all()
     dec = eager = first = None
-    if tool != "criu":
-        with open(stats) as f:
-            s = json.load(f)
+    if s is not None:
         dec = s.get("bytes_decompressed")
         eager = s.get("restore", {}).get("eager_pages")
         first = s.get("time_to_first_instruction_ns", 0) / 1e9
-    return t1 - t0, pss, dec, eager, first
+    return wall, pss, dec, eager, first
 
 
 def main():
@@ -174,7 +142,7 @@ def main():
     ap.add_argument("--children", type=int, default=2)
     ap.add_argument("--dir", default="/dev/shm")
     a = ap.parse_args()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    lazy_drain.subreaper()
     tools = ["lazycr"] + (["base"] if a.base else []) + ["criu"]
     criu, why = criu_compare.find_or_build_criu()
     if criu is None:

@@ -192,42 +192,4 @@ bool FillPipeline::busy(uint64_t proc_id) const {
   return false;
 }
 
-uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
-                      uint64_t n, bool zero, const char* buf, bool& gone) {
-  for (;;) {
-    const long res = zero ? uffd.zeropage(dst, n, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-                          : uffd.copy(dst, buf, n, UFFDIO_COPY_MODE_DONTWAKE);
-    if (res > 0) {
-      const uint64_t got = static_cast<uint64_t>(res);
-      ++stats.copy_ioctls;
-      (zero ? stats.zero_pages : stats.prefetch_pages) += got / kPage;
-      owed.erase(dst, dst + got);
-      return got;
-    }
-    if (res == -EEXIST) {
-      ++stats.eexist;
-      owed.erase(dst, dst + kPage);
-      return 0;
-    }
-    if (res == -EAGAIN) {  // events pending: the loop reads them first
-      ++stats.eagain;
-      return 0;
-    }
-    if (res == -ESRCH || res == -ENOSPC) {
-      gone = true;
-      return 0;
-    }
-    if (res == -ENOENT) {
-      ++stats.enoent;
-      if (n > kPage) {
-        n = (n / 2 + kPage - 1) / kPage * kPage;
-        continue;
-      }
-      stats.dropped_pages += owed.erase(dst, dst + kPage);
-      return 0;
-    }
-    fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hex(dst), " answered ", res);
-  }
-}
-
 }  // namespace lazycr::uffd

@@ -1,13 +1,10 @@
 // Internal to uffd/: the page server's background fill (page_server.h, "Prefetch").
 //
-// Two parts:
 // - FillPipeline: decompresses prefetch chunks ahead, on worker threads, into ready buffers
 //   (whole frames straight into them, image-format/page_store_direct.h),
 //   so that the server's loop only copies (UFFDIO_COPY) and never waits for zstd. The loop
 //   queues chunks while buffers are free and takes them back, filled, in any order; it
 //   never blocks on the workers (their eventfd wakes its epoll).
-// - fill_quietly(): one fill of a piece of a chunk that wakes nobody
-//   (UFFDIO_COPY_MODE_DONTWAKE).
 #pragma once
 
 #include <cstdint>
@@ -81,12 +78,5 @@ inline constexpr int64_t kPrefetchQuietNs = 20'000'000;
 inline uint64_t prefetch_piece(int64_t now_ns, int64_t last_fault_ns) {
   return now_ns - last_fault_ns >= kPrefetchQuietNs ? kPrefetchPieceQuiet : kPrefetchPiece;
 }
-
-// One fill of [dst, dst + n) that wakes nobody (ZERO: UFFDIO_ZEROPAGE, else UFFDIO_COPY from
-// `buf`), counted in `stats` and erased from `owed`. Returns the bytes filled: 0 when the
-// chunk must stop (a page already there, layout events pending, the mm gone: `gone` set).
-// Shrinks on ENOENT (an area split by mprotect). Throws Error on an unexpected answer.
-uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
-                      uint64_t n, bool zero, const char* buf, bool& gone);
 
 }  // namespace lazycr::uffd

@@ -1,6 +1,8 @@
 #include "uffd/owed_set.h"
 
+#include <algorithm>
 #include <iterator>
+#include <vector>
 
 #include "common/error.h"
 #include "common/json.h"
@@ -55,6 +57,18 @@ std::optional<OwedRange> OwedSet::next(uint64_t addr) const {
   }
   if (it == ranges_.end()) return std::nullopt;
   return OwedRange{it->first, it->second.end, it->second.src, it->second.tag};
+}
+
+std::vector<OwedRange> OwedSet::still_owed(uint64_t start, uint64_t len, uint64_t src,
+                                           uint32_t tag) const {
+  std::vector<OwedRange> out;
+  const uint64_t end = start + len;
+  for (auto r = next(start); r && r->start < end; r = next(r->end)) {
+    const uint64_t s = std::max(start, r->start), e = std::min(end, r->end);
+    if (r->tag == tag && r->src_of(s) == src + (s - start))
+      out.push_back({s, e, r->src_of(s), tag});
+  }
+  return out;
 }
 
 std::optional<OwedRange> OwedSet::first() const {

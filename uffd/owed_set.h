@@ -46,6 +46,11 @@ class OwedSet {
   std::optional<OwedRange> next(uint64_t addr) const;
   // The lowest range, or nullopt when nothing is owed.
   std::optional<OwedRange> first() const;
+  // What is still owed of [start, start + len) as it was when it was owed from `src` on with
+  // tag `tag`: the pieces (clipped to it, in address order) whose source is still
+  // src + (addr - start) and whose tag is still `tag`. Pages filled meanwhile are gone from
+  // the set, and pages moved there by an mremap have other sources: neither is returned.
+  std::vector<OwedRange> still_owed(uint64_t start, uint64_t len, uint64_t src, uint32_t tag) const;
 
   // Drops [start, end) (rounded out to pages), splitting ranges cut by its edges. Returns the
   // pages dropped.

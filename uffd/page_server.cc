@@ -26,9 +26,12 @@
 #include "common/log.h"
 #include "common/proc.h"
 #include "common/signals.h"
+#include "image-format/page_store_direct.h"
 #include "uffd/fill_pipeline.h"
+#include "uffd/fills.h"
 #include "uffd/guardian.h"
 #include "uffd/keeper.h"
+#include "uffd/owed_areas.h"
 #include "uffd/owed_set.h"
 #include "uffd/page_server_stats.h"
 #include "uffd/proc_scan.h"
@@ -39,8 +42,6 @@ namespace lazycr::uffd {
 namespace {
 
 constexpr uint64_t kPage = 4096;
-constexpr uint32_t kTagData = 0;
-constexpr uint32_t kTagZero = 1;
 constexpr int64_t kProbeIntervalNs = 1'000'000'000;  // mm probe of idle processes
 constexpr int64_t kMaxResolveBackoffNs = 64'000'000;
 constexpr int64_t kEagainGiveUpNs = 10'000'000'000;
@@ -56,26 +57,6 @@ int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
-}
-
-// Is the mm behind `fd` still there? A UFFDIO_COPY whose source is unreadable (address 0)
-// fills nothing whatever the destination: it answers ESRCH when the mm is gone, and EFAULT,
-// ENOENT, EEXIST or EAGAIN otherwise.
-bool mm_alive(int fd, uint64_t dst) {
-  uffdio_copy c{};
-  c.dst = dst;
-  c.src = 0;
-  c.len = kPage;
-  for (int tries = 0;; ++tries) {
-    c.copy = 0;
-    if (::ioctl(fd, UFFDIO_COPY, &c) == 0) return true;
-    const int err = c.copy < 0 ? static_cast<int>(-c.copy) : errno;
-    if (err == EAGAIN && tries < 100) {  // checked before the mm: ask again
-      ::sched_yield();
-      continue;
-    }
-    return err != ESRCH && err != ENOSPC;
-  }
 }
 
 uint64_t probe_address(const OwedSet& owed) {
@@ -314,17 +295,8 @@ struct PageServer::Impl {
       int same_parent = 0;
       for (const auto& [oid, o] : procs)
         if (o->pid == 0 && !o->gone && o->parent_pid == p.parent_pid) ++same_parent;
-      // The child: a child of the parent that the server never knew, that the parent did
-      // not have before the server, started no earlier than the event (ticks are coarse:
-      // 10 ms; this also skips vfork/posix_spawn children, which share the mm and make no
-      // FORK event).
-      std::vector<pid_t> candidates;
-      for (const auto& [c, start] : children_of(p.parent_pid)) {
-        if (seen_pids.count(c) || start + 1 < p.fork_ticks) continue;
-        if (std::binary_search(p.preexisting.begin(), p.preexisting.end(), c)) continue;
-        if (same_mm(c, p.parent_pid)) continue;  // vfork/posix_spawn: no FORK event
-        candidates.push_back(c);
-      }
+      const std::vector<pid_t> candidates =
+          fork_candidates(p.parent_pid, p.fork_ticks, p.preexisting, seen_pids);
       if (candidates.size() != 1 || same_parent != 1) {
         left = true;
         continue;
@@ -640,63 +612,20 @@ struct PageServer::Impl {
   }
 
   // Fills [from, to) of a fault's window of DATA pages from window_buf, which holds the
-  // window from `ws`. Anything unusual just stops it: what is left stays owed for a later
-  // fault or prefetch.
+  // window from `ws` (uffd/fills.h).
   void fill_from_window(Proc& p, uint64_t from, uint64_t to, uint64_t ws) {
-    if (from >= to || p.gone) return;
-    const long res = p.uffd.copy(from, window_buf.get() + (from - ws), to - from);
-    if (res > 0) {
-      ++stats.copy_ioctls;
-      stats.fault_pages += static_cast<uint64_t>(res) / kPage;
-      p.owed.erase(from, from + static_cast<uint64_t>(res));
-    } else if (res == -EEXIST) {
-      ++stats.eexist;
-      p.owed.erase(from, from + kPage);
-    } else if (res == -ESRCH || res == -ENOSPC) {
-      gone(p);
-    } else if (res == -EAGAIN) {
-      ++stats.eagain;
-    } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
-      ++stats.enoent;
-    } else {
-      fail("UFFDIO_COPY at ", hexs(from), " answered ", res);
-    }
+    if (p.gone) return;
+    bool lost = false;
+    fill_window_part(p.uffd, p.owed, stats, from, to, window_buf.get() + (from - ws), lost);
+    if (lost) gone(p);
   }
 
-  // Fills what is still owed in [from, to) (part of a fault's window: at most opt.window
-  // bytes), range by range, looked up afresh: the faults served since, or events read
-  // meanwhile (EAGAIN), may have changed it. Anything unusual just stops it: what is left
-  // stays owed for a later fault or prefetch.
+  // Fills what is still owed in [from, to), part of a fault's window (uffd/fills.h).
   void fill_owed(Proc& p, uint64_t from, uint64_t to) {
-    while (from < to && !p.gone && !p.killed) {
-      const auto r = p.owed.next(from);
-      if (!r || r->start >= to) return;
-      const uint64_t s = std::max(from, r->start), e = std::min(to, r->end);
-      const bool zero = r->tag == kTagZero;
-      if (!zero) p.store->read(r->src_of(s), (e - s) / kPage, window_buf.get());
-      const long res = zero ? p.uffd.zeropage(s, e - s) : p.uffd.copy(s, window_buf.get(), e - s);
-      if (res > 0) {
-        ++stats.copy_ioctls;
-        (zero ? stats.zero_pages : stats.fault_pages) += static_cast<uint64_t>(res) / kPage;
-        p.owed.erase(s, s + static_cast<uint64_t>(res));
-        if (static_cast<uint64_t>(res) < e - s) return;
-        from = e;
-      } else if (res == -EEXIST) {
-        ++stats.eexist;
-        p.owed.erase(s, s + kPage);
-        return;
-      } else if (res == -ESRCH || res == -ENOSPC) {
-        gone(p);
-      } else if (res == -EAGAIN) {
-        ++stats.eagain;
-        return;
-      } else if (res == -ENOENT) {  // the window crosses the edge of a VMA (mprotect split it)
-        ++stats.enoent;
-        return;
-      } else {
-        fail("UFFDIO_", zero ? "ZEROPAGE" : "COPY", " at ", hexs(s), " answered ", res);
-      }
-    }
+    if (p.gone || p.killed) return;
+    bool lost = false;
+    fill_owed_part(p.uffd, p.owed, *p.store, stats, from, to, window_buf.get(), opt.window, lost);
+    if (lost) gone(p);
   }
 
   // ---- prefetch (the fill pipeline: uffd/fill_pipeline.h) ------------------------------------
@@ -747,11 +676,12 @@ struct PageServer::Impl {
   // piece at most, not for the chunk. A thread faulting inside the chunk (reading just
   // behind prefetch) waits for its end instead: woken once per chunk, not once per piece
   // (each wake-up costs the server ~8 us here, too much per 128 KiB).
+  // Returns the bytes filled.
   template <typename Data>
-  void prefetch_fill(Proc& p, uint64_t dst, uint64_t src, uint64_t len, bool zero,
-                     const Data& data) {
+  uint64_t prefetch_fill(Proc& p, uint64_t dst, uint64_t src, uint64_t len, bool zero,
+                         const Data& data) {
     const auto r = p.owed.find(dst);
-    if (!r || r->src_of(dst) != src || (r->tag == kTagZero) != zero) return;  // stale
+    if (!r || r->src_of(dst) != src || (r->tag == kTagZero) != zero) return 0;  // stale
     len = std::min(len, r->end - dst);
     const size_t queued = p.faults.size();
     uint64_t done = 0;
@@ -779,6 +709,7 @@ struct PageServer::Impl {
     }
     if (done < len) p.cursor = dst + done;  // a stopped chunk goes on from there
     note_if_all_served();
+    return done;
   }
 
   // Between two pieces of a prefetch chunk of p covering [lo, hi): must it stop? Yes for a
@@ -857,20 +788,15 @@ struct PageServer::Impl {
       Proc* p = it == procs.end() ? nullptr : it->second.get();
       if (p != nullptr && !p->killed && !p->gone) {
         try {
-          const auto r = p->owed.find(j->dst);
-          const bool current = r && r->src_of(j->dst) == j->src && r->tag == kTagData;
-          if (current && !j->error.empty()) fail(j->error);
-          const char* buf = j->data;
           const uint64_t before = stats.prefetch_pages;
-          if (current)
-            prefetch_fill(*p, j->dst, j->src, j->len, false,
-                          [buf](uint64_t off, uint64_t) { return buf + off; });
+          fill_ready(*p, *j);
           if (j->working_set) stats.working_set_pages += stats.prefetch_pages - before;
         } catch (const std::exception& e) {
           kill(*p, e.what());
         }
       }
       pipeline.release(j);
+      if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);  // (see below)
       return;
     }
     auto c = peek_chunk();
@@ -881,7 +807,7 @@ struct PageServer::Impl {
       if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPieceQuiet]);
       const uint64_t before = stats.prefetch_pages + stats.zero_pages;
       prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
-        p.store->read(c->src + off, n / kPage, prefetch_buf.get());
+        direct.read(*p.store, c->src + off, n / kPage, prefetch_buf.get());
         return static_cast<const char*>(prefetch_buf.get());
       });
       if (c->ws) stats.working_set_pages += stats.prefetch_pages + stats.zero_pages - before;
@@ -892,8 +818,26 @@ struct PageServer::Impl {
     // still owed, for a test to kill the server and its guardian in a chosen order.
     if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);
   }
+  // A ready chunk of p: every part of it still owed from the same source is filled, not only
+  // a first part (faults served meanwhile split it: a chunk dropped at its first hole was
+  // decompressed again later, 2.7-3.0 GiB for 2 GiB read in order, bench/RESULTS.md "Restore
+  // (lazy)"). Stops where a fill stops (interrupted, or unusual): the rest stays owed.
+  void fill_ready(Proc& p, const FillPipeline::Chunk& j) {
+    for (const OwedRange& r : p.owed.still_owed(j.dst, j.len, j.src, kTagData)) {
+      if (p.gone || p.killed) return;
+      if (!j.error.empty()) fail(j.error);
+      const char* buf = j.data + (r.start - j.dst);
+      if (prefetch_fill(p, r.start, r.src, r.end - r.start, false,
+                        [buf](uint64_t off, uint64_t) { return buf + off; }) < r.end - r.start)
+        return;
+    }
+  }
   std::unique_ptr<char[]> prefetch_buf;  // prefetch without the pipeline: one piece
-  int64_t last_fault_ns = 0;             // when a fault message was last read (or run() began)
+  // Prefetch without the pipeline reads whole frames straight into prefetch_buf, checked two
+  // at a time, not through the frame cache (a copy less, and the frames faults need stay
+  // cached): page_store_direct.h.
+  image::DirectPageReader direct;
+  int64_t last_fault_ns = 0;  // when a fault message was last read (or run() began)
   bool stop_mid_prefetch = [] {
     const char* f = ::getenv("LAZYCR_FAULT_INJECT");
     return f != nullptr && std::strcmp(f, "server-stop-mid-prefetch") == 0;
@@ -1025,7 +969,7 @@ struct PageServer::Impl {
     guardian.finish();
     for (auto& [ptr, slot] : stores)
       stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
-    stats.bytes_decompressed += pipeline.bytes_loaded();  // (run() is called once)
+    stats.bytes_decompressed += pipeline.bytes_loaded() + direct.bytes_loaded();  // (run() once)
     stores.clear();
     stats.run_ns = since_start();
     running = false;
@@ -1053,47 +997,12 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   if (pid <= 0) fail("page server: refusing pid ", pid);
   if (!uffd) fail("page server: pid ", pid, ": no uffd");
   if (!store) fail("page server: pid ", pid, ": no page store");
-  std::vector<LazyArea> sorted = areas;
-  std::sort(sorted.begin(), sorted.end(),
-            [](const LazyArea& a, const LazyArea& b) { return a.start < b.start; });
-  for (size_t i = 0; i < sorted.size(); ++i) {
-    const LazyArea& a = sorted[i];
-    if ((a.start | a.end) % kPage || a.end <= a.start)
-      fail("page server: pid ", pid, ": lazy area ", hexs(a.start), "-", hexs(a.end),
-           " is empty or not page aligned");
-    if (i > 0 && a.start < sorted[i - 1].end)
-      fail("page server: pid ", pid, ": lazy areas ", hexs(sorted[i - 1].start), "-",
-           hexs(sorted[i - 1].end), " and ", hexs(a.start), "-", hexs(a.end), " overlap");
-  }
+  OwedSet owed = owed_in_areas(pid, *store, areas);
   auto p = std::make_unique<Impl::Proc>();
   p->pid = pid;
   p->uffd = Userfaultfd::adopt(uffd.release());
   p->pidfd = std::move(pidfd);
-  // Owed: every stored page inside the areas, one range per (run, area) piece. REF and PARENT
-  // pages (in another store) are served like DATA: the store's read() resolves them.
-  const auto& runs = store->index().runs();
-  size_t ai = 0;
-  for (const image::PageRun& run : runs) {
-    uint32_t tag = kTagData;
-    switch (run.kind()) {
-      case image::PageRun::DATA:
-      case image::PageRun::REF:
-      case image::PageRun::PARENT:
-        break;
-      case image::PageRun::ZERO:
-        tag = kTagZero;
-        break;
-      default:
-        fail("page server: pid ", pid, ": page store ", store->path(), " has a run of kind ",
-             static_cast<int>(run.kind()), " at ", hexs(run.start()), " that it cannot serve");
-    }
-    const uint64_t rs = run.start(), re = run.start() + run.pages() * kPage;
-    while (ai < sorted.size() && sorted[ai].end <= rs) ++ai;
-    for (size_t k = ai; k < sorted.size() && sorted[k].start < re; ++k) {
-      const uint64_t s = std::max(rs, sorted[k].start), e = std::min(re, sorted[k].end);
-      if (s < e) p->owed.insert(s, e, s, tag);
-    }
-  }
+  p->owed = std::move(owed);
   p->cursor = p->owed.first() ? p->owed.first()->start : 0;
   p->preexisting = pids_of(children_of(pid));
   impl_->seen_pids.insert(pid);

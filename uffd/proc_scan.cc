@@ -53,4 +53,17 @@ bool same_mm(pid_t a, pid_t b) {
   return ::syscall(SYS_kcmp, a, b, KCMP_VM, 0, 0) == 0;
 }
 
+std::vector<pid_t> fork_candidates(pid_t parent, uint64_t fork_ticks,
+                                   const std::vector<pid_t>& preexisting,
+                                   const std::set<pid_t>& seen) {
+  std::vector<pid_t> out;
+  for (const auto& [c, start] : children_of(parent)) {
+    if (seen.count(c) || start + 1 < fork_ticks) continue;
+    if (std::binary_search(preexisting.begin(), preexisting.end(), c)) continue;
+    if (same_mm(c, parent)) continue;
+    out.push_back(c);
+  }
+  return out;
+}
+
 }  // namespace lazycr::uffd

@@ -16,6 +16,29 @@ namespace {
 
 constexpr uint64_t P = kOwedPage;
 
+// A prefetch chunk read ahead from [100, 220) (source 1000..) while faults filled pages of it
+// and an mremap put other pages in its middle: what it may still fill is what is owed from
+// its own source, every piece of it, not only up to the first hole.
+TEST(OwedSet, StillOwedAfterFillsAndAMove) {
+  OwedSet s;
+  s.insert(100 * P, 200 * P, 1000 * P, 0);
+  s.insert(200 * P, 210 * P, 5000 * P, 1);  // another tag (ZERO)
+  s.insert(300 * P, 305 * P, 9000 * P, 0);
+  s.erase(100 * P, 101 * P);        // a fault took the chunk's first page
+  s.erase(150 * P, 152 * P);        // and two in its middle
+  s.move(300 * P, 160 * P, 5 * P);  // other pages moved into it
+  const std::vector<OwedRange> want = {{101 * P, 150 * P, 1001 * P, 0},
+                                       {152 * P, 160 * P, 1052 * P, 0},
+                                       {165 * P, 200 * P, 1065 * P, 0}};
+  EXPECT_EQ(s.still_owed(100 * P, 120 * P, 1000 * P, 0), want);
+  // Clipped to the chunk: one that starts and ends inside ranges.
+  EXPECT_EQ(
+      s.still_owed(120 * P, 35 * P, 1020 * P, 0),
+      (std::vector<OwedRange>{{120 * P, 150 * P, 1020 * P, 0}, {152 * P, 155 * P, 1052 * P, 0}}));
+  EXPECT_TRUE(s.still_owed(100 * P, 120 * P, 2000 * P, 0).empty());  // another source
+  EXPECT_TRUE(s.still_owed(400 * P, 10 * P, 1300 * P, 0).empty());   // nothing owed there
+}
+
 TEST(OwedSet, InsertFindNext) {
   OwedSet s;
   EXPECT_TRUE(s.empty());
@@ -72,8 +95,8 @@ TEST(OwedSet, ErasePartialRangesKeepsSources) {
 TEST(OwedSet, MoveKeepsSourcesAndDropsDestination) {
   OwedSet s;
   s.insert(10 * P, 20 * P, 100 * P, 1);
-  s.insert(50 * P, 55 * P, 500 * P, 2);  // in the destination: dropped
-  s.insert(58 * P, 70 * P, 700 * P, 3);  // partly in it
+  s.insert(50 * P, 55 * P, 500 * P, 2);           // in the destination: dropped
+  s.insert(58 * P, 70 * P, 700 * P, 3);           // partly in it
   EXPECT_EQ(s.move(12 * P, 50 * P, 10 * P), 8u);  // [12,20) moves; [20,22) owed nothing
   auto all = s.ranges();
   ASSERT_EQ(all.size(), 3u);
