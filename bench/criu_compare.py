@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """lazycr dump against CRIU 4.2's, side by side (issue 14, "Dump").
 
-For each target (state_target with N MiB of a pattern, and a python3 heap holding a large dict
-of strings), each images directory (tmpfs, and a disk file system where images stay in the page
+For each target (state_target with N MiB of a pattern; realistic memory: a python3 heap holding
+a large dict of strings, a node heap with a big object graph, redis-server with a million keys;
+for redis the "MiB" column holds its number of keys), each images directory (tmpfs, and a disk file system where images stay in the page
 cache) and each run, starts a fresh target, dumps it with lazycr and with CRIU (the order
 alternates from run to run) and records:
   - dump wall time (the dump command's, start to exit);
@@ -19,7 +20,8 @@ shared/anchors/criu-4.2.tar.gz as shared/anchors/README.md says, and when that i
 prints "SKIP criu: <why>" and measures lazycr alone.
 
 Usage: bench/criu_compare.py --build BUILD_DIR [--runs 3] [--sizes 512,2048]
-       [--patterns semi] [--python-mib 512] [--dirs /dev/shm,/tmp] [--compress lz4,zstd:-3]
+       [--patterns semi] [--python-mib 512] [--node-mib 512] [--redis-keys 1000000]
+       [--dirs /dev/shm,/tmp] [--compress lz4,zstd:-3]
        [--base OTHER_BUILD_DIR] [-- extra lazycr dump args]
 Root only (both tools ptrace and CRIU needs CAP_SYS_ADMIN). A benchmark, not a test.
 """
@@ -60,6 +62,35 @@ with open(ready, "w") as f:
 while True:
     time.sleep(3600)
 """
+
+
+# A node heap with a big object graph: objects holding strings and small arrays, linked to each
+# other, about `mib` MiB of JS heap (node's own heap layout and hidden classes: realistic).
+NODE_TARGET = r"""
+const fs = require('fs');
+const [mibArg, ready] = process.argv.slice(-2);  // (-e: no script path in argv)
+const mib = +mibArg;
+const words = [];
+let seed = 7;
+const rnd = (n) => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed % n; };
+for (let i = 0; i < 20000; i++) {
+  let w = '';
+  for (let k = 2 + rnd(8); k > 0; k--) w += String.fromCharCode(97 + rnd(26));
+  words.push(w);
+}
+const nodes = [];
+const n = Math.floor(mib * 1048576 / 260);
+for (let i = 0; i < n; i++) {
+  const o = {id: i, name: words[rnd(words.length)] + ' ' + words[rnd(words.length)] + ' ' + i,
+             tags: [rnd(1000), rnd(1000), rnd(1000)], next: null, score: rnd(1e6) / 7};
+  if (i > 0) o.next = nodes[rnd(i)];
+  nodes.push(o);
+}
+fs.writeFileSync(ready, 'ready ' + nodes.length + '\n');
+setInterval(() => {}, 3600e3);
+"""
+
+REDIS_PORT = 26090  # bench/criu_compare.py's redis target (the lead's range)
 
 
 def log(msg):
@@ -124,11 +155,60 @@ def dir_bytes(d):
     return total
 
 
+def start_redis(keys, scratch):
+    """redis-server holding `keys` keys of a few words each (SET pipelined in batches); its
+    loading connection is closed before it is returned (a dump sees the listener only)."""
+    import socket
+    p = subprocess.Popen(["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", scratch],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            c = socket.create_connection(("127.0.0.1", REDIS_PORT))
+            break
+        except OSError:
+            if p.poll() is not None or time.monotonic() > deadline:
+                p.kill()
+                raise RuntimeError("redis-server did not start (port %d taken?)" % REDIS_PORT)
+            time.sleep(0.02)
+    import random
+    rnd = random.Random(7)
+    words = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(2, 9)))
+             for _ in range(20000)]
+    batch = 10000
+    for first in range(0, keys, batch):
+        cmds = []
+        for i in range(first, min(keys, first + batch)):
+            k = b"user:%d" % i
+            v = " ".join(rnd.choices(words, k=rnd.randint(3, 14))).encode()
+            cmds.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
+                len(k), k, len(v), v))
+        c.sendall(b"".join(cmds))
+        want, got = len(cmds) * 5, 0
+        while got < want:
+            b = c.recv(1 << 20)
+            if not b:
+                raise RuntimeError("redis-server closed the loading connection")
+            got += len(b)
+    c.close()
+    time.sleep(0.3)  # the server handles the close before a dump sees the connection
+    return p
+
+
 def start_target(build, kind, mib, scratch):
+    """kind: a state_target pattern, "python" / "node" (a heap of about `mib` MiB) or "redis"
+    (`mib` is then the number of keys)."""
     ready = os.path.join(scratch, "ready")
     if os.path.exists(ready):
         os.unlink(ready)
-    if kind == "python":
+    if kind == "redis":
+        return start_redis(mib, scratch)
+    if kind == "node":
+        args = ["node", "--max-old-space-size=8192", "-e", NODE_TARGET, str(mib), ready]
+        out = open(os.devnull, "w")
+    elif kind == "python":
         args = ["python3", "-c", PYTHON_TARGET, str(mib), ready]
         out = open(os.devnull, "w")
     else:
@@ -181,6 +261,10 @@ def main():
     ap.add_argument("--sizes", default="512,2048", help="state_target MiB, comma separated")
     ap.add_argument("--patterns", default="semi", help="state_target patterns (semi,random,text)")
     ap.add_argument("--python-mib", type=int, default=512, help="python dict target, 0: none")
+    ap.add_argument("--node-mib", type=int, default=0,
+                    help="node object-graph target of about this heap size, 0: none")
+    ap.add_argument("--redis-keys", type=int, default=0,
+                    help="redis-server holding this many keys, 0: none")
     ap.add_argument("--dirs", default="/dev/shm,/tmp", help="where images go")
     ap.add_argument("--no-criu", action="store_true")
     ap.add_argument("--compress", default="",
@@ -209,6 +293,10 @@ def main():
     targets = [(p, int(m)) for p in a.patterns.split(",") if p for m in a.sizes.split(",") if m]
     if a.python_mib > 0:
         targets.append(("python", a.python_mib))
+    if a.node_mib > 0:
+        targets.append(("node", a.node_mib))
+    if a.redis_keys > 0:
+        targets.append(("redis", a.redis_keys))
     choices = [c for c in a.compress.split(",") if c]
     lz_tools = ["lazycr:" + c for c in choices] if choices else ["lazycr"]
     if a.base:
