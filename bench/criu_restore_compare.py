@@ -19,7 +19,6 @@ Usage: bench/criu_restore_compare.py --build BUILD_DIR [--runs 3] [--sizes 512,2
 Root only. A benchmark, not a test.
 """
 import argparse
-import ctypes
 import os
 import shutil
 import statistics
@@ -31,9 +30,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import criu_compare  # noqa: E402  (find_or_build_criu, criu_version, REPO)
-import drain_compare  # noqa: E402  (kill_wait, reap_all, read_pid, wait_exit)
+import lazy_drain  # noqa: E402  (kill_wait, reap_all, read_pid, wait_exit, subreaper)
 
-PR_SET_CHILD_SUBREAPER = 36
 TOOLS = ("lazycr", "lazycr-lazy", "criu", "criu-lazy")
 
 
@@ -70,7 +68,7 @@ def dump(tool, build, criu, mib, img, tdir):
         cmd = [os.path.join(build, "tools", "lazycr"), "dump", "-t", str(target.pid), "-D", img]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
-    drain_compare.kill_wait(target.pid)
+    lazy_drain.kill_wait(target.pid)
     if r.returncode != 0:
         raise RuntimeError("%s dump failed: %s" % (tool, r.stderr.decode()[-400:]))
     # From now on a restored target verifies at once.
@@ -106,9 +104,9 @@ def restore(tool, build, criu, img, tdir, work, out_size):
         with open(os.path.join(work, "restore.err"), errors="replace") as f:
             raise RuntimeError("%s restore failed (%d): %s" % (tool, r.returncode, f.read()[-600:]))
     deadline = time.monotonic() + 300
-    pid = drain_compare.read_pid(pidfile, deadline)
-    t_ver = drain_compare.wait_exit(pid, deadline)
-    drain_compare.reap_all()
+    pid = lazy_drain.read_pid(pidfile, deadline)
+    t_ver = lazy_drain.wait_exit(pid, deadline)
+    lazy_drain.reap_all()
     with open(out_path) as f:
         said = f.read()[out_size:]
     os.truncate(out_path, out_size)
@@ -126,7 +124,7 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("criu_restore_compare.py: run as root")
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    lazy_drain.subreaper()
     criu, why = criu_compare.find_or_build_criu()
     tools = list(TOOLS)
     if criu is None:
