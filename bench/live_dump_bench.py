@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Live dumps against frozen copies (`lazycr dump --leave-running` with and without
 --frozen-copy): frozen time and total time at 64 MiB, 512 MiB and 2 GiB of an idle process
-(tests/targets/incr_target: distinct patterned pages, waits for signals). Dumps of the same
-process alternate live / frozen-copy, so that both see the same load; min and median of
---runs each (bench/RESULTS.md, "Live dumps").
+(tests/targets/incr_target: distinct patterned pages, waits for signals), and with --redis of
+an idle redis-server holding about 10 MiB (127.0.0.1:25800). Dumps of the same process
+alternate live / frozen-copy (and, with --before, the two builds), so that all see the same
+load; min and median of --runs each (bench/RESULTS.md, "Live dumps").
 
 With --writer MB_PER_S the target is bench/paced_writer instead, writing whole pages of its
 memory at that rate (one batch a millisecond; a missed tick is not made up) and logging every
@@ -15,13 +16,14 @@ there). With --criu, CRIU's `criu dump --leave-running` joins the rotation (its 
 the target's longest gap), and CRIU's answer to pre-dump on this kernel is printed once.
 
 Run by hand as root:  bench/live_dump_bench.py BUILD_DIR [--runs N] [--sizes 64,512,2048]
-                          [--writer 100] [--criu]
+                          [--before OTHER_BUILD_DIR] [--redis] [--writer 100] [--criu]
 """
 import argparse
 import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -32,6 +34,7 @@ import time
 CRIU = "/usr/local/sbin/criu"
 MAGIC = 0x70616365645f7772
 SLOTS = 1 << 20
+REDIS_PORT, REDIS_KEYS = 25800, 10000  # 100-byte values: about 10 MiB RSS
 
 
 def dump(lazycr, pid, d, *extra):
@@ -189,21 +192,58 @@ def writer_bench(a, lazycr, work):
         print(f"- CRIU: {line}")
 
 
+def start_redis(work):
+    """An idle redis-server holding REDIS_KEYS keys (its client gone: no CLOSE_WAIT left)."""
+    p = subprocess.Popen(["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--unixsocket", "", "--dir", work],
+                         stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    sets = b"".join(b"SET key:%d %s\r\n" % (i, b"v" * 100) for i in range(REDIS_KEYS))
+    for _ in range(500):
+        try:
+            s = socket.create_connection(("127.0.0.1", REDIS_PORT))
+            break
+        except OSError:
+            time.sleep(0.01)
+    s.sendall(sets)
+    got = b""
+    while len(got) < 5 * REDIS_KEYS:
+        got += s.recv(65536)
+    s.close()
+    assert got == b"+OK\r\n" * REDIS_KEYS
+    time.sleep(0.2)
+    return p
+
+
 def idle_bench(a, lazycr, work):
+    builds = {"": lazycr}
+    if a.before:
+        builds = {"before ": os.path.join(a.before, "tools", "lazycr"),
+                  "after ": builds[""]}
     target = os.path.join(a.build, "tests", "targets", "incr_target")
     print("| MiB | mode | frozen ms min / median | total ms min / median |")
     print("|---|---|---|---|")
-    for mib in [int(s) for s in a.sizes.split(",")]:
-        p = subprocess.Popen([target, str(mib), "0"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    sizes = (["redis"] if a.redis else []) + [int(s) for s in a.sizes.split(",") if s]
+    for mib in sizes:
+        if mib == "redis":
+            p = start_redis(work)
+        else:
+            p = subprocess.Popen([target, str(mib), "0"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            assert p.stdout.readline().startswith("ready ")
-            res = {"live": [], "frozen-copy": []}
+            if mib == "redis":
+                with open(f"/proc/{p.pid}/status") as f:
+                    rss = [l for l in f if l.startswith("VmRSS:")][0].split()[1]
+                mib = f"redis ({int(rss) // 1024} MiB RSS)"
+            else:
+                assert p.stdout.readline().startswith("ready ")
+            modes = [b + m for b in builds for m in ("live", "frozen-copy")]
+            res = {m: [] for m in modes}
             for run in range(a.runs):
-                order = ["live", "frozen-copy"] if run % 2 == 0 else ["frozen-copy", "live"]
+                order = modes if run % 2 == 0 else modes[::-1]
                 for mode in order:
-                    extra = ["--frozen-copy"] if mode == "frozen-copy" else []
-                    res[mode].append(dump(lazycr, p.pid, os.path.join(work, "img"), *extra))
+                    b = mode[:mode.find(" ") + 1] if " " in mode else ""
+                    extra = ["--frozen-copy"] if mode.endswith("frozen-copy") else []
+                    res[mode].append(dump(builds[b], p.pid, os.path.join(work, "img"), *extra))
             for mode, xs in res.items():
                 fr = [x[0] for x in xs]
                 tt = [x[1] for x in xs]
@@ -223,6 +263,8 @@ def main():
     ap.add_argument("--writer", type=float, default=0,
                     help="MB/s the target writes during the dumps (bench/paced_writer)")
     ap.add_argument("--criu", action="store_true", help=f"with --writer: {CRIU} too")
+    ap.add_argument("--before", help="another build, its dumps alternating with BUILD's")
+    ap.add_argument("--redis", action="store_true", help="first an idle 10 MiB redis-server")
     a = ap.parse_args()
     lazycr = os.path.join(a.build, "tools", "lazycr")
     os.makedirs(a.dir, exist_ok=True)

@@ -62,14 +62,19 @@ class PageDedup {
     uint64_t addr;
   };
 
-  // The pagemap of a dumped process, kept open to re-check a page's PFN before a REF.
+  // The pagemap of a dumped process, kept open to re-check a page's PFN before a REF: its
+  // twin's after read_through() (live dump).
   int pagemap_of(pid_t pid);
+  // Live dump: `pid`'s pages are those of its copy-on-write twin (the same frames at the same
+  // addresses as at the freeze, while the process runs on). Before any pagemap_of(pid).
+  void read_through(pid_t pid, pid_t twin);
 
   std::unordered_map<uint64_t, Owner> pfns;  // first process (and address) seen with each PFN
   std::map<std::pair<uint64_t, uint64_t>, std::vector<Stored>> objects;  // (dev, inode)
 
  private:
   std::map<pid_t, UniqueFd> pagemaps_;
+  std::map<pid_t, pid_t> twins_;
 };
 
 // Finds the pages of each area that the restore cannot get elsewhere (PAGEMAP_SCAN, or
@@ -154,8 +159,10 @@ void collect_ghosts(std::vector<image::Process>& procs,
 // its slave is not restorable.
 void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result);
 
-// The two halves of dump_memory(), for a live dump (checkpoint/twin.h): the plan is made while
-// the tree is frozen; the pages are read later from a copy-on-write twin of the process.
+// The two halves of dump_memory(). A live dump (checkpoint/twin.h) plans in two steps: while
+// the tree is frozen, what its copy-on-write twin cannot stand in for (plan_frozen_copies);
+// once it runs again, the other pages, from the twin (plan_from_twin). The pages are then read
+// from the twin.
 struct MemoryPlan {
   // Pages to store from `start`; with ref_pid != 0, pages an earlier process stored at ref_addr.
   struct Run {
@@ -167,7 +174,8 @@ struct MemoryPlan {
   };
   struct Area {
     std::vector<Run> runs;  // private areas: the pages to store
-    // Contents a fork child does not share, copied while frozen (`live` only): the stored
+    bool planned = false;   // runs chosen already (plan_frozen_copies)
+    // Contents a fork child does not share, copied while frozen (live dump only): the stored
     // pages of a MADV_DONTFORK / MADV_WIPEONFORK area, in run order; for a shared object
     // (MAP_SHARED anonymous, memfd, SysV), a memfd copy of it at the same offsets.
     std::string copied;
@@ -177,12 +185,29 @@ struct MemoryPlan {
   std::vector<Area> areas;  // one per memory area, in order
   uint64_t copied_bytes = 0;
 };
-// While frozen: chooses the pages (and REFs, with `dedup`). With `live`, copies what the twin
-// would not hold as it was at the freeze. With `written` (and `writer`, whose parent image
-// must hold them), pages not written since the parent image become unchanged runs.
+// While frozen: chooses the pages (and REFs, with `dedup`). With `written` (and `writer`, whose
+// parent image must hold them), pages not written since the parent image become unchanged runs.
 MemoryPlan plan_memory(pid_t pid, const std::vector<image::MemoryArea>& areas, PageDedup* dedup,
-                       bool live, const WrittenRanges* written = nullptr,
+                       const WrittenRanges* written = nullptr,
                        const image::PageStoreWriter* writer = nullptr);
+// Live dump, while frozen: chooses and copies the pages of MADV_DONTFORK / MADV_WIPEONFORK
+// areas (a fork child has none of the first, zeros for the second), copies shared objects
+// (shared with the twin, they would change under the background read), and chooses the pages
+// of private mappings of deleted files kept whole (the twin maps only their anonymous pages).
+// Cost: those areas only; the rest of the plan waits for plan_from_twin().
+MemoryPlan plan_frozen_copies(pid_t pid, const std::vector<image::MemoryArea>& areas);
+// Live dump, while frozen, its twin just made: what the twin lacks, whatever the flags read
+// before the freeze say (a MADV_DONTFORK, MADV_DOFORK or MADV_WIPEONFORK given since): marks
+// each private area absent from the twin "dc" (present: not "dc"), and each anonymous area
+// whose pages the twin lacks "wf", for plan_frozen_copies(). Reads /proc/TWIN/maps and at most
+// two PAGEMAP_SCANs per anonymous area, each stopping at the first page. Returns how many
+// flags it changed.
+size_t mark_what_twin_lacks(pid_t pid, pid_t twin, std::vector<image::MemoryArea>& areas);
+// Live dump, the tree running again: chooses the pages of the other private areas from the
+// twin's pagemap (the frames the process mapped at the freeze), with REFs to earlier processes
+// of the dump with `dedup` (whose earlier processes were planned this way too). In preorder.
+void plan_from_twin(pid_t pid, pid_t twin, const std::vector<image::MemoryArea>& areas,
+                    MemoryPlan& plan, PageDedup* dedup);
 // Reads the planned pages of `pid` from `read_pid` (the process itself, or its twin: the same
 // addresses) and feeds the writer; sets stored_pages on each area.
 MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,

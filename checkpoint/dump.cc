@@ -24,6 +24,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <tuple>
 
 #include "checkpoint/collect.h"
 #include "checkpoint/frozen.h"
@@ -220,9 +221,10 @@ void collect_threads(FrozenProcess& fp, image::Process& proc, uint32_t& xsave_si
     r->set_signature(rseq.signature);
     r->set_flags(rseq.flags);
 
-    // Values only the thread itself can read: tid address and sigaltstack.
-    fp.call(t, "prctl(PR_GET_TID_ADDRESS)", SYS_prctl, PR_GET_TID_ADDRESS, scratch);
-    fp.call(t, "sigaltstack", SYS_sigaltstack, 0, scratch + 8);
+    // Values only the thread itself can read: tid address and sigaltstack (one round trip).
+    const BatchCall calls[] = {{SYS_prctl, {PR_GET_TID_ADDRESS, scratch}},
+                               {SYS_sigaltstack, {0, scratch + 8}}};
+    fp.run_calls(t, "prctl(PR_GET_TID_ADDRESS), sigaltstack", calls);
     unsigned char buf[8 + kStackTSize];
     remote_read(fp.pid(), scratch, buf, sizeof buf);
     uint64_t tid_addr, ss_sp, ss_size;
@@ -321,9 +323,11 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
     if (errno != EPERM) fail_errno("prlimit64 of pid ", pid);
     uint64_t scratch = fp.scratch();
     static_assert(RLIMIT_NLIMITS * sizeof(struct rlimit64) <= kPageSize);
+    std::vector<BatchCall> calls;
     for (int r = 0; r < RLIMIT_NLIMITS; r++)
-      fp.call(fp.leader(), "prlimit64", SYS_prlimit64, 0, static_cast<uint64_t>(r), 0,
-              scratch + r * sizeof(struct rlimit64));
+      calls.push_back(
+          {SYS_prlimit64, {0, static_cast<uint64_t>(r), 0, scratch + r * sizeof(struct rlimit64)}});
+    fp.run_calls(fp.leader(), "prlimit64", calls);
     remote_read(pid, scratch, lims.data(), lims.size() * sizeof(struct rlimit64));
   }
   for (int r = 0; r < RLIMIT_NLIMITS; r++) {
@@ -344,13 +348,15 @@ void collect_process_state(FrozenProcess& fp, image::Process& proc) {
   mm->set_arg_end(st.arg_end);
   mm->set_env_start(st.env_start);
   mm->set_env_end(st.env_end);
-  mm->set_brk(static_cast<uint64_t>(fp.call(fp.leader(), "brk(0)", SYS_brk, 0)));
+  const BatchCall calls[] = {
+      {SYS_brk, {0}}, {SYS_prctl, {PR_GET_DUMPABLE}}, {SYS_prctl, {PR_GET_THP_DISABLE}}};
+  const std::vector<long> r =
+      fp.run_calls(fp.leader(), "brk(0), prctl(PR_GET_DUMPABLE), prctl(PR_GET_THP_DISABLE)", calls);
+  mm->set_brk(static_cast<uint64_t>(r[0]));
   auto auxv = proc::read_auxv(pid);
   proc.set_auxv(std::string(auxv.begin(), auxv.end()));
-  proc.set_dumpable(fp.call(fp.leader(), "prctl(PR_GET_DUMPABLE)", SYS_prctl, PR_GET_DUMPABLE) !=
-                    0);
-  proc.set_thp_disable(static_cast<int32_t>(
-      fp.call(fp.leader(), "prctl(PR_GET_THP_DISABLE)", SYS_prctl, PR_GET_THP_DISABLE)));
+  proc.set_dumpable(r[1] != 0);
+  proc.set_thp_disable(static_cast<int32_t>(r[2]));
 }
 
 uint64_t dir_bytes(const std::string& dir) {
@@ -375,11 +381,63 @@ bool alive(pid_t pid) {
 
 DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>& seized);
 
+// Live dump: /proc/PID/smaps walks the page tables (its cost grows with memory), so each
+// process's is read before the tree is frozen (those found then: the root and what is below).
+std::map<pid_t, std::vector<proc::MapsEntry>> read_smaps_ahead(pid_t root) {
+  std::map<pid_t, std::vector<proc::MapsEntry>> out;
+  std::vector<pid_t> todo{root};
+  while (!todo.empty()) {
+    const pid_t p = todo.back();
+    todo.pop_back();
+    if (out.count(p)) continue;
+    try {
+      out[p] = proc::read_smaps(p);
+      for (pid_t c : proc::list_children(p)) todo.push_back(c);
+    } catch (const Error&) {
+      // Gone, or a zombie: the freeze finds out.
+    }
+  }
+  return out;
+}
+
+bool same_areas(const std::vector<proc::MapsEntry>& a, const std::vector<proc::MapsEntry>& b) {
+  auto key = [](const proc::MapsEntry& m) {
+    return std::tie(m.start, m.end, m.read, m.write, m.exec, m.shared, m.offset, m.dev_major,
+                    m.dev_minor, m.inode, m.path);
+  };
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                    [&](const auto& x, const auto& y) { return key(x) == key(y); });
+}
+
+// The areas of a frozen process with their smaps fields: those read ahead if /proc/PID/maps
+// (no page-table walk) still lists the same areas, else smaps again. A flag changed since
+// without changing an area (madvise, mlock over whole areas) is not seen here; what of it the
+// copy-on-write twin depends on is checked on the twin itself (mark_what_twin_lacks).
+std::vector<proc::MapsEntry> smaps_while_frozen(
+    pid_t pid, std::map<pid_t, std::vector<proc::MapsEntry>>& ahead) {
+  auto it = ahead.find(pid);
+  if (it != ahead.end()) {
+    const std::string path = cat("/proc/", pid, "/maps");
+    std::vector<proc::MapsEntry> maps;
+    try {
+      maps = proc::parse_maps(proc::read_file(path));
+    } catch (const Error& e) {
+      fail(path, ": ", e.what());
+    }
+    if (same_areas(maps, it->second)) return std::move(it->second);
+    log::debug("pid ", pid, ": its areas changed since smaps was read: read again");
+  }
+  return proc::read_smaps(pid);
+}
+
 }  // namespace
 
 DumpResult dump(const DumpOptions& opts) {
   uint64_t t0 = now_ns();
   HoldTerminationSignals hold;
+  // The short sleeps of the waits for a tracee's stop (common/ptrace.cc) sleep what they ask,
+  // not the default 50 us timer slack more: they are in the frozen time.
+  ::prctl(PR_SET_TIMERSLACK, 1000);
   // Test hook: the signal arrives while a thread runs an injected call (it is parked in that
   // call's trap when lazycr would die of it).
   struct ClearHook {
@@ -529,6 +587,17 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     log::debug("dump: ", stage, " ", (t - lap_from) / 1000, " us");
     lap_from = t;
   };
+  // Live dump: the twins' watchdog, forked before the tree is frozen (twin.h). Outlives the
+  // twins (declared before them) and the tree.
+  std::optional<TwinWatchdog> watchdog;
+  std::map<pid_t, std::vector<proc::MapsEntry>> smaps_ahead;
+  if (opts.leave_running && !opts.frozen_copy && !opts.track) {
+    watchdog.emplace();
+    smaps_ahead = read_smaps_ahead(opts.pid);
+    lap("smaps read ahead");
+    // Tests only: lets the program change its memory between the read and the freeze.
+    if (opts.fault_inject == "stop-after-smaps") send_signal(::getpid(), SIGSTOP);
+  }
   FrozenTree tree;
   tree.freeze(opts.pid);
   lap("freeze");
@@ -539,6 +608,14 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   for (pid_t p : order)
     if (!tree.node(p).zombie()) seized.push_back(p);
   fault_point(opts, "freeze");
+
+  // Live dump (checkpoint/twin.h): each process gets a copy-on-write twin while frozen, the
+  // tree runs on, and the pages are chosen and read from the twins. Write tracking starts (and
+  // a tracked parent's ends) at the image's instant, with the tree frozen until the image is
+  // committed (write_tracking.h): no live dump with it.
+  const bool live_wanted = watchdog && !tracking.vouches();
+  std::vector<std::unique_ptr<Twin>> twins(order.size());
+  std::string why_not_live;  // a process no twin can stand in for: no live dump
 
   // Per process, in preorder: state first, memory later (once every descriptor is checked).
   std::vector<image::Process> procs(order.size());
@@ -560,7 +637,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     }
     FrozenProcess& fp = *node.frozen;
     // The address space is read before the scratch page exists, so the image never holds it.
-    auto maps = proc::read_smaps(fp.pid());
+    auto maps = smaps_while_frozen(fp.pid(), smaps_ahead);
     areas[i] = collect_areas(fp.pid(), maps);
     if (i == 0) vdso = fingerprint_vdso(fp.pid(), areas[i]);
     lap("areas");
@@ -568,11 +645,25 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     lap("threads");
     fault_point(opts, "threads");  // with the scratch page mapped
     collect_sigactions(fp, proc);
-    fp.release_scratch();
     lap("sigactions");
-    collect_process_state(fp, proc);  // maps it again only when rlimits must be read inside
-    fp.release_scratch();
+    collect_process_state(fp, proc);
     lap("process state");
+    if (live_wanted && why_not_live.empty()) {
+      // Cloned now, from the batch area the state was collected with: not mapped again.
+      std::string why_not = twin_refusal(areas[i]);
+      if (why_not.empty()) twins[i] = Twin::make(fp, why_not);
+      if (twins[i]) {
+        watchdog->watch(*twins[i]);
+        lap("twin cloned");
+        if (size_t n = mark_what_twin_lacks(fp.pid(), twins[i]->pid(), areas[i]))
+          log::info(describe_pid(fp.pid()), ": ", n,
+                    " area(s) changed MADV_DONTFORK / MADV_WIPEONFORK since smaps was read");
+        lap("twin checked");
+      } else {
+        why_not_live = cat(describe_pid(fp.pid()), ": ", why_not);
+      }
+    }
+    fp.release_scratch();
     proc.set_stop_signo(fp.stop_signo());
     log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
               fp.injected(), " injected calls");
@@ -612,58 +703,39 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   std::optional<PageDedup> dedup;
   if (opts.dedup && tree.live_count() > 1) dedup.emplace();
 
-  // Live dump: the pages are chosen now, each process gets a copy-on-write twin, the tree runs
-  // on, and the pages are read from the twins (checkpoint/twin.h).
+  // Live dump: what a twin cannot hold is copied now, the tree runs on, and the pages are
+  // chosen and read from the twins.
   std::vector<MemoryPlan> plans;
-  std::optional<TwinWatchdog> watchdog;  // outlives the twins
-  std::vector<std::unique_ptr<Twin>> twins(order.size());
   uint64_t frozen_end = 0;
   bool tree_running = false;
-  // Write tracking starts (and a tracked parent's ends) at the image's instant, with the tree
-  // frozen until the image is committed (write_tracking.h): no live dump with it.
-  if (opts.leave_running && !opts.frozen_copy && (opts.track || tracking.vouches()))
+  if (opts.leave_running && !opts.frozen_copy && (opts.track || tracking.vouches())) {
     log::info(
         "live dump not used with write tracking (--track, or a tracked parent): the "
         "memory is read with the tree frozen");
-  else if (opts.leave_running && !opts.frozen_copy) {
-    std::string why_not;
-    for (size_t i = 0; i < order.size() && why_not.empty(); i++)
-      if (!tree.node(order[i]).zombie())
-        if (std::string w = twin_refusal(areas[i]); !w.empty())
-          why_not = cat(describe_pid(order[i]), ": ", w);
+  } else if (live_wanted && !why_not_live.empty()) {
+    log::info("live dump not possible (", why_not_live,
+              "): the memory is read with the tree frozen");
+    for (auto& t : twins) t.reset();
+  } else if (live_wanted) {
     plans.resize(order.size());
     uint64_t copied = 0;
-    for (size_t i = 0; i < order.size() && why_not.empty(); i++) {
-      TreeNode& node = tree.node(order[i]);
-      if (node.zombie()) continue;
-      plans[i] = plan_memory(node.pid, areas[i], dedup ? &*dedup : nullptr, true);
+    for (size_t i = 0; i < order.size(); i++) {
+      if (!twins[i]) continue;
+      plans[i] = plan_frozen_copies(order[i], areas[i]);
       copied += plans[i].copied_bytes;
-      twins[i] = Twin::make(*node.frozen, why_not);
-      node.frozen->release_scratch();
-      if (!twins[i]) why_not = cat(describe_pid(order[i]), ": ", why_not);
     }
-    lap("twins");
-    if (!why_not.empty()) {
-      log::info("live dump not possible (", why_not, "): the memory is read with the tree frozen");
-      for (auto& t : twins) t.reset();
-      plans.clear();
-      if (dedup) dedup.emplace();
-    } else {
-      std::vector<Twin*> all;
-      for (auto& t : twins)
-        if (t) all.push_back(t.get());
-      watchdog.emplace(all);
-      fault_point(opts, "twins");
-      shared.tcp_repair.resume();  // before the tree runs again
-      tree.detach_all();
-      tree_running = true;
-      for (auto& t : twins)
-        if (t) t->tree_released();
-      frozen_end = now_ns();
-      result.live = true;
-      log::info("live dump: tree frozen ", (frozen_end - tree.frozen_at()) / 1000, " us, ", copied,
-                " bytes copied while frozen (shared, DONTFORK, WIPEONFORK memory)");
-    }
+    lap("copied while frozen");
+    fault_point(opts, "twins");
+    shared.tcp_repair.resume();  // before the tree runs again
+    tree.detach_all();
+    tree_running = true;
+    for (auto& t : twins)
+      if (t) t->tree_released();
+    frozen_end = now_ns();
+    lap("tree released");
+    result.live = true;
+    log::info("live dump: tree frozen ", (frozen_end - tree.frozen_at()) / 1000, " us, ", copied,
+              " bytes copied while frozen (shared, DONTFORK, WIPEONFORK memory)");
   }
   // Tests only: time for the program to act while its pages are read from the twins.
   uint64_t slow_us = 0;
@@ -710,10 +782,18 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     };
     // A twin is read through /proc/PID/mem: process_vm_readv pins pages (FOLL_PIN), which
     // makes the kernel copy every page the twin shares with the process first.
-    auto mem = twins[i] ? write_memory(fp.pid(), twins[i]->pid(), plans[i], areas[i], pages, report,
-                                       dedup ? &*dedup : nullptr, true)
-                        : dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
-                                      tree.live_count() > 1, parent ? &written : nullptr);
+    MemoryStats mem;
+    if (twins[i]) {
+      plan_from_twin(fp.pid(), twins[i]->pid(), areas[i], plans[i], dedup ? &*dedup : nullptr);
+      mem = write_memory(fp.pid(), twins[i]->pid(), plans[i], areas[i], pages, report,
+                         dedup ? &*dedup : nullptr, true);
+      // Nothing more is read from it (dedup re-reads earlier twins' pagemaps: they stay):
+      // its teardown, as long as its memory is large, overlaps the rest of the dump.
+      if (!dedup) twins[i]->kill();
+    } else {
+      mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
+                        tree.live_count() > 1, parent ? &written : nullptr);
+    }
     auto stats = pages.finish();
     store_mac_digests[pages_name(fp.pid())] = stats.mac_digest;
     result.data_pages += stats.data_pages;

@@ -168,6 +168,21 @@ std::optional<std::vector<long>> FrozenProcess::try_batch(TracedThread& t,
                    (kBatchAreaSize - kBatchTableOffset) / kBatchEntrySize, calls);
 }
 
+std::vector<long> FrozenProcess::run_calls(TracedThread& t, const char* what,
+                                           std::span<const BatchCall> calls) {
+  if (auto results = try_batch(t, calls)) {
+    if (results->size() < calls.size() || (results->back() < 0 && results->back() > -4096))
+      fail_errno_value(
+          static_cast<int>(-results->back()),
+          cat(what, " (call ", results->size() - 1, ") in thread ", t.tid(), " of pid ", pid_));
+    return *results;
+  }
+  std::vector<long> results;
+  for (const BatchCall& c : calls)
+    results.push_back(call(t, what, c.nr, c.a[0], c.a[1], c.a[2], c.a[3], c.a[4], c.a[5]));
+  return results;
+}
+
 bool FrozenProcess::map_batch_area(TracedThread& t) {
   if (no_batch_area_) return false;
   if (batch_area_ == 0) {

@@ -57,6 +57,10 @@ class FrozenProcess {
   // page can be mapped (memory-deny-write-execute, SELinux): the caller makes the calls one
   // by one then.
   std::optional<std::vector<long>> try_batch(TracedThread& t, std::span<const BatchCall> calls);
+  // Runs `calls` in thread t in one round trip (try_batch), or one by one where no batch area
+  // can be mapped; throws naming `what` and the failed call's index if one fails. Returns each
+  // call's result.
+  std::vector<long> run_calls(TracedThread& t, const char* what, std::span<const BatchCall> calls);
   void release_scratch();
   // Live dump (checkpoint/twin.h): injects into the leader a clone that shares the descriptor
   // table, not the memory, sends no signal at exit (exit_signal 0) and is auto-attached: the

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
 
 #include "checkpoint/collect.h"
 #include "common/error.h"
@@ -41,6 +42,13 @@ std::string map_files_path(pid_t pid, uint64_t start, uint64_t end) {
 }
 
 using Range = MemoryPlan::Run;
+
+UniqueFd open_pagemap(pid_t pid) {
+  std::string path = cat("/proc/", pid, "/pagemap");
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) fail_errno("cannot open ", path);
+  return fd;
+}
 
 // Pages of [start, end) selected by PAGEMAP_SCAN: present or swapped, not the shared zero
 // page, and (when exclude_file) not backed by the file.
@@ -470,11 +478,15 @@ std::vector<Range> dedup_ranges(pid_t pid, int pagemap_fd, const std::vector<Ran
 int PageDedup::pagemap_of(pid_t pid) {
   auto& fd = pagemaps_[pid];
   if (!fd) {
-    std::string path = cat("/proc/", pid, "/pagemap");
-    fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) fail_errno("cannot open ", path);
+    auto twin = twins_.find(pid);
+    fd = open_pagemap(twin != twins_.end() ? twin->second : pid);
   }
   return fd.get();
+}
+
+void PageDedup::read_through(pid_t pid, pid_t twin) {
+  if (pagemaps_.count(pid)) fail("pid ", pid, ": its pagemap was read before its twin's");
+  twins_[pid] = twin;
 }
 
 namespace {
@@ -572,67 +584,183 @@ UniqueFd copy_shared_object(pid_t pid, const MemoryArea& a, uint64_t& copied) {
 
 }  // namespace
 
-MemoryPlan plan_memory(pid_t pid, const std::vector<MemoryArea>& areas, PageDedup* dedup, bool live,
+namespace {
+
+// A fork child has no copy of a MADV_DONTFORK area and zeros for a MADV_WIPEONFORK one.
+bool twin_lacks(const MemoryArea& a) {
+  return private_kind(a) && (has_vmflag(a, "dc") || has_vmflag(a, "wf"));
+}
+
+// The pages of one private area to store, read from `pagemap` (the process's or its twin's:
+// the same addresses), with REFs per `dedup` and unchanged runs per `written`.
+// Private file pages still backed by the file come back from the file; a deleted file cannot
+// be reopened by path, so all its present pages are kept (unless the image stores that file as
+// a ghost, which the restore maps again).
+bool keeps_file_pages(const MemoryArea& a) {
+  return a.kind() == MemoryArea::PRIVATE_FILE && a.file().deleted() && a.ghost_id() == 0;
+}
+
+void choose_pages(pid_t pid, int pagemap, const MemoryArea& a, MemoryPlan::Area& out,
+                  PageDedup* dedup, const WrittenRanges* written,
+                  const image::PageStoreWriter* writer) {
+  const bool exclude_file = a.kind() == MemoryArea::PRIVATE_FILE && !keeps_file_pages(a);
+  if (kernel_features().pagemap_scan)
+    scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, out.runs);
+  else
+    scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, out.runs);
+  // Unwritten pages are set aside before dedup, so that no later process refers (REF)
+  // to a page this store records as PARENT.
+  std::vector<Range> unchanged;
+  if (written != nullptr && writer != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+    if (auto w = (*written)(a.start(), a.end())) unchanged = split_unwritten(*w, *writer, out.runs);
+  if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
+    out.runs = dedup_ranges(pid, pagemap, out.runs, *dedup);
+  if (!unchanged.empty()) out.runs = merge_by_address(std::move(out.runs), unchanged);
+}
+
+}  // namespace
+
+MemoryPlan plan_memory(pid_t pid, const std::vector<MemoryArea>& areas, PageDedup* dedup,
                        const WrittenRanges* written, const image::PageStoreWriter* writer) {
-  int pagemap = -1;
   UniqueFd own_pagemap;
-  if (dedup != nullptr) {
-    pagemap = dedup->pagemap_of(pid);
-  } else {
-    std::string pagemap_path = cat("/proc/", pid, "/pagemap");
-    own_pagemap.reset(::open(pagemap_path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!own_pagemap) fail_errno("cannot open ", pagemap_path);
-    pagemap = own_pagemap.get();
-  }
-  bool use_scan = kernel_features().pagemap_scan;
+  const int pagemap =
+      dedup != nullptr ? dedup->pagemap_of(pid) : (own_pagemap = open_pagemap(pid)).get();
   MemoryPlan plan;
   plan.areas.resize(areas.size());
-  UniqueFd mem;
+  for (size_t k = 0; k < areas.size(); k++)
+    if (private_kind(areas[k]))
+      choose_pages(pid, pagemap, areas[k], plan.areas[k], dedup, written, writer);
+  return plan;
+}
+
+MemoryPlan plan_frozen_copies(pid_t pid, const std::vector<MemoryArea>& areas) {
+  MemoryPlan plan;
+  plan.areas.resize(areas.size());
+  UniqueFd pagemap, mem;
   for (size_t k = 0; k < areas.size(); k++) {
     const MemoryArea& a = areas[k];
     MemoryPlan::Area& out = plan.areas[k];
-    if (private_kind(a)) {
-      // Private file pages still backed by the file come back from the file; a deleted
-      // file cannot be reopened by path, so all its present pages are kept.
-      // (unless the image stores that file as a ghost, which the restore maps again).
-      bool exclude_file =
-          a.kind() == MemoryArea::PRIVATE_FILE && (!a.file().deleted() || a.ghost_id() != 0);
-      if (use_scan)
-        scan_pagemap_scan(pagemap, a.start(), a.end(), exclude_file, out.runs);
-      else
-        scan_pagemap_file(pagemap, a.start(), a.end(), exclude_file, out.runs);
-      // Unwritten pages are set aside before dedup, so that no later process refers (REF)
-      // to a page this store records as PARENT.
-      std::vector<Range> unchanged;
-      if (written != nullptr && writer != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
-        if (auto w = (*written)(a.start(), a.end()))
-          unchanged = split_unwritten(*w, *writer, out.runs);
-      if (dedup != nullptr && a.kind() != MemoryArea::PRIVATE_FILE)
-        out.runs = dedup_ranges(pid, pagemap, out.runs, *dedup);
-      if (!unchanged.empty()) out.runs = merge_by_address(std::move(out.runs), unchanged);
-      // A fork child has no copy of a MADV_DONTFORK area and zeros for a MADV_WIPEONFORK one:
-      // their pages are read now.
-      if (live && (has_vmflag(a, "dc") || has_vmflag(a, "wf"))) {
-        if (!mem) {
-          std::string path = cat("/proc/", pid, "/mem");
-          mem.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-          if (!mem) fail_errno("cannot open ", path);
-        }
-        out.has_copy = true;
-        for (const auto& r : out.runs) {
-          if (r.ref_pid != 0 || r.unchanged) continue;
-          size_t at = out.copied.size();
-          out.copied.resize(at + r.pages * kPageSize);
-          read_process_mem(mem.get(), pid, r.start, out.copied.data() + at, r.pages * kPageSize);
-        }
-        plan.copied_bytes += out.copied.size();
+    if (twin_lacks(a)) {
+      // Chosen and read now, never deduplicated: no other process of the tree can share
+      // them through a fork (the child did not get them), and a REF would need the owner's
+      // pagemap of the freeze instant, which only its twin keeps.
+      if (!pagemap) pagemap = open_pagemap(pid);
+      choose_pages(pid, pagemap.get(), a, out, nullptr, nullptr, nullptr);
+      if (!mem) {
+        std::string path = cat("/proc/", pid, "/mem");
+        mem.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!mem) fail_errno("cannot open ", path);
       }
-    } else if (a.kind() == MemoryArea::SHARED_ANON && live) {
+      out.has_copy = true;
+      out.planned = true;
+      for (const auto& r : out.runs) {
+        size_t at = out.copied.size();
+        out.copied.resize(at + r.pages * kPageSize);
+        read_process_mem(mem.get(), pid, r.start, out.copied.data() + at, r.pages * kPageSize);
+      }
+      plan.copied_bytes += out.copied.size();
+    } else if (keeps_file_pages(a)) {
+      // Its page-cache pages too: fork copies no page table of an area without anonymous
+      // pages, so the twin's pagemap would not show them. Chosen now, read from the twin
+      // later (reading faults them in again).
+      if (!pagemap) pagemap = open_pagemap(pid);
+      choose_pages(pid, pagemap.get(), a, out, nullptr, nullptr, nullptr);
+      out.planned = true;
+    } else if (a.kind() == MemoryArea::SHARED_ANON) {
       // Shared with the process and its twin alike: it would change under the background read.
       out.object_copy = copy_shared_object(pid, a, plan.copied_bytes);
     }
   }
   return plan;
+}
+
+namespace {
+
+// Whether [start, end) maps a page a fork copies (present or swapped, not the shared zero
+// page, not backed by a file): stops at the first.
+bool has_own_page(int pagemap_fd, uint64_t start, uint64_t end) {
+  if (kernel_features().pagemap_scan) {
+    abi::page_region region;
+    abi::pm_scan_arg arg{};
+    arg.size = sizeof arg;
+    arg.start = start;
+    arg.end = end;
+    arg.vec = reinterpret_cast<uint64_t>(&region);
+    arg.vec_len = 1;
+    arg.max_pages = 1;
+    arg.category_inverted = PAGE_IS_PFNZERO | PAGE_IS_FILE;
+    arg.category_mask = PAGE_IS_PFNZERO | PAGE_IS_FILE;
+    arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    long n = ::ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+    if (n < 0) fail_errno("PAGEMAP_SCAN ", std::hex, start, "-", end);
+    return n > 0;
+  }
+  std::vector<Range> runs;
+  scan_pagemap_file(pagemap_fd, start, end, true, runs);
+  return !runs.empty();
+}
+
+void set_vmflag(MemoryArea& a, const char* flag, bool on) {
+  if (has_vmflag(a, flag) == on) return;
+  std::string f = a.vmflags();
+  if (on) {
+    f += f.empty() ? flag : cat(" ", flag);
+  } else {
+    for (size_t pos = 0; pos + 2 <= f.size(); pos += 3)
+      if (f.compare(pos, 2, flag) == 0) {
+        f.erase(pos, std::min<size_t>(3, f.size() - pos));
+        break;
+      }
+    while (!f.empty() && f.back() == ' ') f.pop_back();
+  }
+  a.set_vmflags(f);
+}
+
+}  // namespace
+
+size_t mark_what_twin_lacks(pid_t pid, pid_t twin, std::vector<MemoryArea>& areas) {
+  std::set<std::pair<uint64_t, uint64_t>> in_twin;
+  for (const auto& m : proc::parse_maps(proc::read_file(cat("/proc/", twin, "/maps"))))
+    in_twin.insert({m.start, m.end});
+  UniqueFd own, twins;
+  size_t changed = 0;
+  for (auto& a : areas) {
+    if (!private_kind(a)) continue;
+    // Fork copies every area but MADV_DONTFORK ones, as they are (no merge, no split).
+    const bool absent = in_twin.count({a.start(), a.end()}) == 0;
+    if (absent != has_vmflag(a, "dc")) {
+      set_vmflag(a, "dc", absent);
+      changed++;
+    }
+    if (absent || has_vmflag(a, "wf")) continue;
+    // MADV_WIPEONFORK applies to private anonymous areas only. Any other such area holding a
+    // page has an anon_vma, and fork copies its every present and swapped page table entry.
+    if (a.kind() == MemoryArea::PRIVATE_FILE || a.file().inode() != 0) continue;
+    if (!twins) twins = open_pagemap(twin);
+    if (has_own_page(twins.get(), a.start(), a.end())) continue;
+    if (!own) own = open_pagemap(pid);
+    if (!has_own_page(own.get(), a.start(), a.end())) continue;
+    set_vmflag(a, "wf", true);
+    changed++;
+  }
+  return changed;
+}
+
+void plan_from_twin(pid_t pid, pid_t twin, const std::vector<MemoryArea>& areas, MemoryPlan& plan,
+                    PageDedup* dedup) {
+  UniqueFd own_pagemap;
+  int pagemap;
+  if (dedup != nullptr) {
+    dedup->read_through(pid, twin);
+    pagemap = dedup->pagemap_of(pid);
+  } else {
+    own_pagemap = open_pagemap(twin);
+    pagemap = own_pagemap.get();
+  }
+  for (size_t k = 0; k < areas.size(); k++)
+    if (private_kind(areas[k]) && !plan.areas[k].planned)
+      choose_pages(pid, pagemap, areas[k], plan.areas[k], dedup, nullptr, nullptr);
 }
 
 MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
@@ -671,7 +799,7 @@ MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
 MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
                         const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
                         bool via_mem, const WrittenRanges* written) {
-  MemoryPlan plan = plan_memory(pid, areas, dedup, false, written, &writer);
+  MemoryPlan plan = plan_memory(pid, areas, dedup, written, &writer);
   return write_memory(pid, pid, plan, areas, writer, progress, dedup, via_mem);
 }
 

@@ -3,6 +3,7 @@
 
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -29,6 +30,35 @@ bool gone_or_zombie(pid_t pid) {
 }
 
 constexpr int kReapTries = 200;  // 100 us apart: the zombie shows up as the tracer lets it go
+
+// wait4 of the twin (exited) in a thread of its running parent, seized for the call.
+void reap_in_running_parent(pid_t parent, pid_t twin, pid_t ns_twin) {
+  for (int attempt = 0; attempt < kReapTries && proc::exists(twin); attempt++) {
+    // A parent that exited meanwhile handed the twin to a reaper (with SIGCHLD), which reaps.
+    if (!proc::exists(parent)) {
+      ::usleep(100);
+      continue;
+    }
+    for (pid_t tid : proc::list_tasks(parent)) {
+      TracedThread t;
+      try {
+        t = TracedThread::seize(tid, 0);
+      } catch (const Error&) {
+        continue;  // gone, or traced by someone else now
+      }
+      if (!t.interrupt_and_wait_for(1000)) {
+        t.abandon();  // an uninterruptible sleep: try another thread
+        continue;
+      }
+      long r = t.syscall(find_vdso_syscall_insn(parent), InjectMode::kSingleStep, SYS_wait4,
+                         static_cast<uint64_t>(ns_twin), 0, __WCLONE | WNOHANG, 0);
+      t.detach();
+      if (r == ns_twin || r == -ECHILD) return;
+      break;  // not a zombie yet: try again shortly
+    }
+    ::usleep(100);
+  }
+}
 
 }  // namespace
 
@@ -62,11 +92,17 @@ Twin::~Twin() {
   end();
 }
 
+void Twin::kill() {
+  if (killed_) return;
+  killed_ = true;
+  ::kill(ids_.pid, SIGKILL);  // our tracee, not reaped yet: the pid cannot have been reused
+}
+
 void Twin::end() {
   if (ended_) return;
   ended_ = true;
   try {
-    ::kill(ids_.pid, SIGKILL);  // our tracee, not reaped yet: the pid cannot have been reused
+    kill();
     for (int i = 0; i < 16 && thread_.attached(); i++)
       if (thread_.wait_stop().kind == StopKind::kExited) break;
     thread_.abandon();
@@ -80,7 +116,7 @@ void Twin::end() {
         ::usleep(100);
       }
     } else {
-      reap_in_running_parent();
+      reap_in_running_parent(parent_, ids_.pid, ids_.ns_pid);
     }
     if (proc::exists(ids_.pid))
       log::warn("the twin ", ids_.pid, " of pid ", parent_, " is still there");
@@ -89,41 +125,40 @@ void Twin::end() {
   }
 }
 
-void Twin::reap_in_running_parent() {
-  for (int attempt = 0; attempt < kReapTries && proc::exists(ids_.pid); attempt++) {
-    // A parent that exited meanwhile handed the twin to a reaper (with SIGCHLD), which reaps.
-    if (!proc::exists(parent_)) {
-      ::usleep(100);
-      continue;
-    }
-    for (pid_t tid : proc::list_tasks(parent_)) {
-      TracedThread t;
-      try {
-        t = TracedThread::seize(tid, 0);
-      } catch (const Error&) {
-        continue;  // gone, or traced by someone else now
-      }
-      if (!t.interrupt_and_wait_for(1000)) {
-        t.abandon();  // an uninterruptible sleep: try another thread
-        continue;
-      }
-      long r = t.syscall(find_vdso_syscall_insn(parent_), InjectMode::kSingleStep, SYS_wait4,
-                         static_cast<uint64_t>(ids_.ns_pid), 0, __WCLONE | WNOHANG, 0);
-      t.detach();
-      if (r == ids_.ns_pid || r == -ECHILD) return;
-      break;  // not a zombie yet: try again shortly
-    }
-    ::usleep(100);
-  }
-}
+namespace {
 
-TwinWatchdog::TwinWatchdog(const std::vector<Twin*>& twins) {
+// What the watchdog is told of each twin.
+struct TwinRecord {
+  pid_t parent;
+  pid_t pid;
+  pid_t ns_pid;
+};
+
+}  // namespace
+
+TwinWatchdog::TwinWatchdog() {
   const pid_t lazycr = ::getpid();
+  int fds[2];
+  // A socket rather than a pipe: a watchdog killed by someone else must not kill lazycr with
+  // SIGPIPE (send with MSG_NOSIGNAL).
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0)
+    fail_errno("socketpair for the twins' watchdog");
   pid_ = ::fork();
-  if (pid_ < 0) fail_errno("fork of the twins' watchdog");
-  if (pid_ > 0) return;
-  // The watchdog: holds nothing of lazycr's (its pipes would keep a reader waiting).
-  ::syscall(SYS_close_range, 0, ~0u, 0);
+  if (pid_ < 0) {
+    ::close(fds[0]);
+    ::close(fds[1]);
+    fail_errno("fork of the twins' watchdog");
+  }
+  if (pid_ > 0) {
+    ::close(fds[0]);
+    to_watchdog_ = fds[1];
+    return;
+  }
+  // The watchdog: holds nothing of lazycr's but its end of the socket (lazycr's pipes would
+  // keep a reader waiting).
+  const int from_lazycr = fds[0];
+  if (from_lazycr > 0) ::syscall(SYS_close_range, 0, from_lazycr - 1, 0);
+  ::syscall(SYS_close_range, from_lazycr + 1, ~0u, 0);
   sigset_t wake;
   sigemptyset(&wake);
   sigaddset(&wake, SIGUSR1);
@@ -134,18 +169,27 @@ TwinWatchdog::TwinWatchdog(const std::vector<Twin*>& twins) {
     while (::sigwaitinfo(&wake, &si) < 0 && errno == EINTR) {
     }
   }
-  // lazycr is gone: its twins were let go and exit; each parent reaps its own.
-  for (Twin* t : twins) {
-    for (int i = 0; i < 20000 && !gone_or_zombie(t->ids_.pid); i++) ::usleep(100);
+  // lazycr is gone: its twins were let go and exit; each parent reaps its own. What lazycr
+  // sent is queued (a child it forked later could hold its end open: no waiting).
+  TwinRecord rec;
+  while (::recv(from_lazycr, &rec, sizeof rec, MSG_DONTWAIT) == static_cast<ssize_t>(sizeof rec)) {
+    for (int i = 0; i < 20000 && !gone_or_zombie(rec.pid); i++) ::usleep(100);
     try {
-      t->reap_in_running_parent();
+      reap_in_running_parent(rec.parent, rec.pid, rec.ns_pid);
     } catch (...) {
     }
   }
   ::_exit(0);
 }
 
+void TwinWatchdog::watch(const Twin& twin) {
+  TwinRecord rec{twin.parent(), twin.pid(), twin.ns_pid()};
+  if (::send(to_watchdog_, &rec, sizeof rec, MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof rec))
+    fail_errno("telling the twins' watchdog of twin ", twin.pid());
+}
+
 TwinWatchdog::~TwinWatchdog() {
+  if (to_watchdog_ >= 0) ::close(to_watchdog_);
   if (pid_ <= 0) return;
   ::kill(pid_, SIGKILL);
   while (::waitpid(pid_, nullptr, 0) < 0 && errno == EINTR) {

@@ -32,37 +32,45 @@ class Twin {
   pid_t pid() const { return ids_.pid; }
   // The tree has been let go: ending the twin seizes one thread of its parent for a moment.
   void tree_released() { frozen_ = nullptr; }
-  // Kills the twin and has its parent reap it; logs (never throws) what could not be done.
+  // SIGKILLs the twin once nothing more is read from it: its exit (the teardown of an address
+  // space as large as the process's) then overlaps what the dump still does. Never throws.
+  void kill();
+  // Kills the twin if it is not, collects its exit and has its parent reap it; logs (never
+  // throws) what could not be done.
   void end();
+  pid_t parent() const { return parent_; }
+  pid_t ns_pid() const { return ids_.ns_pid; }
 
  private:
-  friend class TwinWatchdog;
   Twin(pid_t parent, FrozenProcess* frozen, FrozenProcess::TwinIds ids, TracedThread thread)
       : parent_(parent), frozen_(frozen), ids_(ids), thread_(std::move(thread)) {}
-  // wait4 in a thread of the running parent, seized for the call.
-  void reap_in_running_parent();
 
   pid_t parent_;
   FrozenProcess* frozen_;  // while the tree is frozen
   FrozenProcess::TwinIds ids_;
   TracedThread thread_;
+  bool killed_ = false;
   bool ended_ = false;
 };
 
 // A SIGKILLed lazycr leaves no twin: its tracees are let go, and a twin let go exits at once
 // (its next instruction is exit_group), but stays a zombie only its parent may reap. The
 // watchdog, a child of lazycr that does nothing else, waits for lazycr's death
-// (PR_SET_PDEATHSIG) and then has each parent reap its twin. Stopped (SIGKILL, reaped) when
-// destroyed.
+// (PR_SET_PDEATHSIG) and then has the parent of each twin it was told of reap it. Made before
+// the tree is frozen (forking lazycr is not free), told of each twin as it is made (a pipe).
+// Stopped (SIGKILL, reaped) when destroyed.
 class TwinWatchdog {
  public:
-  explicit TwinWatchdog(const std::vector<Twin*>& twins);
+  TwinWatchdog();
   ~TwinWatchdog();
   TwinWatchdog(const TwinWatchdog&) = delete;
   TwinWatchdog& operator=(const TwinWatchdog&) = delete;
+  // Before the tree can run again with the twin (a dead lazycr lets it go).
+  void watch(const Twin& twin);
 
  private:
   pid_t pid_ = -1;
+  int to_watchdog_ = -1;
 };
 
 // Memory areas a twin cannot stand in for: registered with a userfaultfd (a fork would send

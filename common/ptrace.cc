@@ -237,10 +237,43 @@ StopInfo TracedThread::wait_stop() {
   return *poll_stop(true);
 }
 
+namespace {
+
+// Spin rounds (sched_yield) before the waits for a tracee's stop sleep.
+constexpr unsigned kSpinRounds = 16;
+
+// SIGCHLD blocked in this thread while it lives, so that the one every ptrace stop and exit of
+// a tracee sends its tracer is queued rather than discarded (its default action is to ignore
+// it), and a sleep can end on it.
+class ChildSignalWait {
+ public:
+  ChildSignalWait() {
+    sigemptyset(&set_);
+    sigaddset(&set_, SIGCHLD);
+    ::pthread_sigmask(SIG_BLOCK, &set_, &old_);
+  }
+  ~ChildSignalWait() { ::pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+  ChildSignalWait(const ChildSignalWait&) = delete;
+  ChildSignalWait& operator=(const ChildSignalWait&) = delete;
+  // Until a SIGCHLD (any child's: the caller looks again) or `us` microseconds.
+  void sleep(unsigned us) {
+    timespec ts{0, static_cast<long>(us) * 1000};
+    ::sigtimedwait(&set_, nullptr, &ts);
+  }
+
+ private:
+  sigset_t set_;
+  sigset_t old_;
+};
+
+}  // namespace
+
 std::optional<StopInfo> TracedThread::poll_stop(bool block) {
   // Never one blocking waitpid: a thread killed meanwhile may never be reported (a leader whose
   // traced threads are unreaped zombies). Spin first (a trap usually comes within
-  // microseconds), then sleep a little longer each time.
+  // microseconds), then sleep a little longer each time, each sleep ended by the SIGCHLD of a
+  // stop.
+  std::optional<ChildSignalWait> child_signal;
   auto lost_exit = [] {
     StopInfo s;
     s.kind = StopKind::kExited;
@@ -261,8 +294,12 @@ std::optional<StopInfo> TracedThread::poll_stop(bool block) {
     if (r < 0) fail_errno("waitpid tid ", tid_);
     if (r != 0) fail("waitpid tid ", tid_, ": returned ", r);
     if (!block) return std::nullopt;
-    if (round < 64) {
+    if (round < kSpinRounds) {
       ::sched_yield();
+      continue;
+    }
+    if (!child_signal) {
+      child_signal.emplace();  // a stop from now on is queued: look once more, then sleep
       continue;
     }
     if (thread_dead(tid_)) {
@@ -276,7 +313,7 @@ std::optional<StopInfo> TracedThread::poll_stop(bool block) {
         return lost_exit();
       }
     }
-    ::usleep(std::min(20u << std::min(round - 64, 6u), 1000u));
+    child_signal->sleep(std::min(20u << std::min(round - kSpinRounds, 6u), 1000u));
   }
   StopInfo s;
   if (WIFEXITED(status) || WIFSIGNALED(status)) {
@@ -358,12 +395,13 @@ bool TracedThread::interrupt_until(int64_t deadline_ns) {
   if (!attached_) fail("interrupt tid ", tid_, ": not attached");
   auto next_stop = [&]() -> std::optional<StopInfo> {
     if (deadline_ns < 0) return wait_stop();
-    for (useconds_t pause = 20;; pause = std::min(pause * 2, 10000u)) {
+    ChildSignalWait child_signal;  // before the first look: a stop after it ends the sleep
+    for (unsigned pause = 20;; pause = std::min(pause * 2, 10000u)) {
       if (auto s = poll_stop(false)) return s;
       // Killed meanwhile (a leader's exit may never be reported): collected, never waited for.
       if (release_if_dead()) fail("tid ", tid_, " exited while being interrupted");
       if (mono_ns() >= deadline_ns) return std::nullopt;
-      ::usleep(pause);
+      child_signal.sleep(pause);
     }
   };
   for (int round = 0; round < kMaxRounds; ++round) {

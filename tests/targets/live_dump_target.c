@@ -2,7 +2,8 @@
 // its memory on request while its pages are being read in the background.
 //   live_dump_target MIB MODE
 // maps an area R (4 MiB of patterned pages, MAP_SHARED in mode "shared", MADV_DONTFORK in
-// "dontfork", MADV_WIPEONFORK in "wipeonfork"), then a buffer B of MIB MiB below it, prints
+// "dontfork", MADV_WIPEONFORK in "wipeonfork", MADV_NOHUGEPAGE in "late*"), then a buffer B
+// of MIB MiB below it, prints
 //   ready pid=P
 // and writes generation after generation into B: the first word of page 0, 1, ... N-1 gets the
 // generation number g, so that at any instant the pages hold g up to a point and g-1 after it.
@@ -10,7 +11,8 @@
 // process checks the instant its image holds at the end of its first generation): on a
 // mismatch it prints "verify FAILED: why" and exits 1. On signals, at the end of a generation:
 //   SIGUSR2: acts on R per MODE (munmap, dontneed, mremap, fork: fork a child that exits while
-//            the parent rewrites R, then reaps it; shared, dontfork, wipeonfork: rewrite R),
+//            the parent rewrites R, then reaps it; shared, dontfork, wipeonfork: rewrite R;
+//            latewipe, latedontfork: MADV_WIPEONFORK, MADV_DONTFORK on R, its contents kept),
 //            prints "acted";
 //   SIGHUP:  prints "children R E": waitpid(-1, WNOHANG|__WALL)'s result and errno;
 //   SIGUSR1: checks R holds its first pattern (an image of the time before SIGUSR2), prints
@@ -78,6 +80,9 @@ int main(int argc, char** argv) {
   if (r == MAP_FAILED) return 3;
   if (strcmp(mode, "dontfork") == 0 && madvise(r, R_PAGES * PAGE, MADV_DONTFORK) != 0) return 3;
   if (strcmp(mode, "wipeonfork") == 0 && madvise(r, R_PAGES * PAGE, MADV_WIPEONFORK) != 0) return 3;
+  // An area of its own, which MADV_WIPEONFORK / MADV_DONTFORK later change without splitting it.
+  int late = strcmp(mode, "latewipe") == 0 || strcmp(mode, "latedontfork") == 0;
+  if (late && madvise(r, R_PAGES * PAGE, MADV_NOHUGEPAGE) != 0) return 3;
   fill_r(r, first);
   volatile uint64_t* b =
       mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -145,6 +150,11 @@ int main(int argc, char** argv) {
         }
         fill_r(r, second);
         waitpid(c, NULL, 0);
+      } else if (late) {
+        // R's contents stay: an image taken after this still holds them (not "acted").
+        acted = 0;
+        int advice = strcmp(mode, "latewipe") == 0 ? MADV_WIPEONFORK : MADV_DONTFORK;
+        if (madvise(r, R_PAGES * PAGE, advice) != 0) return 4;
       } else {
         fill_r(r, second);
       }
