@@ -23,8 +23,10 @@ namespace {
 using image::kPageSize;
 using image::MemoryArea;
 
-constexpr size_t kReadBufferBytes = 1u << 20;  // one batch: small enough to stay in cache
-constexpr size_t kMaxIov = 1024;               // IOV_MAX
+// One batch, one process_vm_readv: several frames' rooms (16 at 64 KiB frames), small enough
+// to stay in cache.
+constexpr size_t kReadBufferBytes = 1u << 20;
+constexpr size_t kMaxIov = 1024;  // IOV_MAX
 
 bool starts_with(const std::string& s, const std::string& p) {
   return s.rfind(p, 0) == 0;
@@ -157,10 +159,15 @@ class PageReader {
         i++;
         continue;
       }
-      // Gather one batch: what the writer's frame has room for (pages are read straight
-      // into it: no copy), and kMaxIov ranges.
-      const image::PageStoreWriter::Room room = writer_.frame_room(kReadBufferBytes / kPageSize);
-      const size_t room_bytes = room.pages * kPageSize;
+      // Gather one batch: what the writer's rooms hold (pages are read straight into its
+      // frames: no copy; several frames per call), and kMaxIov ranges.
+      writer_.frame_rooms(kReadBufferBytes / kPageSize, rooms_);
+      size_t room_bytes = 0;
+      local_.clear();
+      for (const auto& r : rooms_) {
+        local_.push_back({r.data, r.pages * kPageSize});
+        room_bytes += r.pages * kPageSize;
+      }
       remote.clear();
       batch.clear();
       size_t used = 0;
@@ -178,22 +185,41 @@ class PageReader {
           skip = 0;
         }
       }
+      // The batch's ranges cut where the rooms end: one piece, one destination.
+      pieces_.clear();
+      size_t room = 0, room_off = 0;
+      for (const auto& r : batch) {
+        for (uint64_t done = 0; done < r.pages;) {
+          uint64_t n = std::min<uint64_t>(r.pages - done, rooms_[room].pages - room_off);
+          pieces_.push_back(
+              {r.start + done * kPageSize, rooms_[room].data + room_off * kPageSize, n});
+          done += n;
+          room_off += n;
+          if (room_off == rooms_[room].pages) {
+            room++;
+            room_off = 0;
+          }
+        }
+      }
+      size_t nlocal = 0;
+      for (size_t left = used; left > 0; nlocal++) {
+        local_[nlocal].iov_len = std::min(left, local_[nlocal].iov_len);
+        left -= local_[nlocal].iov_len;
+      }
       if (readable && !via_mem_) {
-        iovec local{room.data, used};
-        ssize_t n = ::process_vm_readv(pid_, &local, 1, remote.data(), remote.size(), 0);
+        ssize_t n =
+            ::process_vm_readv(pid_, local_.data(), nlocal, remote.data(), remote.size(), 0);
         if (n != static_cast<ssize_t>(used)) {
           if (n < 0) fail_errno("process_vm_readv of pid ", pid_, " at ", std::hex, batch[0].start);
           // A short read stops at the first page that could not be read; fall back per range.
-          read_with_mem(batch, room.data);
+          read_with_mem(pieces_);
         }
       } else {
-        read_with_mem(batch, room.data);
+        read_with_mem(pieces_);
       }
-      size_t off = 0;
-      for (const auto& r : batch) {
-        writer_.add_pages_in_place(r.start, room.data + off, r.pages);
-        off += r.pages * kPageSize;
-        stats_.pages_read += r.pages;
+      for (const auto& p : pieces_) {
+        writer_.add_pages_in_place(p.addr, p.data, p.pages);
+        stats_.pages_read += p.pages;
       }
       stats_.bytes_read += used;
       progress_(stats_.pages_read);
@@ -317,25 +343,29 @@ class PageReader {
   }
 
  private:
+  // Where one piece of a batch goes: `pages` pages from `addr`, read into `data`.
+  struct Piece {
+    uint64_t addr;
+    unsigned char* data;
+    uint64_t pages;
+  };
+
   // /proc/PID/mem ignores protections (the tracer reads with FOLL_FORCE).
-  void read_with_mem(const std::vector<Range>& batch, unsigned char* out) {
+  void read_with_mem(const std::vector<Piece>& pieces) {
     if (!mem_) {
       std::string path = cat("/proc/", pid_, "/mem");
       mem_.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
       if (!mem_) fail_errno("cannot open ", path);
     }
-    size_t off = 0;
-    for (const auto& r : batch) {
-      size_t len = r.pages * kPageSize;
+    for (const auto& p : pieces) {
+      size_t len = p.pages * kPageSize;
       size_t got = 0;
       while (got < len) {
-        ssize_t n =
-            ::pread(mem_.get(), out + off + got, len - got, static_cast<off_t>(r.start + got));
+        ssize_t n = ::pread(mem_.get(), p.data + got, len - got, static_cast<off_t>(p.addr + got));
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) fail_errno("cannot read memory of pid ", pid_, " at ", std::hex, r.start + got);
+        if (n <= 0) fail_errno("cannot read memory of pid ", pid_, " at ", std::hex, p.addr + got);
         got += static_cast<size_t>(n);
       }
-      off += len;
     }
   }
 
@@ -344,6 +374,9 @@ class PageReader {
   const std::function<void(uint64_t)>& progress_;
   bool via_mem_;
   char* buf_ = nullptr;
+  std::vector<image::PageStoreWriter::Room> rooms_;
+  std::vector<iovec> local_;
+  std::vector<Piece> pieces_;
   UniqueFd mem_;
   MemoryStats stats_;
 };

@@ -110,6 +110,11 @@ class PageStoreWriter {
     size_t pages;
   };
   Room frame_room(size_t max_pages);
+  // Rooms for max_pages pages in all: frame_room()'s, then whole empty frames lent in the
+  // order they will fill (so one read can fill several frames); pages read into them are
+  // handed over with add_pages_in_place() in the rooms' order, each call inside one room.
+  // Lent frames not reached are taken back by the next call of any other method.
+  void frame_rooms(size_t max_pages, std::vector<Room>& rooms);
   void add_pages_in_place(uint64_t addr, const void* data, size_t npages);
   // The npages pages at `addr` have the content of process `ref_pid`'s pages at `ref_addr`
   // (fork-shared pages, stored once by the process that comes first in the inventory); they

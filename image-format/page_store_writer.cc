@@ -86,6 +86,12 @@ struct PageStoreWriter::Impl {
   std::unique_ptr<unsigned char[]> parent_page;  // a parent page without a digest, read back
   std::unique_ptr<Job> current;                  // the frame being filled
   uint64_t next_seq = 0;
+  std::vector<std::unique_ptr<Job>> spare;  // empty frames taken from free_jobs
+  // frame_rooms(): empty frames lent after the current one, in the order they fill; and where
+  // the pages add_pages_in_place() took end (in the current frame, 0, or lent[i], i + 1).
+  std::deque<std::unique_ptr<Job>> lent;
+  const unsigned char* consumed = nullptr;
+  size_t consumed_frame = 0;
 
   // Pool state, under mu.
   std::mutex mu;
@@ -335,7 +341,8 @@ struct PageStoreWriter::Impl {
     writeback_from = end;
   }
 
-  // Hands the current frame to the pool; blocks while too many frames are in flight.
+  // Hands the current frame to the pool; blocks while too many frames are in flight. The next
+  // frame is the first lent one (frame_rooms), else a free one.
   void submit() {
     current->seq = next_seq++;
     std::unique_lock<std::mutex> lock(mu);
@@ -344,13 +351,19 @@ struct PageStoreWriter::Impl {
     if (error) std::rethrow_exception(error);
     ++in_flight;
     queue.push_back(std::move(current));
-    if (!free_jobs.empty()) {
-      current = std::move(free_jobs.back());
-      free_jobs.pop_back();
-    }
+    for (auto& j : free_jobs) spare.push_back(std::move(j));
+    free_jobs.clear();
     lock.unlock();
     work_cv.notify_one();
-    if (!current) current = new_job();
+    if (!lent.empty()) {
+      current = std::move(lent.front());
+      lent.pop_front();
+    } else if (!spare.empty()) {
+      current = std::move(spare.back());
+      spare.pop_back();
+    } else {
+      current = new_job();
+    }
     current->in_size = 0;
   }
 
@@ -481,6 +494,7 @@ struct PageStoreWriter::Impl {
     if (npages == 0) return;
     if (data == nullptr) fail(path, ": add_pages with no data");
     rethrow_if_failed();
+    return_lent();
     const unsigned char* p = static_cast<const unsigned char*>(data);
     for (size_t i = 0; i < npages; ++i, p += kPageSize, addr += kPageSize) {
       if (record_page(addr, p)) {
@@ -493,38 +507,102 @@ struct PageStoreWriter::Impl {
     next_addr = addr;
   }
 
+  // Frames lent by frame_rooms() and not filled go back to the spares; the next pages go
+  // after those already in the current frame.
+  void return_lent() {
+    for (auto& j : lent) spare.push_back(std::move(j));
+    lent.clear();
+    consumed = current->in.get() + current->in_size;
+    consumed_frame = 0;
+  }
+
+  std::unique_ptr<Job> take_spare() {
+    if (spare.empty()) {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto& j : free_jobs) spare.push_back(std::move(j));
+      free_jobs.clear();
+    }
+    if (spare.empty()) return new_job();
+    std::unique_ptr<Job> j = std::move(spare.back());
+    spare.pop_back();
+    return j;
+  }
+
   PageStoreWriter::Room frame_room(size_t max_pages) {
     if (closed) fail(path, ": frame_room after finish()");
     rethrow_if_failed();
+    return_lent();
     // A full frame is submitted at once, so the frame being filled has room for a page.
     size_t left = (frame_bytes - current->in_size) / kPageSize;
     return {current->in.get() + current->in_size, std::min(left, max_pages)};
+  }
+
+  void frame_rooms(size_t max_pages, std::vector<PageStoreWriter::Room>& rooms) {
+    rooms.clear();
+    rooms.push_back(frame_room(max_pages));
+    size_t total = rooms.back().pages;
+    while (total < max_pages) {
+      std::unique_ptr<Job> j = take_spare();
+      j->in_size = 0;
+      const size_t n = std::min<size_t>(frame_pages, max_pages - total);
+      rooms.push_back({j->in.get(), n});
+      lent.push_back(std::move(j));
+      total += n;
+    }
+  }
+
+  // The frame holding `data`: 0 for the current one, i + 1 for lent[i]; fails elsewhere.
+  size_t frame_of(const unsigned char* data, size_t npages) const {
+    auto inside = [&](const Job& j) {
+      return data >= j.in.get() && data < j.in.get() + frame_bytes &&
+             npages <= static_cast<size_t>(j.in.get() + frame_bytes - data) / kPageSize;
+    };
+    if (inside(*current)) return 0;
+    for (size_t i = 0; i < lent.size(); ++i)
+      if (inside(*lent[i])) return i + 1;
+    fail(path, ": add_pages_in_place of ", npages, " pages outside the room of the frame");
   }
 
   void add_pages_in_place(uint64_t addr, const unsigned char* data, size_t npages) {
     check_range("add_pages_in_place", addr, npages);
     if (npages == 0) return;
     rethrow_if_failed();
-    unsigned char* base = current->in.get();
-    if (data < base + current->in_size || data > base + frame_bytes ||
-        npages > static_cast<size_t>(base + frame_bytes - data) / kPageSize)
+    size_t k = frame_of(data, npages);
+    if (k < consumed_frame || (k == consumed_frame && data < consumed) ||
+        (k == 0 && data < current->in.get() + current->in_size))
       fail(path, ": add_pages_in_place of ", npages, " pages outside the room of the frame");
+    bool source_gone = false;  // `data` was in a frame now submitted
     for (size_t i = 0; i < npages; ++i, data += kPageSize, addr += kPageSize) {
       if (record_page(addr, data)) {
-        // Pages after a zero or parent page move down over it; the destination is below.
-        unsigned char* dst = base + current->in_size;
+        // Pages after a zero or parent page move down over it (into an earlier frame when
+        // the pages were read into a lent one); the destination is never after the source.
+        unsigned char* dst = current->in.get() + current->in_size;
         if (dst != data) std::memcpy(dst, data, kPageSize);
         current->in_size += kPageSize;
+        if (current->in_size == frame_bytes) {
+          submit();  // the next lent frame, if any, becomes the current one
+          if (k == 0)
+            source_gone = true;  // the source was the frame's last page: the loop ends
+          else
+            --k;
+        }
       }
-      pages_added.fetch_add(1, std::memory_order_relaxed);
     }
+    pages_added.fetch_add(npages, std::memory_order_relaxed);
     next_addr = addr;
-    if (current->in_size == frame_bytes) submit();
+    if (source_gone) {
+      consumed = current->in.get();
+      consumed_frame = 0;
+    } else {
+      consumed = data;
+      consumed_frame = k;
+    }
   }
 
   PageStoreStats finish() {
     if (closed) fail(path, ": finish() called twice");
     closed = true;
+    return_lent();
     if (current->in_size > 0) submit();
     {
       std::unique_lock<std::mutex> lock(mu);
@@ -613,6 +691,10 @@ void PageStoreWriter::add_pages(uint64_t addr, const void* data, size_t npages) 
 
 PageStoreWriter::Room PageStoreWriter::frame_room(size_t max_pages) {
   return impl_->frame_room(max_pages);
+}
+
+void PageStoreWriter::frame_rooms(size_t max_pages, std::vector<Room>& rooms) {
+  impl_->frame_rooms(max_pages, rooms);
 }
 
 void PageStoreWriter::add_pages_in_place(uint64_t addr, const void* data, size_t npages) {

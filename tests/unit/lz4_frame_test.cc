@@ -4,7 +4,6 @@
 // wrong pages or a crash.
 #include <openssl/sha.h>
 #include <unistd.h>
-#include <zstd.h>
 
 #include <gtest/gtest.h>
 
@@ -18,13 +17,16 @@
 #include "image-format/lz4_frame.h"
 #include "image-format/page_store.h"
 #include "tests/unit/page_fixtures.h"
+#include "tests/unit/store_parts.h"
 
 namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
+using test::slurp;
 using test::TempDir;
 using test::test_pages;
+using test::u32_at;
 
 std::vector<unsigned char> encode(const std::vector<unsigned char>& in) {
   std::vector<unsigned char> out(lz4_frame_bound(in.size()));
@@ -90,21 +92,6 @@ TEST(Lz4Frame, DamagedBlocksAreErrors) {
 
 constexpr uint64_t kAddr = 0x7f0000000000;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-uint32_t u32_at(const std::string& f, size_t at) {
-  uint32_t v;
-  std::memcpy(&v, f.data() + at, 4);
-  return v;
-}
-uint64_t u64_at(const std::string& f, size_t at) {
-  uint64_t v;
-  std::memcpy(&v, f.data() + at, 8);
-  return v;
-}
-
 // Frames of 4 pages: text (LZ4), random (raw), compressible (LZ4), 2 text pages (LZ4).
 const std::string kMixed = "ttttrrrrcccctt";
 
@@ -157,35 +144,17 @@ class Lz4StoreCorruption : public ::testing::Test {
   void SetUp() override {
     path_ = dir_.file("p.lzp");
     write_lz4(path_, test_pages(kMixed, 6));
-    good_ = slurp(path_);
-    index_offset_ = u64_at(good_, good_.size() - 32);
-    uint64_t size = u64_at(good_, good_.size() - 24);
-    std::string packed = good_.substr(index_offset_, size);
-    std::string raw(ZSTD_getFrameContentSize(packed.data(), packed.size()), '\0');
-    ASSERT_EQ(raw.size(), ZSTD_decompress(raw.data(), raw.size(), packed.data(), packed.size()));
-    ASSERT_TRUE(index_.ParseFromString(raw));
+    ASSERT_NO_FATAL_FAILURE(test::read_store_parts(path_, good_));
+    index_ = good_.index;
   }
 
   void store(const PageIndex& idx, const std::string& frames, uint32_t version) {
-    std::string raw = idx.SerializeAsString();
-    ZSTD_CCtx* c = ZSTD_createCCtx();
-    ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1);
-    std::string packed(ZSTD_compressBound(raw.size()), '\0');
-    packed.resize(ZSTD_compress2(c, packed.data(), packed.size(), raw.data(), raw.size()));
-    ZSTD_freeCCtx(c);
-    std::string f = frames + packed;
-    std::memcpy(f.data() + 8, &version, 4);
-    std::string footer(32, '\0');
-    uint64_t off = frames.size(), size = packed.size();
-    std::memcpy(footer.data(), &off, 8);
-    std::memcpy(footer.data() + 8, &size, 8);
-    std::memcpy(footer.data() + 16, &version, 4);
-    std::memcpy(footer.data() + 24, "LZCRPEND", 8);
-    std::ofstream(path_, std::ios::binary | std::ios::trunc) << f + footer;
+    std::ofstream(path_, std::ios::binary | std::ios::trunc)
+        << test::StoreParts::rebuild(idx, frames, version);
   }
 
   void expect_open_refused(const PageIndex& idx, uint32_t version, const std::string& what) {
-    store(idx, good_.substr(0, index_offset_), version);
+    store(idx, good_.frames(), version);
     try {
       PageStoreReader::open(path_);
       ADD_FAILURE() << "accepted: " << what;
@@ -195,13 +164,13 @@ class Lz4StoreCorruption : public ::testing::Test {
   }
 
   TempDir dir_;
-  std::string path_, good_;
-  uint64_t index_offset_ = 0;
+  std::string path_;
+  test::StoreParts good_;
   PageIndex index_;
 };
 
 TEST_F(Lz4StoreCorruption, CompressionAndVersionMustAgree) {
-  store(index_, good_.substr(0, index_offset_), kPageStoreVersionLz4);
+  store(index_, good_.frames(), kPageStoreVersionLz4);
   PageStoreReader::open(path_);  // the rebuilt store itself is good
   expect_open_refused(index_, kPageStoreVersion, "LZ4 frames in a version 4 store");
   PageIndex zstd = index_;
@@ -221,7 +190,7 @@ TEST_F(Lz4StoreCorruption, ForgedLz4FrameIsAnErrorOnRead) {
   r0.reset();
   size_t errors = 0;
   for (size_t at = 0; at < f.size; at += 7) {
-    std::string frames = good_.substr(0, index_offset_);
+    std::string frames = good_.frames();
     if (at % 2 == 0) {
       frames[f.offset + at] ^= static_cast<char>(0x80 >> (at % 8));
     } else {
@@ -246,7 +215,7 @@ TEST_F(Lz4StoreCorruption, ForgedLz4FrameIsAnErrorOnRead) {
   }
   EXPECT_GT(errors, 0u);
   // Cut short by a byte (the index says so, the digest matches): it cannot decode whole.
-  std::string frames = good_.substr(0, index_offset_);
+  std::string frames = good_.frames();
   frames.erase(f.offset + f.size - 1, 1);
   PageIndex idx = index_;
   idx.set_frame_sizes(0, static_cast<uint32_t>(f.size - 1));

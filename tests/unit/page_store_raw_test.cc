@@ -3,7 +3,6 @@
 // their digests, and refuses an index that misdescribes them.
 #include <fcntl.h>
 #include <unistd.h>
-#include <zstd.h>
 
 #include <gtest/gtest.h>
 
@@ -17,13 +16,16 @@
 #include "common/error.h"
 #include "image-format/page_store.h"
 #include "tests/unit/page_fixtures.h"
+#include "tests/unit/store_parts.h"
 
 namespace lazycr::image {
 namespace {
 
 namespace fs = std::filesystem;
+using test::slurp;
 using test::TempDir;
 using test::test_pages;
+using test::u32_at;
 
 constexpr uint64_t kAddr = 0x7f0000000000;
 
@@ -36,22 +38,6 @@ PageStoreStats write(const std::string& path, const std::vector<unsigned char>& 
   PageStoreWriter w(path, o);
   w.add_pages(kAddr, data.data(), data.size() / kPageSize);
   return w.finish();
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-uint32_t u32_at(const std::string& f, size_t at) {
-  uint32_t v;
-  std::memcpy(&v, f.data() + at, 4);
-  return v;
-}
-uint64_t u64_at(const std::string& f, size_t at) {
-  uint64_t v;
-  std::memcpy(&v, f.data() + at, 8);
-  return v;
 }
 
 void expect_reads_back(const PageStoreReader& r, const std::vector<unsigned char>& data) {
@@ -180,32 +166,13 @@ class RawIndexCorruption : public ::testing::Test {
   void SetUp() override {
     path_ = dir_.file("p.lzp");
     write(path_, test_pages(kMixed, 6), PageIndex::ZSTD);
-    good_ = slurp(path_);
-    index_offset_ = u64_at(good_, good_.size() - 32);
-    uint64_t size = u64_at(good_, good_.size() - 24);
-    std::string packed = good_.substr(index_offset_, size);
-    std::string raw(ZSTD_getFrameContentSize(packed.data(), packed.size()), '\0');
-    ASSERT_EQ(raw.size(), ZSTD_decompress(raw.data(), raw.size(), packed.data(), packed.size()));
-    ASSERT_TRUE(index_.ParseFromString(raw));
+    ASSERT_NO_FATAL_FAILURE(test::read_store_parts(path_, good_));
+    index_ = good_.index;
     ASSERT_EQ(std::string(1, '\x0d'), index_.raw_frames());  // frames 0, 2, 3
   }
 
   std::string with_index(const PageIndex& idx, uint32_t version) const {
-    std::string raw = idx.SerializeAsString();
-    ZSTD_CCtx* c = ZSTD_createCCtx();
-    ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 1);
-    std::string packed(ZSTD_compressBound(raw.size()), '\0');
-    packed.resize(ZSTD_compress2(c, packed.data(), packed.size(), raw.data(), raw.size()));
-    ZSTD_freeCCtx(c);
-    std::string f = good_.substr(0, index_offset_) + packed;
-    std::memcpy(f.data() + 8, &version, 4);
-    std::string footer(32, '\0');
-    uint64_t off = index_offset_, size = packed.size();
-    std::memcpy(footer.data(), &off, 8);
-    std::memcpy(footer.data() + 8, &size, 8);
-    std::memcpy(footer.data() + 16, &version, 4);
-    std::memcpy(footer.data() + 24, "LZCRPEND", 8);
-    return f + footer;
+    return test::StoreParts::rebuild(idx, good_.frames(), version);
   }
 
   void expect_refused(const std::function<void(PageIndex&)>& change, const std::string& what,
@@ -222,8 +189,8 @@ class RawIndexCorruption : public ::testing::Test {
   }
 
   TempDir dir_;
-  std::string path_, good_;
-  uint64_t index_offset_ = 0;
+  std::string path_;
+  test::StoreParts good_;
   PageIndex index_;
 };
 
@@ -312,6 +279,88 @@ TEST(PageStoreInPlace, SameStoreAsCopiedPages) {
     r->read(kAddr, 7, buf.data());
     EXPECT_EQ(0, std::memcmp(buf.data(), data.data(), buf.size()));
   }
+}
+
+// One read into several frames (frame_rooms: the current frame's room, then lent empty
+// frames): zero pages move later pages down, across frames, and the store is the same, byte
+// for byte, as with the pages copied in; frames lent but not reached are taken back.
+TEST(PageStoreInPlace, ReadsIntoLentFramesGiveTheSameStore) {
+  TempDir dir;
+  std::string kinds;
+  for (int i = 0; i < 5; ++i) kinds += "cczcrzzcccczrccccrzczzzzzcztccc";
+  auto data = test_pages(kinds, 11);
+  const size_t npages = kinds.size();
+  const std::pair<size_t, size_t> kRanges[] = {{0, 23}, {25, 26}, {29, npages}};
+  for (auto compression : {PageIndex::ZSTD, PageIndex::LZ4}) {
+    PageStoreOptions o;
+    o.frame_size = kMinFrameSize;
+    o.threads = 2;
+    o.compression = compression;
+    if (compression == PageIndex::LZ4) o.level = kLz4Acceleration;
+    {
+      PageStoreWriter w(dir.file("copied.lzp"), o);
+      for (auto [first, end] : kRanges)
+        w.add_pages(kAddr + first * kPageSize, data.data() + first * kPageSize, end - first);
+      w.finish();
+    }
+    for (size_t max_pages : {size_t{1}, size_t{5}, size_t{11}, size_t{64}}) {
+      {
+        PageStoreWriter w(dir.file("in-place.lzp"), o);
+        std::vector<PageStoreWriter::Room> rooms;
+        for (auto [first, end] : kRanges) {
+          size_t p = first;
+          while (p < end) {
+            w.frame_rooms(max_pages, rooms);
+            size_t total = 0;
+            for (const auto& r : rooms) total += r.pages;
+            ASSERT_EQ(max_pages, total);
+            // Fill the rooms in order from p, as one process_vm_readv would, then hand the
+            // pages over room by room (a room's pages in two calls when it has two).
+            for (size_t k = 0; k < rooms.size() && p < end; ++k) {
+              size_t n = std::min(rooms[k].pages, end - p);
+              std::memcpy(rooms[k].data, data.data() + p * kPageSize, n * kPageSize);
+              size_t half = n / 2;
+              if (half > 0) w.add_pages_in_place(kAddr + p * kPageSize, rooms[k].data, half);
+              w.add_pages_in_place(kAddr + (p + half) * kPageSize, rooms[k].data + half * kPageSize,
+                                   n - half);
+              p += n;
+            }
+          }
+        }
+        w.finish();
+      }
+      EXPECT_EQ(slurp(dir.file("copied.lzp")), slurp(dir.file("in-place.lzp")))
+          << PageIndex::Compression_Name(compression) << " max_pages " << max_pages;
+    }
+  }
+}
+
+// A lent frame's pages go in order: once pages of a later room are taken, an earlier room's
+// are refused; so are pages outside every room.
+TEST(PageStoreInPlace, LentRoomsAreTakenInOrder) {
+  TempDir dir;
+  PageStoreOptions o;
+  o.frame_size = kMinFrameSize;
+  o.threads = 1;
+  PageStoreWriter w(dir.file("p.lzp"), o);
+  auto data = test_pages("cccccccccccc", 12);
+  std::vector<PageStoreWriter::Room> rooms;
+  w.frame_rooms(12, rooms);
+  ASSERT_EQ(3u, rooms.size());
+  for (size_t k = 0; k < 3; ++k)
+    std::memcpy(rooms[k].data, data.data() + k * 4 * kPageSize, 4 * kPageSize);
+  EXPECT_THROW(w.add_pages_in_place(kAddr, data.data(), 1), Error) << "not in a room";
+  w.add_pages_in_place(kAddr + 8 * kPageSize, rooms[2].data, 1);  // rooms 0 and 1 skipped
+  EXPECT_THROW(w.add_pages_in_place(kAddr + 9 * kPageSize, rooms[1].data, 1), Error)
+      << "an earlier room";
+  EXPECT_THROW(w.add_pages_in_place(kAddr + 9 * kPageSize, rooms[2].data, 1), Error)
+      << "already taken";
+  w.add_pages_in_place(kAddr + 9 * kPageSize, rooms[2].data + kPageSize, 3);
+  w.finish();
+  auto r = PageStoreReader::open(dir.file("p.lzp"));
+  std::vector<unsigned char> buf(4 * kPageSize);
+  r->read(kAddr + 8 * kPageSize, 4, buf.data());
+  EXPECT_EQ(0, std::memcmp(buf.data(), data.data() + 8 * kPageSize, buf.size()));
 }
 
 TEST(PageStoreInPlace, PagesOutsideTheRoomAreRefused) {
