@@ -101,10 +101,7 @@ def main():
     if "criu" in tools and criu is None:
         log("SKIP criu: %s; measuring lazycr alone" % why)
         tools.remove("criu")
-    log("# %s, %d CPUs, load %s, criu %s" % (
-        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.cpu_count(),
-        " ".join(open("/proc/loadavg").read().split()[:3]),
-        (criu + " " + criu_compare.criu_version(criu)) if criu else "skipped"))
+    log(lazy_drain.header(criu, criu_compare.criu_version))
     rows = []
     for mib in [int(s) for s in a.sizes.split(",") if s]:
         scratch = tempfile.mkdtemp(prefix="lazycr-drain-cmp-", dir=a.dir)

@@ -20,6 +20,14 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def header(criu, criu_version):
+    """The first line of a comparison's output: when, the CPUs, the load, which CRIU."""
+    return "# %s, %d CPUs, load %s, criu %s" % (
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), os.cpu_count(),
+        " ".join(open("/proc/loadavg").read().split()[:3]),
+        (criu + " " + criu_version(criu)) if criu else "skipped")
+
+
 def subreaper():
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
