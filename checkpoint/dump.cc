@@ -24,9 +24,9 @@
 #include <memory>
 #include <optional>
 #include <set>
-#include <tuple>
 
 #include "checkpoint/collect.h"
+#include "checkpoint/early_smaps.h"
 #include "checkpoint/frozen.h"
 #include "checkpoint/interrupt.h"
 #include "checkpoint/twin.h"
@@ -381,55 +381,6 @@ bool alive(pid_t pid) {
 
 DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>& seized);
 
-// Live dump: /proc/PID/smaps walks the page tables (its cost grows with memory), so each
-// process's is read before the tree is frozen (those found then: the root and what is below).
-std::map<pid_t, std::vector<proc::MapsEntry>> read_smaps_ahead(pid_t root) {
-  std::map<pid_t, std::vector<proc::MapsEntry>> out;
-  std::vector<pid_t> todo{root};
-  while (!todo.empty()) {
-    const pid_t p = todo.back();
-    todo.pop_back();
-    if (out.count(p)) continue;
-    try {
-      out[p] = proc::read_smaps(p);
-      for (pid_t c : proc::list_children(p)) todo.push_back(c);
-    } catch (const Error&) {
-      // Gone, or a zombie: the freeze finds out.
-    }
-  }
-  return out;
-}
-
-bool same_areas(const std::vector<proc::MapsEntry>& a, const std::vector<proc::MapsEntry>& b) {
-  auto key = [](const proc::MapsEntry& m) {
-    return std::tie(m.start, m.end, m.read, m.write, m.exec, m.shared, m.offset, m.dev_major,
-                    m.dev_minor, m.inode, m.path);
-  };
-  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
-                    [&](const auto& x, const auto& y) { return key(x) == key(y); });
-}
-
-// The areas of a frozen process with their smaps fields: those read ahead if /proc/PID/maps
-// (no page-table walk) still lists the same areas, else smaps again. A flag changed since
-// without changing an area (madvise, mlock over whole areas) is not seen here; what of it the
-// copy-on-write twin depends on is checked on the twin itself (mark_what_twin_lacks).
-std::vector<proc::MapsEntry> smaps_while_frozen(
-    pid_t pid, std::map<pid_t, std::vector<proc::MapsEntry>>& ahead) {
-  auto it = ahead.find(pid);
-  if (it != ahead.end()) {
-    const std::string path = cat("/proc/", pid, "/maps");
-    std::vector<proc::MapsEntry> maps;
-    try {
-      maps = proc::parse_maps(proc::read_file(path));
-    } catch (const Error& e) {
-      fail(path, ": ", e.what());
-    }
-    if (same_areas(maps, it->second)) return std::move(it->second);
-    log::debug("pid ", pid, ": its areas changed since smaps was read: read again");
-  }
-  return proc::read_smaps(pid);
-}
-
 }  // namespace
 
 DumpResult dump(const DumpOptions& opts) {
@@ -782,6 +733,10 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     };
     // A twin is read through /proc/PID/mem: process_vm_readv pins pages (FOLL_PIN), which
     // makes the kernel copy every page the twin shares with the process first.
+    // Flags given over whole areas between the early smaps read and the freeze.
+    if (!smaps_ahead.empty())
+      if (size_t n = refresh_vmflags(fp.pid(), twins[i] ? twins[i]->pid() : fp.pid(), areas[i]))
+        log::info(describe_pid(fp.pid()), ": ", n, " area(s) changed flags since smaps was read");
     MemoryStats mem;
     if (twins[i]) {
       plan_from_twin(fp.pid(), twins[i]->pid(), areas[i], plans[i], dedup ? &*dedup : nullptr);

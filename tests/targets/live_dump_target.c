@@ -12,11 +12,12 @@
 // mismatch it prints "verify FAILED: why" and exits 1. On signals, at the end of a generation:
 //   SIGUSR2: acts on R per MODE (munmap, dontneed, mremap, fork: fork a child that exits while
 //            the parent rewrites R, then reaps it; shared, dontfork, wipeonfork: rewrite R;
-//            latewipe, latedontfork: MADV_WIPEONFORK, MADV_DONTFORK on R, its contents kept),
-//            prints "acted";
+//            latewipe, latedontfork, latedontdump, latelock: MADV_WIPEONFORK, MADV_DONTFORK,
+//            MADV_DONTDUMP, mlock on R, its contents kept), prints "acted";
 //   SIGHUP:  prints "children R E": waitpid(-1, WNOHANG|__WALL)'s result and errno;
-//   SIGUSR1: checks R holds its first pattern (an image of the time before SIGUSR2), prints
-//            "verified ok" or "verify FAILED: why", exits 0 or 1.
+//   SIGUSR1: checks R holds its first pattern (an image of the time before SIGUSR2) and, in
+//            the late* modes, that smaps shows R's flag (wf, dc, dd, lo), prints "verified ok" or
+//            "verify FAILED: why", exits 0 or 1.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
@@ -66,6 +67,50 @@ static int check_r(const char* r, uint64_t tag, char* why, size_t len) {
   return 1;
 }
 
+// The late* mode's madvise advice (-1: mlock) and the smaps VmFlags mnemonic it sets.
+static int late_action(const char* mode, const char** flag) {
+  static const struct {
+    const char* mode;
+    int advice;
+    const char* flag;
+  } kLate[] = {{"latewipe", MADV_WIPEONFORK, "wf"},
+               {"latedontfork", MADV_DONTFORK, "dc"},
+               {"latedontdump", MADV_DONTDUMP, "dd"},
+               {"latelock", -1, "lo"}};
+  for (size_t i = 0; i < sizeof kLate / sizeof kLate[0]; i++)
+    if (strcmp(mode, kLate[i].mode) == 0) {
+      *flag = kLate[i].flag;
+      return kLate[i].advice;
+    }
+  *flag = NULL;
+  return 0;
+}
+
+// Whether smaps lists `flag` in the VmFlags of the area starting at `r`.
+static int area_has_flag(const char* r, const char* flag, char* why, size_t len) {
+  FILE* f = fopen("/proc/self/smaps", "r");
+  if (f == NULL) {
+    snprintf(why, len, "cannot open /proc/self/smaps");
+    return 0;
+  }
+  char line[512];
+  int in_r = 0, found = 0;
+  while (fgets(line, sizeof line, f) != NULL) {
+    unsigned long start, end;
+    if (sscanf(line, "%lx-%lx ", &start, &end) == 2) {
+      in_r = start == (unsigned long)r;
+    } else if (in_r && strncmp(line, "VmFlags:", 8) == 0) {
+      snprintf(why, len, "R lacks flag %s: %.100s", flag, line);
+      char* tok = strtok(line + 8, " \n");
+      for (; tok != NULL && !found; tok = strtok(NULL, " \n")) found = strcmp(tok, flag) == 0;
+      break;
+    }
+  }
+  fclose(f);
+  if (!found && !in_r) snprintf(why, len, "R has no area of its own in smaps");
+  return found;
+}
+
 int main(int argc, char** argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: live_dump_target MIB MODE\n");
@@ -81,7 +126,9 @@ int main(int argc, char** argv) {
   if (strcmp(mode, "dontfork") == 0 && madvise(r, R_PAGES * PAGE, MADV_DONTFORK) != 0) return 3;
   if (strcmp(mode, "wipeonfork") == 0 && madvise(r, R_PAGES * PAGE, MADV_WIPEONFORK) != 0) return 3;
   // An area of its own, which MADV_WIPEONFORK / MADV_DONTFORK later change without splitting it.
-  int late = strcmp(mode, "latewipe") == 0 || strcmp(mode, "latedontfork") == 0;
+  const char* late_flag;
+  const int late_advice = late_action(mode, &late_flag);
+  const int late = late_flag != NULL;
   if (late && madvise(r, R_PAGES * PAGE, MADV_NOHUGEPAGE) != 0) return 3;
   fill_r(r, first);
   volatile uint64_t* b =
@@ -113,7 +160,8 @@ int main(int argc, char** argv) {
     if (g_verify) {
       if (acted) {
         printf("verify FAILED: the image is of a time after the action\n");
-      } else if (!check_r(r, first, why, sizeof why)) {
+      } else if (!check_r(r, first, why, sizeof why) ||
+                 (late && !area_has_flag(r, late_flag, why, sizeof why))) {
         printf("verify FAILED: %s\n", why);
       } else {
         printf("verified ok\n");
@@ -153,8 +201,9 @@ int main(int argc, char** argv) {
       } else if (late) {
         // R's contents stay: an image taken after this still holds them (not "acted").
         acted = 0;
-        int advice = strcmp(mode, "latewipe") == 0 ? MADV_WIPEONFORK : MADV_DONTFORK;
-        if (madvise(r, R_PAGES * PAGE, advice) != 0) return 4;
+        if (late_advice >= 0 ? madvise(r, R_PAGES * PAGE, late_advice) != 0
+                             : mlock(r, R_PAGES * PAGE) != 0)
+          return 4;
       } else {
         fill_r(r, second);
       }
