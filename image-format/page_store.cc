@@ -168,9 +168,13 @@ struct PageStoreReader::Impl {
       bad("header frame_pages is ", fp, ", outside [", kMinFramePages, ", ", kMaxFramePages, "]");
     frame_pages = fp;
     int32_t level = static_cast<int32_t>(get_u32(header + 24));
-    if (level < ZSTD_minCLevel() || level > ZSTD_maxCLevel())
+    if (version == kPageStoreVersionLz4) {
+      if (level < 1 || level > kLz4MaxAcceleration)
+        bad("header lz4 acceleration ", level, " is outside [1, ", kLz4MaxAcceleration, "]");
+    } else if (level < ZSTD_minCLevel() || level > ZSTD_maxCLevel()) {
       bad("header zstd level ", level, " is outside [", ZSTD_minCLevel(), ", ", ZSTD_maxCLevel(),
           "]");
+    }
     for (size_t i = 28; i < kHeaderSize; ++i)
       if (header[i] != 0) bad("reserved header byte ", i, " is not zero");
 

@@ -36,6 +36,8 @@ inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 inline constexpr int kDefaultLevel = -3;
 // LZ4's own default acceleration; recorded as the store's level for compression LZ4.
 inline constexpr int kLz4Acceleration = 1;
+// Past about 16 LZ4 stores most of a frame as literals; the bound keeps images sane.
+inline constexpr int kLz4MaxAcceleration = 64;
 
 class PageStoreReader;
 
@@ -59,10 +61,11 @@ struct PageStoreOptions {
   std::shared_ptr<const PageStoreReader> parent;
 };
 
-// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels), "lz4" or
-// "none" into options.compression and options.level; throws Error naming the text otherwise.
+// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels), "lz4",
+// "lz4:ACCELERATION" (LZ4_compress_fast's, 1 = LZ4's default) or "none" into options.compression
+// and options.level; throws Error naming the text otherwise.
 void parse_compression(const std::string& text, PageStoreOptions& options);
-// The normalized form of what parse_compression() takes: "zstd:1", "lz4", "none".
+// The normalized form of what parse_compression() takes: "zstd:1", "lz4", "lz4:3", "none".
 std::string compression_name(const PageStoreOptions& options);
 
 struct PageStoreStats {

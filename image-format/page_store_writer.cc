@@ -150,14 +150,17 @@ struct PageStoreWriter::Impl {
     if (options.frame_size < kMinFrameSize || options.frame_size > kMaxFrameSize)
       fail(path, ": frame size ", options.frame_size, " is outside [", kMinFrameSize, ", ",
            kMaxFrameSize, "]");
-    if (options.level < ZSTD_minCLevel() || options.level > ZSTD_maxCLevel())
+    if (options.compression == PageIndex::ZSTD &&
+        (options.level < ZSTD_minCLevel() || options.level > ZSTD_maxCLevel()))
       fail(path, ": zstd level ", options.level, " is outside [", ZSTD_minCLevel(), ", ",
            ZSTD_maxCLevel(), "]");
     if (options.compression != PageIndex::ZSTD && options.compression != PageIndex::NONE &&
         options.compression != PageIndex::LZ4)
       fail(path, ": unknown compression ", static_cast<int>(options.compression));
-    if (options.compression == PageIndex::LZ4 && options.level < 1)
-      fail(path, ": lz4 acceleration ", options.level, " is below 1");
+    if (options.compression == PageIndex::LZ4 &&
+        (options.level < 1 || options.level > kLz4MaxAcceleration))
+      fail(path, ": lz4 acceleration ", options.level, " is outside [1, ", kLz4MaxAcceleration,
+           "]");
     if (options.threads > kMaxThreads)
       fail(path, ": ", options.threads, " compression threads is more than ", kMaxThreads);
     frame_pages = options.frame_size / kPageSize;

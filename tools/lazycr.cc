@@ -90,8 +90,9 @@ int main(int argc, char** argv) {
   std::string compress;
   dump_cmd
       ->add_option("--compress", compress,
-                   "Page compression: zstd[:LEVEL] (negative levels are zstd's fast ones), lz4 "
-                   "(faster, somewhat larger) or none; frames that do not compress are stored raw")
+                   "Page compression: zstd[:LEVEL] (negative levels are zstd's fast ones), "
+                   "lz4[:ACCELERATION] (faster, somewhat larger; 1..64, higher is faster and "
+                   "larger) or none; frames that do not compress are stored raw")
       ->default_str(kDefaultCompression);
   dump_cmd->add_option("--threads", dump.threads, "Compression threads (0 = number of CPUs)")
       ->default_val(0)

@@ -95,11 +95,12 @@ constexpr uint64_t kAddr = 0x7f0000000000;
 // Frames of 4 pages: text (LZ4), random (raw), compressible (LZ4), 2 text pages (LZ4).
 const std::string kMixed = "ttttrrrrcccctt";
 
-PageStoreStats write_lz4(const std::string& path, const std::vector<unsigned char>& data) {
+PageStoreStats write_lz4(const std::string& path, const std::vector<unsigned char>& data,
+                         const std::string& compression = "lz4") {
   PageStoreOptions o;
   o.frame_size = kMinFrameSize;
   o.threads = 2;
-  parse_compression("lz4", o);
+  parse_compression(compression, o);
   PageStoreWriter w(path, o);
   w.add_pages(kAddr, data.data(), data.size() / kPageSize);
   return w.finish();
@@ -135,6 +136,22 @@ TEST(PageStoreLz4, StoresLz4FramesAndReadsThemBack) {
     ASSERT_EQ(0, std::memcmp(one.data(), data.data() + p * kPageSize, kPageSize)) << p;
   }
   r->verify_all();
+}
+
+// An acceleration past zstd's level range (the header's level field holds either) is written
+// and read back.
+TEST(PageStoreLz4, HighAccelerationReadsBack) {
+  TempDir dir;
+  const std::string path = dir.file("p.lzp");
+  auto data = test_pages(kMixed, 4);
+  write_lz4(path, data, "lz4:40");
+  const std::string file = slurp(path);
+  EXPECT_EQ(40u, u32_at(file, 24));
+  auto r = PageStoreReader::open(path);
+  EXPECT_EQ(40, r->index().level());
+  std::vector<unsigned char> buf(data.size(), 0xaa);
+  r->read(kAddr, data.size() / kPageSize, buf.data());
+  EXPECT_TRUE(buf == data);
 }
 
 // The store with its index changed (and its frames' bytes changed by `frames`), footer and
