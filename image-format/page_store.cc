@@ -438,19 +438,18 @@ struct PageStoreReader::Impl {
     return {offset, sizes[i], is_raw(i)};
   }
 
-  // Frame i as the file stores it: a raw frame's pages are read straight into `out` when
-  // `in_place` (a buffer of the reader's own: a frame that fails its digest is never seen),
-  // every other frame into a buffer of its own.
+  // Frame i as the file stores it: a raw frame's pages are read straight into `out` (where
+  // they go), other frames into a buffer of their own.
   struct Stored {
     PageStoreReader::FrameInfo info;
     unsigned char* bytes = nullptr;
     std::unique_ptr<unsigned char[]> owned;
   };
-  Stored read_stored(uint64_t i, unsigned char* out, bool in_place) const {
+  Stored read_stored(uint64_t i, unsigned char* out) const {
     Stored st{frame_info(i), nullptr, nullptr};
     // csize lies inside the file and within the codec's bound for the frame size; a raw
     // frame's csize is its frame_size (both checked at open).
-    if (st.info.raw && in_place) {
+    if (st.info.raw) {
       st.bytes = out;
     } else {
       st.owned.reset(new unsigned char[st.info.size]);
@@ -460,12 +459,11 @@ struct PageStoreReader::Impl {
     return st;
   }
 
-  // Decodes frame i's stored bytes, already checked against its digest, into out.
+  // Decodes frame i's stored bytes, already checked against its digest, into out (a raw
+  // frame is there already).
   void decode_stored(uint64_t i, const Stored& st, unsigned char* out) const {
     const size_t expected = frame_size(i);
-    if (st.info.raw) {
-      if (st.bytes != out) std::memcpy(out, st.bytes, expected);
-    } else {
+    if (!st.info.raw) {
       const std::string what = cat(path, ": frame ", i);
       if (lz4) {
         lz4_decode_frame(st.bytes, st.info.size, out, expected, what);
@@ -487,15 +485,15 @@ struct PageStoreReader::Impl {
 
   // Frame i into out (frame_size(i) bytes). With digests, a frame the dump did not write
   // never reaches zstd or LZ4 (the index they are in is what image.mac covers).
-  void decode_into(uint64_t i, unsigned char* out, bool in_place = false) const {
-    const Stored st = read_stored(i, out, in_place);
+  void decode_into(uint64_t i, unsigned char* out) const {
+    const Stored st = read_stored(i, out);
     check_digest(i, st.bytes, st.info.size, st.info.offset, cat(path, ": frame ", i));
     decode_stored(i, st, out);
   }
   // Frames i and j into out_i and out_j, their digests computed together (sha256_pair.h).
   void decode_pair_into(uint64_t i, unsigned char* out_i, uint64_t j, unsigned char* out_j) const {
-    const Stored a = read_stored(i, out_i, false);
-    const Stored b = read_stored(j, out_j, false);
+    const Stored a = read_stored(i, out_i);
+    const Stored b = read_stored(j, out_j);
     check_digest_pair(i, a.bytes, a.info.size, j, b.bytes, b.info.size);
     decode_stored(i, a, out_i);
     decode_stored(j, b, out_j);
@@ -505,7 +503,7 @@ struct PageStoreReader::Impl {
     auto out = std::make_shared<FrameData>();
     out->size = frame_size(i);
     out->bytes.reset(new unsigned char[out->size]);
-    decode_into(i, out->bytes.get(), true);
+    decode_into(i, out->bytes.get());
     return out;
   }
 
