@@ -442,80 +442,50 @@ struct PageStoreReader::Impl {
     return {offset, sizes[i], is_raw(i)};
   }
 
-  // Frame i as the file stores it: a raw frame's pages are read straight into `out` when
-  // `in_place` (a buffer of the reader's own: a frame that fails its digest is never seen),
-  // every other frame into a buffer of its own.
-  struct Stored {
-    PageStoreReader::FrameInfo info;
-    unsigned char* bytes = nullptr;
-    std::unique_ptr<unsigned char[]> owned;
-  };
-  Stored read_stored(uint64_t i, unsigned char* out, bool in_place) const {
-    Stored st{frame_info(i), nullptr, nullptr};
-    // csize lies inside the file and within the codec's bound for the frame size; a raw
-    // frame's csize is its frame_size (both checked at open).
-    if (st.info.raw && in_place) {
-      st.bytes = out;
-    } else {
-      st.owned.reset(new unsigned char[st.info.size]);
-      st.bytes = st.owned.get();
-    }
-    pread_all(fd.get(), st.bytes, st.info.size, st.info.offset, path);
-    return st;
-  }
-
-  // Decodes frame i's stored bytes, already checked against its digest, into out.
-  void decode_stored(uint64_t i, const Stored& st, unsigned char* out) const {
-    const size_t expected = frame_size(i);
-    if (st.info.raw) {
-      if (st.bytes != out) std::memcpy(out, st.bytes, expected);
-    } else {
-      const std::string what = cat(path, ": frame ", i);
-      if (lz4) {
-        lz4_decode_frame(st.bytes, st.info.size, out, expected, what);
-      } else {
-        const uint64_t content =
-            check_zstd_frame(st.bytes, st.info.size, version < kPageStoreVersion, what);
-        if (content != expected)
-          fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
-        ZSTD_DCtx* dctx = take_dctx();
-        const size_t r = ZSTD_decompressDCtx(dctx, out, expected, st.bytes, st.info.size);
-        give_dctx(dctx);
-        if (ZSTD_isError(r)) fail(what, ": zstd: ", ZSTD_getErrorName(r));
-        if (r != expected) fail(what, ": decompressed to ", r, " bytes, expected ", expected);
-      }
-    }
-    frames_decompressed.fetch_add(1, std::memory_order_relaxed);
-    bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
-  }
-
-  // Frame i into out (frame_size(i) bytes). With digests, a frame the dump did not write
-  // never reaches zstd or LZ4 (the index they are in is what image.mac covers).
-  void decode_into(uint64_t i, unsigned char* out, bool in_place = false) const {
-    const Stored st = read_stored(i, out, in_place);
-    check_digest(i, st.bytes, st.info.size, st.info.offset, cat(path, ": frame ", i));
-    decode_stored(i, st, out);
-  }
-  // Frames i and j into out_i and out_j, their digests computed together (sha256_pair.h).
-  void decode_pair_into(uint64_t i, unsigned char* out_i, uint64_t j, unsigned char* out_j) const {
-    const Stored a = read_stored(i, out_i, false);
-    const Stored b = read_stored(j, out_j, false);
-    check_digest_pair(i, a.bytes, a.info.size, j, b.bytes, b.info.size);
-    decode_stored(i, a, out_i);
-    decode_stored(j, b, out_j);
-  }
-
   FramePtr decompress(uint64_t i) const {
+    const auto [offset, csize, raw] = frame_info(i);
+    size_t expected = frame_size(i);
+    if (raw) {  // csize == expected (checked at open): read in place, check, done
+      auto out = std::make_shared<FrameData>();
+      out->bytes.reset(new unsigned char[expected]);
+      out->size = expected;
+      pread_all(fd.get(), out->bytes.get(), expected, offset, path);
+      check_digest(i, out->bytes.get(), expected, offset, cat(path, ": frame ", i));
+      frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+      bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
+      return out;
+    }
+    // csize <= the codec's bound for the frame size and lies inside the file (checked at
+    // open).
+    std::unique_ptr<unsigned char[]> src(new unsigned char[csize]);
+    pread_all(fd.get(), src.get(), csize, offset, path);
+    std::string what = cat(path, ": frame ", i);
+    // Before anything parses the frame: with digests, a frame the dump did not write never
+    // reaches zstd or LZ4 (the index they are in is what image.mac covers).
+    check_digest(i, src.get(), csize, offset, what);
+    if (lz4) {
+      auto out = std::make_shared<FrameData>();
+      out->bytes.reset(new unsigned char[expected]);
+      out->size = expected;
+      lz4_decode_frame(src.get(), csize, out->bytes.get(), expected, what);
+      frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+      bytes_decompressed.fetch_add(expected, std::memory_order_relaxed);
+      return out;
+    }
+    uint64_t content = check_zstd_frame(src.get(), csize, version < kPageStoreVersion, what);
+    if (content != expected)
+      fail(what, ": zstd frame holds ", content, " bytes, expected ", expected);
     auto out = std::make_shared<FrameData>();
-    out->size = frame_size(i);
-    out->bytes.reset(new unsigned char[out->size]);
-    decode_into(i, out->bytes.get(), true);
+    out->bytes.reset(new unsigned char[expected]);
+    out->size = expected;
+    ZSTD_DCtx* dctx = take_dctx();
+    size_t r = ZSTD_decompressDCtx(dctx, out->bytes.get(), expected, src.get(), csize);
+    give_dctx(dctx);
+    if (ZSTD_isError(r)) fail(what, ": zstd: ", ZSTD_getErrorName(r));
+    if (r != expected) fail(what, ": decompressed to ", r, " bytes, expected ", expected);
+    frames_decompressed.fetch_add(1, std::memory_order_relaxed);
+    bytes_decompressed.fetch_add(r, std::memory_order_relaxed);
     return out;
-  }
-
-  bool is_cached(uint64_t i) const {
-    std::lock_guard<std::mutex> lock(mu);
-    return cached.count(i) != 0;
   }
 
   FramePtr get_frame(uint64_t i) const {
@@ -552,32 +522,12 @@ struct PageStoreReader::Impl {
     return i;
   }
 
-  // Stream pages [sp, sp + n) (inside data_pages: the caller's run says so) into dst. With
-  // `whole`, frames the read covers whole and the cache does not hold are decoded straight
-  // into dst, two at a time where two follow (an eager restore reads each frame once: the
-  // cache would only add a copy, and the pair halves the digests' cost); the rest go through
-  // the cache (REF pages read for another process, a fault's partial frames).
-  void read_stream(uint64_t sp, uint64_t n, unsigned char* dst, bool whole = false) const {
+  // Stream pages [sp, sp + n) (inside data_pages: the caller's run says so) into dst.
+  void read_stream(uint64_t sp, uint64_t n, unsigned char* dst) const {
     while (n > 0) {
       uint64_t fi = sp / frame_pages;
       uint64_t in_frame = sp % frame_pages;
       uint64_t m = std::min<uint64_t>(n, frame_pages - in_frame);
-      const auto covered = [&](uint64_t f, uint64_t pages) {
-        return f < nframes && pages * kPageSize >= frame_size(f) && !is_cached(f);
-      };
-      if (whole && in_frame == 0 && covered(fi, m)) {
-        m = frame_size(fi) / kPageSize;
-        if (covered(fi + 1, n - m)) {
-          decode_pair_into(fi, dst, fi + 1, dst + m * kPageSize);
-          m += frame_size(fi + 1) / kPageSize;
-        } else {
-          decode_into(fi, dst);
-        }
-        dst += m * kPageSize;
-        sp += m;
-        n -= m;
-        continue;
-      }
       FramePtr frame = get_frame(fi);
       // frame->size is exactly frame_size(fi), which covers stream pages up to sp + m.
       std::memcpy(dst, frame->bytes.get() + in_frame * kPageSize, m * kPageSize);
@@ -661,7 +611,7 @@ struct PageStoreReader::Impl {
       } else if (r.kind() == PageRun::PARENT) {
         read_parent(addr, n, dst);
       } else {
-        read_stream(r.first_page() + offset_pages, n, dst, from == nullptr);
+        read_stream(r.first_page() + offset_pages, n, dst);
       }
       dst += n * kPageSize;
       addr += n * kPageSize;

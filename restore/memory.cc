@@ -17,6 +17,7 @@
 
 #include "common/error.h"
 #include "common/json.h"
+#include "image-format/page_store_direct.h"
 
 namespace lazycr::restore {
 
@@ -228,6 +229,9 @@ class EagerFiller final : public MemoryStrategy {
             const std::atomic<bool>& stop, WorkerStats& ws) {
     std::vector<iovec> remote;
     remote.reserve(kMaxIov);
+    // Each page is read once: whole frames go straight into buf (no cache copy, digests two
+    // at a time), the rest through the store's cache.
+    image::DirectPageReader direct;
     for (size_t i = next++; i < plans.size() && !stop; i = next++) {
       uint64_t r0 = now_ns();
       size_t used = 0;
@@ -238,7 +242,7 @@ class EagerFiller final : public MemoryStrategy {
           std::memset(buf + used, 0, bytes);
         else if (preread_ == nullptr ||
                  !preread_->copy(store_, piece.addr, piece.pages, buf + used))
-          store_.read(piece.addr, piece.pages, buf + used);
+          direct.read(store_, piece.addr, piece.pages, buf + used);
         if (!remote.empty() &&
             reinterpret_cast<uint64_t>(remote.back().iov_base) + remote.back().iov_len ==
                 piece.addr)

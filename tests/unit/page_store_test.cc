@@ -359,53 +359,17 @@ TEST(PageStoreRoundTrip, CacheDecompressesEachFrameOnce) {
   write_store(dir.file("p"), segs, opts(kMinFrameSize));  // 16 frames of 4 pages
   auto r = PageStoreReader::open(dir.file("p"), 2);
   std::vector<unsigned char> buf(64 * kPageSize);
-  r->read(0x100000, 64, buf.data());  // one read over every frame, whole: not cached
+  r->read(0x100000, 64, buf.data());  // one read over every frame
   EXPECT_EQ(16u, r->frames_decompressed());
   EXPECT_EQ(64u * kPageSize, r->bytes_decompressed());
-  for (int i = 0; i < 4; ++i) r->read(0x100000 + 63 * kPageSize, 1, buf.data());
-  EXPECT_EQ(17u, r->frames_decompressed());  // loaded by the first, cached for the others
+  for (int i = 0; i < 4; ++i) r->read(0x100000 + 63 * kPageSize, 1, buf.data());  // cached
+  EXPECT_EQ(16u, r->frames_decompressed());
   for (int p = 0; p < 64; ++p) r->read(0x100000 + p * kPageSize, 1, buf.data());
-  EXPECT_EQ(33u, r->frames_decompressed());           // page by page: once per frame
+  EXPECT_EQ(32u, r->frames_decompressed());           // page by page: once per frame
   r->read(0x100000 + 60 * kPageSize, 1, buf.data());  // frame 15 is still cached
-  EXPECT_EQ(33u, r->frames_decompressed());
+  EXPECT_EQ(32u, r->frames_decompressed());
   r->read(0x100000, 1, buf.data());  // frame 0 was evicted
-  EXPECT_EQ(34u, r->frames_decompressed());
-}
-
-// A read that covers whole frames decodes them straight into the caller's buffer, two at a
-// time, and leaves the cache alone: the pages are right wherever the read starts and ends
-// (partial head, pairs, an odd frame, the short last frame), and a frame read whole is decoded
-// again by a later partial read.
-TEST(PageStoreRoundTrip, WholeFramesReadStraightIntoTheBuffer) {
-  TempDir dir;
-  std::vector<Segment> segs{make_segment(0x100000, 63, Fill::kMixed, 16)};
-  write_store(dir.file("p"), segs, opts(kMinFrameSize));  // 16 frames of 4 pages, the last 3
-  auto r = PageStoreReader::open(dir.file("p"), 4);
-  std::vector<unsigned char> buf;
-  for (size_t first : {0, 1, 3, 4, 8, 59, 60})
-    for (size_t n : {1, 3, 4, 5, 8, 12, 13, 63}) {
-      if (first + n > 63) continue;
-      buf.assign(n * kPageSize, 0x55);
-      r->read(0x100000 + first * kPageSize, n, buf.data());
-      ASSERT_EQ(0, std::memcmp(buf.data(), segs[0].bytes.data() + first * kPageSize, buf.size()))
-          << "pages " << first << " + " << n;
-    }
-  // Counts: a store whose every page is stored (random pages: no zero run), 16 frames.
-  write_store(dir.file("q"), {make_segment(0x100000, 63, Fill::kRandom, 17)}, opts(kMinFrameSize));
-  auto fresh = PageStoreReader::open(dir.file("q"), 4);
-  buf.resize(63 * kPageSize);
-  fresh->read(0x100000, 63, buf.data());
-  EXPECT_EQ(16u, fresh->frames_decompressed());
-  EXPECT_EQ(63u * kPageSize, fresh->bytes_decompressed());
-  // The last frame was not cached by the whole read (through the cache it would be).
-  fresh->read(0x100000 + 61 * kPageSize, 1, buf.data());
-  EXPECT_EQ(17u, fresh->frames_decompressed());
-  fresh->read(0x100000, 1, buf.data());
-  EXPECT_EQ(18u, fresh->frames_decompressed());
-  fresh->read(0x100000 + 2 * kPageSize, 1, buf.data());  // now it is
-  EXPECT_EQ(18u, fresh->frames_decompressed());
-  fresh->read(0x100000, 4, buf.data());  // whole, but cached: taken from the cache
-  EXPECT_EQ(18u, fresh->frames_decompressed());
+  EXPECT_EQ(33u, r->frames_decompressed());
 }
 
 TEST(PageStoreRoundTrip, ConcurrentReads) {
@@ -1124,15 +1088,6 @@ TEST(PageStoreDigests, FrameChangedOnDiskIsRefusedOnReadWithItsName) {
       }
     }
     EXPECT_EQ(std::vector<unsigned char>(4 * kPageSize, 0xee), buf) << "nothing was copied";
-    // Every frame read whole (two at a time, digests computed together): the same refusal.
-    std::vector<unsigned char> all(16 * kPageSize);
-    try {
-      r->read(0x400000, 16, all.data());
-      ADD_FAILURE() << "frame " << frame << " changed on disk was read whole";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string::npos, std::string(e.what()).find(cat(": frame ", frame, ": its ")))
-          << e.what();
-    }
     // The frames before it still read, and right.
     r->read(0x400000, 4, buf.data());
     EXPECT_EQ(0, std::memcmp(buf.data(), segs[0].bytes.data(), buf.size()));
