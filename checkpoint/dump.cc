@@ -549,6 +549,9 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     // Tests only: lets the program change its memory between the read and the freeze.
     if (opts.fault_inject == "stop-after-smaps") send_signal(::getpid(), SIGSTOP);
   }
+  // The kernel's features are probed once (a few ms of forks and sockets): before the freeze,
+  // not in the frozen time, where the dump first asks (XCR0, PAGEMAP_SCAN).
+  (void)kernel_features();
   FrozenTree tree;
   tree.freeze(opts.pid);
   lap("freeze");
