@@ -77,20 +77,6 @@ class PageDedup {
   std::map<pid_t, pid_t> twins_;
 };
 
-// Finds the pages of each area that the restore cannot get elsewhere (PAGEMAP_SCAN, or
-// /proc/PID/pagemap without it), reads them in large batches and feeds the store writer.
-// Sets stored_pages on each area. `progress` is called now and then with pages read so far.
-// With `dedup`, pages an earlier process of the dump has stored are written as REF runs.
-// With `via_mem`, pages are read through /proc/PID/mem instead of process_vm_readv: the
-// latter pins pages (FOLL_PIN), and the kernel unshares (copies) a fork-shared anonymous page
-// before pinning it, so reading a tree that way would break the sharing in the live tree and
-// change the very PFNs dedup compares. /proc/PID/mem takes plain references.
-MemoryStats dump_memory(pid_t pid, std::vector<image::MemoryArea>& areas,
-                        image::PageStoreWriter& writer,
-                        const std::function<void(uint64_t pages)>& progress,
-                        PageDedup* dedup = nullptr, bool via_mem = false,
-                        const WrittenRanges* written = nullptr);
-
 // Open file descriptors with kind, flags, position, file identity and object inode (pipes,
 // sockets, FIFOs), and the state of the kinds of objects/fd_kinds.h (`tree`: every pid of the
 // image; why one of those cannot be restored goes to `why_not`). restorable is final for
@@ -159,10 +145,12 @@ void collect_ghosts(std::vector<image::Process>& procs,
 // its slave is not restorable.
 void collect_ptys(std::vector<TreeFiles>& procs, SharedCollection& result);
 
-// The two halves of dump_memory(). A live dump (checkpoint/twin.h) plans in two steps: while
-// the tree is frozen, what its copy-on-write twin cannot stand in for (plan_frozen_copies);
-// once it runs again, the other pages, from the twin (plan_from_twin). The pages are then read
-// from the twin.
+// A process's memory is dumped in two steps: a plan of the pages each area stores (those the
+// restore cannot get elsewhere, found with PAGEMAP_SCAN or /proc/PID/pagemap), then the read of
+// those pages in large batches into the store writer. A live dump (checkpoint/twin.h) plans in two
+// steps: while the tree is frozen, what its copy-on-write twin cannot stand in for
+// (plan_frozen_copies); once it runs again, the other pages, from the twin (plan_from_twin). The
+// pages are then read from the twin.
 struct MemoryPlan {
   // Pages to store from `start`; with ref_pid != 0, pages an earlier process stored at ref_addr.
   struct Run {
@@ -208,8 +196,19 @@ size_t mark_what_twin_lacks(pid_t pid, pid_t twin, std::vector<image::MemoryArea
 // of the dump with `dedup` (whose earlier processes were planned this way too). In preorder.
 void plan_from_twin(pid_t pid, pid_t twin, const std::vector<image::MemoryArea>& areas,
                     MemoryPlan& plan, PageDedup* dedup);
+// Up to `chunks` runs of 16 planned pages (REF and unchanged runs left out), spread evenly over
+// the pages to store, read from `read_pid` (as write_memory): what --compress auto chooses its
+// codec from (PageStoreWriter::choose_codec). Areas copied while frozen are left out.
+std::string sample_planned_pages(pid_t read_pid, const MemoryPlan& plan,
+                                 const std::vector<image::MemoryArea>& areas, size_t chunks);
 // Reads the planned pages of `pid` from `read_pid` (the process itself, or its twin: the same
-// addresses) and feeds the writer; sets stored_pages on each area.
+// addresses) and feeds the writer; sets stored_pages on each area. `progress` is called now
+// and then with pages read so far. With `dedup`, pages an earlier process of the dump has
+// stored are written as REF runs. With `via_mem`, pages are read through /proc/PID/mem instead
+// of process_vm_readv: the latter pins pages (FOLL_PIN), and the kernel unshares (copies) a
+// fork-shared anonymous page before pinning it, so reading a tree that way would break the
+// sharing in the live tree and change the very PFNs dedup compares. /proc/PID/mem takes plain
+// references.
 MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
                          std::vector<image::MemoryArea>& areas, image::PageStoreWriter& writer,
                          const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,

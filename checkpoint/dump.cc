@@ -54,6 +54,8 @@ using image::kPageSize;
 constexpr uint64_t kPfKthread = 0x00200000;
 constexpr size_t kKernelSigactionSize = 32;  // handler, flags, restorer, mask
 constexpr size_t kStackTSize = 24;           // ss_sp, ss_flags (+pad), ss_size
+// --compress auto: runs of 16 pages sampled per process (1 MiB; LZ4 takes ~2 ms over them).
+constexpr size_t kCodecSamples = 16;
 
 // Test hook (--fault-inject STEP:SIGNAL): the signal a user would send, by name.
 int injected_signal(const std::string& fault, const std::string& step) {
@@ -509,6 +511,7 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
   store_opts.frame_size = opts.frame_size;
   store_opts.compression = opts.compression;
   store_opts.level = opts.level;
+  store_opts.auto_codec = opts.auto_codec;
   store_opts.threads = opts.threads;
   store_opts.page_hashes = opts.page_hashes || !opts.parent_dir.empty();
 
@@ -741,16 +744,28 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
       if (size_t n = refresh_vmflags(fp.pid(), twins[i] ? twins[i]->pid() : fp.pid(), areas[i]))
         log::info(describe_pid(fp.pid()), ": ", n, " area(s) changed flags since smaps was read");
     MemoryStats mem;
+    // --compress auto: this store's codec, from a sample of what it will hold.
+    auto choose_codec = [&](pid_t read_pid, const MemoryPlan& plan) {
+      if (!proc_store_opts.auto_codec) return;
+      const std::string sample = sample_planned_pages(read_pid, plan, areas[i], kCodecSamples);
+      log::debug(describe_pid(fp.pid()), ": pages stored with ",
+                 pages.choose_codec(sample.data(), sample.size()), " (auto, from a sample of ",
+                 sample.size() / kPageSize, " pages)");
+    };
     if (twins[i]) {
       plan_from_twin(fp.pid(), twins[i]->pid(), areas[i], plans[i], dedup ? &*dedup : nullptr);
+      choose_codec(twins[i]->pid(), plans[i]);
       mem = write_memory(fp.pid(), twins[i]->pid(), plans[i], areas[i], pages, report,
                          dedup ? &*dedup : nullptr, true);
       // Nothing more is read from it (dedup re-reads earlier twins' pagemaps: they stay):
       // its teardown, as long as its memory is large, overlaps the rest of the dump.
       if (!dedup) twins[i]->kill();
     } else {
-      mem = dump_memory(fp.pid(), areas[i], pages, report, dedup ? &*dedup : nullptr,
-                        tree.live_count() > 1, parent ? &written : nullptr);
+      MemoryPlan plan = plan_memory(fp.pid(), areas[i], dedup ? &*dedup : nullptr,
+                                    parent ? &written : nullptr, &pages);
+      choose_codec(fp.pid(), plan);
+      mem = write_memory(fp.pid(), fp.pid(), plan, areas[i], pages, report,
+                         dedup ? &*dedup : nullptr, tree.live_count() > 1);
     }
     auto stats = pages.finish();
     store_mac_digests[pages_name(fp.pid())] = stats.mac_digest;

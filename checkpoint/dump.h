@@ -22,8 +22,9 @@ struct DumpOptions {
   bool replace = false;  // overwrite an existing image directory
   // --compress: zstd at `level` (frames zstd does not shrink are stored raw), or none.
   image::PageIndex::Compression compression = image::PageIndex::ZSTD;
-  int level = image::kDefaultLevel;                // zstd level
-  unsigned threads = 0;                            // compression threads, 0 = CPUs
+  int level = image::kDefaultLevel;  // zstd level
+  bool auto_codec = false;           // --compress auto (image::PageStoreOptions::auto_codec)
+  unsigned threads = 0;              // compression threads, 0 = CPUs
   uint32_t frame_size = image::kDefaultFrameSize;  // page-store frame size
   bool skip_unsupported_fds = false;  // record fds the restore cannot recreate instead of failing
   bool tcp_established = false;       // record established TCP connections (TCP_REPAIR)

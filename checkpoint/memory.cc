@@ -127,7 +127,7 @@ void scan_pagemap_file(int pagemap_fd, uint64_t start, uint64_t end, bool exclud
 
 class PageReader {
  public:
-  // via_mem: read everything through /proc/PID/mem (see dump_memory).
+  // via_mem: read everything through /proc/PID/mem (see write_memory).
   PageReader(pid_t pid, image::PageStoreWriter& writer,
              const std::function<void(uint64_t)>& progress, bool via_mem)
       : pid_(pid), writer_(writer), progress_(progress), via_mem_(via_mem) {
@@ -829,11 +829,41 @@ MemoryStats write_memory(pid_t pid, pid_t read_pid, MemoryPlan& plan,
   return reader.stats();
 }
 
-MemoryStats dump_memory(pid_t pid, std::vector<MemoryArea>& areas, image::PageStoreWriter& writer,
-                        const std::function<void(uint64_t pages)>& progress, PageDedup* dedup,
-                        bool via_mem, const WrittenRanges* written) {
-  MemoryPlan plan = plan_memory(pid, areas, dedup, written, &writer);
-  return write_memory(pid, pid, plan, areas, writer, progress, dedup, via_mem);
+std::string sample_planned_pages(pid_t read_pid, const MemoryPlan& plan,
+                                 const std::vector<MemoryArea>& areas, size_t chunks) {
+  constexpr uint64_t kChunkPages = 16;
+  struct Piece {
+    uint64_t start, pages;
+  };
+  std::vector<Piece> pieces;
+  uint64_t total = 0;
+  for (size_t k = 0; k < areas.size() && k < plan.areas.size(); k++) {
+    if (!private_kind(areas[k]) || plan.areas[k].has_copy) continue;
+    for (const auto& r : plan.areas[k].runs)
+      if (r.ref_pid == 0 && !r.unchanged) {
+        pieces.push_back({r.start, r.pages});
+        total += r.pages;
+      }
+  }
+  std::string out;
+  if (total == 0 || chunks == 0) return out;
+  UniqueFd mem(::open(cat("/proc/", read_pid, "/mem").c_str(), O_RDONLY | O_CLOEXEC));
+  if (!mem) fail_errno("cannot open /proc/", read_pid, "/mem");
+  // The n-th chunk starts at page n * total / chunks of the pages to store, and stays within
+  // its run (shorter at a run's end).
+  size_t piece = 0;
+  uint64_t before = 0;  // pages of the pieces before `piece`
+  for (size_t n = 0; n < chunks; n++) {
+    const uint64_t at = n * total / chunks;
+    while (before + pieces[piece].pages <= at) before += pieces[piece++].pages;
+    const uint64_t offset = at - before;
+    const uint64_t pages = std::min(kChunkPages, pieces[piece].pages - offset);
+    const size_t old = out.size();
+    out.resize(old + pages * kPageSize);
+    read_process_mem(mem.get(), read_pid, pieces[piece].start + offset * kPageSize,
+                     out.data() + old, pages * kPageSize);
+  }
+  return out;
 }
 
 }  // namespace lazycr::checkpoint

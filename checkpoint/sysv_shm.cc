@@ -1,6 +1,6 @@
 // SysV shared memory segments attached by the tree: each attach is recorded on its area
 // (MemoryArea.sysv_shm), each segment once (SharedObjects.sysv_shm) from /proc/sysvipc/shm.
-// The pages are stored as those of any shared object (dump_memory(), SHARED_ANON).
+// The pages are stored as those of any shared object (write_memory(), SHARED_ANON).
 #include <sys/stat.h>
 
 #include <algorithm>

@@ -31,8 +31,16 @@ void parse_compression(const std::string& text, PageStoreOptions& options) {
   const std::string name = text.substr(0, colon);
   const bool has_level = colon != std::string::npos;
   const std::string num = has_level ? text.substr(colon + 1) : "";
+  options.auto_codec = false;
+  options.zstd_literals = false;
   if (name == "none" && !has_level) {
     options.compression = PageIndex::NONE;
+    return;
+  }
+  if (name == "auto" && !has_level) {
+    options.compression = PageIndex::LZ4;
+    options.level = kLz4Acceleration;
+    options.auto_codec = true;
     return;
   }
   if (name == "lz4") {
@@ -53,10 +61,11 @@ void parse_compression(const std::string& text, PageStoreOptions& options) {
     options.level = level;
     return;
   }
-  fail("--compress ", text, ": expected zstd, zstd:LEVEL, lz4, lz4:ACCELERATION or none");
+  fail("--compress ", text, ": expected auto, zstd, zstd:LEVEL, lz4, lz4:ACCELERATION or none");
 }
 
 std::string compression_name(const PageStoreOptions& options) {
+  if (options.auto_codec) return "auto";
   if (options.compression == PageIndex::NONE) return "none";
   if (options.compression == PageIndex::LZ4)
     return options.level == kLz4Acceleration ? "lz4" : cat("lz4:", options.level);

@@ -36,6 +36,9 @@ inline constexpr uint32_t kDefaultFrameSize = 64 * 1024;  // bench/RESULTS.md
 inline constexpr int kDefaultLevel = -3;
 // LZ4's own default acceleration; recorded as the store's level for compression LZ4.
 inline constexpr int kLz4Acceleration = 1;
+// "auto"'s zstd: on redis memory (LZ4: 0.59 of the pages) 0.43 at 0.62x LZ4's speed, where
+// zstd -3 as zstd makes it (literals raw) keeps 0.57 (bench/RESULTS.md "auto codec").
+inline constexpr int kAutoZstdLevel = -3;
 // Past about 16 LZ4 stores most of a frame as literals; the bound keeps images sane.
 inline constexpr int kLz4MaxAcceleration = 64;
 
@@ -49,7 +52,12 @@ struct PageStoreOptions {
   // recorded).
   PageIndex::Compression compression = PageIndex::ZSTD;
   int level = kDefaultLevel;  // zstd level
-  unsigned threads = 0;       // compression threads; 0 = number of CPUs
+  // "auto": LZ4, unless choose_codec() finds that LZ4 leaves more than half of a sample of
+  // the process's pages; then zstd at kAutoZstdLevel with its literals compressed (zstd
+  // skips that at negative levels, and memory LZ4 does badly on is mostly literals).
+  bool auto_codec = false;
+  bool zstd_literals = false;  // ZSTD: compress literals at negative levels too
+  unsigned threads = 0;        // compression threads; 0 = number of CPUs
   // Start the kernel's writeback of each few MiB as soon as they are written, so that the
   // final fsync waits for little (off: tests of the writer alone need not touch the disk).
   bool early_writeback = true;
@@ -61,7 +69,7 @@ struct PageStoreOptions {
   std::shared_ptr<const PageStoreReader> parent;
 };
 
-// "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels), "lz4",
+// "auto", "zstd", "zstd:LEVEL" (LEVEL in libzstd's range, negative for its fast levels), "lz4",
 // "lz4:ACCELERATION" (LZ4_compress_fast's, 1 = LZ4's default) or "none" into options.compression
 // and options.level; throws Error naming the text otherwise.
 void parse_compression(const std::string& text, PageStoreOptions& options);
@@ -127,6 +135,10 @@ class PageStoreWriter {
   // Write tracking (checkpoint/write_tracking.h): whether the parent image holds the page at
   // addr (DATA, PARENT or ZERO), so that an unwritten page can be recorded without reading it.
   bool parent_holds(uint64_t addr) const;
+  // With options.auto_codec: picks this store's codec from `sample` (pages of the process,
+  // a few runs of 16 from across its memory; see PageStoreOptions::auto_codec). Before any page
+  // is added. Returns the codec used, as compression_name() writes it ("lz4", "zstd:-3").
+  std::string choose_codec(const void* sample, size_t bytes);
   // The npages pages at addr were not written since the parent image: recorded as PARENT
   // runs (ZERO where the parent has zeros) without reading or hashing them. Every page must
   // be one parent_holds(); in the same increasing address order as add_pages.

@@ -2,6 +2,8 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+// ZSTD_c_literalCompressionMode (auto codec); a parameter of the stable ZSTD_CCtx_setParameter.
+#define ZSTD_STATIC_LINKING_ONLY
 #include <zstd.h>
 
 #include <algorithm>
@@ -33,12 +35,14 @@ using CCtxPtr = std::unique_ptr<ZSTD_CCtx, ZstdCCtxDeleter>;
 
 // Page frames go without zstd's checksum (their SHA-256 digests check them); the index,
 // which image.mac covers but no digest of its own, keeps it.
-CCtxPtr make_cctx(int level, bool checksum, const std::string& path) {
+CCtxPtr make_cctx(int level, bool checksum, const std::string& path, bool literals = false) {
   CCtxPtr cctx(ZSTD_createCCtx());
   if (!cctx) fail(path, ": cannot create a zstd compression context");
   for (auto [param, value] :
        {std::pair{ZSTD_c_compressionLevel, level}, std::pair{ZSTD_c_checksumFlag, checksum ? 1 : 0},
-        std::pair{ZSTD_c_contentSizeFlag, 1}}) {
+        std::pair{ZSTD_c_contentSizeFlag, 1},
+        std::pair{ZSTD_c_literalCompressionMode,
+                  static_cast<int>(literals ? ZSTD_ps_enable : ZSTD_ps_auto)}}) {
     size_t r = ZSTD_CCtx_setParameter(cctx.get(), param, value);
     if (ZSTD_isError(r)) fail(path, ": zstd: ", ZSTD_getErrorName(r));
   }
@@ -234,7 +238,7 @@ struct PageStoreWriter::Impl {
       if (!skip) {
         try {
           if (!cctx && options.compression == PageIndex::ZSTD)
-            cctx = make_cctx(options.level, false, path);
+            cctx = make_cctx(options.level, false, path, options.zstd_literals);
           for (auto& j : job)
             if (j) compress(cctx.get(), *j);
           // Here, on the compressing threads, not in the one writer's turn: the digests of
@@ -719,6 +723,48 @@ bool PageStoreWriter::parent_holds(uint64_t addr) const {
 
 void PageStoreWriter::add_unchanged_pages(uint64_t addr, size_t npages) {
   impl_->add_unchanged_pages(addr, npages);
+}
+
+std::string PageStoreWriter::choose_codec(const void* sample, size_t bytes) {
+  Impl& m = *impl_;
+  if (!m.options.auto_codec) return compression_name(m.options);
+  if (m.pages_added.load() != 0 || m.next_seq != 0)
+    fail(m.path, ": the codec is chosen before any page is added");
+  // A frame's worth at a time, as the store would compress it.
+  const auto* in = static_cast<const unsigned char*>(sample);
+  // Frames LZ4 cannot compress at all are stored raw whatever the codec: they say nothing.
+  // zstd is taken where LZ4 leaves more than half of the others and zstd (literals
+  // compressed) a tenth less; it is only tried then.
+  std::vector<unsigned char> out(std::max(lz4_frame_bound(m.frame_bytes), m.out_capacity));
+  std::vector<std::pair<size_t, size_t>> frames;  // compressible ones: offset, size
+  uint64_t compressible = 0, lz4_bytes = 0, zstd_bytes = 0;
+  for (size_t at = 0; at < bytes; at += m.frame_bytes) {
+    const size_t n = std::min<size_t>(m.frame_bytes, bytes - at);
+    const size_t r = lz4_compress_frame(in + at, n, out.data(), out.size(), m.options.level);
+    if (r == 0 || saves_too_little(r, n)) continue;
+    frames.push_back({at, n});
+    compressible += n;
+    lz4_bytes += r;
+  }
+  const bool lz4_does_badly = lz4_bytes * 2 > compressible;
+  if (lz4_does_badly) {
+    CCtxPtr cctx = make_cctx(kAutoZstdLevel, false, m.path, true);
+    for (auto [at, n] : frames) {
+      const size_t z = ZSTD_compress2(cctx.get(), out.data(), out.size(), in + at, n);
+      zstd_bytes += ZSTD_isError(z) ? n : std::min(z, n);
+    }
+  }
+  PageStoreOptions chosen = m.options;
+  if (lz4_does_badly && zstd_bytes * 10 < lz4_bytes * 9) {
+    chosen.compression = PageIndex::ZSTD;
+    chosen.level = kAutoZstdLevel;
+    chosen.zstd_literals = true;
+  }
+  chosen.auto_codec = false;
+  const std::string name = compression_name(chosen);
+  chosen.auto_codec = true;  // recorded as such in the inventory; the index holds the codec
+  m.options = chosen;
+  return name;
 }
 
 uint64_t PageStoreWriter::pages_added() const {

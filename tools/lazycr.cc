@@ -20,7 +20,7 @@ constexpr int kExitUsage = 2;
 // 512 MiB / 2 GiB of mixed pages 1.06-1.6x faster than zstd:-3 for images 1.01-1.06x its size,
 // still under half of CRIU's (bench/RESULTS.md "Dump: --compress lz4"). Library users
 // (image::PageStoreOptions) keep zstd unless they ask.
-constexpr const char* kDefaultCompression = "lz4";
+constexpr const char* kDefaultCompression = "auto";
 
 // Option values CLI11 cannot check by itself: refused as usage errors, before anything runs.
 bool usage_error(const std::string& what) {
@@ -286,6 +286,7 @@ int main(int argc, char** argv) {
           return kExitUsage;
         }
         dump.compression = parsed.compression;
+        dump.auto_codec = parsed.auto_codec;
         if (parsed.compression != image::PageIndex::NONE) dump.level = parsed.level;
       }
       dump.frame_size = static_cast<uint32_t>(frame_size);

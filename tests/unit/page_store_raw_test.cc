@@ -402,9 +402,15 @@ TEST(PageStoreCompression, ParsesTheCompressOption) {
   EXPECT_EQ("lz4:3", compression_name(o));
   parse_compression("lz4:1", o);
   EXPECT_EQ("lz4", compression_name(o));
+  parse_compression("auto", o);
+  EXPECT_TRUE(o.auto_codec);
+  EXPECT_EQ(PageIndex::LZ4, o.compression);
+  EXPECT_EQ("auto", compression_name(o));
+  parse_compression("zstd:2", o);
+  EXPECT_FALSE(o.auto_codec);
   for (const char* bad :
        {"", "zstd:", "zstd:0", "zstd:x", "zstd:1x", "zstd:23", "zstd:-9999999", "zstd:99999999999",
-        "lz4:", "lz4:0", "lz4:-1", "lz4:65", "lz4:2x", "none:1", "LZ4", "NONE", "zstd: 1"}) {
+        "lz4:", "lz4:0", "lz4:-1", "lz4:65", "lz4:2x", "none:1", "auto:1", "LZ4", "NONE", "zstd: 1"}) {
     PageStoreOptions before;
     EXPECT_THROW(parse_compression(bad, before), Error) << bad;
   }
