@@ -737,8 +737,6 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
     const WrittenRanges written = [&](uint64_t start, uint64_t end) {
       return tracking.written(fp.pid(), start, end);
     };
-    // A twin is read through /proc/PID/mem: process_vm_readv pins pages (FOLL_PIN), which
-    // makes the kernel copy every page the twin shares with the process first.
     // Flags given over whole areas between the early smaps read and the freeze.
     if (!smaps_ahead.empty())
       if (size_t n = refresh_vmflags(fp.pid(), twins[i] ? twins[i]->pid() : fp.pid(), areas[i]))
@@ -753,6 +751,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
                  sample.size() / kPageSize, " pages)");
     };
     if (twins[i]) {
+      // A twin is read through /proc/PID/mem: process_vm_readv pins pages (FOLL_PIN), which
+      // makes the kernel copy every page the twin shares with the process first.
       plan_from_twin(fp.pid(), twins[i]->pid(), areas[i], plans[i], dedup ? &*dedup : nullptr);
       choose_codec(twins[i]->pid(), plans[i]);
       mem = write_memory(fp.pid(), twins[i]->pid(), plans[i], areas[i], pages, report,
