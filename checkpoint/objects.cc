@@ -25,6 +25,10 @@ class FrozenRemote final : public objects::RemoteProcess {
             uint64_t a4, uint64_t a5, uint64_t a6) override {
     return fp_.call(fp_.threads().at(i), what.c_str(), nr, a1, a2, a3, a4, a5, a6);
   }
+  std::vector<long> calls(size_t i, const std::string& what,
+                          std::span<const BatchCall> calls) override {
+    return fp_.run_calls(fp_.threads().at(i), what.c_str(), calls);
+  }
   uint64_t put(const void* data, size_t len) override {
     if (len > image::kPageSize) fail(len, " bytes do not fit the scratch page of pid ", pid());
     uint64_t s = fp_.scratch();

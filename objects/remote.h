@@ -7,11 +7,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
+#include <vector>
 
-namespace lazycr {
-class TracedThread;
-}
+#include "common/syscall_batch.h"
 
 namespace lazycr::objects {
 
@@ -36,6 +36,15 @@ class RemoteProcess {
   virtual long call(size_t thread, const std::string& what, long nr, uint64_t a1 = 0,
                     uint64_t a2 = 0, uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0,
                     uint64_t a6 = 0) = 0;
+  // Runs `calls` in order in the thread, in one round trip where the side can (the dump's
+  // batch area); returns their results, or throws naming `what` at the first that fails.
+  virtual std::vector<long> calls(size_t thread, const std::string& what,
+                                  std::span<const BatchCall> calls) {
+    std::vector<long> results;
+    for (const BatchCall& c : calls)
+      results.push_back(call(thread, what, c.nr, c.a[0], c.a[1], c.a[2], c.a[3], c.a[4], c.a[5]));
+    return results;
+  }
   // Writes `len` bytes (at most 64 KiB) at the start of a scratch buffer inside the process
   // and returns their address, the same on every call: what an earlier put() wrote is gone.
   virtual uint64_t put(const void* data, size_t len) = 0;

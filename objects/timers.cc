@@ -129,25 +129,33 @@ void dump_posix(RemoteProcess& p, image::Process& proc) {
         }
       if (!found) fail("timer ", t.id, " signals thread ", t.target, ", not one of this process");
     }
+    // Both in one round trip.
     KernelItimerspec its{};
     const uint64_t at = p.put(&its, sizeof its);
-    p.call(0, cat("timer_gettime of timer ", t.id), SYS_timer_gettime, static_cast<uint64_t>(t.id),
-           at);
+    const BatchCall calls[] = {{SYS_timer_gettime, {static_cast<uint64_t>(t.id), at}},
+                               {SYS_timer_getoverrun, {static_cast<uint64_t>(t.id)}}};
+    const std::vector<long> results =
+        p.calls(0, cat("timer_gettime, timer_getoverrun of timer ", t.id), calls);
     p.read(at, &its, sizeof its);
     out->set_value_ns(to_ns(its.value_sec, its.value_nsec));
     out->set_interval_ns(to_ns(its.interval_sec, its.interval_nsec));
-    out->set_overrun(
-        static_cast<int32_t>(p.call(0, cat("timer_getoverrun of timer ", t.id),
-                                    SYS_timer_getoverrun, static_cast<uint64_t>(t.id))));
+    out->set_overrun(static_cast<int32_t>(results.at(1)));
   }
 }
 
 void dump_itimers(RemoteProcess& p, image::Process& proc) {
-  for (int which : {ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF}) {
-    KernelItimerval v{};
-    const uint64_t at = p.put(&v, sizeof v);
-    p.call(0, cat("getitimer(", which, ")"), SYS_getitimer, static_cast<uint64_t>(which), at);
-    p.read(at, &v, sizeof v);
+  // The three in one round trip.
+  constexpr int kWhich[] = {ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF};
+  KernelItimerval values[3]{};
+  const uint64_t at = p.put(values, sizeof values);
+  BatchCall calls[3];
+  for (size_t k = 0; k < 3; k++)
+    calls[k] = {SYS_getitimer, {static_cast<uint64_t>(kWhich[k]), at + k * sizeof values[0]}};
+  p.calls(0, "getitimer(ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF)", calls);
+  p.read(at, values, sizeof values);
+  for (size_t k = 0; k < 3; k++) {
+    const int which = kWhich[k];
+    const KernelItimerval& v = values[k];
     if (v.value_sec == 0 && v.value_usec == 0 && v.interval_sec == 0 && v.interval_usec == 0)
       continue;
     image::Itimer* out = proc.add_itimers();
