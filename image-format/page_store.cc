@@ -672,6 +672,9 @@ const std::string& PageStoreReader::path() const {
 uint64_t PageStoreReader::file_size() const {
   return impl_->file_size;
 }
+int PageStoreReader::fd() const {
+  return impl_->fd.get();
+}
 
 std::optional<PageLocation> PageStoreReader::find(uint64_t addr) const {
   uint64_t page = addr & ~static_cast<uint64_t>(kPageSize - 1);

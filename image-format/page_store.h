@@ -175,6 +175,8 @@ class PageStoreReader {
   const PageIndex& index() const;
   const std::string& path() const;
   uint64_t file_size() const;
+  // The descriptor of the file open() checked (for pread only; it stays the reader's).
+  int fd() const;
 
   // The data frames (ceil(data_pages / frame_pages) of them), where they lie in the file.
   // Frame i holds stream pages [i * frame_pages, ...) (index().frame_pages(); the last frame

@@ -29,15 +29,19 @@ struct DCtxDeleter {
 }  // namespace
 
 struct DirectPageReader::Impl {
-  std::map<std::string, UniqueFd> fds;  // by store path
+  std::map<std::string, UniqueFd> fds;  // by store path (one file per path in a restore)
   std::unique_ptr<ZSTD_DCtx, DCtxDeleter> dctx;
   uint64_t bytes = 0, frames = 0;
 
+  // The very file the store's reader checked (opened again through its descriptor, never by
+  // path: the path may name another file by now), with a file description, and so readahead,
+  // of its own: the drain's sequential reads do not disturb the faults'.
   int fd_of(const PageStoreReader& store) {
     auto it = fds.find(store.path());
     if (it != fds.end()) return it->second.get();
-    UniqueFd fd(::open(store.path().c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) fail_errno(store.path(), ": cannot open the page store");
+    const std::string self = cat("/proc/self/fd/", store.fd());
+    UniqueFd fd(::open(self.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) fail_errno(store.path(), ": cannot open the page store again (", self, ")");
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) fail_errno(store.path(), ": fstat");
     if (static_cast<uint64_t>(st.st_size) != store.file_size())

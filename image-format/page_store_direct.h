@@ -13,7 +13,8 @@
 // vouched for only by a MAC over the file the reader opened) go through PageStoreReader::read.
 //
 // Not thread-safe: one DirectPageReader per thread (it owns scratch buffers, a zstd context
-// and one descriptor per store path, each checked to have the store's size).
+// and one descriptor per store, opened again through the store's own, never by path, and
+// checked to have its size).
 #pragma once
 
 #include <cstddef>

@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -107,6 +109,24 @@ TEST(PageStoreDirect, SameBytesAsTheCachedReadRaw) {
   TempDir dir;
   write_store(dir.file("pages.lzp"), PageIndex::NONE);
   expect_same_as_read(dir.file("pages.lzp"));
+}
+
+// The store's path names another file by the time the direct reader first reads it (the image
+// directory replaced under a restore): it still reads the file the store's reader checked.
+TEST(PageStoreDirect, ReadsTheFileTheStoreOpenedNotThePath) {
+  TempDir dir;
+  const std::string path = dir.file("pages.lzp");
+  write_store(path, PageIndex::ZSTD);
+  auto store = PageStoreReader::open(path);
+  std::vector<unsigned char> want(kKinds.size() * P);
+  store->read(kAddr, 8, want.data());
+  ASSERT_EQ(0, ::rename(path.c_str(), dir.file("old.lzp").c_str()));
+  write_store(path, PageIndex::NONE);  // another store (other frames, other size) at the path
+  DirectPageReader direct;
+  std::vector<unsigned char> got(8 * P, 0xee);
+  direct.read(*store, kAddr, 8, got.data());
+  EXPECT_TRUE(std::equal(got.begin(), got.end(), want.begin()));
+  EXPECT_GT(direct.frames_direct(), 0u);
 }
 
 TEST(PageStoreDirect, PagesNotInTheStoreAreRefusedLikeRead) {
