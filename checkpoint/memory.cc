@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <set>
+#include <tuple>
 
 #include "checkpoint/collect.h"
 #include "common/error.h"
@@ -385,6 +387,8 @@ class PageReader {
 
 std::vector<MemoryArea> collect_areas(pid_t pid, const std::vector<proc::MapsEntry>& maps) {
   std::vector<MemoryArea> areas;
+  // A library maps one file 4-5 times: stat it once (the frozen time pays each stat).
+  std::map<std::tuple<uint32_t, uint32_t, uint64_t, std::string>, image::FileIdentity> files;
   for (const auto& m : maps) {
     MemoryArea a;
     a.set_start(m.start);
@@ -415,7 +419,14 @@ std::vector<MemoryArea> collect_areas(pid_t pid, const std::vector<proc::MapsEnt
         a.set_kind(anon_object ? MemoryArea::SHARED_ANON : MemoryArea::SHARED_FILE);
       else
         a.set_kind(MemoryArea::PRIVATE_FILE);
-      *a.mutable_file() = file_identity(p, map_files_path(pid, m.start, m.end));
+      const auto key = std::tuple(m.dev_major, m.dev_minor, m.inode, p);
+      auto known = files.find(key);
+      if (known != files.end()) {
+        *a.mutable_file() = known->second;
+      } else {
+        *a.mutable_file() = file_identity(p, map_files_path(pid, m.start, m.end));
+        if (m.inode != 0) files.emplace(key, a.file());  // inode 0: no file to know again
+      }
     } else {
       // Anonymous, including named anonymous areas ("[anon:...]") and thread stacks.
       a.set_kind(m.shared ? MemoryArea::SHARED_ANON : MemoryArea::ANON);
