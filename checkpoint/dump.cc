@@ -620,10 +620,8 @@ DumpResult dump_frozen(const DumpOptions& opts, uint64_t t0, std::vector<pid_t>&
         why_not_live = cat(describe_pid(fp.pid()), ": ", why_not);
       }
     }
-    fp.release_scratch();
+    // The scratch page stays for the kernel objects (collect_objects releases it).
     proc.set_stop_signo(fp.stop_signo());
-    log::info(describe_pid(fp.pid()), ": scratch page mapped for ", fp.scratch_ns() / 1000, " us, ",
-              fp.injected(), " injected calls");
     for (auto& f : collect_fds(fp.pid(), tree_pids, fd_why_not)) *proc.add_fds() = std::move(f);
     lap("fds");
     result.threads += fp.threads().size();

@@ -144,25 +144,45 @@ long FrozenProcess::call_now(TracedThread& t, const char* what, long nr, uint64_
   return r;
 }
 
-uint64_t FrozenProcess::scratch() {
-  if (scratch_ == 0) {
-    scratch_ = static_cast<uint64_t>(
-        call(leader(), "mmap of a scratch page", SYS_mmap, 0, kPageSize, PROT_READ | PROT_WRITE,
-             MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0));
-    scratch_since_ = now_ns();
-  }
-  return scratch_;
-}
-
 namespace {
 constexpr uint64_t kBatchAreaSize = 2 * kPageSize;  // the loop, then the table
 constexpr uint64_t kBatchTableOffset = 256;
 constexpr uint64_t kTwinStubOffset = 192;  // checkpoint/twin.h: the clone's stub
 }  // namespace
 
+uint64_t FrozenProcess::scratch() {
+  if (scratch_ != 0) return scratch_;
+  // One mapping, one round trip each way: the scratch page, then the batch area (where an
+  // executable page can be mapped at all).
+  if (!no_batch_area_) {
+    throw_if_interrupted();
+    const long r = leader().syscall(insn_, InjectMode::kSingleStep, SYS_mmap, 0,
+                                    kPageSize + kBatchAreaSize, PROT_READ | PROT_WRITE | PROT_EXEC,
+                                    MAP_SHARED | MAP_ANONYMOUS, static_cast<uint64_t>(-1), 0);
+    if (r < 0 && r > -4096) {
+      log::debug("pid ", pid_, ": no executable batch area (", std::strerror(static_cast<int>(-r)),
+                 "): system calls are injected one by one");
+      no_batch_area_ = true;
+    } else {
+      scratch_ = static_cast<uint64_t>(r);
+      scratch_since_ = now_ns();
+      batch_area_ = scratch_ + kPageSize;
+      static_assert(kBatchTableOffset >= 128);
+      if (batch_code().size() > kTwinStubOffset) fail("the batch loop does not fit its area");
+      remote_write(pid_, batch_area_, batch_code().data(), batch_code().size());
+      return scratch_;
+    }
+  }
+  scratch_ = static_cast<uint64_t>(call(leader(), "mmap of a scratch page", SYS_mmap, 0, kPageSize,
+                                        PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                                        static_cast<uint64_t>(-1), 0));
+  scratch_since_ = now_ns();
+  return scratch_;
+}
+
 std::optional<std::vector<long>> FrozenProcess::try_batch(TracedThread& t,
                                                           std::span<const BatchCall> calls) {
-  if (!map_batch_area(t)) return std::nullopt;
+  if (!map_batch_area()) return std::nullopt;
   throw_if_interrupted();
   return run_batch(t, pid_, batch_area_, batch_area_ + kBatchTableOffset,
                    (kBatchAreaSize - kBatchTableOffset) / kBatchEntrySize, calls);
@@ -183,26 +203,10 @@ std::vector<long> FrozenProcess::run_calls(TracedThread& t, const char* what,
   return results;
 }
 
-bool FrozenProcess::map_batch_area(TracedThread& t) {
+bool FrozenProcess::map_batch_area() {
   if (no_batch_area_) return false;
-  if (batch_area_ == 0) {
-    throw_if_interrupted();
-    if (scratch_ == 0) scratch();  // released together: its time covers the batch area's
-    const long r = t.syscall(insn_, InjectMode::kSingleStep, SYS_mmap, 0, kBatchAreaSize,
-                             PROT_READ | PROT_WRITE | PROT_EXEC, MAP_SHARED | MAP_ANONYMOUS,
-                             static_cast<uint64_t>(-1), 0);
-    if (r < 0 && r > -4096) {
-      log::debug("pid ", pid_, ": no executable batch area (", std::strerror(static_cast<int>(-r)),
-                 "): system calls are injected one by one");
-      no_batch_area_ = true;
-      return false;
-    }
-    batch_area_ = static_cast<uint64_t>(r);
-    static_assert(kBatchTableOffset >= 128);
-    if (batch_code().size() > kTwinStubOffset) fail("the batch loop does not fit its area");
-    remote_write(pid_, batch_area_, batch_code().data(), batch_code().size());
-  }
-  return true;
+  if (batch_area_ == 0) scratch();  // mapped together
+  return batch_area_ != 0;
 }
 
 // The twin's clone: the parent traps at the int3 (+7, rip +8); the child (rax 0) goes on to
@@ -222,7 +226,7 @@ constexpr uint64_t kTwinStubParentTrap = 8;
 std::optional<FrozenProcess::TwinIds> FrozenProcess::clone_twin(std::string& why_not) {
   TracedThread& t = leader();
   throw_if_interrupted();
-  if (!map_batch_area(t)) {
+  if (!map_batch_area()) {
     why_not = "no executable page can be mapped in it for the clone";
     return std::nullopt;
   }
@@ -256,15 +260,11 @@ long FrozenProcess::reap_child(pid_t ns_pid) {
 
 void FrozenProcess::release_scratch() {
   if (threads_.empty()) return;
-  if (batch_area_ != 0) {
-    const uint64_t b = std::exchange(batch_area_, 0);
-    call_now(leader(), "munmap of the batch area", SYS_munmap, b, kBatchAreaSize);
-  }
   if (scratch_ == 0) return;
-  uint64_t s = scratch_;
-  scratch_ = 0;
+  const uint64_t s = std::exchange(scratch_, 0);
+  const uint64_t len = std::exchange(batch_area_, 0) != 0 ? kPageSize + kBatchAreaSize : kPageSize;
   // Also on the way out of an interrupted dump: not a safe point, it is the rollback.
-  call_now(leader(), "munmap of the scratch page", SYS_munmap, s, kPageSize);
+  call_now(leader(), "munmap of the scratch page", SYS_munmap, s, len);
   scratch_ns_ += now_ns() - scratch_since_;
 }
 

@@ -48,7 +48,8 @@ class FrozenProcess {
   // (before injecting anything) if a termination signal is pending.
   long call(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
             uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
-  // A page inside the target for results of injected calls. MAP_SHARED so that it can never
+  // A page inside the target for results of injected calls, mapped with the batch area after
+  // it (try_batch) where an executable page can be mapped. MAP_SHARED so that it can never
   // merge with a neighbouring private area.
   uint64_t scratch();
   // Runs `calls` in thread t, many per round trip (common/syscall_batch.h), with the loop in a
@@ -91,7 +92,7 @@ class FrozenProcess {
   long call_now(TracedThread& t, const char* what, long nr, uint64_t a1 = 0, uint64_t a2 = 0,
                 uint64_t a3 = 0, uint64_t a4 = 0, uint64_t a5 = 0, uint64_t a6 = 0);
   // Maps the batch area if it is not (with the scratch page); false if it cannot be.
-  bool map_batch_area(TracedThread& t);
+  bool map_batch_area();
 
   pid_t pid_;
   UniqueFd pidfd_;

@@ -4,6 +4,7 @@
 #include "checkpoint/collect.h"
 #include "checkpoint/frozen.h"
 #include "common/error.h"
+#include "common/log.h"
 #include "common/ptrace.h"
 #include "image-format/page_store.h"
 #include "objects/objects.h"
@@ -52,6 +53,9 @@ void collect_objects(FrozenTree& tree, std::vector<image::Process>& procs) {
     FrozenRemote remote(*node.frozen);
     objects::dump_objects(remote, procs[i], ctx);
     node.frozen->release_scratch();
+    log::info(describe_pid(order[i]), ": scratch page mapped for ",
+              node.frozen->scratch_ns() / 1000, " us, ", node.frozen->injected(),
+              " injected calls");
   }
 }
 
