@@ -77,7 +77,7 @@ FrozenProcess::~FrozenProcess() {
 bool FrozenProcess::seize_new_threads() {
   std::vector<pid_t> tids = proc::list_tasks(pid_);
   if (tids.empty() || !proc::exists(pid_)) fail("pid ", pid_, " exited during the dump");
-  bool added = false;
+  const size_t first_new = threads_.size();
   for (pid_t tid : tids) {
     if (seen_.count(tid)) continue;
     try {
@@ -92,18 +92,23 @@ bool FrozenProcess::seize_new_threads() {
     }
     if (frozen_at_ == 0) frozen_at_ = now_ns();
     seen_.insert(tid);
-    added = true;
+  }
+  // Every new thread is asked to stop before any is waited for: they stop together.
+  for (size_t k = first_new; k < threads_.size(); k++) threads_[k].send_interrupt();
+  const bool added = threads_.size() > first_new;
+  for (size_t k = first_new; k < threads_.size();) {
     int signo = 0;
     try {
-      signo = threads_.back().interrupt_and_wait();
+      signo = threads_[k].interrupt_and_wait();
     } catch (const Error&) {
       // A thread that exits while being interrupted is gone as well (the kernel ended the
       // link); the leader's exit is the process's, which the caller handles.
-      if (tid == pid_ || threads_.back().attached()) throw;
-      threads_.pop_back();
+      if (threads_[k].tid() == pid_ || threads_[k].attached()) throw;
+      threads_.erase(threads_.begin() + static_cast<std::ptrdiff_t>(k));
       continue;
     }
-    if (tid == pid_ && is_stop_signal(signo)) stop_signo_ = signo;
+    if (threads_[k].tid() == pid_ && is_stop_signal(signo)) stop_signo_ = signo;
+    k++;
   }
   if (added) {
     // The leader first.

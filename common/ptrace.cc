@@ -189,6 +189,8 @@ TracedThread TracedThread::adopt(pid_t tid) {
 TracedThread::TracedThread(TracedThread&& o) noexcept
     : tid_(std::exchange(o.tid_, -1)),
       attached_(std::exchange(o.attached_, false)),
+      last_stop_signo_(o.last_stop_signo_),
+      interrupt_sent_(std::exchange(o.interrupt_sent_, false)),
       injected_(std::exchange(o.injected_, 0)),
       new_tasks_(std::move(o.new_tasks_)) {}
 
@@ -202,6 +204,8 @@ TracedThread& TracedThread::operator=(TracedThread&& o) noexcept {
     tid_ = std::exchange(o.tid_, -1);
     attached_ = std::exchange(o.attached_, false);
     injected_ = std::exchange(o.injected_, 0);
+    last_stop_signo_ = o.last_stop_signo_;
+    interrupt_sent_ = std::exchange(o.interrupt_sent_, false);
     new_tasks_ = std::move(o.new_tasks_);
   }
   return *this;
@@ -379,6 +383,11 @@ bool TracedThread::release_if_dead() {
   return true;
 }
 
+void TracedThread::send_interrupt() {
+  if (!attached_) fail("interrupt tid ", tid_, ": not attached");
+  interrupt_sent_ = xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) == 0;
+}
+
 int TracedThread::interrupt_and_wait() {
   interrupt_until(-1);
   return last_stop_signo_;
@@ -405,7 +414,8 @@ bool TracedThread::interrupt_until(int64_t deadline_ns) {
     }
   };
   for (int round = 0; round < kMaxRounds; ++round) {
-    if (xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) != 0)
+    if (!std::exchange(interrupt_sent_, false) &&
+        xptrace(PTRACE_INTERRUPT, tid_, 0, uint64_t{0}) != 0)
       fail_request("PTRACE_INTERRUPT", tid_);
     std::optional<StopInfo> got = next_stop();
     if (!got) return false;

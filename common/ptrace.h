@@ -77,6 +77,10 @@ class TracedThread {
   // Returns the stop's signal: SIGTRAP for the interrupt itself, or the signal of a group-stop
   // the thread was in (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU: a stopped job).
   int interrupt_and_wait();
+  // PTRACE_INTERRUPT without waiting; the next interrupt_and_wait() (or _for) waits for it
+  // instead of sending another: several threads asked first then stop together. A failed
+  // request is left for that wait to send again and report.
+  void send_interrupt();
   // The same, giving up after `timeout_ms` (a thread in an uninterruptible sleep): false then,
   // with the thread still attached and the interrupt pending (abandon() it).
   bool interrupt_and_wait_for(int timeout_ms);
@@ -163,6 +167,7 @@ class TracedThread {
   pid_t tid_ = -1;
   bool attached_ = false;
   int last_stop_signo_ = 0;  // of the PTRACE_EVENT_STOP interrupt_until() ended on
+  bool interrupt_sent_ = false;  // send_interrupt() done, not waited for yet
   uint64_t injected_ = 0;
   std::vector<pid_t> new_tasks_;
 };
