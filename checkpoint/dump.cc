@@ -45,6 +45,7 @@
 #include "image-format/image_mac.h"
 #include "image-format/unrestorable.h"
 #include "objects/net_lock.h"
+#include "objects/objects.h"
 
 namespace lazycr::checkpoint {
 namespace {
@@ -223,18 +224,27 @@ void collect_threads(FrozenProcess& fp, image::Process& proc, uint32_t& xsave_si
     r->set_signature(rseq.signature);
     r->set_flags(rseq.flags);
 
-    // Values only the thread itself can read: tid address and sigaltstack (one round trip).
-    const BatchCall calls[] = {{SYS_prctl, {PR_GET_TID_ADDRESS, scratch}},
-                               {SYS_sigaltstack, {0, scratch + 8}}};
-    fp.run_calls(t, "prctl(PR_GET_TID_ADDRESS), sigaltstack", calls);
-    unsigned char buf[8 + kStackTSize];
-    remote_read(fp.pid(), scratch, buf, sizeof buf);
+    // Values only the thread itself can read, in one round trip: tid address, sigaltstack,
+    // and the kernel-object kinds' (objects::thread_reads: the parent death signal).
+    const std::vector<objects::ThreadRead> reads = objects::thread_reads(scratch + 8 + kStackTSize);
+    std::vector<BatchCall> calls{{SYS_prctl, {PR_GET_TID_ADDRESS, scratch}},
+                                 {SYS_sigaltstack, {0, scratch + 8}}};
+    for (const auto& r : reads) calls.push_back(r.call);
+    fp.run_calls(t, "prctl(PR_GET_TID_ADDRESS), sigaltstack and the objects' per-thread calls",
+                 calls);
+    std::vector<unsigned char> buf(8 + kStackTSize + 8 * reads.size());
+    remote_read(fp.pid(), scratch, buf.data(), buf.size());
+    for (size_t k = 0; k < reads.size(); k++) {
+      uint64_t value;
+      std::memcpy(&value, buf.data() + 8 + kStackTSize + 8 * k, 8);
+      reads[k].record(*th, value);
+    }
     uint64_t tid_addr, ss_sp, ss_size;
     int32_t ss_flags;
-    std::memcpy(&tid_addr, buf, 8);
-    std::memcpy(&ss_sp, buf + 8, 8);
-    std::memcpy(&ss_flags, buf + 16, 4);
-    std::memcpy(&ss_size, buf + 24, 8);
+    std::memcpy(&tid_addr, buf.data(), 8);
+    std::memcpy(&ss_sp, buf.data() + 8, 8);
+    std::memcpy(&ss_flags, buf.data() + 16, 4);
+    std::memcpy(&ss_size, buf.data() + 24, 8);
     th->set_clear_child_tid(tid_addr);
     th->mutable_sigaltstack()->set_sp(ss_sp);
     th->mutable_sigaltstack()->set_size(ss_size);

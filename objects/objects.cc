@@ -18,6 +18,8 @@ struct Kind {
   const char* name;
   void (*dump)(RemoteProcess&, image::Process&, DumpContext&);
   void (*restore)(RestorePoint, RemoteProcess&, const image::Process&);
+  // Optional: what the kind reads of each thread with the thread's own state (thread_reads).
+  ThreadRead (*thread_read)(uint64_t slot) = nullptr;
 };
 
 // Every kind of kernel object lazycr records, in the order the restore recreates them at
@@ -31,7 +33,7 @@ constexpr Kind kKinds[] = {
     {"seccomp", seccomp::dump, seccomp::restore},
     {"scheduling", sched::dump, sched::restore},
     {"timers", timers::dump, timers::restore},
-    {"parent death signal", pdeathsig::dump, pdeathsig::restore},
+    {"parent death signal", pdeathsig::dump, pdeathsig::restore, pdeathsig::thread_read},
     {"memory-deny-write-execute", mdwe::dump, mdwe::restore},
     {"controlling terminal", pty::dump_ctty, pty::restore_ctty},
 };
@@ -46,6 +48,13 @@ void dump_objects(RemoteProcess& p, image::Process& proc, DumpContext& ctx) {
       throw Error(cat("pid ", proc.pid(), ": ", k.name, ": ", e.what()), e.sys_errno());
     }
   }
+}
+
+std::vector<ThreadRead> thread_reads(uint64_t first_slot) {
+  std::vector<ThreadRead> reads;
+  for (const Kind& k : kKinds)
+    if (k.thread_read != nullptr) reads.push_back(k.thread_read(first_slot + 8 * reads.size()));
+  return reads;
 }
 
 void restore_objects(RestorePoint point, RemoteProcess& p, const image::Process& proc) {

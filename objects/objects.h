@@ -10,6 +10,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "image-format/process.pb.h"
 #include "objects/remote.h"
@@ -44,6 +45,16 @@ class DumpContext {
 // restorable are final): every kind records what `p` (the process behind `proc`) holds into
 // `proc`, or throws naming what cannot be restored.
 void dump_objects(RemoteProcess& p, image::Process& proc, DumpContext& ctx);
+
+// Values only a thread itself can read (a prctl of its own), read in the one injected round
+// trip that reads the rest of its state (checkpoint/dump.cc) instead of one more per thread
+// per kind: each kind's call, writing 8 bytes at `slot` in the process, and what to record of
+// them. thread_reads(first_slot) gives one per kind, their slots 8 bytes apart from it.
+struct ThreadRead {
+  BatchCall call;
+  void (*record)(image::Thread& thread, uint64_t slot_value);
+};
+std::vector<ThreadRead> thread_reads(uint64_t first_slot);
 
 // Restore: every kind recreates at `point` what `proc` records; throws naming what failed.
 void restore_objects(RestorePoint point, RemoteProcess& p, const image::Process& proc);

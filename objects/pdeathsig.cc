@@ -7,17 +7,15 @@
 
 namespace lazycr::objects::pdeathsig {
 
-void dump(RemoteProcess& p, image::Process& proc, DumpContext&) {
-  for (size_t i = 0; i < p.thread_count(); i++) {
-    int32_t sig = 0;
-    const uint64_t at = p.put(&sig, sizeof sig);
-    p.call(i, "prctl(PR_GET_PDEATHSIG)", SYS_prctl, PR_GET_PDEATHSIG, at);
-    p.read(at, &sig, sizeof sig);
-    if (sig == 0) continue;
-    for (auto& t : *proc.mutable_threads())
-      if (t.tid() == p.image_tid(i)) t.set_pdeathsig(sig);
-  }
+ThreadRead thread_read(uint64_t slot) {
+  return {{SYS_prctl, {PR_GET_PDEATHSIG, slot}}, [](image::Thread& t, uint64_t value) {
+            // PR_GET_PDEATHSIG writes an int.
+            const auto sig = static_cast<int32_t>(static_cast<uint32_t>(value));
+            if (sig != 0) t.set_pdeathsig(sig);
+          }};
 }
+
+void dump(RemoteProcess&, image::Process&, DumpContext&) {}
 
 void restore(RestorePoint point, RemoteProcess& p, const image::Process& proc) {
   if (point != RestorePoint::kBeforeRelease) return;
