@@ -374,11 +374,6 @@ void log_summary(pid_t pid, const GoMessage& go, const uffd::PageServer* server,
     // lazycr writes "go" once it has let every process go (or closes the pipe, failing):
     // until then it traces them, and their parked keepers cannot be closed.
     o.release_gate_fd = ctl_rd;
-    // No decompress-ahead thread: a chunk it decompressed is dropped whole once a fault has
-    // served its first page, which a process reading its memory in order makes the rule
-    // (bench/RESULTS.md, "Restore (lazy)": 2 GiB decompressed 2.7-3.0 GiB instead of 2.0,
-    // verification 1.09-1.32x eager instead of 0.76-0.95x).
-    o.prefetch_thread = false;
     GoMessage go{};
     uffd::PageServerStats stats;
     int64_t run_from_start = 0;

@@ -1,6 +1,8 @@
 #include "uffd/fill_pipeline.h"
 
+#include <sched.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,7 +19,12 @@ namespace lazycr::uffd {
 
 namespace {
 constexpr uint64_t kPage = 4096;
+int64_t mono_ns() {
+  timespec t;
+  ::clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1'000'000'000LL + t.tv_nsec;
 }
+}  // namespace
 
 struct FillPipeline::Impl {
   struct Slot {
@@ -26,6 +33,7 @@ struct FillPipeline::Impl {
     enum State { kFree, kQueued, kReading, kReady };
     State state = kFree;  // under mu
     uint64_t seq = 0;     // queue order
+    int64_t queued_ns = 0;
   };
   uint64_t chunk_bytes;
   unsigned nthreads;
@@ -47,6 +55,10 @@ struct FillPipeline::Impl {
   void worker_main() {
     // Whole frames go straight into the chunk buffer (no frame cache, no copy).
     image::DirectPageReader direct;
+    // Background work: it runs on a CPU nobody else wants. On a busy machine it may not run
+    // at all; the loop then takes its chunks back (take_back()) and reads them itself.
+    sched_param idle{};
+    (void)::sched_setscheduler(0, SCHED_IDLE, &idle);
     for (;;) {
       Slot* s;
       {
@@ -150,6 +162,7 @@ void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStor
     free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}, working_set};
     free->state = Impl::Slot::kQueued;
     free->seq = im.next_seq++;
+    free->queued_ns = mono_ns();
     im.todo.push_back(free);
   }
   im.cv.notify_one();
@@ -172,6 +185,24 @@ void FillPipeline::release(const Chunk* c) {
       s.state = Impl::Slot::kFree;
       s.chunk.store.reset();
     }
+}
+
+std::optional<FillPipeline::Chunk> FillPipeline::take_back(int64_t min_wait_ns) {
+  Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  if (im.todo.empty() || mono_ns() - im.todo.front()->queued_ns < min_wait_ns) return std::nullopt;
+  Impl::Slot* s = im.todo.front();
+  im.todo.pop_front();
+  std::optional<Chunk> c(std::move(s->chunk));
+  c->data = nullptr;
+  s->chunk = Chunk{};
+  s->state = Impl::Slot::kFree;
+  return c;
+}
+
+int64_t FillPipeline::longest_wait_ns() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->todo.empty() ? -1 : mono_ns() - impl_->todo.front()->queued_ns;
 }
 
 bool FillPipeline::overlaps(uint64_t proc_id, uint64_t dst, uint64_t len) const {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,12 @@ class FillPipeline {
   // A ready chunk (the oldest queued of those ready), or nullptr; give it back with release().
   const Chunk* ready();
   void release(const Chunk* c);
+  // The oldest chunk still queued, if it waited at least `min_wait_ns` for a worker, taken
+  // back: its buffer is free again and the caller reads it itself (the workers run at
+  // SCHED_IDLE: on a busy machine they may not run at all).
+  std::optional<Chunk> take_back(int64_t min_wait_ns);
+  // The oldest chunk still waiting for a worker has waited at least this long (-1: none waits).
+  int64_t longest_wait_ns() const;
   // Is a chunk of `proc_id` overlapping [dst, dst + len) queued, being read or ready?
   bool overlaps(uint64_t proc_id, uint64_t dst, uint64_t len) const;
   bool busy(uint64_t proc_id) const;  // any chunk of proc_id in flight

@@ -49,9 +49,16 @@ constexpr uint64_t kStopKey = 2;  // epoll keys: id << 2 | kind; id 0 is the ser
 constexpr uint64_t kWorkerKey = 3;
 constexpr uint64_t kGateKey = 1;
 constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
-// Prefetch chunks decompressed ahead at once, and the threads that decompress them.
+// Prefetch chunks decompressed ahead at once, and the threads that decompress them: one, so
+// that on two CPUs the loop copies while the worker decompresses (a second worker made the
+// quiet 2 GiB drain no faster and faults' p99 4x longer: bench/RESULTS.md, "Decompress-ahead
+// in real restores"). The worker runs at SCHED_IDLE; a chunk it has not taken after
+// kTakeBackNs is read by the loop itself, so that a busy machine, where the worker gets no
+// CPU, drains as fast as without it (a normal-priority worker there cost the drain 12%, an
+// idle one without take-back 5x).
 constexpr unsigned kPipelineBuffers = 4;
-constexpr unsigned kPipelineThreads = 2;
+constexpr unsigned kPipelineThreads = 1;
+constexpr int64_t kTakeBackNs = 1'000'000;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -743,6 +750,17 @@ struct PageServer::Impl {
   }
 
   bool use_worker() const { return opt.prefetch && opt.prefetch_thread; }
+  // Once the loop had to take a chunk back, the worker is not getting the CPU: the next ones
+  // are taken back at once (a wait per chunk made a 2 GiB verification 13% longer), until the
+  // worker makes one ready again.
+  bool worker_starved = false;
+  int64_t take_back_after() const { return worker_starved ? 0 : kTakeBackNs; }
+  // The pipeline serves an idle process's drain. A process faulting (reading its memory in
+  // order, say) overtook chunks queued ahead and faulted on 40% of its pages (2 GiB, read
+  // once: 13,000 faults instead of 50, verified 1.1x later): while faults come, the loop
+  // reads the chunks itself, as without the pipeline, and only copies what is ready.
+  bool pipelined() const { return use_worker() && !ws_left; }
+  bool faults_quiet() const { return now_ns() - last_fault_ns >= kPrefetchQuietNs; }
 
   void start_worker() {
     if (!use_worker() || pipeline.started()) return;
@@ -755,11 +773,14 @@ struct PageServer::Impl {
   }
 
   // Hands DATA chunks to the pipeline while it has free buffers; a ZERO chunk met on the way
-  // is filled here (once per call).
+  // is filled here (once per call). Not the working set: it is wanted now, read here a run at a
+  // time; handed over, one wake-up per run of a few pages let node's push reach 224 of its
+  // 13,000 pages before node faulted on the rest (bench/RESULTS.md, "Decompress-ahead in real
+  // restores").
   void feed_worker() {
     while (pipeline.can_queue()) {
       auto c = peek_chunk();
-      if (!c) return;
+      if (!c || c->ws) return;
       take_chunk(*c);
       if (c->zero) {
         prefetch_fill(*c->proc, c->dst, c->src, c->len, true,
@@ -774,16 +795,30 @@ struct PageServer::Impl {
   bool prefetch_ready() {
     if (recorder && recorder->active()) return false;  // recording: faults only
     if (!opt.prefetch) return ws_left && peek_chunk().has_value();
-    if (use_worker()) return pipeline.ready() != nullptr || (pipeline.can_queue() && peek_chunk());
+    if (pipelined()) {
+      if (pipeline.ready() != nullptr) return true;
+      if (faults_quiet())
+        return pipeline.longest_wait_ns() >= take_back_after() ||
+               (pipeline.can_queue() && peek_chunk());
+    }
     return peek_chunk().has_value();
   }
 
   // One prefetch fill (about prefetch_chunk bytes), then back to the loop.
   void prefetch_step() {
-    if (use_worker()) {
-      const FillPipeline::Chunk* j = pipeline.ready();
-      feed_worker();  // the next chunks are decompressed while this one is copied
-      if (j == nullptr) return;
+    const FillPipeline::Chunk* j = pipelined() ? pipeline.ready() : nullptr;
+    if (pipelined() && (j != nullptr || faults_quiet())) {
+      if (j != nullptr) worker_starved = false;
+      if (faults_quiet()) feed_worker();  // decompressed while this chunk is copied
+      if (j == nullptr) {
+        if (auto c = pipeline.take_back(take_back_after())) {
+          worker_starved = true;
+          auto it = procs.find(c->proc_id);
+          if (it != procs.end())
+            fill_direct(Chunk{it->second.get(), c->dst, c->src, c->len, false, c->working_set});
+        }
+        return;
+      }
       auto it = procs.find(j->proc_id);
       Proc* p = it == procs.end() ? nullptr : it->second.get();
       if (p != nullptr && !p->killed && !p->gone) {
@@ -802,21 +837,26 @@ struct PageServer::Impl {
     auto c = peek_chunk();
     if (!c) return;
     take_chunk(*c);
-    Proc& p = *c->proc;
-    try {
-      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPieceQuiet]);
-      const uint64_t before = stats.prefetch_pages + stats.zero_pages;
-      prefetch_fill(p, c->dst, c->src, c->len, c->zero, [&](uint64_t off, uint64_t n) {
-        direct.read(*p.store, c->src + off, n / kPage, prefetch_buf.get());
-        return static_cast<const char*>(prefetch_buf.get());
-      });
-      if (c->ws) stats.working_set_pages += stats.prefetch_pages + stats.zero_pages - before;
-    } catch (const std::exception& e) {
-      kill(p, e.what());
-    }
+    fill_direct(*c);
     // Tests (LAZYCR_FAULT_INJECT=server-stop-mid-prefetch): stopped after one chunk, pages
     // still owed, for a test to kill the server and its guardian in a chosen order.
     if (std::exchange(stop_mid_prefetch, false)) ::kill(::getpid(), SIGSTOP);
+  }
+  // Fills chunk c on the loop thread, reading it piece by piece straight from its store.
+  void fill_direct(const Chunk& c) {
+    Proc& p = *c.proc;
+    if (p.killed || p.gone) return;
+    try {
+      if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPieceQuiet]);
+      const uint64_t before = stats.prefetch_pages + stats.zero_pages;
+      prefetch_fill(p, c.dst, c.src, c.len, c.zero, [&](uint64_t off, uint64_t n) {
+        direct.read(*p.store, c.src + off, n / kPage, prefetch_buf.get());
+        return static_cast<const char*>(prefetch_buf.get());
+      });
+      if (c.ws) stats.working_set_pages += stats.prefetch_pages + stats.zero_pages - before;
+    } catch (const std::exception& e) {
+      kill(p, e.what());
+    }
   }
   // A ready chunk of p: every part of it still owed from the same source is filled, not only
   // a first part (faults served meanwhile split it: a chunk dropped at its first hole was
@@ -910,7 +950,10 @@ struct PageServer::Impl {
         if (!p->faults.empty() && !p->gone && !p->killed) service(*p);
       int64_t timeout = -1;  // ms
       const bool pf = prefetch_ready();
-      if (pf) timeout = 0;
+      if (pf)
+        timeout = 0;
+      else if (use_worker() && pipeline.longest_wait_ns() >= 0)
+        timeout = 1;  // a chunk no worker took for kTakeBackNs is taken back
       const int64_t now = now_ns();
       if (unresolved()) {
         if (now >= next_resolve) resolve_children();

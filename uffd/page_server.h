@@ -93,10 +93,12 @@
 //   where 128 KiB chunks cost the server a wake-up per 128 KiB and a process reading in
 //   order 10-15% (bench/RESULTS.md). Pieces are 64 KiB (~30 us) while faults
 //   come, the whole chunk once none came for 20 ms (uffd/fill_pipeline.h). With
-//   options.prefetch_thread the fill pipeline (uffd/fill_pipeline.h) reads and decompresses
-//   the next chunks ahead on two threads into four buffers, whole frames straight into them
-//   (image-format/page_store_direct.h); the loop never waits for it: it polls the uffds
-//   between copies and a fault always goes first.
+//   options.prefetch_thread (lazy restores too) the fill pipeline (uffd/fill_pipeline.h) reads
+//   and decompresses the next chunks ahead on one thread (at SCHED_IDLE) into four buffers,
+//   whole frames straight into them (image-format/page_store_direct.h), while no fault came
+//   for 20 ms; the loop never waits for it: it polls the uffds between copies and a fault
+//   always goes first, and a chunk the thread has not taken within 1 ms (a busy machine) the
+//   loop reads itself. A working set, and chunks while faults come, the loop reads itself.
 // - A process whose owed set becomes empty has its uffd closed at once (the kernel then
 //   treats its areas as plain memory: no fault can need the server any more), unless it has
 //   a keeper (its uffd is parked inside it, uffd/keeper.h): then its areas stay registered
