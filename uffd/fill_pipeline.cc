@@ -42,6 +42,7 @@ struct FillPipeline::Impl {
   std::condition_variable cv;
   std::deque<Slot*> todo;
   bool quit = false;
+  bool starved = false;  // a chunk was taken back since a worker last made one ready
   uint64_t next_seq = 0;
   UniqueFd ready_fd;
   std::vector<std::thread> workers;
@@ -80,6 +81,7 @@ struct FillPipeline::Impl {
       {
         std::lock_guard<std::mutex> lock(mu);
         s->state = Slot::kReady;
+        starved = false;
       }
       uint64_t one = 1;
       (void)!::write(ready_fd.get(), &one, sizeof(one));
@@ -159,6 +161,7 @@ void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStor
         break;
       }
     if (free == nullptr) fail("page server: no free prefetch buffer");
+    if (!free->buf) free->buf.reset(new char[im.chunk_bytes]);  // queued before start()
     free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}, working_set};
     free->state = Impl::Slot::kQueued;
     free->seq = im.next_seq++;
@@ -187,10 +190,18 @@ void FillPipeline::release(const Chunk* c) {
     }
 }
 
-std::optional<FillPipeline::Chunk> FillPipeline::take_back(int64_t min_wait_ns) {
+bool FillPipeline::take_back_due() const {
+  const Impl& im = *impl_;
+  std::lock_guard<std::mutex> lock(im.mu);
+  return !im.todo.empty() && (im.starved || mono_ns() - im.todo.front()->queued_ns >= kTakeBackNs);
+}
+
+std::optional<FillPipeline::Chunk> FillPipeline::take_back() {
   Impl& im = *impl_;
   std::lock_guard<std::mutex> lock(im.mu);
-  if (im.todo.empty() || mono_ns() - im.todo.front()->queued_ns < min_wait_ns) return std::nullopt;
+  if (im.todo.empty() || (!im.starved && mono_ns() - im.todo.front()->queued_ns < kTakeBackNs))
+    return std::nullopt;
+  im.starved = true;
   Impl::Slot* s = im.todo.front();
   im.todo.pop_front();
   std::optional<Chunk> c(std::move(s->chunk));
@@ -200,9 +211,9 @@ std::optional<FillPipeline::Chunk> FillPipeline::take_back(int64_t min_wait_ns) 
   return c;
 }
 
-int64_t FillPipeline::longest_wait_ns() const {
+bool FillPipeline::waiting() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->todo.empty() ? -1 : mono_ns() - impl_->todo.front()->queued_ns;
+  return !impl_->todo.empty();
 }
 
 bool FillPipeline::overlaps(uint64_t proc_id, uint64_t dst, uint64_t len) const {

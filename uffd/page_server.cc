@@ -52,13 +52,11 @@ constexpr size_t kMsgBatch = 64;  // uffd messages per read(2)
 // Prefetch chunks decompressed ahead at once, and the threads that decompress them: one, so
 // that on two CPUs the loop copies while the worker decompresses (a second worker made the
 // quiet 2 GiB drain no faster and faults' p99 4x longer: bench/RESULTS.md, "Decompress-ahead
-// in real restores"). The worker runs at SCHED_IDLE; a chunk it has not taken after
-// kTakeBackNs is read by the loop itself, so that a busy machine, where the worker gets no
-// CPU, drains as fast as without it (a normal-priority worker there cost the drain 12%, an
-// idle one without take-back 5x).
+// in real restores"). The worker runs at SCHED_IDLE, and chunks it does not take the loop
+// takes back (FillPipeline::take_back): on a busy machine the drain is what it is without it
+// (a normal-priority worker there cost it 12%, an idle one without take-back 5x).
 constexpr unsigned kPipelineBuffers = 4;
 constexpr unsigned kPipelineThreads = 1;
-constexpr int64_t kTakeBackNs = 1'000'000;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -750,11 +748,6 @@ struct PageServer::Impl {
   }
 
   bool use_worker() const { return opt.prefetch && opt.prefetch_thread; }
-  // Once the loop had to take a chunk back, the worker is not getting the CPU: the next ones
-  // are taken back at once (a wait per chunk made a 2 GiB verification 13% longer), until the
-  // worker makes one ready again.
-  bool worker_starved = false;
-  int64_t take_back_after() const { return worker_starved ? 0 : kTakeBackNs; }
   // The pipeline serves an idle process's drain. A process faulting (reading its memory in
   // order, say) overtook chunks queued ahead and faulted on 40% of its pages (2 GiB, read
   // once: 13,000 faults instead of 50, verified 1.1x later): while faults come, the loop
@@ -797,9 +790,7 @@ struct PageServer::Impl {
     if (!opt.prefetch) return ws_left && peek_chunk().has_value();
     if (pipelined()) {
       if (pipeline.ready() != nullptr) return true;
-      if (faults_quiet())
-        return pipeline.longest_wait_ns() >= take_back_after() ||
-               (pipeline.can_queue() && peek_chunk());
+      if (faults_quiet()) return pipeline.take_back_due() || (pipeline.can_queue() && peek_chunk());
     }
     return peek_chunk().has_value();
   }
@@ -808,11 +799,9 @@ struct PageServer::Impl {
   void prefetch_step() {
     const FillPipeline::Chunk* j = pipelined() ? pipeline.ready() : nullptr;
     if (pipelined() && (j != nullptr || faults_quiet())) {
-      if (j != nullptr) worker_starved = false;
       if (faults_quiet()) feed_worker();  // decompressed while this chunk is copied
       if (j == nullptr) {
-        if (auto c = pipeline.take_back(take_back_after())) {
-          worker_starved = true;
+        if (auto c = pipeline.take_back()) {
           auto it = procs.find(c->proc_id);
           if (it != procs.end())
             fill_direct(Chunk{it->second.get(), c->dst, c->src, c->len, false, c->working_set});
@@ -952,8 +941,8 @@ struct PageServer::Impl {
       const bool pf = prefetch_ready();
       if (pf)
         timeout = 0;
-      else if (use_worker() && pipeline.longest_wait_ns() >= 0)
-        timeout = 1;  // a chunk no worker took for kTakeBackNs is taken back
+      else if (use_worker() && pipeline.waiting())
+        timeout = 1;  // to take back a chunk the worker does not take
       const int64_t now = now_ns();
       if (unresolved()) {
         if (now >= next_resolve) resolve_children();

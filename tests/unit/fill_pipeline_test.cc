@@ -1,11 +1,19 @@
 // The fill pipeline's take-back (uffd/fill_pipeline.h): a chunk no worker took is given back
-// to the loop once it has waited long enough, oldest first, and its buffer is free again. The
-// pipeline is not started here, so no worker can take anything: what a machine too busy to
-// run the SCHED_IDLE worker looks like to the loop.
+// to the loop once it has waited long enough, oldest first, and its buffer is free again; once
+// one was, the next ones at once, until a worker makes a chunk ready again. A pipeline not
+// started has no worker to take anything: what a machine too busy to run the SCHED_IDLE worker
+// looks like to the loop.
 #include "uffd/fill_pipeline.h"
 
 #include <gtest/gtest.h>
 #include <time.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "image-format/page_store.h"
+#include "tests/unit/page_fixtures.h"
 
 namespace lazycr::uffd {
 namespace {
@@ -18,18 +26,20 @@ void sleep_ms(long ms) {
 }
 
 TEST(FillPipeline, ChunksNoWorkerTookAreTakenBackOldestFirstOnceTheyWaited) {
-  FillPipeline p(kChunk, 2, 1);
-  EXPECT_EQ(p.longest_wait_ns(), -1);
-  EXPECT_FALSE(p.take_back(0));
+  FillPipeline p(kChunk, 3, 1);
+  EXPECT_FALSE(p.waiting());
+  EXPECT_FALSE(p.take_back_due());
+  EXPECT_FALSE(p.take_back());
   p.queue(7, nullptr, 0x10000, 0x90000, kChunk);
   p.queue(8, nullptr, 0x20000, 0xa0000, kChunk);
-  EXPECT_FALSE(p.can_queue());
+  EXPECT_TRUE(p.waiting());
   EXPECT_TRUE(p.busy(7));
-  // Not yet: it has not waited for a second.
-  EXPECT_FALSE(p.take_back(1'000'000'000));
-  sleep_ms(5);
-  EXPECT_GE(p.longest_wait_ns(), 5'000'000);
-  auto c = p.take_back(1'000'000);
+  // Not yet: it has not waited kTakeBackNs (this runs well within it).
+  EXPECT_FALSE(p.take_back_due());
+  EXPECT_FALSE(p.take_back());
+  sleep_ms(FillPipeline::kTakeBackNs / 1'000'000 + 4);
+  EXPECT_TRUE(p.take_back_due());
+  auto c = p.take_back();
   ASSERT_TRUE(c);
   EXPECT_EQ(c->proc_id, 7u);
   EXPECT_EQ(c->dst, 0x10000u);
@@ -41,12 +51,46 @@ TEST(FillPipeline, ChunksNoWorkerTookAreTakenBackOldestFirstOnceTheyWaited) {
   EXPECT_FALSE(p.busy(7));
   EXPECT_FALSE(p.overlaps(7, 0x10000, kChunk));
   EXPECT_TRUE(p.overlaps(8, 0x20000, 4096));
-  c = p.take_back(0);
+  // The worker is starved now: a chunk queued just now is taken back at once.
+  p.queue(9, nullptr, 0x30000, 0xb0000, kChunk);
+  c = p.take_back();
   ASSERT_TRUE(c);
   EXPECT_EQ(c->proc_id, 8u);
-  EXPECT_EQ(p.longest_wait_ns(), -1);
-  EXPECT_FALSE(p.take_back(0));
+  c = p.take_back();
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->proc_id, 9u);
+  EXPECT_FALSE(p.waiting());
+  EXPECT_FALSE(p.take_back());
   EXPECT_EQ(p.ready(), nullptr);
+}
+
+TEST(FillPipeline, AWorkerThatRunsEndsTheTakeBacks) {
+  test::TempDir dir;
+  const std::string path = dir.file("pages.lzp");
+  {
+    image::PageStoreWriter w(path, image::PageStoreOptions{});
+    std::vector<char> page(4096, 'x');
+    for (uint64_t a = 0x20000; a < 0x20000 + kChunk; a += 4096) w.add_pages(a, page.data(), 1);
+    w.finish();
+  }
+  std::shared_ptr<const image::PageStoreReader> store = image::PageStoreReader::open(path);
+  FillPipeline p(kChunk, 2, 1);
+  p.queue(1, nullptr, 0x10000, 0x90000, kChunk);
+  sleep_ms(FillPipeline::kTakeBackNs / 1'000'000 + 4);
+  ASSERT_TRUE(p.take_back());  // starved from now on
+  p.queue(2, store, 0x20000, 0x20000, kChunk);
+  p.start();
+  const FillPipeline::Chunk* r = nullptr;
+  for (int i = 0; i < 5000 && (r = p.ready()) == nullptr; i++) sleep_ms(1);
+  ASSERT_NE(r, nullptr) << "the worker never made the chunk ready";
+  EXPECT_EQ(r->proc_id, 2u);
+  EXPECT_EQ(r->error, "");
+  EXPECT_EQ(r->data[4096 * 3], 'x');
+  p.release(r);
+  p.stop();  // no worker from here on
+  p.queue(3, nullptr, 0x30000, 0xb0000, kChunk);
+  EXPECT_FALSE(p.take_back_due());  // not starved any more: it must wait kTakeBackNs again
+  EXPECT_FALSE(p.take_back());
 }
 
 }  // namespace
