@@ -149,7 +149,7 @@ bool FillPipeline::can_queue() const {
 }
 
 void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStoreReader> store,
-                         uint64_t dst, uint64_t src, uint64_t len, bool working_set) {
+                         uint64_t dst, uint64_t src, uint64_t len) {
   Impl& im = *impl_;
   if (len > im.chunk_bytes) fail("page server: prefetch chunk of ", len, " bytes is too large");
   {
@@ -162,7 +162,7 @@ void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStor
       }
     if (free == nullptr) fail("page server: no free prefetch buffer");
     if (!free->buf) free->buf.reset(new char[im.chunk_bytes]);  // queued before start()
-    free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}, working_set};
+    free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}};
     free->state = Impl::Slot::kQueued;
     free->seq = im.next_seq++;
     free->queued_ns = mono_ns();

@@ -31,7 +31,6 @@ class FillPipeline {
     uint64_t dst = 0, src = 0, len = 0;
     const char* data = nullptr;
     std::string error;
-    bool working_set = false;  // pushed first (working_set.h): counted apart
   };
 
   // `chunk_bytes`: the largest chunk; `buffers` chunks in flight at most; `threads` workers.
@@ -52,7 +51,7 @@ class FillPipeline {
 
   bool can_queue() const;  // a buffer is free
   void queue(uint64_t proc_id, std::shared_ptr<const image::PageStoreReader> store, uint64_t dst,
-             uint64_t src, uint64_t len, bool working_set = false);
+             uint64_t src, uint64_t len);
   // A ready chunk (the oldest queued of those ready), or nullptr; give it back with release().
   const Chunk* ready();
   void release(const Chunk* c);

@@ -780,7 +780,7 @@ struct PageServer::Impl {
                       [](uint64_t, uint64_t) { return static_cast<const char*>(nullptr); });
         return;
       }
-      pipeline.queue(c->proc->id, c->proc->store, c->dst, c->src, c->len, c->ws);
+      pipeline.queue(c->proc->id, c->proc->store, c->dst, c->src, c->len);
     }
   }
 
@@ -804,7 +804,7 @@ struct PageServer::Impl {
         if (auto c = pipeline.take_back()) {
           auto it = procs.find(c->proc_id);
           if (it != procs.end())
-            fill_direct(Chunk{it->second.get(), c->dst, c->src, c->len, false, c->working_set});
+            fill_direct(Chunk{it->second.get(), c->dst, c->src, c->len, false});
         }
         return;
       }
@@ -812,9 +812,7 @@ struct PageServer::Impl {
       Proc* p = it == procs.end() ? nullptr : it->second.get();
       if (p != nullptr && !p->killed && !p->gone) {
         try {
-          const uint64_t before = stats.prefetch_pages;
           fill_ready(*p, *j);
-          if (j->working_set) stats.working_set_pages += stats.prefetch_pages - before;
         } catch (const std::exception& e) {
           kill(*p, e.what());
         }
