@@ -86,6 +86,14 @@ bool is_page_store_name(const std::string& name) {
 // by their digests in the index, checked as they are read), taken from `known` when the
 // caller has it. Anything but a regular file in the directory is an error: an image holds
 // nothing else, and a FIFO there must not block the check.
+}  // namespace
+
+bool outside_mac(const std::string& name) {
+  return name == kMacFile || name.rfind("working-set", 0) == 0;
+}
+
+namespace {
+
 std::string compute_mac(const std::string& dir, const std::string& key, uint32_t version,
                         const std::map<std::string, std::string>& known = {}) {
   std::unique_ptr<DIR, DirCloser> d(::opendir(dir.c_str()));
@@ -93,8 +101,7 @@ std::string compute_mac(const std::string& dir, const std::string& key, uint32_t
   std::vector<std::string> names;
   while (dirent* e = ::readdir(d.get())) {
     std::string name = e->d_name;
-    if (name != "." && name != ".." && name != kMacFile && name != kWorkingSetFile)
-      names.push_back(name);
+    if (name != "." && name != ".." && !outside_mac(name)) names.push_back(name);
   }
   std::sort(names.begin(), names.end());
   std::string manifest;

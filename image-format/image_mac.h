@@ -12,10 +12,15 @@
 namespace lazycr::image {
 
 inline constexpr char kMacFile[] = "image.mac";
-// The working-set record (uffd/working_set.h) is written into an image after the dump, by a
-// restore; it is only ever an order of prefetch, never content, and carries its own checksum
-// and the digests of the stores it was made for: the MAC does not cover it.
+// The working-set record (uffd/working_set.h) and its record pages are written into an image
+// after the dump, by a restore, which may not hold the key: the MAC covers neither (nor their
+// temporary files), so an image stays signed. The record binds itself to the stores it was
+// made for and the record pages by their digests; a signed image is trusted only while only
+// root can write its directory and files (restore/trust.h), these included.
 inline constexpr char kWorkingSetFile[] = "working-set.lzw";
+inline constexpr char kWorkingSetPagesPrefix[] = "working-set-";  // + <pid>.lzp
+// Whether the MAC leaves out the directory entry `name` (image.mac, the working set's files).
+bool outside_mac(const std::string& name);
 inline constexpr char kMacMagic[8] = {'L', 'Z', 'C', 'R', 'M', 'A', 'C', '\0'};
 // Version 2 covers a page store's header, index and footer; version 1 (images written before
 // frame digests, still verified) every byte of every file.

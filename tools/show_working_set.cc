@@ -41,6 +41,24 @@ Loaded load(const image::ImageReader& img) {
   return l;
 }
 
+// A process's record pages: whether a restore would read them, or why not.
+struct RecordPages {
+  bool present = false;
+  uint64_t file_bytes = 0;
+  std::string error;
+};
+RecordPages record_pages(const image::ImageReader& img, const uffd::ProcessWorkingSet& p) {
+  RecordPages r;
+  r.present = !p.pages_digest.empty();
+  if (!r.present) return r;
+  try {
+    r.file_bytes = uffd::open_working_set_pages(img.dir(), p)->file_size();
+  } catch (const std::exception& e) {
+    r.error = e.what();
+  }
+  return r;
+}
+
 }  // namespace
 
 void print_working_set_text(std::ostream& o, const image::ImageReader& img) {
@@ -60,6 +78,15 @@ void print_working_set_text(std::ostream& o, const image::ImageReader& img) {
     for (size_t i = 0; i < p.runs.size() && i < kFirstRuns; i++)
       o << " " << hex(p.runs[i].start) << "+" << p.runs[i].pages;
     o << (p.runs.size() > kFirstRuns ? " ...\n" : "\n");
+    const RecordPages rp = record_pages(img, p);
+    o << "    record pages: ";
+    if (!rp.present)
+      o << "none (pushed from the page store)\n";
+    else if (rp.error.empty())
+      o << uffd::working_set_pages_path(img.dir(), p.image_pid) << ", " << rp.file_bytes
+        << " bytes\n";
+    else
+      o << "ignored: " << rp.error << "\n";
   }
 }
 
@@ -90,6 +117,20 @@ void working_set_json(JsonWriter& j, const image::ImageReader& img) {
         j.end_object();
       }
       j.end_array();
+      const RecordPages rp = record_pages(img, p);
+      j.key("record_pages");
+      if (!rp.present) {
+        j.null();
+      } else {
+        j.begin_object();
+        j.field("path", uffd::working_set_pages_path(img.dir(), p.image_pid));
+        j.field("used", rp.error.empty());
+        if (rp.error.empty())
+          j.field("bytes", rp.file_bytes);
+        else
+          j.field("error", rp.error);
+        j.end_object();
+      }
       j.end_object();
     }
     j.end_array();

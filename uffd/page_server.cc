@@ -98,6 +98,8 @@ struct PageServer::Impl {
     bool secured = false;     // forked children: parked and with the guardian already
     std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
     WorkingSetQueue ws;  // pushed before the rest of prefetch (use_working_set())
+    // Its record pages (working-set-<pid>.lzp): where the push reads ws's pages, or nullptr.
+    std::shared_ptr<const image::PageStoreReader> ws_pages;
 
     std::string name() const {
       if (pid > 0) return cat("pid ", pid);
@@ -109,7 +111,8 @@ struct PageServer::Impl {
     Proc* proc;
     uint64_t dst, src, len;
     bool zero;
-    bool ws = false;  // from the working set
+    bool ws = false;           // from the working set
+    uint64_t record_addr = 0;  // ws: where its pages are in proc->ws_pages
   };
 
   PageServerOptions opt;
@@ -646,7 +649,8 @@ struct PageServer::Impl {
       if (p.killed || p.gone || p.owed.empty()) continue;
       if (auto w = p.ws.next(p.owed, opt.prefetch_chunk)) {
         if (use_worker() && pipeline.overlaps(p.id, w->start, w->end - w->start)) continue;
-        return Chunk{&p, w->start, w->src, w->end - w->start, w->tag == kTagZero, true};
+        const uint64_t len = w->end - w->start;
+        return Chunk{&p, w->start, w->src, len, w->tag == kTagZero, true, w->record_addr};
       }
       if (!opt.prefetch) continue;  // only the working set is pushed
       auto r = p.owed.next(p.cursor);
@@ -837,12 +841,29 @@ struct PageServer::Impl {
       if (!prefetch_buf) prefetch_buf.reset(new char[kPrefetchPieceQuiet]);
       const uint64_t before = stats.prefetch_pages + stats.zero_pages;
       prefetch_fill(p, c.dst, c.src, c.len, c.zero, [&](uint64_t off, uint64_t n) {
+        if (c.ws && p.ws_pages && read_record_pages(p, c.record_addr + off, n))
+          return static_cast<const char*>(prefetch_buf.get());
         direct.read(*p.store, c.src + off, n / kPage, prefetch_buf.get());
         return static_cast<const char*>(prefetch_buf.get());
       });
       if (c.ws) stats.working_set_pages += stats.prefetch_pages + stats.zero_pages - before;
     } catch (const std::exception& e) {
       kill(p, e.what());
+    }
+  }
+  // n bytes of p's record pages from `addr` into prefetch_buf. They are only a faster copy of
+  // pages the store holds: when they cannot be read (a damaged frame), the store serves the
+  // rest of the working set.
+  bool read_record_pages(Proc& p, uint64_t addr, uint64_t n) {
+    try {
+      direct.read(*p.ws_pages, addr, n / kPage, prefetch_buf.get());
+      stats.working_set_record_pages += n / kPage;
+      return true;
+    } catch (const std::exception& e) {
+      log::warn("page server: ", p.name(), ": record pages ignored from now on (the page store ",
+                "serves the working set): ", e.what());
+      p.ws_pages.reset();
+      return false;
     }
   }
   // A ready chunk of p: every part of it still owed from the same source is filled, not only
@@ -1046,16 +1067,17 @@ void PageServer::use_working_set(bool record, int64_t max_ns, int64_t quiet_ns) 
   if (record) {
     impl_->recorder = std::make_unique<WorkingSetRecorder>(max_ns, quiet_ns);
     for (auto& [id, p] : procs)
-      impl_->recorder->add_process(id, p->store->path(), p->store->mac_digest());
+      impl_->recorder->add_process(id, p->store->path(), p->store->mac_digest(), p->store);
     return;
   }
   std::vector<WorkingSetTarget> targets;
   for (auto& [id, p] : procs)
     targets.push_back(WorkingSetTarget{p->store->path(), p->store->mac_digest(), &p->owed});
-  std::vector<std::vector<WorkingSetRun>> plans = load_working_set(targets);
+  std::vector<LoadedWorkingSet> plans = load_working_set(targets);
   size_t i = 0;
   for (auto& [id, p] : procs) {
-    p->ws = WorkingSetQueue(plans[i++]);
+    p->ws = WorkingSetQueue(plans[i].runs);
+    p->ws_pages = std::move(plans[i++].pages);
     impl_->ws_left = impl_->ws_left || p->ws.pending();
   }
 }

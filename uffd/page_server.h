@@ -200,6 +200,7 @@ struct PageServerStats {
   // Working set (use_working_set()): pages pushed first from a record, faults on pages of
   // that record, and when the last of it was pushed (-1: never, or no record).
   uint64_t working_set_pages = 0;
+  uint64_t working_set_record_pages = 0;  // of them, read from the record pages, not the store
   uint64_t working_set_faults = 0;
   int64_t working_set_done_ns = -1;
   std::vector<uint32_t> fault_latency_ns;  // per fault: message read -> fill returned

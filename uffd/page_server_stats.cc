@@ -34,6 +34,7 @@ void write_stats_fields(JsonWriter& w, const PageServerStats& s) {
   w.key("working_set");
   w.begin_object();
   w.field("pages_prefetched", s.working_set_pages);
+  w.field("pages_from_record_pages", s.working_set_record_pages);
   w.field("faults", s.working_set_faults);
   w.field("done_ns", s.working_set_done_ns);  // from the start of the server's run
   w.end_object();

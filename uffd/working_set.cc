@@ -85,6 +85,9 @@ std::string encode_working_set(const WorkingSetRecord& record) {
     put(payload, static_cast<uint32_t>(p.image_pid), 4);
     put(payload, p.runs.size(), 4);
     payload += p.store_digest;
+    if (!p.pages_digest.empty() && p.pages_digest.size() != 32)
+      fail("working set: pid ", p.image_pid, ": bad record pages digest");
+    payload += p.pages_digest.empty() ? std::string(32, '\0') : p.pages_digest;
     for (const auto& r : p.runs) {
       put(payload, r.start, 8);
       put(payload, r.pages, 8);
@@ -107,8 +110,8 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
   Reader h(bytes);
   h.take(8);
   const uint64_t version = h.get(4);
-  if (version != kWorkingSetVersion)
-    fail("version ", version, ", this lazycr reads ", kWorkingSetVersion);
+  if (version != kWorkingSetVersion && version != 1)
+    fail("version ", version, ", this lazycr reads 1 and ", kWorkingSetVersion);
   if (h.get(4) != 0) fail("unknown flags");
   const uint64_t size = h.get(8);
   if (size != bytes.size() - kWorkingSetHeaderBytes)
@@ -120,7 +123,8 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
   WorkingSetRecord rec;
   const uint64_t nproc = r.get(4);
   r.get(4);
-  if (nproc > r.left() / 40) fail(nproc, " processes do not fit in the file");
+  const uint64_t proc_bytes = version == 1 ? 40 : 72;
+  if (nproc > r.left() / proc_bytes) fail(nproc, " processes do not fit in the file");
   std::map<int32_t, bool> pids;
   for (uint64_t i = 0; i < nproc; i++) {
     ProcessWorkingSet p;
@@ -129,6 +133,10 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
     pids[p.image_pid] = true;
     const uint64_t nruns = r.get(4);
     p.store_digest = r.take(32);
+    if (version >= 2) {
+      p.pages_digest = r.take(32);
+      if (p.pages_digest == std::string(32, '\0')) p.pages_digest.clear();
+    }
     if (nruns > r.left() / 16) fail("pid ", p.image_pid, ": ", nruns, " runs do not fit");
     std::map<uint64_t, uint64_t> seen;
     uint64_t pages = 0;
@@ -153,6 +161,75 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
 
 std::string working_set_path(const std::string& image_dir) {
   return cat(image_dir, "/", image::kWorkingSetFile);
+}
+
+std::string working_set_pages_path(const std::string& image_dir, int32_t image_pid) {
+  return cat(image_dir, "/", image::kWorkingSetPagesPrefix, image_pid, ".lzp");
+}
+
+std::string write_working_set_pages(const std::string& image_dir, const ProcessWorkingSet& ws,
+                                    const image::PageStoreReader& store) {
+  const std::string path = working_set_pages_path(image_dir, ws.image_pid);
+  const std::string tmp = cat(path, ".tmp-", ::getpid());
+  // LZ4: the push decompresses these while the process runs, where LZ4 is 2-3x zstd's speed;
+  // their size matters little (a few MiB).
+  image::PageStoreOptions o;
+  o.compression = image::PageIndex::LZ4;
+  o.level = image::kLz4Acceleration;
+  o.threads = 1;
+  image::PageStoreStats stats;
+  {
+    image::PageStoreWriter w(tmp, o);
+    constexpr size_t kBatch = 64;
+    std::unique_ptr<char[]> buf(new char[kBatch * kPage]);
+    uint64_t record_page = 0;
+    for (const WorkingSetRun& run : ws.runs) {
+      for (uint64_t i = 0; i < run.pages;) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(kBatch, run.pages - i));
+        for (size_t k = 0; k < n; k++) {
+          const uint64_t a = run.start + (i + k) * kPage;
+          char* out = buf.get() + k * kPage;
+          if (store.find(a))
+            store.read(a, 1, out);
+          else
+            std::memset(out, 0, kPage);
+        }
+        w.add_pages(record_page * kPage, buf.get(), n);
+        record_page += n;
+        i += n;
+      }
+    }
+    stats = w.finish();
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    fail_errno_value(err, cat("cannot write ", path));
+  }
+  return stats.mac_digest;
+}
+
+std::shared_ptr<const image::PageStoreReader> open_working_set_pages(const std::string& image_dir,
+                                                                     const ProcessWorkingSet& ws) {
+  if (ws.pages_digest.empty()) return nullptr;
+  const std::string path = working_set_pages_path(image_dir, ws.image_pid);
+  std::shared_ptr<const image::PageStoreReader> pages = image::PageStoreReader::open(path, 4);
+  if (pages->mac_digest() != ws.pages_digest)
+    fail(path, ": not the pages of this record (its digest differs)");
+  if (!pages->has_frame_digests()) fail(path, ": its frames have no digests");
+  // Page i of the record at i * 4096, every one DATA or ZERO: nothing to link, nothing missing.
+  uint64_t expect = 0;
+  for (const image::PageRun& run : pages->index().runs()) {
+    if (run.start() != expect ||
+        (run.kind() != image::PageRun::DATA && run.kind() != image::PageRun::ZERO))
+      fail(path, ": page ", hex(expect), " is not a stored page of the record");
+    expect += run.pages() * kPage;
+  }
+  uint64_t want = 0;
+  for (const WorkingSetRun& r : ws.runs) want += r.pages;
+  if (expect != want * kPage)
+    fail(path, ": it holds ", expect / kPage, " pages, the record ", want);
+  return pages;
 }
 
 std::optional<WorkingSetRecord> read_working_set(const std::string& image_dir) {
@@ -233,9 +310,8 @@ int32_t image_pid_of_store(const std::string& store_path, std::string* dir) {
   return pid;
 }
 
-std::vector<std::vector<WorkingSetRun>> load_working_set(
-    const std::vector<WorkingSetTarget>& targets) {
-  std::vector<std::vector<WorkingSetRun>> out(targets.size());
+std::vector<LoadedWorkingSet> load_working_set(const std::vector<WorkingSetTarget>& targets) {
+  std::vector<LoadedWorkingSet> out(targets.size());
   if (targets.empty()) return out;
   std::string dir;
   image_pid_of_store(targets.front().store_path, &dir);
@@ -251,14 +327,27 @@ std::vector<std::vector<WorkingSetRun>> load_working_set(
       const WorkingSetTarget& t = targets[it->second];
       check_working_set(p, t.store_digest, *t.owed);
     }
-    for (ProcessWorkingSet& p : rec->processes) out[by_pid[p.image_pid]] = std::move(p.runs);
-    log::debug("working set: ", rec->pages(), " pages from ", working_set_path(dir));
+    uint64_t with_pages = 0;
+    for (ProcessWorkingSet& p : rec->processes) {
+      LoadedWorkingSet& l = out[by_pid[p.image_pid]];
+      try {
+        l.pages = open_working_set_pages(dir, p);
+      } catch (const std::exception& e) {
+        log::warn(e.what(),
+                  ": record pages ignored (the record's order is pushed from the page "
+                  "store)");
+      }
+      if (l.pages) with_pages += l.pages->index().data_pages() + l.pages->index().zero_pages();
+      l.runs = std::move(p.runs);
+    }
+    log::debug("working set: ", rec->pages(), " pages from ", working_set_path(dir), ", ",
+               with_pages, " of them from their record pages");
   } catch (const std::exception& e) {
     std::string what = e.what();
     const std::string path = working_set_path(dir);
     if (what.rfind(path + ": ", 0) == 0) what = what.substr(path.size() + 2);
     log::warn(path, ": working set ignored (pages are fetched in the usual order): ", what);
-    for (auto& v : out) v.clear();
+    for (auto& v : out) v = LoadedWorkingSet{};
   }
   return out;
 }
@@ -267,29 +356,36 @@ std::vector<std::vector<WorkingSetRun>> load_working_set(
 
 WorkingSetQueue::WorkingSetQueue(const std::vector<WorkingSetRun>& runs) {
   for (const WorkingSetRun& r : runs) {
-    pages_ += r.pages;
     by_start_[r.start] = r.end();
     if (!runs_.empty() && runs_.back().end() == r.start) {
       runs_.back().pages += r.pages;
     } else {
-      runs_.push_back(r);
+      Run run;
+      run.start = r.start;
+      run.pages = r.pages;
+      run.record_page = pages_;
+      runs_.push_back(run);
     }
+    pages_ += r.pages;
   }
 }
 
-std::optional<OwedRange> WorkingSetQueue::next(const OwedSet& owed, uint64_t max_len) {
+std::optional<WorkingSetPiece> WorkingSetQueue::next(const OwedSet& owed, uint64_t max_len) {
   while (pos_ < runs_.size()) {
-    WorkingSetRun& run = runs_[pos_];
+    Run& run = runs_[pos_];
     const auto r = owed.next(run.start);
     if (r && r->start < run.end()) {
       const uint64_t s = std::max(r->start, run.start);
       // What is before s in this run is owed no more: it goes.
+      run.record_page += (s - run.start) / kPage;
       run.pages = (run.end() - s) / kPage;
       run.start = s;
-      OwedRange out = *r;
+      WorkingSetPiece out;
+      static_cast<OwedRange&>(out) = *r;
       out.src = r->src_of(s);
       out.start = s;
       out.end = std::min({r->end, run.end(), s + std::max(max_len, kPage)});
+      out.record_addr = run.record_page * kPage;
       return out;
     }
     ++pos_;
@@ -310,7 +406,8 @@ WorkingSetRecorder::WorkingSetRecorder(int64_t max_ns, int64_t quiet_ns)
     : max_ns_(max_ns), quiet_ns_(quiet_ns) {}
 
 void WorkingSetRecorder::add_process(uint64_t key, const std::string& store_path,
-                                     std::string store_digest) {
+                                     std::string store_digest,
+                                     std::shared_ptr<const image::PageStoreReader> store) {
   std::string dir;
   const int32_t pid = image_pid_of_store(store_path, &dir);
   if (pid <= 0) return;
@@ -318,6 +415,7 @@ void WorkingSetRecorder::add_process(uint64_t key, const std::string& store_path
   Proc& p = procs_[key];
   p.ws.image_pid = pid;
   p.ws.store_digest = std::move(store_digest);
+  p.store = std::move(store);
 }
 
 void WorkingSetRecorder::start(int64_t now) {
@@ -366,13 +464,26 @@ void WorkingSetRecorder::finish(const std::string& why) {
   finished_ = true;
   active_ = false;
   WorkingSetRecord rec;
-  for (auto& [key, p] : procs_) rec.processes.push_back(std::move(p.ws));
+  uint64_t with_pages = 0;
+  for (auto& [key, p] : procs_) {
+    if (p.store && !p.ws.runs.empty()) {
+      try {
+        p.ws.pages_digest = write_working_set_pages(dir_, p.ws, *p.store);
+        with_pages += p.pages;
+      } catch (const std::exception& e) {
+        log::warn("page server: the record pages of pid ", p.ws.image_pid,
+                  " not written (the record's order alone is kept): ", e.what());
+      }
+    }
+    rec.processes.push_back(std::move(p.ws));
+  }
   procs_.clear();
   try {
     write_working_set(dir_, rec);
     log::info("page server: recorded a working set of ", rec.pages(), " pages (",
               rec.processes.size(), " process", rec.processes.size() == 1 ? "" : "es", ") in ",
-              working_set_path(dir_), " (", why, ")");
+              working_set_path(dir_), ", ", with_pages, " of them also as record pages (", why,
+              ")");
   } catch (const std::exception& e) {
     log::warn("page server: working set not recorded: ", e.what());
   }

@@ -6,6 +6,8 @@
 //   process asks for them: once the server says it pushed them, touching them takes no fault
 //   (the faults counted on working-set pages are the few the process took while starting,
 //   before the push reached them), and every byte of the area is still right;
+// - the recording also writes the record's pages (working-set-<pid>.lzp), which the push
+//   reads instead of the page store; damaged ones are left for the store with one warning;
 // - a damaged record, and another image's, are ignored with one warning; the restore still
 //   verifies every byte.
 // Nothing waits on timing: the server's progress is seen through its log line and the
@@ -51,6 +53,9 @@ struct WsTarget {
     fs::rename(tmp, cmd_file);
   }
   std::string record_path() const { return dir + "/working-set.lzw"; }
+  std::string record_pages_path() const {
+    return dir + "/working-set-" + std::to_string(pid()) + ".lzp";
+  }
 };
 
 // Waits (a minute at most) until `path` exists and, when `needle` is given, holds it.
@@ -116,12 +121,17 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
   auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("used by lazy restores"), std::string::npos) << show.out;
+  EXPECT_NE(show.out.find("record pages: " + t.record_pages_path()), std::string::npos) << show.out;
   auto json = lazycr({"show", t.dir, "--json"});
   EXPECT_EQ(json.exit_code, 0) << json.err;
   const size_t at = json.out.find("\"working_set\":");
   ASSERT_NE(at, std::string::npos) << json.out;
   EXPECT_NE(json.out.find("\"used\": true", at), std::string::npos) << json.out.substr(at);
   EXPECT_GE(json_number(json.out.substr(at), "pages"), static_cast<int64_t>(kTouched));
+  const size_t rp = json.out.find("\"record_pages\":", at);
+  ASSERT_NE(rp, std::string::npos) << json.out.substr(at);
+  EXPECT_NE(json.out.find("\"used\": true", rp), std::string::npos) << json.out.substr(rp);
+  EXPECT_GT(json_number(json.out.substr(rp), "bytes"), 0) << json.out.substr(rp);
 
   TempDir work;
   const std::string s = replay(t, work, work / "server.log", true);
@@ -131,8 +141,40 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
   EXPECT_GE(ws_number(s, "pages_prefetched"), static_cast<int64_t>(kTouched)) << s;
   EXPECT_LE(ws_number(s, "faults"), 64) << s;
   EXPECT_GE(ws_number(s, "done_ns"), 0) << s;
+  // Read from the record pages (the recording wrote them beside the record), not the store.
+  EXPECT_TRUE(fs::exists(t.record_pages_path()));
+  EXPECT_GE(ws_number(s, "pages_from_record_pages"), static_cast<int64_t>(kTouched)) << s;
   // The rest came on faults ("all"), prefetch being off.
   EXPECT_EQ(json_number(s, "by_prefetch"), ws_number(s, "pages_prefetched")) << s;
+}
+
+// Record pages whose first frame is damaged: the push notices at its first read, says so
+// once, and the store serves the working set instead; every byte is still right.
+TEST(WorkingSet, DamagedRecordPagesAreLeftForTheStoreWithOneWarning) {
+  WsTarget t;
+  ASSERT_NO_FATAL_FAILURE(record(t));
+  {  // a byte of the first frame (frames start after the 64-byte header)
+    std::fstream f(t.record_pages_path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(100);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x10);
+    f.seekp(100);
+    f.write(&c, 1);
+  }
+  auto show = lazycr({"show", t.dir});
+  EXPECT_EQ(show.exit_code, 0) << show.err;
+  EXPECT_NE(show.out.find("used by lazy restores"), std::string::npos) << show.out;
+  TempDir work;
+  const std::string log = work / "server.log";
+  const std::string s = replay(t, work, log, true);
+  const std::string text = read_text(log);
+  const size_t w = text.find("record pages ignored");
+  ASSERT_NE(w, std::string::npos) << text;
+  EXPECT_EQ(text.find("record pages ignored", w + 1), std::string::npos) << text;
+  EXPECT_EQ(json_number(s, "killed"), 0) << s;
+  EXPECT_EQ(ws_number(s, "pages_from_record_pages"), 0) << s;
+  EXPECT_GE(ws_number(s, "pages_prefetched"), static_cast<int64_t>(kTouched)) << s;
 }
 
 TEST(WorkingSet, DamagedRecordIsIgnoredWithOneWarning) {

@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 
 #include <boost/filesystem.hpp>
+#include <cstring>
 #include <fstream>
 
 #include "common/error.h"
@@ -47,8 +48,8 @@ std::string resum(std::string b) {
 }
 
 // The record's file with `bytes` bytes of its payload at `payload_off` set to `value`.
-// Payload offsets: process count 0, first process at 8 (pid 8, run count 12, digest 16..48),
-// its runs from 48 (start, pages: 16 bytes each).
+// Payload offsets: process count 0, first process at 8 (pid 8, run count 12, store digest
+// 16..48, record pages digest 48..80), its runs from 80 (start, pages: 16 bytes each).
 std::string edited(const WorkingSetRecord& rec, size_t payload_off, uint64_t value, int bytes) {
   std::string b = encode_working_set(rec);
   for (int i = 0; i < bytes; i++)
@@ -64,6 +65,75 @@ TEST(WorkingSet, RoundTrip) {
   EXPECT_EQ(back.processes[0].store_digest, std::string(32, 'd'));
   EXPECT_EQ(back.processes[0].runs, rec.processes[0].runs);  // order kept
   EXPECT_EQ(back.pages(), 11u);
+}
+
+TEST(WorkingSet, KeepsTheRecordPagesDigestAndReadsVersion1) {
+  WorkingSetRecord rec = sample();
+  rec.processes[0].pages_digest = std::string(32, 'r');
+  EXPECT_EQ(parse_working_set(encode_working_set(rec)).processes[0].pages_digest,
+            std::string(32, 'r'));
+  // Version 1: no record pages digest (its 32 bytes after the store digest).
+  rec.processes[0].pages_digest.clear();
+  std::string b = encode_working_set(rec);
+  b.erase(kWorkingSetHeaderBytes + 48, 32);
+  b[8] = 1;
+  const uint64_t size = b.size() - kWorkingSetHeaderBytes;
+  for (int i = 0; i < 8; i++) b[16 + i] = static_cast<char>(size >> (8 * i));
+  const WorkingSetRecord v1 = parse_working_set(resum(b));
+  ASSERT_EQ(v1.processes.size(), 1u);
+  EXPECT_EQ(v1.processes[0].store_digest, std::string(32, 'd'));
+  EXPECT_EQ(v1.processes[0].pages_digest, "");
+  EXPECT_EQ(v1.processes[0].runs, rec.processes[0].runs);
+}
+
+// The record pages: the process's recorded pages in record order, read back as the push
+// reads them; refused when they are not this record's.
+TEST(WorkingSet, RecordPagesHoldTheRecordsPagesInItsOrder) {
+  namespace fs = boost::filesystem;
+  const fs::path dir = fs::temp_directory_path() / fs::unique_path("ws-pages-%%%%%%");
+  fs::create_directories(dir);
+  const std::string store_path = (dir / "pages-9.lzp").string();
+  {
+    image::PageStoreWriter w(store_path, image::PageStoreOptions{});
+    std::string data(16 * P, '\0');
+    for (size_t i = 0; i < 16; i++) std::memset(&data[i * P], static_cast<int>(0x10 + i), P);
+    w.add_pages(0x10000, data.data(), 16);
+    w.finish();
+  }
+  auto store = image::PageStoreReader::open(store_path);
+  ProcessWorkingSet ws;
+  ws.image_pid = 9;
+  ws.store_digest = store->mac_digest();
+  // 0x30000 is not in the store (a zero page of the area): written as zeros.
+  ws.runs = {{0x18000, 2}, {0x11000, 1}, {0x30000, 1}};
+  EXPECT_EQ(open_working_set_pages(dir.string(), ws), nullptr) << "no digest: no record pages";
+  ws.pages_digest = write_working_set_pages(dir.string(), ws, *store);
+  auto pages = open_working_set_pages(dir.string(), ws);
+  ASSERT_NE(pages, nullptr);
+  std::string got(4 * P, 'x');
+  pages->read(0, 4, got.data());
+  for (size_t i = 0; i < 4; i++) {
+    const int want = i == 0 ? 0x18 : i == 1 ? 0x19 : i == 2 ? 0x11 : 0;
+    EXPECT_EQ(got.substr(i * P, P), std::string(P, static_cast<char>(want))) << "page " << i;
+  }
+  auto refusal_of = [&](const ProcessWorkingSet& w) -> std::string {
+    try {
+      open_working_set_pages(dir.string(), w);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  ProcessWorkingSet other = ws;
+  other.pages_digest = std::string(32, 'o');
+  EXPECT_NE(refusal_of(other).find("not the pages of this record"), std::string::npos);
+  other = ws;
+  other.runs.push_back({0x40000, 1});  // a record of more pages (its digest forged)
+  EXPECT_NE(refusal_of(other).find("holds 4 pages, the record 5"), std::string::npos);
+  other = ws;
+  other.image_pid = 10;  // no file
+  EXPECT_NE(refusal_of(other).find("working-set-10.lzp"), std::string::npos);
+  fs::remove_all(dir);
 }
 
 TEST(WorkingSet, RefusesDamagedFiles) {
@@ -84,14 +154,14 @@ TEST(WorkingSet, RefusesDamagedFiles) {
 
 TEST(WorkingSet, RefusesBadBoundsEvenWithAGoodChecksum) {
   const WorkingSetRecord rec = sample();
-  EXPECT_NE(refusal(resum(edited(rec, 48, 0x20001, 8))).find("not page aligned"),
+  EXPECT_NE(refusal(resum(edited(rec, 80, 0x20001, 8))).find("not page aligned"),
             std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 56, 0, 8))).find("empty"), std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 48, 0x0000800000000000ull, 8))).find("user space"),
+  EXPECT_NE(refusal(resum(edited(rec, 88, 0, 8))).find("empty"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 80, 0x0000800000000000ull, 8))).find("user space"),
             std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 56, 1ull << 40, 8))).find("user space"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 88, 1ull << 40, 8))).find("user space"), std::string::npos);
   // Second run moved onto the first.
-  EXPECT_NE(refusal(resum(edited(rec, 64, 0x21000, 8))).find("overlaps"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 96, 0x21000, 8))).find("overlaps"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 12, 1000, 4))).find("do not fit"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 0, 7, 4))).find("do not fit"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 8, 0, 4))).find("bad or repeated"), std::string::npos);
@@ -199,17 +269,20 @@ TEST(WorkingSet, QueueFollowsTheOrderAndSkipsWhatIsNotOwed) {
   EXPECT_EQ(n->start, 0x19000u);
   EXPECT_EQ(n->end, 0x20000u);
   EXPECT_EQ(n->src, 0x119000u);
+  EXPECT_EQ(n->record_addr, 1 * P);  // the record's second page
   owed.erase(n->start, n->end);
   n = q.next(owed, 2 * P);
   ASSERT_TRUE(n);
   EXPECT_EQ(n->start, 0x20000u);
   EXPECT_EQ(n->end, 0x22000u);  // max_len
   EXPECT_EQ(n->tag, 1u);
+  EXPECT_EQ(n->record_addr, 8 * P);
   owed.erase(0x20000, 0x24000);
   n = q.next(owed, 1 << 20);
   ASSERT_TRUE(n);
   EXPECT_EQ(n->start, 0x12000u);
   EXPECT_EQ(n->end, 0x14000u);
+  EXPECT_EQ(n->record_addr, 12 * P);
   owed.erase(n->start, n->end);
   EXPECT_TRUE(q.pending());
   EXPECT_FALSE(q.next(owed, 1 << 20));
