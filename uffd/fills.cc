@@ -35,10 +35,10 @@ bool mm_alive(int fd, uint64_t dst) {
 }
 
 uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
-                      uint64_t n, bool zero, const char* buf, bool& gone) {
+                      uint64_t n, bool zero, const char* buf, bool& gone, bool wake) {
   for (;;) {
-    const long res = zero ? uffd.zeropage(dst, n, UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-                          : uffd.copy(dst, buf, n, UFFDIO_COPY_MODE_DONTWAKE);
+    const long res = zero ? uffd.zeropage(dst, n, wake ? 0 : UFFDIO_ZEROPAGE_MODE_DONTWAKE)
+                          : uffd.copy(dst, buf, n, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE);
     if (res > 0) {
       const uint64_t got = static_cast<uint64_t>(res);
       ++stats.copy_ioctls;

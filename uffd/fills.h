@@ -22,12 +22,12 @@ namespace lazycr::uffd {
 // Is the mm behind uffd `fd` still there? (A copy that cannot succeed, at `dst`.)
 bool mm_alive(int fd, uint64_t dst);
 
-// One fill of [dst, dst + n) that wakes nobody (ZERO: UFFDIO_ZEROPAGE, else UFFDIO_COPY from
-// `buf`), counted in `stats` as prefetch and erased from `owed`. Returns the bytes filled: 0
-// when the chunk must stop (a page already there, layout events pending, the mm gone). Shrinks
-// on ENOENT (an area split by mprotect) down to one page, which is then owed no more.
+// One fill of [dst, dst + n) that wakes nobody unless `wake` (ZERO: UFFDIO_ZEROPAGE, else
+// UFFDIO_COPY from `buf`), counted in `stats` as prefetch and erased from `owed`. Returns the bytes
+// filled: 0 when the chunk must stop (a page already there, layout events pending, the mm gone).
+// Shrinks on ENOENT (an area split by mprotect) down to one page, which is then owed no more.
 uint64_t fill_quietly(Userfaultfd& uffd, OwedSet& owed, PageServerStats& stats, uint64_t dst,
-                      uint64_t n, bool zero, const char* buf, bool& gone);
+                      uint64_t n, bool zero, const char* buf, bool& gone, bool wake = false);
 
 // The rest of a fault's window, [from, to) of DATA pages whose bytes are at `buf`: one
 // UFFDIO_COPY that wakes the threads waiting there, counted as fault pages. Anything unusual
