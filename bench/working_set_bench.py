@@ -178,7 +178,10 @@ def bench(lazycr, kind, port, runs, root):
             raise SystemExit("no working set recorded")
         out = subprocess.run([lazycr, "show", img, "--json"], check=True,
                              capture_output=True, text=True).stdout
-        ws_pages = json.loads(out)["working_set"]["pages"]
+        ws = json.loads(out)["working_set"]
+        ws_pages = ws["pages"]
+        # The record pages (working-set-<pid>.lzp) written beside the record: their size.
+        rp_bytes = sum((q.get("record_pages") or {}).get("bytes", 0) for q in ws["processes"])
         rows = {"plain": [], "ws": []}
         for i in range(runs):
             for mode in (("plain", "ws") if i % 2 == 0 else ("ws", "plain")):
@@ -201,7 +204,7 @@ def bench(lazycr, kind, port, runs, root):
                       f"{s['bytes_decompressed'] >> 20} MiB decompressed", flush=True)
         shutil.rmtree(work, ignore_errors=True)  # kept on failure, for its restore.log
         return dict(rss=rss, dump=dump_ms, rec_ms=rec_ms, rec_faults=rec_stats["faults"],
-                    ws_pages=ws_pages, rows=rows)
+                    ws_pages=ws_pages, rp_bytes=rp_bytes, rows=rows)
     except BaseException:
         if p.poll() is None:
             p.kill()
@@ -240,7 +243,10 @@ def main():
               f"| {mw / mp:.2f} ({min(pairs):.2f}..{max(pairs):.2f}) |")
     for kind, b in results:
         print(f"{kind}: dump {b['dump']:.0f} ms; recording restore: first result "
-              f"{b['rec_ms']:.0f} ms, {b['rec_faults']} faults")
+              f"{b['rec_ms']:.0f} ms, {b['rec_faults']} faults; record pages "
+              f"{b['rp_bytes'] / 2**20:.1f} MiB; pushed after (median) "
+              f"{statistics.median(r['ws_done'] for r in b['rows']['ws']):.0f} ms of the "
+              f"server's run")
 
 
 if __name__ == "__main__":

@@ -647,7 +647,7 @@ void PageServer::use_working_set(bool record, int64_t max_ns, int64_t quiet_ns) 
   std::vector<LoadedWorkingSet> plans = load_working_set(targets);
   size_t i = 0;
   for (auto& [id, p] : procs) {
-    p->ws = WorkingSetQueue(plans[i].runs);
+    p->ws = WorkingSetQueue(plans[i].runs, plans[i].push_slice_pages);
     p->ws_pages = std::move(plans[i++].pages);
     impl_->ws_left = impl_->ws_left || p->ws.pending();
   }

@@ -88,6 +88,9 @@ std::string encode_working_set(const WorkingSetRecord& record) {
     if (!p.pages_digest.empty() && p.pages_digest.size() != 32)
       fail("working set: pid ", p.image_pid, ": bad record pages digest");
     payload += p.pages_digest.empty() ? std::string(32, '\0') : p.pages_digest;
+    if (p.push_slice_pages == 0) fail("working set: pid ", p.image_pid, ": push slice of 0 pages");
+    put(payload, p.push_slice_pages, 4);
+    put(payload, 0, 4);
     for (const auto& r : p.runs) {
       put(payload, r.start, 8);
       put(payload, r.pages, 8);
@@ -123,7 +126,7 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
   WorkingSetRecord rec;
   const uint64_t nproc = r.get(4);
   r.get(4);
-  const uint64_t proc_bytes = version == 1 ? 40 : 72;
+  const uint64_t proc_bytes = version == 1 ? 40 : 80;
   if (nproc > r.left() / proc_bytes) fail(nproc, " processes do not fit in the file");
   std::map<int32_t, bool> pids;
   for (uint64_t i = 0; i < nproc; i++) {
@@ -136,6 +139,13 @@ WorkingSetRecord parse_working_set(const std::string& bytes) {
     if (version >= 2) {
       p.pages_digest = r.take(32);
       if (p.pages_digest == std::string(32, '\0')) p.pages_digest.clear();
+      const uint64_t slice = r.get(4);
+      if (slice == 0 || slice > kMaxWorkingSetPages)
+        fail("pid ", p.image_pid, ": push slice of ", slice, " pages");
+      p.push_slice_pages = static_cast<uint32_t>(slice);
+      r.get(4);
+    } else {
+      p.push_slice_pages = 1;
     }
     if (nruns > r.left() / 16) fail("pid ", p.image_pid, ": ", nruns, " runs do not fit");
     std::map<uint64_t, uint64_t> seen;
@@ -183,7 +193,7 @@ std::string write_working_set_pages(const std::string& image_dir, const ProcessW
     constexpr size_t kBatch = 64;
     std::unique_ptr<char[]> buf(new char[kBatch * kPage]);
     uint64_t record_page = 0;
-    for (const WorkingSetRun& run : ws.runs) {
+    for (const WorkingSetRun& run : push_order(ws.runs, ws.push_slice_pages)) {
       for (uint64_t i = 0; i < run.pages;) {
         const size_t n = static_cast<size_t>(std::min<uint64_t>(kBatch, run.pages - i));
         for (size_t k = 0; k < n; k++) {
@@ -327,6 +337,7 @@ std::vector<LoadedWorkingSet> load_working_set(const std::vector<WorkingSetTarge
       const WorkingSetTarget& t = targets[it->second];
       check_working_set(p, t.store_digest, *t.owed);
     }
+    const uint64_t pages = rec->pages();
     uint64_t with_pages = 0;
     for (ProcessWorkingSet& p : rec->processes) {
       LoadedWorkingSet& l = out[by_pid[p.image_pid]];
@@ -339,9 +350,10 @@ std::vector<LoadedWorkingSet> load_working_set(const std::vector<WorkingSetTarge
       }
       if (l.pages) with_pages += l.pages->index().data_pages() + l.pages->index().zero_pages();
       l.runs = std::move(p.runs);
+      l.push_slice_pages = p.push_slice_pages;
     }
-    log::debug("working set: ", rec->pages(), " pages from ", working_set_path(dir), ", ",
-               with_pages, " of them from their record pages");
+    log::debug("working set: ", pages, " pages from ", working_set_path(dir), ", ", with_pages,
+               " of them from their record pages");
   } catch (const std::exception& e) {
     std::string what = e.what();
     const std::string path = working_set_path(dir);
@@ -354,18 +366,38 @@ std::vector<LoadedWorkingSet> load_working_set(const std::vector<WorkingSetTarge
 
 // ---- WorkingSetQueue ---------------------------------------------------------------------------
 
-WorkingSetQueue::WorkingSetQueue(const std::vector<WorkingSetRun>& runs) {
-  for (const WorkingSetRun& r : runs) {
-    by_start_[r.start] = r.end();
-    if (!runs_.empty() && runs_.back().end() == r.start) {
-      runs_.back().pages += r.pages;
-    } else {
-      Run run;
-      run.start = r.start;
-      run.pages = r.pages;
-      run.record_page = pages_;
-      runs_.push_back(run);
+std::vector<WorkingSetRun> push_order(const std::vector<WorkingSetRun>& record,
+                                      uint64_t slice_pages) {
+  std::vector<WorkingSetRun> out;
+  out.reserve(record.size());
+  for (size_t i = 0; i < record.size();) {
+    const size_t first = out.size();
+    for (uint64_t pages = 0; i < record.size() && pages < slice_pages; ++i) {
+      out.push_back(record[i]);
+      pages += record[i].pages;
     }
+    std::sort(out.begin() + static_cast<long>(first), out.end(),
+              [](const WorkingSetRun& a, const WorkingSetRun& b) { return a.start < b.start; });
+    size_t kept = first;
+    for (size_t k = first; k < out.size(); ++k) {
+      if (kept > first && out[kept - 1].end() == out[k].start)
+        out[kept - 1].pages += out[k].pages;
+      else
+        out[kept++] = out[k];
+    }
+    out.resize(kept);
+  }
+  return out;
+}
+
+WorkingSetQueue::WorkingSetQueue(const std::vector<WorkingSetRun>& record, uint64_t slice_pages) {
+  for (const WorkingSetRun& r : push_order(record, slice_pages)) {
+    by_start_[r.start] = r.end();
+    Run run;
+    run.start = r.start;
+    run.pages = r.pages;
+    run.record_page = pages_;
+    runs_.push_back(run);
     pages_ += r.pages;
   }
 }

@@ -1,6 +1,7 @@
 // The working-set record (uffd/working_set.h): encode/parse, every way a file is refused, the
 // checks against the image (store digest, pages outside the lazy areas), the recorder's
-// order and de-duplication, and the queue's order and trimming.
+// order and de-duplication, the push order, the record pages, and the queue's order and
+// trimming.
 #include "uffd/working_set.h"
 
 #include <gtest/gtest.h>
@@ -49,7 +50,8 @@ std::string resum(std::string b) {
 
 // The record's file with `bytes` bytes of its payload at `payload_off` set to `value`.
 // Payload offsets: process count 0, first process at 8 (pid 8, run count 12, store digest
-// 16..48, record pages digest 48..80), its runs from 80 (start, pages: 16 bytes each).
+// 16..48, record pages digest 48..80, push slice 80, zero 84), its runs from 88 (start, pages:
+// 16 bytes each).
 std::string edited(const WorkingSetRecord& rec, size_t payload_off, uint64_t value, int bytes) {
   std::string b = encode_working_set(rec);
   for (int i = 0; i < bytes; i++)
@@ -70,12 +72,14 @@ TEST(WorkingSet, RoundTrip) {
 TEST(WorkingSet, KeepsTheRecordPagesDigestAndReadsVersion1) {
   WorkingSetRecord rec = sample();
   rec.processes[0].pages_digest = std::string(32, 'r');
-  EXPECT_EQ(parse_working_set(encode_working_set(rec)).processes[0].pages_digest,
-            std::string(32, 'r'));
-  // Version 1: no record pages digest (its 32 bytes after the store digest).
+  rec.processes[0].push_slice_pages = 77;
+  const WorkingSetRecord back = parse_working_set(encode_working_set(rec));
+  EXPECT_EQ(back.processes[0].pages_digest, std::string(32, 'r'));
+  EXPECT_EQ(back.processes[0].push_slice_pages, 77u);
+  // Version 1: no record pages digest nor push slice (the 40 bytes after the store digest).
   rec.processes[0].pages_digest.clear();
   std::string b = encode_working_set(rec);
-  b.erase(kWorkingSetHeaderBytes + 48, 32);
+  b.erase(kWorkingSetHeaderBytes + 48, 40);
   b[8] = 1;
   const uint64_t size = b.size() - kWorkingSetHeaderBytes;
   for (int i = 0; i < 8; i++) b[16 + i] = static_cast<char>(size >> (8 * i));
@@ -83,11 +87,12 @@ TEST(WorkingSet, KeepsTheRecordPagesDigestAndReadsVersion1) {
   ASSERT_EQ(v1.processes.size(), 1u);
   EXPECT_EQ(v1.processes[0].store_digest, std::string(32, 'd'));
   EXPECT_EQ(v1.processes[0].pages_digest, "");
+  EXPECT_EQ(v1.processes[0].push_slice_pages, 1u);  // pushed in the record's own order
   EXPECT_EQ(v1.processes[0].runs, rec.processes[0].runs);
 }
 
-// The record pages: the process's recorded pages in record order, read back as the push
-// reads them; refused when they are not this record's.
+// The record pages: the process's recorded pages in push order, read back as the push reads
+// them; refused when they are not this record's.
 TEST(WorkingSet, RecordPagesHoldTheRecordsPagesInItsOrder) {
   namespace fs = boost::filesystem;
   const fs::path dir = fs::temp_directory_path() / fs::unique_path("ws-pages-%%%%%%");
@@ -104,8 +109,9 @@ TEST(WorkingSet, RecordPagesHoldTheRecordsPagesInItsOrder) {
   ProcessWorkingSet ws;
   ws.image_pid = 9;
   ws.store_digest = store->mac_digest();
-  // 0x30000 is not in the store (a zero page of the area): written as zeros.
-  ws.runs = {{0x18000, 2}, {0x11000, 1}, {0x30000, 1}};
+  // 0x30000 is not in the store (a zero page of the area): written as zeros. One slice:
+  // written in address order (push_order).
+  ws.runs = {{0x18000, 2}, {0x30000, 1}, {0x11000, 1}};
   EXPECT_EQ(open_working_set_pages(dir.string(), ws), nullptr) << "no digest: no record pages";
   ws.pages_digest = write_working_set_pages(dir.string(), ws, *store);
   auto pages = open_working_set_pages(dir.string(), ws);
@@ -113,7 +119,7 @@ TEST(WorkingSet, RecordPagesHoldTheRecordsPagesInItsOrder) {
   std::string got(4 * P, 'x');
   pages->read(0, 4, got.data());
   for (size_t i = 0; i < 4; i++) {
-    const int want = i == 0 ? 0x18 : i == 1 ? 0x19 : i == 2 ? 0x11 : 0;
+    const int want = i == 0 ? 0x11 : i == 1 ? 0x18 : i == 2 ? 0x19 : 0;
     EXPECT_EQ(got.substr(i * P, P), std::string(P, static_cast<char>(want))) << "page " << i;
   }
   auto refusal_of = [&](const ProcessWorkingSet& w) -> std::string {
@@ -154,17 +160,18 @@ TEST(WorkingSet, RefusesDamagedFiles) {
 
 TEST(WorkingSet, RefusesBadBoundsEvenWithAGoodChecksum) {
   const WorkingSetRecord rec = sample();
-  EXPECT_NE(refusal(resum(edited(rec, 80, 0x20001, 8))).find("not page aligned"),
+  EXPECT_NE(refusal(resum(edited(rec, 88, 0x20001, 8))).find("not page aligned"),
             std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 88, 0, 8))).find("empty"), std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 80, 0x0000800000000000ull, 8))).find("user space"),
+  EXPECT_NE(refusal(resum(edited(rec, 96, 0, 8))).find("empty"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 88, 0x0000800000000000ull, 8))).find("user space"),
             std::string::npos);
-  EXPECT_NE(refusal(resum(edited(rec, 88, 1ull << 40, 8))).find("user space"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 96, 1ull << 40, 8))).find("user space"), std::string::npos);
   // Second run moved onto the first.
-  EXPECT_NE(refusal(resum(edited(rec, 96, 0x21000, 8))).find("overlaps"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 104, 0x21000, 8))).find("overlaps"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 12, 1000, 4))).find("do not fit"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 0, 7, 4))).find("do not fit"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 8, 0, 4))).find("bad or repeated"), std::string::npos);
+  EXPECT_NE(refusal(resum(edited(rec, 80, 0, 4))).find("push slice of 0"), std::string::npos);
   EXPECT_NE(refusal(resum(edited(rec, 12, 2, 4))).find("after the last process"),
             std::string::npos);
   EXPECT_EQ(refusal(resum(encode_working_set(rec))), "");
@@ -252,11 +259,31 @@ TEST(WorkingSet, RecorderKeepsFirstTouchOrderOnce) {
   boost::filesystem::remove_all(dir);
 }
 
-TEST(WorkingSet, QueueFollowsTheOrderAndSkipsWhatIsNotOwed) {
+TEST(WorkingSet, PushOrderSortsEachSliceOfTheRecord) {
+  // The first run fills a slice alone; the three after it make the second, sorted by address,
+  // the two contiguous ones merged.
+  const std::vector<WorkingSetRun> record = {
+      {0x1000000, kPushSlicePages}, {0x18000, 4}, {0x12000, 2}, {0x1c000, 8}};
+  const std::vector<WorkingSetRun> want = {
+      {0x1000000, kPushSlicePages}, {0x12000, 2}, {0x18000, 12}};
+  EXPECT_EQ(push_order(record, kPushSlicePages), want);
+  // A slice ends with the run that reaches kPushSlicePages: what follows is not sorted into it.
+  const std::vector<WorkingSetRun> two = {
+      {0x900000, kPushSlicePages - 1}, {0x800000, 1}, {0x10000, 1}};
+  const std::vector<WorkingSetRun> two_pushed = {
+      {0x800000, 1}, {0x900000, kPushSlicePages - 1}, {0x10000, 1}};
+  EXPECT_EQ(push_order(two, kPushSlicePages), two_pushed);
+  EXPECT_EQ(push_order({}, kPushSlicePages), std::vector<WorkingSetRun>{});
+  // Slices of one page: the record's own order (version 1 records).
+  EXPECT_EQ(push_order(record, 1), record);
+}
+
+TEST(WorkingSet, QueueFollowsThePushOrderAndSkipsWhatIsNotOwed) {
   OwedSet owed;
   owed.insert(0x10000, 0x20000, 0x110000);
   owed.insert(0x20000, 0x30000, 0x120000, 1);
-  WorkingSetQueue q({{0x18000, 4}, {0x1c000, 8}, {0x12000, 2}});
+  // One slice: pushed as 0x12000 +2 (record pages 0-1), then 0x18000 +12 (2-13).
+  WorkingSetQueue q({{0x18000, 4}, {0x1c000, 8}, {0x12000, 2}}, kPushSlicePages);
   EXPECT_EQ(q.pages(), 14u);
   EXPECT_TRUE(q.contains(0x18000));
   EXPECT_TRUE(q.contains(0x23fff));
@@ -265,25 +292,26 @@ TEST(WorkingSet, QueueFollowsTheOrderAndSkipsWhatIsNotOwed) {
   owed.erase(0x18000, 0x19000);  // served by a fault meanwhile
   auto n = q.next(owed, 1 << 20);
   ASSERT_TRUE(n);
-  // The first two runs merged (contiguous), cut at the owed range's end.
+  EXPECT_EQ(n->start, 0x12000u);
+  EXPECT_EQ(n->end, 0x14000u);
+  EXPECT_EQ(n->src, 0x112000u);
+  EXPECT_EQ(n->record_addr, 0u);
+  owed.erase(n->start, n->end);
+  n = q.next(owed, 1 << 20);
+  ASSERT_TRUE(n);
+  // What a fault took is skipped; the piece ends with the owed range.
   EXPECT_EQ(n->start, 0x19000u);
   EXPECT_EQ(n->end, 0x20000u);
   EXPECT_EQ(n->src, 0x119000u);
-  EXPECT_EQ(n->record_addr, 1 * P);  // the record's second page
+  EXPECT_EQ(n->record_addr, 3 * P);
   owed.erase(n->start, n->end);
   n = q.next(owed, 2 * P);
   ASSERT_TRUE(n);
   EXPECT_EQ(n->start, 0x20000u);
   EXPECT_EQ(n->end, 0x22000u);  // max_len
   EXPECT_EQ(n->tag, 1u);
-  EXPECT_EQ(n->record_addr, 8 * P);
+  EXPECT_EQ(n->record_addr, 10 * P);
   owed.erase(0x20000, 0x24000);
-  n = q.next(owed, 1 << 20);
-  ASSERT_TRUE(n);
-  EXPECT_EQ(n->start, 0x12000u);
-  EXPECT_EQ(n->end, 0x14000u);
-  EXPECT_EQ(n->record_addr, 12 * P);
-  owed.erase(n->start, n->end);
   EXPECT_TRUE(q.pending());
   EXPECT_FALSE(q.next(owed, 1 << 20));
   EXPECT_FALSE(q.pending());
