@@ -590,6 +590,7 @@ const PageServerStats& PageServer::Impl::run() {
   if (recorder) recorder->finish("the server finished");
   release_all();
   guardian.finish();
+  if (recorder) recorder->wait();  // the record is in the image when run() returns
   for (auto& [ptr, slot] : stores)
     stats.bytes_decompressed += ptr->bytes_decompressed() - slot.second;
   stats.bytes_decompressed += pipeline.bytes_loaded() + direct.bytes_loaded();  // (run() once)

@@ -2,10 +2,12 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 
@@ -495,30 +497,48 @@ void WorkingSetRecorder::finish(const std::string& why) {
   if (finished_) return;
   finished_ = true;
   active_ = false;
-  WorkingSetRecord rec;
-  uint64_t with_pages = 0;
-  for (auto& [key, p] : procs_) {
-    if (p.store && !p.ws.runs.empty()) {
-      try {
-        p.ws.pages_digest = write_working_set_pages(dir_, p.ws, *p.store);
-        with_pages += p.pages;
-      } catch (const std::exception& e) {
-        log::warn("page server: the record pages of pid ", p.ws.image_pid,
-                  " not written (the record's order alone is kept): ", e.what());
-      }
-    }
-    rec.processes.push_back(std::move(p.ws));
-  }
+  std::vector<Proc> procs;
+  for (auto& [key, p] : procs_) procs.push_back(std::move(p));
   procs_.clear();
-  try {
-    write_working_set(dir_, rec);
-    log::info("page server: recorded a working set of ", rec.pages(), " pages (",
-              rec.processes.size(), " process", rec.processes.size() == 1 ? "" : "es", ") in ",
-              working_set_path(dir_), ", ", with_pages, " of them also as record pages (", why,
-              ")");
-  } catch (const std::exception& e) {
-    log::warn("page server: working set not recorded: ", e.what());
-  }
+  writer_ = std::thread([procs = std::move(procs), dir = dir_, why]() mutable {
+    sched_param sp{};
+    ::sched_setscheduler(0, SCHED_IDLE, &sp);  // this thread: its work waits for the loop's
+    WorkingSetRecord rec;
+    uint64_t with_pages = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (Proc& p : procs) {
+      if (p.store && !p.ws.runs.empty()) {
+        try {
+          p.ws.pages_digest = write_working_set_pages(dir, p.ws, *p.store);
+          with_pages += p.pages;
+        } catch (const std::exception& e) {
+          log::warn("page server: the record pages of pid ", p.ws.image_pid,
+                    " not written (the record's order alone is kept): ", e.what());
+        }
+      }
+      rec.processes.push_back(std::move(p.ws));
+    }
+    try {
+      write_working_set(dir, rec);
+      log::info("page server: recorded a working set of ", rec.pages(), " pages (",
+                rec.processes.size(), " process", rec.processes.size() == 1 ? "" : "es", ") in ",
+                working_set_path(dir), ", ", with_pages, " of them also as record pages, in ",
+                std::chrono::duration_cast<std::chrono::milliseconds>(
+                    std::chrono::steady_clock::now() - t0)
+                    .count(),
+                " ms (", why, ")");
+    } catch (const std::exception& e) {
+      log::warn("page server: working set not recorded: ", e.what());
+    }
+  });
+}
+
+void WorkingSetRecorder::wait() {
+  if (writer_.joinable()) writer_.join();
+}
+
+WorkingSetRecorder::~WorkingSetRecorder() {
+  wait();
 }
 
 }  // namespace lazycr::uffd

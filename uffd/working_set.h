@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "image-format/page_store.h"
@@ -158,9 +159,14 @@ class WorkingSetRecorder {
   bool active() const { return active_; }
   // When the recording must end (steady clock ns), -1 when it is over.
   int64_t deadline() const;
-  // Ends the recording and writes the record pages and the record (once), on this thread; a
-  // failure to write is one warning.
+  // Ends the recording and writes the record pages and the record (once) on a thread of its
+  // own at SCHED_IDLE: reading them back from the stores takes seconds for a large record
+  // (node after a full GC: 139,442 pages in 2 s), which the server's loop must spend serving.
+  // A failure to write is one warning.
   void finish(const std::string& why);
+  // Waits for what finish() writes (the destructor does too).
+  void wait();
+  ~WorkingSetRecorder();
 
  private:
   struct Proc {
@@ -174,6 +180,7 @@ class WorkingSetRecorder {
   int64_t max_ns_, quiet_ns_;
   int64_t started_ = 0, last_fault_ = -1;
   bool active_ = false, finished_ = false;
+  std::thread writer_;
 };
 
 }  // namespace lazycr::uffd

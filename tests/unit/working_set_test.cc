@@ -250,6 +250,7 @@ TEST(WorkingSet, RecorderKeepsFirstTouchOrderOnce) {
   EXPECT_EQ(rec.deadline(), 500 + 1'000'000'000);
   rec.finish("test");
   EXPECT_FALSE(rec.active());
+  rec.wait();  // written on a thread of its own
   auto back = read_working_set(dir.string());
   ASSERT_TRUE(back.has_value());
   ASSERT_EQ(back->processes.size(), 1u);
