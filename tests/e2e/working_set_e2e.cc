@@ -21,6 +21,7 @@
 #include <string>
 #include <thread>
 
+#include "image-format/image_mac.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/lazy_helpers.h"
 
@@ -143,6 +144,11 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
   EXPECT_GE(ws_number(s, "done_ns"), 0) << s;
   // Read from the record pages (the recording wrote them beside the record), not the store.
   EXPECT_TRUE(fs::exists(t.record_pages_path()));
+  // The dump's signature still holds: the record and its pages are outside image.mac.
+  auto key = image::load_image_key(false);
+  ASSERT_TRUE(key.has_value());
+  std::string why;
+  EXPECT_EQ(image::verify_image(t.dir, *key, &why), image::MacCheck::kValid) << why;
   EXPECT_GE(ws_number(s, "pages_from_record_pages"), static_cast<int64_t>(kTouched)) << s;
   // The rest came on faults ("all"), prefetch being off.
   EXPECT_EQ(json_number(s, "by_prefetch"), ws_number(s, "pages_prefetched")) << s;
