@@ -370,11 +370,13 @@ std::vector<LoadedWorkingSet> load_working_set(const std::vector<WorkingSetTarge
 
 std::vector<WorkingSetRun> push_order(const std::vector<WorkingSetRun>& record,
                                       uint64_t slice_pages) {
+  slice_pages = std::max<uint64_t>(slice_pages, 1);
   std::vector<WorkingSetRun> out;
   out.reserve(record.size());
-  for (size_t i = 0; i < record.size();) {
+  uint64_t slice = std::min(kFirstPushSlicePages, slice_pages);
+  for (size_t i = 0; i < record.size(); slice = std::min(2 * slice, slice_pages)) {
     const size_t first = out.size();
-    for (uint64_t pages = 0; i < record.size() && pages < slice_pages; ++i) {
+    for (uint64_t pages = 0; i < record.size() && pages < slice; ++i) {
       out.push_back(record[i]);
       pages += record[i].pages;
     }

@@ -261,8 +261,8 @@ TEST(WorkingSet, RecorderKeepsFirstTouchOrderOnce) {
 }
 
 TEST(WorkingSet, PushOrderSortsEachSliceOfTheRecord) {
-  // The first run fills a slice alone; the three after it make the second, sorted by address,
-  // the two contiguous ones merged.
+  // The first run fills the first slice (16 pages) alone; the three after it make the second
+  // (32), sorted by address, the two contiguous ones merged.
   const std::vector<WorkingSetRun> record = {
       {0x1000000, kPushSlicePages}, {0x18000, 4}, {0x12000, 2}, {0x1c000, 8}};
   const std::vector<WorkingSetRun> want = {
@@ -272,9 +272,24 @@ TEST(WorkingSet, PushOrderSortsEachSliceOfTheRecord) {
   const std::vector<WorkingSetRun> two = {
       {0x900000, kPushSlicePages - 1}, {0x800000, 1}, {0x10000, 1}};
   const std::vector<WorkingSetRun> two_pushed = {
-      {0x800000, 1}, {0x900000, kPushSlicePages - 1}, {0x10000, 1}};
+      {0x900000, kPushSlicePages - 1}, {0x10000, 1}, {0x800000, 1}};
   EXPECT_EQ(push_order(two, kPushSlicePages), two_pushed);
   EXPECT_EQ(push_order({}, kPushSlicePages), std::vector<WorkingSetRun>{});
+  // Slices grow 16, 32, 64, ... pages: 120 one-page runs touched downwards come back in
+  // slices of 16, 32, 64 and the last 8, each upwards.
+  std::vector<WorkingSetRun> down;
+  for (uint64_t k = 0; k < 120; k++) down.push_back({0x10000000 - 2 * k * P, 1});
+  std::vector<WorkingSetRun> down_pushed;
+  for (const auto& [from, n] :
+       std::vector<std::pair<size_t, size_t>>{{0, 16}, {16, 32}, {48, 64}, {112, 8}})
+    for (size_t k = from + n; k-- > from;) down_pushed.push_back(down[k]);
+  EXPECT_EQ(push_order(down, kPushSlicePages), down_pushed);
+  // At most the record's slice: of 32 pages, the third is 32 too.
+  down_pushed.clear();
+  for (const auto& [from, n] :
+       std::vector<std::pair<size_t, size_t>>{{0, 16}, {16, 32}, {48, 32}, {80, 32}, {112, 8}})
+    for (size_t k = from + n; k-- > from;) down_pushed.push_back(down[k]);
+  EXPECT_EQ(push_order(down, 32), down_pushed);
   // Slices of one page: the record's own order (version 1 records).
   EXPECT_EQ(push_order(record, 1), record);
 }
