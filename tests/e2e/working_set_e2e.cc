@@ -75,6 +75,18 @@ int64_t ws_number(const std::string& stats, const std::string& key) {
   return at == std::string::npos ? -1 : json_number(stats.substr(at), key);
 }
 
+// Damages the file at `path`: one bit of the byte at `offset` flipped in place.
+void flip_byte(const std::string& path, std::streamoff offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(offset);
+  char c = 0;
+  f.read(&c, 1);
+  c = static_cast<char>(c ^ 0x10);
+  f.seekp(offset);
+  f.write(&c, 1);
+  ASSERT_TRUE(f.good()) << path;
+}
+
 // A lazy restore that records the working set: the target finds "touch" waiting for it as
 // soon as it runs; the record is written once its faults have been quiet for a second.
 void record(WsTarget& t) {
@@ -159,15 +171,7 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
 TEST(WorkingSet, DamagedRecordPagesAreLeftForTheStoreWithOneWarning) {
   WsTarget t;
   ASSERT_NO_FATAL_FAILURE(record(t));
-  {  // a byte of the first frame (frames start after the 64-byte header)
-    std::fstream f(t.record_pages_path(), std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(100);
-    char c = 0;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x10);
-    f.seekp(100);
-    f.write(&c, 1);
-  }
+  flip_byte(t.record_pages_path(), 100);  // in the first frame (after the 64-byte header)
   auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("used by lazy restores"), std::string::npos) << show.out;
@@ -186,15 +190,7 @@ TEST(WorkingSet, DamagedRecordPagesAreLeftForTheStoreWithOneWarning) {
 TEST(WorkingSet, DamagedRecordIsIgnoredWithOneWarning) {
   WsTarget t;
   ASSERT_NO_FATAL_FAILURE(record(t));
-  {  // one byte of the payload flipped
-    std::fstream f(t.record_path(), std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(70);
-    char c = 0;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x10);
-    f.seekp(70);
-    f.write(&c, 1);
-  }
+  flip_byte(t.record_path(), 70);  // in the payload
   auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("Working set: damaged"), std::string::npos) << show.out;
