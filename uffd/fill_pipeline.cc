@@ -2,7 +2,6 @@
 
 #include <sched.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -12,6 +11,7 @@
 #include <mutex>
 #include <thread>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "image-format/page_store_direct.h"
 
@@ -19,11 +19,6 @@ namespace lazycr::uffd {
 
 namespace {
 constexpr uint64_t kPage = 4096;
-int64_t mono_ns() {
-  timespec t;
-  ::clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1'000'000'000LL + t.tv_nsec;
-}
 }  // namespace
 
 struct FillPipeline::Impl {
@@ -45,6 +40,10 @@ struct FillPipeline::Impl {
   bool starved = false;  // a chunk was taken back since a worker last made one ready
   uint64_t next_seq = 0;
   UniqueFd ready_fd;
+  // take_back() would give a chunk now (under mu).
+  bool take_back_due_locked() const {
+    return !todo.empty() && (starved || monotonic_ns() - todo.front()->queued_ns >= kTakeBackNs);
+  }
   std::vector<std::thread> workers;
   std::atomic<uint64_t> bytes_loaded{0};  // by the workers' DirectPageReaders
 
@@ -165,7 +164,7 @@ void FillPipeline::queue(uint64_t proc_id, std::shared_ptr<const image::PageStor
     free->chunk = Chunk{proc_id, std::move(store), dst, src, len, free->buf.get(), {}};
     free->state = Impl::Slot::kQueued;
     free->seq = im.next_seq++;
-    free->queued_ns = mono_ns();
+    free->queued_ns = monotonic_ns();
     im.todo.push_back(free);
   }
   im.cv.notify_one();
@@ -193,14 +192,13 @@ void FillPipeline::release(const Chunk* c) {
 bool FillPipeline::take_back_due() const {
   const Impl& im = *impl_;
   std::lock_guard<std::mutex> lock(im.mu);
-  return !im.todo.empty() && (im.starved || mono_ns() - im.todo.front()->queued_ns >= kTakeBackNs);
+  return im.take_back_due_locked();
 }
 
 std::optional<FillPipeline::Chunk> FillPipeline::take_back() {
   Impl& im = *impl_;
   std::lock_guard<std::mutex> lock(im.mu);
-  if (im.todo.empty() || (!im.starved && mono_ns() - im.todo.front()->queued_ns < kTakeBackNs))
-    return std::nullopt;
+  if (!im.take_back_due_locked()) return std::nullopt;
   im.starved = true;
   Impl::Slot* s = im.todo.front();
   im.todo.pop_front();

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <array>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -26,6 +25,7 @@
 #include <set>
 #include <utility>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -63,9 +63,7 @@ inline constexpr unsigned kPipelineBuffers = 4;
 inline constexpr unsigned kPipelineThreads = 1;
 
 inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return monotonic_ns();
 }
 
 inline uint64_t probe_address(const OwedSet& owed) {

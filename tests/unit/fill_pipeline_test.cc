@@ -6,12 +6,12 @@
 #include "uffd/fill_pipeline.h"
 
 #include <gtest/gtest.h>
-#include <time.h>
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "common/clock.h"
 #include "image-format/page_store.h"
 #include "tests/unit/page_fixtures.h"
 
@@ -20,12 +20,6 @@ namespace {
 
 constexpr uint64_t kChunk = 64 * 1024;
 
-int64_t mono_ns() {
-  timespec t;
-  ::clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1'000'000'000LL + t.tv_nsec;
-}
-
 // A chunk queued at `queued_ns` is not taken back before kTakeBackNs (with `take`: take_back()
 // is asked too, and gets it if it was due). Asserted only when the check ran within
 // kTakeBackNs of the queueing: a machine that preempts this test for a millisecond between the
@@ -33,7 +27,7 @@ int64_t mono_ns() {
 void expect_not_taken_back_yet(FillPipeline& p, int64_t queued_ns, bool take) {
   const bool due = p.take_back_due();
   const bool got = take && p.take_back().has_value();
-  if (mono_ns() - queued_ns < FillPipeline::kTakeBackNs) {
+  if (monotonic_ns() - queued_ns < FillPipeline::kTakeBackNs) {
     EXPECT_FALSE(due);
     EXPECT_FALSE(got);
   }
@@ -49,7 +43,7 @@ TEST(FillPipeline, ChunksNoWorkerTookAreTakenBackOldestFirstOnceTheyWaited) {
   EXPECT_FALSE(p.waiting());
   EXPECT_FALSE(p.take_back_due());
   EXPECT_FALSE(p.take_back());
-  const int64_t queued = mono_ns();
+  const int64_t queued = monotonic_ns();
   p.queue(7, nullptr, 0x10000, 0x90000, kChunk);
   p.queue(8, nullptr, 0x20000, 0xa0000, kChunk);
   expect_not_taken_back_yet(p, queued, false);
@@ -106,7 +100,7 @@ TEST(FillPipeline, AWorkerThatRunsEndsTheTakeBacks) {
   EXPECT_EQ(r->data[4096 * 3], 'x');
   p.release(r);
   p.stop();  // no worker from here on
-  const int64_t queued = mono_ns();
+  const int64_t queued = monotonic_ns();
   p.queue(3, nullptr, 0x30000, 0xb0000, kChunk);
   expect_not_taken_back_yet(p, queued, true);  // not starved any more: it must wait again
 }
