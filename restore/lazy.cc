@@ -52,41 +52,26 @@
 // descriptors again.
 //
 // The page server process and lazycr's handle on it: restore/lazy_server.cc.
-#include <dirent.h>
 #include <fcntl.h>
-#include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <memory>
-#include <set>
-#include <sstream>
 #include <vector>
 
 #include "common/error.h"
-#include "common/json.h"
 #include "common/kernel_features.h"
 #include "common/linux_abi.h"
 #include "common/log.h"
 #include "common/signals.h"
-#include "restore/eager_preread.h"
 #include "restore/memory.h"
 #include "restore/park.h"
 #include "restore/tree_fill.h"
-#include "uffd/keeper.h"
-#include "uffd/page_server.h"
 #include "uffd/uffd.h"
 
 namespace lazycr::restore {
