@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "image-format/image_mac.h"
+#include "image-format/page_store.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/lazy_helpers.h"
 
@@ -166,12 +167,18 @@ TEST(WorkingSet, RecordedThenPushedFirstAndEveryByteRight) {
   EXPECT_EQ(json_number(s, "by_prefetch"), ws_number(s, "pages_prefetched")) << s;
 }
 
-// Record pages whose first frame is damaged: the push notices at its first read, says so
-// once, and the store serves the working set instead; every byte is still right.
+// Record pages whose frames are all damaged (whichever the push reads first: the process may
+// have faulted the first pages in itself): the push notices at its first read, says so once,
+// and the store serves the working set instead; every byte is still right.
 TEST(WorkingSet, DamagedRecordPagesAreLeftForTheStoreWithOneWarning) {
   WsTarget t;
   ASSERT_NO_FATAL_FAILURE(record(t));
-  flip_byte(t.record_pages_path(), 100);  // in the first frame (after the 64-byte header)
+  {
+    auto pages = image::PageStoreReader::open(t.record_pages_path());
+    ASSERT_GT(pages->frame_count(), 0u);
+    for (uint64_t i = 0; i < pages->frame_count(); i++)
+      flip_byte(t.record_pages_path(), static_cast<std::streamoff>(pages->frame(i).offset + 1));
+  }
   auto show = lazycr({"show", t.dir});
   EXPECT_EQ(show.exit_code, 0) << show.err;
   EXPECT_NE(show.out.find("used by lazy restores"), std::string::npos) << show.out;
