@@ -17,6 +17,7 @@ the target's longest gap), and CRIU's answer to pre-dump on this kernel is print
 
 Run by hand as root:  bench/live_dump_bench.py BUILD_DIR [--runs N] [--sizes 64,512,2048]
                           [--before OTHER_BUILD_DIR] [--redis] [--writer 100] [--criu]
+                          [--thp]
 """
 import argparse
 import os
@@ -227,8 +228,10 @@ def idle_bench(a, lazycr, work):
         if mib == "redis":
             p = start_redis(work)
         else:
+            env = dict(os.environ, INCR_TARGET_THP="1") if a.thp else None
             p = subprocess.Popen([target, str(mib), "0"], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                 env=env)
         try:
             if mib == "redis":
                 with open(f"/proc/{p.pid}/status") as f:
@@ -265,6 +268,8 @@ def main():
     ap.add_argument("--criu", action="store_true", help=f"with --writer: {CRIU} too")
     ap.add_argument("--before", help="another build, its dumps alternating with BUILD's")
     ap.add_argument("--redis", action="store_true", help="first an idle 10 MiB redis-server")
+    ap.add_argument("--thp", action="store_true",
+                    help="the idle target's memory madvise(MADV_HUGEPAGE)d (2 MiB folios)")
     a = ap.parse_args()
     lazycr = os.path.join(a.build, "tools", "lazycr")
     os.makedirs(a.dir, exist_ok=True)

@@ -7,7 +7,9 @@
 //   SIGUSR1: checks every byte of every page against the rounds done so far, prints
 //            "verified ok" or "verify FAILED: why", exits 0 or 1.
 // A page's content is a function of its number and the last round that rewrote it, which the
-// target keeps in its own (dumped) memory (rewrite_pages.h).
+// target keeps in its own (dumped) memory (rewrite_pages.h). With INCR_TARGET_THP=1 in its
+// environment the memory is madvise(MADV_HUGEPAGE)d first (bench/live_dump_bench.py --thp: on a
+// machine whose THP mode is "madvise", the pages then come as 2 MiB folios).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -28,6 +30,8 @@ int main(int argc, char** argv) {
   auto* mem = static_cast<uint64_t*>(
       mmap(nullptr, pages * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   if (mem == MAP_FAILED) return 3;
+  if (const char* thp = std::getenv("INCR_TARGET_THP"); thp != nullptr && thp[0] == '1')
+    if (madvise(mem, pages * 4096, MADV_HUGEPAGE) != 0) return 4;
   auto page_at = [&](uint64_t p) { return mem + p * 512; };
   auto id_of = [](uint64_t p) { return p; };
   std::vector<uint32_t> last(pages, 0);  // the round that last wrote each page
