@@ -48,7 +48,8 @@ static double fork_ms(void) {
 }
 
 static double writeprotect_ms(int uffd, char* p, size_t len) {
-  struct uffdio_writeprotect wp = {.range = {(uintptr_t)p, len}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+  struct uffdio_writeprotect wp = {.range = {(uintptr_t)p, len},
+                                   .mode = UFFDIO_WRITEPROTECT_MODE_WP};
   double t = now_ms();
   if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) die("UFFDIO_WRITEPROTECT");
   double d = now_ms() - t;
@@ -106,7 +107,8 @@ int main(int argc, char** argv) {
     fprintf(stderr, "protect_cost: MIB must be > 0 and RUNS 1..%d\n", kMaxRuns);
     return 2;
   }
-  printf("| MiB | pages | fork ms median / min | UFFDIO_WRITEPROTECT ms | mprotect(PROT_READ) ms |\n");
+  printf(
+      "| MiB | pages | fork ms median / min | UFFDIO_WRITEPROTECT ms | mprotect(PROT_READ) ms |\n");
   printf("|---|---|---|---|---|\n");
   row(mib, runs, 0);
   row(mib, runs, 1);
