@@ -31,6 +31,7 @@
 #include "checkpoint/interrupt.h"
 #include "checkpoint/twin.h"
 #include "checkpoint/write_tracking.h"
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -75,12 +76,6 @@ void fault_point(const DumpOptions& opts, const char* step) {
   if (opts.fault_inject == step) throw Error(cat("injected fault at step ", step), EIO);
   if (int sig = injected_signal(opts.fault_inject, step)) send_signal(::getpid(), sig);
   throw_if_interrupted();
-}
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
 }
 
 uint64_t wall_ns() {

@@ -10,11 +10,11 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <functional>
 
 #include "checkpoint/interrupt.h"
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -30,12 +30,6 @@ constexpr unsigned long kSeizeOptions = PTRACE_O_TRACEEXEC;
 
 // Bound on re-scans of the tree: each round must have found something new.
 constexpr int kMaxRounds = 1000;
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 bool is_stop_signal(int signo) {
   return signo == SIGSTOP || signo == SIGTSTP || signo == SIGTTIN || signo == SIGTTOU;

@@ -14,4 +14,9 @@ inline int64_t monotonic_ns() {
   return t.tv_sec * 1'000'000'000LL + t.tv_nsec;
 }
 
+// The same clock, unsigned: for the laps and stamps that only subtract a later from an earlier.
+inline uint64_t now_ns() {
+  return static_cast<uint64_t>(monotonic_ns());
+}
+
 }  // namespace lazycr

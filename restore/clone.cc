@@ -10,12 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/linux_abi.h"
 #include "common/log.h"
@@ -36,12 +36,6 @@
 
 namespace lazycr::restore {
 namespace {
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // PID 1 of a clone's namespace: a copy of lazycr made by clone3 (raw system calls only). It
 // dies with lazycr until it reads the clone's pid (in its namespace) on `ctl`; from then on it

@@ -30,7 +30,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -38,6 +37,7 @@
 #include <sstream>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "common/log.h"
@@ -51,12 +51,6 @@ namespace lazycr::restore {
 namespace {
 
 constexpr int kAbortWaitMs = 10'000;  // a failed restore waits this long for the server
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // The store at `st`'s path, opened again, refused unless its index is the one `st` read:
 // the restore checked that one (image.mac covers the index, which holds each frame's digest),

@@ -9,12 +9,12 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cstring>
 #include <exception>
 #include <thread>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/json.h"
 #include "image-format/page_store_direct.h"
@@ -48,12 +48,6 @@ using image::PageRun;
 
 constexpr size_t kBufferBytes = 8u << 20;  // one batch of process_vm_writev
 constexpr size_t kMaxIov = 1024;           // IOV_MAX
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // A stretch of pages to write: from the store (DATA) or zeros.
 struct Segment {

@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "common/proc.h"
@@ -31,12 +32,6 @@ constexpr uint64_t kDataOffset = kPageSize;
 constexpr uint64_t kBatchOffset = 16;               // the batch loop, after `syscall; int3`
 constexpr uint64_t kTrampolineMargin = 1ull << 20;  // kept free on both sides
 constexpr uint64_t kSearchFrom = 1ull << 30;
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 }  // namespace
 

@@ -2,23 +2,17 @@
 // The named steps of a restore (restore.cc): each adds "restore: <step> for <who>: " to its
 // error, fails on purpose when named by --fault-inject, and logs its time (-vv).
 
-#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/log.h"
 
 namespace lazycr::restore {
-
-inline uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 class Steps {
  public:

@@ -21,7 +21,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +29,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -43,12 +43,6 @@
 
 namespace lazycr::cli {
 namespace {
-
-uint64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 sockaddr_un socket_address(const std::string& path) {
   sockaddr_un a;

@@ -77,7 +77,7 @@ TEST(ImageMac, SignedImageVerifiesAndAnyChangeIsCaught) {
 
 // The page store's own digest (taken while writing) signs exactly as reading it would. It
 // covers the store's header, index and footer: a changed index is a mismatch, a changed frame
-// is not (its digest in the index refuses it when read: page_store_test.cc).
+// is not (its digest in the index refuses it when read: page_store_corruption_test.cc).
 TEST(ImageMac, PageStoreDigestTakenWhileWritingMatchesTheFile) {
   Tmp tmp;
   const std::string dir = tmp.path + "/img";
