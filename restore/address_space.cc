@@ -84,6 +84,22 @@ std::string memfd_key(const MemoryArea& a) {
   return cat("memfd:", a.file().dev(), ":", a.file().inode());
 }
 
+// The THP advice of an area's VmFlags ("hg", "nh"): given right after its mmap, before any of
+// its pages is written, so that the pages the restore writes come as the original's did (2 MiB
+// folios in an "hg" area on a THP "madvise" machine, none in an "nh" area on an "always" one).
+// Given with the other flags at the end, the restore's writes had made 4 KiB pages of an "hg"
+// area (a 64 MiB MADV_HUGEPAGE target restored with AnonHugePages 0 against 64 MiB).
+std::vector<Call> thp_calls(const MemoryArea& a) {
+  std::vector<Call> calls;
+  const uint64_t len = a.end() - a.start();
+  std::set<std::string> flags = vmflag_set(a);
+  for (const auto& [flag, advice] : {std::pair{"hg", MADV_HUGEPAGE}, {"nh", MADV_NOHUGEPAGE}})
+    if (flags.count(flag))
+      calls.push_back(make_call(cat("madvise(", flag, ") of area ", area_name(a)), SYS_madvise,
+                                a.start(), len, static_cast<uint64_t>(advice)));
+  return calls;
+}
+
 }  // namespace
 
 // `kept`: start addresses of areas inherited from the parent (image pid `parent_pid`) at
@@ -146,6 +162,7 @@ void AddressSpace::map_areas() {
       calls.push_back(make_call(cat("madvise marking area ", area_name(*a)), SYS_madvise,
                                 a->start(), a->end() - a->start(),
                                 static_cast<uint64_t>(marker_[i].set)));
+    for (Call& c : thp_calls(*a)) calls.push_back(std::move(c));
   }
   std::vector<long> res = r_.batch(calls);
   for (size_t i = 0; i < areas_.size(); i++)
@@ -175,16 +192,15 @@ void AddressSpace::map_areas() {
 // Final protections, and the VMA flags that plain mmap does not give, from the image's
 // VmFlags: they change behaviour (fork, core dumps, THP, locking) and keep the kernel from
 // merging areas the original kept apart. mlock comes last, over final pages.
-std::vector<Call> vmflag_calls(const MemoryArea& a) {
+std::vector<Call> vmflag_calls(const MemoryArea& a, bool with_thp) {
   struct Advice {
     const char* flag;
     int advice;
   };
-  static const Advice kAdvice[] = {{"hg", MADV_HUGEPAGE},   {"nh", MADV_NOHUGEPAGE},
-                                   {"dd", MADV_DONTDUMP},   {"dc", MADV_DONTFORK},
+  static const Advice kAdvice[] = {{"dd", MADV_DONTDUMP},   {"dc", MADV_DONTFORK},
                                    {"wf", MADV_WIPEONFORK}, {"sr", MADV_SEQUENTIAL},
                                    {"rr", MADV_RANDOM},     {"mg", MADV_MERGEABLE}};
-  std::vector<Call> calls;
+  std::vector<Call> calls = with_thp ? thp_calls(a) : std::vector<Call>{};
   const uint64_t len = a.end() - a.start();
   std::set<std::string> flags = vmflag_set(a);
   for (const auto& adv : kAdvice)
@@ -208,7 +224,8 @@ void AddressSpace::protect() {
     if (marker_[i].clear >= 0)
       calls.push_back(make_call(cat("madvise unmarking area ", area_name(*a)), SYS_madvise,
                                 a->start(), len, static_cast<uint64_t>(marker_[i].clear)));
-    for (Call& c : vmflag_calls(*a)) calls.push_back(std::move(c));
+    // A fresh area had its THP advice at its mmap (thp_calls()).
+    for (Call& c : vmflag_calls(*a, /*with_thp=*/kept_[i])) calls.push_back(std::move(c));
   }
   r_.reset_arena();
   r_.batch(calls);

@@ -26,8 +26,8 @@ bool is_vdso_block(const image::MemoryArea& a);
 // "0x7f0000-0x7f1000 [anon:name]", for messages.
 std::string area_name(const image::MemoryArea& a);
 // The madvise and mlock calls that give a mapped area the VMA flags of its image VmFlags that
-// plain mmap does not give.
-std::vector<Call> vmflag_calls(const image::MemoryArea& a);
+// plain mmap does not give; without its THP advice when that was given at its mmap.
+std::vector<Call> vmflag_calls(const image::MemoryArea& a, bool with_thp = true);
 
 // Shared memory objects (shared anonymous memory, memfds) of the tree, by identity (the
 // object's dev and inode in the image): the first process that maps one creates it; the others
