@@ -416,16 +416,18 @@ class LazyStrategy final : public MemoryStrategy {
   // The lazy areas minus the hot pages: what the server owes.
   void compute_server_areas() {
     size_t h = 0;
-    for (const MemoryArea* a : lazy_)
+    for (const MemoryArea* a : lazy_) {
+      const bool huge = has_vmflag(a->vmflags(), "hg");
       for (const PageRange& o : owed_in(*a)) {
         uint64_t pos = o.start;
         while (h < hot_.size() && hot_[h].end <= pos) h++;
         for (size_t k = h; k < hot_.size() && hot_[k].start < o.end; k++) {
-          if (hot_[k].start > pos) server_areas_.push_back({pos, hot_[k].start});
+          if (hot_[k].start > pos) server_areas_.push_back({pos, hot_[k].start, huge});
           pos = std::max(pos, hot_[k].end);
         }
-        if (pos < o.end) server_areas_.push_back({pos, o.end});
+        if (pos < o.end) server_areas_.push_back({pos, o.end, huge});
       }
+    }
     for (const auto& s : server_areas_) lazy_pages_ += stored_in(store_, s.start, s.end);
   }
 

@@ -2,6 +2,10 @@
 
 #include "uffd/page_server_impl.h"
 
+#include <fcntl.h>
+
+#include "uffd/huge_collapse.h"
+
 namespace lazycr::uffd {
 
 void PageServer::Impl::watch(int fd, uint64_t key) {
@@ -493,6 +497,16 @@ void PageServer::Impl::wait_killed(int ms) {
 // before any thread is stopped to close a parked descriptor, so no fault can wait for us.
 void PageServer::Impl::release_all() {
   stop_worker();
+  struct Collapse {
+    pid_t pid;
+    UniqueFd pidfd;
+    std::vector<LazyArea> areas;
+  };
+  std::vector<Collapse> collapses;  // done once the uffds are closed (their areas registered)
+  for (auto& [id, p] : procs)
+    if (!p->gone && !p->killed && p->pid > 0 && p->owed.pages() == 0 && !p->huge.empty() &&
+        p->pidfd)
+      collapses.push_back({p->pid, UniqueFd(::fcntl(p->pidfd.get(), F_DUPFD_CLOEXEC, 0)), p->huge});
   std::map<std::shared_ptr<UffdKeeper>, std::vector<pid_t>> holders;
   for (auto& [id, p] : procs)
     if (p->keeper) {
@@ -507,6 +521,8 @@ void PageServer::Impl::release_all() {
     stats.parked_closed += r.closed;
     stats.parked_left += r.left;
   }
+  for (const Collapse& c : collapses)
+    if (c.pidfd) collapse_huge_areas(c.pid, c.pidfd.get(), c.areas);
 }
 
 const PageServerStats& PageServer::Impl::run() {
@@ -628,6 +644,8 @@ void PageServer::add_process(pid_t pid, UniqueFd uffd, UniqueFd pidfd,
   p->owed = std::move(owed);
   p->cursor = p->owed.first() ? p->owed.first()->start : 0;
   p->preexisting = pids_of(children_of(pid));
+  for (const LazyArea& a : areas)
+    if (a.huge) p->huge.push_back(a);
   impl_->seen_pids.insert(pid);
   p->store = std::move(store);
   p->keeper = std::move(keeper);

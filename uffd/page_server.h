@@ -159,6 +159,10 @@ class UffdKeeper;
 struct LazyArea {
   uint64_t start = 0;  // page aligned
   uint64_t end = 0;    // page aligned, > start
+  // The program had the area in huge pages (MADV_HUGEPAGE): UFFDIO_COPY fills it 4 KiB at a
+  // time, so once nothing is owed and the uffd is gone the server collapses its whole 2 MiB
+  // blocks into huge pages again (process_madvise MADV_COLLAPSE; khugepaged would take minutes).
+  bool huge = false;
 };
 
 struct PageServerOptions {

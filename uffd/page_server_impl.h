@@ -97,7 +97,8 @@ struct PageServer::Impl {
     bool gone = false;        // exited (or its mm is gone): to be freed
     bool secured = false;     // forked children: parked and with the guardian already
     std::deque<std::pair<uffd_msg, int64_t>> faults;  // read, not served yet (msg, read time)
-    WorkingSetQueue ws;  // pushed before the rest of prefetch (use_working_set())
+    WorkingSetQueue ws;          // pushed before the rest of prefetch (use_working_set())
+    std::vector<LazyArea> huge;  // its areas with LazyArea::huge, collapsed at release_all()
     // Its record pages (working-set-<pid>.lzp): where the push reads ws's pages, or nullptr.
     std::shared_ptr<const image::PageStoreReader> ws_pages;
 
