@@ -502,7 +502,8 @@ void PageServer::Impl::release_all() {
     UniqueFd pidfd;
     std::vector<LazyArea> areas;
   };
-  std::vector<Collapse> collapses;  // done once the uffds are closed (their areas registered)
+  // Collapsed once the uffds are closed: while one is open its areas stay registered.
+  std::vector<Collapse> collapses;
   for (auto& [id, p] : procs)
     if (!p->gone && !p->killed && p->pid > 0 && p->owed.pages() == 0 && !p->huge.empty() &&
         p->pidfd)
