@@ -3,10 +3,10 @@
 #include <sched.h>
 
 #include <CLI/CLI.hpp>
-#include <chrono>
 #include <cstdio>
 #include <string>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/log.h"
 #include "image-format/ghost.h"
@@ -46,10 +46,7 @@ bool bad_dump_options(const lazycr::checkpoint::DumpOptions& d, uint64_t frame_s
 
 int main(int argc, char** argv) {
   using namespace lazycr;
-  const uint64_t start_ns =
-      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                std::chrono::steady_clock::now().time_since_epoch())
-                                .count());
+  const uint64_t start_ns = now_ns();
   CLI::App app{"lazycr: checkpoint and (lazily) restore Linux process trees"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "lazycr " LAZYCR_VERSION);

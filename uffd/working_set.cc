@@ -7,10 +7,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "common/fd.h"
 #include "common/json.h"
@@ -507,7 +507,7 @@ void WorkingSetRecorder::finish(const std::string& why) {
     ::sched_setscheduler(0, SCHED_IDLE, &sp);  // this thread: its work waits for the loop's
     WorkingSetRecord rec;
     uint64_t with_pages = 0;
-    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t t0 = monotonic_ns();
     for (Proc& p : procs) {
       if (p.store && !p.ws.runs.empty()) {
         try {
@@ -525,10 +525,7 @@ void WorkingSetRecorder::finish(const std::string& why) {
       log::info("page server: recorded a working set of ", rec.pages(), " pages (",
                 rec.processes.size(), " process", rec.processes.size() == 1 ? "" : "es", ") in ",
                 working_set_path(dir), ", ", with_pages, " of them also as record pages, in ",
-                std::chrono::duration_cast<std::chrono::milliseconds>(
-                    std::chrono::steady_clock::now() - t0)
-                    .count(),
-                " ms (", why, ")");
+                (monotonic_ns() - t0) / 1'000'000, " ms (", why, ")");
     } catch (const std::exception& e) {
       log::warn("page server: working set not recorded: ", e.what());
     }
